@@ -1,0 +1,1 @@
+"""Command-line tools: ``lu2k`` (data tools, demo, bench, lab), ``lu2kctl`` (daemon control)."""
