@@ -1,0 +1,265 @@
+"""Link descriptions for the lab: units, the named profiles, and per-direction specs.
+
+Pure: parsing and arithmetic only.  Every parse error is a :class:`~lu2k.errors.ConfigError`
+that names the option and the bad value, because these strings come straight from the
+command line (``--rate 20mbit --rtt 600ms --loss 1%``).
+
+A :class:`LinkSpec` describes one *direction* of the emulated hop; a lab has two, usually
+identical except for their random seeds (loss both ways, as on a real satellite hop where
+the return link is just as noisy).  The queue defaults to one bandwidth-delay product, the
+textbook buffer for a single bottleneck: smaller starves a lone TCP flow, larger only adds
+delay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+
+MTU = 1500
+# Below this many full packets a drop-tail queue drops bursts that any real modem absorbs.
+MIN_QUEUE_BYTES = 16 * MTU
+
+_RATE_UNITS = {
+    "bit": 1.0, "bps": 1.0,
+    "kbit": 1e3, "kbps": 1e3, "k": 1e3,
+    "mbit": 1e6, "mbps": 1e6, "m": 1e6,
+    "gbit": 1e9, "gbps": 1e9, "g": 1e9,
+}
+_TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+_SIZE_UNITS = {"b": 1, "": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20}
+_NUM = r"([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)"
+
+
+def parse_rate(text: str | float, *, what: str = "--rate") -> float:
+    """``20mbit`` / ``500kbit`` / ``1gbit`` -> bits per second; ``0``/``unlimited`` -> 0 (no cap)."""
+    if isinstance(text, (int, float)):
+        if text < 0:
+            raise ConfigError(f"rate must not be negative, got {text}", where=what)
+        return float(text)
+    s = text.strip().lower().replace("/s", "")
+    if s in ("0", "unlimited", "inf", "none"):
+        return 0.0
+    m = re.fullmatch(_NUM + r"\s*([a-z]+)", s)
+    if not m or m.group(2) not in _RATE_UNITS:
+        raise ConfigError(f"bad rate {text!r}: expected a number with a unit (e.g. 20mbit, 500kbit, 1gbit) or 'unlimited'", where=what)
+    return float(m.group(1)) * _RATE_UNITS[m.group(2)]
+
+
+def parse_time(text: str | float, *, what: str = "--rtt") -> float:
+    """``600ms`` / ``0.6s`` / ``250us`` -> seconds.  A bare ``0`` is allowed."""
+    if isinstance(text, (int, float)):
+        if text < 0:
+            raise ConfigError(f"time must not be negative, got {text}", where=what)
+        return float(text)
+    s = text.strip().lower()
+    if s == "0":
+        return 0.0
+    m = re.fullmatch(_NUM + r"\s*(us|ms|s)", s)
+    if not m:
+        raise ConfigError(f"bad time {text!r}: expected a number with a unit (e.g. 600ms, 0.6s, 250us)", where=what)
+    return float(m.group(1)) * _TIME_UNITS[m.group(2)]
+
+
+def parse_fraction(text: str | float, *, what: str = "--loss") -> float:
+    """``1%`` or ``0.01`` -> 0.01.  A bare number >= 1 is refused: ``1`` would mean 100 %."""
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        s = text.strip()
+        m = re.fullmatch(_NUM + r"\s*(%?)", s)
+        if not m:
+            raise ConfigError(f"bad fraction {text!r}: expected a percentage (1%) or a fraction (0.01)", where=what)
+        value = float(m.group(1))
+        if m.group(2):
+            value /= 100.0
+        elif value >= 1.0 and value != 0:
+            raise ConfigError(f"ambiguous {text!r}: write {text}% for a percentage or a fraction below 1", where=what)
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{text!r} is outside 0..100 %", where=what)
+    return value
+
+
+def parse_size(text: str | int, *, what: str = "--queue") -> int:
+    """``256k`` / ``1.5m`` / ``30000`` -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(_NUM + r"\s*([a-z]*)", text.strip().lower())
+    if not m or m.group(2) not in _SIZE_UNITS:
+        raise ConfigError(f"bad size {text!r}: expected bytes with an optional k/m suffix (e.g. 256k)", where=what)
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def format_rate(bps: float) -> str:
+    if bps <= 0:
+        return "unlimited"
+    if bps >= 1e9:
+        return f"{bps / 1e9:g}gbit"
+    if bps >= 1e6:
+        return f"{bps / 1e6:g}mbit"
+    return f"{bps / 1e3:g}kbit"
+
+
+@dataclass(frozen=True)
+class GilbertElliott:
+    """Two-state burst loss (Gilbert-Elliott), per packet.
+
+    ``p_gb``: probability of moving Good->Bad at a packet; ``p_bg``: Bad->Good.  Packets are
+    lost with ``loss_bad`` in the Bad state and ``loss_good`` in the Good state (the classic
+    Gilbert model is ``loss_bad=1, loss_good=0``; netem's ``gemodel p r 1-h 1-k``).
+    """
+
+    p_gb: float
+    p_bg: float
+    loss_bad: float = 1.0
+    loss_good: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("p_gb", "p_bg", "loss_bad", "loss_good"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{name} must be within 0..1, got {v}", where="gilbert-elliott")
+        if self.p_bg == 0.0 and self.p_gb > 0.0:
+            raise ConfigError("p_bg is 0: once Bad the link would never recover", where="gilbert-elliott")
+
+    @classmethod
+    def from_mean(cls, loss: float, burst_len: float) -> "GilbertElliott":
+        """The Gilbert model with a given mean loss rate and mean burst length (packets)."""
+        if burst_len < 1.0:
+            raise ConfigError(f"mean burst length must be >= 1 packet, got {burst_len}", where="--burst-len")
+        if not 0.0 <= loss < 1.0:
+            raise ConfigError(f"burst loss must be below 100 %, got {loss}", where="--burst-loss")
+        p_bg = 1.0 / burst_len
+        # Stationary P(Bad) = p_gb / (p_gb + p_bg) must equal ``loss``.
+        p_gb = p_bg * loss / (1.0 - loss)
+        return cls(p_gb=min(p_gb, 1.0), p_bg=p_bg)
+
+    @property
+    def mean_loss(self) -> float:
+        if self.p_gb + self.p_bg == 0.0:
+            return self.loss_good
+        bad = self.p_gb / (self.p_gb + self.p_bg)
+        return bad * self.loss_bad + (1.0 - bad) * self.loss_good
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """One direction of an emulated hop."""
+
+    rate_bps: float = 0.0  # 0: no rate cap (and then no queue)
+    delay_s: float = 0.0  # one-way propagation delay
+    jitter_s: float = 0.0  # uniform +-jitter on the delay; order is kept unless ``reorder``
+    loss: float = 0.0  # Bernoulli loss per packet
+    burst: GilbertElliott | None = None  # burst loss, applied on top of ``loss``
+    reorder: float = 0.0  # fraction of packets held back by ``reorder_delay_s`` (overtaken)
+    reorder_delay_s: float = 0.005
+    queue_bytes: int | None = None  # drop-tail limit; None: one BDP
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.rate_bps < 0 or self.delay_s < 0 or self.jitter_s < 0 or self.reorder_delay_s < 0:
+            raise ConfigError("rate, delay, jitter and reorder delay must not be negative", where="link")
+        for name in ("loss", "reorder"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{name} must be within 0..1, got {v}", where="link")
+        if self.queue_bytes is not None and self.queue_bytes < MTU:
+            raise ConfigError(f"queue of {self.queue_bytes} bytes cannot hold one {MTU}-byte packet", where="--queue")
+
+    @property
+    def rtt_s(self) -> float:
+        return 2.0 * self.delay_s
+
+    def effective_queue_bytes(self) -> int:
+        """The drop-tail limit: explicit, or one BDP (rate x RTT), at least 16 packets."""
+        if self.queue_bytes is not None:
+            return self.queue_bytes
+        bdp = int(self.rate_bps * self.rtt_s / 8)
+        return max(bdp, MIN_QUEUE_BYTES)
+
+    @property
+    def mean_loss(self) -> float:
+        burst = self.burst.mean_loss if self.burst else 0.0
+        return 1.0 - (1.0 - self.loss) * (1.0 - burst)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LinkSpec":
+        d = dict(d)
+        burst = d.pop("burst", None)
+        try:
+            return cls(burst=GilbertElliott(**burst) if burst else None, **d)
+        except TypeError as e:
+            raise ConfigError(f"bad link description: {e}", where="link") from None
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named site link: what ``--profile`` starts from before the overrides."""
+
+    name: str
+    rate: str
+    rtt: str
+    jitter: str = "0"
+    description: str = ""
+
+
+PROFILES: dict[str, Profile] = {
+    # Geostationary: ~36 000 km up and down twice per round trip, ~600 ms including ground
+    # segments; a few tens of Mbit/s per terminal.
+    "geo": Profile("geo", rate="20mbit", rtt="600ms", description="GEO satellite hop (20 Mbit/s, 600 ms RTT)"),
+    # Low earth orbit constellations: ~40 ms RTT, higher rates per terminal.
+    "leo": Profile("leo", rate="50mbit", rtt="40ms", description="LEO satellite hop (50 Mbit/s, 40 ms RTT)"),
+    # Nothing preset: --rate and --rtt are required.
+    "custom": Profile("custom", rate="", rtt="", description="everything from --rate/--rtt/..."),
+}
+
+
+def build_specs(
+    profile: str = "geo",
+    *,
+    rate: str | None = None,
+    rtt: str | None = None,
+    loss: str | None = None,
+    jitter: str | None = None,
+    burst_loss: str | None = None,
+    burst_len: float | None = None,
+    reorder: str | None = None,
+    reorder_delay: str | None = None,
+    queue: str | None = None,
+    seed: int = 1,
+) -> tuple[LinkSpec, LinkSpec]:
+    """The two directions (a->b, b->a) from a profile name plus command-line overrides."""
+    prof = PROFILES.get(profile)
+    if prof is None:
+        raise ConfigError(f"unknown profile {profile!r} (known: {', '.join(PROFILES)})", where="--profile")
+    rate_s = rate if rate is not None else prof.rate
+    rtt_s = rtt if rtt is not None else prof.rtt
+    if not rate_s or not rtt_s:
+        raise ConfigError("the custom profile needs --rate and --rtt", where="--profile custom")
+    burst = None
+    if burst_loss is not None:
+        burst = GilbertElliott.from_mean(parse_fraction(burst_loss, what="--burst-loss"), burst_len if burst_len is not None else 4.0)
+    elif burst_len is not None:
+        raise ConfigError("--burst-len needs --burst-loss", where="--burst-len")
+    common: dict[str, Any] = dict(
+        rate_bps=parse_rate(rate_s, what="--rate"),
+        delay_s=parse_time(rtt_s, what="--rtt") / 2.0,
+        jitter_s=parse_time(jitter if jitter is not None else prof.jitter, what="--jitter"),
+        loss=parse_fraction(loss, what="--loss") if loss is not None else 0.0,
+        burst=burst,
+        reorder=parse_fraction(reorder, what="--reorder") if reorder is not None else 0.0,
+        queue_bytes=parse_size(queue, what="--queue") if queue is not None else None,
+    )
+    if reorder_delay is not None:
+        common["reorder_delay_s"] = parse_time(reorder_delay, what="--reorder-delay")
+    # Different seeds per direction so the two directions do not lose the same packet
+    # numbers in lock-step; both derived from the one --seed so a run repeats.
+    return LinkSpec(seed=seed * 2, **common), LinkSpec(seed=seed * 2 + 1, **common)
