@@ -1,0 +1,283 @@
+"""Model-based congestion control for long, lossy links (BBR-like).  Pure, sans-I/O.
+
+Theory of operation.  Loss-based controllers (Reno, CUBIC) halve their window on every loss
+episode; at 1 % random loss and 600 ms RTT that caps them far below a megabit.  This
+controller instead keeps a *model* of the path -- the bottleneck bandwidth (windowed maximum
+of delivery-rate samples over ``bw_window_rounds`` rounds) and the propagation RTT (windowed
+minimum) -- and sends at the model's rate, paced, with a window of ``cwnd_gain`` BDPs:
+
+* ``STARTUP`` doubles the rate every round (gain 2/ln 2) until the bandwidth estimate stops
+  growing by 25 % for three rounds, or a round shows congestion loss;
+* ``DRAIN`` empties the queue startup built (gain 1/2.885) until in-flight <= one BDP;
+* ``PROBE_BW`` cruises at gain 1 with one round at 1.25 (is there more?) followed by one at
+  0.75 (drain what the probe queued) every eight rounds;
+* ``PROBE_RTT`` lowers in-flight to half a BDP for ``max(200 ms, min RTT)`` when no RTT sample
+  came near the minimum for ``min_rtt_window`` seconds, so the minimum can follow a path
+  change.  In a healthy steady state the 0.75 phase keeps refreshing the minimum (samples
+  within ``rtt_refresh_tolerance`` count), so this rarely costs anything on a GEO link.
+
+Random loss is not congestion, but it does cost wire capacity: delivery-rate samples count
+only what got through, so the model's bandwidth is the link rate times (1 - p).  Pacing at
+that would leave the link p idle, so the pacing rate is divided by (1 - baseline loss), the
+loss rate learned from rounds without a queue (:class:`~lu2k.cc.base.CongestionSignals`).
+
+Backing off on a shared link.  A round with *excess* loss (above the random baseline by more
+than noise) or two rounds with a *standing queue* (the smallest RTT of the round well above
+the path minimum) mean we are sending more than our share.  Then the bandwidth model is reset
+to what the last round actually delivered (times ``beta``), and a 0.75 drain phase follows;
+the 1.25 probes find any capacity that frees up again.  Reactions are at most one per two
+rounds, since the effect of one shows only a round later.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+from typing import Any
+
+from ..errors import ConfigError
+from .base import CongestionController, CongestionSignals, MaxFilter, RateSample
+
+STARTUP_GAIN = 2 / math.log(2)  # 2.885: doubles delivery every round
+DRAIN_GAIN = 1 / STARTUP_GAIN
+PROBE_GAINS = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+PROBE_RTT_MIN_TIME = 0.2
+MIN_CWND_PACKETS = 4
+STARTUP_LOSS_EXIT = 0.05
+
+
+class Mode(enum.Enum):
+    STARTUP = "startup"
+    DRAIN = "drain"
+    PROBE_BW = "probe_bw"
+    PROBE_RTT = "probe_rtt"
+
+
+class BbrController(CongestionController):
+    """BBR-like model-based controller; see the module docstring."""
+
+    name = "bbr"
+
+    def __init__(
+        self,
+        *,
+        mss: int,
+        initial_rtt: float = 0.1,
+        initial_rate: float | None = None,
+        cwnd_gain: float = 2.0,
+        bw_window_rounds: int = 10,
+        min_rtt_window: float = 10.0,
+        rtt_refresh_tolerance: float = 0.05,
+        max_rate: float | None = None,
+        beta: float = 0.85,
+        loss_compensation: bool = True,
+        signals: CongestionSignals | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(mss=mss)
+        if initial_rtt <= 0:
+            raise ConfigError(f"initial RTT must be positive, got {initial_rtt}")
+        if initial_rate is not None and initial_rate <= 0:
+            raise ConfigError(f"initial rate must be positive, got {initial_rate}")
+        if max_rate is not None and max_rate <= 0:
+            raise ConfigError(f"rate cap must be positive, got {max_rate}")
+        if not 1.0 <= cwnd_gain <= 8.0:
+            raise ConfigError(f"cwnd gain {cwnd_gain} outside 1..8")
+        if not 0.5 <= beta < 1.0:
+            raise ConfigError(f"beta {beta} outside 0.5..1")
+        self.cwnd_gain = cwnd_gain
+        self.min_rtt_window = min_rtt_window
+        self.rtt_refresh_tolerance = rtt_refresh_tolerance
+        self.max_rate = max_rate
+        self.beta = beta
+        self.loss_compensation = loss_compensation
+        self.signals = signals or CongestionSignals(mss=mss)
+        self._rng = random.Random(seed)
+
+        self.mode = Mode.STARTUP
+        self.bw = MaxFilter(bw_window_rounds)
+        self.min_rtt = math.inf
+        self.min_rtt_stamp = 0.0
+        self._initial_rtt = initial_rtt
+        # An operator-given rate seeds the model so a GEO link is not spent doubling from ten
+        # packets for several seconds; the first real samples replace it within a round.
+        self._hint_bw = initial_rate or 0.0
+        self.pacing_gain = STARTUP_GAIN
+        self.cwnd_gain_now = STARTUP_GAIN
+        self._full_bw = 0.0
+        self._full_bw_rounds = 0
+        self.filled_pipe = False
+        self._cycle_index = 0
+        self._cycle_stamp = 0.0
+        self._probe_rtt_done_at: float | None = None
+        self._probe_rtt_min = math.inf
+        self._last_reaction_round = -10
+        self.reactions = 0
+        if self._hint_bw:
+            self.cwnd = max(self.cwnd, int(self._hint_bw * initial_rtt))
+        self._update_pacing()
+
+    # --- the model --------------------------------------------------------------------------------
+
+    @property
+    def btl_bw(self) -> float:
+        """Bottleneck bandwidth estimate, bytes/s of *delivered* data."""
+        return self.bw.value or self._hint_bw
+
+    def _rtt(self) -> float:
+        return self.min_rtt if math.isfinite(self.min_rtt) else self._initial_rtt
+
+    def bdp(self) -> float:
+        return self._wire_bw() * self._rtt()
+
+    def _wire_bw(self) -> float:
+        """The bottleneck rate on the wire: delivered rate plus what random loss takes."""
+        bw = self.btl_bw
+        if self.loss_compensation:
+            bw /= 1 - min(self.signals.baseline_loss, 0.2)
+        return bw
+
+    def _update_pacing(self) -> None:
+        bw = self._wire_bw()
+        if bw <= 0:
+            # No estimate yet: the initial window over the initial RTT, as aioquic does.
+            rate = STARTUP_GAIN * self.cwnd / self._initial_rtt
+        else:
+            rate = self.pacing_gain * bw
+        if self.max_rate is not None:
+            rate = min(rate, self.max_rate)
+        self.pacing_rate = rate
+        if bw > 0:
+            target = self.cwnd_gain_now * bw * self._rtt() + 3 * self.mss
+            if self.mode is Mode.PROBE_RTT:
+                target = 0.5 * bw * self._rtt()
+            self.cwnd = max(int(target), MIN_CWND_PACKETS * self.mss)
+
+    # --- events ---------------------------------------------------------------------------------
+
+    def _on_sample(self, now: float, sample: RateSample, round_ended: bool) -> None:
+        sampler = self.sampler
+        if not sample.app_limited or sample.rate > self.bw.value:
+            self.bw.update(sampler.round_count, sample.rate)
+        self._update_min_rtt(now, sample.rtt)
+        if round_ended and sampler.last_round is not None:
+            self._on_round_end(now, sampler.last_round)
+        if self.mode is Mode.PROBE_BW:
+            self._advance_cycle(now)
+        elif self.mode is Mode.DRAIN and self.bytes_in_flight <= self.bdp():
+            self._enter_probe_bw(now)
+        self._check_probe_rtt(now)
+        self._update_pacing()
+
+    def _update_min_rtt(self, now: float, rtt: float) -> None:
+        if self.mode is Mode.PROBE_RTT:
+            self._probe_rtt_min = min(self._probe_rtt_min, rtt)
+        if rtt < self.min_rtt:
+            self.min_rtt = rtt
+            self.min_rtt_stamp = now
+        elif rtt <= self.min_rtt * (1 + self.rtt_refresh_tolerance) + 0.002:
+            self.min_rtt_stamp = now
+
+    def _on_round_end(self, now: float, r: Any) -> None:
+        excess, queue = self.signals.on_round(r, self.min_rtt)
+        if not self.filled_pipe:
+            if self.bw.value >= self._full_bw * 1.25:
+                self._full_bw = self.bw.value
+                self._full_bw_rounds = 0
+            else:
+                self._full_bw_rounds += 1
+            # In startup the baseline is not learned yet; only a heavy-loss round (the queue
+            # overflowing under a 2.885 gain) ends it early, not the medium's usual loss.
+            overflow = excess and r.loss_rate > STARTUP_LOSS_EXIT
+            if self._full_bw_rounds >= 3 or overflow:
+                self.filled_pipe = True
+                if overflow:
+                    self._react(r)
+                self.mode = Mode.DRAIN
+                self.pacing_gain, self.cwnd_gain_now = DRAIN_GAIN, STARTUP_GAIN
+            return
+        if self.mode is Mode.PROBE_RTT:
+            return
+        if excess or self.signals.queue_rounds >= 2:
+            if r.number - self._last_reaction_round >= 2:
+                self._react(r)
+                if self.mode is Mode.PROBE_BW:
+                    self._set_cycle(now, 1)  # the 0.75 phase: drain what we queued
+
+    def _react(self, r: Any) -> None:
+        """Congestion: believe what the last round delivered, a little less."""
+        self._last_reaction_round = r.number
+        self.reactions += 1
+        delivered_rate = r.max_rate if r.max_rate > 0 else self.bw.value
+        bw = max(min(self.bw.value, delivered_rate) * self.beta, 2 * self.mss / self._rtt())
+        self.bw.reset(self.sampler.round_count, bw)
+        self._hint_bw = 0.0
+
+    def _enter_probe_bw(self, now: float) -> None:
+        self.mode = Mode.PROBE_BW
+        self.cwnd_gain_now = self.cwnd_gain
+        # Start anywhere but the drain phase, so flows that start together do not probe
+        # in lockstep.
+        index = self._rng.choice([i for i in range(len(PROBE_GAINS)) if i != 1])
+        self._set_cycle(now, index)
+
+    def _set_cycle(self, now: float, index: int) -> None:
+        self._cycle_index = index
+        self._cycle_stamp = now
+        self.pacing_gain = PROBE_GAINS[index]
+
+    def _advance_cycle(self, now: float) -> None:
+        elapsed = now - self._cycle_stamp > self._rtt()
+        gain = self.pacing_gain
+        if gain == 0.75 and self.bytes_in_flight <= self.bdp():
+            elapsed = elapsed or now - self._cycle_stamp > 0.5 * self._rtt()
+        if elapsed:
+            self._set_cycle(now, (self._cycle_index + 1) % len(PROBE_GAINS))
+
+    def _check_probe_rtt(self, now: float) -> None:
+        if self.mode is Mode.PROBE_RTT:
+            if self._probe_rtt_done_at is None:
+                if self.bytes_in_flight <= self.cwnd:
+                    self._probe_rtt_done_at = now + max(PROBE_RTT_MIN_TIME, self._rtt())
+            elif now >= self._probe_rtt_done_at:
+                if math.isfinite(self._probe_rtt_min):
+                    self.min_rtt = self._probe_rtt_min  # may have grown: the path changed
+                self.min_rtt_stamp = now
+                self._probe_rtt_done_at = None
+                if self.filled_pipe:
+                    self._enter_probe_bw(now)
+                else:
+                    self.mode = Mode.STARTUP
+                    self.pacing_gain = self.cwnd_gain_now = STARTUP_GAIN
+            return
+        if (self.mode is not Mode.STARTUP and math.isfinite(self.min_rtt)
+                and now - self.min_rtt_stamp > self.min_rtt_window):
+            self.mode = Mode.PROBE_RTT
+            self.pacing_gain, self.cwnd_gain_now = 1.0, 1.0
+            self._probe_rtt_min = math.inf
+            self._probe_rtt_done_at = None
+
+    def on_persistent_congestion(self, now: float) -> None:
+        # Nothing got through for several PTOs: the model is stale.  Start over, from the
+        # bandwidth we last believed, at a quarter.
+        bw = self.bw.value / 4
+        self.bw.reset(self.sampler.round_count, bw)
+        self.filled_pipe = False
+        self._full_bw = 0.0
+        self._full_bw_rounds = 0
+        self.mode = Mode.STARTUP
+        self.pacing_gain = self.cwnd_gain_now = STARTUP_GAIN
+        self._update_pacing()
+
+    def state(self) -> dict[str, Any]:
+        out = super().state()
+        out.update({
+            "mode": self.mode.value,
+            "btl_bw_mbit": round(self.btl_bw * 8 / 1e6, 3),
+            "min_rtt_ms": round(self.min_rtt * 1e3, 1) if math.isfinite(self.min_rtt) else None,
+            "pacing_gain": self.pacing_gain,
+            "baseline_loss": round(self.signals.baseline_loss, 5),
+            "reactions": self.reactions,
+        })
+        return out
