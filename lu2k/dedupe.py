@@ -19,11 +19,12 @@ class RecvWindow:
         self.floor = 1  # sequence numbers start at 1
         self.capacity = capacity
         self._seen: OrderedDict[int, int] = OrderedDict()
+        self._failed_below: OrderedDict[int, int] = OrderedDict()  # failures compacted below floor
 
     def check(self, seq: int) -> int | None:
         """None if new; else the recorded status (or IN_PROGRESS)."""
         if seq < self.floor:
-            return 0
+            return self._failed_below.get(seq, 0)
         return self._seen.get(seq)
 
     def start(self, seq: int) -> None:
@@ -34,7 +35,11 @@ class RecvWindow:
             return
         self._seen[seq] = status
         while self._seen.get(self.floor, IN_PROGRESS) != IN_PROGRESS:
-            del self._seen[self.floor]
+            st = self._seen.pop(self.floor)
+            if st:
+                self._failed_below[self.floor] = st
+                if len(self._failed_below) > self.capacity:
+                    self._failed_below.popitem(last=False)
             self.floor += 1
         while len(self._seen) > self.capacity:
             old, st = next(iter(self._seen.items()))

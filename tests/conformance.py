@@ -1,0 +1,172 @@
+"""Backend conformance, transport level: what every backend must do, whatever it runs on.
+
+Each check takes a ``make_backend(settings) -> Backend`` factory and an address to listen on,
+so a backend's test module (and the guest tier for RDS/verbs) runs the same checks:
+
+    from conformance import TRANSPORT_CHECKS, BackendUnderTest
+    @pytest.mark.parametrize("check", TRANSPORT_CHECKS, ids=lambda c: c.__name__)
+    async def test_conformance(check): await check(BackendUnderTest(MyBackend, "127.0.0.1"))
+
+Daemon-level checks (exactly-once completions through two daemons) are in
+``tests/test_daemon_e2e.py`` and are parametrized by backend name the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from lu2k import wire
+from lu2k.backends.base import Backend, BackendSettings, Transport
+from lu2k.errors import ConnectError, NetworkError, ReadError
+from lu2k.nid import parse_net, parse_nid
+from lu2k.wire import ConnType, FrameType
+
+A = parse_nid("127.0.0.1@tcp").to_bytes()
+B = parse_nid("127.0.0.2@tcp").to_bytes()
+
+
+@dataclass
+class BackendUnderTest:
+    cls: type[Backend]
+    host: str
+    port: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    max_message_size: int = 4 << 20
+    key: bytes = b"conformance-key"
+
+    def make(self) -> Backend:
+        settings = BackendSettings(parse_net(self.options.pop("_net", "tcp")), self.port, self.max_message_size, key=self.key, options=dict(self.options))
+        return self.cls(settings)
+
+
+async def _pair(but: BackendUnderTest) -> tuple[Backend, Backend, Transport, Transport, Any]:
+    server, client = but.make(), but.make()
+    accepted: asyncio.Queue[Transport] = asyncio.Queue()
+
+    async def on_accept(t: Transport) -> None:
+        await accepted.put(t)
+
+    listener = await server.listen(but.host, but.port, on_accept)
+    host, port = listener.address
+    out = await client.connect(but.host if but.host else host, port, ConnType.ANY, 5.0)
+    inn = await asyncio.wait_for(accepted.get(), 10)
+    return server, client, out, inn, listener
+
+
+async def _close(*things: Any) -> None:
+    for t in things:
+        if isinstance(t, Transport):
+            t.close()
+            await t.wait_closed()
+        elif isinstance(t, Backend):
+            await t.close()
+        else:
+            t.close()
+
+
+def _msg(seq: int, payload: bytes) -> tuple[bytes, bytes]:
+    return wire.encode_msg_header(seq, A, B, 0, 0, payload, False), payload
+
+
+async def _recv_n(t: Transport, n: int) -> list[wire.Frame]:
+    out: list[wire.Frame] = []
+    while len(out) < n:
+        out += await asyncio.wait_for(t.recv(), 30)
+    return out
+
+
+async def check_messages_arrive_intact_and_in_order(but: BackendUnderTest) -> None:
+    server, client, out, inn, lst = await _pair(but)
+    try:
+        rnd = os.urandom(1 << 20)
+        sizes = [0, 1, 63, 64, 4096, 65537, 1 << 20, but.max_message_size] + [17 * i for i in range(200)]
+        payloads = [(rnd * 5)[: s] if s else b"" for s in sizes]
+        sender = asyncio.ensure_future(out.send([_msg(i + 1, p) for i, p in enumerate(payloads)]))
+        frames = await _recv_n(inn, len(payloads))
+        await sender
+        assert [wire.decode_msg(f.header).seq for f in frames] == list(range(1, len(payloads) + 1))
+        assert [zlib.crc32(f.payload) for f in frames] == [zlib.crc32(p) for p in payloads]
+    finally:
+        await _close(out, inn, lst, server, client)
+
+
+async def check_reverse_direction_carries_acks(but: BackendUnderTest) -> None:
+    server, client, out, inn, lst = await _pair(but)
+    try:
+        await out.send([_msg(1, b"ping")])
+        await _recv_n(inn, 1)
+        await inn.send([(wire.encode_acks([(1, 0)]), b"")])
+        (ack,) = await _recv_n(out, 1)
+        assert ack.header.type is FrameType.ACK and wire.decode_acks(ack) == [(1, 0)]
+    finally:
+        await _close(out, inn, lst, server, client)
+
+
+async def check_payload_lands_in_supplied_buffer(but: BackendUnderTest) -> None:
+    server, client, out, inn, lst = await _pair(but)
+    try:
+        size = 300_000
+        target = bytearray(size)
+        inn.set_buffer_for(lambda h: memoryview(target) if h.type is FrameType.MSG else None)
+        payload = os.urandom(size)
+        await asyncio.gather(out.send([_msg(1, payload)]), _recv_n(inn, 1))
+        assert bytes(target) == payload
+    finally:
+        await _close(out, inn, lst, server, client)
+
+
+async def check_close_is_seen_by_peer(but: BackendUnderTest) -> None:
+    server, client, out, inn, lst = await _pair(but)
+    try:
+        await out.send([_msg(1, b"last words")])
+        (f,) = await _recv_n(inn, 1)
+        assert bytes(f.payload) == b"last words"
+        out.close()
+        with pytest.raises(ReadError):
+            while True:
+                await asyncio.wait_for(inn.recv(), 30)
+    finally:
+        await _close(out, inn, lst, server, client)
+
+
+async def check_connect_refused_is_connect_error(but: BackendUnderTest) -> None:
+    client = but.make()
+    server = but.make()
+    lst = await server.listen(but.host, 0, lambda t: asyncio.sleep(0))
+    port = lst.address[1]
+    lst.close()
+    await server.close()
+    try:
+        with pytest.raises((ConnectError, NetworkError)):
+            await client.connect(but.host, port, ConnType.ANY, 3.0)
+    finally:
+        await client.close()
+
+
+async def check_send_after_close_fails_cleanly(but: BackendUnderTest) -> None:
+    server, client, out, inn, lst = await _pair(but)
+    try:
+        inn.close()
+        with pytest.raises(NetworkError):
+            for _ in range(200):  # the failure may surface after a few sends
+                await asyncio.wait_for(out.send([_msg(1, b"x" * 65536)]), 10)
+                await asyncio.sleep(0.01)
+    finally:
+        await _close(out, inn, lst, server, client)
+
+
+TRANSPORT_CHECKS: list[Callable[[BackendUnderTest], Awaitable[None]]] = [
+    check_messages_arrive_intact_and_in_order,
+    check_reverse_direction_carries_acks,
+    check_payload_lands_in_supplied_buffer,
+    check_close_is_seen_by_peer,
+    check_connect_refused_is_connect_error,
+    check_send_after_close_fails_cleanly,
+]

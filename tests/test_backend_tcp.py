@@ -1,0 +1,104 @@
+"""TCP backend: the shared transport conformance checks plus TCP specifics."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _pair
+
+from lu2k.backends import get_backend
+from lu2k.backends.tcp import TcpBackend, available_congestion_controls
+from lu2k.backends.base import BackendSettings, LinkProfile
+from lu2k.errors import ConfigError, FrameError, ReadError
+from lu2k.nid import parse_net
+
+
+@pytest.mark.parametrize("check", TRANSPORT_CHECKS, ids=lambda c: c.__name__)
+async def test_conformance(check) -> None:  # type: ignore[no-untyped-def]
+    await check(BackendUnderTest(TcpBackend, "127.0.0.1"))
+
+
+@pytest.mark.parametrize("check", TRANSPORT_CHECKS, ids=lambda c: c.__name__)
+async def test_conformance_inproc(check) -> None:  # type: ignore[no-untyped-def]
+    if check.__name__ in ("check_send_after_close_fails_cleanly",):
+        pytest.skip("inproc queues accept sends until the close is seen, by design")
+    await check(BackendUnderTest(get_backend("inproc"), "inproc-host", port=40000 + TRANSPORT_CHECKS.index(check)))
+
+
+def test_registry_gives_tcp() -> None:
+    assert get_backend("tcp") is TcpBackend
+
+
+async def test_garbage_from_peer_is_frame_error() -> None:
+    but = BackendUnderTest(TcpBackend, "127.0.0.1")
+    server = but.make()
+    accepted: asyncio.Queue = asyncio.Queue()
+
+    async def on_accept(t) -> None:  # type: ignore[no-untyped-def]
+        await accepted.put(t)
+
+    lst = await server.listen("127.0.0.1", 0, on_accept)
+    raw = socket.create_connection(lst.address)
+    try:
+        raw.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        inn = await asyncio.wait_for(accepted.get(), 5)
+        with pytest.raises(FrameError, match="bad magic"):
+            await asyncio.wait_for(inn.recv(), 5)
+        inn.close()
+    finally:
+        raw.close()
+        lst.close()
+        await server.close()
+
+
+async def test_truncated_frame_is_read_error() -> None:
+    but = BackendUnderTest(TcpBackend, "127.0.0.1")
+    server = but.make()
+    accepted: asyncio.Queue = asyncio.Queue()
+
+    async def on_accept(t) -> None:  # type: ignore[no-untyped-def]
+        await accepted.put(t)
+
+    lst = await server.listen("127.0.0.1", 0, on_accept)
+    raw = socket.create_connection(lst.address)
+    hdr, payload = _msg(1, b"x" * 1000)
+    raw.sendall(hdr + payload[:500])
+    raw.close()
+    inn = await asyncio.wait_for(accepted.get(), 5)
+    with pytest.raises(ReadError, match="middle of a frame"):
+        await asyncio.wait_for(inn.recv(), 5)
+    inn.close()
+    lst.close()
+    await server.close()
+
+
+def _settings(**opts) -> BackendSettings:  # type: ignore[no-untyped-def]
+    profile = opts.pop("profile", LinkProfile())
+    return BackendSettings(parse_net("tcp"), 0, 1 << 20, profile=profile, options=opts)
+
+
+def test_congestion_default_and_validation() -> None:
+    avail = available_congestion_controls()
+    b = TcpBackend(_settings())
+    assert b.congestion == ("bbr" if "bbr" in avail else None)
+    with pytest.raises(ConfigError, match="not offered by this kernel"):
+        TcpBackend(_settings(congestion="no-such-cc"))
+
+
+def test_buffers_sized_from_profile() -> None:
+    b = TcpBackend(_settings(profile=LinkProfile(rtt_ms=600, rate_mbit=20)))
+    assert b.socket_buffer == 2 * int(20e6 / 8 * 0.6)
+    assert TcpBackend(_settings()).socket_buffer is None
+
+
+@pytest.mark.skipif("cubic" not in available_congestion_controls(), reason="kernel lacks cubic")
+async def test_congestion_applied_to_sockets() -> None:
+    but = BackendUnderTest(TcpBackend, "127.0.0.1", options={"congestion": "cubic"})
+    server, client, out, inn, lst = await _pair(but)
+    try:
+        assert out.stats()["congestion"] == "cubic"
+        assert inn.stats()["congestion"] == "cubic"
+    finally:
+        await _close(out, inn, lst, server, client)
