@@ -1,0 +1,65 @@
+"""``lu2k lab selftest``: measure the emulator's own ceiling, so its figures can be trusted.
+
+An emulated link's numbers only mean something if the forwarder is far from its own limit
+at the emulated rate.  The self-test blasts 1500-byte UDP packets through a lab whose link
+has no rate cap -- once with no delay and once with a GEO one-way delay (a deep timer heap)
+-- and reports what came through (packets/s, Mbit/s), the forwarder's CPU share, and the
+lateness of its releases against their schedule.  If the forwarder's CPU is near 100 %, the
+packets/s figure is its ceiling; otherwise the UDP sender (also Python, on the same cores)
+was the limit and the forwarder's ceiling is higher still.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .baseline import udp_blast
+from .netns import Lab
+from .spec import LinkSpec
+
+# (name, link rate bit/s (0: no cap), one-way delay s, sender rate bit/s (0: flat out)).
+# The first two find the ceiling; the third is a realistic load, for lateness at work.
+CASES: list[tuple[str, float, float, float]] = [
+    ("blast, no delay", 0.0, 0.0, 0.0),
+    ("blast, 300 ms", 0.0, 0.3, 0.0),
+    ("50 Mbit, 300 ms", 50e6, 0.3, 45e6),
+]
+
+
+def run_selftest(duration: float = 5.0, warmup: float = 1.0) -> list[dict[str, Any]]:
+    results = []
+    for name, rate, delay, send_rate in CASES:
+        spec = LinkSpec(rate_bps=rate, delay_s=delay)
+        with Lab((spec, spec)) as lab:
+            before = lab.stats()
+            blast = udp_blast(lab, warmup=warmup + delay, duration=duration, rate_bps=send_rate)
+            stats = lab.stats()
+        ab = stats["links"]["ab"]
+        busy = stats["cpu_s"] - before["cpu_s"]
+        wall = stats["uptime_s"] - before["uptime_s"]
+        results.append({
+            "case": name,
+            "link_rate_mbit": rate / 1e6,
+            "delay_ms": delay * 1e3,
+            "send_rate_mbit": send_rate / 1e6,
+            "pps": blast["pps"],
+            "mbit": blast["goodput_bps"] / 1e6,
+            "forwarder_cpu": busy / wall if wall > 0 else 0.0,
+            "forwarder_packets": ab["packets_out"],
+            "lateness_p50_us": ab["lateness"]["p50_us"],
+            "lateness_p99_us": ab["lateness"]["p99_us"],
+            "lateness_max_us": ab["lateness"]["max_us"],
+            "max_batch": stats["max_batch"],
+        })
+    return results
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'case':<16} {'pps':>8} {'Mbit/s':>8} {'fwd CPU':>8} {'late p50':>9} {'late p99':>9} {'late max':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['case']:<16} {r['pps']:>8.0f} {r['mbit']:>8.1f} {r['forwarder_cpu'] * 100:>7.0f}% "
+            f"{r['lateness_p50_us'] / 1e3:>7.2f}ms {r['lateness_p99_us'] / 1e3:>7.2f}ms {r['lateness_max_us'] / 1e3:>7.2f}ms"
+        )
+    return "\n".join(lines)
