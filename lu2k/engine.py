@@ -81,6 +81,7 @@ class OutMsg:
     done: bool = False
     _deferred: tuple[Status, str] | None = None
     header: bytes = b""
+    owner: Any = None  # the shim port that handed it over, if any
 
     def finish(self, status: Status, reason: str = "") -> None:
         if self.done:
@@ -852,7 +853,19 @@ class Engine:
         log.info("endpoint attached", portal=port.portal, pid=port.pid)
 
     def on_detach(self, port: Any) -> None:
-        log.info("endpoint detached", portal=port.portal, pid=port.pid)
+        """Its messages can no longer be completed to anyone: stop spending the link on them."""
+        cancelled = 0
+        for ni in self.nis.values():
+            for p in ni.peers.values():
+                for seq, m in list(p.inflight.items()):
+                    if m.owner is port:
+                        p._complete(seq, Status.CANCELLED, "endpoint detached")
+                        cancelled += 1
+                for m in p.queue:
+                    if m.owner is port:
+                        m.finish(Status.CANCELLED, "endpoint detached")
+                        cancelled += 1
+        log.info("endpoint detached", portal=port.portal, pid=port.pid, cancelled=cancelled)
 
     def on_rx_space(self, port: Any) -> None:
         return None  # rx_wait() wakes the waiting receivers
@@ -868,7 +881,8 @@ class Engine:
                 port.complete(req, Status.INVALID, f"bad destination NID: {e}")
                 continue
             try:
-                self.send(None, dst, port.portal, req.dst_portal, req.payload, finish)
+                msg = self.send(None, dst, port.portal, req.dst_portal, req.payload, finish)
+                msg.owner = port
             except LocalProtocolError as e:
                 port.complete(req, Status.NO_ROUTE, str(e))
 
@@ -907,6 +921,8 @@ class Engine:
         out: dict[str, Any] = dict(self.stats)
         out["uptime_s"] = round(time.time() - self.started, 1)
         out["endpoints"] = len(self.shim.ports) if self.shim else 0
+        if self.shim is not None:
+            out.update({f"shim_{k}": v for k, v in self.shim.stats().items() if isinstance(v, int)})
         out["inbound_sessions"] = len(self.sessions)
         return out
 

@@ -1,0 +1,186 @@
+"""``lu2k bench``: measurements that print tables (never assertions).
+
+``bench loopback``: messages of 64 B, 4 KiB and 1 MiB through the full path
+shim -> lu2kd -> TCP -> lu2kd -> shim between two daemons on loopback, next to a raw Python
+TCP socket moving the same messages in the same run (the ratio is the figure).  Each side
+runs in its own process, as an application and the daemons would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import multiprocessing as mp
+import socket
+import struct
+import sys
+import time
+from collections import deque
+from typing import Any
+
+from ..errors import Lu2kError
+from ..localpair import daemons, free_port
+from .table import render
+
+DEFAULT_SIZES = [64, 4096, 1 << 20]
+LEN = struct.Struct("<I")
+
+
+def default_count(size: int, seconds_budget: float = 3.0) -> int:
+    # Enough messages to run a few seconds at the targets (1 GB/s, 100k msgs/s).
+    return max(2000, min(300_000, int(seconds_budget * min(100_000, 1e9 / max(size, 1)))))
+
+
+# --- lu2k path -------------------------------------------------------------------------------
+
+
+def _lu2k_receiver(shim_path: str, count: int, q: Any) -> None:
+    from ..kernel_shim.endpoint import Endpoint
+
+    try:
+        with Endpoint.attach(shim_path, portal=0) as ep:
+            q.put("ready")
+            got = nbytes = 0
+            while got < count:
+                for msg in ep.recv_many(timeout=60):
+                    nbytes += len(msg.payload)
+                    msg.release()
+                    got += 1
+            q.put(("done", time.perf_counter(), nbytes))
+    except Exception as e:
+        q.put(("error", f"{type(e).__name__}: {e}", 0))
+
+
+def _lu2k_run(a: Any, b: Any, size: int, count: int, window: int) -> tuple[float, float]:
+    from ..kernel_shim.endpoint import Endpoint
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    rx = ctx.Process(target=_lu2k_receiver, args=(b.shim_path, count, q), daemon=True)
+    rx.start()
+    if q.get(timeout=60) != "ready":
+        raise Lu2kError("benchmark receiver failed to attach")
+    payload = bytes(size)
+    pending: deque = deque()
+    failures = 0
+    with Endpoint.attach(a.shim_path, portal=1) as ep:
+        start = time.perf_counter()
+        for _ in range(count):
+            pending.append(ep.send(b.nid, payload, portal=0))
+            while len(pending) > window:
+                c = pending.popleft()
+                c.wait(60)
+                failures += c.status != 0
+        while pending:
+            c = pending.popleft()
+            c.wait(60)
+            failures += c.status != 0
+    kind, end, nbytes = q.get(timeout=120)
+    rx.join(10)
+    if kind != "done" or failures:
+        raise Lu2kError(f"benchmark run failed: {end if kind != 'done' else f'{failures} failed completions'}")
+    return end - start, nbytes
+
+
+# --- raw socket baseline ----------------------------------------------------------------------------
+
+
+def _raw_receiver(port: int, count: int, size: int, q: Any) -> None:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.2", port))
+    srv.listen(1)
+    q.put("ready")
+    conn, _ = srv.accept()
+    buf = bytearray(max(size + LEN.size, 1 << 20) * 2)
+    view = memoryview(buf)
+    have = got = 0
+    while got < count:
+        n = conn.recv_into(view[have:])
+        if not n:
+            break
+        have += n
+        pos = 0
+        while have - pos >= LEN.size:
+            (length,) = LEN.unpack_from(buf, pos)
+            if have - pos < LEN.size + length:
+                break
+            pos += LEN.size + length
+            got += 1
+        buf[: have - pos] = buf[pos:have]
+        have -= pos
+    q.put(("done", time.perf_counter()))
+    conn.close()
+    srv.close()
+
+
+def _raw_run(size: int, count: int) -> float:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port("127.0.0.2")
+    rx = ctx.Process(target=_raw_receiver, args=(port, count, size, q), daemon=True)
+    rx.start()
+    q.get(timeout=30)
+    s = socket.create_connection(("127.0.0.2", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    msg = LEN.pack(size) + bytes(size)
+    start = time.perf_counter()
+    for _ in range(count):
+        s.sendall(msg)
+    kind, end = q.get(timeout=120)
+    s.close()
+    rx.join(10)
+    return end - start
+
+
+def run_loopback(sizes: list[int], counts: dict[int, int], window: int) -> list[dict[str, Any]]:
+    out = []
+    with daemons(["127.0.0.1@tcp", "127.0.0.2@tcp"], tunables={"peer_credits": 256, "credits": 1024}) as (a, b):
+        for size in sizes:
+            count = counts.get(size) or default_count(size)
+            _lu2k_run(a, b, size, min(count, 1000), window)  # warm-up: connections, caches
+            secs, _ = _lu2k_run(a, b, size, count, window)
+            base = _raw_run(size, count)
+            out.append({
+                "size": size, "count": count, "msgs_per_s": round(count / secs, 1),
+                "mbytes_per_s": round(count * size / secs / 1e6, 1),
+                "baseline_msgs_per_s": round(count / base, 1),
+                "baseline_mbytes_per_s": round(count * size / base / 1e6, 1),
+            })
+    return out
+
+
+def cmd_loopback(args: argparse.Namespace) -> int:
+    sizes = args.sizes or DEFAULT_SIZES
+    results = run_loopback(sizes, {s: args.count for s in sizes} if args.count else {}, args.window)
+    rows = [[r["size"], r["count"], r["msgs_per_s"], r["mbytes_per_s"], r["baseline_mbytes_per_s"],
+             f"{r['mbytes_per_s'] / r['baseline_mbytes_per_s']:.2f}" if r["baseline_mbytes_per_s"] else "-"] for r in results]
+    print(render(["size B", "messages", "lu2k msgs/s", "lu2k MB/s", "raw TCP MB/s", "ratio"], rows))
+    if args.json:
+        print(json.dumps({"results": results}))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    bench = sub.add_parser("bench", help="benchmarks (printed tables)")
+    bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
+    lb = bsub.add_parser("loopback", help="full path between two daemons on loopback vs raw TCP")
+    lb.add_argument("--sizes", type=int, nargs="*", help="message sizes in bytes (default 64 4096 1048576)")
+    lb.add_argument("--count", type=int, help="messages per size (default: a few seconds' worth)")
+    lb.add_argument("--window", type=int, default=512, help="messages in flight")
+    lb.add_argument("--json", action="store_true", help="last line: JSON results")
+    lb.set_defaults(func=cmd_loopback)
+    # Other benchmarks (the link lab's ``link`` and ``matrix``) register themselves here.
+    for name in ("lu2k.lab.bench",):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        module.register_bench(bsub)  # def register_bench(bench_subparsers) -> None
+
+
+if __name__ == "__main__":
+    sys.exit(cmd_loopback(argparse.Namespace(sizes=None, count=None, window=512, json=False)))
