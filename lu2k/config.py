@@ -18,9 +18,11 @@ Theory of operation, following ``lnet/lnet/config.c``:
   the rule.  A rule is ``<networks-spec> <ip-pattern> …``; it matches when *any* pattern matches
   *any* local IPv4 address other than ``lo``'s -- the address need not belong to the interface
   the rule names (the Lustre wiki's "pattern matching a non-LNet interface").  A rule without
-  patterns never matches.  A matching rule contributes all its nets unless one of them was
-  already contributed by an earlier rule, in which case the whole rule is skipped (first match
-  wins per net).  The result is a ``networks`` string, parsed as above.
+  patterns never matches.  Every matching rule contributes its nets (2.17 accumulates: older
+  Lustre skipped a rule whose net an earlier rule had already given); a net repeated *within*
+  one rule is an error.  The result is a ``networks`` string, parsed as above, so NIs of a net
+  named by several rules add up; two interface-less NIs of one net land on the same (first)
+  interface and are one NI.
 * ``routes`` is a list of ``net [hops] gateway[:priority] …`` separated by ``;``/newlines with
   ``#`` comments; ``[a-b/s,c,text]`` in any token expands (and a range must land on ``b``
   exactly: ``[1-10/2]`` is an error).  Hops are 1..255.  ``lo`` is refused as a net or
@@ -207,7 +209,14 @@ def _parse_cpts(text: str, cpt_count: int | None, what: str) -> ExprList:
     hi = _U32 if cpt_count is None else cpt_count - 1
     if hi < 0:
         raise NidError("no CPTs")
-    return parse_expr_list(text, 0, hi, whole=what)
+    el = parse_expr_list(text, 0, hi, whole=what)
+    # lnet_ni_alloc: cfs_expr_list_values() must give 1..LNET_CPT_NUMBER values.
+    n = el.count()
+    if n == 0:
+        raise NidError(f"{text} names no CPT")
+    if cpt_count is not None and n > cpt_count:
+        raise NidError(f"{text} names {n} CPTs, more than the {cpt_count} there are")
+    return el
 
 
 def parse_networks(text: str, *, cpt_count: int | None = None) -> list[NetSpec]:
@@ -375,7 +384,7 @@ def resolve_interfaces(specs: Iterable[NetSpec], interfaces: Iterable[Sequence[o
 
     An NI without a name takes the first suitable interface in detection order; a named
     interface must exist.  Numeric-address nets (gni, kfi, ptlf) have no IP interface and are
-    left alone.  Two NIs of one net on the same interface are an error.
+    left alone.  Two NIs of one net that land on the same interface are one NI.
     """
     ifaces = host_interfaces(interfaces)
     by_name = {h.name: h for h in ifaces}
@@ -399,8 +408,7 @@ def resolve_interfaces(specs: Iterable[NetSpec], interfaces: Iterable[Sequence[o
                 errors.append(f"net {spec.net}: interface {name!r} does not exist on this host")
                 continue
             if name in seen:
-                errors.append(f"net {spec.net}: interface {name!r} used twice")
-                continue
+                continue  # the same NI reached twice (e.g. two interface-less entries)
             seen.add(name)
             nis.append(NiSpec(name, ni.cpts))
         out.append(NetSpec(spec.net, tuple(nis), spec.cpts))
@@ -531,7 +539,6 @@ def ip2nets_networks(text: str, interfaces: Iterable[Sequence[object]]) -> str:
     ipaddrs = [h.ip for h in ifaces if h.name != "lo" and h.up]
     if not ipaddrs:
         raise ConfigError("no local IP interfaces for ip2nets to match", where="ip2nets")
-    matched: list[Net] = []
     chosen: list[str] = []
     length = 0
     for cmd, base in _split_commands(text, "ip2nets"):
@@ -549,10 +556,7 @@ def ip2nets_networks(text: str, interfaces: Iterable[Sequence[object]]) -> str:
             continue
         npos, ntok = toks[0]
         current = _splitnets(text, ntok, base + npos)
-        if any(net in matched for _, net in current):
-            continue  # a net already configured by an earlier rule: the whole rule is skipped
-        for piece, net in current:
-            matched.append(net)
+        for piece, _net in current:
             length += len(piece) + (1 if chosen else 0)
             chosen.append(piece)
             if length >= LNET_SINGLE_TEXTBUF_NOB:
