@@ -31,7 +31,7 @@ from typing import Any
 from ..errors import ConfigError, LocalProtocolError, NetworkError
 
 TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)
-BIN_S = 0.25  # goodput-over-time resolution
+BIN_S = 0.5  # goodput-over-time resolution (GEO delivers in RTT-sized bursts after repairs)
 
 
 @dataclass
@@ -87,7 +87,6 @@ def _tcp_recv(args: argparse.Namespace) -> dict[str, Any]:
     meter = GoodputMeter(time.monotonic(), args.warmup, args.duration)
     buf = bytearray(1 << 20)
     conn.settimeout(1.0)
-    cc = conn.getsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, 16).rstrip(b"\0").decode()
     while True:
         now = time.monotonic()
         if now >= meter.end:
@@ -101,9 +100,7 @@ def _tcp_recv(args: argparse.Namespace) -> dict[str, Any]:
         meter.add(n, time.monotonic())
     conn.close()
     srv.close()
-    out = meter.result()
-    out["receiver_cc"] = cc
-    return out
+    return meter.result()
 
 
 def _tcp_send(args: argparse.Namespace) -> dict[str, Any]:

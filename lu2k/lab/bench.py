@@ -1,0 +1,535 @@
+"""``lu2k bench link`` and ``lu2k bench matrix``: lu2k over an emulated satellite link, next to kernel TCP.
+
+One ``bench link`` run, all on one lab (the same emulated link, same seed):
+
+1. ``lu2kd`` in each namespace -- config generated: one net with the chosen backend, the
+   namespace addresses as NIDs, the link's rate/RTT/loss as the site profile;
+2. a receiver endpoint in namespace b and a sender endpoint in namespace a, attached through
+   the shim (``lu2k.kernel_shim.endpoint``), each its own process as an application would be;
+   the sender keeps ``window`` messages in flight, each stamped with its sequence number and
+   CLOCK_MONOTONIC (not namespaced, so both ends read the same clock);
+3. goodput = payload bytes delivered in the window after warm-up / window length; message
+   latency = arrival - send stamp (p50/p99 over the window); CPU of each daemon over the run;
+4. then kernel TCP CUBIC and TCP BBR bulk transfers (:mod:`lu2k.lab.baseline`) for the same
+   warm-up and window.
+
+``--json`` makes the last line a JSON object: ``goodput_mbit``, ``link_mbit``, ``loss``,
+``rtt_ms``, ``p50_latency_ms``, ``p99_latency_ms``, ``cpu``, ``baselines`` and the
+emulator's own counters (lateness, drops), which say whether the figures can be trusted.
+
+The same sender/receiver helpers, with ``--count``, are the correctness probe of the lab
+tests: every message must arrive exactly once with its payload intact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError, Lu2kError, NetworkError
+from ..nid import NET_TYPES
+from .baseline import GoodputMeter, _last_json, tcp_baseline
+from .netns import Lab, child_env
+from .spec import LinkSpec, build_specs, format_rate
+
+HEADER = struct.Struct("<Qd")  # sequence number, CLOCK_MONOTONIC at send
+DEFAULT_SIZE = 64 * 1024
+LU2K_PORT = 7988
+KEY = "lu2k-lab-bench-key"
+MAX_LATENCY_SAMPLES = 1 << 20
+
+
+def pattern(seq: int, size: int) -> bytes:
+    """The body of message ``seq``: cheap to build and to check, different for neighbours."""
+    return bytes([seq % 251]) * (size - HEADER.size)
+
+
+# --- helpers that run inside the namespaces ---------------------------------------------------
+
+
+def _receiver(args: argparse.Namespace) -> dict[str, Any]:
+    from ..kernel_shim.endpoint import Endpoint
+
+    latencies: list[float] = []
+    seen: set[int] = set()
+    dups = corrupt = 0
+    meter: GoodputMeter | None = None
+    bodies: dict[int, bytes] = {}
+    with Endpoint.attach(args.socket, portal=0) as ep:
+        print("listening", flush=True)
+        idle_deadline = time.monotonic() + args.idle_timeout
+        while True:
+            now = time.monotonic()
+            if meter is not None and args.count == 0 and now >= meter.end:
+                break
+            if args.count and len(seen) >= args.count:
+                break
+            if now > idle_deadline:
+                raise NetworkError(f"no message for {args.idle_timeout} s ({len(seen)} received)")
+            msg = ep.recv(timeout=0.5)
+            if msg is None:
+                continue
+            with msg:
+                now = time.monotonic()
+                idle_deadline = now + args.idle_timeout
+                data = msg.payload
+                n = len(data)
+                seq, sent_at = HEADER.unpack_from(data)
+                if meter is None:
+                    meter = GoodputMeter(now, args.warmup, args.duration)
+                meter.add(n, now)
+                if seq in seen:
+                    dups += 1
+                    continue
+                seen.add(seq)
+                if args.verify:
+                    want = bodies.get(n)
+                    body = data[HEADER.size:]
+                    if want is None or want[0] != seq % 251:
+                        want = bodies[n] = pattern(seq, n)
+                    if body != want:
+                        corrupt += 1
+                t = now - meter.start
+                if meter.warmup <= t < meter.warmup + meter.duration and len(latencies) < MAX_LATENCY_SAMPLES:
+                    latencies.append(now - sent_at)
+    out = meter.result() if meter else {"bytes_total": 0, "goodput_bps": 0.0}
+    latencies.sort()
+
+    def pct(q: float) -> float | None:
+        if not latencies:
+            return None
+        return latencies[min(len(latencies) - 1, int(q / 100 * (len(latencies) - 1) + 0.5))] * 1e3
+
+    missing = sorted(set(range(args.count)) - seen)[:20] if args.count else []
+    out.update({"messages": len(seen), "duplicates": dups, "corrupt": corrupt, "missing_first": missing,
+                "p50_latency_ms": pct(50), "p99_latency_ms": pct(99), "latency_samples": len(latencies)})
+    return out
+
+
+def _sender(args: argparse.Namespace) -> dict[str, Any]:
+    from ..kernel_shim.endpoint import Endpoint
+
+    stop = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    pending: deque[Any] = deque()
+    failed: dict[str, int] = {}
+    sent = delivered = 0
+    end = time.monotonic() + args.max_time
+
+    def settle(limit: int) -> None:
+        nonlocal delivered
+        while len(pending) > limit and not stop:
+            comp = pending[0]
+            if not comp.wait(1.0):
+                if time.monotonic() > end:
+                    return
+                continue
+            pending.popleft()
+            if comp.status == 0:
+                delivered += 1
+            else:
+                key = getattr(comp.status, "name", str(comp.status))
+                failed[key] = failed.get(key, 0) + 1
+
+    body_cache: dict[int, bytes] = {}
+    with Endpoint.attach(args.socket, portal=1) as ep:
+        while not stop and time.monotonic() < end and (args.count == 0 or sent < args.count):
+            slot = ep.reserve(args.size, timeout=5.0)
+            b = body_cache.get(sent % 251)
+            if b is None:
+                b = body_cache[sent % 251] = pattern(sent, args.size)
+            slot.view[HEADER.size:] = b
+            HEADER.pack_into(slot.view, 0, sent, time.monotonic())
+            pending.append(slot.post(args.to, portal=0))
+            sent += 1
+            settle(args.window)
+        settle(0)
+    return {"sent": sent, "delivered": delivered, "failed": failed, "unsettled": len(pending)}
+
+
+def helper_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lu2k.lab.bench", description="bench link endpoint helpers")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("receiver")
+    r.add_argument("--socket", required=True)
+    r.add_argument("--warmup", type=float, default=5.0)
+    r.add_argument("--duration", type=float, default=10.0)
+    r.add_argument("--count", type=int, default=0, help="stop after this many distinct messages (0: after the window)")
+    r.add_argument("--verify", action="store_true", help="check every payload against its pattern")
+    r.add_argument("--idle-timeout", type=float, default=60.0)
+    s = sub.add_parser("sender")
+    s.add_argument("--socket", required=True)
+    s.add_argument("--to", required=True)
+    s.add_argument("--size", type=int, default=DEFAULT_SIZE)
+    s.add_argument("--window", type=int, default=32)
+    s.add_argument("--count", type=int, default=0, help="send exactly this many (0: until SIGTERM or --max-time)")
+    s.add_argument("--max-time", type=float, default=600.0)
+    args = p.parse_args(argv)
+    if getattr(args, "size", HEADER.size) < HEADER.size:
+        print(json.dumps({"error": f"--size must be at least {HEADER.size}"}))
+        return 1
+    try:
+        result = _receiver(args) if args.cmd == "receiver" else _sender(args)
+    except Lu2kError as e:
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+        return 1
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+def net_type_for(backend: str) -> str:
+    """Each backend's NIDs live on a net of its own type where lu2k has one (udt0, quic0), else tcp."""
+    return backend if backend in NET_TYPES else "tcp"
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class LabDaemons:
+    """``lu2kd`` in each namespace of a lab, configured for one backend and the lab's link."""
+
+    def __init__(self, lab: Lab, backend: str, workdir: Path, *, peer_credits: int = 256, max_message: int = 4 << 20) -> None:
+        from ..localpair import DaemonProcess, daemon_config
+
+        spec = lab.state.specs[0]
+        nettype = net_type_for(backend)
+        self.nids = {side: f"{lab.state.addr[side]}@{nettype}" for side in ("a", "b")}
+        profile = {"rtt_ms": spec.rtt_s * 1e3, "rate_mbit": spec.rate_bps / 1e6 if spec.rate_bps else 1e5,
+                   "loss": min(spec.mean_loss, 0.5)}
+        self.procs: dict[str, Any] = {}
+        self.lab = lab
+        for side in ("a", "b"):
+            cfg = daemon_config(self.nids[side], LU2K_PORT, workdir, backend=backend,
+                                extra_net={"profile": profile, "key": KEY, "max_message_size": max_message},
+                                tunables={"peer_credits": peer_credits, "credits": max(1024, peer_credits * 4)})
+            path = workdir / f"lu2kd-{side}.yaml"
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            self.procs[side] = DaemonProcess(self.nids[side], path, cfg["lu2k"]["shim"]["path"],
+                                             cfg["lu2k"]["control"]["path"], workdir / f"lu2kd-{side}.log")
+
+    def start(self) -> None:
+        for side in ("a", "b"):
+            self.procs[side].start(netns=self.lab.ns(side))
+
+    def stop(self) -> None:
+        for d in self.procs.values():
+            d.stop()
+
+    def pids(self) -> dict[str, int]:
+        return {s: d.proc.pid for s, d in self.procs.items() if d.proc is not None}
+
+    def shim(self, side: str) -> str:
+        return str(self.procs[side].shim_path)
+
+    def __enter__(self) -> "LabDaemons":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _helper_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lu2k.lab.bench", *args]
+
+
+def transfer(lab: Lab, daemons: LabDaemons, *, size: int, window: int, warmup: float = 0.0, duration: float = 0.0,
+             count: int = 0, verify: bool = False, timeout: float = 300.0) -> dict[str, Any]:
+    """Stream messages a->b through both daemons; the receiver's figures plus the sender's outcome.
+
+    With ``count`` the run ends when ``count`` distinct messages have arrived; otherwise after
+    ``warmup + duration`` seconds from the first arrival.
+    """
+    env = child_env()
+    rargs = ["receiver", "--socket", daemons.shim("b"), "--warmup", str(warmup), "--duration", str(duration),
+             "--count", str(count), "--idle-timeout", str(min(timeout, 120.0))]
+    if verify:
+        rargs.append("--verify")
+    recv = lab.popen("b", _helper_argv(*rargs), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    send = None
+    try:
+        assert recv.stdout is not None
+        line = recv.stdout.readline().strip()
+        if line != "listening":
+            raise NetworkError(f"bench receiver did not start: {line} {recv.stderr.read() if recv.stderr else ''}")
+        pids = daemons.pids()
+        cpu0 = {s: _cpu_seconds(p) for s, p in pids.items()}
+        t0 = time.monotonic()
+        sargs = ["sender", "--socket", daemons.shim("a"), "--to", daemons.nids["b"], "--size", str(size),
+                 "--window", str(window), "--count", str(count), "--max-time", str(timeout)]
+        send = lab.popen("a", _helper_argv(*sargs), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            r_out, r_err = recv.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise NetworkError(f"bench receiver did not finish within {timeout} s") from None
+        t1 = time.monotonic()
+        cpu1 = {s: _cpu_seconds(p) for s, p in pids.items()}
+        if count == 0 and send.poll() is None:
+            send.send_signal(signal.SIGTERM)
+        try:
+            s_out, s_err = send.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            send.kill()
+            s_out, s_err = send.communicate()
+    finally:
+        for p in (recv, send):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.communicate()
+    result = _last_json(r_out + r_err, "bench receiver")
+    result["sender"] = _last_json(s_out + s_err, "bench sender") if s_out.strip() or count else {}
+    result["cpu"] = {f"lu2kd-{s}": (cpu1[s] - cpu0[s]) / (t1 - t0) for s in pids}
+    result["elapsed_s"] = t1 - t0
+    return result
+
+
+def default_window(spec: LinkSpec, size: int) -> int:
+    """Messages in flight: two BDPs' worth (at least 16), so the window never limits goodput."""
+    bdp = spec.rate_bps * spec.rtt_s / 8 if spec.rate_bps else 4 << 20
+    return max(16, min(4096, int(2 * bdp / size) + 1))
+
+
+def run_link(backend: str, specs: tuple[LinkSpec, LinkSpec], *, duration: float, warmup: float, size: int = DEFAULT_SIZE,
+             window: int | None = None, baselines: tuple[str, ...] = ("cubic", "bbr"), workdir: str | None = None,
+             log: Any = None) -> dict[str, Any]:
+    """One ``bench link`` run; see the module docstring."""
+    from ..backends import get_backend
+
+    get_backend(backend)  # BackendUnavailable, with the install hint, before any lab exists
+    spec = specs[0]
+    window = window or default_window(spec, size)
+    own = workdir is None
+    wd = Path(workdir or tempfile.mkdtemp(prefix="lu2k-bench-"))
+
+    def say(msg: str) -> None:
+        if log is not None:
+            print(msg, file=log, flush=True)
+
+    try:
+        with Lab(specs) as lab:
+            say(f"lab {lab.lab_id}: {format_rate(spec.rate_bps)}, RTT {spec.rtt_s * 1e3:g} ms, loss {spec.mean_loss * 100:g}%")
+            emu0 = lab.stats()
+            with LabDaemons(lab, backend, wd) as daemons:
+                say(f"lu2k/{backend}: {size}-byte messages, window {window}, warm-up {warmup:g} s, window {duration:g} s")
+                lu2k = transfer(lab, daemons, size=size, window=window, warmup=warmup, duration=duration,
+                                timeout=warmup + duration + 120)
+            emu1 = lab.stats()
+            base: dict[str, Any] = {}
+            for cc in baselines:
+                say(f"kernel TCP {cc}: warm-up {warmup:g} s, window {duration:g} s")
+                base[f"tcp-{cc}"] = tcp_baseline(lab, cc, warmup=warmup, duration=duration)
+            emu2 = lab.stats()
+    finally:
+        if own:
+            import shutil
+
+            shutil.rmtree(wd, ignore_errors=True)
+    link_mbit = spec.rate_bps / 1e6
+    ab = emu1["links"]["ab"]
+    return {
+        "backend": backend,
+        "goodput_mbit": lu2k["goodput_bps"] / 1e6,
+        "link_mbit": link_mbit,
+        "limit_mbit": link_mbit * (1 - spec.mean_loss),
+        "loss": spec.mean_loss,
+        "rtt_ms": spec.rtt_s * 1e3,
+        "p50_latency_ms": lu2k["p50_latency_ms"],
+        "p99_latency_ms": lu2k["p99_latency_ms"],
+        "messages": lu2k["messages"],
+        "message_size": size,
+        "window": window,
+        "warmup_s": warmup,
+        "duration_s": duration,
+        "cpu": lu2k["cpu"],
+        "sender": lu2k["sender"],
+        "series_mbit": lu2k.get("series_mbit", []),
+        "bin_s": lu2k.get("bin_s"),
+        "baselines": {k: v["goodput_bps"] / 1e6 for k, v in base.items()},
+        "baseline_series_mbit": {k: v["series_mbit"] for k, v in base.items()},
+        "emulator": {
+            "lateness_p99_ms": ab["lateness"]["p99_us"] / 1e3,
+            "lateness_max_ms": ab["lateness"]["max_us"] / 1e3,
+            "drops_queue": ab["drops_queue"] - emu0["links"]["ab"]["drops_queue"],
+            "drops_loss": ab["drops_loss"] - emu0["links"]["ab"]["drops_loss"],
+            "forwarder_cpu": (emu2["cpu_s"] - emu0["cpu_s"]) / max(emu2["uptime_s"] - emu0["uptime_s"], 1e-9),
+        },
+    }
+
+
+def format_link(r: dict[str, Any]) -> str:
+    from ..cli.table import render
+
+    def pct(x: float) -> str:
+        return f"{x / r['link_mbit'] * 100:.0f}%" if r["link_mbit"] else "-"
+
+    rows = [[f"lu2k/{r['backend']}", f"{r['goodput_mbit']:.2f}", pct(r["goodput_mbit"]),
+             _ms(r["p50_latency_ms"]), _ms(r["p99_latency_ms"]),
+             " ".join(f"{k}={v * 100:.0f}%" for k, v in r["cpu"].items())]]
+    for name, mbit in r["baselines"].items():
+        rows.append([f"kernel {name}", f"{mbit:.2f}", pct(mbit), "-", "-", "-"])
+    head = (f"link {r['link_mbit']:g} Mbit/s, RTT {r['rtt_ms']:g} ms, loss {r['loss'] * 100:g}% each way "
+            f"(limit rate x (1-p) = {r['limit_mbit']:.2f} Mbit/s); emulator lateness p99 {r['emulator']['lateness_p99_ms']:.2f} ms, "
+            f"forwarder CPU {r['emulator']['forwarder_cpu'] * 100:.0f}%")
+    return head + "\n" + render(["sender", "goodput Mbit/s", "of link", "p50 ms", "p99 ms", "CPU (of one core)"], rows)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+# --- matrix -----------------------------------------------------------------------------------
+
+MATRIX_LOSSES = ("0", "0.1%", "1%", "2%")
+MATRIX_PROFILES = ("geo", "leo")
+
+
+def available_backends() -> list[str]:
+    """Backends that can carry a daemon-to-daemon run here (in-process ones cannot cross namespaces)."""
+    from ..backends import availability
+
+    return [name for name, why in availability().items() if why is None and name != "inproc"]
+
+
+def run_matrix(backends: list[str], *, duration: float, warmup: float, losses: tuple[str, ...] = MATRIX_LOSSES,
+               profiles: tuple[str, ...] = MATRIX_PROFILES, size: int = DEFAULT_SIZE, log: Any = None) -> list[dict[str, Any]]:
+    """Every backend x loss x profile; kernel baselines once per (profile, loss), on the first backend's lab."""
+    rows = []
+    for profile in profiles:
+        for loss in losses:
+            for i, backend in enumerate(backends):
+                specs = build_specs(profile, loss=loss)
+                try:
+                    r = run_link(backend, specs, duration=duration, warmup=warmup, size=size,
+                                 baselines=("cubic", "bbr") if i == 0 else (), log=log)
+                except Lu2kError as e:
+                    r = {"backend": backend, "error": str(e), "loss": specs[0].mean_loss, "link_mbit": specs[0].rate_bps / 1e6,
+                         "rtt_ms": specs[0].rtt_s * 1e3, "goodput_mbit": None, "baselines": {}}
+                    if log is not None:
+                        print(f"{profile} {loss} {backend}: FAILED: {e}", file=log, flush=True)
+                r["profile"] = profile
+                rows.append(r)
+    return rows
+
+
+def format_matrix(rows: list[dict[str, Any]]) -> str:
+    from ..cli.table import render
+
+    base_by_key = {(r["profile"], r["loss"]): r["baselines"] for r in rows if r.get("baselines")}
+    table = []
+    for r in rows:
+        b = base_by_key.get((r["profile"], r["loss"]), {})
+        g = r.get("goodput_mbit")
+        table.append([
+            r["profile"], f"{r['loss'] * 100:g}%", r["backend"],
+            "FAILED" if g is None else f"{g:.2f}",
+            f"{r['link_mbit'] * (1 - r['loss']):.2f}",
+            _ms(r.get("p99_latency_ms")),
+            f"{b['tcp-cubic']:.2f}" if "tcp-cubic" in b else "-",
+            f"{b['tcp-bbr']:.2f}" if "tcp-bbr" in b else "-",
+        ])
+    return render(["profile", "loss", "backend", "lu2k Mbit/s", "limit", "p99 ms", "TCP CUBIC", "TCP BBR"], table)
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+
+def cmd_link(args: argparse.Namespace) -> int:
+    from ..cli.lab import specs_from_args
+
+    specs = specs_from_args(args)
+    if args.duration <= 0 or args.warmup < 0:
+        raise ConfigError("--duration must be > 0 and --warmup >= 0", where="bench link")
+    r = run_link(args.backend, specs, duration=args.duration, warmup=args.warmup, size=args.size, window=args.window,
+                 baselines=() if args.no_baselines else ("cubic", "bbr"), log=sys.stderr)
+    print(format_link(r))
+    if args.plot:
+        from .plots import plot_timeseries
+
+        plot_timeseries(r, args.plot)
+        print(f"plot: {args.plot}")
+    if args.json:
+        print(json.dumps(r))
+    return 0
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    backends = args.backends or available_backends()
+    if not backends:
+        raise ConfigError("no backend is available here", where="bench matrix")
+    losses = tuple(args.losses) if args.losses else MATRIX_LOSSES
+    profiles = tuple(args.profiles) if args.profiles else MATRIX_PROFILES
+    rows = run_matrix(backends, duration=args.duration, warmup=args.warmup, losses=losses, profiles=profiles,
+                      size=args.size, log=sys.stderr)
+    print(format_matrix(rows))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "matrix.json").write_text(json.dumps(rows, indent=1))
+    from .plots import plot_matrix, plot_timeseries
+
+    plot_matrix(rows, out / "matrix.png")
+    pick = next((r for r in rows if r.get("series_mbit") and r["profile"] == "geo" and r["loss"] > 0), None)
+    pick = pick or next((r for r in rows if r.get("series_mbit")), None)
+    if pick:
+        plot_timeseries(pick, out / "timeseries.png")
+    print(f"results: {out / 'matrix.json'}, plots: {out / 'matrix.png'}, {out / 'timeseries.png'}")
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def register_bench(bsub: Any) -> None:
+    """Add ``link`` and ``matrix`` to ``lu2k bench`` (called by :mod:`lu2k.cli.bench`)."""
+    from ..cli.lab import add_link_options
+
+    link = bsub.add_parser("link", help="lu2k over an emulated satellite link vs kernel TCP CUBIC/BBR (needs root)")
+    link.add_argument("--backend", default="tcp")
+    add_link_options(link)
+    link.add_argument("--duration", type=float, default=20.0, help="measurement window after warm-up, seconds")
+    link.add_argument("--warmup", type=float, default=10.0, help="seconds ignored at the start of each transfer")
+    link.add_argument("--size", type=int, default=DEFAULT_SIZE, help="message size in bytes")
+    link.add_argument("--window", type=int, help="messages in flight (default: two BDPs)")
+    link.add_argument("--no-baselines", action="store_true", help="skip the kernel TCP runs")
+    link.add_argument("--plot", help="write a goodput-over-time PNG here")
+    link.add_argument("--json", action="store_true", help="last line: the result as JSON")
+    link.set_defaults(func=cmd_link)
+
+    mx = bsub.add_parser("matrix", help="every backend x loss (0, 0.1, 1, 2 %%) on GEO and LEO; table + PNG plots")
+    mx.add_argument("--backends", nargs="*", help="default: every backend available here")
+    mx.add_argument("--losses", nargs="*", help="default: 0 0.1%% 1%% 2%%")
+    mx.add_argument("--profiles", nargs="*", choices=list(MATRIX_PROFILES))
+    mx.add_argument("--duration", type=float, default=15.0)
+    mx.add_argument("--warmup", type=float, default=10.0)
+    mx.add_argument("--size", type=int, default=DEFAULT_SIZE)
+    mx.add_argument("--out", default="results/lab", help="directory for matrix.json, matrix.png, timeseries.png")
+    mx.add_argument("--json", action="store_true")
+    mx.set_defaults(func=cmd_matrix)
+
+
+if __name__ == "__main__":
+    sys.exit(helper_main())
