@@ -289,7 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("state_file", type=Path)
     p.add_argument("--ready-fd", type=int, default=-1)
     p.add_argument("--die-with-parent", action="store_true")
+    p.add_argument("--detach", action="store_true", help="fork into the background (lu2k lab up)")
     args = p.parse_args(argv)
+    if args.detach and os.fork() > 0:
+        # The starter reaps this parent at once; the forwarder lives on under init, so it
+        # never lingers as a zombie of a long-lived starter (a test run, a shell script).
+        os._exit(0)
 
     def ready(message: str) -> None:
         if args.ready_fd >= 0:

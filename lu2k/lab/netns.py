@@ -352,8 +352,7 @@ class Lab:
         log_path = self.directory / f"{self.lab_id}.log"
         ready_r, ready_w = os.pipe()
         argv = [sys.executable, "-m", FORWARDER_MODULE, str(self.state.path(self.directory)), "--ready-fd", str(ready_w)]
-        if not detach:
-            argv.append("--die-with-parent")
+        argv.append("--detach" if detach else "--die-with-parent")
         try:
             with open(log_path, "ab") as log:
                 self._proc = subprocess.Popen(
@@ -375,6 +374,9 @@ class Lab:
             tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
             raise LabError(f"lab forwarder failed to start: {message}" + (f"\n{tail}" if tail and message != tail else ""))
         self.state = LabState.load(self.state.path(self.directory))
+        if detach:
+            self._proc.wait()  # the intermediate process; the forwarder is state.pid
+            self._proc = None
         return self
 
     def down(self, timeout: float = 10.0) -> dict[str, Any] | None:

@@ -1,0 +1,110 @@
+"""lu2k.lab.bench: lu2k through the emulated link -- delivery under loss, reordering, a flap.
+
+These are correctness runs: every message must arrive exactly once and intact.  Speed is
+the benchmark's business (``lu2k bench link``), never asserted here.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lu2k.lab.bench import HEADER, LabDaemons, default_window, format_link, format_matrix, net_type_for, pattern, transfer
+from lu2k.lab.netns import Lab
+from lu2k.lab.spec import LinkSpec, build_specs
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+
+
+@pytest.fixture
+def lab_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LU2K_LAB_DIR", str(tmp_path / "labs"))
+    return tmp_path
+
+
+def test_pattern_and_window() -> None:
+    assert len(pattern(3, 100)) == 100 - HEADER.size
+    assert pattern(1, 64) != pattern(2, 64)
+    geo, _ = build_specs("geo")
+    # Two BDPs of 64 KiB messages on 20 Mbit/s x 600 ms.
+    assert default_window(geo, 65536) == int(2 * 1_500_000 / 65536) + 1
+    assert default_window(LinkSpec(), 65536) >= 16
+    assert net_type_for("tcp") == "tcp" and net_type_for("quic") == "quic" and net_type_for("inproc") == "tcp"
+
+
+def _result(**kw: Any) -> dict[str, Any]:
+    r = {"backend": "tcp", "goodput_mbit": 15.0, "link_mbit": 20.0, "limit_mbit": 19.8, "loss": 0.01, "rtt_ms": 600.0,
+         "p50_latency_ms": 700.0, "p99_latency_ms": 900.0, "cpu": {"lu2kd-a": 0.1, "lu2kd-b": 0.05},
+         "baselines": {"tcp-cubic": 0.4, "tcp-bbr": 17.0}, "emulator": {"lateness_p99_ms": 1.0, "forwarder_cpu": 0.05},
+         "profile": "geo"}
+    r.update(kw)
+    return r
+
+
+def test_format_link_and_matrix_tables() -> None:
+    text = format_link(_result())
+    assert "lu2k/tcp" in text and "kernel tcp-bbr" in text and "75%" in text and "19.80" in text
+    rows = [_result(), _result(backend="quic", goodput_mbit=None, baselines={}, error="boom")]
+    table = format_matrix(rows)
+    assert "FAILED" in table and "0.40" in table
+
+
+def _check_complete(r: dict[str, Any], count: int) -> None:
+    assert r["messages"] == count, r
+    assert r["duplicates"] == 0 and r["corrupt"] == 0, r
+    assert r["sender"]["delivered"] == count and not r["sender"]["failed"], r["sender"]
+
+
+@needs_root
+@pytest.mark.netns
+def test_delivery_under_loss_jitter_and_reordering(lab_dir: Path) -> None:
+    specs = build_specs("leo", rate="20mbit", loss="2%", burst_loss="1%", burst_len=3, jitter="2ms", reorder="2%", seed=4)
+    with Lab(specs) as lab:
+        with LabDaemons(lab, "tcp", lab_dir) as daemons:
+            r = transfer(lab, daemons, size=16384, window=32, count=300, verify=True, timeout=120)
+        stats = lab.stats()
+    _check_complete(r, 300)
+    ab, ba = stats["links"]["ab"], stats["links"]["ba"]
+    # The run really crossed an impaired link: losses and reordering both directions saw.
+    assert ab["drops_loss"] > 0 and ba["drops_loss"] > 0
+    assert ab["reordered"] > 0
+
+
+@needs_root
+@pytest.mark.netns
+@pytest.mark.slow
+def test_link_flap_mid_transfer(lab_dir: Path) -> None:
+    specs = build_specs("leo", rate="20mbit", loss="0.5%", seed=5)
+    count = 400
+    with Lab(specs) as lab:
+        with LabDaemons(lab, "tcp", lab_dir) as daemons:
+            out: dict[str, Any] = {}
+
+            def run() -> None:
+                try:
+                    out["r"] = transfer(lab, daemons, size=32768, window=16, count=count, verify=True, timeout=180)
+                except Exception as e:  # handed to the test thread below
+                    out["e"] = e
+
+            t = threading.Thread(target=run)
+            t.start()
+            # Wait for the transfer to be under way (progress seen by the emulator), not for a time.
+            while lab.stats()["links"]["ab"]["packets_out"] < 200 and t.is_alive():
+                time.sleep(0.05)
+            lab.set_link(False)
+            while lab.stats()["links"]["ab"]["drops_down"] < 5 and t.is_alive():
+                time.sleep(0.05)
+            time.sleep(3.0)  # an outage of some seconds: longer than many RTOs on a 40 ms path
+            lab.set_link(True)
+            t.join(240)
+            assert not t.is_alive()
+        stats = lab.stats()
+    if "e" in out:
+        raise out["e"]
+    assert stats["links"]["ab"]["drops_down"] >= 5
+    _check_complete(out["r"], count)

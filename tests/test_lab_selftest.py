@@ -1,0 +1,31 @@
+"""lu2k.lab.selftest: the emulator's ceiling is measured and sits above the emulated rates."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lu2k.lab.selftest import format_table, run_selftest
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+
+
+def test_table_format() -> None:
+    rows = [{"case": "x", "pps": 1000.0, "mbit": 12.0, "forwarder_cpu": 0.5, "lateness_p50_us": 500.0,
+             "lateness_p99_us": 1500.0, "lateness_max_us": 3000.0}]
+    assert "1.50ms" in format_table(rows) and "50%" in format_table(rows)
+
+
+@needs_root
+@pytest.mark.netns
+@pytest.mark.slow
+def test_selftest_reports_a_ceiling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LU2K_LAB_DIR", str(tmp_path))
+    rows = run_selftest(duration=1.5, warmup=0.5)
+    assert [r["case"] for r in rows] == ["blast, no delay", "blast, 300 ms", "50 Mbit, 300 ms"]
+    for r in rows:
+        assert r["pps"] > 0 and r["forwarder_packets"] > 0
+    # The paced case goes through a 50 Mbit/s cap: what arrives cannot exceed it.
+    assert rows[2]["mbit"] <= 50 * 1.05
