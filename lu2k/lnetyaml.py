@@ -755,7 +755,8 @@ def _check_duplicates(errs: _Errors, cfg: LnetConfig) -> None:
 def loads(text: str, *, source: str = "<yaml>", resolve: bool = True) -> LnetConfig:
     """Parse and validate YAML text."""
     try:
-        data = yaml.safe_load(text)
+        # libyaml's loader when PyYAML was built with it: same results, ~10x faster.
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as e:
         raise ConfigError(f"not valid YAML: {e}", where=source) from None
     return parse_data(data, source=source, resolve=resolve)
@@ -859,7 +860,8 @@ def to_data(cfg: LnetConfig) -> dict[str, Any]:
 
 def dumps(cfg: LnetConfig) -> str:
     """YAML in ``lnetctl export``'s layout; :func:`loads` reads it back to an equal config."""
-    return yaml.safe_dump(to_data(cfg), sort_keys=False, default_flow_style=False, width=1000)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return yaml.dump(to_data(cfg), Dumper=dumper, sort_keys=False, default_flow_style=False, width=1000)
 
 
 # --- resolution against a host ----------------------------------------------------------------------------
