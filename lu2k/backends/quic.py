@@ -1,0 +1,471 @@
+"""QUIC backend (aioquic): the backend a GEO site chooses.
+
+Setup half of the backend (the data path is :mod:`lu2k.backends.quic_stream`).
+
+* **Transport.**  UDP, ALPN ``lu2k``, TLS 1.3.  The listener presents the site certificate
+  (``cert``/``key``, made by ``lu2k keygen site``); the connector verifies it against ``ca``
+  (a CA or the peers' certificates; ``server_name`` if the certificate does not name the
+  address).  ``mtls: true`` makes the listener demand and verify a client certificate
+  against the same ``ca``.  On top, the engine's HMAC hello proves the network's
+  pre-shared key on every connection, so a peer without the key is refused even when
+  certificates are not verified (no ``ca``).
+* **lu2k's model.**  One QUIC connection per direction per peer, opened by the sender; each
+  message on its own unidirectional stream (no head-of-line blocking between messages);
+  control frames on one ordered stream; see :mod:`lu2k.backends.quic_stream`.
+* **Long, lossy links.**  Congestion control per network: ``congestion`` = ``bbr`` (the
+  default when the site profile's RTT >= 200 ms or it has loss), ``rate`` (paced at ``rate``,
+  capped at ``rate_cap``), or aioquic's ``cubic``/``reno``; see :mod:`lu2k.cc`.  Datagrams
+  are full size (``max_datagram_size``, default 1472 for IPv4 / 1452 for IPv6, i.e. a
+  1500-byte MTU; aioquic's 1200 would cost ~20 % on the wire).  Flow-control windows and the
+  send buffer follow the profile's bandwidth-delay product; the initial RTT is the profile's.
+* **Reconnects.**  Session tickets are kept per peer address (bounded); a reconnect resumes
+  the TLS session, and with ``zero_rtt: true`` (default) the hello goes out as 0-RTT data.
+  That is safe because the first flight is only the HELLO frame, whose challenge carries a
+  fresh nonce from each side: a replayed HELLO cannot complete the hello, and no message is
+  sent before AUTH_OK, which only travels in 1-RTT packets.
+* **Errors.**  TLS alerts, ALPN and QUIC version mismatches become
+  :class:`~lu2k.errors.HandshakeError` / :class:`~lu2k.errors.AuthenticationError`, with
+  the reason; unreachable peers :class:`~lu2k.errors.ConnectError` /
+  :class:`~lu2k.errors.ConnectTimeout`; a connection that ends, ``ReadError`` /
+  ``ConnectionClosed``.  Nothing of aioquic's escapes.
+
+Options (``BackendSettings.options``): ``cert``, ``key``, ``ca``, ``server_name``, ``mtls``,
+``congestion``, ``rate`` / ``rate_cap`` (Mbit/s or "20mbit"), ``max_datagram_size``,
+``idle_timeout``, ``keepalive``, ``max_streams``, ``send_buffer``, ``recv_buffer``,
+``ordered``, ``zero_rtt``.  Unknown options are an error (typos should not pass silently).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import socket
+import ssl
+from typing import Any
+
+try:
+    from aioquic import tls
+    from aioquic.asyncio.server import QuicServer, serve
+    from aioquic.quic import events
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.packet import QuicErrorCode
+    from aioquic.tls import Alert, SessionTicket, load_pem_x509_certificates, verify_certificate
+except ImportError as e:  # pragma: no cover - exercised only without the extra installed
+    from ..errors import BackendUnavailable
+
+    raise BackendUnavailable(f"the quic backend needs aioquic: {e}") from None
+
+from ..cc import default_for
+from ..cc.aioquic_adapter import algorithm_name, install_pacer
+from ..errors import (
+    AuthenticationError, ConfigError, ConnectError, ConnectionClosed, ConnectTimeout, HandshakeError, Lu2kError, ReadError,
+)
+from ..wire import ConnType
+from .base import AcceptCallback, Backend, BackendSettings, Listener, Transport
+from .quic_stream import (
+    APP_AUTH_REJECTED, APP_NO_ERROR, APP_PROTOCOL_ERROR, Lu2kQuicProtocol, QuicTransport, StreamOptions,
+)
+
+ALPN = "lu2k"
+KNOWN_OPTIONS = {
+    "cert", "key", "ca", "server_name", "mtls", "congestion", "rate", "rate_cap", "max_datagram_size",
+    "idle_timeout", "keepalive", "max_streams", "send_buffer", "recv_buffer", "ordered", "zero_rtt",
+}
+TICKETS_KEPT = 256
+# TLS alert numbers (RFC 8446 section 6) that mean "your certificate is not acceptable".
+CERT_ALERTS = {42: "bad certificate", 43: "unsupported certificate", 44: "certificate revoked",
+               45: "certificate expired", 46: "certificate unknown", 48: "unknown CA", 49: "access denied"}
+
+
+def _rate_option(value: Any, where: str) -> float:
+    """Mbit/s as a number, or a string with a unit ('20mbit', '500kbit') -> bytes/s."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        mbit = float(value)
+    elif isinstance(value, str):
+        s = value.strip().lower().replace("/s", "")
+        units = {"gbit": 1e3, "mbit": 1.0, "kbit": 1e-3, "bit": 1e-6}
+        for unit, scale in units.items():
+            if s.endswith(unit):
+                try:
+                    mbit = float(s[: -len(unit)]) * scale
+                except ValueError:
+                    raise ConfigError(f"bad rate {value!r} (e.g. 20mbit or 20 for Mbit/s)", where=where) from None
+                break
+        else:
+            try:
+                mbit = float(s)
+            except ValueError:
+                raise ConfigError(f"bad rate {value!r} (e.g. 20mbit or 20 for Mbit/s)", where=where) from None
+    else:
+        raise ConfigError(f"bad rate {value!r} (e.g. 20mbit or 20 for Mbit/s)", where=where)
+    if mbit <= 0:
+        raise ConfigError(f"rate must be positive, got {value!r}", where=where)
+    return mbit * 1e6 / 8
+
+
+def _bool_option(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("yes", "true", "on", "1", "no", "false", "off", "0"):
+        return value.lower() in ("yes", "true", "on", "1")
+    raise ConfigError(f"expected true/false, got {value!r}", where=where)
+
+
+def _number_option(opts: dict[str, Any], key: str, default: float, where: str, *, minimum: float = 0.0) -> float:
+    value = opts.get(key, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a number, got {value!r}", where=where) from None
+    if number < minimum:
+        raise ConfigError(f"{key} must be at least {minimum}, got {value!r}", where=where)
+    return number
+
+
+def translate_close(event: events.ConnectionTerminated, during_handshake: bool) -> Lu2kError:
+    """aioquic's ConnectionTerminated -> one lu2k error, worded for the operator."""
+    code, reason = event.error_code, event.reason_phrase or ""
+    app = event.frame_type is None  # APPLICATION_CLOSE (ours) rather than a transport error
+    if 0x100 <= code <= 0x1FF and not app:
+        alert = code - 0x100
+        if alert in CERT_ALERTS:
+            return AuthenticationError(f"TLS certificate check failed ({CERT_ALERTS[alert]}): {reason or 'rejected by peer'}")
+        if alert == 120:
+            return HandshakeError(f"ALPN mismatch: the peer does not speak {ALPN!r} ({reason or 'no_application_protocol'})")
+        if alert == 70:
+            return HandshakeError(f"TLS version mismatch: {reason or 'protocol_version alert'}")
+        return HandshakeError(f"TLS handshake failed (alert {alert}): {reason}")
+    if "common protocol version" in reason or code == QuicErrorCode.VERSION_NEGOTIATION_ERROR:
+        return HandshakeError(f"QUIC version mismatch: {reason or 'no common version'}")
+    if app and code == APP_AUTH_REJECTED:
+        return AuthenticationError(f"peer refused us: {reason}")
+    if app and code == APP_PROTOCOL_ERROR:
+        return HandshakeError(f"peer closed with a protocol error: {reason}") if during_handshake else ReadError(f"peer closed with a protocol error: {reason}")
+    if reason == "Idle timeout":
+        if during_handshake:
+            return ConnectTimeout("no answer from the peer (QUIC handshake idle timeout)")
+        return ReadError("connection idle timeout: the peer stopped answering")
+    if during_handshake:
+        return HandshakeError(f"QUIC handshake failed (error 0x{code:x}): {reason}")
+    if code == APP_NO_ERROR and (app or code == QuicErrorCode.NO_ERROR):
+        return ConnectionClosed(f"peer closed the connection{': ' + reason if reason else ''}")
+    return ReadError(f"connection failed (error 0x{code:x}): {reason}")
+
+
+class QuicListener(Listener):
+    def __init__(self, server: QuicServer, address: tuple[str, int]) -> None:
+        self._server = server
+        self._address = address
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._address
+
+    def close(self) -> None:
+        try:
+            self._server.close()
+        except (OSError, AttributeError):
+            pass
+
+
+class QuicBackend(Backend):
+    """lu2k over QUIC; see the module docstring."""
+
+    name = "quic"
+    typed_connections = False  # streams already keep small messages from waiting behind bulk
+
+    def __init__(self, settings: BackendSettings) -> None:
+        super().__init__(settings)
+        opts = dict(settings.options)
+        self._where = f"net {settings.net}"
+        unknown = set(opts) - KNOWN_OPTIONS
+        if unknown:
+            raise ConfigError(f"unknown quic option(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(KNOWN_OPTIONS))})", where=self._where)
+        profile = settings.profile
+        self.cert = self._path(opts.get("cert"), "cert")
+        self.key = self._path(opts.get("key"), "key")
+        self.ca = self._path(opts.get("ca"), "ca")
+        if bool(self.cert) != bool(self.key):
+            raise ConfigError("cert and key must be given together", where=self._where)
+        self.mtls = _bool_option(opts.get("mtls", False), f"{self._where}: mtls")
+        if self.mtls and not self.ca:
+            raise ConfigError("mtls needs ca (to verify the peers' certificates)", where=self._where)
+        self.server_name: str | None = opts.get("server_name")
+        self._check_cert_pair()
+
+        self.rtt = (profile.rtt_ms or 100.0) / 1e3
+        link_rate = profile.rate_mbit * 1e6 / 8 if profile.rate_mbit else None
+        congestion = str(opts.get("congestion") or default_for(profile.rtt_ms, profile.loss))
+        params: dict[str, Any] = {"initial_rtt": self.rtt}
+        if congestion == "bbr":
+            if "rate_cap" in opts:
+                params["max_rate"] = _rate_option(opts["rate_cap"], f"{self._where}: rate_cap")
+            if "rate" in opts:
+                params["initial_rate"] = _rate_option(opts["rate"], f"{self._where}: rate")
+            elif link_rate:
+                params["initial_rate"] = link_rate
+            self.algorithm = algorithm_name("bbr", params)
+        elif congestion == "rate":
+            rate = opts.get("rate") or profile.rate_mbit
+            if not rate:
+                raise ConfigError("congestion: rate needs a rate (option rate, or the site profile's rate_mbit)", where=self._where)
+            params["rate"] = _rate_option(rate, f"{self._where}: rate")
+            if "rate_cap" in opts:
+                params["cap"] = _rate_option(opts["rate_cap"], f"{self._where}: rate_cap")
+            self.algorithm = algorithm_name("rate", params)
+        elif congestion in ("cubic", "reno"):
+            self.algorithm = congestion
+        else:
+            raise ConfigError(f"unknown congestion control {congestion!r} (bbr, rate, cubic, reno)", where=self._where)
+        self.congestion = congestion
+
+        self.max_datagram_size = int(_number_option(opts, "max_datagram_size", 0, self._where))
+        if self.max_datagram_size and not 1200 <= self.max_datagram_size <= 65000:
+            raise ConfigError(f"max_datagram_size must be 1200..65000, got {self.max_datagram_size}", where=self._where)
+        self.idle_timeout = _number_option(opts, "idle_timeout", 60.0, self._where, minimum=1.0)
+        self.keepalive = _number_option(opts, "keepalive", self.idle_timeout / 3, self._where)
+        self.max_streams = int(_number_option(opts, "max_streams", 1024, self._where, minimum=16))
+        bdp = profile.bdp_bytes(default=4 << 20)
+        self.send_buffer = int(_number_option(opts, "send_buffer", max(8 << 20, 4 * bdp), self._where, minimum=64 << 10))
+        self.recv_buffer = int(_number_option(opts, "recv_buffer", max(16 << 20, 4 * settings.max_message_size, 4 * bdp), self._where,
+                                              minimum=settings.max_message_size + 4096))
+        self.flow_window = max(16 << 20, 4 * bdp, 2 * settings.max_message_size)
+        self.stream_window = max(1 << 20, settings.max_message_size + 4096)
+        self.ordered = _bool_option(opts.get("ordered", False), f"{self._where}: ordered")
+        self.zero_rtt = _bool_option(opts.get("zero_rtt", True), f"{self._where}: zero_rtt")
+        self.stream_options = StreamOptions(
+            max_payload=settings.max_message_size, send_buffer=self.send_buffer, recv_buffer=self.recv_buffer,
+            keepalive=self.keepalive, ordered=self.ordered,
+        )
+        self._client_tickets: collections.OrderedDict[tuple[str, int], SessionTicket] = collections.OrderedDict()
+        self._server_tickets: collections.OrderedDict[bytes, SessionTicket] = collections.OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._protocols: set[Lu2kQuicProtocol] = set()
+        self._endpoints: list[asyncio.DatagramTransport] = []
+
+    # --- configuration ----------------------------------------------------------------------------
+
+    def _path(self, value: Any, key: str) -> str | None:
+        if value in (None, ""):
+            return None
+        path = os.path.expanduser(str(value))
+        if not os.path.isfile(path):
+            raise ConfigError(f"{key} file {path!r} does not exist (make one with: lu2k keygen site NAME)", where=self._where)
+        return path
+
+    def _check_cert_pair(self) -> None:
+        """Load the site cert/key and the CA once now, so a bad file is a config error."""
+        try:
+            if self.cert and self.key:
+                probe = QuicConfiguration(is_client=False)
+                probe.load_cert_chain(self.cert, self.key)
+                if _public_der(probe.certificate.public_key()) != _public_der(probe.private_key.public_key()):
+                    raise ConfigError(f"cannot load the site certificate/key: {self.key} is not the key of {self.cert}", where=self._where)
+            if self.ca:
+                with open(self.ca, "rb") as f:
+                    if not load_pem_x509_certificates(f.read()):
+                        raise ConfigError(f"ca file {self.ca!r} holds no PEM certificate", where=self._where)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError, OSError) as e:
+            raise ConfigError(f"cannot load the site certificate/key: {e}", where=self._where) from None
+
+    def _datagram_size(self, family: int) -> int:
+        if self.max_datagram_size:
+            return self.max_datagram_size
+        return 1452 if family == socket.AF_INET6 else 1472
+
+    def _configuration(self, *, is_client: bool, family: int, server_name: str | None = None) -> QuicConfiguration:
+        config = QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[ALPN],
+            congestion_control_algorithm=self.algorithm,
+            max_datagram_size=self._datagram_size(family),
+            idle_timeout=self.idle_timeout,
+            initial_rtt=self.rtt,
+            max_data=self.flow_window,
+            max_stream_data=self.stream_window,
+        )
+        if is_client:
+            config.server_name = server_name
+            if self.ca:
+                config.load_verify_locations(cafile=self.ca)
+                config.verify_mode = ssl.CERT_REQUIRED
+            else:
+                # No CA configured: the engine's PSK hello is the authentication.
+                config.verify_mode = ssl.CERT_NONE
+            if self.cert and self.key:
+                config.load_cert_chain(self.cert, self.key)
+        else:
+            if not (self.cert and self.key):
+                raise ConfigError("listening on quic needs cert and key (make them with: lu2k keygen site NAME)", where=self._where)
+            config.load_cert_chain(self.cert, self.key)
+        return config
+
+    def _tune(self, quic: QuicConnection) -> None:
+        """Per-connection settings aioquic has no configuration for (see lu2k.cc.aioquic_adapter)."""
+        limit = quic._local_max_streams_uni
+        limit.value = limit.sent = self.max_streams
+        install_pacer(quic)
+        adapter = quic._loss._cc
+        if hasattr(adapter, "app_limited"):
+            adapter.app_limited = _AppLimitedProbe(quic)
+        if self.mtls and not quic._is_client:
+            original = quic._initialize
+
+            def initialize(peer_cid: bytes) -> None:
+                original(peer_cid)
+                quic.tls._request_client_certificate = True
+
+            quic._initialize = initialize  # type: ignore[method-assign]
+
+    # --- listen -----------------------------------------------------------------------------------
+
+    async def listen(self, host: str, port: int, on_accept: AcceptCallback) -> Listener:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        config = self._configuration(is_client=False, family=family)
+
+        def on_connected(protocol: Lu2kQuicProtocol) -> None:
+            if self.mtls:
+                problem = self._check_client_certificate(protocol)
+                if problem:
+                    protocol.close_connection(APP_AUTH_REJECTED, problem)
+                    return
+            assert protocol.transport_obj is not None
+            task = asyncio.ensure_future(on_accept(protocol.transport_obj))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        def create_protocol(quic: QuicConnection, stream_handler: Any = None) -> Lu2kQuicProtocol:
+            self._tune(quic)
+            protocol = Lu2kQuicProtocol(quic, stream_options=self.stream_options, translate=translate_close, on_connected=on_connected)
+            self._protocols.add(protocol)
+            return protocol
+
+        try:
+            server = await serve(
+                host, port, configuration=config, create_protocol=create_protocol,
+                session_ticket_fetcher=self._fetch_ticket, session_ticket_handler=self._store_server_ticket,
+            )
+        except OSError as e:
+            raise ConnectError(f"cannot listen on udp {host}:{port}: {e.strerror or e}") from None
+        sockname = server._transport.get_extra_info("sockname")
+        return QuicListener(server, (sockname[0], sockname[1]))
+
+    def _check_client_certificate(self, protocol: Lu2kQuicProtocol) -> str | None:
+        tls = protocol._quic.tls
+        cert = getattr(tls, "_peer_certificate", None)
+        if cert is None:
+            return "mutual TLS: the client presented no certificate"
+        try:
+            verify_certificate(certificate=cert, chain=list(getattr(tls, "_peer_certificate_chain", [])), cafile=self.ca)
+        except Alert as e:
+            return f"mutual TLS: client certificate rejected: {e}"
+        return None
+
+    def _fetch_ticket(self, label: bytes) -> SessionTicket | None:
+        return self._server_tickets.get(label)
+
+    def _store_server_ticket(self, ticket: SessionTicket) -> None:
+        self._server_tickets[ticket.ticket] = ticket
+        while len(self._server_tickets) > TICKETS_KEPT:
+            self._server_tickets.popitem(last=False)
+
+    # --- connect ----------------------------------------------------------------------------------
+
+    async def connect(self, host: str, port: int, conn_type: ConnType, timeout: float) -> Transport:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError as e:
+            raise ConnectError(f"cannot resolve {host}: {e.strerror or e}") from None
+        family, _, _, _, addr = infos[0]
+        server_name = self.server_name or host
+        config = self._configuration(is_client=True, family=family, server_name=server_name)
+        key = (host, port)
+        ticket = self._client_tickets.get(key)
+        if ticket is not None:
+            config.session_ticket = ticket
+
+        def store_ticket(t: SessionTicket) -> None:
+            self._client_tickets[key] = t
+            self._client_tickets.move_to_end(key)
+            while len(self._client_tickets) > TICKETS_KEPT:
+                self._client_tickets.popitem(last=False)
+
+        quic = QuicConnection(configuration=config, session_ticket_handler=store_ticket)
+        self._tune(quic)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
+            sock.setblocking(False)
+            endpoint, protocol = await loop.create_datagram_endpoint(
+                lambda: Lu2kQuicProtocol(quic, stream_options=self.stream_options, translate=translate_close), sock=sock,
+            )
+        except OSError as e:
+            sock.close()
+            raise ConnectError(f"cannot open a UDP socket for {host}:{port}: {e.strerror or e}") from None
+        assert isinstance(protocol, Lu2kQuicProtocol)
+        protocol.peer = f"{host}:{port}"
+        self._protocols.add(protocol)
+        self._endpoints.append(endpoint)
+        protocol.connect(addr)
+        if ticket is not None and self.zero_rtt and quic._cryptos[tls.Epoch.ZERO_RTT].send.is_valid():
+            # Resumed with early data allowed: the hello goes out as 0-RTT (see module docstring).
+            return protocol.early_transport()
+        try:
+            await asyncio.wait_for(asyncio.shield(protocol.handshake_waiter), timeout)
+        except asyncio.TimeoutError:
+            protocol.close_connection(APP_NO_ERROR, "connect timeout")
+            endpoint.close()
+            raise ConnectTimeout(f"no QUIC handshake with {host}:{port} within {timeout:g} s") from None
+        except Lu2kError:
+            endpoint.close()
+            raise
+        assert protocol.transport_obj is not None
+        return protocol.transport_obj
+
+    async def close(self) -> None:
+        for protocol in list(self._protocols):
+            protocol.close_connection(APP_NO_ERROR, "backend shutting down")
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.sleep(0)
+        for endpoint in self._endpoints:
+            endpoint.close()
+        self._protocols.clear()
+        self._endpoints.clear()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "congestion": self.congestion, "aioquic_algorithm": self.algorithm, "alpn": ALPN,
+            "max_datagram_size": self.max_datagram_size or "1472 (IPv4) / 1452 (IPv6)",
+            "mtls": self.mtls, "verify_server": bool(self.ca), "idle_timeout": self.idle_timeout,
+            "keepalive": self.keepalive, "max_streams": self.max_streams, "send_buffer": self.send_buffer,
+            "recv_buffer": self.recv_buffer, "ordered": self.ordered, "zero_rtt": self.zero_rtt,
+        }
+
+
+def _public_der(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+class _AppLimitedProbe:
+    """Is the sender out of data?  Checked at most once per millisecond (per-packet is too dear)."""
+
+    def __init__(self, quic: QuicConnection) -> None:
+        self._quic = quic
+        self._at = -1.0
+        self._value = False
+
+    def __call__(self) -> bool:
+        loop_time = asyncio.get_event_loop().time()
+        if loop_time - self._at >= 0.001:
+            self._at = loop_time
+            self._value = all(s.sender.buffer_is_empty for s in self._quic._streams.values())
+        return self._value
+

@@ -1,0 +1,476 @@
+"""QUIC backend, data path: lu2k frames over QUIC streams (the socklnd ``_cb`` of this backend).
+
+Stream layout.  Each side of a connection opens unidirectional streams only:
+
+* one **control stream**, opened as soon as the connection is up and kept open, carrying
+  every non-MSG frame (HELLO .. AUTH_OK, ACK/NACK, PING/PONG) in order;
+* one **message stream per MSG frame**, closed (FIN) right after it -- except that small
+  messages handed over in one ``send()`` share a stream up to ``stream_batch`` (64 KiB):
+  per-stream overhead (and aioquic's per-packet walk over open streams) would otherwise cost
+  more than the head-of-line blocking it saves.
+
+Every stream starts with a one-byte role (:data:`ROLE_CONTROL` / :data:`ROLE_MESSAGE`), then
+lu2k frames exactly as on TCP (:mod:`lu2k.wire`), decoded by a :class:`~lu2k.wire.FrameDecoder`
+per stream with the engine's ``buffer_for``, so a payload is copied once, from the decrypted
+QUIC packet into the engine's buffer.  A lost packet stalls only the message whose bytes it
+carried: messages complete, and are handed to ``recv()``, in whatever order their streams
+complete.  The engine is built for that (per-sequence dedupe and ACKs); ``ordered: true``
+restores send order for anyone who is not (at the price of head-of-line blocking again).
+
+Bounds.  ``send()`` returns once aioquic has copied the payloads, then waits while more than
+``send_buffer`` bytes of message streams are not yet acknowledged by the peer, so the
+engine's credits, not aioquic's unbounded buffers, decide what is in flight.  Incoming
+streams are capped by QUIC's MAX_STREAMS (``max_streams``).  Completed frames waiting for
+``recv()`` are capped at ``recv_buffer`` bytes: beyond that, datagrams of this connection are
+dropped unread, which the peer sees as loss and retransmits later (back-pressure the way a
+full socket buffer gives it).
+
+Keepalive: a PING whenever nothing was sent for ``keepalive`` seconds, so NAT bindings and
+the idle timeout survive quiet periods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic import events
+from aioquic.quic.connection import QuicConnection, QuicConnectionState
+
+from ..errors import ConnectError, FrameError, Lu2kError, NetworkError, ReadError, WriteError
+from ..wire import BufferFor, Frame, FrameDecoder, FrameType
+from .base import OutFrame, Transport
+
+ROLE_CONTROL = 0x01
+ROLE_MESSAGE = 0x02
+
+# Application close codes (QUIC APPLICATION_CLOSE).
+APP_NO_ERROR = 0x0
+APP_AUTH_REJECTED = 0x101
+APP_PROTOCOL_ERROR = 0x102
+ACTIVE_STREAMS = 4  # message streams with unsent data inside aioquic at any time
+
+
+class _InStream:
+    """Receive state of one peer stream."""
+
+    __slots__ = ("role", "decoder", "frames", "finished")
+
+    def __init__(self) -> None:
+        self.role = 0
+        self.decoder: FrameDecoder | None = None
+        self.frames: list[Frame] = []
+        self.finished = False
+
+
+class _OutStream:
+    """A message stream waiting to be handed to aioquic."""
+
+    __slots__ = ("chunks", "size")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+
+class QuicTransport(Transport):
+    """One QUIC connection seen as an lu2k transport."""
+
+    backend_name = "quic"
+
+    def __init__(self, protocol: "Lu2kQuicProtocol", peer: str) -> None:
+        self._protocol = protocol
+        self._quic = protocol._quic
+        self._peer = peer
+        self._buffer_for: BufferFor | None = None
+        self._frames: collections.deque[Frame] = collections.deque()
+        self._frames_bytes = 0
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._error: Lu2kError | None = None
+        self._closed = False
+        self._control_id: int | None = None
+        self._unacked: collections.OrderedDict[int, int] = collections.OrderedDict()  # stream -> bytes
+        self._pending: collections.deque[_OutStream] = collections.deque()  # not yet given to aioquic
+        self._active: list[int] = []
+        self.unacked_bytes = 0
+        self.in_streams: dict[int, _InStream] = {}
+        self._next_ordered: int | None = None
+        self._held: dict[int, list[Frame]] = {}
+        self.msgs_sent = self.msgs_received = 0
+        self.bytes_sent = self.bytes_received = 0
+        self.datagrams_dropped = 0
+
+    # --- settings from the backend ---------------------------------------------------------------
+
+    @property
+    def _opts(self) -> "StreamOptions":
+        return self._protocol.stream_options
+
+    @property
+    def peer_address(self) -> str:
+        return self._peer
+
+    def set_buffer_for(self, buffer_for: BufferFor | None) -> None:
+        self._buffer_for = buffer_for
+        for s in self.in_streams.values():
+            if s.decoder is not None:
+                s.decoder._buffer_for = buffer_for
+
+    # --- sending -----------------------------------------------------------------------------------
+
+    def open_control_stream(self) -> None:
+        """Open our control stream first, so message streams follow it in ID order."""
+        if self._control_id is None:
+            self._control_id = self._quic.get_next_available_stream_id(is_unidirectional=True)
+            self._quic.send_stream_data(self._control_id, bytes([ROLE_CONTROL]))
+            self._protocol.transmit_soon()
+
+    async def send(self, frames: Sequence[OutFrame]) -> None:
+        self._check_writable()
+        self.open_control_stream()
+        assert self._control_id is not None
+        item: _OutStream | None = None  # message stream being gathered from this call
+        limit = self._opts.stream_batch
+        for header, payload in frames:
+            ftype = header[5] if len(header) > 5 else 0
+            size = len(header) + len(payload)
+            if ftype == FrameType.MSG:
+                # Small messages of one send() share a stream (up to stream_batch bytes):
+                # a stream per 100-byte message costs more than head-of-line blocking saves.
+                if item is not None and (size >= limit or item.size + size > limit):
+                    self._pending.append(item)
+                    item = None
+                if item is None:
+                    item = _OutStream()
+                # The copy frees the caller's payload buffer as soon as send() returns.
+                item.chunks += (bytes(header), bytes(payload))
+                item.size += size
+                self.unacked_bytes += size
+                self.msgs_sent += 1
+            else:
+                self._quic.send_stream_data(self._control_id, bytes(header) + bytes(payload))
+            self.bytes_sent += size
+        if item is not None:
+            self._pending.append(item)
+        self._protocol.transmit_soon()
+        if self.unacked_bytes > self._opts.send_buffer:
+            self._writable.clear()
+        while not self._writable.is_set():
+            await self._writable.wait()
+            self._check_writable()
+
+    def feed(self) -> bool:
+        """Hand queued message streams to aioquic, keeping at most ``ACTIVE_STREAMS`` with
+        unsent data: aioquic walks every stream with data for every packet it builds, so
+        thousands of waiting streams would cost more CPU than the link has packets.
+        Returns True if something new was handed over."""
+        if not self._pending:
+            return False
+        streams = self._quic._streams
+        active = [sid for sid in self._active if (st := streams.get(sid)) is not None and not st.sender.buffer_is_empty]
+        fed = False
+        while self._pending and len(active) < ACTIVE_STREAMS:
+            item = self._pending.popleft()
+            sid = self._quic.get_next_available_stream_id(is_unidirectional=True)
+            self._quic.send_stream_data(sid, bytes([ROLE_MESSAGE]))
+            last = len(item.chunks) - 1
+            for i, chunk in enumerate(item.chunks):
+                self._quic.send_stream_data(sid, chunk, end_stream=i == last)
+            self._unacked[sid] = item.size
+            active.append(sid)
+            fed = True
+        self._active = active
+        return fed
+
+    def _check_writable(self) -> None:
+        if self._error is not None:
+            raise WriteError(f"connection to {self._peer} failed: {self._error}")
+        if self._closed or self._quic._state not in (QuicConnectionState.FIRSTFLIGHT, QuicConnectionState.CONNECTED):
+            raise WriteError(f"connection to {self._peer} is closed")
+
+    def on_progress(self) -> None:
+        """After datagrams came in: forget message streams the peer has fully acknowledged."""
+        if not self._unacked:
+            return
+        streams = self._quic._streams
+        pending = 0
+        for sid in list(self._unacked):
+            stream = streams.get(sid)
+            if stream is None or stream.sender.is_finished:
+                self.unacked_bytes -= self._unacked.pop(sid)
+            else:
+                pending += 1
+                if pending >= 16:  # streams finish roughly in order; the rest can wait
+                    break
+        if self.unacked_bytes <= self._opts.send_buffer // 2:
+            self._writable.set()
+
+    # --- receiving -------------------------------------------------------------------------------
+
+    @property
+    def recv_backlog(self) -> int:
+        return self._frames_bytes
+
+    def on_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        s = self.in_streams.get(stream_id)
+        if s is None:
+            s = self.in_streams[stream_id] = _InStream()
+        view = memoryview(data)
+        if not s.role and view:
+            s.role = view[0]
+            view = view[1:]
+            if s.role not in (ROLE_CONTROL, ROLE_MESSAGE):
+                raise FrameError(f"stream {stream_id} from {self._peer} has unknown role {s.role}")
+            s.decoder = FrameDecoder(self._opts.max_payload, self._buffer_for)
+        if view:
+            assert s.decoder is not None
+            self.bytes_received += len(view)
+            s.decoder.feed(view)
+            for f in s.decoder.frames():
+                if s.role == ROLE_CONTROL and f.header.type is FrameType.MSG:
+                    raise FrameError(f"MSG frame on the control stream from {self._peer}")
+                if s.role == ROLE_MESSAGE and f.header.type is not FrameType.MSG:
+                    raise FrameError(f"{f.header.type.name} frame on a message stream from {self._peer}")
+                s.frames.append(f)
+        if s.role == ROLE_CONTROL and s.frames:
+            self._deliver(s.frames)
+            s.frames = []
+        if end_stream:
+            s.finished = True
+            del self.in_streams[stream_id]
+            if s.decoder is None or not s.decoder.at_boundary():
+                raise FrameError(f"stream {stream_id} from {self._peer} ended in the middle of a frame")
+            if s.role == ROLE_MESSAGE:
+                if not s.frames:
+                    raise FrameError(f"message stream {stream_id} from {self._peer} carried no message")
+                self.msgs_received += len(s.frames)
+                if self._opts.ordered:
+                    self._deliver_ordered(stream_id, s.frames)
+                else:
+                    self._deliver(s.frames)
+
+    def _deliver_ordered(self, stream_id: int, frames: list[Frame]) -> None:
+        if self._next_ordered is None:
+            # The peer's first stream is its control stream; messages follow, 4 IDs apart.
+            self._next_ordered = (stream_id & 3) + 4
+        self._held[stream_id] = frames
+        while self._next_ordered in self._held:
+            self._deliver(self._held.pop(self._next_ordered))
+            self._next_ordered += 4
+
+    def _deliver(self, frames: list[Frame]) -> None:
+        for f in frames:
+            self._frames.append(f)
+            self._frames_bytes += f.header.size + f.header.payload_len
+        self._readable.set()
+
+    async def recv(self) -> list[Frame]:
+        while not self._frames:
+            if self._error is not None:
+                raise self._error
+            if self._closed:
+                raise ReadError(f"connection to {self._peer} closed locally")
+            self._readable.clear()
+            await self._readable.wait()
+        out = list(self._frames)
+        self._frames.clear()
+        self._frames_bytes = 0
+        return out
+
+    # --- closing -----------------------------------------------------------------------------------
+
+    def fail(self, error: Lu2kError) -> None:
+        """The connection ended (peer close, idle timeout, protocol error)."""
+        if self._error is None:
+            self._error = error
+        self._readable.set()
+        self._writable.set()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._readable.set()
+            self._writable.set()
+            self._protocol.close_connection(APP_NO_ERROR, "closed by lu2k")
+
+    async def wait_closed(self) -> None:
+        await self._protocol.wait_closed()
+
+    def stats(self) -> dict[str, Any]:
+        loss = self._quic._loss
+        out: dict[str, Any] = {
+            "msgs_sent": self.msgs_sent, "msgs_received": self.msgs_received,
+            "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+            "unacked_bytes": self.unacked_bytes, "datagrams_dropped": self.datagrams_dropped,
+            "srtt_ms": round(loss._rtt_smoothed * 1e3, 2), "min_rtt_ms": None if loss._rtt_min == float("inf") else round(loss._rtt_min * 1e3, 2),
+            "cwnd": loss.congestion_window, "bytes_in_flight": loss.bytes_in_flight,
+        }
+        controller = getattr(loss._cc, "controller", None)
+        if controller is not None:
+            out["congestion"] = controller.state()
+        return out
+
+
+class StreamOptions:
+    """Data-path tunables, resolved once per backend."""
+
+    def __init__(self, *, max_payload: int, send_buffer: int, recv_buffer: int, keepalive: float, ordered: bool,
+                 stream_batch: int = 64 << 10) -> None:
+        self.max_payload = max_payload
+        self.stream_batch = stream_batch
+        self.send_buffer = send_buffer
+        self.recv_buffer = recv_buffer
+        self.keepalive = keepalive
+        self.ordered = ordered
+
+
+ErrorTranslator = Callable[[events.ConnectionTerminated, bool], Lu2kError]
+
+
+class Lu2kQuicProtocol(QuicConnectionProtocol):
+    """aioquic's asyncio pump, with lu2k's stream layout, bounds and error translation."""
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        stream_handler: Any = None,
+        *,
+        stream_options: StreamOptions,
+        translate: ErrorTranslator,
+        on_connected: Callable[["Lu2kQuicProtocol"], None] | None = None,
+    ) -> None:
+        super().__init__(quic)
+        self.stream_options = stream_options
+        self._translate = translate
+        self._on_connected = on_connected
+        self.transport_obj: QuicTransport | None = None
+        self.handshake_done = False
+        self.handshake_waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A 0-RTT connect does not await this; a failure then surfaces through recv().
+        self.handshake_waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.peer = "?"
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._last_send = self._loop.time()
+
+    # --- pump ------------------------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        t = self.transport_obj
+        if t is not None and t.recv_backlog > self.stream_options.recv_buffer:
+            t.datagrams_dropped += 1
+            return
+        if self.peer == "?" and isinstance(addr, tuple):
+            self.peer = f"{addr[0]}:{addr[1]}"
+        super().datagram_received(data, addr)
+        if self.transport_obj is not None:
+            self.transport_obj.on_progress()
+        self._check_local_close()
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and the like: fatal while connecting, noise afterwards
+        # (QUIC's own timers decide when a path is dead).
+        if not self.handshake_done and not self.handshake_waiter.done():
+            self.handshake_waiter.set_exception(ConnectError(f"cannot reach {self.peer}: {exc}"))
+
+    def transmit(self) -> None:
+        super().transmit()
+        t = self.transport_obj
+        while t is not None and t.feed():
+            super().transmit()
+        self._last_send = self._loop.time()
+
+    def transmit_soon(self) -> None:
+        self._transmit_soon()
+
+    def _handle_timer(self) -> None:
+        super()._handle_timer()
+        self._check_local_close()
+
+    def _check_local_close(self) -> None:
+        # aioquic reports a close it initiated (e.g. a TLS alert we raised) only after the
+        # closing period (3 PTOs -- seconds on GEO); a connect should fail at once.
+        ev = self._quic._close_event
+        if ev is not None and not self.handshake_done and not self.handshake_waiter.done():
+            self.handshake_waiter.set_exception(self._translate(ev, True))
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        try:
+            self._on_event(event)
+        except FrameError as e:
+            if self.transport_obj is not None:
+                self.transport_obj.fail(e)
+            self.close_connection(APP_PROTOCOL_ERROR, str(e)[:200])
+
+    def _on_event(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamDataReceived):
+            # Before the handshake completes only 0-RTT data can arrive; it is held in the
+            # transport, which the engine gets (and reads) only once the handshake is done.
+            self.early_transport().on_stream_data(event.stream_id, event.data, event.end_stream)
+        elif isinstance(event, events.HandshakeCompleted):
+            if event.alpn_protocol != "lu2k":
+                err = self._translate(events.ConnectionTerminated(0x178, None, f"peer negotiated ALPN {event.alpn_protocol!r}"), True)
+                self._fail_handshake(err)
+                self.close_connection(APP_PROTOCOL_ERROR, "ALPN must be lu2k")
+                return
+            self.handshake_done = True
+            self.transport_obj = self.transport_obj or QuicTransport(self, self.peer)
+            self.transport_obj.open_control_stream()
+            self._arm_keepalive()
+            if self._on_connected is not None:
+                self._on_connected(self)
+            if not self.handshake_waiter.done():
+                self.handshake_waiter.set_result(None)
+        elif isinstance(event, events.StreamReset):
+            raise FrameError(f"{self.peer} reset stream {event.stream_id} (error {event.error_code})")
+        elif isinstance(event, events.ConnectionTerminated):
+            err = self._translate(event, not self.handshake_done)
+            self._fail_handshake(err)
+            if self.transport_obj is not None:
+                self.transport_obj.fail(err)
+            if self._keepalive is not None:
+                self._keepalive.cancel()
+
+    def _fail_handshake(self, err: Lu2kError) -> None:
+        if not self.handshake_waiter.done():
+            self.handshake_waiter.set_exception(err)
+
+    # --- early data ----------------------------------------------------------------------------
+
+    def early_transport(self) -> QuicTransport:
+        """A transport usable before the handshake finishes (0-RTT with a session ticket)."""
+        if self.transport_obj is None:
+            self.transport_obj = QuicTransport(self, self.peer)
+            self.transport_obj.open_control_stream()
+        return self.transport_obj
+
+    # --- keepalive and close -----------------------------------------------------------------
+
+    def _arm_keepalive(self) -> None:
+        interval = self.stream_options.keepalive
+        if interval > 0:
+            self._keepalive = self._loop.call_later(interval, self._keepalive_tick)
+
+    def _keepalive_tick(self) -> None:
+        if self._quic._state is not QuicConnectionState.CONNECTED:
+            return
+        if self._loop.time() - self._last_send >= self.stream_options.keepalive * 0.9:
+            self._quic.send_ping(0)
+            self.transmit()
+        self._arm_keepalive()
+
+    def close_connection(self, code: int, reason: str) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        if self._quic._state not in (QuicConnectionState.CLOSING, QuicConnectionState.DRAINING, QuicConnectionState.TERMINATED):
+            self._quic.close(error_code=code, reason_phrase=reason)
+            self.transmit()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport_obj is not None:
+            self.transport_obj.fail(NetworkError(f"socket for {self.peer} closed"))
+

@@ -1,0 +1,171 @@
+"""Plug lu2k's pure controllers into aioquic: its congestion-control registry and its pacer.
+
+aioquic (1.7.x) creates a connection's controller by name through
+``aioquic.quic.congestion.base.register_congestion_control(name, factory)``, calling
+``factory(max_datagram_size=...)``.  Its recovery code then reads ``congestion_window`` and
+``bytes_in_flight`` and calls ``on_packet_sent / on_packet_acked / on_packets_lost /
+on_packets_expired / on_persistent_congestion / on_rtt_measurement``.
+:class:`QuicControllerAdapter` turns those calls into the sans-I/O
+:class:`~lu2k.cc.base.CongestionController` events (``now`` from the packets' send times and
+the ack/loss calls), keeping each packet's sampling record on the aioquic packet object.
+
+Pacing.  aioquic's ``QuicPacketPacer`` derives its rate from ``cwnd / smoothed_rtt``, which is
+wrong for a model-based controller (the window is two BDPs; pacing must be at the bottleneck
+rate).  :func:`install_pacer` replaces ``connection._loss._pacer`` with a
+:class:`ControllerPacer` that takes the controller's ``pacing_rate``.  aioquic internals this
+relies on (pinned to ``aioquic>=1.7,<1.8`` in setup.cfg):
+
+* ``QuicConnection._loss`` (``QuicPacketRecovery``) with ``._cc`` and ``._pacer``;
+* ``QuicPacketPacer``'s ``next_send_time / update_after_send / update_rate`` and its
+  ``packet_time / bucket_max / bucket_time`` fields;
+* ``QuicSentPacket`` being a plain dataclass (we add one attribute to it).
+
+Names: each distinct parameter set is registered once under ``lu2k-<controller>-<digest>``
+(see :func:`algorithm_name`); ``lu2k-bbr`` (default parameters) is registered on import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from aioquic.quic.congestion.base import QuicCongestionControl, register_congestion_control
+from aioquic.quic.packet_builder import QuicSentPacket
+from aioquic.quic.recovery import QuicPacketPacer
+
+from . import create_controller
+from .base import CongestionController
+
+_ATTR = "_lu2k_cc_record"
+_registered: dict[str, tuple[str, dict[str, Any]]] = {}
+
+
+class QuicControllerAdapter(QuicCongestionControl):
+    """aioquic's controller interface on top of a pure lu2k controller."""
+
+    def __init__(self, controller: CongestionController) -> None:
+        # aioquic's base __init__ only sets the window, which the controller owns here.
+        self.controller = controller
+        self.ssthresh = None
+        self._now = 0.0
+        # Set by the backend: True when no stream has data waiting (the sender is app-limited).
+        self.app_limited: Callable[[], bool] | None = None
+
+    @property  # type: ignore[override]
+    def congestion_window(self) -> int:
+        return self.controller.cwnd
+
+    @property  # type: ignore[override]
+    def bytes_in_flight(self) -> int:
+        return self.controller.bytes_in_flight
+
+    def on_packet_sent(self, *, packet: QuicSentPacket) -> None:
+        now = packet.sent_time if packet.sent_time is not None else self._now
+        self._now = max(self._now, now)
+        limited = bool(self.app_limited and self.app_limited())
+        setattr(packet, _ATTR, self.controller.on_sent(now, packet.sent_bytes, limited))
+
+    def on_packet_acked(self, *, now: float, packet: QuicSentPacket) -> None:
+        self._now = max(self._now, now)
+        record = getattr(packet, _ATTR, None)
+        if record is not None:
+            self.controller.on_acked(now, record)
+
+    def on_packets_lost(self, *, now: float, packets: Iterable[QuicSentPacket]) -> None:
+        self._now = max(self._now, now)
+        for packet in packets:
+            record = getattr(packet, _ATTR, None)
+            if record is not None:
+                self.controller.on_lost(now, record)
+
+    def on_packets_expired(self, *, packets: Iterable[QuicSentPacket]) -> None:
+        for packet in packets:
+            record = getattr(packet, _ATTR, None)
+            if record is not None:
+                self.controller.on_discarded(record)
+
+    def on_persistent_congestion(self) -> None:
+        self.controller.on_persistent_congestion(self._now)
+
+    def on_rtt_measurement(self, *, now: float, rtt: float) -> None:
+        # The controller takes RTT from each acked packet's send time itself.
+        self._now = max(self._now, now)
+
+    def get_log_data(self) -> dict[str, Any]:
+        return {"cwnd": self.controller.cwnd, "bytes_in_flight": self.controller.bytes_in_flight,
+                "pacing_rate": self.controller.pacing_rate}
+
+
+class ControllerPacer(QuicPacketPacer):
+    """aioquic's token-bucket pacer, fed with the controller's pacing rate."""
+
+    def __init__(self, *, max_datagram_size: int, controller: CongestionController) -> None:
+        super().__init__(max_datagram_size=max_datagram_size)
+        self._controller = controller
+        self._rate_seen = -1.0
+        self._refresh()
+
+    def _refresh(self) -> None:
+        rate = self._controller.pacing_rate
+        if rate == self._rate_seen:
+            return
+        self._rate_seen = rate
+        if rate <= 0:
+            self.packet_time = None
+            return
+        mds = self._max_datagram_size
+        self.packet_time = max(1e-6, min(mds / rate, 1.0))
+        # Bursts of up to 16 datagrams (or a quarter window) keep the timer rate sane
+        # without building queues.
+        self.bucket_max = max(2 * mds, min(self._controller.cwnd // 4, 16 * mds)) / rate
+        self.bucket_time = min(self.bucket_time, self.bucket_max)
+
+    def next_send_time(self, now: float) -> float | None:  # type: ignore[override]
+        self._refresh()
+        return super().next_send_time(now)
+
+    def update_after_send(self, now: float) -> None:
+        self._refresh()
+        super().update_after_send(now)
+
+    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        self._refresh()
+
+
+def install_pacer(connection: Any) -> QuicControllerAdapter | None:
+    """Give ``connection`` (an aioquic ``QuicConnection``) the controller-driven pacer.
+
+    Returns the adapter when the connection's controller is one of ours, else ``None``
+    (aioquic's own Reno/CUBIC keep aioquic's pacer).  Call before the first packet is sent.
+    """
+    recovery = connection._loss
+    cc = recovery._cc
+    if not isinstance(cc, QuicControllerAdapter):
+        return None
+    recovery._pacer = ControllerPacer(max_datagram_size=connection._max_datagram_size, controller=cc.controller)
+    return cc
+
+
+def algorithm_name(controller: str, params: dict[str, Any] | None = None) -> str:
+    """Register (once) and return the aioquic algorithm name for a controller + parameters.
+
+    Raises :class:`~lu2k.errors.ConfigError` at once if the parameters are bad, rather than
+    when the first connection is made.
+    """
+    params = dict(params or {})
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    name = f"lu2k-{controller}-{digest}" if params else f"lu2k-{controller}"
+    if name not in _registered:
+        create_controller(controller, mss=1200, **params)  # validate now
+
+        def factory(*, max_datagram_size: int) -> QuicCongestionControl:
+            return QuicControllerAdapter(create_controller(controller, mss=max_datagram_size, **params))
+
+        register_congestion_control(name, factory)
+        _registered[name] = (controller, params)
+    return name
+
+
+algorithm_name("bbr")
