@@ -60,12 +60,21 @@ def _check_complete(r: dict[str, Any], count: int) -> None:
     assert r["sender"]["delivered"] == count and not r["sender"]["failed"], r["sender"]
 
 
+def _usable(backend: str) -> bool:
+    from lu2k.backends import availability
+
+    return availability().get(backend) is None
+
+
 @needs_root
 @pytest.mark.netns
-def test_delivery_under_loss_jitter_and_reordering(lab_dir: Path) -> None:
+@pytest.mark.parametrize("backend", ["tcp", "quic"])
+def test_delivery_under_loss_jitter_and_reordering(lab_dir: Path, backend: str) -> None:
+    if not _usable(backend):
+        pytest.skip(f"backend {backend} is not available here")
     specs = build_specs("leo", rate="20mbit", loss="2%", burst_loss="1%", burst_len=3, jitter="2ms", reorder="2%", seed=4)
     with Lab(specs) as lab:
-        with LabDaemons(lab, "tcp", lab_dir) as daemons:
+        with LabDaemons(lab, backend, lab_dir) as daemons:
             r = transfer(lab, daemons, size=16384, window=32, count=300, verify=True, timeout=120)
         stats = lab.stats()
     _check_complete(r, 300)

@@ -211,6 +211,31 @@ def _cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def backend_options(backend: str, lab: Lab, workdir: Path) -> dict[str, dict[str, Any]]:
+    """Per-side backend options a lab run needs; QUIC needs a site certificate for each end.
+
+    A throw-away CA signs one certificate per namespace, naming its lab address, so each
+    connector verifies the other end exactly as a deployment would.
+    """
+    if backend != "quic":
+        return {"a": {}, "b": {}}
+    from ..cli.keys import cert_pem, key_pem, make_certificate, make_key
+
+    ca_key = make_key()
+    ca_cert = make_certificate(ca_key, "lu2k-lab-ca", is_ca=True)
+    ca_path = workdir / "lab-ca.crt"
+    ca_path.write_bytes(cert_pem(ca_cert))
+    out: dict[str, dict[str, Any]] = {}
+    for side in ("a", "b"):
+        key = make_key()
+        cert = make_certificate(key, f"lab-{side}", sans=[lab.state.addr[side]], issuer_cert=ca_cert, issuer_key=ca_key)
+        (workdir / f"lab-{side}.key").write_bytes(key_pem(key))
+        os.chmod(workdir / f"lab-{side}.key", 0o600)
+        (workdir / f"lab-{side}.crt").write_bytes(cert_pem(cert))
+        out[side] = {"cert": str(workdir / f"lab-{side}.crt"), "key": str(workdir / f"lab-{side}.key"), "ca": str(ca_path)}
+    return out
+
+
 class LabDaemons:
     """``lu2kd`` in each namespace of a lab, configured for one backend and the lab's link."""
 
@@ -224,9 +249,12 @@ class LabDaemons:
                    "loss": min(spec.mean_loss, 0.5)}
         self.procs: dict[str, Any] = {}
         self.lab = lab
+        options = backend_options(backend, lab, workdir)
         for side in ("a", "b"):
-            cfg = daemon_config(self.nids[side], LU2K_PORT, workdir, backend=backend,
-                                extra_net={"profile": profile, "key": KEY, "max_message_size": max_message},
+            extra_net: dict[str, Any] = {"profile": profile, "key": KEY, "max_message_size": max_message}
+            if options[side]:
+                extra_net["options"] = options[side]
+            cfg = daemon_config(self.nids[side], LU2K_PORT, workdir, backend=backend, extra_net=extra_net,
                                 tunables={"peer_credits": peer_credits, "credits": max(1024, peer_credits * 4)})
             path = workdir / f"lu2kd-{side}.yaml"
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
