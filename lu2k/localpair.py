@@ -55,6 +55,16 @@ def daemon_config(nid: str, port: int, workdir: Path, *, backend: str = "tcp", e
     return cfg
 
 
+def _answers(path: str) -> bool:
+    """True once something accepts connections on the Unix socket (a stale file does not)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
 @dataclass
 class DaemonProcess:
     nid: str
@@ -71,7 +81,7 @@ class DaemonProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
-        while not (os.path.exists(self.shim_path) and os.path.exists(self.control_path)):
+        while not (os.path.exists(self.shim_path) and _answers(self.control_path)):
             if self.proc.poll() is not None:
                 raise Lu2kError(f"lu2kd for {self.nid} exited with {self.proc.returncode}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
