@@ -1,0 +1,176 @@
+// lu2k's loss-tolerant, rate-based congestion control law -- the pure part.
+//
+// No UDT, no clock, no threads: times come in as microseconds, counts as packets, and the
+// output is a sending rate.  The UDT glue (Lu2kRateCC in udtcore.cpp) feeds it from UDT's
+// CCC callbacks; the Python type _udtcore.RateLaw feeds it from tests with a fake clock.
+//
+// Theory of operation.  On a GEO hop most losses are random (rain fade, bit errors), not
+// a full queue, so a loss says nothing about the sending rate.  UDT's stock DAIMD control
+// cuts on every loss event and never gets back to the link rate at 600 ms RTT.  This law
+// instead:
+//
+//   * paces at a rate: the site's configured link rate when the profile gives one (there is
+//     nothing to discover), otherwise it probes multiplicatively each control interval;
+//   * ignores losses up to `heavy_loss` (a fraction of the packets sent in an interval):
+//     they are repaired by UDT's NAK retransmissions without slowing down;
+//   * treats *sustained RTT inflation* -- the smoothed RTT above the windowed minimum by
+//     more than max(rtt_slack * min_rtt, rtt_slack_min_us) for `inflation_intervals`
+//     consecutive intervals -- as the sign of a queue building somewhere (a shared or
+//     slower bottleneck) and multiplies the rate by `backoff`;
+//   * treats heavy loss the same way (a shallow tail-drop queue overflows before the RTT
+//     shows it);
+//   * after a backoff waits one interval for the effect to show, then recovers additively
+//     (`recover` x target per interval) up to the target, or keeps probing upwards when
+//     no target is known;
+//   * on a retransmission timeout (nothing acknowledged for a long time) halves the rate.
+//
+// The control interval is max(smoothed RTT, min_interval_us): decisions are made once per
+// round trip, when the consequences of the previous one have been seen.
+
+#ifndef LU2K_RATE_LAW_H
+#define LU2K_RATE_LAW_H
+
+#include <algorithm>
+#include <cstdint>
+
+struct RateParams {
+    double target_bps = 0.0;         // configured link rate (wire bits/s); 0: unknown, probe
+    double start_bps = 2e6;          // first rate when probing
+    double min_bps = 256e3;          // never pace slower than this
+    double max_bps = 10e9;           // never pace faster than this
+    double rtt_slack = 0.20;         // queueing tolerated, as a fraction of the minimum RTT
+    double rtt_slack_min_us = 15000; // ... but at least this much (LAN RTTs jitter)
+    int inflation_intervals = 2;     // consecutive inflated intervals before backing off
+    double heavy_loss = 0.10;        // loss fraction per interval treated as congestion
+    double backoff = 0.85;           // multiplicative decrease on congestion
+    double recover = 0.05;           // additive increase per interval (fraction of target)
+    double probe_gain = 1.25;        // multiplicative increase per interval when probing
+    double min_interval_us = 50000;  // shortest control interval
+    double rtt_window_us = 10e6;     // min-RTT window (two halves of this, rolled)
+};
+
+class RateLaw {
+public:
+    explicit RateLaw(const RateParams& p) : p_(p) {
+        p_.min_bps = std::max(1e3, p_.min_bps);
+        p_.max_bps = std::max(p_.min_bps, p_.max_bps);
+        if (p_.target_bps > 0) {
+            p_.target_bps = clamp(p_.target_bps);
+            rate_ = p_.target_bps;
+        } else {
+            rate_ = clamp(p_.start_bps);
+        }
+    }
+
+    // Packets handed to the wire since the last call (first transmissions and retransmissions).
+    void on_sent(int64_t packets) { sent_ += packets; }
+
+    // Packets reported lost (a NAK's loss list, expanded).
+    void on_loss(int64_t packets) { lost_ += packets; }
+
+    // An ACK arrived carrying the (smoothed) RTT; runs the control once per interval.
+    // bw_bps is the receiver's capacity estimate (packet pairs), 0 if none yet.
+    void on_ack(uint64_t now_us, double rtt_us, double bw_bps) {
+        if (rtt_us <= 0) return;
+        srtt_us_ = rtt_us;
+        track_min_rtt(now_us, rtt_us);
+        if (bw_bps > 0) bw_bps_ = bw_bps;
+        if (interval_start_us_ == 0) {
+            interval_start_us_ = now_us;
+            return;
+        }
+        double interval = std::max(p_.min_interval_us, srtt_us_);
+        if (double(now_us - interval_start_us_) < interval) return;
+        control(now_us);
+        interval_start_us_ = now_us;
+        sent_ = 0;
+        lost_ = 0;
+    }
+
+    // UDT's EXP timer fired with data outstanding: the path may be gone or badly congested.
+    void on_timeout() {
+        rate_ = clamp(rate_ * 0.5);
+        hold_ = 1;
+        inflated_run_ = 0;
+        ++timeouts_;
+    }
+
+    double rate_bps() const { return rate_; }
+    double period_us(int packet_bytes) const { return packet_bytes * 8.0 * 1e6 / rate_; }
+    double min_rtt_us() const { return min_rtt_us_; }
+    double srtt_us() const { return srtt_us_; }
+    double last_loss_fraction() const { return last_loss_; }
+    double bw_estimate_bps() const { return bw_bps_; }
+    int64_t backoffs() const { return backoffs_; }
+    int64_t timeouts() const { return timeouts_; }
+    bool probing() const { return p_.target_bps <= 0; }
+    const RateParams& params() const { return p_; }
+
+private:
+    double clamp(double r) const { return std::min(p_.max_bps, std::max(p_.min_bps, r)); }
+
+    void track_min_rtt(uint64_t now_us, double rtt_us) {
+        // Two half-window minima, rolled: the minimum forgets a path that got longer
+        // (a route change) within one window, yet a standing queue cannot hide it.
+        if (window_start_us_ == 0 || double(now_us - window_start_us_) >= p_.rtt_window_us / 2) {
+            prev_min_ = cur_min_;
+            cur_min_ = rtt_us;
+            window_start_us_ = now_us;
+        } else {
+            cur_min_ = std::min(cur_min_, rtt_us);
+        }
+        min_rtt_us_ = prev_min_ > 0 ? std::min(prev_min_, cur_min_) : cur_min_;
+    }
+
+    void control(uint64_t) {
+        last_loss_ = sent_ > 0 ? double(lost_) / double(sent_) : 0.0;
+        if (hold_ > 0) {  // a decision is still travelling; judge it next interval
+            --hold_;
+            return;
+        }
+        double slack = std::max(p_.rtt_slack * min_rtt_us_, p_.rtt_slack_min_us);
+        bool inflated = srtt_us_ - min_rtt_us_ > slack;
+        inflated_run_ = inflated ? inflated_run_ + 1 : 0;
+        bool heavy = sent_ >= 20 && last_loss_ > p_.heavy_loss;
+        if (inflated_run_ >= p_.inflation_intervals || heavy) {
+            rate_ = clamp(rate_ * p_.backoff);
+            ++backoffs_;
+            backed_off_ = true;
+            inflated_run_ = 0;
+            hold_ = 1;
+            return;
+        }
+        if (inflated) return;  // not yet sustained: neither cut nor push
+        if (p_.target_bps > 0) {
+            rate_ = clamp(std::min(p_.target_bps, rate_ + p_.recover * p_.target_bps));
+        } else if (!backed_off_) {
+            double next = rate_ * p_.probe_gain;
+            // The receiver's packet-pair estimate bounds a blind probe: there is no point
+            // in overshooting a bottleneck that has already been measured.
+            if (bw_bps_ > 0) next = std::min(next, std::max(rate_, bw_bps_));
+            rate_ = clamp(next);
+        } else {
+            rate_ = clamp(rate_ * (1.0 + p_.recover));
+        }
+    }
+
+    RateParams p_;
+    double rate_ = 0;
+    double srtt_us_ = 0;
+    double min_rtt_us_ = 0;
+    double cur_min_ = 0;
+    double prev_min_ = 0;
+    uint64_t window_start_us_ = 0;
+    uint64_t interval_start_us_ = 0;
+    double bw_bps_ = 0;
+    int64_t sent_ = 0;
+    int64_t lost_ = 0;
+    double last_loss_ = 0;
+    int inflated_run_ = 0;
+    int hold_ = 0;
+    bool backed_off_ = false;
+    int64_t backoffs_ = 0;
+    int64_t timeouts_ = 0;
+};
+
+#endif

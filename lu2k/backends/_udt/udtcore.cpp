@@ -1,0 +1,744 @@
+// lu2k.backends._udtcore -- lu2k's own binding of Debian's libudt (UDT 4.11).
+//
+// It owns libudt in the process (one copy of the library, one UDT::startup), and is
+// deliberately small: the socket calls lu2k's udt backend needs, each blocking call made
+// with the GIL released; UDT::perfmon as a dict; UDT epoll; and lu2k's congestion control
+// (rate_law.h) plugged in through UDT's CCC mechanism, with its parameters carried by the
+// CCC factory so that sockets accepted from a listener inherit them.
+//
+// Errors: every UDT failure raises _udtcore.UDTError(code, message) where code
+// is UDT's major*1000+minor (e.g. 1001 "connection setup failure: no server", 2001
+// "connection broken").  The Python backend translates these into lu2k.errors once.
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <set>
+#include <string>
+
+#include <udt/udt.h>
+#include <udt/ccc.h>
+
+#include "rate_law.h"
+
+static PyObject* UDTErrorType = nullptr;
+
+static PyObject* raise_udt(const char* what) {
+    UDT::ERRORINFO& e = UDT::getlasterror();
+    int code = e.getErrorCode();
+    std::string msg = std::string(what) + ": " + e.getErrorMessage();
+    PyObject* args = Py_BuildValue("(is)", code, msg.c_str());
+    if (args) {
+        PyErr_SetObject(UDTErrorType, args);
+        Py_DECREF(args);
+    }
+    e.clear();
+    return nullptr;
+}
+
+static uint64_t monotonic_us() {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return uint64_t(ts.tv_sec) * 1000000ULL + uint64_t(ts.tv_nsec) / 1000ULL;
+}
+
+// --- addresses ------------------------------------------------------------------------------
+
+static bool make_addr(const char* host, int port, sockaddr_storage* ss, int* len) {
+    std::memset(ss, 0, sizeof(*ss));
+    if (port < 0 || port > 65535) {
+        PyErr_Format(PyExc_ValueError, "port %d outside 0..65535", port);
+        return false;
+    }
+    sockaddr_in* a4 = reinterpret_cast<sockaddr_in*>(ss);
+    if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons(uint16_t(port));
+        *len = sizeof(sockaddr_in);
+        return true;
+    }
+    sockaddr_in6* a6 = reinterpret_cast<sockaddr_in6*>(ss);
+    if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons(uint16_t(port));
+        *len = sizeof(sockaddr_in6);
+        return true;
+    }
+    PyErr_Format(PyExc_ValueError, "'%s' is not a numeric IPv4/IPv6 address", host);
+    return false;
+}
+
+static PyObject* addr_tuple(const sockaddr_storage* ss) {
+    char buf[INET6_ADDRSTRLEN] = {0};
+    if (ss->ss_family == AF_INET6) {
+        const sockaddr_in6* a6 = reinterpret_cast<const sockaddr_in6*>(ss);
+        inet_ntop(AF_INET6, &a6->sin6_addr, buf, sizeof(buf));
+        return Py_BuildValue("(si)", buf, ntohs(a6->sin6_port));
+    }
+    const sockaddr_in* a4 = reinterpret_cast<const sockaddr_in*>(ss);
+    inet_ntop(AF_INET, &a4->sin_addr, buf, sizeof(buf));
+    return Py_BuildValue("(si)", buf, ntohs(a4->sin_port));
+}
+
+// --- lu2k's congestion control as a UDT CCC ----------------------------------------------------
+
+class Lu2kRateCC : public CCC {
+public:
+    explicit Lu2kRateCC(const RateParams& p, double cwnd_pkts) : law_(p), cwnd_pkts_(cwnd_pkts) {}
+
+    void init() override {
+        std::lock_guard<std::mutex> g(mu_);
+        // The flight window is UDT's receiver-advertised flow window that matters; the
+        // congestion window only has to be out of the way (rate control paces instead).
+        m_dCWndSize = cwnd_pkts_ > 0 ? cwnd_pkts_ : m_dMaxCWndSize;
+        m_dPktSndPeriod = law_.period_us(m_iMSS);
+    }
+
+    void onACK(int32_t) override {
+        std::lock_guard<std::mutex> g(mu_);
+        law_.on_sent(sent_.exchange(0));
+        double bw_bps = double(m_iBandwidth) * m_iMSS * 8.0;
+        law_.on_ack(monotonic_us(), double(m_iRTT), bw_bps);
+        m_dPktSndPeriod = law_.period_us(m_iMSS);
+    }
+
+    void onLoss(const int32_t* list, int size) override {
+        // UDT's loss list: a value with the top bit set starts a range ending at the next one.
+        int64_t n = 0;
+        for (int i = 0; i < size; ++i) {
+            if ((list[i] & 0x80000000) && i + 1 < size) {
+                int32_t lo = list[i] & 0x7FFFFFFF, hi = list[i + 1];
+                int32_t span = hi >= lo ? hi - lo : hi - lo + 0x7FFFFFFF + 1;
+                n += int64_t(span) + 1;
+                ++i;
+            } else {
+                ++n;
+            }
+        }
+        std::lock_guard<std::mutex> g(mu_);
+        law_.on_loss(n);
+    }
+
+    void onTimeout() override {
+        std::lock_guard<std::mutex> g(mu_);
+        law_.on_timeout();
+        m_dPktSndPeriod = law_.period_us(m_iMSS);
+    }
+
+    void onPktSent(const CPacket*) override { sent_.fetch_add(1, std::memory_order_relaxed); }
+
+    PyObject* state_dict() {
+        std::lock_guard<std::mutex> g(mu_);
+        return Py_BuildValue(
+            "{s:s,s:d,s:d,s:d,s:d,s:d,s:L,s:L,s:O,s:d}",
+            "cc", "lu2k-rate", "rate_mbit", law_.rate_bps() / 1e6, "min_rtt_ms", law_.min_rtt_us() / 1e3,
+            "srtt_ms", law_.srtt_us() / 1e3, "loss_fraction", law_.last_loss_fraction(),
+            "bw_estimate_mbit", law_.bw_estimate_bps() / 1e6, "backoffs", (long long)law_.backoffs(),
+            "timeouts", (long long)law_.timeouts(), "probing", law_.probing() ? Py_True : Py_False,
+            "target_mbit", law_.params().target_bps / 1e6);
+    }
+
+private:
+    std::mutex mu_;  // onACK/onLoss come from UDT's receive thread, state_dict from Python
+    RateLaw law_;
+    double cwnd_pkts_;
+    std::atomic<int64_t> sent_{0};  // onPktSent runs on UDT's send thread
+};
+
+class Lu2kRateFactory : public CCCVirtualFactory {
+public:
+    Lu2kRateFactory(const RateParams& p, double cwnd) : p_(p), cwnd_(cwnd) {}
+    CCC* create() override { return new Lu2kRateCC(p_, cwnd_); }
+    CCCVirtualFactory* clone() override { return new Lu2kRateFactory(p_, cwnd_); }
+
+private:
+    RateParams p_;
+    double cwnd_;
+};
+
+// Keyword parsing shared by set_cc and RateLaw().
+static bool parse_params(PyObject* kwargs, RateParams* p, double* cwnd) {
+    if (!kwargs) return true;
+    struct { const char* name; double* field; } doubles[] = {
+        {"target_bps", &p->target_bps}, {"start_bps", &p->start_bps}, {"min_bps", &p->min_bps},
+        {"max_bps", &p->max_bps}, {"rtt_slack", &p->rtt_slack}, {"rtt_slack_min_us", &p->rtt_slack_min_us},
+        {"heavy_loss", &p->heavy_loss}, {"backoff", &p->backoff}, {"recover", &p->recover},
+        {"probe_gain", &p->probe_gain}, {"min_interval_us", &p->min_interval_us},
+        {"rtt_window_us", &p->rtt_window_us}, {"cwnd_pkts", cwnd},
+    };
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(kwargs, &pos, &key, &value)) {
+        const char* k = PyUnicode_AsUTF8(key);
+        if (!k) return false;
+        bool found = false;
+        if (std::strcmp(k, "inflation_intervals") == 0) {
+            long v = PyLong_AsLong(value);
+            if (v == -1 && PyErr_Occurred()) return false;
+            if (v < 1) {
+                PyErr_SetString(PyExc_ValueError, "inflation_intervals must be >= 1");
+                return false;
+            }
+            p->inflation_intervals = int(v);
+            continue;
+        }
+        for (auto& d : doubles) {
+            if (std::strcmp(k, d.name) == 0) {
+                double v = PyFloat_AsDouble(value);
+                if (v == -1.0 && PyErr_Occurred()) return false;
+                if (v < 0) {
+                    PyErr_Format(PyExc_ValueError, "congestion control parameter %s must be >= 0, got %g", k, v);
+                    return false;
+                }
+                *d.field = v;
+                found = true;
+                break;
+            }
+        }
+        if (!found) {
+            PyErr_Format(PyExc_ValueError, "unknown congestion control parameter %s", k);
+            return false;
+        }
+    }
+    if (p->backoff <= 0 || p->backoff >= 1) {
+        PyErr_Format(PyExc_ValueError, "backoff must be in (0, 1), got %g", p->backoff);
+        return false;
+    }
+    if (p->probe_gain < 1) {
+        PyErr_Format(PyExc_ValueError, "probe_gain must be >= 1, got %g", p->probe_gain);
+        return false;
+    }
+    return true;
+}
+
+// --- socket calls -------------------------------------------------------------------------------
+
+static PyObject* py_socket(PyObject*, PyObject* args) {
+    int family = AF_INET, stream = 0;
+    if (!PyArg_ParseTuple(args, "|ip", &family, &stream)) return nullptr;
+    if (family != AF_INET && family != AF_INET6) {
+        PyErr_Format(PyExc_ValueError, "address family %d is neither AF_INET nor AF_INET6", family);
+        return nullptr;
+    }
+    UDTSOCKET u = UDT::socket(family, stream ? SOCK_STREAM : SOCK_DGRAM, 0);
+    if (u == UDT::INVALID_SOCK) return raise_udt("socket");
+    return PyLong_FromLong(u);
+}
+
+static PyObject* py_bind(PyObject*, PyObject* args) {
+    int u, port;
+    const char* host;
+    if (!PyArg_ParseTuple(args, "isi", &u, &host, &port)) return nullptr;
+    sockaddr_storage ss;
+    int len;
+    if (!make_addr(host, port, &ss, &len)) return nullptr;
+    int r;
+    Py_BEGIN_ALLOW_THREADS r = UDT::bind(u, reinterpret_cast<sockaddr*>(&ss), len);
+    Py_END_ALLOW_THREADS if (r == UDT::ERROR) return raise_udt("bind");
+    Py_RETURN_NONE;
+}
+
+static PyObject* py_listen(PyObject*, PyObject* args) {
+    int u, backlog = 64;
+    if (!PyArg_ParseTuple(args, "i|i", &u, &backlog)) return nullptr;
+    if (UDT::listen(u, backlog) == UDT::ERROR) return raise_udt("listen");
+    Py_RETURN_NONE;
+}
+
+static PyObject* py_accept(PyObject*, PyObject* args) {
+    int u;
+    if (!PyArg_ParseTuple(args, "i", &u)) return nullptr;
+    sockaddr_storage ss;
+    int len = sizeof(ss);
+    UDTSOCKET c;
+    Py_BEGIN_ALLOW_THREADS c = UDT::accept(u, reinterpret_cast<sockaddr*>(&ss), &len);
+    Py_END_ALLOW_THREADS if (c == UDT::INVALID_SOCK) return raise_udt("accept");
+    PyObject* addr = addr_tuple(&ss);
+    if (!addr) return nullptr;
+    PyObject* out = Py_BuildValue("(iO)", c, addr);
+    Py_DECREF(addr);
+    return out;
+}
+
+static PyObject* py_connect(PyObject*, PyObject* args) {
+    int u, port;
+    const char* host;
+    if (!PyArg_ParseTuple(args, "isi", &u, &host, &port)) return nullptr;
+    sockaddr_storage ss;
+    int len;
+    if (!make_addr(host, port, &ss, &len)) return nullptr;
+    int r;
+    Py_BEGIN_ALLOW_THREADS r = UDT::connect(u, reinterpret_cast<sockaddr*>(&ss), len);
+    Py_END_ALLOW_THREADS if (r == UDT::ERROR) return raise_udt("connect");
+    Py_RETURN_NONE;
+}
+
+static PyObject* py_close(PyObject*, PyObject* args) {
+    int u;
+    if (!PyArg_ParseTuple(args, "i", &u)) return nullptr;
+    int r;
+    Py_BEGIN_ALLOW_THREADS r = UDT::close(u);
+    Py_END_ALLOW_THREADS if (r == UDT::ERROR) return raise_udt("close");
+    Py_RETURN_NONE;
+}
+
+static PyObject* name_of(int u, bool peer) {
+    sockaddr_storage ss;
+    int len = sizeof(ss);
+    int r = peer ? UDT::getpeername(u, reinterpret_cast<sockaddr*>(&ss), &len)
+                 : UDT::getsockname(u, reinterpret_cast<sockaddr*>(&ss), &len);
+    if (r == UDT::ERROR) return raise_udt(peer ? "getpeername" : "getsockname");
+    return addr_tuple(&ss);
+}
+
+static PyObject* py_getsockname(PyObject*, PyObject* args) {
+    int u;
+    if (!PyArg_ParseTuple(args, "i", &u)) return nullptr;
+    return name_of(u, false);
+}
+
+static PyObject* py_getpeername(PyObject*, PyObject* args) {
+    int u;
+    if (!PyArg_ParseTuple(args, "i", &u)) return nullptr;
+    return name_of(u, true);
+}
+
+// Options by name: the Python side never sees UDT's enum numbering.
+enum OptKind { OPT_INT, OPT_BOOL, OPT_INT64, OPT_LINGER };
+struct OptInfo { const char* name; UDTOpt opt; OptKind kind; bool writable; };
+static const OptInfo OPTIONS[] = {
+    {"mss", UDT_MSS, OPT_INT, true},           {"sndsyn", UDT_SNDSYN, OPT_BOOL, true},
+    {"rcvsyn", UDT_RCVSYN, OPT_BOOL, true},    {"fc", UDT_FC, OPT_INT, true},
+    {"sndbuf", UDT_SNDBUF, OPT_INT, true},     {"rcvbuf", UDT_RCVBUF, OPT_INT, true},
+    {"linger", UDT_LINGER, OPT_LINGER, true},  {"udp_sndbuf", UDP_SNDBUF, OPT_INT, true},
+    {"udp_rcvbuf", UDP_RCVBUF, OPT_INT, true}, {"rendezvous", UDT_RENDEZVOUS, OPT_BOOL, true},
+    {"sndtimeo", UDT_SNDTIMEO, OPT_INT, true}, {"rcvtimeo", UDT_RCVTIMEO, OPT_INT, true},
+    {"reuseaddr", UDT_REUSEADDR, OPT_BOOL, true}, {"maxbw", UDT_MAXBW, OPT_INT64, true},
+    {"state", UDT_STATE, OPT_INT, false},      {"event", UDT_EVENT, OPT_INT, false},
+    {"snddata", UDT_SNDDATA, OPT_INT, false},  {"rcvdata", UDT_RCVDATA, OPT_INT, false},
+};
+
+static const OptInfo* find_opt(const char* name) {
+    for (const auto& o : OPTIONS)
+        if (std::strcmp(o.name, name) == 0) return &o;
+    PyErr_Format(PyExc_ValueError, "unknown UDT socket option %s", name);
+    return nullptr;
+}
+
+static PyObject* py_setsockopt(PyObject*, PyObject* args) {
+    int u;
+    const char* name;
+    long long value;
+    if (!PyArg_ParseTuple(args, "isL", &u, &name, &value)) return nullptr;
+    const OptInfo* o = find_opt(name);
+    if (!o) return nullptr;
+    if (!o->writable) {
+        PyErr_Format(PyExc_ValueError, "UDT socket option %s is read-only", name);
+        return nullptr;
+    }
+    int r;
+    switch (o->kind) {
+        case OPT_BOOL: {
+            bool b = value != 0;
+            r = UDT::setsockopt(u, 0, o->opt, &b, sizeof(b));
+            break;
+        }
+        case OPT_INT64: {
+            int64_t v = value;
+            r = UDT::setsockopt(u, 0, o->opt, &v, sizeof(v));
+            break;
+        }
+        case OPT_LINGER: {  // value: seconds to linger; < 0 turns lingering off
+            linger l;
+            l.l_onoff = value >= 0;
+            l.l_linger = value >= 0 ? int(value) : 0;
+            r = UDT::setsockopt(u, 0, o->opt, &l, sizeof(l));
+            break;
+        }
+        default: {
+            if (value < INT32_MIN || value > INT32_MAX) {
+                PyErr_Format(PyExc_ValueError, "UDT socket option %s value %lld out of range", name, value);
+                return nullptr;
+            }
+            int v = int(value);
+            r = UDT::setsockopt(u, 0, o->opt, &v, sizeof(v));
+        }
+    }
+    if (r == UDT::ERROR) return raise_udt(name);
+    Py_RETURN_NONE;
+}
+
+static PyObject* py_getsockopt(PyObject*, PyObject* args) {
+    int u;
+    const char* name;
+    if (!PyArg_ParseTuple(args, "is", &u, &name)) return nullptr;
+    const OptInfo* o = find_opt(name);
+    if (!o) return nullptr;
+    union { bool b; int i; int64_t l; linger lg; } v;
+    std::memset(&v, 0, sizeof(v));
+    int len = sizeof(v);
+    if (UDT::getsockopt(u, 0, o->opt, &v, &len) == UDT::ERROR) return raise_udt(name);
+    switch (o->kind) {
+        case OPT_BOOL: return PyBool_FromLong(v.b);
+        case OPT_INT64: return PyLong_FromLongLong(v.l);
+        case OPT_LINGER: return PyLong_FromLong(v.lg.l_onoff ? v.lg.l_linger : -1);
+        default: return PyLong_FromLong(v.i);
+    }
+}
+
+// sendmsg(u, data, ttl_ms=-1, inorder=True) -> bytes sent; 0 when the send timeout expired
+// with the buffer still full (the caller retries or gives up).
+static PyObject* py_sendmsg(PyObject*, PyObject* args) {
+    int u, ttl = -1, inorder = 1;
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "iy*|ip", &u, &buf, &ttl, &inorder)) return nullptr;
+    if (buf.len > INT32_MAX) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "message larger than 2 GiB");
+        return nullptr;
+    }
+    int r;
+    Py_BEGIN_ALLOW_THREADS r = UDT::sendmsg(u, static_cast<const char*>(buf.buf), int(buf.len), ttl, inorder != 0);
+    Py_END_ALLOW_THREADS PyBuffer_Release(&buf);
+    if (r == UDT::ERROR) {
+        if (UDT::getlasterror_code() == CUDTException::ETIMEOUT ||
+            UDT::getlasterror_code() == CUDTException::EASYNCSND) {
+            UDT::getlasterror().clear();
+            return PyLong_FromLong(0);
+        }
+        return raise_udt("sendmsg");
+    }
+    return PyLong_FromLong(r);
+}
+
+// recvmsg_into(u, buffer) -> size of the message, or None when the receive timeout expired.
+// A message longer than the buffer is truncated by UDT; callers size the buffer one byte
+// larger than anything legal and treat a full buffer as an oversized message.
+static PyObject* py_recvmsg_into(PyObject*, PyObject* args) {
+    int u;
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "iw*", &u, &buf)) return nullptr;
+    int len = buf.len > INT32_MAX ? INT32_MAX : int(buf.len);
+    int r;
+    Py_BEGIN_ALLOW_THREADS r = UDT::recvmsg(u, static_cast<char*>(buf.buf), len);
+    Py_END_ALLOW_THREADS PyBuffer_Release(&buf);
+    if (r == UDT::ERROR) {
+        if (UDT::getlasterror_code() == CUDTException::ETIMEOUT ||
+            UDT::getlasterror_code() == CUDTException::EASYNCRCV) {
+            UDT::getlasterror().clear();
+            Py_RETURN_NONE;
+        }
+        return raise_udt("recvmsg");
+    }
+    return PyLong_FromLong(r);
+}
+
+static PyObject* py_state(PyObject*, PyObject* args) {
+    int u;
+    if (!PyArg_ParseTuple(args, "i", &u)) return nullptr;
+    return PyLong_FromLong(UDT::getsockstate(u));
+}
+
+static PyObject* py_perfmon(PyObject*, PyObject* args) {
+    int u, clear = 0;
+    if (!PyArg_ParseTuple(args, "i|p", &u, &clear)) return nullptr;
+    UDT::TRACEINFO t;
+    int r;
+    Py_BEGIN_ALLOW_THREADS r = UDT::perfmon(u, &t, clear != 0);
+    Py_END_ALLOW_THREADS if (r == UDT::ERROR) return raise_udt("perfmon");
+    return Py_BuildValue(
+        "{s:L,s:L,s:L,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:L,"
+        "s:L,s:L,s:i,s:i,s:i,s:d,s:d,"
+        "s:d,s:i,s:i,s:i,s:d,s:d,s:i,s:i}",
+        "ms_timestamp", (long long)t.msTimeStamp, "pkt_sent_total", (long long)t.pktSentTotal,
+        "pkt_recv_total", (long long)t.pktRecvTotal, "pkt_snd_loss_total", t.pktSndLossTotal,
+        "pkt_rcv_loss_total", t.pktRcvLossTotal, "pkt_retrans_total", t.pktRetransTotal,
+        "pkt_sent_ack_total", t.pktSentACKTotal, "pkt_recv_ack_total", t.pktRecvACKTotal,
+        "pkt_sent_nak_total", t.pktSentNAKTotal, "pkt_recv_nak_total", t.pktRecvNAKTotal,
+        "us_snd_duration_total", (long long)t.usSndDurationTotal,
+        "pkt_sent", (long long)t.pktSent, "pkt_recv", (long long)t.pktRecv, "pkt_snd_loss", t.pktSndLoss,
+        "pkt_rcv_loss", t.pktRcvLoss, "pkt_retrans", t.pktRetrans, "mbps_send_rate", t.mbpsSendRate,
+        "mbps_recv_rate", t.mbpsRecvRate,
+        "us_pkt_snd_period", t.usPktSndPeriod, "pkt_flow_window", t.pktFlowWindow,
+        "pkt_congestion_window", t.pktCongestionWindow, "pkt_flight_size", t.pktFlightSize,
+        "ms_rtt", t.msRTT, "mbps_bandwidth", t.mbpsBandwidth, "byte_avail_snd_buf", t.byteAvailSndBuf,
+        "byte_avail_rcv_buf", t.byteAvailRcvBuf);
+}
+
+// --- congestion control selection ----------------------------------------------------------------
+
+// set_cc(u, name, **params): "udt" keeps UDT's stock DAIMD; "lu2k-rate" installs Lu2kRateCC.
+// Must be called before connect/listen; accepted sockets inherit the listener's choice.
+static PyObject* py_set_cc(PyObject*, PyObject* args, PyObject* kwargs) {
+    int u;
+    const char* name;
+    if (!PyArg_ParseTuple(args, "is", &u, &name)) return nullptr;
+    int r;
+    if (std::strcmp(name, "udt") == 0) {
+        if (kwargs && PyDict_Size(kwargs) > 0) {
+            PyErr_SetString(PyExc_ValueError, "congestion control 'udt' takes no parameters");
+            return nullptr;
+        }
+        // UDT's own DAIMD (CUDTCC) is what every fresh socket has; libudt does not export
+        // its class, so "udt" means "leave the socket as it is".
+        r = 0;
+    } else if (std::strcmp(name, "lu2k-rate") == 0) {
+        RateParams p;
+        double cwnd = 0;
+        if (!parse_params(kwargs, &p, &cwnd)) return nullptr;
+        Lu2kRateFactory f(p, cwnd);
+        r = UDT::setsockopt(u, 0, UDT_CC, &f, sizeof(f));
+    } else {
+        PyErr_Format(PyExc_ValueError, "unknown congestion control %s (known: udt, lu2k-rate)", name);
+        return nullptr;
+    }
+    if (r == UDT::ERROR) return raise_udt("set_cc");
+    Py_RETURN_NONE;
+}
+
+// cc_state(u) -> dict of the lu2k-rate control's state, or None under UDT's own control.
+static PyObject* py_cc_state(PyObject*, PyObject* args) {
+    int u;
+    if (!PyArg_ParseTuple(args, "i", &u)) return nullptr;
+    CCC* cc = nullptr;
+    int len = sizeof(cc);
+    if (UDT::getsockopt(u, 0, UDT_CC, &cc, &len) == UDT::ERROR) return raise_udt("cc_state");
+    Lu2kRateCC* ours = dynamic_cast<Lu2kRateCC*>(cc);
+    if (!ours) Py_RETURN_NONE;
+    return ours->state_dict();
+}
+
+// --- UDT epoll -------------------------------------------------------------------------------------
+
+static PyObject* py_epoll_create(PyObject*, PyObject*) {
+    int eid = UDT::epoll_create();
+    if (eid < 0) return raise_udt("epoll_create");
+    return PyLong_FromLong(eid);
+}
+
+static PyObject* py_epoll_add(PyObject*, PyObject* args) {
+    int eid, u, events = UDT_EPOLL_IN | UDT_EPOLL_ERR;
+    if (!PyArg_ParseTuple(args, "ii|i", &eid, &u, &events)) return nullptr;
+    if (UDT::epoll_add_usock(eid, u, &events) == UDT::ERROR) return raise_udt("epoll_add");
+    Py_RETURN_NONE;
+}
+
+static PyObject* py_epoll_remove(PyObject*, PyObject* args) {
+    int eid, u;
+    if (!PyArg_ParseTuple(args, "ii", &eid, &u)) return nullptr;
+    if (UDT::epoll_remove_usock(eid, u) == UDT::ERROR) return raise_udt("epoll_remove");
+    Py_RETURN_NONE;
+}
+
+static PyObject* set_to_list(const std::set<UDTSOCKET>& s) {
+    PyObject* l = PyList_New(0);
+    if (!l) return nullptr;
+    for (UDTSOCKET u : s) {
+        PyObject* v = PyLong_FromLong(u);
+        if (!v || PyList_Append(l, v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(l);
+            return nullptr;
+        }
+        Py_DECREF(v);
+    }
+    return l;
+}
+
+// epoll_wait(eid, timeout_ms) -> (readable, writable); both empty on timeout.
+static PyObject* py_epoll_wait(PyObject*, PyObject* args) {
+    int eid;
+    long long timeout;
+    if (!PyArg_ParseTuple(args, "iL", &eid, &timeout)) return nullptr;
+    std::set<UDTSOCKET> rd, wr;
+    int r;
+    Py_BEGIN_ALLOW_THREADS r = UDT::epoll_wait(eid, &rd, &wr, timeout);
+    Py_END_ALLOW_THREADS if (r < 0) {
+        if (UDT::getlasterror_code() == CUDTException::ETIMEOUT) {
+            UDT::getlasterror().clear();
+            rd.clear();
+            wr.clear();
+        } else {
+            return raise_udt("epoll_wait");
+        }
+    }
+    PyObject* a = set_to_list(rd);
+    PyObject* b = a ? set_to_list(wr) : nullptr;
+    if (!b) {
+        Py_XDECREF(a);
+        return nullptr;
+    }
+    return Py_BuildValue("(NN)", a, b);
+}
+
+static PyObject* py_epoll_release(PyObject*, PyObject* args) {
+    int eid;
+    if (!PyArg_ParseTuple(args, "i", &eid)) return nullptr;
+    if (UDT::epoll_release(eid) == UDT::ERROR) return raise_udt("epoll_release");
+    Py_RETURN_NONE;
+}
+
+// --- RateLaw: the pure control law, for tests with a fake clock ------------------------------------
+
+typedef struct {
+    PyObject_HEAD RateLaw* law;
+} RateLawObject;
+
+static int RateLaw_init(RateLawObject* self, PyObject* args, PyObject* kwargs) {
+    if (PyTuple_Size(args) != 0) {
+        PyErr_SetString(PyExc_TypeError, "RateLaw takes keyword arguments only");
+        return -1;
+    }
+    RateParams p;
+    double cwnd = 0;
+    if (!parse_params(kwargs, &p, &cwnd)) return -1;
+    delete self->law;
+    self->law = new RateLaw(p);
+    return 0;
+}
+
+static void RateLaw_dealloc(RateLawObject* self) {
+    delete self->law;
+    Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
+}
+
+static PyObject* RateLaw_on_sent(RateLawObject* self, PyObject* args) {
+    long long n;
+    if (!PyArg_ParseTuple(args, "L", &n)) return nullptr;
+    self->law->on_sent(n);
+    Py_RETURN_NONE;
+}
+
+static PyObject* RateLaw_on_loss(RateLawObject* self, PyObject* args) {
+    long long n;
+    if (!PyArg_ParseTuple(args, "L", &n)) return nullptr;
+    self->law->on_loss(n);
+    Py_RETURN_NONE;
+}
+
+static PyObject* RateLaw_on_ack(RateLawObject* self, PyObject* args) {
+    unsigned long long now;
+    double rtt, bw = 0;
+    if (!PyArg_ParseTuple(args, "Kd|d", &now, &rtt, &bw)) return nullptr;
+    self->law->on_ack(now, rtt, bw);
+    Py_RETURN_NONE;
+}
+
+static PyObject* RateLaw_on_timeout(RateLawObject* self, PyObject*) {
+    self->law->on_timeout();
+    Py_RETURN_NONE;
+}
+
+static PyObject* RateLaw_period_us(RateLawObject* self, PyObject* args) {
+    int packet = 1500;
+    if (!PyArg_ParseTuple(args, "|i", &packet)) return nullptr;
+    return PyFloat_FromDouble(self->law->period_us(packet));
+}
+
+static PyObject* RateLaw_get_rate(RateLawObject* self, void*) { return PyFloat_FromDouble(self->law->rate_bps()); }
+static PyObject* RateLaw_get_min_rtt(RateLawObject* self, void*) { return PyFloat_FromDouble(self->law->min_rtt_us()); }
+static PyObject* RateLaw_get_backoffs(RateLawObject* self, void*) { return PyLong_FromLongLong(self->law->backoffs()); }
+static PyObject* RateLaw_get_loss(RateLawObject* self, void*) {
+    return PyFloat_FromDouble(self->law->last_loss_fraction());
+}
+
+static PyMethodDef RateLaw_methods[] = {
+    {"on_sent", (PyCFunction)RateLaw_on_sent, METH_VARARGS, "on_sent(packets)"},
+    {"on_loss", (PyCFunction)RateLaw_on_loss, METH_VARARGS, "on_loss(packets)"},
+    {"on_ack", (PyCFunction)RateLaw_on_ack, METH_VARARGS, "on_ack(now_us, srtt_us, bw_bps=0)"},
+    {"on_timeout", (PyCFunction)RateLaw_on_timeout, METH_NOARGS, "on_timeout()"},
+    {"period_us", (PyCFunction)RateLaw_period_us, METH_VARARGS, "period_us(packet_bytes=1500)"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+static PyGetSetDef RateLaw_getset[] = {
+    {"rate_bps", (getter)RateLaw_get_rate, nullptr, "current pacing rate, bits/s", nullptr},
+    {"min_rtt_us", (getter)RateLaw_get_min_rtt, nullptr, "windowed minimum RTT", nullptr},
+    {"backoffs", (getter)RateLaw_get_backoffs, nullptr, "congestion backoffs so far", nullptr},
+    {"last_loss_fraction", (getter)RateLaw_get_loss, nullptr, "loss fraction of the last interval", nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr},
+};
+
+static PyTypeObject RateLawType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+// --- module --------------------------------------------------------------------------------------
+
+static PyMethodDef methods[] = {
+    {"socket", py_socket, METH_VARARGS, "socket(family=AF_INET, stream=False) -> UDT socket id"},
+    {"bind", py_bind, METH_VARARGS, "bind(u, host, port)"},
+    {"listen", py_listen, METH_VARARGS, "listen(u, backlog=64)"},
+    {"accept", py_accept, METH_VARARGS, "accept(u) -> (u2, (host, port)); blocks without the GIL"},
+    {"connect", py_connect, METH_VARARGS, "connect(u, host, port); blocks without the GIL"},
+    {"close", py_close, METH_VARARGS, "close(u)"},
+    {"getsockname", py_getsockname, METH_VARARGS, "getsockname(u) -> (host, port)"},
+    {"getpeername", py_getpeername, METH_VARARGS, "getpeername(u) -> (host, port)"},
+    {"setsockopt", py_setsockopt, METH_VARARGS, "setsockopt(u, name, value)"},
+    {"getsockopt", py_getsockopt, METH_VARARGS, "getsockopt(u, name) -> int|bool"},
+    {"sendmsg", py_sendmsg, METH_VARARGS, "sendmsg(u, data, ttl_ms=-1, inorder=True) -> bytes sent (0: timed out)"},
+    {"recvmsg_into", py_recvmsg_into, METH_VARARGS, "recvmsg_into(u, buffer) -> size, or None on timeout"},
+    {"state", py_state, METH_VARARGS, "state(u) -> UDTSTATUS"},
+    {"perfmon", py_perfmon, METH_VARARGS, "perfmon(u, clear=False) -> dict (UDT::perfmon)"},
+    {"set_cc", (PyCFunction)(void (*)(void))py_set_cc, METH_VARARGS | METH_KEYWORDS,
+     "set_cc(u, name, **params): 'udt' or 'lu2k-rate'"},
+    {"cc_state", py_cc_state, METH_VARARGS, "cc_state(u) -> dict or None"},
+    {"epoll_create", py_epoll_create, METH_NOARGS, "epoll_create() -> eid"},
+    {"epoll_add", py_epoll_add, METH_VARARGS, "epoll_add(eid, u, events=IN|ERR)"},
+    {"epoll_remove", py_epoll_remove, METH_VARARGS, "epoll_remove(eid, u)"},
+    {"epoll_wait", py_epoll_wait, METH_VARARGS, "epoll_wait(eid, timeout_ms) -> (readable, writable)"},
+    {"epoll_release", py_epoll_release, METH_VARARGS, "epoll_release(eid)"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "_udtcore", "lu2k's binding of libudt (UDT 4) with its own congestion control.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__udtcore(void) {
+    RateLawType.tp_name = "lu2k.backends._udtcore.RateLaw";
+    RateLawType.tp_basicsize = sizeof(RateLawObject);
+    RateLawType.tp_flags = Py_TPFLAGS_DEFAULT;
+    RateLawType.tp_doc = "The lu2k-rate congestion control law, driven by hand (fake clock).";
+    RateLawType.tp_new = PyType_GenericNew;
+    RateLawType.tp_init = (initproc)RateLaw_init;
+    RateLawType.tp_dealloc = (destructor)RateLaw_dealloc;
+    RateLawType.tp_methods = RateLaw_methods;
+    RateLawType.tp_getset = RateLaw_getset;
+    if (PyType_Ready(&RateLawType) < 0) return nullptr;
+
+    if (UDT::startup() == UDT::ERROR) return raise_udt("startup");
+    PyObject* m = PyModule_Create(&moduledef);
+    if (!m) return nullptr;
+    UDTErrorType = PyErr_NewExceptionWithDoc(
+        "lu2k.backends._udtcore.UDTError", "A libudt call failed: args are (code, message).",
+        PyExc_Exception, nullptr);
+    if (!UDTErrorType || PyModule_AddObject(m, "UDTError", UDTErrorType) < 0) return nullptr;
+    Py_INCREF(UDTErrorType);
+    Py_INCREF(&RateLawType);
+    if (PyModule_AddObject(m, "RateLaw", reinterpret_cast<PyObject*>(&RateLawType)) < 0) return nullptr;
+    PyModule_AddIntConstant(m, "EPOLL_IN", UDT_EPOLL_IN);
+    PyModule_AddIntConstant(m, "EPOLL_OUT", UDT_EPOLL_OUT);
+    PyModule_AddIntConstant(m, "EPOLL_ERR", UDT_EPOLL_ERR);
+    PyModule_AddIntConstant(m, "CONNECTED", CONNECTED);
+    PyModule_AddIntConstant(m, "BROKEN", BROKEN);
+    PyModule_AddIntConstant(m, "CLOSED", CLOSED);
+    PyModule_AddIntConstant(m, "NONEXIST", NONEXIST);
+    PyModule_AddIntConstant(m, "E_NOSERVER", CUDTException::ENOSERVER);
+    PyModule_AddIntConstant(m, "E_CONNREJ", CUDTException::ECONNREJ);
+    PyModule_AddIntConstant(m, "E_CONNSETUP", CUDTException::ECONNSETUP);
+    PyModule_AddIntConstant(m, "E_CONNLOST", CUDTException::ECONNLOST);
+    PyModule_AddIntConstant(m, "E_NOCONN", CUDTException::ENOCONN);
+    PyModule_AddIntConstant(m, "E_INVSOCK", CUDTException::EINVSOCK);
+    PyModule_AddIntConstant(m, "E_LARGEMSG", CUDTException::ELARGEMSG);
+    PyModule_AddIntConstant(m, "E_TIMEOUT", CUDTException::ETIMEOUT);
+    PyModule_AddIntConstant(m, "E_SOCKFAIL", CUDTException::ESOCKFAIL);
+    PyModule_AddIntConstant(m, "E_INVPARAM", CUDTException::EINVPARAM);
+    return m;
+}

@@ -1,0 +1,610 @@
+"""UDT backend: lu2k frames over UDT messages (libudt 4.11 through lu2k's own binding).
+
+lu2klnd's first backend.  Setup and data path live here; the preamble and AEAD in
+:mod:`.udt_proto`; config keys and sizing in :mod:`.udt_tunables`; the binding and the
+congestion control in ``_udt/`` (compiled to ``lu2k.backends._udtcore``).
+
+Theory of operation:
+
+* **One frame, one UDT message.**  Sockets are UDT ``SOCK_DGRAM`` (message mode, reliable,
+  in order), so boundaries are kept by UDT and every message is one sealed lu2k frame.
+* **Off the event loop.**  libudt's calls block; each runs in a thread with the GIL
+  released.  Per connection: a receive thread (blocking ``recvmsg``) handing frames to
+  the loop with ``call_soon_threadsafe``, bounded by a semaphore of ``recv_queue``
+  messages -- when the engine stops reading, the thread stops too, UDT's receive buffer
+  fills and UDT's flow window throttles the sender; and one send thread (a one-worker
+  executor, so frames go out in the order ``send`` was called).  Connects, accepts and the
+  preamble exchange also run in threads.  Closing a UDT socket wakes every call blocked on
+  it (lingering is off, or ``close`` would wait for unsent data).
+  (libudt 4.11's receive timeout is not used: with it set, ``recvmsg`` waits the whole
+  timeout even when a message is ready.)
+* **Encryption.**  After UDT connects, each side sends a preamble with a fresh salt; both
+  derive per-direction AEAD keys from the network key (:mod:`.udt_proto`).  The lu2k hello
+  then runs inside the encrypted channel; a peer without the key fails at its first frame.
+* **Congestion control.**  ``cc: lu2k-rate`` (default) installs lu2k's loss-tolerant
+  rate control through UDT's CCC factory (see ``_udt/rate_law.h``); ``cc: udt`` keeps
+  UDT's DAIMD.  Buffers and the flight window are sized from the site profile.
+* **Rendezvous.**  With ``rendezvous: true`` connects leave from ``rendezvous_port`` in
+  UDT rendezvous mode, and ``listen`` rendezvous-connects to each of ``rendezvous_peers``
+  from the net's port instead of accepting -- both ends punch the NAT.
+* **Figures.**  ``Transport.stats()`` is UDT's ``perfmon`` (RTT, bandwidth estimate, loss,
+  retransmissions, rates, windows) plus the control's state, for ``lu2kctl peer show``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+try:
+    from . import _udtcore
+except ImportError as e:  # the registry turns this into BackendUnavailable with an install hint
+    raise ImportError(f"lu2k's UDT binding (lu2k.backends._udtcore) is not built or cannot load: {e}") from None
+
+from ..errors import (
+    ConfigError, ConnectError, ConnectionClosed, ConnectTimeout, FrameError, HandshakeError, LocalProtocolError,
+    Lu2kError, ReadError, WriteError,
+)
+from ..wire import BASE_SIZE, BufferFor, ConnType, Frame, FrameHeader, FrameType, decode_header, peek_header_size
+from . import udt_proto as proto
+from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport
+from .udt_tunables import UdtTuning, tune
+
+T = TypeVar("T")
+UDTError = _udtcore.UDTError
+RECV_BATCH = 64  # frames handed to the engine per recv() at most
+# UDT error codes (major * 1000 + minor) that mean "this connection is over".
+_CLOSED_CODES = {_udtcore.E_CONNLOST, _udtcore.E_NOCONN, _udtcore.E_INVSOCK}
+_STATS_KEYS = {  # perfmon field -> name shown by lu2kctl
+    "ms_rtt": "rtt_ms", "mbps_bandwidth": "bandwidth_estimate_mbit", "mbps_send_rate": "send_rate_mbit",
+    "mbps_recv_rate": "recv_rate_mbit", "pkt_sent_total": "packets_sent", "pkt_recv_total": "packets_received",
+    "pkt_retrans_total": "retransmitted", "pkt_snd_loss_total": "lost_sent", "pkt_rcv_loss_total": "lost_received",
+    "pkt_recv_nak_total": "naks_received", "pkt_flight_size": "in_flight_packets",
+    "pkt_flow_window": "flow_window_packets", "us_pkt_snd_period": "packet_period_us",
+}
+
+
+def _udt_message(e: BaseException) -> str:
+    return str(e.args[1]) if isinstance(e, UDTError) and len(e.args) > 1 else str(e)
+
+
+def _udt_code(e: BaseException) -> int:
+    return int(e.args[0]) if isinstance(e, UDTError) and e.args else -1
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _in_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., T], *args: Any, name: str) -> "asyncio.Future[T]":
+    """Run a blocking libudt call in a thread of its own; the result comes back on the loop."""
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if fut.done():
+            return
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            result: Any = fn(*args)
+            ok = True
+        except BaseException as e:  # noqa: BLE001 - carried to the awaiting task
+            result, ok = e, False
+        try:
+            loop.call_soon_threadsafe(settle, ok, result)
+        except RuntimeError:  # loop closed: nobody is waiting any more
+            pass
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return fut
+
+
+# --- socket set-up (blocking helpers, run in threads) -------------------------------------------
+
+
+def _new_socket(tuning: UdtTuning, family: int) -> int:
+    u = _udtcore.socket(family)
+    try:
+        _udtcore.setsockopt(u, "mss", tuning.mss)
+        _udtcore.setsockopt(u, "fc", tuning.flight_window)  # before RCVBUF: UDT caps RCVBUF at FC
+        _udtcore.setsockopt(u, "sndbuf", tuning.buffer)
+        _udtcore.setsockopt(u, "rcvbuf", tuning.buffer)
+        _udtcore.setsockopt(u, "udp_sndbuf", tuning.udp_buffer)
+        _udtcore.setsockopt(u, "udp_rcvbuf", tuning.udp_buffer)
+        _udtcore.setsockopt(u, "linger", -1)
+        _udtcore.set_cc(u, tuning.cc, **tuning.cc_params)
+    except BaseException:
+        _udtcore.close(u)
+        raise
+    return u
+
+
+def _exchange_preamble(u: int, tuning: UdtTuning, connector: bool, key: bytes, peer: str) -> tuple[proto.Sealer, proto.Opener]:
+    """Both sides' salts over the fresh UDT connection; the per-direction AEAD pair."""
+    salt = proto.new_salt()
+    buf = bytearray(proto.PREAMBLE_SIZE + 1)
+    if connector:
+        _udtcore.sendmsg(u, proto.encode_preamble(tuning.cipher, salt))
+        n = _udtcore.recvmsg_into(u, buf)
+        cipher, peer_salt = proto.decode_preamble(memoryview(buf)[: n or 0])
+        if cipher != tuning.cipher:
+            raise HandshakeError(f"{peer} answered with cipher {cipher}, this net uses {tuning.cipher}")
+        k_out, k_in = proto.derive_keys(key, tuning.cipher, salt, peer_salt)
+    else:
+        n = _udtcore.recvmsg_into(u, buf)
+        cipher, peer_salt = proto.decode_preamble(memoryview(buf)[: n or 0])
+        if cipher != tuning.cipher:
+            raise HandshakeError(f"{peer} wants cipher {cipher}, this net uses {tuning.cipher}")
+        _udtcore.sendmsg(u, proto.encode_preamble(tuning.cipher, salt))
+        k_in, k_out = proto.derive_keys(key, tuning.cipher, peer_salt, salt)
+    return proto.Sealer(tuning.cipher, k_out), proto.Opener(tuning.cipher, k_in, peer)
+
+
+def _with_deadline(u: int, seconds: float, fn: Callable[[], T], what: str) -> T:
+    """Run ``fn`` (blocking on ``u``); if it takes longer than ``seconds``, close ``u`` to end it."""
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        try:
+            _udtcore.close(u)
+        except UDTError:
+            pass
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        return fn()
+    except UDTError as e:
+        if expired.is_set():
+            raise HandshakeError(f"{what} did not finish within {seconds:g} s") from None
+        raise HandshakeError(f"{what} failed: {_udt_message(e)}") from None
+    finally:
+        timer.cancel()
+
+
+# --- transport -------------------------------------------------------------------------------------
+
+
+class UdtTransport(Transport):
+    backend_name = "udt"
+
+    def __init__(self, u: int, peer: str, tuning: UdtTuning, max_payload: int, sealer: proto.Sealer, opener: proto.Opener,
+                 on_close: Callable[["UdtTransport"], None] | None = None) -> None:
+        self._u = u
+        self._on_close = on_close
+        self._peer = peer
+        self._tuning = tuning
+        self._max_payload = max_payload
+        self._sealer = sealer
+        self._opener = opener
+        self._loop = asyncio.get_running_loop()
+        self._buffer_for: BufferFor | None = None
+        self._closed = False
+        self._udt_closed = threading.Event()
+        self._ready: deque[tuple[FrameHeader, memoryview]] = deque()
+        self._error: Lu2kError | None = None
+        self._wakeup = asyncio.Event()
+        self._slots = threading.Semaphore(tuning.recv_queue)  # bounded hand-off to the loop
+        self._tx = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"udt-tx-{u}")
+        self._rx_done = threading.Event()
+        self._last_stats: dict[str, Any] = {}
+        self.bytes_sent = self.bytes_received = 0
+        self.messages_sent = self.messages_received = 0
+        threading.Thread(target=self._receive_loop, name=f"udt-rx-{u}", daemon=True).start()
+
+    @property
+    def peer_address(self) -> str:
+        return self._peer
+
+    def set_buffer_for(self, buffer_for: BufferFor | None) -> None:
+        self._buffer_for = buffer_for
+
+    # --- receive: a thread per connection ---------------------------------------------------
+
+    def _receive_loop(self) -> None:
+        buf = bytearray(self._tuning.max_frame + 1)  # one spare byte: a full buffer means "too long"
+        view = memoryview(buf)
+        try:
+            while not self._closed:
+                try:
+                    n = _udtcore.recvmsg_into(self._u, buf)
+                except UDTError as e:
+                    if self._closed:
+                        raise ReadError(f"connection to {self._peer} closed locally") from None
+                    if _udt_code(e) in _CLOSED_CODES:
+                        # UDT keeps message boundaries, so an end is always between frames.
+                        raise ConnectionClosed(f"{self._peer} closed the connection ({_udt_message(e)})") from None
+                    raise ReadError(f"receive from {self._peer} failed: {_udt_message(e)}") from None
+                if n is None:
+                    continue
+                if n >= len(buf):
+                    raise FrameError(f"UDT message from {self._peer} longer than the largest frame ({self._tuning.max_frame} bytes)")
+                plain = self._opener.open(view[:n])
+                header, payload = self._parse(plain)
+                self.bytes_received += n
+                while not self._slots.acquire(timeout=0.5):
+                    if self._closed:
+                        return
+                self._hand_over(header, payload)
+        except Lu2kError as e:
+            self._fail(e)
+        finally:
+            self._rx_done.set()
+
+    def _parse(self, plain: bytes) -> tuple[FrameHeader, memoryview]:
+        if len(plain) < BASE_SIZE:
+            raise FrameError(f"UDT message from {self._peer} of {len(plain)} bytes is shorter than a frame header")
+        size = peek_header_size(plain[:BASE_SIZE])
+        if len(plain) < size:
+            raise FrameError(f"UDT message from {self._peer} truncates its frame header")
+        header = decode_header(plain[:size], self._max_payload)
+        if len(plain) - size != header.payload_len:
+            raise FrameError(
+                f"{header.type.name} frame from {self._peer} announces {header.payload_len} payload bytes but carries {len(plain) - size}"
+            )
+        return header, memoryview(plain)[size:]
+
+    def _hand_over(self, header: FrameHeader, payload: memoryview) -> None:
+        def deliver() -> None:
+            self._ready.append((header, payload))
+            self._wakeup.set()
+
+        try:
+            self._loop.call_soon_threadsafe(deliver)
+        except RuntimeError:  # loop gone
+            self._closed = True
+
+    def _fail(self, error: Lu2kError) -> None:
+        def deliver() -> None:
+            if self._error is None:
+                self._error = error
+            self._wakeup.set()
+
+        try:
+            self._loop.call_soon_threadsafe(deliver)
+        except RuntimeError:
+            pass
+
+    async def recv(self) -> list[Frame]:
+        while not self._ready:
+            if self._error is not None:
+                raise self._error
+            if self._closed:
+                raise ReadError(f"connection to {self._peer} closed locally")
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        out: list[Frame] = []
+        while self._ready and len(out) < RECV_BATCH:
+            header, payload = self._ready.popleft()
+            self._slots.release()
+            self.messages_received += 1
+            out.append(Frame(header, self._place(header, payload)))
+        return out
+
+    def _place(self, header: FrameHeader, payload: memoryview) -> "memoryview | bytes":
+        if not len(payload):
+            return b""
+        if header.type is FrameType.MSG and self._buffer_for is not None:
+            target = self._buffer_for(header)
+            if target is not None:
+                if len(target) != header.payload_len:
+                    raise LocalProtocolError("buffer_for returned a buffer of the wrong size")
+                # The AEAD had to produce a fresh plaintext anyway; this is the one copy.
+                target[:] = payload
+                return target
+        return payload
+
+    # --- send: one worker thread per connection, FIFO -------------------------------------------
+
+    def _send_blocking(self, frames: Sequence[OutFrame]) -> None:
+        for header, payload in frames:
+            if self._closed:
+                raise WriteError(f"connection to {self._peer} closed")
+            message = self._sealer.seal(bytes(header), payload)
+            try:
+                while _udtcore.sendmsg(self._u, message) == 0:  # 0: send timeout; not set, but harmless
+                    if self._closed:
+                        raise WriteError(f"connection to {self._peer} closed")
+            except UDTError as e:
+                if self._closed:
+                    raise WriteError(f"connection to {self._peer} closed") from None
+                raise WriteError(f"send to {self._peer} failed: {_udt_message(e)}") from None
+            self.bytes_sent += len(message)
+            self.messages_sent += 1
+
+    async def send(self, frames: Sequence[OutFrame]) -> None:
+        if self._closed:
+            raise WriteError(f"connection to {self._peer} closed")
+        if self._error is not None and not isinstance(self._error, FrameError):
+            raise WriteError(f"connection to {self._peer} is gone: {self._error}")
+        try:
+            await self._loop.run_in_executor(self._tx, self._send_blocking, list(frames))
+        except RuntimeError:  # executor shut down by close()
+            raise WriteError(f"connection to {self._peer} closed") from None
+
+    # --- close and figures ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._last_stats = self._udt_stats()
+        except UDTError:
+            pass
+        self._closed = True
+        self._wakeup.set()
+        self._tx.shutdown(wait=False, cancel_futures=True)
+        if self._on_close is not None:
+            self._on_close(self)
+
+        def close_udt() -> None:
+            try:
+                _udtcore.close(self._u)
+            except UDTError:
+                pass
+            self._udt_closed.set()
+
+        threading.Thread(target=close_udt, name=f"udt-close-{self._u}", daemon=True).start()
+
+    async def wait_closed(self) -> None:
+        if not self._closed:
+            return
+        await asyncio.to_thread(self._udt_closed.wait, 10)
+        await asyncio.to_thread(self._rx_done.wait, 10)
+
+    def _udt_stats(self) -> dict[str, Any]:
+        perf = _udtcore.perfmon(self._u, False)
+        out: dict[str, Any] = {name: perf[key] for key, name in _STATS_KEYS.items()}
+        out["rtt_ms"] = round(out["rtt_ms"], 3)
+        cc = _udtcore.cc_state(self._u)
+        out["cc"] = cc if cc is not None else {"cc": "udt"}
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+            "messages_sent": self.messages_sent, "messages_received": self.messages_received,
+            "cipher": self._tuning.cipher,
+        }
+        if self._closed:
+            out.update(self._last_stats)
+            return out
+        try:
+            out.update(self._udt_stats())
+        except UDTError:
+            out.update(self._last_stats)
+        return out
+
+
+# --- listener and backend ----------------------------------------------------------------------------
+
+
+class UdtListener(Listener):
+    def __init__(self, backend: "UdtBackend", u: int | None, address: tuple[str, int]) -> None:
+        self._backend = backend
+        self._u = u
+        self._address = address
+        self.closed = False
+        self.peer_sockets: set[int] = set()  # rendezvous attempts in progress
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._address
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for u in [self._u, *self.peer_sockets]:
+            if u is not None:
+                try:
+                    _udtcore.close(u)  # wakes the accept/rendezvous thread blocked on it
+                except UDTError:
+                    pass
+        self._backend._listeners.discard(self)
+
+
+class UdtBackend(Backend):
+    """UDT for lossy long links; one instance per net."""
+
+    name = "udt"
+
+    def __init__(self, settings: BackendSettings) -> None:
+        super().__init__(settings)
+        self.tuning = tune(settings)
+        if not settings.key:
+            raise ConfigError("the udt backend encrypts with keys derived from the network key; set one", where=f"net {settings.net}.key")
+        self._listeners: set[UdtListener] = set()
+        self._transports: set[UdtTransport] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._handshakes = threading.Semaphore(64)  # accepted connections still in their preamble
+
+    @classmethod
+    def probe(cls) -> str | None:
+        """None: usable here (the binding loaded, which already ran UDT::startup)."""
+        return None
+
+    def _transport(self, u: int, peer: str, sealer: proto.Sealer, opener: proto.Opener) -> UdtTransport:
+        t = UdtTransport(u, peer, self.tuning, self.settings.max_message_size, sealer, opener, self._transports.discard)
+        self._transports.add(t)
+        return t
+
+    def _hand_to_engine(self, u: int, peer: str, pair: tuple[proto.Sealer, proto.Opener], on_accept: AcceptCallback, listener: UdtListener) -> None:
+        """On the loop: wrap an accepted, keyed connection and give it to the engine."""
+        if listener.closed:
+            _udtcore.close(u)
+            return
+        transport = self._transport(u, peer, *pair)
+        task = asyncio.ensure_future(on_accept(transport))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _acceptor_handshake(self, u: int, peer: str, loop: asyncio.AbstractEventLoop, on_accept: AcceptCallback, listener: UdtListener) -> None:
+        try:
+            pair = _with_deadline(
+                u, self.tuning.handshake_timeout,
+                lambda: _exchange_preamble(u, self.tuning, False, self.settings.key, peer), f"UDT preamble from {peer}",
+            )
+        except Lu2kError:
+            # Nobody to report to: the engine never saw this connection.  Just drop it.
+            try:
+                _udtcore.close(u)
+            except UDTError:
+                pass
+            return
+        finally:
+            self._handshakes.release()
+        try:
+            loop.call_soon_threadsafe(self._hand_to_engine, u, peer, pair, on_accept, listener)
+        except RuntimeError:
+            _udtcore.close(u)
+
+    def _accept_loop(self, listener: UdtListener, loop: asyncio.AbstractEventLoop, on_accept: AcceptCallback) -> None:
+        assert listener._u is not None
+        while not listener.closed:
+            try:
+                u, (host, port) = _udtcore.accept(listener._u)
+            except UDTError:
+                return  # listener closed
+            if not self._handshakes.acquire(blocking=False):
+                _udtcore.close(u)  # too many half-open connections: shed load
+                continue
+            threading.Thread(
+                target=self._acceptor_handshake, args=(u, f"{host}:{port}", loop, on_accept, listener),
+                name=f"udt-hs-{u}", daemon=True,
+            ).start()
+
+    def _rendezvous_loop(self, listener: UdtListener, host: str, port: int, peer: tuple[str, int],
+                         loop: asyncio.AbstractEventLoop, on_accept: AcceptCallback) -> None:
+        """Keep one rendezvous connection up towards ``peer``, acting as its acceptor."""
+        peer_text = f"{peer[0]}:{peer[1]}"
+        while not listener.closed:
+            try:
+                u = _new_socket(self.tuning, _family(host))
+            except UDTError:
+                return
+            listener.peer_sockets.add(u)
+            try:
+                _udtcore.setsockopt(u, "reuseaddr", 1)
+                _udtcore.setsockopt(u, "rendezvous", 1)
+                _udtcore.bind(u, host, port)
+                _udtcore.connect(u, peer[0], peer[1])  # UDT gives up after its own rendezvous timeout
+            except UDTError:
+                listener.peer_sockets.discard(u)
+                try:
+                    _udtcore.close(u)
+                except UDTError:
+                    pass
+                threading.Event().wait(1.0)  # not there yet (or port busy): try again shortly
+                continue
+            listener.peer_sockets.discard(u)
+            self._handshakes.acquire()
+            self._acceptor_handshake(u, peer_text, loop, on_accept, listener)
+            while not listener.closed and _udtcore.state(u) == _udtcore.CONNECTED:
+                threading.Event().wait(0.5)  # one connection per peer at a time on this port pair
+
+    async def listen(self, host: str, port: int, on_accept: AcceptCallback) -> Listener:
+        loop = asyncio.get_running_loop()
+        tuning = self.tuning
+        if tuning.rendezvous:
+            listener = UdtListener(self, None, (host, port))
+            self._listeners.add(listener)
+            for peer in tuning.rendezvous_peers:
+                threading.Thread(target=self._rendezvous_loop, args=(listener, host, port, peer, loop, on_accept),
+                                 name=f"udt-rdv-{peer[0]}:{peer[1]}", daemon=True).start()
+            return listener
+
+        def setup() -> tuple[int, tuple[str, int]]:
+            u = _new_socket(tuning, _family(host))
+            try:
+                _udtcore.bind(u, host, port)
+                _udtcore.listen(u, 128)
+                return u, _udtcore.getsockname(u)
+            except BaseException:
+                _udtcore.close(u)
+                raise
+
+        try:
+            u, address = await _in_thread(loop, setup, name="udt-listen")
+        except (UDTError, ValueError) as e:
+            raise ConnectError(f"cannot listen on {host}:{port} with UDT: {_udt_message(e)}") from None
+        listener = UdtListener(self, u, address)
+        self._listeners.add(listener)
+        threading.Thread(target=self._accept_loop, args=(listener, loop, on_accept), name=f"udt-accept-{address[1]}", daemon=True).start()
+        return listener
+
+    async def connect(self, host: str, port: int, conn_type: ConnType, timeout: float) -> Transport:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            addr = str(infos[0][4][0])
+        except (OSError, IndexError) as e:
+            raise ConnectError(f"cannot resolve {host!r}: {e}") from None
+        peer = f"{host}:{port}"
+        tuning = self.tuning
+        state: dict[str, int] = {}
+
+        def dial() -> tuple[proto.Sealer, proto.Opener]:
+            u = _new_socket(tuning, _family(addr))
+            state["u"] = u
+            if tuning.rendezvous:
+                _udtcore.setsockopt(u, "reuseaddr", 1)
+                _udtcore.setsockopt(u, "rendezvous", 1)
+                _udtcore.bind(u, "::" if ":" in addr else "0.0.0.0", tuning.rendezvous_port)
+            _udtcore.connect(u, addr, port)
+            return _exchange_preamble(u, tuning, True, self.settings.key, peer)
+
+        fut = _in_thread(loop, dial, name=f"udt-connect-{peer}")
+        try:
+            sealer, opener = await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            self._abandon(fut, state)
+            raise ConnectTimeout(f"UDT connect to {peer} timed out after {timeout:g}s") from None
+        except UDTError as e:
+            self._abandon(fut, state)
+            raise ConnectError(f"UDT connect to {peer} failed: {_udt_message(e)}") from None
+        except (Lu2kError, ValueError) as e:
+            self._abandon(fut, state)
+            if isinstance(e, ConnectError):
+                raise
+            raise ConnectError(f"UDT connect to {peer} failed: {e}") from None
+        except BaseException:
+            self._abandon(fut, state)
+            raise
+        return self._transport(state["u"], peer, sealer, opener)
+
+    @staticmethod
+    def _abandon(fut: "asyncio.Future[Any]", state: dict[str, int]) -> None:
+        """Give up on a connect: closing its socket ends the blocked call in its thread."""
+        if "u" in state:
+            try:
+                _udtcore.close(state["u"])
+            except UDTError:
+                pass
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # consume the late outcome
+
+    async def close(self) -> None:
+        for listener in list(self._listeners):
+            listener.close()
+        for task in list(self._tasks):
+            task.cancel()
+        transports = list(self._transports)
+        self._transports.clear()
+        for t in transports:
+            t.close()
+        for t in transports:
+            await t.wait_closed()
+
+    def describe(self) -> dict[str, Any]:
+        return self.tuning.describe()
