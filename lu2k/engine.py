@@ -67,8 +67,8 @@ TIMER_INTERVAL = 0.05
 class OutMsg:
     """One message on its way out of this daemon (from the shim, or being forwarded)."""
 
-    src: Nid  # origin of the message (us, or the original sender when forwarding)
-    dst: Nid  # final destination
+    src_raw: bytes  # origin of the message (us, or the original sender when forwarding), packed
+    dst_raw: bytes  # final destination, packed
     src_portal: int
     dst_portal: int
     payload: memoryview | bytes
@@ -238,8 +238,7 @@ class OutConn:
             for f in await transport.recv():
                 t = f.header.type
                 if t is FrameType.ACK:
-                    for seq, status in wire.decode_acks(f):
-                        self.peer.on_ack(seq, Status.from_code(status), "")
+                    self.peer.on_acks(wire.decode_acks(f))
                 elif t is FrameType.NACK:
                     seq, status, reason = wire.decode_nack(f)
                     self.peer.on_ack(seq, status, reason)
@@ -321,27 +320,29 @@ class Peer:
     def enqueue(self, msg: OutMsg) -> None:
         msg.peer = self
         self.queue.append(msg)
+        self.ni.queued += 1
         self.pump()
 
     def pump(self) -> None:
         ni = self.ni
-        while self.queue and self.credits.available and ni.credits.available:
-            msg = self.queue.popleft()
+        queue, credits, ni_credits = self.queue, self.credits, ni.credits
+        while queue and credits.in_use < credits.limit and ni_credits.in_use < ni_credits.limit:
+            msg = queue.popleft()
+            ni.queued -= 1
             if msg.done:
                 continue
-            self.credits.take()
-            ni.credits.take()
+            credits.in_use += 1
+            ni_credits.in_use += 1
             self._assign(msg)
             self._send(msg)
-        self.credits.note_queue(len(self.queue))
-        ni.credits.note_queue(ni.queued())
+        credits.note_queue(len(queue))
+        ni_credits.note_queue(ni.queued)
 
     def _assign(self, msg: OutMsg) -> None:
         msg.seq = self.next_seq
         self.next_seq += 1
         msg.header = wire.encode_msg_header(
-            msg.seq, self.engine.packed(msg.src), self.engine.packed(msg.dst), msg.src_portal, msg.dst_portal,
-            msg.payload, self.ni.config.checksum,
+            msg.seq, msg.src_raw, msg.dst_raw, msg.src_portal, msg.dst_portal, msg.payload, self.ni.config.checksum,
         )
         self.inflight[msg.seq] = msg
 
@@ -376,8 +377,25 @@ class Peer:
     def on_ack(self, seq: int, status: Status, reason: str) -> None:
         if seq in self.inflight:
             self._complete(seq, status, reason)
-            if status is Status.DELIVERED:
-                self.health.success()
+
+    def on_acks(self, entries: list[tuple[int, int]]) -> None:
+        """A batch of positive ACKs: finish them all, then refill the pipe once."""
+        inflight, sent_on = self.inflight, self.sent_on
+        done = 0
+        for seq, code in entries:
+            msg = inflight.pop(seq, None)
+            if msg is None:
+                continue  # a late duplicate, or a message already timed out
+            sent_on.pop(seq, None)
+            done += 1
+            msg.finish(Status.DELIVERED if code == 0 else Status.from_code(code), "")
+        if done:
+            self.credits.in_use -= done
+            self.ni.credits.in_use -= done
+            self.stats["delivered"] += done
+            self.health.value = min(1000, self.health.value + done)
+            self.pump()
+            self.ni.pump_waiting()
 
     def _complete(self, seq: int, status: Status, reason: str) -> None:
         msg = self.inflight.pop(seq)
@@ -385,6 +403,8 @@ class Peer:
         self.credits.give()
         self.ni.credits.give()
         self.stats["delivered" if status is Status.DELIVERED else "failed"] += 1
+        if status is Status.DELIVERED:
+            self.health.success()
         msg.finish(status, reason)
         self.pump()
         self.ni.pump_waiting()
@@ -396,6 +416,7 @@ class Peer:
                 self._complete(seq, status, reason)
         while self.queue:
             m = self.queue.popleft()
+            self.ni.queued -= 1
             self.stats["failed"] += 1
             m.finish(status, reason)
 
@@ -415,6 +436,7 @@ class Peer:
                              f"waited for credits to {self.nid} past the transaction timeout" + (f" ({self.last_error})" if self.last_error else ""))
                 else:
                     keep.append(m)
+            self.ni.queued -= len(self.queue) - len(keep)
             self.queue = keep
         self.health.tick(now)
 
@@ -448,11 +470,10 @@ class NI:
         self.net: Net = config.net
         self.nid: Nid = config.nid
         self.credits = Credits(config.credits)
+        self.nid_raw = config.nid.to_bytes()
         self.listener: Any = None
         self.peers: dict[Nid, Peer] = {}
-
-    def queued(self) -> int:
-        return sum(len(p.queue) for p in self.peers.values())
+        self.queued = 0  # messages waiting for credits, over all peers
 
     def pump_waiting(self) -> None:
         if not self.credits.available:
@@ -598,7 +619,7 @@ class InConn:
                 self.queue_ack(info.seq, Status(prior) if prior in Status._value2member_map_ else Status.PROTOCOL, "duplicate")
             return
         session.window.start(info.seq)
-        if self.engine.is_local(self.engine.packed(info.dst)):
+        if self.engine.is_local(info.dst_raw):
             status, reason = await self.engine.deliver_local(info, f.payload, pre)
             session.ack(info.seq, status, reason)
         else:
@@ -659,6 +680,7 @@ class Engine:
         self._packed: dict[Nid, bytes] = {}
         self._unpacked: dict[bytes, Nid] = {}
         self._local_packed: set[bytes] = set()
+        self._direct: dict[bytes, Peer] = {}
         self._timer: asyncio.Task[None] | None = None
         self.router_bytes = 0
         self._router_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -757,32 +779,51 @@ class Engine:
         p = ni.peers.get(nid) if ni else None
         return p.health.value if p else 1000
 
-    def send(self, src: Nid | None, dst: Nid, src_portal: int, dst_portal: int, payload: memoryview | bytes,
+    def send(self, src_raw: bytes | None, dst: Nid | bytes, src_portal: int, dst_portal: int, payload: memoryview | bytes,
              on_finish: Callable[[Status, str], None], deadline: float | None = None) -> OutMsg:
-        """Route and queue one message; ``on_finish`` is called exactly once."""
+        """Route and queue one message; ``on_finish`` is called exactly once.
+
+        ``dst`` is a NID or its packed form (what the shim hands over); ``src_raw`` is the
+        packed origin when forwarding, None when we originate the message.  A packed NID
+        that does not decode raises NidError.
+        """
+        if isinstance(dst, Nid):
+            dst_raw, dst_nid = self.packed(dst), dst
+        else:
+            dst_raw, dst_nid = dst, None
         deadline = deadline if deadline is not None else time.monotonic() + self.config.global_.transaction_timeout
-        hop = self.routes.next_hop(dst, self.health_of)
-        if src is None:  # we originate it: the source is our NI on the net it leaves by
-            src = self.nis[hop.net].nid if hop is not None else self.primary_nid()
-        msg = OutMsg(src, dst, src_portal, dst_portal, payload, deadline, on_finish)
         self.stats["msgs_submitted"] += 1
-        if self.is_local(self.packed(dst)):
+        if dst_raw in self._local_packed:
+            msg = OutMsg(src_raw or dst_raw, dst_raw, src_portal, dst_portal, payload, deadline, on_finish)
             task = asyncio.ensure_future(self._loopback(msg))
             self.background.add(task)
             task.add_done_callback(self.background.discard)
             return msg
-        if hop is None:
-            msg.finish(Status.NO_ROUTE, f"no route to net {dst.net}")
-            return msg
-        ni = self.nis[hop.net]
+        peer = self._direct.get(dst_raw)
+        if peer is None:
+            dst_nid = dst_nid or self.unpack(dst_raw)
+            hop = self.routes.next_hop(dst_nid, self.health_of)
+            if hop is None:
+                msg = OutMsg(src_raw or self.nis[self.primary_nid().net].nid_raw, dst_raw, src_portal, dst_portal, payload, deadline, on_finish)
+                msg.finish(Status.NO_ROUTE, f"no route to net {dst_nid.net}")
+                return msg
+            peer = self.peer(hop)
+            if hop == dst_nid and len(self._direct) < 65536:
+                self._direct[dst_raw] = peer  # same-net destinations: no route lookup next time
+        ni = peer.ni
+        msg = OutMsg(src_raw or ni.nid_raw, dst_raw, src_portal, dst_portal, payload, deadline, on_finish)
         if len(payload) > ni.config.max_message_size:
             msg.finish(Status.TOO_LARGE, f"{len(payload)} bytes exceeds max_message_size {ni.config.max_message_size} of net {ni.net}")
             return msg
-        self.peer(hop).enqueue(msg)
+        peer.enqueue(msg)
         return msg
 
+    def routes_changed(self) -> None:
+        """Call after nets or routes change at run time."""
+        self._direct.clear()
+
     async def _loopback(self, msg: OutMsg) -> None:
-        info = wire.MsgInfo(0, msg.src, msg.dst, msg.src_portal, msg.dst_portal, None)
+        info = wire.MsgInfo(0, msg.src_raw, msg.dst_raw, msg.src_portal, msg.dst_portal, None)
         status, reason = await self.deliver_local(info, msg.payload, None)
         msg.finish(status, reason)
 
@@ -799,7 +840,7 @@ class Engine:
         if port is None:
             if pre:
                 pre[0].rx_abort(pre[1])
-            return Status.NO_RECEIVER, f"no endpoint attached on portal {info.dst_portal} at {info.dst}"
+            return Status.NO_RECEIVER, f"no endpoint attached on portal {info.dst_portal} at {self.unpack(info.dst_raw)}"
         if pre is not None and pre[0] is port:
             buf = pre[1]
         else:
@@ -815,13 +856,18 @@ class Engine:
                 if not port.attached:
                     return Status.NO_RECEIVER, f"endpoint on portal {info.dst_portal} detached"
             buf.view[:] = payload
-        port.deliver(buf, self.packed(info.src), info.src_portal, len(payload))
+        port.deliver(buf, info.src_raw, info.src_portal, len(payload))
         self.stats["msgs_delivered"] += 1
         return Status.DELIVERED, ""
 
     async def forward(self, info: wire.MsgInfo, payload: memoryview | bytes, done: Callable[[Status, str], None]) -> None:
+        try:
+            dst = self.unpack(info.dst_raw)
+        except NidError as e:
+            done(Status.PROTOCOL, f"undecodable destination NID: {e}")
+            return
         if not self.config.routing:
-            done(Status.NO_ROUTE, f"{self.primary_nid()} is not a router (message for {info.dst})")
+            done(Status.NO_ROUTE, f"{self.primary_nid()} is not a router (message for {dst})")
             return
         size = len(payload)
         limit = self.config.global_.router_buffer_bytes
@@ -842,7 +888,7 @@ class Engine:
             done(status, reason)
 
         # The payload is the decoder's private buffer (no shim buffer), so no copy is needed.
-        self.send(info.src, info.dst, info.src_portal, info.dst_portal, payload, finished)
+        self.send(info.src_raw, dst, info.src_portal, info.dst_portal, payload, finished)
 
     # -- shim handler ------------------------------------------------------------------------
 
@@ -876,13 +922,10 @@ class Engine:
                 if port.attached:
                     port.complete(req, status, reason)
             try:
-                dst = self.unpack(bytes(req.dst_nid))
+                msg = self.send(None, bytes(req.dst_nid), port.portal, req.dst_portal, req.payload, finish)
+                msg.owner = port
             except NidError as e:
                 port.complete(req, Status.INVALID, f"bad destination NID: {e}")
-                continue
-            try:
-                msg = self.send(None, dst, port.portal, req.dst_portal, req.payload, finish)
-                msg.owner = port
             except LocalProtocolError as e:
                 port.complete(req, Status.NO_ROUTE, str(e))
 

@@ -107,6 +107,9 @@ SMALL_PAYLOAD_LIMIT: dict[FrameType, int] = {
     FrameType.PONG: 0,
 }
 MAX_HEADER_SIZE = BASE_SIZE + max(b.size for b in BODIES.values())
+_TYPES: dict[int, FrameType] = {int(t): t for t in FrameType}  # faster than FrameType(code)
+_HEADER_SIZES: dict[FrameType, int] = {t: BASE_SIZE + b.size for t, b in BODIES.items()}
+_ZERO_CRC = bytes(4)
 
 FLAG_PAYLOAD_CRC = 0x0001  # MSG: payload_crc field is valid
 
@@ -152,38 +155,53 @@ def encode_frame(ftype: FrameType, body: bytes = b"", payload: bytes = b"", flag
 
 def peek_header_size(base: bytes | memoryview) -> int:
     """Validate a 16-byte base header and return the size of base + fixed body."""
-    magic, version, ftype, _flags, _plen, _crc32 = BASE.unpack(base)
+    magic, _version, ftype, _flags, _plen, _crc32 = BASE.unpack(base)
+    return _HEADER_SIZES[_check_base(magic, ftype)]
+
+
+def _check_base(magic: int, ftype: int) -> FrameType:
     if magic != MAGIC:
         raise FrameError(f"bad magic 0x{magic:08x} (stream out of sync or not lu2k)")
-    try:
-        t = FrameType(ftype)
-    except ValueError:
-        raise FrameError(f"unknown frame type {ftype}") from None
-    return BASE_SIZE + BODIES[t].size
+    t = _TYPES.get(ftype)
+    if t is None:
+        raise FrameError(f"unknown frame type {ftype}")
+    return t
 
 
-def decode_header(data: bytes | memoryview, max_payload: int) -> FrameHeader:
-    """Decode base header + body (exactly ``peek_header_size`` bytes) and check the limits."""
-    data = bytes(data)
-    if len(data) < BASE_SIZE:
-        raise FrameError(f"truncated header ({len(data)} bytes)")
-    size = peek_header_size(data[:BASE_SIZE])
-    if len(data) != size:
-        raise FrameError(f"header of {len(data)} bytes, type needs {size}")
-    magic, version, ftype, flags, plen, crc = BASE.unpack(data[:BASE_SIZE])
-    body = data[BASE_SIZE:]
-    expect = _crc(BASE.pack(magic, version, ftype, flags, plen, 0), body)
+def _decode_at(buf: bytes | bytearray | memoryview, pos: int, max_payload: int) -> FrameHeader | None:
+    """Decode the header starting at ``pos`` if it is complete in ``buf``, else None."""
+    if len(buf) - pos < BASE_SIZE:
+        return None
+    magic, version, ftype, flags, plen, crc = BASE.unpack_from(buf, pos)
+    t = _check_base(magic, ftype)
+    end = pos + _HEADER_SIZES[t]
+    if len(buf) < end:
+        return None
+    mv = memoryview(buf)
+    expect = zlib.crc32(mv[pos + BASE_SIZE : end], zlib.crc32(_ZERO_CRC, zlib.crc32(mv[pos : pos + 12]))) & 0xFFFFFFFF
     if crc != expect:
-        raise FrameError(f"header checksum mismatch on {FrameType(ftype).name} frame")
-    t = FrameType(ftype)
+        raise FrameError(f"header checksum mismatch on {t.name} frame")
     limit = max_payload if t is FrameType.MSG else SMALL_PAYLOAD_LIMIT[t]
     if plen > limit:
         raise FrameError(f"{t.name} frame payload of {plen} bytes exceeds limit {limit}")
+    body = bytes(mv[pos + BASE_SIZE : end])
     if t is FrameType.ACK:
         (count,) = ACK_BODY.unpack(body)
         if plen != count * ACK_ENTRY.size:
             raise FrameError(f"ACK frame announces {count} entries but carries {plen} bytes")
     return FrameHeader(t, version, flags, plen, body)
+
+
+def decode_header(data: bytes | memoryview, max_payload: int) -> FrameHeader:
+    """Decode base header + body (exactly ``peek_header_size`` bytes) and check the limits."""
+    if len(data) < BASE_SIZE:
+        raise FrameError(f"truncated header ({len(data)} bytes)")
+    size = peek_header_size(data[:BASE_SIZE])
+    if len(data) != size:
+        raise FrameError(f"header of {len(data)} bytes, type needs {size}")
+    header = _decode_at(data, 0, max_payload)
+    assert header is not None
+    return header
 
 
 class FrameDecoder:
@@ -245,24 +263,26 @@ class FrameDecoder:
 
     def feed(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
-        while view:
-            if self._payload is not None:
-                n = min(len(view), len(self._payload) - self._filled)
-                self._payload[self._filled : self._filled + n] = view[:n]
-                view = view[n:]
-                self.payload_filled(n)
-                continue
-            take = self._need - len(self._head)
-            self._head += view[:take]
-            view = view[take:]
-            if len(self._head) < self._need:
-                return
-            if self._need == BASE_SIZE:
-                self._need = peek_header_size(self._head)
-                if len(self._head) < self._need:
-                    continue
-            header = decode_header(self._head, self.max_payload)
+        pos, n = 0, len(view)
+        if self._head:  # a header split across reads: join just this bit
+            self._head += view
+            buf: bytes | memoryview = bytes(self._head)
             self._head.clear()
+            n = len(buf)
+        else:
+            buf = view
+        while pos < n:
+            if self._payload is not None:
+                take = min(n - pos, len(self._payload) - self._filled)
+                self._payload[self._filled : self._filled + take] = buf[pos : pos + take]
+                pos += take
+                self.payload_filled(take)
+                continue
+            header = _decode_at(buf, pos, self.max_payload)
+            if header is None:
+                self._head += buf[pos:]
+                return
+            pos += header.size
             self._start(header)
 
     def frames(self) -> list[Frame]:
@@ -282,14 +302,30 @@ BufferFor = Callable[[FrameHeader], "memoryview | None"]
 # --- message frames ----------------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class MsgInfo:
-    seq: int
-    src: Nid
-    dst: Nid
-    src_portal: int
-    dst_portal: int
-    payload_crc: int | None
+    """A MSG frame's fixed body.  NIDs stay packed (what the engine and shim use); the
+    :class:`Nid` forms are decoded only when asked for."""
+
+    __slots__ = ("seq", "src_raw", "dst_raw", "src_portal", "dst_portal", "payload_crc")
+
+    def __init__(self, seq: int, src_raw: bytes, dst_raw: bytes, src_portal: int, dst_portal: int, payload_crc: int | None) -> None:
+        self.seq, self.src_raw, self.dst_raw = seq, src_raw, dst_raw
+        self.src_portal, self.dst_portal, self.payload_crc = src_portal, dst_portal, payload_crc
+
+    @property
+    def src(self) -> Nid:
+        return _unpack_nid(self.src_raw)
+
+    @property
+    def dst(self) -> Nid:
+        return _unpack_nid(self.dst_raw)
+
+
+def _unpack_nid(raw: bytes) -> Nid:
+    try:
+        return Nid.from_bytes(raw)
+    except NidError as e:
+        raise FrameError(f"MSG frame with bad NID: {e}") from None
 
 
 def encode_msg_header(
@@ -303,11 +339,7 @@ def encode_msg_header(
 
 def decode_msg(header: FrameHeader) -> MsgInfo:
     seq, src, dst, sport, dport, crc = MSG_BODY.unpack(header.body)
-    try:
-        src_nid, dst_nid = Nid.from_bytes(src), Nid.from_bytes(dst)
-    except NidError as e:
-        raise FrameError(f"MSG frame with bad NID: {e}") from None
-    return MsgInfo(seq, src_nid, dst_nid, sport, dport, crc if header.flags & FLAG_PAYLOAD_CRC else None)
+    return MsgInfo(seq, src, dst, sport, dport, crc if header.flags & FLAG_PAYLOAD_CRC else None)
 
 
 def check_payload(info: MsgInfo, payload: bytes | memoryview) -> None:

@@ -20,7 +20,7 @@ _ports = itertools.count(50000)
 
 
 def config(nid: str, port: int, key: str = "engine-test-key", **glob: Any) -> Any:
-    g = {"transaction_timeout": 1.0, "connect_timeout": 0.5, "reconnect_min": 0.05, "reconnect_max": 0.2}
+    g = {"transaction_timeout": 1, "connect_timeout": 0.5, "reconnect_min": 0.05, "reconnect_max": 0.2}
     g.update(glob)
     net = nid.rpartition("@")[2]
     return parse_config({
