@@ -16,7 +16,10 @@
 //   * treats *sustained RTT inflation* -- the smoothed RTT above the windowed minimum by
 //     more than max(rtt_slack * min_rtt, rtt_slack_min_us) for `inflation_intervals`
 //     consecutive intervals -- as the sign of a queue building somewhere (a shared or
-//     slower bottleneck) and multiplies the rate by `backoff`;
+//     slower bottleneck) and multiplies the rate by `backoff`, or, when the receiver's
+//     measured arrival rate is known, drops to `drain` x that rate (the bottleneck's
+//     delivery rate while a queue stands), so the queue empties within about a round trip
+//     -- but never below half the current rate in one step;
 //   * treats heavy loss the same way (a shallow tail-drop queue overflows before the RTT
 //     shows it);
 //   * after a backoff waits one interval for the effect to show, then recovers additively
@@ -45,8 +48,9 @@ struct RateParams {
     double backoff = 0.85;           // multiplicative decrease on congestion
     double recover = 0.05;           // additive increase per interval (fraction of target)
     double probe_gain = 1.25;        // multiplicative increase per interval when probing
+    double drain = 0.9;              // on inflation: pace at this share of the arrival rate
     double min_interval_us = 50000;  // shortest control interval
-    double rtt_window_us = 10e6;     // min-RTT window (two halves of this, rolled)
+    double rtt_window_us = 30e6;     // min-RTT window (two halves of this, rolled)
 };
 
 class RateLaw {
@@ -69,12 +73,14 @@ public:
     void on_loss(int64_t packets) { lost_ += packets; }
 
     // An ACK arrived carrying the (smoothed) RTT; runs the control once per interval.
-    // bw_bps is the receiver's capacity estimate (packet pairs), 0 if none yet.
-    void on_ack(uint64_t now_us, double rtt_us, double bw_bps) {
+    // bw_bps is the receiver's capacity estimate (packet pairs), arrival_bps the rate
+    // packets arrive at the receiver; 0 when not known (yet).
+    void on_ack(uint64_t now_us, double rtt_us, double bw_bps, double arrival_bps = 0) {
         if (rtt_us <= 0) return;
         srtt_us_ = rtt_us;
         track_min_rtt(now_us, rtt_us);
         if (bw_bps > 0) bw_bps_ = bw_bps;
+        if (arrival_bps > 0) arrival_bps_ = arrival_bps;
         if (interval_start_us_ == 0) {
             interval_start_us_ = now_us;
             return;
@@ -133,7 +139,10 @@ private:
         inflated_run_ = inflated ? inflated_run_ + 1 : 0;
         bool heavy = sent_ >= 20 && last_loss_ > p_.heavy_loss;
         if (inflated_run_ >= p_.inflation_intervals || heavy) {
-            rate_ = clamp(rate_ * p_.backoff);
+            double next = rate_ * p_.backoff;
+            if (inflated && arrival_bps_ > 0)
+                next = std::max(rate_ * 0.5, std::min(next, arrival_bps_ * p_.drain));
+            rate_ = clamp(next);
             ++backoffs_;
             backed_off_ = true;
             inflated_run_ = 0;
@@ -163,6 +172,7 @@ private:
     uint64_t window_start_us_ = 0;
     uint64_t interval_start_us_ = 0;
     double bw_bps_ = 0;
+    double arrival_bps_ = 0;
     int64_t sent_ = 0;
     int64_t lost_ = 0;
     double last_loss_ = 0;

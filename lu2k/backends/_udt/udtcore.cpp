@@ -106,7 +106,8 @@ public:
         std::lock_guard<std::mutex> g(mu_);
         law_.on_sent(sent_.exchange(0));
         double bw_bps = double(m_iBandwidth) * m_iMSS * 8.0;
-        law_.on_ack(monotonic_us(), double(m_iRTT), bw_bps);
+        double arrival_bps = double(m_iRcvRate) * m_iMSS * 8.0;
+        law_.on_ack(monotonic_us(), double(m_iRTT), bw_bps, arrival_bps);
         m_dPktSndPeriod = law_.period_us(m_iMSS);
     }
 
@@ -172,7 +173,7 @@ static bool parse_params(PyObject* kwargs, RateParams* p, double* cwnd) {
         {"max_bps", &p->max_bps}, {"rtt_slack", &p->rtt_slack}, {"rtt_slack_min_us", &p->rtt_slack_min_us},
         {"heavy_loss", &p->heavy_loss}, {"backoff", &p->backoff}, {"recover", &p->recover},
         {"probe_gain", &p->probe_gain}, {"min_interval_us", &p->min_interval_us},
-        {"rtt_window_us", &p->rtt_window_us}, {"cwnd_pkts", cwnd},
+        {"rtt_window_us", &p->rtt_window_us}, {"drain", &p->drain}, {"cwnd_pkts", cwnd},
     };
     PyObject *key, *value;
     Py_ssize_t pos = 0;
@@ -626,9 +627,9 @@ static PyObject* RateLaw_on_loss(RateLawObject* self, PyObject* args) {
 
 static PyObject* RateLaw_on_ack(RateLawObject* self, PyObject* args) {
     unsigned long long now;
-    double rtt, bw = 0;
-    if (!PyArg_ParseTuple(args, "Kd|d", &now, &rtt, &bw)) return nullptr;
-    self->law->on_ack(now, rtt, bw);
+    double rtt, bw = 0, arrival = 0;
+    if (!PyArg_ParseTuple(args, "Kd|dd", &now, &rtt, &bw, &arrival)) return nullptr;
+    self->law->on_ack(now, rtt, bw, arrival);
     Py_RETURN_NONE;
 }
 
@@ -653,7 +654,7 @@ static PyObject* RateLaw_get_loss(RateLawObject* self, void*) {
 static PyMethodDef RateLaw_methods[] = {
     {"on_sent", (PyCFunction)RateLaw_on_sent, METH_VARARGS, "on_sent(packets)"},
     {"on_loss", (PyCFunction)RateLaw_on_loss, METH_VARARGS, "on_loss(packets)"},
-    {"on_ack", (PyCFunction)RateLaw_on_ack, METH_VARARGS, "on_ack(now_us, srtt_us, bw_bps=0)"},
+    {"on_ack", (PyCFunction)RateLaw_on_ack, METH_VARARGS, "on_ack(now_us, srtt_us, bw_bps=0, arrival_bps=0)"},
     {"on_timeout", (PyCFunction)RateLaw_on_timeout, METH_NOARGS, "on_timeout()"},
     {"period_us", (PyCFunction)RateLaw_period_us, METH_VARARGS, "period_us(packet_bytes=1500)"},
     {nullptr, nullptr, 0, nullptr},
