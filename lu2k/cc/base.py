@@ -106,7 +106,7 @@ class DeliveryRateSampler:
         """Account an acked packet; returns its rate sample and whether a round ended."""
         self.delivered += pkt.size
         self.delivered_time = now
-        if self.app_limited_until and self.delivered > self.app_limited_until:
+        if self.app_limited_until and self.delivered >= self.app_limited_until:
             self.app_limited_until = 0
         # The next packet sent opens a sample interval that starts at this one's send time.
         self.first_sent_time = pkt.sent_time

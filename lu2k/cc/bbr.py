@@ -45,6 +45,7 @@ PROBE_GAINS = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 PROBE_RTT_MIN_TIME = 0.2
 MIN_CWND_PACKETS = 4
 STARTUP_LOSS_EXIT = 0.05
+PACING_MARGIN = 0.01
 
 
 class Mode(enum.Enum):
@@ -144,7 +145,9 @@ class BbrController(CongestionController):
             # No estimate yet: the initial window over the initial RTT, as aioquic does.
             rate = STARTUP_GAIN * self.cwnd / self._initial_rtt
         else:
-            rate = self.pacing_gain * bw
+            # 1 % under the estimate: a max filter over noisy samples reads a little high,
+            # and pacing even 1 % over the bottleneck slowly builds a standing queue.
+            rate = self.pacing_gain * bw * (1 - PACING_MARGIN)
         if self.max_rate is not None:
             rate = min(rate, self.max_rate)
         self.pacing_rate = rate

@@ -11,9 +11,9 @@ pacing rate times the minimum RTT, so a queue that builds cannot grow past that.
 It still yields on a shared link.  The same signals as the model-based controller
 (:class:`~lu2k.cc.base.CongestionSignals`) -- loss above the random baseline, or a standing
 queue for two rounds -- cut the current rate to ``beta`` times what the last round delivered
-(never below ``floor`` of the configured rate); each clean round then wins back ``recovery``
-of the configured rate, additively, so after a competing flow leaves the link is full again
-within ~1/recovery rounds.
+(never below ``floor`` of the configured rate); each round without a queue then raises it by
+``recovery`` (5 %), so after a competing flow leaves the link is full again within
+~ln(rate/current)/ln(1.05) rounds -- about 18 rounds (11 s on GEO) from half the rate.
 """
 
 from __future__ import annotations
@@ -85,8 +85,10 @@ class RateController(CongestionController):
                 self.reactions += 1
                 delivered = r.max_rate if r.max_rate > 0 else self.current
                 self.current = max(self.floor * self.rate, min(self.current, delivered) * self.beta)
-            elif not excess and self.signals.queue_rounds == 0:
-                self.current = min(self.rate, self.current + self.recovery * self.rate)
+            elif not excess and self.signals.queue_rounds == 0 and not _queue:
+                # Win back multiplicatively: a few per cent of what gets through now, so
+                # the probe toward the configured rate does not overflow a shared queue.
+                self.current = min(self.rate, self.current * (1 + self.recovery))
         self._update()
 
     def on_persistent_congestion(self, now: float) -> None:

@@ -1,0 +1,114 @@
+"""The model-based controller on the simulated link (fake clock, seeded loss): GEO, LEO, sharing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lu2k.cc.bbr import BbrController, Mode
+from lu2k.cc.sim import Flow, Link, Simulation
+from lu2k.errors import ConfigError
+
+MSS = 1472
+GEO = dict(rate=20e6 / 8, delay=0.3)
+LEO = dict(rate=50e6 / 8, delay=0.02)
+
+
+def _run(link: Link, n: int = 1, duration: float = 40.0, **params: object) -> list[Flow]:
+    flows = [Flow(BbrController(mss=MSS, initial_rtt=2 * link.delay, seed=i, **params), mss=MSS) for i in range(n)]  # type: ignore[arg-type]
+    Simulation(link, flows).run(duration)
+    return flows
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.001, 0.01, 0.02])
+def test_geo_goodput_holds_under_random_loss(loss: float) -> None:
+    link = Link(**GEO, loss=loss, seed=3)
+    (f,) = _run(link)
+    limit = GEO["rate"] * (1 - loss)
+    assert f.goodput(10.0, 40.0) >= 0.93 * limit
+    cc = f.controller
+    assert isinstance(cc, BbrController) and cc.mode in (Mode.PROBE_BW, Mode.PROBE_RTT)
+    # Random loss is learned as the medium's, not read as congestion.
+    assert cc.signals.baseline_loss == pytest.approx(loss, abs=0.004)
+    assert cc.reactions <= 3
+    assert cc.min_rtt == pytest.approx(0.6, abs=0.01)
+
+
+def test_leo_goodput_under_one_percent_loss() -> None:
+    link = Link(**LEO, loss=0.01, seed=5)
+    (f,) = _run(link, duration=20.0)
+    assert f.goodput(5.0, 20.0) >= 0.9 * LEO["rate"] * 0.99
+
+
+def test_operator_rate_hint_shortens_startup() -> None:
+    slow = _run(Link(**GEO, loss=0.01, seed=2), duration=8.0)[0]
+    fast = _run(Link(**GEO, loss=0.01, seed=2), duration=8.0, initial_rate=GEO["rate"])[0]
+    assert fast.goodput(0.0, 8.0) > 1.3 * slow.goodput(0.0, 8.0)
+
+
+def test_two_flows_share_fairly() -> None:
+    link = Link(**GEO, loss=0.01, seed=7)
+    flows = _run(link, n=2, duration=60.0)
+    rates = [f.goodput(20.0, 60.0) for f in flows]
+    fair = GEO["rate"] * 0.99 / 2
+    for r in rates:
+        assert abs(r - fair) <= 0.25 * fair
+    assert sum(rates) >= 0.85 * GEO["rate"] * 0.99
+
+
+def test_backs_off_when_the_link_slows_down() -> None:
+    # The bottleneck drops to a quarter of its rate at t=20 s (e.g. a competing carrier):
+    # the model must follow, not keep a queue full of its old estimate.
+    link = Link(**GEO, loss=0.01, seed=11)
+    f = Flow(BbrController(mss=MSS, initial_rtt=0.6, seed=1), mss=MSS)
+    sim = Simulation(link, [f])
+    sim.run(20.0)
+    drops_before = link.queue_drops
+    link.rate = GEO["rate"] / 4
+    sim.run(60.0)
+    cc = f.controller
+    assert isinstance(cc, BbrController)
+    assert cc.btl_bw <= 1.3 * link.rate
+    assert f.goodput(40.0, 60.0) >= 0.8 * link.rate * 0.99
+    # After the change the queue is not kept overflowing: few drops beyond the transition.
+    assert link.queue_drops - drops_before < 0.05 * (f.sent - 0)
+    assert cc.reactions >= 1
+
+
+def test_min_rtt_follows_a_longer_path() -> None:
+    link = Link(**GEO, loss=0.0, seed=1)
+    f = Flow(BbrController(mss=MSS, initial_rtt=0.6, min_rtt_window=5.0, seed=1), mss=MSS)
+    sim = Simulation(link, [f], ack_delay=0.3)
+    sim.run(15.0)
+    sim.link.delay = 0.4  # the forward path got 100 ms longer
+    sim.run(45.0)
+    assert f.controller.min_rtt == pytest.approx(0.7, abs=0.02)  # type: ignore[attr-defined]
+
+
+def test_rate_cap_is_never_exceeded() -> None:
+    link = Link(**GEO, loss=0.0, seed=1)
+    cap = 10e6 / 8
+    (f,) = _run(link, duration=20.0, max_rate=cap)
+    assert f.controller.pacing_rate <= cap
+    assert f.goodput(5.0, 20.0) <= 1.02 * cap
+
+
+def test_events_without_samples_keep_sane_state() -> None:
+    cc = BbrController(mss=MSS, initial_rtt=0.6)
+    assert cc.pacing_rate > 0 and cc.cwnd >= 4 * MSS
+    pkts = [cc.on_sent(0.001 * i, MSS) for i in range(10)]
+    for p in pkts:
+        cc.on_lost(1.0, p)
+    cc.on_persistent_congestion(2.0)
+    assert cc.bytes_in_flight == 0 and cc.mode is Mode.STARTUP
+    assert math.isfinite(cc.pacing_rate) and cc.pacing_rate > 0
+    cc.on_discarded(cc.on_sent(3.0, MSS))
+    assert cc.bytes_in_flight == 0
+    assert cc.state()["mode"] == "startup"
+
+
+@pytest.mark.parametrize("kw", [{"initial_rtt": 0}, {"initial_rate": -1}, {"cwnd_gain": 0.5}, {"beta": 1.0}, {"max_rate": 0}])
+def test_bad_parameters_are_config_errors(kw: dict[str, float]) -> None:
+    with pytest.raises(ConfigError):
+        BbrController(mss=MSS, **kw)  # type: ignore[arg-type]
