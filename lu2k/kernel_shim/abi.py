@@ -58,7 +58,9 @@ the endpoint.
 * Consumer: load ``producer`` with *acquire* semantics, read the descriptors, then store
   ``consumer`` with *release* semantics (the slots may be overwritten after that).
 * Wake-ups (AF_XDP's need_wakeup): a side about to sleep sets ``NEED_WAKEUP`` in its
-  flag word, issues a *full* fence (``__atomic_thread_fence(__ATOMIC_SEQ_CST)``,
+  flag word (the daemon has one bit per ring it consumes, :data:`FLAG_NEED_WAKEUP` for
+  submit and :data:`FLAG_NEED_WAKEUP_RELEASE` for release, so a daemon that stopped
+  taking submissions under back-pressure is still woken by releases), issues a *full* fence (``__atomic_thread_fence(__ATOMIC_SEQ_CST)``,
   ``smp_mb()``), re-checks its rings and sleeps on its eventfd only if they are still
   empty.  A producer, after publishing, issues a full fence, loads the other side's flag
   word and writes the eventfd only if ``NEED_WAKEUP`` is set.  The two fences make the
@@ -167,7 +169,8 @@ REGION_HDR = struct.Struct(f"<II{LAYOUT.size}s")  # magic, abi_version, layout
 HDR_DAEMON_FLAGS = 512  # u32 written by the daemon, read by the endpoint
 HDR_ENDPOINT_FLAGS = 576  # u32 written by the endpoint, read by the daemon
 HEADER_SIZE = 4096
-FLAG_NEED_WAKEUP = 0x1  # "write my eventfd after you produce for me"
+FLAG_NEED_WAKEUP = 0x1  # endpoint word: "notify me after you publish"; daemon word: "kick me after a submit"
+FLAG_NEED_WAKEUP_RELEASE = 0x2  # daemon word: "kick me after you publish a release"
 
 RING_CTRL_SIZE = 128
 RING_PRODUCER_OFF = 0
