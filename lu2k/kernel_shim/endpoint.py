@@ -392,7 +392,8 @@ class _Core:
             if comp is None:
                 self.counters["unknown_completions"] += 1
                 continue
-            tx.free(comp._offset)
+            if tx.is_allocated(comp._offset):
+                tx.free(comp._offset)
             st = Status.from_code(status) if status else Status.DELIVERED
             p = peers[comp.dst]
             p["in_flight"] -= 1
@@ -449,6 +450,7 @@ class _Core:
             self.fail_all(f"control socket error: {e}")
             return None
         if not packet:
+            self.process()  # take what the daemon published before it closed (completions, events)
             reason = "lu2kd closed the shim socket (daemon exited or disconnected this endpoint)"
             self.fail_all(reason + (f"; last event: {self.last_event}" if self.last_event else ""))
             return None
