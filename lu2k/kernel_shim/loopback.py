@@ -123,6 +123,7 @@ class LoopbackThread:
             self.loop.run_until_complete(self.server.start())
         except BaseException as e:  # reported to the starting thread
             self._error = e
+            self.loop.close()
             self._ready.set()
             return
         self._ready.set()
