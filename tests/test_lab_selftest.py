@@ -14,8 +14,9 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for networ
 
 def test_table_format() -> None:
     rows = [{"case": "x", "pps": 1000.0, "mbit": 12.0, "forwarder_cpu": 0.5, "lateness_p50_us": 500.0,
-             "lateness_p99_us": 1500.0, "lateness_max_us": 3000.0}]
-    assert "1.50ms" in format_table(rows) and "50%" in format_table(rows)
+             "lateness_p99_us": 1500.0, "lateness_max_us": 3000.0, "us_per_packet": 12.0}]
+    text = format_table(rows)
+    assert "1.50ms" in text and "50%" in text and "~1,000 Mbit/s" in text
 
 
 @needs_root

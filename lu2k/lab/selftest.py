@@ -6,7 +6,9 @@ has no rate cap -- once with no delay and once with a GEO one-way delay (a deep 
 -- and reports what came through (packets/s, Mbit/s), the forwarder's CPU share, and the
 lateness of its releases against their schedule.  If the forwarder's CPU is near 100 %, the
 packets/s figure is its ceiling; otherwise the UDP sender (also Python, on the same cores)
-was the limit and the forwarder's ceiling is higher still.
+was the limit and the forwarder's ceiling is higher still: the table's ``us/pkt`` (forwarder
+CPU per packet) and ``ceiling`` (1500-byte packets one core could forward at that cost)
+estimate it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def run_selftest(duration: float = 5.0, warmup: float = 1.0) -> list[dict[str, A
             "pps": blast["pps"],
             "mbit": blast["goodput_bps"] / 1e6,
             "forwarder_cpu": busy / wall if wall > 0 else 0.0,
+            # CPU per forwarded packet (both directions' work is in ``busy``; the reverse
+            # direction carries nothing here), and the packet rate one core would sustain.
+            "us_per_packet": busy / max(ab["packets_in"] - before["links"]["ab"]["packets_in"], 1) * 1e6,
             "forwarder_packets": ab["packets_out"],
             "lateness_p50_us": ab["lateness"]["p50_us"],
             "lateness_p99_us": ab["lateness"]["p99_us"],
@@ -54,12 +59,21 @@ def run_selftest(duration: float = 5.0, warmup: float = 1.0) -> list[dict[str, A
     return results
 
 
+def _ceiling(us_per_packet: float) -> str:
+    """Mbit/s of 1500-byte packets one core could forward at this cost per packet."""
+    if us_per_packet <= 0:
+        return "-"
+    return f"~{1e6 / us_per_packet * 1500 * 8 / 1e6:,.0f} Mbit/s"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'case':<16} {'pps':>8} {'Mbit/s':>8} {'fwd CPU':>8} {'late p50':>9} {'late p99':>9} {'late max':>9}"
+    head = (f"{'case':<16} {'pps':>8} {'Mbit/s':>8} {'fwd CPU':>8} {'us/pkt':>7} {'ceiling':>12} "
+            f"{'late p50':>9} {'late p99':>9} {'late max':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['case']:<16} {r['pps']:>8.0f} {r['mbit']:>8.1f} {r['forwarder_cpu'] * 100:>7.0f}% "
+            f"{r.get('us_per_packet', 0.0):>7.1f} {_ceiling(r.get('us_per_packet', 0.0)):>12} "
             f"{r['lateness_p50_us'] / 1e3:>7.2f}ms {r['lateness_p99_us'] / 1e3:>7.2f}ms {r['lateness_max_us'] / 1e3:>7.2f}ms"
         )
     return "\n".join(lines)
