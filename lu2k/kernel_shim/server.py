@@ -242,6 +242,8 @@ class ShimPort:
         self.counters["delivered"] += 1
         self.counters["rx_bytes"] += length
         self._schedule_flush()
+        # Releases will follow: poll for them instead of having the reader kick us for each.
+        self._start_polling()
 
     def rx_abort(self, buf: RxBuffer) -> None:
         """Give back an RX buffer that will not be delivered."""
@@ -367,6 +369,17 @@ class ShimPort:
                 self._schedule_service()
         except RemoteProtocolError as e:
             self.server._disconnect(self, str(e))
+
+    def _start_polling(self) -> None:
+        """Clear the wake-up bits and make sure a poll is scheduled (the invariant: bits clear
+        => a service pass is coming)."""
+        self._idle = 0
+        cfg = self.server.config
+        if not cfg.idle_poll_us or self._failing:
+            return
+        if self._poll_handle is None:
+            self._poll_handle = self.server._loop.call_later(cfg.idle_poll_us / 1e6, self._poll_fire)
+        self._flags[0] = 0
 
     def _poll_fire(self) -> None:
         self._poll_handle = None
