@@ -367,6 +367,27 @@ def host_interfaces(interfaces: Iterable[Sequence[object]]) -> list[HostInterfac
     return out
 
 
+def system_interfaces() -> list[HostInterface]:
+    """This host's IPv4 interfaces in detection (ifindex) order -- the one function here that
+    looks at the machine.  Interfaces without an IPv4 address are left out, as LNet does."""
+    import fcntl
+    import socket
+    import struct
+
+    siocgifflags, siocgifaddr, iff_up = 0x8913, 0x8915, 0x1
+    out = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _idx, name in sorted(socket.if_nameindex()):
+            req = struct.pack("256s", name.encode()[:15])
+            try:
+                flags = struct.unpack_from("H", fcntl.ioctl(s.fileno(), siocgifflags, req), 16)[0]
+                raw = fcntl.ioctl(s.fileno(), siocgifaddr, req)
+            except OSError:
+                continue  # gone, or no IPv4 address
+            out.append(HostInterface(name, ipaddress.IPv4Address(raw[20:24]), bool(flags & iff_up)))
+    return out
+
+
 def _default_interface(net: Net, ifaces: list[HostInterface]) -> HostInterface | None:
     # socklnd (and lu2k's IP backends) take the first non-loopback interface that is up;
     # o2iblnd only looks at InfiniBand devices, which we recognise by their "ib" name.
@@ -852,4 +873,5 @@ __all__ = [
     "parse_networks",
     "parse_routes",
     "resolve_interfaces",
+    "system_interfaces",
 ]

@@ -35,6 +35,10 @@ class Daemon:
         self.engine = Engine(config)
         self.control = ControlServer(config.control_path)
         self._register()
+        # import/export, net|route|peer add|del, set (lnetctl-style, applied atomically)
+        from .confctl import register as register_config_commands
+
+        self.config_ctl = register_config_commands(self)
 
     def _register(self) -> None:
         eng, reg = self.engine, self.control.register

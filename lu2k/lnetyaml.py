@@ -100,6 +100,8 @@ LU2K_GLOBALS: dict[str, tuple[type, float, float]] = {
     "router_buffer_bytes": (int, 0, 1 << 40),
 }
 READ_ONLY_GLOBALS = {"lnd_timeout"}
+# lnetctl takes whole seconds; lu2k's daemon also takes fractions for these (minimum shown).
+FRACTIONAL_GLOBALS = {"transaction_timeout": 0.001, "recovery_interval": 0.01}
 # ``lnetctl set`` names that differ from the YAML key.
 SET_ALIASES = {"max_interfaces": "max_intf", "hsensitivity": "health_sensitivity"}
 
@@ -118,7 +120,7 @@ LU2K_NET_KEYS = {
     "backend", "port", "listen", "key", "key_file", "cert", "cert_key", "ca", "max_message_size",
     "checksum", "profile", "options",
 }
-LU2K_TOP_KEYS = {"networks", "ip2nets", "routes", "shim", "control", "interfaces"}
+LU2K_TOP_KEYS = {"networks", "ip2nets", "routes", "shim", "control", "interfaces", "defaults"}
 PROFILE_BOUNDS = {"rtt_ms": (0.0, 60000.0), "rate_mbit": (0.001, 1e6), "loss": (0.0, 0.5)}
 
 
@@ -193,6 +195,8 @@ class _Errors:
 
 
 def _int(errs: _Errors, where: str, value: Any, lo: int | None = None, hi: int | None = None) -> int | None:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         errs.add(where, f"expected an integer, got {value!r}")
         return None
@@ -294,6 +298,11 @@ def _tunables(errs: _Errors, where: str, value: Any) -> dict[str, int]:
         if k not in TUNABLES:
             errs.add(f"{where}.{k}", f"unknown tunable (known: {', '.join(TUNABLES)})")
             continue
+        if k == "peer_timeout" and isinstance(v, float):
+            fv = _float(errs, f"{where}.{k}", v, 0.0, 86400.0)  # lu2k takes fractions of a second
+            if fv is not None:
+                out[k] = fv  # type: ignore[assignment]
+            continue
         iv = _int(errs, f"{where}.{k}", v, -1 if k == "peer_timeout" else 0, 1 << 24)
         if iv is not None:
             out[k] = iv
@@ -326,10 +335,10 @@ def _lu2k_net(errs: _Errors, where: str, value: Any) -> dict[str, Any]:
     _unknown(errs, where, m, LU2K_NET_KEYS)
     out: dict[str, Any] = {}
     if "backend" in m:
-        from .backends import backend_names  # the registry knows every backend by name
-
-        if not isinstance(m["backend"], str) or m["backend"] not in backend_names():
-            errs.add(f"{where}.backend", f"unknown backend {m['backend']!r} (known: {', '.join(backend_names())})")
+        # Only the shape here: whether the backend exists and loads on this host is
+        # ``lu2kd --check``'s question (it may need an optional dependency).
+        if not isinstance(m["backend"], str) or not m["backend"]:
+            errs.add(f"{where}.backend", f"expected a backend name like tcp, got {m['backend']!r}")
         else:
             out["backend"] = m["backend"]
     if "port" in m:
@@ -451,6 +460,10 @@ def _parse_net(errs: _Errors, where: str, item: Any, resolve: bool) -> NetEntry 
     return entry
 
 
+def _is_expression(gw: str) -> bool:
+    return any(c in gw for c in "[*") or " " in gw.strip()
+
+
 def _parse_route(errs: _Errors, where: str, item: Any, resolve: bool) -> list[RouteEntry]:
     m = _mapping(errs, where, item)
     if m is None:
@@ -470,7 +483,7 @@ def _parse_route(errs: _Errors, where: str, item: Any, resolve: bool) -> list[Ro
     else:
         gw = m["gateway"]
         try:
-            if any(c in gw for c in "[*") or " " in gw.strip():
+            if _is_expression(gw):
                 # lnetctl route add --gateway takes a NID list expression
                 gateways = NidList.parse(gw).expand(limit=1024)
             else:
@@ -582,7 +595,11 @@ def _parse_globals(errs: _Errors, where: str, value: Any) -> dict[str, int | flo
     m = _mapping(errs, where, value)
     out: dict[str, int | float] = {}
     for k, v in (m or {}).items():
-        if k in LNET_GLOBALS:
+        if k in FRACTIONAL_GLOBALS and isinstance(v, float) and not v.is_integer():
+            fv = _float(errs, f"{where}.{k}", v, FRACTIONAL_GLOBALS[k], 86400.0)
+            if fv is not None:
+                out[k] = fv
+        elif k in LNET_GLOBALS:
             lo, hi = LNET_GLOBALS[k]
             iv = _int(errs, f"{where}.{k}", v, lo, hi)
             if iv is not None:
@@ -628,6 +645,9 @@ def _parse_lu2k_top(errs: _Errors, where: str, value: Any) -> dict[str, Any]:
             errs.add(f"{where}.{k}", str(e).replace("\n", " ").replace("  ", " "))
     if out.get("networks") and out.get("ip2nets"):
         errs.add(where, "Please specify EITHER 'networks' or 'ip2nets' but not both at once")
+    if "defaults" in m:
+        # lu2k options for the nets the legacy strings and ip2nets rules create
+        out["defaults"] = _lu2k_net(errs, f"{where}.defaults", m["defaults"])
     for k in ("shim", "control"):
         if k in m:
             sm = _mapping(errs, f"{where}.{k}", m[k])
@@ -650,10 +670,12 @@ def _parse_lu2k_top(errs: _Errors, where: str, value: Any) -> dict[str, Any]:
     return out
 
 
-def parse_data(data: Any, *, source: str = "<yaml>", resolve: bool = True) -> LnetConfig:
+def parse_data(data: Any, *, source: str = "<yaml>", resolve: bool = True, complete: bool = False) -> LnetConfig:
     """Validate a loaded YAML document; raise ConfigError listing every problem.
 
-    ``resolve=False`` refuses host names in NIDs instead of looking them up.
+    ``resolve=False`` refuses host names in NIDs instead of looking them up.  ``complete``
+    says the document is a node's whole configuration (not a fragment to import into one):
+    then routes must go through a gateway on one of its nets, when its nets are all explicit.
     """
     errs = _Errors()
     if data is None:
@@ -720,6 +742,10 @@ def parse_data(data: Any, *, source: str = "<yaml>", resolve: bool = True) -> Ln
     if "lu2k" in data:
         cfg.lu2k = _parse_lu2k_top(errs, "lu2k", data["lu2k"])
     _check_duplicates(errs, cfg)
+    if complete and not (cfg.ip2nets or cfg.lu2k.get("networks") or cfg.lu2k.get("ip2nets")):
+        for r in cfg.routes:
+            if cfg.net(r.gateway.net) is None:
+                errs.add("route", f"route to {r.net}: gateway {r.gateway} is not on a local net")
     if errs.items:
         raise ConfigError(f"{len(errs.items)} error(s) in configuration", where=source, errors=errs.items)
     return cfg
@@ -1010,6 +1036,83 @@ def resolve(cfg: LnetConfig, interfaces: Iterable[Sequence[object]] | None = Non
     return Resolved(nets, routes, router, notes)
 
 
+def expand_for_daemon(data: Any, *, source: str = "<yaml>", interfaces: Iterable[Sequence[object]] | None = None) -> Any:
+    """Check a daemon config document against the lnetctl schema, then rewrite what only the
+    host can resolve into plain entries the daemon's settings read directly.
+
+    Raises ConfigError listing every schema problem.  NIs given only by ``interfaces`` get
+    their NIDs; ``lu2k.networks``/``lu2k.ip2nets`` and ``ip2nets:`` rules become ``net``
+    entries (with ``lu2k.defaults`` as their ``lu2k`` options); ``lu2k.routes`` become
+    ``route`` entries.  The host's interfaces are ``interfaces``, else ``lu2k.interfaces``,
+    else :func:`lu2k.config.system_interfaces`.  A document needing none of this comes back
+    unchanged.
+    """
+    import copy
+
+    from .config import system_interfaces
+
+    if not isinstance(data, Mapping):
+        return data  # the caller says what is wrong with it
+    cfg = parse_data(data, source=source, complete=True)
+    lu = cfg.lu2k
+    interface_only = any(ni.interfaces and ni.nid is None for n in cfg.nets for ni in n.nis)
+    expressions = any(isinstance(r, Mapping) and _is_expression(str(r.get("gateway", ""))) for r in data.get("route") or [])
+    if not (cfg.ip2nets or lu.get("networks") or lu.get("ip2nets") or lu.get("routes") or interface_only or expressions):
+        return data
+    if interfaces is None:
+        interfaces = lu.get("interfaces") or system_interfaces()
+    try:
+        res = resolve(cfg, interfaces)
+    except ConfigError as e:
+        raise ConfigError(f"{len(e.errors)} error(s) applying the configuration to this host", where=source, errors=e.errors) from None
+    out = copy.deepcopy(dict(data))
+    explicit = {n.net for n in cfg.nets}
+    by_net = {rn.net: rn for rn in res.nets}
+    items = []
+    for item in out.get("net") or []:
+        try:
+            net = parse_net(str(item.get("net type")))
+        except NidError:
+            continue
+        if net.type == "lo":
+            continue
+        rn = by_net.get(net)
+        if rn is not None and net in explicit:
+            nis = []
+            for ni_item in item.get("local NI(s)") or []:
+                if isinstance(ni_item, Mapping) and "nid" not in ni_item and ni_item.get("interfaces"):
+                    names = {x.interface for x in (parse_interface_item(v) for v in _seq(_Errors(), "", ni_item["interfaces"]) or [])}
+                    for ni in rn.nis:
+                        if ni.interface in names:
+                            nis.append({**{k: v for k, v in ni_item.items() if k != "interfaces"}, "nid": str(ni.nid)})
+                else:
+                    nis.append(ni_item)
+            item = {**item, "local NI(s)": nis}
+        items.append(item)
+    defaults = dict(lu.get("defaults") or {})
+    for rn in res.nets:
+        if rn.net not in explicit:
+            items.append({"net type": str(rn.net), "local NI(s)": [{"nid": str(ni.nid)} for ni in rn.nis], "lu2k": dict(defaults)})
+    out["net"] = items
+    if expressions:
+        out["route"] = [
+            {**item, "gateway": str(r.gateway)}
+            for item in out.get("route") or []
+            for r in _parse_route(_Errors(), "route", item, True)
+        ]
+    listed = {(r.net, r.gateway) for r in cfg.routes}
+    extra = [
+        {"net": str(r.net), "gateway": str(r.gateway), "hop": -1 if r.hop is None else r.hop, "priority": r.priority}
+        for r in res.routes
+        if (r.net, r.gateway) not in listed
+    ]
+    if extra:
+        out["route"] = list(out.get("route") or []) + extra
+    if res.router:
+        out["routing"] = {**(out.get("routing") or {}), "enable": 1}
+    return out
+
+
 def apply_set(cfg: LnetConfig, name: str, value: Any) -> LnetConfig:
     """``lnetctl set <name> <value>`` on a copy of ``cfg``: validated, never half-applied.
 
@@ -1042,5 +1145,5 @@ def apply_set(cfg: LnetConfig, name: str, value: Any) -> LnetConfig:
 
 __all__ = [
     "LnetConfig", "NetEntry", "NiEntry", "PeerEntry", "Resolved", "ResolvedNet", "ResolvedNi", "RouteEntry",
-    "apply_set", "dumps", "load", "loads", "parse_data", "resolve", "to_data",
+    "apply_set", "dumps", "expand_for_daemon", "load", "loads", "parse_data", "resolve", "to_data",
 ]

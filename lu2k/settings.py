@@ -261,6 +261,7 @@ def parse_config(data: Any, *, source: str = "<string>", base_dir: Path | None =
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("top level must be a mapping", where=source)
+    data = _expand_lnet(data, source)
     known = {"net", "peer", "route", "global", "routing", "buffers", "lu2k", "ip2nets", "numa", "discovery"}
     for key in data:
         if key not in known:
@@ -363,3 +364,12 @@ def load_config(path: str | None) -> DaemonConfig:
 
 def with_overrides(cfg: DaemonConfig, **changes: Any) -> DaemonConfig:
     return replace(cfg, **changes)
+
+
+def _expand_lnet(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """lnetctl schema check (every error, with its YAML path) and expansion of what needs the
+    host: interface-only NIs, ``lu2k.networks``/``ip2nets``/``routes`` module-parameter
+    strings and ``ip2nets:`` rules become plain ``net``/``route`` entries (lu2k.lnetyaml)."""
+    from .lnetyaml import expand_for_daemon
+
+    return dict(expand_for_daemon(data, source=source))

@@ -553,3 +553,11 @@ def test_netspec_str_round_trip() -> None:
     spec = NetSpec(Net("tcp", 2), (NiSpec("eth0"), NiSpec("eth1")))
     assert str(spec) == "tcp2(eth0,eth1)"
     assert networks_string(parse_networks(str(spec))) == "tcp2(eth0,eth1)"
+
+
+def test_system_interfaces_sees_loopback() -> None:
+    from lu2k.config import system_interfaces
+
+    ifaces = system_interfaces()
+    assert any(h.name == "lo" and str(h.ip) == "127.0.0.1" and h.up for h in ifaces)
+    assert len({h.name for h in ifaces}) == len(ifaces)

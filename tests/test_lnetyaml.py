@@ -142,7 +142,7 @@ def test_every_error_is_listed_with_its_path() -> None:
                   - nid: 10.0.0.1@o2ib
                   - tunables: {credits: -5, bogus: 1}
                     interfaces: {0: eth0}
-                lu2k: {backend: carrier-pigeon, port: 70000, key: short, profile: {loss: 0.9}}
+                lu2k: {backend: 5, port: 70000, key: short, profile: {loss: 0.9}}
             route:
               - {net: lo, gateway: 10.0.0.1@tcp}
               - {net: tcp1, gateway: 0@lo}
@@ -169,7 +169,7 @@ def test_every_error_is_listed_with_its_path() -> None:
         "net[1].local NI(s)[1].nid: NID 10.0.0.1@o2ib is not on net tcp",
         "net[1].local NI(s)[2].tunables.credits: -5 out of range",
         "net[1].local NI(s)[2].tunables.bogus: unknown tunable",
-        "net[1].lu2k.backend: unknown backend 'carrier-pigeon'",
+        "net[1].lu2k.backend: expected a backend name",
         "net[1].lu2k.port: 70000 out of range",
         "net[1].lu2k.key: key shorter than 8 characters",
         "net[1].lu2k.profile.loss: 0.9 out of range",
@@ -391,3 +391,65 @@ def test_apply_set() -> None:
 def test_net_type_names() -> None:
     cfg = loads("net: [{net type: udt3, local NI(s): [{nid: 10.0.0.1@udt3}], lu2k: {backend: udt}}]")
     assert cfg.nets[0].net == Net("udt", 3)
+
+
+# --- the daemon's config ----------------------------------------------------------------------------
+
+DAEMON_LU2K = {"backend": "tcp", "port": 7988, "key": "a-site-key-of-some-length"}
+
+
+def test_expand_for_daemon_leaves_plain_documents_alone() -> None:
+    from lu2k.lnetyaml import expand_for_daemon
+
+    data = {"net": [{"net type": "tcp", "local NI(s)": [{"nid": "10.0.0.1@tcp"}], "lu2k": DAEMON_LU2K}]}
+    assert expand_for_daemon(data) is data
+
+
+def test_expand_for_daemon_legacy_strings_and_interface_nis() -> None:
+    from lu2k.lnetyaml import expand_for_daemon
+
+    data = {
+        "net": [{"net type": "tcp2", "local NI(s)": [{"interfaces": {0: "eth1"}, "tunables": {"credits": 5}}], "lu2k": DAEMON_LU2K}],
+        "route": [{"net": "o2ib3", "gateway": "192.168.3.[8-9]@tcp2"}],
+        "lu2k": {"networks": "tcp(eth0)", "routes": "tcp1 10.0.0.2@tcp; tcp4 10.0.0.1@tcp", "defaults": DAEMON_LU2K},
+    }
+    out = expand_for_daemon(data, interfaces=HOST)
+    assert out["net"][0]["local NI(s)"] == [{"tunables": {"credits": 5}, "nid": "192.168.3.3@tcp2"}]
+    assert out["net"][1] == {"net type": "tcp", "local NI(s)": [{"nid": "10.0.0.1@tcp"}], "lu2k": DAEMON_LU2K}
+    assert [(r["net"], r["gateway"]) for r in out["route"]] == [
+        ("o2ib3", "192.168.3.8@tcp2"), ("o2ib3", "192.168.3.9@tcp2"), ("tcp1", "10.0.0.2@tcp")]
+    assert out["routing"] == {"enable": 1}  # 10.0.0.1@tcp is ours: we are a router
+    assert data["net"][0]["local NI(s)"][0].get("nid") is None  # the input is not modified
+
+
+def test_expand_for_daemon_reports_host_problems_whole() -> None:
+    from lu2k.lnetyaml import expand_for_daemon
+
+    with pytest.raises(ConfigError) as ei:
+        expand_for_daemon({"lu2k": {"ip2nets": "tcp 172.16.*.*", "routes": "tcp1 1.1.1.1@o2ib"}}, interfaces=HOST)
+    assert any("does not match" in e for e in ei.value.errors)
+
+
+def test_daemon_settings_read_legacy_module_parameters() -> None:
+    from lu2k.settings import parse_config
+
+    cfg = parse_config({
+        "lu2k": {"ip2nets": "tcp(eth1) 192.168.*.*; tcp1 10.*.*.*", "routes": "o2ib 192.168.3.9@tcp",
+                 "defaults": DAEMON_LU2K, "interfaces": [{"name": "eth0", "ip": "10.0.0.1"}, {"name": "eth1", "ip": "192.168.3.3"}]},
+    })
+    assert [(str(n.net), str(n.nid), n.port) for n in cfg.nets] == [("tcp", "192.168.3.3@tcp", 7988), ("tcp1", "10.0.0.1@tcp1", 7988)]
+    assert [(str(r.net), str(r.gateway)) for r in cfg.routes] == [("o2ib", "192.168.3.9@tcp")]
+
+
+def test_daemon_settings_list_schema_errors_with_paths() -> None:
+    from lu2k.settings import parse_config
+
+    with pytest.raises(ConfigError) as ei:
+        parse_config({"net": [{"net type": "tcp", "local NI(s)": [{"nid": "10.0.0.1@tcp", "tunables": {"credits": "x"}}],
+                               "lu2k": {**DAEMON_LU2K, "port": -1}}],
+                      "route": [{"net": "tcp1", "gateway": "1.2.3.4@o2ib"}]})
+    assert ei.value.errors == [
+        "net[0].local NI(s)[0].tunables.credits: expected an integer, got 'x'",
+        "net[0].lu2k.port: -1 out of range 0..65535",
+        "route: route to tcp1: gateway 1.2.3.4@o2ib is not on a local net",
+    ]

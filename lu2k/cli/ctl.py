@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", default=None, help=f"control socket (default {default_control_path()})")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sub = p.add_subparsers(dest="object", metavar="OBJECT")
+    actions: dict[str, Any] = {}
     for obj in ("net", "peer", "route", "endpoint"):
-        sp = sub.add_parser(obj, help=f"{obj} commands").add_subparsers(dest="action", metavar="ACTION")
+        sp = actions[obj] = sub.add_parser(obj, help=f"{obj} commands").add_subparsers(dest="action", metavar="ACTION")
         show = sp.add_parser("show", help=f"show {obj}s")
         show.add_argument("-v", "--verbose", action="store_true")
         if obj == "peer":
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("nid")
     pg.add_argument("--timeout", type=float, default=5.0)
     pg.add_argument("-v", "--verbose", action="store_true")
+    _add_config_parsers(sub, actions)
     return p
 
 
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     key = tuple(x for x in (args.object, getattr(args, "action", None)) if x)
+    if key in CONFIG_COMMANDS:
+        return _run_config_command(key, args)
     if key not in COMMANDS:
         parser.print_help()
         return 2
@@ -115,6 +119,121 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lu2kctl: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2) if args.json else printer(result, args))
+    return 0
+
+
+# --- configuration commands (import/export, net|route|peer add|del, set) -------------------------
+
+
+def _add_config_parsers(sub: Any, actions: dict[str, Any]) -> None:
+    """lnetctl's configuration commands, with lnetctl's option names."""
+    na = actions["net"].add_parser("add", help="add a net (validated and applied whole)")
+    na.add_argument("--net", required=True, help="net name, e.g. tcp1")
+    na.add_argument("--nid", help="the NI's NID (default: from --if)")
+    na.add_argument("--if", dest="interfaces", help="interface(s), comma separated: eth0,eth1[0]")
+    na.add_argument("--backend", help="lu2k backend (tcp, quic, udt, rds, o2ib)")
+    na.add_argument("--port", type=int)
+    na.add_argument("--key", help="the net's pre-shared key")
+    na.add_argument("--key-file", dest="key_file")
+    na.add_argument("--listen", help="bind address")
+    na.add_argument("--peer-timeout", dest="peer_timeout", type=int)
+    na.add_argument("--peer-credits", dest="peer_credits", type=int)
+    na.add_argument("--peer-buffer-credits", dest="peer_buffer_credits", type=int)
+    na.add_argument("--credits", type=int)
+    na.add_argument("--rtt-ms", dest="rtt_ms", type=float, help="site profile: expected RTT")
+    na.add_argument("--rate-mbit", dest="rate_mbit", type=float, help="site profile: link rate")
+    na.add_argument("--loss", type=float, help="site profile: loss fraction (0.01 = 1 %%)")
+    nd = actions["net"].add_parser("del", help="delete a net")
+    nd.add_argument("--net", required=True)
+    ra = actions["route"].add_parser("add", help="add a route")
+    ra.add_argument("--net", required=True, help="remote net")
+    ra.add_argument("--gateway", required=True, help="gateway NID (or NID list expression)")
+    ra.add_argument("--hop", type=int, help="hop count 1..255 (default undefined)")
+    ra.add_argument("--priority", type=int)
+    ra.add_argument("--health-sensitivity", dest="health_sensitivity", type=int)
+    rd = actions["route"].add_parser("del", help="delete routes to a net (through one gateway)")
+    rd.add_argument("--net", required=True)
+    rd.add_argument("--gateway")
+    pa = actions["peer"].add_parser("add", help="add a peer")
+    pa.add_argument("--prim_nid", "--prim-nid", dest="prim_nid", required=True, help="primary NID")
+    pa.add_argument("--nid", dest="peer_nids", help="more NIDs of the peer, comma separated")
+    pa.add_argument("--non_mr", "--non-mr", dest="non_mr", action="store_true")
+    pa.add_argument("--address", help="host:port to reach it at (overrides the NID's address)")
+    pd = actions["peer"].add_parser("del", help="delete a peer")
+    pd.add_argument("--prim_nid", "--prim-nid", dest="prim_nid", required=True)
+    im = sub.add_parser("import", help="add (or --del, or --replace) configuration from a YAML file")
+    im.add_argument("file", nargs="?", default="-", help="YAML file (default: stdin)")
+    g = im.add_mutually_exclusive_group()
+    g.add_argument("--del", dest="delete", action="store_true", help="delete what the file lists")
+    g.add_argument("--replace", action="store_true", help="make the file the whole configuration")
+    ex = sub.add_parser("export", help="print the configuration as YAML (lnetctl layout)")
+    ex.add_argument("file", nargs="?", help="write to this file instead of stdout")
+    ex.add_argument("--secrets", action="store_true", help="include pre-shared keys (for a backup)")
+    st = sub.add_parser("set", help="set a global: transaction_timeout, retry_count, health_sensitivity, routing, ...")
+    st.add_argument("name")
+    st.add_argument("value")
+
+
+def _config_request(key: tuple[str, ...], args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    if key == ("import",):
+        try:
+            if args.file == "-":
+                text = sys.stdin.read()
+            else:
+                with open(args.file, encoding="utf-8") as f:
+                    text = f.read()
+        except OSError as e:
+            raise Lu2kError(f"cannot read {args.file}: {e.strerror}") from None
+        return "import", {"yaml": text, "del": args.delete, "replace": args.replace}
+    if key == ("export",):
+        return "export", {"secrets": args.secrets}
+    if key == ("set",):
+        return "set", {"name": args.name, "value": args.value}
+    if key == ("net", "add"):
+        req = {k: getattr(args, k) for k in ("net", "nid", "backend", "port", "key", "key_file", "listen", "peer_timeout",
+                                              "peer_credits", "peer_buffer_credits", "credits", "rtt_ms", "rate_mbit", "loss")}
+        if args.interfaces:
+            req["interfaces"] = args.interfaces.split(",")
+        return "net add", {k: v for k, v in req.items() if v is not None}
+    if key == ("net", "del"):
+        return "net del", {"net": args.net}
+    if key == ("route", "add"):
+        req = {k: getattr(args, k) for k in ("net", "gateway", "hop", "priority", "health_sensitivity")}
+        return "route add", {k: v for k, v in req.items() if v is not None}
+    if key == ("route", "del"):
+        return "route del", {k: v for k, v in (("net", args.net), ("gateway", args.gateway)) if v}
+    if key == ("peer", "add"):
+        req = {"nid": args.prim_nid, "non_mr": args.non_mr}
+        if args.peer_nids:
+            req["nids"] = args.peer_nids.split(",")
+        if args.address:
+            req["address"] = args.address
+        return "peer add", req
+    return "peer del", {"nid": args.prim_nid}
+
+
+CONFIG_COMMANDS = {("import",), ("export",), ("set",), ("net", "add"), ("net", "del"), ("route", "add"),
+                   ("route", "del"), ("peer", "add"), ("peer", "del")}
+
+
+def _run_config_command(key: tuple[str, ...], args: argparse.Namespace) -> int:
+    try:
+        cmd, req = _config_request(key, args)
+        result = asyncio.run(request(args.socket or default_control_path(), cmd, req))
+    except Lu2kError as e:
+        print(f"lu2kctl: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif key == ("export",):
+        if args.file:
+            with open(args.file, "w", encoding="utf-8") as f:
+                f.write(result["yaml"])
+        else:
+            print(result["yaml"], end="")
+    else:
+        changes = [f"  {c}" for c in result.get("changes", [])] or ["  (nothing changed)"]
+        print("\n".join([result["ok"] + ": done", *changes]))
     return 0
 
 
