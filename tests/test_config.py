@@ -561,3 +561,47 @@ def test_system_interfaces_sees_loopback() -> None:
     ifaces = system_interfaces()
     assert any(h.name == "lo" and str(h.ip) == "127.0.0.1" and h.up for h in ifaces)
     assert len({h.name for h in ifaces}) == len(ifaces)
+
+
+@pytest.mark.netns
+def test_first_interface_on_a_real_kernel(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The wiki's first-interface cases with interfaces a real kernel reports, in a private
+    network namespace: detection order is ifindex order, not name order."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2")
+    ns = f"lu2kcfg{os.getpid()}"
+    run = lambda *a: subprocess.run(["ip", *a], check=True, capture_output=True)  # noqa: E731
+    run("netns", "add", ns)
+    try:
+        # Created in this order: eth1 gets the lower ifindex, so it is "first".
+        for name, addr, up in (("eth1", "10.70.3.4/16", True), ("eth0", "192.168.1.20/24", True), ("eth2", "172.16.0.1/16", False)):
+            run("-n", ns, "link", "add", name, "type", "veth", "peer", "name", "p" + name)  # the peer has no IPv4
+            run("-n", ns, "addr", "add", addr, "dev", name)
+            if up:
+                run("-n", ns, "link", "set", name, "up")
+        run("-n", ns, "link", "set", "lo", "up")
+        code = (
+            "from lu2k.config import system_interfaces, ip2nets, networks_string, parse_networks, resolve_interfaces\n"
+            "h = system_interfaces()\n"
+            "print([(i.name, str(i.ip), i.up) for i in h])\n"
+            "print(networks_string(resolve_interfaces(parse_networks('tcp'), h)))\n"
+            "print(networks_string(ip2nets('tcp0 192.168.*.*', h)))\n"
+            "print(networks_string(ip2nets('tcp0(eth0) 192.168.*.*', h)))\n"
+            "try:\n    ip2nets('tcp 172.16.*.*', h)\nexcept Exception as e:\n    print('error:', e)\n"
+        )
+        env = {**os.environ, "PYTHONPATH": os.getcwd()}
+        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], check=True, capture_output=True,
+                             text=True, env=env, timeout=60).stdout.splitlines()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    assert out[0] == str([("lo", "127.0.0.1", True), ("eth1", "10.70.3.4", True), ("eth0", "192.168.1.20", True),
+                          ("eth2", "172.16.0.1", False)])
+    assert out[1] == "tcp(eth1)"  # networks="tcp": the first interface detected
+    assert out[2] == "tcp(eth1)"  # the pattern matches eth0's address, the NI goes on eth1
+    assert out[3] == "tcp(eth0)"
+    assert out[4].startswith("error:") and "does not match" in out[4]  # eth2 is down
