@@ -261,7 +261,7 @@ class ConfigController:
     async def set(self, args: dict[str, Any]) -> dict[str, Any]:
         name = str(args.get("name", ""))
         value = args.get("value")
-        cur = parse_data(self.doc, source="set", resolve=False)
+        cur = parse_data(self.doc, source="set")
         changed = apply_set(cur, name, value)  # validated: raises ConfigError listing why not
         new = copy.deepcopy(self.doc)
         key = SET_ALIASES.get(name, name)

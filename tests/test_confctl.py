@@ -239,3 +239,19 @@ def test_document_from_config_round_trips() -> None:
     again = parse_config(document_from_config(cfg))
     assert again.nets == cfg.nets and again.routes == cfg.routes and again.peers == cfg.peers
     assert vars(again.global_) == vars(cfg.global_)
+
+
+def test_lu2kd_check_reads_module_parameter_strings(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cfg = {"lu2k": {"networks": "tcp(lo)", "routes": "o2ib 127.0.0.[8-9]@tcp", "defaults": {"backend": "tcp", "port": 7988, "key": KEY}}}
+    path = tmp_path / "legacy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "lu2k.daemon", "--config", str(path), "--check"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "1 net(s): 127.0.0.1@tcp (tcp); 2 route(s)" in res.stdout
+    cfg["lu2k"]["networks"] = "tcp(lo"
+    path.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "lu2k.daemon", "--config", str(path), "--check"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "lu2k.networks: networks at position 4" in res.stderr
