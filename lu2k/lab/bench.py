@@ -104,7 +104,7 @@ def _receiver(args: argparse.Namespace) -> dict[str, Any]:
                 t = now - meter.start
                 if meter.warmup <= t < meter.warmup + meter.duration and len(latencies) < MAX_LATENCY_SAMPLES:
                     latencies.append(now - sent_at)
-    out = meter.result() if meter else {"bytes_total": 0, "goodput_bps": 0.0}
+    out: dict[str, Any] = meter.result() if meter else {"bytes_total": 0, "goodput_bps": 0.0}
     latencies.sort()
 
     def pct(q: float) -> float | None:
