@@ -45,6 +45,8 @@ from ..nid import NID_SIZE, Nid, parse_nid
 from . import abi
 from .ring import RingConsumer, RingProducer, SlotPool, full_fence
 
+DELIVERED = Status.DELIVERED
+
 
 _PACKED: dict[Nid | str, bytes] = {}  # applications send to few peers, many times: parse once
 
@@ -103,6 +105,8 @@ class Completion:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until done (sync endpoint only); False on timeout."""
+        if self.status is not None:
+            return True
         return bool(self._front._block(lambda: self.status is not None, timeout))
 
     def result(self, timeout: float | None = None) -> None:
@@ -275,6 +279,7 @@ class _Core:
         self.kick_want = 0  # daemon flag bits our unannounced publishes would need
         self.peers: dict[bytes, dict[str, int]] = {}
         self.counters = collections.Counter[str]()
+        self.sent = 0  # hot counter kept apart from the Counter
         self.epoll = select.epoll()
         self.epoll.register(self.notify_fd, select.EPOLLIN)
         self.epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
@@ -312,10 +317,10 @@ class _Core:
         self.kick_want |= abi.FLAG_NEED_WAKEUP
         comp = front._completion_class(cookie, dst, length, offset, front)
         self.pending[cookie] = comp
-        p = self._peer(dst)
+        p = self.peers.get(dst) or self._peer(dst)
         p["sent"] += 1
         p["in_flight"] += 1
-        self.counters["sent"] += 1
+        self.sent += 1
         return comp
 
     def release(self, offset: int) -> None:
@@ -383,6 +388,7 @@ class _Core:
             return 0
         self.complete.commit()
         pending, tx, peers = self.pending, self.tx, self.peers
+        delivered = 0
         for cookie, status, flags, reason in descs:
             if flags & abi.COMP_EVENT:
                 self.counters["events"] += 1
@@ -394,18 +400,22 @@ class _Core:
                 continue
             if tx.is_allocated(comp._offset):
                 tx.free(comp._offset)
-            st = Status.from_code(status) if status else Status.DELIVERED
             p = peers[comp.dst]
             p["in_flight"] -= 1
-            if st is Status.DELIVERED:
+            if not status:
                 p["delivered"] += 1
                 p["bytes_sent"] += comp.size
-                self.counters["delivered"] += 1
-                comp._finish(st, "")
+                delivered += 1
+                comp.status = DELIVERED
+                if comp._callbacks:
+                    comp._finish(DELIVERED, "")
             else:
+                st = Status.from_code(status)
                 p["failed"] += 1
                 self.counters["failed"] += 1
                 comp._finish(st, abi.decode_reason(reason))
+        if delivered:
+            self.counters["delivered"] += delivered
         return len(descs)
 
     def _deliveries(self) -> int:
@@ -489,6 +499,7 @@ class _Core:
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: self.counters.get(k, 0) for k in ("sent", "delivered", "failed", "received", "released", "kicks", "events")}
+        out["sent"] = self.sent
         out.update(portal=self.portal, in_flight=len(self.pending), tx_buffers_in_use=self.tx.in_use,
                    rx_buffers_held=len(self.rx_outstanding), attached=self.dead is None)
         if self.last_event:
@@ -675,11 +686,25 @@ class Endpoint:
 
     def send(self, dst: Nid | str | bytes, payload: bytes | bytearray | memoryview, portal: int = 0, *,
              timeout: float | None = None, flush: bool = True) -> Completion:
-        """Copy ``payload`` into a TX slot and post it; returns its Completion."""
+        """Copy ``payload`` into a TX slot and post it; returns its Completion.
+
+        ``flush=False`` leaves the doorbell to a later ``flush()`` (or any call that
+        waits), so a burst of posts costs at most one kick.
+        """
+        core = self._core
         dst_raw = pack_nid(dst)
-        slot = self.reserve(len(payload), timeout=timeout)
-        slot.view[:] = payload
-        return slot.post(dst_raw, portal, flush=flush)
+        n = len(payload)
+        got = core.tx.alloc(n) if core.dead is None and n <= core.max_message_size else None
+        if got is None:  # slow path: errors, or wait for a TX slot (back-pressure)
+            slot = self.reserve(n, timeout=timeout)
+            slot.view[:] = payload
+            return slot.post(dst_raw, portal, flush=flush)
+        offset = got[0]
+        core.mm[offset : offset + n] = payload
+        comp = core.post(offset, n, dst_raw, portal, self)
+        if flush:
+            core.kick_if_wanted()
+        return comp
 
     def flush(self) -> None:
         """Kick the daemon for posts made with ``flush=False`` (if it is asleep)."""
@@ -963,8 +988,13 @@ async def _recvmsg(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tupl
             return packet, anc
         except BlockingIOError:
             pass
-        fut = loop.create_future()
-        loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def readable(fut: asyncio.Future[None] = fut) -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(sock.fileno(), readable)
         try:
             await fut
         finally:

@@ -107,10 +107,11 @@ class RingProducer(_Ring):
 
     def put(self, *fields: object) -> bool:
         """Write one descriptor (not yet visible); False if the ring is full."""
-        if self.space() <= 0:
+        head = self.head
+        if (head - self._cached_consumer) & _MASK32 >= self.entries and self.space() <= 0:
             return False
-        self.desc.pack_into(self._mem, self._descs + (self.head & self.mask) * self.desc_size, *fields)
-        self.head = (self.head + 1) & _MASK32
+        self.desc.pack_into(self._mem, self._descs + (head & self.mask) * self.desc_size, *fields)
+        self.head = (head + 1) & _MASK32
         return True
 
     def put_many(self, items: Iterable[tuple[object, ...]]) -> int:
@@ -203,6 +204,7 @@ class SlotPool:
                 self._capacity[o] = c.slot_size
             self._free.append(offsets[::-1])  # pop() hands out the lowest offsets first
         self._sizes = [c.slot_size for c in self.classes]
+        self._free_of = {c.slot_size: f for c, f in zip(self.classes, self._free)}
         self.max_size = self._sizes[-1]
         self.total = len(self._capacity)
         self._used: set[int] = set()
@@ -232,7 +234,7 @@ class SlotPool:
         if offset not in self._used:
             raise LocalProtocolError(f"slot at offset {offset} freed twice")
         self._used.discard(offset)
-        self._free[self._sizes.index(cap)].append(offset)
+        self._free_of[cap].append(offset)
 
     def is_allocated(self, offset: int) -> bool:
         return offset in self._used

@@ -194,7 +194,11 @@ class ShimPort:
             c["tx_bytes"] += len(req.payload)
         if not self.attached:
             return
-        self._post_completion(req.cookie, int(status), 0, abi.encode_reason(reason, abi.COMP_REASON_LEN) if reason else _EMPTY_REASON)
+        if not status and not self._backlog and self._complete.put(req.cookie, 0, 0, _EMPTY_REASON):
+            if not self._flush_scheduled:  # the common case, inlined
+                self._schedule_flush()
+        else:
+            self._post_completion(req.cookie, int(status), 0, abi.encode_reason(reason, abi.COMP_REASON_LEN) if reason else _EMPTY_REASON)
         if self._stalled and self.in_flight < self.max_in_flight:
             self._stalled = False
             self._schedule_service()
@@ -230,20 +234,27 @@ class ShimPort:
             raise LocalProtocolError(f"RX buffer at offset {buf.offset} is not an allocated buffer of portal {self.portal}")
         if not 0 <= length <= len(buf.view):
             raise LocalProtocolError(f"deliver length {length} exceeds the {len(buf.view)}-byte RX buffer")
+        if type(src_nid) is not bytes:
+            src_nid = bytes(src_nid)
         if len(src_nid) != NID_SIZE:
             raise LocalProtocolError(f"source NID must be {NID_SIZE} packed bytes, got {len(src_nid)}")
         if not self.attached:
             raise ShimError(errno.ENOTCONN, f"shim port on portal {self.portal} is detached")
         buf.state = _STATE_DELIVERED
         # Cannot be full: the deliver ring has an entry for every RX slot.
-        if not self._deliver.put(buf.offset, length, src_portal, self.portal, bytes(src_nid), 0, 0):
+        if not self._deliver.put(buf.offset, length, src_portal, self.portal, src_nid, 0, 0):
             raise LocalProtocolError("deliver ring full (ring smaller than the RX pool?)")
         self._rx_delivered.add(buf.offset)
-        self.counters["delivered"] += 1
-        self.counters["rx_bytes"] += length
-        self._schedule_flush()
+        c = self.counters
+        c["delivered"] += 1
+        c["rx_bytes"] += length
+        if not self._flush_scheduled:
+            self._schedule_flush()
         # Releases will follow: poll for them instead of having the reader kick us for each.
-        self._start_polling()
+        if self._poll_handle is None:
+            self._start_polling()
+        else:
+            self._idle = 0
 
     def rx_abort(self, buf: RxBuffer) -> None:
         """Give back an RX buffer that will not be delivered."""
