@@ -200,6 +200,18 @@ async def test_no_server_listening_is_connect_error(pki: dict[str, str]) -> None
         await client.close()
 
 
+async def test_vanished_peer_is_read_error_after_dead_timeout(pki: dict[str, str]) -> None:
+    but = BackendUnderTest(QuicBackend, "127.0.0.1", options=_opts(pki, dead_timeout=1.0))
+    server, client, out, inn, lst = await _pair(but)
+    try:
+        lst._server._transport.close()  # the server process "dies": no CONNECTION_CLOSE is sent
+        await out.send([_msg(1, b"x" * 5000)])
+        with pytest.raises(ReadError, match="stopped answering"):
+            await asyncio.wait_for(out.recv(), 10)
+    finally:
+        await _close(out, inn, lst, server, client)
+
+
 async def test_silent_peer_is_connect_timeout(pki: dict[str, str]) -> None:
     client = BackendUnderTest(QuicBackend, "127.0.0.1", options=_opts(pki)).make()
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never answers

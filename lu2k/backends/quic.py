@@ -31,7 +31,7 @@ Setup half of the backend (the data path is :mod:`lu2k.backends.quic_stream`).
 
 Options (``BackendSettings.options``): ``cert``, ``key``, ``ca``, ``server_name``, ``mtls``,
 ``congestion``, ``rate`` / ``rate_cap`` (Mbit/s or "20mbit"), ``max_datagram_size``,
-``idle_timeout``, ``keepalive``, ``max_streams``, ``send_buffer``, ``recv_buffer``,
+``idle_timeout``, ``keepalive``, ``dead_timeout``, ``max_streams``, ``send_buffer``, ``recv_buffer``,
 ``ordered``, ``zero_rtt``.  Unknown options are an error (typos should not pass silently).
 """
 
@@ -71,7 +71,7 @@ from .quic_stream import (
 ALPN = "lu2k"
 KNOWN_OPTIONS = {
     "cert", "key", "ca", "server_name", "mtls", "congestion", "rate", "rate_cap", "max_datagram_size",
-    "idle_timeout", "keepalive", "max_streams", "send_buffer", "recv_buffer", "ordered", "zero_rtt",
+    "idle_timeout", "keepalive", "dead_timeout", "max_streams", "send_buffer", "recv_buffer", "ordered", "zero_rtt",
 }
 TICKETS_KEPT = 256
 # TLS alert numbers (RFC 8446 section 6) that mean "your certificate is not acceptable".
@@ -226,6 +226,9 @@ class QuicBackend(Backend):
             raise ConfigError(f"max_datagram_size must be 1200..65000, got {self.max_datagram_size}", where=self._where)
         self.idle_timeout = _number_option(opts, "idle_timeout", 60.0, self._where, minimum=1.0)
         self.keepalive = _number_option(opts, "keepalive", self.idle_timeout / 3, self._where)
+        # Long enough for a PTO backoff or two on the profile's RTT, short enough that a
+        # restarted peer is noticed in seconds (GEO: 8 x 0.6 s = 4.8 s).
+        self.dead_timeout = _number_option(opts, "dead_timeout", max(3.0, 8 * self.rtt), self._where)
         self.max_streams = int(_number_option(opts, "max_streams", 1024, self._where, minimum=16))
         bdp = profile.bdp_bytes(default=4 << 20)
         self.send_buffer = int(_number_option(opts, "send_buffer", max(8 << 20, 4 * bdp), self._where, minimum=64 << 10))
@@ -237,7 +240,7 @@ class QuicBackend(Backend):
         self.zero_rtt = _bool_option(opts.get("zero_rtt", True), f"{self._where}: zero_rtt")
         self.stream_options = StreamOptions(
             max_payload=settings.max_message_size, send_buffer=self.send_buffer, recv_buffer=self.recv_buffer,
-            keepalive=self.keepalive, ordered=self.ordered,
+            keepalive=self.keepalive, ordered=self.ordered, dead_timeout=self.dead_timeout,
         )
         self._client_tickets: collections.OrderedDict[tuple[str, int], SessionTicket] = collections.OrderedDict()
         self._server_tickets: collections.OrderedDict[bytes, SessionTicket] = collections.OrderedDict()
@@ -400,6 +403,9 @@ class QuicBackend(Backend):
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
+            # Connected, so the kernel reports ICMP port-unreachable: "nobody listens" fails
+            # the connect at once instead of after the timeout.
+            sock.connect(addr)
             sock.setblocking(False)
             endpoint, protocol = await loop.create_datagram_endpoint(
                 lambda: Lu2kQuicProtocol(quic, stream_options=self.stream_options, translate=translate_close), sock=sock,
@@ -443,7 +449,7 @@ class QuicBackend(Backend):
             "congestion": self.congestion, "aioquic_algorithm": self.algorithm, "alpn": ALPN,
             "max_datagram_size": self.max_datagram_size or "1472 (IPv4) / 1452 (IPv6)",
             "mtls": self.mtls, "verify_server": bool(self.ca), "idle_timeout": self.idle_timeout,
-            "keepalive": self.keepalive, "max_streams": self.max_streams, "send_buffer": self.send_buffer,
+            "keepalive": self.keepalive, "dead_timeout": self.dead_timeout, "max_streams": self.max_streams, "send_buffer": self.send_buffer,
             "recv_buffer": self.recv_buffer, "ordered": self.ordered, "zero_rtt": self.zero_rtt,
         }
 

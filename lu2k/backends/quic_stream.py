@@ -26,7 +26,10 @@ dropped unread, which the peer sees as loss and retransmits later (back-pressure
 full socket buffer gives it).
 
 Keepalive: a PING whenever nothing was sent for ``keepalive`` seconds, so NAT bindings and
-the idle timeout survive quiet periods.
+the idle timeout survive quiet periods.  Liveness: QUIC has no reset, so a peer that restarted
+just goes silent; with data outstanding and nothing heard for ``dead_timeout`` seconds the
+connection is failed (``ReadError``) and the engine reconnects, instead of waiting for the
+idle timeout.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
 
-from ..errors import ConnectError, FrameError, Lu2kError, NetworkError, ReadError, WriteError
+from ..errors import ConnectError, FrameError, Lu2kError, ReadError, WriteError
 from ..wire import BufferFor, Frame, FrameDecoder, FrameType
 from .base import OutFrame, Transport
 
@@ -320,8 +323,9 @@ class StreamOptions:
     """Data-path tunables, resolved once per backend."""
 
     def __init__(self, *, max_payload: int, send_buffer: int, recv_buffer: int, keepalive: float, ordered: bool,
-                 stream_batch: int = 64 << 10) -> None:
+                 stream_batch: int = 64 << 10, dead_timeout: float = 0.0) -> None:
         self.max_payload = max_payload
+        self.dead_timeout = dead_timeout
         self.stream_batch = stream_batch
         self.send_buffer = send_buffer
         self.recv_buffer = recv_buffer
@@ -355,7 +359,8 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
         self.handshake_waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.peer = "?"
         self._keepalive: asyncio.TimerHandle | None = None
-        self._last_send = self._loop.time()
+        self._liveness: asyncio.TimerHandle | None = None
+        self._last_send = self._last_receive = self._loop.time()
 
     # --- pump ------------------------------------------------------------------------------------
 
@@ -364,6 +369,7 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
         if t is not None and t.recv_backlog > self.stream_options.recv_buffer:
             t.datagrams_dropped += 1
             return
+        self._last_receive = self._loop.time()
         if self.peer == "?" and isinstance(addr, tuple):
             self.peer = f"{addr[0]}:{addr[1]}"
         super().datagram_received(data, addr)
@@ -378,6 +384,11 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
             self.handshake_waiter.set_exception(ConnectError(f"cannot reach {self.peer}: {exc}"))
 
     def transmit(self) -> None:
+        if self._transport is None or self._transport.is_closing():
+            # The UDP socket is gone (listener closed, backend shut down): nothing can be
+            # sent or received any more, so this connection is over.
+            self._socket_gone()
+            return
         super().transmit()
         t = self.transport_obj
         while t is not None and t.feed():
@@ -432,8 +443,9 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
             self._fail_handshake(err)
             if self.transport_obj is not None:
                 self.transport_obj.fail(err)
-            if self._keepalive is not None:
-                self._keepalive.cancel()
+            for timer in (self._keepalive, self._liveness):
+                if timer is not None:
+                    timer.cancel()
 
     def _fail_handshake(self, err: Lu2kError) -> None:
         if not self.handshake_waiter.done():
@@ -454,6 +466,25 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
         interval = self.stream_options.keepalive
         if interval > 0:
             self._keepalive = self._loop.call_later(interval, self._keepalive_tick)
+        if self._liveness is None and self.stream_options.dead_timeout > 0:
+            self._liveness = self._loop.call_later(self.stream_options.dead_timeout / 4, self._liveness_tick)
+
+    def _liveness_tick(self) -> None:
+        # QUIC has no RST: a peer that restarted (or vanished) just stops answering, and the
+        # idle timeout alone would take a minute to notice.  Data outstanding and nothing
+        # heard for dead_timeout means the peer is gone; the engine then reconnects.
+        self._liveness = None
+        if self._quic._state is not QuicConnectionState.CONNECTED:
+            return
+        silent = self._loop.time() - self._last_receive
+        limit = self.stream_options.dead_timeout
+        if silent > limit and self._quic._loss.bytes_in_flight > 0:
+            err = ReadError(f"{self.peer} stopped answering ({silent:.1f} s without a packet while data was outstanding)")
+            if self.transport_obj is not None:
+                self.transport_obj.fail(err)
+            self.close_connection(APP_NO_ERROR, "peer timed out")
+            return
+        self._liveness = self._loop.call_later(limit / 4, self._liveness_tick)
 
     def _keepalive_tick(self) -> None:
         if self._quic._state is not QuicConnectionState.CONNECTED:
@@ -464,13 +495,24 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
         self._arm_keepalive()
 
     def close_connection(self, code: int, reason: str) -> None:
-        if self._keepalive is not None:
-            self._keepalive.cancel()
+        for timer in (self._keepalive, self._liveness):
+            if timer is not None:
+                timer.cancel()
         if self._quic._state not in (QuicConnectionState.CLOSING, QuicConnectionState.DRAINING, QuicConnectionState.TERMINATED):
             self._quic.close(error_code=code, reason_phrase=reason)
             self.transmit()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._socket_gone()
+
+    def _socket_gone(self) -> None:
+        for timer in (self._keepalive, self._liveness, self._timer):
+            if timer is not None:
+                timer.cancel()
+        self._keepalive = self._liveness = self._timer = None
+        err = ReadError(f"the UDP socket for {self.peer} was closed")
+        self._fail_handshake(err)
         if self.transport_obj is not None:
-            self.transport_obj.fail(NetworkError(f"socket for {self.peer} closed"))
+            self.transport_obj.fail(err)
+        self._closed.set()
 
