@@ -138,13 +138,30 @@ class Route:
 
 
 class RouteList(list):  # type: ignore[type-arg]
-    """The routes Lustre would add, plus ``router`` (a gateway was one of our NIDs) and
-    ``ignored`` (routes Lustre silently drops, with the reason)."""
+    """The routes ``lnet_parse_route`` hands to ``lnet_add_route``, in order (duplicates
+    included), plus ``router``: a gateway was one of our own NIDs."""
 
     def __init__(self) -> None:
         super().__init__()
         self.router = False
-        self.ignored: list[tuple[Route, str]] = []
+
+    def installable(self, local_nids: Iterable["Nid | str"]) -> tuple[list[Route], list[tuple[Route, str]]]:
+        """What ``lnet_add_route`` keeps on a node with these NIDs, and what it drops (with
+        why): routes to one of our nets (EEXIST), through a gateway on a net we are not on
+        (EHOSTUNREACH), and repeats (EEXIST) -- all tolerated by the ``routes=`` parser."""
+        local_nets = {nid_of(n).net for n in local_nids}
+        keep: list[Route] = []
+        dropped: list[tuple[Route, str]] = []
+        for r in self:
+            if r.net in local_nets:
+                dropped.append((r, f"{r.net} is a local net"))
+            elif r.gateway.net not in local_nets:
+                dropped.append((r, f"gateway {r.gateway} is not on a local net"))
+            elif any(k.net == r.net and k.gateway == r.gateway for k in keep):
+                dropped.append((r, "duplicate route"))
+            else:
+                keep.append(r)
+        return keep, dropped
 
 
 # --- errors -----------------------------------------------------------------------------------------
@@ -773,16 +790,14 @@ def parse_routes(text: str, local_nids: Iterable["Nid | str"] | None = None) -> 
     """Parse a ``routes=`` string (``lnet_parse_routes``).
 
     ``local_nids`` are this node's NIDs: a gateway among them makes the node a router
-    (``result.router``) instead of adding a route.  When given, routes Lustre would not add
-    (to one of our own nets, or through a gateway on a net we are not on) go to
-    ``result.ignored``; with None, only the syntax is applied.
+    (``result.router``) instead of adding a route (``lnet_islocalnid``).  The result is every
+    route the parser hands to ``lnet_add_route``; :meth:`RouteList.installable` applies
+    what ``lnet_add_route`` itself checks.
     """
     if not isinstance(text, str):
         raise ConfigError(f"routes must be a string, got {text!r}", where="routes")
-    local = None if local_nids is None else [nid_of(n) for n in local_nids]
-    local_nets = None if local is None else {n.net for n in local}
+    local = [] if local_nids is None else [nid_of(n) for n in local_nids]
     result = RouteList()
-    seen: set[tuple[Net, Nid]] = set()
     for cmd, base in _split_commands(text, "routes"):
         toks = _tokens(cmd)
         nets: list[Net] = []
@@ -834,21 +849,10 @@ def parse_routes(text: str, local_nids: Iterable["Nid | str"] | None = None) -> 
             raise _syntax("routes", text, base + pos, len(tok), "a route needs a net and at least one gateway")
         for net in nets:
             for gw in gateways:
-                if local is not None and gw in local:
+                if gw in local:
                     result.router = True
                     continue
-                route = Route(net, gw, hops, priority)
-                if local_nets is not None and net in local_nets:
-                    result.ignored.append((route, f"{net} is a local net"))
-                    continue
-                if local_nets is not None and gw.net not in local_nets:
-                    result.ignored.append((route, f"gateway {gw} is not on a local net"))
-                    continue
-                if (net, gw) in seen:
-                    result.ignored.append((route, "duplicate route"))
-                    continue
-                seen.add((net, gw))
-                result.append(route)
+                result.append(Route(net, gw, hops, priority))
     return result
 
 

@@ -1025,9 +1025,10 @@ def resolve(cfg: LnetConfig, interfaces: Iterable[Sequence[object]] | None = Non
             errors.append(f"lu2k.routes: {e}".replace("\n", " "))
         else:
             router = router or parsed.router
-            for route, why in parsed.ignored:
+            keep, dropped = parsed.installable(local)
+            for route, why in dropped:
                 notes.append(f"lu2k.routes: {route} ignored: {why}")
-            for route in parsed:
+            for route in keep:
                 if any(x.net == route.net and x.gateway == route.gateway for x in routes):
                     continue
                 routes.append(RouteEntry(route.net, route.gateway, route.hops, route.priority))

@@ -449,7 +449,7 @@ ROUTES_OK = [
     ("tcp1 10.0.0.1@tcp # comment; tcp2 10.0.0.2@tcp", ["tcp1 10.0.0.1@tcp", "tcp2 10.0.0.2@tcp"]),
     ("# only a comment", []),
     ("", []),
-    ("tcp1 10.0.0.1@tcp; tcp1 10.0.0.1@tcp", ["tcp1 10.0.0.1@tcp"]),  # EEXIST is tolerated
+    ("tcp1 10.0.0.1@tcp; tcp1 10.0.0.1@tcp", ["tcp1 10.0.0.1@tcp", "tcp1 10.0.0.1@tcp"]),  # lnet_add_route says EEXIST
     ("tcp1\t2\t10.0.0.1@tcp", ["tcp1 2 10.0.0.1@tcp"]),
     ("o2ib0 192.168.0.[2-4]@tcp0", ["o2ib 192.168.0.2@tcp", "o2ib 192.168.0.3@tcp", "o2ib 192.168.0.4@tcp"]),
     ("tcp1 [1-2]@gni", ["tcp1 1@gni", "tcp1 2@gni"]),
@@ -506,10 +506,13 @@ def test_routes_local_gateway_makes_a_router() -> None:
 
 
 def test_routes_lustre_would_not_add_are_reported() -> None:
-    result = parse_routes("tcp 10.0.0.2@tcp; o2ib 192.168.0.1@o2ib1; o2ib 10.0.0.3@tcp", ["10.0.0.1@tcp"])
-    assert [str(r) for r in result] == ["o2ib 10.0.0.3@tcp"]
-    reasons = [why for _, why in result.ignored]
-    assert reasons == ["tcp is a local net", "gateway 192.168.0.1@o2ib1 is not on a local net"]
+    text = "tcp 10.0.0.2@tcp; o2ib 192.168.0.1@o2ib1; o2ib 10.0.0.3@tcp; o2ib 10.0.0.3@tcp:4"
+    result = parse_routes(text, ["10.0.0.1@tcp"])
+    assert len(result) == 4  # everything lnet_parse_route hands to lnet_add_route
+    keep, dropped = result.installable(["10.0.0.1@tcp"])
+    assert [str(r) for r in keep] == ["o2ib 10.0.0.3@tcp"]
+    assert [why for _, why in dropped] == [
+        "tcp is a local net", "gateway 192.168.0.1@o2ib1 is not on a local net", "duplicate route"]
 
 
 def test_route_fields() -> None:
