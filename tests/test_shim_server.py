@@ -382,3 +382,30 @@ def test_shim_config_validation() -> None:
         ShimConfig(max_in_flight=0)
     with pytest.raises(ConfigError, match="integer"):
         ShimConfig(batch="many")
+
+
+async def test_killed_endpoint_process_is_detached(loop_server: ShimServer) -> None:
+    # An application that dies without DETACH (kill -9): EOF on its control socket detaches
+    # its port and frees the portal; the daemon is unaffected.
+    code = (
+        "import sys, time\n"
+        "from lu2k.kernel_shim.endpoint import Endpoint\n"
+        f"ep = Endpoint.attach({loop_server.path!r}, 9)\n"
+        "ep.send('0@lo', b'x' * 1000, portal=9)\n"
+        "print('attached', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE,
+                                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.stdout is not None
+    assert (await asyncio.wait_for(proc.stdout.readline(), 60)).strip() == b"attached"
+    await until(lambda: 9 in loop_server.ports and loop_server.ports[9].counters["delivered"] == 1, "message looped back")
+    port = loop_server.ports[9]
+    proc.kill()
+    await proc.wait()
+    await until(lambda: 9 not in loop_server.ports, "port detached after the process died")
+    assert not port.attached and "closed the control socket" in port.detach_reason
+    async with await AsyncEndpoint.attach(loop_server.path, 9) as ep:  # the portal is free again
+        await (await ep.send(LO, b"y", portal=9))
