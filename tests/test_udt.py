@@ -2,19 +2,279 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import threading
+import zlib
+
 import pytest
 
-from lu2k.backends import get_backend
-from lu2k.errors import BackendUnavailable
+from lu2k.backends import availability, get_backend
+from lu2k.backends.base import BackendSettings, LinkProfile
+from lu2k.errors import BackendUnavailable, ConfigError, FrameError, NetworkError, ReadError, WriteError
+from lu2k.nid import parse_net
+from lu2k.wire import ConnType, FrameType, decode_msg
 
 try:
     UdtBackend = get_backend("udt")
-except BackendUnavailable as e:  # pragma: no cover - CI installs libudt-dev, so this must not skip there
+except BackendUnavailable as e:  # CI installs libudt-dev (.ci/requirements-apt.txt), so this runs there
     pytest.skip(f"udt backend unavailable: {e}", allow_module_level=True)
 
-from conformance import TRANSPORT_CHECKS, BackendUnderTest  # noqa: E402
+from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _pair, _recv_n  # noqa: E402
+
+from lu2k.backends import _udtcore  # noqa: E402
+from lu2k.backends import udt_proto as proto  # noqa: E402
+
+KEY = b"conformance-key"
 
 
+def make(port: int = 0, key: bytes = KEY, profile: LinkProfile = LinkProfile(), max_message: int = 4 << 20, **options):
+    return UdtBackend(BackendSettings(parse_net("udt0"), port, max_message, profile, key, options))
+
+
+@pytest.mark.parametrize("cc", ["lu2k-rate", "udt"])
 @pytest.mark.parametrize("check", TRANSPORT_CHECKS, ids=lambda c: c.__name__)
-async def test_conformance(check):
-    await check(BackendUnderTest(UdtBackend, "127.0.0.1"))
+async def test_conformance(check, cc: str) -> None:
+    await check(BackendUnderTest(UdtBackend, "127.0.0.1", options={"cc": cc}))
+
+
+def test_registered_and_available() -> None:
+    assert UdtBackend.name == "udt"
+    assert availability()["udt"] is None
+    with pytest.raises(ConfigError, match="network key"):
+        make(key=b"")
+
+
+async def test_many_messages_each_arrive_once_intact_with_figures() -> None:
+    server, client = make(profile=LinkProfile(rtt_ms=1, rate_mbit=400)), make(profile=LinkProfile(rtt_ms=1, rate_mbit=400))
+    accepted: asyncio.Queue = asyncio.Queue()
+    lst = await server.listen("127.0.0.1", 0, accepted.put)
+    out = await client.connect("127.0.0.1", lst.address[1], ConnType.ANY, 5)
+    inn = await asyncio.wait_for(accepted.get(), 10)
+    try:
+        rnd = os.urandom(1 << 16)
+        payloads = [rnd[: (i * 7919) % len(rnd)] for i in range(1500)]
+        # Many concurrent send() calls: UDT keeps their order (one send thread per connection).
+        sends = [asyncio.ensure_future(out.send([_msg(i + 1, p)])) for i, p in enumerate(payloads)]
+        frames = await _recv_n(inn, len(payloads))
+        await asyncio.gather(*sends)
+        assert [decode_msg(f.header).seq for f in frames] == list(range(1, len(payloads) + 1))
+        assert all(zlib.crc32(f.payload) == zlib.crc32(p) for f, p in zip(frames, payloads))
+        s = out.stats()
+        assert s["messages_sent"] == len(payloads) and s["packets_sent"] >= s["messages_sent"]
+        assert s["rtt_ms"] >= 0 and s["cc"]["cc"] == "lu2k-rate" and s["cc"]["target_mbit"] == pytest.approx(388)
+        assert {"bandwidth_estimate_mbit", "retransmitted", "lost_sent", "send_rate_mbit"} <= set(s)
+        assert inn.stats()["messages_received"] == len(payloads)
+        assert server.describe()["cipher"] == "aes-256-gcm" and server.describe()["pacing"] == "388 Mbit/s"
+        out.close()
+        assert out.stats()["messages_sent"] == len(payloads)  # figures survive the close
+    finally:
+        await _close(out, inn, lst, server, client)
+
+
+def _raw_connect(port: int, key: bytes, cipher: str = "aes-256-gcm"):
+    """A hand-made UDT peer: connect and do the preamble, return (socket, sealer)."""
+    u = _udtcore.socket()
+    _udtcore.setsockopt(u, "linger", -1)
+    _udtcore.connect(u, "127.0.0.1", port)
+    salt = proto.new_salt()
+    _udtcore.sendmsg(u, proto.encode_preamble(cipher, salt))
+    buf = bytearray(proto.PREAMBLE_SIZE + 1)
+    n = _udtcore.recvmsg_into(u, buf)
+    _, peer_salt = proto.decode_preamble(buf[:n])
+    k_out, _ = proto.derive_keys(key, cipher, salt, peer_salt)
+    return u, proto.Sealer(cipher, k_out)
+
+
+@pytest.mark.parametrize("attack", ["flip", "wrong-key", "replay", "not-a-frame"])
+async def test_tampering_is_a_frame_error(attack: str) -> None:
+    server = make()
+    accepted: asyncio.Queue = asyncio.Queue()
+    lst = await server.listen("127.0.0.1", 0, accepted.put)
+    u, sealer = await asyncio.to_thread(_raw_connect, lst.address[1], b"wrong" if attack == "wrong-key" else KEY)
+    inn = await asyncio.wait_for(accepted.get(), 10)
+    try:
+        header, payload = _msg(1, b"genuine")
+        good = sealer.seal(header, payload)
+        if attack == "flip":
+            bad = bytearray(good)
+            bad[len(bad) // 2] ^= 0x40
+            messages = [bytes(bad)]
+        elif attack == "replay":
+            messages = [good, good]
+        elif attack == "not-a-frame":
+            messages = [sealer.seal(b"\x00" * 40)]
+        else:
+            messages = [good]
+        for m in messages:
+            await asyncio.to_thread(_udtcore.sendmsg, u, m)
+        with pytest.raises(FrameError):
+            for _ in messages:
+                await asyncio.wait_for(inn.recv(), 10)
+    finally:
+        _udtcore.close(u)
+        await _close(inn, lst, server)
+
+
+async def test_non_lu2k_peer_is_dropped_and_listener_keeps_serving() -> None:
+    server, client = make(handshake_timeout=1.0), make()
+    accepted: asyncio.Queue = asyncio.Queue()
+    lst = await server.listen("127.0.0.1", 0, accepted.put)
+    port = lst.address[1]
+
+    def stranger(send: bytes | None) -> None:
+        u = _udtcore.socket()
+        _udtcore.connect(u, "127.0.0.1", port)
+        if send is not None:
+            _udtcore.sendmsg(u, send)
+        try:
+            _udtcore.recvmsg_into(u, bytearray(100))  # the listener hangs up on us
+        except _udtcore.UDTError:
+            pass
+        _udtcore.close(u)
+
+    await asyncio.to_thread(stranger, b"GET / HTTP/1.0\r\n\r\n")
+    await asyncio.to_thread(stranger, None)  # silent: dropped after handshake_timeout
+    out = await client.connect("127.0.0.1", port, ConnType.ANY, 5)
+    inn = await asyncio.wait_for(accepted.get(), 10)
+    try:
+        assert accepted.empty()  # neither stranger reached the engine
+        await out.send([_msg(1, b"still here")])
+        (f,) = await _recv_n(inn, 1)
+        assert bytes(f.payload) == b"still here"
+    finally:
+        await _close(out, inn, lst, server, client)
+
+
+async def test_peer_restart_mid_stream_every_send_one_outcome() -> None:
+    """The receiving daemon goes away mid-stream and comes back on the same port.
+
+    Every send() ends exactly once: it returns (the frame went into UDT) or raises
+    WriteError; what the old peer received plus what the new one receives after the
+    reconnect covers everything that was sent, each frame once per connection.
+    """
+    port_probe = make()
+    probe = await port_probe.listen("127.0.0.1", 0, lambda t: asyncio.sleep(0))
+    port = probe.address[1]
+    probe.close()
+    await port_probe.close()
+
+    client = make()
+    outcomes: dict[int, str] = {}
+    received: list[int] = []
+    payload = os.urandom(32768)
+
+    async def serve(backend, accepted: asyncio.Queue, stop_after: int | None) -> None:
+        inn = await asyncio.wait_for(accepted.get(), 20)
+        try:
+            while stop_after is None or len(received) < stop_after:
+                for f in await inn.recv():
+                    assert f.header.type is FrameType.MSG and bytes(f.payload) == payload
+                    received.append(decode_msg(f.header).seq)
+        except ReadError:
+            pass
+
+    async def sender(t, seqs: range) -> None:
+        for seq in seqs:
+            try:
+                await t.send([_msg(seq, payload)])
+                outcomes[seq] = outcomes.get(seq, "") + "ok"
+            except WriteError:
+                outcomes[seq] = outcomes.get(seq, "") + "failed"
+                return
+
+    first, accepted1 = make(), asyncio.Queue()
+    lst1 = await first.listen("127.0.0.1", port, accepted1.put)
+    out1 = await client.connect("127.0.0.1", port, ConnType.ANY, 5)
+    serving = asyncio.ensure_future(serve(first, accepted1, stop_after=100))
+    sending = asyncio.ensure_future(sender(out1, range(1, 100000)))
+    await serving
+    await _close(lst1, first)  # the peer daemon dies mid-stream
+    with pytest.raises(NetworkError):
+        await asyncio.wait_for(out1.recv(), 30)  # the reverse direction reports the loss
+    await asyncio.wait_for(sending, 60)
+    last = max(outcomes)
+    assert outcomes[last] == "failed" and all(v == "ok" for s, v in outcomes.items() if s != last)
+    out1.close()
+
+    second, accepted2 = make(), asyncio.Queue()
+    lst2 = await second.listen("127.0.0.1", port, accepted2.put)
+    before = len(received)
+    out2 = await client.connect("127.0.0.1", port, ConnType.ANY, 5)
+    serving = asyncio.ensure_future(serve(second, accepted2, stop_after=before + 50))
+    await sender(out2, range(last, last + 50))  # resend what failed, then new ones
+    await asyncio.wait_for(serving, 30)
+    try:
+        assert len(received) == len(set(received))  # nothing twice
+        assert received[:before] == list(range(1, before + 1))
+        assert received[before:] == list(range(last, last + 50))
+        assert all(outcomes[s] == "ok" for s in range(last + 1, last + 50))
+    finally:
+        await _close(out2, lst2, second, client)
+
+
+async def test_receiver_that_stops_reading_bounds_every_queue() -> None:
+    small = {"buffer": 1 << 20, "recv_queue": 4, "flight_window": 1024}
+    server, client = make(max_message=65536, **small), make(max_message=65536, **small)
+    accepted: asyncio.Queue = asyncio.Queue()
+    lst = await server.listen("127.0.0.1", 0, accepted.put)
+    out = await client.connect("127.0.0.1", lst.address[1], ConnType.ANY, 5)
+    inn = await asyncio.wait_for(accepted.get(), 10)
+    try:
+        payload = b"z" * 65000
+        count = 200  # 13 MB: far more than both UDT buffers and the hand-off queue hold
+        sending = asyncio.ensure_future(out.send([_msg(i + 1, payload) for i in range(count)]))
+        # Wait until the sender has stalled on a full pipe: its UDT send buffer (counted in
+        # packets of mss - 28 bytes) is too full for another message.
+        for _ in range(2400):
+            if _udtcore.getsockopt(out._u, "snddata") * 1472 > (1 << 20) - 2 * 65536:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail(f"send buffer never filled: {out.stats()}")
+        assert not sending.done()
+        assert len(inn._ready) <= 4  # the hand-off to the engine is bounded too
+        got = await _recv_n(inn, count)  # reading again drains everything, in order
+        await sending
+        assert [decode_msg(f.header).seq for f in got] == list(range(1, count + 1))
+    finally:
+        await _close(out, inn, lst, server, client)
+
+
+async def test_rendezvous_both_ends_connect() -> None:
+    # Site A accepts by rendezvous-connecting to B's rendezvous port; B connects from it.
+    pa = _free_udp_port()
+    pb_rdv = _free_udp_port()
+    a = make(port=pa, rendezvous=True, rendezvous_peers=[f"127.0.0.1:{pb_rdv}"])
+    b = make(port=0, rendezvous=True, rendezvous_port=pb_rdv)
+    accepted: asyncio.Queue = asyncio.Queue()
+    lst = await a.listen("127.0.0.1", pa, accepted.put)
+    out = await b.connect("127.0.0.1", pa, ConnType.ANY, 30)
+    inn = await asyncio.wait_for(accepted.get(), 30)
+    try:
+        await out.send([_msg(1, b"punched through")])
+        (f,) = await _recv_n(inn, 1)
+        assert bytes(f.payload) == b"punched through"
+        assert a.describe()["rendezvous_peers"] == [f"127.0.0.1:{pb_rdv}"]
+    finally:
+        await _close(out, inn, lst, a, b)
+
+
+def _free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_connect_timeout_and_listen_errors() -> None:
+    client = make()
+    with pytest.raises(NetworkError):
+        await client.connect("127.0.0.1", _free_udp_port(), ConnType.ANY, 0.5)
+    with pytest.raises(NetworkError, match="cannot resolve|failed"):
+        await client.connect("no-such-host.invalid", 1, ConnType.ANY, 2)
+    with pytest.raises(NetworkError, match="cannot listen"):
+        await client.listen("192.0.2.1", 0, lambda t: asyncio.sleep(0))  # not an address of this host
+    await client.close()
+    assert threading.active_count() < 200  # no thread leak from abandoned connects

@@ -58,6 +58,7 @@ from .udt_tunables import UdtTuning, tune
 T = TypeVar("T")
 UDTError = _udtcore.UDTError
 RECV_BATCH = 64  # frames handed to the engine per recv() at most
+LISTEN_RETRIES = 40  # x 0.25 s: outlasts libudt's hold on a just-closed listener's port
 # UDT error codes (major * 1000 + minor) that mean "this connection is over".
 _CLOSED_CODES = {_udtcore.E_CONNLOST, _udtcore.E_NOCONN, _udtcore.E_INVSOCK}
 _STATS_KEYS = {  # perfmon field -> name shown by lu2kctl
@@ -526,14 +527,23 @@ class UdtBackend(Backend):
             return listener
 
         def setup() -> tuple[int, tuple[str, int]]:
-            u = _new_socket(tuning, _family(host))
-            try:
-                _udtcore.bind(u, host, port)
-                _udtcore.listen(u, 128)
-                return u, _udtcore.getsockname(u)
-            except BaseException:
-                _udtcore.close(u)
-                raise
+            # libudt keeps a closed listener's port for ~3 s (in case a client is mid-connect),
+            # so a net restarted in-process retries for a while rather than failing at once.
+            for attempt in range(LISTEN_RETRIES + 1):
+                u = _new_socket(tuning, _family(host))
+                try:
+                    _udtcore.bind(u, host, port)
+                    _udtcore.listen(u, 128)
+                    return u, _udtcore.getsockname(u)
+                except UDTError as e:
+                    _udtcore.close(u)
+                    if _udt_code(e) != _udtcore.E_DUPLISTEN or attempt == LISTEN_RETRIES:
+                        raise
+                except BaseException:
+                    _udtcore.close(u)
+                    raise
+                threading.Event().wait(0.25)
+            raise AssertionError("unreachable")
 
         try:
             u, address = await _in_thread(loop, setup, name="udt-listen")

@@ -741,5 +741,6 @@ PyMODINIT_FUNC PyInit__udtcore(void) {
     PyModule_AddIntConstant(m, "E_TIMEOUT", CUDTException::ETIMEOUT);
     PyModule_AddIntConstant(m, "E_SOCKFAIL", CUDTException::ESOCKFAIL);
     PyModule_AddIntConstant(m, "E_INVPARAM", CUDTException::EINVPARAM);
+    PyModule_AddIntConstant(m, "E_DUPLISTEN", CUDTException::EDUPLISTEN);
     return m;
 }
