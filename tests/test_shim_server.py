@@ -409,3 +409,21 @@ async def test_killed_endpoint_process_is_detached(loop_server: ShimServer) -> N
     assert not port.attached and "closed the control socket" in port.detach_reason
     async with await AsyncEndpoint.attach(loop_server.path, 9) as ep:  # the portal is free again
         await (await ep.send(LO, b"y", portal=9))
+
+
+async def test_daemon_side_bug_is_an_eio_reply(tmp_path: object) -> None:
+    class BadNid(HoldingHandler):
+        def local_nid(self) -> bytes:
+            return b"short"  # a broken handler: not a 20-byte packed NID
+
+    handler = BadNid()
+    server = ShimServer(os.path.join(str(tmp_path), "bad.sock"), handler)
+    handler.server = server
+    await server.start()
+    try:
+        with pytest.raises(ShimError) as e:
+            await AsyncEndpoint.attach(server.path, 1)
+        assert e.value.code == errno.EIO and "20 packed bytes" in str(e.value)
+        assert server.ports == {}
+    finally:
+        await server.close()

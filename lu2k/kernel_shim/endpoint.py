@@ -252,16 +252,25 @@ class _Core:
         self.max_in_flight = max_in_flight
         memfd, self.kick_fd, self.notify_fd = fds
         try:
-            layout = abi.Layout.unpack(layout_raw)
-            if os.fstat(memfd).st_size < layout.region_size:
-                raise ShimError(errno.EPROTO, "shared region is smaller than its layout")
-            self.mm = mmap.mmap(memfd, layout.region_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(memfd)
+            try:
+                layout = abi.Layout.unpack(layout_raw)
+                if os.fstat(memfd).st_size < layout.region_size:
+                    raise ShimError(errno.EPROTO, "shared region is smaller than its layout")
+                self.mm = mmap.mmap(memfd, layout.region_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(memfd)
+            try:
+                abi.check_region_header(self.mm[: abi.REGION_HDR.size], layout)
+            except BaseException:
+                self.mm.close()
+                raise
+        except BaseException:
+            os.close(self.kick_fd)
+            os.close(self.notify_fd)
+            raise
         self.layout = layout
         self.max_message_size = layout.max_message_size
         mem = self.mem = memoryview(self.mm)
-        abi.check_region_header(mem[: abi.REGION_HDR.size], layout)
         rings = layout.rings
         self.submit = RingProducer(mem, rings[abi.RING_SUBMIT], abi.SEND_DESC, "submit")
         self.complete = RingConsumer(mem, rings[abi.RING_COMPLETE], abi.COMPLETION, "complete")

@@ -565,6 +565,10 @@ class _Connection:
         except ShimError as e:
             self.server.counters["rejected"] += 1
             self.reply(raw_cmd, raw_seq, e.code, str(e))
+        except Exception as e:  # a daemon bug must not take the event loop or other endpoints down
+            log.exception("shim command 0x%08x failed", raw_cmd)
+            self.server.counters["rejected"] += 1
+            self.reply(raw_cmd, raw_seq, errno.EIO, f"daemon error: {e}")
 
     def info(self) -> bytes:
         port = self.port
