@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,10 @@ def test_kernel_tcp_stream_survives_loss_and_reordering_intact(lab_dir: Path) ->
         assert srv.stdout is not None and srv.stdout.readline().strip() == "listening"
         lab.run("a", [sys.executable, "-c", CLIENT, lab.addr_b], check=True, timeout=120)
         out, _ = srv.communicate(timeout=120)
-        stats = lab.stats()
+        # The last ACKs may still be on the emulated wire; count once it is empty.
+        deadline = time.monotonic() + 10
+        while (stats := lab.stats())["in_flight_bytes"]["ab"] and time.monotonic() < deadline:
+            time.sleep(0.05)
     n, digest = out.split()
     data = bytes(range(256)) * 4096 * 2
     assert int(n) == len(data) and digest == hashlib.sha256(data).hexdigest()

@@ -87,6 +87,13 @@ def test_lab_up_carries_udp_and_down_removes_everything(lab_dir: Path) -> None:
         assert out.strip() == "hello"
         stats = lab.stats()
         assert stats["links"]["ab"]["packets_out"] >= 1
+        # SIGUSR1: counters to <id>.stats.json (and the log).
+        os.kill(lab.state.pid, signal.SIGUSR1)  # type: ignore[arg-type]
+        stats_file = lab_dir / f"{lab.lab_id}.stats.json"
+        deadline = time.monotonic() + 10
+        while not stats_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert json.loads(stats_file.read_text())["links"]["ab"]["packets_out"] >= 1
         state_file = lab.state.path(lab_dir)
         assert json.loads(state_file.read_text())["ready"] is True
     assert not netns_exists(lab.ns_a) and not netns_exists(lab.ns_b)

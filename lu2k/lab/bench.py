@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
 import struct
 import subprocess
@@ -59,7 +60,7 @@ def pattern(seq: int, size: int) -> bytes:
 # --- helpers that run inside the namespaces ---------------------------------------------------
 
 
-def _receiver(args: argparse.Namespace) -> dict[str, Any]:
+def _receiver(args: argparse.Namespace) -> dict[str, Any] | None:
     from ..kernel_shim.endpoint import Endpoint
 
     latencies: list[float] = []
@@ -104,18 +105,27 @@ def _receiver(args: argparse.Namespace) -> dict[str, Any]:
                 t = now - meter.start
                 if meter.warmup <= t < meter.warmup + meter.duration and len(latencies) < MAX_LATENCY_SAMPLES:
                     latencies.append(now - sent_at)
-    out: dict[str, Any] = meter.result() if meter else {"bytes_total": 0, "goodput_bps": 0.0}
-    latencies.sort()
+        out: dict[str, Any] = meter.result() if meter else {"bytes_total": 0, "goodput_bps": 0.0}
+        latencies.sort()
 
-    def pct(q: float) -> float | None:
-        if not latencies:
-            return None
-        return latencies[min(len(latencies) - 1, int(q / 100 * (len(latencies) - 1) + 0.5))] * 1e3
+        def pct(q: float) -> float | None:
+            if not latencies:
+                return None
+            return latencies[min(len(latencies) - 1, int(q / 100 * (len(latencies) - 1) + 0.5))] * 1e3
 
-    missing = sorted(set(range(args.count)) - seen)[:20] if args.count else []
-    out.update({"messages": len(seen), "duplicates": dups, "corrupt": corrupt, "missing_first": missing,
-                "p50_latency_ms": pct(50), "p99_latency_ms": pct(99), "latency_samples": len(latencies)})
-    return out
+        missing = sorted(set(range(args.count)) - seen)[:20] if args.count else []
+        out.update({"messages": len(seen), "duplicates": dups, "corrupt": corrupt, "missing_first": missing,
+                    "p50_latency_ms": pct(50), "p99_latency_ms": pct(99), "latency_samples": len(latencies)})
+        if not args.linger:
+            return out
+        # Report, then stay attached (draining) until the driver closes our stdin: it stops
+        # the sender first, so messages still in flight at the end of the window are not
+        # failed back to it with "no receiver" -- that would read as a lu2k failure.
+        print(json.dumps(out), flush=True)
+        while not select.select([sys.stdin], [], [], 0.1)[0] or os.read(sys.stdin.fileno(), 4096):
+            while (msg := ep.recv(timeout=0)) is not None:
+                msg.release()
+    return None
 
 
 def _sender(args: argparse.Namespace) -> dict[str, Any]:
@@ -174,6 +184,7 @@ def helper_main(argv: list[str] | None = None) -> int:
     r.add_argument("--count", type=int, default=0, help="stop after this many distinct messages (0: after the window)")
     r.add_argument("--verify", action="store_true", help="check every payload against its pattern")
     r.add_argument("--idle-timeout", type=float, default=60.0)
+    r.add_argument("--linger", action="store_true", help="after reporting, stay attached until stdin closes")
     s = sub.add_parser("sender")
     s.add_argument("--socket", required=True)
     s.add_argument("--to", required=True)
@@ -190,7 +201,8 @@ def helper_main(argv: list[str] | None = None) -> int:
     except Lu2kError as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
         return 1
-    print(json.dumps(result), flush=True)
+    if result is not None:
+        print(json.dumps(result), flush=True)
     return 0
 
 
@@ -295,11 +307,15 @@ def transfer(lab: Lab, daemons: LabDaemons, *, size: int, window: int, warmup: f
     ``warmup + duration`` seconds from the first arrival.
     """
     env = child_env()
+    timed = count == 0
     rargs = ["receiver", "--socket", daemons.shim("b"), "--warmup", str(warmup), "--duration", str(duration),
              "--count", str(count), "--idle-timeout", str(min(timeout, 120.0))]
     if verify:
         rargs.append("--verify")
-    recv = lab.popen("b", _helper_argv(*rargs), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if timed:
+        rargs.append("--linger")
+    recv = lab.popen("b", _helper_argv(*rargs), stdin=subprocess.PIPE if timed else subprocess.DEVNULL,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     send = None
     try:
         assert recv.stdout is not None
@@ -312,19 +328,20 @@ def transfer(lab: Lab, daemons: LabDaemons, *, size: int, window: int, warmup: f
         sargs = ["sender", "--socket", daemons.shim("a"), "--to", daemons.nids["b"], "--size", str(size),
                  "--window", str(window), "--count", str(count), "--max-time", str(timeout)]
         send = lab.popen("a", _helper_argv(*sargs), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        try:
-            r_out, r_err = recv.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise NetworkError(f"bench receiver did not finish within {timeout} s") from None
-        t1 = time.monotonic()
-        cpu1 = {s: _cpu_seconds(p) for s, p in pids.items()}
-        if count == 0 and send.poll() is None:
+        if timed:
+            # The receiver reports on one line and lingers; stop the sender, then release it.
+            r_out = _read_result_line(recv, timeout)
+            t1 = time.monotonic()
+            cpu1 = {s: _cpu_seconds(p) for s, p in pids.items()}
             send.send_signal(signal.SIGTERM)
-        try:
-            s_out, s_err = send.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            send.kill()
-            s_out, s_err = send.communicate()
+            s_out, s_err = _communicate(send, 60)
+            rest, r_err = _communicate(recv, 30)  # closes its stdin: the receiver detaches
+            r_out += rest
+        else:
+            r_out, r_err = _communicate(recv, timeout)
+            t1 = time.monotonic()
+            cpu1 = {s: _cpu_seconds(p) for s, p in pids.items()}
+            s_out, s_err = _communicate(send, 60)
     finally:
         for p in (recv, send):
             if p is not None and p.poll() is None:
@@ -335,6 +352,31 @@ def transfer(lab: Lab, daemons: LabDaemons, *, size: int, window: int, warmup: f
     result["cpu"] = {f"lu2kd-{s}": (cpu1[s] - cpu0[s]) / (t1 - t0) for s in pids}
     result["elapsed_s"] = t1 - t0
     return result
+
+
+def _communicate(proc: "subprocess.Popen[str]", timeout: float) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        return out, err + f"\n(killed after {timeout:.0f} s)"
+
+
+def _read_result_line(proc: "subprocess.Popen[str]", timeout: float) -> str:
+    """The first JSON line a helper prints (its result), within ``timeout``."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not select.select([proc.stdout], [], [], 1.0)[0]:
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise NetworkError(f"bench receiver exited without a result: {err[-500:]}")
+        if line.startswith("{"):
+            return line
+    raise NetworkError(f"bench receiver did not report within {timeout:.0f} s")
 
 
 def default_window(spec: LinkSpec, size: int) -> int:

@@ -177,6 +177,7 @@ class Forwarder:
                         if self._dump_requested:
                             self._dump_requested = False
                             self.write_stats()
+                            print(json.dumps(self.stats()), flush=True)
         finally:
             gc.enable()
             ep.close()
