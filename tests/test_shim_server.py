@@ -427,3 +427,24 @@ async def test_daemon_side_bug_is_an_eio_reply(tmp_path: object) -> None:
         assert server.ports == {}
     finally:
         await server.close()
+
+
+async def test_async_completion_wakes_after_recv_took_other_events(holding: tuple[ShimServer, HoldingHandler]) -> None:
+    # recv() processing a delivery clears the endpoint's NEED_WAKEUP bit (it is busy); a
+    # completion awaited afterwards must still be woken: awaiting re-arms the doorbell.
+    server, handler = holding
+    async with await AsyncEndpoint.attach(server.path, 1) as ep:
+        comp = await ep.send(LO, b"held", portal=1)
+        await until(lambda: len(handler.held) == 1, "held")
+        port = server.ports[1]
+        buf = port.rx_alloc(3)
+        assert buf is not None
+        buf.view[:] = b"abc"
+        port.deliver(buf, LO, 5, 3)
+        port._flush()  # publish now (and notify) ...
+        ep._core.drain_notify()  # ... and swallow the notify, so recv() itself finds the delivery
+        m = await ep.recv(10)
+        assert m is not None and bytes(m.payload) == b"abc"
+        m.release()
+        asyncio.get_running_loop().call_later(0.01, lambda: port.complete(handler.held[0][1], Status.DELIVERED))
+        assert await comp.wait(10)

@@ -129,6 +129,9 @@ class AsyncCompletion(Completion):
     async def wait(self, timeout: float | None = None) -> bool:  # type: ignore[override]
         if self.done:
             return True
+        self._front._pump()  # take what is there and arm the doorbell before sleeping
+        if self.done:
+            return True
         fut = asyncio.get_running_loop().create_future()
 
         def done(_c: Completion) -> None:
@@ -868,9 +871,10 @@ class AsyncEndpoint:
             self._wake(self._tx_waiters)
 
     def _pump(self) -> None:
+        """Process, then re-arm: whoever awaits next must be woken by the daemon's notify."""
         core = self._core
         core.process()
-        core.kick_if_wanted()
+        core.arm()
         self._wake_for_queues()
 
     def _wake_for_queues(self) -> None:
