@@ -924,10 +924,20 @@ class AsyncEndpoint:
 
     async def send(self, dst: Nid | str | bytes, payload: bytes | bytearray | memoryview, portal: int = 0, *,
                    timeout: float | None = None, flush: bool = True) -> AsyncCompletion:
+        core = self._core
         dst_raw = pack_nid(dst)
-        slot = await self.reserve(len(payload), timeout=timeout)
-        slot.view[:] = payload
-        return slot.post(dst_raw, portal, flush=flush)  # type: ignore[return-value]
+        n = len(payload)
+        got = core.tx.alloc(n) if core.dead is None and n <= core.max_message_size else None
+        if got is None:  # slow path: errors, or wait for a TX slot (back-pressure)
+            slot = await self.reserve(n, timeout=timeout)
+            slot.view[:] = payload
+            return slot.post(dst_raw, portal, flush=flush)  # type: ignore[return-value]
+        offset = got[0]
+        core.mm[offset : offset + n] = payload
+        comp = core.post(offset, n, dst_raw, portal, self)
+        if flush:
+            core.kick_if_wanted()
+        return comp  # type: ignore[return-value]
 
     async def recv(self, timeout: float | None = None) -> Received | None:
         core = self._core
