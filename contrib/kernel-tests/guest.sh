@@ -29,8 +29,9 @@ export LU2K_KERNEL_GUEST=1  # tests/guest/conftest.py: guest tests run only when
 export LU2K_KT_OUT=$OUT
 
 cd "$REPO" || { echo 2 > "$OUT/status"; exit 0; }
-# shellcheck disable=SC2086  # EXTRA is a list of pytest arguments
-"$PY" -m pytest -p no:cacheprovider --basetemp="$SCRATCH/pytest" -rfEs \
-    --junitxml="$OUT/junit.xml" tests/guest $EXTRA 2>&1 | tee "$OUT/pytest.log"
+# EXTRA is one string of pytest arguments, shell-quoted (e.g. -k "rds and not engine").
+eval "EXTRA_ARGS=($EXTRA)"
+"$PY" -m pytest -p no:cacheprovider --basetemp="$SCRATCH/pytest" -rfEs --timeout=300 --durations=12 \
+    --junitxml="$OUT/junit.xml" tests/guest "${EXTRA_ARGS[@]}" 2>&1 | tee "$OUT/pytest.log"
 echo "${PIPESTATUS[0]}" > "$OUT/status"
 sync

@@ -9,8 +9,15 @@ network namespaces as root.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 
 import pytest
+
+from guestutil import NetnsPair, make_netns_pair
+
+# The shared conformance checks live in tests/ (tests/conformance.py).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 IN_GUEST = os.environ.get("LU2K_KERNEL_GUEST") == "1"
 _SKIP = pytest.mark.skip(
@@ -26,3 +33,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.guest)
             if not IN_GUEST:
                 item.add_marker(_SKIP)
+
+
+
+@pytest.fixture
+def netns_pair() -> Iterator[NetnsPair]:
+    yield from make_netns_pair()
