@@ -11,6 +11,7 @@ measures the whole path through two daemons.  Prints a table; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing as mp
 import os
 import subprocess
@@ -72,6 +73,59 @@ def run(path: str, size: int, count: int, window: int, batch: int) -> dict[str, 
             "kicks_per_1k": 1000 * (tx_kicks + result[3]) / count, "notifies_per_1k": 1000 * daemon["notifies_out"] / count}
 
 
+class _CompleteAtOnce:
+    """An engine stand-in that completes every request immediately (measures shim cost only)."""
+
+    def __init__(self, nid: bytes) -> None:
+        self.nid = nid
+
+    def local_nid(self) -> bytes:
+        return self.nid
+
+    def on_attach(self, port: Any) -> None:
+        return None
+
+    def on_detach(self, port: Any) -> None:
+        return None
+
+    def on_rx_space(self, port: Any) -> None:
+        return None
+
+    def on_submit(self, port: Any, reqs: list[Any]) -> None:
+        from lu2k.errors import Status
+
+        for r in reqs:
+            port.complete(r, Status.DELIVERED)
+
+
+async def _cpu_per_message(size: int, count: int) -> float:
+    """CPU seconds per message for endpoint (asyncio) + daemon side in one process."""
+    from lu2k.kernel_shim.endpoint import AsyncEndpoint
+    from lu2k.kernel_shim.server import ShimServer
+    from lu2k.nid import parse_nid
+
+    nid = parse_nid("0@lo").to_bytes()
+    with tempfile.TemporaryDirectory() as d:
+        server = ShimServer(os.path.join(d, "cpu.sock"), _CompleteAtOnce(nid))
+        await server.start()
+        ep = await AsyncEndpoint.attach(server.path, 1)
+        payload = os.urandom(size)
+        pending = []
+        t0 = time.process_time()
+        for i in range(count):
+            pending.append(await ep.send(nid, payload, portal=1, flush=(i % 64 == 63)))
+            if len(pending) >= 512:
+                for c in pending:
+                    await c.wait()
+                pending.clear()
+        for c in pending:
+            await c.wait()
+        cpu = time.process_time() - t0
+        await ep.detach()
+        await server.close()
+    return cpu / count
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="64,4096,65536,1048576")
@@ -97,6 +151,11 @@ def main() -> int:
     for r in rows:
         print(f"{r['size']:>9} {r['count']:>8} {r['msgs_s']:>10.0f} {r['MB_s']:>9.1f} {r['kicks_per_1k']:>9.2f} {r['notifies_per_1k']:>12.2f}")
     print(f"(cpus: {os.cpu_count()}; load average {os.getloadavg()[0]:.1f} -- other work on the machine makes these noisy)")
+    print()
+    print("CPU per message, asyncio endpoint + daemon side in one process, engine completing at once:")
+    for size in sizes:
+        n = max(2000, min(100_000, int(2e8 / max(size, 1))))
+        print(f"{size:>9} B: {asyncio.run(_cpu_per_message(size, n)) * 1e6:8.2f} us")
     return 0
 
 
