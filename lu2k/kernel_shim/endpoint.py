@@ -683,7 +683,7 @@ class Endpoint:
             holder: list[tuple[int, memoryview]] = []
 
             def have() -> bool:
-                if core.dead is not None:
+                if holder or core.dead is not None:
                     return True
                 g = core.try_reserve(size)
                 if g is not None:
