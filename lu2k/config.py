@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, Union
 
 from .errors import ConfigError, NidError
 from .nid import (
@@ -71,7 +71,6 @@ _ISSPACE = " \t\n\v\f\r"
 _DELIMITERS = ":()[]"
 _U32 = 0xFFFFFFFF
 
-Interface = tuple  # (name, ipv4) or (name, ipv4, up)
 
 
 # --- results --------------------------------------------------------------------------------------
@@ -110,7 +109,7 @@ class NetSpec:
             parts = []
             for ni in named:
                 own = ni.cpts is not None and ni.cpts is not self.cpts and ni.cpts != self.cpts
-                parts.append(ni.interface + (_cpt_text(ni.cpts) if own and ni.cpts is not None else ""))
+                parts.append((ni.interface or "") + (_cpt_text(ni.cpts) if own and ni.cpts is not None else ""))
             out += "(" + ",".join(parts) + ")"
         if self.cpts is not None:
             out += _cpt_text(self.cpts)
@@ -361,14 +360,20 @@ def parse_networks(text: str, *, cpt_count: int | None = None) -> list[NetSpec]:
 
 @dataclass(frozen=True)
 class HostInterface:
+    """One interface of the host, as the OS reports it."""
+
     name: str
     ip: ipaddress.IPv4Address
     up: bool = True
 
 
-def host_interfaces(interfaces: Iterable[Sequence[object]]) -> list[HostInterface]:
+# (name, ipv4) or (name, ipv4, up) as callers write them, or a HostInterface
+InterfaceLike = Union[Sequence[object], HostInterface]
+
+
+def host_interfaces(interfaces: Iterable[InterfaceLike]) -> list[HostInterface]:
     """Validate the ``(name, ipv4[, up])`` list callers pass for the host's interfaces."""
-    out = []
+    out: list[HostInterface] = []
     for i, item in enumerate(interfaces):
         if isinstance(item, HostInterface):
             out.append(item)
@@ -417,7 +422,7 @@ def _default_interface(net: Net, ifaces: list[HostInterface]) -> HostInterface |
     return None
 
 
-def resolve_interfaces(specs: Iterable[NetSpec], interfaces: Iterable[Sequence[object]]) -> list[NetSpec]:
+def resolve_interfaces(specs: Iterable[NetSpec], interfaces: Iterable[InterfaceLike]) -> list[NetSpec]:
     """Fill in the interface each NI will really use, as the LNDs do at startup.
 
     An NI without a name takes the first suitable interface in detection order; a named
@@ -455,7 +460,7 @@ def resolve_interfaces(specs: Iterable[NetSpec], interfaces: Iterable[Sequence[o
     return out
 
 
-def ni_nids(spec: NetSpec, interfaces: Iterable[Sequence[object]]) -> list[Nid]:
+def ni_nids(spec: NetSpec, interfaces: Iterable[InterfaceLike]) -> list[Nid]:
     """The NIDs a resolved spec's NIs get: each interface's IPv4 address on the net."""
     by_name = {h.name: h for h in host_interfaces(interfaces)}
     out = []
@@ -501,7 +506,8 @@ def _split_commands(text: str, param: str) -> list[tuple[str, int]]:
 
 
 def _tokens(cmd: str) -> list[tuple[int, str]]:
-    out, i, n = [], 0, len(cmd)
+    out: list[tuple[int, str]] = []
+    i, n = 0, len(cmd)
     while True:
         while i < n and cmd[i] in _ISSPACE:
             i += 1
@@ -568,7 +574,7 @@ def _splitnets(source: str, spec: str, base: int) -> list[tuple[str, Net]]:
         text = rest
 
 
-def ip2nets_networks(text: str, interfaces: Iterable[Sequence[object]]) -> str:
+def ip2nets_networks(text: str, interfaces: Iterable[InterfaceLike]) -> str:
     """The ``networks`` string an ``ip2nets=`` string selects on this host
     (``lnet_match_networks``)."""
     if not isinstance(text, str):
@@ -619,7 +625,7 @@ def check_ip2nets(text: str) -> None:
         _splitnets(text, toks[0][1], base + toks[0][0])
 
 
-def ip2nets(text: str, interfaces: Iterable[Sequence[object]], *, cpt_count: int | None = None) -> list[NetSpec]:
+def ip2nets(text: str, interfaces: Iterable[InterfaceLike], *, cpt_count: int | None = None) -> list[NetSpec]:
     """Apply an ``ip2nets=`` string to a host whose interfaces are ``interfaces`` (ordered
     ``(name, ipv4)``; ``lo`` never matches).  Each returned spec names the interface each NI
     will actually use."""
@@ -664,7 +670,7 @@ def parse_interface_item(text: str) -> NiSpec:
     return NiSpec(text[:ob], el)
 
 
-def ip2nets_rules(rules: Sequence[Ip2NetsRule], interfaces: Iterable[Sequence[object]]) -> tuple[list[NetSpec], list[str]]:
+def ip2nets_rules(rules: Sequence[Ip2NetsRule], interfaces: Iterable[InterfaceLike]) -> tuple[list[NetSpec], list[str]]:
     """Apply lnetctl ``ip2nets:`` rules.  Returns (specs, notes on skipped rules); raises
     ConfigError listing why each rule was skipped when none applied."""
     ifaces = host_interfaces(interfaces)

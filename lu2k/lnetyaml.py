@@ -57,6 +57,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from .config import (
+    InterfaceLike,
     Ip2NetsRule,
     NetSpec,
     NiSpec,
@@ -922,7 +923,7 @@ class Resolved:
         return [ni.nid for n in self.nets for ni in n.nis]
 
 
-def resolve(cfg: LnetConfig, interfaces: Iterable[Sequence[object]] | None = None, *, cpt_count: int | None = None) -> Resolved:
+def resolve(cfg: LnetConfig, interfaces: Iterable[InterfaceLike] | None = None, *, cpt_count: int | None = None) -> Resolved:
     """Apply the config to a host whose interfaces are ``(name, ipv4[, up])`` in detection
     order (default: ``lu2k.interfaces`` of the document, else none).  Raises ConfigError
     listing every problem; returns the concrete NIs (with NIDs) and routes."""
@@ -1037,7 +1038,7 @@ def resolve(cfg: LnetConfig, interfaces: Iterable[Sequence[object]] | None = Non
     return Resolved(nets, routes, router, notes)
 
 
-def expand_for_daemon(data: Any, *, source: str = "<yaml>", interfaces: Iterable[Sequence[object]] | None = None) -> Any:
+def expand_for_daemon(data: Any, *, source: str = "<yaml>", interfaces: Iterable[InterfaceLike] | None = None) -> Any:
     """Check a daemon config document against the lnetctl schema, then rewrite what only the
     host can resolve into plain entries the daemon's settings read directly.
 
