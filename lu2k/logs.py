@@ -23,3 +23,5 @@ def configure(level: str = "info", json_output: bool = False) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # Modules that log through the standard library (the shim server) go to the same place.
+    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(asctime)s [%(levelname)-7s] %(name)s: %(message)s", force=True)

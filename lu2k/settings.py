@@ -19,28 +19,16 @@ import yaml
 
 from .backends.base import BackendSettings, LinkProfile
 from .errors import ConfigError, NidError
+from .kernel_shim.abi import default_shim_path
 from .nid import Net, Nid, parse_net, parse_nid
 
 DEFAULT_PORT = 7988
 DEFAULT_MAX_MESSAGE = 4 << 20
 
 
-def runtime_dir() -> Path:
-    """Where sockets go: $XDG_RUNTIME_DIR/lu2k, /run/lu2k for root, else /tmp/lu2k-UID."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return Path(xdg) / "lu2k"
-    if os.geteuid() == 0:
-        return Path("/run/lu2k")
-    return Path(f"/tmp/lu2k-{os.getuid()}")
-
-
 def default_control_path() -> str:
-    return str(runtime_dir() / "lu2kd.ctl")
-
-
-def default_shim_path() -> str:
-    return str(runtime_dir() / "lu2kd.sock")
+    """lu2kctl's socket: beside the shim socket (see :func:`lu2k.kernel_shim.abi.default_shim_path`)."""
+    return str(Path(default_shim_path()).with_name("lu2kd.ctl"))
 
 
 @dataclass
@@ -334,6 +322,12 @@ def parse_config(data: Any, *, source: str = "<string>", base_dir: Path | None =
             if v:
                 cfg.shim.max_in_flight = v
         cfg.shim.options = {k: v for k, v in shim.items() if k not in ("path", "max_in_flight")}
+        from .kernel_shim.server import ShimConfig as _ShimServerConfig
+
+        try:  # the shim server owns these keys; validate them now, not at start-up
+            _ShimServerConfig(max_in_flight=cfg.shim.max_in_flight, **cfg.shim.options)
+        except ConfigError as e:
+            errs.items.append(str(e))  # already says where (lu2k.shim.<key>)
         ctl = lu.get("control") or {}
         if "path" in ctl:
             cfg.control_path = str(ctl["path"])
