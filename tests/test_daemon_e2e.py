@@ -380,6 +380,11 @@ def test_lu2kd_check_and_bad_config(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "lu2k.daemon", "--config", str(bad), "--check"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and "1.2.3.4@o2ib" in res.stderr and "not on a local net" in res.stderr
     cfg["route"] = []
+    cfg["lu2k"]["shim"]["tx_pool_bytes"] = 12
+    bad.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "lu2k.daemon", "--config", str(bad), "--check"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "lu2k.shim.tx_pool_bytes" in res.stderr
+    del cfg["lu2k"]["shim"]["tx_pool_bytes"]
     bad.write_text(yaml.safe_dump(cfg))
     res = subprocess.run([sys.executable, "-m", "lu2k.daemon", "--config", str(bad), "--check"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 1 and "carrier-pigeon" in res.stderr
