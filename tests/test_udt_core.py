@@ -212,3 +212,19 @@ def test_close_wakes_a_blocked_receiver_and_rendezvous_connects() -> None:
     finally:
         udtcore.close(a)
         udtcore.close(b)
+
+
+def test_rtt_climbing_at_start_is_not_mistaken_for_a_queue() -> None:
+    # libudt's RTT starts at 100 ms and is smoothed twice: on GEO it climbs for seconds.
+    law = RateLaw(target_bps=19.4e6, rtt_hint_us=600 * MS)
+    assert law.rto_us == pytest.approx(4 * 600 * MS)  # no timeout before the first ACK can come
+
+    def climbing(now: int) -> float:
+        return min(600.0, 100.0 + now / 1e6 * 100.0)  # +100 ms per second for 5 s
+
+    now = drive(law, start_us=1, seconds=8, rtt_ms=0, rtt_fn=climbing)
+    assert law.backoffs == 0 and law.rate_bps == pytest.approx(19.4e6)
+    assert law.rtt_settled and law.min_rtt_us == pytest.approx(600 * MS)
+    # Once settled, a real queue is still seen.
+    drive(law, start_us=now, seconds=6, rtt_ms=900)
+    assert law.backoffs >= 1

@@ -368,6 +368,9 @@ class UdtTransport(Transport):
         perf = _udtcore.perfmon(self._u, False)
         out: dict[str, Any] = {name: perf[key] for key, name in _STATS_KEYS.items()}
         out["rtt_ms"] = round(out["rtt_ms"], 3)
+        # Packets queued in UDT's send buffer (unsent + unacknowledged): near zero means the
+        # sender is application-limited, not network-limited.
+        out["send_buffer_packets"] = _udtcore.getsockopt(self._u, "snddata")
         cc = _udtcore.cc_state(self._u)
         out["cc"] = cc if cc is not None else {"cc": "udt"}
         return out

@@ -13,6 +13,7 @@ Config keys (a net's ``lu2k.options`` when its backend is ``udt``), all optional
 ``heavy_loss``          loss fraction per round trip treated as congestion (default
                         max(0.10, 4 x profile loss))
 ``rtt_slack``           queueing delay tolerated, as a fraction of the minimum RTT (default 0.2)
+``min_rto_ms``          floor of UDT's retransmission timeout under lu2k-rate (default 1000)
 ``mss``                 UDT packet size including IP/UDP headers (default 1500, 576..65536)
 ``buffer``              UDT send/receive buffer bytes (default max(4 x BDP, 2 x largest frame, 8 MiB))
 ``flight_window``       UDT flight window, packets (default: the buffer in packets)
@@ -50,7 +51,7 @@ MAX_UDP_BUFFER = 4 << 20
 KNOWN_KEYS = frozenset({
     "cc", "rate_mbit", "pace_fraction", "min_rate_mbit", "max_rate_mbit", "heavy_loss", "rtt_slack", "mss",
     "buffer", "flight_window", "udp_buffer", "cipher", "recv_queue", "handshake_timeout", "rendezvous",
-    "rendezvous_port", "rendezvous_peers",
+    "rendezvous_port", "rendezvous_peers", "min_rto_ms",
 })
 
 
@@ -142,8 +143,11 @@ def tune(settings: BackendSettings) -> UdtTuning:
         params["heavy_loss"] = _num(opts, "heavy_loss", max(0.10, 4 * (prof.loss or 0.0)), where, 0.0, 1.0)
         params["rtt_slack"] = _num(opts, "rtt_slack", 0.2, where, 0.0, 10.0)
         params["cwnd_pkts"] = float(flight)
+        params["min_rto_us"] = _num(opts, "min_rto_ms", 1000.0, where, 10.0, 600000.0) * 1e3
+        if prof.rtt_ms:
+            params["rtt_hint_us"] = prof.rtt_ms * 1e3
     else:
-        for key in ("rate_mbit", "pace_fraction", "min_rate_mbit", "max_rate_mbit", "heavy_loss", "rtt_slack"):
+        for key in ("rate_mbit", "pace_fraction", "min_rate_mbit", "max_rate_mbit", "heavy_loss", "rtt_slack", "min_rto_ms"):
             if key in opts:
                 raise ConfigError(f"{key} applies to cc lu2k-rate only", where=f"{where}.{key}")
 

@@ -25,7 +25,16 @@
 //   * after a backoff waits one interval for the effect to show, then recovers additively
 //     (`recover` x target per interval) up to the target, or keeps probing upwards when
 //     no target is known;
-//   * on a retransmission timeout (nothing acknowledged for a long time) halves the rate.
+//   * on a retransmission timeout (nothing acknowledged for a long time) halves the rate;
+//     the timeout itself is max(min_rto_us, 4 x max(smoothed RTT, rtt_hint_us)), so a
+//     600 ms path does not time out before its first ACK can possibly arrive (libudt's
+//     own first guess is a 100 ms RTT), nor while a lost retransmission is being chased
+//     by the receiver's repeated NAKs (see udtcore.cpp) -- libudt's timeout re-sends the
+//     whole flight;
+//   * only starts judging RTT inflation once the smoothed RTT has settled (two intervals
+//     within 5 % of each other, or 20 intervals at most): UDT's RTT starts at 100 ms and
+//     is smoothed twice (receiver and sender), so on GEO it climbs for seconds, and a
+//     minimum taken during that climb would make every later RTT look like a queue.
 //
 // The control interval is max(smoothed RTT, min_interval_us): decisions are made once per
 // round trip, when the consequences of the previous one have been seen.
@@ -34,6 +43,7 @@
 #define LU2K_RATE_LAW_H
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 struct RateParams {
@@ -51,6 +61,8 @@ struct RateParams {
     double drain = 0.9;              // on inflation: pace at this share of the arrival rate
     double min_interval_us = 50000;  // shortest control interval
     double rtt_window_us = 30e6;     // min-RTT window (two halves of this, rolled)
+    double rtt_hint_us = 0;          // the operator's RTT for the path (site profile), 0: none
+    double min_rto_us = 1e6;         // retransmission timeout floor
 };
 
 class RateLaw {
@@ -78,7 +90,7 @@ public:
     void on_ack(uint64_t now_us, double rtt_us, double bw_bps, double arrival_bps = 0) {
         if (rtt_us <= 0) return;
         srtt_us_ = rtt_us;
-        track_min_rtt(now_us, rtt_us);
+        if (settled_) track_min_rtt(now_us, rtt_us);
         if (bw_bps > 0) bw_bps_ = bw_bps;
         if (arrival_bps > 0) arrival_bps_ = arrival_bps;
         if (interval_start_us_ == 0) {
@@ -87,6 +99,7 @@ public:
         }
         double interval = std::max(p_.min_interval_us, srtt_us_);
         if (double(now_us - interval_start_us_) < interval) return;
+        if (!settled_) settle();
         control(now_us);
         interval_start_us_ = now_us;
         sent_ = 0;
@@ -102,6 +115,8 @@ public:
     }
 
     double rate_bps() const { return rate_; }
+    double rto_us() const { return std::max(p_.min_rto_us, 4.0 * std::max(srtt_us_, p_.rtt_hint_us)); }
+    bool settled() const { return settled_; }
     double period_us(int packet_bytes) const { return packet_bytes * 8.0 * 1e6 / rate_; }
     double min_rtt_us() const { return min_rtt_us_; }
     double srtt_us() const { return srtt_us_; }
@@ -128,6 +143,16 @@ private:
         min_rtt_us_ = prev_min_ > 0 ? std::min(prev_min_, cur_min_) : cur_min_;
     }
 
+    void settle() {
+        ++settle_intervals_;
+        if (last_srtt_ > 0 && std::abs(srtt_us_ - last_srtt_) <= 0.05 * last_srtt_)
+            ++stable_intervals_;
+        else
+            stable_intervals_ = 0;
+        last_srtt_ = srtt_us_;
+        settled_ = stable_intervals_ >= 2 || settle_intervals_ >= 20;
+    }
+
     void control(uint64_t) {
         last_loss_ = sent_ > 0 ? double(lost_) / double(sent_) : 0.0;
         if (hold_ > 0) {  // a decision is still travelling; judge it next interval
@@ -135,7 +160,7 @@ private:
             return;
         }
         double slack = std::max(p_.rtt_slack * min_rtt_us_, p_.rtt_slack_min_us);
-        bool inflated = srtt_us_ - min_rtt_us_ > slack;
+        bool inflated = settled_ && min_rtt_us_ > 0 && srtt_us_ - min_rtt_us_ > slack;
         inflated_run_ = inflated ? inflated_run_ + 1 : 0;
         bool heavy = sent_ >= 20 && last_loss_ > p_.heavy_loss;
         if (inflated_run_ >= p_.inflation_intervals || heavy) {
@@ -179,6 +204,10 @@ private:
     int inflated_run_ = 0;
     int hold_ = 0;
     bool backed_off_ = false;
+    bool settled_ = false;
+    int settle_intervals_ = 0;
+    int stable_intervals_ = 0;
+    double last_srtt_ = 0;
     int64_t backoffs_ = 0;
     int64_t timeouts_ = 0;
 };

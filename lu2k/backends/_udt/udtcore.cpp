@@ -18,11 +18,16 @@
 #include <sys/socket.h>
 #include <time.h>
 
+#include <sys/uio.h>
+
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <set>
 #include <string>
+#include <unordered_map>
+#include <vector>
 
 #include <udt/udt.h>
 #include <udt/ccc.h>
@@ -90,6 +95,48 @@ static PyObject* addr_tuple(const sockaddr_storage* ss) {
 
 // --- lu2k's congestion control as a UDT CCC ----------------------------------------------------
 
+// Why the receiver re-sends NAKs.  libudt 4.11 reports a loss once; its periodic NAK is
+// commented out ("rely on the sender's EXP for retransmission").  So when a retransmission
+// is lost too -- at 1-2 % random loss on a busy GEO link, several times a minute -- the
+// hole is repaired only by the sender's EXP timeout, which re-queues *every* unacknowledged
+// packet (two to four BDPs) and calls onTimeout.  That, not the rate control, is what
+// sinks UDT on lossy long links.  Lu2kRateCC on the receiving side therefore keeps its own
+// list of missing sequence numbers (from onPktReceived) and, when one is still missing
+// 1.25 RTT + 30 ms after it was last reported, sends a standard UDT NAK for it through
+// CCC::sendCustomMsg.  The sender's libudt handles it like any NAK.
+
+// Layout twin of libudt's CPacket (udt/packet.h).  libudt exports CCC::sendCustomMsg(CPacket&)
+// but none of CPacket's own methods, so the packet is built here, member for member, the
+// way CPacket's constructor and pack() do (Itanium ABI: a reference member is a pointer).
+struct PacketTwin {
+    int32_t* seq;
+    int32_t* msg;
+    int32_t* timestamp;
+    int32_t* id;
+    char** data;
+    uint32_t header[4];
+    iovec vec[2];
+    int32_t pad;
+
+    PacketTwin(uint32_t* control, size_t words)
+        : seq(reinterpret_cast<int32_t*>(&header[0])), msg(reinterpret_cast<int32_t*>(&header[1])),
+          timestamp(reinterpret_cast<int32_t*>(&header[2])), id(reinterpret_cast<int32_t*>(&header[3])),
+          data(reinterpret_cast<char**>(&vec[1].iov_base)), pad(0) {
+        header[0] = 0x80000000u | (3u << 16);  // control packet, type 3: loss report (NAK)
+        header[1] = header[2] = header[3] = 0;
+        vec[0].iov_base = header;
+        vec[0].iov_len = sizeof(header);
+        vec[1].iov_base = control;  // loss list, host order; libudt converts on send
+        vec[1].iov_len = words * 4;
+    }
+};
+static_assert(sizeof(PacketTwin) == sizeof(CPacket), "CPacket layout differs from this libudt's");
+
+static inline int32_t seq_cmp(int32_t a, int32_t b) {
+    return (std::abs(a - b) < 0x3FFFFFFF) ? (a - b) : (b - a);
+}
+static inline int32_t seq_inc(int32_t s) { return s == 0x7FFFFFFF ? 0 : s + 1; }
+
 class Lu2kRateCC : public CCC {
 public:
     explicit Lu2kRateCC(const RateParams& p, double cwnd_pkts) : law_(p), cwnd_pkts_(cwnd_pkts) {}
@@ -100,6 +147,7 @@ public:
         // congestion window only has to be out of the way (rate control paces instead).
         m_dCWndSize = cwnd_pkts_ > 0 ? cwnd_pkts_ : m_dMaxCWndSize;
         m_dPktSndPeriod = law_.period_us(m_iMSS);
+        setRTO(int(law_.rto_us()));
     }
 
     void onACK(int32_t) override {
@@ -109,6 +157,7 @@ public:
         double arrival_bps = double(m_iRcvRate) * m_iMSS * 8.0;
         law_.on_ack(monotonic_us(), double(m_iRTT), bw_bps, arrival_bps);
         m_dPktSndPeriod = law_.period_us(m_iMSS);
+        setRTO(int(law_.rto_us()));
     }
 
     void onLoss(const int32_t* list, int size) override {
@@ -136,15 +185,56 @@ public:
 
     void onPktSent(const CPacket*) override { sent_.fetch_add(1, std::memory_order_relaxed); }
 
+    void onPktReceived(const CPacket* pkt) override {
+        int32_t seq = pkt->m_iSeqNo;
+        uint64_t now = monotonic_us();
+        std::vector<uint32_t> renak;
+        {
+            std::lock_guard<std::mutex> g(mu_);
+            if (!rx_started_) {
+                rx_started_ = true;
+                rx_max_ = seq;
+                return;
+            }
+            int32_t ahead = seq_cmp(seq, rx_max_);
+            if (ahead > 0) {
+                // libudt NAKs this gap itself right now; remember when, to chase it later.
+                if (ahead > 1 && ahead < kMaxGap)
+                    for (int32_t s = seq_inc(rx_max_); s != seq && missing_.size() < kMaxMissing; s = seq_inc(s))
+                        missing_[s] = now;
+                rx_max_ = seq;
+            } else {
+                missing_.erase(seq);  // a retransmission (or a late one) filled its hole
+            }
+            if (missing_.empty() || now - last_scan_us_ < 10000) return;
+            last_scan_us_ = now;
+            double rtt = std::max(double(m_iRTT), law_.params().rtt_hint_us);
+            uint64_t wait = uint64_t(1.25 * rtt + 30000);
+            for (auto& entry : missing_) {
+                if (now - entry.second >= wait) {
+                    renak.push_back(uint32_t(entry.first));
+                    entry.second = now;
+                    if (renak.size() >= kNakWords) break;
+                }
+            }
+            renaks_ += int64_t(renak.size());
+        }
+        if (!renak.empty()) {
+            PacketTwin nak(renak.data(), renak.size());
+            sendCustomMsg(*reinterpret_cast<CPacket*>(&nak));
+        }
+    }
+
     PyObject* state_dict() {
         std::lock_guard<std::mutex> g(mu_);
         return Py_BuildValue(
-            "{s:s,s:d,s:d,s:d,s:d,s:d,s:L,s:L,s:O,s:d}",
+            "{s:s,s:d,s:d,s:d,s:d,s:d,s:L,s:L,s:O,s:d,s:O,s:d,s:L,s:L}",
             "cc", "lu2k-rate", "rate_mbit", law_.rate_bps() / 1e6, "min_rtt_ms", law_.min_rtt_us() / 1e3,
             "srtt_ms", law_.srtt_us() / 1e3, "loss_fraction", law_.last_loss_fraction(),
             "bw_estimate_mbit", law_.bw_estimate_bps() / 1e6, "backoffs", (long long)law_.backoffs(),
             "timeouts", (long long)law_.timeouts(), "probing", law_.probing() ? Py_True : Py_False,
-            "target_mbit", law_.params().target_bps / 1e6);
+            "target_mbit", law_.params().target_bps / 1e6, "rtt_settled", law_.settled() ? Py_True : Py_False,
+            "rto_ms", law_.rto_us() / 1e3, "renaks", (long long)renaks_, "missing", (long long)missing_.size());
     }
 
 private:
@@ -152,6 +242,15 @@ private:
     RateLaw law_;
     double cwnd_pkts_;
     std::atomic<int64_t> sent_{0};  // onPktSent runs on UDT's send thread
+    // receiver side: sequence numbers still missing -> when last reported
+    static constexpr size_t kMaxMissing = 65536;
+    static constexpr int32_t kMaxGap = 1 << 20;
+    static constexpr size_t kNakWords = 350;  // fits one 1500-byte packet
+    bool rx_started_ = false;
+    int32_t rx_max_ = 0;
+    uint64_t last_scan_us_ = 0;
+    int64_t renaks_ = 0;
+    std::unordered_map<int32_t, uint64_t> missing_;
 };
 
 class Lu2kRateFactory : public CCCVirtualFactory {
@@ -173,7 +272,8 @@ static bool parse_params(PyObject* kwargs, RateParams* p, double* cwnd) {
         {"max_bps", &p->max_bps}, {"rtt_slack", &p->rtt_slack}, {"rtt_slack_min_us", &p->rtt_slack_min_us},
         {"heavy_loss", &p->heavy_loss}, {"backoff", &p->backoff}, {"recover", &p->recover},
         {"probe_gain", &p->probe_gain}, {"min_interval_us", &p->min_interval_us},
-        {"rtt_window_us", &p->rtt_window_us}, {"drain", &p->drain}, {"cwnd_pkts", cwnd},
+        {"rtt_window_us", &p->rtt_window_us}, {"drain", &p->drain}, {"rtt_hint_us", &p->rtt_hint_us},
+        {"min_rto_us", &p->min_rto_us}, {"cwnd_pkts", cwnd},
     };
     PyObject *key, *value;
     Py_ssize_t pos = 0;
@@ -646,6 +746,8 @@ static PyObject* RateLaw_period_us(RateLawObject* self, PyObject* args) {
 
 static PyObject* RateLaw_get_rate(RateLawObject* self, void*) { return PyFloat_FromDouble(self->law->rate_bps()); }
 static PyObject* RateLaw_get_min_rtt(RateLawObject* self, void*) { return PyFloat_FromDouble(self->law->min_rtt_us()); }
+static PyObject* RateLaw_get_rto(RateLawObject* self, void*) { return PyFloat_FromDouble(self->law->rto_us()); }
+static PyObject* RateLaw_get_settled(RateLawObject* self, void*) { return PyBool_FromLong(self->law->settled()); }
 static PyObject* RateLaw_get_backoffs(RateLawObject* self, void*) { return PyLong_FromLongLong(self->law->backoffs()); }
 static PyObject* RateLaw_get_loss(RateLawObject* self, void*) {
     return PyFloat_FromDouble(self->law->last_loss_fraction());
@@ -664,6 +766,8 @@ static PyGetSetDef RateLaw_getset[] = {
     {"rate_bps", (getter)RateLaw_get_rate, nullptr, "current pacing rate, bits/s", nullptr},
     {"min_rtt_us", (getter)RateLaw_get_min_rtt, nullptr, "windowed minimum RTT", nullptr},
     {"backoffs", (getter)RateLaw_get_backoffs, nullptr, "congestion backoffs so far", nullptr},
+    {"rto_us", (getter)RateLaw_get_rto, nullptr, "retransmission timeout handed to UDT", nullptr},
+    {"rtt_settled", (getter)RateLaw_get_settled, nullptr, "whether RTT inflation is being judged yet", nullptr},
     {"last_loss_fraction", (getter)RateLaw_get_loss, nullptr, "loss fraction of the last interval", nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr},
 };
