@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = [
     "lu2k.cli.bench",  # bench loopback / link / matrix
     "lu2k.cli.lab",  # lab up / down / status
     "lu2k.cli.keys",  # keygen (site keys and certificates)
+    "lu2k.cli.lnet",  # lnet nid / nidlist / networks / ip2nets / routes / check
 ]
 
 
