@@ -574,3 +574,25 @@ def test_nidlist_equality_and_repr() -> None:
     b = NidList.parse("1.2.3.4@tcp0 5.6.7.8@tcp")
     assert a == b and hash(a) == hash(b)
     assert "1.2.3.4@tcp" in repr(a)
+
+
+def _fuzz_ipv6(seed: int, count: int) -> list[str]:
+    rng = random.Random(seed)
+    out = ["::", "::1", "1::", "1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7:8:9", "1::2::3", "::ffff:1.2.3.4", "::1.2.3.04",
+           "12345::", "g::1", ":1::", "1:::2", "::1.2.3", "1:2:3:4:5:6:1.2.3.4", "1:2:3:4:5:6:7:1.2.3.4", " ::1", "::1 "]
+    parts = ["0", "1", "ffff", "FFFF", "abcd", "0000", "00000", "", "1.2.3.4", "256.1.1.1", "g"]
+    for _ in range(count):
+        out.append(":".join(rng.choice(parts) for _ in range(rng.randint(1, 9))))
+    return out
+
+
+@pytest.mark.parametrize("text", _fuzz_ipv6(3, 150))
+def test_ip6_reader_matches_glibc_inet_pton(text: str) -> None:
+    from lu2k.nid import ip6_strict
+
+    try:
+        expected = socket.inet_pton(socket.AF_INET6, text)
+    except OSError:
+        expected = None
+    mine = ip6_strict(text)
+    assert (mine.packed if mine is not None else None) == expected
