@@ -8,6 +8,7 @@ user+sys time over the run, per Mbit/s of goodput.
 
     python benchmarks/quic_link.py --profile geo --loss 1% --cc bbr bbr-nohint rate cubic
     python benchmarks/quic_link.py --flows 2 --profile geo --loss 1%
+    python benchmarks/quic_link.py --profile loopback     # CPU ceiling: no link, one core each
 
 Prints one table; ``--json`` adds the rows as JSON.  The machine's 2 cores are shared, so
 numbers taken while other jobs run are noisy (the emulator's lateness is printed to judge).
@@ -74,11 +75,18 @@ async def _receiver(args: argparse.Namespace) -> dict[str, Any]:
             now = time.monotonic()
             if state["start"] is None:
                 state["start"] = now
+            acks = []
             for f in frames:
                 if f.header.type is FrameType.MSG:
                     n += len(f.payload)
                     state["bytes"] += len(f.payload)
+                    acks.append((wire.decode_msg(f.header).seq, 0))
             totals.append(n)
+            if acks and args.window:
+                try:
+                    await t.send([(wire.encode_acks(acks[i:i + 4096]), b"") for i in range(0, len(acks), 4096)])
+                except Exception:
+                    return
 
     lst = await backend.listen("0.0.0.0", args.port, on_accept)
     print("listening", flush=True)
@@ -111,9 +119,23 @@ async def _sender(args: argparse.Namespace) -> dict[str, Any]:
     states: list[dict[str, Any]] = []
     next_state = time.monotonic() + 5
     cpu0 = time.process_time()
+    window = asyncio.Semaphore(args.window) if args.window else None
+
+    async def read_acks() -> None:
+        while True:
+            for f in await t.recv():
+                if f.header.type is FrameType.ACK and window is not None:
+                    for _ in wire.decode_acks(f):
+                        window.release()
+
+    reader = asyncio.ensure_future(read_acks())
     while time.monotonic() < end:
         batch = []
-        for _ in range(8):
+        if window is not None:  # like the lab bench's app: at most `window` messages unacknowledged
+            await window.acquire()
+            seq += 1
+            batch.append((wire.encode_msg_header(seq, src, dst, 0, 0, payload, False), payload))
+        for _ in range(0 if window is not None else 8):
             seq += 1
             batch.append((wire.encode_msg_header(seq, src, dst, 0, 0, payload, False), payload))
         try:
@@ -126,6 +148,7 @@ async def _sender(args: argparse.Namespace) -> dict[str, Any]:
             states.append({k: st.get(k) for k in ("srtt_ms", "cwnd", "bytes_in_flight")} | {"cc": st.get("congestion")})
             print(json.dumps(states[-1]), file=sys.stderr, flush=True)
     cpu = time.process_time() - cpu0
+    reader.cancel()
     t.close()
     await backend.close()
     return {"sent_msgs": seq, "cpu_s": cpu, "states": states[-2:]}
@@ -145,7 +168,7 @@ def run_one(lab: Any, cc: str, args: argparse.Namespace, workdir: Path) -> dict[
     certs = backend_options("quic", lab, workdir)
     spec = lab.state.specs[0]
     common = ["--rtt-ms", str(spec.rtt_s * 1e3), "--rate-mbit", str(spec.rate_bps / 1e6), "--loss", str(spec.mean_loss),
-              "--warmup", str(args.warmup), "--duration", str(args.duration)]
+              "--warmup", str(args.warmup), "--duration", str(args.duration), "--window", str(args.window)]
     me = [sys.executable, str(Path(__file__).resolve())]
     recv_opts = dict(CONTROLLERS[cc]) | certs["b"]
     recvs, sends = [], []
@@ -177,6 +200,55 @@ def run_one(lab: Any, cc: str, args: argparse.Namespace, workdir: Path) -> dict[
     return {"rows": rows, "lab": lab.stats()}
 
 
+class _Loopback:
+    """Stands in for a lab: both roles on 127.0.0.1, no emulated link (CPU-bound ceiling)."""
+
+    addr_a = addr_b = "127.0.0.1"
+
+    class state:  # noqa: N801 - mimics Lab.state
+        addr = {"a": "127.0.0.1", "b": "127.0.0.1"}
+
+    def popen(self, side: str, argv: list[str], **kw: Any) -> Any:
+        import subprocess
+
+        return subprocess.Popen(argv, **kw)
+
+
+def loopback(args: argparse.Namespace) -> int:
+    """The highest rate one core sustains: configured-rate control far above what the CPU
+    can do, over loopback, so each process runs flat out; CPU is per process (one core each)."""
+    import subprocess
+
+    from lu2k.lab.bench import backend_options
+
+    with tempfile.TemporaryDirectory() as wd:
+        certs = backend_options("quic", _Loopback(), Path(wd))  # type: ignore[arg-type]
+        common = ["--rtt-ms", str(args.rtt_ms or 1), "--rate-mbit", str(args.rate_mbit or 2000), "--loss", "0",
+                  "--warmup", str(args.warmup), "--duration", str(args.duration)]
+        me = [sys.executable, str(Path(__file__).resolve())]
+        opts = {"congestion": "rate"}
+        r = subprocess.Popen(me + ["--role", "recv", "--options", json.dumps(opts | certs["b"])] + common,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert r.stdout is not None
+        if r.stdout.readline().strip() != "listening":
+            raise SystemExit(r.stderr.read() if r.stderr else "receiver failed")
+        snd = subprocess.Popen(me + ["--role", "send", "--peer", "127.0.0.1", "--src", "127.0.0.1",
+                                     "--options", json.dumps(opts | certs["a"])] + common,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        r_out, r_err = r.communicate(timeout=args.warmup + args.duration + 120)
+        s_out, s_err = snd.communicate(timeout=120)
+    rr = json.loads(r_out.strip().splitlines()[-1])
+    ss = json.loads(s_out.strip().splitlines()[-1])
+    g = rr["goodput_mbit"]
+    elapsed = rr["elapsed_s"]
+    recv_cpu, send_cpu = rr["cpu_s"] / elapsed, ss["cpu_s"] / elapsed
+    print(f"loopback: {g:.1f} Mbit/s; sender CPU {send_cpu * 100:.0f}% of a core, receiver {recv_cpu * 100:.0f}% "
+          f"({send_cpu * 100 / g:.2f} / {recv_cpu * 100 / g:.2f} % of a core per Mbit/s)")
+    if args.json:
+        print(json.dumps({"goodput_mbit": g, "send_cpu": send_cpu, "recv_cpu": recv_cpu, "series_mbit": rr["series_mbit"]}))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--role", choices=["recv", "send"])
@@ -193,6 +265,7 @@ def main() -> int:
     ap.add_argument("--queue")
     ap.add_argument("--cc", nargs="*", default=["bbr"], choices=sorted(CONTROLLERS))
     ap.add_argument("--flows", type=int, default=1)
+    ap.add_argument("--window", type=int, default=0, help="messages unacknowledged at once (0: bulk, no app window)")
     ap.add_argument("--warmup", type=float, default=10.0)
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--json", action="store_true")
@@ -200,6 +273,9 @@ def main() -> int:
     if args.role:
         args.loss = float(args.loss)
         return _role_main(args)
+
+    if args.profile == "loopback":
+        return loopback(args)
 
     from lu2k.lab.netns import Lab
     from lu2k.lab.spec import build_specs

@@ -31,7 +31,7 @@ Setup half of the backend (the data path is :mod:`lu2k.backends.quic_stream`).
 
 Options (``BackendSettings.options``): ``cert``, ``key``, ``ca``, ``server_name``, ``mtls``,
 ``congestion``, ``rate`` / ``rate_cap`` (Mbit/s or "20mbit"), ``max_datagram_size``,
-``idle_timeout``, ``keepalive``, ``dead_timeout``, ``max_streams``, ``send_buffer``, ``recv_buffer``,
+``idle_timeout``, ``keepalive``, ``dead_timeout``, ``socket_buffer``, ``max_streams``, ``send_buffer``, ``recv_buffer``,
 ``ordered``, ``zero_rtt``.  Unknown options are an error (typos should not pass silently).
 """
 
@@ -71,7 +71,7 @@ from .quic_stream import (
 ALPN = "lu2k"
 KNOWN_OPTIONS = {
     "cert", "key", "ca", "server_name", "mtls", "congestion", "rate", "rate_cap", "max_datagram_size",
-    "idle_timeout", "keepalive", "dead_timeout", "max_streams", "send_buffer", "recv_buffer", "ordered", "zero_rtt",
+    "idle_timeout", "keepalive", "dead_timeout", "socket_buffer", "max_streams", "send_buffer", "recv_buffer", "ordered", "zero_rtt",
 }
 TICKETS_KEPT = 256
 # TLS alert numbers (RFC 8446 section 6) that mean "your certificate is not acceptable".
@@ -234,6 +234,7 @@ class QuicBackend(Backend):
         self.send_buffer = int(_number_option(opts, "send_buffer", max(8 << 20, 4 * bdp), self._where, minimum=64 << 10))
         self.recv_buffer = int(_number_option(opts, "recv_buffer", max(16 << 20, 4 * settings.max_message_size, 4 * bdp), self._where,
                                               minimum=settings.max_message_size + 4096))
+        self.socket_buffer = int(_number_option(opts, "socket_buffer", max(4 << 20, bdp), self._where, minimum=64 << 10))
         self.flow_window = max(16 << 20, 4 * bdp, 2 * settings.max_message_size)
         self.stream_window = max(1 << 20, settings.max_message_size + 4096)
         self.ordered = _bool_option(opts.get("ordered", False), f"{self._where}: ordered")
@@ -311,6 +312,11 @@ class QuicBackend(Backend):
         """Per-connection settings aioquic has no configuration for (see lu2k.cc.aioquic_adapter)."""
         limit = quic._local_max_streams_uni
         limit.value = limit.sent = self.max_streams
+        # aioquic acks 1 ms after the first unacked packet: at 4000 packets/s that is an ACK
+        # every few packets, each costing a packet build + encryption here and a decryption
+        # there.  RTT/8 (at most 10 ms, within the 25 ms max_ack_delay aioquic advertises)
+        # cuts that several-fold and is noise next to a satellite RTT.
+        quic._ack_delay = max(0.001, min(0.010, self.rtt / 8))
         install_pacer(quic)
         adapter = quic._loss._cc
         if hasattr(adapter, "app_limited"):
@@ -354,8 +360,25 @@ class QuicBackend(Backend):
             )
         except OSError as e:
             raise ConnectError(f"cannot listen on udp {host}:{port}: {e.strerror or e}") from None
+        sock = server._transport.get_extra_info("socket")
+        if sock is not None:
+            self._size_socket(sock)
         sockname = server._transport.get_extra_info("sockname")
         return QuicListener(server, (sockname[0], sockname[1]))
+
+    def _size_socket(self, sock: Any) -> None:
+        """Big UDP buffers: a Python receiver that stalls 30 ms (GC, a busy core) at 50 Mbit/s
+        overflows the default 208 KiB, and those kernel drops look like congestion to the peer."""
+        for force, plain in ((getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+                             (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF)):
+            for opt in (force, plain):
+                if opt is None:
+                    continue
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, self.socket_buffer)
+                    break
+                except OSError:
+                    continue  # FORCE needs CAP_NET_ADMIN; the plain one is capped by rmem_max
 
     def _check_client_certificate(self, protocol: Lu2kQuicProtocol) -> str | None:
         tls = protocol._quic.tls
@@ -406,6 +429,7 @@ class QuicBackend(Backend):
             # Connected, so the kernel reports ICMP port-unreachable: "nobody listens" fails
             # the connect at once instead of after the timeout.
             sock.connect(addr)
+            self._size_socket(sock)
             sock.setblocking(False)
             endpoint, protocol = await loop.create_datagram_endpoint(
                 lambda: Lu2kQuicProtocol(quic, stream_options=self.stream_options, translate=translate_close), sock=sock,
@@ -449,7 +473,7 @@ class QuicBackend(Backend):
             "congestion": self.congestion, "aioquic_algorithm": self.algorithm, "alpn": ALPN,
             "max_datagram_size": self.max_datagram_size or "1472 (IPv4) / 1452 (IPv6)",
             "mtls": self.mtls, "verify_server": bool(self.ca), "idle_timeout": self.idle_timeout,
-            "keepalive": self.keepalive, "dead_timeout": self.dead_timeout, "max_streams": self.max_streams, "send_buffer": self.send_buffer,
+            "keepalive": self.keepalive, "dead_timeout": self.dead_timeout, "socket_buffer": self.socket_buffer, "max_streams": self.max_streams, "send_buffer": self.send_buffer,
             "recv_buffer": self.recv_buffer, "ordered": self.ordered, "zero_rtt": self.zero_rtt,
         }
 
