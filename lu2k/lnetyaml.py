@@ -1045,7 +1045,9 @@ def expand_for_daemon(data: Any, *, source: str = "<yaml>", interfaces: Iterable
     Raises ConfigError listing every schema problem.  NIs given only by ``interfaces`` get
     their NIDs; ``lu2k.networks``/``lu2k.ip2nets`` and ``ip2nets:`` rules become ``net``
     entries (with ``lu2k.defaults`` as their ``lu2k`` options); ``lu2k.routes`` become
-    ``route`` entries.  The host's interfaces are ``interfaces``, else ``lu2k.interfaces``,
+    ``route`` entries; ``net`` entries get ``lu2k.defaults`` for the lu2k options they lack
+    (so a plain ``lnetctl export`` plus a ``lu2k: {defaults: ...}`` block is a daemon config).
+    The host's interfaces are ``interfaces``, else ``lu2k.interfaces``,
     else :func:`lu2k.config.system_interfaces`.  A document needing none of this comes back
     unchanged.
     """
@@ -1059,7 +1061,9 @@ def expand_for_daemon(data: Any, *, source: str = "<yaml>", interfaces: Iterable
     lu = cfg.lu2k
     interface_only = any(ni.interfaces and ni.nid is None for n in cfg.nets for ni in n.nis)
     expressions = any(isinstance(r, Mapping) and _is_expression(str(r.get("gateway", ""))) for r in data.get("route") or [])
-    if not (cfg.ip2nets or lu.get("networks") or lu.get("ip2nets") or lu.get("routes") or interface_only or expressions):
+    defaults = dict(lu.get("defaults") or {})
+    if not (cfg.ip2nets or lu.get("networks") or lu.get("ip2nets") or lu.get("routes") or interface_only or expressions
+            or defaults):
         return data
     if interfaces is None:
         interfaces = lu.get("interfaces") or system_interfaces()
@@ -1090,8 +1094,10 @@ def expand_for_daemon(data: Any, *, source: str = "<yaml>", interfaces: Iterable
                 else:
                     nis.append(ni_item)
             item = {**item, "local NI(s)": nis}
+        if defaults:
+            # A plain lnetctl entry gets lu2k.defaults for whatever lu2k options it lacks.
+            item = {**item, "lu2k": {**defaults, **(item.get("lu2k") or {})}}
         items.append(item)
-    defaults = dict(lu.get("defaults") or {})
     for rn in res.nets:
         if rn.net not in explicit:
             items.append({"net type": str(rn.net), "local NI(s)": [{"nid": str(ni.nid)} for ni in rn.nis], "lu2k": dict(defaults)})

@@ -307,7 +307,7 @@ def parse_config(data: Any, *, source: str = "<string>", base_dir: Path | None =
                 setattr(cfg.global_, key, v)
     # lnetctl knobs we accept and ignore (they have no meaning in lu2k).
     for key in g:
-        if not hasattr(cfg.global_, key) and key not in ("numa_range", "max_intf", "discovery", "drop_asym_route", "retry_count", "lnd_timeout", "response_tracking", "recovery_limit", "max_recovery_ping_interval"):
+        if not hasattr(cfg.global_, key) and key not in ("numa_range", "max_intf", "discovery", "drop_asym_route", "retry_count", "lnd_timeout", "response_tracking", "recovery_limit", "max_recovery_ping_interval", "router_sensitivity"):
             errs.add(f"global.{key}", "unknown global setting")
     routing = data.get("routing") or {}
     if isinstance(routing, dict):

@@ -453,3 +453,25 @@ def test_daemon_settings_list_schema_errors_with_paths() -> None:
         "net[0].lu2k.port: -1 out of range 0..65535",
         "route: route to tcp1: gateway 1.2.3.4@o2ib is not on a local net",
     ]
+
+
+def test_plain_lnetctl_export_plus_lu2k_defaults_is_a_daemon_config() -> None:
+    from lu2k.settings import parse_config
+
+    data = yaml_load(EXPORT)
+    del data["net"][1]["lu2k"]
+    data["lu2k"] = {"defaults": {"backend": "tcp", "port": 7000, "key": "a-site-key-of-some-length"},
+                    "interfaces": [{"name": "eth0", "ip": "10.0.0.1"}]}
+    cfg = parse_config(data)
+    assert [(str(n.nid), n.port, n.backend, n.peer_credits) for n in cfg.nets] == [("10.0.0.1@tcp", 7000, "tcp", 8)]
+    assert [str(p.nid) for p in cfg.peers] == ["10.0.0.3@tcp"] and cfg.global_.transaction_timeout == 50
+    # Without defaults the daemon says what is missing.
+    del data["lu2k"]["defaults"]
+    with pytest.raises(ConfigError, match="pre-shared key"):
+        parse_config(data)
+
+
+def yaml_load(text: str) -> dict:  # type: ignore[type-arg]
+    import yaml
+
+    return yaml.safe_load(text)
