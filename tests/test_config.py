@@ -608,3 +608,38 @@ def test_first_interface_on_a_real_kernel(tmp_path) -> None:  # type: ignore[no-
     assert out[2] == "tcp(eth1)"  # the pattern matches eth0's address, the NI goes on eth1
     assert out[3] == "tcp(eth0)"
     assert out[4].startswith("error:") and "does not match" in out[4]  # eth2 is down
+
+
+def _glibc_range(text: str) -> tuple[int, int, int, int] | None:
+    """lnet_str2tbs_expand's two sscanf calls, on the real glibc."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    lo, hi, stride, n = (ctypes.c_int(0) for _ in range(4))
+    if libc.sscanf(text.encode(), b"%d-%d/%d%n", *(ctypes.byref(x) for x in (lo, hi, stride, n))) >= 3:
+        return lo.value, hi.value, stride.value, n.value
+    if libc.sscanf(text.encode(), b"%d-%d%n", *(ctypes.byref(x) for x in (lo, hi, n))) >= 2:
+        return lo.value, hi.value, 1, n.value
+    return None
+
+
+def _fuzz_ranges(seed: int, count: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    pieces = ["1", "10", "-3", "+2", " 4", "0", "2147483648", "4294967297", "x", ""]
+    out = []
+    for _ in range(count):
+        text = rng.choice(pieces) + rng.choice(["-", "--", "/", ""]) + rng.choice(pieces)
+        if rng.random() < 0.6:
+            text += rng.choice(["/", "-", ""]) + rng.choice(pieces)
+        out.append(text + rng.choice(["]", ",5]", ""]))
+    return out
+
+
+@pytest.mark.parametrize("text", _fuzz_ranges(6, 200))
+def test_route_range_scan_matches_glibc(text: str) -> None:
+    from lu2k.config import _scan_range
+
+    assert _scan_range(text, 0) == _glibc_range(text)

@@ -596,3 +596,46 @@ def test_ip6_reader_matches_glibc_inet_pton(text: str) -> None:
         expected = None
     mine = ip6_strict(text)
     assert (mine.packed if mine is not None else None) == expected
+
+
+def _c_ip_str2addr(text: str) -> int | None:
+    """libcfs_ip_str2addr's numeric branch, run on the real glibc sscanf."""
+    a, b, c, d = (ctypes.c_uint(0) for _ in range(4))
+    n = ctypes.c_int(len(text))
+    rc = _LIBC.sscanf(text.encode(), b"%u.%u.%u.%u%n", *(ctypes.byref(x) for x in (a, b, c, d, n)))
+    parts = [a.value, b.value, c.value, d.value]
+    if rc >= 4 and n.value == len(text) and all(p & ~0xFF == 0 for p in parts):
+        return (parts[0] << 24) | (parts[1] << 16) | (parts[2] << 8) | parts[3]
+    return None
+
+
+def _c_num_str2addr(text: str) -> int | None:
+    """libcfs_num_str2addr on the real glibc sscanf."""
+    for fmt in (b"0x%x%n", b"0X%x%n", b"%u%n"):
+        v, n = ctypes.c_uint(0), ctypes.c_int(len(text))
+        if _LIBC.sscanf(text.encode(), fmt, ctypes.byref(v), ctypes.byref(n)) >= 1 and n.value == len(text):
+            return v.value
+    return None
+
+
+def _fuzz_addresses(seed: int, count: int) -> list[str]:
+    rng = random.Random(seed)
+    pieces = ["0", "1", "01", "255", "256", "+3", "-0", "-1", " 7", "4294967296", "4294967551", "99999999999999999999", "x", ""]
+    out = ["1.2.3.4", "1.2.3", "1.2.3.4.5", "1..2.3", " 1.2.3.4", "1.2.3.4 ", "0x1.2.3.4"]
+    for _ in range(count):
+        out.append(".".join(rng.choice(pieces) for _ in range(rng.choice([3, 4, 4, 4, 5]))))
+    return out
+
+
+@pytest.mark.parametrize("text", _fuzz_addresses(4, 200))
+def test_ipv4_nid_address_matches_libcfs_on_glibc(text: str) -> None:
+    from lu2k.nid import ip4_classic
+
+    assert ip4_classic(text) == _c_ip_str2addr(text)
+
+
+@pytest.mark.parametrize("text", _fuzz_numbers(5, 150) + ["0x10", "0X1f", "0x0x10", "0x", "0xg", "0x-1", "0x 5", "0x+5"])
+def test_numeric_nid_address_matches_libcfs_on_glibc(text: str) -> None:
+    from lu2k.nid import num_str2addr
+
+    assert num_str2addr(text) == _c_num_str2addr(text)
