@@ -288,6 +288,12 @@ class ConfigController:
         errors: list[str] = []
         if mode == "del":
             for item in incoming.get("net") or []:
+                if "ip2net" in item:
+                    before = list(doc.get("net") or [])
+                    doc["net"] = [n for n in before if not (isinstance(n, dict) and n.get("ip2net") == item["ip2net"])]
+                    if len(doc["net"]) == len(before):
+                        errors.append(f"ip2net {item['ip2net']!r} is not configured")
+                    continue
                 net = parse_net(str(item.get("net type")))
                 if net.type == "lo":
                     continue
@@ -308,6 +314,9 @@ class ConfigController:
                     errors.append(f"peer {prim} is not configured")
         else:
             for item in incoming.get("net") or []:
+                if "ip2net" in item:
+                    doc["net"] = list(doc.get("net") or []) + [item]
+                    continue
                 net = parse_net(str(item.get("net type")))
                 if net.type == "lo":
                     continue

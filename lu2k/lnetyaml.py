@@ -178,6 +178,7 @@ class LnetConfig:
     buffers: dict[str, int] = field(default_factory=dict)
     numa_range: int | None = None
     ip2nets: list[Ip2NetsRule] = field(default_factory=list)
+    ip2net: list[str] = field(default_factory=list)  # ``net: [{ip2net: "..."}]`` module-parameter strings
     lu2k: dict[str, Any] = field(default_factory=dict)
 
     def net(self, net: Net) -> NetEntry | None:
@@ -437,7 +438,9 @@ def _parse_net(errs: _Errors, where: str, item: Any, resolve: bool) -> NetEntry 
     m = _mapping(errs, where, item)
     if m is None:
         return None
-    _unknown(errs, where, m, {"net type", "local NI(s)", "tunables", "lu2k"} | NET_SHOW_KEYS)
+    _unknown(errs, where, m, {"net type", "local NI(s)", "tunables", "lu2k", "ip2net"} | NET_SHOW_KEYS)
+    if "ip2net" in m and "net type" not in m:
+        return None  # an lnetctl ``ip2net:`` string entry; parse_data reads it
     if "net type" not in m:
         errs.add(where, "missing 'net type'")
         return None
@@ -688,6 +691,20 @@ def parse_data(data: Any, *, source: str = "<yaml>", resolve: bool = True, compl
         if key not in SECTIONS:
             errs.add(str(key), f"unknown section (known: {', '.join(SECTIONS)})")
     for i, item in enumerate(_seq(errs, "net", data.get("net")) or []):
+        if isinstance(item, Mapping) and "ip2net" in item:
+            # lnetctl's handle_yaml_config_ni passes this string to the kernel's ip2nets parser
+            text = item["ip2net"]
+            if not isinstance(text, str):
+                errs.add(f"net[{i}].ip2net", f"expected an ip2nets string, got {text!r}")
+            else:
+                try:
+                    check_ip2nets(text)
+                    cfg.ip2net.append(text)
+                except ConfigError as e:
+                    errs.add(f"net[{i}].ip2net", str(e).replace("\n", " "))
+            if "net type" in item:
+                errs.add(f"net[{i}]", "give either 'net type' or 'ip2net'")
+            continue
         entry = _parse_net(errs, f"net[{i}]", item, resolve)
         if entry is None:
             continue
@@ -743,7 +760,7 @@ def parse_data(data: Any, *, source: str = "<yaml>", resolve: bool = True, compl
     if "lu2k" in data:
         cfg.lu2k = _parse_lu2k_top(errs, "lu2k", data["lu2k"])
     _check_duplicates(errs, cfg)
-    if complete and not (cfg.ip2nets or cfg.lu2k.get("networks") or cfg.lu2k.get("ip2nets")):
+    if complete and not (cfg.ip2nets or cfg.ip2net or cfg.lu2k.get("networks") or cfg.lu2k.get("ip2nets")):
         for r in cfg.routes:
             if cfg.net(r.gateway.net) is None:
                 errs.add("route", f"route to {r.net}: gateway {r.gateway} is not on a local net")
@@ -813,8 +830,8 @@ def _cpt_str(el: ExprList) -> str:
 def to_data(cfg: LnetConfig) -> dict[str, Any]:
     """The document as plain data, in lnetctl's shape (what :func:`dumps` prints)."""
     out: dict[str, Any] = {}
-    if cfg.nets:
-        nets = []
+    if cfg.nets or cfg.ip2net:
+        nets: list[dict[str, Any]] = [{"ip2net": text} for text in cfg.ip2net]
         for n in cfg.nets:
             entry: dict[str, Any] = {"net type": str(n.net)}
             nis = []
@@ -981,6 +998,8 @@ def resolve(cfg: LnetConfig, interfaces: Iterable[InterfaceLike] | None = None, 
             legacy.append(("networks", resolve_interfaces(parse_networks(cfg.lu2k["networks"], cpt_count=cpt_count), ifaces)))
         if cfg.lu2k.get("ip2nets"):
             legacy.append(("ip2nets", ip2nets(cfg.lu2k["ip2nets"], ifaces, cpt_count=cpt_count)))
+        for text in cfg.ip2net:
+            legacy.append(("ip2net", ip2nets(text, ifaces, cpt_count=cpt_count)))
     except ConfigError as e:
         errors.append(f"lu2k: {e}".replace("\n", " "))
         errors.extend(e.errors)
@@ -1062,8 +1081,8 @@ def expand_for_daemon(data: Any, *, source: str = "<yaml>", interfaces: Iterable
     interface_only = any(ni.interfaces and ni.nid is None for n in cfg.nets for ni in n.nis)
     expressions = any(isinstance(r, Mapping) and _is_expression(str(r.get("gateway", ""))) for r in data.get("route") or [])
     defaults = dict(lu.get("defaults") or {})
-    if not (cfg.ip2nets or lu.get("networks") or lu.get("ip2nets") or lu.get("routes") or interface_only or expressions
-            or defaults):
+    if not (cfg.ip2nets or cfg.ip2net or lu.get("networks") or lu.get("ip2nets") or lu.get("routes") or interface_only
+            or expressions or defaults):
         return data
     if interfaces is None:
         interfaces = lu.get("interfaces") or system_interfaces()

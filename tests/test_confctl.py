@@ -255,3 +255,11 @@ def test_lu2kd_check_reads_module_parameter_strings(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg))
     res = subprocess.run([sys.executable, "-m", "lu2k.daemon", "--config", str(path), "--check"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "lu2k.networks: networks at position 4" in res.stderr
+
+
+async def test_import_ip2net_entry(daemon: Daemon) -> None:
+    # 127.0.0.1 is lo's: ip2nets never matches loopback, so this must fail and change nothing.
+    with pytest.raises(Lu2kError, match="ip2nets"):
+        await call(daemon, "import", yaml="net:\n  - ip2net: 'tcp9 127.0.0.*'\n")
+    assert [n["net"] for n in await call(daemon, "net show")] == ["tcp"]
+    assert "ip2net:" not in (await call(daemon, "export"))["yaml"]

@@ -475,3 +475,17 @@ def yaml_load(text: str) -> dict:  # type: ignore[type-arg]
     import yaml
 
     return yaml.safe_load(text)
+
+
+def test_lnetctl_ip2net_string_in_a_net_entry() -> None:
+    # lnetctl's net handler takes `ip2net: "<module parameter>"` and hands it to the kernel.
+    cfg = loads("net:\n  - ip2net: 'tcp(eth1) 192.168.*.*; tcp1 10.*.*.*'\n")
+    assert cfg.ip2net == ["tcp(eth1) 192.168.*.*; tcp1 10.*.*.*"] and cfg.nets == []
+    assert loads(dumps(cfg)) == cfg
+    r = resolve(cfg, HOST)
+    assert [(str(n.net), str(n.nis[0].nid), n.origin) for n in r.nets] == [
+        ("tcp", "192.168.3.3@tcp", "ip2net"), ("tcp1", "10.0.0.1@tcp1", "ip2net")]
+    with pytest.raises(ConfigError, match=r"net\[0\].ip2net"):
+        loads("net:\n  - ip2net: 'tcp 192.168.*'\n")
+    with pytest.raises(ConfigError, match="either"):
+        loads("net:\n  - {ip2net: 'tcp 1.1.1.1', net type: tcp}\n")
