@@ -196,9 +196,6 @@ class _Buf:
             i += 1
         return i
 
-    def space(self, i: int) -> bool:
-        return self.c[i] in _ISSPACE
-
     def kill_spaces(self, i: int) -> int:
         while self.c[i] in _ISSPACE and self.c[i] != "\0":
             self.c[i] = "\0"
