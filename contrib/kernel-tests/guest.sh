@@ -18,6 +18,12 @@ for mod in rds_tcp sch_netem rdma_rxe veth; do
     if modprobe "$mod"; then echo "[guest] modprobe $mod: ok"; else echo "[guest] modprobe $mod: FAILED"; fi
 done
 ip link set lo up
+# Soft-RoCE on the loopback device: the o2ib (verbs) tests run both ends on it.
+if rdma link add lu2k_rxe type rxe netdev lo; then
+    echo "[guest] soft-RoCE: $(rdma link show lu2k_rxe/1)"
+else
+    echo "[guest] rdma link add lu2k_rxe (rxe on lo): FAILED"
+fi
 
 # The root is read-only: everything pytest writes goes to a tmpfs of our own.
 SCRATCH=/run/lu2k-kt
@@ -31,7 +37,7 @@ export LU2K_KT_OUT=$OUT
 cd "$REPO" || { echo 2 > "$OUT/status"; exit 0; }
 # EXTRA is one string of pytest arguments, shell-quoted (e.g. -k "rds and not engine").
 eval "EXTRA_ARGS=($EXTRA)"
-"$PY" -m pytest -p no:cacheprovider --basetemp="$SCRATCH/pytest" -rfEs --timeout=300 --durations=12 \
+"$PY" -m pytest -p no:cacheprovider --basetemp="$SCRATCH/pytest" -rfEs --tb=native --timeout=300 --durations=12 \
     --junitxml="$OUT/junit.xml" tests/guest "${EXTRA_ARGS[@]}" 2>&1 | tee "$OUT/pytest.log"
 echo "${PIPESTATUS[0]}" > "$OUT/status"
 sync
