@@ -123,7 +123,11 @@ async def _sender(args: argparse.Namespace) -> dict[str, Any]:
 
     async def read_acks() -> None:
         while True:
-            for f in await t.recv():
+            try:
+                frames = await t.recv()
+            except Lu2kError:
+                return
+            for f in frames:
                 if f.header.type is FrameType.ACK and window is not None:
                     for _ in wire.decode_acks(f):
                         window.release()
@@ -132,7 +136,10 @@ async def _sender(args: argparse.Namespace) -> dict[str, Any]:
     while time.monotonic() < end:
         batch = []
         if window is not None:  # like the lab bench's app: at most `window` messages unacknowledged
-            await window.acquire()
+            try:
+                await asyncio.wait_for(window.acquire(), 10)
+            except asyncio.TimeoutError:
+                break  # no ACKs any more: the receiver is done
             seq += 1
             batch.append((wire.encode_msg_header(seq, src, dst, 0, 0, payload, False), payload))
         for _ in range(0 if window is not None else 8):
@@ -288,7 +295,7 @@ def main() -> int:
         spec = specs[0]
         limit = spec.rate_bps / 1e6 * (1 - spec.mean_loss)
         for row in res["rows"]:
-            row.update(link_mbit=spec.rate_bps / 1e6, loss=spec.mean_loss, rtt_ms=spec.rtt_s * 1e3, limit_mbit=limit,
+            row.update(link_mbit=spec.rate_bps / 1e6, loss=spec.mean_loss, rtt_ms=spec.rtt_s * 1e3, limit_mbit=limit, emulator=res["lab"],
                        lateness_p99_ms=res["lab"].get("ab", {}).get("lateness", {}).get("p99_ms"))
             out.append(row)
             g = row["goodput_mbit"]

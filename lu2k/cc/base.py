@@ -141,7 +141,7 @@ class CongestionSignals:
     """Tells random loss from congestion (see the module docstring for the reasoning)."""
 
     def __init__(self, *, loss_margin: float = 0.015, queue_factor: float = 0.25,
-                 queue_slack: float = 0.010, min_round_packets: int = 8, mss: int = 1200) -> None:
+                 queue_slack: float = 0.020, min_round_packets: int = 8, mss: int = 1200) -> None:
         self.loss_margin = loss_margin
         self.queue_factor = queue_factor
         self.queue_slack = queue_slack

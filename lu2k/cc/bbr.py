@@ -7,7 +7,8 @@ of delivery-rate samples over ``bw_window_rounds`` rounds) and the propagation R
 minimum) -- and sends at the model's rate, paced, with a window of ``cwnd_gain`` BDPs:
 
 * ``STARTUP`` doubles the rate every round (gain 2/ln 2) until the bandwidth estimate stops
-  growing by 25 % for three rounds, or a round shows congestion loss;
+  growing by 25 % for three rounds, a round shows congestion loss or a standing queue, or the
+  estimate reaches 90 % of the operator's rate (if given);
 * ``DRAIN`` empties the queue startup built (gain 1/2.885) until in-flight <= one BDP;
 * ``PROBE_BW`` cruises at gain 1 with one round at 1.25 (is there more?) followed by one at
   0.75 (drain what the probe queued) every eight rounds;
@@ -104,6 +105,9 @@ class BbrController(CongestionController):
         # An operator-given rate seeds the model so a GEO link is not spent doubling from ten
         # packets for several seconds; the first real samples replace it within a round.
         self._hint_bw = initial_rate or 0.0
+        self._hint_rate = initial_rate or 0.0  # kept after the seed is dropped: startup exit
+        self._startup_queue_acks = 0
+        self._rtt_excess = 0.0  # smoothed (RTT sample - min RTT): ack and host delay
         self.pacing_gain = STARTUP_GAIN
         self.cwnd_gain_now = STARTUP_GAIN
         self._full_bw = 0.0
@@ -152,7 +156,12 @@ class BbrController(CongestionController):
             rate = min(rate, self.max_rate)
         self.pacing_rate = rate
         if bw > 0:
-            target = self.cwnd_gain_now * bw * self._rtt() + 3 * self.mss
+            # The window covers the model's BDP plus the delay acks typically carry beyond
+            # the path minimum (delayed/aggregated acks, a busy host): without it a 40 ms
+            # path with 10 ms of ack and scheduling delay starves its own window.  Capped,
+            # so a real queue cannot hide in it.
+            extra = min(self._rtt_excess, max(0.02, 0.1 * self._rtt()))
+            target = self.cwnd_gain_now * bw * (self._rtt() + extra) + 3 * self.mss
             if self.mode is Mode.PROBE_RTT:
                 target = 0.5 * bw * self._rtt()
             self.cwnd = max(int(target), MIN_CWND_PACKETS * self.mss)
@@ -164,6 +173,18 @@ class BbrController(CongestionController):
         if not sample.app_limited or sample.rate > self.bw.value:
             self.bw.update(sampler.round_count, sample.rate)
         self._update_min_rtt(now, sample.rtt)
+        if self.mode is Mode.STARTUP and math.isfinite(self.min_rtt):
+            # A 2.885x startup learns the pipe is full a round too late: by then it has queued
+            # ~2 BDP, more than a 1-BDP buffer holds.  Acks that keep coming back with half a
+            # BDP of queueing delay say "full" now.
+            if sample.rtt > 1.5 * self.min_rtt + 0.010:
+                self._startup_queue_acks += 1
+                if self._startup_queue_acks >= 3:
+                    self.filled_pipe = True
+                    self.mode = Mode.DRAIN
+                    self.pacing_gain, self.cwnd_gain_now = DRAIN_GAIN, STARTUP_GAIN
+            else:
+                self._startup_queue_acks = 0
         if round_ended and sampler.last_round is not None:
             self._on_round_end(now, sampler.last_round)
         if self.mode is Mode.PROBE_BW:
@@ -174,6 +195,8 @@ class BbrController(CongestionController):
         self._update_pacing()
 
     def _update_min_rtt(self, now: float, rtt: float) -> None:
+        if math.isfinite(self.min_rtt):
+            self._rtt_excess += (max(0.0, rtt - self.min_rtt) - self._rtt_excess) / 8
         if self.mode is Mode.PROBE_RTT:
             self._probe_rtt_min = min(self._probe_rtt_min, rtt)
         if rtt < self.min_rtt:
@@ -193,7 +216,11 @@ class BbrController(CongestionController):
             # In startup the baseline is not learned yet; only a heavy-loss round (the queue
             # overflowing under a 2.885 gain) ends it early, not the medium's usual loss.
             overflow = excess and r.loss_rate > STARTUP_LOSS_EXIT
-            if self._full_bw_rounds >= 3 or overflow:
+            # Two more ways to know the pipe is full before a queue overflows (a GEO round of
+            # 2.885x overshoot is ~1 BDP of drops): a standing queue (even the round's
+            # smallest RTT inflated), or the operator's rate reached.
+            reached_hint = self._hint_rate > 0 and self.bw.value >= 0.9 * self._hint_rate
+            if self._full_bw_rounds >= 3 or overflow or queue or reached_hint:
                 self.filled_pipe = True
                 if overflow:
                     self._react(r)
@@ -202,11 +229,16 @@ class BbrController(CongestionController):
             return
         if self.mode is Mode.PROBE_RTT:
             return
-        if excess or self.signals.queue_rounds >= 2:
+        if excess or self.signals.queue_rounds >= self._queue_rounds_needed():
             if r.number - self._last_reaction_round >= 2:
                 self._react(r)
                 if self.mode is Mode.PROBE_BW:
                     self._set_cycle(now, 1)  # the 0.75 phase: drain what we queued
+
+    def _queue_rounds_needed(self) -> int:
+        """Rounds of standing queue before reacting: two, but at least 0.3 s worth, so a short
+        path's scheduling hiccups are not read as a competing flow."""
+        return max(2, math.ceil(0.3 / max(self._rtt(), 1e-3)))
 
     def _react(self, r: Any) -> None:
         """Congestion: believe what the last round delivered, a little less."""

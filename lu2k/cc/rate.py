@@ -80,7 +80,8 @@ class RateController(CongestionController):
         r = self.sampler.last_round
         if round_ended and r is not None:
             excess, _queue = self.signals.on_round(r, self.min_rtt)
-            if (excess or self.signals.queue_rounds >= 2) and r.number - self._last_reaction_round >= 2:
+            needed = max(2, math.ceil(0.3 / max(self._rtt(), 1e-3)))  # >= 0.3 s of queue, as bbr
+            if (excess or self.signals.queue_rounds >= needed) and r.number - self._last_reaction_round >= 2:
                 self._last_reaction_round = r.number
                 self.reactions += 1
                 delivered = r.max_rate if r.max_rate > 0 else self.current
