@@ -31,16 +31,24 @@ def test_registry_gives_tcp() -> None:
     assert get_backend("tcp") is TcpBackend
 
 
-async def test_garbage_from_peer_is_frame_error() -> None:
-    but = BackendUnderTest(TcpBackend, "127.0.0.1")
-    server = but.make()
+@pytest.fixture
+async def raw_server():  # type: ignore[no-untyped-def]
+    """A TCP backend listening on loopback; yields (address, queue of accepted transports)."""
+    server = BackendUnderTest(TcpBackend, "127.0.0.1").make()
     accepted: asyncio.Queue = asyncio.Queue()
 
     async def on_accept(t) -> None:  # type: ignore[no-untyped-def]
         await accepted.put(t)
 
     lst = await server.listen("127.0.0.1", 0, on_accept)
-    raw = socket.create_connection(lst.address)
+    yield lst.address, accepted
+    lst.close()
+    await server.close()
+
+
+async def test_garbage_from_peer_is_frame_error(raw_server) -> None:  # type: ignore[no-untyped-def]
+    address, accepted = raw_server
+    raw = socket.create_connection(address)
     try:
         raw.sendall(b"GET / HTTP/1.0\r\n\r\n")
         inn = await asyncio.wait_for(accepted.get(), 5)
@@ -49,20 +57,11 @@ async def test_garbage_from_peer_is_frame_error() -> None:
         inn.close()
     finally:
         raw.close()
-        lst.close()
-        await server.close()
 
 
-async def test_truncated_frame_is_read_error() -> None:
-    but = BackendUnderTest(TcpBackend, "127.0.0.1")
-    server = but.make()
-    accepted: asyncio.Queue = asyncio.Queue()
-
-    async def on_accept(t) -> None:  # type: ignore[no-untyped-def]
-        await accepted.put(t)
-
-    lst = await server.listen("127.0.0.1", 0, on_accept)
-    raw = socket.create_connection(lst.address)
+async def test_truncated_frame_is_read_error(raw_server) -> None:  # type: ignore[no-untyped-def]
+    address, accepted = raw_server
+    raw = socket.create_connection(address)
     hdr, payload = _msg(1, b"x" * 1000)
     raw.sendall(hdr + payload[:500])
     raw.close()
@@ -70,8 +69,6 @@ async def test_truncated_frame_is_read_error() -> None:
     with pytest.raises(ReadError, match="middle of a frame"):
         await asyncio.wait_for(inn.recv(), 5)
     inn.close()
-    lst.close()
-    await server.close()
 
 
 def _settings(**opts) -> BackendSettings:  # type: ignore[no-untyped-def]
