@@ -46,7 +46,7 @@ from typing import Any
 
 try:
     from aioquic import tls
-    from aioquic.asyncio.server import QuicServer, serve
+    from aioquic.asyncio.server import QuicServer
     from aioquic.quic import events
     from aioquic.quic.configuration import QuicConfiguration
     from aioquic.quic.connection import QuicConnection
@@ -64,6 +64,7 @@ from ..errors import (
 )
 from ..wire import ConnType
 from .base import AcceptCallback, Backend, BackendSettings, Listener, Transport
+from .quic_udp import BatchedUdpEndpoint
 from .quic_stream import (
     APP_AUTH_REJECTED, APP_NO_ERROR, APP_PROTOCOL_ERROR, Lu2kQuicProtocol, QuicTransport, StreamOptions,
 )
@@ -247,7 +248,7 @@ class QuicBackend(Backend):
         self._server_tickets: collections.OrderedDict[bytes, SessionTicket] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._protocols: set[Lu2kQuicProtocol] = set()
-        self._endpoints: list[asyncio.DatagramTransport] = []
+        self._endpoints: list[BatchedUdpEndpoint] = []
 
     # --- configuration ----------------------------------------------------------------------------
 
@@ -353,17 +354,19 @@ class QuicBackend(Backend):
             self._protocols.add(protocol)
             return protocol
 
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            server = await serve(
-                host, port, configuration=config, create_protocol=create_protocol,
+            sock.bind((host, port))
+            self._size_socket(sock)
+            server = QuicServer(
+                configuration=config, create_protocol=create_protocol,
                 session_ticket_fetcher=self._fetch_ticket, session_ticket_handler=self._store_server_ticket,
             )
+            endpoint = BatchedUdpEndpoint(asyncio.get_running_loop(), sock, server)
         except OSError as e:
+            sock.close()
             raise ConnectError(f"cannot listen on udp {host}:{port}: {e.strerror or e}") from None
-        sock = server._transport.get_extra_info("socket")
-        if sock is not None:
-            self._size_socket(sock)
-        sockname = server._transport.get_extra_info("sockname")
+        sockname = endpoint.get_extra_info("sockname")
         return QuicListener(server, (sockname[0], sockname[1]))
 
     def _size_socket(self, sock: Any) -> None:
@@ -430,14 +433,11 @@ class QuicBackend(Backend):
             # the connect at once instead of after the timeout.
             sock.connect(addr)
             self._size_socket(sock)
-            sock.setblocking(False)
-            endpoint, protocol = await loop.create_datagram_endpoint(
-                lambda: Lu2kQuicProtocol(quic, stream_options=self.stream_options, translate=translate_close), sock=sock,
-            )
+            protocol = Lu2kQuicProtocol(quic, stream_options=self.stream_options, translate=translate_close)
+            endpoint = BatchedUdpEndpoint(loop, sock, protocol)
         except OSError as e:
             sock.close()
             raise ConnectError(f"cannot open a UDP socket for {host}:{port}: {e.strerror or e}") from None
-        assert isinstance(protocol, Lu2kQuicProtocol)
         protocol.peer = f"{host}:{port}"
         self._protocols.add(protocol)
         self._endpoints.append(endpoint)

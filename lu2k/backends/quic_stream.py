@@ -384,11 +384,15 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
             self.handshake_waiter.set_exception(ConnectError(f"cannot reach {self.peer}: {exc}"))
 
     def transmit(self) -> None:
-        if self._transport is None or self._transport.is_closing():
+        udp = self._transport
+        if udp is None or udp.is_closing():
             # The UDP socket is gone (listener closed, backend shut down): nothing can be
             # sent or received any more, so this connection is over.
             self._socket_gone()
             return
+        defer = getattr(udp, "defer_transmit", None)
+        if defer is not None and defer(self):
+            return  # the batched endpoint calls us once its batch of datagrams is in
         super().transmit()
         t = self.transport_obj
         while t is not None and t.feed():
