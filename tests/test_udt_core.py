@@ -91,11 +91,18 @@ def test_probing_grows_until_the_queue_shows_and_respects_estimate() -> None:
 
 
 def test_timeout_halves_and_floor_holds() -> None:
-    law = RateLaw(target_bps=10e6, min_bps=3e6)
+    law = RateLaw(target_bps=10e6, min_bps=3e6, rtt_hint_us=100 * MS)
+    base = law.rto_us
+    assert base == pytest.approx(300 * MS)
     law.on_timeout()
-    assert law.rate_bps == pytest.approx(5e6)
+    assert law.rate_bps == pytest.approx(5e6) and law.rto_us == pytest.approx(2 * base)
     law.on_timeout()
-    assert law.rate_bps == pytest.approx(3e6)
+    assert law.rate_bps == pytest.approx(3e6) and law.rto_us == pytest.approx(4 * base)
+    for _ in range(5):
+        law.on_timeout()
+    assert law.rto_us == pytest.approx(16 * base)  # backed off, but bounded
+    law.on_ack(1, 100 * MS)
+    assert law.rto_us == pytest.approx(base)  # an ACK: the path is alive again
     assert law.period_us(1500) == pytest.approx(1500 * 8 / 3e6 * 1e6)
 
 
@@ -217,7 +224,7 @@ def test_close_wakes_a_blocked_receiver_and_rendezvous_connects() -> None:
 def test_rtt_climbing_at_start_is_not_mistaken_for_a_queue() -> None:
     # libudt's RTT starts at 100 ms and is smoothed twice: on GEO it climbs for seconds.
     law = RateLaw(target_bps=19.4e6, rtt_hint_us=600 * MS)
-    assert law.rto_us == pytest.approx(4 * 600 * MS)  # no timeout before the first ACK can come
+    assert law.rto_us == pytest.approx(2 * 600 * MS + 100 * MS)  # no timeout before the first ACK can come
 
     def climbing(now: int) -> float:
         return min(600.0, 100.0 + now / 1e6 * 100.0)  # +100 ms per second for 5 s

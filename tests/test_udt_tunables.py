@@ -21,8 +21,8 @@ def settings(profile: LinkProfile = LinkProfile(), max_message: int = 1 << 20, p
 def test_geo_profile_sizes_buffers_and_pacing() -> None:
     t = tune(settings(GEO, max_message=4 << 20))
     bdp = 20e6 / 8 * 0.6
-    assert t.buffer == max(int(4 * bdp), 2 * t.max_frame, MIN_BUFFER)
-    assert t.buffer >= 4 * bdp
+    assert t.buffer == max(int(8 * bdp), 2 * t.max_frame, MIN_BUFFER)
+    assert t.buffer >= 8 * bdp
     assert t.flight_window * (t.mss - 44) >= t.buffer
     assert t.cc == "lu2k-rate"
     assert t.cc_params["target_bps"] == pytest.approx(20e6 * 0.97)

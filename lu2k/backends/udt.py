@@ -364,6 +364,27 @@ class UdtTransport(Transport):
         await asyncio.to_thread(self._udt_closed.wait, 10)
         await asyncio.to_thread(self._rx_done.wait, 10)
 
+    def check_alive(self) -> None:
+        """Declare the connection dead if the peer has been silent through timeouts too long.
+
+        libudt 4.11 would never do it under lu2k-rate: its "broken" test needs 5 s since
+        the last response, and every timeout resets that clock.
+        """
+        if self._closed:
+            return
+        try:
+            cc = _udtcore.cc_state(self._u)
+        except UDTError:
+            return
+        if cc and cc["consecutive_timeouts"] > 0 and cc["silent_s"] > self._tuning.dead_peer_s:
+            error = ReadError(
+                f"{self._peer} acknowledged nothing for {cc['silent_s']:.0f} s "
+                f"({cc['consecutive_timeouts']} retransmission timeouts); connection declared dead"
+            )
+            if self._error is None:
+                self._error = error
+            self.close()
+
     def _udt_stats(self) -> dict[str, Any]:
         perf = _udtcore.perfmon(self._u, False)
         out: dict[str, Any] = {name: perf[key] for key, name in _STATS_KEYS.items()}
@@ -433,6 +454,7 @@ class UdtBackend(Backend):
         self._transports: set[UdtTransport] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._handshakes = threading.Semaphore(64)  # accepted connections still in their preamble
+        self._watchdog: asyncio.Task[None] | None = None
 
     @classmethod
     def probe(cls) -> str | None:
@@ -442,7 +464,16 @@ class UdtBackend(Backend):
     def _transport(self, u: int, peer: str, sealer: proto.Sealer, opener: proto.Opener) -> UdtTransport:
         t = UdtTransport(u, peer, self.tuning, self.settings.max_message_size, sealer, opener, self._transports.discard)
         self._transports.add(t)
+        if self._watchdog is None and self.tuning.cc == "lu2k-rate":
+            self._watchdog = asyncio.ensure_future(self._watch())
         return t
+
+    async def _watch(self) -> None:
+        """Once a second: connections whose peer went silent are ended (see check_alive)."""
+        while True:
+            await asyncio.sleep(1.0)
+            for t in list(self._transports):
+                t.check_alive()
 
     def _hand_to_engine(self, u: int, peer: str, pair: tuple[proto.Sealer, proto.Opener], on_accept: AcceptCallback, listener: UdtListener) -> None:
         """On the loop: wrap an accepted, keyed connection and give it to the engine."""
@@ -608,6 +639,9 @@ class UdtBackend(Backend):
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # consume the late outcome
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         for listener in list(self._listeners):
             listener.close()
         for task in list(self._tasks):

@@ -13,24 +13,29 @@ Config keys (a net's ``lu2k.options`` when its backend is ``udt``), all optional
 ``heavy_loss``          loss fraction per round trip treated as congestion (default
                         max(0.10, 4 x profile loss))
 ``rtt_slack``           queueing delay tolerated, as a fraction of the minimum RTT (default 0.2)
-``min_rto_ms``          floor of UDT's retransmission timeout under lu2k-rate (default 1000)
+``min_rto_ms``          floor of UDT's retransmission timeout under lu2k-rate (default 300)
 ``mss``                 UDT packet size including IP/UDP headers (default 1500, 576..65536)
-``buffer``              UDT send/receive buffer bytes (default max(4 x BDP, 2 x largest frame, 8 MiB))
+``buffer``              UDT send/receive buffer bytes (default max(8 x BDP, 2 x largest frame, 8 MiB))
 ``flight_window``       UDT flight window, packets (default: the buffer in packets)
 ``udp_buffer``          UDP socket buffer bytes (default min(BDP, 4 MiB); the kernel may clamp)
 ``cipher``              ``aes-256-gcm`` (default) or ``chacha20-poly1305``
 ``recv_queue``          received messages held for the engine before UDT is back-pressured (64)
 ``handshake_timeout``   seconds an accepted connection has to send its preamble (default 10)
+``dead_peer_s``         lu2k-rate: a connection whose peer has acknowledged nothing for this long,
+                        through retransmission timeouts, is declared dead (default
+                        max(10, 10 x profile RTT)); libudt itself would wait for ever, since a
+                        fixed timeout resets the silence clock it checks
 ``rendezvous``          true: connect in UDT rendezvous mode (both ends connect; for NAT)
 ``rendezvous_port``     local UDP port rendezvous connects leave from (default: net port + 1)
 ``rendezvous_peers``    ["host:port", ...] the listener rendezvous-connects to (their
                         ``rendezvous_port``), handing each connection to the engine as accepted
 ======================  ========================================================================
 
-Why 4 x BDP: with random loss the first hole in the sequence holds UDT's ACK point for at
+Why 8 x BDP: with random loss the first hole in the sequence holds UDT's ACK point for at
 least one more round trip while the retransmission travels, and a lost retransmission for
-another; the window must cover the data sent meanwhile or the sender stalls exactly when the
-link is lossy.
+1.25 more (the receiver's repeated NAK); UDT's send buffer holds everything unacknowledged,
+and the receiver's everything behind the hole, so both must cover the data sent meanwhile
+or the sender stalls exactly when the link is lossy.  Memory is cheap next to a GEO hop.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ MAX_UDP_BUFFER = 4 << 20
 KNOWN_KEYS = frozenset({
     "cc", "rate_mbit", "pace_fraction", "min_rate_mbit", "max_rate_mbit", "heavy_loss", "rtt_slack", "mss",
     "buffer", "flight_window", "udp_buffer", "cipher", "recv_queue", "handshake_timeout", "rendezvous",
-    "rendezvous_port", "rendezvous_peers", "min_rto_ms",
+    "rendezvous_port", "rendezvous_peers", "min_rto_ms", "dead_peer_s",
 })
 
 
@@ -69,6 +74,7 @@ class UdtTuning:
     max_frame: int  # the largest sealed UDT message this net can carry
     recv_queue: int
     handshake_timeout: float
+    dead_peer_s: float = 10.0
     rendezvous: bool = False
     rendezvous_port: int = 0
     rendezvous_peers: tuple[tuple[str, int], ...] = field(default_factory=tuple)
@@ -122,7 +128,7 @@ def tune(settings: BackendSettings) -> UdtTuning:
 
     bdp = prof.bdp_bytes(default=0)
     max_frame = MAX_HEADER_SIZE + settings.max_message_size + TAG_SIZE
-    buffer = int(_num(opts, "buffer", max(4 * bdp, 2 * max_frame, MIN_BUFFER), where, 1 << 16, 1 << 31))
+    buffer = int(_num(opts, "buffer", max(8 * bdp, 2 * max_frame, MIN_BUFFER), where, 1 << 16, 1 << 31))
     if buffer < max_frame + mss:
         # UDT refuses a message larger than the whole send buffer.
         raise ConfigError(f"buffer {buffer} cannot hold the largest frame ({max_frame} bytes)", where=f"{where}.buffer")
@@ -143,7 +149,7 @@ def tune(settings: BackendSettings) -> UdtTuning:
         params["heavy_loss"] = _num(opts, "heavy_loss", max(0.10, 4 * (prof.loss or 0.0)), where, 0.0, 1.0)
         params["rtt_slack"] = _num(opts, "rtt_slack", 0.2, where, 0.0, 10.0)
         params["cwnd_pkts"] = float(flight)
-        params["min_rto_us"] = _num(opts, "min_rto_ms", 1000.0, where, 10.0, 600000.0) * 1e3
+        params["min_rto_us"] = _num(opts, "min_rto_ms", 300.0, where, 10.0, 600000.0) * 1e3
         if prof.rtt_ms:
             params["rtt_hint_us"] = prof.rtt_ms * 1e3
     else:
@@ -166,5 +172,6 @@ def tune(settings: BackendSettings) -> UdtTuning:
         cc=cc, cc_params=params, mss=mss, buffer=buffer, flight_window=flight, udp_buffer=udp_buffer, cipher=cipher,
         max_frame=max_frame, recv_queue=int(_num(opts, "recv_queue", 64, where, 1, 1 << 16)),
         handshake_timeout=_num(opts, "handshake_timeout", 10.0, where, 0.1, 3600.0),
+        dead_peer_s=_num(opts, "dead_peer_s", max(10.0, 10 * (prof.rtt_ms or 0) / 1e3), where, 1.0, 86400.0),
         rendezvous=rendezvous, rendezvous_port=rdv_port, rendezvous_peers=peers,
     )

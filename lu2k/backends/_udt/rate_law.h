@@ -26,11 +26,12 @@
 //     (`recover` x target per interval) up to the target, or keeps probing upwards when
 //     no target is known;
 //   * on a retransmission timeout (nothing acknowledged for a long time) halves the rate;
-//     the timeout itself is max(min_rto_us, 4 x max(smoothed RTT, rtt_hint_us)), so a
-//     600 ms path does not time out before its first ACK can possibly arrive (libudt's
-//     own first guess is a 100 ms RTT), nor while a lost retransmission is being chased
-//     by the receiver's repeated NAKs (see udtcore.cpp) -- libudt's timeout re-sends the
-//     whole flight;
+//     the timeout itself is max(min_rto_us, 2 x max(smoothed RTT, rtt_hint_us) + 100 ms),
+//     so a 600 ms path does not time out before its first ACK can possibly arrive
+//     (libudt's own first guess is a 100 ms RTT), nor between two of the receiver's
+//     repeated NAKs chasing a lost retransmission (1.25 RTT + 30 ms apart, see
+//     udtcore.cpp) -- libudt's timeout re-sends the whole flight -- yet a lost tail
+//     (nothing after it to reveal the hole) is repaired within about two round trips;
 //   * only starts judging RTT inflation once the smoothed RTT has settled (two intervals
 //     within 5 % of each other, or 20 intervals at most): UDT's RTT starts at 100 ms and
 //     is smoothed twice (receiver and sender), so on GEO it climbs for seconds, and a
@@ -62,7 +63,7 @@ struct RateParams {
     double min_interval_us = 50000;  // shortest control interval
     double rtt_window_us = 30e6;     // min-RTT window (two halves of this, rolled)
     double rtt_hint_us = 0;          // the operator's RTT for the path (site profile), 0: none
-    double min_rto_us = 1e6;         // retransmission timeout floor
+    double min_rto_us = 300000;      // retransmission timeout floor (libudt's own minimum)
 };
 
 class RateLaw {
@@ -88,6 +89,7 @@ public:
     // bw_bps is the receiver's capacity estimate (packet pairs), arrival_bps the rate
     // packets arrive at the receiver; 0 when not known (yet).
     void on_ack(uint64_t now_us, double rtt_us, double bw_bps, double arrival_bps = 0) {
+        consecutive_timeouts_ = 0;
         if (rtt_us <= 0) return;
         srtt_us_ = rtt_us;
         if (settled_) track_min_rtt(now_us, rtt_us);
@@ -108,6 +110,7 @@ public:
 
     // UDT's EXP timer fired with data outstanding: the path may be gone or badly congested.
     void on_timeout() {
+        ++consecutive_timeouts_;
         rate_ = clamp(rate_ * 0.5);
         hold_ = 1;
         inflated_run_ = 0;
@@ -115,7 +118,13 @@ public:
     }
 
     double rate_bps() const { return rate_; }
-    double rto_us() const { return std::max(p_.min_rto_us, 4.0 * std::max(srtt_us_, p_.rtt_hint_us)); }
+    // Backed off exponentially (x2 per consecutive timeout, at most x16) while nothing is
+    // acknowledged: a path that is gone is not hammered.
+    double rto_us() const {
+        double base = std::max(p_.min_rto_us, 2.0 * std::max(srtt_us_, p_.rtt_hint_us) + 100000.0);
+        return base * double(1 << std::min(consecutive_timeouts_, 4));
+    }
+    int consecutive_timeouts() const { return consecutive_timeouts_; }
     bool settled() const { return settled_; }
     double period_us(int packet_bytes) const { return packet_bytes * 8.0 * 1e6 / rate_; }
     double min_rtt_us() const { return min_rtt_us_; }
@@ -210,6 +219,7 @@ private:
     double last_srtt_ = 0;
     int64_t backoffs_ = 0;
     int64_t timeouts_ = 0;
+    int consecutive_timeouts_ = 0;
 };
 
 #endif

@@ -23,6 +23,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <string>
@@ -137,9 +138,32 @@ static inline int32_t seq_cmp(int32_t a, int32_t b) {
 }
 static inline int32_t seq_inc(int32_t s) { return s == 0x7FFFFFFF ? 0 : s + 1; }
 
+// What cc_state() reports.  It lives apart from the CCC object, which libudt deletes on its
+// own threads when a connection ends: Python finds it through g_snapshots by the CCC's
+// address and holds it by shared_ptr, so it never touches a CCC that may be gone.
+struct CcSnapshot {
+    std::mutex mu;
+    double rate_bps = 0, min_rtt_us = 0, srtt_us = 0, loss = 0, bw_bps = 0, target_bps = 0, rto_us = 0;
+    int64_t backoffs = 0, timeouts = 0, renaks = 0, missing = 0, consecutive_timeouts = 0;
+    uint64_t last_feedback_us = 0;  // CLOCK_MONOTONIC of the last ACK or NAK from the peer
+    bool probing = false, settled = false;
+};
+static std::mutex g_snapshots_mu;
+static std::unordered_map<const void*, std::shared_ptr<CcSnapshot>> g_snapshots;
+
 class Lu2kRateCC : public CCC {
 public:
-    explicit Lu2kRateCC(const RateParams& p, double cwnd_pkts) : law_(p), cwnd_pkts_(cwnd_pkts) {}
+    explicit Lu2kRateCC(const RateParams& p, double cwnd_pkts)
+        : law_(p), cwnd_pkts_(cwnd_pkts), snap_(std::make_shared<CcSnapshot>()) {
+        publish();
+        std::lock_guard<std::mutex> g(g_snapshots_mu);
+        g_snapshots[this] = snap_;
+    }
+
+    ~Lu2kRateCC() override {
+        std::lock_guard<std::mutex> g(g_snapshots_mu);
+        g_snapshots.erase(this);
+    }
 
     void init() override {
         std::lock_guard<std::mutex> g(mu_);
@@ -152,12 +176,14 @@ public:
 
     void onACK(int32_t) override {
         std::lock_guard<std::mutex> g(mu_);
+        last_feedback_us_ = monotonic_us();
         law_.on_sent(sent_.exchange(0));
         double bw_bps = double(m_iBandwidth) * m_iMSS * 8.0;
         double arrival_bps = double(m_iRcvRate) * m_iMSS * 8.0;
         law_.on_ack(monotonic_us(), double(m_iRTT), bw_bps, arrival_bps);
         m_dPktSndPeriod = law_.period_us(m_iMSS);
         setRTO(int(law_.rto_us()));
+        publish();
     }
 
     void onLoss(const int32_t* list, int size) override {
@@ -174,13 +200,17 @@ public:
             }
         }
         std::lock_guard<std::mutex> g(mu_);
+        last_feedback_us_ = monotonic_us();
         law_.on_loss(n);
+        publish();
     }
 
     void onTimeout() override {
         std::lock_guard<std::mutex> g(mu_);
         law_.on_timeout();
         m_dPktSndPeriod = law_.period_us(m_iMSS);
+        setRTO(int(law_.rto_us()));
+        publish();
     }
 
     void onPktSent(const CPacket*) override { sent_.fetch_add(1, std::memory_order_relaxed); }
@@ -218,6 +248,7 @@ public:
                 }
             }
             renaks_ += int64_t(renak.size());
+            publish();
         }
         if (!renak.empty()) {
             PacketTwin nak(renak.data(), renak.size());
@@ -225,23 +256,33 @@ public:
         }
     }
 
-    PyObject* state_dict() {
-        std::lock_guard<std::mutex> g(mu_);
-        return Py_BuildValue(
-            "{s:s,s:d,s:d,s:d,s:d,s:d,s:L,s:L,s:O,s:d,s:O,s:d,s:L,s:L}",
-            "cc", "lu2k-rate", "rate_mbit", law_.rate_bps() / 1e6, "min_rtt_ms", law_.min_rtt_us() / 1e3,
-            "srtt_ms", law_.srtt_us() / 1e3, "loss_fraction", law_.last_loss_fraction(),
-            "bw_estimate_mbit", law_.bw_estimate_bps() / 1e6, "backoffs", (long long)law_.backoffs(),
-            "timeouts", (long long)law_.timeouts(), "probing", law_.probing() ? Py_True : Py_False,
-            "target_mbit", law_.params().target_bps / 1e6, "rtt_settled", law_.settled() ? Py_True : Py_False,
-            "rto_ms", law_.rto_us() / 1e3, "renaks", (long long)renaks_, "missing", (long long)missing_.size());
+private:
+    void publish() {  // with mu_ held (or from the constructor)
+        std::lock_guard<std::mutex> g(snap_->mu);
+        CcSnapshot& s = *snap_;
+        s.rate_bps = law_.rate_bps();
+        s.min_rtt_us = law_.min_rtt_us();
+        s.srtt_us = law_.srtt_us();
+        s.loss = law_.last_loss_fraction();
+        s.bw_bps = law_.bw_estimate_bps();
+        s.target_bps = law_.params().target_bps;
+        s.rto_us = law_.rto_us();
+        s.backoffs = law_.backoffs();
+        s.timeouts = law_.timeouts();
+        s.renaks = renaks_;
+        s.consecutive_timeouts = law_.consecutive_timeouts();
+        s.last_feedback_us = last_feedback_us_;
+        s.missing = int64_t(missing_.size());
+        s.probing = law_.probing();
+        s.settled = law_.settled();
     }
 
-private:
     std::mutex mu_;  // onACK/onLoss come from UDT's receive thread, state_dict from Python
     RateLaw law_;
     double cwnd_pkts_;
     std::atomic<int64_t> sent_{0};  // onPktSent runs on UDT's send thread
+    std::shared_ptr<CcSnapshot> snap_;
+    uint64_t last_feedback_us_ = monotonic_us();
     // receiver side: sequence numbers still missing -> when last reported
     static constexpr size_t kMaxMissing = 65536;
     static constexpr int32_t kMaxGap = 1 << 20;
@@ -612,9 +653,23 @@ static PyObject* py_cc_state(PyObject*, PyObject* args) {
     CCC* cc = nullptr;
     int len = sizeof(cc);
     if (UDT::getsockopt(u, 0, UDT_CC, &cc, &len) == UDT::ERROR) return raise_udt("cc_state");
-    Lu2kRateCC* ours = dynamic_cast<Lu2kRateCC*>(cc);
-    if (!ours) Py_RETURN_NONE;
-    return ours->state_dict();
+    std::shared_ptr<CcSnapshot> snap;
+    {
+        std::lock_guard<std::mutex> g(g_snapshots_mu);
+        auto it = g_snapshots.find(cc);
+        if (it != g_snapshots.end()) snap = it->second;
+    }
+    if (!snap) Py_RETURN_NONE;  // UDT's own control (or the connection just ended)
+    std::lock_guard<std::mutex> g(snap->mu);
+    const CcSnapshot& s = *snap;
+    return Py_BuildValue(
+        "{s:s,s:d,s:d,s:d,s:d,s:d,s:L,s:L,s:O,s:d,s:O,s:d,s:L,s:L,s:L,s:d}",
+        "cc", "lu2k-rate", "rate_mbit", s.rate_bps / 1e6, "min_rtt_ms", s.min_rtt_us / 1e3, "srtt_ms", s.srtt_us / 1e3,
+        "loss_fraction", s.loss, "bw_estimate_mbit", s.bw_bps / 1e6, "backoffs", (long long)s.backoffs,
+        "timeouts", (long long)s.timeouts, "probing", s.probing ? Py_True : Py_False, "target_mbit", s.target_bps / 1e6,
+        "rtt_settled", s.settled ? Py_True : Py_False, "rto_ms", s.rto_us / 1e3, "renaks", (long long)s.renaks,
+        "missing", (long long)s.missing, "consecutive_timeouts", (long long)s.consecutive_timeouts,
+        "silent_s", s.last_feedback_us ? double(monotonic_us() - s.last_feedback_us) / 1e6 : 0.0);
 }
 
 // --- UDT epoll -------------------------------------------------------------------------------------
