@@ -377,6 +377,7 @@ class RdsTransport(Transport):
         self._last_probe = 0.0
         self._probe_token = 0
         self.drain_result = "open"
+        backend.transports.add(self)
         self.counters: dict[str, int] = {
             "bytes_sent": 0, "bytes_received": 0, "datagrams_sent": 0, "datagrams_received": 0,
             "stray_datagrams": 0, "congestion_waits": 0, "probes_sent": 0, "drain_timeouts": 0,
@@ -679,7 +680,16 @@ class RdsTransport(Transport):
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.1)
 
+    def abort(self) -> None:
+        """Let go of the socket now, without CLOSE or drain (the backend is shutting down)."""
+        self._closing = True
+        self._wake(ReadError(f"connection to {self.peer_address} aborted"), WriteError(f"connection to {self.peer_address} aborted"))
+        if self._close_task is not None and not self._close_task.done():
+            self._close_task.cancel()
+        self._release()
+
     def _release(self) -> None:
+        self._backend.transports.discard(self)
         fd = self._sock.fileno()
         if fd >= 0:
             with contextlib.suppress(ValueError, OSError):
@@ -773,6 +783,7 @@ class RdsBackend(Backend):
         self.linger = _option_seconds(opts, "linger", 30.0, where)
         self.local_address: str | None = opts.get("local_address") or None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.transports: set[RdsTransport] = set()
 
     @staticmethod
     def probe() -> str | None:
@@ -889,6 +900,9 @@ class RdsBackend(Backend):
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        # Sessions still open belong to nobody once the backend is gone.
+        for transport in list(self.transports):
+            transport.abort()
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -182,8 +182,12 @@ async def test_listener_ignores_junk_and_unanswered_connect_times_out(netns_pair
         finally:
             raw.close()
         second = await client.connect(netns_pair.addr_b, lst.address[1], ConnType.ANY, 30)
-        second.close()
-        await second.wait_closed()
+        # The listener survived the junk and accepted again: a second session of its own.
+        (server_side,) = [t for t in server.transports if t is not inn]
+        await second.send([_msg(1, b"through the second session")])
+        (f,) = await _recv_n(server_side, 1)
+        assert bytes(f.payload) == b"through the second session"
+        await _close(second, server_side)
         with pytest.raises(ConnectTimeout, match="no listener"):
             await client.connect(netns_pair.addr_b, lst.address[1] + 1, ConnType.ANY, 2)
     finally:
