@@ -20,11 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .backends import get_backend
-from .errors import ConfigError, Lu2kError, Status
+from .errors import ConfigError, Lu2kError
 from .lnetyaml import SET_ALIASES, apply_set, dumps, parse_data
 from .nid import Net, NidList, parse_net, parse_nid
-from .routing import Route, RouteTable
+from .routing import Route
 from .settings import DEFAULT_CONFIG_YAML, DaemonConfig, NetConfig, parse_config
 
 if TYPE_CHECKING:
@@ -366,41 +365,11 @@ class ConfigController:
 
 
 async def _start_net(eng: "Engine", nc: NetConfig) -> None:
-    from .engine import NI
-
-    backend = get_backend(nc.backend)(nc.backend_settings())
-    ni = NI(eng, nc, backend)
-    host = nc.listen or nc.nid.host
-    try:
-        ni.listener = await backend.listen(host, nc.port, lambda t, ni=ni: eng._accept(ni, t))
-    except BaseException:
-        await backend.close()
-        raise
-    eng.nis[nc.net] = ni
-    eng._local_packed.add(eng.packed(nc.nid))
+    await eng.add_net(nc)
 
 
 async def _stop_net(eng: "Engine", net: Net, reason: str) -> None:
-    ni = eng.nis.pop(net, None)
-    if ni is None:
-        return
-    if ni.listener:
-        ni.listener.close()
-    for p in ni.peers.values():
-        for m in list(p.inflight.values()) + list(p.queue):
-            m.finish(Status.CANCELLED, reason)
-        p.close()
-    eng._local_packed.discard(eng.packed(ni.nid))
-    await ni.backend.close()
-
-
-def _drop_peer(eng: "Engine", nid: Any, reason: str) -> None:
-    ni = eng.nis.get(nid.net)
-    p = ni.peers.pop(nid, None) if ni else None
-    if p is not None:
-        for m in list(p.inflight.values()) + list(p.queue):
-            m.finish(Status.CANCELLED, reason)
-        p.close()
+    await eng.remove_net(net, reason)
 
 
 async def apply_config(eng: "Engine", old: DaemonConfig, new: DaemonConfig) -> list[str]:
@@ -440,17 +409,17 @@ async def apply_config(eng: "Engine", old: DaemonConfig, new: DaemonConfig) -> l
         if nc.net not in old_nets:
             changes.append(f"net {nc.net} added ({nc.nid}, {nc.backend})")
     # Routes, peers and globals: one swap each, nothing here can fail half way.
-    eng.routes = RouteTable((n.net for n in new.nets), (Route(r.net, r.gateway, r.hops, r.priority) for r in new.routes))
+    eng.set_routes([Route(r.net, r.gateway, r.hops, r.priority) for r in new.routes])
     old_routes = {(r.net, r.gateway) for r in old.routes}
     new_routes = {(r.net, r.gateway) for r in new.routes}
     changes += [f"route {n} {g} added" for n, g in sorted(new_routes - old_routes, key=str)]
     changes += [f"route {n} {g} removed" for n, g in sorted(old_routes - new_routes, key=str)]
     old_peers = {p.nid: p.address for p in old.peers}
     new_peers = {p.nid: p.address for p in new.peers}
-    eng.peer_addresses = {nid: addr for nid, addr in new_peers.items() if addr}
+    eng.set_peer_addresses({nid: addr for nid, addr in new_peers.items() if addr})
     for nid, addr in old_peers.items():
         if nid not in new_peers or new_peers[nid] != addr:
-            _drop_peer(eng, nid, "peer deleted" if nid not in new_peers else "peer address changed")
+            eng.drop_peer(nid, "peer deleted" if nid not in new_peers else "peer address changed")
             changes.append(f"peer {nid} {'removed' if nid not in new_peers else 'changed'}")
     changes += [f"peer {nid} added" for nid in new_peers if nid not in old_peers]
     if vars(old.global_) != vars(new.global_):

@@ -691,13 +691,7 @@ class Engine:
     async def start(self, *, with_shim: bool = True) -> None:
         try:
             for nc in self.config.nets:
-                backend = get_backend(nc.backend)(nc.backend_settings())
-                ni = NI(self, nc, backend)
-                host = nc.listen or nc.nid.host
-                ni.listener = await backend.listen(host, nc.port, lambda t, ni=ni: self._accept(ni, t))
-                self.nis[nc.net] = ni
-                self._local_packed.add(self.packed(nc.nid))
-                log.info("net up", net=str(nc.net), nid=str(nc.nid), backend=nc.backend, listen=f"{host}:{ni.listener.address[1]}")
+                await self.add_net(nc)
             if with_shim:
                 from .kernel_shim.server import ShimConfig as ShimServerConfig, ShimServer
 
@@ -726,6 +720,66 @@ class Engine:
             await ni.backend.close()
         for t in list(self.background):
             t.cancel()
+
+    # -- run-time configuration (lu2kctl import / net|peer|route add|del) ---------------------
+
+    async def add_net(self, nc: NetConfig) -> NI:
+        """Bring up one NI: its backend and listener.  Raises (and leaves nothing) on failure."""
+        backend = get_backend(nc.backend)(nc.backend_settings())
+        ni = NI(self, nc, backend)
+        host = nc.listen or nc.nid.host
+        try:
+            ni.listener = await backend.listen(host, nc.port, lambda t, ni=ni: self._accept(ni, t))
+        except BaseException:
+            await backend.close()
+            raise
+        self.nis[nc.net] = ni
+        self.routes.local_nets.add(nc.net)
+        self._local_packed.add(ni.nid_raw)
+        self._direct.clear()
+        log.info("net up", net=str(nc.net), nid=str(nc.nid), backend=nc.backend, listen=f"{host}:{ni.listener.address[1]}")
+        return ni
+
+    async def remove_net(self, net: Net, reason: str) -> None:
+        """Take an NI down; what it still holds fails with CANCELLED and ``reason``."""
+        ni = self.nis.pop(net, None)
+        if ni is None:
+            return
+        self._direct.clear()
+        self.routes.local_nets.discard(net)
+        self._local_packed.discard(ni.nid_raw)
+        if ni.listener:
+            ni.listener.close()
+        for nid in list(ni.peers):
+            self.drop_peer(nid, reason)
+        await ni.backend.close()
+        log.info("net down", net=str(net), reason=reason)
+
+    def drop_peer(self, nid: Nid, reason: str) -> None:
+        """Forget a peer: fail what is queued or in flight to it, close its connections."""
+        ni = self.nis.get(nid.net)
+        p = ni.peers.pop(nid, None) if ni else None
+        self._direct.clear()
+        if p is None:
+            return
+        for m in list(p.inflight.values()) + list(p.queue):
+            m.finish(Status.CANCELLED, reason)
+        ni.queued -= len(p.queue)  # type: ignore[union-attr]
+        for seq in list(p.inflight):
+            p.inflight.pop(seq)
+            p.credits.in_use -= 1
+            ni.credits.in_use -= 1  # type: ignore[union-attr]
+        p.queue.clear()
+        p.close()
+        ni.pump_waiting()  # type: ignore[union-attr]  # NI credits came back
+
+    def set_routes(self, routes: list[Route]) -> None:
+        self.routes = RouteTable(self.nis, routes)
+        self._direct.clear()
+
+    def set_peer_addresses(self, addresses: dict[Nid, str]) -> None:
+        self.peer_addresses = dict(addresses)
+        self._direct.clear()
 
     async def _tick(self) -> None:
         while True:
@@ -803,8 +857,8 @@ class Engine:
         if peer is None:
             dst_nid = dst_nid or self.unpack(dst_raw)
             hop = self.routes.next_hop(dst_nid, self.health_of)
-            if hop is None:
-                msg = OutMsg(src_raw or self.nis[self.primary_nid().net].nid_raw, dst_raw, src_portal, dst_portal, payload, deadline, on_finish)
+            if hop is None or hop.net not in self.nis:
+                msg = OutMsg(src_raw or dst_raw, dst_raw, src_portal, dst_portal, payload, deadline, on_finish)
                 msg.finish(Status.NO_ROUTE, f"no route to net {dst_nid.net}")
                 return msg
             peer = self.peer(hop)
@@ -817,10 +871,6 @@ class Engine:
             return msg
         peer.enqueue(msg)
         return msg
-
-    def routes_changed(self) -> None:
-        """Call after nets or routes change at run time."""
-        self._direct.clear()
 
     async def _loopback(self, msg: OutMsg) -> None:
         info = wire.MsgInfo(0, msg.src_raw, msg.dst_raw, msg.src_portal, msg.dst_portal, None)

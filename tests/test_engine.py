@@ -139,3 +139,38 @@ async def test_shutdown_cancels_what_is_pending() -> None:
     await a.stop()
     status, reason = await r.wait()
     assert status is Status.CANCELLED and "shutting down" in reason
+
+
+async def test_dropped_peer_is_forgotten_and_reachable_again(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    first = Result()
+    a.send(None, b.primary_nid(), 1, 0, b"x", first)
+    assert (await first.wait())[0] is Status.NO_RECEIVER
+    old = a.peer(b.primary_nid())
+    queued = [Result() for _ in range(5)]
+    for r in queued:
+        a.send(None, b.primary_nid(), 1, 0, b"y", r)
+    a.drop_peer(b.primary_nid(), "peer deleted")
+    for r in queued:  # whatever the dropped peer held fails once, with the reason
+        status, reason = await r.wait()
+        assert status in (Status.CANCELLED, Status.NO_RECEIVER)
+    assert any(r.calls[0] == (Status.CANCELLED, "peer deleted") for r in queued)
+    again = Result()
+    a.send(None, b.primary_nid(), 1, 0, b"z", again)
+    assert (await again.wait())[0] is Status.NO_RECEIVER
+    assert a.peer(b.primary_nid()) is not old  # the send went through a fresh peer, not the dropped one
+    ni = a.nis[b.primary_nid().net]
+    assert ni.credits.in_use == 0 and ni.queued == 0
+
+
+async def test_remove_and_add_net_at_run_time(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    nc = a.config.nets[0]
+    await a.remove_net(nc.net, "net removed")
+    r = Result()
+    a.send(None, b.primary_nid(), 1, 0, b"x", r)
+    assert (await r.wait())[0] is Status.NO_ROUTE
+    await a.add_net(nc)
+    r2 = Result()
+    a.send(None, b.primary_nid(), 1, 0, b"x", r2)
+    assert (await r2.wait())[0] is Status.NO_RECEIVER
