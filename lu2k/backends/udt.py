@@ -153,9 +153,14 @@ def _exchange_preamble(u: int, tuning: UdtTuning, connector: bool, key: bytes, p
 def _with_deadline(u: int, seconds: float, fn: Callable[[], T], what: str) -> T:
     """Run ``fn`` (blocking on ``u``); if it takes longer than ``seconds``, close ``u`` to end it."""
     expired = threading.Event()
+    lock = threading.Lock()
+    finished = False
 
     def expire() -> None:
-        expired.set()
+        with lock:  # never close a socket whose handshake has just succeeded
+            if finished:
+                return
+            expired.set()
         try:
             _udtcore.close(u)
         except UDTError:
@@ -165,7 +170,12 @@ def _with_deadline(u: int, seconds: float, fn: Callable[[], T], what: str) -> T:
     timer.daemon = True
     timer.start()
     try:
-        return fn()
+        result = fn()
+        with lock:
+            finished = True
+            if expired.is_set():
+                raise HandshakeError(f"{what} did not finish within {seconds:g} s")
+        return result
     except UDTError as e:
         if expired.is_set():
             raise HandshakeError(f"{what} did not finish within {seconds:g} s") from None
