@@ -278,3 +278,34 @@ async def test_connect_timeout_and_listen_errors() -> None:
         await client.listen("192.0.2.1", 0, lambda t: asyncio.sleep(0))  # not an address of this host
     await client.close()
     assert threading.active_count() < 200  # no thread leak from abandoned connects
+
+
+def test_missing_binding_makes_backend_unavailable_with_reason(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['lu2k.backends._udtcore'] = None\n"
+        "from lu2k.backends import availability, get_backend\n"
+        "from lu2k.errors import BackendUnavailable\n"
+        "print(availability()['udt'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "backend 'udt' is unavailable" in out.stdout and "libudt-dev" in out.stdout
+
+
+def test_install_without_libudt_headers_still_succeeds(tmp_path) -> None:
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, LU2K_UDT_INCLUDE=str(tmp_path / "no-such-include"))
+    out = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"), "--build-temp", str(tmp_path / "tmp")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "NOT building the UDT binding" in out.stderr and "libudt-dev" in out.stderr
+    assert not list((tmp_path / "lib").rglob("_udtcore*"))
