@@ -14,7 +14,7 @@ REPO=$3
 EXTRA=${4:-}
 
 echo "[guest] kernel $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/ {print $2/1024 " MiB"}' /proc/meminfo)"
-for mod in rds_tcp sch_netem rdma_rxe veth; do
+for mod in rds_tcp sch_netem rdma_rxe veth tcp_bbr; do
     if modprobe "$mod"; then echo "[guest] modprobe $mod: ok"; else echo "[guest] modprobe $mod: FAILED"; fi
 done
 ip link set lo up
