@@ -235,3 +235,26 @@ def test_rtt_climbing_at_start_is_not_mistaken_for_a_queue() -> None:
     # Once settled, a real queue is still seen.
     drive(law, start_us=now, seconds=6, rtt_ms=900)
     assert law.backoffs >= 1
+
+
+def test_epoll_reports_readiness() -> None:
+    ls, c, s = _pair()
+    eid = udtcore.epoll_create()
+    try:
+        udtcore.epoll_add(eid, s, udtcore.EPOLL_IN | udtcore.EPOLL_ERR)
+        udtcore.sendmsg(c, b"wake up")
+        readable: list[int] = []
+        for _ in range(100):  # a bounded number of 100 ms waits, not a timing assertion
+            readable, _writable = udtcore.epoll_wait(eid, 100)
+            if s in readable:
+                break
+        assert s in readable
+        buf = bytearray(16)
+        assert buf[: udtcore.recvmsg_into(s, buf)] == b"wake up"
+        udtcore.epoll_remove(eid, s)
+        with pytest.raises(udtcore.UDTError):
+            udtcore.epoll_wait(-1, 0)  # no such epoll id
+    finally:
+        udtcore.epoll_release(eid)
+        for u in (c, s, ls):
+            udtcore.close(u)
