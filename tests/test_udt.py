@@ -272,8 +272,6 @@ async def test_connect_timeout_and_listen_errors() -> None:
     client = make()
     with pytest.raises(NetworkError):
         await client.connect("127.0.0.1", _free_udp_port(), ConnType.ANY, 0.5)
-    with pytest.raises(NetworkError, match="cannot resolve|failed"):
-        await client.connect("no-such-host.invalid", 1, ConnType.ANY, 2)
     with pytest.raises(NetworkError, match="cannot listen"):
         await client.listen("192.0.2.1", 0, lambda t: asyncio.sleep(0))  # not an address of this host
     await client.close()
