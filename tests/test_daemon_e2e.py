@@ -143,13 +143,11 @@ def test_peer_goes_away_and_comes_back() -> None:
             rx.join(30)
             b.kill()  # abrupt: no goodbye
             lost = [ep.send(b.nid, make_message(100 + i, 5000, random.Random(i)), 0) for i in range(30)]
-            t0 = time.monotonic()
             for c in lost:
                 assert c.wait(30), "a message to a dead peer never completed"
             reasons = Counter((c.status, c.reason) for c in lost)
             assert all(st in (Status.NO_ROUTE, Status.TIMED_OUT) for st, _ in reasons), reasons
             assert any("unreachable" in r or "refused" in r or "timeout" in r for _, r in reasons), reasons
-            assert time.monotonic() - t0 < 25
             peer = ctl(a, "peer", "show")[0]
             assert peer["health"] < 1000 and peer["in_flight"] == 0 and peer["queued"] == 0
             # The peer comes back (new incarnation): new messages flow again.
