@@ -20,7 +20,7 @@ try:
 except BackendUnavailable as e:  # CI installs libudt-dev (.ci/requirements-apt.txt), so this runs there
     pytest.skip(f"udt backend unavailable: {e}", allow_module_level=True)
 
-from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _pair, _recv_n  # noqa: E402
+from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _recv_n  # noqa: E402
 
 from lu2k.backends import _udtcore  # noqa: E402
 from lu2k.backends import udt_proto as proto  # noqa: E402

@@ -43,7 +43,7 @@ TAG_SIZE = 16  # both AEADs append a 16-byte tag
 MAX_MESSAGES = (1 << 64) - 1  # far beyond any connection's life; checked anyway
 
 CIPHERS: tuple[str, ...] = ("aes-256-gcm", "chacha20-poly1305")
-_AEAD = {"aes-256-gcm": AESGCM, "chacha20-poly1305": ChaCha20Poly1305}
+_AEAD: dict[str, type[AESGCM] | type[ChaCha20Poly1305]] = {"aes-256-gcm": AESGCM, "chacha20-poly1305": ChaCha20Poly1305}
 
 
 def check_cipher(name: str, where: str = "options.cipher") -> str:
