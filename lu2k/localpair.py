@@ -47,12 +47,17 @@ def daemon_config(nid: str, port: int, workdir: Path, *, backend: str = "tcp", e
     net["lu2k"].update(copy.deepcopy(extra_net or {}))
     name = nid.replace("@", "_")
     cfg["lu2k"] = {"shim": {"path": str(workdir / f"{name}.shim")}, "control": {"path": str(workdir / f"{name}.ctl")}}
-    for key, value in (extra or {}).items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            cfg[key].update(value)
-        else:
-            cfg[key] = value
+    _merge(cfg, copy.deepcopy(extra or {}))
     return cfg
+
+
+def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Recursive dict update: ``extra`` wins, nested mappings are merged, not replaced."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _answers(path: str) -> bool:
