@@ -16,10 +16,10 @@
 //   * treats *sustained RTT inflation* -- the smoothed RTT above the windowed minimum by
 //     more than max(rtt_slack * min_rtt, rtt_slack_min_us) for `inflation_intervals`
 //     consecutive intervals -- as the sign of a queue building somewhere (a shared or
-//     slower bottleneck) and multiplies the rate by `backoff`, or, when the receiver's
-//     measured arrival rate is known, drops to `drain` x that rate (the bottleneck's
-//     delivery rate while a queue stands), so the queue empties within about a round trip
-//     -- but never below half the current rate in one step;
+//     slower bottleneck) and multiplies the rate by `backoff`, or, when probing (no
+//     target) and the receiver's measured arrival rate is known, drops to `drain` x that
+//     rate (the bottleneck's delivery rate while a queue stands), so the queue empties
+//     within about a round trip -- but never below half the current rate in one step;
 //   * treats heavy loss the same way (a shallow tail-drop queue overflows before the RTT
 //     shows it);
 //   * after a backoff waits one interval for the effect to show, then recovers additively
@@ -174,7 +174,11 @@ private:
         bool heavy = sent_ >= 20 && last_loss_ > p_.heavy_loss;
         if (inflated_run_ >= p_.inflation_intervals || heavy) {
             double next = rate_ * p_.backoff;
-            if (inflated && arrival_bps_ > 0)
+            // Probing overshoots an unknown bottleneck: drop to what actually arrives.  With a
+            // configured target the excess is small (clock skew, a shared hop), and the
+            // arrival rate of a sender that is briefly application-limited would be misread
+            // as the bottleneck, so the plain multiplicative step is used.
+            if (inflated && arrival_bps_ > 0 && p_.target_bps <= 0)
                 next = std::max(rate_ * 0.5, std::min(next, arrival_bps_ * p_.drain));
             rate_ = clamp(next);
             ++backoffs_;
