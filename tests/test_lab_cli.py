@@ -63,3 +63,20 @@ def test_up_exec_flap_stats_down(lab_dir: Path, capsys: pytest.CaptureFixture[st
     finally:
         assert main(["lab", "down", "--id", "clit"]) == 0
     assert not netns_exists("lu2k-clit-a") and list_labs() == []
+
+
+@needs_root
+@pytest.mark.netns
+def test_down_all_takes_every_lab_down_including_stale_ones(lab_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+
+    assert main(["lab", "up", "--profile", "leo", "--id", "all1", "--json"]) == 0
+    assert main(["lab", "up", "--profile", "geo", "--id", "all2", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    os.kill(first["pid"], signal.SIGKILL)  # all1 is now stale
+    assert main(["lab", "status"]) == 0
+    assert "STALE" in capsys.readouterr().out
+    assert main(["lab", "down", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "all1" in out and "all2" in out
+    assert list_labs() == [] and not netns_exists("lu2k-all1-a") and not netns_exists("lu2k-all2-b")

@@ -94,7 +94,10 @@ def cmd_down(args: argparse.Namespace) -> int:
         print(f"lab {lab_id}: forwarder was gone; cleaned up")
     if args.all:
         for st in list_labs():
-            Lab.attach(st.lab_id).down() if forwarder_alive(st.pid) else teardown(st)
+            if forwarder_alive(st.pid):
+                Lab.attach(st.lab_id).down()
+            else:
+                teardown(st)
             remove_lab_files(st.lab_id)
             print(f"lab {st.lab_id}: down")
         return 0

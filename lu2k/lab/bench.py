@@ -309,7 +309,7 @@ def transfer(lab: Lab, daemons: LabDaemons, *, size: int, window: int, warmup: f
     env = child_env()
     timed = count == 0
     rargs = ["receiver", "--socket", daemons.shim("b"), "--warmup", str(warmup), "--duration", str(duration),
-             "--count", str(count), "--idle-timeout", str(min(timeout, 120.0))]
+             "--count", str(count), "--idle-timeout", str(max(5.0, min(timeout / 2, 60.0)))]
     if verify:
         rargs.append("--verify")
     if timed:
@@ -522,8 +522,11 @@ def format_matrix(rows: list[dict[str, Any]]) -> str:
             _ms(r.get("p99_latency_ms")),
             f"{b['tcp-cubic']:.2f}" if "tcp-cubic" in b else "-",
             f"{b['tcp-bbr']:.2f}" if "tcp-bbr" in b else "-",
+            f"{r['emulator']['lateness_p99_ms']:.1f}" if r.get("emulator") else "-",
         ])
-    return render(["profile", "loss", "backend", "lu2k Mbit/s", "limit", "p99 ms", "TCP CUBIC", "TCP BBR"], table)
+    # The last column is the emulator's own lateness during the lu2k run: if it is a sizeable
+    # fraction of the RTT, the machine was too busy for that cell to mean much.
+    return render(["profile", "loss", "backend", "lu2k Mbit/s", "limit", "p99 ms", "TCP CUBIC", "TCP BBR", "emu late p99 ms"], table)
 
 
 # --- CLI ------------------------------------------------------------------------------------------

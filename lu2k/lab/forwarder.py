@@ -55,6 +55,7 @@ READ_SIZE = 65536  # a TUN read returns one packet; the MTU keeps it at 1500, th
 # what waits for the link; this bounds an unlimited-rate link with a long delay.
 MAX_IN_FLIGHT_BYTES = 64 << 20
 FORWARDER_NICE = -10
+FORWARDER_RT_PRIORITY = 1
 # Per-namespace TCP buffer limits, so the kernel TCP baselines can fill a GEO BDP (1.5 MB) many
 # times over; these sysctls are per network namespace and touch nothing outside the lab.
 NS_SYSCTLS = {
@@ -74,6 +75,28 @@ def open_tun(name: str) -> int:
         os.close(fd)
         raise LabError(f"cannot create TUN device {name}: {e.strerror}") from None
     return fd
+
+
+def set_priority() -> str:
+    """Run ahead of what we measure: SCHED_FIFO 1 if allowed, else nice -10, else as is.
+
+    The emulator's timing is the yardstick of every figure taken through it.  netem does its
+    work in softirq context, ahead of every task; the nearest a user-space forwarder gets is
+    the lowest real-time priority.  It sleeps in epoll whenever no packet is due, and the
+    kernel's RT throttling keeps a runaway from taking a whole core.  ``LU2K_LAB_RT=0`` asks
+    for plain nice instead.
+    """
+    if os.environ.get("LU2K_LAB_RT", "1") != "0":
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(FORWARDER_RT_PRIORITY))
+            return "SCHED_FIFO"
+        except (OSError, AttributeError):
+            pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, FORWARDER_NICE)
+        return f"nice {FORWARDER_NICE}"
+    except OSError:
+        return "normal"  # not root: lateness figures will show what that costs
 
 
 def set_pdeathsig() -> None:
@@ -101,6 +124,7 @@ class Forwarder:
         self._heaps: dict[str, list[tuple[float, int, bytes]]] = {"ab": [], "ba": []}
         self._seq = 0
         self._dump_requested = False
+        self.scheduling = "normal"
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -265,6 +289,7 @@ class Forwarder:
         return {
             "id": self.state.lab_id,
             "pid": os.getpid(),
+            "scheduling": self.scheduling,
             "uptime_s": uptime,
             "cpu_s": cpu,
             "cpu_util": cpu / uptime if uptime > 0 else 0.0,
@@ -333,21 +358,17 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, stop)
     signal.signal(signal.SIGUSR1, dump)
 
-    try:
-        # The emulator's timing is the yardstick of every figure taken through it: on a busy
-        # machine it should win the CPU over the processes it is measuring.
-        os.setpriority(os.PRIO_PROCESS, 0, FORWARDER_NICE)
-    except OSError:
-        pass  # not root: run at normal priority; lateness figures will show it
     status = 0
     try:
         state.pid = os.getpid()
         state.save(args.state_file.parent)
         fwd.setup()
+        # After setup, so the ``ip`` helpers it ran did not inherit a real-time policy.
+        priority = fwd.scheduling = set_priority()
         state.ready = True
         state.save(args.state_file.parent)
         ready("ok")
-        print(f"lu2k lab {state.lab_id}: up, pid {os.getpid()}, {state.ns['a']} {state.addr['a']} <-> "
+        print(f"lu2k lab {state.lab_id}: up, pid {os.getpid()} ({priority}), {state.ns['a']} {state.addr['a']} <-> "
               f"{state.ns['b']} {state.addr['b']}", flush=True)
         if not fwd.stopping:
             fwd.run(wake_r)
@@ -366,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         fwd.close()
+        try:  # the teardown's helpers need no real-time priority
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        except OSError:
+            pass
         teardown(state, args.state_file.parent)
     return status
 
