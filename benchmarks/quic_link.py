@@ -296,7 +296,7 @@ def main() -> int:
         limit = spec.rate_bps / 1e6 * (1 - spec.mean_loss)
         for row in res["rows"]:
             row.update(link_mbit=spec.rate_bps / 1e6, loss=spec.mean_loss, rtt_ms=spec.rtt_s * 1e3, limit_mbit=limit, emulator=res["lab"],
-                       lateness_p99_ms=res["lab"].get("ab", {}).get("lateness", {}).get("p99_ms"))
+                       lateness_p99_ms=round(res["lab"].get("links", {}).get("ab", {}).get("lateness", {}).get("p99_us", 0) / 1e3, 1))
             out.append(row)
             g = row["goodput_mbit"]
             cpu = (row["recv_cpu_s"] + row["send_cpu_s"]) / row["elapsed_s"]
