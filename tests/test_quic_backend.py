@@ -257,6 +257,25 @@ async def test_alpn_mismatch_is_handshake_error(pki: dict[str, str]) -> None:
         await server.close()
 
 
+async def test_quic_version_mismatch_is_handshake_error(pki: dict[str, str]) -> None:
+    class OddVersionBackend(QuicBackend):
+        def _configuration(self, **kw: Any) -> Any:
+            config = super()._configuration(**kw)
+            config.supported_versions = [0x0A0A0A0A]  # a version no server speaks
+            return config
+
+    server = BackendUnderTest(QuicBackend, "127.0.0.1", options=_opts(pki)).make()
+    client = BackendUnderTest(OddVersionBackend, "127.0.0.1", options=_opts(pki)).make()
+    lst = await server.listen("127.0.0.1", 0, lambda t: asyncio.sleep(0))
+    try:
+        with pytest.raises(HandshakeError, match="version mismatch"):
+            await client.connect("127.0.0.1", lst.address[1], ConnType.ANY, 5.0)
+    finally:
+        lst.close()
+        await server.close()
+        await client.close()
+
+
 async def test_garbage_stream_from_peer_closes_with_frame_error(pki: dict[str, str]) -> None:
     """A peer that speaks QUIC and ALPN lu2k but sends a non-lu2k stream is cut off."""
     from aioquic.asyncio.client import connect
