@@ -3,13 +3,16 @@
 Stream layout.  Each side of a connection opens unidirectional streams only:
 
 * one **control stream**, opened as soon as the connection is up and kept open, carrying
-  every non-MSG frame (HELLO .. AUTH_OK, ACK/NACK, PING/PONG) in order;
+  the hello (HELLO .. AUTH_OK, REJECT) and PING/PONG in order;
+* **ACK streams**: the ACK/NACK frames of one ``send()`` on a stream of their own (FIN), so
+  a lost packet on the return path delays only those ACKs, not every later one;
 * one **message stream per MSG frame**, closed (FIN) right after it -- except that small
   messages handed over in one ``send()`` share a stream up to ``stream_batch`` (64 KiB):
   per-stream overhead (and aioquic's per-packet walk over open streams) would otherwise cost
   more than the head-of-line blocking it saves.
 
-Every stream starts with a one-byte role (:data:`ROLE_CONTROL` / :data:`ROLE_MESSAGE`), then
+Every stream starts with a one-byte role (:data:`ROLE_CONTROL` / :data:`ROLE_MESSAGE` /
+:data:`ROLE_ACKS`), then
 lu2k frames exactly as on TCP (:mod:`lu2k.wire`), decoded by a :class:`~lu2k.wire.FrameDecoder`
 per stream with the engine's ``buffer_for``, so a payload is copied once, from the decrypted
 QUIC packet into the engine's buffer.  A lost packet stalls only the message whose bytes it
@@ -49,6 +52,8 @@ from .base import OutFrame, Transport
 
 ROLE_CONTROL = 0x01
 ROLE_MESSAGE = 0x02
+ROLE_ACKS = 0x03
+UNORDERED_CONTROL = (FrameType.ACK, FrameType.NACK)
 
 # Application close codes (QUIC APPLICATION_CLOSE).
 APP_NO_ERROR = 0x0
@@ -138,6 +143,7 @@ class QuicTransport(Transport):
         self.open_control_stream()
         assert self._control_id is not None
         item: _OutStream | None = None  # message stream being gathered from this call
+        acks: list[bytes] = []
         limit = self._opts.stream_batch
         for header, payload in frames:
             ftype = header[5] if len(header) > 5 else 0
@@ -155,11 +161,19 @@ class QuicTransport(Transport):
                 item.size += size
                 self.unacked_bytes += size
                 self.msgs_sent += 1
+            elif ftype in UNORDERED_CONTROL:
+                acks += (bytes(header), bytes(payload))
             else:
                 self._quic.send_stream_data(self._control_id, bytes(header) + bytes(payload))
             self.bytes_sent += size
         if item is not None:
             self._pending.append(item)
+        if acks:
+            # ACK/NACK frames of one call get a stream of their own, right away: on the ordered
+            # control stream one lost packet would hold back every later ACK for a PTO
+            # (~1 s on GEO), and the sender's window with them.
+            sid = self._quic.get_next_available_stream_id(is_unidirectional=True)
+            self._quic.send_stream_data(sid, bytes([ROLE_ACKS]) + b"".join(acks), end_stream=True)
         self._protocol.transmit_soon()
         if self.unacked_bytes > self._opts.send_buffer:
             self._writable.clear()
@@ -227,9 +241,11 @@ class QuicTransport(Transport):
         if not s.role and view:
             s.role = view[0]
             view = view[1:]
-            if s.role not in (ROLE_CONTROL, ROLE_MESSAGE):
+            if s.role not in (ROLE_CONTROL, ROLE_MESSAGE, ROLE_ACKS):
                 raise FrameError(f"stream {stream_id} from {self._peer} has unknown role {s.role}")
             s.decoder = FrameDecoder(self._opts.max_payload, self._buffer_for)
+            if s.role == ROLE_ACKS and self._opts.ordered:
+                self._deliver_ordered(stream_id, [])  # not a message: ordered delivery skips it
         if view:
             assert s.decoder is not None
             self.bytes_received += len(view)
@@ -239,8 +255,10 @@ class QuicTransport(Transport):
                     raise FrameError(f"MSG frame on the control stream from {self._peer}")
                 if s.role == ROLE_MESSAGE and f.header.type is not FrameType.MSG:
                     raise FrameError(f"{f.header.type.name} frame on a message stream from {self._peer}")
+                if s.role == ROLE_ACKS and f.header.type not in UNORDERED_CONTROL:
+                    raise FrameError(f"{f.header.type.name} frame on an ACK stream from {self._peer}")
                 s.frames.append(f)
-        if s.role == ROLE_CONTROL and s.frames:
+        if s.role in (ROLE_CONTROL, ROLE_ACKS) and s.frames:
             self._deliver(s.frames)
             s.frames = []
         if end_stream:
