@@ -99,7 +99,7 @@ async def _send(args: argparse.Namespace) -> dict[str, Any]:
                 s = t.stats()
                 samples.append({k: s.get(k) for k in ("rtt_ms", "send_rate_mbit", "retransmitted", "lost_sent", "naks_received",
                                                       "in_flight_packets", "flow_window_packets", "send_buffer_packets")}
-                               | {k: (s.get("cc") or {}).get(k) for k in ("rate_mbit", "timeouts", "rtt_settled", "min_rtt_ms", "backoffs")})
+                               | {k: s.get(f"cc_{k}") for k in ("rate_mbit", "timeouts", "rtt_settled", "min_rtt_ms", "backoffs")})
     except Exception as e:  # the receiver hangs up when its window is over
         err = f"{type(e).__name__}: {e}"
     else:

@@ -70,6 +70,10 @@ _STATS_KEYS = {  # perfmon field -> name shown by lu2kctl
 }
 
 
+def _tidy(value: Any) -> Any:
+    return round(value, 3) if isinstance(value, float) else value
+
+
 def _udt_message(e: BaseException) -> str:
     return str(e.args[1]) if isinstance(e, UDTError) and len(e.args) > 1 else str(e)
 
@@ -397,13 +401,14 @@ class UdtTransport(Transport):
 
     def _udt_stats(self) -> dict[str, Any]:
         perf = _udtcore.perfmon(self._u, False)
-        out: dict[str, Any] = {name: perf[key] for key, name in _STATS_KEYS.items()}
-        out["rtt_ms"] = round(out["rtt_ms"], 3)
+        out: dict[str, Any] = {name: _tidy(perf[key]) for key, name in _STATS_KEYS.items()}
         # Packets queued in UDT's send buffer (unsent + unacknowledged): near zero means the
         # sender is application-limited, not network-limited.
         out["send_buffer_packets"] = _udtcore.getsockopt(self._u, "snddata")
+        # Flat, so ``lu2kctl peer show -v`` prints it as key=value like everything else.
         cc = _udtcore.cc_state(self._u)
-        out["cc"] = cc if cc is not None else {"cc": "udt"}
+        out["cc"] = cc.pop("cc") if cc is not None else "udt"
+        out.update({f"cc_{k}": _tidy(v) for k, v in (cc or {}).items()})
         return out
 
     def stats(self) -> dict[str, Any]:
