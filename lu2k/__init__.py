@@ -1,0 +1,9 @@
+"""lu2k: an LNet-style transport gateway for long, lossy links (see README.md).
+
+Packages: ``kernel_shim`` (the shim ABI, rings, server and endpoints), ``backends``
+(transports registered by name), ``cc`` (congestion controllers), ``lab`` (the link
+emulator and benchmarks), ``cli`` (``lu2k``, ``lu2kctl``); modules ``engine`` and
+``daemon`` (``lu2kd``), ``wire``, ``nid``, ``config``, ``lnetyaml``, ``settings``.
+"""
+
+__version__ = "0.1.0"
