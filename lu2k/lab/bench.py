@@ -389,9 +389,13 @@ def run_link(backend: str, specs: tuple[LinkSpec, LinkSpec], *, duration: float,
              window: int | None = None, baselines: tuple[str, ...] = ("cubic", "bbr"), workdir: str | None = None,
              log: Any = None) -> dict[str, Any]:
     """One ``bench link`` run; see the module docstring."""
-    from ..backends import get_backend
+    from ..errors import BackendUnavailable
 
-    get_backend(backend)  # BackendUnavailable, with the install hint, before any lab exists
+    avail = backend_availability()
+    if backend not in avail:
+        raise BackendUnavailable(f"unknown backend {backend!r} (known: {', '.join(sorted(avail))})")
+    if avail[backend] is not None:  # with the install hint, before any lab exists
+        raise BackendUnavailable(str(avail[backend]))
     spec = specs[0]
     window = window or default_window(spec, size)
     own = workdir is None
@@ -479,11 +483,23 @@ MATRIX_LOSSES = ("0", "0.1%", "1%", "2%")
 MATRIX_PROFILES = ("geo", "leo")
 
 
+def backend_availability() -> dict[str, str | None]:
+    """``lu2k.backends.availability()``, asked in a child process.
+
+    Probing imports every backend, native extensions included; the driver of a long
+    benchmark keeps none of them loaded, so a fault in a backend's native code can only take
+    down the daemons that use it, never the run that is measuring them.
+    """
+    code = "import json; from lu2k.backends import availability; print(json.dumps(availability()))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=120)
+    if proc.returncode != 0:
+        raise Lu2kError(f"probing the backends failed: {proc.stderr.strip()[-500:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
 def available_backends() -> list[str]:
     """Backends that can carry a daemon-to-daemon run here (in-process ones cannot cross namespaces)."""
-    from ..backends import availability
-
-    return [name for name, why in availability().items() if why is None and name != "inproc"]
+    return [name for name, why in backend_availability().items() if why is None and name != "inproc"]
 
 
 def run_matrix(backends: list[str], *, duration: float, warmup: float, losses: tuple[str, ...] = MATRIX_LOSSES,
