@@ -129,7 +129,7 @@ def encode_envelope(kind: Kind, session: int, value: int = 0, flags: int = 0) ->
     return ENVELOPE.pack(ENVELOPE_MAGIC, ENVELOPE_VERSION, kind, flags, session, value & 0xFFFFFFFF)
 
 
-def decode_envelope(data: bytes | memoryview) -> Envelope:
+def decode_envelope(data: bytes | bytearray | memoryview) -> Envelope:
     """The envelope at the start of a datagram; ``FrameError`` for anything not ours."""
     if len(data) < ENVELOPE_SIZE:
         raise FrameError(f"RDS datagram of {len(data)} bytes is shorter than the {ENVELOPE_SIZE}-byte envelope")
@@ -296,6 +296,16 @@ def in_netns(netns: str | None) -> Iterator[None]:
     finally:
         os.close(target)
         os.close(home)
+
+
+def _resolver(fut: "asyncio.Future[None]") -> Any:
+    """A reader/writer callback that completes ``fut`` once (later calls are no-ops)."""
+
+    def resolve() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    return resolve
 
 
 def rds_unavailable_reason() -> str | None:
@@ -471,7 +481,7 @@ class RdsTransport(Transport):
         fut = self._loop.create_future()
         self._tx_waiter = fut
         fd = self._sock.fileno()
-        self._loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+        self._loop.add_writer(fd, _resolver(fut))
         try:
             await fut
         finally:
@@ -609,7 +619,7 @@ class RdsTransport(Transport):
         fut = self._loop.create_future()
         self._rx_waiter = fut
         fd = self._sock.fileno()
-        self._loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+        self._loop.add_reader(fd, _resolver(fut))
         try:
             while not fut.done():
                 now = time.monotonic()
@@ -880,7 +890,7 @@ class RdsBackend(Backend):
                 data, addr = sock.recvfrom(self.datagram_size + 1)
             except (BlockingIOError, InterruptedError):
                 fut = loop.create_future()
-                loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+                loop.add_reader(sock.fileno(), _resolver(fut))
                 try:
                     await fut
                 finally:

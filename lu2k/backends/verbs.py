@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import importlib
 import ipaddress
 import json
@@ -449,7 +450,7 @@ class VerbsTransport(Transport):
                              send_flags=pv["enums"].IBV_SEND_SIGNALED)
         fut = self._loop.create_future()
         self._pending[wr_id] = fut
-        fut.add_done_callback(lambda _f, slot=slot: self._release_send_slot(slot))
+        fut.add_done_callback(functools.partial(self._send_done, slot))
         try:
             self._qp.post_send(wr)
         except pv["pyverbs_error"].PyverbsError as err:
@@ -459,6 +460,9 @@ class VerbsTransport(Transport):
         self.counters["sends"] += 1
         self.counters["bytes_sent"] += sum(p[1] for p in pieces)
         return fut
+
+    def _send_done(self, slot: int, _fut: "asyncio.Future[None]") -> None:
+        self._release_send_slot(slot)
 
     def _release_send_slot(self, slot: int) -> None:
         self._free_send.append(slot)
@@ -512,9 +516,9 @@ class VerbsTransport(Transport):
                         if wc.status == e.IBV_WC_SUCCESS:
                             fut.set_result(None)
                         else:
-                            err = WriteError(f"send to {self._peer} failed: completion status {wc.status}")
-                            fut.set_exception(err)
-                            self._fail(err)
+                            failure = WriteError(f"send to {self._peer} failed: completion status {wc.status}")
+                            fut.set_exception(failure)
+                            self._fail(failure)
             self._wake(rx_only=True)
 
     def _fail(self, err: Exception) -> None:
