@@ -15,7 +15,7 @@ import zlib
 from typing import Any
 
 import pytest
-from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _pair, _recv_n
+from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _recv_n
 
 from guestutil import NetnsPair, sh
 from lu2k import wire

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _recv_n
 
-from lu2k import wire
 from lu2k.backends.base import BackendSettings, Transport
 from lu2k.backends.verbs import VerbsBackend, VerbsTransport
 from lu2k.engine import Engine
