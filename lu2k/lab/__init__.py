@@ -12,5 +12,6 @@ The kernel lu2k is developed on has no ``netem``, so the lab brings its own emul
   :class:`~lu2k.lab.netns.Lab` handle used by the CLI, the benchmarks and the tests.
 * :mod:`lu2k.lab.baseline` -- kernel TCP (CUBIC, BBR) bulk baselines and the UDP blaster
   used by the forwarder self-test.
+* :mod:`lu2k.lab.selftest` -- ``lu2k lab selftest``: the forwarder's own ceiling and lateness.
 * :mod:`lu2k.lab.bench` / :mod:`lu2k.lab.plots` -- ``lu2k bench link|matrix`` and its plots.
 """
