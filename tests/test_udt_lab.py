@@ -49,6 +49,24 @@ def test_udt_through_loss_jitter_and_reordering(lab_dir: Path) -> None:
     assert ab["drops_loss"] > 0 and ba["drops_loss"] > 0 and ab["reordered"] > 0  # the link really was bad
 
 
+def test_udt_lab_stall_seed4_regression(lab_dir: Path) -> None:
+    """The lab owner's stall, exactly: 20 Mbit/s, 40 ms, 2 % loss + Gilbert-Elliott 1 % (length 3),
+    jitter, reordering, seed 4.  Before the tail probe this stopped at 267 of 300 messages every
+    time: a lost packet in the quiet (ACK) direction that no later packet revealed, and the
+    sender's EXP held off forever by the busy peer's keep-alives (docs/udt.md)."""
+    from lu2k.lab.bench import LabDaemons, transfer
+    from lu2k.lab.netns import Lab
+    from lu2k.lab.spec import build_specs
+
+    specs = build_specs("leo", rate="20mbit", loss="2%", burst_loss="1%", burst_len=3, jitter="2ms", reorder="2%", seed=4)
+    with Lab(specs) as lab:
+        with LabDaemons(lab, "udt", lab_dir) as daemons:
+            r = transfer(lab, daemons, size=16384, window=32, count=300, verify=True, timeout=120)
+        stats = lab.stats()
+    _check_complete(r, 300)
+    assert stats["links"]["ba"]["drops_loss"] > 0  # the return direction lost packets too
+
+
 @pytest.mark.slow
 def test_udt_over_a_lossy_geo_hop(lab_dir: Path) -> None:
     """600 ms RTT, 2 % loss each way: lost retransmissions happen, and must not lose data."""

@@ -120,10 +120,8 @@ public:
     double rate_bps() const { return rate_; }
     // Backed off exponentially (x2 per consecutive timeout, at most x16) while nothing is
     // acknowledged: a path that is gone is not hammered.
-    double rto_us() const {
-        double base = std::max(p_.min_rto_us, 2.0 * std::max(srtt_us_, p_.rtt_hint_us) + 100000.0);
-        return base * double(1 << std::min(consecutive_timeouts_, 4));
-    }
+    double rto_us() const { return base_rto_us() * double(1 << std::min(consecutive_timeouts_, 4)); }
+    double base_rto_us() const { return std::max(p_.min_rto_us, 2.0 * std::max(srtt_us_, p_.rtt_hint_us) + 100000.0); }
     int consecutive_timeouts() const { return consecutive_timeouts_; }
     bool settled() const { return settled_; }
     double period_us(int packet_bytes) const { return packet_bytes * 8.0 * 1e6 / rate_; }

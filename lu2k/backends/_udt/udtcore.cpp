@@ -21,12 +21,15 @@
 #include <sys/uio.h>
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <set>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -105,6 +108,20 @@ static PyObject* addr_tuple(const sockaddr_storage* ss) {
 // list of missing sequence numbers (from onPktReceived) and, when one is still missing
 // 1.25 RTT + 30 ms after it was last reported, sends a standard UDT NAK for it through
 // CCC::sendCustomMsg.  The sender's libudt handles it like any NAK.
+//
+// Why a tail probe, and why a thread (the lab's stall at 267 of 300 messages).  Both repairs
+// above need a packet to trigger them, and a quiet direction has none.  When the *last*
+// packets of a burst are lost (or the last retransmission of a hole), the receiver never
+// learns they exist, and the sender's EXP -- the only other repair -- never fires: libudt
+// arms it from the last packet heard from the peer, and the idle peer sends a keep-alive
+// every one of *its* RTOs.  Once the sender's RTO has backed off past the peer's (one
+// timeout is enough) the keep-alives reset its EXP clock forever: the connection is alive,
+// the data is stuck, and lu2k's ACKs in that direction never arrive.  So the sender side
+// of Lu2kRateCC, when nothing it sent has been acknowledged for an RTO, sends a probe (a
+// UDT user-defined control message, type 0x7FFF) naming the range [first unacknowledged,
+// highest sent at least a round trip ago]; the receiver NAKs whatever of that range it
+// lacks.  Neither side gets any UDT callback while stalled, so a thread of this module
+// ("ticker", every 10 ms) drives both the probes and the receiver's repeated NAKs.
 
 // Layout twin of libudt's CPacket (udt/packet.h).  libudt exports CCC::sendCustomMsg(CPacket&)
 // but none of CPacket's own methods, so the packet is built here, member for member, the
@@ -145,6 +162,7 @@ struct CcSnapshot {
     std::mutex mu;
     double rate_bps = 0, min_rtt_us = 0, srtt_us = 0, loss = 0, bw_bps = 0, target_bps = 0, rto_us = 0;
     int64_t backoffs = 0, timeouts = 0, renaks = 0, missing = 0, consecutive_timeouts = 0;
+    int64_t probes = 0, probes_answered = 0;
     uint64_t last_feedback_us = 0;  // CLOCK_MONOTONIC of the last ACK or NAK from the peer
     bool probing = false, settled = false;
 };
@@ -174,9 +192,13 @@ public:
         setRTO(int(law_.rto_us()));
     }
 
-    void onACK(int32_t) override {
+    void onACK(int32_t ack) override {
         std::lock_guard<std::mutex> g(mu_);
         last_feedback_us_ = monotonic_us();
+        if (!tx_started_ || seq_cmp(ack, ack_seq_) > 0) {
+            ack_seq_ = ack;
+            progress_us_ = last_feedback_us_;
+        }
         law_.on_sent(sent_.exchange(0));
         double bw_bps = double(m_iBandwidth) * m_iMSS * 8.0;
         double arrival_bps = double(m_iRcvRate) * m_iMSS * 8.0;
@@ -213,46 +235,138 @@ public:
         publish();
     }
 
-    void onPktSent(const CPacket*) override { sent_.fetch_add(1, std::memory_order_relaxed); }
+    void onPktSent(const CPacket* pkt) override {
+        sent_.fetch_add(1, std::memory_order_relaxed);
+        int32_t seq = pkt->m_iSeqNo;
+        std::lock_guard<std::mutex> g(mu_);
+        if (!tx_started_) {
+            tx_started_ = true;
+            snd_max_ = seq;
+            ack_seq_ = seq;  // nothing acknowledged yet: the first packet is the first unacked
+            progress_us_ = monotonic_us();
+            return;
+        }
+        if (seq_cmp(seq, snd_max_) > 0) {
+            // Sending again after everything was acknowledged starts a fresh wait for an ACK.
+            if (seq_cmp(ack_seq_, snd_max_) > 0) progress_us_ = monotonic_us();
+            snd_max_ = seq;
+        }
+    }
 
     void onPktReceived(const CPacket* pkt) override {
         int32_t seq = pkt->m_iSeqNo;
         uint64_t now = monotonic_us();
-        std::vector<uint32_t> renak;
+        std::lock_guard<std::mutex> g(mu_);
+        if (!rx_started_) {
+            rx_started_ = true;
+            rx_max_ = seq;
+            return;
+        }
+        int32_t ahead = seq_cmp(seq, rx_max_);
+        if (ahead > 0) {
+            // libudt NAKs this gap itself right now; remember when, to chase it later.
+            if (ahead > 1 && ahead < kMaxGap)
+                for (int32_t s = seq_inc(rx_max_); s != seq && missing_.size() < kMaxMissing; s = seq_inc(s))
+                    missing_[s] = now;
+            rx_max_ = seq;
+        } else {
+            missing_.erase(seq);  // a retransmission (or a late one) filled its hole
+        }
+    }
+
+    // A probe from the sending side: [from, to] was sent; NAK what of it never arrived.
+    void processCustomMsg(const CPacket* pkt) override {
+        const PacketTwin* t = reinterpret_cast<const PacketTwin*>(pkt);
+        if (((t->header[0] >> 16) & 0x7FFF) != 0x7FFF || t->vec[1].iov_len < 12) return;
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(t->vec[1].iov_base);
+        if (w[0] != kProbeMagic) return;
+        int32_t from = int32_t(w[1] & 0x7FFFFFFF), to = int32_t(w[2] & 0x7FFFFFFF);
+        if (seq_cmp(from, to) > 0 || seq_cmp(to, from) >= kMaxGap) return;
+        std::vector<uint32_t> nak;
         {
             std::lock_guard<std::mutex> g(mu_);
-            if (!rx_started_) {
-                rx_started_ = true;
-                rx_max_ = seq;
-                return;
-            }
-            int32_t ahead = seq_cmp(seq, rx_max_);
-            if (ahead > 0) {
-                // libudt NAKs this gap itself right now; remember when, to chase it later.
-                if (ahead > 1 && ahead < kMaxGap)
-                    for (int32_t s = seq_inc(rx_max_); s != seq && missing_.size() < kMaxMissing; s = seq_inc(s))
-                        missing_[s] = now;
-                rx_max_ = seq;
-            } else {
-                missing_.erase(seq);  // a retransmission (or a late one) filled its hole
-            }
-            if (missing_.empty() || now - last_scan_us_ < 10000) return;
-            last_scan_us_ = now;
-            double rtt = std::max(double(m_iRTT), law_.params().rtt_hint_us);
-            uint64_t wait = uint64_t(1.25 * rtt + 30000);
+            uint64_t now = monotonic_us();
             for (auto& entry : missing_) {
-                if (now - entry.second >= wait) {
-                    renak.push_back(uint32_t(entry.first));
+                if (nak.size() + 2 >= kNakWords) break;
+                if (seq_cmp(entry.first, from) >= 0 && seq_cmp(entry.first, to) <= 0) {
+                    nak.push_back(uint32_t(entry.first));
                     entry.second = now;
-                    if (renak.size() >= kNakWords) break;
                 }
             }
-            renaks_ += int64_t(renak.size());
+            // The tail: everything past the highest sequence number seen (or all of it, if
+            // nothing arrived at all) -- one range.
+            int32_t lo = rx_started_ && seq_cmp(rx_max_, from) >= 0 ? seq_inc(rx_max_) : from;
+            if (seq_cmp(lo, to) <= 0) {
+                if (lo == to) {
+                    nak.push_back(uint32_t(lo));
+                } else {
+                    nak.push_back(uint32_t(lo) | 0x80000000u);
+                    nak.push_back(uint32_t(to));
+                }
+            }
+            ++probes_answered_;
+            renaks_ += int64_t(nak.size());
             publish();
+        }
+        if (!nak.empty()) {
+            PacketTwin out(nak.data(), nak.size());
+            sendCustomMsg(*reinterpret_cast<CPacket*>(&out));
+        }
+    }
+
+    // Called every ~10 ms by the ticker thread (never by libudt): repeated NAKs for holes
+    // still open, and the tail probe when nothing sent has been acknowledged for an RTO.
+    void tick(uint64_t now) {
+        std::vector<uint32_t> renak;
+        uint32_t probe[3] = {kProbeMagic, 0, 0};
+        bool send_probe = false;
+        {
+            std::lock_guard<std::mutex> g(mu_);
+            double rtt = std::max(double(m_iRTT), law_.params().rtt_hint_us);
+            if (!missing_.empty()) {
+                uint64_t wait = uint64_t(1.25 * rtt + 30000);
+                for (auto& entry : missing_) {
+                    if (now - entry.second >= wait) {
+                        renak.push_back(uint32_t(entry.first));
+                        entry.second = now;
+                        if (renak.size() >= kNakWords) break;
+                    }
+                }
+                renaks_ += int64_t(renak.size());
+            }
+            if (tx_started_) {
+                // What was sent at least a round trip ago: the probe never names a packet
+                // that may still be on its way.
+                if (now - mark_us_ >= uint64_t(rtt)) {
+                    old_mark_seq_ = mark_seq_;
+                    old_mark_valid_ = mark_valid_;
+                    mark_seq_ = snd_max_;
+                    mark_valid_ = true;
+                    mark_us_ = now;
+                }
+                // The base RTO, not the backed-off one: this is the repair that must not
+                // wait behind the peer's keep-alives.
+                double rto = law_.base_rto_us();
+                bool outstanding = seq_cmp(ack_seq_, snd_max_) <= 0;
+                if (outstanding && old_mark_valid_ && seq_cmp(old_mark_seq_, ack_seq_) >= 0 &&
+                    double(now - progress_us_) >= rto && double(now - last_probe_us_) >= rto) {
+                    probe[1] = uint32_t(ack_seq_);
+                    probe[2] = uint32_t(old_mark_seq_);
+                    send_probe = true;
+                    last_probe_us_ = now;
+                    ++probes_;
+                }
+            }
+            if (!renak.empty() || send_probe) publish();
         }
         if (!renak.empty()) {
             PacketTwin nak(renak.data(), renak.size());
             sendCustomMsg(*reinterpret_cast<CPacket*>(&nak));
+        }
+        if (send_probe) {
+            PacketTwin msg(probe, 3);
+            msg.header[0] = 0x80000000u | (0x7FFFu << 16);  // user-defined control message
+            sendCustomMsg(*reinterpret_cast<CPacket*>(&msg));
         }
     }
 
@@ -270,6 +384,8 @@ private:
         s.backoffs = law_.backoffs();
         s.timeouts = law_.timeouts();
         s.renaks = renaks_;
+        s.probes = probes_;
+        s.probes_answered = probes_answered_;
         s.consecutive_timeouts = law_.consecutive_timeouts();
         s.last_feedback_us = last_feedback_us_;
         s.missing = int64_t(missing_.size());
@@ -289,10 +405,81 @@ private:
     static constexpr size_t kNakWords = 350;  // fits one 1500-byte packet
     bool rx_started_ = false;
     int32_t rx_max_ = 0;
-    uint64_t last_scan_us_ = 0;
     int64_t renaks_ = 0;
     std::unordered_map<int32_t, uint64_t> missing_;
+    // sender side: the tail probe
+    static constexpr uint32_t kProbeMagic = 0x6c75326bu;  // "lu2k"
+    bool tx_started_ = false;
+    int32_t snd_max_ = 0;          // highest sequence number sent
+    int32_t ack_seq_ = 0;          // first sequence number not acknowledged
+    uint64_t progress_us_ = 0;     // when ack_seq_ last moved (or sending resumed from idle)
+    uint64_t last_probe_us_ = 0;
+    int32_t mark_seq_ = 0, old_mark_seq_ = 0;  // snd_max_ sampled once per RTT
+    bool mark_valid_ = false, old_mark_valid_ = false;
+    uint64_t mark_us_ = 0;
+    int64_t probes_ = 0, probes_answered_ = 0;
 };
+
+// --- the ticker: repairs that no packet triggers ------------------------------------------------
+//
+// Connected sockets are registered by id (connect/accept) and dropped at close or once libudt
+// no longer knows them.  Every 10 ms the thread asks libudt for each socket's CCC and, if it
+// is a Lu2kRateCC, runs its tick().  Lifetime: getsockopt(UDT_CC) fails once a socket is
+// CLOSED, and libudt deletes the CUDT (and with it the CCC) only a second or more after
+// that, so the CCC found is alive for the microseconds tick() takes.  g_snapshots_mu is
+// held only to check that the pointer is one of ours, never across tick(): sendCustomMsg
+// takes libudt's control lock, under which libudt deletes CCCs (whose destructor takes
+// g_snapshots_mu).
+static std::mutex g_conns_mu;
+static std::condition_variable g_conns_cv;
+static std::set<UDTSOCKET> g_conns;
+static bool g_ticker_started = false;
+
+static void ticker_main() {
+    std::vector<UDTSOCKET> socks, gone;
+    for (;;) {
+        {
+            std::unique_lock<std::mutex> lk(g_conns_mu);
+            for (UDTSOCKET u : gone) g_conns.erase(u);
+            gone.clear();
+            g_conns_cv.wait(lk, [] { return !g_conns.empty(); });
+            socks.assign(g_conns.begin(), g_conns.end());
+        }
+        uint64_t now = monotonic_us();
+        for (UDTSOCKET u : socks) {
+            CCC* cc = nullptr;
+            int len = sizeof(cc);
+            if (UDT::getsockopt(u, 0, UDT_CC, &cc, &len) == UDT::ERROR || cc == nullptr) {
+                gone.push_back(u);
+                continue;
+            }
+            bool ours;
+            {
+                std::lock_guard<std::mutex> g(g_snapshots_mu);
+                ours = g_snapshots.count(static_cast<const void*>(static_cast<Lu2kRateCC*>(cc))) != 0;
+            }
+            if (ours) static_cast<Lu2kRateCC*>(cc)->tick(now);
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+}
+
+static void register_conn(UDTSOCKET u) {
+    std::lock_guard<std::mutex> g(g_conns_mu);
+    g_conns.insert(u);
+    if (!g_ticker_started) {
+        // Lives as long as the process (libudt is never cleaned up either); idle while no
+        // connection is registered.
+        std::thread(ticker_main).detach();
+        g_ticker_started = true;
+    }
+    g_conns_cv.notify_one();
+}
+
+static void unregister_conn(UDTSOCKET u) {
+    std::lock_guard<std::mutex> g(g_conns_mu);
+    g_conns.erase(u);
+}
 
 class Lu2kRateFactory : public CCCVirtualFactory {
 public:
@@ -403,6 +590,7 @@ static PyObject* py_accept(PyObject*, PyObject* args) {
     UDTSOCKET c;
     Py_BEGIN_ALLOW_THREADS c = UDT::accept(u, reinterpret_cast<sockaddr*>(&ss), &len);
     Py_END_ALLOW_THREADS if (c == UDT::INVALID_SOCK) return raise_udt("accept");
+    register_conn(c);
     PyObject* addr = addr_tuple(&ss);
     if (!addr) return nullptr;
     PyObject* out = Py_BuildValue("(iO)", c, addr);
@@ -420,12 +608,14 @@ static PyObject* py_connect(PyObject*, PyObject* args) {
     int r;
     Py_BEGIN_ALLOW_THREADS r = UDT::connect(u, reinterpret_cast<sockaddr*>(&ss), len);
     Py_END_ALLOW_THREADS if (r == UDT::ERROR) return raise_udt("connect");
+    register_conn(u);
     Py_RETURN_NONE;
 }
 
 static PyObject* py_close(PyObject*, PyObject* args) {
     int u;
     if (!PyArg_ParseTuple(args, "i", &u)) return nullptr;
+    unregister_conn(u);
     int r;
     Py_BEGIN_ALLOW_THREADS r = UDT::close(u);
     Py_END_ALLOW_THREADS if (r == UDT::ERROR) return raise_udt("close");
@@ -663,13 +853,14 @@ static PyObject* py_cc_state(PyObject*, PyObject* args) {
     std::lock_guard<std::mutex> g(snap->mu);
     const CcSnapshot& s = *snap;
     return Py_BuildValue(
-        "{s:s,s:d,s:d,s:d,s:d,s:d,s:L,s:L,s:O,s:d,s:O,s:d,s:L,s:L,s:L,s:d}",
+        "{s:s,s:d,s:d,s:d,s:d,s:d,s:L,s:L,s:O,s:d,s:O,s:d,s:L,s:L,s:L,s:d,s:L,s:L}",
         "cc", "lu2k-rate", "rate_mbit", s.rate_bps / 1e6, "min_rtt_ms", s.min_rtt_us / 1e3, "srtt_ms", s.srtt_us / 1e3,
         "loss_fraction", s.loss, "bw_estimate_mbit", s.bw_bps / 1e6, "backoffs", (long long)s.backoffs,
         "timeouts", (long long)s.timeouts, "probing", s.probing ? Py_True : Py_False, "target_mbit", s.target_bps / 1e6,
         "rtt_settled", s.settled ? Py_True : Py_False, "rto_ms", s.rto_us / 1e3, "renaks", (long long)s.renaks,
         "missing", (long long)s.missing, "consecutive_timeouts", (long long)s.consecutive_timeouts,
-        "silent_s", s.last_feedback_us ? double(monotonic_us() - s.last_feedback_us) / 1e6 : 0.0);
+        "silent_s", s.last_feedback_us ? double(monotonic_us() - s.last_feedback_us) / 1e6 : 0.0,
+        "probes", (long long)s.probes, "probes_answered", (long long)s.probes_answered);
 }
 
 // --- UDT epoll -------------------------------------------------------------------------------------
