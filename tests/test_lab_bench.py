@@ -68,9 +68,7 @@ def _usable(backend: str) -> bool:
 
 @needs_root
 @pytest.mark.netns
-# udt is left out for now: with loss 2 % + Gilbert-Elliott bursts (1 %, length 3) at seed 4 it
-# stalls at 267 of 300 messages (reported to its owner; the seeded lab reproduces it exactly).
-@pytest.mark.parametrize("backend", ["tcp", "quic"])
+@pytest.mark.parametrize("backend", ["tcp", "quic", "udt"])
 def test_delivery_under_loss_jitter_and_reordering(lab_dir: Path, backend: str) -> None:
     if not _usable(backend):
         pytest.skip(f"backend {backend} is not available here")
