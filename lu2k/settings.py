@@ -9,7 +9,6 @@ rejected at once: a daemon never starts (or reconfigures) half-configured.
 
 from __future__ import annotations
 
-import os
 import binascii
 from dataclasses import dataclass, field, replace
 from pathlib import Path

@@ -13,7 +13,6 @@ import json
 import os
 import random
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -34,7 +33,7 @@ from lu2k.localpair import DaemonProcess, daemon_config, daemons, free_port
 from lu2k.nid import parse_nid
 from lu2k.wire import ConnType, FrameDecoder
 
-HDR = struct.Struct("<II")  # index, crc32 of the body
+from e2e_support import HDR, Receiver, make_message  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,43 +43,6 @@ def ctl(d: DaemonProcess, *args: str) -> Any:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
-
-
-class Receiver(threading.Thread):
-    """Receives on an endpoint, checking each message's checksum and uniqueness."""
-
-    def __init__(self, shim_path: str, expect: int, portal: int = 0, hold: threading.Event | None = None) -> None:
-        super().__init__(daemon=True)
-        self.ep = Endpoint.attach(shim_path, portal=portal)
-        self.expect, self.hold = expect, hold
-        self.seen: Counter[int] = Counter()
-        self.corrupt = 0
-        self.sources: set[str] = set()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            if self.hold is not None:
-                self.hold.wait(120)
-            while sum(self.seen.values()) < self.expect:
-                msg = self.ep.recv(timeout=60)
-                if msg is None:
-                    raise TimeoutError(f"receiver idle for 60 s after {sum(self.seen.values())} messages")
-                with msg:
-                    index, crc = HDR.unpack_from(msg.payload)
-                    if zlib.crc32(msg.payload[HDR.size :]) != crc:
-                        self.corrupt += 1
-                    self.seen[index] += 1
-                    self.sources.add(str(msg.src))
-        except BaseException as e:
-            self.error = e
-        finally:
-            self.ep.detach()
-
-
-def make_message(index: int, size: int, rnd: random.Random) -> bytes:
-    body = rnd.randbytes(max(0, size - HDR.size))
-    return HDR.pack(index, zlib.crc32(body)) + body
 
 
 def test_ten_thousand_messages_0b_to_4mib_exactly_once() -> None:

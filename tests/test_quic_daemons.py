@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import random
-import threading
 import time
-import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ pytest.importorskip("aioquic")
 from lu2k.cli.keys import cert_pem, key_pem, make_certificate, make_key  # noqa: E402
 from lu2k.errors import Status  # noqa: E402
 from lu2k.kernel_shim.endpoint import Endpoint  # noqa: E402
+from e2e_support import Receiver, make_message  # noqa: E402
 from lu2k.localpair import daemons  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
@@ -41,37 +40,6 @@ def _net(site: dict[str, str], **opts: Any) -> dict[str, Any]:
     return {"options": dict(site, **opts), "profile": {"rtt_ms": 600, "rate_mbit": 200, "loss": 0.01}}
 
 
-class Receiver(threading.Thread):
-    def __init__(self, shim: str, expect: int) -> None:
-        super().__init__(daemon=True)
-        self.ep = Endpoint.attach(shim, portal=0)
-        self.expect = expect
-        self.seen: Counter[int] = Counter()
-        self.corrupt = 0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while sum(self.seen.values()) < self.expect:
-                msg = self.ep.recv(timeout=60)
-                if msg is None:
-                    raise TimeoutError(f"idle after {sum(self.seen.values())} messages")
-                with msg:
-                    p = bytes(msg.payload)
-                    index, crc = int.from_bytes(p[:4], "little"), int.from_bytes(p[4:8], "little")
-                    self.corrupt += zlib.crc32(p[8:]) != crc
-                    self.seen[index] += 1
-        except BaseException as e:
-            self.error = e
-        finally:
-            self.ep.detach()
-
-
-def _message(i: int, size: int, rnd: random.Random) -> bytes:
-    body = rnd.randbytes(max(0, size - 8))
-    return i.to_bytes(4, "little") + zlib.crc32(body).to_bytes(4, "little") + body
-
-
 def test_messages_0b_to_4mib_exactly_once_over_quic(site: dict[str, str]) -> None:
     rnd = random.Random(11)
     sizes = [8, 9, 1024, 65536, 4 << 20] + [int(8 * ((1 << 20) / 8) ** (rnd.random() ** 2)) for _ in range(1500)]
@@ -82,7 +50,7 @@ def test_messages_0b_to_4mib_exactly_once_over_quic(site: dict[str, str]) -> Non
             comps = []
             for i, size in enumerate(sizes):
                 slot = ep.reserve(size, timeout=60)
-                slot.view[:] = _message(i, size, rnd)
+                slot.view[:] = make_message(i, size, rnd)
                 comps.append(slot.post(b.nid, 0))
             assert all(c.wait(120) for c in comps), "a completion never came"
             assert Counter(c.status for c in comps) == Counter({0: len(sizes)}), [(c.status, c.reason) for c in comps if c.status][:5]
@@ -97,11 +65,11 @@ def test_restarted_peer_is_reached_again(site: dict[str, str]) -> None:
         with Endpoint.attach(a.shim_path, portal=1) as ep:
             rx = Receiver(b.shim_path, 5)
             rx.start()
-            first = [ep.send(b.nid, _message(i, 2000, random.Random(i)), 0) for i in range(5)]
+            first = [ep.send(b.nid, make_message(i, 2000, random.Random(i)), 0) for i in range(5)]
             assert all(c.wait(30) and c.status == 0 for c in first)
             rx.join(30)
             b.kill()
-            lost = [ep.send(b.nid, _message(100 + i, 3000, random.Random(i)), 0) for i in range(5)]
+            lost = [ep.send(b.nid, make_message(100 + i, 3000, random.Random(i)), 0) for i in range(5)]
             for c in lost:
                 assert c.wait(30), "a message to a dead peer never completed"
             assert {c.status for c in lost} <= {Status.NO_ROUTE, Status.TIMED_OUT, Status.PEER_RESTARTED}, [(c.status, c.reason) for c in lost]
@@ -111,14 +79,14 @@ def test_restarted_peer_is_reached_again(site: dict[str, str]) -> None:
             deadline = time.monotonic() + 60
             again = []
             while time.monotonic() < deadline:
-                c = ep.send(b.nid, _message(200 + len(again), 2000, random.Random(1)), 0)
+                c = ep.send(b.nid, make_message(200 + len(again), 2000, random.Random(1)), 0)
                 assert c.wait(30)
                 again.append(c)
                 if c.status == 0:
                     break
             assert again and again[-1].status == 0, [(c.status, c.reason) for c in again]
             for i in range(4):
-                c = ep.send(b.nid, _message(300 + i, 2000, random.Random(i)), 0)
+                c = ep.send(b.nid, make_message(300 + i, 2000, random.Random(i)), 0)
                 assert c.wait(30) and c.status == 0, (c.status, c.reason)
             rx2.join(30)
             assert rx2.error is None
@@ -146,7 +114,7 @@ def test_mutual_tls_between_daemons(site: dict[str, str]) -> None:
         rx = Receiver(b.shim_path, 20)
         rx.start()
         with Endpoint.attach(a.shim_path, portal=1) as ep:
-            comps = [ep.send(b.nid, _message(i, 50_000, random.Random(i)), 0) for i in range(20)]
+            comps = [ep.send(b.nid, make_message(i, 50_000, random.Random(i)), 0) for i in range(20)]
             assert all(c.wait(60) and c.status == 0 for c in comps), [(c.status, c.reason) for c in comps]
         rx.join(30)
         assert rx.error is None and len(rx.seen) == 20

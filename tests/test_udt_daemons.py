@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import json
 import random
-import struct
 import subprocess
 import sys
-import threading
-import zlib
 from collections import Counter
 from typing import Any
 
@@ -19,6 +16,7 @@ import pytest
 from lu2k.backends import availability
 from lu2k.errors import Status
 from lu2k.kernel_shim.endpoint import Endpoint
+from e2e_support import HDR, Receiver, make_message  # noqa: E402
 from lu2k.localpair import DaemonProcess, daemons
 
 pytestmark = [
@@ -26,7 +24,6 @@ pytestmark = [
     pytest.mark.skipif(availability().get("udt") is not None, reason=f"udt backend unavailable: {availability().get('udt')}"),
 ]
 
-HDR = struct.Struct("<II")  # index, crc32 of the body
 NET = {"key": "udt-daemon-test-key", "profile": {"rtt_ms": 1, "rate_mbit": 800}}
 
 
@@ -35,36 +32,6 @@ def ctl(d: DaemonProcess, *args: str) -> Any:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
-
-
-def message(index: int, size: int, rnd: random.Random) -> bytes:
-    body = rnd.randbytes(max(0, size - HDR.size))
-    return HDR.pack(index, zlib.crc32(body)) + body
-
-
-class Receiver(threading.Thread):
-    def __init__(self, shim_path: str, expect: int) -> None:
-        super().__init__(daemon=True)
-        self.ep = Endpoint.attach(shim_path, portal=0)
-        self.expect = expect
-        self.seen: Counter[int] = Counter()
-        self.corrupt = 0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while sum(self.seen.values()) < self.expect:
-                msg = self.ep.recv(timeout=90)
-                if msg is None:
-                    raise TimeoutError(f"receiver idle after {sum(self.seen.values())} messages")
-                with msg:
-                    index, crc = HDR.unpack_from(msg.payload)
-                    self.corrupt += zlib.crc32(msg.payload[HDR.size:]) != crc
-                    self.seen[index] += 1
-        except BaseException as e:
-            self.error = e
-        finally:
-            self.ep.detach()
 
 
 def _connection_stats(peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -78,7 +45,7 @@ def test_messages_exactly_once_with_udt_figures_in_peer_show() -> None:
         rx = Receiver(b.shim_path, len(sizes))
         rx.start()
         with Endpoint.attach(a.shim_path, portal=1) as ep:
-            completions = [ep.send(b.nid, message(i, s, rnd), 0) for i, s in enumerate(sizes)]
+            completions = [ep.send(b.nid, make_message(i, s, rnd), 0) for i, s in enumerate(sizes)]
             for c in completions:
                 assert c.wait(120), "completion never came"
             assert Counter(c.status for c in completions) == Counter({0: len(sizes)})
@@ -99,10 +66,10 @@ def test_peer_killed_and_restarted_mid_stream() -> None:
             rx = Receiver(b.shim_path, 90)  # stays attached until the kill
             rx.start()
             rnd = random.Random(5)
-            first = [ep.send(b.nid, message(i, 20000, rnd), 0) for i in range(50)]
+            first = [ep.send(b.nid, make_message(i, 20000, rnd), 0) for i in range(50)]
             assert all(c.wait(60) and c.status == 0 for c in first)
             # Mid-stream: more messages are on their way when the peer dies without a word.
-            during = [ep.send(b.nid, message(100 + i, 200000, rnd), 0) for i in range(40)]
+            during = [ep.send(b.nid, make_message(100 + i, 200000, rnd), 0) for i in range(40)]
             b.kill()
             for c in during:
                 assert c.wait(90), "a message to a dead peer never completed"
@@ -119,14 +86,14 @@ def test_peer_killed_and_restarted_mid_stream() -> None:
             rx2.start()
             probes = []
             for i in range(30):
-                probe = ep.send(b.nid, message(200 + i, 1000, rnd), 0)
+                probe = ep.send(b.nid, make_message(200 + i, 1000, rnd), 0)
                 assert probe.wait(120), "probe never completed"
                 probes.append(probe.status)
                 if probe.status == 0:
                     break
             assert probes[-1] == 0, probes
             assert set(probes[:-1]) <= {Status.TIMED_OUT, Status.NO_ROUTE, Status.PEER_RESTARTED}, probes
-            again = [ep.send(b.nid, message(300 + i, 50000, rnd), 0) for i in range(20)]
+            again = [ep.send(b.nid, make_message(300 + i, 50000, rnd), 0) for i in range(20)]
             for c in again:
                 assert c.wait(120), "message after the restart never completed"
             assert [c.status for c in again] == [0] * 20, [(c.status, c.reason) for c in again]

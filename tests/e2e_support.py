@@ -1,0 +1,55 @@
+"""Helpers shared by the tests that run real lu2kd pairs with shim endpoints (any backend).
+
+Messages carry ``HDR`` (index, CRC32 of the body) so a receiver can check integrity and
+exactly-once delivery without knowing the sender's plan.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import threading
+import zlib
+from collections import Counter
+
+from lu2k.kernel_shim.endpoint import Endpoint
+
+HDR = struct.Struct("<II")  # index, crc32 of the body
+
+
+class Receiver(threading.Thread):
+    """Receives on an endpoint, checking each message's checksum and uniqueness."""
+
+    def __init__(self, shim_path: str, expect: int, portal: int = 0, hold: threading.Event | None = None,
+                 idle_timeout: float = 90) -> None:
+        super().__init__(daemon=True)
+        self.ep = Endpoint.attach(shim_path, portal=portal)
+        self.expect, self.hold, self.idle_timeout = expect, hold, idle_timeout
+        self.seen: Counter[int] = Counter()
+        self.corrupt = 0
+        self.sources: set[str] = set()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            if self.hold is not None:
+                self.hold.wait(120)
+            while sum(self.seen.values()) < self.expect:
+                msg = self.ep.recv(timeout=self.idle_timeout)
+                if msg is None:
+                    raise TimeoutError(f"receiver idle for {self.idle_timeout} s after {sum(self.seen.values())} messages")
+                with msg:
+                    index, crc = HDR.unpack_from(msg.payload)
+                    if zlib.crc32(msg.payload[HDR.size :]) != crc:
+                        self.corrupt += 1
+                    self.seen[index] += 1
+                    self.sources.add(str(msg.src))
+        except BaseException as e:
+            self.error = e
+        finally:
+            self.ep.detach()
+
+
+def make_message(index: int, size: int, rnd: random.Random) -> bytes:
+    body = rnd.randbytes(max(0, size - HDR.size))
+    return HDR.pack(index, zlib.crc32(body)) + body
