@@ -681,6 +681,7 @@ class Engine:
         self._unpacked: dict[bytes, Nid] = {}
         self._local_packed: set[bytes] = set()
         self._direct: dict[bytes, Peer] = {}
+        self._registered: dict[Any, list[tuple[Any, Any]]] = {}  # shim port -> backend memory registrations
         self._timer: asyncio.Task[None] | None = None
         self.router_bytes = 0
         self._router_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -946,6 +947,18 @@ class Engine:
         return self.packed(self.primary_nid())
 
     def on_attach(self, port: Any) -> None:
+        # Backends that DMA (o2ib) register the endpoint's region, so sends go straight from it.
+        handles = []
+        for ni in self.nis.values():
+            register = getattr(ni.backend, "register_memory", None)
+            if register is None:
+                continue
+            try:
+                handles.append((ni.backend, register(port.region)))
+            except Lu2kError as e:
+                log.warning("cannot register endpoint memory; sends will be copied", net=str(ni.net), portal=port.portal, error=str(e))
+        if handles:
+            self._registered[port] = handles
         log.info("endpoint attached", portal=port.portal, pid=port.pid)
 
     def on_detach(self, port: Any) -> None:
@@ -961,6 +974,10 @@ class Engine:
                     if m.owner is port:
                         m.finish(Status.CANCELLED, "endpoint detached")
                         cancelled += 1
+        for backend, handle in self._registered.pop(port, []):
+            # A work request still posted from this memory fails; the engine treats that as a
+            # connection error and resends (the receiver dedupes), so nothing is lost or doubled.
+            backend.unregister_memory(handle)
         log.info("endpoint detached", portal=port.portal, pid=port.pid, cancelled=cancelled)
 
     def on_rx_space(self, port: Any) -> None:

@@ -422,11 +422,12 @@ class VerbsTransport(Transport):
         bounce = memoryview(self._tx_mem)
         used = 0
         pieces: list[tuple[int, int, int]] = []  # (addr, length, lkey)
+        direct = 0
         for v in body:
             region = b.region_of(v)
             if region is not None:
                 pieces.append((region[0], len(v), region[1]))
-                self.counters["zero_copy_bytes"] += len(v)
+                direct += len(v)
                 continue
             bounce[base + used : base + used + len(v)] = v
             addr = self._tx_addr + base + used
@@ -443,6 +444,9 @@ class VerbsTransport(Transport):
                 bounce[base + pos : base + pos + len(v)] = v
                 pos += len(v)
             pieces = [(self._tx_addr + base, pos, self._tx_mr.lkey)]
+            self.counters["copied_bytes"] += direct
+            direct = 0
+        self.counters["zero_copy_bytes"] += direct
         for addr, length, lkey in pieces:
             sges.append(pv["wr"].SGE(addr, length, lkey))
         wr_id = self._next_wr = (self._next_wr + 1) & 0xFFFFFFFF
@@ -710,10 +714,17 @@ class VerbsBackend(Backend):
         self._mrs[id(mr)] = region
         return mr
 
-    def register_memory(self, buf: Any) -> None:
-        """Send payloads that lie in ``buf`` (e.g. the shim's shared region) without copying."""
+    def register_memory(self, buf: Any) -> Any:
+        """Send payloads that lie in ``buf`` (e.g. the shim's shared region) without copying.
+
+        Returns a handle for :meth:`unregister_memory`, which must be called before ``buf``
+        is unmapped (an address range reused later must not match a stale registration)."""
         mr = self.register(buf)
         self._regions.append(self._mrs[id(mr)])
+        return mr
+
+    def unregister_memory(self, handle: Any) -> None:
+        self.unregister(handle)
 
     def unregister(self, mr: Any) -> None:
         region = self._mrs.pop(id(mr), None)

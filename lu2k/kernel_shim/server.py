@@ -177,6 +177,11 @@ class ShimPort:
 
     # -- engine-facing -------------------------------------------------------------------------
 
+    @property
+    def region(self) -> mmap.mmap:
+        """The endpoint's whole shared region (for backends that register it for zero-copy DMA)."""
+        return self._mm
+
     def complete(self, req: SendRequest, status: Status, reason: str = "") -> None:
         """Finish ``req`` (exactly once); its TX slot becomes free for the endpoint."""
         if req.done:
