@@ -57,6 +57,23 @@ def test_sustained_rtt_inflation_backs_off_then_recovers() -> None:
     assert law.rate_bps > low
 
 
+def test_rtt_pause_mid_climb_is_not_taken_as_min_rtt() -> None:
+    # UDT's smoothed RTT climbs from its 100 ms guess and can sit at ~290 ms while the
+    # connection is idle; that looked settled, became the min RTT, and every later 600 ms
+    # RTT was "inflation" (GEO, no loss: backed off to ~5 Mbit/s).  The profile RTT floors it.
+    def climb(now: int) -> float:
+        return 288.0 if now < 3_000_000 else 600.0
+
+    for hint, backs_off in ((600 * MS, False), (0, True)):
+        law = RateLaw(target_bps=19.4e6, rtt_hint_us=hint)
+        drive(law, start_us=1, seconds=20, rtt_ms=0, rtt_fn=climb)
+        if backs_off:  # without a profile RTT the control cannot tell (the old behaviour)
+            assert law.backoffs >= 1 and law.min_rtt_us == pytest.approx(288 * MS)
+        else:
+            assert law.backoffs == 0 and law.rate_bps == pytest.approx(19.4e6)
+            assert law.min_rtt_us == pytest.approx(600 * MS)
+
+
 def test_one_inflated_interval_is_not_congestion() -> None:
     law = RateLaw(target_bps=20e6)
     now = drive(law, start_us=1, seconds=5, rtt_ms=600)

@@ -148,6 +148,12 @@ private:
             cur_min_ = std::min(cur_min_, rtt_us);
         }
         min_rtt_us_ = prev_min_ > 0 ? std::min(prev_min_, cur_min_) : cur_min_;
+        // Never below the operator's RTT for the path: a path is not shorter than its
+        // propagation delay, and UDT's smoothed RTT can pause part-way up its climb from the
+        // 100 ms guess (no new samples while a connection is idle) long enough to look
+        // settled.  On GEO that left min RTT at ~290 ms, every later 600 ms RTT looked like
+        // a queue, and the rate was backed off to ~5 Mbit/s on a loss-free link.
+        min_rtt_us_ = std::max(min_rtt_us_, p_.rtt_hint_us);
     }
 
     void settle() {
