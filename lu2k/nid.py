@@ -6,7 +6,7 @@ Everything here reads and prints names the way Lustre 2.17 does (``nidstrings.c`
 ``libcfs_str2net``, ``libcfs_str2nid``/``libcfs_strnid``, ``cfs_parse_nidlist``,
 ``cfs_match_nid``, ``cfs_print_nidlist``), including its quirks, so an operator's strings mean
 the same thing to lu2k as to their Lustre nodes.  The quirks worth knowing (see
-``docs/lnet-config.md`` for the full list):
+README.md, "LNet names and configuration", for the full list):
 
 * A net name is matched by *prefix* against the type table, and its number is read with C's
   ``sscanf("%u")``: leading whitespace, a sign and leading zeros are accepted (``tcp 01`` is

@@ -53,7 +53,7 @@ def test_udt_lab_stall_seed4_regression(lab_dir: Path) -> None:
     """The lab owner's stall, exactly: 20 Mbit/s, 40 ms, 2 % loss + Gilbert-Elliott 1 % (length 3),
     jitter, reordering, seed 4.  Before the tail probe this stopped at 267 of 300 messages every
     time: a lost packet in the quiet (ACK) direction that no later packet revealed, and the
-    sender's EXP held off forever by the busy peer's keep-alives (docs/udt.md)."""
+    sender's EXP held off forever by the busy peer's keep-alives (README.md, "UDT backend")."""
     from lu2k.lab.bench import LabDaemons, transfer
     from lu2k.lab.netns import Lab
     from lu2k.lab.spec import build_specs
