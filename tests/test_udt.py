@@ -307,3 +307,21 @@ def test_install_without_libudt_headers_still_succeeds(tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     assert "NOT building the UDT binding" in out.stderr and "libudt-dev" in out.stderr
     assert not list((tmp_path / "lib").rglob("_udtcore*"))
+
+
+def test_process_using_udt_exits() -> None:
+    """The binding's repair ticker thread must not hang interpreter exit (it once did: a static
+    condition variable with a waiter blocks forever in pthread_cond_destroy at exit)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    code = (
+        "import asyncio, sys; sys.path.insert(0, %r)\n"
+        "from conformance import BackendUnderTest, check_messages_arrive_intact\n"
+        "from lu2k.backends.udt import UdtBackend\n"
+        "asyncio.run(check_messages_arrive_intact(BackendUnderTest(UdtBackend, '127.0.0.1', max_message_size=1 << 20)))\n"
+    ) % str(tests)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tests.parent, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -430,9 +430,12 @@ private:
 // held only to check that the pointer is one of ours, never across tick(): sendCustomMsg
 // takes libudt's control lock, under which libudt deletes CCCs (whose destructor takes
 // g_snapshots_mu).
-static std::mutex g_conns_mu;
-static std::condition_variable g_conns_cv;
-static std::set<UDTSOCKET> g_conns;
+// Immortal on purpose: the detached ticker thread may still be waiting on the condition
+// variable when the process exits, and destroying a condition variable with a waiter blocks
+// forever in glibc (pthread_cond_destroy), so a static one would hang every exit.
+static std::mutex& g_conns_mu = *new std::mutex;
+static std::condition_variable& g_conns_cv = *new std::condition_variable;
+static std::set<UDTSOCKET>& g_conns = *new std::set<UDTSOCKET>;
 static bool g_ticker_started = false;
 
 static void ticker_main() {
