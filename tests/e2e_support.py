@@ -11,6 +11,7 @@ import struct
 import threading
 import zlib
 from collections import Counter
+from typing import Any
 
 from lu2k.kernel_shim.endpoint import Endpoint
 
@@ -53,3 +54,10 @@ class Receiver(threading.Thread):
 def make_message(index: int, size: int, rnd: random.Random) -> bytes:
     body = rnd.randbytes(max(0, size - HDR.size))
     return HDR.pack(index, zlib.crc32(body)) + body
+
+
+def check_complete(r: dict[str, Any], count: int) -> None:
+    """A lab transfer report (lu2k.lab.bench.transfer): every message once, intact, completed."""
+    assert r["messages"] == count, r
+    assert r["duplicates"] == 0 and r["corrupt"] == 0, r
+    assert r["sender"]["delivered"] == count and not r["sender"]["failed"], r["sender"]

@@ -34,12 +34,6 @@ def test_parser_requires_addresses() -> None:
         build_parser().parse_args(["tcp-send", "--port", "1"])
 
 
-@pytest.fixture
-def lab_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LU2K_LAB_DIR", str(tmp_path))
-    return tmp_path
-
-
 @needs_root
 @pytest.mark.netns
 def test_tcp_baselines_and_udp_blast_run_in_the_lab(lab_dir: Path) -> None:

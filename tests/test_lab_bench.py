@@ -17,6 +17,7 @@ import pytest
 from lu2k.lab.bench import HEADER, LabDaemons, default_window, format_link, format_matrix, net_type_for, pattern, transfer
 from lu2k.lab.netns import Lab
 from lu2k.lab.spec import LinkSpec, build_specs
+from e2e_support import check_complete  # noqa: E402
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
@@ -54,12 +55,6 @@ def test_format_link_and_matrix_tables() -> None:
     assert "FAILED" in table and "0.40" in table
 
 
-def _check_complete(r: dict[str, Any], count: int) -> None:
-    assert r["messages"] == count, r
-    assert r["duplicates"] == 0 and r["corrupt"] == 0, r
-    assert r["sender"]["delivered"] == count and not r["sender"]["failed"], r["sender"]
-
-
 def _usable(backend: str) -> bool:
     from lu2k.backends import availability
 
@@ -77,7 +72,7 @@ def test_delivery_under_loss_jitter_and_reordering(lab_dir: Path, backend: str) 
         with LabDaemons(lab, backend, lab_dir) as daemons:
             r = transfer(lab, daemons, size=16384, window=32, count=300, verify=True, timeout=120)
         stats = lab.stats()
-    _check_complete(r, 300)
+    check_complete(r, 300)
     ab, ba = stats["links"]["ab"], stats["links"]["ba"]
     # The run really crossed an impaired link: losses and reordering both directions saw.
     assert ab["drops_loss"] > 0 and ba["drops_loss"] > 0
@@ -116,4 +111,4 @@ def test_link_flap_mid_transfer(lab_dir: Path) -> None:
     if "e" in out:
         raise out["e"]
     assert stats["links"]["ab"]["drops_down"] >= 5
-    _check_complete(out["r"], count)
+    check_complete(out["r"], count)

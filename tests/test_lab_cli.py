@@ -14,12 +14,6 @@ from lu2k.lab.netns import list_labs, netns_exists
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
 
-@pytest.fixture
-def lab_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LU2K_LAB_DIR", str(tmp_path))
-    return tmp_path
-
-
 def test_parser_knows_lab_and_bench_link() -> None:
     p = build_parser()
     a = p.parse_args(["lab", "up", "--profile", "geo", "--loss", "1%", "--id", "x"])

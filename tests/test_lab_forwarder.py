@@ -18,12 +18,6 @@ from lu2k.lab.spec import build_specs
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
 
-@pytest.fixture
-def lab_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LU2K_LAB_DIR", str(tmp_path))
-    return tmp_path
-
-
 def _forwarder(tmp_path: Path) -> Forwarder:
     st = LabState("f1", subnet=1, specs=build_specs("geo", loss="1%"))
     return Forwarder(st, st.path(tmp_path))  # no setup(): the command handling needs no devices

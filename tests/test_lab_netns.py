@@ -21,13 +21,6 @@ from lu2k.lab.spec import LinkSpec, build_specs
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
 
-@pytest.fixture
-def lab_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    # Each test its own state directory: a developer's labs in /run/lu2k-lab are never touched.
-    monkeypatch.setenv("LU2K_LAB_DIR", str(tmp_path))
-    return tmp_path
-
-
 def test_names_fit_kernel_limits() -> None:
     assert len(dev_name("abcdefgh", "a")) <= 15
     assert check_lab_id("t1") == "t1"

@@ -19,6 +19,7 @@ pytest.importorskip("aioquic")
 from lu2k.lab.bench import LabDaemons, transfer  # noqa: E402
 from lu2k.lab.netns import Lab  # noqa: E402
 from lu2k.lab.spec import build_specs  # noqa: E402
+from e2e_support import check_complete  # noqa: E402
 
 pytestmark = [
     pytest.mark.netns,
@@ -33,12 +34,6 @@ def lab_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def _check_complete(r: dict[str, Any], count: int) -> None:
-    assert r["messages"] == count, r
-    assert r["duplicates"] == 0 and r["corrupt"] == 0, r
-    assert r["sender"]["delivered"] == count and not r["sender"]["failed"], r["sender"]
-
-
 @pytest.mark.slow
 def test_geo_link_with_loss_delivers_everything(lab_dir: Path) -> None:
     specs = build_specs("geo", loss="2%", seed=9)
@@ -46,7 +41,7 @@ def test_geo_link_with_loss_delivers_everything(lab_dir: Path) -> None:
         with LabDaemons(lab, "quic", lab_dir) as daemons:
             r = transfer(lab, daemons, size=65536, window=48, count=120, verify=True, timeout=180)
         stats = lab.stats()
-    _check_complete(r, 120)
+    check_complete(r, 120)
     assert stats["links"]["ab"]["drops_loss"] > 0 and stats["links"]["ba"]["drops_loss"] > 0
 
 
@@ -81,7 +76,7 @@ def test_outage_longer_than_dead_timeout_reconnects(lab_dir: Path) -> None:
     if "e" in out:
         raise out["e"]
     assert stats["links"]["ab"]["drops_down"] >= 5
-    _check_complete(out["r"], count)
+    check_complete(out["r"], count)
     # The sender's daemon saw the connection declared dead and made a new one.
     log = (lab_dir / "lu2kd-a.log").read_text(errors="replace")
     assert "stopped answering" in log and log.count("connected") >= 2, log[-3000:]

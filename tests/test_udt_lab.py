@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from lu2k.backends import availability
+from e2e_support import check_complete  # noqa: E402
 
 pytestmark = [
     pytest.mark.netns,
@@ -28,12 +28,6 @@ def lab_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def _check_complete(r: dict[str, Any], count: int) -> None:
-    assert r["messages"] == count, r
-    assert r["duplicates"] == 0 and r["corrupt"] == 0, r
-    assert r["sender"]["delivered"] == count and not r["sender"]["failed"], r["sender"]
-
-
 def test_udt_through_loss_jitter_and_reordering(lab_dir: Path) -> None:
     from lu2k.lab.bench import LabDaemons, transfer
     from lu2k.lab.netns import Lab
@@ -44,7 +38,7 @@ def test_udt_through_loss_jitter_and_reordering(lab_dir: Path) -> None:
         with LabDaemons(lab, "udt", lab_dir) as daemons:
             r = transfer(lab, daemons, size=16384, window=32, count=400, verify=True, timeout=180)
         stats = lab.stats()
-    _check_complete(r, 400)
+    check_complete(r, 400)
     ab, ba = stats["links"]["ab"], stats["links"]["ba"]
     assert ab["drops_loss"] > 0 and ba["drops_loss"] > 0 and ab["reordered"] > 0  # the link really was bad
 
@@ -63,7 +57,7 @@ def test_udt_lab_stall_seed4_regression(lab_dir: Path) -> None:
         with LabDaemons(lab, "udt", lab_dir) as daemons:
             r = transfer(lab, daemons, size=16384, window=32, count=300, verify=True, timeout=120)
         stats = lab.stats()
-    _check_complete(r, 300)
+    check_complete(r, 300)
     assert stats["links"]["ba"]["drops_loss"] > 0  # the return direction lost packets too
 
 
@@ -79,5 +73,5 @@ def test_udt_over_a_lossy_geo_hop(lab_dir: Path) -> None:
         with LabDaemons(lab, "udt", lab_dir) as daemons:
             r = transfer(lab, daemons, size=65536, window=96, count=600, verify=True, timeout=300)
         stats = lab.stats()
-    _check_complete(r, 600)
+    check_complete(r, 600)
     assert stats["links"]["ab"]["drops_loss"] > 100
