@@ -379,10 +379,19 @@ def _read_result_line(proc: "subprocess.Popen[str]", timeout: float) -> str:
     raise NetworkError(f"bench receiver did not report within {timeout:.0f} s")
 
 
+DEFAULT_WINDOW_BYTES = 8 << 20
+
+
 def default_window(spec: LinkSpec, size: int) -> int:
-    """Messages in flight: two BDPs' worth (at least 16), so the window never limits goodput."""
+    """Messages in flight: max(4 BDP, 8 MiB) of them (at least 16, at most 4096).
+
+    As much as lu2k's backends buffer by default (quic ``send_buffer``, udt ``buffer``), and
+    well under what the kernel TCP baselines may keep in flight (autotuned to 64 MB in the
+    lab).  Two BDPs are not enough on a lossy GEO hop: a message that lost a packet holds its
+    slot for an extra round trip or two, and an in-order transport holds every slot behind it.
+    """
     bdp = spec.rate_bps * spec.rtt_s / 8 if spec.rate_bps else 4 << 20
-    return max(16, min(4096, int(2 * bdp / size) + 1))
+    return max(16, min(4096, int(max(4 * bdp, DEFAULT_WINDOW_BYTES) / size) + 1))
 
 
 def run_link(backend: str, specs: tuple[LinkSpec, LinkSpec], *, duration: float, warmup: float, size: int = DEFAULT_SIZE,
@@ -602,7 +611,7 @@ def register_bench(bsub: Any) -> None:
     link.add_argument("--duration", type=float, default=20.0, help="measurement window after warm-up, seconds")
     link.add_argument("--warmup", type=float, default=10.0, help="seconds ignored at the start of each transfer")
     link.add_argument("--size", type=int, default=DEFAULT_SIZE, help="message size in bytes")
-    link.add_argument("--window", type=int, help="messages in flight (default: two BDPs)")
+    link.add_argument("--window", type=int, help="messages in flight (default: max(4 BDP, 8 MiB) of messages)")
     link.add_argument("--no-baselines", action="store_true", help="skip the kernel TCP runs")
     link.add_argument("--plot", help="write a goodput-over-time PNG here")
     link.add_argument("--json", action="store_true", help="last line: the result as JSON")
