@@ -34,7 +34,7 @@ def test_pattern_and_window() -> None:
     geo, _ = build_specs("geo")
     # 64 KiB messages on 20 Mbit/s x 600 ms (BDP 1.5 MB), and on a 100 Mbit/s GEO hop.
     assert default_window(geo, 65536) == (8 << 20) // 65536 + 1  # 8 MiB > 4 BDP (6 MB)
-    assert default_window(LinkSpec(rate_bps=100e6, rtt_s=0.6), 65536) == int(4 * 7_500_000 / 65536) + 1
+    assert default_window(LinkSpec(rate_bps=100e6, delay_s=0.3), 65536) == int(4 * 7_500_000 / 65536) + 1
     assert default_window(LinkSpec(), 65536) >= 16
     assert net_type_for("tcp") == "tcp" and net_type_for("quic") == "quic" and net_type_for("inproc") == "tcp"
 
