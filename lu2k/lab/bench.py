@@ -24,6 +24,7 @@ tests: every message must arrive exactly once with its payload intact.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import select
@@ -39,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError, Lu2kError, NetworkError
+from ..errors import ConfigError, Lu2kError, NetworkError, ShimError
 from ..nid import NET_TYPES
 from .baseline import GoodputMeter, _last_json, tcp_baseline
 from .netns import Lab, child_env
@@ -47,6 +48,7 @@ from .spec import LinkSpec, build_specs, format_rate
 
 HEADER = struct.Struct("<Qd")  # sequence number, CLOCK_MONOTONIC at send
 DEFAULT_SIZE = 64 * 1024
+DEFAULT_MAX_MESSAGE = 4 << 20  # the lab daemons' max_message_size
 LU2K_PORT = 7988
 KEY = "lu2k-lab-bench-key"
 MAX_LATENCY_SAMPLES = 1 << 20
@@ -128,6 +130,18 @@ def _receiver(args: argparse.Namespace) -> dict[str, Any] | None:
     return None
 
 
+def tx_pool_bytes(size: int, window: int, max_message: int = DEFAULT_MAX_MESSAGE) -> int:
+    """A TX pool with a slot for every message of the window (the shim's default pool has
+    ~100 slots for 64 KiB messages, fewer than a GEO window), within the shim's 1 GiB cap."""
+    from ..kernel_shim.abi import pool_classes
+
+    need = size + HEADER.size
+    pool = 64 << 20
+    while pool < (1 << 30) and sum(n for s, n in pool_classes(max_message, pool) if s >= need) < window + 8:
+        pool *= 2
+    return min(pool, 1 << 30)
+
+
 def _sender(args: argparse.Namespace) -> dict[str, Any]:
     from ..kernel_shim.endpoint import Endpoint
 
@@ -158,10 +172,20 @@ def _sender(args: argparse.Namespace) -> dict[str, Any]:
                 key = getattr(comp.status, "name", str(comp.status))
                 failed[key] = failed.get(key, 0) + 1
 
+    def reserve() -> Any:
+        # No free TX slot is back-pressure, not an error: wait for the oldest message.
+        while True:
+            try:
+                return ep.reserve(args.size, timeout=1.0)
+            except ShimError as e:
+                if e.code != errno.EAGAIN or not pending or time.monotonic() > end:
+                    raise
+                settle(len(pending) - 1)
+
     body_cache: dict[int, bytes] = {}
-    with Endpoint.attach(args.socket, portal=1) as ep:
+    with Endpoint.attach(args.socket, portal=1, tx_pool_bytes=tx_pool_bytes(args.size, args.window)) as ep:
         while not stop and time.monotonic() < end and (args.count == 0 or sent < args.count):
-            slot = ep.reserve(args.size, timeout=5.0)
+            slot = reserve()
             b = body_cache.get(sent % 251)
             if b is None:
                 b = body_cache[sent % 251] = pattern(sent, args.size)
@@ -251,7 +275,7 @@ def backend_options(backend: str, lab: Lab, workdir: Path) -> dict[str, dict[str
 class LabDaemons:
     """``lu2kd`` in each namespace of a lab, configured for one backend and the lab's link."""
 
-    def __init__(self, lab: Lab, backend: str, workdir: Path, *, peer_credits: int = 256, max_message: int = 4 << 20) -> None:
+    def __init__(self, lab: Lab, backend: str, workdir: Path, *, peer_credits: int = 256, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         from ..localpair import DaemonProcess, daemon_config
 
         spec = lab.state.specs[0]
