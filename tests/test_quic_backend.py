@@ -100,6 +100,30 @@ async def test_unordered_default_delivers_everything_intact(pki: dict[str, str])
         await _close(out, inn, lst, server, client)
 
 
+async def test_connection_ids_are_short_on_the_wire(pki: dict[str, str]) -> None:
+    # 4-byte connection IDs (aioquic: 8) in both directions, and the listener still routes
+    # the datagrams of two concurrent connections from one client by them.
+    but = BackendUnderTest(QuicBackend, "127.0.0.1", options=_opts(pki))
+    server, client = but.make(), but.make()
+    accepted: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def on_accept(t: Any) -> None:
+        await accepted.put(t)
+
+    lst = await server.listen("127.0.0.1", 0, on_accept)
+    outs = [await client.connect("127.0.0.1", lst.address[1], ConnType.ANY, 5.0) for _ in range(2)]
+    inns = [await asyncio.wait_for(accepted.get(), 10) for _ in range(2)]
+    try:
+        for t in outs + inns:
+            assert len(t._quic.host_cid) == 4 and len(t._quic._peer_cid.cid) == 4
+        for i, t in enumerate(outs):
+            await t.send([_msg(1, f"conn {i}".encode())])
+        got = {bytes((await _recv_n(t, 1))[0].payload) for t in inns}
+        assert got == {b"conn 0", b"conn 1"}
+    finally:
+        await _close(*outs, *inns, lst, server, client)
+
+
 async def test_many_messages_with_bounded_send_buffer(pki: dict[str, str]) -> None:
     # A send buffer far below the total makes send() wait for acknowledgements.
     but = BackendUnderTest(QuicBackend, "127.0.0.1", options=_opts(pki, send_buffer=256 << 10))
@@ -374,6 +398,7 @@ def test_default_congestion_follows_profile() -> None:
     ({"cert": "/nonexistent.crt", "key": "/nonexistent.key"}, "does not exist"),
     ({"mtls": True}, "mtls needs ca"),
     ({"max_datagram_size": 900}, "1200..65000"),
+    ({"cid_length": 2}, "cid_length must be 4..20"),
     ({"idle_timeout": "soon"}, "must be a number"),
     ({"ordered": "maybe"}, "true/false"),
 ])
