@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from lu2k.cc import bbr
 from lu2k.cc.bbr import BbrController, Mode
 from lu2k.cc.sim import Flow, Link, Simulation
 from lu2k.errors import ConfigError
@@ -45,6 +46,53 @@ def test_operator_rate_hint_shortens_startup() -> None:
     slow = _run(Link(**GEO, loss=0.01, seed=2), duration=8.0)[0]
     fast = _run(Link(**GEO, loss=0.01, seed=2), duration=8.0, initial_rate=GEO["rate"])[0]
     assert fast.goodput(0.0, 8.0) > 1.2 * slow.goodput(0.0, 8.0)
+
+
+def test_operator_rate_starts_at_the_rate_without_overflowing_the_buffer() -> None:
+    # With the link's rate given there is no 2.885x startup: the first round paces at the
+    # rate, the one-BDP buffer never overflows, and the early, low delivery samples do not
+    # pull the model below the given rate.
+    link = Link(**GEO, loss=0.0, seed=2)
+    (f,) = _run(link, duration=20.0, initial_rate=GEO["rate"])
+    assert link.queue_drops == 0
+    assert f.goodput(1.0, 4.0) >= 0.9 * GEO["rate"]
+    assert f.controller.mode is Mode.PROBE_BW  # type: ignore[attr-defined]
+
+
+def test_operator_rate_above_the_real_one_is_given_up() -> None:
+    # The operator said 40 Mbit/s; the link does 20.  The congestion signals clear the hint
+    # and the model settles on the real rate.
+    link = Link(**GEO, loss=0.01, seed=4)
+    (f,) = _run(link, duration=40.0, initial_rate=2 * GEO["rate"])
+    cc = f.controller
+    assert isinstance(cc, BbrController)
+    assert cc.reactions >= 1 and cc.btl_bw <= 1.1 * GEO["rate"]
+    assert f.goodput(20.0, 40.0) >= 0.9 * GEO["rate"] * 0.99
+
+
+@pytest.mark.parametrize("drain_gain, drained", [(None, True), (1.0, False)])
+def test_queue_left_behind_is_drained(drain_gain: float | None, drained: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A burst of cross traffic leaves 200 ms in the bottleneck's queue.  Cruising at 0.99 of
+    # the rate would take ~20 s to drain it (and the next 1.25 probe would overflow it);
+    # rounds whose smallest RTT stays inflated cruise at 0.9 instead.  (Checked both ways:
+    # with that gain set to 1, only the 0.75 probe phases drain it, several seconds later.)
+    if drain_gain is not None:
+        monkeypatch.setattr(bbr, "QUEUE_DRAIN_GAIN", drain_gain)
+    link = Link(**GEO, loss=0.0, seed=1)
+    f = Flow(BbrController(mss=MSS, initial_rtt=0.6, seed=1, initial_rate=GEO["rate"]), mss=MSS)
+    sim = Simulation(link, [f])
+    sim.run(10.0)
+    link.busy_until = max(link.busy_until, sim.now) + 0.2
+    seen = False
+    for step in range(30):
+        sim.run(10.0 + 0.1 * (step + 1))
+        seen = seen or bool(f.controller.state()["queue_left"])
+    assert seen
+    # Within 3 s (about four rounds) at least half of it is gone.
+    assert (link.busy_until - sim.now < 0.1) is drained
+    # Drained in time, it is never read as a competing flow (without, a reaction cuts 15 %).
+    assert link.queue_drops == 0
+    assert (f.controller.reactions == 0) is drained  # type: ignore[attr-defined]
 
 
 def test_two_flows_share_fairly() -> None:

@@ -47,6 +47,12 @@ PROBE_RTT_MIN_TIME = 0.2
 MIN_CWND_PACKETS = 4
 STARTUP_LOSS_EXIT = 0.05
 PACING_MARGIN = 0.01
+# A cruise round whose *smallest* RTT sat this far above the path minimum left a queue
+# behind (startup, a probe, a reaction's transient); the next cruise round paces at
+# QUEUE_DRAIN_GAIN to empty it, so the next 1.25 probe does not overflow a 1-BDP buffer.
+QUEUE_LEFT_FACTOR = 0.05
+QUEUE_LEFT_SLACK = 0.010
+QUEUE_DRAIN_GAIN = 0.9
 
 
 class Mode(enum.Enum):
@@ -103,7 +109,7 @@ class BbrController(CongestionController):
         self.min_rtt_stamp = 0.0
         self._initial_rtt = initial_rtt
         # An operator-given rate seeds the model so a GEO link is not spent doubling from ten
-        # packets for several seconds; the first real samples replace it within a round.
+        # packets for several seconds (see btl_bw and the end of __init__).
         self._hint_bw = initial_rate or 0.0
         self._hint_rate = initial_rate or 0.0  # kept after the seed is dropped: startup exit
         self._startup_queue_acks = 0
@@ -119,8 +125,16 @@ class BbrController(CongestionController):
         self._probe_rtt_min = math.inf
         self._last_reaction_round = -10
         self.reactions = 0
+        self._queue_left = False
         if self._hint_bw:
-            self.cwnd = max(self.cwnd, int(self._hint_bw * initial_rtt))
+            # The operator told us the link's rate: there is nothing for a 2.885x startup to
+            # discover, and on a 1-BDP buffer its first round alone would drop most of a BDP.
+            # Cruise at the given rate from the first packet; probing finds any more, and the
+            # congestion signals cut a rate that was set too high.
+            self.filled_pipe = True
+            self.mode = Mode.PROBE_BW
+            self.cwnd_gain_now = self.cwnd_gain
+            self._set_cycle(0.0, 2)
         self._update_pacing()
 
     # --- the model --------------------------------------------------------------------------------
@@ -128,7 +142,10 @@ class BbrController(CongestionController):
     @property
     def btl_bw(self) -> float:
         """Bottleneck bandwidth estimate, bytes/s of *delivered* data."""
-        return self.bw.value or self._hint_bw
+        # The operator's rate is a floor until the first congestion signal clears it: the
+        # first rounds' delivery samples read low (the ack clock is not running yet), and
+        # probing back up from them at 1.25x per eight rounds takes a GEO link ~15 s.
+        return max(self.bw.value, self._hint_bw)
 
     def _rtt(self) -> float:
         return self.min_rtt if math.isfinite(self.min_rtt) else self._initial_rtt
@@ -145,13 +162,16 @@ class BbrController(CongestionController):
 
     def _update_pacing(self) -> None:
         bw = self._wire_bw()
+        gain = self.pacing_gain
+        if self.mode is Mode.PROBE_BW and gain == 1.0 and self._queue_left:
+            gain = QUEUE_DRAIN_GAIN
         if bw <= 0:
             # No estimate yet: the initial window over the initial RTT, as aioquic does.
             rate = STARTUP_GAIN * self.cwnd / self._initial_rtt
         else:
             # 1 % under the estimate: a max filter over noisy samples reads a little high,
             # and pacing even 1 % over the bottleneck slowly builds a standing queue.
-            rate = self.pacing_gain * bw * (1 - PACING_MARGIN)
+            rate = gain * bw * (1 - PACING_MARGIN)
         if self.max_rate is not None:
             rate = min(rate, self.max_rate)
         self.pacing_rate = rate
@@ -207,6 +227,8 @@ class BbrController(CongestionController):
 
     def _on_round_end(self, now: float, r: Any) -> None:
         excess, queue = self.signals.on_round(r, self.min_rtt)
+        self._queue_left = (math.isfinite(self.min_rtt) and math.isfinite(r.min_rtt)
+                            and r.min_rtt > self.min_rtt * (1 + QUEUE_LEFT_FACTOR) + QUEUE_LEFT_SLACK)
         if not self.filled_pipe:
             if self.bw.value >= self._full_bw * 1.25:
                 self._full_bw = self.bw.value
@@ -314,5 +336,6 @@ class BbrController(CongestionController):
             "pacing_gain": self.pacing_gain,
             "baseline_loss": round(self.signals.baseline_loss, 5),
             "reactions": self.reactions,
+            "queue_left": self._queue_left,
         })
         return out
