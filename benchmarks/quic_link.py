@@ -117,7 +117,8 @@ async def _sender(args: argparse.Namespace) -> dict[str, Any]:
     seq = 0
     end = time.monotonic() + args.warmup + args.duration + 5
     states: list[dict[str, Any]] = []
-    next_state = time.monotonic() + 5
+    every = args.state_every
+    next_state = time.monotonic() + every
     cpu0 = time.process_time()
     window = asyncio.Semaphore(args.window) if args.window else None
 
@@ -150,9 +151,10 @@ async def _sender(args: argparse.Namespace) -> dict[str, Any]:
         except Lu2kError:
             break  # the receiver finished its window and closed
         if time.monotonic() >= next_state:
-            next_state += 5
+            next_state += every
             st = t.stats()
-            states.append({k: st.get(k) for k in ("srtt_ms", "cwnd", "bytes_in_flight")} | {"cc": st.get("congestion")})
+            states.append({"t": round(time.monotonic() - end + args.warmup + args.duration + 5, 1)}
+                          | {k: st.get(k) for k in ("srtt_ms", "cwnd", "bytes_in_flight")} | {"cc": st.get("congestion")})
             print(json.dumps(states[-1]), file=sys.stderr, flush=True)
     cpu = time.process_time() - cpu0
     reader.cancel()
@@ -175,7 +177,8 @@ def run_one(lab: Any, cc: str, args: argparse.Namespace, workdir: Path) -> dict[
     certs = backend_options("quic", lab, workdir)
     spec = lab.state.specs[0]
     common = ["--rtt-ms", str(spec.rtt_s * 1e3), "--rate-mbit", str(spec.rate_bps / 1e6), "--loss", str(spec.mean_loss),
-              "--warmup", str(args.warmup), "--duration", str(args.duration), "--window", str(args.window)]
+              "--warmup", str(args.warmup), "--duration", str(args.duration), "--window", str(args.window),
+              "--state-every", str(args.state_every)]
     me = [sys.executable, str(Path(__file__).resolve())]
     recv_opts = dict(CONTROLLERS[cc]) | certs["b"]
     recvs, sends = [], []
@@ -197,6 +200,8 @@ def run_one(lab: Any, cc: str, args: argparse.Namespace, workdir: Path) -> dict[
     for i, (r, s) in enumerate(zip(recvs, sends)):
         r_out, r_err = r.communicate(timeout=args.warmup + args.duration + 120)
         s_out, s_err = s.communicate(timeout=120)
+        if args.trace:
+            Path(f"{args.trace}.{cc}.{i}").write_text(s_err)
         try:
             rr = json.loads(r_out.strip().splitlines()[-1])
             ss = json.loads(s_out.strip().splitlines()[-1])
@@ -276,6 +281,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=10.0)
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--state-every", type=float, default=5.0, help="seconds between the sender's controller snapshots")
+    ap.add_argument("--trace", help="write each sender's snapshots (JSON lines) to TRACE.<cc>.<flow>")
     args = ap.parse_args()
     if args.role:
         args.loss = float(args.loss)
