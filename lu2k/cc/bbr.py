@@ -163,8 +163,11 @@ class BbrController(CongestionController):
     def _update_pacing(self) -> None:
         bw = self._wire_bw()
         gain = self.pacing_gain
-        if self.mode is Mode.PROBE_BW and gain == 1.0 and self._queue_left:
-            gain = QUEUE_DRAIN_GAIN
+        if self.mode is Mode.PROBE_BW:
+            if gain == 1.0 and self._queue_left:
+                gain = QUEUE_DRAIN_GAIN
+            elif gain != 1.0 and self._hint_rate > 0 and bw > 0:
+                gain = self._additive_probe_gain(gain, bw)
         if bw <= 0:
             # No estimate yet: the initial window over the initial RTT, as aioquic does.
             rate = STARTUP_GAIN * self.cwnd / self._initial_rtt
@@ -270,6 +273,19 @@ class BbrController(CongestionController):
         bw = max(min(self.bw.value, delivered_rate) * self.beta, 2 * self.mss / self._rtt())
         self.bw.reset(self.sampler.round_count, bw)
         self._hint_bw = 0.0
+
+    def _additive_probe_gain(self, gain: float, bw: float) -> float:
+        """Probe (and drain) by the same *amount* whatever our share: half of what 1.25 / 0.75
+        would add at the whole link, i.e. 12.5 % of the operator's rate.
+
+        With multiplicative probes a flow that holds twice the share probes twice as hard and
+        flows keep whatever ratio they started with; equal absolute probes win a smaller flow
+        relatively more of the FIFO queue, so shares converge (as AIMD's additive increase).
+        A lone flow probes at ~1.125, two equal flows at ~1.25, as before.
+        """
+        link = self._hint_rate / (1 - min(self.signals.baseline_loss, 0.2)) if self.loss_compensation else self._hint_rate
+        step = (gain - 1.0) * 0.5 * link / bw
+        return min(2.0, max(0.5, 1.0 + step))
 
     def _enter_probe_bw(self, now: float) -> None:
         self.mode = Mode.PROBE_BW
