@@ -198,12 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flows", type=int, default=1)
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--mss", type=int, default=1472)
+    ap.add_argument("--rate-hint", action="store_true", help="bbr: give it the link's rate, as a site profile does")
     args = ap.parse_args(argv)
     rate = args.rate_mbit * 1e6 / 8
     link = Link(rate=rate, delay=args.rtt_ms / 2e3, loss=args.loss)
     params: dict[str, object] = {"initial_rtt": args.rtt_ms / 1e3}
     if args.cc == "rate":
         params["rate"] = rate
+    elif args.rate_hint:
+        params["initial_rate"] = rate
     flows = [Flow(create_controller(args.cc, mss=args.mss, **params), mss=args.mss) for _ in range(args.flows)]
     Simulation(link, flows).run(args.duration)
     t0 = min(10.0, args.duration / 3)
