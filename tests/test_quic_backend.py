@@ -100,9 +100,8 @@ async def test_unordered_default_delivers_everything_intact(pki: dict[str, str])
         await _close(out, inn, lst, server, client)
 
 
-async def test_connection_ids_are_short_on_the_wire(pki: dict[str, str]) -> None:
-    # 4-byte connection IDs (aioquic: 8) in both directions, and the listener still routes
-    # the datagrams of two concurrent connections from one client by them.
+async def _listening(pki: dict[str, str]) -> tuple[Any, Any, asyncio.Queue[Any], Any]:
+    """A listening server backend, a client backend, and the queue of accepted transports."""
     but = BackendUnderTest(QuicBackend, "127.0.0.1", options=_opts(pki))
     server, client = but.make(), but.make()
     accepted: asyncio.Queue[Any] = asyncio.Queue()
@@ -111,6 +110,13 @@ async def test_connection_ids_are_short_on_the_wire(pki: dict[str, str]) -> None
         await accepted.put(t)
 
     lst = await server.listen("127.0.0.1", 0, on_accept)
+    return server, client, accepted, lst
+
+
+async def test_connection_ids_are_short_on_the_wire(pki: dict[str, str]) -> None:
+    # 4-byte connection IDs (aioquic: 8) in both directions, and the listener still routes
+    # the datagrams of two concurrent connections from one client by them.
+    server, client, accepted, lst = await _listening(pki)
     outs = [await client.connect("127.0.0.1", lst.address[1], ConnType.ANY, 5.0) for _ in range(2)]
     inns = [await asyncio.wait_for(accepted.get(), 10) for _ in range(2)]
     try:
@@ -343,14 +349,7 @@ async def test_peer_close_is_connection_closed(pki: dict[str, str]) -> None:
 
 
 async def test_reconnect_resumes_session_with_0rtt(pki: dict[str, str]) -> None:
-    but = BackendUnderTest(QuicBackend, "127.0.0.1", options=_opts(pki))
-    server, client = but.make(), but.make()
-    accepted: asyncio.Queue[Any] = asyncio.Queue()
-
-    async def on_accept(t: Any) -> None:
-        await accepted.put(t)
-
-    lst = await server.listen("127.0.0.1", 0, on_accept)
+    server, client, accepted, lst = await _listening(pki)
     port = lst.address[1]
     try:
         first = await client.connect("127.0.0.1", port, ConnType.ANY, 5.0)
