@@ -36,6 +36,14 @@ def test_pattern_and_window() -> None:
     assert default_window(geo, 65536) == (8 << 20) // 65536 + 1  # 8 MiB > 4 BDP (6 MB)
     assert default_window(LinkSpec(rate_bps=100e6, delay_s=0.3), 65536) == int(4 * 7_500_000 / 65536) + 1
     assert default_window(LinkSpec(), 65536) >= 16
+    # The sender's TX pool has a slot of the message's size for every message of the window.
+    from lu2k.kernel_shim.abi import pool_classes
+    from lu2k.lab.bench import tx_pool_bytes
+
+    for window in (16, 129, 512):
+        pool = tx_pool_bytes(65536, window)
+        assert sum(n for s, n in pool_classes(4 << 20, pool) if s >= 65536 + HEADER.size) >= window
+    assert tx_pool_bytes(65536, 100_000) == 1 << 30  # the shim's cap; beyond it, back-pressure
     assert net_type_for("tcp") == "tcp" and net_type_for("quic") == "quic" and net_type_for("inproc") == "tcp"
 
 

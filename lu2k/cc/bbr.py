@@ -6,9 +6,10 @@ controller instead keeps a *model* of the path -- the bottleneck bandwidth (wind
 of delivery-rate samples over ``bw_window_rounds`` rounds) and the propagation RTT (windowed
 minimum) -- and sends at the model's rate, paced, with a window of ``cwnd_gain`` BDPs:
 
-* ``STARTUP`` (skipped when the operator gave the link's rate) doubles the rate every round (gain 2/ln 2) until the bandwidth estimate stops
+* ``STARTUP`` doubles the rate every round (gain 2/ln 2) until the bandwidth estimate stops
   growing by 25 % for three rounds, a round shows congestion loss or a standing queue, or the
-  estimate reaches 90 % of the operator's rate (if given);
+  estimate reaches 90 % of the operator's rate -- skipped altogether when the operator gave
+  the link's rate (the flow then starts in ``PROBE_BW`` at that rate);
 * ``DRAIN`` empties the queue startup built (gain 1/2.885) until in-flight <= one BDP;
 * ``PROBE_BW`` cruises at gain 1 with one round at 1.25 (is there more?) followed by one at
   0.75 (drain what the probe queued) every eight rounds -- with the operator's rate, probes of
