@@ -9,7 +9,9 @@ from __future__ import annotations
 import random
 import struct
 import threading
+import time
 import zlib
+from pathlib import Path
 from collections import Counter
 from typing import Any
 
@@ -61,3 +63,49 @@ def check_complete(r: dict[str, Any], count: int) -> None:
     assert r["messages"] == count, r
     assert r["duplicates"] == 0 and r["corrupt"] == 0, r
     assert r["sender"]["delivered"] == count and not r["sender"]["failed"], r["sender"]
+
+
+def lab_transfer(backend: str, specs: Any, workdir: Path, **transfer_args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Bring up a lab on ``specs`` with two lu2kd over ``backend``, run one
+    :func:`lu2k.lab.bench.transfer`; its result and the lab's counters afterwards."""
+    from lu2k.lab.bench import LabDaemons, transfer
+    from lu2k.lab.netns import Lab
+
+    with Lab(specs) as lab:
+        with LabDaemons(lab, backend, workdir) as daemons:
+            r = transfer(lab, daemons, **transfer_args)
+        return r, lab.stats()
+
+
+def lab_transfer_across_outage(backend: str, specs: Any, workdir: Path, outage_s: float,
+                               **transfer_args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """As :func:`lab_transfer`, with the link taken down both ways for ``outage_s`` seconds
+    once the transfer is under way (progress seen by the emulator, not a guessed time)."""
+    from lu2k.lab.bench import LabDaemons, transfer
+    from lu2k.lab.netns import Lab
+
+    with Lab(specs) as lab:
+        with LabDaemons(lab, backend, workdir) as daemons:
+            out: dict[str, Any] = {}
+
+            def run() -> None:
+                try:
+                    out["r"] = transfer(lab, daemons, **transfer_args)
+                except Exception as e:  # handed to the test thread below
+                    out["e"] = e
+
+            t = threading.Thread(target=run)
+            t.start()
+            while lab.stats()["links"]["ab"]["packets_out"] < 200 and t.is_alive():
+                time.sleep(0.05)
+            lab.set_link(False)
+            while lab.stats()["links"]["ab"]["drops_down"] < 5 and t.is_alive():
+                time.sleep(0.05)
+            time.sleep(outage_s)
+            lab.set_link(True)
+            t.join(240)
+            assert not t.is_alive()
+        stats = lab.stats()
+    if "e" in out:
+        raise out["e"]
+    return out["r"], stats

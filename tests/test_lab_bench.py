@@ -7,25 +7,16 @@ the benchmark's business (``lu2k bench link``), never asserted here.
 from __future__ import annotations
 
 import os
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lu2k.lab.bench import HEADER, LabDaemons, default_window, format_link, format_matrix, net_type_for, pattern, transfer
-from lu2k.lab.netns import Lab
+from lu2k.lab.bench import HEADER, default_window, format_link, format_matrix, net_type_for, pattern
 from lu2k.lab.spec import LinkSpec, build_specs
-from e2e_support import check_complete  # noqa: E402
+from e2e_support import check_complete, lab_transfer, lab_transfer_across_outage  # noqa: E402
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
-
-
-@pytest.fixture
-def lab_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LU2K_LAB_DIR", str(tmp_path / "labs"))
-    return tmp_path
 
 
 def test_pattern_and_window() -> None:
@@ -73,14 +64,11 @@ def _usable(backend: str) -> bool:
 @needs_root
 @pytest.mark.netns
 @pytest.mark.parametrize("backend", ["tcp", "quic", "udt"])
-def test_delivery_under_loss_jitter_and_reordering(lab_dir: Path, backend: str) -> None:
+def test_delivery_under_loss_jitter_and_reordering(daemons_dir: Path, backend: str) -> None:
     if not _usable(backend):
         pytest.skip(f"backend {backend} is not available here")
     specs = build_specs("leo", rate="20mbit", loss="2%", burst_loss="1%", burst_len=3, jitter="2ms", reorder="2%", seed=4)
-    with Lab(specs) as lab:
-        with LabDaemons(lab, backend, lab_dir) as daemons:
-            r = transfer(lab, daemons, size=16384, window=32, count=300, verify=True, timeout=120)
-        stats = lab.stats()
+    r, stats = lab_transfer(backend, specs, daemons_dir, size=16384, window=32, count=300, verify=True, timeout=120)
     check_complete(r, 300)
     ab, ba = stats["links"]["ab"], stats["links"]["ba"]
     # The run really crossed an impaired link: losses and reordering both directions saw.
@@ -91,33 +79,10 @@ def test_delivery_under_loss_jitter_and_reordering(lab_dir: Path, backend: str) 
 @needs_root
 @pytest.mark.netns
 @pytest.mark.slow
-def test_link_flap_mid_transfer(lab_dir: Path) -> None:
+def test_link_flap_mid_transfer(daemons_dir: Path) -> None:
     specs = build_specs("leo", rate="20mbit", loss="0.5%", seed=5)
     count = 400
-    with Lab(specs) as lab:
-        with LabDaemons(lab, "tcp", lab_dir) as daemons:
-            out: dict[str, Any] = {}
-
-            def run() -> None:
-                try:
-                    out["r"] = transfer(lab, daemons, size=32768, window=16, count=count, verify=True, timeout=180)
-                except Exception as e:  # handed to the test thread below
-                    out["e"] = e
-
-            t = threading.Thread(target=run)
-            t.start()
-            # Wait for the transfer to be under way (progress seen by the emulator), not for a time.
-            while lab.stats()["links"]["ab"]["packets_out"] < 200 and t.is_alive():
-                time.sleep(0.05)
-            lab.set_link(False)
-            while lab.stats()["links"]["ab"]["drops_down"] < 5 and t.is_alive():
-                time.sleep(0.05)
-            time.sleep(3.0)  # an outage of some seconds: longer than many RTOs on a 40 ms path
-            lab.set_link(True)
-            t.join(240)
-            assert not t.is_alive()
-        stats = lab.stats()
-    if "e" in out:
-        raise out["e"]
+    # Down for 3 s once under way: longer than many RTOs on a 40 ms path.
+    r, stats = lab_transfer_across_outage("tcp", specs, daemons_dir, 3.0, size=32768, window=16, count=count, verify=True, timeout=180)
     assert stats["links"]["ab"]["drops_down"] >= 5
-    check_complete(out["r"], count)
+    check_complete(r, count)

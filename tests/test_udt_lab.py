@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lu2k.backends import availability
-from e2e_support import check_complete  # noqa: E402
+from e2e_support import check_complete, lab_transfer  # noqa: E402
 
 pytestmark = [
     pytest.mark.netns,
@@ -22,56 +22,35 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def lab_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LU2K_LAB_DIR", str(tmp_path / "labs"))
-    return tmp_path
-
-
-def test_udt_through_loss_jitter_and_reordering(lab_dir: Path) -> None:
-    from lu2k.lab.bench import LabDaemons, transfer
-    from lu2k.lab.netns import Lab
+def test_udt_through_loss_jitter_and_reordering(daemons_dir: Path) -> None:
     from lu2k.lab.spec import build_specs
 
     specs = build_specs("leo", rate="20mbit", loss="2%", burst_loss="1%", burst_len=3, jitter="2ms", reorder="2%", seed=11)
-    with Lab(specs) as lab:
-        with LabDaemons(lab, "udt", lab_dir) as daemons:
-            r = transfer(lab, daemons, size=16384, window=32, count=400, verify=True, timeout=180)
-        stats = lab.stats()
+    r, stats = lab_transfer("udt", specs, daemons_dir, size=16384, window=32, count=400, verify=True, timeout=180)
     check_complete(r, 400)
     ab, ba = stats["links"]["ab"], stats["links"]["ba"]
     assert ab["drops_loss"] > 0 and ba["drops_loss"] > 0 and ab["reordered"] > 0  # the link really was bad
 
 
-def test_udt_lab_stall_seed4_regression(lab_dir: Path) -> None:
+def test_udt_lab_stall_seed4_regression(daemons_dir: Path) -> None:
     """The lab owner's stall, exactly: 20 Mbit/s, 40 ms, 2 % loss + Gilbert-Elliott 1 % (length 3),
     jitter, reordering, seed 4.  Before the tail probe this stopped at 267 of 300 messages every
     time: a lost packet in the quiet (ACK) direction that no later packet revealed, and the
     sender's EXP held off forever by the busy peer's keep-alives (README.md, "UDT backend")."""
-    from lu2k.lab.bench import LabDaemons, transfer
-    from lu2k.lab.netns import Lab
     from lu2k.lab.spec import build_specs
 
     specs = build_specs("leo", rate="20mbit", loss="2%", burst_loss="1%", burst_len=3, jitter="2ms", reorder="2%", seed=4)
-    with Lab(specs) as lab:
-        with LabDaemons(lab, "udt", lab_dir) as daemons:
-            r = transfer(lab, daemons, size=16384, window=32, count=300, verify=True, timeout=120)
-        stats = lab.stats()
+    r, stats = lab_transfer("udt", specs, daemons_dir, size=16384, window=32, count=300, verify=True, timeout=120)
     check_complete(r, 300)
     assert stats["links"]["ba"]["drops_loss"] > 0  # the return direction lost packets too
 
 
 @pytest.mark.slow
-def test_udt_over_a_lossy_geo_hop(lab_dir: Path) -> None:
+def test_udt_over_a_lossy_geo_hop(daemons_dir: Path) -> None:
     """600 ms RTT, 2 % loss each way: lost retransmissions happen, and must not lose data."""
-    from lu2k.lab.bench import LabDaemons, transfer
-    from lu2k.lab.netns import Lab
     from lu2k.lab.spec import build_specs
 
     specs = build_specs("geo", loss="2%", seed=12)
-    with Lab(specs) as lab:
-        with LabDaemons(lab, "udt", lab_dir) as daemons:
-            r = transfer(lab, daemons, size=65536, window=96, count=600, verify=True, timeout=300)
-        stats = lab.stats()
+    r, stats = lab_transfer("udt", specs, daemons_dir, size=65536, window=96, count=600, verify=True, timeout=300)
     check_complete(r, 600)
     assert stats["links"]["ab"]["drops_loss"] > 100
