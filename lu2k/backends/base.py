@@ -25,10 +25,37 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..errors import ConfigError
 from ..nid import Net
 from ..wire import BufferFor, ConnType, Frame
 
 OutFrame = tuple[bytes, "bytes | memoryview"]  # (encoded header, payload -- may be b"")
+
+
+def option_int(options: dict[str, Any], name: str, default: int, low: int, high: int, where: str,
+               *, what: str = "an integer") -> int:
+    """A backend option that must be a whole number in ``low..high`` (``what`` names the unit
+    in the error, e.g. "a byte count")."""
+    value = options.get(name, default)
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be {what}, not {value!r}", where=where) from None
+    if not low <= out <= high:
+        raise ConfigError(f"{name} {out} outside {low}..{high}", where=where)
+    return out
+
+
+def option_seconds(options: dict[str, Any], name: str, default: float, where: str, *, allow_zero: bool = False) -> float:
+    """A backend option that must be a positive number of seconds (or zero, if allowed)."""
+    value = options.get(name, default)
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number of seconds, not {value!r}", where=where) from None
+    if out < 0 or (out == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'zero or ' if allow_zero else ''}positive, not {value!r}", where=where)
+    return out
 
 
 @dataclass(frozen=True)

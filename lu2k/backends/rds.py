@@ -83,7 +83,7 @@ from ..errors import (
     WriteError,
 )
 from ..wire import BufferFor, ConnType, Frame, FrameDecoder
-from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport
+from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport, option_int, option_seconds
 
 RDS_MAX_MSG_SIZE = 1 << 20  # include/net/rds... RDS_MAX_MSG_SIZE: the kernel refuses larger sends
 SOL_RDS = 276
@@ -232,28 +232,6 @@ def queued_between(messages: Sequence[QueuedMessage], local: tuple[str, int], re
 
     return sum(1 for m in messages if m.lport == local[1] and m.fport == remote[1]
                and same(m.laddr, local[0]) and same(m.faddr, remote[0]))
-
-
-def _option_seconds(options: dict[str, Any], name: str, default: float, where: str) -> float:
-    value = options.get(name, default)
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number of seconds, not {value!r}", where=where) from None
-    if out <= 0:
-        raise ConfigError(f"{name} must be positive, not {value!r}", where=where)
-    return out
-
-
-def _option_bytes(options: dict[str, Any], name: str, default: int, low: int, high: int, where: str) -> int:
-    value = options.get(name, default)
-    try:
-        out = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a byte count, not {value!r}", where=where) from None
-    if not low <= out <= high:
-        raise ConfigError(f"{name} {out} outside {low}..{high}", where=where)
-    return out
 
 
 # --- kernel glue ------------------------------------------------------------------------------------
@@ -783,14 +761,14 @@ class RdsBackend(Backend):
             reason = rds_unavailable_reason()
         if reason is not None:
             raise BackendUnavailable(f"backend 'rds' is unavailable: {reason}")
-        self.datagram_size = _option_bytes(opts, "datagram_size", DEFAULT_DATAGRAM, MIN_DATAGRAM, RDS_MAX_MSG_SIZE, where)
+        self.datagram_size = option_int(opts, "datagram_size", DEFAULT_DATAGRAM, MIN_DATAGRAM, RDS_MAX_MSG_SIZE, where, what="a byte count")
         default_buf = max(DEFAULT_SOCKET_BUFFER, 2 * settings.profile.bdp_bytes(0))
-        self.socket_buffer = _option_bytes(opts, "socket_buffer", default_buf, 2 * MIN_DATAGRAM, 1 << 30, where)
-        self.keepalive = _option_seconds(opts, "keepalive", 10.0, where)
-        self.peer_timeout = _option_seconds(opts, "peer_timeout", 60.0, where)
+        self.socket_buffer = option_int(opts, "socket_buffer", default_buf, 2 * MIN_DATAGRAM, 1 << 30, where, what="a byte count")
+        self.keepalive = option_seconds(opts, "keepalive", 10.0, where)
+        self.peer_timeout = option_seconds(opts, "peer_timeout", 60.0, where)
         if self.peer_timeout <= self.keepalive:
             raise ConfigError(f"peer_timeout ({self.peer_timeout:g} s) must exceed keepalive ({self.keepalive:g} s)", where=where)
-        self.linger = _option_seconds(opts, "linger", 30.0, where)
+        self.linger = option_seconds(opts, "linger", 30.0, where)
         self.local_address: str | None = opts.get("local_address") or None
         self._tasks: set[asyncio.Task[None]] = set()
         self.transports: set[RdsTransport] = set()

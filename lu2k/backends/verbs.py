@@ -64,7 +64,7 @@ from ..errors import (
     WriteError,
 )
 from ..wire import BufferFor, ConnType, Frame, FrameDecoder
-from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport
+from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport, option_int, option_seconds
 from .rds import plan_datagrams  # the same zero-copy stream chunker
 
 DEBIAN_PYVERBS = "/usr/lib/python3/dist-packages"
@@ -646,16 +646,13 @@ class VerbsBackend(Backend):
         self.device_name = str(opts.get("device") or devices[0])
         if self.device_name not in devices:
             raise ConfigError(f"RDMA device {self.device_name!r} not found (have: {', '.join(devices)})", where=where)
-        self.port = self._int(opts, "port", 1, 1, 255, where)
-        self.slot_size = self._int(opts, "slot_size", 64 << 10, 4096, 16 << 20, where)
-        self.slots = self._int(opts, "slots", 32, 2, 4096, where)
-        self.send_slots = self._int(opts, "send_slots", 32, 1, 4096, where)
+        self.port = option_int(opts, "port", 1, 1, 255, where)
+        self.slot_size = option_int(opts, "slot_size", 64 << 10, 4096, 16 << 20, where)
+        self.slots = option_int(opts, "slots", 32, 2, 4096, where)
+        self.send_slots = option_int(opts, "send_slots", 32, 1, 4096, where)
         gid_index = opts.get("gid_index")
-        self.gid_index = None if gid_index is None else self._int(opts, "gid_index", 0, 0, 1 << 16, where)
-        try:
-            self.linger = float(opts.get("linger", 10.0))
-        except (TypeError, ValueError):
-            raise ConfigError(f"linger must be seconds, not {opts.get('linger')!r}", where=where) from None
+        self.gid_index = None if gid_index is None else option_int(opts, "gid_index", 0, 0, 1 << 16, where)
+        self.linger = option_seconds(opts, "linger", 10.0, where, allow_zero=True)
         try:
             self.ctx = pv["device"].Context(name=self.device_name)
             port_attr = self.ctx.query_port(self.port)
@@ -673,17 +670,6 @@ class VerbsBackend(Backend):
         self._gids: list[tuple[int, str, bool]] | None = None
         self.transports: set[VerbsTransport] = set()
         self.closed = False
-
-    @staticmethod
-    def _int(opts: dict[str, Any], name: str, default: int, low: int, high: int, where: str) -> int:
-        value = opts.get(name, default)
-        try:
-            out = int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name} must be an integer, not {value!r}", where=where) from None
-        if not low <= out <= high:
-            raise ConfigError(f"{name} {out} outside {low}..{high}", where=where)
-        return out
 
     @staticmethod
     def probe() -> str | None:

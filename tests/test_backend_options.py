@@ -1,0 +1,38 @@
+"""The option checks every backend shares (lu2k.backends.base): clear errors naming the key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from lu2k.backends.base import option_int, option_seconds
+from lu2k.errors import ConfigError
+
+
+def test_option_int_default_value_and_range() -> None:
+    assert option_int({}, "slots", 32, 2, 4096, "net o2ib") == 32
+    assert option_int({"slots": "64"}, "slots", 32, 2, 4096, "net o2ib") == 64
+
+
+@pytest.mark.parametrize("opts, kw, match", [
+    ({"slots": "many"}, {}, "slots must be an integer, not 'many'"),
+    ({"slots": 1}, {}, "slots 1 outside 2..4096"),
+    ({"slots": None}, {"what": "a byte count"}, "slots must be a byte count"),
+])
+def test_option_int_errors(opts: dict[str, Any], kw: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as e:
+        option_int(opts, "slots", 32, 2, 4096, "net o2ib", **kw)
+    assert "net o2ib" in str(e.value)
+
+
+def test_option_seconds() -> None:
+    assert option_seconds({}, "linger", 10.0, "w") == 10.0
+    assert option_seconds({"linger": "2.5"}, "linger", 10.0, "w") == 2.5
+    assert option_seconds({"linger": 0}, "linger", 10.0, "w", allow_zero=True) == 0.0
+    with pytest.raises(ConfigError, match="linger must be positive, not 0"):
+        option_seconds({"linger": 0}, "linger", 10.0, "w")
+    with pytest.raises(ConfigError, match="zero or positive, not -1"):
+        option_seconds({"linger": -1}, "linger", 10.0, "w", allow_zero=True)
+    with pytest.raises(ConfigError, match="a number of seconds, not 'soon'"):
+        option_seconds({"linger": "soon"}, "linger", 10.0, "w")
