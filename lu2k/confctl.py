@@ -23,8 +23,8 @@ import yaml
 from .errors import ConfigError, Lu2kError
 from .lnetyaml import SET_ALIASES, apply_set, dumps, parse_data
 from .nid import Net, NidList, parse_net, parse_nid
-from .routing import Route
 from .settings import DEFAULT_CONFIG_YAML, DaemonConfig, NetConfig, parse_config
+from .values import HIDDEN_KEY
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -66,7 +66,7 @@ def document_from_config(cfg: DaemonConfig) -> dict[str, Any]:
         ]
     doc["global"] = dict(vars(cfg.global_))
     doc["routing"] = {"enable": int(cfg.routing)}
-    shim = {"path": cfg.shim.path, "max_in_flight": cfg.shim.max_in_flight, **cfg.shim.options}
+    shim = cfg.shim.to_data()
     doc["lu2k"] = {"shim": shim, "control": {"path": cfg.control_path}}
     return doc
 
@@ -103,10 +103,10 @@ def _hide_secrets(doc: dict[str, Any]) -> dict[str, Any]:
         if isinstance(lu, dict):
             for k in SECRET_KEYS:
                 if k in lu:
-                    lu[k] = "<hidden: export --secrets to include>"
+                    lu[k] = HIDDEN_KEY
     defaults = (out.get("lu2k") or {}).get("defaults")
     if isinstance(defaults, dict) and "key" in defaults:
-        defaults["key"] = "<hidden: export --secrets to include>"
+        defaults["key"] = HIDDEN_KEY
     return out
 
 
@@ -149,11 +149,16 @@ class ConfigController:
     # -- commands -----------------------------------------------------------------------
 
     async def export(self, args: dict[str, Any]) -> dict[str, Any]:
-        doc = self.doc if args.get("secrets") else _hide_secrets(self.doc)
+        secrets = bool(args.get("secrets"))
+        if args.get("raw"):
+            return {"yaml": yaml.safe_dump(self.doc if secrets else _hide_secrets(self.doc), sort_keys=False)}
         # Through lnetyaml so the output is in lnetctl's layout and order.
-        cfg = parse_data(doc, source="export", resolve=False) if not args.get("raw") else None
-        text = dumps(cfg) if cfg is not None else yaml.safe_dump(doc, sort_keys=False)
-        return {"yaml": text}
+        cfg = parse_data(self.doc, source="export", resolve=False)
+        if not secrets:
+            for lu in [n.lu2k for n in cfg.nets] + [cfg.lu2k.get("defaults") or {}]:
+                if "key" in lu:
+                    lu["key"] = HIDDEN_KEY
+        return {"yaml": dumps(cfg)}
 
     async def import_(self, args: dict[str, Any]) -> dict[str, Any]:
         text = args.get("yaml")
@@ -409,7 +414,7 @@ async def apply_config(eng: "Engine", old: DaemonConfig, new: DaemonConfig) -> l
         if nc.net not in old_nets:
             changes.append(f"net {nc.net} added ({nc.nid}, {nc.backend})")
     # Routes, peers and globals: one swap each, nothing here can fail half way.
-    eng.set_routes([Route(r.net, r.gateway, r.hops, r.priority) for r in new.routes])
+    eng.set_routes(list(new.routes))
     old_routes = {(r.net, r.gateway) for r in old.routes}
     new_routes = {(r.net, r.gateway) for r in new.routes}
     changes += [f"route {n} {g} added" for n, g in sorted(new_routes - old_routes, key=str)]

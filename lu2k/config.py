@@ -62,6 +62,7 @@ from .nid import (
     scan_u_exact,
     strim,
 )
+from .routing import Route  # the one Route type: what routes= and the route section give the router
 
 LNET_SINGLE_TEXTBUF_NOB = 4 << 10  # Lustre's bound on one string / one text buffer
 LNET_MAX_TEXTBUF_NOB = 64 << 10  # and on all text buffers of one parse
@@ -121,19 +122,11 @@ def networks_string(specs: Iterable[NetSpec]) -> str:
     return ",".join(str(s) for s in specs)
 
 
-@dataclass(frozen=True)
-class Route:
-    """``routes=`` entry: reach ``net`` through ``gateway``."""
-
-    net: Net
-    gateway: Nid
-    hops: int | None = None
-    priority: int = 0
-
-    def __str__(self) -> str:
-        hops = "" if self.hops is None else f" {self.hops}"
-        prio = f":{self.priority}" if self.priority else ""
-        return f"{self.net}{hops} {self.gateway}{prio}"
+def route_text(route: Route) -> str:
+    """A route as a ``routes=`` entry reads: ``net [hops] gateway[:priority]``."""
+    hops = "" if route.hops is None else f" {route.hops}"
+    prio = f":{route.priority}" if route.priority else ""
+    return f"{route.net}{hops} {route.gateway}{prio}"
 
 
 class RouteList(list):  # type: ignore[type-arg]
@@ -866,6 +859,7 @@ __all__ = [
     "NiSpec",
     "Route",
     "RouteList",
+    "route_text",
     "check_ip2nets",
     "expand_brackets",
     "host_interfaces",

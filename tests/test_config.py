@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from lu2k.config import (
+    route_text,
     Ip2NetsRule,
     NetSpec,
     NiSpec,
@@ -459,7 +460,7 @@ ROUTES_OK = [
 @pytest.mark.parametrize("text,routes", ROUTES_OK)
 def test_routes(text: str, routes: list[str]) -> None:
     result = parse_routes(text)
-    assert [str(r) for r in result] == routes
+    assert [route_text(r) for r in result] == routes
     assert result.router is False
 
 
@@ -502,7 +503,7 @@ def test_routes_errors(text: str, pos: int) -> None:
 def test_routes_local_gateway_makes_a_router() -> None:
     result = parse_routes("tcp1 10.0.0.[1-2]@tcp", ["10.0.0.1@tcp"])
     assert result.router is True
-    assert [str(r) for r in result] == ["tcp1 10.0.0.2@tcp"]
+    assert [route_text(r) for r in result] == ["tcp1 10.0.0.2@tcp"]
 
 
 def test_routes_lustre_would_not_add_are_reported() -> None:
@@ -510,7 +511,7 @@ def test_routes_lustre_would_not_add_are_reported() -> None:
     result = parse_routes(text, ["10.0.0.1@tcp"])
     assert len(result) == 4  # everything lnet_parse_route hands to lnet_add_route
     keep, dropped = result.installable(["10.0.0.1@tcp"])
-    assert [str(r) for r in keep] == ["o2ib 10.0.0.3@tcp"]
+    assert [route_text(r) for r in keep] == ["o2ib 10.0.0.3@tcp"]
     assert [why for _, why in dropped] == [
         "tcp is a local net", "gateway 192.168.0.1@o2ib1 is not on a local net", "duplicate route"]
 

@@ -94,7 +94,7 @@ def test_lnetctl_export_parses() -> None:
     assert ni.lnd_tunables == {"conns_per_peer": 1} and ni.cpt is not None and ni.cpt.values() == [0]
     assert cfg.nets[0].lu2k["profile"] == {"rtt_ms": 600.0, "rate_mbit": 20.0, "loss": 0.01}
     (route,) = cfg.routes
-    assert (str(route.net), str(route.gateway), route.hop, route.priority) == ("o2ib1", "10.0.0.2@tcp", None, 0)
+    assert (str(route.net), str(route.gateway), route.hops, route.priority) == ("o2ib1", "10.0.0.2@tcp", None, 0)
     (peer,) = cfg.peers
     assert [str(n) for n in peer.nids] == ["10.0.0.3@tcp", "10.0.0.4@tcp"] and peer.multi_rail
     assert cfg.routing is False and cfg.buffers == {"tiny": 512, "small": 4096, "large": 256}
@@ -171,7 +171,7 @@ def test_every_error_is_listed_with_its_path() -> None:
         "net[1].local NI(s)[2].tunables.bogus: unknown tunable",
         "net[1].lu2k.backend: expected a backend name",
         "net[1].lu2k.port: 70000 out of range",
-        "net[1].lu2k.key: key shorter than 8 characters",
+        "net[1].lu2k.key: key has 5 byte(s); at least 16 (128 bits)",
         "net[1].lu2k.profile.loss: 0.9 out of range",
         "route[0].net: no routes to 'lo'",
         "route[1].gateway: a gateway cannot be on 'lo'",
@@ -228,7 +228,7 @@ ONE_ERROR = [
     ("lu2k: {telepathy: true}", "lu2k.telepathy: unknown key"),
     ("ip2nets: [{net-spec: tcp, interfaces: {0: ''}}]", "ip2nets[0].interfaces[0]"),
     ("routing: [1]", "routing: expected a mapping"),
-    ("net: [{net type: tcp, local NI(s): [{nid: 1.2.3.4@tcp}], lu2k: {port: 'x'}}]", "lu2k.port: expected an integer"),
+    ("net: [{net type: tcp, local NI(s): [{nid: 1.2.3.4@tcp}], lu2k: {port: 'x'}}]", "lu2k.port: expected a port number"),
 ]
 
 
@@ -260,7 +260,7 @@ def test_repeated_net_entries_merge_their_nis() -> None:
 def test_route_gateway_expression_expands() -> None:
     cfg = loads("route: [{net: tcp1, gateway: '10.0.0.[1-3]@tcp', hop: 2, priority: 4}]")
     assert [str(r.gateway) for r in cfg.routes] == ["10.0.0.1@tcp", "10.0.0.2@tcp", "10.0.0.3@tcp"]
-    assert {(r.hop, r.priority) for r in cfg.routes} == {(2, 4)}
+    assert {(r.hops, r.priority) for r in cfg.routes} == {(2, 4)}
 
 
 def test_peer_nids_as_plain_list_and_non_mr() -> None:

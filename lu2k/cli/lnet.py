@@ -27,6 +27,7 @@ from ..config import (
     parse_networks,
     parse_routes,
     resolve_interfaces,
+    route_text,
     system_interfaces,
 )
 from ..errors import ConfigError, NidError
@@ -101,13 +102,13 @@ def _ip2nets(args: argparse.Namespace) -> int:
 def _routes(args: argparse.Namespace) -> int:
     routes = parse_routes(args.text, args.local or [])
     for r in routes:
-        print(r)
+        print(route_text(r))
     if routes.router:
         print("# a gateway is one of our NIDs: this node is a router")
     if args.local:
         _, dropped = routes.installable(args.local)
         for r, why in dropped:
-            print(f"# not installed: {r} ({why})")
+            print(f"# not installed: {route_text(r)} ({why})")
     return 0
 
 
