@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
@@ -27,8 +28,24 @@ from .settings import DEFAULT_CONFIG_YAML, DaemonConfig, NetConfig, parse_config
 from .values import HIDDEN_KEY
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
     from .engine import Engine
+
+
+class ControlRegistry(Protocol):
+    def register(self, name: str, fn: Callable[[dict[str, Any]], Awaitable[Any]]) -> None: ...
+
+
+class Daemon(Protocol):
+    """What the configuration commands need of the daemon that runs them (lu2k.daemon.Daemon
+    is one; naming it by shape keeps the daemon -> confctl import one way)."""
+
+    config: DaemonConfig
+
+    @property
+    def engine(self) -> "Engine": ...
+
+    @property
+    def control(self) -> ControlRegistry: ...
 
 SECRET_KEYS = ("key",)
 
@@ -137,7 +154,7 @@ def _route_key(item: Any) -> tuple[str, str]:
 class ConfigController:
     """The configuration commands of one daemon."""
 
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.doc, self.base_dir = load_document(daemon.config)
         self.lock = asyncio.Lock()
@@ -435,7 +452,7 @@ async def apply_config(eng: "Engine", old: DaemonConfig, new: DaemonConfig) -> l
     return changes
 
 
-def register(daemon: "Daemon") -> ConfigController:
+def register(daemon: Daemon) -> ConfigController:
     """Add the configuration commands to a daemon's control socket."""
     ctl = ConfigController(daemon)
     for name, fn in (
