@@ -166,7 +166,7 @@ def as_address(value: object, where: str) -> tuple[str, int]:
 # --- rates -------------------------------------------------------------------------------------
 
 _RATE_UNITS = {
-    "bit": 1.0, "bps": 1.0, "b": 1.0,
+    "bit": 1.0, "bps": 1.0,
     "kbit": 1e3, "kbps": 1e3, "k": 1e3,
     "mbit": 1e6, "mbps": 1e6, "m": 1e6,
     "gbit": 1e9, "gbps": 1e9, "g": 1e9,
@@ -175,20 +175,22 @@ _RATE = re.compile(r"([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*([a-z]*)")
 _UNLIMITED = ("unlimited", "none", "inf")
 
 
-def parse_rate(value: object, where: str, *, number_unit: float = 1.0, allow_unlimited: bool = False) -> float:
+def parse_rate(value: object, where: str, *, number_unit: float = 1.0, allow_unlimited: bool = False,
+               unit_required: bool = False) -> float:
     """A rate in bits per second.
 
     A number is in ``number_unit`` bits/s (1e6 where a bare number means Mbit/s); a string
     carries its unit (``20mbit``, ``500kbit``, ``1gbit``, ``20mbit/s``; a bare number in a
     string is in ``number_unit`` too).  ``allow_unlimited`` lets ``0``/``unlimited``/``none``
-    mean "no cap" (returned as 0.0); otherwise the rate must be positive.
+    mean "no cap" (returned as 0.0); otherwise the rate must be positive.  ``unit_required``
+    refuses a string without a unit (on a command line ``20`` is ambiguous; ``0`` stays).
     """
     if isinstance(value, str):
         text = value.strip().lower().replace("/s", "")
         if allow_unlimited and text in _UNLIMITED:
             return 0.0
         m = _RATE.fullmatch(text)
-        if m is None or m.group(2) not in _RATE_UNITS and m.group(2) != "":
+        if m is None or m.group(2) not in _RATE_UNITS and m.group(2) != "" or (unit_required and not m.group(2) and float(m.group(1)) != 0):
             raise ConfigError(f"bad rate {value!r}: expected a number with a unit (e.g. 20mbit, 500kbit, 1gbit)", where=where)
         bps = float(m.group(1)) * (_RATE_UNITS[m.group(2)] if m.group(2) else number_unit)
     else:
