@@ -488,6 +488,11 @@ def _parse_route(errs: Problems, where: str, item: Any, resolve: bool,
                 errs.add(f"{where}.gateway", "a gateway cannot be on 'lo'")
                 gateways = []
                 break
+            if net is not None and g.net == net:
+                # lnet_add_route refuses it: "LNET_NID_NET(gateway) == net" is -EINVAL.
+                errs.add(f"{where}.gateway", f"gateway {g} is on {net}, the net the route leads to")
+                gateways = []
+                break
     hop: int | None = None
     if "hop" in m:
         h = _int(errs, f"{where}.hop", m["hop"], -1, 255)
@@ -981,6 +986,10 @@ def resolve(cfg: LnetConfig, interfaces: Iterable[InterfaceLike] | None = None, 
                 h = by_name.get(it.interface or "")
                 if h is None:
                     errors.append(f"{where}.interfaces: interface {it.interface!r} does not exist on this host")
+                    continue
+                if not h.up:
+                    # the LND's lnet_inet_select: "failed to find UP interface <name>"
+                    errors.append(f"{where}.interfaces: interface {it.interface!r} is down (LNet uses only UP interfaces)")
                     continue
                 # lnetctl derives the NID from the interface's address; a given NID must agree.
                 nid = Nid(h.ip, n.net)

@@ -53,12 +53,12 @@ def test_networks_and_ip2nets(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_routes(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, _ = run(capsys, "routes", "o2ib 2 10.0.0.[1-2]@tcp:2; tcp 10.0.0.5@tcp", "--local", "10.0.0.1@tcp")
+    rc, out, _ = run(capsys, "routes", "o2ib 2 10.0.0.[1-2]@tcp:2; tcp1 10.0.0.5@tcp", "--local", "10.0.0.1@tcp", "--local", "10.1.0.1@tcp1")
     assert rc == 0
     assert out.splitlines() == [
-        "o2ib 2 10.0.0.2@tcp:2", "tcp 10.0.0.5@tcp",
+        "o2ib 2 10.0.0.2@tcp:2", "tcp1 10.0.0.5@tcp",
         "# a gateway is one of our NIDs: this node is a router",
-        "# not installed: tcp 10.0.0.5@tcp (tcp is a local net)",
+        "# not installed: tcp1 10.0.0.5@tcp (tcp1 is a local net)",
     ]
 
 

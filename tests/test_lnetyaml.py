@@ -212,7 +212,12 @@ ONE_ERROR = [
     ("net: [{net type: tcp, local NI(s): [{nid: 1.2.3.4@tcp}], lu2k: {warp: 9}}]", "lu2k.warp: unknown key"),
     ("route: [{net: tcp1, gateway: 10.0.0.1@tcp}, {net: tcp1, gateway: 10.0.0.1@tcp}]", "given twice"),
     ("route: [{net: tcp1, gateway: '10.0.0.[1-2/0]@tcp'}]", "zero stride"),
-    ("net: [{net type: tcp, local NI(s): [{nid: 1.2.3.4@tcp}]}]\nroute: [{net: tcp, gateway: 1.2.3.5@tcp}]", "local net"),
+    ("net: [{net type: tcp, local NI(s): [{nid: 1.2.3.4@tcp}]}, {net type: tcp1, local NI(s): [{nid: 1.2.4.4@tcp1}]}]\n"
+     "route: [{net: tcp1, gateway: 1.2.3.5@tcp}]", "local net"),
+    # lnet_add_route: LNET_NID_NET(gateway) == net is -EINVAL
+    ("net: [{net type: tcp, local NI(s): [{nid: 1.2.3.4@tcp}]}]\nroute: [{net: tcp, gateway: 1.2.3.5@tcp}]",
+     "route[0].gateway: gateway 1.2.3.5@tcp is on tcp, the net the route leads to"),
+    ("route: [{net: tcp7, gateway: '10.0.0.[1-2]@tcp7'}]", "route[0].gateway: gateway 10.0.0.1@tcp7 is on tcp7"),
     ("peer: [{primary nid: 1.2.3.4@tcp}, {primary nid: 1.2.3.4@tcp}]", "peer 1.2.3.4@tcp given twice"),
     ("peer: [{primary nid: 1.2.3.4@tcp, peer ni: [{state: up}]}]", "peer ni[0]: missing 'nid'"),
     ("global: {lnd_timeout: -1}", "lnd_timeout"),
@@ -326,8 +331,8 @@ def test_resolve_yaml_ip2nets_lnetctl_semantics() -> None:
 
 def test_resolve_legacy_routes_and_router_detection() -> None:
     cfg = loads(
-        "net: [{net type: tcp, local NI(s): [{nid: 10.0.0.1@tcp}]}]\n"
-        "lu2k: {routes: 'o2ib 10.0.0.[1-2]@tcp:3; tcp 10.0.0.5@tcp'}\n"
+        "net: [{net type: tcp, local NI(s): [{nid: 10.0.0.1@tcp}]}, {net type: tcp1, local NI(s): [{nid: 10.1.0.1@tcp1}]}]\n"
+        "lu2k: {routes: 'o2ib 10.0.0.[1-2]@tcp:3; tcp1 10.0.0.5@tcp'}\n"
     )
     r = resolve(cfg, HOST)
     assert r.router is True
@@ -489,3 +494,12 @@ def test_lnetctl_ip2net_string_in_a_net_entry() -> None:
         loads("net:\n  - ip2net: 'tcp 192.168.*'\n")
     with pytest.raises(ConfigError, match="either"):
         loads("net:\n  - {ip2net: 'tcp 1.1.1.1', net type: tcp}\n")
+
+
+def test_resolve_refuses_an_ni_on_a_down_interface() -> None:
+    """lnetctl hands the NI to the LND, whose lnet_inet_select finds only UP interfaces."""
+    cfg = loads("net: [{net type: tcp, local NI(s): [{interfaces: {0: eth0}}]}]")
+    with pytest.raises(ConfigError) as e:
+        resolve(cfg, [("eth0", "10.0.0.1", "down")])
+    assert e.value.errors[0] == "net[0].local NI(s)[0].interfaces: interface 'eth0' is down (LNet uses only UP interfaces)"
+    assert [str(n) for n in resolve(cfg, [("eth0", "10.0.0.1", "up")]).local_nids()] == ["10.0.0.1@tcp"]
