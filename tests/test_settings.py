@@ -8,6 +8,7 @@ document is wrong) or 1 (this host's backend refuses it).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import yaml
 
 from lu2k import daemon
@@ -42,6 +44,18 @@ def errors_of(data: Any) -> str:
     with pytest.raises(ConfigError) as e:
         parse_config(data)
     return str(e.value)
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Any:
+    """``lu2kd`` run in-process points logging at the captured stderr; put it back after."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def run_check(tmp_path: Path, data: Any, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
