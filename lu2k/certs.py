@@ -85,11 +85,13 @@ def make_certificate(
 
 
 def key_pem(key: Any) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    pem: bytes = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return pem
 
 
 def cert_pem(cert: Any) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
+    pem: bytes = cert.public_bytes(serialization.Encoding.PEM)
+    return pem
 
 
 __all__ = ["cert_pem", "key_pem", "load_pem_private_key", "make_certificate", "make_key", "need_cryptography"]

@@ -1020,11 +1020,11 @@ def resolve(cfg: LnetConfig, interfaces: Iterable[InterfaceLike] | None = None, 
     for origin, specs in legacy:
         for spec in specs:
             rn = get(spec.net, origin)
-            for ni in spec.nis:
-                if ni.interface is None or spec.net.info.addr != ADDR_IP:
+            for nis in spec.nis:
+                if nis.interface is None or spec.net.info.addr != ADDR_IP:
                     errors.append(f"{origin}: net {spec.net} needs an IP interface (numeric-address nets are not supported)")
                     continue
-                add(rn, ResolvedNi(Nid(by_name[ni.interface].ip, spec.net), ni.interface, ni.cpts or spec.cpts), origin)
+                add(rn, ResolvedNi(Nid(by_name[nis.interface].ip, spec.net), nis.interface, nis.cpts or spec.cpts), origin)
 
     for rn in nets:
         if not rn.nis:

@@ -41,7 +41,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Union
 
-from .errors import NidError
+from .errors import NidError as NidError  # re-exported: NID errors are caught from here too
 
 # --- net types ------------------------------------------------------------------------------
 #

@@ -289,16 +289,16 @@ def parse_config(data: Any, *, source: str = "<string>", base_dir: Path | None =
         if n.port == 0:
             continue  # the OS picks a free port for each
         host = n.listen or (n.nid.host if not isinstance(n.nid.addr, int) else str(n.nid))
-        k = (_TRANSPORT.get(n.backend, n.backend), host, n.port)
-        if k in seen:
-            problems.add(f"{n.where}.lu2k.port", f"net {n.net} and net {seen[k].net} both listen on {host} port {n.port}")
+        place = (_TRANSPORT.get(n.backend, n.backend), host, n.port)
+        if place in seen:
+            problems.add(f"{n.where}.lu2k.port", f"net {n.net} and net {seen[place].net} both listen on {host} port {n.port}")
         else:
-            seen[k] = n
+            seen[place] = n
     cfg.peers = [PeerConfig(p.primary_nid, p.lu2k.get("address")) for p in lcfg.peers]
     cfg.routes = list(res.routes)
-    for k, v in lcfg.global_.items():
-        if hasattr(cfg.global_, k):
-            setattr(cfg.global_, k, type(getattr(cfg.global_, k))(v))
+    for name, value in lcfg.global_.items():
+        if hasattr(cfg.global_, name):
+            setattr(cfg.global_, name, type(getattr(cfg.global_, name))(value))
     cfg.routing = res.router
     if lcfg.shim is not None:
         cfg.shim = lcfg.shim

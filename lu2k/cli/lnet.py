@@ -130,7 +130,7 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="lnet_command", metavar="WHAT")
 
     def add(name: str, func: Any, help_text: str, *, text: bool = True, ifs: bool = False) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_text)
+        sp: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
         if text:
             sp.add_argument("text", help="the string, as written in Lustre's configuration")
         if ifs:

@@ -99,7 +99,7 @@ class ShimConfig:
         return self
 
     @property
-    def options(self) -> dict[str, int]:
+    def options(self) -> dict[str, Any]:
         """The tunables other than ``max_in_flight``, as keyword arguments."""
         return {k: getattr(self, k) for k in self.KEYS if k != "max_in_flight"}
 
