@@ -53,7 +53,7 @@ class Backoff:
         return now >= self.next_at
 
     def failed(self, now: float, error: str) -> float:
-        delay = min(self.high, self.low * (2 ** self.attempts))
+        delay = min(self.high, self.low * float(2 ** self.attempts))
         self.attempts += 1
         self.next_at = now + delay
         self.last_error = error
