@@ -42,7 +42,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +129,66 @@ class OutMsg:
 
     def __repr__(self) -> str:
         return f"<OutMsg seq={self.seq} {self.state.value} portal={self.dst_portal} len={len(self.payload)}>"
+
+
+def _finished(obj: Any) -> bool:
+    return bool(obj.state in FINAL) if isinstance(obj, OutMsg) else bool(obj.done)
+
+
+class _Deadlines:
+    """Deadlines of pending messages and pings.  Most messages get ``now + transaction_timeout``,
+    so their deadlines arrive in order: those go in a FIFO, the rest in a heap.  A finished
+    entry is dropped when it reaches the front; when finished entries pile up behind one
+    that is stuck, they are compacted away."""
+
+    def __init__(self) -> None:
+        self.fifo: deque[Any] = deque()
+        self.heap: list[tuple[float, int, Any]] = []
+        self.dead = 0  # finished entries still stored
+        self._tie = itertools.count()
+
+    def add(self, obj: Any) -> None:
+        fifo = self.fifo
+        if not fifo or obj.deadline >= fifo[-1].deadline:
+            fifo.append(obj)
+        else:
+            heapq.heappush(self.heap, (obj.deadline, next(self._tie), obj))
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self.fifo
+        for _d, _t, obj in self.heap:
+            yield obj
+
+    def first(self) -> float | None:
+        fifo, heap = self.fifo, self.heap
+        if self.dead > 1024 and self.dead * 2 > len(fifo) + len(heap):
+            self.fifo = fifo = deque(o for o in fifo if not _finished(o))
+            self.heap = heap = [e for e in heap if not _finished(e[2])]
+            heapq.heapify(heap)
+            self.dead = 0
+        while fifo and _finished(fifo[0]):
+            fifo.popleft()
+            self.dead -= 1
+        while heap and _finished(heap[0][2]):
+            heapq.heappop(heap)
+            self.dead -= 1
+        if self.dead < 0:
+            self.dead = 0
+        a = fifo[0].deadline if fifo else None
+        b = heap[0][0] if heap else None
+        if a is None:
+            return b
+        return a if b is None or a <= b else b
+
+    def expired(self, now: float) -> list[Any]:
+        out = []
+        fifo, heap = self.fifo, self.heap
+        while fifo and fifo[0].deadline <= now:
+            out.append(fifo.popleft())
+        while heap and heap[0][0] <= now:
+            out.append(heapq.heappop(heap)[2])
+        self.dead -= sum(1 for o in out if _finished(o))
+        return out
 
 
 class _Ping:
@@ -275,13 +335,13 @@ class Node:
         self.router_bytes = 0
         self.closing = False
         self._router_wait: deque[tuple[InConn, wire.MsgInfo, Any]] = deque()
-        self._timers: list[tuple[float, int, Any]] = []
-        self._tiebreak = itertools.count()
+        self._deadlines = _Deadlines()
         self._backoff_waiting: set[OutConn] = set()
         self._local_raw: set[bytes] = set()
         self._direct: dict[bytes, Peer] = {}
         self._unpacked: dict[bytes, Nid] = {}
         self._dirty: set[InConn] = set()
+        self._refill: set[Peer] = set()  # peers whose credits came back while messages wait
         self._now = 0.0
 
     # ------------------------------------------------------------------ configuration
@@ -319,10 +379,24 @@ class Node:
         self.routes.local_nets.add(net)
         self._direct.clear()
 
-    def detach_lan(self, net: Net) -> None:
+    def detach_lan(self, net: Net, reason: str) -> None:
+        """Stop using the LAN driver of ``net``; what it still holds fails with CANCELLED."""
         self.lans.discard(net)
         self.routes.local_nets.discard(net)
         self._direct.clear()
+        for m in self._pending_where(lambda m: m.lan == net):
+            self._fail(m, Status.CANCELLED, reason)
+
+    def cancel_owned(self, owner: object, reason: str) -> int:
+        """Fail (CANCELLED) every pending message ``owner`` handed over -- its submitter is
+        gone, so nobody could be told the outcome; stop spending the link on them."""
+        doomed = self._pending_where(lambda m: m.owner is owner)
+        for m in doomed:
+            self._fail(m, Status.CANCELLED, reason)
+        return len(doomed)
+
+    def _pending_where(self, pred: Callable[[OutMsg], bool]) -> list[OutMsg]:
+        return [obj for obj in self._deadlines if isinstance(obj, OutMsg) and obj.state not in FINAL and pred(obj)]
 
     def set_routes(self, routes: list[Route]) -> None:
         self.routes = RouteTable(set(self.nis) | self.lans, routes)
@@ -356,7 +430,7 @@ class Node:
         for ni in list(self.nis.values()):
             for nid in list(ni.peers):
                 self._drop_peer(ni, nid, reason)
-        for _d, _t, obj in self._timers:
+        for obj in list(self._deadlines):
             if isinstance(obj, OutMsg) and obj.state not in FINAL:
                 self._fail(obj, Status.CANCELLED, reason)
         for s in self.sessions.values():
@@ -404,14 +478,7 @@ class Node:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must run next (None: nothing pending)."""
-        timers = self._timers
-        while timers:
-            _d, _t, obj = timers[0]
-            if (obj.state in FINAL) if isinstance(obj, OutMsg) else obj.done:
-                heapq.heappop(timers)
-                continue
-            break
-        at = timers[0][0] if timers else None
+        at = self._deadlines.first()
         for c in self._backoff_waiting:
             if at is None or c.backoff.next_at < at:
                 at = c.backoff.next_at
@@ -419,9 +486,7 @@ class Node:
 
     def handle_timer(self, now: float) -> None:
         self._now = now
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            _d, _t, obj = heapq.heappop(timers)
+        for obj in self._deadlines.expired(now):
             if isinstance(obj, OutMsg):
                 if obj.state not in FINAL:
                     self._expire(obj)
@@ -433,7 +498,7 @@ class Node:
                 self._maybe_connect(c)
 
     def _arm(self, deadline: float, obj: Any) -> None:
-        heapq.heappush(self._timers, (deadline, next(self._tiebreak), obj))
+        self._deadlines.add(obj)
 
     def _expire(self, m: OutMsg) -> None:
         peer = m.peer
@@ -521,7 +586,8 @@ class Node:
     def _pump_peer(self, peer: Peer) -> None:
         ni = peer.ni
         queue, credits, ni_credits = peer.queue, peer.credits, ni.credits
-        while queue and credits.available and ni_credits.available:
+        checksum = ni.params.checksum
+        while queue and credits.in_use < credits.limit and ni_credits.in_use < ni_credits.limit:
             msg = queue.popleft()
             ni.queued -= 1
             if msg.state is not MsgState.QUEUED:
@@ -532,7 +598,7 @@ class Node:
             msg.seq = peer.next_seq
             peer.next_seq += 1
             msg.header = wire.encode_msg_header(msg.seq, msg.src_raw, msg.dst_raw, msg.src_portal, msg.dst_portal,
-                                                msg.payload, ni.params.checksum)
+                                                msg.payload, checksum)
             peer.inflight[msg.seq] = msg
             conn = msg.conn = peer.conn_for(len(msg.payload))
             conn.queue.append(msg)
@@ -593,10 +659,8 @@ class Node:
                     peer.health.success()
                 else:
                     peer.stats["failed"] += 1
-                if peer.queue:
-                    self._pump_peer(peer)
                 if peer.ni.queued:
-                    self._pump_ni(peer.ni)
+                    self._refill.add(peer)  # pumped once, before the actions are handed out
             elif queued:
                 peer.stats["failed"] += 1
                 q = peer.queue
@@ -612,6 +676,7 @@ class Node:
 
     def _complete(self, m: OutMsg) -> None:
         m.completed = True
+        self._deadlines.dead += 1
         if m.forward is not None:
             conn, seq, size = m.forward
             self.router_bytes -= size
@@ -760,12 +825,31 @@ class Node:
             self.connection_lost(conn, attempt, str(e), now)
 
     def _on_acks(self, peer: Peer, entries: list[tuple[int, int]]) -> None:
+        """A batch of ACKs: the common case (delivered, after a send) is _finish inlined,
+        with the credits given back once for the batch."""
         inflight = peer.inflight
+        done = 0
         for seq, code in entries:
             m = inflight.get(seq)
             if m is None:
                 continue  # a late duplicate, or a message already timed out
-            self._answer(m, Status.DELIVERED if code == 0 else Status.from_code(code), "")
+            state = m.state
+            if code or (state is not MsgState.SENT and state is not MsgState.REQUEUED):
+                self._answer(m, Status.from_code(code) if code else Status.DELIVERED, "")
+                continue
+            del inflight[seq]
+            m.state = msg_next(state, MsgEvent.ACK)
+            m.status, m.reason = Status.DELIVERED, "delivered"
+            done += 1
+            if not m.busy:
+                self._complete(m)
+        if done:
+            peer.credits.give(done)
+            peer.ni.credits.give(done)
+            peer.stats["delivered"] += done
+            peer.health.success(done)
+            if peer.ni.queued:
+                self._refill.add(peer)
 
     def _on_ack(self, peer: Peer, seq: int, status: Status, reason: str) -> None:
         m = peer.inflight.get(seq)
@@ -1064,10 +1148,17 @@ class Node:
     # ------------------------------------------------------------------ reading out
 
     def take_actions(self) -> list[Action]:
+        """Everything the runner must do now (clears the list)."""
+        while self._refill:
+            peer = self._refill.pop()
+            if peer.queue:
+                self._pump_peer(peer)
+            if peer.ni.queued:
+                self._pump_ni(peer.ni)
         self.flush()
         out, self.actions = self.actions, []
         return out
 
     def pending_messages(self) -> int:
         """Messages not yet completed (queued, in flight, or waiting for their payload)."""
-        return sum(1 for _d, _t, obj in self._timers if isinstance(obj, OutMsg) and not obj.completed)
+        return sum(1 for obj in self._deadlines if isinstance(obj, OutMsg) and not obj.completed)

@@ -47,6 +47,8 @@ from ..errors import LocalProtocolError
 
 
 class MsgState(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash is a Python call on every table lookup
+
     QUEUED = "queued"
     IN_FLIGHT = "in flight"
     SENT = "sent"
@@ -56,6 +58,8 @@ class MsgState(enum.Enum):
 
 
 class MsgEvent(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash is a Python call on every table lookup
+
     ASSIGN = "assign"
     TRANSMIT = "transmit"
     CONN_LOST = "connection lost"
@@ -89,6 +93,8 @@ def msg_next(state: MsgState, event: MsgEvent) -> MsgState:
 
 
 class ConnState(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash is a Python call on every table lookup
+
     IDLE = "idle"
     CONNECTING = "connecting"
     UP = "up"
@@ -97,6 +103,8 @@ class ConnState(enum.Enum):
 
 
 class ConnEvent(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash is a Python call on every table lookup
+
     CONNECT = "connect"
     UP = "up"
     FAILED = "failed"
