@@ -31,15 +31,15 @@ class Credits:
     def available(self) -> bool:
         return self.in_use < self.limit
 
-    def take(self) -> None:
-        if not self.available:
+    def take(self, n: int = 1) -> None:
+        if self.in_use + n > self.limit:
             raise LocalProtocolError("no credit available")
-        self.in_use += 1
+        self.in_use += n
 
-    def give(self) -> None:
-        if self.in_use <= 0:
+    def give(self, n: int = 1) -> None:
+        if self.in_use < n:
             raise LocalProtocolError("credit returned that was never taken")
-        self.in_use -= 1
+        self.in_use -= n
 
     def note_queue(self, queued: int) -> None:
         """Record the current queue depth so ``value``/``min_value`` read like LNet's."""

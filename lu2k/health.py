@@ -30,8 +30,8 @@ class Health:
         self.last_failure = now
         self._last_recovery = now
 
-    def success(self) -> None:
-        self.value = min(MAX_HEALTH, self.value + 1)
+    def success(self, n: int = 1) -> None:
+        self.value = min(MAX_HEALTH, self.value + n)
 
     def tick(self, now: float) -> None:
         if self.value < MAX_HEALTH and now - self._last_recovery >= self.recovery_interval:
@@ -53,7 +53,7 @@ class Backoff:
         return now >= self.next_at
 
     def failed(self, now: float, error: str) -> float:
-        delay = min(self.high, self.low * (2 ** self.attempts))
+        delay = min(self.high, self.low * float(2 ** self.attempts))
         self.attempts += 1
         self.next_at = now + delay
         self.last_error = error

@@ -123,6 +123,7 @@ class FrameHeader:
     flags: int
     payload_len: int
     body: bytes
+    token: object = None  # receive-in-place: the receiver's buffer the payload went into (set by buffer_for)
 
     def fields(self) -> tuple:  # type: ignore[type-arg]
         return BODIES[self.type].unpack(self.body)

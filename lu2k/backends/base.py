@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from ..errors import ConfigError
 from ..nid import Net
-from ..wire import BufferFor, ConnType, Frame
+from ..wire import BufferFor, ConnType, Frame, HelloResult
 
 OutFrame = tuple[bytes, "bytes | memoryview"]  # (encoded header, payload -- may be b"")
 
@@ -107,6 +107,11 @@ class Transport(abc.ABC):
         """Start closing; pending sends fail with WriteError."""
 
     async def wait_closed(self) -> None:
+        return None
+
+    def on_hello_done(self, result: HelloResult) -> None:
+        """The hello on this transport finished (either side), before any MSG or ACK frame
+        goes over it: the place to switch to per-connection keys.  Default: nothing."""
         return None
 
     @property

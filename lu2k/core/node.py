@@ -1,0 +1,1164 @@
+"""One daemon's LNet message layer as a pure state machine.  No asyncio, no sockets, no clock.
+
+Driven like aioquic's ``QuicConnection``: the runner (the daemon's engine, or the
+simulator) calls an input method with ``now`` and then carries out ``node.actions``
+(:mod:`lu2k.core.actions`) in order; :meth:`Node.get_timer` says when to call
+:meth:`Node.handle_timer` next.  The message and connection states and their legal moves
+are the tables in :mod:`lu2k.core.states`.
+
+Theory of operation
+-------------------
+*Messages.*  Every message handed to :meth:`Node.submit` becomes an :class:`OutMsg` and
+ends in exactly one :class:`~lu2k.core.actions.Complete` (DELIVERED, or a failure status
+and a reason).  Its payload stays the submitter's (shim shared memory) until then: we send
+from it and, after a reconnect, resend from it; the completion waits while a transport
+still reads the payload (``busy``), so a buffer is never handed back while a send reads it.
+
+*Connections are unidirectional.*  To send to a peer we open our own connection to it;
+connections we accept only receive messages, and their reverse direction carries only ACK,
+NACK and PONG frames.  With typed connections small messages use CONTROL, the rest BULK.
+
+*Exactly once.*  Each message gets a sequence number in our session with the next hop
+(our incarnation, its NID).  The receiver ACKs it once it delivered it to the local
+endpoint -- or, as a gateway, once the next hop ACKed it, so DELIVERED is end to end.
+After a reconnect everything not yet ACKed goes out again; the receiver's
+:class:`~lu2k.dedupe.RecvWindow` answers copies from memory.  A peer that comes back with a
+new incarnation may have lost what it had: messages it may have seen fail with
+PEER_RESTARTED rather than risk a second delivery.
+
+*Credits.*  A message on a peer holds one NI credit and one peer credit
+(:class:`~lu2k.credits.Credits`) from ASSIGN to its final state; without credits it waits
+in the peer's queue.  The submitters bound what they hand over (the shim's
+``max_in_flight``; the gateway's router buffer), so congestion is back-pressure, not
+memory growth.  An accepted connection is not read further while its deliveries or
+forwards wait (:attr:`InConn.blocked`), which back-pressures the sending peer.
+
+*Timeouts.*  A message not finished by its deadline fails: NO_ROUTE (with the last
+connect error) if it never went out, TIMED_OUT otherwise.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .. import wire
+from ..credits import Credits
+from ..dedupe import IN_PROGRESS, RecvWindow
+from ..errors import FrameError, LocalProtocolError, NidError, RemoteProtocolError, Status
+from ..health import MAX_HEALTH, Backoff, Health
+from ..nid import Net, Nid
+from ..routing import Route, RouteTable
+from ..wire import ConnType, Frame, FrameType
+from .actions import (
+    AbortRx, Action, Close, CloseIn, Complete, Connect, Deliver, LanTransmit, PingDone, Resume, SendIn, Wake,
+)
+from .states import FINAL, TRANSMITTED, ConnEvent, ConnState, MsgEvent, MsgState, conn_next, msg_next
+
+SEND_BATCH_FRAMES = 512
+SEND_BATCH_BYTES = 8 << 20
+ACKS_PER_FRAME = 4096
+PING_PORTAL = 0xFFFFFFFF  # a message to this portal is answered by the daemon itself (routed ping)
+
+Finish = Callable[[Status, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeParams:
+    """Daemon-wide settings the message layer needs (from ``global`` and ``routing``)."""
+
+    incarnation: int
+    transaction_timeout: float = 50.0
+    reconnect_min: float = 0.1
+    reconnect_max: float = 10.0
+    health_sensitivity: int = 100
+    recovery_interval: float = 1.0
+    routing: bool = False
+    router_buffer_bytes: int = 256 << 20
+    window_capacity: int = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class NetParams:
+    """One local NI's settings."""
+
+    nid: Nid
+    port: int
+    credits: int = 256
+    peer_credits: int = 8
+    max_message_size: int = 1 << 20
+    checksum: bool = False
+    typed_connections: bool = False
+    min_bulk: int = 1024
+
+
+class OutMsg:
+    """One message on its way out of this node (submitted here, or being forwarded)."""
+
+    __slots__ = ("src_raw", "dst_raw", "src_portal", "dst_portal", "payload", "deadline", "on_finish", "owner",
+                 "state", "seq", "peer", "conn", "header", "busy", "status", "reason", "completed", "forward", "lan",
+                 "ping")
+
+    def __init__(self, src_raw: bytes, dst_raw: bytes, src_portal: int, dst_portal: int, payload: Any,
+                 deadline: float, on_finish: Finish | None) -> None:
+        self.src_raw, self.dst_raw, self.src_portal, self.dst_portal = src_raw, dst_raw, src_portal, dst_portal
+        self.payload = payload
+        self.deadline = deadline
+        self.on_finish = on_finish
+        self.owner: Any = None  # who handed it over (the shim port), opaque to the node
+        self.state = MsgState.QUEUED
+        self.seq = 0
+        self.peer: Peer | None = None
+        self.conn: OutConn | None = None
+        self.header = b""
+        self.busy = 0  # transports currently reading the payload
+        self.status = Status.DELIVERED
+        self.reason = ""
+        self.completed = False
+        self.forward: tuple[InConn, int, int] | None = None  # (connection it came on, seq, size) when we forward it
+        self.lan: Net | None = None
+        self.ping: _Ping | None = None
+
+    @property
+    def transmitted(self) -> bool:
+        return self.state in TRANSMITTED
+
+    def __repr__(self) -> str:
+        return f"<OutMsg seq={self.seq} {self.state.value} portal={self.dst_portal} len={len(self.payload)}>"
+
+
+def _finished(obj: Any) -> bool:
+    return bool(obj.state in FINAL) if isinstance(obj, OutMsg) else bool(obj.done)
+
+
+class _Deadlines:
+    """Deadlines of pending messages and pings.  Most messages get ``now + transaction_timeout``,
+    so their deadlines arrive in order: those go in a FIFO, the rest in a heap.  A finished
+    entry is dropped when it reaches the front; when finished entries pile up behind one
+    that is stuck, they are compacted away."""
+
+    def __init__(self) -> None:
+        self.fifo: deque[Any] = deque()
+        self.heap: list[tuple[float, int, Any]] = []
+        self.dead = 0  # finished entries still stored
+        self._tie = itertools.count()
+
+    def add(self, obj: Any) -> None:
+        fifo = self.fifo
+        if not fifo or obj.deadline >= fifo[-1].deadline:
+            fifo.append(obj)
+        else:
+            heapq.heappush(self.heap, (obj.deadline, next(self._tie), obj))
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self.fifo
+        for _d, _t, obj in self.heap:
+            yield obj
+
+    def first(self) -> float | None:
+        fifo, heap = self.fifo, self.heap
+        if self.dead > 1024 and self.dead * 2 > len(fifo) + len(heap):
+            self.fifo = fifo = deque(o for o in fifo if not _finished(o))
+            self.heap = heap = [e for e in heap if not _finished(e[2])]
+            heapq.heapify(heap)
+            self.dead = 0
+        while fifo and _finished(fifo[0]):
+            fifo.popleft()
+            self.dead -= 1
+        while heap and _finished(heap[0][2]):
+            heapq.heappop(heap)
+            self.dead -= 1
+        if self.dead < 0:
+            self.dead = 0
+        a = fifo[0].deadline if fifo else None
+        b = heap[0][0] if heap else None
+        if a is None:
+            return b
+        return a if b is None or a <= b else b
+
+    def expired(self, now: float) -> list[Any]:
+        out = []
+        fifo, heap = self.fifo, self.heap
+        while fifo and fifo[0].deadline <= now:
+            out.append(fifo.popleft())
+        while heap and heap[0][0] <= now:
+            out.append(heapq.heappop(heap)[2])
+        self.dead -= sum(1 for o in out if _finished(o))
+        return out
+
+
+class _Ping:
+    __slots__ = ("token", "started", "deadline", "sent", "via", "conn", "done")
+
+    def __init__(self, token: int, started: float, deadline: float, via: str) -> None:
+        self.token, self.started, self.deadline, self.via = token, started, deadline, via
+        self.sent = False
+        self.conn: OutConn | None = None
+        self.done = False
+
+
+class Batch:
+    """Frames handed to one transport send; give it back with :meth:`Node.send_done`."""
+
+    __slots__ = ("conn", "attempt", "frames", "msgs", "size")
+
+    def __init__(self, conn: OutConn, attempt: int) -> None:
+        self.conn, self.attempt = conn, attempt
+        self.frames: list[tuple[bytes, Any]] = []
+        self.msgs: list[OutMsg] = []
+        self.size = 0
+
+
+class OutConn:
+    """Our outgoing connection of one type to one peer."""
+
+    def __init__(self, peer: Peer, ctype: ConnType, backoff: Backoff) -> None:
+        self.peer, self.ctype = peer, ctype
+        self.state = ConnState.IDLE
+        self.attempt = 0
+        self.queue: deque[OutMsg] = deque()
+        self.pings: dict[int, _Ping] = {}
+        self.backoff = backoff
+        self.woken = False
+        self.sent_msgs = 0
+        self.transport_stats: dict[str, Any] = {}
+
+    def has_work(self) -> bool:
+        return bool(self.queue) or any(not p.sent for p in self.pings.values())
+
+    def __repr__(self) -> str:
+        return f"<OutConn {self.peer.nid} {self.ctype.name} {self.state.value} #{self.attempt}>"
+
+
+class Peer:
+    """A next hop: our session with it (sequence numbers, incarnation), credits, connections."""
+
+    def __init__(self, ni: NI, nid: Nid, params: NodeParams) -> None:
+        self.ni, self.nid = ni, nid
+        self.credits = Credits(ni.params.peer_credits)
+        self.queue: deque[OutMsg] = deque()
+        self.inflight: dict[int, OutMsg] = {}
+        self.conns: dict[ConnType, OutConn] = {}
+        self.next_seq = 1
+        self.incarnation: int | None = None
+        self.health = Health(params.health_sensitivity, params.recovery_interval)
+        self.last_error = ""
+        self.stats: Counter[str] = Counter()
+        self._params = params
+
+    def conn_for(self, size: int) -> OutConn:
+        p = self.ni.params
+        if p.typed_connections:
+            ctype = ConnType.BULK if size >= p.min_bulk else ConnType.CONTROL
+        else:
+            ctype = ConnType.ANY
+        conn = self.conns.get(ctype)
+        if conn is None:
+            conn = self.conns[ctype] = OutConn(self, ctype, Backoff(self._params.reconnect_min, self._params.reconnect_max))
+        return conn
+
+    @property
+    def up(self) -> bool:
+        return any(c.state is ConnState.UP for c in self.conns.values())
+
+
+class NI:
+    """A local network interface: its NID, NI credits and peers."""
+
+    def __init__(self, params: NetParams) -> None:
+        self.params = params
+        self.net: Net = params.nid.net
+        self.nid: Nid = params.nid
+        self.nid_raw = params.nid.to_bytes()
+        self.credits = Credits(params.credits)
+        self.peers: dict[Nid, Peer] = {}
+        self.queued = 0  # messages waiting for credits, over all peers
+
+
+class Session:
+    """What we know about one sender (NID + incarnation) whose messages we receive."""
+
+    def __init__(self, peer_nid: Nid, incarnation: int, capacity: int) -> None:
+        self.peer_nid, self.incarnation = peer_nid, incarnation
+        self.peer_raw = peer_nid.to_bytes()
+        self.window = RecvWindow(capacity)
+        self.conns: list[InConn] = []
+        self.stats: Counter[str] = Counter()
+
+
+class InConn:
+    """A connection we accepted (after its hello): MSG and PING frames in, ACKs out."""
+
+    def __init__(self, ni: NI, session: Session, ctype: ConnType) -> None:
+        self.ni, self.session, self.ctype = ni, session, ctype
+        self.alive = True
+        self.acks: list[tuple[int, int]] = []
+        self.control: list[bytes] = []
+        self.pending = 0  # deliveries handed out and not answered yet
+        self.parked = 0  # forwards waiting for router buffer space
+
+    @property
+    def blocked(self) -> bool:
+        """True while the runner must not read more frames from this connection."""
+        return self.pending > 0 or self.parked > 0
+
+
+class Delivery:
+    """One message for a local endpoint, answered by :meth:`Node.delivered`."""
+
+    __slots__ = ("src_raw", "dst_raw", "src_portal", "dst_portal", "payload", "token", "conn", "seq", "msg", "done")
+
+    def __init__(self, src_raw: bytes, dst_raw: bytes, src_portal: int, dst_portal: int, payload: Any, token: Any,
+                 conn: InConn | None, seq: int, msg: OutMsg | None) -> None:
+        self.src_raw, self.dst_raw, self.src_portal, self.dst_portal = src_raw, dst_raw, src_portal, dst_portal
+        self.payload, self.token, self.conn, self.seq, self.msg = payload, token, conn, seq, msg
+        self.done = False
+
+
+class Node:
+    """The message layer of one daemon.  See the module docstring."""
+
+    def __init__(self, params: NodeParams, routes: list[Route] | None = None) -> None:
+        self.params = params
+        self.incarnation = params.incarnation
+        self.nis: dict[Net, NI] = {}
+        self.lans: set[Net] = set()
+        self.routes = RouteTable((), routes or ())
+        self.sessions: dict[tuple[Nid, int], Session] = {}
+        self.peer_addresses: dict[Nid, str] = {}
+        self.actions: list[Action] = []
+        self.stats: Counter[str] = Counter()
+        self.router_bytes = 0
+        self.closing = False
+        self._router_wait: deque[tuple[InConn, wire.MsgInfo, Any]] = deque()
+        self._deadlines = _Deadlines()
+        self._backoff_waiting: set[OutConn] = set()
+        self._local_raw: set[bytes] = set()
+        self._direct: dict[bytes, Peer] = {}
+        self._unpacked: dict[bytes, Nid] = {}
+        self._dirty: set[InConn] = set()
+        self._refill: set[Peer] = set()  # peers whose credits came back while messages wait
+        self._now = 0.0
+
+    # ------------------------------------------------------------------ configuration
+
+    def add_net(self, params: NetParams) -> NI:
+        if params.nid.net in self.nis or params.nid.net in self.lans:
+            raise LocalProtocolError(f"net {params.nid.net} is already up")
+        ni = self.nis[params.nid.net] = NI(params)
+        self.routes.local_nets.add(ni.net)
+        self._local_raw.add(ni.nid_raw)
+        self._direct.clear()
+        return ni
+
+    def remove_net(self, net: Net, reason: str) -> None:
+        """Take an NI down; what it still holds fails with CANCELLED and ``reason``."""
+        ni = self.nis.pop(net, None)
+        if ni is None:
+            return
+        self.routes.local_nets.discard(net)
+        self._local_raw.discard(ni.nid_raw)
+        self._direct.clear()
+        for nid in list(ni.peers):
+            self._drop_peer(ni, nid, reason)
+        for key, s in list(self.sessions.items()):
+            if s.peer_nid.net == net:
+                for c in list(s.conns):
+                    self._close_in(c, reason)
+                del self.sessions[key]
+
+    def attach_lan(self, net: Net) -> None:
+        """Messages whose next hop is on ``net`` go to the LAN driver (LanTransmit actions)."""
+        if net in self.nis or net in self.lans:
+            raise LocalProtocolError(f"net {net} is already up")
+        self.lans.add(net)
+        self.routes.local_nets.add(net)
+        self._direct.clear()
+
+    def detach_lan(self, net: Net, reason: str) -> None:
+        """Stop using the LAN driver of ``net``; what it still holds fails with CANCELLED."""
+        self.lans.discard(net)
+        self.routes.local_nets.discard(net)
+        self._direct.clear()
+        for m in self._pending_where(lambda m: m.lan == net):
+            self._fail(m, Status.CANCELLED, reason)
+
+    def cancel_owned(self, owner: object, reason: str) -> int:
+        """Fail (CANCELLED) every pending message ``owner`` handed over -- its submitter is
+        gone, so nobody could be told the outcome; stop spending the link on them."""
+        doomed = self._pending_where(lambda m: m.owner is owner)
+        for m in doomed:
+            self._fail(m, Status.CANCELLED, reason)
+        return len(doomed)
+
+    def _pending_where(self, pred: Callable[[OutMsg], bool]) -> list[OutMsg]:
+        return [obj for obj in self._deadlines if isinstance(obj, OutMsg) and obj.state not in FINAL and pred(obj)]
+
+    def set_routes(self, routes: list[Route]) -> None:
+        self.routes = RouteTable(set(self.nis) | self.lans, routes)
+        self._direct.clear()
+
+    def set_peer_addresses(self, addresses: dict[Nid, str]) -> None:
+        self.peer_addresses = dict(addresses)
+        self._direct.clear()
+
+    def drop_peer(self, nid: Nid, reason: str) -> None:
+        """Forget a peer: fail what is queued or in flight to it, close its connections."""
+        ni = self.nis.get(nid.net)
+        if ni is not None:
+            self._drop_peer(ni, nid, reason)
+
+    def _drop_peer(self, ni: NI, nid: Nid, reason: str) -> None:
+        peer = ni.peers.pop(nid, None)
+        self._direct.clear()
+        if peer is None:
+            return
+        for m in list(peer.inflight.values()) + list(peer.queue):
+            self._fail(m, Status.CANCELLED, reason)
+        for c in peer.conns.values():
+            self._close_conn(c, reason)
+            self._fail_pings(c, reason)
+        self._pump_ni(ni)
+
+    def stop(self, reason: str = "daemon shutting down") -> None:
+        """Fail everything still pending with CANCELLED; close every connection."""
+        self.closing = True
+        for ni in list(self.nis.values()):
+            for nid in list(ni.peers):
+                self._drop_peer(ni, nid, reason)
+        for obj in list(self._deadlines):
+            if isinstance(obj, OutMsg) and obj.state not in FINAL:
+                self._fail(obj, Status.CANCELLED, reason)
+        for s in self.sessions.values():
+            for c in list(s.conns):
+                self._close_in(c, reason)
+
+    # ------------------------------------------------------------------ NIDs
+
+    def is_local(self, raw: bytes) -> bool:
+        return raw in self._local_raw
+
+    def unpack(self, raw: bytes) -> Nid:
+        nid = self._unpacked.get(raw)
+        if nid is None:
+            nid = Nid.from_bytes(raw)
+            if len(self._unpacked) < 65536:
+                self._unpacked[raw] = nid
+        return nid
+
+    def health_of(self, nid: Nid) -> int:
+        ni = self.nis.get(nid.net)
+        p = ni.peers.get(nid) if ni else None
+        if p is None:
+            return MAX_HEALTH
+        p.health.tick(self._now)
+        return p.health.value
+
+    def peer(self, nid: Nid) -> Peer:
+        ni = self.nis.get(nid.net)
+        if ni is None:
+            raise LocalProtocolError(f"{nid} is not on a local net")
+        p = ni.peers.get(nid)
+        if p is None:
+            p = ni.peers[nid] = Peer(ni, nid, self.params)
+        return p
+
+    def address_of(self, peer: Peer) -> tuple[str, int]:
+        override = self.peer_addresses.get(peer.nid)
+        if override:
+            host, _, port = override.rpartition(":")
+            return host.strip("[]"), int(port)
+        return peer.nid.host, peer.ni.params.port
+
+    # ------------------------------------------------------------------ timer
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` must run next (None: nothing pending)."""
+        at = self._deadlines.first()
+        for c in self._backoff_waiting:
+            if at is None or c.backoff.next_at < at:
+                at = c.backoff.next_at
+        return at
+
+    def handle_timer(self, now: float) -> None:
+        self._now = now
+        for obj in self._deadlines.expired(now):
+            if isinstance(obj, OutMsg):
+                if obj.state not in FINAL:
+                    self._expire(obj)
+            elif not obj.done:
+                self._ping_failed(obj, "timed out" if obj.sent else "no connection")
+        for c in list(self._backoff_waiting):
+            if c.backoff.next_at <= now:
+                self._backoff_waiting.discard(c)
+                self._maybe_connect(c)
+
+    def _arm(self, deadline: float, obj: Any) -> None:
+        self._deadlines.add(obj)
+
+    def _expire(self, m: OutMsg) -> None:
+        peer = m.peer
+        if m.state is MsgState.QUEUED and peer is not None:
+            why = f"waited for credits to {peer.nid} past the transaction timeout" + (f" ({peer.last_error})" if peer.last_error else "")
+            self._fail(m, Status.TIMED_OUT if peer.incarnation is not None else Status.NO_ROUTE, why)
+        elif not m.transmitted and peer is not None:
+            self._fail(m, Status.NO_ROUTE, f"{peer.nid} unreachable: {peer.last_error or 'no connection'}")
+        else:
+            hop = str(peer.nid) if peer is not None else (f"LAN {m.lan}" if m.lan else "the local endpoint")
+            self._fail(m, Status.TIMED_OUT, f"no acknowledgement from {hop} within the transaction timeout; delivery unknown")
+
+    # ------------------------------------------------------------------ submitting
+
+    def submit(self, src_raw: bytes | None, dst_raw: bytes, src_portal: int, dst_portal: int, payload: Any,
+               on_finish: Finish | None, now: float, deadline: float | None = None, owner: Any = None) -> OutMsg:
+        """Route and queue one message; it ends in exactly one Complete action.
+
+        ``src_raw`` is the packed origin when forwarding (None: we originate it).  A
+        ``dst_raw`` that does not decode completes the message with INVALID.
+        """
+        self._now = now
+        if deadline is None:
+            deadline = now + self.params.transaction_timeout
+        self.stats["msgs_submitted"] += 1
+        peer = self._direct.get(dst_raw)
+        if peer is None:
+            msg = OutMsg(src_raw or dst_raw, dst_raw, src_portal, dst_portal, payload, deadline, on_finish)
+            msg.owner = owner
+            self._route_slow(msg, src_raw is None)
+            return msg
+        msg = OutMsg(src_raw or peer.ni.nid_raw, dst_raw, src_portal, dst_portal, payload, deadline, on_finish)
+        msg.owner = owner
+        self._enqueue(peer, msg)
+        return msg
+
+    def _route_slow(self, msg: OutMsg, originated: bool) -> None:
+        dst_raw = msg.dst_raw
+        if self.closing:
+            self._fail(msg, Status.CANCELLED, "daemon shutting down")
+            return
+        if dst_raw in self._local_raw:
+            self._arm(msg.deadline, msg)
+            self._transition(msg, MsgEvent.ASSIGN)
+            self._transition(msg, MsgEvent.TRANSMIT)
+            self._deliver(Delivery(msg.src_raw, dst_raw, msg.src_portal, msg.dst_portal, msg.payload, None, None, 0, msg))
+            return
+        try:
+            dst = self.unpack(dst_raw)
+        except NidError as e:
+            self._fail(msg, Status.INVALID, f"bad destination NID: {e}")
+            return
+        hop = self.routes.next_hop(dst, self.health_of)
+        if hop is not None and hop.net in self.lans:
+            if originated and self.nis:
+                msg.src_raw = next(iter(self.nis.values())).nid_raw  # we have no NI on a LAN: our primary NID
+            msg.lan = hop.net
+            self._arm(msg.deadline, msg)
+            self._transition(msg, MsgEvent.ASSIGN)
+            self._transition(msg, MsgEvent.TRANSMIT)
+            self.actions.append(LanTransmit(msg))
+            return
+        if hop is None or hop.net not in self.nis:
+            self._fail(msg, Status.NO_ROUTE, f"no route to net {dst.net}")
+            return
+        peer = self.peer(hop)
+        if hop == dst and len(self._direct) < 65536:
+            self._direct[dst_raw] = peer  # same-net destinations: no route lookup next time
+        if originated:
+            msg.src_raw = peer.ni.nid_raw
+        self._enqueue(peer, msg)
+
+    def _enqueue(self, peer: Peer, msg: OutMsg) -> None:
+        ni = peer.ni
+        if len(msg.payload) > ni.params.max_message_size:
+            self._fail(msg, Status.TOO_LARGE,
+                       f"{len(msg.payload)} bytes exceeds max_message_size {ni.params.max_message_size} of net {ni.net}")
+            return
+        msg.peer = peer
+        self._arm(msg.deadline, msg)
+        peer.queue.append(msg)
+        ni.queued += 1
+        self._pump_peer(peer)
+
+    def _pump_peer(self, peer: Peer) -> None:
+        ni = peer.ni
+        queue, credits, ni_credits = peer.queue, peer.credits, ni.credits
+        checksum = ni.params.checksum
+        while queue and credits.in_use < credits.limit and ni_credits.in_use < ni_credits.limit:
+            msg = queue.popleft()
+            ni.queued -= 1
+            if msg.state is not MsgState.QUEUED:
+                continue
+            credits.take()
+            ni_credits.take()
+            self._transition(msg, MsgEvent.ASSIGN)
+            msg.seq = peer.next_seq
+            peer.next_seq += 1
+            msg.header = wire.encode_msg_header(msg.seq, msg.src_raw, msg.dst_raw, msg.src_portal, msg.dst_portal,
+                                                msg.payload, checksum)
+            peer.inflight[msg.seq] = msg
+            conn = msg.conn = peer.conn_for(len(msg.payload))
+            conn.queue.append(msg)
+            self._kick(conn)
+        credits.note_queue(len(queue))
+        ni_credits.note_queue(ni.queued)
+
+    def _pump_ni(self, ni: NI) -> None:
+        for p in list(ni.peers.values()):
+            if not ni.credits.available:
+                return
+            if p.queue:
+                self._pump_peer(p)
+
+    def _kick(self, conn: OutConn) -> None:
+        """``conn`` has work: wake its writer, or get it connected."""
+        if conn.state is ConnState.UP:
+            if not conn.woken:
+                conn.woken = True
+                self.actions.append(Wake(conn))
+        else:
+            self._maybe_connect(conn)
+
+    def _maybe_connect(self, conn: OutConn) -> None:
+        if conn.state not in (ConnState.IDLE, ConnState.BACKOFF) or not conn.has_work() or self.closing:
+            return
+        if not conn.backoff.ready(self._now):
+            self._backoff_waiting.add(conn)
+            return
+        self._backoff_waiting.discard(conn)
+        conn.state = conn_next(conn.state, ConnEvent.CONNECT)
+        conn.attempt += 1
+        host, port = self.address_of(conn.peer)
+        self.actions.append(Connect(conn, conn.attempt, host, port))
+
+    # ------------------------------------------------------------------ message state
+
+    def _transition(self, m: OutMsg, event: MsgEvent) -> None:
+        m.state = msg_next(m.state, event)
+
+    def _fail(self, m: OutMsg, status: Status, reason: str) -> None:
+        self._finish(m, MsgEvent.FAIL, status, reason)
+
+    def _finish(self, m: OutMsg, event: MsgEvent, status: Status, reason: str) -> None:
+        """Move ``m`` to its final state, give back its credits, complete it when its payload is free."""
+        held = m.state in (MsgState.IN_FLIGHT, MsgState.SENT, MsgState.REQUEUED)
+        queued = m.state is MsgState.QUEUED
+        m.state = msg_next(m.state, event)
+        m.status, m.reason = status, reason or status.describe()
+        peer = m.peer
+        if peer is not None:
+            if held and peer.inflight.get(m.seq) is m:
+                del peer.inflight[m.seq]
+                peer.credits.give()
+                peer.ni.credits.give()
+                if status is Status.DELIVERED:
+                    peer.stats["delivered"] += 1
+                    peer.health.success()
+                else:
+                    peer.stats["failed"] += 1
+                if peer.ni.queued:
+                    self._refill.add(peer)  # pumped once, before the actions are handed out
+            elif queued:
+                peer.stats["failed"] += 1
+                q = peer.queue
+                if q and q[0] is m:
+                    q.popleft()
+                else:
+                    q.remove(m)
+                peer.ni.queued -= 1
+                peer.credits.note_queue(len(q))
+                peer.ni.credits.note_queue(peer.ni.queued)
+        if not m.busy:
+            self._complete(m)
+
+    def _complete(self, m: OutMsg) -> None:
+        m.completed = True
+        self._deadlines.dead += 1
+        if m.forward is not None:
+            conn, seq, size = m.forward
+            self.router_bytes -= size
+            self._session_ack(conn, seq, m.status, m.reason if m.status else "")
+            self._drain_router()
+        elif m.ping is not None:
+            ping = m.ping
+            if not ping.done:
+                ping.done = True
+                if m.status is Status.DELIVERED:
+                    self.actions.append(PingDone(ping.token, self._now - ping.started, 0, ping.via, ""))
+                else:
+                    self.actions.append(PingDone(ping.token, None, 0, ping.via, m.reason))
+        else:
+            self.actions.append(Complete(m, m.status, m.reason))
+
+    # ------------------------------------------------------------------ outgoing connections
+
+    def connected(self, conn: OutConn, attempt: int, peer_incarnation: int, now: float) -> None:
+        """The hello on ``conn``'s attempt finished; the peer runs as ``peer_incarnation``."""
+        self._now = now
+        if attempt != conn.attempt or conn.state is not ConnState.CONNECTING:
+            self.actions.append(Close(conn, attempt, "superseded"))
+            return
+        conn.state = conn_next(conn.state, ConnEvent.UP)
+        conn.backoff.succeeded()
+        peer = conn.peer
+        if peer.incarnation is not None and peer_incarnation != peer.incarnation:
+            self.stats["peer_restarts"] += 1
+            for m in [m for m in peer.inflight.values() if m.transmitted]:
+                self._fail(m, Status.PEER_RESTARTED, f"{peer.nid} restarted while the message was in flight; delivery unknown")
+        peer.incarnation = peer_incarnation
+        peer.health.success()
+        if conn.has_work():
+            conn.woken = True
+            self.actions.append(Wake(conn))
+
+    def connect_failed(self, conn: OutConn, attempt: int, reason: str, now: float, refused: Status | None = None) -> None:
+        """The connect or hello failed.  ``refused`` is set when the peer refused us (wrong key,
+        protocol): then nothing queued for it on this connection type can get through."""
+        self._now = now
+        if attempt != conn.attempt or conn.state is not ConnState.CONNECTING:
+            return
+        conn.state = conn_next(conn.state, ConnEvent.FAILED)
+        peer = conn.peer
+        conn.backoff.failed(now, reason)
+        peer.health.failure(now)
+        peer.last_error = reason
+        self.stats["connect_failures"] += 1
+        if refused is not None:
+            for m in [m for m in peer.inflight.values() if m.conn is conn]:
+                self._fail(m, refused, reason)
+            for m in list(peer.queue):
+                self._fail(m, refused, reason)
+        self._maybe_connect(conn)
+
+    def connection_lost(self, conn: OutConn, attempt: int, reason: str, now: float) -> None:
+        """An UP connection died (read or write error, peer closed, protocol violation)."""
+        self._now = now
+        if attempt != conn.attempt or conn.state is not ConnState.UP:
+            return
+        conn.state = conn_next(conn.state, ConnEvent.LOST)
+        conn.woken = False
+        peer = conn.peer
+        peer.last_error = reason
+        peer.health.failure(now)
+        conn.backoff.failed(now, reason)
+        self.stats["connections_lost"] += 1
+        self._fail_pings(conn, f"connection to {peer.nid} lost")
+        # Everything sent on this connection and not acknowledged goes out again, in order.
+        pending = [m for s, m in sorted(peer.inflight.items()) if m.conn is conn]
+        for m in pending:
+            self._transition(m, MsgEvent.CONN_LOST)
+        queued = {id(m) for m in conn.queue}
+        conn.queue.extend(m for m in pending if id(m) not in queued)
+        conn.queue = deque(sorted((m for m in conn.queue if m.state not in FINAL), key=lambda m: m.seq))
+        self._maybe_connect(conn)
+
+    def next_batch(self, conn: OutConn, now: float) -> Batch | None:
+        """Frames for ``conn``'s transport, or None (then wait for the next Wake)."""
+        self._now = now
+        if conn.state is not ConnState.UP:
+            conn.woken = False
+            return None
+        batch = Batch(conn, conn.attempt)
+        for ping in conn.pings.values():
+            if not ping.sent:
+                ping.sent = True
+                batch.frames.append((wire.encode_frame(FrameType.PING, wire.PING_BODY.pack(ping.token)), b""))
+        queue, frames, msgs = conn.queue, batch.frames, batch.msgs
+        size = 0
+        while queue and len(msgs) < SEND_BATCH_FRAMES and size < SEND_BATCH_BYTES:
+            m = queue.popleft()
+            if m.state in FINAL:
+                continue
+            m.state = msg_next(m.state, MsgEvent.TRANSMIT)
+            m.busy += 1
+            msgs.append(m)
+            frames.append((m.header, m.payload))
+            size += len(m.payload)
+        if not frames:
+            conn.woken = False
+            return None
+        batch.size = size
+        return batch
+
+    def send_done(self, batch: Batch, now: float, error: str | None = None) -> None:
+        """The transport no longer reads ``batch``'s payloads (sent, or the send failed)."""
+        self._now = now
+        for m in batch.msgs:
+            m.busy -= 1
+            if not m.busy and m.state in FINAL and not m.completed:
+                self._complete(m)
+        if error is None:
+            batch.conn.sent_msgs += len(batch.msgs)
+            self.stats["msgs_sent"] += len(batch.msgs)
+            self.stats["bytes_sent"] += batch.size
+        else:
+            self.connection_lost(batch.conn, batch.attempt, error, now)
+
+    def frames_received(self, conn: OutConn, attempt: int, frames: list[Frame], now: float) -> None:
+        """ACK / NACK / PONG frames on the reverse direction of our connection."""
+        self._now = now
+        if attempt != conn.attempt or conn.state is not ConnState.UP:
+            return
+        peer = conn.peer
+        try:
+            for f in frames:
+                t = f.header.type
+                if t is FrameType.ACK:
+                    self._on_acks(peer, wire.decode_acks(f))
+                elif t is FrameType.NACK:
+                    seq, status, reason = wire.decode_nack(f)
+                    self._on_ack(peer, seq, status, reason)
+                elif t is FrameType.PONG:
+                    (token,) = wire.PING_BODY.unpack(f.header.body)
+                    ping = conn.pings.pop(token, None)
+                    if ping is not None and not ping.done:
+                        ping.done = True
+                        self.actions.append(PingDone(token, now - ping.started, peer.incarnation or 0, str(peer.nid), ""))
+                else:
+                    raise FrameError(f"{t.name} frame on the reverse direction of a connection")
+        except RemoteProtocolError as e:
+            self.stats["bad_frames"] += 1
+            self.actions.append(Close(conn, attempt, str(e)))
+            self.connection_lost(conn, attempt, str(e), now)
+
+    def _on_acks(self, peer: Peer, entries: list[tuple[int, int]]) -> None:
+        """A batch of ACKs: the common case (delivered, after a send) is _finish inlined,
+        with the credits given back once for the batch."""
+        inflight = peer.inflight
+        done = 0
+        for seq, code in entries:
+            m = inflight.get(seq)
+            if m is None:
+                continue  # a late duplicate, or a message already timed out
+            state = m.state
+            if code or (state is not MsgState.SENT and state is not MsgState.REQUEUED):
+                self._answer(m, Status.from_code(code) if code else Status.DELIVERED, "")
+                continue
+            del inflight[seq]
+            m.state = msg_next(state, MsgEvent.ACK)
+            m.status, m.reason = Status.DELIVERED, "delivered"
+            done += 1
+            if not m.busy:
+                self._complete(m)
+        if done:
+            peer.credits.give(done)
+            peer.ni.credits.give(done)
+            peer.stats["delivered"] += done
+            peer.health.success(done)
+            if peer.ni.queued:
+                self._refill.add(peer)
+
+    def _on_ack(self, peer: Peer, seq: int, status: Status, reason: str) -> None:
+        m = peer.inflight.get(seq)
+        if m is not None:
+            self._answer(m, status, reason)
+
+    def _answer(self, m: OutMsg, status: Status, reason: str) -> None:
+        if not m.transmitted:
+            raise RemoteProtocolError(f"answer for message seq {m.seq}, which was never sent")
+        self._finish(m, MsgEvent.ACK if status is Status.DELIVERED else MsgEvent.NACK, status, reason)
+
+    def _close_conn(self, conn: OutConn, reason: str) -> None:
+        if conn.state in (ConnState.CONNECTING, ConnState.UP):
+            self.actions.append(Close(conn, conn.attempt, reason))
+        conn.state = conn_next(conn.state, ConnEvent.CLOSE)
+        self._backoff_waiting.discard(conn)
+
+    def note_transport_stats(self, conn: OutConn, stats: dict[str, Any]) -> None:
+        conn.transport_stats = stats
+
+    # ------------------------------------------------------------------ LAN drivers
+
+    def lan_done(self, msg: OutMsg, status: Status, reason: str, now: float) -> None:
+        """The LAN driver's one answer for ``msg``."""
+        self._now = now
+        if msg.state is MsgState.SENT:
+            self._finish(msg, MsgEvent.ACK if status is Status.DELIVERED else MsgEvent.NACK, status, reason)
+
+
+    # ------------------------------------------------------------------ pings
+
+    def ping(self, nid: Nid, token: int, timeout: float, now: float) -> None:
+        """Ping ``nid``: a PING frame to a direct peer, or a message to the far end's
+        :data:`PING_PORTAL` through the gateways (answered end to end).  Ends in one PingDone."""
+        self._now = now
+        raw = nid.to_bytes()
+        if raw in self._local_raw:
+            self.actions.append(PingDone(token, 0.0, self.incarnation, "", ""))
+            return
+        hop = self.routes.next_hop(nid, self.health_of)
+        if hop is None or (hop.net not in self.nis and hop.net not in self.lans):
+            self.actions.append(PingDone(token, None, 0, "", f"no route to net {nid.net}"))
+            return
+        ping = _Ping(token, now, now + timeout, str(hop))
+        if hop != nid or hop.net in self.lans:
+            msg = OutMsg(raw, raw, 0, PING_PORTAL, b"", now + timeout, None)
+            msg.ping = ping  # its completion, end to end, is the ping's answer
+            self._route_slow(msg, True)
+            return
+        peer = self.peer(hop)
+        conn = peer.conn_for(0)
+        ping.conn = conn
+        conn.pings[token] = ping
+        self._arm(ping.deadline, ping)
+        self._kick(conn)
+
+    def _ping_failed(self, ping: _Ping, why: str) -> None:
+        ping.done = True
+        if ping.conn is not None:
+            ping.conn.pings.pop(ping.token, None)
+            peer = ping.conn.peer
+            if why == "no connection":
+                why = f"no connection to {peer.nid}: {peer.last_error or 'connecting'}"
+            else:
+                why = f"ping {peer.nid} {why}"
+        self.actions.append(PingDone(ping.token, None, 0, ping.via, why))
+
+    def _fail_pings(self, conn: OutConn, why: str) -> None:
+        """Pings already sent on a lost connection fail; unsent ones wait for the next (or
+        fail too when the connection is closed for good)."""
+        for ping in list(conn.pings.values()):
+            if ping.sent or conn.state is ConnState.CLOSED:
+                conn.pings.pop(ping.token, None)
+                if not ping.done:
+                    ping.done = True
+                    self.actions.append(PingDone(ping.token, None, 0, ping.via, why))
+
+    # ------------------------------------------------------------------ incoming connections
+
+    def accepted(self, net: Net, result: wire.HelloResult, now: float) -> InConn:
+        """A hello we answered finished: the connection carries ``result.peer_nid``'s messages."""
+        self._now = now
+        ni = self.nis.get(net)
+        if ni is None:
+            raise LocalProtocolError(f"net {net} is not up")
+        key = (result.peer_nid, result.peer_incarnation)
+        session = self.sessions.get(key)
+        if session is None:
+            session = self.sessions[key] = Session(result.peer_nid, result.peer_incarnation, self.params.window_capacity)
+            # A newer incarnation of that peer makes older sessions moot.
+            for k in [k for k in self.sessions if k[0] == result.peer_nid and k[1] != result.peer_incarnation]:
+                for c in list(self.sessions[k].conns):
+                    self._close_in(c, f"{result.peer_nid} restarted")
+                del self.sessions[k]
+        conn = InConn(ni, session, result.conn_type)
+        session.conns.append(conn)
+        self.stats["conns_accepted"] += 1
+        return conn
+
+    def inbound_lost(self, conn: InConn) -> None:
+        """An accepted connection ended; its acks not yet sent are answered on a resend."""
+        if not conn.alive:
+            return
+        conn.alive = False
+        self._dirty.discard(conn)
+        if conn in conn.session.conns:
+            conn.session.conns.remove(conn)
+
+    def _close_in(self, conn: InConn, reason: str) -> None:
+        if conn.alive:
+            self.actions.append(CloseIn(conn, reason))
+            self.inbound_lost(conn)
+
+    def inbound_frames(self, conn: InConn, frames: list[Frame], now: float) -> None:
+        """MSG and PING frames from an accepted connection."""
+        self._now = now
+        if not conn.alive:
+            for f in frames:
+                if f.header.token is not None:
+                    self.actions.append(AbortRx(f.header.token))
+            return
+        for i, f in enumerate(frames):
+            try:
+                self._inbound_frame(conn, f)
+            except RemoteProtocolError as e:
+                self.stats["bad_frames"] += 1
+                for rest in frames[i:]:
+                    if rest.header.token is not None:
+                        self.actions.append(AbortRx(rest.header.token))
+                self._close_in(conn, str(e))
+                return
+        self._flush_in(conn)
+
+    def _inbound_frame(self, conn: InConn, f: Frame) -> None:
+        t = f.header.type
+        session = conn.session
+        if t is FrameType.PING:
+            conn.control.append(wire.encode_frame(FrameType.PONG, f.header.body))
+            self._dirty.add(conn)
+            return
+        if t is not FrameType.MSG:
+            raise FrameError(f"unexpected {t.name} frame on an incoming connection")
+        token = f.header.token
+        info = wire.decode_msg(f.header)
+        # A message from the sender's own net must carry the sender's NID (the hello proved it);
+        # one from another net was forwarded by it as a gateway.
+        if info.src_raw != session.peer_raw:
+            try:
+                src = self.unpack(info.src_raw)
+            except NidError as e:
+                raise FrameError(f"MSG frame with bad source NID: {e}") from None
+            if src.net == session.peer_nid.net:
+                raise RemoteProtocolError(f"{session.peer_nid} sent a message claiming to be from {src}")
+        session.stats["received"] += 1
+        self.stats["msgs_received"] += 1
+        self.stats["bytes_received"] += len(f.payload)
+        prior = session.window.check(info.seq)
+        if prior is not None:
+            if token is not None:
+                self.actions.append(AbortRx(token))
+            self.stats["duplicates"] += 1
+            if prior != IN_PROGRESS:
+                self._queue_ack(conn, info.seq, Status.from_code(prior), "duplicate")
+            return
+        try:
+            wire.check_payload(info, f.payload)
+        except FrameError as e:
+            # The sender's payload changed under it (or the link corrupted it): this one
+            # message fails; the connection and everyone else's traffic carry on.
+            if token is not None:
+                self.actions.append(AbortRx(token))
+            self.stats["bad_checksums"] += 1
+            session.window.start(info.seq)
+            self._session_ack(conn, info.seq, Status.PROTOCOL, str(e))
+            return
+        session.window.start(info.seq)
+        if info.dst_raw in self._local_raw:
+            if info.dst_portal == PING_PORTAL:
+                if token is not None:
+                    self.actions.append(AbortRx(token))
+                self._session_ack(conn, info.seq, Status.DELIVERED, "")
+                return
+            conn.pending += 1
+            self._deliver(Delivery(info.src_raw, info.dst_raw, info.src_portal, info.dst_portal, f.payload, token,
+                                   conn, info.seq, None))
+        else:
+            if token is not None:
+                self.actions.append(AbortRx(token))
+            self._forward(conn, info, f.payload)
+
+    def _deliver(self, d: Delivery) -> None:
+        self.actions.append(Deliver(d))
+
+    def delivered(self, d: Delivery, status: Status, reason: str, now: float) -> None:
+        """The runner's answer to a Deliver action."""
+        self._now = now
+        if d.done:
+            raise LocalProtocolError("delivery answered twice")
+        d.done = True
+        if status is Status.DELIVERED:
+            self.stats["msgs_delivered"] += 1
+        if d.msg is not None:  # a message to ourselves
+            if d.msg.state is MsgState.SENT:
+                self._finish(d.msg, MsgEvent.ACK if status is Status.DELIVERED else MsgEvent.NACK, status, reason)
+            return
+        conn = d.conn
+        assert conn is not None
+        self._session_ack(conn, d.seq, status, reason)
+        conn.pending -= 1
+        if conn.alive and not conn.blocked:
+            self.actions.append(Resume(conn))
+
+    def _forward(self, conn: InConn, info: wire.MsgInfo, payload: Any) -> None:
+        if not self.params.routing:
+            me = next(iter(self.nis.values())).nid if self.nis else "this daemon"
+            try:
+                dst: object = self.unpack(info.dst_raw)
+            except NidError:
+                dst = "an undecodable NID"
+            self._session_ack(conn, info.seq, Status.NO_ROUTE, f"{me} is not a router (message for {dst})")
+            return
+        if self._router_wait or (self.router_bytes + len(payload) > self.params.router_buffer_bytes and self.router_bytes > 0):
+            conn.parked += 1
+            self._router_wait.append((conn, info, payload))
+            return
+        self._forward_now(conn, info, payload)
+
+    def _forward_now(self, conn: InConn, info: wire.MsgInfo, payload: Any) -> None:
+        size = len(payload)
+        self.router_bytes += size
+        self.stats["msgs_forwarded"] += 1
+        msg = OutMsg(info.src_raw, info.dst_raw, info.src_portal, info.dst_portal, payload,
+                     self._now + self.params.transaction_timeout, None)
+        msg.forward = (conn, info.seq, size)
+        peer = self._direct.get(info.dst_raw)
+        if peer is None:
+            try:
+                self.unpack(info.dst_raw)
+            except NidError as e:
+                msg.forward = None
+                self.router_bytes -= size
+                self._session_ack(conn, info.seq, Status.PROTOCOL, f"undecodable destination NID: {e}")
+                return
+            self._route_slow(msg, False)
+        else:
+            self._enqueue(peer, msg)
+
+    def _drain_router(self) -> None:
+        wait = self._router_wait
+        while wait:
+            conn, info, payload = wait[0]
+            if self.router_bytes + len(payload) > self.params.router_buffer_bytes and self.router_bytes > 0:
+                return
+            wait.popleft()
+            conn.parked -= 1
+            self._forward_now(conn, info, payload)
+            if conn.alive and not conn.blocked:
+                self.actions.append(Resume(conn))
+
+    def _session_ack(self, conn: InConn, seq: int, status: Status, reason: str) -> None:
+        """Record the outcome of ``conn.session``'s message ``seq`` and answer it -- on the
+        connection it came on while that lives, so a lost answer always goes with a lost
+        connection (which makes the sender resend, and we answer from the window); else on
+        the newest live connection of the session."""
+        session = conn.session
+        session.window.finish(seq, int(status))
+        if not conn.alive:
+            conn = next((c for c in reversed(session.conns) if c.alive), conn)
+            if not conn.alive:
+                return  # the sender resends after reconnecting and gets the status then
+        self._queue_ack(conn, seq, status, reason)
+
+    def _queue_ack(self, conn: InConn, seq: int, status: Status, reason: str) -> None:
+        if status is Status.DELIVERED:
+            conn.acks.append((seq, 0))
+        else:
+            conn.control.append(wire.encode_nack(seq, status, reason))
+        self._dirty.add(conn)
+
+    def _flush_in(self, conn: InConn) -> None:
+        if not (conn.acks or conn.control) or not conn.alive:
+            return
+        frames = conn.control
+        acks = conn.acks
+        for i in range(0, len(acks), ACKS_PER_FRAME):
+            frames.append(wire.encode_acks(acks[i : i + ACKS_PER_FRAME]))
+        conn.acks, conn.control = [], []
+        self._dirty.discard(conn)
+        self.actions.append(SendIn(conn, frames))
+
+    def flush(self) -> None:
+        """Turn the ACKs gathered since the last call into SendIn actions (one per connection)."""
+        while self._dirty:
+            self._flush_in(self._dirty.pop())
+
+    # ------------------------------------------------------------------ reading out
+
+    def take_actions(self) -> list[Action]:
+        """Everything the runner must do now (clears the list)."""
+        while self._refill:
+            peer = self._refill.pop()
+            if peer.queue:
+                self._pump_peer(peer)
+            if peer.ni.queued:
+                self._pump_ni(peer.ni)
+        self.flush()
+        out, self.actions = self.actions, []
+        return out
+
+    def pending_messages(self) -> int:
+        """Messages not yet completed (queued, in flight, or waiting for their payload)."""
+        return sum(1 for obj in self._deadlines if isinstance(obj, OutMsg) and not obj.completed)
