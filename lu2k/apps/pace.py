@@ -64,7 +64,7 @@ class TokenBucket:
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         need = min(float(nbytes), self.burst)
-        if self.tokens >= need:
+        if self.tokens >= need - 1e-6 * self.rate:  # float residue must not turn into endless tiny waits
             self.tokens -= nbytes  # may go negative for a message larger than the burst: paid back later
             return 0.0
         return (need - self.tokens) / self.rate
