@@ -967,7 +967,7 @@ class StreamReceiver:
         rx = asyncio.ensure_future(portals.receive_loop(self.ep, self._on_message))
         rx.add_done_callback(lambda f: self._conclude(1, f"lost the local lu2kd: {f.result() if not f.cancelled() else 'cancelled'}"))
         if not self.quiet:
-            print(f"lu2k recv: waiting on portal {self.portal} of {self.ep.local_nid}", file=sys.stderr, flush=True)
+            print(f"lu2k recv: waiting on portal {self.portal} of {self.ep.local_nid}", file=sys.stderr, flush=True)  # type: ignore[misc]
         started = time.monotonic()
         try:
             while not self.verdict.done():
