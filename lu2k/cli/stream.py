@@ -1,200 +1,209 @@
-"""``lu2k send NID [FILE|-]`` and ``lu2k recv [-o FILE|-]``: pipe a byte stream across lu2k.
+"""``lu2k send NID PATH...|-`` and ``lu2k recv [-o FILE|-] | --serve DIR``: files and streams across lu2k.
 
-The stream is cut into chunks, each sent as one lu2k message with a small header
-(:data:`CHUNK`: stream id, chunk index, flags).  Messages of different sizes may take
-different connections (socklnd's typed connections) and may be resent after a reconnect,
-so the receiver puts chunks back in order with a bounded reorder window.  The last message
-carries the total length and a SHA-256 of the whole stream, which the receiver checks
-before it reports success: a stream either arrives intact or the command fails.
+The protocol is :mod:`lu2k.apps.transfer_proto` (sessions, per-chunk and whole-file SHA-256,
+resume); the asyncio side is :mod:`lu2k.apps.transfer`.  This module parses arguments,
+prints progress and summaries, and turns outcomes into exit statuses:
+
+0 everything written and verified at the destination; 1 other failure (interrupted,
+protocol, several causes); 2 bad usage or missing input; 3 peer down or no receiver;
+4 refused (not allowed, bad name, busy, different file in place); 5 the receiver could not
+write (disk full, I/O error); 6 verification failed; 130 interrupted by Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import asyncio
 import os
-import struct
 import sys
 import time
-from collections import deque
-from typing import BinaryIO
 
-from ..errors import LocalProtocolError, Lu2kError, MessageFailed
+from ..apps import portal as portals
+from ..apps import transfer_proto as tp
+from ..apps.pace import parse_rate
+from ..errors import Lu2kError
 from ..nid import parse_nid
 
-CHUNK = struct.Struct("<IQQI")  # magic, stream id, chunk index, flags
-END = struct.Struct("<Q32s")  # total bytes, sha256 (payload of the END chunk)
-STREAM_MAGIC = 0x53324C55
-FLAG_END = 1
-DEFAULT_CHUNK = 1 << 20
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
-class Progress:
-    """A one-line progress display on stderr, only when it is a terminal."""
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = units.get(t[-1:], 1)
+    try:
+        n = int(float(t[:-1] if t[-1:] in units else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 130816, 64k, 24m)") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return n
 
-    def __init__(self, label: str, total: int | None = None, enabled: bool | None = None) -> None:
-        self.label, self.total = label, total
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.start = self.last = time.monotonic()
-        self.done = 0
 
-    def update(self, n: int, force: bool = False) -> None:
-        self.done += n
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < 0.2 and not force):
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        if self.total:
-            frac = min(1.0, self.done / self.total)
-            bar = "#" * int(frac * 30)
-            text = f"\r{self.label} [{bar:<30}] {frac:6.1%} {self.done / 1e6:,.1f} MB {rate / 1e6:,.1f} MB/s"
-        else:
-            text = f"\r{self.label} {self.done / 1e6:,.1f} MB {rate / 1e6:,.1f} MB/s"
-        sys.stderr.write(text)
-        sys.stderr.flush()
+def _rate(text: str) -> float:
+    try:
+        return parse_rate(text)
+    except Lu2kError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
-    def finish(self) -> None:
+
+class _Line:
+    """The progress line: redrawn in place on a terminal, silent otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.drawn = False
+
+    def __call__(self, text: str) -> None:
         if self.enabled:
-            self.update(0, force=True)
-            sys.stderr.write("\n")
+            sys.stderr.write(f"\r\x1b[K{text}")
+            sys.stderr.flush()
+            self.drawn = True
 
-
-def _open_in(path: str) -> BinaryIO:
-    return sys.stdin.buffer if path == "-" else open(path, "rb")
-
-
-def _open_out(path: str) -> BinaryIO:
-    return sys.stdout.buffer if path == "-" else open(path, "wb")
+    def clear(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from ..kernel_shim.endpoint import Endpoint
+    from ..apps.transfer import Sender, collect, install_interrupt
 
-    dst = parse_nid(args.nid)
-    if args.chunk < 1 or args.chunk > (4 << 20) - CHUNK.size:
-        raise LocalProtocolError(f"--chunk must be 1..{(4 << 20) - CHUNK.size} bytes")
-    stream_id = int.from_bytes(os.urandom(8), "little")
-    digest = hashlib.sha256()
-    total = 0
-    src = _open_in(args.file)
-    size_hint = os.fstat(src.fileno()).st_size if args.file != "-" else None
-    progress = Progress(f"send -> {dst}", size_hint or None, None if not args.quiet else False)
-    pending: deque = deque()
-    index = 0
-    with Endpoint.attach(args.socket, portal=args.src_portal) as ep:
+    dst = str(parse_nid(args.nid, resolve=False))
+    paths = args.paths or ["-"]
+    stream = "-" in paths
+    if stream and len(paths) > 1:
+        raise Lu2kError("'-' (stdin) cannot be combined with files")
+    entries, problems = ([], []) if stream else collect(paths)
+    for p in problems:
+        print(f"lu2k send: {p}", file=sys.stderr)
+    if problems and not args.skip_unreadable:
+        print("lu2k send: nothing sent (fix the paths above, or pass --skip-unreadable)", file=sys.stderr)
+        return EXIT_USAGE
+    line = _Line(sys.stderr.isatty() and not args.quiet)
+    sender = Sender(args.socket, dst, portal=args.portal, chunk=args.chunk, window=args.window, rate_bps=args.rate,
+                    parallel=args.parallel, retry_for=args.retry_for, reply_timeout=args.reply_timeout,
+                    progress=line if line.enabled else None)
 
-        def settle(limit: int) -> None:
-            while len(pending) > limit:
-                comp = pending.popleft()
-                comp.wait(args.timeout)
-                try:
-                    comp.result()
-                except MessageFailed as e:
-                    raise Lu2kError(f"chunk {index} of the stream failed: {e.reason}") from None
+    async def main() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        install_interrupt(task)
+        try:
+            await sender.run(entries, sys.stdin.buffer if stream else None, flush_ms=args.flush_ms)
+        except asyncio.CancelledError:
+            return EXIT_INTERRUPTED
+        return 0
 
-        while True:
-            slot = ep.reserve(CHUNK.size + args.chunk)
-            n = src.readinto(slot.view[CHUNK.size :])  # type: ignore[attr-defined]
-            if not n:
-                slot.cancel()
-                break
-            CHUNK.pack_into(slot.view, 0, STREAM_MAGIC, stream_id, index, 0)
-            digest.update(slot.view[CHUNK.size : CHUNK.size + n])
-            pending.append(slot.post(dst, portal=args.portal, length=CHUNK.size + n))
-            index += 1
-            total += n
-            progress.update(n)
-            settle(args.window)
-        end = CHUNK.pack(STREAM_MAGIC, stream_id, index, FLAG_END) + END.pack(total, digest.digest())
-        pending.append(ep.send(dst, end, portal=args.portal))
-        settle(0)
-    progress.finish()
-    if args.file != "-":
-        src.close()
+    t0 = time.monotonic()
+    interrupted = asyncio.run(main()) == EXIT_INTERRUPTED
+    line.clear()
+    status = 0
+    for e, outcome, text in sender.results:
+        if outcome is not tp.Outcome.OK:
+            print(f"lu2k send: {e.name}: {outcome.name.lower().replace('_', ' ')}: {text}", file=sys.stderr)
+            code = tp.EXIT_STATUS.get(outcome, 1)
+            status = code if not status or status == code else 1
+    if problems:
+        status = status or 1
+    if interrupted:
+        unfinished = len(entries or [None]) - len(sender.results)
+        print(f"lu2k send: interrupted; {sender.stats.files_ok} verified, {unfinished} unfinished (rerun the same command to resume)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     if not args.quiet:
-        print(f"sent {total:,} bytes in {index} messages to {dst} (sha256 {digest.hexdigest()[:16]}…)", file=sys.stderr)
-    return 0
+        el = time.monotonic() - t0
+        n = len(sender.results)
+        verdict = "all verified at the destination" if not status else f"{n - sender.stats.files_ok} of {n} NOT transferred"
+        what = "stream" if stream else f"{n} entr{'y' if n == 1 else 'ies'}"
+        print(f"sent {what} to {dst}: {sender.stats.line(final=True)} in {el:,.1f} s; {verdict}", file=sys.stderr)
+    return status
 
 
 def cmd_recv(args: argparse.Namespace) -> int:
-    from ..kernel_shim.endpoint import Endpoint
+    from ..apps.transfer import StreamReceiver, TransferService
 
-    out = _open_out(args.output)
-    digest = hashlib.sha256()
-    written = 0
-    next_index = 0
-    stream_id: int | None = None
-    held: dict[int, bytes] = {}
-    end_at: tuple[int, int, bytes] | None = None  # (index, total, sha)
-    progress = Progress("recv", None, None if not args.quiet else False)
-    with Endpoint.attach(args.socket, portal=args.portal) as ep:
-        while end_at is None or next_index < end_at[0]:
-            with ep.recv(timeout=args.timeout) as msg:
-                data = msg.payload
-                if len(data) < CHUNK.size:
-                    raise Lu2kError(f"message from {msg.src} is not a lu2k stream chunk ({len(data)} bytes)")
-                magic, sid, index, flags = CHUNK.unpack_from(data)
-                if magic != STREAM_MAGIC:
-                    raise Lu2kError(f"message from {msg.src} is not a lu2k stream chunk")
-                if stream_id is None:
-                    stream_id = sid
-                elif sid != stream_id:
-                    print(f"lu2k recv: ignoring a message of another stream from {msg.src}", file=sys.stderr)
-                    continue
-                if flags & FLAG_END:
-                    total, sha = END.unpack_from(data, CHUNK.size)
-                    end_at = (index, total, sha)
-                    continue
-                body = data[CHUNK.size :]
-                if index == next_index:
-                    out.write(body)
-                    digest.update(body)
-                    written += len(body)
-                    progress.update(len(body))
-                    next_index += 1
-                elif index > next_index:
-                    if len(held) >= args.reorder_window:
-                        raise Lu2kError(f"reorder window of {args.reorder_window} chunks exceeded (waiting for chunk {next_index})")
-                    held[index] = bytes(body)
-                # index < next_index cannot happen: lu2k delivers each message once.
-            while next_index in held:
-                body = held.pop(next_index)
-                out.write(body)
-                digest.update(body)
-                written += len(body)
-                progress.update(len(body))
-                next_index += 1
-    out.flush()
-    progress.finish()
+    if args.serve:
+        if args.output != "-":
+            raise Lu2kError("--serve DIR and -o are exclusive")
+        service = TransferService(args.socket, args.serve, portal=args.portal, allow_from=args.allow_from,
+                                  say=None if not args.quiet else (lambda text: None))
+
+        async def serve() -> int:
+            task = asyncio.current_task()
+            assert task is not None
+            from ..apps.transfer import install_interrupt
+
+            install_interrupt(task)
+            if not args.quiet:
+                print(f"lu2k recv: serving {service.root} on portal {args.portal}", file=sys.stderr, flush=True)
+            try:
+                await service.run()
+            except asyncio.CancelledError:
+                return 0
+            return 0
+
+        return asyncio.run(serve())
     if args.output != "-":
-        out.close()
-    assert end_at is not None
-    _, total, sha = end_at
-    if total != written or sha != digest.digest():
-        raise Lu2kError(f"stream corrupt: got {written} bytes (sender sent {total}), checksum {'mismatch' if sha != digest.digest() else 'ok'}")
-    if not args.quiet:
-        print(f"received {written:,} bytes intact (sha256 {digest.hexdigest()[:16]}…)", file=sys.stderr)
-    return 0
+        parent = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(parent):
+            raise Lu2kError(f"cannot write {args.output}: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise Lu2kError(f"cannot write {args.output}: directory {parent} is not writable")
+        if os.path.isdir(args.output):
+            raise Lu2kError(f"cannot write {args.output}: it is a directory (use --serve DIR to receive files into it)")
+    receiver = StreamReceiver(args.socket, args.output, portal=args.portal, wait_timeout=args.timeout,
+                              idle_timeout=args.idle_timeout, quiet=args.quiet)
+
+    async def main() -> tuple[int, str]:
+        task = asyncio.current_task()
+        assert task is not None
+        from ..apps.transfer import install_interrupt
+
+        install_interrupt(task)
+        try:
+            return await receiver.run()
+        except asyncio.CancelledError:
+            return EXIT_INTERRUPTED, "interrupted" + (f"; partial output left as {receiver.part}" if receiver.key and receiver.part else "")
+
+    status, text = asyncio.run(main())
+    if status:
+        print(f"lu2k recv: {text}", file=sys.stderr)
+    elif not args.quiet:
+        print(text, file=sys.stderr)
+    return status
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    s = sub.add_parser("send", help="stream a file or stdin to a NID")
+    s = sub.add_parser("send", help="send files, directories or stdin to a NID (verified, resumable)",
+                       description="Send files and directories (names, sizes, modes, mtimes kept) or stdin ('-') to "
+                                   "`lu2k recv` at NID.  Exit 0 only when everything is written and verified there.")
     s.add_argument("nid", help="destination NID, e.g. 10.0.0.2@tcp")
-    s.add_argument("file", nargs="?", default="-", help="file to send (default stdin)")
-    s.add_argument("--portal", type=int, default=0, help="destination portal (default 0)")
-    s.add_argument("--src-portal", type=int, default=1, help="portal this sender binds (default 1)")
-    s.add_argument("--chunk", type=int, default=DEFAULT_CHUNK - CHUNK.size, help="payload bytes per message")
-    s.add_argument("--window", type=int, default=32, help="messages in flight")
-    s.add_argument("--timeout", type=float, default=None, help="seconds to wait for each completion")
+    s.add_argument("paths", nargs="*", metavar="PATH", help="files/directories to send, or '-' for stdin (default)")
+    s.add_argument("--portal", type=int, default=portals.TRANSFER_PORTAL, help="the receiver's portal (default %(default)s)")
+    s.add_argument("--chunk", type=_size, default=tp.DEFAULT_CHUNK, help="payload bytes per message (default %(default)s)")
+    s.add_argument("--window", type=_size, default=24 << 20, help="bytes in flight (default 24m)")
+    s.add_argument("--rate", type=_rate, default=0.0, help="cap this transfer's payload rate, e.g. 5mbit (default unlimited)")
+    s.add_argument("--parallel", type=int, default=4, help="files in flight at once (default %(default)s)")
+    s.add_argument("--retry-for", type=float, default=60.0, metavar="SECONDS",
+                   help="keep retrying an interrupted file this long before giving up (default %(default)s)")
+    s.add_argument("--reply-timeout", type=float, default=30.0, metavar="SECONDS", help="wait this long for each answer (default %(default)s)")
+    s.add_argument("--flush-ms", type=float, default=5.0, help="stdin: send what was read after this many ms (default %(default)s)")
+    s.add_argument("--skip-unreadable", action="store_true", help="send the rest when some paths are missing/unreadable (exit 1)")
     s.add_argument("--socket", default=None, help="the local lu2kd's shim socket")
-    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress or summary (errors still printed)")
     s.set_defaults(func=cmd_send)
-    r = sub.add_parser("recv", help="receive one stream and write it to a file or stdout")
+    r = sub.add_parser("recv", help="receive one stream/file (-o) or serve a directory (--serve)",
+                       description="Without --serve: take one stream or file and write it to -o FILE (renamed into place "
+                                   "when verified) or stdout.  With --serve DIR: store every file sent here, many senders "
+                                   "at once, resumable.")
     r.add_argument("-o", "--output", default="-", help="output file (default stdout)")
-    r.add_argument("--portal", type=int, default=0, help="portal to bind (default 0)")
-    r.add_argument("--timeout", type=float, default=None, help="give up after this many idle seconds")
-    r.add_argument("--reorder-window", type=int, default=256, help="chunks held while waiting for a gap")
+    r.add_argument("--serve", metavar="DIR", help="run as a service storing files under DIR")
+    r.add_argument("--allow-from", action="append", metavar="NID", help="--serve: accept only these senders (repeatable)")
+    r.add_argument("--portal", type=int, default=portals.TRANSFER_PORTAL, help="portal to bind (default %(default)s)")
+    r.add_argument("--timeout", type=float, default=None, help="give up if no sender starts within this many seconds")
+    r.add_argument("--idle-timeout", type=float, default=120.0, help="give up when the sender is silent this long (default %(default)s)")
     r.add_argument("--socket", default=None, help="the local lu2kd's shim socket")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=cmd_recv)
