@@ -40,12 +40,15 @@ ignored, so an ``lnetctl export`` file imports as is; anything else unknown is a
 lu2k's keys stay under ``lu2k:`` so a plain lnetctl file still parses here and an lu2k file
 still parses in lnetctl (which ignores keys it does not know inside an entry).
 
-Validation collects *every* problem with its YAML path (``net[0].local NI(s)[1].nid``) and
-rejects the document whole with one :class:`~lu2k.errors.ConfigError` whose ``errors`` lists
-them.  :func:`resolve` then applies it to a host (interfaces in detection order) to get the
-concrete NIs, NIDs and routes, checking what only the host can tell (interfaces exist,
-gateways are on a local net).  Nothing here touches the machine: pure functions of their
-arguments.
+This is the one pass over the document: :func:`parse_data` checks every value, lu2k's keys
+included, with the validators of :mod:`lu2k.values`, collects *every* problem with its YAML
+path (``net[0].local NI(s)[1].nid``) and rejects the document whole with one
+:class:`~lu2k.errors.ConfigError` whose ``errors`` lists them.  :func:`resolve` then applies it
+to a host (interfaces in detection order, those that are down invisible) to get the concrete
+NIs, NIDs and routes, checking what only the host can tell (interfaces exist and are up,
+gateways are on a local net).  :mod:`lu2k.settings` builds the daemon's configuration from
+the result without reading the YAML again.  Nothing here touches the machine: pure functions
+of their arguments.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ LNET_GLOBALS: dict[str, tuple[int | None, int | None]] = {
     "recovery_limit": (0, None),
     "max_recovery_ping_interval": (1, None),
 }
-# lu2k's own global knobs (the daemon's; lu2k.settings reads them too).
+# lu2k's own global knobs (the daemon's GlobalConfig, lu2k.settings).
 LU2K_GLOBALS: dict[str, tuple[type, float, float]] = {
     "connect_timeout": (float, 0.001, 3600),
     "reconnect_min": (float, 0.001, 3600),
