@@ -127,6 +127,33 @@ def _hide_secrets(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _restore_hidden_keys(incoming: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """A plain ``export`` shows keys as a placeholder; importing it back keeps the keys the
+    daemon has (per net, and for ``lu2k.defaults``) instead of taking the placeholder for one.
+    A placeholder with no key to keep stays, and the import is refused saying so."""
+    out = copy.deepcopy(incoming)
+
+    def keep(lu: Any, old: Any) -> None:
+        if isinstance(lu, dict) and lu.get("key") == HIDDEN_KEY and isinstance(old, dict) and ("key" in old or "key_file" in old):
+            del lu["key"]
+            lu.update({k: old[k] for k in ("key", "key_file") if k in old})
+
+    for item in out.get("net") or []:
+        if not isinstance(item, dict):
+            continue
+        try:
+            net = parse_net(str(item.get("net type")))
+        except Lu2kError:
+            continue
+        old = next((n for n in current.get("net") or [] if _same_net(n, net)), None)
+        if old is not None:
+            keep(item.get("lu2k"), old.get("lu2k"))
+    top = out.get("lu2k")
+    if isinstance(top, dict):
+        keep(top.get("defaults"), (current.get("lu2k") or {}).get("defaults"))
+    return out
+
+
 def _same_net(item: Any, net: Net) -> bool:
     try:
         return isinstance(item, dict) and parse_net(str(item.get("net type"))) == net
@@ -189,6 +216,7 @@ class ConfigController:
             incoming = {}
         if not isinstance(incoming, dict):
             raise ConfigError("the top level must be a mapping of sections", where="import")
+        incoming = _restore_hidden_keys(incoming, self.doc)
         # The fragment must be valid on its own (every error, with its path) before merging.
         parse_data(incoming, source="import")
         mode = "replace" if args.get("replace") else ("del" if args.get("del") else "add")

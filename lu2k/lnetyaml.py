@@ -40,12 +40,15 @@ ignored, so an ``lnetctl export`` file imports as is; anything else unknown is a
 lu2k's keys stay under ``lu2k:`` so a plain lnetctl file still parses here and an lu2k file
 still parses in lnetctl (which ignores keys it does not know inside an entry).
 
-Validation collects *every* problem with its YAML path (``net[0].local NI(s)[1].nid``) and
-rejects the document whole with one :class:`~lu2k.errors.ConfigError` whose ``errors`` lists
-them.  :func:`resolve` then applies it to a host (interfaces in detection order) to get the
-concrete NIs, NIDs and routes, checking what only the host can tell (interfaces exist,
-gateways are on a local net).  Nothing here touches the machine: pure functions of their
-arguments.
+This is the one pass over the document: :func:`parse_data` checks every value, lu2k's keys
+included, with the validators of :mod:`lu2k.values`, collects *every* problem with its YAML
+path (``net[0].local NI(s)[1].nid``) and rejects the document whole with one
+:class:`~lu2k.errors.ConfigError` whose ``errors`` lists them.  :func:`resolve` then applies it
+to a host (interfaces in detection order, those that are down invisible) to get the concrete
+NIs, NIDs and routes, checking what only the host can tell (interfaces exist and are up,
+gateways are on a local net).  :mod:`lu2k.settings` builds the daemon's configuration from
+the result without reading the YAML again.  Nothing here touches the machine: pure functions
+of their arguments.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ LNET_GLOBALS: dict[str, tuple[int | None, int | None]] = {
     "recovery_limit": (0, None),
     "max_recovery_ping_interval": (1, None),
 }
-# lu2k's own global knobs (the daemon's; lu2k.settings reads them too).
+# lu2k's own global knobs (the daemon's GlobalConfig, lu2k.settings).
 LU2K_GLOBALS: dict[str, tuple[type, float, float]] = {
     "connect_timeout": (float, 0.001, 3600),
     "reconnect_min": (float, 0.001, 3600),
@@ -1063,89 +1066,6 @@ def resolve(cfg: LnetConfig, interfaces: Iterable[InterfaceLike] | None = None, 
     return Resolved(nets, routes, router, notes)
 
 
-def expand_for_daemon(data: Any, *, source: str = "<yaml>", interfaces: Iterable[InterfaceLike] | None = None) -> Any:
-    """Check a daemon config document against the lnetctl schema, then rewrite what only the
-    host can resolve into plain entries the daemon's settings read directly.
-
-    Raises ConfigError listing every schema problem.  NIs given only by ``interfaces`` get
-    their NIDs; ``lu2k.networks``/``lu2k.ip2nets`` and ``ip2nets:`` rules become ``net``
-    entries (with ``lu2k.defaults`` as their ``lu2k`` options); ``lu2k.routes`` become
-    ``route`` entries; ``net`` entries get ``lu2k.defaults`` for the lu2k options they lack
-    (so a plain ``lnetctl export`` plus a ``lu2k: {defaults: ...}`` block is a daemon config).
-    The host's interfaces are ``interfaces``, else ``lu2k.interfaces``,
-    else :func:`lu2k.config.system_interfaces`.  A document needing none of this comes back
-    unchanged.
-    """
-    import copy
-
-    from .config import system_interfaces
-
-    if not isinstance(data, Mapping):
-        return data  # the caller says what is wrong with it
-    cfg = parse_data(data, source=source, complete=True)
-    lu = cfg.lu2k
-    interface_only = any(ni.interfaces and ni.nid is None for n in cfg.nets for ni in n.nis)
-    expressions = any(isinstance(r, Mapping) and _is_expression(str(r.get("gateway", ""))) for r in data.get("route") or [])
-    defaults = dict(lu.get("defaults") or {})
-    if not (cfg.ip2nets or cfg.ip2net or lu.get("networks") or lu.get("ip2nets") or lu.get("routes") or interface_only
-            or expressions or defaults):
-        return data
-    if interfaces is None:
-        interfaces = lu.get("interfaces") or system_interfaces()
-    try:
-        res = resolve(cfg, interfaces)
-    except ConfigError as e:
-        raise ConfigError(f"{len(e.errors)} error(s) applying the configuration to this host", where=source, errors=e.errors) from None
-    out = copy.deepcopy(dict(data))
-    explicit = {n.net for n in cfg.nets}
-    by_net = {rn.net: rn for rn in res.nets}
-    items = []
-    for item in out.get("net") or []:
-        try:
-            net = parse_net(str(item.get("net type")))
-        except NidError:
-            continue
-        if net.type == "lo":
-            continue
-        rn = by_net.get(net)
-        if rn is not None and net in explicit:
-            nis = []
-            for ni_item in item.get("local NI(s)") or []:
-                if isinstance(ni_item, Mapping) and "nid" not in ni_item and ni_item.get("interfaces"):
-                    names = {x.interface for x in (parse_interface_item(v) for v in _seq(_Errors(), "", ni_item["interfaces"]) or [])}
-                    for ni in rn.nis:
-                        if ni.interface in names:
-                            nis.append({**{k: v for k, v in ni_item.items() if k != "interfaces"}, "nid": str(ni.nid)})
-                else:
-                    nis.append(ni_item)
-            item = {**item, "local NI(s)": nis}
-        if defaults:
-            # A plain lnetctl entry gets lu2k.defaults for whatever lu2k options it lacks.
-            item = {**item, "lu2k": {**defaults, **(item.get("lu2k") or {})}}
-        items.append(item)
-    for rn in res.nets:
-        if rn.net not in explicit:
-            items.append({"net type": str(rn.net), "local NI(s)": [{"nid": str(ni.nid)} for ni in rn.nis], "lu2k": dict(defaults)})
-    out["net"] = items
-    if expressions:
-        out["route"] = [
-            {**item, "gateway": str(r.gateway)}
-            for item in out.get("route") or []
-            for r in _parse_route(_Errors(), "route", item, True)
-        ]
-    listed = {(r.net, r.gateway) for r in cfg.routes}
-    extra = [
-        {"net": str(r.net), "gateway": str(r.gateway), "hop": -1 if r.hops is None else r.hops, "priority": r.priority}
-        for r in res.routes
-        if (r.net, r.gateway) not in listed
-    ]
-    if extra:
-        out["route"] = list(out.get("route") or []) + extra
-    if res.router:
-        out["routing"] = {**(out.get("routing") or {}), "enable": 1}
-    return out
-
-
 def apply_set(cfg: LnetConfig, name: str, value: Any) -> LnetConfig:
     """``lnetctl set <name> <value>`` on a copy of ``cfg``: validated, never half-applied.
 
@@ -1178,5 +1098,5 @@ def apply_set(cfg: LnetConfig, name: str, value: Any) -> LnetConfig:
 
 __all__ = [
     "LnetConfig", "NetEntry", "NiEntry", "PeerEntry", "Resolved", "ResolvedNet", "ResolvedNi", "RouteEntry",
-    "apply_set", "dumps", "expand_for_daemon", "load", "loads", "parse_data", "resolve", "to_data",
+    "apply_set", "dumps", "load", "loads", "parse_data", "resolve", "to_data",
 ]

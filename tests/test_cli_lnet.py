@@ -72,3 +72,16 @@ def test_check(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     rc, _, err = run(capsys, "check", str(f), "--if", "eth0=10.0.0.1")
     assert rc == 1 and "'eth7' does not exist" in err
     assert run(capsys)[0] == 2
+
+
+def test_check_never_prints_the_key(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    f = tmp_path / "lnet.yaml"
+    f.write_text("net:\n  - net type: tcp\n    local NI(s): [{nid: 10.0.0.1@tcp}]\n    lu2k: {key: very-secret-network-key}\n"
+                 "lu2k: {defaults: {key: another-secret-network-key}}\n")
+    rc, out, _ = run(capsys, "check", str(f), "--if", "eth0=10.0.0.1")
+    assert rc == 0 and "very-secret" not in out and "another-secret" not in out and out.count("<hidden: export --secrets to include>") == 2
+
+
+def test_if_down_makes_the_interface_invisible(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, "ip2nets", "tcp(eth0) 192.168.*.*; tcp1 10.*.*.*", "--if", "eth0=192.168.1.2,down", "--if", "eth1=10.0.0.2")
+    assert rc == 0 and out.splitlines() == ["networks=tcp1", "tcp1(eth1)"]

@@ -403,35 +403,31 @@ def test_net_type_names() -> None:
 DAEMON_LU2K = {"backend": "tcp", "port": 7988, "key": "a-site-key-of-some-length"}
 
 
-def test_expand_for_daemon_leaves_plain_documents_alone() -> None:
-    from lu2k.lnetyaml import expand_for_daemon
-
-    data = {"net": [{"net type": "tcp", "local NI(s)": [{"nid": "10.0.0.1@tcp"}], "lu2k": DAEMON_LU2K}]}
-    assert expand_for_daemon(data) is data
-
-
-def test_expand_for_daemon_legacy_strings_and_interface_nis() -> None:
-    from lu2k.lnetyaml import expand_for_daemon
+def test_daemon_config_from_legacy_strings_and_interface_nis() -> None:
+    """One pass: the document is checked and applied to the host; the daemon config comes out."""
+    from lu2k.settings import parse_config
 
     data = {
         "net": [{"net type": "tcp2", "local NI(s)": [{"interfaces": {0: "eth1"}, "tunables": {"credits": 5}}], "lu2k": DAEMON_LU2K}],
         "route": [{"net": "o2ib3", "gateway": "192.168.3.[8-9]@tcp2"}],
         "lu2k": {"networks": "tcp(eth0)", "routes": "tcp1 10.0.0.2@tcp; tcp4 10.0.0.1@tcp", "defaults": DAEMON_LU2K},
     }
-    out = expand_for_daemon(data, interfaces=HOST)
-    assert out["net"][0]["local NI(s)"] == [{"tunables": {"credits": 5}, "nid": "192.168.3.3@tcp2"}]
-    assert out["net"][1] == {"net type": "tcp", "local NI(s)": [{"nid": "10.0.0.1@tcp"}], "lu2k": DAEMON_LU2K}
-    assert [(r["net"], r["gateway"]) for r in out["route"]] == [
+    before = repr(data)
+    cfg = parse_config(data, interfaces=HOST)
+    assert [(str(n.net), str(n.nid), n.credits, n.where) for n in cfg.nets] == [
+        ("tcp2", "192.168.3.3@tcp2", 5, "net[0]"), ("tcp", "10.0.0.1@tcp", 256, "lu2k (networks) net tcp")]
+    assert all(n.key == b"a-site-key-of-some-length" for n in cfg.nets)
+    assert [(str(r.net), str(r.gateway)) for r in cfg.routes] == [
         ("o2ib3", "192.168.3.8@tcp2"), ("o2ib3", "192.168.3.9@tcp2"), ("tcp1", "10.0.0.2@tcp")]
-    assert out["routing"] == {"enable": 1}  # 10.0.0.1@tcp is ours: we are a router
-    assert data["net"][0]["local NI(s)"][0].get("nid") is None  # the input is not modified
+    assert cfg.routing is True  # 10.0.0.1@tcp is ours: we are a router
+    assert repr(data) == before  # the input is not modified
 
 
-def test_expand_for_daemon_reports_host_problems_whole() -> None:
-    from lu2k.lnetyaml import expand_for_daemon
+def test_daemon_config_reports_host_problems_whole() -> None:
+    from lu2k.settings import parse_config
 
     with pytest.raises(ConfigError) as ei:
-        expand_for_daemon({"lu2k": {"ip2nets": "tcp 172.16.*.*", "routes": "tcp1 1.1.1.1@o2ib"}}, interfaces=HOST)
+        parse_config({"lu2k": {"ip2nets": "tcp 172.16.*.*", "routes": "tcp1 1.1.1.1@o2ib"}}, interfaces=HOST)
     assert any("does not match" in e for e in ei.value.errors)
 
 

@@ -33,6 +33,7 @@ from ..config import (
 from ..errors import ConfigError, NidError
 from ..lnetyaml import dumps, load, resolve
 from ..nid import NidList, parse_net, parse_nid
+from ..values import HIDDEN_KEY
 
 
 def _interfaces(args: argparse.Namespace) -> list[Any]:
@@ -115,6 +116,9 @@ def _routes(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     cfg = load(args.file)
     res = resolve(cfg, _interfaces(args))
+    for lu in [n.lu2k for n in cfg.nets] + [cfg.lu2k.get("defaults") or {}]:
+        if "key" in lu:
+            lu["key"] = HIDDEN_KEY  # a check prints the document, never the network's key
     print(dumps(cfg), end="")
     for n in res.nets:
         print(f"# net {n.net} ({n.origin}): " + ", ".join(f"{ni.nid}" + (f" on {ni.interface}" if ni.interface else "") for ni in n.nis))
