@@ -11,23 +11,45 @@ It offers the part of ``asyncio.DatagramTransport`` that aioquic's ``QuicServer`
 ``QuicConnectionProtocol`` use: ``sendto``, ``close``, ``is_closing``, ``get_extra_info``.
 A full socket send buffer drops the datagram (UDP semantics; QUIC recovers it); other send
 errors go to the protocol's ``error_received``.
+
+Forward error correction (:mod:`lu2k.fec`) sits here, under QUIC: with ``fec`` on, every
+datagram to a peer goes out wrapped and each closed group is followed by its repair; FEC
+frames from a peer are always understood (whatever our own setting), their datagrams and any
+rebuilt ones passed to QUIC, and the loss seen in them reported back once a second so that a
+peer in ``auto`` mode can size its repair.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections import OrderedDict
 from typing import Any
+
+from ..fec import FecDecoder, FecEncoder, FecSettings, is_fec_frame
 
 BATCH = 64
 MAX_DATAGRAM = 65536
+MAX_FEC_PEERS = 1024  # addresses with FEC state; the least recently used is forgotten first
+
+
+class _FecPeer:
+    def __init__(self, addr: Any, settings: FecSettings | None, now: float) -> None:
+        self.addr = addr  # as the socket gave it (an IPv6 address keeps its scope)
+        self.encoder = FecEncoder(settings) if settings is not None else None
+        self.decoder = FecDecoder()
+        self.next_report = now + (settings.report_interval if settings is not None else 1.0)
+        self.heard = False  # FEC frames came from this peer: it wants our loss reports
 
 
 class BatchedUdpEndpoint:
     """A non-blocking UDP socket driven by ``loop.add_reader``; see the module docstring."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: Any) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: Any, fec: FecSettings | None = None) -> None:
         self._loop = loop
+        self._fec = fec if fec is not None and fec.enabled else None
+        self._fec_peers: OrderedDict[Any, _FecPeer] = OrderedDict()
+        self._fec_timer: asyncio.TimerHandle | None = None
         self._sock = sock
         self._protocol = protocol
         self._closing = False
@@ -49,6 +71,16 @@ class BatchedUdpEndpoint:
     def sendto(self, data: bytes, addr: Any = None) -> None:
         if self._closing:
             return
+        if self._fec is not None:
+            peer = self._fec_peer(addr)
+            assert peer.encoder is not None
+            for frame in peer.encoder.wrap(data, self._loop.time()):
+                self._send(frame, addr)
+            self._arm_fec_timer()
+            return
+        self._send(data, addr)
+
+    def _send(self, data: bytes, addr: Any) -> None:
         try:
             if addr is None:
                 self._sock.send(data)
@@ -69,6 +101,8 @@ class BatchedUdpEndpoint:
         if self._closing:
             return
         self._closing = True
+        if self._fec_timer is not None:
+            self._fec_timer.cancel()
         try:
             self._loop.remove_reader(self._fd)
         except (ValueError, OSError):
@@ -97,7 +131,10 @@ class BatchedUdpEndpoint:
                     self._protocol.error_received(e)
                     break
                 try:
-                    self._protocol.datagram_received(data, addr)
+                    if is_fec_frame(data):
+                        self._fec_received(data, addr)
+                    else:
+                        self._protocol.datagram_received(data, addr)
                 except Exception as e:  # a bug in one datagram's handling must not stop the endpoint
                     self._loop.call_exception_handler({"message": "QUIC datagram handling failed", "exception": e})
                 if self._closing:
@@ -107,3 +144,68 @@ class BatchedUdpEndpoint:
             deferred, self._deferred = self._deferred, {}
             for protocol in deferred.values():
                 protocol.transmit()
+
+    # --- forward error correction --------------------------------------------------------------------
+
+    def _fec_peer(self, addr: Any) -> _FecPeer:
+        key = addr if addr is None else tuple(addr[:2])
+        peer = self._fec_peers.get(key)
+        if peer is None:
+            peer = self._fec_peers[key] = _FecPeer(addr, self._fec, self._loop.time())
+            while len(self._fec_peers) > MAX_FEC_PEERS:
+                self._fec_peers.popitem(last=False)
+        else:
+            self._fec_peers.move_to_end(key)
+        return peer
+
+    def _fec_received(self, frame: bytes, addr: Any) -> None:
+        peer = self._fec_peer(None if self._extra.get("peername") is not None else addr)
+        peer.heard = True
+        datagrams, report = peer.decoder.receive(frame)
+        if report is not None and peer.encoder is not None:
+            peer.encoder.on_report(*report)
+        for d in datagrams:
+            self._protocol.datagram_received(d, addr)
+        self._arm_fec_timer()
+
+    def _arm_fec_timer(self) -> None:
+        if self._closing:
+            return
+        deadlines = []
+        for peer in self._fec_peers.values():
+            if peer.encoder is not None and (d := peer.encoder.next_deadline()) is not None:
+                deadlines.append(d)
+            if peer.heard:
+                deadlines.append(peer.next_report)
+        if not deadlines:
+            return
+        when = min(deadlines)
+        if self._fec_timer is not None:
+            if self._fec_timer.when() <= when:
+                return
+            self._fec_timer.cancel()
+        self._fec_timer = self._loop.call_at(when, self._on_fec_timer)
+
+    def _on_fec_timer(self) -> None:
+        self._fec_timer = None
+        now = self._loop.time()
+        interval = self._fec.report_interval if self._fec is not None else 1.0
+        for peer in list(self._fec_peers.values()):
+            if peer.encoder is not None:
+                for frame in peer.encoder.handle_timer(now):
+                    self._send(frame, peer.addr)
+            if peer.heard and now >= peer.next_report:
+                peer.next_report = now + interval
+                report = peer.decoder.take_report()
+                if report is not None:
+                    self._send(report, peer.addr)
+        self._arm_fec_timer()
+
+    def fec_stats(self) -> dict[str, int]:
+        """Summed over peers: what FEC sent, rebuilt and measured."""
+        out: dict[str, int] = {}
+        for peer in self._fec_peers.values():
+            for src in ((peer.encoder.stats if peer.encoder else {}), peer.decoder.stats):
+                for k, v in src.items():
+                    out[k] = out.get(k, 0) + v
+        return out
