@@ -42,9 +42,12 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import zfec
-
 from .errors import ConfigError
+
+try:
+    import zfec
+except ImportError:  # pragma: no cover - only without the quic extra; FEC then refuses to turn on
+    zfec = None
 
 KIND_DATA = 0x10
 KIND_REPAIR = 0x11
@@ -90,6 +93,8 @@ class FecSettings:
     def __post_init__(self) -> None:
         if self.mode not in ("off", "fixed", "auto"):
             raise ConfigError(f"fec mode must be off, auto or a ratio, got {self.mode!r}", where="fec")
+        if self.mode != "off" and zfec is None:
+            raise ConfigError("fec needs the zfec package (pip install 'lu2k[quic]')", where="fec")
         if not (0.0 <= self.ratio <= 1.0 and math.isfinite(self.ratio)):
             raise ConfigError(f"fec ratio must be 0..100%, got {self.ratio}", where="fec")
         if not 1 <= self.k_max <= 200:
@@ -324,7 +329,7 @@ class FecDecoder:
             self._evict()
 
     def _try_recover(self, g: _RxGroup) -> list[bytes]:
-        if g.done or g.k is None or g.r is None:
+        if g.done or g.k is None or g.r is None or zfec is None:
             return []
         k = g.k
         if len(g.data) >= k:
