@@ -15,7 +15,7 @@ import pytest
 
 from lu2k.errors import ConfigError, NetworkError
 from lu2k.lab.latency import (
-    RECORD, STAMP, RecordDecoder, Schedule, cdf, encode_record, floor_ms, format_latency, parse_loads, parse_sizes,
+    RECORD, STAMP, RecordDecoder, Schedule, cdf, credits_for, encode_record, floor_ms, format_latency, parse_loads, parse_sizes,
     percentiles, run_latency, send_interval,
 )
 from lu2k.lab.spec import LinkSpec, build_specs
@@ -75,6 +75,13 @@ def test_record_stream_rejects_corrupt_lengths() -> None:
             RecordDecoder().feed(RECORD.pack(length, 0, 0.0))
 
 
+def test_credits_for_fill_the_link() -> None:
+    geo, _ = build_specs("geo")
+    assert credits_for(geo, 1024) == int(2 * 20e6 * 0.6 / 8 / 1024)  # 2 BDPs of 1 KiB messages
+    assert credits_for(geo, 1 << 20) == 256
+    assert credits_for(LinkSpec(rate_bps=10e9, delay_s=0.3), 64) == 1 << 16
+
+
 def test_schedule() -> None:
     s = Schedule(start=10.0, interval=0.25)
     assert [s.due(k) for k in range(3)] == [10.0, 10.25, 10.5]
@@ -98,6 +105,16 @@ def test_format_table() -> None:
     text = format_latency({"link_mbit": 20.0, "rtt_ms": 600.0, "loss": 0.01, "cells": [cell],
                            "emulator": {"lateness_p99_ms": 0.5}, "load_average": (0.4, 0.3, 0.2)})
     assert "lu2k/quic" in text and "+60" in text and "80%" in text and "load average 0.40" in text
+
+
+def test_option_pairs() -> None:
+    from lu2k.lab.latency import _options
+
+    assert _options(["fec=auto", "rate=20mbit", "ordered=true"]) == {"fec": "auto", "rate": "20mbit", "ordered": True}
+    assert _options(None) == {}
+    for bad in (["fec"], ["=1"]):
+        with pytest.raises(ConfigError, match="--option"):
+            _options(bad)
 
 
 def test_cli_rejects_bad_arguments_without_a_traceback() -> None:

@@ -145,6 +145,16 @@ class Schedule:
         return max(1, int(seconds / self.interval))
 
 
+def credits_for(spec: LinkSpec, size: int) -> int:
+    """Peer credits that let ``size``-byte messages fill the link: two BDPs of them (at least 256).
+
+    A credit is a message in flight until its end-to-end ACK, so small messages need many: 1 KiB
+    messages on a 20 Mbit/s, 600 ms hop need ~1 500 just to carry the link's rate.
+    """
+    bdp = spec.rate_bps * spec.rtt_s / 8 if spec.rate_bps else 0.0
+    return int(min(1 << 16, max(256, 2 * bdp / max(size, 1))))
+
+
 def parse_loads(values: Iterable[str]) -> tuple[float, ...]:
     loads = []
     for v in values:
@@ -405,7 +415,7 @@ def _cell_result(kind: str, size: int, load: float, spec: LinkSpec, recv: dict[s
 
 def run_latency(backend: str, specs: tuple[LinkSpec, LinkSpec], *, sizes: Sequence[int] = DEFAULT_SIZES,
                 loads: Sequence[float] = DEFAULT_LOADS, duration: float = 20.0, warmup: float = 5.0,
-                baseline: str | None = "bbr", log: Any = None) -> dict[str, Any]:
+                baseline: str | None = "bbr", options: dict[str, Any] | None = None, log: Any = None) -> dict[str, Any]:
     """Every (size, load) cell through lu2k, then over kernel TCP; see the module docstring."""
     from .bench import LabDaemons, backend_availability
     from .netns import Lab
@@ -431,7 +441,7 @@ def run_latency(backend: str, specs: tuple[LinkSpec, LinkSpec], *, sizes: Sequen
         with Lab(specs) as lab:
             say(f"lab {lab.lab_id}: {format_rate(spec.rate_bps)}, RTT {spec.rtt_s * 1e3:g} ms, loss {spec.mean_loss * 100:g}%")
             emu0 = lab.stats()
-            with LabDaemons(lab, backend, wd) as daemons:
+            with LabDaemons(lab, backend, wd, peer_credits=credits_for(spec, min(sizes)), extra_options=options) as daemons:
                 for size in sizes:
                     for load in loads:
                         interval = send_interval(size, spec.rate_bps, load)
@@ -468,7 +478,7 @@ def run_latency(backend: str, specs: tuple[LinkSpec, LinkSpec], *, sizes: Sequen
         shutil.rmtree(wd, ignore_errors=True)
     ab = emu1["links"]["ab"]
     return {
-        "backend": backend, "link_mbit": spec.rate_bps / 1e6, "rtt_ms": spec.rtt_s * 1e3, "loss": spec.mean_loss,
+        "backend": backend, "options": options or {}, "link_mbit": spec.rate_bps / 1e6, "rtt_ms": spec.rtt_s * 1e3, "loss": spec.mean_loss,
         "warmup_s": warmup, "duration_s": duration, "cells": cells,
         "emulator": {"lateness_p99_ms": ab["lateness"]["p99_us"] / 1e3, "lateness_max_ms": ab["lateness"]["max_us"] / 1e3,
                      "drops_queue": ab["drops_queue"] - emu0["links"]["ab"]["drops_queue"],
@@ -515,12 +525,28 @@ def plot_cdf(r: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
+def _options(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """``--option fec=auto --option congestion=bbr`` -> backend options (YAML scalars)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"expected KEY=VALUE, got {pair!r}", where="--option")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"bad value in {pair!r}", where="--option") from None
+    return out
+
+
 def cmd_latency(args: argparse.Namespace) -> int:
     from ..cli.lab import specs_from_args
 
     specs = specs_from_args(args)
     r = run_latency(args.backend, specs, sizes=parse_sizes(args.sizes), loads=parse_loads(args.loads), duration=args.duration,
-                    warmup=args.warmup, baseline=None if args.no_baseline else "bbr", log=sys.stderr)
+                    warmup=args.warmup, baseline=None if args.no_baseline else "bbr", options=_options(args.option), log=sys.stderr)
     print(format_latency(r))
     if args.plot:
         plot_cdf(r, args.plot)
@@ -541,6 +567,8 @@ def register_bench(bsub: Any) -> None:
     lat.add_argument("--sizes", nargs="+", default=["1k", "64k"], help="message sizes (default 1k 64k)")
     lat.add_argument("--duration", type=float, default=20.0, help="measured seconds per cell, after the warm-up")
     lat.add_argument("--warmup", type=float, default=5.0, help="seconds per cell not measured")
+    lat.add_argument("--option", action="append", metavar="KEY=VALUE",
+                     help="a backend option for both daemons, e.g. fec=auto (repeatable)")
     lat.add_argument("--no-baseline", action="store_true", help="skip the kernel TCP BBR cells")
     lat.add_argument("--plot", help="write a latency CDF PNG here")
     lat.add_argument("--json", action="store_true", help="last line: the result as JSON")
