@@ -239,7 +239,9 @@ def _lu2k_sender(args: argparse.Namespace) -> dict[str, Any]:
                 key = getattr(comp.status, "name", str(comp.status))
                 failed[key] = failed.get(key, 0) + 1
 
-    with Endpoint.attach(args.socket, portal=1, tx_pool_bytes=tx_pool_bytes(args.size, 256)) as ep:
+    # A TX slot is held until the end-to-end ACK: the pool must hold a round trip of messages
+    # or the pool, not the path, sets the rate.
+    with Endpoint.attach(args.socket, portal=1, tx_pool_bytes=tx_pool_bytes(args.size, args.in_flight)) as ep:
         sched = Schedule(time.monotonic() + 0.2, args.interval)
         for k in range(args.count):
             due = sched.due(k)
@@ -357,6 +359,7 @@ def helper_main(argv: list[str] | None = None) -> int:
         s.add_argument("--count", type=int, required=True)
         if name == "sender":
             s.add_argument("--socket", required=True)
+            s.add_argument("--in-flight", type=int, default=256, help="messages the TX pool must hold")
         else:
             s.add_argument("--port", type=int, required=True)
             s.add_argument("--cc", default="bbr")
@@ -452,7 +455,7 @@ def run_latency(backend: str, specs: tuple[LinkSpec, LinkSpec], *, sizes: Sequen
                             _argv("receiver", "--socket", daemons.shim("b"), "--count", str(count), "--skip", str(skip),
                                   "--max-time", str(warmup + duration + 120)),
                             _argv("sender", "--socket", daemons.shim("a"), "--to", daemons.nids["b"], "--size", str(size),
-                                  "--interval", repr(interval), "--count", str(count)),
+                                  "--interval", repr(interval), "--count", str(count), "--in-flight", str(credits_for(spec, size))),
                             warmup + duration + 180)
                         cells.append(_cell_result(f"lu2k/{backend}", size, load, spec, recv, send))
             emu1 = lab.stats()
