@@ -138,3 +138,36 @@ def test_quic_option_fec_is_validated() -> None:
     assert make("auto")._datagram_size(socket.AF_INET) == 1468  # room for FEC's 4-byte header
     with pytest.raises(ConfigError, match="fec"):
         make("lots")
+
+
+async def test_gso_sends_a_transmit_pass_in_one_call_and_gro_splits_it() -> None:
+    loop = asyncio.get_running_loop()
+    a, pa, b, pb = _pair(loop, None, None)
+    try:
+        datagrams = [bytes([0x40, i]) * 600 for i in range(10)] + [b"\x40short"]
+        with a.holding():
+            for d in datagrams:
+                a.sendto(d)
+            assert a.stats["datagrams_sent"] == 0  # queued until the pass ends
+        await _until(lambda: len(pb.datagrams) == 11, "11 datagrams at b")
+        assert pb.datagrams == datagrams  # in order, cut back at the right places
+        assert a.stats["datagrams_sent"] == 11
+        assert a.stats["sendmsg_calls"] == (1 if a.gso else 11)
+        # Outside a transmit pass a datagram goes at once.
+        a.sendto(b"\x40now")
+        assert a.stats["datagrams_sent"] == 12
+    finally:
+        a.close()
+        b.close()
+    await asyncio.wait_for(pa.lost, 5)
+    await asyncio.wait_for(pb.lost, 5)
+
+
+def test_split_gro() -> None:
+    from lu2k.backends.quic_udp import GSO_SIZE, UDP_GRO, _split_gro
+
+    buf = b"a" * 100 + b"b" * 100 + b"c" * 30
+    assert _split_gro(buf, [(socket.SOL_UDP, UDP_GRO, GSO_SIZE.pack(100))]) == [b"a" * 100, b"b" * 100, b"c" * 30]
+    assert _split_gro(buf, []) == [buf]
+    assert _split_gro(buf, [(socket.SOL_UDP, UDP_GRO, GSO_SIZE.pack(0))]) == [buf]  # nonsense size: as one datagram
+    assert _split_gro(buf, [(socket.SOL_UDP, UDP_GRO, b"")]) == [buf]

@@ -12,6 +12,11 @@ It offers the part of ``asyncio.DatagramTransport`` that aioquic's ``QuicServer`
 A full socket send buffer drops the datagram (UDP semantics; QUIC recovers it); other send
 errors go to the protocol's ``error_received``.
 
+Segmentation offload: while a protocol transmits (:meth:`holding`), datagrams are queued and
+then sent in runs of equal size to one address as a single ``sendmsg`` with ``UDP_SEGMENT``
+(GSO: the kernel cuts the buffer into datagrams), and ``UDP_GRO`` lets the kernel hand us such
+runs whole on receive.  Either falls back to one datagram per call where the kernel refuses it.
+
 Forward error correction (:mod:`lu2k.fec`) sits here, under QUIC: with ``fec`` on, every
 datagram to a peer goes out wrapped and each closed group is followed by its repair; FEC
 frames from a peer are always understood (whatever our own setting), their datagrams and any
@@ -22,8 +27,12 @@ peer in ``auto`` mode can size its repair.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import socket
+import struct
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 from ..fec import FecDecoder, FecEncoder, FecSettings, is_fec_frame
@@ -31,6 +40,13 @@ from ..fec import FecDecoder, FecEncoder, FecSettings, is_fec_frame
 BATCH = 64
 MAX_DATAGRAM = 65536
 MAX_FEC_PEERS = 1024  # addresses with FEC state; the least recently used is forgotten first
+UDP_SEGMENT = 103  # linux/udp.h; not in Python's socket module
+UDP_GRO = 104
+GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS
+GSO_MAX_BYTES = 65000
+GSO_SIZE = struct.Struct("@H")
+_CMSG_SPACE = socket.CMSG_SPACE(GSO_SIZE.size)
+GSO_UNSUPPORTED = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 
 
 class _FecPeer:
@@ -56,6 +72,11 @@ class BatchedUdpEndpoint:
         self.batching = False
         self._deferred: dict[int, Any] = {}  # protocols whose transmit waits for the batch end
         self.send_drops = 0
+        self._holding = 0
+        self._out: list[tuple[bytes, Any]] = []
+        self.gso = True
+        self.gro = _enable_gro(sock)
+        self.stats = {"sendmsg_calls": 0, "datagrams_sent": 0, "gro_reads": 0, "datagrams_received": 0}
         sock.setblocking(False)
         self._fd = sock.fileno()
         self._extra = {"socket": sock, "sockname": sock.getsockname()}
@@ -80,16 +101,68 @@ class BatchedUdpEndpoint:
             return
         self._send(data, addr)
 
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Queue what is sent inside; send it in GSO runs at the end (a protocol's transmit)."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            if not self._holding:
+                self._flush()
+
     def _send(self, data: bytes, addr: Any) -> None:
+        self._out.append((data, addr))
+        if not self._holding or len(self._out) >= 4 * GSO_MAX_SEGMENTS:
+            self._flush()
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        i = 0
+        while i < len(out):
+            data, addr = out[i]
+            size = len(data)
+            j, total = i + 1, size
+            if self.gso:
+                # A run: same address, same size; only its last datagram may be shorter.
+                while (j < len(out) and j - i < GSO_MAX_SEGMENTS and out[j][1] == addr and len(out[j - 1][0]) == size
+                       and len(out[j][0]) <= size and total + len(out[j][0]) <= GSO_MAX_BYTES):
+                    total += len(out[j][0])
+                    j += 1
+            if j - i == 1:
+                self._send_one(data, addr)
+            else:
+                self._send_run([d for d, _ in out[i:j]], size, addr)
+            i = j
+
+    def _send_one(self, data: bytes, addr: Any) -> None:
         try:
             if addr is None:
                 self._sock.send(data)
             else:
                 self._sock.sendto(data, addr)
+            self.stats["sendmsg_calls"] += 1
+            self.stats["datagrams_sent"] += 1
         except (BlockingIOError, InterruptedError):
             self.send_drops += 1
         except OSError as e:
             self._protocol.error_received(e)
+
+    def _send_run(self, run: list[bytes], size: int, addr: Any) -> None:
+        try:
+            self._sock.sendmsg([b"".join(run)], [(socket.SOL_UDP, UDP_SEGMENT, GSO_SIZE.pack(size))], 0, *(() if addr is None else (addr,)))
+            self.stats["sendmsg_calls"] += 1
+            self.stats["datagrams_sent"] += len(run)
+        except (BlockingIOError, InterruptedError):
+            self.send_drops += len(run)
+        except OSError as e:
+            if e.errno not in GSO_UNSUPPORTED:
+                self._protocol.error_received(e)
+                return
+            self.gso = False  # this kernel or device will not segment for us: one datagram per call
+            for d in run:
+                self._send_one(d, addr)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._extra.get(name, default)
@@ -124,19 +197,27 @@ class BatchedUdpEndpoint:
         try:
             for _ in range(BATCH):
                 try:
-                    data, addr = self._sock.recvfrom(MAX_DATAGRAM)
+                    if self.gro:
+                        buf, anc, _flags, addr = self._sock.recvmsg(MAX_DATAGRAM, _CMSG_SPACE)
+                        datagrams = _split_gro(buf, anc)
+                        self.stats["gro_reads"] += len(datagrams) > 1
+                    else:
+                        buf, addr = self._sock.recvfrom(MAX_DATAGRAM)
+                        datagrams = [buf]
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as e:  # ICMP errors on a connected socket, mostly
                     self._protocol.error_received(e)
                     break
-                try:
-                    if is_fec_frame(data):
-                        self._fec_received(data, addr)
-                    else:
-                        self._protocol.datagram_received(data, addr)
-                except Exception as e:  # a bug in one datagram's handling must not stop the endpoint
-                    self._loop.call_exception_handler({"message": "QUIC datagram handling failed", "exception": e})
+                self.stats["datagrams_received"] += len(datagrams)
+                for data in datagrams:
+                    try:
+                        if is_fec_frame(data):
+                            self._fec_received(data, addr)
+                        else:
+                            self._protocol.datagram_received(data, addr)
+                    except Exception as e:  # a bug in one datagram's handling must not stop the endpoint
+                        self._loop.call_exception_handler({"message": "QUIC datagram handling failed", "exception": e})
                 if self._closing:
                     break
         finally:
@@ -209,3 +290,21 @@ class BatchedUdpEndpoint:
                 for k, v in src.items():
                     out[k] = out.get(k, 0) + v
         return out
+
+
+def _enable_gro(sock: socket.socket) -> bool:
+    try:
+        sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+        return True
+    except OSError:
+        return False
+
+
+def _split_gro(buf: bytes, ancdata: list[tuple[int, int, bytes]]) -> list[bytes]:
+    """One read with UDP_GRO: the datagrams it holds (a run of ``size`` bytes, the last shorter)."""
+    for level, kind, value in ancdata:
+        if level == socket.SOL_UDP and kind == UDP_GRO and len(value) >= GSO_SIZE.size:
+            (size,) = GSO_SIZE.unpack_from(value)
+            if 0 < size < len(buf):
+                return [buf[i : i + size] for i in range(0, len(buf), size)]
+    return [buf]
