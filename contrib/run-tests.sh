@@ -22,6 +22,10 @@ python3 -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
 "$venv/bin/pip" install -q '.[test]'
 
+# Lint and types first (configured in pyproject.toml); an error fails the run.
+"$venv/bin/ruff" check .
+"$venv/bin/mypy"
+
 status=0
 "$venv/bin/python" -m pytest -p no:cacheprovider -q "$@" || status=$?
 if [ -x contrib/kernel-tests/run ] && [ $# -eq 0 ]; then

@@ -16,19 +16,36 @@ from __future__ import annotations
 import asyncio
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
 from .errors import ConfigError, Lu2kError
 from .lnetyaml import SET_ALIASES, apply_set, dumps, parse_data
 from .nid import Net, NidList, parse_net, parse_nid
-from .routing import Route
 from .settings import DEFAULT_CONFIG_YAML, DaemonConfig, NetConfig, parse_config
+from .values import HIDDEN_KEY
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
     from .engine import Engine
+
+
+class ControlRegistry(Protocol):
+    def register(self, name: str, fn: Callable[[dict[str, Any]], Awaitable[Any]]) -> None: ...
+
+
+class Daemon(Protocol):
+    """What the configuration commands need of the daemon that runs them (lu2k.daemon.Daemon
+    is one; naming it by shape keeps the daemon -> confctl import one way)."""
+
+    config: DaemonConfig
+
+    @property
+    def engine(self) -> "Engine": ...
+
+    @property
+    def control(self) -> ControlRegistry: ...
 
 SECRET_KEYS = ("key",)
 
@@ -66,7 +83,7 @@ def document_from_config(cfg: DaemonConfig) -> dict[str, Any]:
         ]
     doc["global"] = dict(vars(cfg.global_))
     doc["routing"] = {"enable": int(cfg.routing)}
-    shim = {"path": cfg.shim.path, "max_in_flight": cfg.shim.max_in_flight, **cfg.shim.options}
+    shim = cfg.shim.to_data()
     doc["lu2k"] = {"shim": shim, "control": {"path": cfg.control_path}}
     return doc
 
@@ -103,10 +120,37 @@ def _hide_secrets(doc: dict[str, Any]) -> dict[str, Any]:
         if isinstance(lu, dict):
             for k in SECRET_KEYS:
                 if k in lu:
-                    lu[k] = "<hidden: export --secrets to include>"
+                    lu[k] = HIDDEN_KEY
     defaults = (out.get("lu2k") or {}).get("defaults")
     if isinstance(defaults, dict) and "key" in defaults:
-        defaults["key"] = "<hidden: export --secrets to include>"
+        defaults["key"] = HIDDEN_KEY
+    return out
+
+
+def _restore_hidden_keys(incoming: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """A plain ``export`` shows keys as a placeholder; importing it back keeps the keys the
+    daemon has (per net, and for ``lu2k.defaults``) instead of taking the placeholder for one.
+    A placeholder with no key to keep stays, and the import is refused saying so."""
+    out = copy.deepcopy(incoming)
+
+    def keep(lu: Any, old: Any) -> None:
+        if isinstance(lu, dict) and lu.get("key") == HIDDEN_KEY and isinstance(old, dict) and ("key" in old or "key_file" in old):
+            del lu["key"]
+            lu.update({k: old[k] for k in ("key", "key_file") if k in old})
+
+    for item in out.get("net") or []:
+        if not isinstance(item, dict):
+            continue
+        try:
+            net = parse_net(str(item.get("net type")))
+        except Lu2kError:
+            continue
+        old = next((n for n in current.get("net") or [] if _same_net(n, net)), None)
+        if old is not None:
+            keep(item.get("lu2k"), old.get("lu2k"))
+    top = out.get("lu2k")
+    if isinstance(top, dict):
+        keep(top.get("defaults"), (current.get("lu2k") or {}).get("defaults"))
     return out
 
 
@@ -137,7 +181,7 @@ def _route_key(item: Any) -> tuple[str, str]:
 class ConfigController:
     """The configuration commands of one daemon."""
 
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.doc, self.base_dir = load_document(daemon.config)
         self.lock = asyncio.Lock()
@@ -149,11 +193,16 @@ class ConfigController:
     # -- commands -----------------------------------------------------------------------
 
     async def export(self, args: dict[str, Any]) -> dict[str, Any]:
-        doc = self.doc if args.get("secrets") else _hide_secrets(self.doc)
+        secrets = bool(args.get("secrets"))
+        if args.get("raw"):
+            return {"yaml": yaml.safe_dump(self.doc if secrets else _hide_secrets(self.doc), sort_keys=False)}
         # Through lnetyaml so the output is in lnetctl's layout and order.
-        cfg = parse_data(doc, source="export", resolve=False) if not args.get("raw") else None
-        text = dumps(cfg) if cfg is not None else yaml.safe_dump(doc, sort_keys=False)
-        return {"yaml": text}
+        cfg = parse_data(self.doc, source="export", resolve=False)
+        if not secrets:
+            for lu in [n.lu2k for n in cfg.nets] + [cfg.lu2k.get("defaults") or {}]:
+                if "key" in lu:
+                    lu["key"] = HIDDEN_KEY
+        return {"yaml": dumps(cfg)}
 
     async def import_(self, args: dict[str, Any]) -> dict[str, Any]:
         text = args.get("yaml")
@@ -167,6 +216,7 @@ class ConfigController:
             incoming = {}
         if not isinstance(incoming, dict):
             raise ConfigError("the top level must be a mapping of sections", where="import")
+        incoming = _restore_hidden_keys(incoming, self.doc)
         # The fragment must be valid on its own (every error, with its path) before merging.
         parse_data(incoming, source="import")
         mode = "replace" if args.get("replace") else ("del" if args.get("del") else "add")
@@ -409,7 +459,7 @@ async def apply_config(eng: "Engine", old: DaemonConfig, new: DaemonConfig) -> l
         if nc.net not in old_nets:
             changes.append(f"net {nc.net} added ({nc.nid}, {nc.backend})")
     # Routes, peers and globals: one swap each, nothing here can fail half way.
-    eng.set_routes([Route(r.net, r.gateway, r.hops, r.priority) for r in new.routes])
+    eng.set_routes(list(new.routes))
     old_routes = {(r.net, r.gateway) for r in old.routes}
     new_routes = {(r.net, r.gateway) for r in new.routes}
     changes += [f"route {n} {g} added" for n, g in sorted(new_routes - old_routes, key=str)]
@@ -430,7 +480,7 @@ async def apply_config(eng: "Engine", old: DaemonConfig, new: DaemonConfig) -> l
     return changes
 
 
-def register(daemon: "Daemon") -> ConfigController:
+def register(daemon: Daemon) -> ConfigController:
     """Add the configuration commands to a daemon's control socket."""
     ctl = ConfigController(daemon)
     for name, fn in (

@@ -2,8 +2,10 @@
 ``ip2nets:`` rules), read exactly as Lustre 2.17 reads them.
 
 Pure: the host's interfaces come in as an ordered list of ``(name, ipv4)`` pairs standing for
-what the OS reports, in detection order (optionally ``(name, ipv4, up)``); nothing here looks
-at the real machine.
+what the OS reports, in detection order (optionally ``(name, ipv4, state)``, state ``"up"``,
+``"down"`` or a bool); nothing here looks at the real machine.  Interfaces that are down are
+invisible to LNet (``lnet_inet_enumerate`` skips them): they match no ``ip2nets`` rule and a
+net that names one does not start.
 
 Theory of operation, following ``lnet/lnet/config.c``:
 
@@ -28,7 +30,9 @@ Theory of operation, following ``lnet/lnet/config.c``:
   exactly: ``[1-10/2]`` is an error).  Hops are 1..255.  ``lo`` is refused as a net or
   gateway.  A gateway that is one of our own NIDs makes us a router instead of a route.  One
   quirk kept: the priority applied to all of a rule's routes is that of the *last* gateway
-  written (``tcp1 a@tcp:5 b@tcp`` gives priority 0 to both).
+  written (``tcp1 a@tcp:5 b@tcp`` gives priority 0 to both).  A gateway on the very net the
+  route leads to (``tcp1 10.0.0.2@tcp1``) fails the whole string, as ``lnet_add_route``'s
+  -EINVAL fails ``lnet_parse_route``.
 
 lnetctl's YAML ``ip2nets:`` rules (:func:`ip2nets_rules`) follow lnetctl instead: a rule that
 names interfaces keeps only those that exist, are up and match one of its ranges; a rule with
@@ -62,6 +66,7 @@ from .nid import (
     scan_u_exact,
     strim,
 )
+from .routing import Route  # the one Route type: what routes= and the route section give the router
 
 LNET_SINGLE_TEXTBUF_NOB = 4 << 10  # Lustre's bound on one string / one text buffer
 LNET_MAX_TEXTBUF_NOB = 64 << 10  # and on all text buffers of one parse
@@ -121,19 +126,11 @@ def networks_string(specs: Iterable[NetSpec]) -> str:
     return ",".join(str(s) for s in specs)
 
 
-@dataclass(frozen=True)
-class Route:
-    """``routes=`` entry: reach ``net`` through ``gateway``."""
-
-    net: Net
-    gateway: Nid
-    hops: int | None = None
-    priority: int = 0
-
-    def __str__(self) -> str:
-        hops = "" if self.hops is None else f" {self.hops}"
-        prio = f":{self.priority}" if self.priority else ""
-        return f"{self.net}{hops} {self.gateway}{prio}"
+def route_text(route: Route) -> str:
+    """A route as a ``routes=`` entry reads: ``net [hops] gateway[:priority]``."""
+    hops = "" if route.hops is None else f" {route.hops}"
+    prio = f":{route.priority}" if route.priority else ""
+    return f"{route.net}{hops} {route.gateway}{prio}"
 
 
 class RouteList(list):  # type: ignore[type-arg]
@@ -381,9 +378,18 @@ def host_interfaces(interfaces: Iterable[InterfaceLike]) -> list[HostInterface]:
             ip = ipaddress.IPv4Address(item[1] if not isinstance(item[1], str) else item[1].strip())
         except (ValueError, TypeError):
             raise ConfigError(f"interface {item[0]!r} has a bad IPv4 address {item[1]!r}", where="interfaces") from None
-        up = bool(item[2]) if len(item) == 3 else True
+        up = _interface_state(item[0], item[2]) if len(item) == 3 else True
         out.append(HostInterface(item[0], ip, up))
     return out
+
+
+def _interface_state(name: str, state: object) -> bool:
+    """The third member of ``(name, ipv4, state)``: a bool, or ``"up"``/``"down"``."""
+    if isinstance(state, bool):
+        return state
+    if isinstance(state, str) and state.strip().lower() in ("up", "down"):
+        return state.strip().lower() == "up"
+    raise ConfigError(f"interface {name!r}: state must be up/down (or True/False), got {state!r}", where="interfaces")
 
 
 def system_interfaces() -> list[HostInterface]:
@@ -446,6 +452,11 @@ def resolve_interfaces(specs: Iterable[NetSpec], interfaces: Iterable[InterfaceL
                 name = h.name
             elif name not in by_name:
                 errors.append(f"net {spec.net}: interface {name!r} does not exist on this host")
+                continue
+            elif not by_name[name].up:
+                # lnet_inet_enumerate skips interfaces that are not IFF_UP, so the LND's
+                # lnet_inet_select fails: "failed to find UP interface <name>".
+                errors.append(f"net {spec.net}: interface {name!r} is down (LNet uses only UP interfaces)")
                 continue
             if name in seen:
                 continue  # the same NI reached twice (e.g. two interface-less entries)
@@ -855,6 +866,10 @@ def parse_routes(text: str, local_nids: Iterable["Nid | str"] | None = None) -> 
                 if gw in local:
                     result.router = True
                     continue
+                if gw.net == net:
+                    # lnet_add_route: "LNET_NID_NET(gateway) == net" is -EINVAL, which
+                    # lnet_parse_route does not tolerate ("Can't create route to ... via ...").
+                    raise ConfigError(f"Can't create route to {net} via {gw}: the gateway is on the net it routes to", where="routes")
                 result.append(Route(net, gw, hops, priority))
     return result
 
@@ -866,6 +881,7 @@ __all__ = [
     "NiSpec",
     "Route",
     "RouteList",
+    "route_text",
     "check_ip2nets",
     "expand_brackets",
     "host_interfaces",

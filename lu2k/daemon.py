@@ -17,12 +17,11 @@ from typing import Any
 import structlog
 
 from . import logs
-from .backends import get_backend
 from .control import ControlServer
 from .engine import Engine
-from .errors import BackendUnavailable, ConfigError, Lu2kError
+from .errors import ConfigError, Lu2kError
 from .nid import parse_nid
-from .settings import DaemonConfig, load_config
+from .settings import DaemonConfig, check_backends, load_config
 
 log = structlog.get_logger("lu2k.daemon")
 
@@ -98,15 +97,7 @@ class Daemon:
 
 def check(config: DaemonConfig) -> list[str]:
     """Problems that would stop this config from starting here (beyond syntax)."""
-    problems = []
-    for n in config.nets:
-        try:
-            get_backend(n.backend)(n.backend_settings())
-        except BackendUnavailable as e:
-            problems.append(f"net {n.net}: {e}")
-        except ConfigError as e:
-            problems.append(f"net {n.net}: {e}")
-    return problems
+    return check_backends(config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,17 +40,19 @@ ignored, so an ``lnetctl export`` file imports as is; anything else unknown is a
 lu2k's keys stay under ``lu2k:`` so a plain lnetctl file still parses here and an lu2k file
 still parses in lnetctl (which ignores keys it does not know inside an entry).
 
-Validation collects *every* problem with its YAML path (``net[0].local NI(s)[1].nid``) and
-rejects the document whole with one :class:`~lu2k.errors.ConfigError` whose ``errors`` lists
-them.  :func:`resolve` then applies it to a host (interfaces in detection order) to get the
-concrete NIs, NIDs and routes, checking what only the host can tell (interfaces exist,
-gateways are on a local net).  Nothing here touches the machine: pure functions of their
-arguments.
+This is the one pass over the document: :func:`parse_data` checks every value, lu2k's keys
+included, with the validators of :mod:`lu2k.values`, collects *every* problem with its YAML
+path (``net[0].local NI(s)[1].nid``) and rejects the document whole with one
+:class:`~lu2k.errors.ConfigError` whose ``errors`` lists them.  :func:`resolve` then applies it
+to a host (interfaces in detection order, those that are down invisible) to get the concrete
+NIs, NIDs and routes, checking what only the host can tell (interfaces exist and are up,
+gateways are on a local net).  :mod:`lu2k.settings` builds the daemon's configuration from
+the result without reading the YAML again.  Nothing here touches the machine: pure functions
+of their arguments.
 """
 
 from __future__ import annotations
 
-import binascii
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -70,9 +72,13 @@ from .config import (
     parse_networks,
     parse_routes,
     resolve_interfaces,
+    route_text,
 )
 from .errors import ConfigError, NidError
+from .kernel_shim.config import ShimConfig
 from .nid import ADDR_IP, ExprList, Net, Nid, NidList, parse_expr_list, parse_net, parse_nid
+from .routing import Route
+from .values import Problems, as_address, as_bool, as_float, as_int, as_port, as_str, parse_key, parse_rate
 
 SECTIONS = ("net", "route", "peer", "global", "routing", "buffers", "numa", "discovery", "ip2nets", "udsp", "lu2k")
 
@@ -93,7 +99,7 @@ LNET_GLOBALS: dict[str, tuple[int | None, int | None]] = {
     "recovery_limit": (0, None),
     "max_recovery_ping_interval": (1, None),
 }
-# lu2k's own global knobs (the daemon's; lu2k.settings reads them too).
+# lu2k's own global knobs (the daemon's GlobalConfig, lu2k.settings).
 LU2K_GLOBALS: dict[str, tuple[type, float, float]] = {
     "connect_timeout": (float, 0.001, 3600),
     "reconnect_min": (float, 0.001, 3600),
@@ -107,6 +113,11 @@ FRACTIONAL_GLOBALS = {"transaction_timeout": 0.001, "recovery_interval": 0.01}
 SET_ALIASES = {"max_interfaces": "max_intf", "hsensitivity": "health_sensitivity"}
 
 TUNABLES = ("peer_timeout", "peer_credits", "peer_buffer_credits", "credits")
+# Bounds of the tunables (lnetctl's -1/0 mean "the default"; lu2k derives the default credits
+# from the site profile, see lu2k.settings).
+TUNABLE_BOUNDS: dict[str, tuple[int, int]] = {
+    "peer_timeout": (-1, 86400), "peer_credits": (0, 1 << 16), "peer_buffer_credits": (0, 1 << 16), "credits": (0, 1 << 20),
+}
 # Keys ``lnetctl net show -v``/``export`` prints that carry no configuration.
 NI_SHOW_KEYS = {
     "status", "statistics", "sent_stats", "received_stats", "dropped_stats", "health stats",
@@ -123,6 +134,10 @@ LU2K_NET_KEYS = {
 }
 LU2K_TOP_KEYS = {"networks", "ip2nets", "routes", "shim", "control", "interfaces", "defaults"}
 PROFILE_BOUNDS = {"rtt_ms": (0.0, 60000.0), "rate_mbit": (0.001, 1e6), "loss": (0.0, 0.5)}
+# Net-level and option keys naming files: relative paths are taken from the config file's
+# directory (lu2k.settings resolves them).
+PATH_KEYS = ("key_file", "cert", "cert_key", "ca")
+PATH_OPTIONS = ("cert", "key", "ca", "cert_key", "key_file")
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -149,13 +164,9 @@ class NetEntry:
     lu2k: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class RouteEntry:
-    net: Net
-    gateway: Nid
-    hop: int | None = None  # None: undefined (-1 in YAML)
-    priority: int = 0
-    health_sensitivity: int | None = None
+# A route is :class:`lu2k.routing.Route` (net, gateway, hops, priority): one type for the
+# route section, ``routes=`` strings, the daemon settings and the router.
+RouteEntry = Route
 
 
 @dataclass
@@ -171,7 +182,8 @@ class LnetConfig:
     """A validated lnetctl document (plus lu2k's keys)."""
 
     nets: list[NetEntry] = field(default_factory=list)
-    routes: list[RouteEntry] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
+    route_sensitivity: dict[tuple[Net, Nid], int] = field(default_factory=dict)  # lnetctl's per-route health_sensitivity
     peers: list[PeerEntry] = field(default_factory=list)
     global_: dict[str, int | float] = field(default_factory=dict)
     routing: bool | None = None
@@ -180,6 +192,7 @@ class LnetConfig:
     ip2nets: list[Ip2NetsRule] = field(default_factory=list)
     ip2net: list[str] = field(default_factory=list)  # ``net: [{ip2net: "..."}]`` module-parameter strings
     lu2k: dict[str, Any] = field(default_factory=dict)
+    shim: ShimConfig | None = None  # lu2k.shim, validated (None: not given)
 
     def net(self, net: Net) -> NetEntry | None:
         return next((n for n in self.nets if n.net == net), None)
@@ -188,56 +201,19 @@ class LnetConfig:
 # --- validation helpers ----------------------------------------------------------------------------
 
 
-class _Errors:
-    def __init__(self) -> None:
-        self.items: list[str] = []
-
-    def add(self, where: str, msg: str) -> None:
-        self.items.append(f"{where}: {msg}")
+_Errors = Problems  # one collector of "<YAML path>: <problem>" for the whole pass
 
 
-def _int(errs: _Errors, where: str, value: Any, lo: int | None = None, hi: int | None = None) -> int | None:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        errs.add(where, f"expected an integer, got {value!r}")
-        return None
-    try:
-        v = int(value, 0) if isinstance(value, str) else value
-    except ValueError:
-        errs.add(where, f"expected an integer, got {value!r}")
-        return None
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        span = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
-        errs.add(where, f"{v} out of range {span}")
-        return None
-    return v
+def _int(errs: Problems, where: str, value: Any, lo: int | None = None, hi: int | None = None) -> int | None:
+    return errs.check(lambda: as_int(value, where, lo, hi))
 
 
-def _float(errs: _Errors, where: str, value: Any, lo: float, hi: float) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        errs.add(where, f"expected a number, got {value!r}")
-        return None
-    try:
-        v = float(value)
-    except ValueError:
-        errs.add(where, f"expected a number, got {value!r}")
-        return None
-    if not lo <= v <= hi:
-        errs.add(where, f"{v} out of range {lo}..{hi}")
-        return None
-    return v
+def _float(errs: Problems, where: str, value: Any, lo: float, hi: float) -> float | None:
+    return errs.check(lambda: as_float(value, where, lo, hi))
 
 
-def _bool(errs: _Errors, where: str, value: Any) -> bool | None:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-        return value.lower() in ("true", "1", "yes", "on")
-    errs.add(where, f"expected a boolean (0/1, True/False), got {value!r}")
-    return None
+def _bool(errs: Problems, where: str, value: Any) -> bool | None:
+    return errs.check(lambda: as_bool(value, where))
 
 
 def _mapping(errs: _Errors, where: str, value: Any) -> Mapping[Any, Any] | None:
@@ -305,7 +281,7 @@ def _tunables(errs: _Errors, where: str, value: Any) -> dict[str, int]:
             if fv is not None:
                 out[k] = fv  # type: ignore[assignment]
             continue
-        iv = _int(errs, f"{where}.{k}", v, -1 if k == "peer_timeout" else 0, 1 << 24)
+        iv = _int(errs, f"{where}.{k}", v, *TUNABLE_BOUNDS[k])
         if iv is not None:
             out[k] = iv
     return out
@@ -330,7 +306,23 @@ def _cpt(errs: _Errors, where: str, value: Any) -> ExprList | None:
 # --- sections -----------------------------------------------------------------------------------------
 
 
-def _lu2k_net(errs: _Errors, where: str, value: Any) -> dict[str, Any]:
+def _finite_options(errs: Problems, where: str, value: Any) -> None:
+    """Backend options are the backend's to check, but no number read from the config may
+    be NaN or infinite, whoever reads it."""
+    if isinstance(value, float):
+        errs.check(lambda: as_float(value, where))
+    elif isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        errs.add(where, f"expected a finite number, got {value!r}")
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _finite_options(errs, f"{where}.{k}", v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _finite_options(errs, f"{where}[{i}]", v)
+
+
+def _lu2k_net(errs: Problems, where: str, value: Any) -> dict[str, Any]:
+    """A net's ``lu2k:`` block (or ``lu2k.defaults``), every value checked once, here."""
     m = _mapping(errs, where, value)
     if m is None:
         return {}
@@ -344,33 +336,21 @@ def _lu2k_net(errs: _Errors, where: str, value: Any) -> dict[str, Any]:
         else:
             out["backend"] = m["backend"]
     if "port" in m:
-        v = _int(errs, f"{where}.port", m["port"], 0, 65535)
+        v = errs.check(lambda: as_port(m["port"], f"{where}.port"))
         if v is not None:
             out["port"] = v
     if "max_message_size" in m:
         v = _int(errs, f"{where}.max_message_size", m["max_message_size"], 0, 64 << 20)
         if v is not None:
             out["max_message_size"] = v
-    for k in ("listen", "key_file", "cert", "cert_key", "ca"):
+    for k in ("listen", *PATH_KEYS):
         if k in m:
-            if not isinstance(m[k], str) or not m[k]:
-                errs.add(f"{where}.{k}", f"expected a non-empty string, got {m[k]!r}")
-            else:
-                out[k] = m[k]
+            t = errs.check(lambda: as_str(m[k], f"{where}.{k}"))
+            if t is not None:
+                out[k] = t
     if "key" in m:
-        key = m["key"]
-        if not isinstance(key, str):
-            errs.add(f"{where}.key", "expected a string (or hex:...)")
-        elif key.startswith("hex:"):
-            try:
-                binascii.unhexlify(key[4:])
-                out["key"] = key
-            except binascii.Error:
-                errs.add(f"{where}.key", "hex: key is not valid hex")
-        elif len(key) < 8:
-            errs.add(f"{where}.key", "key shorter than 8 characters")
-        else:
-            out["key"] = key
+        if errs.check(lambda: parse_key(m["key"], f"{where}.key")) is not None:
+            out["key"] = m["key"]
     if "key" in m and "key_file" in m:
         errs.add(where, "give key or key_file, not both")
     if "checksum" in m:
@@ -383,14 +363,25 @@ def _lu2k_net(errs: _Errors, where: str, value: Any) -> dict[str, Any]:
             _unknown(errs, f"{where}.profile", p, PROFILE_BOUNDS)
             prof: dict[str, float] = {}
             for k, (lo, hi) in PROFILE_BOUNDS.items():
-                if k in p:
-                    f = _float(errs, f"{where}.profile.{k}", p[k], lo, hi)
-                    if f is not None:
-                        prof[k] = f
+                if k not in p:
+                    continue
+                w = f"{where}.profile.{k}"
+                if k == "rate_mbit":
+                    # a number of Mbit/s, or a rate with its unit ("20mbit", "500kbit")
+                    bps = errs.check(lambda: parse_rate(p[k], w, number_unit=1e6))
+                    f = None if bps is None else _float(errs, w, bps / 1e6, lo, hi)
+                else:
+                    f = _float(errs, w, p[k], lo, hi)
+                if f is not None:
+                    prof[k] = f
             out["profile"] = prof
     if "options" in m:
         o = _mapping(errs, f"{where}.options", m["options"])
         if o is not None:
+            _finite_options(errs, f"{where}.options", o)
+            for k in PATH_OPTIONS:
+                if k in o:
+                    errs.check(lambda: as_str(o[k], f"{where}.options.{k}", what="a file path"))
             out["options"] = dict(o)
     return out
 
@@ -468,7 +459,8 @@ def _is_expression(gw: str) -> bool:
     return any(c in gw for c in "[*") or " " in gw.strip()
 
 
-def _parse_route(errs: _Errors, where: str, item: Any, resolve: bool) -> list[RouteEntry]:
+def _parse_route(errs: Problems, where: str, item: Any, resolve: bool,
+                 sensitivity: dict[tuple[Net, Nid], int] | None = None) -> list[Route]:
     m = _mapping(errs, where, item)
     if m is None:
         return []
@@ -499,6 +491,11 @@ def _parse_route(errs: _Errors, where: str, item: Any, resolve: bool) -> list[Ro
                 errs.add(f"{where}.gateway", "a gateway cannot be on 'lo'")
                 gateways = []
                 break
+            if net is not None and g.net == net:
+                # lnet_add_route refuses it: "LNET_NID_NET(gateway) == net" is -EINVAL.
+                errs.add(f"{where}.gateway", f"gateway {g} is on {net}, the net the route leads to")
+                gateways = []
+                break
     hop: int | None = None
     if "hop" in m:
         h = _int(errs, f"{where}.hop", m["hop"], -1, 255)
@@ -515,7 +512,10 @@ def _parse_route(errs: _Errors, where: str, item: Any, resolve: bool) -> list[Ro
         hs = _int(errs, f"{where}.health_sensitivity", m["health_sensitivity"], 0, 1000)
     if net is None:
         return []
-    return [RouteEntry(net, g, hop, prio, hs) for g in gateways]
+    if hs is not None and sensitivity is not None:
+        for g in gateways:
+            sensitivity[(net, g)] = hs
+    return [Route(net, g, hop, prio) for g in gateways]
 
 
 def _parse_peer(errs: _Errors, where: str, item: Any, resolve: bool) -> PeerEntry | None:
@@ -552,9 +552,7 @@ def _parse_peer(errs: _Errors, where: str, item: Any, resolve: bool) -> PeerEntr
         if lm is not None:
             _unknown(errs, f"{where}.lu2k", lm, {"address"})
             if "address" in lm:
-                if not isinstance(lm["address"], str):
-                    errs.add(f"{where}.lu2k.address", "expected host:port")
-                else:
+                if errs.check(lambda: as_address(lm["address"], f"{where}.lu2k.address")) is not None:
                     lu["address"] = lm["address"]
     if prim is None:
         return None
@@ -718,7 +716,7 @@ def parse_data(data: Any, *, source: str = "<yaml>", resolve: bool = True, compl
         else:
             cfg.nets.append(entry)
     for i, item in enumerate(_seq(errs, "route", data.get("route")) or []):
-        cfg.routes.extend(_parse_route(errs, f"route[{i}]", item, resolve))
+        cfg.routes.extend(_parse_route(errs, f"route[{i}]", item, resolve, cfg.route_sensitivity))
     for i, item in enumerate(_seq(errs, "peer", data.get("peer")) or []):
         p = _parse_peer(errs, f"peer[{i}]", item, resolve)
         if p is not None:
@@ -759,6 +757,13 @@ def parse_data(data: Any, *, source: str = "<yaml>", resolve: bool = True, compl
             cfg.ip2nets.append(rule)
     if "lu2k" in data:
         cfg.lu2k = _parse_lu2k_top(errs, "lu2k", data["lu2k"])
+        if "shim" in cfg.lu2k:
+            cfg.shim = ShimConfig.from_mapping(cfg.lu2k["shim"], errs, "lu2k.shim")
+        if "control" in cfg.lu2k:
+            ctl = cfg.lu2k["control"]
+            _unknown(errs, "lu2k.control", ctl, {"path"})
+            if "path" in ctl:
+                errs.check(lambda: as_str(ctl["path"], "lu2k.control.path", what="a socket path"))
     _check_duplicates(errs, cfg)
     if complete and not (cfg.ip2nets or cfg.ip2net or cfg.lu2k.get("networks") or cfg.lu2k.get("ip2nets")):
         for r in cfg.routes:
@@ -860,9 +865,9 @@ def to_data(cfg: LnetConfig) -> dict[str, Any]:
     if cfg.routes:
         routes = []
         for r in cfg.routes:
-            d = {"net": str(r.net), "gateway": str(r.gateway), "hop": -1 if r.hop is None else r.hop, "priority": r.priority}
-            if r.health_sensitivity is not None:
-                d["health_sensitivity"] = r.health_sensitivity
+            d = {"net": str(r.net), "gateway": str(r.gateway), "hop": -1 if r.hops is None else r.hops, "priority": r.priority}
+            if (r.net, r.gateway) in cfg.route_sensitivity:
+                d["health_sensitivity"] = cfg.route_sensitivity[(r.net, r.gateway)]
             routes.append(d)
         out["route"] = routes
     if cfg.peers:
@@ -932,7 +937,7 @@ class Resolved:
     """What the configuration means on one host."""
 
     nets: list[ResolvedNet]
-    routes: list[RouteEntry]
+    routes: list[Route]
     router: bool
     notes: list[str]
 
@@ -985,6 +990,10 @@ def resolve(cfg: LnetConfig, interfaces: Iterable[InterfaceLike] | None = None, 
                 if h is None:
                     errors.append(f"{where}.interfaces: interface {it.interface!r} does not exist on this host")
                     continue
+                if not h.up:
+                    # the LND's lnet_inet_select: "failed to find UP interface <name>"
+                    errors.append(f"{where}.interfaces: interface {it.interface!r} is down (LNet uses only UP interfaces)")
+                    continue
                 # lnetctl derives the NID from the interface's address; a given NID must agree.
                 nid = Nid(h.ip, n.net)
                 if ni.nid is not None and ni.nid != nid and len(ni.interfaces) == 1:
@@ -1014,11 +1023,11 @@ def resolve(cfg: LnetConfig, interfaces: Iterable[InterfaceLike] | None = None, 
     for origin, specs in legacy:
         for spec in specs:
             rn = get(spec.net, origin)
-            for ni in spec.nis:
-                if ni.interface is None or spec.net.info.addr != ADDR_IP:
+            for nis in spec.nis:
+                if nis.interface is None or spec.net.info.addr != ADDR_IP:
                     errors.append(f"{origin}: net {spec.net} needs an IP interface (numeric-address nets are not supported)")
                     continue
-                add(rn, ResolvedNi(Nid(by_name[ni.interface].ip, spec.net), ni.interface, ni.cpts or spec.cpts), origin)
+                add(rn, ResolvedNi(Nid(by_name[nis.interface].ip, spec.net), nis.interface, nis.cpts or spec.cpts), origin)
 
     for rn in nets:
         if not rn.nis:
@@ -1026,7 +1035,7 @@ def resolve(cfg: LnetConfig, interfaces: Iterable[InterfaceLike] | None = None, 
 
     local = [ni.nid for n in nets for ni in n.nis]
     local_nets = {n.net for n in nets}
-    routes: list[RouteEntry] = []
+    routes: list[Route] = []
     router = bool(cfg.routing)
     for r in cfg.routes:
         if r.gateway in local:
@@ -1047,97 +1056,14 @@ def resolve(cfg: LnetConfig, interfaces: Iterable[InterfaceLike] | None = None, 
             router = router or parsed.router
             keep, dropped = parsed.installable(local)
             for route, why in dropped:
-                notes.append(f"lu2k.routes: {route} ignored: {why}")
+                notes.append(f"lu2k.routes: {route_text(route)} ignored: {why}")
             for route in keep:
                 if any(x.net == route.net and x.gateway == route.gateway for x in routes):
                     continue
-                routes.append(RouteEntry(route.net, route.gateway, route.hops, route.priority))
+                routes.append(route)
     if errors:
         raise ConfigError(f"{len(errors)} error(s) applying the configuration to this host", where="resolve", errors=errors)
     return Resolved(nets, routes, router, notes)
-
-
-def expand_for_daemon(data: Any, *, source: str = "<yaml>", interfaces: Iterable[InterfaceLike] | None = None) -> Any:
-    """Check a daemon config document against the lnetctl schema, then rewrite what only the
-    host can resolve into plain entries the daemon's settings read directly.
-
-    Raises ConfigError listing every schema problem.  NIs given only by ``interfaces`` get
-    their NIDs; ``lu2k.networks``/``lu2k.ip2nets`` and ``ip2nets:`` rules become ``net``
-    entries (with ``lu2k.defaults`` as their ``lu2k`` options); ``lu2k.routes`` become
-    ``route`` entries; ``net`` entries get ``lu2k.defaults`` for the lu2k options they lack
-    (so a plain ``lnetctl export`` plus a ``lu2k: {defaults: ...}`` block is a daemon config).
-    The host's interfaces are ``interfaces``, else ``lu2k.interfaces``,
-    else :func:`lu2k.config.system_interfaces`.  A document needing none of this comes back
-    unchanged.
-    """
-    import copy
-
-    from .config import system_interfaces
-
-    if not isinstance(data, Mapping):
-        return data  # the caller says what is wrong with it
-    cfg = parse_data(data, source=source, complete=True)
-    lu = cfg.lu2k
-    interface_only = any(ni.interfaces and ni.nid is None for n in cfg.nets for ni in n.nis)
-    expressions = any(isinstance(r, Mapping) and _is_expression(str(r.get("gateway", ""))) for r in data.get("route") or [])
-    defaults = dict(lu.get("defaults") or {})
-    if not (cfg.ip2nets or cfg.ip2net or lu.get("networks") or lu.get("ip2nets") or lu.get("routes") or interface_only
-            or expressions or defaults):
-        return data
-    if interfaces is None:
-        interfaces = lu.get("interfaces") or system_interfaces()
-    try:
-        res = resolve(cfg, interfaces)
-    except ConfigError as e:
-        raise ConfigError(f"{len(e.errors)} error(s) applying the configuration to this host", where=source, errors=e.errors) from None
-    out = copy.deepcopy(dict(data))
-    explicit = {n.net for n in cfg.nets}
-    by_net = {rn.net: rn for rn in res.nets}
-    items = []
-    for item in out.get("net") or []:
-        try:
-            net = parse_net(str(item.get("net type")))
-        except NidError:
-            continue
-        if net.type == "lo":
-            continue
-        rn = by_net.get(net)
-        if rn is not None and net in explicit:
-            nis = []
-            for ni_item in item.get("local NI(s)") or []:
-                if isinstance(ni_item, Mapping) and "nid" not in ni_item and ni_item.get("interfaces"):
-                    names = {x.interface for x in (parse_interface_item(v) for v in _seq(_Errors(), "", ni_item["interfaces"]) or [])}
-                    for ni in rn.nis:
-                        if ni.interface in names:
-                            nis.append({**{k: v for k, v in ni_item.items() if k != "interfaces"}, "nid": str(ni.nid)})
-                else:
-                    nis.append(ni_item)
-            item = {**item, "local NI(s)": nis}
-        if defaults:
-            # A plain lnetctl entry gets lu2k.defaults for whatever lu2k options it lacks.
-            item = {**item, "lu2k": {**defaults, **(item.get("lu2k") or {})}}
-        items.append(item)
-    for rn in res.nets:
-        if rn.net not in explicit:
-            items.append({"net type": str(rn.net), "local NI(s)": [{"nid": str(ni.nid)} for ni in rn.nis], "lu2k": dict(defaults)})
-    out["net"] = items
-    if expressions:
-        out["route"] = [
-            {**item, "gateway": str(r.gateway)}
-            for item in out.get("route") or []
-            for r in _parse_route(_Errors(), "route", item, True)
-        ]
-    listed = {(r.net, r.gateway) for r in cfg.routes}
-    extra = [
-        {"net": str(r.net), "gateway": str(r.gateway), "hop": -1 if r.hop is None else r.hop, "priority": r.priority}
-        for r in res.routes
-        if (r.net, r.gateway) not in listed
-    ]
-    if extra:
-        out["route"] = list(out.get("route") or []) + extra
-    if res.router:
-        out["routing"] = {**(out.get("routing") or {}), "enable": 1}
-    return out
 
 
 def apply_set(cfg: LnetConfig, name: str, value: Any) -> LnetConfig:
@@ -1172,5 +1098,5 @@ def apply_set(cfg: LnetConfig, name: str, value: Any) -> LnetConfig:
 
 __all__ = [
     "LnetConfig", "NetEntry", "NiEntry", "PeerEntry", "Resolved", "ResolvedNet", "ResolvedNi", "RouteEntry",
-    "apply_set", "dumps", "expand_for_daemon", "load", "loads", "parse_data", "resolve", "to_data",
+    "apply_set", "dumps", "load", "loads", "parse_data", "resolve", "to_data",
 ]

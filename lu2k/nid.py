@@ -21,8 +21,11 @@ README.md, "LNet names and configuration", for the full list):
 * Any address on ``lo`` is ``0@lo``.
 * In NID *lists*, numbers are read with the kernel's ``kstrtouint(…, 0)``: ``010`` is octal
   8, ``0x1f`` is hex.  Ranges ``[a-b/s]`` are bounded by the field (0..255 for IP octets), a
-  stride outside those bounds is refused, ``[5-1]`` is legal and matches nothing.  A zero
-  stride is refused here (Lustre accepts it and then divides by zero).
+  stride outside those bounds is refused, and so is a reversed range ``[10-4]``
+  (``cfs_range_expr_parse`` fails when ``re_lo > re_hi``).  A zero stride is refused here
+  (Lustre accepts it and then divides by zero).
+* IPv6 NIDs are read as ``libcfs_ip_str2addr_size`` reads them: loopback (``::1``) and
+  link-local (``fe80::/10``) addresses are refused -- a router cannot forward to them.
 
 A :class:`Nid` packs to Lustre's large-NID layout (``struct lnet_nid``: u8 nid_size,
 u8 nid_type, be16 nid_num, be32 nid_addr[4]; nid_size = address bytes beyond the first 4),
@@ -38,12 +41,13 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Union
 
-from .errors import NidError
+from .errors import NidError as NidError  # re-exported: NID errors are caught from here too
 
 # --- net types ------------------------------------------------------------------------------
 #
-# Lustre's numbers are fixed by its ABI (lnet/include/uapi/linux/lnet/nidstr.h, 2.17: TOFULND
-# is 17, EFALND 18).  lu2k's backends that have no Lustre LND get numbers above Lustre's range.
+# Lustre's numbers are fixed by its ABI (include/uapi/linux/lnet/nidstr.h, 2.17: TOFULND is
+# 17, EFALND 18, BXI3LND 19; TOFULND has no row in nidstrings.c, so no name to parse).  lu2k's
+# backends that have no Lustre LND get numbers above Lustre's range.
 SOCKLND = 2
 O2IBLND = 5
 LOLND = 9
@@ -52,6 +56,7 @@ GNIIPLND = 14
 PTL4LND = 15
 KFILND = 16
 EFALND = 18
+BXI3LND = 19
 UDTLND = 200
 QUICLND = 201
 RDSLND = 202
@@ -81,7 +86,8 @@ NET_TYPE_TABLE: tuple[NetType, ...] = (
     NetType("gip", GNIIPLND, ADDR_IP),
     NetType("ptlf", PTL4LND, ADDR_NUM),
     NetType("kfi", KFILND, ADDR_NUM),
-    NetType("efa", EFALND, ADDR_IP),
+    NetType("efa", EFALND, ADDR_IP, ipv6=True),  # has nf_str2addr_size (large NIDs), no nf_match_netmask
+    NetType("bxi3f", BXI3LND, ADDR_NUM),
     # lu2k's backends without a Lustre LND (TCP is "tcp", verbs is "o2ib").
     NetType("udt", UDTLND, ADDR_IP, ipv6=True, netmask=True),
     NetType("quic", QUICLND, ADDR_IP, ipv6=True, netmask=True),
@@ -335,6 +341,7 @@ def ip4_classic(text: str) -> int | None:
     return (parts[0] << 24) | (parts[1] << 16) | (parts[2] << 8) | parts[3]
 
 
+_LINK_LOCAL6 = ipaddress.IPv6Network("fe80::/10")  # IN6_IS_ADDR_LINKLOCAL
 _IN4_STRICT = re.compile(r"^(\d+)\.(\d+)\.(\d+)\.(\d+)$")
 
 
@@ -468,6 +475,12 @@ def parse_addr(addr: str, net: Net, *, resolve: bool = True, context: str | None
         v6 = ip6_strict(addr)
         if v6 is None:
             raise NidError(f"bad IPv6 address {addr!r} in {where!r}")
+        # libcfs_ip_str2addr_size: "Since link local doesn't allow forwarding packets for
+        # router don't allow those addresses as well" (and loopback alike).
+        if v6.is_loopback:
+            raise NidError(f"IPv6 loopback address {addr!r} in {where!r} cannot be a NID (Lustre refuses it)")
+        if v6 in _LINK_LOCAL6:
+            raise NidError(f"IPv6 link-local address {addr!r} in {where!r} cannot be a NID (Lustre refuses it: not routable)")
         return v6
     if addr[:1].isascii() and addr[:1].isalpha():
         if not resolve:
@@ -509,7 +522,7 @@ def nid_of(value: "Nid | str") -> Nid:
 
 @dataclass(frozen=True)
 class RangeExpr:
-    """``lo-hi/stride`` (``cfs_range_expr``).  ``lo > hi`` is legal and matches nothing."""
+    """``lo-hi/stride`` (``cfs_range_expr``); ``lo <= hi`` (a reversed range does not parse)."""
 
     lo: int
     hi: int
@@ -583,7 +596,7 @@ def _range_expr(src: str, lo: int, hi: int, bracketed: bool, whole: str) -> Rang
     if end is not None:
         if not lo <= end <= hi:
             raise NidError(f"range end {end} in {whole!r} out of range {lo}..{hi}")
-        return RangeExpr(start, end, 1)
+        return _ordered(RangeExpr(start, end, 1), src, whole)
     if "/" not in rest:
         raise NidError(f"bad range end {strim(rest)!r} in {whole!r}")
     second, third = rest.split("/", 1)
@@ -591,7 +604,15 @@ def _range_expr(src: str, lo: int, hi: int, bracketed: bool, whole: str) -> Rang
     stride = num(third, "stride")
     if stride == 0:
         raise NidError(f"zero stride in {src!r} in {whole!r}")
-    return RangeExpr(start, end, stride)
+    return _ordered(RangeExpr(start, end, stride), src, whole)
+
+
+def _ordered(expr: RangeExpr, src: str, whole: str) -> RangeExpr:
+    # cfs_range_expr_parse (libcfs and the kernel alike) ends with
+    # "if (re->re_lo > re->re_hi) goto failed;".
+    if expr.lo > expr.hi:
+        raise NidError(f"reversed range {src!r} in {whole!r}: {expr.lo} > {expr.hi}")
+    return expr
 
 
 def parse_expr_list(text: str, lo: int, hi: int, *, whole: str | None = None) -> ExprList:

@@ -1,15 +1,38 @@
-"""The daemon's configuration: lnetctl-shaped YAML plus lu2k's own keys.
+"""The daemon's configuration: lnetctl-shaped YAML plus lu2k's own keys, read in one pass.
 
 The YAML follows ``lnetctl export`` (``net``/``peer``/``route``/``global``/``routing``), so an
 operator's file reads as they expect; lu2k's additions live under a ``lu2k:`` key of each net
 (backend, port, key, site profile, backend options) and a top-level ``lu2k:`` (shim and
-control socket paths).  Every error is collected with its YAML path and the whole config is
-rejected at once: a daemon never starts (or reconfigures) half-configured.
+control socket paths, legacy module-parameter strings, defaults for generated nets).
+
+One pass: :func:`lu2k.lnetyaml.parse_data` walks the document once and checks every value
+with the validators of :mod:`lu2k.values` (each error with its YAML path); the document is
+then applied to this host (:func:`lu2k.lnetyaml.resolve`: interfaces, ``networks=``,
+``ip2nets``, ``routes=``), and this module turns the checked result into the daemon's types,
+adding what only the daemon knows (one NI per net, no two nets on one address and port,
+keys read from ``key_file``, relative paths taken from the config file's directory, credits
+derived from the site profile).  Nothing here reads the YAML itself.  A document with any
+error is rejected whole: a daemon never starts (or reconfigures) half-configured.
+
+Derived defaults (a net whose config sets only a site profile still fills its link): with a
+profile giving ``rate_mbit`` and ``rtt_ms``, the bandwidth-delay product is
+``BDP = rate_mbit * 1e6 / 8 * rtt_ms / 1e3`` bytes and, unless the config sets them,
+
+* ``peer_credits = clamp(ceil(2 * BDP / 64 KiB), 8, 4096)`` -- two BDPs of 64 KiB messages in
+  flight per peer (one to fill the pipe, one to cover the ACK's way back and jitter); LNet's
+  LAN default of 8 is the floor;
+* ``credits = clamp(4 * peer_credits, 256, 1 << 20)`` -- the NI's total, room for four such
+  peers at once, never below LNet's default of 256;
+* ``window_bytes = peer_credits * 64 KiB`` and ``socket_buffer = 2 * BDP`` are reported with
+  them (the backends size their socket buffers and flow windows from the same profile).
+
+The derived values, and which were derived, are in :attr:`NetConfig.derived`.
 """
 
 from __future__ import annotations
 
-import binascii
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,12 +40,34 @@ from typing import Any
 import yaml
 
 from .backends.base import BackendSettings, LinkProfile
-from .errors import ConfigError, NidError
+from .errors import BackendUnavailable, ConfigError, NidError
 from .kernel_shim.abi import default_shim_path
-from .nid import Net, Nid, parse_net, parse_nid
+from .kernel_shim.config import ShimConfig
+from .nid import Net, Nid, parse_net
+from .routing import Route
+from .values import Problems, parse_key
 
 DEFAULT_PORT = 7988
 DEFAULT_MAX_MESSAGE = 4 << 20
+DEFAULT_CREDITS = 256
+DEFAULT_PEER_CREDITS = 8
+DEFAULT_PEER_TIMEOUT = 180.0
+TYPICAL_MESSAGE = 64 << 10  # the message size the derived credits are sized for
+MAX_DERIVED_PEER_CREDITS = 4096
+
+# The transport each backend listens on: two nets may share a port only on different ones.
+_TRANSPORT = {"tcp": "tcp", "quic": "udp", "udt": "udp"}
+# What a backend cannot start without (its listener refuses to run otherwise).
+_REQUIRED_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "quic": (("cert", "key"), "a quic net listens with TLS: it needs the site certificate and key "
+                              "(lu2k: {cert: FILE, cert_key: FILE} or options: {cert: FILE, key: FILE}; "
+                              "make them with: lu2k keygen site NAME)"),
+}
+# Net-level lu2k keys that are backend options under another name.
+_NET_KEY_OPTIONS = {"cert": "cert", "cert_key": "key", "ca": "ca"}
+_PATH_OPTIONS = ("cert", "key", "ca", "cert_key", "key_file")
+
+RouteConfig = Route  # one Route type (lu2k.routing.Route): net, gateway, hops, priority
 
 
 def default_control_path() -> str:
@@ -38,13 +83,16 @@ class NetConfig:
     port: int = DEFAULT_PORT
     listen: str | None = None  # bind address; default the NI's own address
     key: bytes = b""
-    credits: int = 256
-    peer_credits: int = 8
-    peer_timeout: float = 180.0
+    credits: int = DEFAULT_CREDITS
+    peer_credits: int = DEFAULT_PEER_CREDITS
+    peer_timeout: float = DEFAULT_PEER_TIMEOUT
     max_message_size: int = DEFAULT_MAX_MESSAGE
     checksum: bool = False
     profile: LinkProfile = field(default_factory=LinkProfile)
     options: dict[str, Any] = field(default_factory=dict)
+    where: str = field(default="net", compare=False)  # YAML path of the entry it came from
+    # Values derived from the profile (name -> value), for ``net show -v``; see the module doc.
+    derived: dict[str, int] = field(default_factory=dict, compare=False)
 
     def backend_settings(self) -> BackendSettings:
         return BackendSettings(self.net, self.port, self.max_message_size, self.profile, self.key, dict(self.options))
@@ -54,14 +102,6 @@ class NetConfig:
 class PeerConfig:
     nid: Nid
     address: str | None = None  # "host:port" override of the NID-derived address
-
-
-@dataclass
-class RouteConfig:
-    net: Net
-    gateway: Nid
-    hops: int | None = None
-    priority: int = 0
 
 
 @dataclass
@@ -76,17 +116,10 @@ class GlobalConfig:
 
 
 @dataclass
-class ShimConfig:
-    path: str = field(default_factory=default_shim_path)
-    max_in_flight: int = 1024
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class DaemonConfig:
     nets: list[NetConfig] = field(default_factory=list)
     peers: list[PeerConfig] = field(default_factory=list)
-    routes: list[RouteConfig] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
     global_: GlobalConfig = field(default_factory=GlobalConfig)
     routing: bool = False
     shim: ShimConfig = field(default_factory=ShimConfig)
@@ -116,227 +149,165 @@ global:
 """
 
 
-class _Errors:
-    def __init__(self) -> None:
-        self.items: list[str] = []
-
-    def add(self, where: str, msg: str) -> None:
-        self.items.append(f"{where}: {msg}")
+# --- derived defaults ----------------------------------------------------------------------------
 
 
-def _num(errs: _Errors, where: str, value: Any, kind: type, lo: float | None = None, hi: float | None = None) -> Any:
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        v = kind(value)
-    except (TypeError, ValueError):
-        errs.add(where, f"expected a {kind.__name__}, got {value!r}")
-        return None
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        errs.add(where, f"{v} out of range {lo}..{hi}")
-        return None
-    return v
+def derive_link_defaults(profile: LinkProfile) -> dict[str, int]:
+    """Credits and windows from a site profile (see the module docstring); {} without rate and RTT."""
+    if not profile.rate_mbit or not profile.rtt_ms:
+        return {}
+    bdp = profile.bdp_bytes()
+    peer_credits = min(MAX_DERIVED_PEER_CREDITS, max(DEFAULT_PEER_CREDITS, math.ceil(2 * bdp / TYPICAL_MESSAGE)))
+    credits = min(1 << 20, max(DEFAULT_CREDITS, 4 * peer_credits))
+    return {
+        "bdp_bytes": bdp,
+        "peer_credits": peer_credits,
+        "credits": credits,
+        "window_bytes": peer_credits * TYPICAL_MESSAGE,
+        "socket_buffer": 2 * bdp,
+    }
 
 
-def _key(errs: _Errors, where: str, spec: dict[str, Any], base_dir: Path) -> bytes:
-    if "key_file" in spec:
-        path = base_dir / str(spec["key_file"])
-        try:
-            return path.read_bytes().strip()
-        except OSError as e:
-            errs.add(f"{where}.key_file", f"cannot read {path}: {e.strerror}")
-            return b""
-    key = spec.get("key")
-    if key is None:
-        errs.add(f"{where}.key", "every net needs a pre-shared key (key: or key_file:) to authenticate peers")
-        return b""
-    text = str(key)
-    if text.startswith("hex:"):
-        try:
-            return binascii.unhexlify(text[4:])
-        except binascii.Error:
-            errs.add(f"{where}.key", "hex: key is not valid hex")
-            return b""
-    if len(text) < 8:
-        errs.add(f"{where}.key", "key shorter than 8 characters")
-    return text.encode()
+# --- building the daemon's config from the checked document -----------------------------------------
 
 
-def _parse_net(errs: _Errors, where: str, item: Any, base_dir: Path) -> list[NetConfig]:
-    if not isinstance(item, dict):
-        errs.add(where, "expected a mapping")
-        return []
-    try:
-        net = parse_net(str(item.get("net type", "")))
-    except NidError as e:
-        errs.add(f"{where}.net type", str(e))
-        return []
-    if net.type == "lo":
-        return []  # lnetctl exports lo; nothing to configure
-    lu = item.get("lu2k") or {}
-    if not isinstance(lu, dict):
-        errs.add(f"{where}.lu2k", "expected a mapping")
-        lu = {}
-    nis = item.get("local NI(s)") or []
-    if not isinstance(nis, list) or not nis:
-        errs.add(f"{where}.local NI(s)", "needs at least one NI with a nid")
-        return []
-    out = []
-    for i, ni in enumerate(nis):
-        w = f"{where}.local NI(s)[{i}]"
-        if not isinstance(ni, dict) or "nid" not in ni:
-            errs.add(w, "each NI needs a nid (e.g. 10.0.0.1@tcp)")
-            continue
-        try:
-            nid = parse_nid(str(ni["nid"]))
-        except NidError as e:
-            errs.add(f"{w}.nid", str(e))
-            continue
-        if nid.net != net:
-            errs.add(f"{w}.nid", f"NID {nid} is not on net {net}")
-            continue
-        cfg = NetConfig(net=net, nid=nid)
-        tun = ni.get("tunables") or {}
-        for key, lo, hi in (("credits", 1, 1 << 20), ("peer_credits", 1, 1 << 16)):
-            if key in tun:
-                v = _num(errs, f"{w}.tunables.{key}", tun[key], int, lo, hi)
-                if v is not None:
-                    setattr(cfg, key, v)
-        if "peer_timeout" in tun:
-            v = _num(errs, f"{w}.tunables.peer_timeout", tun["peer_timeout"], float, 0, 86400)
-            if v is not None:
-                cfg.peer_timeout = v
-        cfg.backend = str(lu.get("backend", "tcp"))
-        if "port" in lu:
-            v = _num(errs, f"{where}.lu2k.port", lu["port"], int, 0, 65535)
-            if v is not None:
-                cfg.port = v
-        if "listen" in lu:
-            cfg.listen = str(lu["listen"])
-        if "max_message_size" in lu:
-            v = _num(errs, f"{where}.lu2k.max_message_size", lu["max_message_size"], int, 0, 64 << 20)
-            if v is not None:
-                cfg.max_message_size = v
-        cfg.checksum = bool(lu.get("checksum", False))
-        cfg.key = _key(errs, f"{where}.lu2k", lu, base_dir)
-        prof = lu.get("profile") or {}
-        if not isinstance(prof, dict):
-            errs.add(f"{where}.lu2k.profile", "expected a mapping with rtt_ms, rate_mbit, loss")
-            prof = {}
-        unknown = set(prof) - {"rtt_ms", "rate_mbit", "loss"}
-        if unknown:
-            errs.add(f"{where}.lu2k.profile", f"unknown keys {sorted(unknown)}")
-        cfg.profile = LinkProfile(
-            rtt_ms=_num(errs, f"{where}.lu2k.profile.rtt_ms", prof["rtt_ms"], float, 0, 60000) if "rtt_ms" in prof else None,
-            rate_mbit=_num(errs, f"{where}.lu2k.profile.rate_mbit", prof["rate_mbit"], float, 0.001, 1e6) if "rate_mbit" in prof else None,
-            loss=_num(errs, f"{where}.lu2k.profile.loss", prof["loss"], float, 0, 0.5) if "loss" in prof else None,
-        )
-        opts = lu.get("options") or {}
-        if not isinstance(opts, dict):
-            errs.add(f"{where}.lu2k.options", "expected a mapping")
-            opts = {}
-        cfg.options = dict(opts)
-        out.append(cfg)
+def _path(base_dir: Path, text: str) -> str:
+    p = Path(text).expanduser()
+    return str(p if p.is_absolute() else base_dir / p)
+
+
+def _net_paths(data: Mapping[str, Any]) -> dict[Net, str]:
+    """net -> YAML path of the first ``net`` entry naming it."""
+    out: dict[Net, str] = {}
+    items = data.get("net")
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        if isinstance(item, Mapping) and "net type" in item:
+            try:
+                out.setdefault(parse_net(str(item["net type"])), f"net[{i}]")
+            except NidError:
+                pass
     return out
 
 
-def parse_config(data: Any, *, source: str = "<string>", base_dir: Path | None = None) -> DaemonConfig:
-    """Validate a loaded YAML document; raise ConfigError listing every problem."""
-    errs = _Errors()
+def _key(problems: Problems, where: str, lu: Mapping[str, Any], base_dir: Path) -> bytes:
+    if "key_file" in lu:
+        path = _path(base_dir, str(lu["key_file"]))
+        try:
+            raw = Path(path).read_bytes().strip()
+        except OSError as e:
+            problems.add(f"{where}.key_file", f"cannot read {path}: {e.strerror}")
+            return b""
+        return problems.check(lambda: parse_key(raw, f"{where}.key_file ({path})")) or b""
+    if "key" not in lu:
+        problems.add(f"{where}.key", "every net needs a pre-shared key (key: or key_file:) to authenticate peers")
+        return b""
+    return problems.check(lambda: parse_key(lu["key"], f"{where}.key")) or b""
+
+
+def _net_config(problems: Problems, where: str, net: Net, nid: Nid, tun: Mapping[str, Any], lu: Mapping[str, Any],
+                base_dir: Path) -> NetConfig:
+    cfg = NetConfig(net=net, nid=nid, where=where)
+    cfg.backend = str(lu.get("backend", "tcp"))
+    cfg.port = int(lu.get("port", DEFAULT_PORT))
+    cfg.listen = lu.get("listen")
+    cfg.max_message_size = int(lu.get("max_message_size", DEFAULT_MAX_MESSAGE))
+    cfg.checksum = bool(lu.get("checksum", False))
+    cfg.key = _key(problems, f"{where}.lu2k", lu, base_dir)
+    cfg.profile = LinkProfile(**dict(lu.get("profile") or {}))
+    opts = dict(lu.get("options") or {})
+    for net_key, opt in _NET_KEY_OPTIONS.items():
+        if net_key in lu:
+            if opt in opts:
+                problems.add(f"{where}.lu2k.{net_key}", f"given both here and as options.{opt}")
+            opts[opt] = lu[net_key]
+    for k in _PATH_OPTIONS:
+        if isinstance(opts.get(k), str):
+            opts[k] = _path(base_dir, opts[k])
+    cfg.options = opts
+    required = _REQUIRED_OPTIONS.get(cfg.backend)
+    if required is not None and not all(opts.get(k) for k in required[0]):
+        problems.add(f"{where}.lu2k", required[1])
+    derived = derive_link_defaults(cfg.profile)
+    cfg.derived = {"bdp_bytes": derived["bdp_bytes"]} if derived else {}
+    for k, default in (("credits", DEFAULT_CREDITS), ("peer_credits", DEFAULT_PEER_CREDITS)):
+        v = tun.get(k)
+        if v is not None and v > 0:
+            setattr(cfg, k, int(v))
+        elif derived:
+            setattr(cfg, k, derived[k])
+            cfg.derived[k] = derived[k]
+        else:
+            setattr(cfg, k, default)
+    for k in ("window_bytes", "socket_buffer"):
+        if derived:
+            cfg.derived[k] = derived[k]
+    pt = tun.get("peer_timeout")
+    cfg.peer_timeout = float(pt) if pt is not None and pt >= 0 else DEFAULT_PEER_TIMEOUT
+    return cfg
+
+
+def parse_config(data: Any, *, source: str = "<string>", base_dir: Path | None = None,
+                 interfaces: Iterable[Any] | None = None) -> DaemonConfig:
+    """Validate a loaded YAML document; raise ConfigError listing every problem.
+
+    ``base_dir`` is where relative file names (``key_file``, certificates) are taken from: the
+    config file's directory (:func:`load_config`), else the working directory.  ``interfaces``
+    describe the host for interface-based NIs (default: ``lu2k.interfaces``, else this host's).
+    """
+    from .config import system_interfaces
+    from .lnetyaml import parse_data, resolve
+
     base_dir = base_dir or Path.cwd()
     if data is None:
         data = {}
-    if not isinstance(data, dict):
+    if not isinstance(data, Mapping):
         raise ConfigError("top level must be a mapping", where=source)
-    data = _expand_lnet(data, source)
-    known = {"net", "peer", "route", "global", "routing", "buffers", "lu2k", "ip2nets", "numa", "discovery"}
-    for key in data:
-        if key not in known:
-            errs.add(str(key), f"unknown section (known: {', '.join(sorted(known))})")
-    cfg = DaemonConfig(source=source)
-    for i, item in enumerate(data.get("net") or []):
-        cfg.nets.extend(_parse_net(errs, f"net[{i}]", item, base_dir))
-    seen: set[Net] = set()
-    for n in cfg.nets:
-        if n.net in seen:
-            errs.add("net", f"net {n.net} configured twice (one NI per net is supported)")
-        seen.add(n.net)
-    for i, item in enumerate(data.get("peer") or []):
-        w = f"peer[{i}]"
-        if not isinstance(item, dict) or "primary nid" not in item:
-            errs.add(w, "each peer needs a 'primary nid'")
-            continue
-        try:
-            pc = PeerConfig(parse_nid(str(item["primary nid"])))
-        except NidError as e:
-            errs.add(f"{w}.primary nid", str(e))
-            continue
-        lu = item.get("lu2k") or {}
-        if isinstance(lu, dict) and "address" in lu:
-            pc.address = str(lu["address"])
-        cfg.peers.append(pc)
-    for i, item in enumerate(data.get("route") or []):
-        w = f"route[{i}]"
-        if not isinstance(item, dict):
-            errs.add(w, "expected a mapping with net and gateway")
-            continue
-        try:
-            rnet = parse_net(str(item.get("net", "")))
-            gw = parse_nid(str(item.get("gateway", "")))
-        except NidError as e:
-            errs.add(w, str(e))
-            continue
-        hop = item.get("hop", -1)
-        hops = _num(errs, f"{w}.hop", hop, int, -1, 255)
-        prio = _num(errs, f"{w}.priority", item.get("priority", 0), int, 0, 1 << 31)
-        cfg.routes.append(RouteConfig(rnet, gw, None if hops in (None, -1) else hops, prio or 0))
-    g = data.get("global") or {}
-    if not isinstance(g, dict):
-        errs.add("global", "expected a mapping")
-        g = {}
-    for key, kind, lo, hi in (
-        ("transaction_timeout", float, 0.001, 86400), ("connect_timeout", float, 0.001, 3600),
-        ("reconnect_min", float, 0.001, 3600), ("reconnect_max", float, 0.001, 3600),
-        ("health_sensitivity", int, 0, 1000), ("recovery_interval", float, 0.01, 3600),
-        ("router_buffer_bytes", int, 0, 1 << 40),
-    ):
-        if key in g:
-            v = _num(errs, f"global.{key}", g[key], kind, lo, hi)
-            if v is not None:
-                setattr(cfg.global_, key, v)
-    # lnetctl knobs we accept and ignore (they have no meaning in lu2k).
-    for key in g:
-        if not hasattr(cfg.global_, key) and key not in ("numa_range", "max_intf", "discovery", "drop_asym_route", "retry_count", "lnd_timeout", "response_tracking", "recovery_limit", "max_recovery_ping_interval", "router_sensitivity"):
-            errs.add(f"global.{key}", "unknown global setting")
-    routing = data.get("routing") or {}
-    if isinstance(routing, dict):
-        cfg.routing = bool(int(routing.get("enable", 0) or 0))
-    lu = data.get("lu2k") or {}
-    if isinstance(lu, dict):
-        shim = lu.get("shim") or {}
-        if "path" in shim:
-            cfg.shim.path = str(shim["path"])
-        if "max_in_flight" in shim:
-            v = _num(errs, "lu2k.shim.max_in_flight", shim["max_in_flight"], int, 1, 1 << 20)
-            if v:
-                cfg.shim.max_in_flight = v
-        cfg.shim.options = {k: v for k, v in shim.items() if k not in ("path", "max_in_flight")}
-        from .kernel_shim.server import ShimConfig as _ShimServerConfig
+    lcfg = parse_data(data, source=source, complete=True)
+    lu = lcfg.lu2k
+    host_needed = bool(lcfg.ip2nets or lcfg.ip2net or lu.get("networks") or lu.get("ip2nets")
+                       or any(ni.interfaces and ni.nid is None for n in lcfg.nets for ni in n.nis))
+    if interfaces is None:
+        interfaces = lu.get("interfaces") or (system_interfaces() if host_needed else [])
+    try:
+        res = resolve(lcfg, interfaces)
+    except ConfigError as e:
+        raise ConfigError(f"{len(e.errors)} error(s) applying the configuration to this host", where=source, errors=e.errors) from None
 
-        try:  # the shim server owns these keys; validate them now, not at start-up
-            _ShimServerConfig(max_in_flight=cfg.shim.max_in_flight, **cfg.shim.options)
-        except ConfigError as e:
-            errs.items.append(str(e))  # already says where (lu2k.shim.<key>)
-        ctl = lu.get("control") or {}
-        if "path" in ctl:
-            cfg.control_path = str(ctl["path"])
-    if not cfg.nets and not errs.items:
-        errs.add("net", "no network configured")
-    for r in cfg.routes:
-        if cfg.net_for(r.gateway.net) is None:
-            errs.add("route", f"gateway {r.gateway} is not on a local net")
-    if errs.items:
-        raise ConfigError(f"{len(errs.items)} error(s) in configuration", where=source, errors=errs.items)
+    problems = Problems()
+    cfg = DaemonConfig(source=source)
+    paths = _net_paths(data)
+    defaults = dict(lu.get("defaults") or {})
+    for rn in res.nets:
+        where = paths.get(rn.net, f"lu2k ({rn.origin}) net {rn.net}")
+        if len(rn.nis) != 1:
+            problems.add(f"{where}.local NI(s)", f"net {rn.net} has {len(rn.nis)} NIs; lu2k runs one NI per net")
+            continue
+        ni = rn.nis[0]
+        cfg.nets.append(_net_config(problems, where, rn.net, ni.nid, ni.tunables, {**defaults, **rn.lu2k}, base_dir))
+    seen: dict[tuple[str, str, int], NetConfig] = {}
+    for n in cfg.nets:
+        if n.port == 0:
+            continue  # the OS picks a free port for each
+        host = n.listen or (n.nid.host if not isinstance(n.nid.addr, int) else str(n.nid))
+        place = (_TRANSPORT.get(n.backend, n.backend), host, n.port)
+        if place in seen:
+            problems.add(f"{n.where}.lu2k.port", f"net {n.net} and net {seen[place].net} both listen on {host} port {n.port}")
+        else:
+            seen[place] = n
+    cfg.peers = [PeerConfig(p.primary_nid, p.lu2k.get("address")) for p in lcfg.peers]
+    cfg.routes = list(res.routes)
+    for name, value in lcfg.global_.items():
+        if hasattr(cfg.global_, name):
+            setattr(cfg.global_, name, type(getattr(cfg.global_, name))(value))
+    cfg.routing = res.router
+    if lcfg.shim is not None:
+        cfg.shim = lcfg.shim
+    ctl = lu.get("control") or {}
+    if "path" in ctl:
+        cfg.control_path = str(ctl["path"])
+    if not cfg.nets and not problems.items:
+        problems.add("net", "no network configured")
+    problems.raise_if_any("in configuration", source)
     return cfg
 
 
@@ -348,21 +319,33 @@ def load_config(path: str | None) -> DaemonConfig:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"cannot read: {e.strerror}", where=str(p)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not a text file (UTF-8)", where=str(p)) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"not valid YAML: {e}", where=str(p)) from None
-    return parse_config(data, source=str(p), base_dir=p.parent)
+    return parse_config(data, source=str(p), base_dir=p.resolve().parent)
 
 
 def with_overrides(cfg: DaemonConfig, **changes: Any) -> DaemonConfig:
     return replace(cfg, **changes)
 
 
-def _expand_lnet(data: dict[str, Any], source: str) -> dict[str, Any]:
-    """lnetctl schema check (every error, with its YAML path) and expansion of what needs the
-    host: interface-only NIs, ``lu2k.networks``/``ip2nets``/``routes`` module-parameter
-    strings and ``ip2nets:`` rules become plain ``net``/``route`` entries (lu2k.lnetyaml)."""
-    from .lnetyaml import expand_for_daemon
+def check_backends(config: DaemonConfig) -> list[str]:
+    """What would stop this config from starting here beyond its syntax: each net's backend
+    is loaded and given its settings, and a refusal is reported at the net's YAML path."""
+    from .backends import get_backend
 
-    return dict(expand_for_daemon(data, source=source))
+    problems = []
+    for n in config.nets:
+        where = f"{n.where}.lu2k"
+        try:
+            get_backend(n.backend)(n.backend_settings())
+        except BackendUnavailable as e:
+            problems.append(f"{where}.backend: net {n.net}: {e}")
+        except ConfigError as e:
+            problems.append(f"{where}.options: {e}")
+        except (TypeError, ValueError) as e:  # a backend that did not check a value itself
+            problems.append(f"{where}.options: bad option value ({e})")
+    return problems

@@ -53,12 +53,12 @@ def test_networks_and_ip2nets(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_routes(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, _ = run(capsys, "routes", "o2ib 2 10.0.0.[1-2]@tcp:2; tcp 10.0.0.5@tcp", "--local", "10.0.0.1@tcp")
+    rc, out, _ = run(capsys, "routes", "o2ib 2 10.0.0.[1-2]@tcp:2; tcp1 10.0.0.5@tcp", "--local", "10.0.0.1@tcp", "--local", "10.1.0.1@tcp1")
     assert rc == 0
     assert out.splitlines() == [
-        "o2ib 2 10.0.0.2@tcp:2", "tcp 10.0.0.5@tcp",
+        "o2ib 2 10.0.0.2@tcp:2", "tcp1 10.0.0.5@tcp",
         "# a gateway is one of our NIDs: this node is a router",
-        "# not installed: tcp 10.0.0.5@tcp (tcp is a local net)",
+        "# not installed: tcp1 10.0.0.5@tcp (tcp1 is a local net)",
     ]
 
 
@@ -72,3 +72,16 @@ def test_check(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     rc, _, err = run(capsys, "check", str(f), "--if", "eth0=10.0.0.1")
     assert rc == 1 and "'eth7' does not exist" in err
     assert run(capsys)[0] == 2
+
+
+def test_check_never_prints_the_key(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    f = tmp_path / "lnet.yaml"
+    f.write_text("net:\n  - net type: tcp\n    local NI(s): [{nid: 10.0.0.1@tcp}]\n    lu2k: {key: very-secret-network-key}\n"
+                 "lu2k: {defaults: {key: another-secret-network-key}}\n")
+    rc, out, _ = run(capsys, "check", str(f), "--if", "eth0=10.0.0.1")
+    assert rc == 0 and "very-secret" not in out and "another-secret" not in out and out.count("<hidden: export --secrets to include>") == 2
+
+
+def test_if_down_makes_the_interface_invisible(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, "ip2nets", "tcp(eth0) 192.168.*.*; tcp1 10.*.*.*", "--if", "eth0=192.168.1.2,down", "--if", "eth1=10.0.0.2")
+    assert rc == 0 and out.splitlines() == ["networks=tcp1", "tcp1(eth1)"]

@@ -152,6 +152,22 @@ async def test_import_replace(daemon: Daemon, tmp_path: Path) -> None:
     assert [n["nid"] for n in await call(daemon, "net show")] == ["127.0.0.4@tcp"]
 
 
+async def test_import_replace_of_a_plain_export_keeps_the_keys(daemon: Daemon) -> None:
+    """Issue 17: ``export`` hides keys; importing that output back must not make the
+    placeholder the network key (every peer would then fail authentication)."""
+    exported = (await call(daemon, "export"))["yaml"]
+    assert "<hidden" in exported and KEY not in exported
+    await call(daemon, "import", yaml=exported, replace=True)
+    assert daemon.config.nets[0].key == KEY.encode()
+    assert yaml.safe_load((await call(daemon, "export", secrets=True))["yaml"])["net"][0]["lu2k"]["key"] == KEY
+    # a placeholder for a net the daemon does not have has no key to keep: refused, saying why
+    doc = yaml.safe_load(exported)
+    doc["net"][0]["net type"] = "tcp5"
+    doc["net"][0]["local NI(s)"][0]["nid"] = "127.0.0.5@tcp5"
+    with pytest.raises(Lu2kError, match="placeholder"):
+        await call(daemon, "import", yaml=yaml.safe_dump(doc))
+
+
 async def test_route_add_del(daemon: Daemon) -> None:
     await call(daemon, "route add", net="tcp5", gateway="127.0.0.[8-9]@tcp", hop=3)
     assert sorted(r["gateway"] for r in await call(daemon, "route show")) == ["127.0.0.8@tcp", "127.0.0.9@tcp"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from lu2k.config import (
+    route_text,
     Ip2NetsRule,
     NetSpec,
     NiSpec,
@@ -128,7 +129,7 @@ def test_networks_cpt_bounds() -> None:
     assert networks_string(parse_networks("tcp[0-1]", cpt_count=2)) == "tcp[0-1]"
     with pytest.raises(ConfigError):
         parse_networks("tcp[2]", cpt_count=2)
-    with pytest.raises(ConfigError, match="names no CPT"):
+    with pytest.raises(ConfigError, match="reversed range"):  # cfs_range_expr_parse: re_lo > re_hi fails
         parse_networks("tcp[5-1]")
     with pytest.raises(ConfigError):
         parse_networks("tcp[0,0,0]", cpt_count=2)
@@ -459,7 +460,7 @@ ROUTES_OK = [
 @pytest.mark.parametrize("text,routes", ROUTES_OK)
 def test_routes(text: str, routes: list[str]) -> None:
     result = parse_routes(text)
-    assert [str(r) for r in result] == routes
+    assert [route_text(r) for r in result] == routes
     assert result.router is False
 
 
@@ -502,17 +503,32 @@ def test_routes_errors(text: str, pos: int) -> None:
 def test_routes_local_gateway_makes_a_router() -> None:
     result = parse_routes("tcp1 10.0.0.[1-2]@tcp", ["10.0.0.1@tcp"])
     assert result.router is True
-    assert [str(r) for r in result] == ["tcp1 10.0.0.2@tcp"]
+    assert [route_text(r) for r in result] == ["tcp1 10.0.0.2@tcp"]
 
 
 def test_routes_lustre_would_not_add_are_reported() -> None:
-    text = "tcp 10.0.0.2@tcp; o2ib 192.168.0.1@o2ib1; o2ib 10.0.0.3@tcp; o2ib 10.0.0.3@tcp:4"
-    result = parse_routes(text, ["10.0.0.1@tcp"])
+    text = "tcp1 10.0.0.2@tcp; o2ib 192.168.0.1@o2ib1; o2ib 10.0.0.3@tcp; o2ib 10.0.0.3@tcp:4"
+    local = ["10.0.0.1@tcp", "10.1.0.1@tcp1"]
+    result = parse_routes(text, local)
     assert len(result) == 4  # everything lnet_parse_route hands to lnet_add_route
-    keep, dropped = result.installable(["10.0.0.1@tcp"])
-    assert [str(r) for r in keep] == ["o2ib 10.0.0.3@tcp"]
+    keep, dropped = result.installable(local)
+    assert [route_text(r) for r in keep] == ["o2ib 10.0.0.3@tcp"]
     assert [why for _, why in dropped] == [
-        "tcp is a local net", "gateway 192.168.0.1@o2ib1 is not on a local net", "duplicate route"]
+        "tcp1 is a local net", "gateway 192.168.0.1@o2ib1 is not on a local net", "duplicate route"]
+
+
+@pytest.mark.parametrize("text", ["tcp 10.0.0.2@tcp", "o2ib 1.2.3.4@tcp; tcp1 10.0.0.[2-3]@tcp1", "tcp2 2 10.0.0.9@tcp2:1"])
+def test_route_through_a_gateway_on_the_routed_net_fails(text: str) -> None:
+    """lnet_add_route: ``LNET_NID_NET(gateway) == net`` is -EINVAL, checked before the local-net
+    EEXIST, and lnet_parse_route fails on it ("Can't create route to ... via ...")."""
+    with pytest.raises(ConfigError, match="Can't create route to tcp.* via .*: the gateway is on the net it routes to"):
+        parse_routes(text, ["10.0.0.1@tcp"])
+
+
+def test_own_gateway_on_the_routed_net_makes_a_router() -> None:
+    """lnet_parse_route asks lnet_islocalnid before lnet_add_route: our own NID makes us a router."""
+    result = parse_routes("tcp 10.0.0.1@tcp", ["10.0.0.1@tcp"])
+    assert list(result) == [] and result.router
 
 
 def test_route_fields() -> None:
@@ -643,3 +659,42 @@ def test_route_range_scan_matches_glibc(text: str) -> None:
     from lu2k.config import _scan_range
 
     assert _scan_range(text, 0) == _glibc_range(text)
+
+
+# --- interfaces that are down (lnet_inet_enumerate skips !IFF_UP) ---------------------------------
+
+
+def test_interface_state_words() -> None:
+    hosts = host_interfaces([("eth0", "10.0.0.1", "down"), ("eth1", "10.0.1.1", "UP"), ("eth2", "10.0.2.1", True), ("eth3", "10.0.3.1")])
+    assert [h.up for h in hosts] == [False, True, True, True]
+    for bad in ("sideways", 1, None):
+        with pytest.raises(ConfigError, match="state must be up/down"):
+            host_interfaces([("eth0", "10.0.0.1", bad)])
+
+
+def test_ip2nets_rule_matching_only_a_down_interface_does_not_apply() -> None:
+    """lnet_parse_ip2nets matches the addresses lnet_inet_enumerate gives: down ones are not there."""
+    host = [("eth0", "192.168.1.2", "down"), ("eth1", "10.0.0.2", "up")]
+    assert ip2nets_networks("tcp(eth0) 192.168.*.*; o2ib 10.*.*.*", host) == "o2ib"
+    with pytest.raises(ConfigError, match="does not match any local IP interfaces"):
+        ip2nets_networks("tcp 192.168.*.*", host)
+    with pytest.raises(ConfigError, match="no local IP interfaces"):
+        ip2nets_networks("tcp 192.168.*.*", [("eth0", "192.168.1.2", "down")])
+
+
+def test_ip2nets_rule_naming_a_down_interface_matched_through_another() -> None:
+    """The rule's pattern matches eth0 (up), so its networks spec ``tcp(eth1)`` is taken; eth1 is
+    down, so the LND finds no UP interface eth1 (lnet_inet_select) and the net cannot start."""
+    host = [("eth0", "192.168.1.2", "up"), ("eth1", "192.168.2.2", "down")]
+    assert ip2nets_networks("tcp(eth1) 192.168.1.*", host) == "tcp(eth1)"
+    with pytest.raises(ConfigError) as e:
+        ip2nets("tcp(eth1) 192.168.1.*", host)
+    assert e.value.errors == ["net tcp: interface 'eth1' is down (LNet uses only UP interfaces)"]
+
+
+def test_networks_default_interface_skips_down_ones() -> None:
+    host = [("eth0", "10.0.0.1", "down"), ("eth1", "10.0.1.1", "up")]
+    (spec,) = resolve_interfaces(parse_networks("tcp"), host)
+    assert spec.interfaces == ("eth1",)
+    with pytest.raises(ConfigError):
+        resolve_interfaces(parse_networks("tcp(eth0)"), host)

@@ -19,7 +19,7 @@ from lu2k.settings import parse_config
 _ports = itertools.count(50000)
 
 
-def config(nid: str, port: int, key: str = "engine-test-key", **glob: Any) -> Any:
+def config(nid: str, port: int, key: str = "engine-test-key-0123", **glob: Any) -> Any:
     g = {"transaction_timeout": 1, "connect_timeout": 0.5, "reconnect_min": 0.05, "reconnect_max": 0.2}
     g.update(glob)
     net = nid.rpartition("@")[2]
@@ -94,8 +94,8 @@ async def test_unreachable_peer_fails_after_timeout_with_reason() -> None:
 
 async def test_wrong_key_fails_fast_as_auth_failure() -> None:
     port = next(_ports)
-    a = Engine(config("10.9.2.1@tcp", port, key="key-of-site-a"))
-    b = Engine(config("10.9.2.2@tcp", port, key="key-of-site-b"))
+    a = Engine(config("10.9.2.1@tcp", port, key="key-of-site-a-0123"))
+    b = Engine(config("10.9.2.2@tcp", port, key="key-of-site-b-0123"))
     await a.start(with_shim=False)
     await b.start(with_shim=False)
     try:

@@ -94,7 +94,7 @@ def test_lnetctl_export_parses() -> None:
     assert ni.lnd_tunables == {"conns_per_peer": 1} and ni.cpt is not None and ni.cpt.values() == [0]
     assert cfg.nets[0].lu2k["profile"] == {"rtt_ms": 600.0, "rate_mbit": 20.0, "loss": 0.01}
     (route,) = cfg.routes
-    assert (str(route.net), str(route.gateway), route.hop, route.priority) == ("o2ib1", "10.0.0.2@tcp", None, 0)
+    assert (str(route.net), str(route.gateway), route.hops, route.priority) == ("o2ib1", "10.0.0.2@tcp", None, 0)
     (peer,) = cfg.peers
     assert [str(n) for n in peer.nids] == ["10.0.0.3@tcp", "10.0.0.4@tcp"] and peer.multi_rail
     assert cfg.routing is False and cfg.buffers == {"tiny": 512, "small": 4096, "large": 256}
@@ -171,7 +171,7 @@ def test_every_error_is_listed_with_its_path() -> None:
         "net[1].local NI(s)[2].tunables.bogus: unknown tunable",
         "net[1].lu2k.backend: expected a backend name",
         "net[1].lu2k.port: 70000 out of range",
-        "net[1].lu2k.key: key shorter than 8 characters",
+        "net[1].lu2k.key: key has 5 byte(s); at least 16 (128 bits)",
         "net[1].lu2k.profile.loss: 0.9 out of range",
         "route[0].net: no routes to 'lo'",
         "route[1].gateway: a gateway cannot be on 'lo'",
@@ -212,7 +212,12 @@ ONE_ERROR = [
     ("net: [{net type: tcp, local NI(s): [{nid: 1.2.3.4@tcp}], lu2k: {warp: 9}}]", "lu2k.warp: unknown key"),
     ("route: [{net: tcp1, gateway: 10.0.0.1@tcp}, {net: tcp1, gateway: 10.0.0.1@tcp}]", "given twice"),
     ("route: [{net: tcp1, gateway: '10.0.0.[1-2/0]@tcp'}]", "zero stride"),
-    ("net: [{net type: tcp, local NI(s): [{nid: 1.2.3.4@tcp}]}]\nroute: [{net: tcp, gateway: 1.2.3.5@tcp}]", "local net"),
+    ("net: [{net type: tcp, local NI(s): [{nid: 1.2.3.4@tcp}]}, {net type: tcp1, local NI(s): [{nid: 1.2.4.4@tcp1}]}]\n"
+     "route: [{net: tcp1, gateway: 1.2.3.5@tcp}]", "local net"),
+    # lnet_add_route: LNET_NID_NET(gateway) == net is -EINVAL
+    ("net: [{net type: tcp, local NI(s): [{nid: 1.2.3.4@tcp}]}]\nroute: [{net: tcp, gateway: 1.2.3.5@tcp}]",
+     "route[0].gateway: gateway 1.2.3.5@tcp is on tcp, the net the route leads to"),
+    ("route: [{net: tcp7, gateway: '10.0.0.[1-2]@tcp7'}]", "route[0].gateway: gateway 10.0.0.1@tcp7 is on tcp7"),
     ("peer: [{primary nid: 1.2.3.4@tcp}, {primary nid: 1.2.3.4@tcp}]", "peer 1.2.3.4@tcp given twice"),
     ("peer: [{primary nid: 1.2.3.4@tcp, peer ni: [{state: up}]}]", "peer ni[0]: missing 'nid'"),
     ("global: {lnd_timeout: -1}", "lnd_timeout"),
@@ -228,7 +233,7 @@ ONE_ERROR = [
     ("lu2k: {telepathy: true}", "lu2k.telepathy: unknown key"),
     ("ip2nets: [{net-spec: tcp, interfaces: {0: ''}}]", "ip2nets[0].interfaces[0]"),
     ("routing: [1]", "routing: expected a mapping"),
-    ("net: [{net type: tcp, local NI(s): [{nid: 1.2.3.4@tcp}], lu2k: {port: 'x'}}]", "lu2k.port: expected an integer"),
+    ("net: [{net type: tcp, local NI(s): [{nid: 1.2.3.4@tcp}], lu2k: {port: 'x'}}]", "lu2k.port: expected a port number"),
 ]
 
 
@@ -260,7 +265,7 @@ def test_repeated_net_entries_merge_their_nis() -> None:
 def test_route_gateway_expression_expands() -> None:
     cfg = loads("route: [{net: tcp1, gateway: '10.0.0.[1-3]@tcp', hop: 2, priority: 4}]")
     assert [str(r.gateway) for r in cfg.routes] == ["10.0.0.1@tcp", "10.0.0.2@tcp", "10.0.0.3@tcp"]
-    assert {(r.hop, r.priority) for r in cfg.routes} == {(2, 4)}
+    assert {(r.hops, r.priority) for r in cfg.routes} == {(2, 4)}
 
 
 def test_peer_nids_as_plain_list_and_non_mr() -> None:
@@ -326,8 +331,8 @@ def test_resolve_yaml_ip2nets_lnetctl_semantics() -> None:
 
 def test_resolve_legacy_routes_and_router_detection() -> None:
     cfg = loads(
-        "net: [{net type: tcp, local NI(s): [{nid: 10.0.0.1@tcp}]}]\n"
-        "lu2k: {routes: 'o2ib 10.0.0.[1-2]@tcp:3; tcp 10.0.0.5@tcp'}\n"
+        "net: [{net type: tcp, local NI(s): [{nid: 10.0.0.1@tcp}]}, {net type: tcp1, local NI(s): [{nid: 10.1.0.1@tcp1}]}]\n"
+        "lu2k: {routes: 'o2ib 10.0.0.[1-2]@tcp:3; tcp1 10.0.0.5@tcp'}\n"
     )
     r = resolve(cfg, HOST)
     assert r.router is True
@@ -398,35 +403,31 @@ def test_net_type_names() -> None:
 DAEMON_LU2K = {"backend": "tcp", "port": 7988, "key": "a-site-key-of-some-length"}
 
 
-def test_expand_for_daemon_leaves_plain_documents_alone() -> None:
-    from lu2k.lnetyaml import expand_for_daemon
-
-    data = {"net": [{"net type": "tcp", "local NI(s)": [{"nid": "10.0.0.1@tcp"}], "lu2k": DAEMON_LU2K}]}
-    assert expand_for_daemon(data) is data
-
-
-def test_expand_for_daemon_legacy_strings_and_interface_nis() -> None:
-    from lu2k.lnetyaml import expand_for_daemon
+def test_daemon_config_from_legacy_strings_and_interface_nis() -> None:
+    """One pass: the document is checked and applied to the host; the daemon config comes out."""
+    from lu2k.settings import parse_config
 
     data = {
         "net": [{"net type": "tcp2", "local NI(s)": [{"interfaces": {0: "eth1"}, "tunables": {"credits": 5}}], "lu2k": DAEMON_LU2K}],
         "route": [{"net": "o2ib3", "gateway": "192.168.3.[8-9]@tcp2"}],
         "lu2k": {"networks": "tcp(eth0)", "routes": "tcp1 10.0.0.2@tcp; tcp4 10.0.0.1@tcp", "defaults": DAEMON_LU2K},
     }
-    out = expand_for_daemon(data, interfaces=HOST)
-    assert out["net"][0]["local NI(s)"] == [{"tunables": {"credits": 5}, "nid": "192.168.3.3@tcp2"}]
-    assert out["net"][1] == {"net type": "tcp", "local NI(s)": [{"nid": "10.0.0.1@tcp"}], "lu2k": DAEMON_LU2K}
-    assert [(r["net"], r["gateway"]) for r in out["route"]] == [
+    before = repr(data)
+    cfg = parse_config(data, interfaces=HOST)
+    assert [(str(n.net), str(n.nid), n.credits, n.where) for n in cfg.nets] == [
+        ("tcp2", "192.168.3.3@tcp2", 5, "net[0]"), ("tcp", "10.0.0.1@tcp", 256, "lu2k (networks) net tcp")]
+    assert all(n.key == b"a-site-key-of-some-length" for n in cfg.nets)
+    assert [(str(r.net), str(r.gateway)) for r in cfg.routes] == [
         ("o2ib3", "192.168.3.8@tcp2"), ("o2ib3", "192.168.3.9@tcp2"), ("tcp1", "10.0.0.2@tcp")]
-    assert out["routing"] == {"enable": 1}  # 10.0.0.1@tcp is ours: we are a router
-    assert data["net"][0]["local NI(s)"][0].get("nid") is None  # the input is not modified
+    assert cfg.routing is True  # 10.0.0.1@tcp is ours: we are a router
+    assert repr(data) == before  # the input is not modified
 
 
-def test_expand_for_daemon_reports_host_problems_whole() -> None:
-    from lu2k.lnetyaml import expand_for_daemon
+def test_daemon_config_reports_host_problems_whole() -> None:
+    from lu2k.settings import parse_config
 
     with pytest.raises(ConfigError) as ei:
-        expand_for_daemon({"lu2k": {"ip2nets": "tcp 172.16.*.*", "routes": "tcp1 1.1.1.1@o2ib"}}, interfaces=HOST)
+        parse_config({"lu2k": {"ip2nets": "tcp 172.16.*.*", "routes": "tcp1 1.1.1.1@o2ib"}}, interfaces=HOST)
     assert any("does not match" in e for e in ei.value.errors)
 
 
@@ -489,3 +490,12 @@ def test_lnetctl_ip2net_string_in_a_net_entry() -> None:
         loads("net:\n  - ip2net: 'tcp 192.168.*'\n")
     with pytest.raises(ConfigError, match="either"):
         loads("net:\n  - {ip2net: 'tcp 1.1.1.1', net type: tcp}\n")
+
+
+def test_resolve_refuses_an_ni_on_a_down_interface() -> None:
+    """lnetctl hands the NI to the LND, whose lnet_inet_select finds only UP interfaces."""
+    cfg = loads("net: [{net type: tcp, local NI(s): [{interfaces: {0: eth0}}]}]")
+    with pytest.raises(ConfigError) as e:
+        resolve(cfg, [("eth0", "10.0.0.1", "down")])
+    assert e.value.errors[0] == "net[0].local NI(s)[0].interfaces: interface 'eth0' is down (LNet uses only UP interfaces)"
+    assert [str(n) for n in resolve(cfg, [("eth0", "10.0.0.1", "up")]).local_nids()] == ["10.0.0.1@tcp"]

@@ -21,6 +21,7 @@ backend that needs it.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -53,7 +54,7 @@ def option_seconds(options: dict[str, Any], name: str, default: float, where: st
         out = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} must be a number of seconds, not {value!r}", where=where) from None
-    if out < 0 or (out == 0 and not allow_zero):
+    if not math.isfinite(out) or out < 0 or (out == 0 and not allow_zero):
         raise ConfigError(f"{name} must be {'zero or ' if allow_zero else ''}positive, not {value!r}", where=where)
     return out
 

@@ -63,6 +63,7 @@ from ..fec import HEADER_OVERHEAD as FEC_HEADER, parse_fec
 from ..errors import (
     AuthenticationError, ConfigError, ConnectError, ConnectionClosed, ConnectTimeout, HandshakeError, Lu2kError, ReadError,
 )
+from ..values import parse_rate
 from ..wire import ConnType
 from .base import AcceptCallback, Backend, BackendSettings, Listener, Transport
 from .quic_udp import BatchedUdpEndpoint
@@ -84,28 +85,7 @@ CERT_ALERTS = {42: "bad certificate", 43: "unsupported certificate", 44: "certif
 
 def _rate_option(value: Any, where: str) -> float:
     """Mbit/s as a number, or a string with a unit ('20mbit', '500kbit') -> bytes/s."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        mbit = float(value)
-    elif isinstance(value, str):
-        s = value.strip().lower().replace("/s", "")
-        units = {"gbit": 1e3, "mbit": 1.0, "kbit": 1e-3, "bit": 1e-6}
-        for unit, scale in units.items():
-            if s.endswith(unit):
-                try:
-                    mbit = float(s[: -len(unit)]) * scale
-                except ValueError:
-                    raise ConfigError(f"bad rate {value!r} (e.g. 20mbit or 20 for Mbit/s)", where=where) from None
-                break
-        else:
-            try:
-                mbit = float(s)
-            except ValueError:
-                raise ConfigError(f"bad rate {value!r} (e.g. 20mbit or 20 for Mbit/s)", where=where) from None
-    else:
-        raise ConfigError(f"bad rate {value!r} (e.g. 20mbit or 20 for Mbit/s)", where=where)
-    if mbit <= 0:
-        raise ConfigError(f"rate must be positive, got {value!r}", where=where)
-    return mbit * 1e6 / 8
+    return parse_rate(value, where, number_unit=1e6) / 8
 
 
 def _bool_option(value: Any, where: str) -> bool:

@@ -22,11 +22,12 @@ from typing import Any
 
 from ..errors import ConfigError, ConnectError, ConnectionClosed, ConnectTimeout, ReadError, WriteError
 from ..wire import BufferFor, ConnType, Frame, FrameDecoder
-from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport
+from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport, option_int
 
 IOV_MAX = 1024
 RECV_CHUNK = 256 << 10
 DIRECT_RECV_MIN = 16 << 10  # payload remainder above this is received straight into place
+KNOWN_OPTIONS = frozenset({"min_bulk", "congestion", "socket_buffer"})
 
 
 def available_congestion_controls() -> list[str]:
@@ -170,7 +171,11 @@ class TcpBackend(Backend):
     def __init__(self, settings: BackendSettings) -> None:
         super().__init__(settings)
         opts = settings.options
-        self.min_bulk = int(opts.get("min_bulk", 1024))
+        where = f"net {settings.net}"
+        unknown = sorted(set(opts) - KNOWN_OPTIONS)
+        if unknown:
+            raise ConfigError(f"unknown tcp option(s) {', '.join(unknown)} (known: {', '.join(sorted(KNOWN_OPTIONS))})", where=where)
+        self.min_bulk = option_int(opts, "min_bulk", 1024, 0, 1 << 30, where, what="a byte count")
         cc = opts.get("congestion")
         available = available_congestion_controls()
         if cc is None:
@@ -181,7 +186,8 @@ class TcpBackend(Backend):
         buf = opts.get("socket_buffer")
         if buf is None and settings.profile.rate_mbit and settings.profile.rtt_ms:
             buf = 2 * settings.profile.bdp_bytes()
-        self.socket_buffer: int | None = int(buf) if buf else None
+        self.socket_buffer: int | None = option_int({} if buf is None else {"socket_buffer": buf}, "socket_buffer", 0, 0, 1 << 30, where,
+                                                    what="a byte count") or None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _tune(self, sock: socket.socket, conn_type: ConnType) -> None:

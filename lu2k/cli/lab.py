@@ -22,35 +22,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..lab.netns import Lab, LabError, cleanup_stale, forwarder_alive, list_labs, remove_lab_files, teardown
-from ..lab.spec import PROFILES, build_specs, format_rate
-
-
-def add_link_options(p: argparse.ArgumentParser, *, default_profile: str = "geo") -> None:
-    """The link description options, shared with ``lu2k bench link``."""
-    p.add_argument("--profile", choices=sorted(PROFILES), default=default_profile,
-                   help="geo: 20mbit/600ms, leo: 50mbit/40ms, custom: give --rate and --rtt (default %(default)s)")
-    p.add_argument("--rate", help="link rate per direction, e.g. 20mbit (overrides the profile)")
-    p.add_argument("--rtt", help="round-trip time, e.g. 600ms (overrides the profile)")
-    p.add_argument("--loss", help="random loss per direction, e.g. 1%% or 0.01")
-    p.add_argument("--jitter", help="uniform +- delay jitter per direction, e.g. 5ms (order kept)")
-    p.add_argument("--burst-loss", help="Gilbert-Elliott burst loss rate on top of --loss, e.g. 0.5%%")
-    p.add_argument("--burst-len", type=float, help="mean loss burst length in packets (default 4)")
-    p.add_argument("--reorder", help="fraction of packets held back so that later ones overtake them, e.g. 1%%")
-    p.add_argument("--reorder-delay", help="how long a reordered packet is held back (default 5ms)")
-    p.add_argument("--queue", help="drop-tail queue limit in bytes, e.g. 256k (default: one BDP)")
-    p.add_argument("--seed", type=int, default=1, help="random seed; the same seed repeats the same losses")
-
-
-def specs_from_args(args: argparse.Namespace) -> Any:
-    return build_specs(
-        args.profile, rate=args.rate, rtt=args.rtt, loss=args.loss, jitter=args.jitter, burst_loss=args.burst_loss,
-        burst_len=args.burst_len, reorder=args.reorder, reorder_delay=args.reorder_delay, queue=args.queue, seed=args.seed,
-    )
-
-
-def profile_summary(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in ("profile", "rate", "rtt", "loss", "jitter", "burst_loss", "burst_len",
-                                          "reorder", "queue", "seed") if getattr(args, k, None) is not None}
+from ..lab.args import add_link_options, profile_summary, specs_from_args
+from ..lab.spec import format_rate
 
 
 def _pick(lab_id: str | None) -> Lab:

@@ -27,11 +27,13 @@ from ..config import (
     parse_networks,
     parse_routes,
     resolve_interfaces,
+    route_text,
     system_interfaces,
 )
 from ..errors import ConfigError, NidError
 from ..lnetyaml import dumps, load, resolve
 from ..nid import NidList, parse_net, parse_nid
+from ..values import HIDDEN_KEY
 
 
 def _interfaces(args: argparse.Namespace) -> list[Any]:
@@ -101,19 +103,22 @@ def _ip2nets(args: argparse.Namespace) -> int:
 def _routes(args: argparse.Namespace) -> int:
     routes = parse_routes(args.text, args.local or [])
     for r in routes:
-        print(r)
+        print(route_text(r))
     if routes.router:
         print("# a gateway is one of our NIDs: this node is a router")
     if args.local:
         _, dropped = routes.installable(args.local)
         for r, why in dropped:
-            print(f"# not installed: {r} ({why})")
+            print(f"# not installed: {route_text(r)} ({why})")
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
     cfg = load(args.file)
     res = resolve(cfg, _interfaces(args))
+    for lu in [n.lu2k for n in cfg.nets] + [cfg.lu2k.get("defaults") or {}]:
+        if "key" in lu:
+            lu["key"] = HIDDEN_KEY  # a check prints the document, never the network's key
     print(dumps(cfg), end="")
     for n in res.nets:
         print(f"# net {n.net} ({n.origin}): " + ", ".join(f"{ni.nid}" + (f" on {ni.interface}" if ni.interface else "") for ni in n.nis))
@@ -129,7 +134,7 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="lnet_command", metavar="WHAT")
 
     def add(name: str, func: Any, help_text: str, *, text: bool = True, ifs: bool = False) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_text)
+        sp: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
         if text:
             sp.add_argument("text", help="the string, as written in Lustre's configuration")
         if ifs:

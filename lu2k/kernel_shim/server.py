@@ -41,57 +41,13 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..errors import ConfigError, LocalProtocolError, Lu2kError, RemoteProtocolError, ShimError, Status
+from ..errors import LocalProtocolError, Lu2kError, RemoteProtocolError, ShimError, Status
 from ..nid import NID_SIZE
 from . import abi
+from .config import ShimConfig  # the one ShimConfig (lu2k: shim:), read with the daemon config
 from .ring import RingConsumer, RingProducer, SlotPool, full_fence
 
 log = logging.getLogger("lu2k.shim")
-
-_HARD_MAX_POOL = 4 << 30  # offsets are u64 but keep one endpoint from asking for the moon
-
-
-class ShimConfig:
-    """Tunables of the shim server (``lu2k: shim:`` in the daemon config).
-
-    Keys: ``max_in_flight`` (requests per port handed to the engine and not yet
-    completed), ``max_message_size``, ``tx_pool_bytes``/``rx_pool_bytes`` (defaults when
-    an endpoint asks for 0), ``max_pool_bytes`` (largest pool an endpoint may ask for),
-    ``max_ports``, ``batch`` (descriptors taken per port per loop iteration),
-    ``socket_mode`` (permissions of the socket file), ``idle_poll_us``/``idle_polls``
-    (after activity, poll a port's rings this often, this many times, before asking for
-    kicks again; 0 disables polling).
-    """
-
-    KEYS = ("max_in_flight", "max_message_size", "tx_pool_bytes", "rx_pool_bytes", "max_pool_bytes",
-            "max_ports", "batch", "socket_mode", "idle_poll_us", "idle_polls")
-
-    def __init__(self, max_in_flight: int = 1024, **options: Any) -> None:
-        unknown = sorted(set(options) - set(self.KEYS))
-        if unknown:
-            raise ConfigError(f"unknown shim option(s) {', '.join(unknown)} (known: {', '.join(self.KEYS)})", where="lu2k.shim")
-        self.max_in_flight = self._int("max_in_flight", max_in_flight, 1, 1 << 20)
-        self.max_message_size = self._int("max_message_size", options.get("max_message_size", abi.DEFAULT_MAX_MESSAGE), 0, 64 << 20)
-        self.max_pool_bytes = self._int("max_pool_bytes", options.get("max_pool_bytes", 1 << 30), abi.MIN_POOL_BYTES, _HARD_MAX_POOL)
-        self.tx_pool_bytes = self._int("tx_pool_bytes", options.get("tx_pool_bytes", 64 << 20), abi.MIN_POOL_BYTES, self.max_pool_bytes)
-        self.rx_pool_bytes = self._int("rx_pool_bytes", options.get("rx_pool_bytes", 64 << 20), abi.MIN_POOL_BYTES, self.max_pool_bytes)
-        self.max_ports = self._int("max_ports", options.get("max_ports", 256), 1, 1 << 16)
-        self.batch = self._int("batch", options.get("batch", 256), 1, 1 << 16)
-        self.socket_mode = self._int("socket_mode", options.get("socket_mode", 0o600), 0, 0o777)
-        self.idle_poll_us = self._int("idle_poll_us", options.get("idle_poll_us", 200), 0, 1_000_000)
-        self.idle_polls = self._int("idle_polls", options.get("idle_polls", 4), 0, 1_000_000)
-
-    @staticmethod
-    def _int(key: str, value: Any, lo: int, hi: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"must be an integer, got {value!r}", where=f"lu2k.shim.{key}")
-        if not lo <= value <= hi:
-            raise ConfigError(f"{value} outside {lo}..{hi}", where=f"lu2k.shim.{key}")
-        return value
-
-    def __repr__(self) -> str:
-        return "ShimConfig(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.KEYS) + ")"
-
 
 @dataclass(slots=True, eq=False)
 class SendRequest:

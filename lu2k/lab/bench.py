@@ -255,7 +255,7 @@ def backend_options(backend: str, lab: Lab, workdir: Path) -> dict[str, dict[str
     """
     if backend != "quic":
         return {"a": {}, "b": {}}
-    from ..cli.keys import cert_pem, key_pem, make_certificate, make_key
+    from ..certs import cert_pem, key_pem, make_certificate, make_key
 
     ca_key = make_key()
     ca_cert = make_certificate(ca_key, "lu2k-lab-ca", is_ca=True)
@@ -493,7 +493,7 @@ def run_link(backend: str, specs: tuple[LinkSpec, LinkSpec], *, duration: float,
 
 
 def format_link(r: dict[str, Any]) -> str:
-    from ..cli.table import render
+    from ..table import render
 
     def pct(x: float) -> str:
         return f"{x / r['link_mbit'] * 100:.0f}%" if r["link_mbit"] else "-"
@@ -560,7 +560,7 @@ def run_matrix(backends: list[str], *, duration: float, warmup: float, losses: t
 
 
 def format_matrix(rows: list[dict[str, Any]]) -> str:
-    from ..cli.table import render
+    from ..table import render
 
     base_by_key = {(r["profile"], r["loss"]): r["baselines"] for r in rows if r.get("baselines")}
     table = []
@@ -585,7 +585,7 @@ def format_matrix(rows: list[dict[str, Any]]) -> str:
 
 
 def cmd_link(args: argparse.Namespace) -> int:
-    from ..cli.lab import specs_from_args
+    from .args import specs_from_args
 
     specs = specs_from_args(args)
     if args.duration <= 0 or args.warmup < 0:
@@ -630,7 +630,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 def register_bench(bsub: Any) -> None:
     """Add ``link`` and ``matrix`` to ``lu2k bench`` (called by :mod:`lu2k.cli.bench`)."""
-    from ..cli.lab import add_link_options
+    from .args import add_link_options
 
     link = bsub.add_parser("link", help="lu2k over an emulated satellite link vs kernel TCP CUBIC/BBR (needs root)")
     link.add_argument("--backend", default="tcp")

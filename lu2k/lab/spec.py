@@ -18,18 +18,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .. import values
 from ..errors import ConfigError
 
 MTU = 1500
 # Below this many full packets a drop-tail queue drops bursts that any real modem absorbs.
 MIN_QUEUE_BYTES = 16 * MTU
 
-_RATE_UNITS = {
-    "bit": 1.0, "bps": 1.0,
-    "kbit": 1e3, "kbps": 1e3, "k": 1e3,
-    "mbit": 1e6, "mbps": 1e6, "m": 1e6,
-    "gbit": 1e9, "gbps": 1e9, "g": 1e9,
-}
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 _SIZE_UNITS = {"b": 1, "": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20}
 _NUM = r"([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)"
@@ -37,17 +32,7 @@ _NUM = r"([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)"
 
 def parse_rate(text: str | float, *, what: str = "--rate") -> float:
     """``20mbit`` / ``500kbit`` / ``1gbit`` -> bits per second; ``0``/``unlimited`` -> 0 (no cap)."""
-    if isinstance(text, (int, float)):
-        if text < 0:
-            raise ConfigError(f"rate must not be negative, got {text}", where=what)
-        return float(text)
-    s = text.strip().lower().replace("/s", "")
-    if s in ("0", "unlimited", "inf", "none"):
-        return 0.0
-    m = re.fullmatch(_NUM + r"\s*([a-z]+)", s)
-    if not m or m.group(2) not in _RATE_UNITS:
-        raise ConfigError(f"bad rate {text!r}: expected a number with a unit (e.g. 20mbit, 500kbit, 1gbit) or 'unlimited'", where=what)
-    return float(m.group(1)) * _RATE_UNITS[m.group(2)]
+    return values.parse_rate(text, what, allow_unlimited=True, unit_required=True)
 
 
 def parse_time(text: str | float, *, what: str = "--rtt") -> float:
@@ -94,14 +79,7 @@ def parse_size(text: str | int, *, what: str = "--queue") -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 
 
-def format_rate(bps: float) -> str:
-    if bps <= 0:
-        return "unlimited"
-    if bps >= 1e9:
-        return f"{bps / 1e9:g}gbit"
-    if bps >= 1e6:
-        return f"{bps / 1e6:g}mbit"
-    return f"{bps / 1e3:g}kbit"
+format_rate = values.format_rate
 
 
 @dataclass(frozen=True)

@@ -206,8 +206,8 @@ def _config(nid: str, port: int, key: str) -> Any:
 
 
 async def test_engines_over_rds_complete_each_message_exactly_once() -> None:
-    a = Engine(_config("127.0.0.1@tcp", 7990, "rds-site-key"))
-    b = Engine(_config("127.0.0.2@tcp", 7990, "rds-site-key"))
+    a = Engine(_config("127.0.0.1@tcp", 7990, "rds-site-key-0123"))
+    b = Engine(_config("127.0.0.2@tcp", 7990, "rds-site-key-0123"))
     await a.start(with_shim=False)
     await b.start(with_shim=False)
     try:
@@ -238,8 +238,8 @@ async def test_engines_over_rds_complete_each_message_exactly_once() -> None:
 
 
 async def test_engines_over_rds_refuse_a_wrong_key() -> None:
-    a = Engine(_config("127.0.0.1@tcp", 7991, "key-of-site-a"))
-    b = Engine(_config("127.0.0.2@tcp", 7991, "key-of-site-b"))
+    a = Engine(_config("127.0.0.1@tcp", 7991, "key-of-site-a-0123"))
+    b = Engine(_config("127.0.0.2@tcp", 7991, "key-of-site-b-0123"))
     await a.start(with_shim=False)
     await b.start(with_shim=False)
     try:

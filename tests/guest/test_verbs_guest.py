@@ -120,8 +120,8 @@ def _config(nid: str, port: int, key: str) -> Any:
 
 
 async def test_engines_over_o2ib_complete_each_message_exactly_once() -> None:
-    a = Engine(_config("127.0.0.1@o2ib", 7992, "o2ib-site-key"))
-    b = Engine(_config("127.0.0.2@o2ib", 7992, "o2ib-site-key"))
+    a = Engine(_config("127.0.0.1@o2ib", 7992, "o2ib-site-key-0123"))
+    b = Engine(_config("127.0.0.2@o2ib", 7992, "o2ib-site-key-0123"))
     await a.start(with_shim=False)
     await b.start(with_shim=False)
     try:
