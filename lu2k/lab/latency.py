@@ -491,7 +491,7 @@ def run_latency(backend: str, specs: tuple[LinkSpec, LinkSpec], *, sizes: Sequen
 
 
 def format_latency(r: dict[str, Any]) -> str:
-    from ..cli.table import render
+    from ..table import render
 
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.0f}"
@@ -545,7 +545,7 @@ def _options(pairs: Sequence[str] | None) -> dict[str, Any]:
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
-    from ..cli.lab import specs_from_args
+    from .args import specs_from_args
 
     specs = specs_from_args(args)
     r = run_latency(args.backend, specs, sizes=parse_sizes(args.sizes), loads=parse_loads(args.loads), duration=args.duration,
@@ -561,7 +561,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 def register_bench(bsub: Any) -> None:
     """Add ``latency`` to ``lu2k bench`` (called by :mod:`lu2k.cli.bench`)."""
-    from ..cli.lab import add_link_options
+    from .args import add_link_options
 
     lat = bsub.add_parser("latency", help="one-way latency at a paced offered load vs kernel TCP BBR (needs root)")
     lat.add_argument("--backend", default="quic")
