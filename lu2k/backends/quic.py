@@ -59,6 +59,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra 
 
 from ..cc import default_for
 from ..cc.aioquic_adapter import algorithm_name, install_pacer
+from ..fec import HEADER_OVERHEAD as FEC_HEADER, parse_fec
 from ..errors import (
     AuthenticationError, ConfigError, ConnectError, ConnectionClosed, ConnectTimeout, HandshakeError, Lu2kError, ReadError,
 )
@@ -67,14 +68,14 @@ from ..wire import ConnType
 from .base import AcceptCallback, Backend, BackendSettings, Listener, Transport
 from .quic_udp import BatchedUdpEndpoint
 from .quic_stream import (
-    APP_AUTH_REJECTED, APP_NO_ERROR, APP_PROTOCOL_ERROR, Lu2kQuicProtocol, QuicTransport, StreamOptions,
+    APP_AUTH_REJECTED, APP_NO_ERROR, APP_PROTOCOL_ERROR, Lu2kQuicProtocol, StreamOptions,
 )
 
 ALPN = "lu2k"
 KNOWN_OPTIONS = {
     "cert", "key", "ca", "server_name", "mtls", "congestion", "rate", "rate_cap", "max_datagram_size",
     "idle_timeout", "keepalive", "dead_timeout", "socket_buffer", "max_streams", "send_buffer", "recv_buffer", "ordered", "zero_rtt",
-    "cid_length",
+    "cid_length", "fec",
 }
 TICKETS_KEPT = 256
 # TLS alert numbers (RFC 8446 section 6) that mean "your certificate is not acceptable".
@@ -210,6 +211,7 @@ class QuicBackend(Backend):
         # 1500-byte packet; 4 random bytes still tell a site's few dozen peers apart (the
         # listener routes datagrams by them), and 4 more payload bytes per packet is what
         # separates QUIC's header ceiling from kernel TCP's.
+        self.fec = parse_fec(opts.get("fec", "off"), f"{self._where}: fec")
         self.cid_length = int(_number_option(opts, "cid_length", 4, self._where))
         if not 4 <= self.cid_length <= 20:
             raise ConfigError(f"cid_length must be 4..20 bytes, got {self.cid_length}", where=self._where)
@@ -266,9 +268,9 @@ class QuicBackend(Backend):
             raise ConfigError(f"cannot load the site certificate/key: {e}", where=self._where) from None
 
     def _datagram_size(self, family: int) -> int:
-        if self.max_datagram_size:
-            return self.max_datagram_size
-        return 1452 if family == socket.AF_INET6 else 1472
+        size = self.max_datagram_size or (1452 if family == socket.AF_INET6 else 1472)
+        # FEC's data header rides in the same UDP datagram: QUIC gets that much less.
+        return size - FEC_HEADER if self.fec.enabled else size
 
     def _configuration(self, *, is_client: bool, family: int, server_name: str | None = None) -> QuicConfiguration:
         config = QuicConfiguration(
@@ -351,7 +353,8 @@ class QuicBackend(Backend):
                 configuration=config, create_protocol=create_protocol,
                 session_ticket_fetcher=self._fetch_ticket, session_ticket_handler=self._store_server_ticket,
             )
-            endpoint = BatchedUdpEndpoint(asyncio.get_running_loop(), sock, server)
+            endpoint = BatchedUdpEndpoint(asyncio.get_running_loop(), sock, server, fec=self.fec)
+            self._endpoints.append(endpoint)
         except OSError as e:
             sock.close()
             raise ConnectError(f"cannot listen on udp {host}:{port}: {e.strerror or e}") from None
@@ -423,7 +426,7 @@ class QuicBackend(Backend):
             sock.connect(addr)
             self._size_socket(sock)
             protocol = Lu2kQuicProtocol(quic, stream_options=self.stream_options, translate=translate_close)
-            endpoint = BatchedUdpEndpoint(loop, sock, protocol)
+            endpoint = BatchedUdpEndpoint(loop, sock, protocol, fec=self.fec)
         except OSError as e:
             sock.close()
             raise ConnectError(f"cannot open a UDP socket for {host}:{port}: {e.strerror or e}") from None
@@ -462,10 +465,20 @@ class QuicBackend(Backend):
             "congestion": self.congestion, "aioquic_algorithm": self.algorithm, "alpn": ALPN,
             "max_datagram_size": self.max_datagram_size or "1472 (IPv4) / 1452 (IPv6)",
             "mtls": self.mtls, "verify_server": bool(self.ca), "idle_timeout": self.idle_timeout,
-            "keepalive": self.keepalive, "dead_timeout": self.dead_timeout, "socket_buffer": self.socket_buffer, "max_streams": self.max_streams, "send_buffer": self.send_buffer,
+            "keepalive": self.keepalive, "dead_timeout": self.dead_timeout, "socket_buffer": self.socket_buffer,
+            "max_streams": self.max_streams, "send_buffer": self.send_buffer,
             "recv_buffer": self.recv_buffer, "ordered": self.ordered, "zero_rtt": self.zero_rtt,
             "cid_length": self.cid_length,
+            "fec": self.fec.mode if self.fec.mode != "fixed" else f"{self.fec.ratio * 100:g}%",
+            **({f"fec_{k}": v for k, v in self._fec_totals().items()}),
         }
+
+    def _fec_totals(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for endpoint in self._endpoints:
+            for k, v in endpoint.fec_stats().items():
+                totals[k] = totals.get(k, 0) + v
+        return totals
 
 
 def _public_der(key: Any) -> bytes:

@@ -38,6 +38,7 @@ idle timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import collections
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -411,10 +412,12 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
         defer = getattr(udp, "defer_transmit", None)
         if defer is not None and defer(self):
             return  # the batched endpoint calls us once its batch of datagrams is in
-        super().transmit()
-        t = self.transport_obj
-        while t is not None and t.feed():
+        holding = getattr(udp, "holding", None)
+        with holding() if holding is not None else contextlib.nullcontext():  # one GSO send for the pass
             super().transmit()
+            t = self.transport_obj
+            while t is not None and t.feed():
+                super().transmit()
         self._last_send = self._loop.time()
 
     def transmit_soon(self) -> None:

@@ -53,12 +53,12 @@ class QuicControllerAdapter(QuicCongestionControl):
         # Set by the backend: True when no stream has data waiting (the sender is app-limited).
         self.app_limited: Callable[[], bool] | None = None
 
-    @property  # type: ignore[override]
-    def congestion_window(self) -> int:
+    @property
+    def congestion_window(self) -> int:  # type: ignore[override]  # the controller owns the window
         return self.controller.cwnd
 
-    @property  # type: ignore[override]
-    def bytes_in_flight(self) -> int:
+    @property
+    def bytes_in_flight(self) -> int:  # type: ignore[override]
         return self.controller.bytes_in_flight
 
     def on_packet_sent(self, *, packet: QuicSentPacket) -> None:

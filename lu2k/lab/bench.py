@@ -275,7 +275,8 @@ def backend_options(backend: str, lab: Lab, workdir: Path) -> dict[str, dict[str
 class LabDaemons:
     """``lu2kd`` in each namespace of a lab, configured for one backend and the lab's link."""
 
-    def __init__(self, lab: Lab, backend: str, workdir: Path, *, peer_credits: int = 256, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+    def __init__(self, lab: Lab, backend: str, workdir: Path, *, peer_credits: int = 256, max_message: int = DEFAULT_MAX_MESSAGE,
+                 extra_options: dict[str, Any] | None = None) -> None:
         from ..localpair import DaemonProcess, daemon_config
 
         spec = lab.state.specs[0]
@@ -286,6 +287,8 @@ class LabDaemons:
         self.procs: dict[str, Any] = {}
         self.lab = lab
         options = backend_options(backend, lab, workdir)
+        for side in options:
+            options[side].update(extra_options or {})
         for side in ("a", "b"):
             extra_net: dict[str, Any] = {"profile": profile, "key": KEY, "max_message_size": max_message}
             if options[side]:

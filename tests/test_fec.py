@@ -1,0 +1,190 @@
+"""lu2k.fec: groups, repair, recovery, loss reports and hostile frames -- all without sockets."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lu2k.errors import ConfigError
+from lu2k.fec import (
+    DATA_HDR, KIND_REPAIR, REPAIR_HDR, REPORT, FecDecoder, FecEncoder, FecSettings, is_fec_frame, parse_fec, ratio_for_loss,
+)
+
+
+def _datagrams(n: int, seed: int = 1) -> list[bytes]:
+    rng = random.Random(seed)
+    # QUIC-looking datagrams (fixed bit set) of varied sizes, as a transport would send.
+    return [bytes([0x40 | rng.randrange(64)]) + rng.randbytes(rng.randrange(20, 1400)) for _ in range(n)]
+
+
+def _send_all(enc: FecEncoder, datagrams: list[bytes], t0: float = 0.0) -> list[bytes]:
+    frames: list[bytes] = []
+    for i, d in enumerate(datagrams):
+        frames += enc.wrap(d, t0 + i * 1e-4)
+    frames += enc.handle_timer(1e9)
+    return frames
+
+
+def test_frames_are_told_apart_from_quic_packets() -> None:
+    enc = FecEncoder(FecSettings(mode="fixed", ratio=0.1, k_max=10))
+    frames = _send_all(enc, _datagrams(10))
+    assert all(is_fec_frame(f) for f in frames)
+    assert not any(is_fec_frame(d) for d in _datagrams(50))
+    # Short or unknown datagrams are not ours: they go to the transport untouched.
+    assert not any(is_fec_frame(d) for d in (b"", b"\x10\x00", b"\x11" + bytes(5), b"\x12" + bytes(3), b"\x80" + bytes(20)))
+    assert len(frames) == 11 and frames[0][DATA_HDR.size:] == _datagrams(10)[0]
+
+
+def test_no_loss_passes_everything_once_and_repair_is_ignored() -> None:
+    data = _datagrams(64)
+    enc, dec = FecEncoder(FecSettings(mode="fixed", ratio=0.05, k_max=32)), FecDecoder()
+    out = [d for f in _send_all(enc, data) for d in dec.receive(f)[0]]
+    assert out == data
+    assert enc.stats["repair"] == 3  # 0.05 * 64 over two groups of 32: 1.6 -> 1, then 0.6 + 1.6 -> 2
+
+
+@pytest.mark.parametrize("lost", [[0], [5, 9], [31], [0, 1, 2]])
+def test_up_to_r_losses_in_a_group_are_rebuilt(lost: list[int]) -> None:
+    data = _datagrams(32, seed=len(lost))
+    enc, dec = FecEncoder(FecSettings(mode="fixed", ratio=3 / 32, k_max=32)), FecDecoder()
+    frames = _send_all(enc, data)
+    assert len(frames) == 35
+    got = [d for i, f in enumerate(frames) if i not in lost for d in dec.receive(f)[0]]
+    assert sorted(got) == sorted(data)
+    assert dec.stats["recovered"] == len(lost)
+
+
+def test_more_losses_than_repair_leaves_them_to_the_transport() -> None:
+    data = _datagrams(16)
+    enc, dec = FecEncoder(FecSettings(mode="fixed", ratio=1 / 16, k_max=16)), FecDecoder()
+    frames = _send_all(enc, data)
+    got = [d for i, f in enumerate(frames) if i not in (2, 3) for d in dec.receive(f)[0]]
+    assert sorted(got) == sorted(d for i, d in enumerate(data) if i not in (2, 3))
+    assert dec.stats["recovered"] == 0
+
+
+def test_reordered_and_duplicated_frames() -> None:
+    data = _datagrams(40, seed=7)
+    enc, dec = FecEncoder(FecSettings(mode="fixed", ratio=0.1, k_max=20)), FecDecoder()
+    frames = _send_all(enc, data)
+    rng = random.Random(3)
+    kept = [f for i, f in enumerate(frames) if i not in (4, 25)]
+    kept += kept[:5]  # duplicates
+    rng.shuffle(kept)
+    got = [d for f in kept for d in dec.receive(f)[0]]
+    # Each datagram at least once; a duplicate data frame of a settled group may come again
+    # (the transport above dedupes), never one that was not sent.
+    assert set(got) == set(data)
+    assert all(d in data for d in got)
+
+
+def test_partial_group_closed_by_the_timer() -> None:
+    enc = FecEncoder(FecSettings(mode="fixed", ratio=0.5, k_max=64, max_delay=0.02))
+    assert enc.next_deadline() is None
+    enc.wrap(b"\x40a", 1.0)
+    enc.wrap(b"\x40bb", 1.005)
+    assert enc.next_deadline() == pytest.approx(1.02)
+    assert enc.handle_timer(1.019) == []
+    repair = enc.handle_timer(1.02)
+    assert len(repair) == 1 and repair[0][0] == KIND_REPAIR
+    assert enc.next_deadline() is None
+    dec = FecDecoder()
+    dec.receive(DATA_HDR.pack(0x10, 0, 1) + b"\x40bb")
+    out, _ = dec.receive(repair[0])
+    assert out == [b"\x40a"]
+
+
+def test_random_loss_simulation_repairs_most_losses() -> None:
+    rng = random.Random(11)
+    # A bulk sender's datagrams: full-size, with one in ten a small ACK-only packet.
+    data = [bytes([0x40]) + rng.randbytes(60 if i % 10 == 0 else 1400) + i.to_bytes(4, "little") for i in range(4000)]
+    enc, dec = FecEncoder(FecSettings(mode="fixed", ratio=ratio_for_loss(0.01), k_max=64)), FecDecoder()
+    got = set()
+    lost = 0
+    for f in _send_all(enc, data):
+        if rng.random() < 0.01:
+            lost += 1
+            continue
+        got.update(dec.receive(f)[0])
+    missing = len(set(data) - got)
+    assert lost > 20
+    assert missing < lost / 5  # FEC rebuilt the large majority
+    # Repair plus the data frames' headers, against what was sent without FEC: at most 5 %.
+    overhead = (enc.stats["repair_bytes"] + enc.stats["data"] * DATA_HDR.size) / enc.stats["data_bytes"]
+    assert overhead < 0.05
+
+
+def test_auto_follows_the_peers_report() -> None:
+    enc = FecEncoder(FecSettings(mode="auto"))
+    assert enc.ratio == 0.0
+    assert len(_send_all(enc, _datagrams(10))) == 10  # nothing measured yet: no repair
+    enc.on_report(received=990, lost=10)
+    assert enc.ratio == pytest.approx(ratio_for_loss(0.01))
+    enc.on_report(received=1000, lost=0)
+    assert enc.ratio == 0.0
+    fixed = FecEncoder(FecSettings(mode="fixed", ratio=0.1))
+    fixed.on_report(received=10, lost=10)
+    assert fixed.ratio == 0.1
+
+
+def test_decoder_measures_loss_from_gaps_and_reports() -> None:
+    enc, dec = FecEncoder(FecSettings(mode="auto", k_max=10)), FecDecoder()
+    frames = _send_all(enc, _datagrams(100))
+    for i, f in enumerate(frames):
+        if i % 10 != 3:  # one datagram of every ten lost, never the last of a group
+            dec.receive(f)
+    report = dec.take_report()
+    assert report is not None
+    out, parsed = FecDecoder().receive(report)
+    # The four newest groups may still see late frames: only the six older ones are counted.
+    assert out == [] and parsed == (54, 6)
+    assert dec.take_report() is None  # nothing new since
+
+
+def test_ratio_for_loss() -> None:
+    assert ratio_for_loss(0.0) == 0.0 and ratio_for_loss(0.0001) == 0.0
+    assert ratio_for_loss(0.01) == pytest.approx(0.04)
+    assert ratio_for_loss(0.5) == 0.25
+    assert ratio_for_loss(float("nan")) == 0.0
+
+
+def test_parse_fec() -> None:
+    assert parse_fec("off") == FecSettings() and parse_fec(None) == FecSettings() and parse_fec(False) == FecSettings()
+    assert parse_fec("auto").mode == "auto" and parse_fec(True).mode == "auto"
+    assert parse_fec("5%") == FecSettings(mode="fixed", ratio=0.05)
+    assert parse_fec(0.1).ratio == 0.1
+    for bad in ("lots", "0%", "150%", -1, float("nan"), float("inf"), "x%", [1]):
+        with pytest.raises(ConfigError):
+            parse_fec(bad)
+    with pytest.raises(ConfigError):
+        FecSettings(mode="fixed", ratio=0.1, k_max=0)
+
+
+def test_hostile_frames_are_dropped_and_counted() -> None:
+    dec = FecDecoder()
+    bad = [
+        b"",
+        b"\x10\x00",  # truncated data header
+        REPAIR_HDR.pack(KIND_REPAIR, 1, 0, 4, 1) + b"x",  # repair index inside the data range
+        REPAIR_HDR.pack(KIND_REPAIR, 1, 300 % 256, 0, 1) + b"x",  # k = 0
+        REPAIR_HDR.pack(KIND_REPAIR, 1, 250, 200, 100) + b"x",  # more than 255 pieces
+        REPORT.pack(0x12, 1, 2) + b"extra",
+        b"\x33whatever",
+    ]
+    for f in bad:
+        assert dec.receive(f) == ([], None)
+    assert dec.stats["malformed"] == len(bad)
+    # A repair that contradicts the group's earlier repair is refused too.
+    dec.receive(REPAIR_HDR.pack(KIND_REPAIR, 9, 4, 4, 2) + bytes(10))
+    assert dec.receive(REPAIR_HDR.pack(KIND_REPAIR, 9, 5, 5, 1) + bytes(10)) == ([], None)
+    # A repair whose share length differs from the group's is refused.
+    assert dec.receive(REPAIR_HDR.pack(KIND_REPAIR, 9, 5, 4, 2) + bytes(11)) == ([], None)
+
+
+def test_decoder_memory_is_bounded() -> None:
+    dec = FecDecoder(max_groups=8, max_bytes=64 << 10)
+    for g in range(1000):
+        for i in range(3):
+            dec.receive(DATA_HDR.pack(0x10, g & 0xFFFF, i) + bytes(1000))
+        assert len(dec._groups) <= 8 and dec._bytes <= (64 << 10) + 3000
