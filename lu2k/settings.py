@@ -91,6 +91,7 @@ class DaemonConfig:
     routing: bool = False
     shim: ShimConfig = field(default_factory=ShimConfig)
     control_path: str = field(default_factory=default_control_path)
+    metrics: dict[str, Any] = field(default_factory=dict)  # lu2k.metrics: {listen: "host:port"} (lu2k.metrics)
     source: str = "<embedded>"
 
     def net_for(self, net: Net) -> NetConfig | None:
@@ -330,6 +331,13 @@ def parse_config(data: Any, *, source: str = "<string>", base_dir: Path | None =
         ctl = lu.get("control") or {}
         if "path" in ctl:
             cfg.control_path = str(ctl["path"])
+        if lu.get("metrics") is not None:
+            from .metrics import parse_metrics_config
+
+            try:
+                cfg.metrics = parse_metrics_config(lu["metrics"])
+            except ConfigError as e:
+                errs.items.append(str(e))
     if not cfg.nets and not errs.items:
         errs.add("net", "no network configured")
     for r in cfg.routes:
