@@ -34,6 +34,15 @@ from ..lnetyaml import dumps, load, resolve
 from ..nid import NidList, parse_net, parse_nid
 
 
+def _without_keys(text: str) -> str:
+    """The checked file as YAML with every pre-shared key hidden (a check is no reason to print one)."""
+    import yaml
+
+    from ..confctl import _hide_secrets
+
+    return str(yaml.safe_dump(_hide_secrets(yaml.safe_load(text)), sort_keys=False, width=1000))
+
+
 def _interfaces(args: argparse.Namespace) -> list[Any]:
     if not args.interfaces:
         return list(system_interfaces())
@@ -114,7 +123,7 @@ def _routes(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     cfg = load(args.file)
     res = resolve(cfg, _interfaces(args))
-    print(dumps(cfg), end="")
+    print(_without_keys(dumps(cfg)), end="")
     for n in res.nets:
         print(f"# net {n.net} ({n.origin}): " + ", ".join(f"{ni.nid}" + (f" on {ni.interface}" if ni.interface else "") for ni in n.nis))
     for r in res.routes:
