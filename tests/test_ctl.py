@@ -77,6 +77,7 @@ async def pair(tmp_path: Path):  # type: ignore[no-untyped-def]
         await d.stop()
     structlog.reset_defaults()
     root.handlers[:], root.level = saved[0], saved[1]
+    logging.captureWarnings(False)
 
 
 async def run(d: Daemon | None, *argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
