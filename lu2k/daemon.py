@@ -213,6 +213,8 @@ class Daemon:
             if watchdog is not None:
                 watchdog.cancel()
             await self.stop()
+            if notifier is not None:
+                notifier.close()
 
     async def _watchdog(self, notifier: "SystemdNotifier", interval: float) -> None:
         """Pet systemd's watchdog from the event loop: a loop that stops turning stops the pets."""
