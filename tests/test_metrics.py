@@ -4,6 +4,8 @@ traffic, the configuration key, and HTTP misuse that must not hurt the daemon.""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +94,13 @@ async def test_scrape_after_traffic(tmp_path: Path) -> None:
         assert any(name == "lu2k_peer_transport_figure" and dict(labels).get("figure") == "bytes_sent" and v > 20000
                    for (name, labels), v in s.items())
         assert s[("lu2k_endpoints", ())] == 1
+        # every metric the Grafana dashboard queries is one this endpoint serves
+        families = {f.name for f in text_string_to_metric_families(body.decode())}  # with or without samples on tcp
+        served = families | {f + "_total" for f in families}
+        dashboard = json.loads((Path(__file__).resolve().parent.parent / "contrib" / "grafana" / "lu2k.json").read_text())
+        queried = {m for p in dashboard["panels"] for t in p["targets"] for m in re.findall(r"lu2k_[a-z_]+", t["expr"])}
+        queried |= set(re.findall(r"lu2k_[a-z_]+", json.dumps(dashboard["templating"])))
+        assert queried and queried <= served, queried - served
         # misuse: answered or dropped, never fatal; the endpoint keeps serving
         assert (await _get(a.metrics.address, b"GET /nope HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 404")
         assert (await _get(a.metrics.address, b"POST /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 405")
