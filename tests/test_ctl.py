@@ -166,6 +166,12 @@ async def test_ping_discover_peer_and_stats_show(pair: list[Daemon], capsys: pyt
     rc, out, err = await run(a, "route", "show", "-v", capsys=capsys)
     assert rc == 0 and yaml.safe_load(out)["route"] == [
         {"net": "tcp9", "gateway": "127.0.0.2@tcp", "hop": -1, "priority": 0, "state": "up", "type": "single-hop", "lu2k": {"health": 1000}}]
+    rc, out, err = await run(a, "route", "show", "--net", "tcp9", "--gateway", "127.0.0.2@tcp0", capsys=capsys)
+    assert rc == 0 and yaml.safe_load(out) == {"route": [{"net": "tcp9", "gateway": "127.0.0.2@tcp"}]}
+    rc, out, err = await run(a, "global", "show", capsys=capsys)
+    assert rc == 0 and yaml.safe_load(out)["global"]["transaction_timeout"] == 5
+    rc, out, err = await run(a, "route", "show", "--net", "tcp8", capsys=capsys)
+    assert rc == 0 and yaml.safe_load(out) == {"route": []}
 
 
 async def test_a_routed_ping_does_not_report_the_gateways_answer(pair: list[Daemon], capsys: pytest.CaptureFixture[str]) -> None:

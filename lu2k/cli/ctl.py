@@ -1,6 +1,6 @@
 """``lu2kctl``: control a running lu2kd with lnetctl's commands and output.
 
-Show commands print YAML with lnetctl's keys (see :mod:`lu2k.cli.lnetshow`):
+Show commands print YAML with lnetctl's keys (see :mod:`lu2k.cli.lnetshow`), ``global show`` included:
 ``net show [--net NET] [-v [LEVEL]]``, ``peer show [--nid NID] [-v [LEVEL]]``,
 ``route show [--net NET] [--gateway NID] [-v]``, ``stats show``, ``ping NID[,NID...]``,
 ``discover NID[,NID...]``, ``endpoint show``.  ``--json`` (anywhere on the line) prints the
@@ -103,13 +103,24 @@ async def _fetch_peers(args: argparse.Namespace) -> Any:
 
 
 async def _fetch_routes(args: argparse.Namespace) -> Any:
+    from ..nid import parse_nid
+
+    net = _net_filter(args)
+    gateway = str(parse_nid(args.gateway)) if args.gateway else None  # NidError (a Lu2kError) names a bad NID
     routes = await request(_socket(args), "route show")
-    return [r for r in routes if (args.net is None or r["net"] == args.net) and (args.gateway is None or r["gateway"] == args.gateway)]
+    return [r for r in routes if net in (None, r["net"]) and gateway in (None, r["gateway"])]
 
 
 async def _fetch_stats(args: argparse.Namespace) -> Any:
     path = _socket(args)
     return {"stats": await request(path, "stats"), "peers": await request(path, "peer show")}
+
+
+async def _fetch_globals(args: argparse.Namespace) -> Any:
+    import yaml
+
+    doc = yaml.safe_load((await request(_socket(args), "export"))["yaml"]) or {}
+    return dict(doc.get("global") or {})
 
 
 async def _fetch_endpoints(args: argparse.Namespace) -> Any:
@@ -131,6 +142,8 @@ SHOWS: dict[tuple[str, ...], tuple[Any, Shape, Any, Any]] = {
     ("peer", "show"): (_fetch_peers, lambda r, a: lnetshow.peer_show(r["peers"], a.verbose), lambda r, a: r["peers"], _table_peers),
     ("route", "show"): (_fetch_routes, lambda r, a: lnetshow.route_show(r, a.verbose), lambda r, a: r, _table_routes),
     ("stats", "show"): (_fetch_stats, lambda r, a: lnetshow.stats_show(r["stats"], r["peers"]), lambda r, a: r["stats"], _table_stats),
+    ("global", "show"): (_fetch_globals, lambda r, a: {"global": r}, lambda r, a: r,
+                         lambda r, a: render(["name", "value"], sorted(r.items()))),
     ("endpoint", "show"): (_fetch_endpoints, lambda r, a: {"endpoint": r}, lambda r, a: r, _table_endpoints),
 }
 
@@ -201,13 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"lu2kctl (lu2k) {__version__}")
     sub = p.add_subparsers(dest="object", metavar="COMMAND")
     objs: dict[str, Any] = {}
-    helps = {"net": "local NIs", "peer": "peers", "route": "routes", "endpoint": "attached shim endpoints", "stats": "daemon counters"}
-    for obj in ("net", "peer", "route", "endpoint", "stats"):
-        op = sub.add_parser(obj, help=f"{helps[obj]}: show" + ("" if obj in ("endpoint", "stats") else ", add, del"), parents=[common])
+    helps = {"net": "local NIs", "peer": "peers", "route": "routes", "endpoint": "attached shim endpoints", "stats": "daemon counters",
+             "global": "global settings"}
+    for obj in ("net", "peer", "route", "global", "endpoint", "stats"):
+        op = sub.add_parser(obj, help=f"{helps[obj]}: show" + ("" if obj in ("endpoint", "stats", "global") else ", add, del"), parents=[common])
         objs[obj] = op.add_subparsers(dest="action", metavar="ACTION")
         show = objs[obj].add_parser("show", help=f"show {helps[obj]}", parents=[common])
         show.add_argument("--table", action="store_true", help="a table for people instead of YAML")
-        if obj != "endpoint" and obj != "stats":
+        if obj not in ("endpoint", "stats", "global"):
             _verbose(show)
         else:
             show.set_defaults(verbose=0)
