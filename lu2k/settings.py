@@ -91,7 +91,7 @@ class DaemonConfig:
     routing: bool = False
     shim: ShimConfig = field(default_factory=ShimConfig)
     control_path: str = field(default_factory=default_control_path)
-    metrics: dict[str, Any] = field(default_factory=dict)  # lu2k.metrics: {listen: "host:port"} (lu2k.metrics)
+    metrics: dict[str, Any] = field(default_factory=dict)  # lu2k.metrics, parsed by lu2k.metrics.parse_metrics_config
     source: str = "<embedded>"
 
     def net_for(self, net: Net) -> NetConfig | None:
