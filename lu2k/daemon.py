@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import yaml
@@ -27,6 +27,9 @@ from .errors import BackendUnavailable, ConfigError, Lu2kError, NetworkError
 from .nid import parse_net, parse_nid
 from .sdnotify import SystemdNotifier, watchdog_interval
 from .settings import DaemonConfig, load_config
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
 
 log = structlog.get_logger("lu2k.daemon")
 
@@ -109,7 +112,7 @@ class Daemon:
 
         self.config_ctl = register_config_commands(self)
         self._keep_hidden_secrets()
-        self.metrics: Any = None
+        self.metrics: MetricsServer | None = None
 
     def _register(self) -> None:
         eng, reg = self.engine, self.control.register
@@ -171,8 +174,12 @@ class Daemon:
     async def start(self) -> None:
         await self.engine.start()
         try:
-            await self.control.start()
-            listen = (getattr(self.config, "metrics", None) or {}).get("listen")
+            await self.control.start()  # a failure here must not remove another daemon's socket: no close()
+        except BaseException:
+            await self.engine.stop()
+            raise
+        try:
+            listen = self.config.metrics.get("listen")
             if listen:
                 from .metrics import MetricsServer
 
