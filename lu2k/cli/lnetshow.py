@@ -15,7 +15,6 @@ them.  The loopback net (``lo``, ``0@lo``) is listed first, as lnetctl does.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -142,8 +141,16 @@ _PLAIN = re.compile(r"^[A-Za-z0-9_./@:\-\[\]()+ ,]*$")
 def _scalar(v: Any) -> str:
     if isinstance(v, bool):
         return "True" if v else "False"
-    if isinstance(v, (int, float)):
+    if isinstance(v, int):
         return repr(v)
+    if isinstance(v, float):
+        if v != v or v in (float("inf"), float("-inf")):
+            return {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}[repr(v)]
+        text = repr(v)
+        if "e" in text and "." not in text:  # YAML 1.1 reads a float only with a dot: 5e-324 -> 5.0e-324
+            mantissa, _, exponent = text.partition("e")
+            text = f"{mantissa}.0e{exponent}"
+        return text
     s = str(v)
     # Plain only when YAML reads it back as this same string; otherwise double-quoted (JSON is valid YAML).
     if s and s == s.strip() and _PLAIN.match(s) and not s.startswith(("- ", "[")) and ": " not in s:
@@ -152,7 +159,23 @@ def _scalar(v: Any) -> str:
                 return s
         except yaml.YAMLError:
             pass
-    return json.dumps(s)
+    return _quote(s)
+
+
+def _quote(s: str) -> str:
+    """A YAML double-quoted scalar: printable characters as they are, everything else escaped."""
+    out = []
+    for ch in s:
+        o = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif o == 0x09 or 0x20 <= o <= 0x7E or (0xA0 <= o <= 0xD7FF and o not in (0x2028, 0x2029)) or (0xE000 <= o <= 0xFFFD and o != 0xFEFF) or o >= 0x10000:
+            out.append(ch)
+        elif o <= 0xFF:
+            out.append(f"\\x{o:02x}")
+        else:
+            out.append(f"\\u{o:04x}")
+    return '"' + "".join(out) + '"'
 
 
 def _key(k: Any) -> str:
