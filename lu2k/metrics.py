@@ -17,9 +17,10 @@ Families (labels in braces):
 * per peer ``{net,nid}``: ``lu2k_peer_messages_total{result}``, ``lu2k_peer_up``,
   ``lu2k_peer_health``, ``lu2k_peer_tx_credits``, ``lu2k_peer_tx_credits_max``,
   ``lu2k_peer_tx_credits_min``, ``lu2k_peer_queue_depth``, ``lu2k_peer_in_flight``;
-  per connection ``{net,nid,conn}``: ``lu2k_peer_rtt_seconds``,
-  ``lu2k_peer_retransmitted_packets``, ``lu2k_peer_lost_packets`` where the backend reports
-  them, and every numeric figure of the backend as ``lu2k_peer_transport_figure{figure}``;
+  per connection ``{net,nid,conn}``: ``lu2k_peer_rtt_seconds`` (udt's RTT, quic's smoothed
+  RTT), ``lu2k_peer_retransmitted_packets``, ``lu2k_peer_lost_packets`` where the backend
+  reports them (udt), and every numeric figure of the backend as
+  ``lu2k_peer_transport_figure{figure}`` (nested ones as ``outer.inner``);
 * per route ``{net,gateway}``: ``lu2k_route_gateway_health``.
 """
 
@@ -73,6 +74,18 @@ def parse_listen(text: Any) -> tuple[str, int]:
     if port > 65535:
         raise ConfigError(f"port {port} is above 65535", where=where)
     return (m.group(1) or m.group(2) or "", port)
+
+
+RTT_KEYS = ("rtt_ms", "srtt_ms")  # udt's perfmon RTT; quic's smoothed RTT
+
+
+def _flatten(figures: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Numeric figures of a transport, nested ones as ``outer.inner`` (quic's congestion state)."""
+    for key, v in figures.items():
+        if isinstance(v, Mapping):
+            yield from _flatten(v, f"{prefix}{key}.")
+        elif (n := _num(v)) is not None:
+            yield f"{prefix}{key}", n
 
 
 def _num(v: Any) -> float | None:
@@ -148,14 +161,15 @@ class EngineCollector:
                 if not isinstance(figures, Mapping):
                     continue
                 clab = lab + [str(conn)]
-                if _num(figures.get("rtt_ms")) is not None:
-                    rtt.add_metric(clab, _num(figures["rtt_ms"]) / 1000)  # type: ignore[operator]
+                flat = dict(_flatten(figures))
+                rtt_ms = next((flat[k] for k in RTT_KEYS if k in flat), None)
+                if rtt_ms is not None:
+                    rtt.add_metric(clab, rtt_ms / 1000)
                 for key, family in (("retransmitted", retx), ("lost_sent", lost)):
-                    if _num(figures.get(key)) is not None:
-                        family.add_metric(clab, _num(figures[key]))  # type: ignore[arg-type]
-                for key, v in sorted(figures.items()):
-                    if _num(v) is not None:
-                        fig.add_metric(clab + [str(key)], _num(v))  # type: ignore[arg-type]
+                    if key in flat:
+                        family.add_metric(clab, flat[key])
+                for key, v in sorted(flat.items()):
+                    fig.add_metric(clab + [key], v)
         yield msgs
         yield from pg.values()
         yield from (rtt, retx, lost, fig)

@@ -155,3 +155,39 @@ async def test_a_taken_port_stops_start_up_cleanly(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="cannot listen"):
             await d.start()
         assert not Path(d.config.control_path).exists()  # nothing left behind
+
+
+async def test_quic_rtt_and_congestion_state_are_exported(tmp_path: Path) -> None:
+    pytest.importorskip("aioquic")
+    from lu2k.cli.keys import cert_pem, key_pem, make_certificate, make_key
+    from lu2k.control import request
+
+    key = make_key()
+    (tmp_path / "s.crt").write_bytes(cert_pem(make_certificate(key, "site", sans=["127.0.0.1", "127.0.0.2"])))
+    (tmp_path / "s.key").write_bytes(key_pem(key))
+    options = {"cert": str(tmp_path / "s.crt"), "key": str(tmp_path / "s.key"), "ca": str(tmp_path / "s.crt")}
+    port = free_port()
+    ds = []
+    for name, nid, extra in (("a", "127.0.0.1@quic", {"metrics": {"listen": "127.0.0.1:0"}}), ("b", "127.0.0.2@quic", {})):
+        doc = _doc(tmp_path, name, nid, port, **extra)
+        doc["net"][0]["net type"] = "quic"
+        # a long lossy profile selects lu2k's own controller (bbr), whose state is exported
+        doc["net"][0]["lu2k"].update({"backend": "quic", "options": options, "profile": {"rtt_ms": 600, "rate_mbit": 100, "loss": 0.01}})
+        doc["route"] = []
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(doc))
+        d = Daemon(load_config(str(tmp_path / f"{name}.yaml")))
+        await d.start()
+        ds.append(d)
+    a = ds[0]
+    try:
+        await request(a.config.control_path, "ping", {"nid": "127.0.0.2@quic", "timeout": 20})
+        assert a.metrics is not None and a.metrics.address
+        body = (await _get(a.metrics.address, b"GET /metrics HTTP/1.0\r\n\r\n")).partition(b"\r\n\r\n")[2]
+        s = _samples(body)
+        rtts = [v for (name, labels), v in s.items() if name == "lu2k_peer_rtt_seconds" and dict(labels)["nid"] == "127.0.0.2@quic"]
+        assert rtts and all(v > 0 for v in rtts)
+        figures = {dict(labels)["figure"] for (name, labels), _ in s.items() if name == "lu2k_peer_transport_figure"}
+        assert "srtt_ms" in figures and any(f.startswith("congestion.") for f in figures), figures
+    finally:
+        for d in ds:
+            await d.stop()
