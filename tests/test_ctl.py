@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lu2k.cli import ctl
 from lu2k.daemon import Daemon, restore_hidden_secrets
@@ -248,3 +250,25 @@ def test_version() -> None:
 
     out = subprocess.run([sys.executable, "-m", "lu2k.cli.ctl", "--version"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and __version__ in out.stdout
+
+
+WORDS = ["net", "peer", "route", "stats", "global", "endpoint", "show", "add", "del", "ping", "discover", "import", "export",
+         "set", "-v", "3", "9", "--net", "tcp", "tcp0", "--nid", "127.0.0.1@tcp", "1.2.3@tcp", "--timeout", "nan", "0.01", "1e308",
+         "--json", "--table", "--backup", "--secrets", "--replace", "--del", "/", "-", "--gateway", "--prim_nid", "x", "",
+         "\x00", "é", "--socket", "--force", "--source", "transaction_timeout", "-1", "inf"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(argv=st.lists(st.sampled_from(WORDS), min_size=0, max_size=6))
+def test_any_command_line_ends_with_a_status_never_a_traceback(tmp_path: Path, argv: list[str]) -> None:
+    # Against a socket nobody listens on: every path through parsing and the request must end in 0/1/2.
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = ctl.main(["--socket", str(tmp_path / "nobody.ctl"), *argv])
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 2
+    assert rc in (0, 1, 2) and "Traceback" not in err.getvalue()
