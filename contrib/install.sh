@@ -5,7 +5,7 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-usage: bash contrib/install.sh [--venv DIR] [--service] [--no-apt] [--lock-timeout S] [--wait-for-lock] [--help]
+usage: bash contrib/install.sh [--venv DIR] [--etc DIR] [--service] [--no-apt] [--lock-timeout S] [--wait-for-lock] [--help]
 
 Installs lu2k with every backend into a Python venv (default ./venv). As root it first
 installs the Debian packages the backends need (g++, libudt-dev), waiting for another
@@ -13,6 +13,7 @@ package manager to release the dpkg lock, and writes /etc/lu2k/lu2kd.yaml (from
 contrib/lu2kd.yaml) and /etc/lu2k/net.key (a new network key) unless they exist.
 
   --venv DIR          where to create the venv (default: ./venv)
+  --etc DIR           where the configuration goes when root (default: /etc/lu2k)
   --service           also install lu2kd as a systemd service: user and group 'lu2k',
                       lu2k in /opt/lu2k/venv, the unit /etc/systemd/system/lu2kd.service
                       (enable it with: systemctl enable --now lu2kd)
@@ -27,10 +28,11 @@ EOF
 
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
-venv=venv service=0 apt=1 lock_timeout=300 wait_only=0
+venv=venv etc=/etc/lu2k service=0 apt=1 lock_timeout=300 wait_only=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --venv) venv=${2:?--venv needs a directory}; shift ;;
+    --etc) etc=${2:?--etc needs a directory}; shift ;;
     --service) service=1; venv=/opt/lu2k/venv ;;
     --no-apt) apt=0 ;;
     --lock-timeout) lock_timeout=${2:?--lock-timeout needs seconds}; shift ;;
@@ -85,6 +87,10 @@ if [ "$service" = 1 ] && [ "$root" = 0 ]; then
   echo "install: --service needs root" >&2
   exit 1
 fi
+if [ "$service" = 1 ] && [ "$etc" != /etc/lu2k ]; then
+  echo "install: --service installs a unit that reads /etc/lu2k; leave out --etc" >&2
+  exit 2
+fi
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -111,16 +117,16 @@ run "$venv/bin/pip" install -q --upgrade pip
 run "$venv/bin/pip" install -q '.[all]'
 
 if [ "$root" = 1 ]; then
-  install -d -m 0755 /etc/lu2k
-  [ -e /etc/lu2k/lu2kd.yaml ] || install -m 0644 contrib/lu2kd.yaml /etc/lu2k/lu2kd.yaml
-  if [ ! -e /etc/lu2k/net.key ]; then
-    (umask 077 && "$venv/bin/lu2k" keygen psk > /etc/lu2k/net.key)
+  install -d -m 0755 "$etc"
+  [ -e "$etc/lu2kd.yaml" ] || install -m 0644 contrib/lu2kd.yaml "$etc/lu2kd.yaml"
+  if [ ! -e "$etc/net.key" ]; then
+    (umask 077 && "$venv/bin/lu2k" keygen psk > "$etc/net.key")
   fi
 fi
 if [ "$service" = 1 ]; then
   getent group lu2k >/dev/null || run groupadd --system lu2k
   getent passwd lu2k >/dev/null || run useradd --system --gid lu2k --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin lu2k
-  chgrp lu2k /etc/lu2k/net.key && chmod 0640 /etc/lu2k/net.key
+  chgrp lu2k "$etc/net.key" && chmod 0640 "$etc/net.key"
   install -m 0644 contrib/systemd/lu2kd.service /etc/systemd/system/lu2kd.service
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     run systemctl daemon-reload
