@@ -122,3 +122,21 @@ def test_install_waits_for_the_dpkg_lock_then_goes_on(tmp_path: Path) -> None:
         waiting.stderr.close()
     free = subprocess.run(INSTALL + ["--wait-for-lock"], capture_output=True, text=True, env=env, timeout=60)
     assert free.returncode == 0 and free.stdout == "" and free.stderr == ""  # quiet when there is nothing to say
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_install_script_end_to_end_then_the_demo(tmp_path: Path) -> None:
+    """The quick start on a copy of the checkout: quiet install (one line), /etc files, then `lu2k demo`."""
+    src = _checkout_copy(tmp_path / "src")
+    etc = tmp_path / "etc"
+    out = subprocess.run(["bash", "contrib/install.sh", "--no-apt", "--etc", str(etc)], cwd=src, capture_output=True, text=True,
+                         timeout=900, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.stdout.splitlines() == [f"installed: lu2k {__import__('lu2k').__version__} in venv"] and out.stderr == ""
+    if os.geteuid() == 0:
+        assert (etc / "lu2kd.yaml").read_text() == (ROOT / "contrib" / "lu2kd.yaml").read_text()
+        assert len((etc / "net.key").read_text().strip()) == 64 and (etc / "net.key").stat().st_mode & 0o077 == 0
+    demo = subprocess.run([str(src / "venv" / "bin" / "lu2k"), "demo", "--megabytes", "5"], cwd=src, capture_output=True, text=True,
+                          timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert demo.returncode == 0 and "every byte verified" in demo.stdout, demo.stdout[-2000:] + demo.stderr[-2000:]
