@@ -16,7 +16,8 @@ contrib/lu2kd.yaml) and /etc/lu2k/net.key (a new network key) unless they exist.
   --etc DIR           where the configuration goes when root (default: /etc/lu2k)
   --service           also install lu2kd as a systemd service: user and group 'lu2k',
                       lu2k in /opt/lu2k/venv, the unit /etc/systemd/system/lu2kd.service
-                      (enable it with: systemctl enable --now lu2kd)
+                      (enable it with: systemctl enable --now lu2kd), the commands in
+                      /usr/local/bin, their man pages and bash completion
   --no-apt            do not run apt-get (the udt backend then needs g++ and libudt-dev installed)
   --lock-timeout S    seconds to wait for the dpkg lock (default 300)
   --wait-for-lock     only wait for the dpkg lock, then exit (0 when free)
@@ -132,6 +133,16 @@ if [ "$service" = 1 ]; then
     run systemctl daemon-reload
   fi
   for tool in lu2k lu2kd lu2kctl; do ln -sf "$venv/bin/$tool" "/usr/local/bin/$tool"; done
+  # man pages (the unit's Documentation=) and bash completion for the three commands
+  man=$(mktemp -d)
+  run "$venv/bin/python" contrib/gen-manpages.py --out "$man"
+  install -D -m 0644 "$man/lu2k.1" /usr/local/share/man/man1/lu2k.1
+  install -D -m 0644 "$man/lu2kd.8" /usr/local/share/man/man8/lu2kd.8
+  install -D -m 0644 "$man/lu2kctl.8" /usr/local/share/man/man8/lu2kctl.8
+  rm -rf "$man"
+  if [ -d /etc/bash_completion.d ]; then
+    "$venv/bin/register-python-argcomplete" lu2k lu2kd lu2kctl > /etc/bash_completion.d/lu2k
+  fi
 fi
 
 echo "installed: $("$venv/bin/lu2k" --version) in $venv$([ "$service" = 1 ] && echo ", service lu2kd (systemctl enable --now lu2kd)")"
