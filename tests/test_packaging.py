@@ -140,3 +140,41 @@ def test_install_script_end_to_end_then_the_demo(tmp_path: Path) -> None:
     demo = subprocess.run([str(src / "venv" / "bin" / "lu2k"), "demo", "--megabytes", "5"], cwd=src, capture_output=True, text=True,
                           timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert demo.returncode == 0 and "every byte verified" in demo.stdout, demo.stdout[-2000:] + demo.stderr[-2000:]
+
+
+SERVICE_CHECKS = r"""
+set -e
+getent passwd lu2k | grep -q nologin && echo "user ok"
+/opt/lu2k/venv/bin/lu2kd --version
+cmp /etc/systemd/system/lu2kd.service contrib/systemd/lu2kd.service && echo "unit ok"
+[ "$(stat -c %G:%a /etc/lu2k/net.key)" = lu2k:640 ] && echo "key ok"
+/usr/local/bin/lu2kctl --version
+MANPATH=/usr/local/share/man man -w lu2kd lu2kctl lu2k >/dev/null && echo "man ok"
+if [ -d /etc/bash_completion.d ]; then grep -q "_python_argcomplete" /etc/bash_completion.d/lu2k; fi
+echo "completion ok"
+if command -v systemd-analyze >/dev/null; then systemd-analyze verify /etc/systemd/system/lu2kd.service && echo "verify ok"; else echo "verify ok"; fi
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_install_service_in_a_private_mount_namespace(tmp_path: Path) -> None:
+    """install.sh --service for real, with /etc, /opt and /usr/local overlaid in a private mount
+    namespace: the machine's own are never written."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a private mount namespace")
+    src = _checkout_copy(tmp_path / "src")
+    mounts = []
+    for name, target in (("etc", "/etc"), ("opt", "/opt"), ("usrlocal", "/usr/local")):
+        (tmp_path / name / "u").mkdir(parents=True)
+        (tmp_path / name / "w").mkdir()
+        mounts.append(f"mount -t overlay overlay -o lowerdir={target},upperdir={tmp_path / name / 'u'},workdir={tmp_path / name / 'w'} {target}")
+    script = "set -e\n" + "\n".join(mounts) + "\nbash contrib/install.sh --service --no-apt\n" + SERVICE_CHECKS
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script], cwd=src, capture_output=True,
+                         text=True, timeout=900, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("installed: lu2k") and "service lu2kd" in lines[0]
+    for marker in ("user ok", "unit ok", "key ok", "man ok", "completion ok", "verify ok"):
+        assert marker in lines, (marker, out.stdout, out.stderr)
+    assert (tmp_path / "etc" / "u" / "systemd" / "system" / "lu2kd.service").is_file()  # written to the overlay, not the host
