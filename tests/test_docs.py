@@ -112,6 +112,12 @@ def test_measurements_state_commit_machine_load_and_command(path: Path) -> None:
         assert field in head, f"{path.name} does not state its {field}"
 
 
+def test_measurements_index_lists_every_page() -> None:
+    index = (DOCS / "measurements" / "index.md").read_text()
+    for page in sorted((DOCS / "measurements").glob("20*.md")):
+        assert page.name in index, f"measurements/index.md does not list {page.name}"
+
+
 # --- command lines in the docs ---------------------------------------------------------------------
 
 PROGRAMS = {"lu2k": ("lu2k.cli.main", "build_parser"), "lu2kd": ("lu2k.daemon", "build_parser"), "lu2kctl": ("lu2k.cli.ctl", "build_parser")}
