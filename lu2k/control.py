@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from .errors import Lu2kError, NetworkError
+from .errors import Lu2kError, NetworkError, NetworkTimeout, RemoteProtocolError
 
 log = structlog.get_logger("lu2k.control")
 MAX_REQUEST = 1 << 20
@@ -90,21 +90,38 @@ class ControlServer:
 
 
 async def request(path: str, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
-    """Client side: one request; raises Lu2kError with the daemon's message on failure."""
+    """Client side: one request; raises Lu2kError with the daemon's message on failure.
+
+    Every failure is a :class:`~lu2k.errors.Lu2kError`: socket errors, a daemon that does not
+    answer within ``timeout`` seconds, and a reply that is not the protocol's JSON object.
+    """
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=64 << 20), timeout)
     except (FileNotFoundError, ConnectionRefusedError):
         raise NetworkError(f"lu2kd is not running (no control socket at {path}); start it with lu2kd or pass --socket") from None
     except PermissionError:
         raise NetworkError(f"no permission to open the control socket {path}") from None
+    except TimeoutError:
+        raise NetworkTimeout(f"lu2kd did not accept a control connection on {path} within {timeout:g} s") from None
+    except OSError as e:
+        raise NetworkError(f"cannot open the control socket {path}: {e.strerror or e}") from None
     try:
         writer.write(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
         line = await asyncio.wait_for(reader.readline(), timeout)
+    except TimeoutError:
+        raise NetworkTimeout(f"lu2kd did not answer {cmd!r} within {timeout:g} s") from None
+    except (OSError, ValueError) as e:  # ValueError: a reply line beyond the stream limit
+        raise NetworkError(f"control connection to lu2kd failed: {e}") from None
     finally:
         writer.close()
     if not line:
         raise NetworkError("lu2kd closed the control connection without replying")
-    reply = json.loads(line)
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        raise RemoteProtocolError("lu2kd's reply is not JSON") from None
+    if not isinstance(reply, dict):
+        raise RemoteProtocolError("lu2kd's reply is not a JSON object")
     if not reply.get("ok"):
-        raise Lu2kError(reply.get("error", "unknown error"))
+        raise Lu2kError(str(reply.get("error", "unknown error")))
     return reply.get("result")

@@ -10,20 +10,92 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
+import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
+import yaml
 
-from . import logs
+from . import __version__, logs
 from .control import ControlServer
 from .engine import Engine
-from .errors import ConfigError, Lu2kError
-from .nid import parse_nid
+from .errors import ConfigError, Lu2kError, NetworkError
+from .nid import parse_net, parse_nid
+from .sdnotify import SystemdNotifier, watchdog_interval
 from .settings import DaemonConfig, check_backends, load_config
 
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
+
 log = structlog.get_logger("lu2k.daemon")
+
+# What ``lu2kctl export`` writes in place of a key (lu2k.confctl); ``import`` puts the running key back.
+HIDDEN_MARK = "<hidden:"
+MAX_CONTROL_TIMEOUT = 3600.0
+
+
+def control_timeout(value: Any) -> float:
+    """A timeout from a control request: finite seconds in (0, 3600], else a ConfigError."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"timeout {value!r} is not a number of seconds", where="control") from None
+    if not math.isfinite(seconds) or not 0 < seconds <= MAX_CONTROL_TIMEOUT:
+        raise ConfigError(f"timeout {value!r} must be finite, above 0 and at most {MAX_CONTROL_TIMEOUT:g} s", where="control")
+    return seconds
+
+
+def restore_hidden_secrets(text: str, running: dict[str, Any]) -> str:
+    """``text`` (an import) with every hidden key replaced by the running configuration's key for
+    the same net (or the running ``lu2k.defaults`` key); a ConfigError naming the net if there is none."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # the import itself reports the YAML error
+    if not isinstance(doc, dict):
+        return text
+
+    def hidden(v: Any) -> bool:
+        return isinstance(v, str) and v.startswith(HIDDEN_MARK)
+
+    def secret_of(lu: Any) -> dict[str, Any]:
+        if not isinstance(lu, dict):
+            return {}
+        return {k: lu[k] for k in ("key", "key_file") if k in lu and not hidden(lu[k])}
+
+    run_defaults = secret_of((running.get("lu2k") or {}).get("defaults"))
+    run_nets: dict[str, dict[str, Any]] = {}
+    for n in running.get("net") or []:
+        if isinstance(n, dict):
+            try:
+                run_nets[str(parse_net(str(n.get("net type"))))] = secret_of(n.get("lu2k")) or run_defaults
+            except Lu2kError:
+                continue
+    for i, n in enumerate(doc.get("net") or []):
+        lu = n.get("lu2k") if isinstance(n, dict) else None
+        if not isinstance(lu, dict) or not hidden(lu.get("key")):
+            continue
+        try:
+            net = str(parse_net(str(n.get("net type"))))
+        except Lu2kError:
+            continue  # the import reports the bad net
+        secret = run_nets.get(net)
+        if not secret:
+            raise ConfigError(f"the key of net {net} was exported hidden and this daemon has no key for {net} to keep; "
+                              "export with --secrets, or write the key (or key_file) into the file", where=f"net[{i}].lu2k.key")
+        del lu["key"]
+        lu.update(secret)
+    defaults = (doc.get("lu2k") or {}).get("defaults") if isinstance(doc.get("lu2k"), dict) else None
+    if isinstance(defaults, dict) and hidden(defaults.get("key")):
+        if not run_defaults:
+            raise ConfigError("the default key was exported hidden and this daemon has none to keep; export with --secrets",
+                              where="lu2k.defaults.key")
+        del defaults["key"]
+        defaults.update(run_defaults)
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 class Daemon:
@@ -38,6 +110,8 @@ class Daemon:
         from .confctl import register as register_config_commands
 
         self.config_ctl = register_config_commands(self)
+        self._keep_hidden_secrets()
+        self.metrics: MetricsServer | None = None
 
     def _register(self) -> None:
         eng, reg = self.engine, self.control.register
@@ -59,25 +133,65 @@ class Daemon:
             return eng.describe_stats()
 
         async def ping(args: dict[str, Any]) -> Any:
-            return await eng.ping(parse_nid(str(args["nid"])), float(args.get("timeout", 5.0)))
+            nid = parse_nid(str(args["nid"]))
+            res = await eng.ping(nid, control_timeout(args.get("timeout", 5.0)))
+            via = res.get("via")
+            if via and via != res["nid"] and not res.get("end_to_end"):
+                # The engine's ping is answered by the next hop; a gateway's answer says nothing
+                # about the NID behind it, so it must not be reported as the NID's.
+                raise NetworkError(f"{res['nid']} is behind gateway {via}, which answered in {res['rtt_ms']} ms; lu2k's ping "
+                                   f"reaches next hops only, so whether {res['nid']} exists is not known (ping {via}, or send to it)")
+            return res
+
+        async def discover(args: dict[str, Any]) -> Any:
+            # lnetctl discover: reach the peer, then report what we know of it.  lu2k peers are not
+            # multi-rail, so a peer is its one NID.
+            res = await ping(args)
+            described = [p for p in eng.describe_peers() if p["nid"] == res["nid"]]
+            return {**res, "peer_nis": [res["nid"]], "peer": described[0] if described else None}
 
         async def endpoints(args: dict[str, Any]) -> Any:
             shim = eng.shim
             return [p.stats() for p in shim.ports.values()] if shim else []
 
         for name, fn in (("net show", net_show), ("peer show", peer_show), ("route show", route_show),
-                         ("stats", stats), ("ping", ping), ("endpoint show", endpoints)):
+                         ("stats", stats), ("ping", ping), ("discover", discover), ("endpoint show", endpoints)):
             reg(name, fn)
+
+    def _keep_hidden_secrets(self) -> None:
+        """``import`` of an ``export`` made without ``--secrets`` keeps the running keys."""
+        plain_import = self.control.handlers["import"]
+
+        async def import_(args: dict[str, Any]) -> Any:
+            text = args.get("yaml")
+            if isinstance(text, str) and HIDDEN_MARK in text:
+                args = {**args, "yaml": restore_hidden_secrets(text, self.config_ctl.doc)}
+            return await plain_import(args)
+
+        self.control.register("import", import_)
 
     async def start(self) -> None:
         await self.engine.start()
         try:
-            await self.control.start()
+            await self.control.start()  # a failure here must not remove another daemon's socket: no close()
         except BaseException:
+            await self.engine.stop()
+            raise
+        try:
+            listen = self.config.metrics.get("listen")
+            if listen:
+                from .metrics import MetricsServer
+
+                self.metrics = MetricsServer(self.engine, listen)
+                await self.metrics.start()
+        except BaseException:
+            await self.control.close()
             await self.engine.stop()
             raise
 
     async def stop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         await self.control.close()
         await self.engine.stop()
 
@@ -87,12 +201,32 @@ class Daemon:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
-        log.info("lu2kd running", nid=str(self.engine.primary_nid()), shim=self.config.shim.path, control=self.config.control_path)
+        log.info("lu2kd running", nid=str(self.engine.primary_nid()), shim=self.config.shim.path, control=self.config.control_path,
+                 metrics=self.metrics.address if self.metrics else None)
+        notifier = SystemdNotifier.from_environment()
+        watchdog: asyncio.Task[None] | None = None
+        if notifier is not None:
+            notifier.notify(f"READY=1\nSTATUS=serving {self.engine.primary_nid()}\nMAINPID={os.getpid()}")
+            interval = watchdog_interval()
+            if interval is not None:
+                watchdog = asyncio.create_task(self._watchdog(notifier, interval))
         try:
             await stop.wait()
         finally:
             log.info("lu2kd stopping")
+            if notifier is not None:
+                notifier.notify("STOPPING=1")
+            if watchdog is not None:
+                watchdog.cancel()
             await self.stop()
+            if notifier is not None:
+                notifier.close()
+
+    async def _watchdog(self, notifier: "SystemdNotifier", interval: float) -> None:
+        """Pet systemd's watchdog from the event loop: a loop that stops turning stops the pets."""
+        while True:
+            notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
 
 def check(config: DaemonConfig) -> list[str]:
@@ -102,6 +236,7 @@ def check(config: DaemonConfig) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lu2kd", description="lu2k daemon: LNet-style transport gateway")
+    p.add_argument("--version", action="version", version=f"lu2kd (lu2k) {__version__}")
     p.add_argument("--config", "-c", metavar="FILE", help="YAML configuration (default: the embedded loopback config)")
     p.add_argument("--check", action="store_true", help="validate the configuration and exit")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -112,7 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
+    except ImportError:
+        pass
+    args = parser.parse_args(argv)
     logs.configure(args.log_level, args.log_json)
     try:
         config = load_config(args.config)

@@ -124,6 +124,7 @@ class DaemonConfig:
     routing: bool = False
     shim: ShimConfig = field(default_factory=ShimConfig)
     control_path: str = field(default_factory=default_control_path)
+    metrics: dict[str, Any] = field(default_factory=dict)  # lu2k.metrics, parsed by lu2k.metrics.parse_metrics_config
     source: str = "<embedded>"
 
     def net_for(self, net: Net) -> NetConfig | None:
@@ -305,6 +306,10 @@ def parse_config(data: Any, *, source: str = "<string>", base_dir: Path | None =
     ctl = lu.get("control") or {}
     if "path" in ctl:
         cfg.control_path = str(ctl["path"])
+    if lu.get("metrics") is not None:
+        from .metrics import parse_metrics_config
+
+        problems.check(lambda: setattr(cfg, "metrics", parse_metrics_config(lu["metrics"])))
     if not cfg.nets and not problems.items:
         problems.add("net", "no network configured")
     problems.raise_if_any("in configuration", source)

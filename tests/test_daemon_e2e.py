@@ -287,16 +287,18 @@ def test_routing_through_a_gateway() -> None:
                 d.stop()
 
 
-def test_ctl_tables_and_ping() -> None:
+def test_ctl_yaml_and_ping() -> None:
     with daemons(["127.0.0.1@tcp", "127.0.0.2@tcp"]) as (a, b):
-        res = ctl(a, "ping", "127.0.0.2@tcp")
+        [res] = ctl(a, "ping", "127.0.0.2@tcp")
         assert res["nid"] == "127.0.0.2@tcp" and res["rtt_ms"] >= 0
-        out = subprocess.run([sys.executable, "-m", "lu2k.cli.ctl", "--socket", a.control_path, "peer", "show", "-v"],
+        out = subprocess.run([sys.executable, "-m", "lu2k.cli.ctl", "--socket", a.control_path, "peer", "show", "-v", "2"],
                              capture_output=True, text=True, timeout=30)
-        assert out.returncode == 0 and "127.0.0.2@tcp" in out.stdout and "health" in out.stdout
+        assert out.returncode == 0, out.stderr
+        [peer] = yaml.safe_load(out.stdout)["peer"]
+        assert peer["primary nid"] == "127.0.0.2@tcp" and peer["peer ni"][0]["health stats"]["health value"] == 1000
         out = subprocess.run([sys.executable, "-m", "lu2k.cli.ctl", "--socket", a.control_path, "net", "show"],
                              capture_output=True, text=True, timeout=30)
-        assert "127.0.0.1@tcp" in out.stdout and "tcp" in out.stdout
+        assert yaml.safe_load(out.stdout)["net"][1] == {"net type": "tcp", "local NI(s)": [{"nid": "127.0.0.1@tcp", "status": "up"}]}
         bad = subprocess.run([sys.executable, "-m", "lu2k.cli.ctl", "--socket", a.control_path, "ping", "not a nid"],
                              capture_output=True, text=True, timeout=30)
         assert bad.returncode == 1 and "lu2kctl:" in bad.stderr

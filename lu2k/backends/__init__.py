@@ -23,7 +23,7 @@ _BACKENDS: dict[str, "str | type[Backend]"] = {
 # What to install when a backend's import fails.
 _HINTS: dict[str, str] = {
     "quic": "pip install 'lu2k[quic]' (aioquic)",
-    "udt": "apt-get install libudt-dev and reinstall lu2k, or pip install 'lu2k[udt]'",
+    "udt": "the binding is built at install time from Debian's libudt-dev: apt-get install libudt-dev g++, then reinstall lu2k",
     "rds": "a kernel with AF_RDS (modprobe rds_tcp)",
     "o2ib": "Debian's python3-pyverbs and an RDMA device (rdma_rxe for soft-RoCE)",
 }

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from .. import __version__
 from ..errors import Lu2kError
 
 # Each module: def register(subparsers: argparse._SubParsersAction) -> None, setting
@@ -26,6 +27,7 @@ SUBCOMMAND_MODULES = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lu2k", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"lu2k {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         try:
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    _autocomplete(parser)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -51,6 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _autocomplete(parser: argparse.ArgumentParser) -> None:
+    """Shell completion when argcomplete is installed and the shell asked for it (docs/user/install.md)."""
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)
 
 
 if __name__ == "__main__":
