@@ -94,6 +94,8 @@ def test_second_path_options_and_their_errors(lab_dir: Path, capsys: pytest.Capt
         assert main(["lab", "up", *argv]) == 1
         err = capsys.readouterr().err
         assert where in err and "Traceback" not in err
+    assert main(["lab", "selftest", "--paths", "9"]) == 1
+    assert "--paths: a lab has 1..4 paths" in capsys.readouterr().err
     assert list_labs() == []  # nothing was started
 
 

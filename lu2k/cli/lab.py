@@ -165,9 +165,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    from ..lab.selftest import format_table, run_selftest
+    from ..lab.netns import MAX_PATHS
+    from ..lab.selftest import format_table, run_multipath_selftest, run_selftest
 
+    if not 1 <= args.paths <= MAX_PATHS:
+        raise ConfigError(f"a lab has 1..{MAX_PATHS} paths, not {args.paths}", where="--paths")
     rows = run_selftest(duration=args.duration)
+    if args.paths > 1:
+        rows += run_multipath_selftest(args.paths, duration=args.duration)
     print(format_table(rows))
     if args.json:
         print(json.dumps(rows))
@@ -216,6 +221,7 @@ def register(subparsers: Any) -> None:
 
     st = sub.add_parser("selftest", help="measure the emulator's own ceiling (UDP blast through an uncapped link)")
     st.add_argument("--duration", type=float, default=5.0)
+    st.add_argument("--paths", type=int, default=1, help="also blast every path of a lab with this many paths at once (2..4)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_selftest)
 
