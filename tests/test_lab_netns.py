@@ -255,3 +255,15 @@ def test_two_paths_with_ipv6_carry_tcp_and_udp_on_their_own_links_and_one_can_be
         assert stats["paths"][1]["links"]["ab"]["drops_down"] == 5
         assert stats["links"]["ab"]["drops_down"] == 0
     assert not netns_exists(lab.ns_a)
+
+
+@needs_root
+@pytest.mark.netns
+def test_killed_forwarder_of_a_two_path_lab_is_cleaned_up(lab_dir: Path) -> None:
+    lab = Lab(build_specs("leo"), extra_paths=[build_specs("geo")], ipv6=True).up()
+    pid = lab.state.pid
+    assert pid and lab.run("b", ["ip", "-o", "link", "show", lab.state.devs[1]["b"]], capture_output=True).returncode == 0
+    os.kill(pid, signal.SIGKILL)
+    lab._proc.wait()  # type: ignore[union-attr]
+    assert cleanup_stale() == [lab.lab_id]
+    assert not netns_exists(lab.ns_a) and not netns_exists(lab.ns_b) and list_labs() == []

@@ -56,7 +56,8 @@ def extra_paths_from_args(args: argparse.Namespace) -> list[Any]:
     given = [f"--second-{n}" for n in SECOND_PATH_OPTIONS if getattr(args, f"second_{n}", None) is not None]
     if profile is None:
         if given:
-            raise ConfigError(f"{', '.join(given)} describe a second path: add --second-path PROFILE", where=given[0])
+            what = f"{', '.join(given)} describe" if len(given) > 1 else "describes"
+            raise ConfigError(f"{what} a second path: add --second-path PROFILE", where=given[0])
         return []
     # Its own seeds, so the two paths do not lose the same packet numbers in lock-step.
     return [build_specs(profile, **{n: getattr(args, f"second_{n}") for n in SECOND_PATH_OPTIONS},
