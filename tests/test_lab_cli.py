@@ -74,3 +74,57 @@ def test_down_all_takes_every_lab_down_including_stale_ones(lab_dir: Path, capsy
     out = capsys.readouterr().out
     assert "all1" in out and "all2" in out
     assert list_labs() == [] and not netns_exists("lu2k-all1-a") and not netns_exists("lu2k-all2-b")
+
+
+def test_second_path_options_and_their_errors(lab_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lu2k.lab.args import extra_paths_from_args
+
+    p = build_parser()
+    a = p.parse_args(["lab", "up", "--profile", "geo", "--loss", "1%", "--second-path", "leo", "--second-loss", "2%", "--ipv6"])
+    (ab, ba), = extra_paths_from_args(a)
+    assert ab.rate_bps == 50e6 and ab.loss == pytest.approx(0.02) and ab.seed != ba.seed and a.ipv6
+    assert extra_paths_from_args(p.parse_args(["lab", "up"])) == []
+    for argv, where in (
+        (["--second-path", "mars"], "--second-path: unknown profile 'mars'"),
+        (["--second-loss", "1%"], "add --second-path"),
+        (["--second-path", "leo", "--second-rate", "fast"], "--second-rate"),
+        (["--second-path", "custom", "--second-rate", "1mbit"], "--second-rtt"),
+        (["--second-path", "leo", "--second-queue", "100"], "--second-queue"),
+    ):
+        assert main(["lab", "up", *argv]) == 1
+        err = capsys.readouterr().err
+        assert where in err and "Traceback" not in err
+    assert main(["lab", "selftest", "--paths", "9"]) == 1
+    assert "--paths: a lab has 1..4 paths" in capsys.readouterr().err
+    assert list_labs() == []  # nothing was started
+
+
+@needs_root
+@pytest.mark.netns
+def test_two_path_ipv6_lab_status_link_path_stats(lab_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lab", "up", "--profile", "geo", "--loss", "1%", "--second-path", "leo", "--second-loss", "2%",
+                 "--ipv6", "--id", "mp", "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    try:
+        assert [p["addr6"]["a"] for p in state["paths"]] == ["fd6c:7532:1::1", "fd6c:7532:1:1::1"]
+        assert state["paths"][1]["specs"]["ab"]["rate_bps"] == 50e6 and state["paths"][1]["specs"]["ab"]["loss"] == 0.02
+        assert main(["lab", "status"]) == 0
+        out = capsys.readouterr().out
+        assert "path 0: 20mbit, RTT 600 ms, loss 1%" in out and "path 1: 50mbit, RTT 40 ms, loss 2%" in out
+        assert "10.202.1.1 <-> lu2k-mp-b 10.202.1.2 (fd6c:7532:1:1::1 <-> fd6c:7532:1:1::2)" in out
+        assert main(["lab", "link", "down", "--path", "1"]) == 0
+        assert json.loads(capsys.readouterr().out) == {"ab": False, "ba": False}
+        for bad in ("2", "x", "-1"):
+            assert main(["lab", "link", "down", "--path", bad]) == 1
+            err = capsys.readouterr().err
+            assert "--path" in err and "0..1" in err and "Traceback" not in err
+        assert main(["lab", "link", "up", "--path", "all"]) == 0
+        assert json.loads(capsys.readouterr().out) == [{"ab": True, "ba": True}] * 2
+        assert main(["lab", "stats", "--compact"]) == 0
+        stats = json.loads(capsys.readouterr().out)
+        assert len(stats["paths"]) == 2 and stats["paths"][1]["queue_limit_bytes"]["ab"] == 250_000
+        check = 'test "$LU2K_LAB_PATHS" = 2 -a "$LU2K_LAB_PEER_1" = 10.202.1.2 -a "$LU2K_LAB_PEER6_1" = fd6c:7532:1:1::2'
+        assert main(["lab", "exec", "a", "--", "sh", "-c", check]) == 0
+    finally:
+        assert main(["lab", "down", "--id", "mp"]) == 0
+    assert not netns_exists("lu2k-mp-a") and list_labs() == []

@@ -33,6 +33,22 @@ def test_control_commands_flap_one_or_both_directions(tmp_path: Path) -> None:
     assert fwd.handle_command({"cmd": "ping"})["ok"] is True
 
 
+def test_control_commands_address_one_path_or_all(tmp_path: Path) -> None:
+    st = LabState("f2", subnet=1, specs=build_specs("geo"), extra_paths=(build_specs("leo", loss="1%"),))
+    fwd = Forwarder(st, st.path(tmp_path))
+    reply = fwd.handle_command({"cmd": "down", "path": 1})
+    assert reply["up"] == {"ab": False, "ba": False}
+    assert reply["paths"] == [{"ab": True, "ba": True}, {"ab": False, "ba": False}]
+    assert fwd.handle_command({"cmd": "down", "path": "all", "direction": "ab"})["paths"][0] == {"ab": False, "ba": True}
+    assert fwd.handle_command({"cmd": "up", "path": "all"})["paths"] == [{"ab": True, "ba": True}] * 2
+    for bad in (2, -1, "1", True, None):
+        assert "no path" in fwd.handle_command({"cmd": "down", "path": bad})["error"]
+    s = fwd.stats()
+    assert [p["path"] for p in s["paths"]] == [0, 1]
+    assert s["paths"][1]["queue_limit_bytes"]["ab"] == 250_000  # leo: one BDP of 50 Mbit/s x 40 ms
+    assert s["links"] == s["paths"][0]["links"] and s["queue_limit_bytes"]["ab"] == 1_500_000
+
+
 def test_stats_shape_and_stats_file(tmp_path: Path) -> None:
     fwd = _forwarder(tmp_path)
     s = fwd.stats()
@@ -90,27 +106,32 @@ def test_kernel_tcp_stream_survives_loss_and_reordering_intact(lab_dir: Path) ->
 
 
 class _Harness:
-    def __init__(self, tmp_path: Path, specs: tuple, lab_id: str) -> None:
+    def __init__(self, tmp_path: Path, specs: tuple, lab_id: str, extra_paths: tuple = ()) -> None:
         import secrets
         import socket
         import threading
 
         from lu2k.lab.netns import control_address
 
-        st = LabState(lab_id + secrets.token_hex(2), subnet=1, specs=specs)
+        st = LabState(lab_id + secrets.token_hex(2), subnet=1, specs=specs, extra_paths=extra_paths)
         self.fwd = Forwarder(st, st.path(tmp_path))
         # SEQPACKET: one packet per read/write like a TUN fd, and (unlike SOCK_DGRAM, whose queue
         # is max_dgram_qlen = 10 packets) a queue bounded in bytes that we can make roomy, so a
         # burst of releases never fails with EAGAIN while the reading thread waits for the GIL.
-        self.a_far, a_near = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.b_far, b_near = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for s in (a_near, b_near, self.a_far, self.b_far):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        for s in (a_near, b_near):
-            s.setblocking(False)
-        self._near = (a_near, b_near)
-        self.fwd.fds = {"a": a_near.fileno(), "b": b_near.fileno()}
+        self.far: dict[tuple[int, str], socket.socket] = {}
+        near = []
+        for i in range(1 + len(extra_paths)):
+            for side in ("a", "b"):
+                far_s, near_s = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                for sock in (far_s, near_s):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                near_s.setblocking(False)
+                self.far[(i, side)] = far_s
+                near.append(near_s)
+                self.fwd.fds[(i, side)] = near_s.fileno()
+        self.a_far, self.b_far = self.far[(0, "a")], self.far[(0, "b")]
+        self._near = tuple(near)
         self.fwd.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.fwd.ctl.bind(control_address(st.lab_id))
         self.fwd.ctl.setblocking(False)
@@ -137,7 +158,7 @@ class _Harness:
         self.thread.join(10)
         assert self.fwd.ctl is not None
         self.fwd.ctl.close()
-        for s in (*self._near, self.a_far, self.b_far):
+        for s in (*self._near, *self.far.values()):
             s.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
@@ -212,6 +233,51 @@ def test_loop_bounds_bytes_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyP
         got = h.recv_all(h.b_far, 10)
         assert len(got) == 10
         assert h.fwd.overflow_drops == 20
-        assert h.fwd.max_in_flight_bytes["ab"] <= 10_000
+        assert h.fwd.paths[0]["ab"].max_in_flight_bytes <= 10_000
+    finally:
+        h.close()
+
+
+def test_loop_runs_two_paths_with_their_own_models_and_counters(tmp_path: Path) -> None:
+    from lu2k.lab.netns import send_control
+    from lu2k.lab.spec import LinkSpec
+
+    slow = LinkSpec(rate_bps=2e6, delay_s=0.01, queue_bytes=400_000, seed=3)
+    lossy = LinkSpec(rate_bps=4e6, delay_s=0.002, loss=0.2, queue_bytes=400_000, seed=5)
+    h = _Harness(tmp_path, (slow, slow), "mp", extra_paths=((lossy, lossy),))
+    lab_id = h.fwd.state.lab_id
+    try:
+        p0 = h.start_reader(h.far[(0, "b")], 100)
+        for i in range(100):
+            h.far[(0, "a")].send(i.to_bytes(4, "big") + bytes(500))
+            h.far[(1, "a")].send(bytes([0x60]) + i.to_bytes(4, "big") + bytes(500))  # IPv6 version nibble
+        assert [int.from_bytes(p[:4], "big") for p in p0.result()] == list(range(100))  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while h.fwd.paths[1]["ab"].model.counters.packets_in < 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        expect = h.fwd.paths[1]["ab"].model.counters.packets_out
+        assert 50 < expect < 100  # 20 % loss on path 1 only
+        got = h.recv_all(h.far[(1, "b")], expect)
+        assert all(p[0] == 0x60 for p in got)
+        stats = send_control(lab_id, {"cmd": "stats"})
+        one, two = stats["paths"][0]["links"]["ab"], stats["paths"][1]["links"]["ab"]
+        assert one["packets_out"] == 100 and one["drops_loss"] == 0 and one["packets_ipv6"] == 0
+        assert two["packets_in"] == 100 and two["drops_loss"] == 100 - expect
+        assert two["packets_ipv6"] == 100 and two["bytes_ipv6"] == 100 * 505
+        # Cut path 1 only: path 0 still carries, path 1 drops as down.
+        assert send_control(lab_id, {"cmd": "down", "path": 1})["paths"][0] == {"ab": True, "ba": True}
+        h.far[(1, "a")].send(b"cut")
+        h.far[(0, "a")].send(b"still")
+        assert h.recv_all(h.far[(0, "b")], 1) == [b"still"]
+        deadline = time.monotonic() + 10
+        while not h.fwd.paths[1]["ab"].model.counters.drops_down and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert h.fwd.paths[1]["ab"].model.counters.drops_down == 1
+        assert h.fwd.paths[0]["ab"].model.counters.drops_down == 0
+        # The reverse direction of path 1 is its own channel too.
+        send_control(lab_id, {"cmd": "up", "path": 1})
+        h.far[(1, "b")].send(b"back")
+        assert h.recv_all(h.far[(1, "a")], 1) == [b"back"]
+        assert h.fwd.write_errors == 0
     finally:
         h.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lu2k.errors import ConfigError
+from lu2k.errors import ConfigError, LocalProtocolError
 from lu2k.lab.netns import (
     Lab, LabError, LabState, check_lab_id, child_env, cleanup_stale, dev_name, forwarder_alive, list_labs, netns_exists,
 )
@@ -139,3 +139,131 @@ def test_second_lab_with_same_id_is_refused(lab_dir: Path) -> None:
     with Lab(build_specs("leo"), "dup1"):
         with pytest.raises(LabError, match="already up"):
             Lab(build_specs("leo"), "dup1").up()
+
+
+def test_state_with_paths_and_ipv6_round_trips(tmp_path: Path) -> None:
+    st = LabState("x2", subnet=12, specs=build_specs("geo"), extra_paths=(build_specs("leo", loss="1%", seed=3),), ipv6=True)
+    st.save(tmp_path)
+    back = LabState.load(st.path(tmp_path))
+    assert back.to_dict() == st.to_dict() and back.extra_paths == st.extra_paths and back.ipv6
+    assert back.addrs == [{"a": "10.201.12.1", "b": "10.201.12.2"}, {"a": "10.202.12.1", "b": "10.202.12.2"}]
+    assert back.addrs6 == [{"a": "fd6c:7532:c::1", "b": "fd6c:7532:c::2"}, {"a": "fd6c:7532:c:1::1", "b": "fd6c:7532:c:1::2"}]
+    assert back.devs[1] == {"a": "lu2kx2a1", "b": "lu2kx2b1"} and back.dev == {"a": "lu2kx2a", "b": "lu2kx2b"}
+    assert LabState("x3", subnet=1, specs=build_specs("geo")).addrs6 == []
+    with pytest.raises(ConfigError, match="at most"):
+        LabState("x4", subnet=1, specs=build_specs("geo"), extra_paths=(build_specs("leo"),) * 4)
+    lab = Lab(build_specs("geo"), "x5", extra_paths=[build_specs("leo")])
+    with pytest.raises(LocalProtocolError, match="paths 0..1, not 2"):
+        lab.address("a", 2)
+    with pytest.raises(LocalProtocolError, match="IPv6"):
+        lab.address("a", 1, ipv6=True)
+
+
+# Both run in the lab: the server answers TCP (sha256 of what it got) and echoes UDP on every
+# address it is given; the client talks to each, retrying a UDP datagram until its echo comes
+# back (the links lose packets), and reports what it saw.
+EXCHANGE_SERVER = """
+import hashlib, socket, sys, threading
+def fam(a): return socket.AF_INET6 if ":" in a else socket.AF_INET
+def tcp(srv):
+    c, _ = srv.accept(); h = hashlib.sha256()
+    while True:
+        b = c.recv(65536)
+        if not b: break
+        h.update(b)
+    c.sendall(h.hexdigest().encode()); c.close()
+def udp(u):
+    while True:
+        d, peer = u.recvfrom(2048); u.sendto(d, peer)
+threads = []
+for a in sys.argv[1:]:
+    srv = socket.socket(fam(a)); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); srv.bind((a, 7001)); srv.listen(1)
+    u = socket.socket(fam(a), socket.SOCK_DGRAM); u.bind((a, 7001))
+    threads.append(threading.Thread(target=tcp, args=(srv,))); threading.Thread(target=udp, args=(u,), daemon=True).start()
+for t in threads: t.start()
+print("ready", flush=True)
+for t in threads: t.join()
+"""
+EXCHANGE_CLIENT = """
+import hashlib, json, socket, sys
+data = bytes(range(256)) * 1024  # 256 KiB
+out = {}
+for a in sys.argv[1:]:
+    f = socket.AF_INET6 if ":" in a else socket.AF_INET
+    u = socket.socket(f, socket.SOCK_DGRAM); u.settimeout(0.3); echoed = 0
+    for i in range(10):  # first: the server stops echoing once its TCP stream is done
+        for _ in range(50):
+            u.sendto(b"%d" % i, (a, 7001))
+            try:
+                if u.recv(100) == b"%d" % i: echoed += 1; break
+            except socket.timeout:
+                pass
+    s = socket.create_connection((a, 7001), timeout=60); s.sendall(data); s.shutdown(socket.SHUT_WR)
+    digest = b""
+    while True:
+        b = s.recv(100)
+        if not b: break
+        digest += b
+    out[a] = {"tcp": digest.decode() == hashlib.sha256(data).hexdigest(), "udp": echoed, "src": s.getsockname()[0]}
+print(json.dumps(out))
+"""
+
+
+@needs_root
+@pytest.mark.netns
+def test_two_paths_with_ipv6_carry_tcp_and_udp_on_their_own_links_and_one_can_be_cut(lab_dir: Path) -> None:
+    fast = build_specs("leo", rate="20mbit")
+    lossy = build_specs("leo", rate="10mbit", rtt="20ms", loss="3%", seed=4)
+    with Lab(fast, extra_paths=[lossy], ipv6=True) as lab:
+        addrs = [lab.address("b", p, ipv6=v6) for p in (0, 1) for v6 in (False, True)]
+        srv = lab.popen("b", [sys.executable, "-c", EXCHANGE_SERVER, *addrs], stdout=subprocess.PIPE, text=True)
+        assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
+        out = lab.run("a", [sys.executable, "-c", EXCHANGE_CLIENT, *addrs], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        seen = json.loads(out.stdout)
+        srv.communicate(timeout=30)
+        for p in (0, 1):
+            for v6 in (False, True):
+                r = seen[lab.address("b", p, ipv6=v6)]
+                # Whole stream, every datagram echoed, and from that path's own address.
+                assert r == {"tcp": True, "udp": 10, "src": lab.address("a", p, ipv6=v6)}
+        stats = lab.stats()
+        one, two = stats["paths"][0]["links"], stats["paths"][1]["links"]
+        assert one == stats["links"]
+        for links in (one, two):
+            for d in ("ab", "ba"):
+                assert 0 < links[d]["packets_ipv6"] < links[d]["packets_in"]  # both families on both paths
+                assert links[d]["bytes_ipv6"] >= 40 * links[d]["packets_ipv6"]  # each at least an IPv6 header
+        assert one["ab"]["drops_loss"] == 0 and two["ab"]["drops_loss"] > 0  # loss on path 1 only
+        # A 256 KiB burst into a 10 Mbit/s link queues: the rate cap is at work.
+        assert two["ab"]["max_queue_bytes"] > 1500 and two["ab"]["bytes_out"] > 2 * len(bytes(range(256)) * 1024)
+
+        # Cut path 1: path 0 still carries both families, path 1 drops as down.
+        assert lab.set_link(False, path=1)["paths"] == [{"ab": True, "ba": True}, {"ab": False, "ba": False}]
+        path0 = [lab.address("b", 0), lab.address("b", 0, ipv6=True)]
+        srv = lab.popen("b", [sys.executable, "-c", EXCHANGE_SERVER, *path0], stdout=subprocess.PIPE, text=True)
+        assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
+        out = lab.run("a", [sys.executable, "-c", EXCHANGE_CLIENT, *path0], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert all(r["tcp"] and r["udp"] == 10 for r in json.loads(out.stdout).values())
+        srv.communicate(timeout=30)
+        probe = "import socket,sys\nfor _ in range(5): socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).sendto(b'x', (sys.argv[1], 7001))\n"
+        lab.run("a", [sys.executable, "-c", probe, lab.address("b", 1, ipv6=True)], check=True)
+        deadline = time.monotonic() + 10
+        while (stats := lab.stats())["paths"][1]["links"]["ab"]["drops_down"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stats["paths"][1]["links"]["ab"]["drops_down"] == 5
+        assert stats["links"]["ab"]["drops_down"] == 0
+    assert not netns_exists(lab.ns_a)
+
+
+@needs_root
+@pytest.mark.netns
+def test_killed_forwarder_of_a_two_path_lab_is_cleaned_up(lab_dir: Path) -> None:
+    lab = Lab(build_specs("leo"), extra_paths=[build_specs("geo")], ipv6=True).up()
+    pid = lab.state.pid
+    assert pid and lab.run("b", ["ip", "-o", "link", "show", lab.state.devs[1]["b"]], capture_output=True).returncode == 0
+    os.kill(pid, signal.SIGKILL)
+    lab._proc.wait()  # type: ignore[union-attr]
+    assert cleanup_stale() == [lab.lab_id]
+    assert not netns_exists(lab.ns_a) and not netns_exists(lab.ns_b) and list_labs() == []

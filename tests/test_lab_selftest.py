@@ -30,3 +30,16 @@ def test_selftest_reports_a_ceiling(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert r["pps"] > 0 and r["forwarder_packets"] > 0
     # The paced case goes through a 50 Mbit/s cap: what arrives cannot exceed it.
     assert rows[2]["mbit"] <= 50 * 1.05
+
+
+@needs_root
+@pytest.mark.netns
+def test_multipath_selftest_reports_every_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lu2k.lab.selftest import run_multipath_selftest
+
+    monkeypatch.setenv("LU2K_LAB_DIR", str(tmp_path))
+    rows = run_multipath_selftest(2, duration=1.0, warmup=0.3)
+    assert [r["case"] for r in rows] == ["path 0 of 2", "path 1 of 2"]
+    for r in rows:
+        assert r["pps"] > 0 and r["forwarder_packets"] > 0 and r["us_per_packet"] > 0
+    assert "path 1 of 2" in format_table(rows)

@@ -93,3 +93,15 @@ def test_spec_validation() -> None:
         LinkSpec(loss=1.5)
     with pytest.raises(ConfigError, match="--queue"):
         LinkSpec(queue_bytes=100)
+
+
+def test_errors_name_the_option_prefix_of_a_second_path() -> None:
+    with pytest.raises(ConfigError, match="^--second-path: unknown profile"):
+        build_specs("mars", option_prefix="--second-", profile_option="--second-path")
+    for kwargs, where in (({"rate": "x"}, "--second-rate"), ({"rtt": "1"}, "--second-rtt"), ({"loss": "5"}, "--second-loss"),
+                          ({"queue": "100"}, "--second-queue"), ({"jitter": "z"}, "--second-jitter")):
+        with pytest.raises(ConfigError, match=f"^{where}"):
+            build_specs("leo", option_prefix="--second-", **kwargs)
+    with pytest.raises(ConfigError, match="--second-rate and --second-rtt"):
+        build_specs("custom", option_prefix="--second-", profile_option="--second-path")
+    assert build_specs("leo", queue="64k") == build_specs("leo", queue="65536")

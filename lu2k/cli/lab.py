@@ -1,8 +1,11 @@
 """``lu2k lab ...``: bring emulated satellite links up and down, run things on them, flap them.
 
     lu2k lab up --profile geo --loss 1%          # prints the lab id, namespaces, addresses
+    lu2k lab up --profile geo --loss 1% --second-path leo --second-loss 1% --ipv6
+                                                 # two paths (GEO and LEO), IPv6 on both
     lu2k lab exec a -- python3 -m http.server    # run in namespace a (or b) of the lab
-    lu2k lab link down; lu2k lab link up         # flap the link (both directions)
+    lu2k lab link down; lu2k lab link up         # flap the link (path 0, both directions)
+    lu2k lab link down --path 1                  # cut the second path only (or --path all)
     lu2k lab stats                               # the forwarder's counters (JSON)
     lu2k lab status                              # labs that are up
     lu2k lab down [--all]
@@ -22,8 +25,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..lab.netns import Lab, LabError, cleanup_stale, forwarder_alive, list_labs, remove_lab_files, teardown
-from ..lab.args import add_link_options, profile_summary, specs_from_args
-from ..lab.spec import format_rate
+from ..lab.args import add_link_options, add_path_options, extra_paths_from_args, profile_summary, second_path_summary, specs_from_args
+from ..lab.spec import LinkSpec, format_rate
 
 
 def _pick(lab_id: str | None) -> Lab:
@@ -37,22 +40,30 @@ def _pick(lab_id: str | None) -> Lab:
     return Lab.attach(live[0].lab_id)
 
 
+def _link_summary(ab: LinkSpec) -> str:
+    loss = f"{ab.loss * 100:g}%" + (f" + bursts {ab.burst.mean_loss * 100:g}%" if ab.burst else "")
+    return (f"{format_rate(ab.rate_bps)} per direction, RTT {ab.rtt_s * 1e3:g} ms, loss {loss} each way, "
+            f"queue {ab.effective_queue_bytes()} bytes")
+
+
 def _describe(lab: Lab) -> str:
     st = lab.state
-    ab = st.specs[0]
-    loss = f"{ab.loss * 100:g}%" + (f" + bursts {ab.burst.mean_loss * 100:g}%" if ab.burst else "")
-    return (
-        f"lab {st.lab_id}: {format_rate(ab.rate_bps)} per direction, RTT {ab.rtt_s * 1e3:g} ms, loss {loss} each way, "
-        f"queue {ab.effective_queue_bytes()} bytes\n"
-        f"  a: netns {st.ns['a']}  dev {st.dev['a']}  {st.addr['a']}\n"
-        f"  b: netns {st.ns['b']}  dev {st.dev['b']}  {st.addr['b']}\n"
-        f"  run:  lu2k lab exec --id {st.lab_id} a -- COMMAND   (or: ip netns exec {st.ns['a']} COMMAND)\n"
-        f"  stop: lu2k lab down --id {st.lab_id}"
-    )
+    lines = [f"lab {st.lab_id}: {len(st.paths)} path(s); netns a: {st.ns['a']}, netns b: {st.ns['b']}"]
+    for i, (ab, _) in enumerate(st.paths):
+        lines.append(f"  path {i}: {_link_summary(ab)}")
+        for side in ("a", "b"):
+            v6 = f"  {st.addrs6[i][side]}" if st.ipv6 else ""
+            lines.append(f"    {side}: dev {st.devs[i][side]}  {st.addrs[i][side]}{v6}")
+    lines += [
+        f"  run:  lu2k lab exec --id {st.lab_id} a -- COMMAND   (or: ip netns exec {st.ns['a']} COMMAND)",
+        f"  stop: lu2k lab down --id {st.lab_id}",
+    ]
+    return "\n".join(lines)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    lab = Lab(specs_from_args(args), args.id, profile=profile_summary(args))
+    lab = Lab(specs_from_args(args), args.id, profile={**profile_summary(args), **second_path_summary(args)},
+              extra_paths=extra_paths_from_args(args), ipv6=args.ipv6)
     lab.up(detach=True)
     if args.json:
         print(json.dumps(lab.state.to_dict()))
@@ -97,10 +108,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not rows:
         print("no labs")
     for r in rows:
-        ab = r["specs"]["ab"]
         state = "up" if r["alive"] else "STALE (forwarder gone; 'lu2k lab down' cleans up)"
-        print(f"{r['id']}: {state}, pid {r['pid']}, {format_rate(ab['rate_bps'])}, RTT {ab['delay_s'] * 2e3:g} ms, "
-              f"loss {ab['loss'] * 100:g}%, {r['ns']['a']} {r['addr']['a']} <-> {r['ns']['b']} {r['addr']['b']}")
+        for p in r["paths"]:
+            ab = p["specs"]["ab"]
+            v6 = f" ({p['addr6']['a']} <-> {p['addr6']['b']})" if "addr6" in p else ""
+            print(f"{r['id']}: {state}, pid {r['pid']}, path {p['path']}: {format_rate(ab['rate_bps'])}, "
+                  f"RTT {ab['delay_s'] * 2e3:g} ms, loss {ab['loss'] * 100:g}%, "
+                  f"{r['ns']['a']} {p['addr']['a']} <-> {r['ns']['b']} {p['addr']['b']}{v6}")
     return 0
 
 
@@ -111,15 +125,36 @@ def cmd_exec(args: argparse.Namespace) -> int:
         argv = argv[1:]
     if not argv:
         raise ConfigError("nothing to run: lu2k lab exec a -- COMMAND ...", where="exec")
-    env = dict(os.environ, LU2K_LAB_ID=lab.lab_id, LU2K_LAB_SELF=lab.state.addr[args.side],
-               LU2K_LAB_PEER=lab.state.addr["b" if args.side == "a" else "a"])
+    env = dict(os.environ, **exec_env(lab, args.side))
     return subprocess.call(lab.exec_argv(args.side, argv), env=env)
+
+
+def exec_env(lab: Lab, side: str) -> dict[str, str]:
+    """``LU2K_LAB_SELF``/``_PEER`` (path 0), ``..._<i>`` per path, ``..._6`` for IPv6."""
+    st, peer = lab.state, "b" if side == "a" else "a"
+    env = {"LU2K_LAB_ID": lab.lab_id, "LU2K_LAB_PATHS": str(len(st.paths)),
+           "LU2K_LAB_SELF": st.addr[side], "LU2K_LAB_PEER": st.addr[peer]}
+    for i, addr in enumerate(st.addrs):
+        env[f"LU2K_LAB_SELF_{i}"], env[f"LU2K_LAB_PEER_{i}"] = addr[side], addr[peer]
+    for i, addr in enumerate(st.addrs6):
+        env[f"LU2K_LAB_SELF6_{i}"], env[f"LU2K_LAB_PEER6_{i}"] = addr[side], addr[peer]
+        if i == 0:
+            env["LU2K_LAB_SELF6"], env["LU2K_LAB_PEER6"] = addr[side], addr[peer]
+    return env
+
+
+def _path_option(text: str, lab: Lab) -> int | str:
+    if text == "all":
+        return "all"
+    if not text.isdigit() or int(text) >= lab.n_paths:
+        raise ConfigError(f"lab {lab.lab_id} has path(s) 0..{lab.n_paths - 1} (or all), not {text!r}", where="--path")
+    return int(text)
 
 
 def cmd_link(args: argparse.Namespace) -> int:
     lab = _pick(args.id)
-    reply = lab.set_link(args.state == "up", args.direction)
-    print(json.dumps(reply["up"]))
+    reply = lab.set_link(args.state == "up", args.direction, _path_option(args.path, lab))
+    print(json.dumps(reply["paths"] if args.path == "all" else reply["up"]))
     return 0
 
 
@@ -130,9 +165,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    from ..lab.selftest import format_table, run_selftest
+    from ..lab.netns import MAX_PATHS
+    from ..lab.selftest import format_table, run_multipath_selftest, run_selftest
 
+    if not 1 <= args.paths <= MAX_PATHS:
+        raise ConfigError(f"a lab has 1..{MAX_PATHS} paths, not {args.paths}", where="--paths")
     rows = run_selftest(duration=args.duration)
+    if args.paths > 1:
+        rows += run_multipath_selftest(args.paths, duration=args.duration)
     print(format_table(rows))
     if args.json:
         print(json.dumps(rows))
@@ -146,6 +186,7 @@ def register(subparsers: Any) -> None:
 
     up = sub.add_parser("up", help="create a lab: two namespaces joined by an emulated link")
     add_link_options(up)
+    add_path_options(up)
     up.add_argument("--id", help="lab id (1-8 of a-z0-9; default random)")
     up.add_argument("--json", action="store_true", help="print the lab state as JSON")
     up.set_defaults(func=cmd_up)
@@ -170,6 +211,7 @@ def register(subparsers: Any) -> None:
     link.add_argument("--id")
     link.add_argument("state", choices=["up", "down"])
     link.add_argument("--direction", choices=["ab", "ba", "both"], default="both")
+    link.add_argument("--path", default="0", help="which path: 0 (default), 1, ... or all")
     link.set_defaults(func=cmd_link)
 
     stats = sub.add_parser("stats", help="the forwarder's counters: packets, queue/loss drops, lateness")
@@ -179,6 +221,7 @@ def register(subparsers: Any) -> None:
 
     st = sub.add_parser("selftest", help="measure the emulator's own ceiling (UDP blast through an uncapped link)")
     st.add_argument("--duration", type=float, default=5.0)
+    st.add_argument("--paths", type=int, default=1, help="also blast every path of a lab with this many paths at once (2..4)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_selftest)
 

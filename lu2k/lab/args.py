@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..errors import ConfigError
 from .spec import PROFILES, build_specs
 
 
@@ -35,3 +36,36 @@ def specs_from_args(args: argparse.Namespace) -> Any:
 def profile_summary(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in ("profile", "rate", "rtt", "loss", "jitter", "burst_loss", "burst_len",
                                           "reorder", "queue", "seed") if getattr(args, k, None) is not None}
+
+
+SECOND_PATH_OPTIONS = ("rate", "rtt", "loss", "jitter", "queue")
+
+
+def add_path_options(p: argparse.ArgumentParser) -> None:
+    """A second path between the same two sites (``lu2k lab up``), and IPv6 on every path."""
+    p.add_argument("--second-path", metavar="PROFILE",
+                   help=f"add a second path with its own link model, from a profile ({', '.join(sorted(PROFILES))})")
+    for name in SECOND_PATH_OPTIONS:
+        p.add_argument(f"--second-{name}", help=f"the second path's --{name} (needs --second-path)")
+    p.add_argument("--ipv6", action="store_true", help="give both sides an IPv6 address (fd6c:7532::/32) on every path too")
+
+
+def extra_paths_from_args(args: argparse.Namespace) -> list[Any]:
+    """The extra paths (as ``Lab(extra_paths=...)`` takes them) the options describe."""
+    profile = getattr(args, "second_path", None)
+    given = [f"--second-{n}" for n in SECOND_PATH_OPTIONS if getattr(args, f"second_{n}", None) is not None]
+    if profile is None:
+        if given:
+            what = f"{', '.join(given)} describe" if len(given) > 1 else "describes"
+            raise ConfigError(f"{what} a second path: add --second-path PROFILE", where=given[0])
+        return []
+    # Its own seeds, so the two paths do not lose the same packet numbers in lock-step.
+    return [build_specs(profile, **{n: getattr(args, f"second_{n}") for n in SECOND_PATH_OPTIONS},
+                        seed=args.seed + 1000, option_prefix="--second-", profile_option="--second-path")]
+
+
+def second_path_summary(args: argparse.Namespace) -> dict[str, Any]:
+    if getattr(args, "second_path", None) is None:
+        return {}
+    return {"second_path": args.second_path,
+            **{f"second_{n}": getattr(args, f"second_{n}") for n in SECOND_PATH_OPTIONS if getattr(args, f"second_{n}") is not None}}

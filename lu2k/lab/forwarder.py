@@ -1,25 +1,33 @@
-"""The lab's forwarder process: two namespaces, two TUN devices, two link models, one loop.
+"""The lab's forwarder process: two namespaces, a TUN pair and two link models per path, one loop.
 
 Run as ``python -m lu2k.lab.forwarder STATE_FILE --ready-fd N [--die-with-parent]`` by
 :class:`lu2k.lab.netns.Lab`; nobody else should start it.
 
 Setup (all failures are reported on the ready pipe, then everything made so far is undone):
-create both namespaces, open ``/dev/net/tun`` twice (``IFF_TUN | IFF_NO_PI``: bare IP packets,
-no offloads, so every packet is at most the 1500-byte MTU), move each device into its
-namespace -- the file descriptors stay valid across the move -- and address them.
+create both namespaces, open ``/dev/net/tun`` twice per path (``IFF_TUN | IFF_NO_PI``: bare IP
+packets, no offloads, so every packet is at most the 1500-byte MTU), move each device into its
+namespace -- the file descriptors stay valid across the move -- and address them (IPv4, and
+IPv6 in a lab made with it: no duplicate address detection, no router solicitations, no
+link-local address, so the only IPv6 packets on a path are the ones its users send).
+
+Each path has one *channel* per direction: the fd packets come in on, its ``LinkModel``, its
+timer heap and the fd they go out on.  All channels share the one loop below.
 
 The loop is deliberately not asyncio: it is the emulator's ceiling that decides whether its
 figures mean anything, and a bare ``epoll`` loop with a timer heap per direction costs a few
 microseconds per packet.  Each wakeup it (1) releases every packet whose time has come,
 recording lateness = actual - scheduled, (2) drains up to ``BATCH`` packets from each readable
-TUN fd through :meth:`LinkModel.offer` onto the other direction's heap, and (3) sleeps in
+TUN fd through its channel's :meth:`LinkModel.offer` onto the channel's heap (counting the
+IPv6 ones -- the model charges a packet its full length, IPv4 or IPv6 header included), and
+(3) sleeps in
 ``epoll`` until the next release (``epoll`` has millisecond resolution, which is what the
 lateness figures show).  The cyclic garbage collector is off: the loop makes no cycles and
 a collection pause would show up as lateness.
 
 Counters are answered on the control socket (``stats``), written to ``<id>.stats.json`` on
-SIGUSR1 and at exit, and printed to the log at exit.  ``down``/``up`` on the control socket
-flap the link (one direction or both).
+SIGUSR1 and at exit, and printed to the log at exit: ``links`` is path 0's two directions,
+``paths[i]`` each path's.  ``down``/``up`` on the control socket flap one path's link (one
+direction or both) or every path's.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import socket
 import struct
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +74,41 @@ NS_SYSCTLS = {
     "net.ipv4.tcp_wmem": "4096 65536 67108864",
     "net.ipv4.tcp_no_metrics_save": "1",  # each baseline run starts from scratch
 }
+# A lab with IPv6: on, but silent -- no DAD delay before an address is usable, no router
+# solicitations, no link-local addresses (the TUN devices get only the lab's ULA addresses).
+NS_SYSCTLS_IPV6 = {
+    "net.ipv6.conf.all.disable_ipv6": "0",
+    "net.ipv6.conf.default.disable_ipv6": "0",
+    "net.ipv6.conf.all.accept_dad": "0",
+    "net.ipv6.conf.default.accept_dad": "0",
+    "net.ipv6.conf.all.router_solicitations": "0",
+    "net.ipv6.conf.default.router_solicitations": "0",
+    "net.ipv6.conf.all.accept_ra": "0",
+    "net.ipv6.conf.default.accept_ra": "0",
+    "net.ipv6.conf.default.addr_gen_mode": "1",  # no link-local address
+}
+DIRECTIONS = (("ab", "a", "b"), ("ba", "b", "a"))  # name, in side, out side
+
+
+def ns_sysctls(ipv6: bool) -> dict[str, str]:
+    return {**NS_SYSCTLS, **NS_SYSCTLS_IPV6} if ipv6 else dict(NS_SYSCTLS)
+
+
+@dataclass(eq=False)
+class Channel:
+    """One direction of one path: packets read from ``in_fd`` go through ``model`` onto
+    ``heap`` (release time, sequence, packet) and out of ``out_fd`` when their time comes."""
+
+    path: int
+    direction: str
+    in_side: str
+    out_side: str
+    model: LinkModel
+    heap: list[tuple[float, int, bytes]] = field(default_factory=list)
+    in_fd: int = -1
+    out_fd: int = -1
+    in_flight_bytes: int = 0
+    max_in_flight_bytes: int = 0
 
 
 def open_tun(name: str) -> int:
@@ -110,8 +154,12 @@ class Forwarder:
         self.state = state
         self.state_path = state_path
         self.directory = state_path.parent
-        self.models = {"ab": LinkModel(state.specs[0], "ab"), "ba": LinkModel(state.specs[1], "ba")}
-        self.fds: dict[str, int] = {}
+        self.paths: list[dict[str, Channel]] = [
+            {name: Channel(i, name, src, dst, LinkModel(spec, name if i == 0 else f"{name}{i}"))
+             for (name, src, dst), spec in zip(DIRECTIONS, specs)}
+            for i, specs in enumerate(state.paths)
+        ]
+        self.fds: dict[tuple[int, str], int] = {}  # (path, side) -> TUN fd
         self.ctl: socket.socket | None = None
         self.stopping = False
         self.started = time.monotonic()
@@ -119,29 +167,44 @@ class Forwarder:
         self.write_errors = 0
         self.overflow_drops = 0
         self.max_batch = 0
-        self.in_flight_bytes = {"ab": 0, "ba": 0}
-        self.max_in_flight_bytes = {"ab": 0, "ba": 0}
-        self._heaps: dict[str, list[tuple[float, int, bytes]]] = {"ab": [], "ba": []}
         self._seq = 0
         self._dump_requested = False
         self.scheduling = "normal"
+
+    @property
+    def models(self) -> dict[str, LinkModel]:
+        """Path 0's two directions."""
+        return {d: c.model for d, c in self.paths[0].items()}
+
+    @property
+    def channels(self) -> list[Channel]:
+        return [c for p in self.paths for c in p.values()]
 
     # --- setup ---------------------------------------------------------------------------
 
     def setup(self) -> None:
         st = self.state
+        sysctls = [f"{k}={v}" for k, v in ns_sysctls(st.ipv6).items()]
         for side in ("a", "b"):
             ns = st.ns[side]
             run_ip(["netns", "add", ns])
             run_ip(["-n", ns, "link", "set", "lo", "up"])
-            args = [f"{k}={v}" for k, v in NS_SYSCTLS.items()]
-            run_ip(["netns", "exec", ns, "sysctl", "-q", "-w", *args])
-        for side, peer in (("a", "b"), ("b", "a")):
-            ns, dev = st.ns[side], st.dev[side]
-            self.fds[side] = open_tun(dev)
-            run_ip(["link", "set", "dev", dev, "netns", ns])
-            run_ip(["-n", ns, "link", "set", "dev", dev, "mtu", "1500", "up"])
-            run_ip(["-n", ns, "addr", "add", f"{st.addr[side]}/32", "peer", f"{st.addr[peer]}/32", "dev", dev])
+            run_ip(["netns", "exec", ns, "sysctl", "-q", "-w", *sysctls])
+        devs, addrs, addrs6 = st.devs, st.addrs, st.addrs6
+        for i in range(len(st.paths)):
+            for side, peer in (("a", "b"), ("b", "a")):
+                ns, dev = st.ns[side], devs[i][side]
+                self.fds[(i, side)] = open_tun(dev)
+                run_ip(["link", "set", "dev", dev, "netns", ns])
+                if st.ipv6:
+                    # Per device as well: the namespace defaults apply to devices registered
+                    # there, and this one was born outside.
+                    run_ip(["-n", ns, "link", "set", "dev", dev, "addrgenmode", "none"])
+                run_ip(["-n", ns, "link", "set", "dev", dev, "mtu", "1500", "up"])
+                run_ip(["-n", ns, "addr", "add", f"{addrs[i][side]}/32", "peer", f"{addrs[i][peer]}/32", "dev", dev])
+                if st.ipv6:
+                    run_ip(["-n", ns, "-6", "addr", "add", f"{addrs6[i][side]}/128", "peer", f"{addrs6[i][peer]}/128",
+                            "dev", dev, "nodad"])
         self.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self.ctl.bind(control_address(st.lab_id))
@@ -160,37 +223,38 @@ class Forwarder:
     # --- loop ----------------------------------------------------------------------------
 
     def run(self, wake_fd: int) -> None:
-        fd_a, fd_b = self.fds["a"], self.fds["b"]
         assert self.ctl is not None
         ctl_fd = self.ctl.fileno()
+        channels = self.channels
+        for c in channels:
+            c.in_fd, c.out_fd = self.fds[(c.path, c.in_side)], self.fds[(c.path, c.out_side)]
+        by_fd = {c.in_fd: c for c in channels}
         ep = select.epoll()
-        for fd in (fd_a, fd_b, ctl_fd, wake_fd):
+        for fd in (*by_fd, ctl_fd, wake_fd):
             ep.register(fd, select.EPOLLIN)
-        heap_ab, heap_ba = self._heaps["ab"], self._heaps["ba"]
         mono = time.monotonic
         gc.disable()
         try:
             while not self.stopping:
                 now = mono()
-                if heap_ab and heap_ab[0][0] <= now:
-                    self._release("ab", heap_ab, fd_b, now)
-                if heap_ba and heap_ba[0][0] <= now:
-                    self._release("ba", heap_ba, fd_a, now)
-                if heap_ab or heap_ba:
-                    nxt = min(heap_ab[0][0] if heap_ab else 1e300, heap_ba[0][0] if heap_ba else 1e300)
-                    timeout = min(max(nxt - mono(), 0.0), 1.0)
-                else:
-                    timeout = 1.0
+                nxt = 1e300
+                for c in channels:
+                    heap = c.heap
+                    if heap:
+                        if heap[0][0] <= now:
+                            self._release(c, now)
+                        if heap and heap[0][0] < nxt:
+                            nxt = heap[0][0]
+                timeout = min(max(nxt - mono(), 0.0), 1.0) if nxt < 1e300 else 1.0
                 events = ep.poll(timeout)
                 self.wakeups += 1
                 if not events:
                     continue
                 now = mono()
                 for fd, _ in events:
-                    if fd == fd_a:
-                        self._ingest("ab", fd_a, heap_ab, now)
-                    elif fd == fd_b:
-                        self._ingest("ba", fd_b, heap_ba, now)
+                    chan = by_fd.get(fd)
+                    if chan is not None:
+                        self._ingest(chan, now)
                     elif fd == ctl_fd:
                         self._serve_control()
                     elif fd == wake_fd:
@@ -206,12 +270,13 @@ class Forwarder:
             gc.enable()
             ep.close()
 
-    def _ingest(self, direction: str, fd: int, heap: list[tuple[float, int, bytes]], now: float) -> None:
-        offer = self.models[direction].offer
+    def _ingest(self, chan: Channel, now: float) -> None:
+        offer = chan.model.offer
+        fd, heap = chan.in_fd, chan.heap
         read = os.read
         push = heapq.heappush
-        in_flight = self.in_flight_bytes[direction]
-        n = 0
+        in_flight = chan.in_flight_bytes
+        n = v6_packets = v6_bytes = 0
         while n < BATCH:
             try:
                 pkt = read(fd, READ_SIZE)
@@ -220,6 +285,9 @@ class Forwarder:
             except OSError:
                 break  # device going away during teardown
             n += 1
+            if pkt and pkt[0] >> 4 == 6:
+                v6_packets += 1
+                v6_bytes += len(pkt)
             verdict = offer(len(pkt), now)
             if verdict.__class__ is float:
                 if in_flight + len(pkt) > MAX_IN_FLIGHT_BYTES:
@@ -228,14 +296,19 @@ class Forwarder:
                 in_flight += len(pkt)
                 self._seq += 1
                 push(heap, (verdict, self._seq, pkt))  # type: ignore[arg-type]
-        self.in_flight_bytes[direction] = in_flight
-        if in_flight > self.max_in_flight_bytes[direction]:
-            self.max_in_flight_bytes[direction] = in_flight
+        if v6_packets:
+            counters = chan.model.counters
+            counters.packets_ipv6 += v6_packets
+            counters.bytes_ipv6 += v6_bytes
+        chan.in_flight_bytes = in_flight
+        if in_flight > chan.max_in_flight_bytes:
+            chan.max_in_flight_bytes = in_flight
         if n > self.max_batch:
             self.max_batch = n
 
-    def _release(self, direction: str, heap: list[tuple[float, int, bytes]], out_fd: int, now: float) -> None:
-        late = self.models[direction].counters.lateness.add
+    def _release(self, chan: Channel, now: float) -> None:
+        late = chan.model.counters.lateness.add
+        heap, out_fd = chan.heap, chan.out_fd
         pop = heapq.heappop
         write = os.write
         released = 0
@@ -247,7 +320,7 @@ class Forwarder:
             except OSError:
                 self.write_errors += 1
             late(now - when)
-        self.in_flight_bytes[direction] -= released
+        chan.in_flight_bytes -= released
 
     # --- control and counters -----------------------------------------------------------
 
@@ -275,17 +348,38 @@ class Forwarder:
             direction = cmd.get("direction", "both")
             if direction not in ("ab", "ba", "both"):
                 return {"error": f"direction must be ab, ba or both, not {direction!r}"}
-            for d in ("ab", "ba") if direction == "both" else (direction,):
-                self.models[d].set_up(name == "up")
-            return {"ok": True, "up": {d: m.up for d, m in self.models.items()}}
+            path = cmd.get("path", 0)
+            if path == "all":
+                paths = list(range(len(self.paths)))
+            elif isinstance(path, int) and not isinstance(path, bool) and 0 <= path < len(self.paths):
+                paths = [path]
+            else:
+                return {"error": f"no path {path!r}: this lab has paths 0..{len(self.paths) - 1} (or all)"}
+            for i in paths:
+                for d in ("ab", "ba") if direction == "both" else (direction,):
+                    self.paths[i][d].model.set_up(name == "up")
+            ups = [{d: c.model.up for d, c in p.items()} for p in self.paths]
+            return {"ok": True, "up": ups[paths[0]], "paths": ups}
         if name == "ping":
             return {"ok": True, "pid": os.getpid()}
         return {"error": f"unknown command {name!r} (stats, up, down, ping)"}
+
+    def path_stats(self, i: int) -> dict[str, Any]:
+        p = self.paths[i]
+        return {
+            "path": i,
+            "up": {d: c.model.up for d, c in p.items()},
+            "in_flight_bytes": {d: c.in_flight_bytes for d, c in p.items()},
+            "max_in_flight_bytes": {d: c.max_in_flight_bytes for d, c in p.items()},
+            "queue_limit_bytes": {d: c.model.queue_limit for d, c in p.items()},
+            "links": {d: c.model.counters.to_dict() for d, c in p.items()},
+        }
 
     def stats(self) -> dict[str, Any]:
         ru = resource.getrusage(resource.RUSAGE_SELF)
         cpu = ru.ru_utime + ru.ru_stime
         uptime = time.monotonic() - self.started
+        paths = [self.path_stats(i) for i in range(len(self.paths))]
         return {
             "id": self.state.lab_id,
             "pid": os.getpid(),
@@ -297,11 +391,9 @@ class Forwarder:
             "max_batch": self.max_batch,
             "write_errors": self.write_errors,
             "overflow_drops": self.overflow_drops,
-            "in_flight_bytes": dict(self.in_flight_bytes),
-            "max_in_flight_bytes": dict(self.max_in_flight_bytes),
-            "up": {d: m.up for d, m in self.models.items()},
-            "queue_limit_bytes": {d: m.queue_limit for d, m in self.models.items()},
-            "links": {d: m.counters.to_dict() for d, m in self.models.items()},
+            # Path 0's, at the top level as in a one-path lab.
+            **{k: paths[0][k] for k in ("in_flight_bytes", "max_in_flight_bytes", "up", "queue_limit_bytes", "links")},
+            "paths": paths,
         }
 
     def write_stats(self) -> None:
@@ -368,8 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         state.ready = True
         state.save(args.state_file.parent)
         ready("ok")
-        print(f"lu2k lab {state.lab_id}: up, pid {os.getpid()} ({priority}), {state.ns['a']} {state.addr['a']} <-> "
-              f"{state.ns['b']} {state.addr['b']}", flush=True)
+        for i, addr in enumerate(state.addrs):
+            v6 = f" ({state.addrs6[i]['a']} <-> {state.addrs6[i]['b']})" if state.ipv6 else ""
+            print(f"lu2k lab {state.lab_id}: path {i} up, pid {os.getpid()} ({priority}), {state.ns['a']} {addr['a']} <-> "
+                  f"{state.ns['b']} {addr['b']}{v6}", flush=True)
         if not fwd.stopping:
             fwd.run(wake_r)
     except Lu2kError as e:

@@ -97,6 +97,10 @@ class LinkCounters:
     drops_down: int = 0
     reordered: int = 0
     max_queue_bytes: int = 0
+    # Of packets_in/bytes_in, the IPv6 ones (the forwarder reads the version nibble; the
+    # model itself charges every packet its whole length, IP header included, either way).
+    packets_ipv6: int = 0
+    bytes_ipv6: int = 0
     lateness: LatenessStats = field(default_factory=LatenessStats)
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,6 +114,8 @@ class LinkCounters:
             "drops_down": self.drops_down,
             "reordered": self.reordered,
             "max_queue_bytes": self.max_queue_bytes,
+            "packets_ipv6": self.packets_ipv6,
+            "bytes_ipv6": self.bytes_ipv6,
             "lateness": self.lateness.summary(),
         }
 

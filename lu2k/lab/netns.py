@@ -1,11 +1,16 @@
 """Lab plumbing: namespaces, TUN devices, state files, stale-lab cleanup, and the ``Lab`` handle.
 
-A lab ``<id>`` is two network namespaces, ``lu2k-<id>-a`` and ``lu2k-<id>-b``, each holding
-one TUN device (``lu2k<id>a`` / ``lu2k<id>b``, MTU 1500) with a point-to-point address from
-``10.201.<n>.0/24`` (``.1`` in a, ``.2`` in b).  The two TUN file descriptors belong to one
-forwarder process (:mod:`lu2k.lab.forwarder`) that carries packets between them through the
-link model.  The namespaces hold nothing else but ``lo``: there is no route anywhere, so
-traffic can only ever flow between the lab's own two ends.
+A lab ``<id>`` is two network namespaces, ``lu2k-<id>-a`` and ``lu2k-<id>-b``, joined by one
+or more *paths*.  Each path is a pair of TUN devices, one in each namespace (path 0:
+``lu2k<id>a`` / ``lu2k<id>b``; path ``i`` > 0: ``lu2k<id>a<i>`` / ``lu2k<id>b<i>``; MTU 1500),
+with point-to-point addresses of its own: IPv4 ``10.<201+i>.<n>.1`` in a and ``.2`` in b, and,
+in a lab made with ``ipv6=True``, IPv6 ``fd6c:7532:<n>:<i>::1`` / ``::2`` (a fixed ULA prefix,
+``n`` the lab's number in hex).  All the TUN file descriptors belong to one forwarder process
+(:mod:`lu2k.lab.forwarder`) that carries packets between each pair through that path's own
+link models (rate, delay, loss, queue, counters).  Since every address is a /32 (/128) with
+a peer route, a socket bound to (or connecting to) a path's address uses that path and no
+other.  The namespaces hold nothing else but ``lo``: there is no route anywhere, so traffic
+can only ever flow between the lab's own two ends.
 
 Lifecycle and cleanup -- one owner, several safety nets:
 
@@ -23,6 +28,7 @@ written before any namespace exists, so a namespace of ours never lacks one.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -42,7 +48,9 @@ from ..errors import ConfigError, LocalProtocolError, Lu2kError, NetworkError
 from .spec import LinkSpec
 
 DEFAULT_STATE_DIR = "/run/lu2k-lab"
-SUBNET_PREFIX = "10.201"
+SUBNET_PREFIX = "10.201"  # path 0; path i uses 10.<201+i>
+IPV6_PREFIX = "fd6c:7532"  # ULA (fd00::/8); lab n, path i: fd6c:7532:<n>:<i>::/64
+MAX_PATHS = 4
 _ID_RE = re.compile(r"[a-z0-9]{1,8}")
 FORWARDER_MODULE = "lu2k.lab.forwarder"
 
@@ -81,8 +89,20 @@ def ns_name(lab_id: str, side: str) -> str:
     return f"lu2k-{lab_id}-{side}"
 
 
-def dev_name(lab_id: str, side: str) -> str:
-    return f"lu2k{lab_id}{side}"  # IFNAMSIZ: at most 15 characters, so ids stay short
+def dev_name(lab_id: str, side: str, path: int = 0) -> str:
+    # IFNAMSIZ: at most 15 characters, so ids stay short (8 + 4 + 1 + 1).
+    return f"lu2k{lab_id}{side}" + (str(path) if path else "")
+
+
+def path_addr(subnet: int, path: int, side: str) -> str:
+    """The IPv4 address of ``side`` on ``path`` in lab number ``subnet``."""
+    net = int(SUBNET_PREFIX.split(".")[1]) + path
+    return f"{SUBNET_PREFIX.split('.')[0]}.{net}.{subnet}.{1 if side == 'a' else 2}"
+
+
+def path_addr6(subnet: int, path: int, side: str) -> str:
+    """The IPv6 (ULA) address of ``side`` on ``path`` in lab number ``subnet``."""
+    return str(ipaddress.IPv6Address(f"{IPV6_PREFIX}:{subnet:x}:{path:x}::{1 if side == 'a' else 2}"))  # canonical, as ip shows it
 
 
 def control_address(lab_id: str) -> str:
@@ -163,48 +183,95 @@ def forwarder_alive(pid: int | None) -> bool:
         return False
 
 
+Specs = tuple[LinkSpec, LinkSpec]  # one path: (a->b, b->a)
+
+
 @dataclass
 class LabState:
-    """What a state file records about one lab."""
+    """What a state file records about one lab.
+
+    ``specs`` is path 0; ``extra_paths`` the others, in order (path 1, 2, ...).  The
+    per-path views (``paths``, ``devs``, ``addrs``, ``addrs6``) are lists indexed by path;
+    ``dev``/``addr``/``addr6`` are path 0's.
+    """
 
     lab_id: str
     subnet: int
-    specs: tuple[LinkSpec, LinkSpec]
+    specs: Specs
     pid: int | None = None
     ready: bool = False
     created: float = field(default_factory=time.time)
     profile: dict[str, Any] = field(default_factory=dict)  # what the user asked for, for status
+    extra_paths: tuple[Specs, ...] = ()
+    ipv6: bool = False
+
+    def __post_init__(self) -> None:
+        if 1 + len(self.extra_paths) > MAX_PATHS:
+            raise ConfigError(f"a lab has at most {MAX_PATHS} paths, not {1 + len(self.extra_paths)}", where="paths")
+
+    @property
+    def paths(self) -> list[Specs]:
+        return [self.specs, *self.extra_paths]
 
     @property
     def ns(self) -> dict[str, str]:
         return {"a": ns_name(self.lab_id, "a"), "b": ns_name(self.lab_id, "b")}
 
     @property
+    def devs(self) -> list[dict[str, str]]:
+        return [{s: dev_name(self.lab_id, s, i) for s in ("a", "b")} for i in range(len(self.paths))]
+
+    @property
+    def addrs(self) -> list[dict[str, str]]:
+        return [{s: path_addr(self.subnet, i, s) for s in ("a", "b")} for i in range(len(self.paths))]
+
+    @property
+    def addrs6(self) -> list[dict[str, str]]:
+        """IPv6 addresses per path; empty when the lab was made without IPv6."""
+        if not self.ipv6:
+            return []
+        return [{s: path_addr6(self.subnet, i, s) for s in ("a", "b")} for i in range(len(self.paths))]
+
+    @property
     def dev(self) -> dict[str, str]:
-        return {"a": dev_name(self.lab_id, "a"), "b": dev_name(self.lab_id, "b")}
+        return self.devs[0]
 
     @property
     def addr(self) -> dict[str, str]:
-        return {"a": f"{SUBNET_PREFIX}.{self.subnet}.1", "b": f"{SUBNET_PREFIX}.{self.subnet}.2"}
+        return self.addrs[0]
+
+    @property
+    def addr6(self) -> dict[str, str]:
+        return self.addrs6[0] if self.ipv6 else {}
 
     def path(self, directory: Path | None = None) -> Path:
         return (directory or state_dir()) / f"{self.lab_id}.json"
 
     def to_dict(self) -> dict[str, Any]:
+        devs, addrs, addrs6 = self.devs, self.addrs, self.addrs6
+        paths = [
+            {"path": i, "dev": devs[i], "addr": addrs[i], **({"addr6": addrs6[i]} if self.ipv6 else {}),
+             "specs": {"ab": ab.to_dict(), "ba": ba.to_dict()}}
+            for i, (ab, ba) in enumerate(self.paths)
+        ]
         return {
             "id": self.lab_id, "subnet": self.subnet, "pid": self.pid, "ready": self.ready,
-            "created": self.created, "profile": self.profile,
-            "ns": self.ns, "dev": self.dev, "addr": self.addr,
-            "specs": {"ab": self.specs[0].to_dict(), "ba": self.specs[1].to_dict()},
+            "created": self.created, "profile": self.profile, "ipv6": self.ipv6,
+            "ns": self.ns, "dev": self.dev, "addr": self.addr, **({"addr6": self.addr6} if self.ipv6 else {}),
+            "specs": paths[0]["specs"], "paths": paths,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LabState":
         try:
+            extra = tuple(
+                (LinkSpec.from_dict(p["specs"]["ab"]), LinkSpec.from_dict(p["specs"]["ba"])) for p in (d.get("paths") or [])[1:]
+            )
             return cls(
                 lab_id=d["id"], subnet=int(d["subnet"]), pid=d.get("pid"), ready=bool(d.get("ready")),
                 created=float(d.get("created", 0.0)), profile=dict(d.get("profile") or {}),
                 specs=(LinkSpec.from_dict(d["specs"]["ab"]), LinkSpec.from_dict(d["specs"]["ba"])),
+                extra_paths=extra, ipv6=bool(d.get("ipv6", False)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"corrupt lab state: {e}", where="state file") from None
@@ -286,19 +353,26 @@ class Lab:
     ``Lab(specs).up()`` starts a forwarder that dies with this process (tests, benchmarks);
     ``up(detach=True)`` starts one that outlives it (``lu2k lab up``).  ``Lab.attach(id)``
     gives a handle on a lab that is already up.
+
+    ``specs`` describe path 0; ``extra_paths=[(ab, ba), ...]`` adds paths 1, 2, ... between
+    the same two namespaces, each with its own devices, addresses, link models and counters.
+    ``ipv6=True`` gives both sides an IPv6 address on every path too.
     """
 
     def __init__(
         self,
-        specs: tuple[LinkSpec, LinkSpec],
+        specs: Specs,
         lab_id: str | None = None,
         *,
         directory: Path | None = None,
         profile: dict[str, Any] | None = None,
+        extra_paths: Sequence[Specs] = (),
+        ipv6: bool = False,
     ) -> None:
         self.directory = directory or state_dir()
         self.lab_id = check_lab_id(lab_id) if lab_id else secrets.token_hex(3)
-        self.state = LabState(self.lab_id, subnet=0, specs=specs, profile=dict(profile or {}))
+        self.state = LabState(self.lab_id, subnet=0, specs=specs, profile=dict(profile or {}),
+                              extra_paths=tuple(extra_paths), ipv6=ipv6)
         self._proc: subprocess.Popen[bytes] | None = None
 
     # --- names ---------------------------------------------------------------------------
@@ -324,6 +398,22 @@ class Lab:
             raise LocalProtocolError(f"lab side must be 'a' or 'b', not {side!r}")
         return self.state.ns[side]
 
+    @property
+    def n_paths(self) -> int:
+        return len(self.state.paths)
+
+    def address(self, side: str, path: int = 0, *, ipv6: bool = False) -> str:
+        """``side``'s address on ``path`` (IPv6 only in a lab made with ``ipv6=True``)."""
+        self.ns(side)
+        self._check_path(path)
+        if ipv6 and not self.state.ipv6:
+            raise LocalProtocolError(f"lab {self.lab_id!r} has no IPv6 addresses (made without ipv6=True / --ipv6)")
+        return (self.state.addrs6 if ipv6 else self.state.addrs)[path][side]
+
+    def _check_path(self, path: int) -> None:
+        if not 0 <= path < self.n_paths:
+            raise LocalProtocolError(f"lab {self.lab_id!r} has paths 0..{self.n_paths - 1}, not {path}")
+
     # --- lifecycle -----------------------------------------------------------------------
 
     @classmethod
@@ -335,7 +425,7 @@ class Lab:
         st = LabState.load(path)
         if not forwarder_alive(st.pid):
             raise LabError(f"lab {lab_id!r} is not running (its forwarder is gone); 'lu2k lab down --id {lab_id}' cleans up")
-        lab = cls(st.specs, st.lab_id, directory=d, profile=st.profile)
+        lab = cls(st.specs, st.lab_id, directory=d, profile=st.profile, extra_paths=st.extra_paths, ipv6=st.ipv6)
         lab.state = st
         return lab
 
@@ -450,8 +540,12 @@ class Lab:
     def stats(self) -> dict[str, Any]:
         return self.control({"cmd": "stats"})
 
-    def set_link(self, up: bool, direction: str = "both") -> dict[str, Any]:
-        return self.control({"cmd": "up" if up else "down", "direction": direction})
+    def set_link(self, up: bool, direction: str = "both", path: int | str = 0) -> dict[str, Any]:
+        """Set one path's link (or ``path="all"``: every path) up or down, one direction or both.
+
+        The reply's ``up`` is the state of that path (path 0 for ``"all"``), ``paths`` every path's.
+        """
+        return self.control({"cmd": "up" if up else "down", "direction": direction, "path": path})
 
 
 def _read_ready(fd: int, timeout: float) -> str:

@@ -9,10 +9,16 @@ packets/s figure is its ceiling; otherwise the UDP sender (also Python, on the s
 was the limit and the forwarder's ceiling is higher still: the table's ``us/pkt`` (forwarder
 CPU per packet) and ``ceiling`` (1500-byte packets one core could forward at that cost)
 estimate it.
+
+With ``paths=N`` (``lu2k lab selftest --paths N``) one more lab is made with ``N`` uncapped
+paths, and all of them are blasted at once, one sender and receiver per path: a row per path
+(what that path carried while the others were busy too) and the forwarder's CPU for all of
+them together, since one loop serves every path.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from .baseline import udp_blast
@@ -57,6 +63,62 @@ def run_selftest(duration: float = 5.0, warmup: float = 1.0) -> list[dict[str, A
             "max_batch": stats["max_batch"],
         })
     return results
+
+
+class _PathView:
+    """A lab as :func:`udp_blast` sees it, with path ``path``'s addresses as the ends."""
+
+    def __init__(self, lab: Lab, path: int) -> None:
+        self.lab, self.addr_a, self.addr_b = lab, lab.address("a", path), lab.address("b", path)
+
+    def popen(self, side: str, argv: Any, **kwargs: Any) -> Any:
+        return self.lab.popen(side, argv, **kwargs)
+
+
+def run_multipath_selftest(paths: int, duration: float = 5.0, warmup: float = 1.0) -> list[dict[str, Any]]:
+    """Blast every path of an ``paths``-path lab (no rate cap, no delay) at once; a row per path."""
+    spec = LinkSpec()
+    with Lab((spec, spec), extra_paths=[(spec, spec)] * (paths - 1)) as lab:
+        before = lab.stats()
+        blasts: list[dict[str, Any]] = [{} for _ in range(paths)]
+        errors: list[BaseException] = []
+
+        def blast(i: int) -> None:
+            try:
+                blasts[i] = udp_blast(_PathView(lab, i), warmup=warmup, duration=duration, port=5202 + i)
+            except BaseException as e:  # reported below, in the caller's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=blast, args=(i,)) for i in range(paths)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        stats = lab.stats()
+    busy = stats["cpu_s"] - before["cpu_s"]
+    wall = stats["uptime_s"] - before["uptime_s"]
+    packets = sum(p["links"]["ab"]["packets_in"] - q["links"]["ab"]["packets_in"] for p, q in zip(stats["paths"], before["paths"]))
+    rows = []
+    for i, (b, p) in enumerate(zip(blasts, stats["paths"])):
+        ab = p["links"]["ab"]
+        rows.append({
+            "case": f"path {i} of {paths}",
+            "link_rate_mbit": 0.0,
+            "delay_ms": 0.0,
+            "send_rate_mbit": 0.0,
+            "pps": b["pps"],
+            "mbit": b["goodput_bps"] / 1e6,
+            "forwarder_cpu": busy / wall if wall > 0 else 0.0,  # all paths together: one loop
+            "us_per_packet": busy / max(packets, 1) * 1e6,
+            "forwarder_packets": ab["packets_out"],
+            "lateness_p50_us": ab["lateness"]["p50_us"],
+            "lateness_p99_us": ab["lateness"]["p99_us"],
+            "lateness_max_us": ab["lateness"]["max_us"],
+            "max_batch": stats["max_batch"],
+        })
+    return rows
 
 
 def _ceiling(us_per_packet: float) -> str:

@@ -213,31 +213,45 @@ def build_specs(
     reorder_delay: str | None = None,
     queue: str | None = None,
     seed: int = 1,
+    option_prefix: str = "--",
+    profile_option: str = "--profile",
 ) -> tuple[LinkSpec, LinkSpec]:
-    """The two directions (a->b, b->a) from a profile name plus command-line overrides."""
+    """The two directions (a->b, b->a) from a profile name plus command-line overrides.
+
+    Errors name the option as ``<option_prefix>rate`` etc. and the profile as
+    ``profile_option``, so a second path's options (``--second-rate``, ``--second-path``)
+    are named as the user typed them.
+    """
+    def opt(name: str) -> str:
+        return f"{option_prefix}{name}"
+
     prof = PROFILES.get(profile)
     if prof is None:
-        raise ConfigError(f"unknown profile {profile!r} (known: {', '.join(PROFILES)})", where="--profile")
+        raise ConfigError(f"unknown profile {profile!r} (known: {', '.join(PROFILES)})", where=profile_option)
     rate_s = rate if rate is not None else prof.rate
     rtt_s = rtt if rtt is not None else prof.rtt
     if not rate_s or not rtt_s:
-        raise ConfigError("the custom profile needs --rate and --rtt", where="--profile custom")
+        raise ConfigError(f"the custom profile needs {opt('rate')} and {opt('rtt')}", where=f"{profile_option} custom")
     burst = None
     if burst_loss is not None:
-        burst = GilbertElliott.from_mean(parse_fraction(burst_loss, what="--burst-loss"), burst_len if burst_len is not None else 4.0)
+        burst = GilbertElliott.from_mean(parse_fraction(burst_loss, what=opt("burst-loss")),
+                                         burst_len if burst_len is not None else 4.0)
     elif burst_len is not None:
-        raise ConfigError("--burst-len needs --burst-loss", where="--burst-len")
+        raise ConfigError(f"{opt('burst-len')} needs {opt('burst-loss')}", where=opt("burst-len"))
+    queue_bytes = parse_size(queue, what=opt("queue")) if queue is not None else None
+    if queue_bytes is not None and queue_bytes < MTU:
+        raise ConfigError(f"queue of {queue_bytes} bytes cannot hold one {MTU}-byte packet", where=opt("queue"))
     common: dict[str, Any] = dict(
-        rate_bps=parse_rate(rate_s, what="--rate"),
-        delay_s=parse_time(rtt_s, what="--rtt") / 2.0,
-        jitter_s=parse_time(jitter if jitter is not None else prof.jitter, what="--jitter"),
-        loss=parse_fraction(loss, what="--loss") if loss is not None else 0.0,
+        rate_bps=parse_rate(rate_s, what=opt("rate")),
+        delay_s=parse_time(rtt_s, what=opt("rtt")) / 2.0,
+        jitter_s=parse_time(jitter if jitter is not None else prof.jitter, what=opt("jitter")),
+        loss=parse_fraction(loss, what=opt("loss")) if loss is not None else 0.0,
         burst=burst,
-        reorder=parse_fraction(reorder, what="--reorder") if reorder is not None else 0.0,
-        queue_bytes=parse_size(queue, what="--queue") if queue is not None else None,
+        reorder=parse_fraction(reorder, what=opt("reorder")) if reorder is not None else 0.0,
+        queue_bytes=queue_bytes,
     )
     if reorder_delay is not None:
-        common["reorder_delay_s"] = parse_time(reorder_delay, what="--reorder-delay")
+        common["reorder_delay_s"] = parse_time(reorder_delay, what=opt("reorder-delay"))
     # Different seeds per direction so the two directions do not lose the same packet
     # numbers in lock-step; both derived from the one --seed so a run repeats.
     return LinkSpec(seed=seed * 2, **common), LinkSpec(seed=seed * 2 + 1, **common)
