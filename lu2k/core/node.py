@@ -510,6 +510,14 @@ class Node:
         else:
             hop = str(peer.nid) if peer is not None else (f"LAN {m.lan}" if m.lan else "the local endpoint")
             self._fail(m, Status.TIMED_OUT, f"no acknowledgement from {hop} within the transaction timeout; delivery unknown")
+        conn = m.conn
+        if m.busy and conn is not None and conn.state is ConnState.UP:
+            # Its send is still blocked (the peer stopped reading): the connection is stuck.
+            # Reset it -- the aborted send frees the payload, so the completion goes out now,
+            # and whatever else was on it is resent on a fresh connection.
+            reason = f"send to {conn.peer.nid} blocked past a message's transaction timeout"
+            self.actions.append(Close(conn, conn.attempt, reason))
+            self.connection_lost(conn, conn.attempt, reason, self._now)
 
     # ------------------------------------------------------------------ submitting
 
