@@ -228,7 +228,10 @@ class OutConn:
         self.transport_stats: dict[str, Any] = {}
 
     def has_work(self) -> bool:
-        return bool(self.queue) or any(not p.sent for p in self.pings.values())
+        q = self.queue
+        while q and q[0].state in FINAL:
+            q.popleft()  # failed while waiting for this connection
+        return bool(q) or any(not p.sent for p in self.pings.values())
 
     def __repr__(self) -> str:
         return f"<OutConn {self.peer.nid} {self.ctype.name} {self.state.value} #{self.attempt}>"
@@ -479,8 +482,10 @@ class Node:
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must run next (None: nothing pending)."""
         at = self._deadlines.first()
-        for c in self._backoff_waiting:
-            if at is None or c.backoff.next_at < at:
+        for c in list(self._backoff_waiting):
+            if not c.has_work():
+                self._backoff_waiting.discard(c)  # nothing to send: no reason to reconnect
+            elif at is None or c.backoff.next_at < at:
                 at = c.backoff.next_at
         return at
 

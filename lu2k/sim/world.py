@@ -472,7 +472,7 @@ class World:
         self.faults = faults if faults is not None else Faults.pick(rng)
         if self.liveness:
             self.faults.enabled -= {"loss", "stuck"}
-        self.params = {
+        self.params: dict[str, Any] = {
             "timeout": rng.choice((2.0, 4.0, 8.0)),
             "credits": rng.choice((2, 4, 8)),
             "peer_credits": rng.choice((1, 2, 4)),
@@ -483,6 +483,7 @@ class World:
             "max_in_flight": rng.choice((2, 4, 8)),
         }
         self.max_size = 1 << 16
+        self.max_in_flight = int(self.params["max_in_flight"])
         self.latency = rng.choice((0.005, 0.05, 0.3))
         if self.liveness:
             self.params["timeout"] = 1000.0
@@ -666,20 +667,15 @@ class World:
     # -- invariants ------------------------------------------------------------------------------
 
     def check_bounds(self, sn: SimNode) -> None:
-        node = sn.node
         held = 0
-        for ni in node.nis.values():
+        for ni in sn.node.nis.values():
             for p in ni.peers.values():
                 held += len(p.inflight) + len(p.queue)
         # A leaf holds at most what its applications may have outstanding; the gateway at most
         # what the two leaves' applications may have outstanding, for two incarnations each
         # (a crashed sender's forwards still run out their time).
-        bound = self.params["max_in_flight"] * (4 if sn.name == "G" else 1)
-        if held > bound:
-            raise self.violation(f"{sn.name} holds {held} messages for its peers, bound {bound}")
-        for s in node.sessions.values():
-            if len(s.window._seen) > s.window.capacity + 1:
-                raise self.violation(f"{sn.name}: dedupe window over capacity")
+        if held > self.max_in_flight * (4 if sn.name == "G" else 1):
+            raise self.violation(f"{sn.name} holds {held} messages for its peers, bound {self.max_in_flight}")
 
     def check(self) -> None:
         for mid, rec in self.records.items():
@@ -698,6 +694,9 @@ class World:
         for sn in self.nodes.values():
             if not sn.up:
                 raise self.violation(f"{sn.name} still down at the end")
+            for session in sn.node.sessions.values():
+                if len(session.window._seen) > session.window.capacity + 1:
+                    raise self.violation(f"{sn.name}: dedupe window of {session.peer_nid} over capacity")
             node = sn.node
             if node.router_bytes or node._router_wait:
                 raise self.violation(f"{sn.name}: router buffer not returned ({node.router_bytes} bytes)")
