@@ -339,12 +339,12 @@ class Node:
         self.closing = False
         self._router_wait: deque[tuple[InConn, wire.MsgInfo, Any]] = deque()
         self._deadlines = _Deadlines()
-        self._backoff_waiting: set[OutConn] = set()
+        self._backoff_waiting: dict[OutConn, None] = {}  # dicts, not sets: the order of actions is deterministic
         self._local_raw: set[bytes] = set()
         self._direct: dict[bytes, Peer] = {}
         self._unpacked: dict[bytes, Nid] = {}
-        self._dirty: set[InConn] = set()
-        self._refill: set[Peer] = set()  # peers whose credits came back while messages wait
+        self._dirty: dict[InConn, None] = {}
+        self._refill: dict[Peer, None] = {}  # peers whose credits came back while messages wait
         self._now = 0.0
 
     # ------------------------------------------------------------------ configuration
@@ -484,7 +484,7 @@ class Node:
         at = self._deadlines.first()
         for c in list(self._backoff_waiting):
             if not c.has_work():
-                self._backoff_waiting.discard(c)  # nothing to send: no reason to reconnect
+                self._backoff_waiting.pop(c, None)  # nothing to send: no reason to reconnect
             elif at is None or c.backoff.next_at < at:
                 at = c.backoff.next_at
         return at
@@ -499,7 +499,7 @@ class Node:
                 self._ping_failed(obj, "timed out" if obj.sent else "no connection")
         for c in list(self._backoff_waiting):
             if c.backoff.next_at <= now:
-                self._backoff_waiting.discard(c)
+                self._backoff_waiting.pop(c, None)
                 self._maybe_connect(c)
 
     def _arm(self, deadline: float, obj: Any) -> None:
@@ -639,9 +639,9 @@ class Node:
         if conn.state not in (ConnState.IDLE, ConnState.BACKOFF) or not conn.has_work() or self.closing:
             return
         if not conn.backoff.ready(self._now):
-            self._backoff_waiting.add(conn)
+            self._backoff_waiting[conn] = None
             return
-        self._backoff_waiting.discard(conn)
+        self._backoff_waiting.pop(conn, None)
         conn.state = conn_next(conn.state, ConnEvent.CONNECT)
         conn.attempt += 1
         host, port = self.address_of(conn.peer)
@@ -673,7 +673,7 @@ class Node:
                 else:
                     peer.stats["failed"] += 1
                 if peer.ni.queued:
-                    self._refill.add(peer)  # pumped once, before the actions are handed out
+                    self._refill[peer] = None  # pumped once, before the actions are handed out
             elif queued:
                 peer.stats["failed"] += 1
                 q = peer.queue
@@ -862,7 +862,7 @@ class Node:
             peer.stats["delivered"] += done
             peer.health.success(done)
             if peer.ni.queued:
-                self._refill.add(peer)
+                self._refill[peer] = None
 
     def _on_ack(self, peer: Peer, seq: int, status: Status, reason: str) -> None:
         m = peer.inflight.get(seq)
@@ -878,7 +878,7 @@ class Node:
         if conn.state in (ConnState.CONNECTING, ConnState.UP):
             self.actions.append(Close(conn, conn.attempt, reason))
         conn.state = conn_next(conn.state, ConnEvent.CLOSE)
-        self._backoff_waiting.discard(conn)
+        self._backoff_waiting.pop(conn, None)
 
     def note_transport_stats(self, conn: OutConn, stats: dict[str, Any]) -> None:
         conn.transport_stats = stats
@@ -967,7 +967,7 @@ class Node:
         if not conn.alive:
             return
         conn.alive = False
-        self._dirty.discard(conn)
+        self._dirty.pop(conn, None)
         if conn in conn.session.conns:
             conn.session.conns.remove(conn)
 
@@ -1001,7 +1001,7 @@ class Node:
         session = conn.session
         if t is FrameType.PING:
             conn.control.append(wire.encode_frame(FrameType.PONG, f.header.body))
-            self._dirty.add(conn)
+            self._dirty[conn] = None
             return
         if t is not FrameType.MSG:
             raise FrameError(f"unexpected {t.name} frame on an incoming connection")
@@ -1140,7 +1140,7 @@ class Node:
             conn.acks.append((seq, 0))
         else:
             conn.control.append(wire.encode_nack(seq, status, reason))
-        self._dirty.add(conn)
+        self._dirty[conn] = None
 
     def _flush_in(self, conn: InConn) -> None:
         if not (conn.acks or conn.control) or not conn.alive:
@@ -1150,20 +1150,23 @@ class Node:
         for i in range(0, len(acks), ACKS_PER_FRAME):
             frames.append(wire.encode_acks(acks[i : i + ACKS_PER_FRAME]))
         conn.acks, conn.control = [], []
-        self._dirty.discard(conn)
+        self._dirty.pop(conn, None)
         self.actions.append(SendIn(conn, frames))
 
     def flush(self) -> None:
         """Turn the ACKs gathered since the last call into SendIn actions (one per connection)."""
         while self._dirty:
-            self._flush_in(self._dirty.pop())
+            conn = next(iter(self._dirty))
+            self._flush_in(conn)
+            self._dirty.pop(conn, None)
 
     # ------------------------------------------------------------------ reading out
 
     def take_actions(self) -> list[Action]:
         """Everything the runner must do now (clears the list)."""
         while self._refill:
-            peer = self._refill.pop()
+            peer = next(iter(self._refill))
+            del self._refill[peer]
             if peer.queue:
                 self._pump_peer(peer)
             if peer.ni.queued:

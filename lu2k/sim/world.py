@@ -232,7 +232,7 @@ class _Link:
         if not self.alive:
             return
         self.alive = False
-        self.world.links.discard(self)
+        self.world.links.pop(self, None)
         w = self.world
         src_gen, dst_gen = self.src.generation, self.dst.generation
         batches, self.sending = self.sending, []
@@ -492,7 +492,7 @@ class World:
         self._seq = itertools.count()
         self.nodes = {n: SimNode(self, n) for n in NIDS}
         self.host_of = {nid.host: self.nodes[n] for n in NIDS for nid in self.nodes[n].nids}
-        self.links: set[_Link] = set()
+        self.links: dict[_Link, None] = {}  # ordered: iteration order is part of the schedule
         self.partitioned: set[frozenset[str]] = set()
         self.records: dict[int, _Record] = {}
         self.received: dict[int, str] = {}
@@ -546,7 +546,7 @@ class World:
         link.inconn = inconn[0]
         dst.in_links[id(link.inconn)] = link
         src.out_links[(id(a.conn), a.attempt)] = link
-        self.links.add(link)
+        self.links[link] = None
         src.run(lambda: src.node.connected(a.conn, a.attempt, dst.node.incarnation, self.now))
 
     # -- traffic and faults ----------------------------------------------------------------------
