@@ -192,10 +192,10 @@ class _Deadlines:
 
 
 class _Ping:
-    __slots__ = ("token", "started", "deadline", "sent", "via", "conn", "done")
+    __slots__ = ("token", "started", "deadline", "sent", "via", "conn", "done", "target")
 
-    def __init__(self, token: int, started: float, deadline: float, via: str) -> None:
-        self.token, self.started, self.deadline, self.via = token, started, deadline, via
+    def __init__(self, token: int, started: float, deadline: float, via: str, target: str = "") -> None:
+        self.token, self.started, self.deadline, self.via, self.target = token, started, deadline, via, target
         self.sent = False
         self.conn: OutConn | None = None
         self.done = False
@@ -702,7 +702,7 @@ class Node:
                 if m.status is Status.DELIVERED:
                     self.actions.append(PingDone(ping.token, self._now - ping.started, 0, ping.via, ""))
                 else:
-                    self.actions.append(PingDone(ping.token, None, 0, ping.via, m.reason))
+                    self.actions.append(PingDone(ping.token, None, 0, ping.via, f"no answer from {ping.target}: {m.reason}"))
         else:
             self.actions.append(Complete(m, m.status, m.reason))
 
@@ -906,7 +906,7 @@ class Node:
         if hop is None or (hop.net not in self.nis and hop.net not in self.lans):
             self.actions.append(PingDone(token, None, 0, "", f"no route to net {nid.net}"))
             return
-        ping = _Ping(token, now, now + timeout, str(hop))
+        ping = _Ping(token, now, now + timeout, str(hop), str(nid))
         if hop != nid or hop.net in self.lans:
             msg = OutMsg(raw, raw, 0, PING_PORTAL, b"", now + timeout, None)
             msg.ping = ping  # its completion, end to end, is the ping's answer
