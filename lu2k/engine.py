@@ -212,45 +212,49 @@ class Engine:
                 if not actions:
                     break
                 for a in actions:
-                    if isinstance(a, Complete):
-                        assert a.msg.on_finish is not None
-                        a.msg.on_finish(a.status, a.reason)
-                    elif isinstance(a, Deliver):
-                        self._deliver(a.delivery)
-                    elif isinstance(a, Wake):
-                        link = self._out.get(a.conn)
-                        if link is not None:
-                            link.wake.set()
-                    elif isinstance(a, SendIn):
-                        self._send_in(a)
-                    elif isinstance(a, Resume):
-                        inl = self._in.get(a.conn)
-                        if inl is not None:
-                            inl.resume.set()
-                    elif isinstance(a, Connect):
-                        self._spawn(self._run_out(a))
-                    elif isinstance(a, AbortRx):
-                        self._abort_rx(a.token)
-                    elif isinstance(a, Close):
-                        link = self._out.get(a.conn)
-                        if link is not None and link.attempt == a.attempt:
-                            link.closed = True
-                            link.wake.set()
-                            if link.transport is not None:
-                                link.transport.close()
-                    elif isinstance(a, CloseIn):
-                        inl = self._in.get(a.conn)
-                        if inl is not None:
-                            inl.transport.close()
-                    elif isinstance(a, LanTransmit):
-                        self._lan_transmit(a.msg)
-                    elif isinstance(a, PingDone):
-                        fut = self._pings.pop(a.token, None)
-                        if fut is not None and not fut.done():
-                            fut.set_result(a)
+                    try:
+                        if isinstance(a, Complete):
+                            assert a.msg.on_finish is not None
+                            a.msg.on_finish(a.status, a.reason)
+                        elif isinstance(a, Deliver):
+                            self._deliver(a.delivery)
+                        elif isinstance(a, Wake):
+                            link = self._out.get(a.conn)
+                            if link is not None:
+                                link.wake.set()
+                        elif isinstance(a, SendIn):
+                            self._send_in(a)
+                        elif isinstance(a, Resume):
+                            inl = self._in.get(a.conn)
+                            if inl is not None:
+                                inl.resume.set()
+                        elif isinstance(a, Connect):
+                            self._spawn(self._run_out(a))
+                        elif isinstance(a, AbortRx):
+                            self._abort_rx(a.token)
+                        elif isinstance(a, Close):
+                            link = self._out.get(a.conn)
+                            if link is not None and link.attempt == a.attempt:
+                                link.closed = True
+                                link.wake.set()
+                                if link.transport is not None:
+                                    link.transport.close()
+                        elif isinstance(a, CloseIn):
+                            inl = self._in.get(a.conn)
+                            if inl is not None:
+                                inl.transport.close()
+                        elif isinstance(a, LanTransmit):
+                            self._lan_transmit(a.msg)
+                        elif isinstance(a, PingDone):
+                            fut = self._pings.pop(a.token, None)
+                            if fut is not None and not fut.done():
+                                fut.set_result(a)
+                    except Exception:  # a failure while serving one endpoint or connection stays there
+                        self.stats["action_errors"] += 1
+                        log.exception("action failed", action=type(a).__name__)
         finally:
             self._transmitting = False
-        self._arm_timer()
+            self._arm_timer()
 
     def _arm_timer(self) -> None:
         at = self.core.get_timer()
@@ -648,7 +652,11 @@ class Engine:
                 self._spawn(self._deliver_later(d, port))
                 return
             buf.view[:] = d.payload
-        port.deliver(buf, d.src_raw, d.src_portal, size)
+        try:
+            port.deliver(buf, d.src_raw, d.src_portal, size)
+        except Lu2kError as e:  # that endpoint broke its rings: it is being detached
+            self.core.delivered(d, Status.NO_RECEIVER, f"endpoint on portal {d.dst_portal} failed: {e}", now)
+            return
         self.core.delivered(d, Status.DELIVERED, "", now)
 
     async def _deliver_later(self, d: Delivery, port: Any) -> None:
@@ -666,7 +674,10 @@ class Engine:
                 break
         if buf is not None:
             buf.view[:] = d.payload
-            port.deliver(buf, d.src_raw, d.src_portal, size)
+            try:
+                port.deliver(buf, d.src_raw, d.src_portal, size)
+            except Lu2kError as e:
+                status, reason = Status.NO_RECEIVER, f"endpoint on portal {d.dst_portal} failed: {e}"
         self.core.delivered(d, status, reason, self.now())
         self._transmit()
 

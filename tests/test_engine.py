@@ -298,3 +298,42 @@ async def test_ping_behind_a_gateway_reports_the_far_end_or_fails() -> None:
     finally:
         for e in (a, g, c):
             await e.stop()
+
+
+async def test_an_endpoint_that_corrupts_its_completion_ring_is_detached_alone(tmp_path: Any) -> None:
+    """Issue 13 item 1: completions that fail on one endpoint's broken ring neither stop the
+    timer nor keep peer credits; the other endpoint's messages complete as usual."""
+    from lu2k.kernel_shim import abi
+    from lu2k.kernel_shim.endpoint import AsyncEndpoint
+
+    port = next(_ports)
+    cfg = config("10.9.10.1@tcp", port)
+    cfg.shim.path = str(tmp_path / "a.shim")
+    a, b = Engine(cfg), Engine(config("10.9.10.2@tcp", port))
+    await a.start()
+    await b.start(with_shim=False)
+    try:
+        async with await AsyncEndpoint.attach(cfg.shim.path, 1) as good, await AsyncEndpoint.attach(cfg.shim.path, 2) as bad:
+            core = bad._core
+            ctrl = core.mem[core.layout.rings[abi.RING_COMPLETE].ctrl :][: abi.RING_CTRL_SIZE].cast("I")
+            ctrl[abi.RING_CONSUMER_OFF // 4] = (ctrl[abi.RING_PRODUCER_OFF // 4] + 12345) & 0xFFFFFFFF  # consumer ahead of producer
+            ctrl.release()
+            ring = a.shim.ports[2]._complete
+            ring._cached_consumer = ring.head - ring.entries  # as after a full ring: the next put re-reads the index
+            doomed = [await bad.send(b.primary_nid().to_bytes(), b"x", portal=9) for _ in range(8)]  # ACK path
+            lost = await bad.send(parse_nid("10.9.10.9@tcp").to_bytes(), b"x", portal=9)  # timer path
+            await until(lambda: not bad.attached)
+            assert 2 not in a.shim.ports and a.shim.counters["disconnected"] == 1
+            for c in doomed + [lost]:  # the endpoint learns from the disconnect, not from its broken ring
+                assert await c.wait(10) and c.status is not Status.DELIVERED
+            # The peer's credits came back and the timer still runs: the good endpoint is served.
+            fine = [await good.send(b.primary_nid().to_bytes(), b"y", portal=9) for _ in range(8)]
+            late = await good.send(parse_nid("10.9.10.9@tcp").to_bytes(), b"y", portal=9)
+            for c in fine:
+                assert await c.wait(10) and c.status is Status.NO_RECEIVER
+            assert await late.wait(10) and late.status is Status.NO_ROUTE
+            peer = a.peer(b.primary_nid())
+            assert peer.credits.in_use == 0 and a.stats["action_errors"] == 0
+    finally:
+        await a.stop()
+        await b.stop()

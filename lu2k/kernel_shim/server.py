@@ -197,13 +197,19 @@ class ShimPort:
             c["failed"] += 1
         else:
             c["tx_bytes"] += len(req.payload)
-        if not self.attached:
+        if not self.attached or self._failing:
             return
-        if not status and not self._backlog and self._complete.put(req.cookie, 0, 0, _EMPTY_REASON):
-            if not self._flush_scheduled:  # the common case, inlined
-                self._schedule_flush()
-        else:
-            self._post_completion(req.cookie, int(status), 0, abi.encode_reason(reason, abi.COMP_REASON_LEN) if reason else _EMPTY_REASON)
+        try:
+            if not status and not self._backlog and self._complete.put(req.cookie, 0, 0, _EMPTY_REASON):
+                if not self._flush_scheduled:  # the common case, inlined
+                    self._schedule_flush()
+            else:
+                self._post_completion(req.cookie, int(status), 0, abi.encode_reason(reason, abi.COMP_REASON_LEN) if reason else _EMPTY_REASON)
+        except RemoteProtocolError as e:
+            # The endpoint corrupted its completion ring: that endpoint alone is detached; the
+            # caller (the engine finishing a message, maybe from its timer) carries on.
+            self.server._disconnect(self, str(e))
+            return
         if self._stalled and self.in_flight < self.max_in_flight:
             self._stalled = False
             self._schedule_service()
@@ -245,10 +251,17 @@ class ShimPort:
             raise LocalProtocolError(f"source NID must be {NID_SIZE} packed bytes, got {len(src_nid)}")
         if not self.attached:
             raise ShimError(errno.ENOTCONN, f"shim port on portal {self.portal} is detached")
-        buf.state = _STATE_DELIVERED
+        if self._failing:
+            raise ShimError(errno.ENOTCONN, f"shim port on portal {self.portal} is being disconnected: {self._failing}")
+        try:
+            ok = self._deliver.put(buf.offset, length, src_portal, self.portal, src_nid, 0, 0)
+        except RemoteProtocolError as e:  # the endpoint corrupted its deliver ring: detach it alone
+            self.server._disconnect(self, str(e))
+            raise ShimError(errno.ENOTCONN, f"endpoint on portal {self.portal} broke its deliver ring: {e}") from None
         # Cannot be full: the deliver ring has an entry for every RX slot.
-        if not self._deliver.put(buf.offset, length, src_portal, self.portal, src_nid, 0, 0):
+        if not ok:
             raise LocalProtocolError("deliver ring full (ring smaller than the RX pool?)")
+        buf.state = _STATE_DELIVERED
         self._rx_delivered.add(buf.offset)
         c = self.counters
         c["delivered"] += 1
