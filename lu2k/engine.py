@@ -30,6 +30,7 @@ import functools
 import os
 import time
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import structlog
@@ -40,6 +41,7 @@ from .core import (
     PING_PORTAL, AbortRx, Close, CloseIn, Complete, Connect, Deliver, Delivery, InConn, LanTransmit, NetParams, Node,
     NodeParams, OutConn, OutMsg, Peer, PingDone, Resume, SendIn, Wake,
 )
+from .kernel_shim.ports import RxBuffer, SendRequest
 from .errors import (
     AuthenticationError, ConnectionClosed, FrameError, HandshakeError, LocalProtocolError, Lu2kError, NetworkError,
     NetworkTimeout, RemoteProtocolError, Status,
@@ -62,15 +64,9 @@ def refusal_status(error: Lu2kError) -> Status | None:
     return None
 
 
-class RxBuffer(Protocol):
-    """A receive slot of a shim port (``lu2k.kernel_shim.server.RxBuffer``)."""
-
-    view: memoryview
-    port: Any
-
-
 class ShimPort(Protocol):
-    """What the engine uses of one attached endpoint (``lu2k.kernel_shim.server.ShimPort``)."""
+    """What the engine uses of one attached endpoint (:class:`lu2k.kernel_shim.server.ShimPort`).
+    Its RX slots and requests are :mod:`lu2k.kernel_shim.ports`' ``RxBuffer``/``SendRequest``."""
 
     portal: int
     pid: int
@@ -78,23 +74,24 @@ class ShimPort(Protocol):
     max_message_size: int
 
     @property
-    def region(self) -> Any: ...
+    def region(self) -> Any: ...  # the shared mmap, for backends that register memory
 
-    def rx_alloc(self, size: int) -> Any: ...
+    def rx_alloc(self, size: int) -> RxBuffer | None: ...
 
     async def rx_wait(self) -> None: ...
 
-    def rx_abort(self, buf: Any) -> None: ...
+    def rx_abort(self, buf: RxBuffer) -> None: ...
 
-    def deliver(self, buf: Any, src_nid: bytes, src_portal: int, length: int) -> None: ...
+    def deliver(self, buf: RxBuffer, src_nid: bytes, src_portal: int, length: int) -> None: ...
 
-    def complete(self, req: Any, status: Status, reason: str = "") -> None: ...
+    def complete(self, req: SendRequest, status: Status, reason: str = "") -> None: ...
 
 
 class Shim(Protocol):
-    """The shim server as the engine sees it (``lu2k.kernel_shim.server.ShimServer``)."""
+    """The shim server as the engine sees it (:class:`lu2k.kernel_shim.server.ShimServer`)."""
 
-    ports: dict[int, Any]
+    @property
+    def ports(self) -> Mapping[int, ShimPort]: ...
 
     async def start(self) -> None: ...
 
@@ -150,7 +147,7 @@ class _InLink:
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
         self.resume = asyncio.Event()
-        self.tokens: set[Any] = set()  # receive buffers handed to the decoder, not yet in a frame
+        self.tokens: set[RxBuffer] = set()  # receive buffers handed to the decoder, not yet in a frame
 
 
 class Engine:
@@ -166,12 +163,12 @@ class Engine:
         self.stats: collections.Counter[str] = collections.Counter()
         self.closing = False
         self.background: set[asyncio.Task[Any]] = set()
-        self.shim: Any = None
+        self.shim: Shim | None = None
         self._out: dict[OutConn, _OutLink] = {}
         self._in: dict[InConn, _InLink] = {}
         self._pings: dict[int, asyncio.Future[PingDone]] = {}
         self._packed: dict[Nid, bytes] = {}
-        self._registered: dict[Any, list[tuple[Any, Any]]] = {}  # shim port -> backend memory registrations
+        self._registered: dict[ShimPort, list[tuple[Any, Any]]] = {}  # shim port -> backend memory registrations
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._transmitting = False
@@ -384,7 +381,7 @@ class Engine:
     def health_of(self, nid: Nid) -> int:
         return self.core.health_of(nid)
 
-    def _port_for(self, portal: int) -> Any:
+    def _port_for(self, portal: int) -> ShimPort | None:
         if self.shim is None:
             return None
         port = self.shim.ports.get(portal)
@@ -605,11 +602,12 @@ class Engine:
             return None
         header.token = buf
         inl.tokens.add(buf)
-        return buf.view  # type: ignore[no-any-return]
+        return buf.view
 
-    def _abort_rx(self, buf: Any) -> None:
+    def _abort_rx(self, buf: RxBuffer) -> None:
         try:
-            buf.port.rx_abort(buf)
+            if buf.port is not None:
+                buf.port.rx_abort(buf)
         except Lu2kError:
             pass  # the port detached meanwhile; its region went with it
 
@@ -659,7 +657,7 @@ class Engine:
             return
         self.core.delivered(d, Status.DELIVERED, "", now)
 
-    async def _deliver_later(self, d: Delivery, port: Any) -> None:
+    async def _deliver_later(self, d: Delivery, port: ShimPort) -> None:
         """The endpoint's RX pool is full: wait for it to release (the connection stays blocked)."""
         size = len(d.payload)
         status, reason = Status.DELIVERED, ""
@@ -683,7 +681,7 @@ class Engine:
 
     # -- shim handler ------------------------------------------------------------------------
 
-    def on_attach(self, port: Any) -> None:
+    def on_attach(self, port: ShimPort) -> None:
         # Backends that DMA (o2ib) register the endpoint's region, so sends go straight from it.
         handles = []
         for ni in self.nis.values():
@@ -698,7 +696,7 @@ class Engine:
             self._registered[port] = handles
         log.info("endpoint attached", portal=port.portal, pid=port.pid)
 
-    def on_detach(self, port: Any) -> None:
+    def on_detach(self, port: ShimPort) -> None:
         """Its messages can no longer be completed to anyone: stop spending the link on them."""
         cancelled = self.core.cancel_owned(port, "endpoint detached")
         self._transmit()
@@ -708,13 +706,13 @@ class Engine:
             backend.unregister_memory(handle)
         log.info("endpoint detached", portal=port.portal, pid=port.pid, cancelled=cancelled)
 
-    def on_rx_space(self, port: Any) -> None:
+    def on_rx_space(self, port: ShimPort) -> None:
         return None  # rx_wait() wakes the waiting deliveries
 
-    def on_submit(self, port: Any, reqs: list[Any]) -> None:
+    def on_submit(self, port: ShimPort, reqs: list[SendRequest]) -> None:
         core, now = self.core, self.now()
         for req in reqs:
-            def finish(status: Status, reason: str, port: Any = port, req: Any = req) -> None:
+            def finish(status: Status, reason: str, port: ShimPort = port, req: SendRequest = req) -> None:
                 if port.attached:
                     port.complete(req, status, reason)
             core.submit(None, bytes(req.dst_nid), port.portal, req.dst_portal, req.payload, finish, now, owner=port)
