@@ -351,6 +351,11 @@ class Engine:
     def set_peer_addresses(self, addresses: dict[Nid, str]) -> None:
         self.core.set_peer_addresses(addresses)
 
+    @property
+    def peer_addresses(self) -> dict[Nid, str]:
+        """Configured ``host:port`` overrides of NID-derived peer addresses."""
+        return self.core.peer_addresses
+
     def attach_lan(self, net: Net, driver: LanDriver) -> None:
         """Serve ``net`` through ``driver``: the net becomes local for routing, and every
         message whose next hop is on it goes to ``driver.transmit`` (its ``on_done`` is the
