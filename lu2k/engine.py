@@ -30,6 +30,7 @@ import functools
 import os
 import time
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import structlog
@@ -40,6 +41,7 @@ from .core import (
     PING_PORTAL, AbortRx, Close, CloseIn, Complete, Connect, Deliver, Delivery, InConn, LanTransmit, NetParams, Node,
     NodeParams, OutConn, OutMsg, Peer, PingDone, Resume, SendIn, Wake,
 )
+from .kernel_shim.ports import RxBuffer, SendRequest
 from .errors import (
     AuthenticationError, ConnectionClosed, FrameError, HandshakeError, LocalProtocolError, Lu2kError, NetworkError,
     NetworkTimeout, RemoteProtocolError, Status,
@@ -62,15 +64,9 @@ def refusal_status(error: Lu2kError) -> Status | None:
     return None
 
 
-class RxBuffer(Protocol):
-    """A receive slot of a shim port (``lu2k.kernel_shim.server.RxBuffer``)."""
-
-    view: memoryview
-    port: Any
-
-
 class ShimPort(Protocol):
-    """What the engine uses of one attached endpoint (``lu2k.kernel_shim.server.ShimPort``)."""
+    """What the engine uses of one attached endpoint (:class:`lu2k.kernel_shim.server.ShimPort`).
+    Its RX slots and requests are :mod:`lu2k.kernel_shim.ports`' ``RxBuffer``/``SendRequest``."""
 
     portal: int
     pid: int
@@ -78,23 +74,24 @@ class ShimPort(Protocol):
     max_message_size: int
 
     @property
-    def region(self) -> Any: ...
+    def region(self) -> Any: ...  # the shared mmap, for backends that register memory
 
-    def rx_alloc(self, size: int) -> Any: ...
+    def rx_alloc(self, size: int) -> RxBuffer | None: ...
 
     async def rx_wait(self) -> None: ...
 
-    def rx_abort(self, buf: Any) -> None: ...
+    def rx_abort(self, buf: RxBuffer) -> None: ...
 
-    def deliver(self, buf: Any, src_nid: bytes, src_portal: int, length: int) -> None: ...
+    def deliver(self, buf: RxBuffer, src_nid: bytes, src_portal: int, length: int) -> None: ...
 
-    def complete(self, req: Any, status: Status, reason: str = "") -> None: ...
+    def complete(self, req: SendRequest, status: Status, reason: str = "") -> None: ...
 
 
 class Shim(Protocol):
-    """The shim server as the engine sees it (``lu2k.kernel_shim.server.ShimServer``)."""
+    """The shim server as the engine sees it (:class:`lu2k.kernel_shim.server.ShimServer`)."""
 
-    ports: dict[int, Any]
+    @property
+    def ports(self) -> Mapping[int, ShimPort]: ...
 
     async def start(self) -> None: ...
 
@@ -150,7 +147,7 @@ class _InLink:
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
         self.resume = asyncio.Event()
-        self.tokens: set[Any] = set()  # receive buffers handed to the decoder, not yet in a frame
+        self.tokens: set[RxBuffer] = set()  # receive buffers handed to the decoder, not yet in a frame
 
 
 class Engine:
@@ -166,12 +163,12 @@ class Engine:
         self.stats: collections.Counter[str] = collections.Counter()
         self.closing = False
         self.background: set[asyncio.Task[Any]] = set()
-        self.shim: Any = None
+        self.shim: Shim | None = None
         self._out: dict[OutConn, _OutLink] = {}
         self._in: dict[InConn, _InLink] = {}
         self._pings: dict[int, asyncio.Future[PingDone]] = {}
         self._packed: dict[Nid, bytes] = {}
-        self._registered: dict[Any, list[tuple[Any, Any]]] = {}  # shim port -> backend memory registrations
+        self._registered: dict[ShimPort, list[tuple[Any, Any]]] = {}  # shim port -> backend memory registrations
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._transmitting = False
@@ -212,45 +209,49 @@ class Engine:
                 if not actions:
                     break
                 for a in actions:
-                    if isinstance(a, Complete):
-                        assert a.msg.on_finish is not None
-                        a.msg.on_finish(a.status, a.reason)
-                    elif isinstance(a, Deliver):
-                        self._deliver(a.delivery)
-                    elif isinstance(a, Wake):
-                        link = self._out.get(a.conn)
-                        if link is not None:
-                            link.wake.set()
-                    elif isinstance(a, SendIn):
-                        self._send_in(a)
-                    elif isinstance(a, Resume):
-                        inl = self._in.get(a.conn)
-                        if inl is not None:
-                            inl.resume.set()
-                    elif isinstance(a, Connect):
-                        self._spawn(self._run_out(a))
-                    elif isinstance(a, AbortRx):
-                        self._abort_rx(a.token)
-                    elif isinstance(a, Close):
-                        link = self._out.get(a.conn)
-                        if link is not None and link.attempt == a.attempt:
-                            link.closed = True
-                            link.wake.set()
-                            if link.transport is not None:
-                                link.transport.close()
-                    elif isinstance(a, CloseIn):
-                        inl = self._in.get(a.conn)
-                        if inl is not None:
-                            inl.transport.close()
-                    elif isinstance(a, LanTransmit):
-                        self._lan_transmit(a.msg)
-                    elif isinstance(a, PingDone):
-                        fut = self._pings.pop(a.token, None)
-                        if fut is not None and not fut.done():
-                            fut.set_result(a)
+                    try:
+                        if isinstance(a, Complete):
+                            assert a.msg.on_finish is not None
+                            a.msg.on_finish(a.status, a.reason)
+                        elif isinstance(a, Deliver):
+                            self._deliver(a.delivery)
+                        elif isinstance(a, Wake):
+                            link = self._out.get(a.conn)
+                            if link is not None:
+                                link.wake.set()
+                        elif isinstance(a, SendIn):
+                            self._send_in(a)
+                        elif isinstance(a, Resume):
+                            inl = self._in.get(a.conn)
+                            if inl is not None:
+                                inl.resume.set()
+                        elif isinstance(a, Connect):
+                            self._spawn(self._run_out(a))
+                        elif isinstance(a, AbortRx):
+                            self._abort_rx(a.token)
+                        elif isinstance(a, Close):
+                            link = self._out.get(a.conn)
+                            if link is not None and link.attempt == a.attempt:
+                                link.closed = True
+                                link.wake.set()
+                                if link.transport is not None:
+                                    link.transport.close()
+                        elif isinstance(a, CloseIn):
+                            inl = self._in.get(a.conn)
+                            if inl is not None:
+                                inl.transport.close()
+                        elif isinstance(a, LanTransmit):
+                            self._lan_transmit(a.msg)
+                        elif isinstance(a, PingDone):
+                            fut = self._pings.pop(a.token, None)
+                            if fut is not None and not fut.done():
+                                fut.set_result(a)
+                    except Exception:  # a failure while serving one endpoint or connection stays there
+                        self.stats["action_errors"] += 1
+                        log.exception("action failed", action=type(a).__name__)
         finally:
             self._transmitting = False
-        self._arm_timer()
+            self._arm_timer()
 
     def _arm_timer(self) -> None:
         at = self.core.get_timer()
@@ -350,6 +351,11 @@ class Engine:
     def set_peer_addresses(self, addresses: dict[Nid, str]) -> None:
         self.core.set_peer_addresses(addresses)
 
+    @property
+    def peer_addresses(self) -> dict[Nid, str]:
+        """Configured ``host:port`` overrides of NID-derived peer addresses."""
+        return self.core.peer_addresses
+
     def attach_lan(self, net: Net, driver: LanDriver) -> None:
         """Serve ``net`` through ``driver``: the net becomes local for routing, and every
         message whose next hop is on it goes to ``driver.transmit`` (its ``on_done`` is the
@@ -380,7 +386,7 @@ class Engine:
     def health_of(self, nid: Nid) -> int:
         return self.core.health_of(nid)
 
-    def _port_for(self, portal: int) -> Any:
+    def _port_for(self, portal: int) -> ShimPort | None:
         if self.shim is None:
             return None
         port = self.shim.ports.get(portal)
@@ -601,11 +607,12 @@ class Engine:
             return None
         header.token = buf
         inl.tokens.add(buf)
-        return buf.view  # type: ignore[no-any-return]
+        return buf.view
 
-    def _abort_rx(self, buf: Any) -> None:
+    def _abort_rx(self, buf: RxBuffer) -> None:
         try:
-            buf.port.rx_abort(buf)
+            if buf.port is not None:
+                buf.port.rx_abort(buf)
         except Lu2kError:
             pass  # the port detached meanwhile; its region went with it
 
@@ -648,10 +655,14 @@ class Engine:
                 self._spawn(self._deliver_later(d, port))
                 return
             buf.view[:] = d.payload
-        port.deliver(buf, d.src_raw, d.src_portal, size)
+        try:
+            port.deliver(buf, d.src_raw, d.src_portal, size)
+        except Lu2kError as e:  # that endpoint broke its rings: it is being detached
+            self.core.delivered(d, Status.NO_RECEIVER, f"endpoint on portal {d.dst_portal} failed: {e}", now)
+            return
         self.core.delivered(d, Status.DELIVERED, "", now)
 
-    async def _deliver_later(self, d: Delivery, port: Any) -> None:
+    async def _deliver_later(self, d: Delivery, port: ShimPort) -> None:
         """The endpoint's RX pool is full: wait for it to release (the connection stays blocked)."""
         size = len(d.payload)
         status, reason = Status.DELIVERED, ""
@@ -666,13 +677,16 @@ class Engine:
                 break
         if buf is not None:
             buf.view[:] = d.payload
-            port.deliver(buf, d.src_raw, d.src_portal, size)
+            try:
+                port.deliver(buf, d.src_raw, d.src_portal, size)
+            except Lu2kError as e:
+                status, reason = Status.NO_RECEIVER, f"endpoint on portal {d.dst_portal} failed: {e}"
         self.core.delivered(d, status, reason, self.now())
         self._transmit()
 
     # -- shim handler ------------------------------------------------------------------------
 
-    def on_attach(self, port: Any) -> None:
+    def on_attach(self, port: ShimPort) -> None:
         # Backends that DMA (o2ib) register the endpoint's region, so sends go straight from it.
         handles = []
         for ni in self.nis.values():
@@ -687,7 +701,7 @@ class Engine:
             self._registered[port] = handles
         log.info("endpoint attached", portal=port.portal, pid=port.pid)
 
-    def on_detach(self, port: Any) -> None:
+    def on_detach(self, port: ShimPort) -> None:
         """Its messages can no longer be completed to anyone: stop spending the link on them."""
         cancelled = self.core.cancel_owned(port, "endpoint detached")
         self._transmit()
@@ -697,13 +711,13 @@ class Engine:
             backend.unregister_memory(handle)
         log.info("endpoint detached", portal=port.portal, pid=port.pid, cancelled=cancelled)
 
-    def on_rx_space(self, port: Any) -> None:
+    def on_rx_space(self, port: ShimPort) -> None:
         return None  # rx_wait() wakes the waiting deliveries
 
-    def on_submit(self, port: Any, reqs: list[Any]) -> None:
+    def on_submit(self, port: ShimPort, reqs: list[SendRequest]) -> None:
         core, now = self.core, self.now()
         for req in reqs:
-            def finish(status: Status, reason: str, port: Any = port, req: Any = req) -> None:
+            def finish(status: Status, reason: str, port: ShimPort = port, req: SendRequest = req) -> None:
                 if port.attached:
                     port.complete(req, status, reason)
             core.submit(None, bytes(req.dst_nid), port.portal, req.dst_portal, req.payload, finish, now, owner=port)

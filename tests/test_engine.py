@@ -1,39 +1,52 @@
-"""Engine failure paths over the in-process backend, driven through Engine.send().
+"""The engine (the asyncio pump around lu2k.core) over the in-process backend, driven through
+Engine.send(): failure paths, the LAN driver and hello hooks, routed ping.
 
-(End-to-end delivery through shim endpoints and real sockets is in test_daemon_e2e.py.)
+(End-to-end delivery through shim endpoints and real sockets is in test_daemon_e2e.py; the
+message semantics themselves, on a fake clock, in test_core_node.py and test_simulation.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
+from lu2k import wire
+from lu2k.backends.inproc import InprocTransport
 from lu2k.engine import Engine
-from lu2k.errors import Status
-from lu2k.nid import parse_nid
+from lu2k.errors import NetworkError, Status
+from lu2k.nid import parse_net, parse_nid
 from lu2k.settings import parse_config
 
 _ports = itertools.count(50000)
 
 
-def config(nid: str, port: int, key: str = "engine-test-key-0123", **glob: Any) -> Any:
+def config(nid: str | list[str], port: int, key: str = "engine-test-key-0123", routes: list[dict[str, str]] | None = None,
+           routing: bool = False, **glob: Any) -> Any:
     g = {"transaction_timeout": 1, "connect_timeout": 0.5, "reconnect_min": 0.05, "reconnect_max": 0.2}
     g.update(glob)
-    net = nid.rpartition("@")[2]
+    nids = [nid] if isinstance(nid, str) else nid
     return parse_config({
-        "net": [{"net type": net, "local NI(s)": [{"nid": nid, "tunables": {"peer_credits": 2, "credits": 4}}],
-                 "lu2k": {"backend": "inproc", "port": port, "key": key, "max_message_size": 1 << 20}}],
+        "net": [{"net type": n.rpartition("@")[2], "local NI(s)": [{"nid": n, "tunables": {"peer_credits": 2, "credits": 4}}],
+                 "lu2k": {"backend": "inproc", "port": port, "key": key, "max_message_size": 1 << 20}} for n in nids],
+        "route": routes or [], "routing": {"enable": int(routing)},
         "global": g,
     })
 
 
 class Result:
+    """One message's completions.  Every Result of a test is checked for exactly one call once
+    the engines have stopped (stop() completes whatever is pending, so none can hide)."""
+
+    made: list["Result"] = []
+
     def __init__(self) -> None:
         self.calls: list[tuple[Status, str]] = []
         self.event = asyncio.Event()
+        Result.made.append(self)
 
     def __call__(self, status: Status, reason: str) -> None:
         self.calls.append((status, reason))
@@ -41,13 +54,26 @@ class Result:
 
     async def wait(self, timeout: float = 10) -> tuple[Status, str]:
         await asyncio.wait_for(self.event.wait(), timeout)
-        await asyncio.sleep(0.05)  # a second completion would show up here
-        assert len(self.calls) == 1, f"expected exactly one completion, got {self.calls}"
         return self.calls[0]
 
 
+@pytest.fixture(autouse=True)
+def exactly_once() -> Any:
+    Result.made = []
+    yield
+    assert all(len(r.calls) == 1 for r in Result.made), [r.calls for r in Result.made]
+
+
+async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for ``cond`` (checked each loop turn); fails the test if it never holds."""
+    async def poll() -> None:
+        while not cond():
+            await asyncio.sleep(0.005)
+    await asyncio.wait_for(poll(), timeout)
+
+
 @pytest.fixture
-async def pair():  # type: ignore[no-untyped-def]
+async def pair() -> AsyncIterator[tuple[Engine, Engine]]:
     port = next(_ports)
     a, b = Engine(config("10.9.0.1@tcp", port)), Engine(config("10.9.0.2@tcp", port))
     await a.start(with_shim=False)
@@ -57,23 +83,23 @@ async def pair():  # type: ignore[no-untyped-def]
     await b.stop()
 
 
-async def test_no_receiver_is_reported(pair) -> None:  # type: ignore[no-untyped-def]
+async def test_no_receiver_is_reported(pair: tuple[Engine, Engine]) -> None:
     a, b = pair
     r = Result()
     a.send(None, b.primary_nid(), 1, 7, b"hello", r)
     status, reason = await r.wait()
-    assert status is Status.NO_RECEIVER and "portal 7" in reason
+    assert status is Status.NO_RECEIVER and reason == "no endpoint attached on portal 7 at 10.9.0.2@tcp"
     peer = a.describe_peers()[0]
-    assert peer["state"] == "up" and peer["failed"] == 1 and peer["in_flight"] == 0
+    assert peer["state"] == "up" and peer["failed"] == 1 and peer["in_flight"] == 0 and peer["delivered"] == 0
 
 
-async def test_many_messages_respect_credits_and_all_complete(pair) -> None:  # type: ignore[no-untyped-def]
+async def test_many_messages_respect_credits_and_all_complete(pair: tuple[Engine, Engine]) -> None:
     a, b = pair
     results = [Result() for _ in range(50)]
     for r in results:
         a.send(None, b.primary_nid(), 1, 0, b"x" * 100, r)
     p = a.peer(b.primary_nid())
-    assert len(p.inflight) <= 2 and len(p.queue) == 48  # peer_credits = 2
+    assert len(p.inflight) == 2 and len(p.queue) == 48  # peer_credits = 2
     for r in results:
         assert (await r.wait())[0] is Status.NO_RECEIVER
     assert p.credits.in_use == 0 and p.credits.min_value == 2 - 2 - 48  # LNet: limit - in use - queued
@@ -87,7 +113,7 @@ async def test_unreachable_peer_fails_after_timeout_with_reason() -> None:
         r = Result()
         a.send(None, parse_nid("10.9.1.9@tcp"), 1, 0, b"lost", r)
         status, reason = await r.wait(5)
-        assert status is Status.NO_ROUTE and "unreachable" in reason and "refused" in reason
+        assert status is Status.NO_ROUTE and reason.startswith("10.9.1.9@tcp unreachable: ") and "refused" in reason
     finally:
         await a.stop()
 
@@ -102,30 +128,32 @@ async def test_wrong_key_fails_fast_as_auth_failure() -> None:
         r = Result()
         a.send(None, b.primary_nid(), 1, 0, b"x", r)
         status, reason = await r.wait(5)
-        assert status is Status.AUTH_FAILED and "key" in reason
-        assert b.stats["conns_refused"] + a.stats.get("conns_refused", 0) >= 0
+        assert status is Status.AUTH_FAILED and reason == "10.9.2.2@tcp failed to prove the network key"
+        await until(lambda: b.stats["conns_refused"] == 1)
+        assert a.stats["conns_refused"] == 0 and a.core.stats["connect_failures"] == 1
     finally:
         await a.stop()
         await b.stop()
 
 
-async def test_no_route_and_too_large(pair) -> None:  # type: ignore[no-untyped-def]
+async def test_no_route_and_too_large(pair: tuple[Engine, Engine]) -> None:
     a, b = pair
     r1, r2 = Result(), Result()
     a.send(None, parse_nid("1.2.3.4@tcp7"), 1, 0, b"x", r1)
     a.send(None, b.primary_nid(), 1, 0, bytes((1 << 20) + 1), r2)
-    assert (await r1.wait())[0] is Status.NO_ROUTE
-    status, reason = await r2.wait()
-    assert status is Status.TOO_LARGE and "max_message_size" in reason
+    assert r1.calls == [(Status.NO_ROUTE, "no route to net tcp7")]  # decided at once
+    assert r2.calls == [(Status.TOO_LARGE, f"{(1 << 20) + 1} bytes exceeds max_message_size {1 << 20} of net tcp")]
 
 
-async def test_ping_and_describe(pair) -> None:  # type: ignore[no-untyped-def]
+async def test_ping_and_describe(pair: tuple[Engine, Engine]) -> None:
     a, b = pair
     res = await a.ping(b.primary_nid(), 5)
-    assert res["rtt_ms"] >= 0 and res["nid"] == "10.9.0.2@tcp"
+    assert res["nid"] == res["via"] == "10.9.0.2@tcp" and res["incarnation"] == f"{b.incarnation:016x}"
+    assert isinstance(res["rtt_ms"], float)
+    assert await a.ping(a.primary_nid(), 1) == {"nid": "10.9.0.1@tcp", "rtt_ms": 0.0, "local": True}
     nets = a.describe_nets()
-    assert nets[0]["nid"] == "10.9.0.1@tcp" and nets[0]["backend"] == "inproc"
-    with pytest.raises(Exception, match="no route"):
+    assert nets[0]["nid"] == "10.9.0.1@tcp" and nets[0]["backend"] == "inproc" and nets[0]["credits"]["max_tx"] == 4
+    with pytest.raises(NetworkError, match="no route to net o2ib"):
         await a.ping(parse_nid("1.1.1.1@o2ib"), 1)
 
 
@@ -134,14 +162,13 @@ async def test_shutdown_cancels_what_is_pending() -> None:
     a = Engine(config("10.9.3.1@tcp", port, transaction_timeout=60))
     await a.start(with_shim=False)
     r = Result()
-    a.send(None, parse_nid("10.9.3.2@tcp"), 1, 0, b"x", r)  # nobody listens: stays queued
-    await asyncio.sleep(0.1)
+    a.send(None, parse_nid("10.9.3.2@tcp"), 1, 0, b"x", r)  # nobody listens: stays waiting
+    assert r.calls == []
     await a.stop()
-    status, reason = await r.wait()
-    assert status is Status.CANCELLED and "shutting down" in reason
+    assert r.calls == [(Status.CANCELLED, "daemon shutting down")]
 
 
-async def test_dropped_peer_is_forgotten_and_reachable_again(pair) -> None:  # type: ignore[no-untyped-def]
+async def test_dropped_peer_is_forgotten_and_reachable_again(pair: tuple[Engine, Engine]) -> None:
     a, b = pair
     first = Result()
     a.send(None, b.primary_nid(), 1, 0, b"x", first)
@@ -150,11 +177,8 @@ async def test_dropped_peer_is_forgotten_and_reachable_again(pair) -> None:  # t
     queued = [Result() for _ in range(5)]
     for r in queued:
         a.send(None, b.primary_nid(), 1, 0, b"y", r)
-    a.drop_peer(b.primary_nid(), "peer deleted")
-    for r in queued:  # whatever the dropped peer held fails once, with the reason
-        status, reason = await r.wait()
-        assert status in (Status.CANCELLED, Status.NO_RECEIVER)
-    assert any(r.calls[0] == (Status.CANCELLED, "peer deleted") for r in queued)
+    a.drop_peer(b.primary_nid(), "peer deleted")  # before the writer ran: nothing went out
+    assert [r.calls for r in queued] == [[(Status.CANCELLED, "peer deleted")]] * 5
     again = Result()
     a.send(None, b.primary_nid(), 1, 0, b"z", again)
     assert (await again.wait())[0] is Status.NO_RECEIVER
@@ -163,14 +187,153 @@ async def test_dropped_peer_is_forgotten_and_reachable_again(pair) -> None:  # t
     assert ni.credits.in_use == 0 and ni.queued == 0
 
 
-async def test_remove_and_add_net_at_run_time(pair) -> None:  # type: ignore[no-untyped-def]
+async def test_remove_and_add_net_at_run_time(pair: tuple[Engine, Engine]) -> None:
     a, b = pair
     nc = a.config.nets[0]
     await a.remove_net(nc.net, "net removed")
     r = Result()
     a.send(None, b.primary_nid(), 1, 0, b"x", r)
-    assert (await r.wait())[0] is Status.NO_ROUTE
+    assert r.calls == [(Status.NO_ROUTE, "no route to net tcp")]
     await a.add_net(nc)
     r2 = Result()
     a.send(None, b.primary_nid(), 1, 0, b"x", r2)
     assert (await r2.wait())[0] is Status.NO_RECEIVER
+
+
+# -- hooks for other layers ------------------------------------------------------------------------
+
+
+class MemoryLan:
+    """A LAN driver kept in memory: records what it is given; the test answers."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, bytes, int, int, bytes, Callable[[Status, str], None]]] = []
+
+    def transmit(self, src_raw: bytes, dst_raw: bytes, src_portal: int, dst_portal: int, payload: memoryview | bytes,
+                 on_done: Callable[[Status, str], None]) -> None:
+        self.sent.append((src_raw, dst_raw, src_portal, dst_portal, bytes(payload), on_done))
+
+
+async def test_lan_driver_carries_next_hops_on_its_net_end_to_end() -> None:
+    """b reaches o2ib through a (routing on); a serves o2ib with a LAN driver."""
+    port = next(_ports)
+    a = Engine(config("10.9.5.1@tcp", port, routing=True))
+    b = Engine(config("10.9.5.2@tcp", port, routes=[{"net": "o2ib", "gateway": "10.9.5.1@tcp"}]))
+    await a.start(with_shim=False)
+    await b.start(with_shim=False)
+    lan = MemoryLan()
+    a.attach_lan(parse_net("o2ib"), lan)
+    far = parse_nid("192.168.7.5@o2ib")
+    try:
+        local, routed, lost = Result(), Result(), Result()
+        a.send(None, far, 3, 12, b"from a", local)
+        b.send(None, far, 4, 12, b"from b", routed)
+        await until(lambda: len(lan.sent) == 2)
+        src, dst, sport, dport, payload, on_done = lan.sent[0]
+        assert (src, dst, sport, dport, payload) == (a.primary_nid().to_bytes(), far.to_bytes(), 3, 12, b"from a")
+        on_done(Status.DELIVERED, "")
+        src, dst, sport, dport, payload, on_done = lan.sent[1]
+        assert (src, dst, sport, dport, payload) == (b.primary_nid().to_bytes(), far.to_bytes(), 4, 12, b"from b")
+        assert routed.calls == []  # not before the LAN answered
+        on_done(Status.DELIVERED, "")
+        assert await local.wait() == (Status.DELIVERED, "delivered")
+        assert await routed.wait() == (Status.DELIVERED, "delivered")
+        a.send(None, far, 3, 12, b"never answered", lost)  # the transaction timeout still applies
+        status, reason = await lost.wait(5)
+        assert status is Status.TIMED_OUT and "LAN o2ib" in reason
+        a.detach_lan(parse_net("o2ib"))
+        gone = Result()
+        a.send(None, far, 3, 12, b"x", gone)
+        assert gone.calls == [(Status.NO_ROUTE, "no route to net o2ib")]
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_on_hello_done_runs_on_both_sides_before_any_message_or_ack(monkeypatch: pytest.MonkeyPatch) -> None:
+    done: dict[int, wire.HelloResult] = {}
+    bad: list[str] = []
+    real_send = InprocTransport.send
+
+    def on_hello_done(self: InprocTransport, result: wire.HelloResult) -> None:
+        done[id(self)] = result
+
+    async def send(self: InprocTransport, frames: Any) -> None:
+        for header, _payload in frames:
+            ftype = wire.FrameType(bytes(header)[5])
+            if ftype in (wire.FrameType.MSG, wire.FrameType.ACK, wire.FrameType.NACK) and id(self) not in done:
+                bad.append(ftype.name)
+        await real_send(self, frames)
+
+    monkeypatch.setattr(InprocTransport, "on_hello_done", on_hello_done)
+    monkeypatch.setattr(InprocTransport, "send", send)
+    port = next(_ports)
+    a, b = Engine(config("10.9.6.1@tcp", port)), Engine(config("10.9.6.2@tcp", port))
+    await a.start(with_shim=False)
+    await b.start(with_shim=False)
+    try:
+        r = Result()
+        a.send(None, b.primary_nid(), 1, 0, b"x", r)
+        assert (await r.wait())[0] is Status.NO_RECEIVER
+        peers = sorted(str(res.peer_nid) for res in done.values())
+        assert peers == ["10.9.6.1@tcp", "10.9.6.2@tcp"] and bad == []
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_ping_behind_a_gateway_reports_the_far_end_or_fails() -> None:
+    port = next(_ports)
+    a = Engine(config("10.9.8.1@tcp", port, routes=[{"net": "tcp1", "gateway": "10.9.8.2@tcp"}]))
+    g = Engine(config(["10.9.8.2@tcp", "10.9.9.2@tcp1"], port, routing=True))
+    c = Engine(config("10.9.9.3@tcp1", port, routes=[{"net": "tcp", "gateway": "10.9.9.2@tcp1"}]))
+    for e in (a, g, c):
+        await e.start(with_shim=False)
+    try:
+        res = await a.ping(c.primary_nid(), 5)
+        assert res["nid"] == "10.9.9.3@tcp1" and res["via"] == "10.9.8.2@tcp" and res["routed"] is True
+        assert g.core.stats["msgs_forwarded"] == 1 and c.core.stats["msgs_delivered"] == 0  # the daemon answered
+        with pytest.raises(NetworkError, match="no answer from 10.9.9.77@tcp1: "):
+            await a.ping(parse_nid("10.9.9.77@tcp1"), 0.8)  # nobody there: the gateway's answer is a failure
+    finally:
+        for e in (a, g, c):
+            await e.stop()
+
+
+async def test_an_endpoint_that_corrupts_its_completion_ring_is_detached_alone(tmp_path: Any) -> None:
+    """Issue 13 item 1: completions that fail on one endpoint's broken ring neither stop the
+    timer nor keep peer credits; the other endpoint's messages complete as usual."""
+    from lu2k.kernel_shim import abi
+    from lu2k.kernel_shim.endpoint import AsyncEndpoint
+
+    port = next(_ports)
+    cfg = config("10.9.10.1@tcp", port)
+    cfg.shim.path = str(tmp_path / "a.shim")
+    a, b = Engine(cfg), Engine(config("10.9.10.2@tcp", port))
+    await a.start()
+    await b.start(with_shim=False)
+    try:
+        async with await AsyncEndpoint.attach(cfg.shim.path, 1) as good, await AsyncEndpoint.attach(cfg.shim.path, 2) as bad:
+            core = bad._core
+            ctrl = core.mem[core.layout.rings[abi.RING_COMPLETE].ctrl :][: abi.RING_CTRL_SIZE].cast("I")
+            ctrl[abi.RING_CONSUMER_OFF // 4] = (ctrl[abi.RING_PRODUCER_OFF // 4] + 12345) & 0xFFFFFFFF  # consumer ahead of producer
+            ctrl.release()
+            ring = a.shim.ports[2]._complete
+            ring._cached_consumer = ring.head - ring.entries  # as after a full ring: the next put re-reads the index
+            doomed = [await bad.send(b.primary_nid().to_bytes(), b"x", portal=9) for _ in range(8)]  # ACK path
+            lost = await bad.send(parse_nid("10.9.10.9@tcp").to_bytes(), b"x", portal=9)  # timer path
+            await until(lambda: not bad.attached)
+            assert 2 not in a.shim.ports and a.shim.counters["disconnected"] == 1
+            for c in doomed + [lost]:  # the endpoint learns from the disconnect, not from its broken ring
+                assert await c.wait(10) and c.status is not Status.DELIVERED
+            # The peer's credits came back and the timer still runs: the good endpoint is served.
+            fine = [await good.send(b.primary_nid().to_bytes(), b"y", portal=9) for _ in range(8)]
+            late = await good.send(parse_nid("10.9.10.9@tcp").to_bytes(), b"y", portal=9)
+            for c in fine:
+                assert await c.wait(10) and c.status is Status.NO_RECEIVER
+            assert await late.wait(10) and late.status is Status.NO_ROUTE
+            peer = a.peer(b.primary_nid())
+            assert peer.credits.in_use == 0 and a.stats["action_errors"] == 0
+    finally:
+        await a.stop()
+        await b.stop()

@@ -192,10 +192,10 @@ class _Deadlines:
 
 
 class _Ping:
-    __slots__ = ("token", "started", "deadline", "sent", "via", "conn", "done")
+    __slots__ = ("token", "started", "deadline", "sent", "via", "conn", "done", "target")
 
-    def __init__(self, token: int, started: float, deadline: float, via: str) -> None:
-        self.token, self.started, self.deadline, self.via = token, started, deadline, via
+    def __init__(self, token: int, started: float, deadline: float, via: str, target: str = "") -> None:
+        self.token, self.started, self.deadline, self.via, self.target = token, started, deadline, via, target
         self.sent = False
         self.conn: OutConn | None = None
         self.done = False
@@ -228,7 +228,10 @@ class OutConn:
         self.transport_stats: dict[str, Any] = {}
 
     def has_work(self) -> bool:
-        return bool(self.queue) or any(not p.sent for p in self.pings.values())
+        q = self.queue
+        while q and q[0].state in FINAL:
+            q.popleft()  # failed while waiting for this connection
+        return bool(q) or any(not p.sent for p in self.pings.values())
 
     def __repr__(self) -> str:
         return f"<OutConn {self.peer.nid} {self.ctype.name} {self.state.value} #{self.attempt}>"
@@ -336,12 +339,12 @@ class Node:
         self.closing = False
         self._router_wait: deque[tuple[InConn, wire.MsgInfo, Any]] = deque()
         self._deadlines = _Deadlines()
-        self._backoff_waiting: set[OutConn] = set()
+        self._backoff_waiting: dict[OutConn, None] = {}  # dicts, not sets: the order of actions is deterministic
         self._local_raw: set[bytes] = set()
         self._direct: dict[bytes, Peer] = {}
         self._unpacked: dict[bytes, Nid] = {}
-        self._dirty: set[InConn] = set()
-        self._refill: set[Peer] = set()  # peers whose credits came back while messages wait
+        self._dirty: dict[InConn, None] = {}
+        self._refill: dict[Peer, None] = {}  # peers whose credits came back while messages wait
         self._now = 0.0
 
     # ------------------------------------------------------------------ configuration
@@ -479,8 +482,10 @@ class Node:
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must run next (None: nothing pending)."""
         at = self._deadlines.first()
-        for c in self._backoff_waiting:
-            if at is None or c.backoff.next_at < at:
+        for c in list(self._backoff_waiting):
+            if not c.has_work():
+                self._backoff_waiting.pop(c, None)  # nothing to send: no reason to reconnect
+            elif at is None or c.backoff.next_at < at:
                 at = c.backoff.next_at
         return at
 
@@ -494,7 +499,7 @@ class Node:
                 self._ping_failed(obj, "timed out" if obj.sent else "no connection")
         for c in list(self._backoff_waiting):
             if c.backoff.next_at <= now:
-                self._backoff_waiting.discard(c)
+                self._backoff_waiting.pop(c, None)
                 self._maybe_connect(c)
 
     def _arm(self, deadline: float, obj: Any) -> None:
@@ -510,6 +515,14 @@ class Node:
         else:
             hop = str(peer.nid) if peer is not None else (f"LAN {m.lan}" if m.lan else "the local endpoint")
             self._fail(m, Status.TIMED_OUT, f"no acknowledgement from {hop} within the transaction timeout; delivery unknown")
+        conn = m.conn
+        if m.busy and conn is not None and conn.state is ConnState.UP:
+            # Its send is still blocked (the peer stopped reading): the connection is stuck.
+            # Reset it -- the aborted send frees the payload, so the completion goes out now,
+            # and whatever else was on it is resent on a fresh connection.
+            reason = f"send to {conn.peer.nid} blocked past a message's transaction timeout"
+            self.actions.append(Close(conn, conn.attempt, reason))
+            self.connection_lost(conn, conn.attempt, reason, self._now)
 
     # ------------------------------------------------------------------ submitting
 
@@ -626,9 +639,9 @@ class Node:
         if conn.state not in (ConnState.IDLE, ConnState.BACKOFF) or not conn.has_work() or self.closing:
             return
         if not conn.backoff.ready(self._now):
-            self._backoff_waiting.add(conn)
+            self._backoff_waiting[conn] = None
             return
-        self._backoff_waiting.discard(conn)
+        self._backoff_waiting.pop(conn, None)
         conn.state = conn_next(conn.state, ConnEvent.CONNECT)
         conn.attempt += 1
         host, port = self.address_of(conn.peer)
@@ -660,7 +673,7 @@ class Node:
                 else:
                     peer.stats["failed"] += 1
                 if peer.ni.queued:
-                    self._refill.add(peer)  # pumped once, before the actions are handed out
+                    self._refill[peer] = None  # pumped once, before the actions are handed out
             elif queued:
                 peer.stats["failed"] += 1
                 q = peer.queue
@@ -689,7 +702,7 @@ class Node:
                 if m.status is Status.DELIVERED:
                     self.actions.append(PingDone(ping.token, self._now - ping.started, 0, ping.via, ""))
                 else:
-                    self.actions.append(PingDone(ping.token, None, 0, ping.via, m.reason))
+                    self.actions.append(PingDone(ping.token, None, 0, ping.via, f"no answer from {ping.target}: {m.reason}"))
         else:
             self.actions.append(Complete(m, m.status, m.reason))
 
@@ -849,7 +862,7 @@ class Node:
             peer.stats["delivered"] += done
             peer.health.success(done)
             if peer.ni.queued:
-                self._refill.add(peer)
+                self._refill[peer] = None
 
     def _on_ack(self, peer: Peer, seq: int, status: Status, reason: str) -> None:
         m = peer.inflight.get(seq)
@@ -865,7 +878,7 @@ class Node:
         if conn.state in (ConnState.CONNECTING, ConnState.UP):
             self.actions.append(Close(conn, conn.attempt, reason))
         conn.state = conn_next(conn.state, ConnEvent.CLOSE)
-        self._backoff_waiting.discard(conn)
+        self._backoff_waiting.pop(conn, None)
 
     def note_transport_stats(self, conn: OutConn, stats: dict[str, Any]) -> None:
         conn.transport_stats = stats
@@ -893,7 +906,7 @@ class Node:
         if hop is None or (hop.net not in self.nis and hop.net not in self.lans):
             self.actions.append(PingDone(token, None, 0, "", f"no route to net {nid.net}"))
             return
-        ping = _Ping(token, now, now + timeout, str(hop))
+        ping = _Ping(token, now, now + timeout, str(hop), str(nid))
         if hop != nid or hop.net in self.lans:
             msg = OutMsg(raw, raw, 0, PING_PORTAL, b"", now + timeout, None)
             msg.ping = ping  # its completion, end to end, is the ping's answer
@@ -954,7 +967,7 @@ class Node:
         if not conn.alive:
             return
         conn.alive = False
-        self._dirty.discard(conn)
+        self._dirty.pop(conn, None)
         if conn in conn.session.conns:
             conn.session.conns.remove(conn)
 
@@ -988,7 +1001,7 @@ class Node:
         session = conn.session
         if t is FrameType.PING:
             conn.control.append(wire.encode_frame(FrameType.PONG, f.header.body))
-            self._dirty.add(conn)
+            self._dirty[conn] = None
             return
         if t is not FrameType.MSG:
             raise FrameError(f"unexpected {t.name} frame on an incoming connection")
@@ -1127,7 +1140,7 @@ class Node:
             conn.acks.append((seq, 0))
         else:
             conn.control.append(wire.encode_nack(seq, status, reason))
-        self._dirty.add(conn)
+        self._dirty[conn] = None
 
     def _flush_in(self, conn: InConn) -> None:
         if not (conn.acks or conn.control) or not conn.alive:
@@ -1137,20 +1150,23 @@ class Node:
         for i in range(0, len(acks), ACKS_PER_FRAME):
             frames.append(wire.encode_acks(acks[i : i + ACKS_PER_FRAME]))
         conn.acks, conn.control = [], []
-        self._dirty.discard(conn)
+        self._dirty.pop(conn, None)
         self.actions.append(SendIn(conn, frames))
 
     def flush(self) -> None:
         """Turn the ACKs gathered since the last call into SendIn actions (one per connection)."""
         while self._dirty:
-            self._flush_in(self._dirty.pop())
+            conn = next(iter(self._dirty))
+            self._flush_in(conn)
+            self._dirty.pop(conn, None)
 
     # ------------------------------------------------------------------ reading out
 
     def take_actions(self) -> list[Action]:
         """Everything the runner must do now (clears the list)."""
         while self._refill:
-            peer = self._refill.pop()
+            peer = next(iter(self._refill))
+            del self._refill[peer]
             if peer.queue:
                 self._pump_peer(peer)
             if peer.ni.queued:

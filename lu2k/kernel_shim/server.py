@@ -38,39 +38,16 @@ import socket
 import stat
 import struct
 from array import array
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..errors import LocalProtocolError, Lu2kError, RemoteProtocolError, ShimError, Status
 from ..nid import NID_SIZE
 from . import abi
 from .config import ShimConfig  # the one ShimConfig (lu2k: shim:), read with the daemon config
-from .ring import RingConsumer, RingProducer, SlotPool, full_fence
+from .ports import PortLogic, RxBuffer, SendRequest  # noqa: F401  (RxBuffer, SendRequest: re-exported)
+from .ring import full_fence
 
 log = logging.getLogger("lu2k.shim")
-
-@dataclass(slots=True, eq=False)
-class SendRequest:
-    """One message an endpoint handed over; complete it exactly once with ShimPort.complete."""
-
-    cookie: int
-    dst_nid: bytes  # 20 bytes, packed; NOT validated -- the engine parses it
-    dst_portal: int
-    payload: memoryview  # the TX slot in shared memory (zero copy)
-    offset: int  # region offset of the TX slot
-    port: "ShimPort | None" = field(default=None, repr=False)
-    done: bool = False
-
-
-@dataclass(slots=True, eq=False)
-class RxBuffer:
-    """An RX slot taken for one incoming message; ``view`` is exactly the requested size."""
-
-    offset: int
-    capacity: int
-    view: memoryview
-    port: "ShimPort | None" = field(default=None, repr=False)
-    state: int = 0  # 0 allocated, 1 delivered, 2 aborted
 
 
 class ShimHandler(Protocol):
@@ -87,47 +64,22 @@ class ShimHandler(Protocol):
     def local_nid(self) -> bytes: ...
 
 
-_STATE_ALLOCATED, _STATE_DELIVERED, _STATE_ABORTED = 0, 1, 2
-_EMPTY_REASON = b""
 
 
-class ShimPort:
-    """One attached endpoint: its region, rings, pools and counters."""
+class ShimPort(PortLogic):
+    """One attached endpoint: :class:`~.ports.PortLogic` plus its eventfds and loop scheduling."""
 
     def __init__(self, server: "ShimServer", conn: "_Connection", portal: int, layout: abi.Layout,
                  mm: mmap.mmap, kick_fd: int, notify_fd: int) -> None:
+        super().__init__(portal, layout, memoryview(mm), server.config.max_in_flight, server.config.batch)
         self.server = server
-        self.portal = portal
         self.pid, self.uid, self.gid = conn.pid, conn.uid, conn.gid
-        self.layout = layout
-        self.max_message_size = layout.max_message_size
-        self.max_in_flight = server.config.max_in_flight
-        self.attached = True
         self._conn = conn
         self._mm = mm
-        self._mem = memoryview(mm)
         self._kick_fd = kick_fd
         self._notify_fd = notify_fd
-        rings = layout.rings
-        self._submit = RingConsumer(self._mem, rings[abi.RING_SUBMIT], abi.SEND_DESC, "submit")
-        self._complete = RingProducer(self._mem, rings[abi.RING_COMPLETE], abi.COMPLETION, "complete", reset=True)
-        self._deliver = RingProducer(self._mem, rings[abi.RING_DELIVER], abi.RX_DESC, "deliver", reset=True)
-        self._release = RingConsumer(self._mem, rings[abi.RING_RELEASE], abi.RELEASE_DESC, "release")
-        self._flags = self._mem[abi.HDR_DAEMON_FLAGS : abi.HDR_DAEMON_FLAGS + 4].cast("I")
-        self._ep_flags = self._mem[abi.HDR_ENDPOINT_FLAGS : abi.HDR_ENDPOINT_FLAGS + 4].cast("I")
-        self._tx = SlotPool(layout.tx)  # only for lookup(): the endpoint allocates TX slots
-        self._tx_in_flight: set[int] = set()
-        self._rx = SlotPool(layout.rx)
-        self._rx_delivered: set[int] = set()
-        self._backlog: collections.deque[tuple[int, int, int, bytes]] = collections.deque()
         self._rx_waiters: list[asyncio.Future[None]] = []
         self._service_scheduled = False
-        self._flush_scheduled = False
-        self._stalled = False
-        self.in_flight = 0
-        self.counters = dict.fromkeys(abi.STATS_FIELDS, 0)
-        self.detach_reason = ""
-        self._failing = ""  # set when a disconnect is scheduled; the views stay valid until then
         self._idle = 0
         self._poll_handle: asyncio.TimerHandle | None = None
 
@@ -137,43 +89,6 @@ class ShimPort:
     def region(self) -> mmap.mmap:
         """The endpoint's whole shared region (for backends that register it for zero-copy DMA)."""
         return self._mm
-
-    def complete(self, req: SendRequest, status: Status, reason: str = "") -> None:
-        """Finish ``req`` (exactly once); its TX slot becomes free for the endpoint."""
-        if req.done:
-            raise LocalProtocolError(f"request cookie {req.cookie} on portal {self.portal} completed twice")
-        if req.port is not self:
-            raise LocalProtocolError(f"request cookie {req.cookie} does not belong to portal {self.portal}")
-        req.done = True
-        self._tx_in_flight.discard(req.offset)
-        self.in_flight -= 1
-        c = self.counters
-        c["completed"] += 1
-        if status:
-            c["failed"] += 1
-        else:
-            c["tx_bytes"] += len(req.payload)
-        if not self.attached:
-            return
-        if not status and not self._backlog and self._complete.put(req.cookie, 0, 0, _EMPTY_REASON):
-            if not self._flush_scheduled:  # the common case, inlined
-                self._schedule_flush()
-        else:
-            self._post_completion(req.cookie, int(status), 0, abi.encode_reason(reason, abi.COMP_REASON_LEN) if reason else _EMPTY_REASON)
-        if self._stalled and self.in_flight < self.max_in_flight:
-            self._stalled = False
-            self._schedule_service()
-
-    def rx_alloc(self, size: int) -> RxBuffer | None:
-        """An RX slot for ``size`` bytes, or None if none is free now (or size > max)."""
-        if not self.attached or size > self.max_message_size or size < 0:
-            return None
-        got = self._rx.alloc(size)
-        if got is None:
-            self.counters["rx_full"] += 1
-            return None
-        offset, cap = got
-        return RxBuffer(offset, cap, self._mem[offset : offset + size], self)
 
     async def rx_wait(self) -> None:
         """Return when RX space may have been released; ShimError(ENOTCONN) once detached."""
@@ -189,71 +104,20 @@ class ShimPort:
         if not self.attached:
             raise ShimError(errno.ENOTCONN, f"shim port on portal {self.portal} detached while waiting for RX space")
 
-    def deliver(self, buf: RxBuffer, src_nid: bytes, src_portal: int, length: int) -> None:
-        """Hand ``buf``'s first ``length`` bytes to the endpoint as a message from ``src_nid``."""
-        if buf.port is not self or buf.state != _STATE_ALLOCATED:
-            raise LocalProtocolError(f"RX buffer at offset {buf.offset} is not an allocated buffer of portal {self.portal}")
-        if not 0 <= length <= len(buf.view):
-            raise LocalProtocolError(f"deliver length {length} exceeds the {len(buf.view)}-byte RX buffer")
-        if type(src_nid) is not bytes:
-            src_nid = bytes(src_nid)
-        if len(src_nid) != NID_SIZE:
-            raise LocalProtocolError(f"source NID must be {NID_SIZE} packed bytes, got {len(src_nid)}")
-        if not self.attached:
-            raise ShimError(errno.ENOTCONN, f"shim port on portal {self.portal} is detached")
-        buf.state = _STATE_DELIVERED
-        # Cannot be full: the deliver ring has an entry for every RX slot.
-        if not self._deliver.put(buf.offset, length, src_portal, self.portal, src_nid, 0, 0):
-            raise LocalProtocolError("deliver ring full (ring smaller than the RX pool?)")
-        self._rx_delivered.add(buf.offset)
-        c = self.counters
-        c["delivered"] += 1
-        c["rx_bytes"] += length
-        if not self._flush_scheduled:
-            self._schedule_flush()
+    # -- ring service ------------------------------------------------------------------------
+
+    def _disconnect(self, reason: str) -> None:
+        self.server._disconnect(self, reason)
+
+    def _hand_over(self, reqs: list[SendRequest]) -> None:
+        self.server.handler.on_submit(self, reqs)
+
+    def _expect_releases(self) -> None:
         # Releases will follow: poll for them instead of having the reader kick us for each.
         if self._poll_handle is None:
             self._start_polling()
         else:
             self._idle = 0
-
-    def rx_abort(self, buf: RxBuffer) -> None:
-        """Give back an RX buffer that will not be delivered."""
-        if buf.port is not self or buf.state != _STATE_ALLOCATED:
-            raise LocalProtocolError(f"RX buffer at offset {buf.offset} cannot be aborted (state {buf.state})")
-        buf.state = _STATE_ABORTED
-        buf.view.release()
-        if self._rx.is_allocated(buf.offset):
-            self._rx.free(buf.offset)
-            self._wake_rx_waiters()
-
-    def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"portal": self.portal, "pid": self.pid, "uid": self.uid, "attached": self.attached}
-        out.update(self.counters)
-        out["in_flight"] = self.in_flight
-        out["rx_buffers_in_use"] = self._rx.in_use
-        out["rx_buffers"] = self._rx.total
-        out["tx_buffers"] = self._tx.total
-        out["max_message_size"] = self.max_message_size
-        if self.detach_reason:
-            out["detach_reason"] = self.detach_reason
-        return out
-
-    # -- ring service ------------------------------------------------------------------------
-
-    def _post_completion(self, cookie: int, status: int, flags: int, reason: bytes) -> None:
-        if self._backlog or not self._complete.put(cookie, status, flags, reason):
-            if self._failing:
-                return
-            self._backlog.append((cookie, status, flags, reason))
-            if len(self._backlog) > self._complete.entries:
-                self.server._disconnect(self, "endpoint does not consume its completion ring")
-                return
-        self._schedule_flush()
-
-    def _post_event(self, status: Status, reason: str) -> None:
-        self.counters["events"] += 1
-        self._post_completion(0, int(status), abi.COMP_EVENT, abi.encode_reason(reason, abi.COMP_REASON_LEN))
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -271,27 +135,18 @@ class ShimPort:
         if not self.attached:
             return
         try:
-            if self._backlog:
-                self._drain_backlog()
-            published = self._complete.publish()
-            published = self._deliver.publish() or published
+            published = self.publish()
         except RemoteProtocolError as e:
             self.server._disconnect(self, str(e))
             return
         if published:
             full_fence()
-            if self._ep_flags[0] & abi.FLAG_NEED_WAKEUP:
+            if self.wants_notify():
                 self.counters["notifies_out"] += 1
                 try:
                     os.eventfd_write(self._notify_fd, 1)
                 except BlockingIOError:
                     pass  # counter saturated: the endpoint is certainly going to look
-
-    def _drain_backlog(self) -> None:
-        while self._backlog:
-            if not self._complete.put(*self._backlog[0]):
-                break
-            self._backlog.popleft()
 
     def _on_kick(self) -> None:
         self.counters["kicks_in"] += 1
@@ -358,73 +213,6 @@ class ShimPort:
         self.counters["polls"] = self.counters.get("polls", 0) + 1
         self._service()
 
-    def _drain_release(self) -> int:
-        descs = self._release.take(self._release.entries)
-        if not descs:
-            return 0
-        self._release.commit()
-        freed = 0
-        delivered, rx = self._rx_delivered, self._rx
-        for (offset,) in descs:
-            if offset in delivered:
-                delivered.discard(offset)
-                rx.free(offset)
-                freed += 1
-            else:
-                self.counters["bad_releases"] += 1
-                what = "double release" if rx.lookup(offset) is not None else "release of an offset outside the RX slots"
-                self._post_event(Status.INVALID, f"{what}: RX offset {offset}")
-        self.counters["released"] += freed
-        return freed
-
-    def _drain_submit(self) -> tuple[int, bool]:
-        """Hand up to ``batch`` submissions to the engine; ``(taken, more_waiting)``."""
-        budget = min(self.server.config.batch, self.max_in_flight - self.in_flight)
-        if budget <= 0:
-            if self._submit.available() and not self._stalled:
-                self._stalled = True
-                self.counters["stalls"] += 1
-            return 0, False
-        descs = self._submit.take(budget)
-        if not descs:
-            return 0, False
-        self._submit.commit()  # fields are copied out; the payload stays in its TX slot
-        reqs: list[SendRequest] = []
-        lookup, in_flight, mem, max_size = self._tx.lookup, self._tx_in_flight, self._mem, self.max_message_size
-        for cookie, offset, length, dst_portal, dst_nid, _flags in descs:
-            cap = lookup(offset)
-            if cap is None:
-                self._invalid(cookie, f"TX offset {offset} is not a TX slot")
-            elif length > cap or length > max_size:
-                self._invalid(cookie, f"length {length} exceeds slot {cap}/max {max_size}")
-            elif offset in in_flight:
-                self._invalid(cookie, f"TX slot {offset} already in flight")
-            else:
-                in_flight.add(offset)
-                reqs.append(SendRequest(cookie, dst_nid, dst_portal, mem[offset : offset + length], offset, self))
-        c = self.counters
-        c["submitted"] += len(descs)
-        if reqs:
-            self.in_flight += len(reqs)
-            try:
-                self.server.handler.on_submit(self, reqs)
-            except Exception as e:  # the engine broke its contract; keep exactly-once anyway
-                log.exception("on_submit failed on portal %d", self.portal)
-                for r in reqs:
-                    if not r.done:
-                        self.complete(r, Status.PROTOCOL, f"daemon error: {e}")
-        if self.in_flight >= self.max_in_flight and self._submit.available():
-            self._stalled = True
-            c["stalls"] += 1
-            return len(descs), False
-        return len(descs), self._submit.available() > 0
-
-    def _invalid(self, cookie: int, reason: str) -> None:
-        self.counters["invalid"] += 1
-        self.counters["completed"] += 1
-        self.counters["failed"] += 1
-        self._post_completion(cookie, int(Status.INVALID), 0, abi.encode_reason(reason, abi.COMP_REASON_LEN))
-
     def _wake_rx_waiters(self) -> None:
         waiters, self._rx_waiters = self._rx_waiters, []
         for w in waiters:
@@ -457,20 +245,11 @@ class ShimPort:
         self._backlog.clear()
         for fd in (self._kick_fd, self._notify_fd):
             os.close(fd)
-        for ring in (self._submit, self._complete, self._deliver, self._release):
-            ring.release()
-        self._flags.release()
-        self._ep_flags.release()
-        self._mem.release()
+        self.release_views()
         try:
             self._mm.close()
         except BufferError:
             pass  # the engine still holds payload views; the mapping goes when they do
-
-    def counters_struct(self) -> bytes:
-        c = dict(self.counters, in_flight=self.in_flight)
-        return abi.STATS.pack(*(c[k] for k in abi.STATS_FIELDS))
-
 
 class _Connection:
     """One client of the control socket (at most one port attached through it)."""
@@ -591,11 +370,7 @@ class _Connection:
             os.close(memfd)
             for fd in (kick, notify):
                 os.close(fd)
-            for ring in (port._submit, port._complete, port._deliver, port._release):
-                ring.release()
-            port._flags.release()
-            port._ep_flags.release()
-            port._mem.release()
+            port.release_views()
             mm.close()
             if isinstance(e, ShimError):
                 raise

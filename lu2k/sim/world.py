@@ -20,7 +20,9 @@ Fault model (each seed enables a random subset, see :data:`FAULTS`):
 * ``partition``: two nodes cannot reach each other for a while (connections reset,
   connects time out);
 * ``slow``: a receiving application stops releasing its receive buffers for a while;
-* ``late``: timers fire late.
+* ``late``: timers fire late;
+* ``stuck``: a connection stops moving: its sends never finish and nothing arrives (a peer
+  that stopped reading), until someone resets it.
 
 Invariants checked after every run (:meth:`World.check`):
 
@@ -30,9 +32,10 @@ Invariants checked after every run (:meth:`World.check`):
    TOO_LARGE and INVALID only if it did not;
 4. credits, router buffer, receive buffers and payload references all returned; no
    message, delivery or forward left pending; accepted connections not left blocked;
-5. every queue within its bound (checked after each event): what a node holds for its
-   peers <= what its applications may have outstanding + what its inbound peers' credits
-   let them send; dedupe windows within capacity.
+5. every queue within its bound (checked after each event): what a leaf holds for its
+   peers <= what its applications may have outstanding (the shim's ``max_in_flight``), what
+   the gateway holds <= what both leaves' applications may have outstanding, twice over
+   (two incarnations); dedupe windows within capacity.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from ..nid import Nid, parse_net, parse_nid
 from ..routing import Route
 from ..wire import Frame
 
-FAULTS = ("loss", "dup", "reorder", "delay", "reset", "crash", "partition", "slow", "late")
+FAULTS = ("loss", "dup", "reorder", "delay", "reset", "crash", "partition", "slow", "late", "stuck")
 
 NIDS = {
     "A": ["10.0.0.1@tcp"],
@@ -108,7 +111,7 @@ class RunResult:
 @dataclass
 class _Record:
     origin: str
-    dst: str
+    dst: bytes
     portal: int
     status: Status | None = None
     reason: str = ""
@@ -179,6 +182,7 @@ class _Link:
         self.held: list[Frame] = []  # frames that arrived while the receiver was blocked
         self.sending: list[Batch] = []
         self.writing = False
+        self.stuck = False
 
     def _arrival(self, forward: bool) -> float:
         w = self.world
@@ -195,6 +199,8 @@ class _Link:
 
     def carry(self, frames: list[Frame], forward: bool) -> None:
         w = self.world
+        if self.stuck:
+            return
         for f in frames:
             if "loss" in w.faults.enabled and w.rng.random() < w.faults.loss:
                 continue
@@ -226,13 +232,13 @@ class _Link:
         if not self.alive:
             return
         self.alive = False
-        self.world.links.discard(self)
+        self.world.links.pop(self, None)
         w = self.world
         src_gen, dst_gen = self.src.generation, self.dst.generation
+        batches, self.sending = self.sending, []
+        for b in batches:  # an aborted send fails (and frees its payloads) on the sending side
+            w.after(0.0, self.src.send_failed, b, reason, src_gen)
         if src_knows:
-            batches, self.sending = self.sending, []
-            for b in batches:
-                w.after(0.0, self.src.send_failed, b, reason, src_gen)
             w.after(w.rng.uniform(0, w.latency), self.src.lost_out, self.conn, self.attempt, reason, src_gen)
         if dst_knows and self.inconn is not None:
             w.after(w.rng.uniform(0, w.latency), self.dst.lost_in, self.inconn, dst_gen)
@@ -255,6 +261,7 @@ class SimNode:
         self.pending: dict[OutMsg, int] = {}  # messages our applications submitted, -> id
         self.outstanding = 0
         self.bound_in = 0
+        self.app_waiting: tuple[list[tuple[bytes, int]], int, Any] | None = None
 
     def boot(self) -> None:
         w = self.world
@@ -270,6 +277,7 @@ class SimNode:
                                         max_message_size=p["max_size"], checksum=w.rng.random() < 0.5,
                                         typed_connections=p["typed"], min_bulk=256))
         self.endpoint = _Endpoint(w, self, p["rx_buffers"])
+        w.wake_app(self)
         self.in_links.clear()
         self.out_links.clear()
         self.timer_at = None
@@ -352,7 +360,8 @@ class SimNode:
         link.sending.append(batch)
         link.carry([_decode(h, self.world.max_size, p) for h, p in batch.frames], forward=True)
         w = self.world
-        w.after(w.rng.uniform(0.0005, 0.01), self._sent, link, batch, self.generation)
+        if not link.stuck:
+            w.after(w.rng.uniform(0.0005, 0.01), self._sent, link, batch, self.generation)
 
     def _sent(self, link: _Link, batch: Batch, generation: int) -> None:
         if generation != self.generation or batch not in link.sending:
@@ -388,10 +397,10 @@ class SimNode:
 
     # -- applications ----------------------------------------------------------------------
 
-    def submit(self, mid: int, dst: Nid, portal: int, size: int) -> None:
+    def submit(self, mid: int, dst: bytes, portal: int, size: int) -> None:
         w = self.world
         payload = ID.pack(mid) + bytes(max(0, size - 8))
-        rec = w.records[mid] = _Record(self.name, str(dst), portal)
+        rec = w.records[mid] = _Record(self.name, dst, portal)
         self.outstanding += 1
         w.submitted += 1
 
@@ -399,7 +408,7 @@ class SimNode:
             w.complete(mid, status, reason)
 
         def go() -> None:
-            msg = self.node.submit(None, dst.to_bytes(), 1, portal, payload, finish, w.now)
+            msg = self.node.submit(None, dst, 1, portal, payload, finish, w.now)
             if msg.state not in FINAL or not msg.completed:
                 self.pending[msg] = mid
 
@@ -411,6 +420,7 @@ class SimNode:
         self.outstanding -= 1
         assert msg.on_finish is not None
         msg.on_finish(status, reason)
+        self.world.wake_app(self)
 
     # -- crash -----------------------------------------------------------------------------
 
@@ -432,6 +442,7 @@ class SimNode:
         self.outstanding = 0
         self.generation += 1
         self.endpoint = None
+        w.wake_app(self)  # its applications go on (they resubmit nothing; they send new messages)
 
 
 def _decode(header: bytes, max_size: int, payload: Any = b"") -> Frame:
@@ -460,8 +471,8 @@ class World:
         self.liveness = rng.random() < 0.25
         self.faults = faults if faults is not None else Faults.pick(rng)
         if self.liveness:
-            self.faults.enabled -= {"loss"}
-        self.params = {
+            self.faults.enabled -= {"loss", "stuck"}
+        self.params: dict[str, Any] = {
             "timeout": rng.choice((2.0, 4.0, 8.0)),
             "credits": rng.choice((2, 4, 8)),
             "peer_credits": rng.choice((1, 2, 4)),
@@ -472,6 +483,7 @@ class World:
             "max_in_flight": rng.choice((2, 4, 8)),
         }
         self.max_size = 1 << 16
+        self.max_in_flight = int(self.params["max_in_flight"])
         self.latency = rng.choice((0.005, 0.05, 0.3))
         if self.liveness:
             self.params["timeout"] = 1000.0
@@ -480,7 +492,7 @@ class World:
         self._seq = itertools.count()
         self.nodes = {n: SimNode(self, n) for n in NIDS}
         self.host_of = {nid.host: self.nodes[n] for n in NIDS for nid in self.nodes[n].nids}
-        self.links: set[_Link] = set()
+        self.links: dict[_Link, None] = {}  # ordered: iteration order is part of the schedule
         self.partitioned: set[frozenset[str]] = set()
         self.records: dict[int, _Record] = {}
         self.received: dict[int, str] = {}
@@ -534,7 +546,7 @@ class World:
         link.inconn = inconn[0]
         dst.in_links[id(link.inconn)] = link
         src.out_links[(id(a.conn), a.attempt)] = link
-        self.links.add(link)
+        self.links[link] = None
         src.run(lambda: src.node.connected(a.conn, a.attempt, dst.node.incarnation, self.now))
 
     # -- traffic and faults ----------------------------------------------------------------------
@@ -543,19 +555,28 @@ class World:
         rec = self.records[mid]
         rec.completions += 1
         if rec.completions > 1:
-            raise self.violation(f"message {mid} ({rec.origin}->{rec.dst}) completed twice: {rec.status} then {status} ({reason})")
+            raise self.violation(f"message {mid} ({rec.origin}->{Nid.from_bytes(rec.dst)}) completed twice: {rec.status} then {status} ({reason})")
         rec.status, rec.reason = status, reason
 
-    def _app(self, name: str, targets: list[tuple[str, int]], count: int, mids: Any) -> None:
+    def _app(self, name: str, targets: list[tuple[bytes, int]], count: int, mids: Any) -> None:
+        """An application: submit a message every 0-50 ms while below ``max_in_flight``;
+        at the limit, wait for a completion (or the restart of its daemon)."""
         node = self.nodes[name]
         if count <= 0:
             return
-        if node.up and node.outstanding < self.params["max_in_flight"]:
-            dst, portal = self.rng.choice(targets)
-            size = self.rng.choice((8, 100, 300, 2000, 4096, 5000)) if self.rng.random() < 0.9 else 0
-            node.submit(next(mids), parse_nid(dst), portal, size)
-            count -= 1
-        self.after(self.rng.uniform(0.0, 0.05), self._app, name, targets, count, mids)
+        if not node.up or node.outstanding >= self.params["max_in_flight"]:
+            node.app_waiting = (targets, count, mids)
+            return
+        dst, portal = self.rng.choice(targets)
+        size = self.rng.choice((8, 100, 300, 2000, 4096, 5000)) if self.rng.random() < 0.9 else 0
+        node.submit(next(mids), dst, portal, size)
+        self.after(self.rng.uniform(0.0, 0.05), self._app, name, targets, count - 1, mids)
+
+    def wake_app(self, node: SimNode) -> None:
+        if node.app_waiting is not None:
+            targets, count, mids = node.app_waiting
+            node.app_waiting = None
+            self.after(self.rng.uniform(0.0, 0.05), self._app, node.name, targets, count, mids)
 
     def _schedule_faults(self) -> None:
         rng, en, horizon = self.rng, self.faults.enabled, self.horizon
@@ -572,6 +593,8 @@ class World:
             t = rng.uniform(0, horizon)
             self.at(t, self._partition, pair)
             self.at(t + rng.uniform(0.5, 6.0), self.partitioned.discard, pair)
+        if "stuck" in en:
+            self.at(rng.uniform(0, horizon), self._stick_one)
         if "slow" in en:
             who = rng.choice(("B", "G", "A"))
             t = rng.uniform(0, horizon)
@@ -582,6 +605,10 @@ class World:
         if self.links:
             link = self.rng.choice(sorted(self.links, key=lambda lk: lk.id))
             link.kill("connection reset by peer")
+
+    def _stick_one(self) -> None:
+        if self.links:
+            self.rng.choice(sorted(self.links, key=lambda lk: lk.id)).stuck = True
 
     def _crash(self, who: str) -> None:
         self.nodes[who].crash()
@@ -618,9 +645,9 @@ class World:
         total = self.total_messages
         a_share = total * 2 // 3
         self.horizon = 2.0 + total * 0.05
-        self.after(0.0, self._app, "A", [("10.1.0.3@tcp1", PORTAL), ("10.0.0.2@tcp", PORTAL), ("10.1.0.3@tcp1", DEAD_PORTAL)],
-                   a_share, mids)
-        self.after(0.0, self._app, "B", [("10.0.0.1@tcp", PORTAL)], total - a_share, mids)
+        b, g, a = (parse_nid(n).to_bytes() for n in ("10.1.0.3@tcp1", "10.0.0.2@tcp", "10.0.0.1@tcp"))
+        self.after(0.0, self._app, "A", [(b, PORTAL), (g, PORTAL), (b, DEAD_PORTAL)], a_share, mids)
+        self.after(0.0, self._app, "B", [(a, PORTAL)], total - a_share, mids)
         self._schedule_faults()
         events = self.events
         while events:
@@ -640,36 +667,36 @@ class World:
     # -- invariants ------------------------------------------------------------------------------
 
     def check_bounds(self, sn: SimNode) -> None:
-        node = sn.node
         held = 0
-        for ni in node.nis.values():
+        for ni in sn.node.nis.values():
             for p in ni.peers.values():
                 held += len(p.inflight) + len(p.queue)
-        # Our applications' outstanding messages, plus what inbound peers may send us (their credits).
-        bound = self.params["max_in_flight"] + 2 * self.params["peer_credits"] * 2
-        if held > bound:
-            raise self.violation(f"{sn.name} holds {held} messages for its peers, bound {bound}")
-        for s in node.sessions.values():
-            if len(s.window._seen) > s.window.capacity + 1:
-                raise self.violation(f"{sn.name}: dedupe window over capacity")
+        # A leaf holds at most what its applications may have outstanding; the gateway at most
+        # what the two leaves' applications may have outstanding, for two incarnations each
+        # (a crashed sender's forwards still run out their time).
+        if held > self.max_in_flight * (4 if sn.name == "G" else 1):
+            raise self.violation(f"{sn.name} holds {held} messages for its peers, bound {self.max_in_flight}")
 
     def check(self) -> None:
         for mid, rec in self.records.items():
             if rec.completions != 1:
-                raise self.violation(f"message {mid} ({rec.origin}->{rec.dst} portal {rec.portal}) got {rec.completions} completions")
+                raise self.violation(f"message {mid} ({rec.origin}->{Nid.from_bytes(rec.dst)} portal {rec.portal}) got {rec.completions} completions")
             got = mid in self.received
             if rec.status is Status.DELIVERED and not got:
-                raise self.violation(f"message {mid} reported DELIVERED but {rec.dst} never received it")
+                raise self.violation(f"message {mid} reported DELIVERED but {Nid.from_bytes(rec.dst)} never received it")
             if rec.status in (Status.NO_ROUTE, Status.NO_RECEIVER, Status.TOO_LARGE, Status.INVALID) and got:
                 raise self.violation(f"message {mid} reported {rec.status.name} ({rec.reason}) but was received")
             if self.liveness and rec.status not in (None, Status.PEER_RESTARTED, Status.TOO_LARGE):
                 expect = Status.NO_RECEIVER if rec.portal == DEAD_PORTAL else Status.DELIVERED
                 if rec.status is not expect:
-                    raise self.violation(f"liveness: message {mid} ({rec.origin}->{rec.dst}) ended {rec.status.name} "
+                    raise self.violation(f"liveness: message {mid} ({rec.origin}->{Nid.from_bytes(rec.dst)}) ended {rec.status.name} "
                                          f"({rec.reason}), expected {expect.name}")
         for sn in self.nodes.values():
             if not sn.up:
                 raise self.violation(f"{sn.name} still down at the end")
+            for session in sn.node.sessions.values():
+                if len(session.window._seen) > session.window.capacity + 1:
+                    raise self.violation(f"{sn.name}: dedupe window of {session.peer_nid} over capacity")
             node = sn.node
             if node.router_bytes or node._router_wait:
                 raise self.violation(f"{sn.name}: router buffer not returned ({node.router_bytes} bytes)")
