@@ -17,13 +17,12 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import structlog
-import yaml
 
 from . import __version__, logs
 from .control import ControlServer
 from .engine import Engine
 from .errors import ConfigError, Lu2kError, NetworkError
-from .nid import parse_net, parse_nid
+from .nid import parse_nid
 from .sdnotify import SystemdNotifier, watchdog_interval
 from .settings import DaemonConfig, check_backends, load_config
 
@@ -32,8 +31,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("lu2k.daemon")
 
-# What ``lu2kctl export`` writes in place of a key (lu2k.confctl); ``import`` puts the running key back.
-HIDDEN_MARK = "<hidden:"
 MAX_CONTROL_TIMEOUT = 3600.0
 
 
@@ -48,56 +45,6 @@ def control_timeout(value: Any) -> float:
     return seconds
 
 
-def restore_hidden_secrets(text: str, running: dict[str, Any]) -> str:
-    """``text`` (an import) with every hidden key replaced by the running configuration's key for
-    the same net (or the running ``lu2k.defaults`` key); a ConfigError naming the net if there is none."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text  # the import itself reports the YAML error
-    if not isinstance(doc, dict):
-        return text
-
-    def hidden(v: Any) -> bool:
-        return isinstance(v, str) and v.startswith(HIDDEN_MARK)
-
-    def secret_of(lu: Any) -> dict[str, Any]:
-        if not isinstance(lu, dict):
-            return {}
-        return {k: lu[k] for k in ("key", "key_file") if k in lu and not hidden(lu[k])}
-
-    run_defaults = secret_of((running.get("lu2k") or {}).get("defaults"))
-    run_nets: dict[str, dict[str, Any]] = {}
-    for n in running.get("net") or []:
-        if isinstance(n, dict):
-            try:
-                run_nets[str(parse_net(str(n.get("net type"))))] = secret_of(n.get("lu2k")) or run_defaults
-            except Lu2kError:
-                continue
-    for i, n in enumerate(doc.get("net") or []):
-        lu = n.get("lu2k") if isinstance(n, dict) else None
-        if not isinstance(lu, dict) or not hidden(lu.get("key")):
-            continue
-        try:
-            net = str(parse_net(str(n.get("net type"))))
-        except Lu2kError:
-            continue  # the import reports the bad net
-        secret = run_nets.get(net)
-        if not secret:
-            raise ConfigError(f"the key of net {net} was exported hidden and this daemon has no key for {net} to keep; "
-                              "export with --secrets, or write the key (or key_file) into the file", where=f"net[{i}].lu2k.key")
-        del lu["key"]
-        lu.update(secret)
-    defaults = (doc.get("lu2k") or {}).get("defaults") if isinstance(doc.get("lu2k"), dict) else None
-    if isinstance(defaults, dict) and hidden(defaults.get("key")):
-        if not run_defaults:
-            raise ConfigError("the default key was exported hidden and this daemon has none to keep; export with --secrets",
-                              where="lu2k.defaults.key")
-        del defaults["key"]
-        defaults.update(run_defaults)
-    return yaml.safe_dump(doc, sort_keys=False)
-
-
 class Daemon:
     """Engine + control socket; what ``lu2kd`` runs and what tests and the demo embed."""
 
@@ -110,7 +57,6 @@ class Daemon:
         from .confctl import register as register_config_commands
 
         self.config_ctl = register_config_commands(self)
-        self._keep_hidden_secrets()
         self.metrics: MetricsServer | None = None
 
     def _register(self) -> None:
@@ -157,18 +103,6 @@ class Daemon:
         for name, fn in (("net show", net_show), ("peer show", peer_show), ("route show", route_show),
                          ("stats", stats), ("ping", ping), ("discover", discover), ("endpoint show", endpoints)):
             reg(name, fn)
-
-    def _keep_hidden_secrets(self) -> None:
-        """``import`` of an ``export`` made without ``--secrets`` keeps the running keys."""
-        plain_import = self.control.handlers["import"]
-
-        async def import_(args: dict[str, Any]) -> Any:
-            text = args.get("yaml")
-            if isinstance(text, str) and HIDDEN_MARK in text:
-                args = {**args, "yaml": restore_hidden_secrets(text, self.config_ctl.doc)}
-            return await plain_import(args)
-
-        self.control.register("import", import_)
 
     async def start(self) -> None:
         await self.engine.start()

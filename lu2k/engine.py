@@ -86,6 +86,8 @@ class ShimPort(Protocol):
 
     def complete(self, req: SendRequest, status: Status, reason: str = "") -> None: ...
 
+    def stats(self) -> dict[str, Any]: ...  # lu2kctl endpoint show
+
 
 class Shim(Protocol):
     """The shim server as the engine sees it (:class:`lu2k.kernel_shim.server.ShimServer`)."""

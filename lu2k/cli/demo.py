@@ -10,6 +10,7 @@ and prints a short table.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import multiprocessing as mp
 import random
@@ -19,7 +20,7 @@ import time
 from collections import Counter, deque
 from typing import Any
 
-from ..errors import Lu2kError
+from ..errors import Lu2kError, ShimError
 from ..localpair import daemons
 from .table import render
 
@@ -70,7 +71,10 @@ def receiver(shim_path: str, seed: int, count: int, results: Any) -> None:
         with Endpoint.attach(shim_path, portal=0) as ep:
             results.put(("ready", None))
             while len(seen) < count:
-                with ep.recv(timeout=60) as msg:
+                msg = ep.recv(timeout=60)
+                if msg is None:
+                    raise ShimError(errno.ETIMEDOUT, f"no message for 60 s ({len(seen)} of {count} received)")
+                with msg:
                     p = msg.payload
                     index, size, off = HDR.unpack_from(p)
                     body = p[HDR.size :]
@@ -139,7 +143,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r))
     else:
-        print(f"lu2k demo: two lu2kd on loopback (127.0.0.1@tcp -> 127.0.0.2@tcp), backend tcp, embedded default config\n")
+        print("lu2k demo: two lu2kd on loopback (127.0.0.1@tcp -> 127.0.0.2@tcp), backend tcp, embedded default config\n")
         print(render(["size class", "messages"], sorted(r["size_classes"].items(), key=lambda kv: kv[0])))
         print()
         rows = [["messages", r["messages"]], ["payload MB", round(r["bytes"] / 1e6, 1)], ["seconds", r["seconds"]],
