@@ -697,7 +697,7 @@ class Engine:
                 from .kernel_shim.server import ShimConfig as ShimServerConfig, ShimServer
 
                 shim_cfg = ShimServerConfig(max_in_flight=self.config.shim.max_in_flight, **self.config.shim.options)
-                self.shim = ShimServer(self.config.shim.path, self, config=shim_cfg)
+                self.shim = ShimServer(self.config.shim.path, self, config=shim_cfg, access=self.config.shim.access)
                 await self.shim.start()
         except BaseException:
             await self.stop()

@@ -19,6 +19,7 @@ import yaml
 from .backends.base import BackendSettings, LinkProfile
 from .errors import ConfigError, NidError
 from .kernel_shim.abi import default_shim_path
+from .kernel_shim.access import AccessPolicy, parse_access
 from .nid import Net, Nid, parse_net, parse_nid
 
 DEFAULT_PORT = 7988
@@ -80,6 +81,7 @@ class ShimConfig:
     path: str = field(default_factory=default_shim_path)
     max_in_flight: int = 1024
     options: dict[str, Any] = field(default_factory=dict)
+    access: AccessPolicy = field(default_factory=AccessPolicy)  # lu2k.shim.access: who may attach, which portals
 
 
 @dataclass
@@ -320,7 +322,11 @@ def parse_config(data: Any, *, source: str = "<string>", base_dir: Path | None =
             v = _num(errs, "lu2k.shim.max_in_flight", shim["max_in_flight"], int, 1, 1 << 20)
             if v:
                 cfg.shim.max_in_flight = v
-        cfg.shim.options = {k: v for k, v in shim.items() if k not in ("path", "max_in_flight")}
+        cfg.shim.options = {k: v for k, v in shim.items() if k not in ("path", "max_in_flight", "access")}
+        try:
+            cfg.shim.access = parse_access(shim.get("access"), where="lu2k.shim.access")
+        except ConfigError as e:
+            errs.items.extend(e.errors or [str(e)])
         from .kernel_shim.server import ShimConfig as _ShimServerConfig
 
         try:  # the shim server owns these keys; validate them now, not at start-up

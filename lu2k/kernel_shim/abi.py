@@ -217,13 +217,11 @@ MIN_POOL_BYTES = 64 << 10
 
 
 def default_shim_path() -> str:
-    """``$XDG_RUNTIME_DIR/lu2k/lu2kd.sock``, else ``/run/lu2k/lu2kd.sock`` for root, else ``/tmp/lu2k-$UID/lu2kd.sock``."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return os.path.join(xdg, "lu2k", "lu2kd.sock")
-    if os.geteuid() == 0:
-        return "/run/lu2k/lu2kd.sock"
-    return f"/tmp/lu2k-{os.geteuid()}/lu2kd.sock"
+    """``<runtime dir>/lu2kd.sock`` (see :func:`lu2k.kernel_shim.access.secure_runtime_dir`):
+    ``$XDG_RUNTIME_DIR/lu2k``, ``/run/lu2k`` for root, ``/run/user/$UID/lu2k``, else ``~/.lu2k/run``."""
+    from .access import secure_runtime_dir
+
+    return os.path.join(secure_runtime_dir(), "lu2kd.sock")
 
 
 # --- control packet helpers --------------------------------------------------------------------
