@@ -199,11 +199,15 @@ class ShimPort:
             c["tx_bytes"] += len(req.payload)
         if not self.attached:
             return
-        if not status and not self._backlog and self._complete.put(req.cookie, 0, 0, _EMPTY_REASON):
-            if not self._flush_scheduled:  # the common case, inlined
-                self._schedule_flush()
-        else:
-            self._post_completion(req.cookie, int(status), 0, abi.encode_reason(reason, abi.COMP_REASON_LEN) if reason else _EMPTY_REASON)
+        try:
+            if not status and not self._backlog and self._complete.put(req.cookie, 0, 0, _EMPTY_REASON):
+                if not self._flush_scheduled:  # the common case, inlined
+                    self._schedule_flush()
+            else:
+                self._post_completion(req.cookie, int(status), 0, abi.encode_reason(reason, abi.COMP_REASON_LEN) if reason else _EMPTY_REASON)
+        except abi.RegionError as e:  # this endpoint corrupted its ring: detach it, never fail the caller
+            self.server._disconnect(self, e.reason)
+            return
         if self._stalled and self.in_flight < self.max_in_flight:
             self._stalled = False
             self._schedule_service()
@@ -245,10 +249,15 @@ class ShimPort:
             raise LocalProtocolError(f"source NID must be {NID_SIZE} packed bytes, got {len(src_nid)}")
         if not self.attached:
             raise ShimError(errno.ENOTCONN, f"shim port on portal {self.portal} is detached")
-        buf.state = _STATE_DELIVERED
         # Cannot be full: the deliver ring has an entry for every RX slot.
-        if not self._deliver.put(buf.offset, length, src_portal, self.portal, src_nid, 0, 0):
+        try:
+            ok = self._deliver.put(buf.offset, length, src_portal, self.portal, src_nid, 0, 0)
+        except abi.RegionError as e:  # the receiver corrupted its ring: it is detached, like one that left
+            self.server._disconnect(self, e.reason)
+            raise ShimError(errno.ENOTCONN, f"shim port on portal {self.portal} is being detached: {e.reason}") from None
+        if not ok:
             raise LocalProtocolError("deliver ring full (ring smaller than the RX pool?)")
+        buf.state = _STATE_DELIVERED
         self._rx_delivered.add(buf.offset)
         c = self.counters
         c["delivered"] += 1
@@ -434,14 +443,15 @@ class ShimPort:
             return 0, False
         self._submit.commit()  # fields are copied out; the payload stays in its TX slot
         reqs: list[SendRequest] = []
-        lookup, in_flight, mem, max_size = self._tx.lookup, self._tx_in_flight, self._mem, self.max_message_size
-        for cookie, offset, length, dst_portal, dst_nid, _flags in descs:
-            cap = lookup(offset)
-            if cap is None:
-                self._invalid(cookie, f"TX offset {offset} is not a TX slot")
-            elif length > cap or length > max_size:
-                self._invalid(cookie, f"length {length} exceeds slot {cap}/max {max_size}")
-            elif offset in in_flight:
+        check, in_flight, mem, max_size = self._tx.check_span, self._tx_in_flight, self._mem, self.max_message_size
+        for cookie, offset, length, dst_portal, dst_nid, flags in descs:
+            try:
+                check(offset, length, max_size, "TX")
+                abi.check_send_flags(flags)
+            except abi.DescriptorError as e:
+                self._invalid(cookie, e.reason)
+                continue
+            if offset in in_flight:
                 self._invalid(cookie, f"TX slot {offset} already in flight")
             else:
                 in_flight.add(offset)
