@@ -907,7 +907,10 @@ class Engine:
                 if not port.attached:
                     return Status.NO_RECEIVER, f"endpoint on portal {info.dst_portal} detached"
             buf.view[:] = payload
-        port.deliver(buf, info.src_raw, info.src_portal, len(payload))
+        try:
+            port.deliver(buf, info.src_raw, info.src_portal, len(payload))
+        except Lu2kError as e:  # the receiver is gone or was detached for corrupting its region
+            return Status.NO_RECEIVER, f"endpoint on portal {info.dst_portal}: {e}"
         self.stats["msgs_delivered"] += 1
         return Status.DELIVERED, ""
 

@@ -175,9 +175,9 @@ def test_secure_runtime_dir_never_picks_a_predictable_tmp_name() -> None:
     assert secure_runtime_dir({"HOME": "/home/u"}, 1000, theirs.get) == "/home/u/.lu2k/run"
     open_ = {"/run/user/1000": fake_stat(1000, 0o777)}
     assert secure_runtime_dir({"HOME": "/home/u"}, 1000, open_.get) == "/home/u/.lu2k/run"
-    assert secure_runtime_dir({"HOME": "/home/u"}, 1000, {}.get) == "/home/u/.lu2k/run"
+    assert secure_runtime_dir({"HOME": "/home/u"}, 1000, lambda p: None) == "/home/u/.lu2k/run"
     for env in ({"HOME": "/"}, {"HOME": ""}):
-        assert not secure_runtime_dir(env, 4242424, {}.get).startswith("/tmp")
+        assert not secure_runtime_dir(env, 4242424, lambda p: None).startswith("/tmp")
 
 
 # --- socket directory -----------------------------------------------------------------------
