@@ -52,6 +52,7 @@ from .errors import (
 )
 from .health import Backoff, Health
 from .nid import Net, Nid
+from .kernel_shim.access import RateLimitedLog
 from .routing import Route, RouteTable
 from .settings import DaemonConfig, NetConfig
 from .wire import ConnType, Frame, FrameType
@@ -520,7 +521,10 @@ class InConn:
         try:
             result = await self._hello()
         except (RemoteProtocolError, NetworkError, asyncio.TimeoutError) as e:
-            log.warning("refused connection", net=str(self.ni.net), via=self.transport.peer_address, reason=str(e) or "hello timed out")
+            # Rate-limited per remote host: a flood of bad hellos must not become a flood of log lines.
+            host = str(self.transport.peer_address).rpartition(":")[0]
+            eng.refusal_log.warning(("refused", host), "refused connection", net=str(self.ni.net), via=self.transport.peer_address,
+                                    reason=str(e) or "hello timed out")
             self.transport.close()
             eng.stats["conns_refused"] += 1
             return
@@ -674,6 +678,7 @@ class Engine:
         self.routes = RouteTable((n.net for n in config.nets), (Route(r.net, r.gateway, r.hops, r.priority) for r in config.routes))
         self.peer_addresses = {p.nid: p.address for p in config.peers if p.address}
         self.stats = collections.Counter[str]()
+        self.refusal_log = RateLimitedLog(log)
         self.closing = False
         self.background: set[asyncio.Task[Any]] = set()
         self.shim: Any = None

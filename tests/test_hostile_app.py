@@ -490,3 +490,26 @@ def test_shim_listener_backs_off_when_out_of_descriptors(tmp_path: Path) -> None
     assert full.get("accept_paused", 0) == full.get("accept_errors", 0)
     assert 1 <= got["lines"] <= 5 and "pausing accept" in got["sample"][0], got
     assert got["accepted"] == clients, got  # accepting resumes once descriptors are free
+
+
+def test_refused_connections_do_not_flood_the_log() -> None:
+    # Finding 9: every refused peer connection was a log line (17 MB per 100 000).
+    import asyncio
+
+    from lu2k.control import request
+
+    with daemons([A_NID]) as (a,):
+        port = yaml.safe_load(a.config_path.read_text())["net"][0]["lu2k"]["port"]
+        n = 300
+        for i in range(n):
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(bytes([i % 256]) * 64)  # not a hello
+
+        def refused() -> int:
+            return int(asyncio.run(request(a.control_path, "stats")).get("conns_refused", 0))
+
+        wait_for(lambda: refused() >= n, f"{n} connections refused")
+        log = a.log_path.read_text(errors="replace")
+    lines = [ln for ln in log.splitlines() if "refused connection" in ln]
+    assert 1 <= len(lines) <= 5, lines[:10]
+    assert "Traceback" not in log

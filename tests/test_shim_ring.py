@@ -36,7 +36,7 @@ def test_batch_produce_is_invisible_until_publish() -> None:
 
 def test_full_ring_and_wraparound() -> None:
     _mem, prod, cons = make_pair(4)
-    seen = []
+    seen: list[int] = []
     for round_ in range(10):
         n = prod.put_many((round_ * 100 + i, 0) for i in range(6))
         assert n == 4  # only four fit

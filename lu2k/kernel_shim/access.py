@@ -111,9 +111,10 @@ class RateLimitedLog:
     the first line after a suppressed stretch says how many were dropped.  Keys are bounded
     (``max_keys``): beyond that, new keys share one bucket, so a client cannot grow memory by
     varying what it does either.  ``clock`` is injectable so tests need no sleeping.
+    ``logger`` is a stdlib logger or a structlog one (keyword fields pass through).
     """
 
-    def __init__(self, logger: logging.Logger, *, burst: int = 5, per_seconds: float = 60.0, max_keys: int = 1024,
+    def __init__(self, logger: Any, *, burst: int = 5, per_seconds: float = 60.0, max_keys: int = 1024,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.logger = logger
         self.burst = burst
@@ -142,7 +143,7 @@ class RateLimitedLog:
         b[2] += 1
         return False, 0
 
-    def log(self, level: int, key: object, msg: str, *args: object) -> bool:
+    def log(self, level: int, key: object, msg: str, *args: object, **fields: object) -> bool:
         ok, dropped = self.allow(key)
         if not ok:
             self.suppressed += 1
@@ -151,11 +152,11 @@ class RateLimitedLog:
         if dropped:
             msg += " (%d similar lines suppressed)"
             args = (*args, dropped)
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, **fields)
         return True
 
-    def warning(self, key: object, msg: str, *args: object) -> bool:
-        return self.log(logging.WARNING, key, msg, *args)
+    def warning(self, key: object, msg: str, *args: object, **fields: object) -> bool:
+        return self.log(logging.WARNING, key, msg, *args, **fields)
 
 
 # --- policy ---------------------------------------------------------------------------------
