@@ -108,6 +108,7 @@ class Sink(threading.Thread):
         self.ep = Endpoint.attach(path, portal)
         self.stop = threading.Event()
         self.received = 0
+        self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
@@ -116,6 +117,8 @@ class Sink(threading.Thread):
                 if m is not None:
                     m.release()
                     self.received += 1
+        except BaseException as e:
+            self.error = e
         finally:
             self.ep.detach()
 
@@ -259,6 +262,7 @@ def test_hostile_endpoints_are_detached_and_everyone_else_completes() -> None:
             ep.detach()
         sink.stop.set()
         sink.join(60)
+        assert sink.error is None and sink.received > 0, sink.error
 
         log = a.log_path.read_text(errors="replace") + b.log_path.read_text(errors="replace")
         assert "Traceback" not in log, log[log.find("Traceback") - 300 : log.find("Traceback") + 3000]

@@ -443,14 +443,16 @@ class ShimPort:
             return 0, False
         self._submit.commit()  # fields are copied out; the payload stays in its TX slot
         reqs: list[SendRequest] = []
-        check, in_flight, mem, max_size = self._tx.check_span, self._tx_in_flight, self._mem, self.max_message_size
+        lookup, in_flight, mem, max_size = self._tx.lookup, self._tx_in_flight, self._mem, self.max_message_size
         for cookie, offset, length, dst_portal, dst_nid, flags in descs:
-            try:
-                check(offset, length, max_size, "TX")
-                abi.check_send_flags(flags)
-            except abi.DescriptorError as e:
-                self._invalid(cookie, e.reason)
-                continue
+            cap = lookup(offset)
+            if cap is None or length > cap or length > max_size or flags:  # the checks below say which field is wrong
+                try:
+                    self._tx.check_span(offset, length, max_size, "TX")
+                    abi.check_send_flags(flags)
+                except abi.DescriptorError as e:
+                    self._invalid(cookie, e.reason)
+                    continue
             if offset in in_flight:
                 self._invalid(cookie, f"TX slot {offset} already in flight")
             else:
