@@ -517,3 +517,119 @@ def test_refused_connections_do_not_flood_the_log() -> None:
     lines = [ln for ln in log.splitlines() if "refused connection" in ln]
     assert 1 <= len(lines) <= 5, lines[:10]
     assert "Traceback" not in log
+
+
+# --- random corruption, in-process ----------------------------------------------------------
+
+
+def _corrupt(rnd: "random.Random", mem: memoryview, layout: abi.Layout) -> None:
+    """One hostile write into a region: an index, a descriptor, a flag word or any byte."""
+    import struct
+
+    ring = layout.rings[rnd.randrange(4)]
+    choice = rnd.random()
+    if choice < 0.1:  # an index: garbage, or a plausible-looking step
+        off = ring.ctrl + rnd.choice((abi.RING_PRODUCER_OFF, abi.RING_CONSUMER_OFF))
+        old = struct.unpack_from("<I", mem, off)[0]
+        new = rnd.choice((rnd.getrandbits(32), old + rnd.randrange(1, 4), old - 1, old + ring.entries, old + ring.entries + 1))
+        struct.pack_into("<I", mem, off, new & 0xFFFFFFFF)
+    elif choice < 0.8:  # descriptors the daemon will read: random fields, then publish them
+        sub = layout.rings[abi.RING_SUBMIT if rnd.random() < 0.7 else abi.RING_RELEASE]
+        prod = struct.unpack_from("<I", mem, sub.ctrl)[0]
+        for i in range(rnd.randrange(1, 5)):
+            slot = sub.descs + ((prod + i) % sub.entries) * sub.desc_size
+            pool = layout.tx if sub is layout.rings[abi.RING_SUBMIT] else layout.rx
+            cls = rnd.choice(pool.classes)
+            offset = rnd.choice((cls.offset + rnd.randrange(cls.count) * cls.slot_size, rnd.getrandbits(64), cls.offset + 1, 0))
+            if sub is layout.rings[abi.RING_SUBMIT]:
+                nid = pack_nid("0@lo") if rnd.random() < 0.7 else rnd.randbytes(20)
+                length = rnd.choice((rnd.randrange(cls.slot_size + 1), cls.slot_size + 1, rnd.getrandbits(32)))
+                abi.SEND_DESC.pack_into(mem, slot, rnd.getrandbits(64), offset, length, rnd.choice((2, 2, rnd.getrandbits(32))), nid,
+                                        rnd.choice((0, 0, 0, rnd.getrandbits(32))))
+            else:
+                abi.RELEASE_DESC.pack_into(mem, slot, offset)
+        struct.pack_into("<I", mem, sub.ctrl, (prod + rnd.randrange(1, 5)) & 0xFFFFFFFF)
+    elif choice < 0.9:
+        struct.pack_into("<I", mem, rnd.choice((abi.HDR_DAEMON_FLAGS, abi.HDR_ENDPOINT_FLAGS)), rnd.getrandbits(32))
+    else:
+        mem[rnd.randrange(len(mem))] = rnd.getrandbits(8)
+
+
+async def test_random_region_corruption_never_reaches_other_endpoints(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import logging
+    import random
+
+    from lu2k.kernel_shim.endpoint import AsyncEndpoint
+    from lu2k.kernel_shim.loopback import serve_loopback
+    from lu2k.kernel_shim.server import ShimConfig
+
+    caplog.set_level(logging.WARNING, logger="lu2k.shim")
+    loop = asyncio.get_running_loop()
+    loop_errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: loop_errors.append(ctx))
+    server = serve_loopback(str(tmp_path / "r.sock"), config=ShimConfig(max_in_flight=32, tx_pool_bytes=1 << 18, rx_pool_bytes=1 << 18))
+    await server.start()
+    count = 400
+    try:
+        a = await AsyncEndpoint.attach(server.path, 1)
+        b = await AsyncEndpoint.attach(server.path, 2)
+
+        async def good_sender() -> list[Status | None]:
+            comps = []
+            for i in range(count):
+                comps.append(await a.send("0@lo", i.to_bytes(4, "little") * 8, portal=2, timeout=60))
+                if i % 8 == 0:
+                    await asyncio.sleep(0)
+            for c in comps:
+                await c.wait(60)
+            return [c.status for c in comps]
+
+        async def good_receiver() -> list[int]:
+            got = []
+            while len(got) < count:
+                m = await b.recv(timeout=60)
+                assert m is not None
+                if m.src_portal == 1:
+                    assert bytes(m.payload) == bytes(m.payload[:4]) * 8
+                    got.append(int.from_bytes(m.payload[:4], "little"))
+                m.release()
+            return got
+
+        async def hostile(rounds: int, seed: int) -> list[str]:
+            rnd = random.Random(seed)
+            reasons = []
+            portal = 1000 * seed
+            while rounds > 0:
+                h = await AsyncEndpoint.attach(server.path, portal, tx_pool_bytes=1 << 16, rx_pool_bytes=1 << 16)
+                core = h._core
+                loop.remove_reader(core.epoll.fileno())  # the library must not repair what we break
+                port = server.ports[portal]
+                while rounds > 0 and port.attached:
+                    rounds -= 1
+                    _corrupt(rnd, core.mem, core.layout)
+                    os.eventfd_write(core.kick_fd, 1)
+                    if rnd.random() < 0.3:
+                        await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                reasons.append(port.detach_reason)
+                core.fail_all("test done with this region")
+                core.close()
+                portal += 1
+            return reasons
+
+        statuses, got, *hostile_reasons = await asyncio.wait_for(
+            asyncio.gather(good_sender(), good_receiver(), hostile(1500, 1), hostile(1500, 2)), 240)
+        assert statuses == [Status.DELIVERED] * count
+        assert got == list(range(count))  # every message, once, in order
+        reasons = [r for rs in hostile_reasons for r in rs if r]
+        assert len(reasons) >= 4, hostile_reasons  # regions were broken and detached, many times over
+        assert all(("ring" in r and "index" in r) or "does not consume" in r for r in reasons), reasons
+        assert server.ports.keys() == {1, 2}
+        await a.detach()
+        await b.detach()
+    finally:
+        await server.close()
+        loop.set_exception_handler(None)
+    assert loop_errors == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
