@@ -20,9 +20,11 @@ import grp
 import json
 import os
 import pwd
+import random
 import secrets
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -132,8 +134,6 @@ class Sender(threading.Thread):
         self.dst, self.dst_portal, self.count, self.window = dst, dst_portal, count, window
         self.statuses: list[Status | None] = []
         self.error: BaseException | None = None
-        import random
-
         self.rnd = random.Random(portal)
 
     def run(self) -> None:
@@ -522,9 +522,8 @@ def test_refused_connections_do_not_flood_the_log() -> None:
 # --- random corruption, in-process ----------------------------------------------------------
 
 
-def _corrupt(rnd: "random.Random", mem: memoryview, layout: abi.Layout) -> None:
+def _corrupt(rnd: random.Random, mem: memoryview, layout: abi.Layout) -> None:
     """One hostile write into a region: an index, a descriptor, a flag word or any byte."""
-    import struct
 
     ring = layout.rings[rnd.randrange(4)]
     choice = rnd.random()
@@ -558,7 +557,6 @@ def _corrupt(rnd: "random.Random", mem: memoryview, layout: abi.Layout) -> None:
 async def test_random_region_corruption_never_reaches_other_endpoints(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import asyncio
     import logging
-    import random
 
     from lu2k.kernel_shim.endpoint import AsyncEndpoint
     from lu2k.kernel_shim.loopback import serve_loopback
@@ -586,7 +584,7 @@ async def test_random_region_corruption_never_reaches_other_endpoints(tmp_path: 
             return [c.status for c in comps]
 
         async def good_receiver() -> list[int]:
-            got = []
+            got: list[int] = []
             while len(got) < count:
                 m = await b.recv(timeout=60)
                 assert m is not None
