@@ -51,8 +51,8 @@ from .errors import (
     ConnectionClosed, FrameError, HandshakeError, LocalProtocolError, Lu2kError, NetworkError, NidError, RemoteProtocolError, Status,
 )
 from .health import Backoff, Health
-from .nid import Net, Nid
 from .kernel_shim.access import RateLimitedLog
+from .nid import Net, Nid
 from .routing import Route, RouteTable
 from .settings import DaemonConfig, NetConfig
 from .wire import ConnType, Frame, FrameType
