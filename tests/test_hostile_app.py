@@ -402,15 +402,21 @@ def test_second_local_user_is_refused_everywhere(local_user: tuple[int, int, int
             reply = json.loads(r["control"])
             assert reply["ok"] is False and "permission denied" in reply["error"]
             assert os.path.exists(shim) and not os.path.exists(run_dir / "planted")
+            import asyncio
+
+            from lu2k.control import request
+
+            stats = asyncio.run(request(ctl, "stats"))  # root may use the control socket
+            assert stats["shim_refused"] == 8 and stats["endpoints"] == 0
         finally:
             d.stop()
         log = d.log_path.read_text()
         assert "Traceback" not in log
-        # 8 shim refusals for this uid; the log keeps the first 5 (a burst), the rest are counted.
-        assert log.count(f"shim connect refused for uid {uid} pid ") == 3
+        # 8 shim refusals for this uid (counted above); the log keeps a burst of 5, then one
+        # per 12 s: how many of the last three appear depends on how long the test took.
+        assert 3 <= log.count(f"shim connect refused for uid {uid} pid ") <= 6
         assert f"shim ATTACH portal 5 refused for uid {uid} pid " in log
         assert f"shim ATTACH portal 3000 refused for uid {uid} pid " in log
-        assert log.count(f"refused for uid {uid} pid ") == 5 + 1  # + the control socket's own line
         assert f"control connection refused for uid {uid} pid " in log
     finally:
         import shutil
@@ -505,6 +511,7 @@ def test_refused_connections_do_not_flood_the_log() -> None:
     with daemons([A_NID]) as (a,):
         port = yaml.safe_load(a.config_path.read_text())["net"][0]["lu2k"]["port"]
         n = 300
+        started = time.monotonic()
         for i in range(n):
             with socket.create_connection(("127.0.0.1", port)) as s:
                 s.sendall(bytes([i % 256]) * 64)  # not a hello
@@ -513,9 +520,11 @@ def test_refused_connections_do_not_flood_the_log() -> None:
             return int(asyncio.run(request(a.control_path, "stats")).get("conns_refused", 0))
 
         wait_for(lambda: refused() >= n, f"{n} connections refused")
+        elapsed = time.monotonic() - started
         log = a.log_path.read_text(errors="replace")
     lines = [ln for ln in log.splitlines() if "refused connection" in ln]
-    assert 1 <= len(lines) <= 5, lines[:10]
+    # A burst of 5, then one per 12 s (on a slow machine the flood lasts longer and earns more).
+    assert 1 <= len(lines) <= 5 + int(elapsed / 12) + 1, (len(lines), elapsed, lines[:10])
     assert "Traceback" not in log
 
 
