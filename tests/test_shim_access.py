@@ -217,6 +217,8 @@ def test_writable_by_others_is_refused(base: Path, mode: int) -> None:
     with pytest.raises(ShimError, match="lets other users replace the sockets") as e:
         prepare_socket_dir(str(d))
     assert str(d) in str(e.value)
+    # A shared sticky directory (like /tmp) gets the advice that helps: a directory of its own.
+    assert ("subdirectory" in str(e.value)) == bool(mode & 0o1000)
 
 
 def test_symlink_is_refused(base: Path) -> None:

@@ -458,11 +458,15 @@ def prepare_socket_dir(directory: str, *, mode: int = 0o700, group: int | None =
             raise _refuse(directory, "it is a symlink (the socket directory must be a real directory)")
         if not stat.S_ISDIR(st.st_mode):
             raise _refuse(directory, "it is not a directory", errno.ENOTDIR)
+        mode_now = stat.S_IMODE(st.st_mode)
+        if mode_now & 0o022 and mode_now & stat.S_ISVTX:
+            raise _refuse(directory, f"mode {mode_now:04o} lets other users replace the sockets (a shared directory "
+                                     "like /tmp); put the sockets in a directory of their own, e.g. a subdirectory")
         if st.st_uid != euid:
             raise _refuse(directory, f"it is owned by uid {st.st_uid}, not by the daemon's user (uid {euid}); "
                                      "remove it or choose another path")
-        if stat.S_IMODE(st.st_mode) & 0o022:
-            raise _refuse(directory, f"mode {stat.S_IMODE(st.st_mode):04o} lets other users replace the sockets; "
+        if mode_now & 0o022:
+            raise _refuse(directory, f"mode {mode_now:04o} lets other users replace the sockets; "
                                      "chmod go-w it or remove it")
         if created or group is not None:
             if group is not None and st.st_gid != group:
