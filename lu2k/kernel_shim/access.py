@@ -492,9 +492,13 @@ def claim_socket_path(path: str, sock_type: int = socket.SOCK_SEQPACKET) -> None
     try:
         probe.settimeout(1.0)
         probe.connect(path)
-    except OSError:
+    except ConnectionRefusedError:
         os.unlink(path)  # nobody listens: left over from a daemon that died
         return
+    except FileNotFoundError:
+        return
+    except OSError as e:  # a full backlog, a timeout: somebody is there; never steal its path
+        raise ShimError(errno.EADDRINUSE, f"{path} is a socket that does not answer a probe ({e}); is another daemon running?") from None
     finally:
         probe.close()
     raise ShimError(errno.EADDRINUSE, f"another daemon is listening on {path}")
