@@ -293,6 +293,31 @@ def test_planted_file_is_refused_stale_socket_replaced_live_refused(base: Path) 
     assert not os.path.exists(path)
 
 
+def test_busy_socket_that_does_not_answer_is_not_stolen(base: Path) -> None:
+    # A live daemon whose listen backlog is full times the probe out: that is not "stale".
+    path = str(base / "busy.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    srv.bind(path)
+    srv.listen(0)
+    queued = []
+    try:
+        for _ in range(4):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            c.setblocking(False)
+            queued.append(c)
+            try:
+                c.connect(path)
+            except BlockingIOError:
+                break  # the backlog is full now
+        with pytest.raises(ShimError, match="does not answer") as e:
+            claim_socket_path(path)
+        assert e.value.code == errno.EADDRINUSE and os.path.exists(path)
+    finally:
+        for c in queued:
+            c.close()
+        srv.close()
+
+
 @needs_root
 def test_socket_owned_by_another_user_is_not_replaced(base: Path) -> None:
     path = str(base / "s.sock")
