@@ -607,7 +607,7 @@ async def test_random_region_corruption_never_reaches_other_endpoints(tmp_path: 
         async def hostile(rounds: int, seed: int) -> list[str]:
             rnd = random.Random(seed)
             reasons = []
-            portal = 1000 * seed
+            portal = 1_000_000 * seed  # far apart: the two tasks never meet
             while rounds > 0:
                 h = await AsyncEndpoint.attach(server.path, portal, tx_pool_bytes=1 << 16, rx_pool_bytes=1 << 16)
                 core = h._core
