@@ -43,7 +43,7 @@ from typing import Any, Protocol
 from ..errors import ConfigError, LocalProtocolError, Lu2kError, RemoteProtocolError, ShimError, Status
 from ..nid import NID_SIZE
 from . import abi
-from .access import AccessPolicy, RateLimitedLog, bind_private_socket, peer_credentials, prepare_socket_dir
+from .access import AccessPolicy, PeerCred, RateLimitedLog, bind_private_socket, peer_credentials, prepare_socket_dir
 from .ring import RingConsumer, RingProducer, SlotPool, full_fence
 
 log = logging.getLogger("lu2k.shim")
@@ -789,7 +789,7 @@ class ShimServer:
         if self._sock is not None:
             self._loop.add_reader(self._sock.fileno(), self._on_accept)
 
-    def _refused(self, peer: Any, what: str, reason: str) -> None:
+    def _refused(self, peer: PeerCred, what: str, reason: str) -> None:
         self.counters["refused"] += 1
         self.refusal_log.warning(("refused", peer.uid), "shim %s refused for uid %d pid %d: %s", what, peer.uid, peer.pid, reason)
 
