@@ -357,6 +357,22 @@ else:
 """
 
 
+ASYNC_CLIENT = """
+import asyncio, errno, sys
+from lu2k.errors import ShimError
+from lu2k.kernel_shim.endpoint import AsyncEndpoint
+async def main():
+    try:
+        ep = await AsyncEndpoint.attach(sys.argv[1], int(sys.argv[2]), tx_pool_bytes=1 << 16, rx_pool_bytes=1 << 16)
+    except ShimError as e:
+        print("refused", errno.errorcode.get(e.code, e.code), e)
+    else:
+        print("attached")
+        await ep.detach()
+asyncio.run(main())
+"""
+
+
 def run_as(uid: int, gid: int, code: str, *args: str, extra_groups: list[int] | None = None) -> str:
     out = subprocess.run([SYSTEM_PYTHON, "-c", code, *args], user=uid, group=gid, extra_groups=extra_groups or [],
                          env={"PYTHONPATH": REPO, "PATH": "/usr/bin:/bin"}, cwd="/", capture_output=True, text=True, timeout=60)
@@ -402,9 +418,11 @@ async def test_policy_enforced_on_the_shim_socket(shared_base: Path, caplog: pyt
         other_uid = NOBODY - 1
         got = await loop.run_in_executor(None, lambda: run_as(other_uid, nogroup + 1, CLIENT, path, "2002", extra_groups=[nogroup]))
         assert got.startswith("refused EACCES") and "not allowed to attach" in got
-        assert server.counters["refused"] == 3 and server.ports == {}
+        got = await loop.run_in_executor(None, lambda: run_as(other_uid, nogroup + 1, ASYNC_CLIENT, path, "2002", extra_groups=[nogroup]))
+        assert got.startswith("refused EACCES") and "not allowed to attach" in got  # the asyncio client reads why, too
+        assert server.counters["refused"] == 4 and server.ports == {}
         refusals = [r.getMessage() for r in caplog.records if "refused for uid" in r.getMessage()]
-        assert len(refusals) == 3 and all(f"uid {u} pid " in m for u, m in zip((NOBODY, NOBODY, other_uid), refusals))
+        assert len(refusals) == 4 and all(f"uid {u} pid " in m for u, m in zip((NOBODY, NOBODY, other_uid, other_uid), refusals))
     finally:
         await server.close()
 
