@@ -24,6 +24,16 @@
  *    flag word, write(eventfd, 1) only if its NEED_WAKEUP bit for that ring is set.
  * Indices are free-running u32; slot = index & (entries - 1); producer - consumer must
  * never exceed entries (the daemon disconnects an endpoint whose indices do).
+ *
+ * What the daemon checks (an endpoint is untrusted): the producer index of the submit and
+ * release rings and the consumer index of the complete and deliver rings (a bad one
+ * detaches the endpoint, the reason is logged and, if the complete ring still has room,
+ * posted as a LU2K_COMP_EVENT); every send descriptor's offset (the start of a TX slot),
+ * length (fits the slot and max_message_size), flags (no bit outside
+ * LU2K_SEND_FLAGS_KNOWN) and that its slot is not already in flight (a bad one completes
+ * with LU2K_STATUS_INVALID); every release offset (an RX slot delivered and not yet
+ * released; else an INVALID event).  Who may attach and which portals it may bind is the
+ * daemon's access policy (lu2k.shim.access; refused with EACCES and a reason).
  */
 #ifndef LU2K_SHIM_H
 #define LU2K_SHIM_H
@@ -134,8 +144,9 @@ struct lu2k_send_desc {       /* submit ring */
 	uint32_t length;          /* payload bytes (<= slot size, <= max_message_size) */
 	uint32_t dst_portal;      /* destination portal */
 	uint8_t  dst_nid[LU2K_NID_SIZE]; /* destination NID, packed */
-	uint32_t flags;           /* 0 */
+	uint32_t flags;           /* 0: no bit outside LU2K_SEND_FLAGS_KNOWN */
 };
+#define LU2K_SEND_FLAGS_KNOWN 0x0u
 
 #define LU2K_COMP_REASON_LEN 48
 #define LU2K_COMP_EVENT      0x1u /* not a send completion: an error event (cookie 0) */

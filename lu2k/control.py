@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from .errors import Lu2kError, NetworkError, NetworkTimeout, RemoteProtocolError
+from .errors import Lu2kError, NetworkError, NetworkTimeout, RemoteProtocolError, ShimError
+from .kernel_shim.access import RateLimitedLog, bind_private_socket, check_control_peer, peer_credentials, prepare_socket_dir
 
 log = structlog.get_logger("lu2k.control")
 MAX_REQUEST = 1 << 20
@@ -30,23 +33,21 @@ class ControlServer:
         self.path = path
         self.handlers: dict[str, Handler] = {}
         self._server: asyncio.base_events.Server | None = None
+        self.refusals = RateLimitedLog(logging.getLogger("lu2k.control"))
 
     def register(self, name: str, handler: Handler) -> None:
         self.handlers[name] = handler
 
     async def start(self) -> None:
+        # A directory only we can write (created 0700 if missing); our own stale socket is
+        # replaced, a live or foreign one refused; the socket is 0600: owner and root only.
         p = Path(self.path)
-        p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if p.exists():
-            # A socket left by a dead daemon is removed; a live one means we are a duplicate.
-            try:
-                r, w = await asyncio.open_unix_connection(self.path)
-                w.close()
-                raise NetworkError(f"another lu2kd is already listening on {self.path}")
-            except (ConnectionRefusedError, FileNotFoundError):
-                p.unlink()
-        self._server = await asyncio.start_unix_server(self._client, path=self.path, limit=MAX_REQUEST)
-        os.chmod(self.path, 0o600)
+        try:
+            prepare_socket_dir(str(p.parent.absolute()))
+            sock = bind_private_socket(self.path, socket.SOCK_STREAM, mode=0o600)
+        except ShimError as e:
+            raise NetworkError(f"control socket: {e}") from None
+        self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_REQUEST)
 
     async def close(self) -> None:
         if self._server:
@@ -58,6 +59,18 @@ class ControlServer:
             pass
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = peer_credentials(writer.get_extra_info("socket"))
+        refused = check_control_peer(peer)
+        if refused is not None:
+            self.refusals.warning(("refused", peer.uid), "control connection refused for uid %d pid %d: %s", peer.uid, peer.pid, refused)
+            try:  # answer its request (a reply before it, then close, would reset the connection)
+                await asyncio.wait_for(reader.readline(), 5.0)
+                writer.write(json.dumps({"ok": False, "error": f"permission denied: {refused}"}).encode() + b"\n")
+                await writer.drain()
+            except (asyncio.TimeoutError, ConnectionError, ValueError):
+                pass
+            writer.close()
+            return
         try:
             while line := await reader.readline():
                 reply = await self._dispatch(line)

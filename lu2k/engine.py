@@ -46,6 +46,7 @@ from .errors import (
     AuthenticationError, ConnectionClosed, FrameError, HandshakeError, LocalProtocolError, Lu2kError, NetworkError,
     NetworkTimeout, RemoteProtocolError, Status,
 )
+from .kernel_shim.access import RateLimitedLog
 from .nid import Net, Nid
 from .routing import Route
 from .settings import DaemonConfig, NetConfig
@@ -163,6 +164,7 @@ class Engine:
         self.nis: dict[Net, NI] = {}
         self.lans: dict[Net, LanDriver] = {}
         self.stats: collections.Counter[str] = collections.Counter()
+        self.refusal_log = RateLimitedLog(log)
         self.closing = False
         self.background: set[asyncio.Task[Any]] = set()
         self.shim: Shim | None = None
@@ -285,10 +287,9 @@ class Engine:
             for nc in self.config.nets:
                 await self.add_net(nc)
             if with_shim:
-                from .kernel_shim.server import ShimConfig as ShimServerConfig, ShimServer
+                from .kernel_shim.server import ShimServer
 
-                shim_cfg = ShimServerConfig(max_in_flight=self.config.shim.max_in_flight, **self.config.shim.options)
-                self.shim = ShimServer(self.config.shim.path, self, config=shim_cfg)
+                self.shim = ShimServer(self.config.shim.path, self, config=self.config.shim, access=self.config.shim.access)
                 await self.shim.start()
         except BaseException:
             await self.stop()
@@ -558,7 +559,10 @@ class Engine:
             result = await self._hello(transport, responder)
             conn = self.core.accepted(ni.net, result, self.now())
         except (RemoteProtocolError, NetworkError, LocalProtocolError) as e:
-            log.warning("refused connection", net=str(ni.net), via=transport.peer_address, reason=str(e))
+            # Rate-limited per remote host: a flood of bad hellos must not become a flood of log lines.
+            host = str(transport.peer_address).rpartition(":")[0]
+            self.refusal_log.warning(("refused", host), "refused connection", net=str(ni.net), via=transport.peer_address,
+                                     reason=str(e) or "hello timed out")
             transport.close()
             self.stats["conns_refused"] += 1
             return

@@ -8,6 +8,7 @@ import pytest
 
 from lu2k.errors import LocalProtocolError, RemoteProtocolError
 from lu2k.kernel_shim import abi
+from lu2k.kernel_shim.abi import DescriptorError, RegionError, RingIndexError
 from lu2k.kernel_shim.ring import RingConsumer, RingProducer, SlotPool
 
 DESC = struct.Struct("<QI4x")
@@ -35,7 +36,7 @@ def test_batch_produce_is_invisible_until_publish() -> None:
 
 def test_full_ring_and_wraparound() -> None:
     _mem, prod, cons = make_pair(4)
-    seen = []
+    seen: list[int] = []
     for round_ in range(10):
         n = prod.put_many((round_ * 100 + i, 0) for i in range(6))
         assert n == 4  # only four fit
@@ -75,7 +76,7 @@ def test_consumer_detects_overrun() -> None:
         cons.available()
     ctrl[0] = 0
     ctrl[16] = 3  # consumer index ahead of the producer
-    with pytest.raises(RemoteProtocolError, match="ahead"):
+    with pytest.raises(RemoteProtocolError, match="not within 4 entries behind"):
         prod.refresh()
     ctrl.release()
 
@@ -137,3 +138,86 @@ def test_pool_from_built_layout_mixed_sizes() -> None:
         assert p.lookup(g[0]) == g[1]
         p.free(g[0])
     assert p.in_use == 0
+
+
+# --- corrupt values from the other side: one test per field --------------------------------
+
+
+@pytest.mark.parametrize("bad", [5, 9, 0x80000000, 0xFFFFFFFF])
+def test_corrupt_producer_index_is_a_ring_index_error(bad: int) -> None:
+    # submit and release rings: the daemon consumes what the application produced
+    mem, _prod, cons = make_pair(4)
+    ctrl = mem[64 : 64 + abi.RING_CTRL_SIZE].cast("I")
+    ctrl[0] = bad
+    with pytest.raises(RingIndexError) as e:
+        cons.take()
+    err = e.value
+    assert isinstance(err, RegionError) and isinstance(err, RemoteProtocolError)
+    assert (err.part, err.field, err.value) == ("test ring", "producer index", bad)
+    assert f"test ring producer index {bad}: overrun" in err.reason
+    assert cons.tail == 0  # nothing was taken
+    ctrl.release()
+
+
+@pytest.mark.parametrize("bad", [1, 3, 0x7FFFFFFF, 0xFFFFFFFB])
+def test_corrupt_consumer_index_breaks_the_producer_for_good(bad: int) -> None:
+    # complete and deliver rings: the daemon produces, the application moves the consumer index
+    mem, prod, cons = make_pair(4)
+    ctrl = mem[64 : 64 + abi.RING_CTRL_SIZE].cast("I")
+    for i in range(4):
+        assert prod.put(i, i)
+    prod.publish()
+    ctrl[16] = (prod.head + bad) & 0xFFFFFFFF  # ahead of the producer, or more than a ring behind
+    with pytest.raises(RingIndexError) as e:
+        prod.put(9, 9)  # the ring looks full: the producer must re-read the index
+    assert (e.value.part, e.value.field) == ("test ring", "consumer index")
+    assert "not within 4 entries behind the producer index 4" in e.value.reason
+    # Sticky: even after the index is "repaired", nothing more is written into this region.
+    ctrl[16] = 4
+    for call in (lambda: prod.put(9, 9), prod.space, prod.refresh, prod.unconsumed, lambda: prod.put_many([(1, 1)])):
+        with pytest.raises(RingIndexError):
+            call()
+    assert [x for x, _ in cons.take()] == [0, 1, 2, 3]  # what was published stays intact
+    ctrl.release()
+
+
+def test_consumer_index_garbage_is_found_on_the_next_reload_not_used_before() -> None:
+    # Until the producer needs the index, it only uses its last checked copy: garbage never
+    # makes it overwrite descriptors the consumer may still be reading.
+    mem, prod, cons = make_pair(4)
+    ctrl = mem[64 : 64 + abi.RING_CTRL_SIZE].cast("I")
+    assert prod.put(1, 1) and prod.publish()
+    ctrl[16] = 0x12345678
+    assert prod.put(2, 2) and prod.put(3, 3) and prod.put(4, 4)  # 4 entries, cached consumer 0: fits
+    with pytest.raises(RingIndexError):
+        prod.put(5, 5)
+    ctrl.release()
+
+
+def test_check_span_names_the_bad_field() -> None:
+    p = pool()
+    assert p.check_span(4096, 512, 4 << 20) == 512
+    assert p.check_span(32768, 0, 100) == 65536
+    cases = [
+        (4097, 1, 1 << 20, "offset", "not a TX slot (inside one)"),
+        (0, 1, 1 << 20, "offset", "not a TX slot"),
+        (1 << 40, 1, 1 << 20, "offset", "not a TX slot"),
+        (4096, 513, 1 << 20, "length", "exceeds slot 512/max 1048576"),
+        (32768, 65536, 1000, "length", "exceeds slot 65536/max 1000"),
+        (4096, 0xFFFFFFFF, 1 << 20, "length", "exceeds slot 512"),
+    ]
+    for offset, length, max_len, field, what in cases:
+        with pytest.raises(DescriptorError) as e:
+            p.check_span(offset, length, max_len)
+        assert e.value.field == field and what in e.value.reason, e.value.reason
+        assert len(abi.encode_reason(e.value.reason, abi.COMP_REASON_LEN).rstrip(b"\0")) <= abi.COMP_REASON_LEN - 1
+    with pytest.raises(DescriptorError, match="not a RX slot"):
+        p.check_span(3, 1, 1, "RX")
+
+
+def test_send_flags_must_be_known() -> None:
+    abi.check_send_flags(0)
+    for bad in (1, 0x80000000, 0xFFFFFFFF):
+        with pytest.raises(DescriptorError, match="TX flags") as e:
+            abi.check_send_flags(bad)
+        assert e.value.field == "flags" and e.value.value == bad

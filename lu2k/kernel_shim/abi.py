@@ -81,7 +81,7 @@ import struct
 import sys
 from dataclasses import dataclass
 
-from ..errors import LocalProtocolError, ShimError
+from ..errors import LocalProtocolError, RemoteProtocolError, ShimError
 from ..nid import NID_SIZE
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
@@ -188,6 +188,8 @@ RX_DESC = struct.Struct(f"<QIII{NID_SIZE}sII")  # offset, length, src_portal, ds
 RELEASE_DESC = struct.Struct("<Q")  # offset
 
 COMP_EVENT = 0x1  # completion flag: not a send completion but an error event (cookie 0)
+SEND_FLAGS_KNOWN = 0  # SEND_DESC.flags: no flag is defined yet; any bit set is refused (room to grow)
+RX_FLAGS_KNOWN = 0  # RX_DESC.flags likewise
 DESC_STRUCTS = (SEND_DESC, COMPLETION, RX_DESC, RELEASE_DESC)
 
 # --- commands ----------------------------------------------------------------------------------
@@ -213,17 +215,56 @@ DEFAULT_MAX_MESSAGE = 4 << 20
 MIN_POOL_BYTES = 64 << 10
 
 
+# --- what an application wrote into its region -----------------------------------------------
+#
+# The daemon reads four kinds of values an application controls: the producer index of
+# the submit and release rings, the consumer index of the complete and deliver rings, the
+# fields of SEND_DESC and RELEASE_DESC, and its flag word.  Every one is checked before use
+# (ring.py for indices and slot offsets, here for flags); a failed check raises one of these,
+# which say exactly what was wrong.  A RingIndexError means the region can no longer be
+# trusted: the daemon detaches that endpoint with ``reason`` and nothing else.  A
+# DescriptorError concerns one descriptor: that request completes with Status.INVALID (a
+# bad release becomes an error event) and the endpoint carries on.
+
+
+class RegionError(RemoteProtocolError):
+    """An application wrote an impossible value into its shared region."""
+
+    def __init__(self, part: str, field: str, value: int, problem: str) -> None:
+        self.part = part  # "complete ring", "TX" (a submit descriptor), ...
+        self.field = field  # "consumer index", "offset", "flags", ...
+        self.value = value
+        self.problem = problem
+        super().__init__(f"{part} {field} {value}: {problem}")
+
+    @property
+    def reason(self) -> str:
+        """What to tell the application (and log) when it is detached or its request refused."""
+        return str(self)
+
+
+class RingIndexError(RegionError):
+    """A producer or consumer index the application controls is impossible: detach the endpoint."""
+
+
+class DescriptorError(RegionError):
+    """One descriptor is malformed: refuse that request, keep the endpoint."""
+
+
+def check_send_flags(flags: int) -> None:
+    if flags & ~SEND_FLAGS_KNOWN:
+        raise DescriptorError("TX", "flags", flags, f"unknown bits 0x{flags & ~SEND_FLAGS_KNOWN:x}")
+
+
 # --- paths -------------------------------------------------------------------------------------
 
 
 def default_shim_path() -> str:
-    """``$XDG_RUNTIME_DIR/lu2k/lu2kd.sock``, else ``/run/lu2k/lu2kd.sock`` for root, else ``/tmp/lu2k-$UID/lu2kd.sock``."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return os.path.join(xdg, "lu2k", "lu2kd.sock")
-    if os.geteuid() == 0:
-        return "/run/lu2k/lu2kd.sock"
-    return f"/tmp/lu2k-{os.geteuid()}/lu2kd.sock"
+    """``<runtime dir>/lu2kd.sock`` (see :func:`lu2k.kernel_shim.access.secure_runtime_dir`):
+    ``$XDG_RUNTIME_DIR/lu2k``, ``/run/lu2k`` for root, ``/run/user/$UID/lu2k``, else ``~/.lu2k/run``."""
+    from .access import secure_runtime_dir
+
+    return os.path.join(secure_runtime_dir(), "lu2kd.sock")
 
 
 # --- control packet helpers --------------------------------------------------------------------

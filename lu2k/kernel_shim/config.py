@@ -24,6 +24,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..values import Problems, as_int, as_mode, as_str
 from .abi import DEFAULT_MAX_MESSAGE, MIN_POOL_BYTES, default_shim_path
+from .access import AccessPolicy, parse_access
 
 _HARD_MAX_POOL = 4 << 30  # offsets are u64 but keep one endpoint from asking for the moon
 
@@ -62,19 +63,22 @@ class ShimConfig:
     socket_mode: int
     idle_poll_us: int
     idle_polls: int
+    access: AccessPolicy  # lu2k.shim.access: who may attach, which portals (kernel_shim.access)
 
     def __init__(self, max_in_flight: int = 1024, *, path: str | None = None, **options: Any) -> None:
         problems = Problems()
+        access = options.pop("access", None)
         self._fill({"max_in_flight": max_in_flight, **options}, problems, "lu2k.shim")
         self.path = default_shim_path() if path is None else path
+        self.access = access if isinstance(access, AccessPolicy) else AccessPolicy()
         if problems.items:
             raise ConfigError(problems.items[0].split(": ", 1)[-1], where=problems.items[0].split(": ", 1)[0],
                               errors=problems.items[1:])
 
     def _fill(self, data: Mapping[str, Any], problems: Problems, where: str) -> None:
-        unknown = sorted(str(k) for k in data if k not in _LIMITS and k != "path")
+        unknown = sorted(str(k) for k in data if k not in _LIMITS and k not in ("path", "access"))
         if unknown:
-            problems.add(where, f"unknown shim option(s) {', '.join(unknown)} (known: path, {', '.join(self.KEYS)})")
+            problems.add(where, f"unknown shim option(s) {', '.join(unknown)} (known: path, access, {', '.join(self.KEYS)})")
         for key, (default, lo, hi) in _LIMITS.items():
             w = f"{where}.{key}"
             value = data.get(key, default)
@@ -91,6 +95,12 @@ class ShimConfig:
         """Read a YAML ``shim:`` mapping; problems go to ``problems`` (defaults stand in)."""
         self = cls.__new__(cls)
         self._fill(data, problems, where)
+        self.access = AccessPolicy()
+        if data.get("access") is not None:
+            try:
+                self.access = parse_access(data["access"], where=f"{where}.access")
+            except ConfigError as e:
+                problems.items.extend(e.errors or [str(e)])
         self.path = default_shim_path()
         if "path" in data:
             got = problems.check(lambda: as_str(data["path"], f"{where}.path", what="a socket path"))

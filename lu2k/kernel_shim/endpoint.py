@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import math
 import mmap
 import os
 import select
@@ -573,6 +574,13 @@ def _connect(path: str | None) -> socket.socket:
 _ANC_SPACE = socket.CMSG_SPACE(3 * array("i").itemsize)
 
 
+def _poll_in(fd: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``fd`` to be readable (or hung up); works for any fd number."""
+    p = select.poll()
+    p.register(fd, select.POLLIN | select.POLLRDHUP)
+    return bool(p.poll(max(0, math.ceil(timeout * 1000))))
+
+
 class Endpoint:
     """A blocking endpoint; ``fileno()`` is readable when :meth:`poll` may find something."""
 
@@ -590,8 +598,18 @@ class Endpoint:
         sock = _connect(path)
         try:
             sock.settimeout(timeout)
-            sock.send(request)
-            packet, anc, _flags, _addr = sock.recvmsg(abi.MAX_CTL_PACKET, _ANC_SPACE)
+            try:
+                sock.send(request)
+            except TimeoutError:
+                raise
+            except OSError:
+                pass  # a daemon that refuses us replies at once and closes: read why below
+            try:
+                packet, anc, _flags, _addr = sock.recvmsg(abi.MAX_CTL_PACKET, _ANC_SPACE)
+            except TimeoutError:
+                raise
+            except OSError as e:
+                raise ShimError(e.errno or errno.ECONNRESET, f"daemon closed the shim socket during ATTACH: {e.strerror}") from None
             if not packet:
                 raise ShimError(errno.ECONNRESET, "daemon closed the shim socket during ATTACH")
             arg, fds = _parse_attach_reply(packet, anc)
@@ -759,8 +777,8 @@ class Endpoint:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ShimError(errno.ETIMEDOUT, f"no reply to {abi.COMMANDS.get(cmd, cmd)} within {timeout} s")
-            r, _w, _x = select.select([core.sock], [], [], remaining)
-            if not r:
+            # poll, not select: select() cannot watch a descriptor numbered 1024 or above
+            if not _poll_in(core.sock.fileno(), remaining):
                 continue
             packet = core.read_ctl()
             if packet is None:
@@ -827,8 +845,16 @@ class AsyncEndpoint:
         sock = _connect(path)
         sock.setblocking(False)
         try:
-            await loop.sock_sendall(sock, request)
-            packet, anc = await asyncio.wait_for(_recvmsg(loop, sock), timeout)
+            try:
+                await loop.sock_sendall(sock, request)
+            except OSError:
+                pass  # a daemon that refuses us replies at once and closes: read why below
+            try:
+                packet, anc = await asyncio.wait_for(_recvmsg(loop, sock), timeout)
+            except asyncio.TimeoutError:
+                raise
+            except OSError as e:
+                raise ShimError(e.errno or errno.ECONNRESET, f"daemon closed the shim socket during ATTACH: {e.strerror}") from None
             if not packet:
                 raise ShimError(errno.ECONNRESET, "daemon closed the shim socket during ATTACH")
             arg, fds = _parse_attach_reply(packet, anc)

@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from ..errors import Lu2kError, Status
 from ..nid import Nid, parse_nid
+from .access import AccessPolicy
 from .server import SendRequest, ShimConfig, ShimPort, ShimServer
 
 T = TypeVar("T")
@@ -95,10 +96,11 @@ class LoopbackHandler:
         return sum(len(q) for q in self._parked.values())
 
 
-def serve_loopback(path: str, nid: Nid | str = "0@lo", config: ShimConfig | None = None) -> ShimServer:
+def serve_loopback(path: str, nid: Nid | str = "0@lo", config: ShimConfig | None = None,
+                   access: AccessPolicy | None = None) -> ShimServer:
     """A ShimServer with a LoopbackHandler wired to it (call ``await server.start()``)."""
     handler = LoopbackHandler(nid)
-    server = ShimServer(path, handler, config=config)
+    server = ShimServer(path, handler, config=config, access=access)
     handler.server = server
     return server
 
@@ -110,8 +112,9 @@ class LoopbackThread:
     server's loop and returns its result; leaving the block closes the server.
     """
 
-    def __init__(self, path: str, nid: Nid | str = "0@lo", config: ShimConfig | None = None) -> None:
-        self.server = serve_loopback(path, nid, config)
+    def __init__(self, path: str, nid: Nid | str = "0@lo", config: ShimConfig | None = None,
+                 access: AccessPolicy | None = None) -> None:
+        self.server = serve_loopback(path, nid, config, access)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="lu2k-shim-loopback", daemon=True)
         self._ready = threading.Event()

@@ -280,13 +280,16 @@ class PortLogic:
         self._submit.commit()  # fields are copied out; the payload stays in its TX slot
         reqs: list[SendRequest] = []
         lookup, in_flight, mem, max_size = self._tx.lookup, self._tx_in_flight, self._mem, self.max_message_size
-        for cookie, offset, length, dst_portal, dst_nid, _flags in descs:
+        for cookie, offset, length, dst_portal, dst_nid, flags in descs:
             cap = lookup(offset)
-            if cap is None:
-                self._invalid(cookie, f"TX offset {offset} is not a TX slot")
-            elif length > cap or length > max_size:
-                self._invalid(cookie, f"length {length} exceeds slot {cap}/max {max_size}")
-            elif offset in in_flight:
+            if cap is None or length > cap or length > max_size or flags:  # the checks below say which field is wrong
+                try:
+                    self._tx.check_span(offset, length, max_size, "TX")
+                    abi.check_send_flags(flags)
+                except abi.DescriptorError as e:
+                    self._invalid(cookie, e.reason)
+                    continue
+            if offset in in_flight:
                 self._invalid(cookie, f"TX slot {offset} already in flight")
             else:
                 in_flight.add(offset)

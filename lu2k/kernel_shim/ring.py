@@ -11,7 +11,12 @@ Theory of operation (the ordering contract is spelled out in :mod:`.abi`):
   ``memoryview.cast('I')``, which compiles to single aligned 4-byte loads/stores (unlike
   ``struct.pack_into('<I')``, which writes byte by byte and could be seen half-written).
 * The other side's index is never trusted: a fill level above ``entries`` raises
-  :class:`~lu2k.errors.RemoteProtocolError` (the daemon disconnects such an endpoint).
+  :class:`~.abi.RingIndexError` naming the ring, the index and its value (the daemon
+  detaches such an endpoint, and only it).  A producer that has seen a corrupt consumer
+  index stays *broken*: every later call raises the same error, so a caller that missed
+  it once cannot write over descriptors the consumer may still be reading.
+* Slot offsets and lengths from the other side go through :meth:`SlotPool.check_span`,
+  which raises :class:`~.abi.DescriptorError` unless they name the start of a slot and fit it.
 
 :class:`SlotPool` is the buffer pool: slots of a few size classes (see
 :func:`.abi.pool_classes`) with a free list per class.  ``alloc(size)`` takes the smallest
@@ -25,8 +30,8 @@ import struct
 import threading
 from collections.abc import Iterable
 
-from ..errors import LocalProtocolError, RemoteProtocolError
-from .abi import RING_CONSUMER_OFF, RING_CTRL_SIZE, RING_PRODUCER_OFF, PoolLayout, RingLayout
+from ..errors import LocalProtocolError
+from .abi import RING_CONSUMER_OFF, RING_CTRL_SIZE, RING_PRODUCER_OFF, DescriptorError, PoolLayout, RingIndexError, RingLayout
 
 _MASK32 = 0xFFFFFFFF
 _fence_lock = threading.Lock()
@@ -87,18 +92,31 @@ class RingProducer(_Ring):
             self._ctrl[self._c] = 0
         self.head = self._ctrl[self._p]  # next slot we write (published up to here on publish())
         self._cached_consumer = self.head
+        self.broken: RingIndexError | None = None
 
-    def space(self) -> int:
-        """Free slots; re-reads the consumer index only when the cached one says full."""
-        free = self.entries - ((self.head - self._cached_consumer) & _MASK32)
-        if free > 0:
-            return free
+    def _load_consumer(self) -> int:
+        """The consumer index, checked: it must lie within ``entries`` behind our head."""
+        if self.broken is not None:
+            raise self.broken
         cons = self._ctrl[self._c]
         used = (self.head - cons) & _MASK32
         if used > self.entries:
-            raise RemoteProtocolError(f"{self.name} ring: consumer index {cons} is ahead of producer {self.head}")
+            self.broken = RingIndexError(
+                f"{self.name} ring", "consumer index", cons,
+                f"not within {self.entries} entries behind the producer index {self.head}")
+            raise self.broken
+        return cons
+
+    def space(self) -> int:
+        """Free slots; re-reads the consumer index only when the cached one says full."""
+        if self.broken is not None:
+            raise self.broken
+        free = self.entries - ((self.head - self._cached_consumer) & _MASK32)
+        if free > 0:
+            return free
+        cons = self._load_consumer()
         self._cached_consumer = cons
-        return self.entries - used
+        return self.entries - ((self.head - cons) & _MASK32)
 
     def refresh(self) -> int:
         """Free slots after re-reading the consumer index."""
@@ -108,6 +126,8 @@ class RingProducer(_Ring):
     def put(self, *fields: object) -> bool:
         """Write one descriptor (not yet visible); False if the ring is full."""
         head = self.head
+        if self.broken is not None:
+            raise self.broken
         if (head - self._cached_consumer) & _MASK32 >= self.entries and self.space() <= 0:
             return False
         self.desc.pack_into(self._mem, self._descs + (head & self.mask) * self.desc_size, *fields)
@@ -146,10 +166,7 @@ class RingProducer(_Ring):
 
     def unconsumed(self) -> int:
         """Published descriptors the consumer has not taken yet."""
-        used = (self.head - self._ctrl[self._c]) & _MASK32
-        if used > self.entries:
-            raise RemoteProtocolError(f"{self.name} ring: consumer index is ahead of producer")
-        return used
+        return (self.head - self._load_consumer()) & _MASK32
 
 
 class RingConsumer(_Ring):
@@ -164,9 +181,8 @@ class RingConsumer(_Ring):
         prod = self._ctrl[self._p]
         n = (prod - self.tail) & _MASK32
         if n > self.entries:
-            raise RemoteProtocolError(
-                f"{self.name} ring overrun: producer index {prod} is {n} ahead of consumer {self.tail} (ring has {self.entries})"
-            )
+            raise RingIndexError(f"{self.name} ring", "producer index", prod,
+                                 f"overrun: {n} ahead of the consumer index {self.tail} in a ring of {self.entries}")
         return n
 
     def take(self, limit: int | None = None) -> list[tuple]:  # type: ignore[type-arg]
@@ -242,6 +258,17 @@ class SlotPool:
     def lookup(self, offset: int) -> int | None:
         """Capacity of the slot starting at ``offset``, or None if no slot starts there."""
         return self._capacity.get(offset)
+
+    def check_span(self, offset: int, length: int, max_length: int, what: str = "TX") -> int:
+        """The capacity of the slot ``offset`` names, if ``length`` fits it and ``max_length``;
+        else DescriptorError saying which field is wrong (short: it travels in a 48-byte reason)."""
+        cap = self._capacity.get(offset)
+        if cap is None:
+            inside = any(c.offset <= offset < c.end for c in self.classes)
+            raise DescriptorError(what, "offset", offset, f"not a {what} slot" + (" (inside one)" if inside else ""))
+        if length > cap or length > max_length:
+            raise DescriptorError(what, "length", length, f"exceeds slot {cap}/max {max_length}")
+        return cap
 
     def free_counts(self) -> dict[int, int]:
         return {s: len(f) for s, f in zip(self._sizes, self._free)}

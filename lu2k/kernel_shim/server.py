@@ -35,7 +35,6 @@ import logging
 import mmap
 import os
 import socket
-import stat
 import struct
 from array import array
 from typing import Any, Protocol
@@ -43,6 +42,7 @@ from typing import Any, Protocol
 from ..errors import LocalProtocolError, Lu2kError, RemoteProtocolError, ShimError, Status
 from ..nid import NID_SIZE
 from . import abi
+from .access import AccessPolicy, PeerCred, RateLimitedLog, bind_private_socket, peer_credentials, prepare_socket_dir
 from .config import ShimConfig  # the one ShimConfig (lu2k: shim:), read with the daemon config
 from .ports import PortLogic, RxBuffer, SendRequest  # noqa: F401  (RxBuffer, SendRequest: re-exported)
 from .ring import full_fence
@@ -257,11 +257,8 @@ class _Connection:
     def __init__(self, server: "ShimServer", sock: socket.socket) -> None:
         self.server = server
         self.sock = sock
-        try:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            self.pid, self.uid, self.gid = struct.unpack("3i", creds)
-        except OSError:
-            self.pid = self.uid = self.gid = -1
+        self.peer = peer_credentials(sock)  # kernel-verified (SO_PEERCRED, SO_PEERGROUPS)
+        self.pid, self.uid, self.gid = self.peer.pid, self.peer.uid, self.peer.gid
         self.port: ShimPort | None = None
         self.closed = False
 
@@ -326,6 +323,10 @@ class _Connection:
             raise ShimError(errno.EINVAL, f"unknown ATTACH flags 0x{flags:x}")
         if self.port is not None:
             raise ShimError(errno.EISCONN, f"this connection is already attached on portal {self.port.portal}")
+        refused = server.access.check_bind(self.peer, portal)
+        if refused is not None:
+            server._refused(self.peer, f"ATTACH portal {portal}", refused)
+            raise ShimError(errno.EACCES, refused)
         other = server.ports.get(portal)
         if other is not None:
             raise ShimError(errno.EADDRINUSE, f"portal {portal} is bound by pid {other.pid}")
@@ -410,10 +411,14 @@ class _Connection:
 class ShimServer:
     """Listens on the shim socket and serves one ShimPort per attached endpoint."""
 
-    def __init__(self, path: str, handler: ShimHandler, *, config: ShimConfig | None = None) -> None:
+    def __init__(self, path: str, handler: ShimHandler, *, config: ShimConfig | None = None,
+                 access: AccessPolicy | None = None) -> None:
         self.path = path
         self.handler = handler
         self.config = config or ShimConfig()
+        self.access = access or AccessPolicy()
+        self.refusal_log = RateLimitedLog(log)
+        self._accept_backoff = 0.0  # seconds; > 0 while accept() is paused after running out of descriptors
         self.ports: dict[int, ShimPort] = {}
         self.counters: collections.Counter[str] = collections.Counter()
         self._conns: set[_Connection] = set()
@@ -428,19 +433,20 @@ class ShimServer:
         return nid
 
     async def start(self) -> None:
-        """Bind the socket (replacing a stale one, refusing a live one) and start accepting."""
+        """Bind the socket (replacing our own stale one, refusing a live or foreign one) and start accepting.
+
+        The directory is created or checked by :func:`.access.prepare_socket_dir`: ours,
+        not a symlink, not writable by other users.
+        """
         self._loop = asyncio.get_running_loop()
-        directory = os.path.dirname(self.path) or "."
+        acc = self.access
+        mode = acc.socket_mode if acc.socket_group is not None or self.config.socket_mode == 0o600 else self.config.socket_mode
+        if mode & 0o007:
+            raise ShimError(errno.EPERM, f"socket_mode {mode:04o} would open the shim socket to every local user; "
+                                         "use lu2k.shim.access.socket_group with mode 0660")
+        prepare_socket_dir(os.path.dirname(os.path.abspath(self.path)), mode=acc.dir_mode, group=acc.socket_group)
+        sock = bind_private_socket(self.path, socket.SOCK_SEQPACKET, mode=mode, group=acc.socket_group)
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-        except OSError as e:
-            raise ShimError(e.errno or errno.EIO, f"cannot create shim socket directory {directory}: {e.strerror}") from None
-        if os.path.lexists(self.path):
-            self._remove_stale()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(self.path)
-            os.chmod(self.path, self.config.socket_mode)
             sock.listen(64)
         except OSError as e:
             sock.close()
@@ -450,19 +456,11 @@ class ShimServer:
         self._sock = sock
         self._loop.add_reader(sock.fileno(), self._on_accept)
 
-    def _remove_stale(self) -> None:
-        st = os.lstat(self.path)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ShimError(errno.EEXIST, f"{self.path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            probe.connect(self.path)
-        except OSError:
-            os.unlink(self.path)  # nobody listens: left over from a daemon that died
-            return
-        finally:
-            probe.close()
-        raise ShimError(errno.EADDRINUSE, f"another daemon is listening on {self.path}")
+    # accept() errors that mean "out of a resource", not "this client was bad": stop asking
+    # for a while instead of spinning on a listener that stays readable.
+    _ACCEPT_EXHAUSTED = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+    ACCEPT_BACKOFF_MIN = 0.05
+    ACCEPT_BACKOFF_MAX = 2.0
 
     def _on_accept(self) -> None:
         assert self._sock is not None
@@ -470,14 +468,49 @@ class ShimServer:
             try:
                 csock, _addr = self._sock.accept()
             except BlockingIOError:
+                self._accept_backoff = 0.0
                 return
             except OSError as e:
-                log.warning("shim accept failed: %s", e)
+                self.counters["accept_errors"] += 1
+                if e.errno in self._ACCEPT_EXHAUSTED:
+                    self._pause_accept(e)
+                else:
+                    self.refusal_log.warning("accept", "shim accept failed: %s", e)
                 return
+            self._accept_backoff = 0.0
             csock.setblocking(False)
             conn = _Connection(self, csock)
+            refused = self.access.check_attach(conn.peer)
+            if refused is not None:
+                self._refused(conn.peer, "connect", refused)
+                try:  # drop what it sent already: closing with unread data would reset it before it reads why
+                    for _ in range(4):
+                        csock.recv(abi.MAX_CTL_PACKET)
+                except OSError:
+                    pass
+                conn.reply(0, 0, errno.EACCES, refused)  # best effort: the client reads why, then EOF
+                csock.close()
+                continue
             self._conns.add(conn)
             self._loop.add_reader(csock.fileno(), conn.on_readable)
+
+    def _pause_accept(self, e: OSError) -> None:
+        """Out of descriptors: stop accepting, retry after an exponentially growing pause."""
+        assert self._sock is not None
+        delay = min(self.ACCEPT_BACKOFF_MAX, max(self.ACCEPT_BACKOFF_MIN, self._accept_backoff * 2))
+        self._accept_backoff = delay
+        self.counters["accept_paused"] += 1
+        self.refusal_log.warning("accept-exhausted", "shim accept failed (%s); pausing accept for %.2f s", e.strerror, delay)
+        self._loop.remove_reader(self._sock.fileno())
+        self._loop.call_later(delay, self._resume_accept)
+
+    def _resume_accept(self) -> None:
+        if self._sock is not None:
+            self._loop.add_reader(self._sock.fileno(), self._on_accept)
+
+    def _refused(self, peer: PeerCred, what: str, reason: str) -> None:
+        self.counters["refused"] += 1
+        self.refusal_log.warning(("refused", peer.uid), "shim %s refused for uid %d pid %d: %s", what, peer.uid, peer.pid, reason)
 
     def _forget(self, conn: _Connection) -> None:
         self._conns.discard(conn)
