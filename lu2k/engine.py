@@ -753,7 +753,7 @@ class Engine:
         if res.via == str(nid):
             out["incarnation"] = f"{res.incarnation:016x}"
         else:
-            out["routed"] = True
+            out["end_to_end"] = True  # the far end answered, not the gateway
         return out
 
     def describe_nets(self) -> list[dict[str, Any]]:

@@ -291,7 +291,7 @@ async def test_ping_behind_a_gateway_reports_the_far_end_or_fails() -> None:
         await e.start(with_shim=False)
     try:
         res = await a.ping(c.primary_nid(), 5)
-        assert res["nid"] == "10.9.9.3@tcp1" and res["via"] == "10.9.8.2@tcp" and res["routed"] is True
+        assert res["nid"] == "10.9.9.3@tcp1" and res["via"] == "10.9.8.2@tcp" and res["end_to_end"] is True
         assert g.core.stats["msgs_forwarded"] == 1 and c.core.stats["msgs_delivered"] == 0  # the daemon answered
         with pytest.raises(NetworkError, match="no answer from 10.9.9.77@tcp1: "):
             await a.ping(parse_nid("10.9.9.77@tcp1"), 0.8)  # nobody there: the gateway's answer is a failure
