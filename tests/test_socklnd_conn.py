@@ -242,3 +242,19 @@ def test_lnet_hello_after_handshake() -> None:
 def test_sending_before_established_is_local_misuse() -> None:
     with pytest.raises(LocalProtocolError, match="state connreq"):
         passive().send_lnet(bytes(72))
+
+
+def test_our_zero_copy_requests_are_matched_to_their_acks() -> None:
+    from lu2k.socklnd.conn import ZcAcked
+
+    node, gw = pair(ConnType.BULK_OUT)
+    events(node), events(gw)
+    hdr = LnetHdr(LnetMsgType.PUT, FAR, NODE, payload_length=16 << 10).pack()
+    c1 = node.send_lnet(hdr, b"a" * (16 << 10), zero_copy=True)
+    c2 = node.send_lnet(hdr, b"b" * (16 << 10), zero_copy=True)
+    assert (c1, c2) == (2, 3)  # cookie 1 is the keepalive ping
+    pump(node, gw)
+    assert [type(e) for e in events(gw)] == [LnetReceived, LnetReceived]
+    assert events(node) == [ZcAcked(frozenset({2})), Keepalive(), ZcAcked(frozenset({3})), Keepalive()]
+    # A range ack for cookies never requested is refused.
+    feed_fails(node, struct.pack("<IIQQ", 0xC0, 0, 4, 9), FrameError, "4..9")

@@ -92,8 +92,15 @@ class Established:
 @dataclass
 class LnetReceived:
     hdr: LnetHdr
-    raw_header: bytes  # the 72 bytes as received: forwarded untouched
-    payload: bytearray
+    wire: bytearray  # the 72-byte LNet header as received, then the payload: forwarded untouched
+
+    @property
+    def raw_header(self) -> bytes:
+        return bytes(self.wire[: idl.LNET_HDR_NID4_SIZE])
+
+    @property
+    def payload(self) -> memoryview:
+        return memoryview(self.wire)[idl.LNET_HDR_NID4_SIZE :]
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,12 @@ class Keepalive:
     pass
 
 
-Event = Established | LnetReceived | Keepalive
+@dataclass(frozen=True)
+class ZcAcked:
+    cookies: frozenset[int]  # the ZC requests of ours the peer acknowledged
+
+
+Event = Established | LnetReceived | Keepalive | ZcAcked
 
 
 @dataclass
@@ -135,9 +147,10 @@ class KsockConnection:
         self._ksm: tuple[int, int, int, int] = (0, 0, 0, 0)
         self._ksm_raw = b""
         self._hdr: LnetHdr | None = None
-        self._raw_hdr = b""
-        self._payload: bytearray | None = None
+        self._payload: bytearray | None = None  # header + payload of the message being read
         self._filled = 0
+        self._zc_pending: set[int] = set()
+        self._zc_next = idl.SOCKNAL_KEEPALIVE_PING + 1
         if active:
             if config.version not in idl.SUPPORTED_VERSIONS:
                 raise LocalProtocolError(f"cannot offer socklnd version {config.version}")
@@ -160,19 +173,36 @@ class KsockConnection:
     def next_event(self) -> Event | None:
         return self._events.pop(0) if self._events else None
 
-    def send_lnet(self, raw_header: bytes, payload: bytes | memoryview = b"") -> None:
-        """Queue one LNet message (header as packed, payload after it, no ZC request)."""
+    def send_lnet(self, raw_header: bytes, payload: bytes | memoryview = b"", *, zero_copy: bool = False) -> int:
+        """Queue one LNet message (header as packed, payload after it).
+
+        With ``zero_copy`` the message carries a ZC request cookie, as a kernel sender marks
+        payloads of 16 KiB or more; the cookie is returned and a :class:`ZcAcked` event
+        reports its acknowledgement.  Otherwise returns 0.
+        """
         self._check_open()
         if self.state is not State.ESTABLISHED:
             raise LocalProtocolError(f"cannot send on a connection in state {self.state.value}")
         if len(raw_header) != idl.LNET_HDR_NID4_SIZE:
             raise LocalProtocolError(f"LNet header must be {idl.LNET_HDR_NID4_SIZE} bytes")
+        cookie = 0
+        if zero_copy:
+            cookie, self._zc_next = self._zc_next, self._zc_next + 1
+            self._zc_pending.add(cookie)
         csum_over = payload if (self.config.send_checksums and self.version == idl.KSOCK_PROTO_V2) else None
-        self._out.append(proto.encode_lnet(raw_header, len(payload), checksum_payload=csum_over))
+        if cookie:
+            head = proto.encode_ksock_hdr(KsockMsgType.LNET, 0, cookie) + raw_header
+            if csum_over is not None:
+                csum = proto.ksock_csum(head, csum_over)
+                head = proto.encode_ksock_hdr(KsockMsgType.LNET, csum, cookie) + raw_header
+            self._out.append(head)
+        else:
+            self._out.append(proto.encode_lnet(raw_header, len(payload), checksum_payload=csum_over))
         if len(payload):
             self._out.append(payload)
         self.stats.tx_msgs += 1
         self.stats.tx_bytes += len(payload)
+        return cookie
 
     def send_keepalive(self) -> None:
         """V3 keepalive NOOP (the kernel takes cookie 1 as a ping only from V3 peers)."""
@@ -197,6 +227,10 @@ class KsockConnection:
     def expecting(self) -> str:
         """What a truncated stream stopped in (for the log line when the peer closes)."""
         return self._rx.value
+
+    def at_boundary(self) -> bool:
+        """Established and between messages: an EOF here is a clean close, not a truncation."""
+        return self.state is State.ESTABLISHED and self._rx is Rx.KSM_HDR and not self._head
 
     def _check_open(self) -> None:
         if self.error is not None:
@@ -319,10 +353,22 @@ class KsockConnection:
     def _on_ksm_hdr(self, chunk: bytes) -> None:
         mtype, csum, zc_req, zc_ack = struct.unpack(self._order + "IIQQ", chunk)
         if zc_ack:
-            # We never ask for ZC-ACKs, so the only acceptable one is the V3 keepalive cookie.
-            first = zc_req if mtype == KsockMsgType.NOOP else 0
-            if zc_ack != idl.SOCKNAL_KEEPALIVE_PING or first not in (0, idl.SOCKNAL_KEEPALIVE_PING):
-                raise FrameError(f"ZC-ACK for cookies {first}..{zc_ack} that were never requested")
+            # ksocknal_handle_zcack: a NOOP may acknowledge the range [zc_req, zc_ack] (or the two
+            # cookies when zc_req > zc_ack); cookie 1 alone is a V3 keepalive.
+            first = zc_req if mtype == KsockMsgType.NOOP and zc_req else zc_ack
+            if first == zc_ack == idl.SOCKNAL_KEEPALIVE_PING:
+                pass
+            else:
+                if first > zc_ack:
+                    acked = {first, zc_ack}
+                elif zc_ack - first < len(self._zc_pending):
+                    acked = set(range(first, zc_ack + 1))
+                else:
+                    acked = {0}  # more cookies than we have pending: cannot all be ours
+                if not acked <= self._zc_pending:
+                    raise FrameError(f"ZC-ACK for cookies {first}..{zc_ack} that were never requested")
+                self._zc_pending -= acked
+                self._events.append(ZcAcked(frozenset(acked)))
         if mtype == KsockMsgType.NOOP:
             if csum and self.version == idl.KSOCK_PROTO_V2:
                 plain = bytearray(chunk)
@@ -345,8 +391,10 @@ class KsockConnection:
         if hdr.payload_length > self.config.max_payload:
             raise FrameError(f"LNet {hdr.type.name} header claims a {hdr.payload_length}-byte payload, "
                              f"more than the {self.config.max_payload} allowed")
-        self._hdr, self._raw_hdr = hdr, chunk
-        self._payload, self._filled = bytearray(hdr.payload_length), 0
+        self._hdr = hdr
+        self._payload = bytearray(idl.LNET_HDR_NID4_SIZE + hdr.payload_length)
+        self._payload[: idl.LNET_HDR_NID4_SIZE] = chunk
+        self._filled = idl.LNET_HDR_NID4_SIZE
         if hdr.payload_length == 0:
             self._payload_done()
         else:
@@ -358,12 +406,12 @@ class KsockConnection:
         if csum and self.version == idl.KSOCK_PROTO_V2:
             plain = bytearray(self._ksm_raw)
             plain[4:8] = b"\0\0\0\0"
-            got = proto.ksock_csum(plain, self._raw_hdr, self._payload)
+            got = proto.ksock_csum(plain, self._payload)
             if got != csum:
                 raise FrameError(f"checksum mismatch on {self._hdr.describe()}: wire {csum:#010x}, data {got:#010x}")
-        self._events.append(LnetReceived(self._hdr, self._raw_hdr, self._payload))
+        self._events.append(LnetReceived(self._hdr, self._payload))
         self.stats.rx_msgs += 1
-        self.stats.rx_bytes += len(self._payload)
+        self.stats.rx_bytes += self._hdr.payload_length
         if zc_req:
             self._out.append(proto.encode_noop(zc_ack=zc_req))
             self.stats.zc_acks_sent += 1
@@ -381,4 +429,4 @@ _HANDLERS = {
     Rx.LNET_HDR: KsockConnection._on_lnet_hdr,
 }
 
-__all__ = ["ConnConfig", "ConnStats", "Established", "Event", "Keepalive", "KsockConnection", "LnetReceived", "Rx", "State"]
+__all__ = ["ConnConfig", "ConnStats", "Established", "Event", "Keepalive", "KsockConnection", "LnetReceived", "Rx", "State", "ZcAcked"]
