@@ -339,8 +339,7 @@ class KsockConnection:
         else:
             if h.ctype is ConnType.NONE:
                 raise HandshakeError("hello with connection type NONE")
-            if h.dst_nid not in (self.local_nid, idl.LNET_NID_ANY, 0):
-                raise HandshakeError(f"hello addressed to {idl.nid4_str(h.dst_nid)}, not to {idl.nid4_str(self.local_nid)}")
+            # kshm_dst_nid is not checked (the kernel does not either): the connection request named our NID.
             self.peer_nid, self.ctype = h.src_nid, h.ctype.inverted()
             self._out.append(self._my_hello(h.src_nid, h.src_pid, h.src_incarnation, h.ctype.inverted()).pack())
         self.peer_pid, self.peer_incarnation = h.src_pid, h.src_incarnation

@@ -316,8 +316,15 @@ class SocklndDriver:
             writer.close()
             return
         _keepalive_socket(writer, self.tun.keepalive)
+        task = asyncio.current_task()
+        if task is not None:  # so close() ends it too
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
         conn = LanConn(self, reader, writer, KsockConnection(self.conn_config, active=False), address)
-        await self._run_conn(conn)
+        try:
+            await self._run_conn(conn)
+        except asyncio.CancelledError:
+            pass  # driver closing: asyncio's server callback must not see the cancel
 
     async def _run_conn(self, conn: LanConn) -> None:
         self.conns.add(conn)
