@@ -31,7 +31,8 @@ def daemon_config(tmp: Path, port: int) -> object:
             {"net type": "tcp9", "local NI(s)": [{"nid": "10.83.3.1@tcp9"}],
              "lu2k": {"backend": "inproc", "port": 41900, "key": "socklnd-attach-key"}},
         ],
-        "route": [{"net": "tcp1", "gateway": "10.83.3.2@tcp9"}],  # nobody there: the satellite hop is down
+        # nobody there: the satellite hop is down (two gateways to tcp1, neither answers)
+        "route": [{"net": "tcp1", "gateway": "10.83.3.2@tcp9"}, {"net": "tcp1", "gateway": "10.83.3.3@tcp9"}],
         "routing": {"enable": 1},
         "global": {"connect_timeout": 0.2, "transaction_timeout": 0.5},
         "lu2k": {"shim": {"path": str(tmp / "d.shim")}, "control": {"path": str(tmp / "d.ctl")}},
@@ -43,7 +44,7 @@ def test_split_keeps_lan_nets_out_of_the_engine(tmp_path: Path) -> None:
     lan = LanNets(cfg)  # type: ignore[arg-type]
     assert [n.backend for n in lan.nets] == ["socklnd"] and all(is_lan(n) for n in lan.nets)
     assert [n.backend for n in lan.core_config().nets] == ["inproc"]
-    assert lan.remote_gateways() == {Net("tcp", 1): parse_nid("10.83.3.2@tcp9")}
+    assert lan.remote_gateways() == {Net("tcp", 1): [parse_nid("10.83.3.2@tcp9"), parse_nid("10.83.3.3@tcp9")]}
 
 
 async def test_daemon_runs_a_socklnd_net(tmp_path: Path) -> None:

@@ -44,9 +44,14 @@ class LanNets:
             return self.config
         return replace(self.config, nets=[n for n in self.config.nets if n not in self.nets])
 
-    def remote_gateways(self) -> dict[Net, Nid]:
+    def remote_gateways(self) -> dict[Net, list[Nid]]:
+        """Each net routed over lu2k and its lu2k gateways (routes whose gateway is not on a LAN)."""
         lan = {n.net for n in self.nets}
-        return {r.net: r.gateway for r in self.config.routes if r.gateway.net not in lan and r.net not in lan}
+        out: dict[Net, list[Nid]] = {}
+        for r in self.config.routes:
+            if r.gateway.net not in lan and r.net not in lan:
+                out.setdefault(r.net, []).append(r.gateway)
+        return out
 
     async def start(self, engine: Any) -> None:
         peer_addresses = {p.nid: p.address for p in self.config.peers if p.address}

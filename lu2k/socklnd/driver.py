@@ -214,7 +214,7 @@ class KernelPeer:
 class SocklndDriver:
     """lu2kd's NI on one socklnd LAN; attach with ``engine.attach_lan(net, driver)``."""
 
-    def __init__(self, nc: NetConfig, engine: EngineLike, *, remote_gateways: dict[Net, Nid] | None = None,
+    def __init__(self, nc: NetConfig, engine: EngineLike, *, remote_gateways: dict[Net, list[Nid]] | None = None,
                  peer_addresses: dict[Nid, str] | None = None,
                  next_hop: Callable[[Nid], Nid | None] | None = None, tunables: SocklndTunables | None = None) -> None:
         from ..backends.base import BackendSettings
@@ -232,7 +232,7 @@ class SocklndDriver:
         self.peer_addresses = dict(peer_addresses or {})
         self.next_hop = next_hop
         # The NID we show on each remote net, and the lu2k gateway whose health decides its status.
-        self.remote_gateways = dict(remote_gateways or {})
+        self.remote_gateways = {net: list(gws) for net, gws in (remote_gateways or {}).items()}
         self.remote_nids: dict[Net, Nid] = {n.net: n for n in self.tun.remote_nids}
         for rnet in self.remote_gateways:
             if rnet not in self.remote_nids and rnet.type == "tcp" and isinstance(nc.nid.addr, ipaddress.IPv4Address):
@@ -333,8 +333,12 @@ class SocklndDriver:
         except ConnectionClosed as e:
             log.info("LAN connection closed", net=str(self.net), peer=self._who(conn), reason=str(e))
         except RemoteProtocolError as e:
-            self.stats["bad_frames" if conn.established else "conns_refused"] += 1
-            log.warning("closing LAN connection", net=str(self.net), peer=self._who(conn), reason=str(e))
+            if conn.core.active and not conn.established:  # the node refused us (e.g. a lost connection race)
+                self.stats["connects_refused_by_node"] += 1
+                log.info("LAN node refused our connection", net=str(self.net), peer=self._who(conn), reason=str(e))
+            else:
+                self.stats["bad_frames" if conn.established else "conns_refused"] += 1
+                log.warning("closing LAN connection", net=str(self.net), peer=self._who(conn), reason=str(e))
             if conn.peer is not None:
                 conn.peer.last_error = str(e)
         except (NetworkError, OSError) as e:
@@ -652,16 +656,19 @@ class SocklndDriver:
         """Is the lu2k hop to each remote net up?  Decides the status of its NI in our pings."""
         # Loops check ``closing`` too: asyncio.wait_for in Python 3.11 can swallow a cancel.
         while not self.closing:
-            for rnet, gw in self.remote_gateways.items():
+            for rnet, gateways in self.remote_gateways.items():
                 if rnet not in self.remote_nids:
                     continue
-                try:
-                    await self.engine.ping(gw, timeout=self.tun.probe_interval)
-                    up, why = True, ""
-                except Lu2kError as e:
-                    up, why = False, str(e)
+                up, why = False, "no gateway"
+                for gw in gateways:  # up while any of the net's lu2k gateways answers
+                    try:
+                        await self.engine.ping(gw, timeout=self.tun.probe_interval)
+                        up, why = True, ""
+                        break
+                    except Lu2kError as e:
+                        why = f"{gw}: {e}"
                 if up != self.remote_up.get(rnet):
-                    (log.info if up else log.warning)("remote net " + ("up" if up else "down"), net=str(rnet), gateway=str(gw), reason=why)
+                    (log.info if up else log.warning)("remote net " + ("up" if up else "down"), net=str(rnet), reason=why)
                 self.remote_up[rnet] = up
             await asyncio.sleep(self.tun.probe_interval)
 
@@ -673,7 +680,7 @@ class SocklndDriver:
             "listen": f"{self.address[0]}:{self.address[1]}" if self.server else None,
             "tunables": {"peer_credits": self.tun.peer_credits, "credits": self.tun.rx_window_msgs},
             "remote_nis": [{"nid": str(n), "status": "up" if self.remote_up.get(net) else "down",
-                            "gateway": str(self.remote_gateways.get(net, "")) or None} for net, n in self.remote_nids.items()],
+                            "gateways": [str(g) for g in self.remote_gateways.get(net, [])]} for net, n in self.remote_nids.items()],
             "rx_window": {"msgs": self.rx_msgs, "bytes": self.rx_bytes},
             "peers": [{"nid": str(p.nid), "conns": sorted(c.ctype.name.lower() for c in p.conns if not c.closed),
                        "queued": len(p.queue), "sent": p.sent, "failed": p.failed, "last_error": p.last_error}
