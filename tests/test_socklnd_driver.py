@@ -286,3 +286,27 @@ async def test_transmit_checks_the_encapsulation(sites: tuple[Site, Site]) -> No
     d.transmit(NODE_B.to_bytes(), GW_A.to_bytes(), 0, idl.LNET_PORTAL, hdr + b"12345", lambda s, r: done.append((s, r)))
     assert [s for s, _ in done] == [Status.INVALID, Status.PROTOCOL, Status.PROTOCOL, Status.PROTOCOL]
     assert "portal 3" in done[0][1] and "says 5 payload bytes" in done[1][1] and "differs" in done[3][1]
+
+
+@pytest.mark.parametrize("sites", [{"protocol": 2}], indirect=True)
+async def test_protocol_v2_towards_the_node(sites: tuple[Site, Site]) -> None:
+    a, b = sites
+    data = b"v2" * 20000
+    assert await a.node.put(NODE_B, 7, data) is not None
+    assert b.node.portals[7] == data
+    conns = b.driver.peers[idl.nid4_of(NODE_B)].conns
+    assert conns and all(c.core.version == 2 for c in conns)
+
+
+@pytest.mark.parametrize("sites", [{"connect_timeout": 0.3}], indirect=True)
+async def test_a_stalled_hello_is_closed_after_connect_timeout(sites: tuple[Site, Site]) -> None:
+    a, _ = sites
+    GW_ACCEPT_PORT[0] = a.driver.address[1]
+    with structlog.testing.capture_logs() as logs:
+        reader, writer = await raw_conn(privileged())
+        writer.write(good_prefix()[:30])  # and then nothing, connection left open
+        await writer.drain()
+        await read_to_close(reader)
+        writer.close()
+        await until(lambda: any("no hello within" in str(e.get("reason", "")) for e in logs))
+    assert a.driver.stats["conns_refused"] == 1
