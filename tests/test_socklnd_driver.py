@@ -217,8 +217,11 @@ async def read_to_close(reader: asyncio.StreamReader) -> bytes:
     return got
 
 
+STRANGER = parse_nid("127.83.1.9@tcp")  # the raw connections claim their own NID, not node A's
+
+
 def good_prefix() -> bytes:
-    return proto.encode_connreq(idl.nid4_of(GW_A)) + Hello(3, idl.nid4_of(NODE_A), idl.nid4_of(GW_A), 12345, 0, 77, 0,
+    return proto.encode_connreq(idl.nid4_of(GW_A)) + Hello(3, idl.nid4_of(STRANGER), idl.nid4_of(GW_A), 12345, 0, 77, 0,
                                                           ConnType.CONTROL).pack()
 
 
@@ -232,7 +235,7 @@ def bad_bytes(case: str) -> tuple[bytes, str]:
     if case == "truncated hello":
         return good_prefix()[:40], "in the middle of the hello body"
     if case == "absurd payload length":
-        hdr = bytearray(LnetHdr(LnetMsgType.PUT, idl.nid4_of(NODE_B), idl.nid4_of(NODE_A)).pack())
+        hdr = bytearray(LnetHdr(LnetMsgType.PUT, idl.nid4_of(NODE_B), idl.nid4_of(STRANGER)).pack())
         hdr[28:32] = (4_000_000_000).to_bytes(4, "little")
         return good_prefix() + struct.pack("<IIQQ", 0xC1, 0, 0, 0) + bytes(hdr), "claims a 4000000000-byte payload"
     if case == "wrong magic":
@@ -310,3 +313,19 @@ async def test_a_stalled_hello_is_closed_after_connect_timeout(sites: tuple[Site
         writer.close()
         await until(lambda: any("no hello within" in str(e.get("reason", "")) for e in logs))
     assert a.driver.stats["conns_refused"] == 1
+
+
+async def test_messages_before_bad_bytes_are_still_forwarded(sites: tuple[Site, Site]) -> None:
+    a, b = sites
+    GW_ACCEPT_PORT[0] = a.driver.address[1]
+    put = LnetHdr(LnetMsgType.PUT, idl.nid4_of(NODE_B), idl.nid4_of(STRANGER), payload_length=5,
+                  wmd=(idl.LNET_WIRE_HANDLE_COOKIE_NONE, 0), ptl_index=8).pack()
+    with structlog.testing.capture_logs() as logs:
+        reader, writer = await raw_conn(privileged())
+        writer.write(good_prefix() + proto.encode_lnet(put, 5) + b"hello" + struct.pack("<IIQQ", 0xC9, 0, 0, 0))
+        await writer.drain()
+        await read_to_close(reader)
+        writer.close()
+        await until(lambda: any("unknown ksock message type 0xc9" in str(e.get("reason", "")) for e in logs))
+    await until(lambda: 8 in b.node.portals)
+    assert b.node.portals[8] == b"hello" and a.driver.stats["conns_refused"] + a.driver.stats["bad_frames"] == 1

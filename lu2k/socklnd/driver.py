@@ -57,7 +57,7 @@ from ..errors import (
 from ..nid import Net, Nid
 from ..settings import NetConfig
 from . import idl, proto
-from .conn import ConnConfig, Established, Keepalive, KsockConnection, LnetReceived, State
+from .conn import ConnConfig, Established, KsockConnection, LnetReceived, State
 from .idl import ConnType
 from .router import RouterResponder
 from .tunables import SocklndTunables
@@ -79,7 +79,7 @@ class EngineLike(Protocol):
 
 # Socket errors become lu2k's, once, by phase (httpcore's map_exceptions).
 _CONNECT_ERRORS: dict[type[BaseException], type[NetworkError]] = {asyncio.TimeoutError: ConnectTimeout, OSError: ConnectError}
-_IO_ERRORS: dict[type[BaseException], type[NetworkError]] = {ConnectionResetError: ReadError, OSError: ReadError}
+_IO_ERRORS: dict[type[BaseException], type[NetworkError]] = {OSError: ReadError}
 
 
 def _translate(e: BaseException, table: dict[type[BaseException], type[NetworkError]], what: str) -> NetworkError:
@@ -142,39 +142,47 @@ class LanConn:
         await self.flush()  # an active connection's connreq + hello
         deadline = time.monotonic() + handshake_timeout
         while True:
-            if self.core.state is not State.ESTABLISHED:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise HandshakeError(f"no hello within {handshake_timeout:g} s (stopped in the {self.core.expecting()})")
-                try:
-                    data = await asyncio.wait_for(self.reader.read(READ_SIZE), left)
-                except asyncio.TimeoutError:
-                    continue
-            else:
-                await self.driver.wait_rx_space()
-                data = await self.reader.read(READ_SIZE)
+            try:
+                if self.core.state is not State.ESTABLISHED:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise HandshakeError(f"no hello within {handshake_timeout:g} s (stopped in the {self.core.expecting()})")
+                    try:
+                        data = await asyncio.wait_for(self.reader.read(READ_SIZE), left)
+                    except asyncio.TimeoutError:
+                        continue
+                else:
+                    await self.driver.wait_rx_space()
+                    data = await self.reader.read(READ_SIZE)
+            except OSError as e:
+                raise _translate(e, _IO_ERRORS, f"read from {self.address}") from None
             if self.closed:
                 return  # we closed it (driver closing, node restarted)
             if not data:
                 if self.core.at_boundary():
                     raise ConnectionClosed(f"{self.address} closed the connection")
                 raise RemoteProtocolError(f"{self.address} closed the connection in the middle of the {self.core.expecting()}")
+            error: RemoteProtocolError | None = None
             try:
                 self.core.receive_data(data)
-            finally:
-                pending = self.core.data_to_send()  # a refusal hello or ZC-ACKs go out even on error
-                if pending:
-                    try:
-                        await self.write(pending)
-                    except WriteError:
-                        pass
+            except RemoteProtocolError as e:
+                error = e  # what came before the bad bytes is still handled, as the kernel would
+            pending = self.core.data_to_send()  # ZC-ACKs, or a refusal hello
+            if pending:
+                try:
+                    await self.write(pending)
+                except WriteError:
+                    if error is None:
+                        raise
             while (ev := self.core.next_event()) is not None:
                 if isinstance(ev, Established):
-                    self.driver.on_established(self, ev)
+                    if error is None:  # a connection that is already bad never joins its peer
+                        self.driver.on_established(self, ev)
                 elif isinstance(ev, LnetReceived):
                     self.driver.on_lnet(self, ev)
-                elif isinstance(ev, Keepalive):
-                    pass
+                # Keepalive / ZcAcked: nothing to do (we never ask for zero copy)
+            if error is not None:
+                raise error
 
     def close(self) -> None:
         if not self.closed:
