@@ -173,6 +173,10 @@ async def test_dead_satellite_hop_reports_the_remote_ni_down(sites: tuple[Site, 
     info = await a.node.ping(GW_A)
     assert dict(info.nis)[idl.nid4_of(parse_nid("127.83.1.1@tcp1"))] == idl.LNET_NI_STATUS_DOWN
     assert dict(info.nis)[idl.nid4_of(GW_A)] == idl.LNET_NI_STATUS_UP
+    # Traffic for the dead net is dropped at once (as a router with a dead remote NI), not held.
+    assert await a.node.put(NODE_B, 5, b"lost", ack=False) is None
+    await until(lambda: a.driver.stats["dropped_remote_down"] == 1)
+    assert a.driver.rx_msgs == 0
 
 
 @pytest.mark.parametrize("sites", [{"max_queued": 64}], indirect=True)

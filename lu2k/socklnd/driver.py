@@ -245,7 +245,8 @@ class SocklndDriver:
         for rnet in self.remote_gateways:
             if rnet not in self.remote_nids and rnet.type == "tcp" and isinstance(nc.nid.addr, ipaddress.IPv4Address):
                 self.remote_nids[rnet] = Nid(nc.nid.addr, rnet)
-        self.remote_up: dict[Net, bool] = {n: False for n in self.remote_nids}
+        # Per remote net: True/False once a probe answered, None before (shown DOWN, still forwarded).
+        self.remote_up: dict[Net, bool | None] = {n: None for n in self.remote_nids}
         self.own_nid4s = frozenset({self.nid4, *(idl.nid4_of(n) for n in self.remote_nids.values())})
         self.conn_config = ConnConfig(local_nids=frozenset({self.nid4}), incarnation=self.incarnation,
                                       version=self.tun.protocol, send_checksums=self.tun.checksum)
@@ -419,6 +420,12 @@ class SocklndDriver:
             log.warning("dropped LAN message", peer=self._who(conn),
                         reason=f"{hdr.describe()}: the destination is on this LAN; lu2kd only routes to remote nets")
             return
+        if self.remote_up.get(dst.net) is False:
+            # As a kernel router whose remote NI is down: drop now (LNet retries or times it out)
+            # rather than hold the read window until the transaction timeout.
+            self.stats["dropped_remote_down"] += 1
+            log.debug("dropped LAN message", msg=hdr.describe(), reason=f"the lu2k hop to {dst.net} is down")
+            return
         size = len(ev.wire)
         self.rx_bytes += size
         self.rx_msgs += 1
@@ -456,7 +463,7 @@ class SocklndDriver:
                 "router answer not delivered", to=idl.nid4_str(hdr.src_nid), status=st.name, reason=why))
 
     def ping_nis(self) -> list[tuple[int, bool]]:
-        return [(self.nid4, True)] + [(idl.nid4_of(n), self.remote_up.get(net, False)) for net, n in self.remote_nids.items()]
+        return [(self.nid4, True)] + [(idl.nid4_of(n), self.remote_up.get(net) is True) for net, n in self.remote_nids.items()]
 
     def _send_lnet(self, wire: bytes, on_done: Callable[[Status, str], None]) -> None:
         """An LNet message we originate (a router answer): to the LAN or across lu2k."""
