@@ -105,6 +105,36 @@ class TxMsg:
             self.on_done(status, reason or status.describe())
 
 
+class RxWindow:
+    """LAN messages handed to lu2k and not yet finished, for one class of connections.
+
+    Like a kernel router's small and large buffer pools: CONTROL connections (small messages,
+    pings) have their own window, so a LAN saturated with bulk still gets its pings read.
+    """
+
+    def __init__(self, max_msgs: int, max_bytes: int) -> None:
+        self.max_msgs, self.max_bytes = max_msgs, max_bytes
+        self.msgs = self.bytes = 0
+        self.space = asyncio.Event()
+        self.space.set()
+
+    def take(self, size: int) -> None:
+        self.msgs += 1
+        self.bytes += size
+        if self.msgs >= self.max_msgs or self.bytes >= self.max_bytes:
+            self.space.clear()  # this class of connections stops reading until lu2k finishes some
+
+    def give(self, size: int) -> None:
+        self.msgs -= 1
+        self.bytes -= size
+        if self.msgs < self.max_msgs and self.bytes < self.max_bytes:
+            self.space.set()
+
+    async def wait(self) -> None:
+        while not self.space.is_set():
+            await self.space.wait()
+
+
 class LanConn:
     """One TCP connection with a kernel node: the protocol core plus a socket pump."""
 
@@ -152,7 +182,7 @@ class LanConn:
                     except asyncio.TimeoutError:
                         continue
                 else:
-                    await self.driver.wait_rx_space()
+                    await self.driver.window_for(self).wait()
                     data = await self.reader.read(READ_SIZE)
             except OSError as e:
                 raise _translate(e, _IO_ERRORS, f"read from {self.address}") from None
@@ -256,10 +286,8 @@ class SocklndDriver:
         self.stats = collections.Counter[str]()
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.rx_bytes = 0
-        self.rx_msgs = 0
-        self._rx_space = asyncio.Event()
-        self._rx_space.set()
+        self.windows = {"control": RxWindow(self.tun.rx_window_msgs, self.tun.rx_window_bytes),
+                        "bulk": RxWindow(self.tun.rx_window_msgs, self.tun.rx_window_bytes)}
         self.closing = False
         self.pushed: dict[int, list[tuple[int, int]]] = {}  # NIs each node told us in a discovery push
 
@@ -302,7 +330,8 @@ class SocklndDriver:
             t.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
-        self._rx_space.set()
+        for w in self.windows.values():
+            w.space.set()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -324,7 +353,7 @@ class SocklndDriver:
                         reason=f"insecure source port {peername[1]} (secure_accept allows 1023 and below)")
             writer.close()
             return
-        _keepalive_socket(writer, self.tun.keepalive)
+        _setup_socket(writer, self.tun)
         task = asyncio.current_task()
         if task is not None:  # so close() ends it too
             self.tasks.add(task)
@@ -392,15 +421,16 @@ class SocklndDriver:
 
     # -- the LAN: receiving -----------------------------------------------------------------------
 
-    async def wait_rx_space(self) -> None:
-        while not self._rx_space.is_set():
-            await self._rx_space.wait()
+    def window_for(self, conn: LanConn) -> RxWindow:
+        return self.windows["control" if conn.ctype is ConnType.CONTROL else "bulk"]
 
-    def _rx_release(self, size: int) -> None:
-        self.rx_bytes -= size
-        self.rx_msgs -= 1
-        if self.rx_bytes < self.tun.rx_window_bytes and self.rx_msgs < self.tun.rx_window_msgs:
-            self._rx_space.set()
+    @property
+    def rx_msgs(self) -> int:
+        return sum(w.msgs for w in self.windows.values())
+
+    @property
+    def rx_bytes(self) -> int:
+        return sum(w.bytes for w in self.windows.values())
 
     def on_lnet(self, conn: LanConn, ev: LnetReceived) -> None:
         hdr = ev.hdr
@@ -427,10 +457,8 @@ class SocklndDriver:
             log.debug("dropped LAN message", msg=hdr.describe(), reason=f"the lu2k hop to {dst.net} is down")
             return
         size = len(ev.wire)
-        self.rx_bytes += size
-        self.rx_msgs += 1
-        if self.rx_bytes >= self.tun.rx_window_bytes or self.rx_msgs >= self.tun.rx_window_msgs:
-            self._rx_space.clear()  # every connection stops reading until lu2k finishes some
+        window = self.window_for(conn)
+        window.take(size)
         released = False
 
         def finished(status: Status, reason: str) -> None:
@@ -438,7 +466,7 @@ class SocklndDriver:
             if released:
                 return
             released = True
-            self._rx_release(size)
+            window.give(size)
             if status is Status.DELIVERED:
                 self.stats["forwarded"] += 1
             else:
@@ -639,7 +667,7 @@ class SocklndDriver:
                 sock.close()
                 raise
             reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
-            _keepalive_socket(writer, self.tun.keepalive)
+            _setup_socket(writer, self.tun)
             return reader, writer
         raise ConnectError(f"connect to {host}:{port}: no privileged source port free (1023..512)"
                            + (f": {last.strerror}" if last and last.strerror else ""))
@@ -696,7 +724,7 @@ class SocklndDriver:
             "tunables": {"peer_credits": self.tun.peer_credits, "credits": self.tun.rx_window_msgs},
             "remote_nis": [{"nid": str(n), "status": "up" if self.remote_up.get(net) else "down",
                             "gateways": [str(g) for g in self.remote_gateways.get(net, [])]} for net, n in self.remote_nids.items()],
-            "rx_window": {"msgs": self.rx_msgs, "bytes": self.rx_bytes},
+            "rx_window": {k: {"msgs": w.msgs, "bytes": w.bytes} for k, w in self.windows.items()},
             "peers": [{"nid": str(p.nid), "conns": sorted(c.ctype.name.lower() for c in p.conns if not c.closed),
                        "queued": len(p.queue), "sent": p.sent, "failed": p.failed, "last_error": p.last_error}
                       for p in self.peers.values()],
@@ -704,16 +732,21 @@ class SocklndDriver:
         }
 
 
-def _keepalive_socket(writer: asyncio.StreamWriter, idle: float) -> None:
-    """TCP keepalive as ksocknal_lib_setup_sock sets it, so a dead node's connections end."""
+def _setup_socket(writer: asyncio.StreamWriter, tun: SocklndTunables) -> None:
+    """Socket options as ksocknal_lib_setup_sock sets them: buffer sizes, no Nagle, TCP keepalive
+    (so a dead node's connections end)."""
     sock = writer.get_extra_info("socket")
     if sock is None:
         return
     try:
+        if tun.tx_buffer_size:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, tun.tx_buffer_size)
+        if tun.rx_buffer_size:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, tun.rx_buffer_size)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle)))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(tun.keepalive)))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 9)
     except OSError:
