@@ -24,9 +24,12 @@ ping info (the remote-net NIs UP only while a probe of the lu2k gateway for that
 succeeds), discovery pushes get their ACK.
 
 *Back-pressure.*  LAN messages handed to lu2k and not yet finished count against a window
-(the NI's ``credits`` messages and ``rx_window_bytes``); while it is full no connection
-reads from its socket, so TCP pushes back on the kernel senders instead of lu2kd
-buffering.  Towards the LAN each node has one ordered queue of at most ``max_queued``
+(the NI's ``credits`` messages and ``rx_window_bytes``), one for CONTROL connections and one
+for bulk ones (a router's small and large buffer pools); while a window is full its
+connections do not read from their sockets, so TCP pushes back on the kernel senders instead
+of lu2kd buffering, and pings on CONTROL connections are still read.  While the lu2k hop to
+a net is known down, LAN traffic for it is dropped at once, as a router with a dead remote
+NI drops it.  Towards the LAN each node has one ordered queue of at most ``max_queued``
 messages; a message that cannot be written within ``timeout`` fails, and every message the
 engine hands over ends in exactly one ``on_done`` (DELIVERED once the node's socket took it,
 as ksocklnd completes a send).
