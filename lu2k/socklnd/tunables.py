@@ -134,6 +134,11 @@ class SocklndNet:
         self.settings = settings
         self.tunables = SocklndTunables.from_settings(settings)
 
+    @staticmethod
+    def probe() -> str:
+        """Why it is not in ``availability()``'s list of link backends (so benches skip it)."""
+        return "socklnd is a LAN of kernel LNet nodes, not a link between lu2k daemons"
+
     async def listen(self, host: str, port: int, on_accept: Any) -> Any:
         raise ConfigError("a socklnd net is attached when lu2kd starts (engine.attach_lan); restart lu2kd to add one",
                           where=f"net {self.settings.net}")
