@@ -662,6 +662,9 @@ class SocklndDriver:
                 if e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
                     last = e
                     continue
+                if e.errno == errno.EACCES and lport:
+                    raise ConnectError(f"connect to {host}:{port}: binding source port {lport} needs root or CAP_NET_BIND_SERVICE "
+                                       "(or privileged_connect: false, which kernel nodes will not connect back to)") from None
                 raise _translate(e, _CONNECT_ERRORS, f"connect to {host}:{port}") from None
             except asyncio.TimeoutError as e:
                 sock.close()
