@@ -386,6 +386,10 @@ class Engine:
     def peer(self, nid: Nid) -> Peer:
         return self.core.peer(nid)
 
+    def next_hop(self, nid: Nid) -> Nid | None:
+        """Where a message for ``nid`` goes next: itself on a local net, a gateway, or None."""
+        return self.core.routes.next_hop(nid, self.core.health_of)
+
     def health_of(self, nid: Nid) -> int:
         return self.core.health_of(nid)
 

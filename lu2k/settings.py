@@ -48,6 +48,7 @@ from .routing import Route
 from .values import Problems, parse_key
 
 DEFAULT_PORT = 7988
+LNET_ACCEPTOR_PORT = 988  # socklnd nets (kernel LNet nodes) listen where LNet's acceptor does
 DEFAULT_MAX_MESSAGE = 4 << 20
 DEFAULT_CREDITS = 256
 DEFAULT_PEER_CREDITS = 8
@@ -209,11 +210,12 @@ def _net_config(problems: Problems, where: str, net: Net, nid: Nid, tun: Mapping
                 base_dir: Path) -> NetConfig:
     cfg = NetConfig(net=net, nid=nid, where=where)
     cfg.backend = str(lu.get("backend", "tcp"))
-    cfg.port = int(lu.get("port", DEFAULT_PORT))
+    lan = cfg.backend == "socklnd"  # kernel LNet nodes: LNet's acceptor port, no lu2k key
+    cfg.port = int(lu.get("port", LNET_ACCEPTOR_PORT if lan else DEFAULT_PORT))
     cfg.listen = lu.get("listen")
     cfg.max_message_size = int(lu.get("max_message_size", DEFAULT_MAX_MESSAGE))
     cfg.checksum = bool(lu.get("checksum", False))
-    cfg.key = _key(problems, f"{where}.lu2k", lu, base_dir)
+    cfg.key = b"" if lan and not ("key" in lu or "key_file" in lu) else _key(problems, f"{where}.lu2k", lu, base_dir)
     cfg.profile = LinkProfile(**dict(lu.get("profile") or {}))
     opts = dict(lu.get("options") or {})
     for net_key, opt in _NET_KEY_OPTIONS.items():
