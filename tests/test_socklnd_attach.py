@@ -74,4 +74,4 @@ async def test_daemon_runs_a_socklnd_net(tmp_path: Path) -> None:
     finally:
         await node.close()
         await d.stop()
-    assert not d.lan.drivers and Net("tcp", 0) not in d.engine.routes.local_nets
+    assert not d.lan.drivers and Net("tcp", 0) not in d.engine.lans and Net("tcp", 0) not in d.engine.core.routes.local_nets
