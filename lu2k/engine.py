@@ -170,6 +170,7 @@ class OutConn:
         hello = wire.HelloInitiator(
             key=peer.ni.config.key, backend=peer.ni.backend.name, src=peer.ni.nid, dst=peer.nid,
             conn_type=self.ctype, incarnation=eng.incarnation,
+            sealed=peer.ni.backend.seal_frames, channel_binding=transport.channel_binding,
         )
         try:
             await transport.send([(hello.start(), b"")])
@@ -188,6 +189,7 @@ class OutConn:
             transport.close()
             raise
         assert hello.result is not None
+        transport.on_hello_done(hello.result)
         self.transport = transport
         self.state = "up"
         peer.on_connected(hello.result.peer_incarnation)
@@ -556,7 +558,8 @@ class InConn:
 
     async def _hello(self) -> wire.HelloResult:
         eng = self.engine
-        responder = wire.HelloResponder(key=self.ni.config.key, backend=self.ni.backend.name, local_nids=frozenset({self.ni.nid}), incarnation=eng.incarnation)
+        responder = wire.HelloResponder(key=self.ni.config.key, backend=self.ni.backend.name, local_nids=frozenset({self.ni.nid}), incarnation=eng.incarnation,
+                                        sealed=self.ni.backend.seal_frames, channel_binding=self.transport.channel_binding)
         timeout = eng.config.global_.connect_timeout
         try:
             while not responder.done:
@@ -572,6 +575,7 @@ class InConn:
                     pass
             raise
         assert responder.result is not None
+        self.transport.on_hello_done(responder.result)
         return responder.result
 
     def _buffer_for(self, header: wire.FrameHeader) -> memoryview | None:

@@ -6,13 +6,15 @@ import asyncio
 import socket
 
 import pytest
-from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _pair
+from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _pair
 
 from lu2k.backends import get_backend
 from lu2k.backends.tcp import TcpBackend, available_congestion_controls
 from lu2k.backends.base import BackendSettings, LinkProfile
 from lu2k.errors import ConfigError, FrameError, ReadError
-from lu2k.nid import parse_net
+from lu2k import wire
+from lu2k.nid import parse_net, parse_nid
+from lu2k.wire import ConnType
 
 
 @pytest.mark.parametrize("check", TRANSPORT_CHECKS, ids=lambda c: c.__name__)
@@ -62,8 +64,9 @@ async def test_garbage_from_peer_is_frame_error(raw_server) -> None:  # type: ig
 async def test_truncated_frame_is_read_error(raw_server) -> None:  # type: ignore[no-untyped-def]
     address, accepted = raw_server
     raw = socket.create_connection(address)
-    hdr, payload = _msg(1, b"x" * 1000)
-    raw.sendall(hdr + payload[:500])
+    hello = wire.HelloInitiator(key=b"k" * 16, backend="tcp", src=parse_nid("127.0.0.1@tcp"), dst=parse_nid("127.0.0.2@tcp"),
+                                conn_type=ConnType.ANY, incarnation=1).start()
+    raw.sendall(hello[: len(hello) // 2])
     raw.close()
     inn = await asyncio.wait_for(accepted.get(), 5)
     with pytest.raises(ReadError, match="middle of a frame"):

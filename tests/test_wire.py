@@ -155,9 +155,13 @@ def test_hello_success_both_sides_learn_each_other() -> None:
 def test_hello_wrong_key_refused_by_acceptor() -> None:
     init, resp = make_pair(key_a=b"wrong-key!")
     reply = resp.receive(decode_all(init.start(), 99)[0])
-    # The connector notices first: the acceptor's proof does not verify with its key.
+    auth = init.receive(decode_all(reply, 99)[0])
+    # The connector proves first; the acceptor refuses the wrong proof and says why.
     with pytest.raises(AuthenticationError):
-        init.receive(decode_all(reply, 99)[0])
+        resp.receive(decode_all(auth or b"", 99)[0])
+    (rej,) = decode_all(resp.reject_frame or b"", 99)
+    with pytest.raises(AuthenticationError, match="wrong network key"):
+        init.receive(rej)
 
 
 def test_acceptor_rejects_forged_auth() -> None:
