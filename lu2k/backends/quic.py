@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import os
 import socket
 import ssl
@@ -52,6 +53,7 @@ try:
     from aioquic.quic.connection import QuicConnection
     from aioquic.quic.packet import QuicErrorCode
     from aioquic.tls import Alert, SessionTicket, load_pem_x509_certificates, verify_certificate
+    from cryptography.hazmat.primitives.serialization import Encoding
 except ImportError as e:  # pragma: no cover - exercised only without the extra installed
     from ..errors import BackendUnavailable
 
@@ -66,14 +68,20 @@ from ..wire import ConnType
 from .base import AcceptCallback, Backend, BackendSettings, Listener, Transport
 from .quic_udp import BatchedUdpEndpoint
 from .quic_stream import (
-    APP_AUTH_REJECTED, APP_NO_ERROR, APP_PROTOCOL_ERROR, Lu2kQuicProtocol, QuicTransport, StreamOptions,
+    APP_AUTH_REJECTED, APP_NO_ERROR, APP_PROTOCOL_ERROR, Lu2kQuicProtocol, StreamOptions,
 )
 
 ALPN = "lu2k"
+
+
+def _binding_of(cert: Any) -> bytes:
+    return b"tls-server-end-point:" + hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
+
+
 KNOWN_OPTIONS = {
     "cert", "key", "ca", "server_name", "mtls", "congestion", "rate", "rate_cap", "max_datagram_size",
     "idle_timeout", "keepalive", "dead_timeout", "socket_buffer", "max_streams", "send_buffer", "recv_buffer", "ordered", "zero_rtt",
-    "cid_length",
+    "cid_length", "encryption",
 }
 TICKETS_KEPT = 256
 # TLS alert numbers (RFC 8446 section 6) that mean "your certificate is not acceptable".
@@ -177,6 +185,7 @@ class QuicBackend(Backend):
 
     name = "quic"
     typed_connections = False  # streams already keep small messages from waiting behind bulk
+    uses_frame_sealing = False  # TLS 1.3 protects every packet; the hello is bound to it
 
     def __init__(self, settings: BackendSettings) -> None:
         super().__init__(settings)
@@ -252,7 +261,8 @@ class QuicBackend(Backend):
             max_payload=settings.max_message_size, send_buffer=self.send_buffer, recv_buffer=self.recv_buffer,
             keepalive=self.keepalive, ordered=self.ordered, dead_timeout=self.dead_timeout,
         )
-        self._client_tickets: collections.OrderedDict[tuple[str, int], SessionTicket] = collections.OrderedDict()
+        # Per peer address: the session ticket and the channel binding of the handshake it came from.
+        self._client_tickets: collections.OrderedDict[tuple[str, int], tuple[SessionTicket, bytes]] = collections.OrderedDict()
         self._server_tickets: collections.OrderedDict[bytes, SessionTicket] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._protocols: set[Lu2kQuicProtocol] = set()
@@ -423,12 +433,20 @@ class QuicBackend(Backend):
         server_name = self.server_name or host
         config = self._configuration(is_client=True, family=family, server_name=server_name)
         key = (host, port)
-        ticket = self._client_tickets.get(key)
+        stored = self._client_tickets.get(key)
+        ticket, resumed_binding = stored if stored is not None else (None, b"")
         if ticket is not None:
             config.session_ticket = ticket
 
         def store_ticket(t: SessionTicket) -> None:
-            self._client_tickets[key] = t
+            # The binding of this session: its server certificate, or on a resumed session
+            # the one remembered from the handshake that issued the resumed ticket.
+            transport = protocol.transport_obj
+            binding = transport.channel_binding if transport is not None else resumed_binding
+            if not binding:
+                cert = getattr(quic.tls, "_peer_certificate", None)
+                binding = _binding_of(cert) if cert is not None else resumed_binding
+            self._client_tickets[key] = (t, binding)
             self._client_tickets.move_to_end(key)
             while len(self._client_tickets) > TICKETS_KEPT:
                 self._client_tickets.popitem(last=False)
@@ -453,7 +471,9 @@ class QuicBackend(Backend):
         protocol.connect(addr)
         if ticket is not None and self.zero_rtt and quic._cryptos[tls.Epoch.ZERO_RTT].send.is_valid():
             # Resumed with early data allowed: the hello goes out as 0-RTT (see module docstring).
-            return protocol.early_transport()
+            early = protocol.early_transport()
+            early.resumed_binding = resumed_binding
+            return early
         try:
             await asyncio.wait_for(asyncio.shield(protocol.handshake_waiter), timeout)
         except asyncio.TimeoutError:
@@ -464,6 +484,7 @@ class QuicBackend(Backend):
             endpoint.close()
             raise
         assert protocol.transport_obj is not None
+        protocol.transport_obj.resumed_binding = resumed_binding
         return protocol.transport_obj
 
     async def close(self) -> None:
@@ -482,7 +503,8 @@ class QuicBackend(Backend):
             "congestion": self.congestion, "aioquic_algorithm": self.algorithm, "alpn": ALPN,
             "max_datagram_size": self.max_datagram_size or "1472 (IPv4) / 1452 (IPv6)",
             "mtls": self.mtls, "verify_server": bool(self.ca), "idle_timeout": self.idle_timeout,
-            "keepalive": self.keepalive, "dead_timeout": self.dead_timeout, "socket_buffer": self.socket_buffer, "max_streams": self.max_streams, "send_buffer": self.send_buffer,
+            "keepalive": self.keepalive, "dead_timeout": self.dead_timeout, "socket_buffer": self.socket_buffer,
+            "max_streams": self.max_streams, "send_buffer": self.send_buffer,
             "recv_buffer": self.recv_buffer, "ordered": self.ordered, "zero_rtt": self.zero_rtt,
             "cid_length": self.cid_length,
         }

@@ -46,8 +46,12 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
 
+import hashlib
+
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from ..errors import ConnectError, FrameError, Lu2kError, ReadError, WriteError
-from ..wire import BufferFor, Frame, FrameDecoder, FrameType
+from ..wire import HELLO_FRAMES, BufferFor, Frame, FrameDecoder, FrameType, HelloResult
 from .base import OutFrame, Transport
 
 ROLE_CONTROL = 0x01
@@ -112,6 +116,33 @@ class QuicTransport(Transport):
         self.msgs_sent = self.msgs_received = 0
         self.bytes_sent = self.bytes_received = 0
         self.datagrams_dropped = 0
+        self._hello_done = False
+        # Client side, resumed TLS session: no certificate is sent again, so the binding is
+        # the one remembered with the session ticket (set by the backend).
+        self.resumed_binding = b""
+
+    # --- the hello ---------------------------------------------------------------------------------
+
+    def on_hello_done(self, result: HelloResult) -> None:
+        """From now on the peer may open message and ACK streams, and the control stream
+        carries PING/PONG too.  Until now, any other stream was refused at its first byte and
+        the control stream took only hello frames: an unauthenticated peer cannot make us
+        allocate a payload, however many streams it opens."""
+        self._hello_done = True
+        for s in self.in_streams.values():
+            if s.decoder is not None:
+                s.decoder._accept = None
+
+    @property
+    def channel_binding(self) -> bytes:
+        """RFC 5929 ``tls-server-end-point``: the hash of the certificate the TLS server
+        presented.  A relay terminating TLS with its own certificate sees a different hash on
+        each side, so the hello's MACs (which cover it) fail."""
+        quic = self._quic
+        cert = quic.configuration.certificate if not quic._is_client else getattr(quic.tls, "_peer_certificate", None)
+        if cert is None:
+            return self.resumed_binding
+        return b"tls-server-end-point:" + hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
 
     # --- settings from the backend ---------------------------------------------------------------
 
@@ -243,7 +274,9 @@ class QuicTransport(Transport):
             view = view[1:]
             if s.role not in (ROLE_CONTROL, ROLE_MESSAGE, ROLE_ACKS):
                 raise FrameError(f"stream {stream_id} from {self._peer} has unknown role {s.role}")
-            s.decoder = FrameDecoder(self._opts.max_payload, self._buffer_for)
+            if not self._hello_done and s.role != ROLE_CONTROL:
+                raise FrameError(f"stream {stream_id} from {self._peer} opened before the hello finished")
+            s.decoder = FrameDecoder(self._opts.max_payload, self._buffer_for, accept=None if self._hello_done else HELLO_FRAMES)
             if s.role == ROLE_ACKS and self._opts.ordered:
                 self._deliver_ordered(stream_id, [])  # not a message: ordered delivery skips it
         if view:

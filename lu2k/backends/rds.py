@@ -82,7 +82,8 @@ from ..errors import (
     ReadError,
     WriteError,
 )
-from ..wire import BufferFor, ConnType, Frame, FrameDecoder
+from ..crypto import FrameCodec, SealedDecoder
+from ..wire import BufferFor, ConnType, Frame, FrameDecoder, HelloResult
 from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport, option_int, option_seconds
 
 RDS_MAX_MSG_SIZE = 1 << 20  # include/net/rds... RDS_MAX_MSG_SIZE: the kernel refuses larger sends
@@ -348,7 +349,7 @@ class RdsTransport(Transport):
         self._tx_size = tx_size
         self._tx_body = tx_size - ENVELOPE_SIZE
         self._rx_size = backend.datagram_size
-        self._decoder = FrameDecoder(backend.settings.max_message_size)
+        self._codec = FrameCodec(backend.settings.max_message_size, f"rds:{peer[0]}:{peer[1]}")
         self._env = bytearray(ENVELOPE_SIZE)
         self._scratch = bytearray(self._rx_size)
         self._tx_seq = 0
@@ -378,15 +379,22 @@ class RdsTransport(Transport):
         return f"rds:{self._peer[0]}:{self._peer[1]}"
 
     def set_buffer_for(self, buffer_for: BufferFor | None) -> None:
-        self._decoder._buffer_for = buffer_for
+        self._codec.set_buffer_for(buffer_for)
+
+    def on_hello_done(self, result: HelloResult) -> None:
+        self._codec.hello_done(result)
+
+    @property
+    def _decoder(self) -> FrameDecoder | SealedDecoder:
+        return self._codec.decoder  # the hello decoder, then the sealed one
 
     async def send(self, frames: Sequence[OutFrame]) -> None:
-        views: list[memoryview] = []
-        for header, payload in frames:
-            views.append(memoryview(header))
-            if len(payload):
-                views.append(memoryview(payload))
-        async with self._send_lock:
+        async with self._send_lock:  # sealing assigns nonces: it must happen in wire order
+            views: list[memoryview] = []
+            for header, payload in self._codec.outgoing(frames):
+                views.append(memoryview(header))
+                if len(payload):
+                    views.append(memoryview(payload))
             for body in plan_datagrams(views, self._tx_body):
                 await self._send_datagram(Kind.DATA, body, value=self._tx_seq, fail_if_closing=True)
                 self._tx_seq = (self._tx_seq + 1) & 0xFFFFFFFF

@@ -63,7 +63,8 @@ from ..errors import (
     RemoteProtocolError,
     WriteError,
 )
-from ..wire import BufferFor, ConnType, Frame, FrameDecoder
+from ..crypto import FrameCodec, SealedDecoder
+from ..wire import BufferFor, ConnType, Frame, FrameDecoder, HelloResult
 from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport, option_int, option_seconds
 from .rds import plan_datagrams  # the same zero-copy stream chunker
 
@@ -203,7 +204,8 @@ class VerbsTransport(Transport):
         self._loop = asyncio.get_running_loop()
         peer = writer.get_extra_info("peername") or ("?", 0)
         self._peer = f"o2ib:{peer[0]}:{peer[1]}"
-        self._decoder = FrameDecoder(backend.settings.max_message_size)
+        self._codec = FrameCodec(backend.settings.max_message_size, self._peer)
+        self._send_lock = asyncio.Lock()
         self._closing = False
         self._peer_state: str | None = None  # "closed" (bye) or "lost" (side channel died)
         self._rx_ready: deque[tuple[int, int]] = deque()
@@ -315,9 +317,20 @@ class VerbsTransport(Transport):
         return self._peer
 
     def set_buffer_for(self, buffer_for: BufferFor | None) -> None:
-        self._decoder._buffer_for = buffer_for
+        self._codec.set_buffer_for(buffer_for)
+
+    def on_hello_done(self, result: HelloResult) -> None:
+        self._codec.hello_done(result)
+
+    @property
+    def _decoder(self) -> FrameDecoder | SealedDecoder:
+        return self._codec.decoder  # the hello decoder, then the sealed one
 
     async def send(self, frames: Sequence[OutFrame]) -> None:
+        async with self._send_lock:  # sealing assigns nonces, and a batch's datagrams must not interleave
+            await self._send_sealed(self._codec.outgoing(frames))
+
+    async def _send_sealed(self, frames: Sequence[OutFrame]) -> None:
         views: list[memoryview] = []
         for header, payload in frames:
             views.append(memoryview(header))
