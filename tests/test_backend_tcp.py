@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 
 import pytest
@@ -102,3 +103,40 @@ async def test_congestion_applied_to_sockets() -> None:
         assert inn.stats()["congestion"] == "cubic"
     finally:
         await _close(out, inn, lst, server, client)
+
+
+async def test_accept_loop_pauses_when_out_of_descriptors_and_recovers() -> None:
+    """EMFILE from accept() used to be retried at once (the socket stays readable): a spin.
+    The listener now stops watching, waits, and accepts the queued connections once
+    descriptors are free again; the warning is rate-limited."""
+    import resource
+
+    server = BackendUnderTest(TcpBackend, "127.0.0.1").make()
+    accepted: asyncio.Queue = asyncio.Queue()
+
+    async def on_accept(t) -> None:  # type: ignore[no-untyped-def]
+        await accepted.put(t)
+
+    lst = await server.listen("127.0.0.1", 0, on_accept)
+    clients = [socket.create_connection(lst.address) for _ in range(3)]  # completed in the kernel's backlog
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.dup(0)  # a new descriptor takes the lowest free number: cap below it
+    os.close(lowest_free)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+        while lst.accept_pauses < 3:  # type: ignore[attr-defined]
+            await asyncio.sleep(0.05)
+        assert accepted.empty()
+        assert lst.limiter.suppressed("accept") + min(lst.accept_pauses, lst.limiter.burst) == lst.accept_pauses  # type: ignore[attr-defined]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        got = [await asyncio.wait_for(accepted.get(), 10) for _ in clients]
+        assert len(got) == 3
+        for t in got:
+            t.close()
+    finally:
+        for c in clients:
+            c.close()
+        lst.close()
+        await server.close()

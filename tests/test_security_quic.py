@@ -20,7 +20,8 @@ import pytest
 pytest.importorskip("aioquic")
 
 from conformance import BackendUnderTest, _close  # noqa: E402
-from test_quic_backend import _RawClient, _opts, pki  # noqa: E402,F401  (pki is a fixture)
+import test_quic_backend as _quic_tests  # noqa: E402
+from test_quic_backend import _RawClient, _opts  # noqa: E402
 
 from lu2k import wire  # noqa: E402
 from lu2k.backends.base import Transport  # noqa: E402
@@ -29,6 +30,7 @@ from lu2k.errors import AuthenticationError, FrameError  # noqa: E402
 from lu2k.nid import parse_nid  # noqa: E402
 from lu2k.wire import ConnType, FrameType  # noqa: E402
 
+pki = _quic_tests.pki  # the module-scoped CA and site certificates fixture
 KEY = b"quic-relay-test-network-key-0123"
 C_NID, S_NID = parse_nid("127.0.0.1@quic"), parse_nid("127.0.0.2@quic")
 
