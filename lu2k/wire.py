@@ -531,8 +531,9 @@ class HelloInitiator:
         if t is FrameType.REJECT:
             (status,) = REJECT_BODY.unpack(frame.header.body)
             reason = bytes(frame.payload).decode(errors="replace")
-            err = AuthenticationError if status == Status.AUTH_FAILED else HandshakeError
-            raise err(f"{self.dst} refused the connection: {reason}")
+            if status == Status.AUTH_FAILED:  # the short form first: completions carry a bounded reason
+                raise AuthenticationError(f"auth failed, wrong network key? {self.dst} says: {reason}")
+            raise HandshakeError(f"{self.dst} refused the connection: {reason}")
         if self._keys is None and self._private is not None and t is FrameType.HELLO_REPLY:
             body = frame.header.body
             incarnation, _nonce_a, public_a = HELLO_REPLY_BODY.unpack(body)
