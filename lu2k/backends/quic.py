@@ -65,13 +65,16 @@ from ..errors import (
     AuthenticationError, ConfigError, ConnectError, ConnectionClosed, ConnectTimeout, HandshakeError, Lu2kError, ReadError,
 )
 from ..wire import ConnType
-from .base import AcceptCallback, Backend, BackendSettings, Listener, Transport
+from .base import AcceptCallback, Backend, BackendSettings, ExceptionMap, Listener, Transport, map_exceptions
 from .quic_udp import BatchedUdpEndpoint
 from .quic_stream import (
     APP_AUTH_REJECTED, APP_NO_ERROR, APP_PROTOCOL_ERROR, Lu2kQuicProtocol, StreamOptions,
 )
 
 ALPN = "lu2k"
+# Where quic's errors become lu2k's: socket set-up by this table; everything aioquic reports
+# about a connection by translate_close (one ConnectionTerminated -> one error, by code).
+SOCKET_ERRORS: ExceptionMap = {OSError: ConnectError}
 
 
 def _binding_of(cert: Any) -> bytes:
@@ -373,18 +376,19 @@ class QuicBackend(Backend):
             self._protocols.add(protocol)
             return protocol
 
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.bind((host, port))
-            self._size_socket(sock)
-            server = QuicServer(
-                configuration=config, create_protocol=create_protocol,
-                session_ticket_fetcher=self._fetch_ticket, session_ticket_handler=self._store_server_ticket,
-            )
-            endpoint = BatchedUdpEndpoint(asyncio.get_running_loop(), sock, server)
-        except OSError as e:
-            sock.close()
-            raise ConnectError(f"cannot listen on udp {host}:{port}: {e.strerror or e}") from None
+        with map_exceptions(SOCKET_ERRORS, f"cannot listen on udp {host}:{port}"):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.bind((host, port))
+                self._size_socket(sock)
+                server = QuicServer(
+                    configuration=config, create_protocol=create_protocol,
+                    session_ticket_fetcher=self._fetch_ticket, session_ticket_handler=self._store_server_ticket,
+                )
+                endpoint = BatchedUdpEndpoint(asyncio.get_running_loop(), sock, server)
+            except BaseException:
+                sock.close()
+                raise
         sockname = endpoint.get_extra_info("sockname")
         return QuicListener(server, (sockname[0], sockname[1]))
 
@@ -425,10 +429,8 @@ class QuicBackend(Backend):
 
     async def connect(self, host: str, port: int, conn_type: ConnType, timeout: float) -> Transport:
         loop = asyncio.get_running_loop()
-        try:
+        with map_exceptions(SOCKET_ERRORS, f"cannot resolve {host}"):
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        except OSError as e:
-            raise ConnectError(f"cannot resolve {host}: {e.strerror or e}") from None
         family, _, _, _, addr = infos[0]
         server_name = self.server_name or host
         config = self._configuration(is_client=True, family=family, server_name=server_name)
@@ -453,18 +455,19 @@ class QuicBackend(Backend):
 
         quic = QuicConnection(configuration=config, session_ticket_handler=store_ticket)
         self._tune(quic)
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
-            # Connected, so the kernel reports ICMP port-unreachable: "nobody listens" fails
-            # the connect at once instead of after the timeout.
-            sock.connect(addr)
-            self._size_socket(sock)
-            protocol = Lu2kQuicProtocol(quic, stream_options=self.stream_options, translate=translate_close)
-            endpoint = BatchedUdpEndpoint(loop, sock, protocol)
-        except OSError as e:
-            sock.close()
-            raise ConnectError(f"cannot open a UDP socket for {host}:{port}: {e.strerror or e}") from None
+        with map_exceptions(SOCKET_ERRORS, f"cannot open a UDP socket for {host}:{port}"):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
+                # Connected, so the kernel reports ICMP port-unreachable: "nobody listens" fails
+                # the connect at once instead of after the timeout.
+                sock.connect(addr)
+                self._size_socket(sock)
+                protocol = Lu2kQuicProtocol(quic, stream_options=self.stream_options, translate=translate_close)
+                endpoint = BatchedUdpEndpoint(loop, sock, protocol)
+            except BaseException:
+                sock.close()
+                raise
         protocol.peer = f"{host}:{port}"
         self._protocols.add(protocol)
         self._endpoints.append(endpoint)
