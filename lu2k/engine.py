@@ -168,7 +168,7 @@ class OutConn:
         transport = await peer.ni.backend.connect(host, port, self.ctype, eng.config.global_.connect_timeout)
         self.state = "hello"
         hello = wire.HelloInitiator(
-            key=peer.ni.config.key, backend=peer.ni.backend.name, src=peer.ni.nid, dst=peer.nid,
+            key=peer.ni.backend.settings.key_for(peer.nid), backend=peer.ni.backend.name, src=peer.ni.nid, dst=peer.nid,
             conn_type=self.ctype, incarnation=eng.incarnation,
             sealed=peer.ni.backend.seal_frames, channel_binding=transport.channel_binding,
         )
@@ -559,7 +559,8 @@ class InConn:
     async def _hello(self) -> wire.HelloResult:
         eng = self.engine
         responder = wire.HelloResponder(key=self.ni.config.key, backend=self.ni.backend.name, local_nids=frozenset({self.ni.nid}), incarnation=eng.incarnation,
-                                        sealed=self.ni.backend.seal_frames, channel_binding=self.transport.channel_binding)
+                                        sealed=self.ni.backend.seal_frames, channel_binding=self.transport.channel_binding,
+                                        peer_keys=self.ni.backend.settings.peer_keys, peer_keys_only=self.ni.backend.settings.peer_keys_only)
         timeout = eng.config.global_.connect_timeout
         try:
             while not responder.done:

@@ -57,6 +57,7 @@ import hmac
 import os
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import hashes
@@ -488,9 +489,9 @@ class HelloResult:
     sealed: bool = False
 
 
-def _check_key(key: bytes) -> None:
-    if not key:
-        raise LocalProtocolError("the hello needs the network key, and none is set")
+def _check_key(key: bytes, peer: Nid) -> None:
+    if not key:  # only with peer_keys_only and no entry for this peer: settings require a network key
+        raise AuthenticationError(f"no key to authenticate with {peer} (not in peer_keys, and peer_keys_only is set)")
 
 
 @dataclass
@@ -518,7 +519,7 @@ class HelloInitiator:
     _peer_version: int = 0
 
     def start(self) -> bytes:
-        _check_key(self.key)
+        _check_key(self.key, self.dst)
         self._private, public = _ephemeral()
         self._hello_body = HELLO_BODY.pack(
             int(self.conn_type), FEATURE_SEALED if self.sealed else 0, PROTOCOL_VERSION, _backend_field(self.backend),
@@ -573,6 +574,11 @@ class HelloResponder:
     nonce: bytes = field(default_factory=lambda: os.urandom(32))
     sealed: bool = True
     channel_binding: bytes = b""
+    # Per-peer keys: a peer listed here must prove its own key instead of the network's, so
+    # it cannot claim another listed peer's NID, and removing its entry (with
+    # ``peer_keys_only``) revokes it without rekeying the net.
+    peer_keys: Mapping[Nid, bytes] = field(default_factory=dict)
+    peer_keys_only: bool = False
     result: HelloResult | None = None
     reject_frame: bytes | None = None
     authenticated: bool = False
@@ -586,7 +592,6 @@ class HelloResponder:
     def receive(self, frame: Frame) -> bytes:
         t = frame.header.type
         if self._pending is None and t is FrameType.HELLO:
-            _check_key(self.key)
             body = frame.header.body
             conn_type, features, _maxv, backend, src, dst, incarnation, _nonce, public_c = HELLO_BODY.unpack(body)
             if frame.header.version != PROTOCOL_VERSION:
@@ -603,6 +608,11 @@ class HelloResponder:
                 raise self._refuse(Status.NO_ROUTE, f"hello for {dst_nid}, which is not a NID of this daemon")
             if src_nid.net != dst_nid.net:
                 raise self._refuse(Status.PROTOCOL, f"hello from {src_nid} for {dst_nid}: nets differ")
+            key = self.peer_keys.get(src_nid)
+            if key is None:
+                if self.peer_keys_only or not self.key:
+                    raise self._refuse(Status.AUTH_FAILED, f"no key for peer {src_nid} (peer_keys_only)", AuthenticationError)
+                key = self.key
             peer_sealed = bool(features & FEATURE_SEALED)
             if peer_sealed != self.sealed:
                 mine = "encrypts frames" if self.sealed else "has encryption: none"
@@ -614,7 +624,7 @@ class HelloResponder:
                 dh = _dh(private, public_c)
             except HandshakeError as e:
                 raise self._refuse(Status.PROTOCOL, str(e)) from None
-            self._keys = HelloKeys.derive(self.key, dh, body, reply_body, self.channel_binding)
+            self._keys = HelloKeys.derive(key, dh, body, reply_body, self.channel_binding)
             self._pending = HelloResult(src_nid, dst_nid, ctype, incarnation, frame.header.version,
                                         self._keys.frames_a2c, self._keys.frames_c2a, self.sealed)
             return encode_frame(FrameType.HELLO_REPLY, reply_body)

@@ -26,6 +26,7 @@ backend that needs it.
 from __future__ import annotations
 
 import abc
+import binascii
 import contextlib
 import errno
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -34,13 +35,27 @@ from typing import Any, ClassVar, NoReturn
 
 import structlog
 
-from ..errors import ConfigError, Lu2kError
-from ..nid import Net
+from ..errors import ConfigError, Lu2kError, NidError
+from ..nid import Net, Nid, parse_nid
 from ..wire import BufferFor, ConnType, Frame, HelloResult
 
 log = structlog.get_logger("lu2k.backends")
 
 ENCRYPTION_CHOICES = ("aes-256-gcm", "none")
+MIN_KEY_BYTES = 16  # 128 bits
+
+
+def _parse_key(text: str, where: str) -> bytes:
+    if text.startswith("hex:"):
+        try:
+            key = binascii.unhexlify(text[4:])
+        except binascii.Error:
+            raise ConfigError("hex: key is not valid hex", where=where) from None
+    else:
+        key = text.encode()
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(f"key of {len(key)} bytes; at least {MIN_KEY_BYTES} (128 bits) -- make one with: lu2k keygen psk", where=where)
+    return key
 
 # One table per backend and phase: library exception type -> lu2k error type (httpcore's
 # ``map_exceptions``).  The first matching entry wins, so list subclasses before their bases.
@@ -155,6 +170,42 @@ class BackendSettings:
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific config keys
 
     @property
+    def peer_keys(self) -> dict[Nid, bytes]:
+        """``options.peer_keys``: ``{peer NID: key}``, keys shared with one peer each (``hex:`` +
+        at least 32 hex digits, or text of at least 16 characters).  Such a peer proves its own
+        key in the hello, in both directions, instead of the network's."""
+        where = f"net {self.net}: options.peer_keys"
+        raw = self.options.get("peer_keys") or {}
+        if not isinstance(raw, dict):
+            raise ConfigError("expected a mapping of peer NID to key", where=where)
+        out: dict[Nid, bytes] = {}
+        for nid_text, key_text in raw.items():
+            try:
+                nid = parse_nid(str(nid_text), resolve=False)
+            except NidError as e:
+                raise ConfigError(f"bad peer NID {nid_text!r}: {e}", where=where) from None
+            if nid.net != self.net:
+                raise ConfigError(f"peer {nid} is not on net {self.net}", where=where)
+            out[nid] = _parse_key(str(key_text), f"{where}.{nid_text}")
+        return out
+
+    @property
+    def peer_keys_only(self) -> bool:
+        """``options.peer_keys_only``: refuse peers without an entry in ``peer_keys`` (the
+        network key is then not accepted from anyone: revoking a peer is deleting its entry)."""
+        value = self.options.get("peer_keys_only", False)
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected true or false, not {value!r}", where=f"net {self.net}: options.peer_keys_only")
+        return value
+
+    def key_for(self, peer: Nid) -> bytes:
+        """The key the hello with ``peer`` proves: its own if it has one, else the network's."""
+        own = self.peer_keys.get(peer)
+        if own is None and self.peer_keys_only:
+            return b""  # the hello refuses to start without a key: nobody to talk to
+        return own if own is not None else self.key
+
+    @property
     def encryption(self) -> str:
         """``options.encryption``: ``aes-256-gcm`` (default) or ``none`` (plaintext frames)."""
         value = self.options.get("encryption", "aes-256-gcm")
@@ -234,6 +285,7 @@ class Backend(abc.ABC):
 
     def __init__(self, settings: BackendSettings) -> None:
         self.settings = settings
+        settings.peer_keys, settings.peer_keys_only  # noqa: B018 - bad keys are refused at start, with where
         encryption = settings.encryption
         if encryption == "none" and self.uses_frame_sealing:
             log.warning("encryption: none -- frames on this net travel in plaintext and unauthenticated after the hello; "

@@ -84,7 +84,7 @@ def _binding_of(cert: Any) -> bytes:
 KNOWN_OPTIONS = {
     "cert", "key", "ca", "server_name", "mtls", "congestion", "rate", "rate_cap", "max_datagram_size",
     "idle_timeout", "keepalive", "dead_timeout", "socket_buffer", "max_streams", "send_buffer", "recv_buffer", "ordered", "zero_rtt",
-    "cid_length", "encryption",
+    "cid_length", "encryption", "peer_keys", "peer_keys_only",
 }
 TICKETS_KEPT = 256
 # TLS alert numbers (RFC 8446 section 6) that mean "your certificate is not acceptable".
