@@ -52,6 +52,7 @@ from .errors import (
 )
 from .health import Backoff, Health
 from .nid import Net, Nid
+from .ratelimit import LogLimiter
 from .routing import Route, RouteTable
 from .settings import DaemonConfig, NetConfig
 from .wire import ConnType, Frame, FrameType
@@ -134,7 +135,9 @@ class OutConn:
                 delay = self.backoff.failed(time.monotonic(), str(e))
                 self.peer.health.failure(time.monotonic())
                 self.peer.last_error = str(e)
-                log.warning("connect failed", peer=str(self.peer.nid), type=self.ctype.name, error=str(e), retry_in=round(delay, 3))
+                if (suppressed := self.engine.log_limiter.allow(f"connect {self.peer.nid}", time.monotonic())) is not None:
+                    log.warning("connect failed", peer=str(self.peer.nid), type=self.ctype.name, error=str(e), retry_in=round(delay, 3),
+                                suppressed=suppressed)
                 if isinstance(e, HandshakeError):
                     self.peer.fail_unsent(Status.AUTH_FAILED if "authentic" in str(e) or "key" in str(e) else Status.PROTOCOL, str(e), self.ctype)
                 continue
@@ -522,7 +525,9 @@ class InConn:
         try:
             result = await self._hello()
         except (RemoteProtocolError, NetworkError, asyncio.TimeoutError) as e:
-            log.warning("refused connection", net=str(self.ni.net), via=self.transport.peer_address, reason=str(e) or "hello timed out")
+            if (suppressed := eng.log_limiter.allow("refused", time.monotonic())) is not None:
+                log.warning("refused connection", net=str(self.ni.net), via=self.transport.peer_address, reason=str(e) or "hello timed out",
+                            suppressed=suppressed)
             self.transport.close()
             eng.stats["conns_refused"] += 1
             return
@@ -679,6 +684,7 @@ class Engine:
         self.routes = RouteTable((n.net for n in config.nets), (Route(r.net, r.gateway, r.hops, r.priority) for r in config.routes))
         self.peer_addresses = {p.nid: p.address for p in config.peers if p.address}
         self.stats = collections.Counter[str]()
+        self.log_limiter = LogLimiter()  # repeated warnings (refused connections, failed connects) rate-limited
         self.closing = False
         self.background: set[asyncio.Task[Any]] = set()
         self.shim: Any = None
