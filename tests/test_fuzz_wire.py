@@ -7,7 +7,7 @@ dropped or repeated byte is an :class:`~lu2k.errors.IntegrityError`.
 
 CI runs a bounded number of cases per property.  The full run (10^6 cases each)::
 
-    LU2K_FUZZ_EXAMPLES=1000000 PYTHONPATH=$PWD python -m pytest -q -p no:cacheprovider tests/test_fuzz_wire.py
+    LU2K_FUZZ_EXAMPLES=1000000 PYTHONPATH=$PWD python -m pytest -q -p no:cacheprovider --timeout=0 tests/test_fuzz_wire.py
 """
 
 from __future__ import annotations
