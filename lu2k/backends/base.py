@@ -57,6 +57,7 @@ def _parse_key(text: str, where: str) -> bytes:
         raise ConfigError(f"key of {len(key)} bytes; at least {MIN_KEY_BYTES} (128 bits) -- make one with: lu2k keygen psk", where=where)
     return key
 
+
 # One table per backend and phase: library exception type -> lu2k error type (httpcore's
 # ``map_exceptions``).  The first matching entry wins, so list subclasses before their bases.
 ExceptionMap = Mapping[type[BaseException], type[Lu2kError]]
