@@ -137,3 +137,26 @@ async def test_message_streams_before_the_hello_are_refused_without_allocating(p
         lst.close()
         await server.close()
     assert peak < 16 << 20, f"streams before the hello peaked at {peak} bytes"
+
+
+async def test_authenticated_peer_cannot_reserve_more_than_the_connection_budget(pki: dict[str, str]) -> None:
+    """After the hello too: many message streams announcing big payloads and then stalling
+    reserve at most ``private_budget`` bytes; the next one closes the connection."""
+    from conformance import _pair
+
+    but = BackendUnderTest(QuicBackend, "127.0.0.1", options=_opts(pki))
+    server, client, out, inn, lst = await _pair(but)
+    try:
+        size = but.max_message_size
+        body = wire.MSG_BODY.pack(1, C_NID.to_bytes(), S_NID.to_bytes(), 0, 0, 0)
+        announce = b"\x02" + wire.encode_header(FrameType.MSG, body, size) + b"x" * 100
+        streams = inn.private_budget // size + 1
+        for _ in range(streams):
+            sid = out._quic.get_next_available_stream_id(is_unidirectional=True)
+            out._quic.send_stream_data(sid, announce)
+        out._protocol.transmit()
+        with pytest.raises(FrameError, match="budget"):
+            await asyncio.wait_for(inn.recv(), 10)
+        assert inn.private_bytes <= inn.private_budget
+    finally:
+        await _close(out, inn, lst, server, client)
