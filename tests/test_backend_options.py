@@ -79,3 +79,15 @@ def test_encryption_option() -> None:
     assert BackendSettings(parse_net("tcp"), 0, 1024, options={"encryption": "none"}).encryption == "none"
     with pytest.raises(ConfigError, match="options.encryption"):
         BackendSettings(parse_net("tcp"), 0, 1024, options={"encryption": "rot13"}).encryption
+
+
+def test_plaintext_is_warned_at_start(capsys: pytest.CaptureFixture[str]) -> None:
+    from lu2k.backends.base import BackendSettings
+    from lu2k.backends.tcp import TcpBackend
+    from lu2k.nid import parse_net
+
+    backend = TcpBackend(BackendSettings(parse_net("tcp"), 0, 1024, options={"encryption": "none"}))
+    out = capsys.readouterr()
+    assert not backend.seal_frames
+    assert "encryption: none" in out.out + out.err and "plaintext" in out.out + out.err
+    assert TcpBackend(BackendSettings(parse_net("tcp"), 0, 1024)).seal_frames
