@@ -48,7 +48,7 @@ from .backends import Backend, Transport, get_backend
 from .credits import Credits
 from .dedupe import IN_PROGRESS, RecvWindow
 from .errors import (
-    ConnectionClosed, FrameError, HandshakeError, LocalProtocolError, Lu2kError, NetworkError, NidError, RemoteProtocolError, Status,
+    AuthenticationError, ConnectionClosed, FrameError, HandshakeError, LocalProtocolError, Lu2kError, NetworkError, NidError, RemoteProtocolError, Status,
 )
 from .health import Backoff, Health
 from .nid import Net, Nid
@@ -139,7 +139,7 @@ class OutConn:
                     log.warning("connect failed", peer=str(self.peer.nid), type=self.ctype.name, error=str(e), retry_in=round(delay, 3),
                                 suppressed=suppressed)
                 if isinstance(e, HandshakeError):
-                    self.peer.fail_unsent(Status.AUTH_FAILED if "authentic" in str(e) or "key" in str(e) else Status.PROTOCOL, str(e), self.ctype)
+                    self.peer.fail_unsent(Status.AUTH_FAILED if isinstance(e, AuthenticationError) else Status.PROTOCOL, str(e), self.ctype)
                 continue
             self.backoff.succeeded()
             try:
