@@ -65,8 +65,13 @@ from ..errors import (
 )
 from ..crypto import FrameCodec, SealedDecoder
 from ..wire import BufferFor, ConnType, Frame, FrameDecoder, HelloResult
-from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport, option_int, option_seconds
+from .base import (
+    AcceptCallback, Backend, BackendSettings, ExceptionMap, Listener, OutFrame, Transport, map_exceptions, option_int, option_seconds,
+)
 from .rds import plan_datagrams  # the same zero-copy stream chunker
+
+# Where the side channel's socket errors become lu2k's; pyverbs errors are translated where each verb is called.
+SIDE_CHANNEL_ERRORS: ExceptionMap = {OSError: ConnectError}
 
 DEBIAN_PYVERBS = "/usr/lib/python3/dist-packages"
 SETUP_VERSION = 1
@@ -774,19 +779,16 @@ class VerbsBackend(Backend):
                 return
             await on_accept(transport)
 
-        try:
+        with map_exceptions(SIDE_CHANNEL_ERRORS, f"cannot listen on o2ib side channel {host}:{port}"):
             server = await asyncio.start_server(accepted, host, port, limit=MAX_SETUP_LINE)
-        except OSError as e:
-            raise ConnectError(f"cannot listen on o2ib side channel {host}:{port}: {e.strerror or e}") from None
         return VerbsListener(server)
 
     async def connect(self, host: str, port: int, conn_type: ConnType, timeout: float) -> Transport:
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_SETUP_LINE), timeout)
-        except asyncio.TimeoutError:
-            raise ConnectTimeout(f"o2ib side channel to {host}:{port} timed out after {timeout:g} s") from None
-        except OSError as e:
-            raise ConnectError(f"o2ib side channel to {host}:{port} failed: {e.strerror or e}") from None
+        with map_exceptions(SIDE_CHANNEL_ERRORS, f"o2ib side channel to {host}:{port} failed"):
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_SETUP_LINE), timeout)
+            except asyncio.TimeoutError:
+                raise ConnectTimeout(f"o2ib side channel to {host}:{port} timed out after {timeout:g} s") from None
         transport = VerbsTransport(self, reader, writer)
         try:
             await transport.setup(timeout)
