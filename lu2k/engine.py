@@ -147,6 +147,8 @@ class OutConn:
             except (NetworkError, RemoteProtocolError) as e:
                 self.peer.last_error = str(e)
                 self.peer.health.failure(time.monotonic())
+                if isinstance(e, FrameError):  # a bad or forged frame on the ACK direction
+                    self.engine.stats["bad_frames"] += 1
                 log.warning("connection lost", peer=str(self.peer.nid), type=self.ctype.name, error=str(e))
                 self.backoff.failed(time.monotonic(), str(e))
             finally:

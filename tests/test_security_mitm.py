@@ -246,8 +246,9 @@ async def test_forged_acks_never_make_delivered() -> None:
             return [_forged_acks(), data]
         return [data]
 
-    statuses, _a, _b, _proxy = await _run(forge)
+    statuses, a, _b, _proxy = await _run(forge)
     assert {s for s, _ in statuses} == {Status.NO_RECEIVER}
+    assert a.stats["bad_frames"] == 1  # counted on the sending side too
 
 
 async def test_forged_acks_on_every_connection_end_in_timeouts_not_delivered() -> None:
