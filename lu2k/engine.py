@@ -451,15 +451,18 @@ class Engine:
                 raise LocalProtocolError(f"net {peer.ni.net} is down")
             transport = await ni.backend.connect(a.host, a.port, conn.ctype, g.connect_timeout)
             link.transport = transport
-            hello = wire.HelloInitiator(key=ni.config.key, backend=ni.backend.name, src=ni.nid, dst=peer.nid,
-                                        conn_type=conn.ctype, incarnation=self.incarnation)
+            hello = wire.HelloInitiator(key=ni.backend.settings.key_for(peer.nid), backend=ni.backend.name, src=ni.nid, dst=peer.nid,
+                                        conn_type=conn.ctype, incarnation=self.incarnation, sealed=ni.backend.seal_frames,
+                                        channel_binding=transport.channel_binding)
             result = await self._hello(transport, hello)
         except Lu2kError as e:
             if link.transport is not None:
                 link.transport.close()
             if self._out.get(conn) is link:
                 del self._out[conn]
-            log.warning("connect failed", peer=str(peer.nid), type=conn.ctype.name, error=str(e))
+            if isinstance(e, FrameError):  # a bad or forged frame during the hello: counted like one on a live connection
+                self.stats["bad_frames"] += 1
+            self.refusal_log.warning(("connect", str(peer.nid)), "connect failed", peer=str(peer.nid), type=conn.ctype.name, error=str(e))
             core.connect_failed(conn, attempt, str(e), self.now(), refused=refusal_status(e))
             self._transmit()
             return
@@ -557,8 +560,11 @@ class Engine:
         if self.closing:
             transport.close()
             return
+        settings = ni.backend.settings
         responder = wire.HelloResponder(key=ni.config.key, backend=ni.backend.name, local_nids=frozenset({ni.nid}),
-                                        incarnation=self.incarnation)
+                                        incarnation=self.incarnation, sealed=ni.backend.seal_frames,
+                                        channel_binding=transport.channel_binding, peer_keys=settings.peer_keys,
+                                        peer_keys_only=settings.peer_keys_only)
         try:
             result = await self._hello(transport, responder)
             conn = self.core.accepted(ni.net, result, self.now())

@@ -40,6 +40,11 @@ class FrameError(RemoteProtocolError):
     """A frame from a peer was truncated, oversized, of unknown type or corrupt."""
 
 
+class IntegrityError(FrameError):
+    """A sealed frame failed authentication (altered, injected, replayed or reordered) or was
+    malformed under a valid tag.  The connection is closed; engines count these apart."""
+
+
 class HandshakeError(RemoteProtocolError):
     """The hello exchange failed (version, NID, backend or network mismatch)."""
 

@@ -16,15 +16,37 @@ any payload is read, so a hostile length never makes us allocate.
 Connections carry messages one way (the connector sends MSG frames); the reverse
 direction carries only the hello reply and ACK/NACK frames for those messages.
 
-Hello (HMAC-SHA256 challenge on the network's pre-shared key)::
+Hello (version 2: ephemeral X25519 + the network's pre-shared key; connector proves first)::
 
-    connector -> HELLO        {conn_type, backend, src_nid, dst_nid, incarnation, nonce_c}
-    acceptor  -> HELLO_REPLY  {incarnation, nonce_a, mac_a = H(key, "A" | hello | nonce_a)}
-                 (or REJECT {status} + reason)
-    connector -> AUTH         {mac_c = H(key, "C" | hello | reply-without-mac)}
-    acceptor  -> AUTH_OK      (or REJECT)
+    connector -> HELLO        {conn_type, features, backend, src_nid, dst_nid, incarnation, nonce_c, pub_c}
+    acceptor  -> HELLO_REPLY  {incarnation, nonce_a, pub_a}           (or REJECT {status} + reason)
+    connector -> AUTH         {mac_c}
+    acceptor  -> AUTH_OK      {mac_a}                                 (or REJECT)
 
-Both sides prove the key; nonces from both sides stop replays.
+Both sides compute ``dh = X25519(own ephemeral, peer's ephemeral)`` and, with ``th`` the
+SHA-256 of HELLO body | HELLO_REPLY body | channel binding,
+``okm = HKDF-SHA256(ikm = dh | network key, salt = nonce_c | nonce_a, info = "lu2k hello v2" | th)``
+split into four 32-byte keys: the connector's and the acceptor's MAC keys, then the
+connector->acceptor and acceptor->connector frame keys.  ``mac_c = HMAC(mac key c, "C" | th)``,
+``mac_a = HMAC(mac key a, "A" | th)``.  Why this is safe against guessing the key:
+
+* the acceptor hands out no MAC before the connector has proven the key, so probing a
+  listener yields nothing to test guesses against;
+* the MAC keys depend on the ephemeral DH secret, so a passive eavesdropper who records a
+  hello cannot test guesses either (nor decrypt the frames later if the network key leaks:
+  forward secrecy);
+* only an active attacker answering in the acceptor's place (on-path, or owning the peer's
+  address) obtains one ``mac_c`` it can test offline -- which is why the network key must be
+  at least 128 random bits (``lu2k keygen psk`` makes 256); guessing such a key is
+  infeasible.  On quic with ``ca`` the TLS certificate check stops that attacker first.
+
+The source NID, the incarnations and the nonces are all in ``th``: a finished hello has
+proven the peer's NID (:attr:`HelloResult.peer_nid`), and the frame keys (used by
+:mod:`lu2k.crypto` after the hello) are fresh per connection and per direction.
+``channel_binding`` (quic: the hash of the TLS server certificate) ties the hello to the
+TLS session it runs in, so a relay terminating TLS with its own certificate cannot pass it
+through.  ``features`` bit 0 says the sender seals frames after the hello; both ends must
+agree (a mismatch is refused with a reason).
 """
 
 from __future__ import annotations
@@ -35,13 +57,19 @@ import hmac
 import os
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .errors import AuthenticationError, FrameError, HandshakeError, LocalProtocolError, Status
-from .nid import NID_SIZE, Nid, NidError
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from .errors import AuthenticationError, FrameError, HandshakeError, LocalProtocolError, NidError, Status
+from .nid import NID_SIZE, Nid
 
 MAGIC = 0x4B32554C  # b"LU2K" read as little-endian u32
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: X25519 hello, connector proves first, frames sealed after it
 MAX_PAYLOAD_HARD = 64 << 20  # no configuration may allow more than this
 MAX_REASON = 256
 
@@ -71,9 +99,10 @@ class ConnType(enum.IntEnum):
 
 
 # Fixed bodies per type.
-HELLO_BODY = struct.Struct(f"<BxH16s{NID_SIZE}s{NID_SIZE}sQ32s")  # conn_type, max_version, backend, src, dst, incarnation, nonce
-HELLO_REPLY_BODY = struct.Struct("<Q32s32s")  # incarnation, nonce_a, mac_a
+HELLO_BODY = struct.Struct(f"<BBH16s{NID_SIZE}s{NID_SIZE}sQ32s32s")  # conn_type, features, max_version, backend, src, dst, incarnation, nonce_c, pub_c
+HELLO_REPLY_BODY = struct.Struct("<Q32s32s")  # incarnation, nonce_a, pub_a
 AUTH_BODY = struct.Struct("<32s")  # mac_c
+AUTH_OK_BODY = struct.Struct("<32s")  # mac_a
 EMPTY_BODY = struct.Struct("<")
 REJECT_BODY = struct.Struct("<I")  # status; payload = reason text
 MSG_BODY = struct.Struct(f"<Q{NID_SIZE}s{NID_SIZE}sIII")  # seq, src, dst, src_portal, dst_portal, payload_crc
@@ -86,7 +115,7 @@ BODIES: dict[FrameType, struct.Struct] = {
     FrameType.HELLO: HELLO_BODY,
     FrameType.HELLO_REPLY: HELLO_REPLY_BODY,
     FrameType.AUTH: AUTH_BODY,
-    FrameType.AUTH_OK: EMPTY_BODY,
+    FrameType.AUTH_OK: AUTH_OK_BODY,
     FrameType.REJECT: REJECT_BODY,
     FrameType.MSG: MSG_BODY,
     FrameType.ACK: ACK_BODY,
@@ -112,6 +141,13 @@ _HEADER_SIZES: dict[FrameType, int] = {t: BASE_SIZE + b.size for t, b in BODIES.
 _ZERO_CRC = bytes(4)
 
 FLAG_PAYLOAD_CRC = 0x0001  # MSG: payload_crc field is valid
+FEATURE_SEALED = 0x01  # HELLO features: this side seals every frame after the hello
+
+# What a connection may carry before its hello has finished: nothing with a payload a peer
+# could inflate, so an unauthenticated peer costs at most one header and a REJECT reason.
+HELLO_FRAMES: frozenset[FrameType] = frozenset(
+    {FrameType.HELLO, FrameType.HELLO_REPLY, FrameType.AUTH, FrameType.AUTH_OK, FrameType.REJECT}
+)
 
 
 @dataclass(slots=True)
@@ -213,13 +249,19 @@ class FrameDecoder:
     so a stream adapter can ``recv_into`` :meth:`payload_target` directly: large payloads
     go from the socket straight into shared memory.  ``buffer_for`` may return ``None`` to
     let the decoder keep the payload in a private bytearray.
+
+    ``accept`` limits the frame types (a connection's hello phase uses :data:`HELLO_FRAMES`):
+    any other type is a :class:`FrameError` as soon as its header is complete, before a
+    byte of its payload is allocated.  :meth:`take_pending` hands the bytes read past the
+    last frame to the decoder that replaces this one when the hello is done.
     """
 
-    def __init__(self, max_payload: int, buffer_for: "BufferFor | None" = None) -> None:
+    def __init__(self, max_payload: int, buffer_for: "BufferFor | None" = None, *, accept: frozenset[FrameType] | None = None) -> None:
         if not 0 <= max_payload <= MAX_PAYLOAD_HARD:
             raise LocalProtocolError(f"max_payload {max_payload} outside 0..{MAX_PAYLOAD_HARD}")
         self.max_payload = max_payload
         self._buffer_for = buffer_for
+        self._accept = accept
         self._head = bytearray()
         self._need = BASE_SIZE
         self._header: FrameHeader | None = None
@@ -250,7 +292,17 @@ class FrameDecoder:
         self._header, self._payload, self._filled = None, None, 0
         self._need = BASE_SIZE
 
+    def take_pending(self) -> bytes:
+        """Bytes received after the last whole frame (the start of what follows the hello)."""
+        if self._payload is not None or self._ready:
+            raise LocalProtocolError("decoder replaced in the middle of a frame or with frames not yet taken")
+        out = bytes(self._head)
+        self._head.clear()
+        return out
+
     def _start(self, header: FrameHeader) -> None:
+        if self._accept is not None and header.type not in self._accept:
+            raise FrameError(f"{header.type.name} frame before the hello finished")
         if header.payload_len == 0:
             self._ready.append(Frame(header, b""))
             self._need = BASE_SIZE
@@ -373,9 +425,8 @@ def encode_reject(status: Status, reason: str) -> bytes:
 
 # --- hello ---------------------------------------------------------------------------------
 
-
-def _mac(key: bytes, label: bytes, *parts: bytes) -> bytes:
-    return hmac.new(key, label + b"".join(parts), hashlib.sha256).digest()
+_HELLO_LABEL = b"lu2k hello v2"
+KEY_SIZE = 32  # each derived key
 
 
 def _backend_field(name: str) -> bytes:
@@ -385,20 +436,73 @@ def _backend_field(name: str) -> bytes:
     return raw.ljust(16, b"\0")
 
 
+def _ephemeral() -> tuple[X25519PrivateKey, bytes]:
+    private = X25519PrivateKey.generate()
+    return private, private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _dh(private: X25519PrivateKey, peer_public: bytes) -> bytes:
+    try:
+        return private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError:  # a low-order point: the peer is trying to force a known secret
+        raise HandshakeError("hello with an invalid ephemeral key") from None
+
+
+@dataclass(frozen=True, slots=True)
+class HelloKeys:
+    """The four keys one hello derives (see the module docstring)."""
+
+    mac_c: bytes
+    mac_a: bytes
+    frames_c2a: bytes
+    frames_a2c: bytes
+    th: bytes  # transcript hash
+
+    @classmethod
+    def derive(cls, network_key: bytes, dh: bytes, hello_body: bytes, reply_body: bytes, binding: bytes) -> "HelloKeys":
+        nonce_c = hello_body[-64:-32]
+        nonce_a = reply_body[8:40]
+        th = hashlib.sha256(hello_body + reply_body + binding).digest()
+        okm = HKDF(algorithm=hashes.SHA256(), length=4 * KEY_SIZE, salt=nonce_c + nonce_a, info=_HELLO_LABEL + th).derive(dh + network_key)
+        return cls(okm[:32], okm[32:64], okm[64:96], okm[96:], th)
+
+    def proof(self, side: bytes) -> bytes:
+        return hmac.new(self.mac_c if side == b"C" else self.mac_a, side + self.th, hashlib.sha256).digest()
+
+
 @dataclass(slots=True)
 class HelloResult:
-    """What a finished hello established about the peer."""
+    """What a finished hello established about the peer.
+
+    ``peer_nid`` is proven (it is in the transcript both MACs cover): the core may refuse a
+    MSG frame on this connection whose source claims another NID.  ``tx_key``/``rx_key``
+    are this side's frame keys (see :mod:`lu2k.crypto`); ``sealed`` says both ends agreed
+    to seal frames with them.
+    """
 
     peer_nid: Nid
     local_nid: Nid
     conn_type: ConnType
     peer_incarnation: int
     peer_version: int
+    tx_key: bytes = b""
+    rx_key: bytes = b""
+    sealed: bool = False
+
+
+def _check_key(key: bytes, peer: Nid) -> None:
+    if not key:  # only with peer_keys_only and no entry for this peer: settings require a network key
+        raise AuthenticationError(f"no key to authenticate with {peer} (not in peer_keys, and peer_keys_only is set)")
 
 
 @dataclass
 class HelloInitiator:
-    """Connector side.  ``start()`` -> bytes; ``receive(frame)`` -> bytes to send or None; ``done``."""
+    """Connector side.  ``start()`` -> bytes; ``receive(frame)`` -> bytes to send or None; ``done``.
+
+    ``sealed`` is this side's wish to seal frames after the hello (``encryption`` setting);
+    ``channel_binding`` is what the transport under the hello offers to bind to (quic: the
+    TLS server certificate hash), ``b""`` for none.
+    """
 
     key: bytes
     backend: str
@@ -407,13 +511,20 @@ class HelloInitiator:
     conn_type: ConnType
     incarnation: int
     nonce: bytes = field(default_factory=lambda: os.urandom(32))
+    sealed: bool = True
+    channel_binding: bytes = b""
     result: HelloResult | None = None
     _hello_body: bytes = b""
+    _keys: HelloKeys | None = None
+    _private: X25519PrivateKey | None = None
+    _peer_version: int = 0
 
     def start(self) -> bytes:
+        _check_key(self.key, self.dst)
+        self._private, public = _ephemeral()
         self._hello_body = HELLO_BODY.pack(
-            int(self.conn_type), PROTOCOL_VERSION, _backend_field(self.backend),
-            self.src.to_bytes(), self.dst.to_bytes(), self.incarnation, self.nonce,
+            int(self.conn_type), FEATURE_SEALED if self.sealed else 0, PROTOCOL_VERSION, _backend_field(self.backend),
+            self.src.to_bytes(), self.dst.to_bytes(), self.incarnation, self.nonce, public,
         )
         return encode_frame(FrameType.HELLO, self._hello_body)
 
@@ -422,17 +533,24 @@ class HelloInitiator:
         if t is FrameType.REJECT:
             (status,) = REJECT_BODY.unpack(frame.header.body)
             reason = bytes(frame.payload).decode(errors="replace")
-            err = AuthenticationError if status == Status.AUTH_FAILED else HandshakeError
-            raise err(f"{self.dst} refused the connection: {reason}")
-        if self.result is None and t is FrameType.HELLO_REPLY:
-            incarnation, nonce_a, mac_a = HELLO_REPLY_BODY.unpack(frame.header.body)
-            expect = _mac(self.key, b"A", self._hello_body, nonce_a, struct.pack("<Q", incarnation))
-            if not hmac.compare_digest(mac_a, expect):
+            if status == Status.AUTH_FAILED:  # the short form first: completions carry a bounded reason
+                raise AuthenticationError(f"auth failed, wrong network key? {self.dst} says: {reason}")
+            raise HandshakeError(f"{self.dst} refused the connection: {reason}")
+        if self._keys is None and self._private is not None and t is FrameType.HELLO_REPLY:
+            body = frame.header.body
+            incarnation, _nonce_a, public_a = HELLO_REPLY_BODY.unpack(body)
+            self._keys = HelloKeys.derive(self.key, _dh(self._private, public_a), self._hello_body, body, self.channel_binding)
+            self._private = None
+            self._peer_version = frame.header.version
+            self._incarnation_a = incarnation
+            return encode_frame(FrameType.AUTH, AUTH_BODY.pack(self._keys.proof(b"C")))
+        if self._keys is not None and self.result is None and t is FrameType.AUTH_OK:
+            (mac_a,) = AUTH_OK_BODY.unpack(frame.header.body)
+            if not hmac.compare_digest(mac_a, self._keys.proof(b"A")):
                 raise AuthenticationError(f"{self.dst} failed to prove the network key")
-            self.result = HelloResult(self.dst, self.src, self.conn_type, incarnation, frame.header.version)
-            mac_c = _mac(self.key, b"C", self._hello_body, nonce_a, struct.pack("<Q", incarnation))
-            return encode_frame(FrameType.AUTH, AUTH_BODY.pack(mac_c))
-        if self.result is not None and t is FrameType.AUTH_OK:
+            k = self._keys
+            self.result = HelloResult(self.dst, self.src, self.conn_type, self._incarnation_a, self._peer_version,
+                                      k.frames_c2a, k.frames_a2c, self.sealed)
             return None
         raise HandshakeError(f"unexpected {t.name} frame during hello with {self.dst}")
 
@@ -446,7 +564,8 @@ class HelloResponder:
     """Acceptor side.  Checks the hello against our NIDs/backend and the peer's MAC.
 
     ``receive(frame)`` returns the bytes to send; raises HandshakeError (after which the
-    caller should send :attr:`reject_frame` if set, then close).
+    caller should send :attr:`reject_frame` if set, then close).  Nothing it sends before the
+    connector's AUTH verifies depends on the network key.
     """
 
     key: bytes
@@ -454,10 +573,17 @@ class HelloResponder:
     local_nids: frozenset[Nid]
     incarnation: int
     nonce: bytes = field(default_factory=lambda: os.urandom(32))
+    sealed: bool = True
+    channel_binding: bytes = b""
+    # Per-peer keys: a peer listed here must prove its own key instead of the network's, so
+    # it cannot claim another listed peer's NID, and removing its entry (with
+    # ``peer_keys_only``) revokes it without rekeying the net.
+    peer_keys: Mapping[Nid, bytes] = field(default_factory=dict)
+    peer_keys_only: bool = False
     result: HelloResult | None = None
     reject_frame: bytes | None = None
     authenticated: bool = False
-    _transcript: bytes = b""
+    _keys: HelloKeys | None = None
     _pending: HelloResult | None = None
 
     def _refuse(self, status: Status, reason: str, exc: type[HandshakeError] = HandshakeError) -> HandshakeError:
@@ -467,7 +593,8 @@ class HelloResponder:
     def receive(self, frame: Frame) -> bytes:
         t = frame.header.type
         if self._pending is None and t is FrameType.HELLO:
-            conn_type, _maxv, backend, src, dst, incarnation, _nonce = HELLO_BODY.unpack(frame.header.body)
+            body = frame.header.body
+            conn_type, features, _maxv, backend, src, dst, incarnation, _nonce, public_c = HELLO_BODY.unpack(body)
             if frame.header.version != PROTOCOL_VERSION:
                 raise self._refuse(Status.PROTOCOL, f"protocol version {frame.header.version} not supported (this daemon speaks {PROTOCOL_VERSION})")
             try:
@@ -482,18 +609,33 @@ class HelloResponder:
                 raise self._refuse(Status.NO_ROUTE, f"hello for {dst_nid}, which is not a NID of this daemon")
             if src_nid.net != dst_nid.net:
                 raise self._refuse(Status.PROTOCOL, f"hello from {src_nid} for {dst_nid}: nets differ")
-            reply_body_prefix = struct.pack("<Q", self.incarnation)
-            self._transcript = frame.header.body
-            mac_a = _mac(self.key, b"A", self._transcript, self.nonce, reply_body_prefix)
-            self._pending = HelloResult(src_nid, dst_nid, ctype, incarnation, frame.header.version)
-            return encode_frame(FrameType.HELLO_REPLY, HELLO_REPLY_BODY.pack(self.incarnation, self.nonce, mac_a))
-        if self._pending is not None and self.result is None and t is FrameType.AUTH:
+            key = self.peer_keys.get(src_nid)
+            if key is None:
+                if self.peer_keys_only or not self.key:
+                    raise self._refuse(Status.AUTH_FAILED, f"no key for peer {src_nid} (peer_keys_only)", AuthenticationError)
+                key = self.key
+            peer_sealed = bool(features & FEATURE_SEALED)
+            if peer_sealed != self.sealed:
+                mine = "encrypts frames" if self.sealed else "has encryption: none"
+                theirs = "encrypts" if peer_sealed else "has encryption: none"
+                raise self._refuse(Status.PROTOCOL, f"encryption mismatch: {src_nid} {theirs}, this net {mine}")
+            private, public_a = _ephemeral()
+            reply_body = HELLO_REPLY_BODY.pack(self.incarnation, self.nonce, public_a)
+            try:
+                dh = _dh(private, public_c)
+            except HandshakeError as e:
+                raise self._refuse(Status.PROTOCOL, str(e)) from None
+            self._keys = HelloKeys.derive(key, dh, body, reply_body, self.channel_binding)
+            self._pending = HelloResult(src_nid, dst_nid, ctype, incarnation, frame.header.version,
+                                        self._keys.frames_a2c, self._keys.frames_c2a, self.sealed)
+            return encode_frame(FrameType.HELLO_REPLY, reply_body)
+        if self._pending is not None and self._keys is not None and self.result is None and t is FrameType.AUTH:
             (mac_c,) = AUTH_BODY.unpack(frame.header.body)
-            expect = _mac(self.key, b"C", self._transcript, self.nonce, struct.pack("<Q", self.incarnation))
-            if not hmac.compare_digest(mac_c, expect):
+            if not hmac.compare_digest(mac_c, self._keys.proof(b"C")):
                 raise self._refuse(Status.AUTH_FAILED, f"{self._pending.peer_nid} failed authentication (wrong network key)", AuthenticationError)
             self.result = self._pending
-            return encode_frame(FrameType.AUTH_OK)
+            self.authenticated = True
+            return encode_frame(FrameType.AUTH_OK, AUTH_OK_BODY.pack(self._keys.proof(b"A")))
         raise self._refuse(Status.PROTOCOL, f"unexpected {t.name} frame during hello")
 
     @property

@@ -51,7 +51,36 @@ class BackendUnderTest:
         return self.cls(settings)
 
 
-async def _pair(but: BackendUnderTest) -> tuple[Backend, Backend, Transport, Transport, Any]:
+async def run_hello(backend: Backend, out: Transport, inn: Transport, key: bytes) -> tuple[wire.HelloResult, wire.HelloResult]:
+    """The engine's hello over a fresh pair, ending with ``on_hello_done`` on both sides."""
+    net = backend.settings.net
+    src, dst = parse_nid(f"127.0.0.1@{net}"), parse_nid(f"127.0.0.2@{net}")
+    init = wire.HelloInitiator(key=key, backend=backend.name, src=src, dst=dst, conn_type=ConnType.ANY, incarnation=1,
+                               sealed=backend.seal_frames, channel_binding=out.channel_binding)
+    resp = wire.HelloResponder(key=key, backend=backend.name, local_nids=frozenset({dst}), incarnation=2,
+                               sealed=backend.seal_frames, channel_binding=inn.channel_binding)
+
+    async def acceptor() -> wire.HelloResult:
+        while not resp.done:
+            for f in await asyncio.wait_for(inn.recv(), 10):
+                await inn.send([(resp.receive(f), b"")])
+        assert resp.result is not None
+        inn.on_hello_done(resp.result)
+        return resp.result
+
+    task = asyncio.ensure_future(acceptor())
+    await out.send([(init.start(), b"")])
+    while not init.done:
+        for f in await asyncio.wait_for(out.recv(), 10):
+            reply = init.receive(f)
+            if reply is not None:
+                await out.send([(reply, b"")])
+    assert init.result is not None
+    out.on_hello_done(init.result)
+    return init.result, await task
+
+
+async def _pair(but: BackendUnderTest, *, hello: bool = True) -> tuple[Backend, Backend, Transport, Transport, Any]:
     server, client = but.make(), but.make()
     accepted: asyncio.Queue[Transport] = asyncio.Queue()
 
@@ -62,6 +91,12 @@ async def _pair(but: BackendUnderTest) -> tuple[Backend, Backend, Transport, Tra
     host, port = listener.address
     out = await client.connect(but.host if but.host else host, port, ConnType.ANY, 5.0)
     inn = await asyncio.wait_for(accepted.get(), 10)
+    if hello:
+        try:
+            await run_hello(client, out, inn, but.key)
+        except BaseException:
+            await _close(out, inn, listener, server, client)
+            raise
     return server, client, out, inn, listener
 
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 
 import pytest
-from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _pair
+from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _pair
 
 from lu2k.backends import get_backend
 from lu2k.backends.tcp import TcpBackend, available_congestion_controls
 from lu2k.backends.base import BackendSettings, LinkProfile
 from lu2k.errors import ConfigError, FrameError, ReadError
-from lu2k.nid import parse_net
+from lu2k import wire
+from lu2k.nid import parse_net, parse_nid
+from lu2k.wire import ConnType
 
 
 @pytest.mark.parametrize("check", TRANSPORT_CHECKS, ids=lambda c: c.__name__)
@@ -62,8 +65,9 @@ async def test_garbage_from_peer_is_frame_error(raw_server) -> None:  # type: ig
 async def test_truncated_frame_is_read_error(raw_server) -> None:  # type: ignore[no-untyped-def]
     address, accepted = raw_server
     raw = socket.create_connection(address)
-    hdr, payload = _msg(1, b"x" * 1000)
-    raw.sendall(hdr + payload[:500])
+    hello = wire.HelloInitiator(key=b"k" * 16, backend="tcp", src=parse_nid("127.0.0.1@tcp"), dst=parse_nid("127.0.0.2@tcp"),
+                                conn_type=ConnType.ANY, incarnation=1).start()
+    raw.sendall(hello[: len(hello) // 2])
     raw.close()
     inn = await asyncio.wait_for(accepted.get(), 5)
     with pytest.raises(ReadError, match="middle of a frame"):
@@ -99,3 +103,40 @@ async def test_congestion_applied_to_sockets() -> None:
         assert inn.stats()["congestion"] == "cubic"
     finally:
         await _close(out, inn, lst, server, client)
+
+
+async def test_accept_loop_pauses_when_out_of_descriptors_and_recovers() -> None:
+    """EMFILE from accept() used to be retried at once (the socket stays readable): a spin.
+    The listener now stops watching, waits, and accepts the queued connections once
+    descriptors are free again; the warning is rate-limited."""
+    import resource
+
+    server = BackendUnderTest(TcpBackend, "127.0.0.1").make()
+    accepted: asyncio.Queue = asyncio.Queue()
+
+    async def on_accept(t) -> None:  # type: ignore[no-untyped-def]
+        await accepted.put(t)
+
+    lst = await server.listen("127.0.0.1", 0, on_accept)
+    clients = [socket.create_connection(lst.address) for _ in range(3)]  # completed in the kernel's backlog
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.dup(0)  # a new descriptor takes the lowest free number: cap below it
+    os.close(lowest_free)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+        while lst.accept_pauses < 3:  # type: ignore[attr-defined]
+            await asyncio.sleep(0.05)
+        assert accepted.empty()
+        assert lst.limiter.suppressed("accept") + min(lst.accept_pauses, lst.limiter.burst) == lst.accept_pauses  # type: ignore[attr-defined]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        got = [await asyncio.wait_for(accepted.get(), 10) for _ in clients]
+        assert len(got) == 3
+        for t in got:
+            t.close()
+    finally:
+        for c in clients:
+            c.close()
+        lst.close()
+        await server.close()

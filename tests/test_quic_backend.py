@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("aioquic")
 
-from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _recv_n  # noqa: E402
+from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _recv_n, run_hello  # noqa: E402
 
 from lu2k import wire  # noqa: E402
 from lu2k.backends import get_backend  # noqa: E402
@@ -120,6 +120,8 @@ async def test_connection_ids_are_short_on_the_wire(pki: dict[str, str]) -> None
     outs = [await client.connect("127.0.0.1", lst.address[1], ConnType.ANY, 5.0) for _ in range(2)]
     inns = [await asyncio.wait_for(accepted.get(), 10) for _ in range(2)]
     try:
+        for o, i in zip(outs, inns):
+            await run_hello(client, o, i, client.settings.key)
         for t in outs + inns:
             assert len(t._quic.host_cid) == 4 and len(t._quic._peer_cid.cid) == 4
         for i, t in enumerate(outs):
@@ -328,7 +330,7 @@ async def test_garbage_stream_from_peer_closes_with_frame_error(pki: dict[str, s
         async with connect("127.0.0.1", lst.address[1], configuration=cfg, create_protocol=_RawClient.factory) as proto:
             inn = await asyncio.wait_for(accepted.get(), 5)
             sid = proto._quic.get_next_available_stream_id(is_unidirectional=True)
-            proto._quic.send_stream_data(sid, b"\x02GET / HTTP/1.0\r\n\r\n", end_stream=True)
+            proto._quic.send_stream_data(sid, b"\x01GET / HTTP/1.0\r\n\r\n", end_stream=True)
             proto.transmit()
             with pytest.raises(FrameError, match="bad magic"):
                 await asyncio.wait_for(inn.recv(), 5)
@@ -353,16 +355,21 @@ async def test_reconnect_resumes_session_with_0rtt(pki: dict[str, str]) -> None:
     port = lst.address[1]
     try:
         first = await client.connect("127.0.0.1", port, ConnType.ANY, 5.0)
-        await first.send([_msg(1, b"one")])
         inn1 = await asyncio.wait_for(accepted.get(), 5)
+        await run_hello(client, first, inn1, client.settings.key)
+        await first.send([_msg(1, b"one")])
         await _recv_n(inn1, 1)
         await asyncio.sleep(0.05)  # let the session ticket arrive
         assert ("127.0.0.1", port) in client._client_tickets
         first.close()
         second = await client.connect("127.0.0.1", port, ConnType.ANY, 5.0)
         assert not second._protocol.handshake_done  # returned at once: 0-RTT
-        await second.send([(wire.encode_frame(FrameType.PING, wire.PING_BODY.pack(7)), b""), _msg(2, b"two")])
         inn2 = await asyncio.wait_for(accepted.get(), 5)
+        # The resumed session carries no certificate: the hello binds to the one remembered
+        # with the ticket, which is the server's own -- so it completes.
+        assert second.channel_binding == inn2.channel_binding != b""
+        await run_hello(client, second, inn2, client.settings.key)
+        await second.send([(wire.encode_frame(FrameType.PING, wire.PING_BODY.pack(7)), b""), _msg(2, b"two")])
         frames = await _recv_n(inn2, 2)
         assert {f.header.type for f in frames} == {FrameType.PING, FrameType.MSG}
         assert second._protocol._quic.tls.session_resumed

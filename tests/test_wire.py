@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 
@@ -155,9 +156,13 @@ def test_hello_success_both_sides_learn_each_other() -> None:
 def test_hello_wrong_key_refused_by_acceptor() -> None:
     init, resp = make_pair(key_a=b"wrong-key!")
     reply = resp.receive(decode_all(init.start(), 99)[0])
-    # The connector notices first: the acceptor's proof does not verify with its key.
+    auth = init.receive(decode_all(reply, 99)[0])
+    # The connector proves first; the acceptor refuses the wrong proof and says why.
     with pytest.raises(AuthenticationError):
-        init.receive(decode_all(reply, 99)[0])
+        resp.receive(decode_all(auth or b"", 99)[0])
+    (rej,) = decode_all(resp.reject_frame or b"", 99)
+    with pytest.raises(AuthenticationError, match="wrong network key"):
+        init.receive(rej)
 
 
 def test_acceptor_rejects_forged_auth() -> None:
@@ -196,3 +201,62 @@ def test_hello_version_mismatch() -> None:
     data = struct.pack("<IBBHII", *base) + body
     with pytest.raises(HandshakeError, match="protocol version 9 not supported"):
         resp.receive(decode_all(data, 99)[0])
+
+
+def test_acceptor_reveals_nothing_key_dependent_before_the_connector_proves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finding: an unauthenticated HELLO got back a MAC over attacker-known data, so a
+    weak key fell to an offline dictionary.  Now the reply is the same whatever the key (with
+    the randomness fixed): there is nothing in it to test a guess against."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    fixed = X25519PrivateKey.from_private_bytes(bytes(range(32)))
+    monkeypatch.setattr(wire, "_ephemeral", lambda: (fixed, fixed.public_key().public_bytes_raw()))
+    init = wire.HelloInitiator(key=b"k" * 16, backend="tcp", src=A, dst=B, conn_type=ConnType.ANY, incarnation=1)
+    hello = decode_all(init.start(), 99)[0]
+    replies = {
+        wire.HelloResponder(key=key, backend="tcp", local_nids=frozenset({B}), incarnation=22, nonce=bytes(32)).receive(hello)
+        for key in (b"password", b"correct horse battery staple", os.urandom(32))
+    }
+    assert len(replies) == 1
+
+
+def test_hello_result_carries_the_proven_peer_nid_and_matching_frame_keys() -> None:
+    init, resp = make_pair()
+    _run_hello(init, resp)
+    assert init.result and resp.result
+    assert resp.result.peer_nid == A and init.result.peer_nid == B
+    assert init.result.tx_key == resp.result.rx_key and init.result.rx_key == resp.result.tx_key
+    assert init.result.tx_key != init.result.rx_key and len(init.result.tx_key) == 32
+    # A second hello between the same two gets fresh keys.
+    init2, resp2 = make_pair()
+    _run_hello(init2, resp2)
+    assert init2.result and init2.result.tx_key != init.result.tx_key
+
+
+def test_encryption_mismatch_is_refused_with_a_reason() -> None:
+    init = wire.HelloInitiator(key=b"secret-key", backend="tcp", src=A, dst=B, conn_type=ConnType.ANY, incarnation=1, sealed=False)
+    resp = wire.HelloResponder(key=b"secret-key", backend="tcp", local_nids=frozenset({B}), incarnation=2)
+    with pytest.raises(HandshakeError, match="encryption mismatch"):
+        resp.receive(decode_all(init.start(), 99)[0])
+
+
+def test_channel_binding_mismatch_fails_authentication() -> None:
+    init = wire.HelloInitiator(key=b"secret-key", backend="tcp", src=A, dst=B, conn_type=ConnType.ANY, incarnation=1,
+                               channel_binding=b"cert-seen-by-connector")
+    resp = wire.HelloResponder(key=b"secret-key", backend="tcp", local_nids=frozenset({B}), incarnation=2,
+                               channel_binding=b"cert-of-the-real-acceptor")
+    auth = init.receive(decode_all(resp.receive(decode_all(init.start(), 99)[0]), 99)[0])
+    with pytest.raises(AuthenticationError):
+        resp.receive(decode_all(auth or b"", 99)[0])
+
+
+def test_low_order_ephemeral_key_is_refused() -> None:
+    init, resp = make_pair()
+    hello = bytearray(init.start())
+    hello[-32:] = bytes(32)  # the all-zero point: a forced, known shared secret
+    body = bytes(hello[16:])
+    base = list(struct.unpack("<IBBHII", hello[:16]))
+    base[5] = 0
+    base[5] = zlib.crc32(body, zlib.crc32(struct.pack("<IBBHII", *base))) & 0xFFFFFFFF
+    with pytest.raises(HandshakeError, match="invalid ephemeral key"):
+        resp.receive(decode_all(struct.pack("<IBBHII", *base) + body, 99)[0])

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from ..crypto import FrameCodec
 from ..errors import ConnectError, ConnectionClosed, WriteError
-from ..wire import BufferFor, ConnType, Frame, FrameDecoder
+from ..wire import BufferFor, ConnType, Frame, HelloResult
 from .base import AcceptCallback, Backend, Listener, OutFrame, Transport
 
 _LISTENERS: dict[tuple[str, int], "InprocListener"] = {}
@@ -23,7 +24,7 @@ class InprocTransport(Transport):
 
     def __init__(self, inbox: asyncio.Queue[bytes], outbox: asyncio.Queue[bytes], peer: str, max_payload: int) -> None:
         self._inbox, self._outbox, self._peer = inbox, outbox, peer
-        self._decoder = FrameDecoder(max_payload)
+        self._codec = FrameCodec(max_payload, peer)
         self._closed = False
 
     @property
@@ -31,20 +32,24 @@ class InprocTransport(Transport):
         return self._peer
 
     def set_buffer_for(self, buffer_for: BufferFor | None) -> None:
-        self._decoder._buffer_for = buffer_for
+        self._codec.set_buffer_for(buffer_for)
+
+    def on_hello_done(self, result: HelloResult) -> None:
+        self._codec.hello_done(result)
 
     async def send(self, frames: Sequence[OutFrame]) -> None:
         if self._closed:
             raise WriteError(f"inproc connection to {self._peer} closed")
-        # Copy: the payload buffers must be free again when send returns.
-        self._outbox.put_nowait(b"".join(bytes(h) + bytes(p) for h, p in frames))
+        # Copy: the payload buffers must be free again when send returns.  (No await before
+        # the put, so sealing happens in the order the frames are queued.)
+        self._outbox.put_nowait(b"".join(bytes(h) + bytes(p) for h, p in self._codec.outgoing(frames)))
 
     async def recv(self) -> list[Frame]:
-        while not (frames := self._decoder.frames()):
+        while not (frames := self._codec.decoder.frames()):
             data = await self._inbox.get()
             if data is _EOF:
                 raise ConnectionClosed(f"inproc peer {self._peer} closed")
-            self._decoder.feed(data)
+            self._codec.decoder.feed(data)
         return frames
 
     def close(self) -> None:

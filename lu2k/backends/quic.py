@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import os
 import socket
 import ssl
@@ -52,6 +53,7 @@ try:
     from aioquic.quic.connection import QuicConnection
     from aioquic.quic.packet import QuicErrorCode
     from aioquic.tls import Alert, SessionTicket, load_pem_x509_certificates, verify_certificate
+    from cryptography.hazmat.primitives.serialization import Encoding
 except ImportError as e:  # pragma: no cover - exercised only without the extra installed
     from ..errors import BackendUnavailable
 
@@ -65,17 +67,26 @@ from ..errors import (
 )
 from ..values import parse_rate
 from ..wire import ConnType
-from .base import AcceptCallback, Backend, BackendSettings, Listener, Transport
+from .base import AcceptCallback, Backend, BackendSettings, ExceptionMap, Listener, Transport, map_exceptions
 from .quic_udp import BatchedUdpEndpoint
 from .quic_stream import (
     APP_AUTH_REJECTED, APP_NO_ERROR, APP_PROTOCOL_ERROR, Lu2kQuicProtocol, StreamOptions,
 )
 
 ALPN = "lu2k"
+# Where quic's errors become lu2k's: socket set-up by this table; everything aioquic reports
+# about a connection by translate_close (one ConnectionTerminated -> one error, by code).
+SOCKET_ERRORS: ExceptionMap = {OSError: ConnectError}
+
+
+def _binding_of(cert: Any) -> bytes:
+    return b"tls-server-end-point:" + hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
+
+
 KNOWN_OPTIONS = {
     "cert", "key", "ca", "server_name", "mtls", "congestion", "rate", "rate_cap", "max_datagram_size",
     "idle_timeout", "keepalive", "dead_timeout", "socket_buffer", "max_streams", "send_buffer", "recv_buffer", "ordered", "zero_rtt",
-    "cid_length", "fec",
+    "cid_length", "fec", "encryption", "peer_keys", "peer_keys_only",
 }
 TICKETS_KEPT = 256
 # TLS alert numbers (RFC 8446 section 6) that mean "your certificate is not acceptable".
@@ -158,6 +169,7 @@ class QuicBackend(Backend):
 
     name = "quic"
     typed_connections = False  # streams already keep small messages from waiting behind bulk
+    uses_frame_sealing = False  # TLS 1.3 protects every packet; the hello is bound to it
 
     def __init__(self, settings: BackendSettings) -> None:
         super().__init__(settings)
@@ -234,7 +246,8 @@ class QuicBackend(Backend):
             max_payload=settings.max_message_size, send_buffer=self.send_buffer, recv_buffer=self.recv_buffer,
             keepalive=self.keepalive, ordered=self.ordered, dead_timeout=self.dead_timeout,
         )
-        self._client_tickets: collections.OrderedDict[tuple[str, int], SessionTicket] = collections.OrderedDict()
+        # Per peer address: the session ticket and the channel binding of the handshake it came from.
+        self._client_tickets: collections.OrderedDict[tuple[str, int], tuple[SessionTicket, bytes]] = collections.OrderedDict()
         self._server_tickets: collections.OrderedDict[bytes, SessionTicket] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._protocols: set[Lu2kQuicProtocol] = set()
@@ -345,19 +358,20 @@ class QuicBackend(Backend):
             self._protocols.add(protocol)
             return protocol
 
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.bind((host, port))
-            self._size_socket(sock)
-            server = QuicServer(
-                configuration=config, create_protocol=create_protocol,
-                session_ticket_fetcher=self._fetch_ticket, session_ticket_handler=self._store_server_ticket,
-            )
-            endpoint = BatchedUdpEndpoint(asyncio.get_running_loop(), sock, server, fec=self.fec)
-            self._endpoints.append(endpoint)
-        except OSError as e:
-            sock.close()
-            raise ConnectError(f"cannot listen on udp {host}:{port}: {e.strerror or e}") from None
+        with map_exceptions(SOCKET_ERRORS, f"cannot listen on udp {host}:{port}"):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.bind((host, port))
+                self._size_socket(sock)
+                server = QuicServer(
+                    configuration=config, create_protocol=create_protocol,
+                    session_ticket_fetcher=self._fetch_ticket, session_ticket_handler=self._store_server_ticket,
+                )
+                endpoint = BatchedUdpEndpoint(asyncio.get_running_loop(), sock, server, fec=self.fec)
+                self._endpoints.append(endpoint)
+            except BaseException:
+                sock.close()
+                raise
         sockname = endpoint.get_extra_info("sockname")
         return QuicListener(server, (sockname[0], sockname[1]))
 
@@ -398,45 +412,54 @@ class QuicBackend(Backend):
 
     async def connect(self, host: str, port: int, conn_type: ConnType, timeout: float) -> Transport:
         loop = asyncio.get_running_loop()
-        try:
+        with map_exceptions(SOCKET_ERRORS, f"cannot resolve {host}"):
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        except OSError as e:
-            raise ConnectError(f"cannot resolve {host}: {e.strerror or e}") from None
         family, _, _, _, addr = infos[0]
         server_name = self.server_name or host
         config = self._configuration(is_client=True, family=family, server_name=server_name)
         key = (host, port)
-        ticket = self._client_tickets.get(key)
+        stored = self._client_tickets.get(key)
+        ticket, resumed_binding = stored if stored is not None else (None, b"")
         if ticket is not None:
             config.session_ticket = ticket
 
         def store_ticket(t: SessionTicket) -> None:
-            self._client_tickets[key] = t
+            # The binding of this session: its server certificate, or on a resumed session
+            # the one remembered from the handshake that issued the resumed ticket.
+            transport = protocol.transport_obj
+            binding = transport.channel_binding if transport is not None else resumed_binding
+            if not binding:
+                cert = getattr(quic.tls, "_peer_certificate", None)
+                binding = _binding_of(cert) if cert is not None else resumed_binding
+            self._client_tickets[key] = (t, binding)
             self._client_tickets.move_to_end(key)
             while len(self._client_tickets) > TICKETS_KEPT:
                 self._client_tickets.popitem(last=False)
 
         quic = QuicConnection(configuration=config, session_ticket_handler=store_ticket)
         self._tune(quic)
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
-            # Connected, so the kernel reports ICMP port-unreachable: "nobody listens" fails
-            # the connect at once instead of after the timeout.
-            sock.connect(addr)
-            self._size_socket(sock)
-            protocol = Lu2kQuicProtocol(quic, stream_options=self.stream_options, translate=translate_close)
-            endpoint = BatchedUdpEndpoint(loop, sock, protocol, fec=self.fec)
-        except OSError as e:
-            sock.close()
-            raise ConnectError(f"cannot open a UDP socket for {host}:{port}: {e.strerror or e}") from None
+        with map_exceptions(SOCKET_ERRORS, f"cannot open a UDP socket for {host}:{port}"):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
+                # Connected, so the kernel reports ICMP port-unreachable: "nobody listens" fails
+                # the connect at once instead of after the timeout.
+                sock.connect(addr)
+                self._size_socket(sock)
+                protocol = Lu2kQuicProtocol(quic, stream_options=self.stream_options, translate=translate_close)
+                endpoint = BatchedUdpEndpoint(loop, sock, protocol, fec=self.fec)
+            except BaseException:
+                sock.close()
+                raise
         protocol.peer = f"{host}:{port}"
         self._protocols.add(protocol)
         self._endpoints.append(endpoint)
         protocol.connect(addr)
         if ticket is not None and self.zero_rtt and quic._cryptos[tls.Epoch.ZERO_RTT].send.is_valid():
             # Resumed with early data allowed: the hello goes out as 0-RTT (see module docstring).
-            return protocol.early_transport()
+            early = protocol.early_transport()
+            early.resumed_binding = resumed_binding
+            return early
         try:
             await asyncio.wait_for(asyncio.shield(protocol.handshake_waiter), timeout)
         except asyncio.TimeoutError:
@@ -447,6 +470,7 @@ class QuicBackend(Backend):
             endpoint.close()
             raise
         assert protocol.transport_obj is not None
+        protocol.transport_obj.resumed_binding = resumed_binding
         return protocol.transport_obj
 
     async def close(self) -> None:

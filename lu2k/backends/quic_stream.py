@@ -47,8 +47,12 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
 
+import hashlib
+
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from ..errors import ConnectError, FrameError, Lu2kError, ReadError, WriteError
-from ..wire import BufferFor, Frame, FrameDecoder, FrameType
+from ..wire import HELLO_FRAMES, BufferFor, Frame, FrameDecoder, FrameHeader, FrameType, HelloResult
 from .base import OutFrame, Transport
 
 ROLE_CONTROL = 0x01
@@ -66,13 +70,14 @@ ACTIVE_STREAMS = 4  # message streams with unsent data inside aioquic at any tim
 class _InStream:
     """Receive state of one peer stream."""
 
-    __slots__ = ("role", "decoder", "frames", "finished")
+    __slots__ = ("role", "decoder", "frames", "finished", "reserved")
 
     def __init__(self) -> None:
         self.role = 0
         self.decoder: FrameDecoder | None = None
         self.frames: list[Frame] = []
         self.finished = False
+        self.reserved = 0  # bytes of private payload buffers this stream holds (see _reserve)
 
 
 class _OutStream:
@@ -113,6 +118,35 @@ class QuicTransport(Transport):
         self.msgs_sent = self.msgs_received = 0
         self.bytes_sent = self.bytes_received = 0
         self.datagrams_dropped = 0
+        self._hello_done = False
+        self.private_bytes = 0  # payload buffers of unfinished message streams we allocated
+        self.private_budget = max(protocol.stream_options.recv_buffer, 8 * protocol.stream_options.max_payload)
+        # Client side, resumed TLS session: no certificate is sent again, so the binding is
+        # the one remembered with the session ticket (set by the backend).
+        self.resumed_binding = b""
+
+    # --- the hello ---------------------------------------------------------------------------------
+
+    def on_hello_done(self, result: HelloResult) -> None:
+        """From now on the peer may open message and ACK streams, and the control stream
+        carries PING/PONG too.  Until now, any other stream was refused at its first byte and
+        the control stream took only hello frames: an unauthenticated peer cannot make us
+        allocate a payload, however many streams it opens."""
+        self._hello_done = True
+        for s in self.in_streams.values():
+            if s.decoder is not None:
+                s.decoder._accept = None
+
+    @property
+    def channel_binding(self) -> bytes:
+        """RFC 5929 ``tls-server-end-point``: the hash of the certificate the TLS server
+        presented.  A relay terminating TLS with its own certificate sees a different hash on
+        each side, so the hello's MACs (which cover it) fail."""
+        quic = self._quic
+        cert = quic.configuration.certificate if not quic._is_client else getattr(quic.tls, "_peer_certificate", None)
+        if cert is None:
+            return self.resumed_binding
+        return b"tls-server-end-point:" + hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
 
     # --- settings from the backend ---------------------------------------------------------------
 
@@ -125,10 +159,28 @@ class QuicTransport(Transport):
         return self._peer
 
     def set_buffer_for(self, buffer_for: BufferFor | None) -> None:
-        self._buffer_for = buffer_for
-        for s in self.in_streams.values():
-            if s.decoder is not None:
-                s.decoder._buffer_for = buffer_for
+        self._buffer_for = buffer_for  # the streams' decoders ask through _stream_buffer_for
+
+    def _stream_buffer_for(self, stream: _InStream) -> BufferFor:
+        """The engine's buffer if it has one; else a private buffer, within the connection's
+        budget: a peer (even one holding the key) announcing big payloads on many streams
+        and then sending nothing cannot make us allocate more than ``private_budget``."""
+        def buffer_for(header: FrameHeader) -> memoryview | None:
+            target = self._buffer_for(header) if self._buffer_for is not None else None
+            if target is not None or not header.payload_len:
+                return target
+            need = header.payload_len
+            if self.private_bytes + need > self.private_budget:
+                raise FrameError(f"{self._peer} announced more unfinished message payload than this connection's budget "
+                                 f"({self.private_bytes} + {need} > {self.private_budget} bytes)")
+            self.private_bytes += need
+            stream.reserved += need
+            return memoryview(bytearray(need))
+        return buffer_for
+
+    def _release(self, stream: _InStream) -> None:
+        self.private_bytes -= stream.reserved
+        stream.reserved = 0
 
     # --- sending -----------------------------------------------------------------------------------
 
@@ -244,7 +296,9 @@ class QuicTransport(Transport):
             view = view[1:]
             if s.role not in (ROLE_CONTROL, ROLE_MESSAGE, ROLE_ACKS):
                 raise FrameError(f"stream {stream_id} from {self._peer} has unknown role {s.role}")
-            s.decoder = FrameDecoder(self._opts.max_payload, self._buffer_for)
+            if not self._hello_done and s.role != ROLE_CONTROL:
+                raise FrameError(f"stream {stream_id} from {self._peer} opened before the hello finished")
+            s.decoder = FrameDecoder(self._opts.max_payload, self._stream_buffer_for(s), accept=None if self._hello_done else HELLO_FRAMES)
             if s.role == ROLE_ACKS and self._opts.ordered:
                 self._deliver_ordered(stream_id, [])  # not a message: ordered delivery skips it
         if view:
@@ -265,6 +319,7 @@ class QuicTransport(Transport):
         if end_stream:
             s.finished = True
             del self.in_streams[stream_id]
+            self._release(s)  # its frames are handed on (and counted against recv_buffer) now
             if s.decoder is None or not s.decoder.at_boundary():
                 raise FrameError(f"stream {stream_id} from {self._peer} ended in the middle of a frame")
             if s.role == ROLE_MESSAGE:

@@ -82,8 +82,15 @@ from ..errors import (
     ReadError,
     WriteError,
 )
-from ..wire import BufferFor, ConnType, Frame, FrameDecoder
-from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport, option_int, option_seconds
+from ..crypto import FrameCodec, SealedDecoder
+from ..wire import BufferFor, ConnType, Frame, FrameDecoder, HelloResult
+from .base import (
+    AcceptCallback, Backend, BackendSettings, ExceptionMap, Listener, OutFrame, Transport, map_exceptions, option_int, option_seconds,
+)
+
+# Where rds's socket errors become lu2k's (the send path decides EAGAIN/ENOBUFS congestion by errno).
+CONNECT_ERRORS: ExceptionMap = {OSError: ConnectError}
+READ_ERRORS: ExceptionMap = {OSError: ReadError}
 
 RDS_MAX_MSG_SIZE = 1 << 20  # include/net/rds... RDS_MAX_MSG_SIZE: the kernel refuses larger sends
 SOL_RDS = 276
@@ -348,7 +355,7 @@ class RdsTransport(Transport):
         self._tx_size = tx_size
         self._tx_body = tx_size - ENVELOPE_SIZE
         self._rx_size = backend.datagram_size
-        self._decoder = FrameDecoder(backend.settings.max_message_size)
+        self._codec = FrameCodec(backend.settings.max_message_size, f"rds:{peer[0]}:{peer[1]}")
         self._env = bytearray(ENVELOPE_SIZE)
         self._scratch = bytearray(self._rx_size)
         self._tx_seq = 0
@@ -378,15 +385,22 @@ class RdsTransport(Transport):
         return f"rds:{self._peer[0]}:{self._peer[1]}"
 
     def set_buffer_for(self, buffer_for: BufferFor | None) -> None:
-        self._decoder._buffer_for = buffer_for
+        self._codec.set_buffer_for(buffer_for)
+
+    def on_hello_done(self, result: HelloResult) -> None:
+        self._codec.hello_done(result)
+
+    @property
+    def _decoder(self) -> FrameDecoder | SealedDecoder:
+        return self._codec.decoder  # the hello decoder, then the sealed one
 
     async def send(self, frames: Sequence[OutFrame]) -> None:
-        views: list[memoryview] = []
-        for header, payload in frames:
-            views.append(memoryview(header))
-            if len(payload):
-                views.append(memoryview(payload))
-        async with self._send_lock:
+        async with self._send_lock:  # sealing assigns nonces: it must happen in wire order
+            views: list[memoryview] = []
+            for header, payload in self._codec.outgoing(frames):
+                views.append(memoryview(header))
+                if len(payload):
+                    views.append(memoryview(payload))
             for body in plan_datagrams(views, self._tx_body):
                 await self._send_datagram(Kind.DATA, body, value=self._tx_seq, fail_if_closing=True)
                 self._tx_seq = (self._tx_seq + 1) & 0xFFFFFFFF
@@ -515,13 +529,12 @@ class RdsTransport(Transport):
             target = decoder.payload_target()
             direct = target if target is not None and len(target) >= DIRECT_RECV_MIN else None
             bufs: list[Any] = [self._env, direct, self._scratch] if direct is not None else [self._env, self._scratch]
-            try:
-                n, _anc, flags, addr = self._sock.recvmsg_into(bufs)
-            except (BlockingIOError, InterruptedError):
-                await self._wait_readable()
-                continue
-            except OSError as e:
-                raise ReadError(f"receive from {self.peer_address} failed: {e.strerror or e}") from None
+            with map_exceptions(READ_ERRORS, f"receive from {self.peer_address} failed"):
+                try:
+                    n, _anc, flags, addr = self._sock.recvmsg_into(bufs)
+                except (BlockingIOError, InterruptedError):
+                    await self._wait_readable()
+                    continue
             if flags & socket.MSG_TRUNC:
                 raise FrameError(f"RDS datagram from {addr[0]}:{addr[1]} larger than the {self._rx_size} bytes announced")
             if tuple(addr[:2]) != self._peer:
@@ -815,34 +828,28 @@ class RdsBackend(Backend):
         self._check_host(host)
         sock = self.new_socket()
         try:
-            sock.bind((host, port))
-        except OSError as e:
+            with map_exceptions(CONNECT_ERRORS, f"cannot listen on rds {host}:{port}"):
+                sock.bind((host, port))
+        except BaseException:
             sock.close()
-            raise ConnectError(f"cannot listen on rds {host}:{port}: {e.strerror or e}") from None
+            raise
         return RdsListener(self, sock, host, on_accept)
 
     async def connect(self, host: str, port: int, conn_type: ConnType, timeout: float) -> Transport:
         self._check_host(host)
-        try:
+        with map_exceptions(CONNECT_ERRORS, f"no route to rds {host}:{port}"):
             with in_netns(self.netns):
                 local = self.local_address or source_address_for(host, port)
-        except OSError as e:
-            raise ConnectError(f"no route to rds {host}:{port}: {e.strerror or e}") from None
         sock = self.new_socket()
-        try:
-            sock.bind((local, 0))
-        except OSError as e:
-            sock.close()
-            raise ConnectError(f"cannot bind an RDS socket to {local}: {e.strerror or e}") from None
         session = int.from_bytes(os.urandom(4), "little") or 1
         try:
-            peer, tx_size = await asyncio.wait_for(self._handshake(sock, host, port, session, conn_type), timeout)
-        except asyncio.TimeoutError:
-            sock.close()
-            raise ConnectTimeout(f"rds {host}:{port} did not answer within {timeout:g} s (no listener there?)") from None
-        except OSError as e:
-            sock.close()
-            raise ConnectError(f"connect to rds {host}:{port} failed: {e.strerror or e}") from None
+            with map_exceptions(CONNECT_ERRORS, f"cannot bind an RDS socket to {local}"):
+                sock.bind((local, 0))
+            with map_exceptions(CONNECT_ERRORS, f"connect to rds {host}:{port} failed"):
+                try:
+                    peer, tx_size = await asyncio.wait_for(self._handshake(sock, host, port, session, conn_type), timeout)
+                except asyncio.TimeoutError:
+                    raise ConnectTimeout(f"rds {host}:{port} did not answer within {timeout:g} s (no listener there?)") from None
         except BaseException:
             sock.close()
             raise

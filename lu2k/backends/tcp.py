@@ -8,26 +8,48 @@
   kernel's autotuning is left alone.  ``options.socket_buffer`` overrides.
 * Congestion control: ``options.congestion`` (e.g. ``bbr``, ``cubic``) per network; the
   default is ``bbr`` where the kernel offers it, else the system default.
-* Zero copy: frames go out with one ``sendmsg`` of header/payload iovecs straight from
-  shared memory; large payloads are ``recv_into`` the buffer the engine supplies.
+* Zero copy: frames go out with one ``sendmsg`` of header/payload iovecs; large payloads are
+  ``recv_into`` a buffer of their own and decrypted straight into the one the engine supplies
+  (with ``encryption: none``, received into it directly).
+* Sealed: until the hello is done only hello frames are accepted (an unauthenticated peer
+  costs one header); after it every frame is sealed (:mod:`lu2k.crypto`).
+* Errors: ``OSError`` becomes a ``ConnectError``/``ReadError``/``WriteError`` through one
+  table per phase (below); an accept loop out of descriptors pauses instead of spinning.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
+
+from ..crypto import INLINE_MAX, FrameCodec
 from ..errors import ConfigError, ConnectError, ConnectionClosed, ConnectTimeout, ReadError, WriteError
-from ..wire import BufferFor, ConnType, Frame, FrameDecoder
-from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport, option_int
+from ..ratelimit import LogLimiter
+from ..wire import BufferFor, ConnType, Frame, HelloResult
+from .base import (
+    EXHAUSTION_ERRNOS, AcceptBackoff, AcceptCallback, Backend, BackendSettings, ExceptionMap, Listener, OutFrame, Transport,
+    describe_exception, map_exceptions, option_int,
+)
+
+log = structlog.get_logger("lu2k.backends.tcp")
 
 IOV_MAX = 1024
 RECV_CHUNK = 256 << 10
+HELLO_CHUNK = 4096
 DIRECT_RECV_MIN = 16 << 10  # payload remainder above this is received straight into place
 KNOWN_OPTIONS = frozenset({"min_bulk", "congestion", "socket_buffer"})
+
+
+# The one place tcp's library errors become lu2k's, by phase.
+CONNECT_ERRORS: ExceptionMap = {TimeoutError: ConnectTimeout, OSError: ConnectError}
+READ_ERRORS: ExceptionMap = {OSError: ReadError}
+WRITE_ERRORS: ExceptionMap = {OSError: WriteError}
+LISTEN_ERRORS: ExceptionMap = {OSError: ConnectError}
 
 
 def available_congestion_controls() -> list[str]:
@@ -44,15 +66,15 @@ class TcpTransport(Transport):
     def __init__(self, sock: socket.socket, max_payload: int) -> None:
         self._sock = sock
         self._loop = asyncio.get_running_loop()
-        self._decoder = FrameDecoder(max_payload)
-        self._scratch = bytearray(RECV_CHUNK)
-        self._closed = False
-        self._send_lock = asyncio.Lock()
         try:
             peer = sock.getpeername()
             self._peer = f"{peer[0]}:{peer[1]}"
         except OSError:
             self._peer = "?"
+        self._codec = FrameCodec(max_payload, self._peer)
+        self._scratch: bytearray | None = None  # allocated on first use, freed on close
+        self._closed = False
+        self._send_lock = asyncio.Lock()
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -61,48 +83,71 @@ class TcpTransport(Transport):
         return self._peer
 
     def set_buffer_for(self, buffer_for: BufferFor | None) -> None:
-        self._decoder._buffer_for = buffer_for
+        self._codec.set_buffer_for(buffer_for)
+
+    def on_hello_done(self, result: HelloResult) -> None:
+        self._codec.hello_done(result)
 
     async def _wait(self, writable: bool) -> None:
         fut = self._loop.create_future()
         fd = self._sock.fileno()
         add, remove = (self._loop.add_writer, self._loop.remove_writer) if writable else (self._loop.add_reader, self._loop.remove_reader)
-        add(fd, lambda: fut.done() or fut.set_result(None))
+        def wake() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        add(fd, wake)
         try:
             await fut
         finally:
             remove(fd)
 
     async def send(self, frames: Sequence[OutFrame]) -> None:
+        async with self._send_lock:  # sealing assigns nonces: it must happen in wire order
+            sealer = self._codec.sealer
+            if sealer is None:
+                await self._send_all(frames)
+                return
+            # A large payload is sealed into the sealer's reused buffer and sent before the
+            # next one is sealed: the buffer stays in cache for the kernel's copy.
+            pending: list[OutFrame] = []
+            for frame in frames:
+                pending += sealer.seal((frame,))
+                if len(frame[1]) > INLINE_MAX:
+                    await self._send_all(pending)
+                    pending = []
+            if pending:
+                await self._send_all(pending)
+
+    async def _send_all(self, frames: Sequence[OutFrame]) -> None:
         iov: list[memoryview] = []
         for header, payload in frames:
             iov.append(memoryview(header))
             if len(payload):
                 iov.append(memoryview(payload).cast("B"))
-        async with self._send_lock:
-            while iov:
-                if self._closed:
-                    raise WriteError(f"connection to {self._peer} closed")
+        while iov:
+            if self._closed:
+                raise WriteError(f"connection to {self._peer} closed")
+            with map_exceptions(WRITE_ERRORS, f"send to {self._peer} failed"):
                 try:
                     sent = self._sock.sendmsg(iov[:IOV_MAX])
                 except (BlockingIOError, InterruptedError):
                     await self._wait(writable=True)
                     continue
-                except OSError as e:
-                    raise WriteError(f"send to {self._peer} failed: {e.strerror or e}") from None
-                self.bytes_sent += sent
-                # Drop what went out; keep the rest as views (no copy).
-                while sent and iov:
-                    if sent >= len(iov[0]):
-                        sent -= len(iov[0])
-                        iov.pop(0)
-                    else:
-                        iov[0] = iov[0][sent:]
-                        sent = 0
+            self.bytes_sent += sent
+            # Drop what went out; keep the rest as views (no copy).
+            while sent and iov:
+                if sent >= len(iov[0]):
+                    sent -= len(iov[0])
+                    iov.pop(0)
+                else:
+                    iov[0] = iov[0][sent:]
+                    sent = 0
 
     async def recv(self) -> list[Frame]:
-        decoder = self._decoder
+        codec = self._codec
         while True:
+            decoder = codec.decoder  # replaced once, when the hello is done
             frames = decoder.frames()
             if frames:
                 return frames
@@ -110,13 +155,16 @@ class TcpTransport(Transport):
                 raise ReadError(f"connection to {self._peer} closed locally")
             target = decoder.payload_target()
             direct = target is not None and len(target) >= DIRECT_RECV_MIN
-            try:
-                n = self._sock.recv_into(target if direct else self._scratch)  # type: ignore[arg-type]
-            except (BlockingIOError, InterruptedError):
-                await self._wait(writable=False)
-                continue
-            except OSError as e:
-                raise ReadError(f"receive from {self._peer} failed: {e.strerror or e}") from None
+            if not direct:
+                want = RECV_CHUNK if codec.hello_over else HELLO_CHUNK  # an unauthenticated peer gets a small buffer
+                if self._scratch is None or len(self._scratch) != want:
+                    self._scratch = bytearray(want)
+            with map_exceptions(READ_ERRORS, f"receive from {self._peer} failed"):
+                try:
+                    n = self._sock.recv_into(target if direct else self._scratch)  # type: ignore[arg-type]
+                except (BlockingIOError, InterruptedError):
+                    await self._wait(writable=False)
+                    continue
             if n == 0:
                 if decoder.at_boundary():
                     raise ConnectionClosed(f"{self._peer} closed the connection")
@@ -125,18 +173,20 @@ class TcpTransport(Transport):
             if direct:
                 decoder.payload_filled(n)
             else:
+                assert self._scratch is not None
                 decoder.feed(memoryview(self._scratch)[:n])
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._scratch = None
             try:
                 self._sock.close()
             except OSError:
                 pass
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
+        out: dict[str, Any] = {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, **self._codec.stats()}
         if not self._closed:
             try:
                 out["congestion"] = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
@@ -146,17 +196,61 @@ class TcpTransport(Transport):
 
 
 class TcpListener(Listener):
-    def __init__(self, sock: socket.socket, on_ready: Any) -> None:
+    """The listening socket and its accept loop (run when the socket is readable)."""
+
+    def __init__(self, sock: socket.socket, backend: "TcpBackend", on_accept: AcceptCallback) -> None:
         self._sock = sock
+        self._backend = backend
+        self._on_accept = on_accept
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.fileno(), on_ready)
+        self._backoff = AcceptBackoff()
+        self._resume: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.limiter = LogLimiter()
+        self.accept_pauses = 0
+        self._loop.add_reader(sock.fileno(), self._ready)
 
     @property
     def address(self) -> tuple[str, int]:
         host, port = self._sock.getsockname()[:2]
         return host, port
 
+    def _ready(self) -> None:
+        while not self._closed:
+            try:
+                conn, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in EXHAUSTION_ERRNOS:
+                    self._pause(e)
+                    return
+                continue  # that one connection failed (ECONNABORTED, EPERM ...): take the next
+            self._backoff.succeeded()
+            self._backend._accepted(conn, self._on_accept)
+
+    def _pause(self, error: OSError) -> None:
+        """Out of descriptors or memory: stop watching the socket for a while (it stays
+        readable, so retrying at once would spin), then try again."""
+        delay = self._backoff.failed()
+        self.accept_pauses += 1
+        self._loop.remove_reader(self._sock.fileno())
+        self._resume = self._loop.call_later(delay, self._watch)
+        if (n := self.limiter.allow("accept", time.monotonic())) is not None:
+            log.warning("accept failed; pausing the listener", address=f"{self.address[0]}:{self.address[1]}",
+                        error=describe_exception(error), pause_s=delay, suppressed=n)
+
+    def _watch(self) -> None:
+        self._resume = None
+        if not self._closed:
+            self._loop.add_reader(self._sock.fileno(), self._ready)
+
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._resume is not None:
+            self._resume.cancel()
         try:
             self._loop.remove_reader(self._sock.fileno())
         except (ValueError, OSError):
@@ -206,55 +300,48 @@ class TcpBackend(Backend):
         return socket.AF_INET6 if ":" in host else socket.AF_INET
 
     async def listen(self, host: str, port: int, on_accept: AcceptCallback) -> Listener:
-        sock = socket.socket(self._family(host), socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if self.socket_buffer:  # must be set before listen() to size the window scale
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.socket_buffer)
+        with map_exceptions(LISTEN_ERRORS, f"cannot listen on {host}:{port}"):
+            sock = socket.socket(self._family(host), socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self.socket_buffer:  # must be set before listen() to size the window scale
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.socket_buffer)
+                sock.bind((host, port))
+                sock.listen(128)
+                sock.setblocking(False)
+            except BaseException:
+                sock.close()
+                raise
+        return TcpListener(sock, self, on_accept)
+
+    def _accepted(self, conn: socket.socket, on_accept: AcceptCallback) -> None:
         try:
-            sock.bind((host, port))
-            sock.listen(128)
-        except OSError as e:
-            sock.close()
-            raise ConnectError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-        sock.setblocking(False)
-
-        def ready() -> None:
-            while True:
-                try:
-                    conn, _addr = sock.accept()
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError:
-                    return
-                conn.setblocking(False)
-                try:
-                    self._tune(conn, ConnType.ANY)
-                except (ConfigError, OSError):
-                    conn.close()
-                    continue
-                task = asyncio.ensure_future(on_accept(TcpTransport(conn, self.settings.max_message_size)))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-
-        return TcpListener(sock, ready)
+            conn.setblocking(False)
+            self._tune(conn, ConnType.ANY)
+            transport = TcpTransport(conn, self.settings.max_message_size)
+        except (ConfigError, OSError):
+            conn.close()
+            return
+        task = asyncio.ensure_future(on_accept(transport))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def connect(self, host: str, port: int, conn_type: ConnType, timeout: float) -> Transport:
-        sock = socket.socket(self._family(host), socket.SOCK_STREAM)
+        what = f"connect to {host}:{port} failed"
+        with map_exceptions(CONNECT_ERRORS, what):
+            sock = socket.socket(self._family(host), socket.SOCK_STREAM)
         try:
-            self._tune(sock, conn_type)
-            sock.setblocking(False)
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
-        except asyncio.TimeoutError:
-            sock.close()
-            raise ConnectTimeout(f"connect to {host}:{port} timed out after {timeout:g}s") from None
-        except OSError as e:
-            sock.close()
-            reason = os.strerror(e.errno) if e.errno else str(e)
-            raise ConnectError(f"connect to {host}:{port} failed: {reason}") from None
+            with map_exceptions(CONNECT_ERRORS, what):
+                self._tune(sock, conn_type)
+                sock.setblocking(False)
+                try:
+                    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
+                except asyncio.TimeoutError:
+                    raise ConnectTimeout(f"connect to {host}:{port} timed out after {timeout:g}s") from None
+            return TcpTransport(sock, self.settings.max_message_size)
         except BaseException:
             sock.close()
             raise
-        return TcpTransport(sock, self.settings.max_message_size)
 
     async def close(self) -> None:
         for task in list(self._tasks):

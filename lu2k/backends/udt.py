@@ -459,6 +459,7 @@ class UdtBackend(Backend):
     """UDT for lossy long links; one instance per net."""
 
     name = "udt"
+    uses_frame_sealing = False  # every UDT message is already sealed (udt_proto), hello included
 
     def __init__(self, settings: BackendSettings) -> None:
         super().__init__(settings)

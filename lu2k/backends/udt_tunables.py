@@ -56,7 +56,7 @@ MAX_UDP_BUFFER = 4 << 20
 KNOWN_KEYS = frozenset({
     "cc", "rate_mbit", "pace_fraction", "min_rate_mbit", "max_rate_mbit", "heavy_loss", "rtt_slack", "mss",
     "buffer", "flight_window", "udp_buffer", "cipher", "recv_queue", "handshake_timeout", "rendezvous",
-    "rendezvous_port", "rendezvous_peers", "min_rto_ms", "dead_peer_s",
+    "rendezvous_port", "rendezvous_peers", "min_rto_ms", "dead_peer_s", "encryption", "peer_keys", "peer_keys_only",
 })
 
 

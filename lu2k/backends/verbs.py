@@ -63,9 +63,15 @@ from ..errors import (
     RemoteProtocolError,
     WriteError,
 )
-from ..wire import BufferFor, ConnType, Frame, FrameDecoder
-from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport, option_int, option_seconds
+from ..crypto import FrameCodec, SealedDecoder
+from ..wire import BufferFor, ConnType, Frame, FrameDecoder, HelloResult
+from .base import (
+    AcceptCallback, Backend, BackendSettings, ExceptionMap, Listener, OutFrame, Transport, map_exceptions, option_int, option_seconds,
+)
 from .rds import plan_datagrams  # the same zero-copy stream chunker
+
+# Where the side channel's socket errors become lu2k's; pyverbs errors are translated where each verb is called.
+SIDE_CHANNEL_ERRORS: ExceptionMap = {OSError: ConnectError}
 
 DEBIAN_PYVERBS = "/usr/lib/python3/dist-packages"
 SETUP_VERSION = 1
@@ -203,7 +209,8 @@ class VerbsTransport(Transport):
         self._loop = asyncio.get_running_loop()
         peer = writer.get_extra_info("peername") or ("?", 0)
         self._peer = f"o2ib:{peer[0]}:{peer[1]}"
-        self._decoder = FrameDecoder(backend.settings.max_message_size)
+        self._codec = FrameCodec(backend.settings.max_message_size, self._peer)
+        self._send_lock = asyncio.Lock()
         self._closing = False
         self._peer_state: str | None = None  # "closed" (bye) or "lost" (side channel died)
         self._rx_ready: deque[tuple[int, int]] = deque()
@@ -315,9 +322,20 @@ class VerbsTransport(Transport):
         return self._peer
 
     def set_buffer_for(self, buffer_for: BufferFor | None) -> None:
-        self._decoder._buffer_for = buffer_for
+        self._codec.set_buffer_for(buffer_for)
+
+    def on_hello_done(self, result: HelloResult) -> None:
+        self._codec.hello_done(result)
+
+    @property
+    def _decoder(self) -> FrameDecoder | SealedDecoder:
+        return self._codec.decoder  # the hello decoder, then the sealed one
 
     async def send(self, frames: Sequence[OutFrame]) -> None:
+        async with self._send_lock:  # sealing assigns nonces, and a batch's datagrams must not interleave
+            await self._send_sealed(self._codec.outgoing(frames))
+
+    async def _send_sealed(self, frames: Sequence[OutFrame]) -> None:
         views: list[memoryview] = []
         for header, payload in frames:
             views.append(memoryview(header))
@@ -761,19 +779,16 @@ class VerbsBackend(Backend):
                 return
             await on_accept(transport)
 
-        try:
+        with map_exceptions(SIDE_CHANNEL_ERRORS, f"cannot listen on o2ib side channel {host}:{port}"):
             server = await asyncio.start_server(accepted, host, port, limit=MAX_SETUP_LINE)
-        except OSError as e:
-            raise ConnectError(f"cannot listen on o2ib side channel {host}:{port}: {e.strerror or e}") from None
         return VerbsListener(server)
 
     async def connect(self, host: str, port: int, conn_type: ConnType, timeout: float) -> Transport:
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_SETUP_LINE), timeout)
-        except asyncio.TimeoutError:
-            raise ConnectTimeout(f"o2ib side channel to {host}:{port} timed out after {timeout:g} s") from None
-        except OSError as e:
-            raise ConnectError(f"o2ib side channel to {host}:{port} failed: {e.strerror or e}") from None
+        with map_exceptions(SIDE_CHANNEL_ERRORS, f"o2ib side channel to {host}:{port} failed"):
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_SETUP_LINE), timeout)
+            except asyncio.TimeoutError:
+                raise ConnectTimeout(f"o2ib side channel to {host}:{port} timed out after {timeout:g} s") from None
         transport = VerbsTransport(self, reader, writer)
         try:
             await transport.setup(timeout)

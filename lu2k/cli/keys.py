@@ -6,7 +6,10 @@
   QUIC client checks them); NAME itself is always included as a DNS name.
 * ``lu2k keygen ca NAME --dir DIR`` makes a small CA for a set of sites, so each site's
   ``ca`` option can be one file.
-* ``lu2k keygen psk`` prints a random pre-shared network key (hex) for the ``key`` setting.
+* ``lu2k keygen psk`` prints a random pre-shared network key for the ``key`` setting, as
+  ``hex:`` + 64 hex digits (256 random bits; ``--bytes`` below 16, i.e. 128 bits, is refused:
+  the hello's safety against offline guessing rests on the key being random and long, see
+  docs/security.md).
 
 The key and certificate functions are the library's (:mod:`lu2k.certs`).
 Refuses to overwrite existing files unless ``--force``.
@@ -78,8 +81,18 @@ def _cmd_ca(args: argparse.Namespace) -> int:
     return 0
 
 
+MIN_PSK_BYTES = 16  # 128 bits
+
+
+def make_psk(nbytes: int = 32) -> str:
+    """A network key in the config's ``hex:`` form, from the OS's CSPRNG."""
+    if nbytes < MIN_PSK_BYTES:
+        raise ConfigError(f"a network key needs at least {MIN_PSK_BYTES} random bytes (128 bits), not {nbytes}", where="--bytes")
+    return "hex:" + secrets.token_hex(nbytes)
+
+
 def _cmd_psk(args: argparse.Namespace) -> int:
-    print(secrets.token_hex(args.bytes))
+    print(make_psk(args.bytes))
     return 0
 
 

@@ -15,7 +15,7 @@ import zlib
 from typing import Any
 
 import pytest
-from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _recv_n
+from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _recv_n, run_hello
 
 from guestutil import NetnsPair, sh
 from lu2k import wire
@@ -50,6 +50,7 @@ async def _tcp_pair(ns: NetnsPair, **options: Any) -> tuple[RdsBackend, RdsBacke
     out = await client.connect(ns.addr_b, lst.address[1], ConnType.ANY, 30)
     inn = await asyncio.wait_for(accepted.get(), 30)
     assert isinstance(out, RdsTransport) and isinstance(inn, RdsTransport)
+    await run_hello(client, out, inn, b"guest-tier-test-key")  # frames flow only after the hello
     return server, client, out, inn, lst
 
 

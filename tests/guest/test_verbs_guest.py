@@ -14,7 +14,7 @@ import zlib
 from typing import Any
 
 import pytest
-from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _recv_n
+from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _recv_n, run_hello
 
 from lu2k.backends.base import BackendSettings, Transport
 from lu2k.backends.verbs import VerbsBackend, VerbsTransport
@@ -44,6 +44,7 @@ async def _pair(**options: Any) -> tuple[VerbsBackend, VerbsBackend, VerbsTransp
     out = await client.connect("127.0.0.1", lst.address[1], ConnType.ANY, 30)
     inn = await asyncio.wait_for(accepted.get(), 30)
     assert isinstance(out, VerbsTransport) and isinstance(inn, VerbsTransport)
+    await run_hello(client, out, inn, b"guest-tier-test-key")  # frames flow only after the hello
     return server, client, out, inn, lst
 
 
