@@ -163,7 +163,7 @@ class Engine:
         self._config = config
         self.nis: dict[Net, NI] = {}
         self.lans: dict[Net, LanDriver] = {}
-        self.stats: collections.Counter[str] = collections.Counter()
+        self.stats: collections.Counter[str] = self.core.stats  # one set of counters: the core's and the pump's
         self.refusal_log = RateLimitedLog(log)
         self.closing = False
         self.background: set[asyncio.Task[Any]] = set()
@@ -460,8 +460,6 @@ class Engine:
                 link.transport.close()
             if self._out.get(conn) is link:
                 del self._out[conn]
-            if isinstance(e, FrameError):  # a bad or forged frame during the hello: counted like one on a live connection
-                self.stats["bad_frames"] += 1
             self.refusal_log.warning(("connect", str(peer.nid)), "connect failed", peer=str(peer.nid), type=conn.ctype.name, error=str(e))
             core.connect_failed(conn, attempt, str(e), self.now(), refused=refusal_status(e))
             self._transmit()
@@ -473,6 +471,8 @@ class Engine:
         try:
             await self._write_out(link, transport, reader)
         except (NetworkError, RemoteProtocolError) as e:
+            if isinstance(e, FrameError):  # a bad or forged frame on the ACK direction (sealed frames that do not open)
+                self.stats["bad_frames"] += 1
             if not link.closed:
                 log.warning("connection lost", peer=str(peer.nid), type=conn.ctype.name, error=str(e))
             core.connection_lost(conn, attempt, str(e), self.now())
@@ -807,8 +807,7 @@ class Engine:
         }
 
     def describe_stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self.core.stats)
-        out.update(self.stats)
+        out: dict[str, Any] = dict(self.stats)
         out["uptime_s"] = round(time.time() - self.started, 1)
         out["endpoints"] = len(self.shim.ports) if self.shim else 0
         if self.shim is not None:

@@ -42,7 +42,7 @@ IOV_MAX = 1024
 RECV_CHUNK = 256 << 10
 HELLO_CHUNK = 4096
 DIRECT_RECV_MIN = 16 << 10  # payload remainder above this is received straight into place
-KNOWN_OPTIONS = frozenset({"min_bulk", "congestion", "socket_buffer"})
+KNOWN_OPTIONS = frozenset({"min_bulk", "congestion", "socket_buffer", "encryption", "peer_keys", "peer_keys_only"})
 
 
 # The one place tcp's library errors become lu2k's, by phase.
