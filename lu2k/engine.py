@@ -540,7 +540,11 @@ class Engine:
                 try:
                     async with asyncio.timeout(1.0):
                         await transport.send([(hello.reject_frame, b"")])
-                except (NetworkError, TimeoutError):
+                        # Let the refused peer read why and hang up first: closing at once can
+                        # drop the REJECT still queued (QUIC discards unsent stream data).
+                        while True:
+                            await transport.recv()
+                except (NetworkError, RemoteProtocolError, TimeoutError):
                     pass
             transport.close()
             raise

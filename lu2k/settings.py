@@ -199,7 +199,9 @@ def _key(problems: Problems, where: str, lu: Mapping[str, Any], base_dir: Path) 
         except OSError as e:
             problems.add(f"{where}.key_file", f"cannot read {path}: {e.strerror}")
             return b""
-        return problems.check(lambda: parse_key(raw, f"{where}.key_file ({path})")) or b""
+        # ``lu2k keygen psk`` writes "hex:<64 digits>": decoded like a key given inline.
+        value: bytes | str = raw.decode("ascii", "replace") if raw.startswith(b"hex:") else raw
+        return problems.check(lambda: parse_key(value, f"{where}.key_file ({path})")) or b""
     if "key" not in lu:
         problems.add(f"{where}.key", "every net needs a pre-shared key (key: or key_file:) to authenticate peers")
         return b""

@@ -136,7 +136,8 @@ def test_install_script_end_to_end_then_the_demo(tmp_path: Path) -> None:
     assert out.stdout.splitlines() == [f"installed: lu2k {__import__('lu2k').__version__} in venv"] and out.stderr == ""
     if os.geteuid() == 0:
         assert (etc / "lu2kd.yaml").read_text() == (ROOT / "contrib" / "lu2kd.yaml").read_text()
-        assert len((etc / "net.key").read_text().strip()) == 64 and (etc / "net.key").stat().st_mode & 0o077 == 0
+        key = (etc / "net.key").read_text().strip()
+        assert key.startswith("hex:") and len(key) == 4 + 64 and (etc / "net.key").stat().st_mode & 0o077 == 0
     demo = subprocess.run([str(src / "venv" / "bin" / "lu2k"), "demo", "--megabytes", "5"], cwd=src, capture_output=True, text=True,
                           timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert demo.returncode == 0 and "every byte verified" in demo.stdout, demo.stdout[-2000:] + demo.stderr[-2000:]

@@ -272,6 +272,14 @@ def test_key_file_problems(tmp_path: Path) -> None:
         parse_config(data, base_dir=tmp_path)
 
 
+def test_key_file_from_keygen_is_decoded(tmp_path: Path) -> None:
+    (tmp_path / "net.key").write_text("hex:" + "ab" * 32 + "\n")  # what ``lu2k keygen psk`` writes
+    data = base()
+    del data["net"][0]["lu2k"]["key"]
+    data["net"][0]["lu2k"]["key_file"] = "net.key"
+    assert parse_config(data, base_dir=tmp_path).nets[0].key == bytes([0xAB]) * 32
+
+
 def test_cert_given_twice_is_an_error() -> None:
     text = errors_of(base(backend="quic", cert="/a.crt", cert_key="/a.key", options={"cert": "/b.crt", "key": "/b.key"}))
     assert "net[0].lu2k.cert: given both here and as options.cert" in text
