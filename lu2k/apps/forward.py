@@ -249,6 +249,9 @@ class ForwardService(_FlowTable):
             addresses: list[str] = []
             if reason is None and len(self.pumps) >= self.max_flows:
                 reason = f"too many flows ({self.max_flows})"
+            # A name no rule could admit is refused without asking DNS about it.
+            if reason is None and not fp.could_allow(self.rules, host, port):
+                reason = f"{m.text} is not allowed by this forward service"
             if reason is None:
                 try:
                     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -263,7 +266,7 @@ class ForwardService(_FlowTable):
                 except asyncio.TimeoutError:
                     reason = f"{m.text}: no answer within {self.connect_timeout:.0f} s"
                 except OSError as e:
-                    reason = f"{m.text}: {e.strerror or e}"
+                    reason = f"{m.text}: {os.strerror(e.errno) if e.errno else e}"
             if reason is not None:
                 self.counters["refused"] += 1
                 log.warning("flow from %s to %s refused: %s", peer, m.text, reason)

@@ -386,6 +386,22 @@ def parse_allow(text: str, *, where: str = "--allow") -> AllowRule:
     return AllowRule(host, network, ports)
 
 
+def could_allow(rules: list[AllowRule], name: str, port: int) -> bool:
+    """Whether some rule may admit ``name:port`` once resolved (so resolving is worth it)."""
+    try:
+        literal = [str(ipaddress.ip_address(name))]
+    except ValueError:
+        literal = []
+    for r in rules:
+        if not r.ports[0] <= port <= r.ports[1]:
+            continue
+        if r.host == "*" or (r.network is None and r.host.lower() == name.lower()):
+            return True
+        if r.network is not None and (not literal or r.matches(name, literal, port)):
+            return True
+    return False
+
+
 def allowed(rules: list[AllowRule], name: str, addresses: list[str], port: int) -> AllowRule | None:
     """The first rule letting ``name:port`` (resolved to ``addresses``) through, or None."""
     for r in rules:
@@ -420,7 +436,11 @@ def socks_parse_request(req: bytes) -> tuple[str, int] | str:
     if atyp == 4 and len(req) == 22:
         return str(ipaddress.IPv6Address(req[4:20])), int.from_bytes(req[20:22], "big")
     if atyp == 3 and len(req) == 7 + req[4]:
-        return req[5 : 5 + req[4]].decode("idna", "replace"), int.from_bytes(req[5 + req[4] : 7 + req[4]], "big")
+        try:
+            host = req[5 : 5 + req[4]].decode("ascii")
+        except UnicodeDecodeError:
+            return "address_type"  # clients send IDNA (ASCII) names
+        return host, int.from_bytes(req[5 + req[4] : 7 + req[4]], "big")
     return "address_type"
 
 
