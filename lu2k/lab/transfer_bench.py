@@ -180,7 +180,7 @@ def kernel_copy(lab: Lab, src: Path, out: Path, cc: str = "bbr", timeout: float 
     return {"seconds": t1 - t0, "verified": ok}
 
 
-def lu2k_send(lab: Lab, daemons: LabDaemons, src: Path, dst: Path, timeout: float = 1800) -> dict[str, Any]:
+def lu2k_send(lab: Lab, daemons: LabDaemons, src: Path, dst: Path, timeout: float = 1800, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     env = child_env()
     dst.mkdir(exist_ok=True)
     srv = lab.popen("b", [*LU2K, "recv", "-q", "--socket", daemons.shim("b"), "--serve", str(dst)], stderr=subprocess.PIPE,
@@ -188,7 +188,7 @@ def lu2k_send(lab: Lab, daemons: LabDaemons, src: Path, dst: Path, timeout: floa
     try:
         time.sleep(1.0)  # attach (quiet: no banner to wait for)
         t0 = time.monotonic()
-        r = lab.run("a", [*LU2K, "send", "--socket", daemons.shim("a"), daemons.nids["b"], str(src)], capture_output=True, text=True,
+        r = lab.run("a", [*LU2K, "send", "--socket", daemons.shim("a"), *extra, daemons.nids["b"], str(src)], capture_output=True, text=True,
                     env=env, timeout=timeout)
         t1 = time.monotonic()
     finally:
