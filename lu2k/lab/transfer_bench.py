@@ -6,7 +6,8 @@ One run, one lab (same link, same seed), one random file of ``--size`` bytes:
 
 1. kernel TCP BBR copy: a plain socket ``sendfile`` from namespace a to b (the receiver
    writes the file, syncs it and answers one byte); time from starting the sender to its exit;
-2. per backend: ``lu2kd`` in each namespace, ``lu2k recv --serve`` in b, then ``lu2k send
+2. per backend: ``lu2kd`` in each namespace (the tcp backend with ``congestion: bbr`` unless
+   ``--tcp-congestion`` says otherwise), ``lu2k recv --serve`` in b, then ``lu2k send
    FILE`` in a, timed from start to exit (exit 0 = written and verified at b); the received
    file's SHA-256 is checked;
 3. HTTP: an HTTP server in b (its sockets use BBR); ``curl`` in a downloads the file
@@ -234,6 +235,17 @@ def forward_download(lab: Lab, daemons: LabDaemons, src: Path, out: Path, timeou
         _stop(procs)
 
 
+def set_tcp_congestion(daemons: LabDaemons, cc: str) -> None:
+    """Give the tcp backend of both (not yet started) daemons ``options.congestion: cc``."""
+    import yaml
+
+    for proc in daemons.procs.values():
+        path = Path(proc.config_path)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["net"][0]["lu2k"].setdefault("options", {})["congestion"] = cc
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
 def make_file(path: Path, size: int) -> None:
     with open(path, "wb") as f:
         left = size
@@ -244,7 +256,7 @@ def make_file(path: Path, size: int) -> None:
 
 
 def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[str], forward_backends: list[str],
-                 http: bool = True, workdir: str | None = None, log: Any = None) -> dict[str, Any]:
+                 http: bool = True, tcp_congestion: str | None = "bbr", workdir: str | None = None, log: Any = None) -> dict[str, Any]:
     avail = backend_availability()
     for b in set(backends) | set(forward_backends):
         if b not in avail:
@@ -266,7 +278,8 @@ def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[
     src_dir.mkdir(parents=True, exist_ok=True)
     src = src_dir / "payload.bin"
     make_file(src, size)
-    out: dict[str, Any] = {"size": size, "rate_mbit": spec.rate_bps / 1e6, "rtt_ms": spec.rtt_s * 1e3, "loss": spec.mean_loss,
+    out: dict[str, Any] = {"tcp_backend_congestion": tcp_congestion,
+                           "size": size, "rate_mbit": spec.rate_bps / 1e6, "rtt_ms": spec.rtt_s * 1e3, "loss": spec.mean_loss,
                            "limit_mbit": limit / 1e6, "transfer": {}, "http": {}}
     env = child_env()
     try:
@@ -288,7 +301,10 @@ def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[
                 for backend in dict.fromkeys([*backends, *forward_backends]):
                     bwd = wd / backend
                     bwd.mkdir(exist_ok=True)
-                    with LabDaemons(lab, backend, bwd) as daemons:
+                    daemons = LabDaemons(lab, backend, bwd)
+                    if backend == "tcp" and tcp_congestion:
+                        set_tcp_congestion(daemons, tcp_congestion)
+                    with daemons:
                         if backend in backends:
                             say(f"lu2k send over {backend} ...")
                             r = lu2k_send(lab, daemons, src, wd / "dst")
@@ -315,7 +331,9 @@ def format_transfer(r: dict[str, Any]) -> str:
         for name, x in r[part].items():
             share = f"{x['of_limit']:.0%}" if x.get("of_limit") is not None else "-"
             rows.append([title, name, f"{x['seconds']:.1f}", f"{x['goodput_mbit']:.2f}", share, "yes" if x.get("verified") else "NO"])
-    head = (f"{r['size'] / 1e6:.0f} MB over {r['rate_mbit']:g} Mbit/s, {r['rtt_ms']:.0f} ms RTT, {r['loss']:.1%} loss; "
+    cc = r.get("tcp_backend_congestion") or "kernel default"
+    head = (f"lu2k tcp backend congestion control: {cc}\n"
+            f"{r['size'] / 1e6:.0f} MB over {r['rate_mbit']:g} Mbit/s, {r['rtt_ms']:.0f} ms RTT, {r['loss']:.1%} loss; "
             f"limit rate x (1 - loss) = {r['limit_mbit']:.2f} Mbit/s")
     return head + "\n" + render(["what", "path", "seconds", "Mbit/s", "of limit", "verified"], rows)
 
@@ -329,7 +347,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     size = int(args.size * 1e6)
     if size <= 0:
         raise ConfigError("--size must be positive (MB)", where="bench transfer")
-    r = run_transfer(specs, size=size, backends=backends, forward_backends=forward_backends, http=not args.no_http, log=sys.stderr)
+    r = run_transfer(specs, size=size, backends=backends, forward_backends=forward_backends, http=not args.no_http,
+                     tcp_congestion=args.tcp_congestion or None, log=sys.stderr)
     print(format_transfer(r))
     if args.json:
         print(json.dumps(r))
@@ -346,6 +365,7 @@ def register_bench(bsub: Any) -> None:
     t.add_argument("--backends", nargs="*", help="backends for lu2k send (default: tcp quic udt, those available)")
     t.add_argument("--forward-backends", nargs="*", help="backends for the forwarded download (default: as --backends)")
     t.add_argument("--no-http", action="store_true", help="skip the HTTP downloads")
+    t.add_argument("--tcp-congestion", default="bbr", help="congestion control of lu2k's tcp backend ('' for the kernel default; default bbr)")
     t.add_argument("--json", action="store_true", help="last line: every figure as JSON")
     t.set_defaults(func=cmd_transfer)
 
