@@ -77,8 +77,14 @@ class Daemon:
         except BaseException:
             await self.engine.stop()
             raise
+        from .apps.services import Supervisor  # lu2k: serve:/forward: -- children on our shim socket
+
+        self.services = Supervisor(self.config.services, self.config.shim.path)
+        await self.services.start()
 
     async def stop(self) -> None:
+        if getattr(self, "services", None) is not None:
+            await self.services.stop()
         await self.control.close()
         await self.engine.stop()
 

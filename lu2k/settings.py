@@ -92,6 +92,7 @@ class DaemonConfig:
     shim: ShimConfig = field(default_factory=ShimConfig)
     control_path: str = field(default_factory=default_control_path)
     source: str = "<embedded>"
+    services: list[Any] = field(default_factory=list)  # lu2k.apps.services.ServiceSpec (lu2k: serve:/forward:)
 
     def net_for(self, net: Net) -> NetConfig | None:
         return next((n for n in self.nets if n.net == net), None)
@@ -330,6 +331,9 @@ def parse_config(data: Any, *, source: str = "<string>", base_dir: Path | None =
         ctl = lu.get("control") or {}
         if "path" in ctl:
             cfg.control_path = str(ctl["path"])
+        from .apps.services import parse_services
+
+        cfg.services = parse_services(lu, errs.items)
     if not cfg.nets and not errs.items:
         errs.add("net", "no network configured")
     for r in cfg.routes:
