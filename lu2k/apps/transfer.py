@@ -360,10 +360,7 @@ class Sender:
         while s.state is tp.SendState.SENDING:
             nxt = s.next_chunk()
             if nxt is None:
-                if s.in_flight:
-                    await self._wait(s, 1.0)
-                    continue
-                return
+                return  # all posted: END goes out now (see SendSession.ready_to_end)
             i, first, must_send = nxt
             off = i * s.chunk
             want = min(s.chunk, s.size - off)
