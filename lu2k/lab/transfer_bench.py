@@ -9,10 +9,12 @@ One run, one lab (same link, same seed), one random file of ``--size`` bytes:
 2. per backend: ``lu2kd`` in each namespace (the tcp backend with ``congestion: bbr`` unless
    ``--tcp-congestion`` says otherwise), ``lu2k recv --serve`` in b, then ``lu2k send
    FILE`` in a, timed from start to exit (exit 0 = written and verified at b); the received
-   file's SHA-256 is checked;
+   file's SHA-256 is checked.  ``cold``: the first send on freshly started daemons (connection
+   set-up and the backend's rate ramp included); ``warm``: the same command again on the same
+   daemons, as with a long-running ``lu2kd`` (each send still starts its own process and session);
 3. HTTP: an HTTP server in b (its sockets use BBR); ``curl`` in a downloads the file
    directly over the link (kernel TCP BBR end to end), then through ``lu2k forward`` (per
-   backend given with ``--forward-backends``).
+   backend given with ``--forward-backends``; the daemons have carried the sends before).
 
 Goodput = file bytes x 8 / wall time, and its share of the limit ``rate x (1 - loss)``.
 Wall times include process start-up and the first round trips, as a user sees them.
@@ -256,7 +258,7 @@ def make_file(path: Path, size: int) -> None:
 
 
 def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[str], forward_backends: list[str],
-                 http: bool = True, tcp_congestion: str | None = "bbr", workdir: str | None = None, log: Any = None) -> dict[str, Any]:
+                 http: bool = True, warm: bool = True, tcp_congestion: str | None = "bbr", workdir: str | None = None, log: Any = None) -> dict[str, Any]:
     avail = backend_availability()
     for b in set(backends) | set(forward_backends):
         if b not in avail:
@@ -306,9 +308,13 @@ def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[
                         set_tcp_congestion(daemons, tcp_congestion)
                     with daemons:
                         if backend in backends:
-                            say(f"lu2k send over {backend} ...")
+                            say(f"lu2k send over {backend} (fresh daemons) ...")
                             r = lu2k_send(lab, daemons, src, wd / "dst")
-                            out["transfer"][f"lu2k-{backend}"] = {**r, **_figures(size, r["seconds"], limit)}
+                            out["transfer"][f"lu2k-{backend} cold"] = {**r, **_figures(size, r["seconds"], limit)}
+                            if warm:
+                                say(f"lu2k send over {backend} again (connections up) ...")
+                                r = lu2k_send(lab, daemons, src, wd / "dst")
+                                out["transfer"][f"lu2k-{backend} warm"] = {**r, **_figures(size, r["seconds"], limit)}
                         if http and backend in forward_backends:
                             say(f"HTTP download through lu2k forward over {backend} ...")
                             r = forward_download(lab, daemons, src, wd / "fwd.bin")
@@ -348,7 +354,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     if size <= 0:
         raise ConfigError("--size must be positive (MB)", where="bench transfer")
     r = run_transfer(specs, size=size, backends=backends, forward_backends=forward_backends, http=not args.no_http,
-                     tcp_congestion=args.tcp_congestion or None, log=sys.stderr)
+                     warm=not args.no_warm, tcp_congestion=args.tcp_congestion or None, log=sys.stderr)
     print(format_transfer(r))
     if args.json:
         print(json.dumps(r))
@@ -365,6 +371,7 @@ def register_bench(bsub: Any) -> None:
     t.add_argument("--backends", nargs="*", help="backends for lu2k send (default: tcp quic udt, those available)")
     t.add_argument("--forward-backends", nargs="*", help="backends for the forwarded download (default: as --backends)")
     t.add_argument("--no-http", action="store_true", help="skip the HTTP downloads")
+    t.add_argument("--no-warm", action="store_true", help="only the first lu2k send per backend (fresh daemons)")
     t.add_argument("--tcp-congestion", default="bbr", help="congestion control of lu2k's tcp backend ('' for the kernel default; default bbr)")
     t.add_argument("--json", action="store_true", help="last line: every figure as JSON")
     t.set_defaults(func=cmd_transfer)
