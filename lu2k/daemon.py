@@ -27,6 +27,7 @@ from .sdnotify import SystemdNotifier, watchdog_interval
 from .settings import DaemonConfig, check_backends, load_config
 
 if TYPE_CHECKING:
+    from .apps.services import Supervisor
     from .metrics import MetricsServer
 
 log = structlog.get_logger("lu2k.daemon")
@@ -61,6 +62,7 @@ class Daemon:
 
         self.config_ctl = register_config_commands(self)
         self.metrics: MetricsServer | None = None
+        self.services: Supervisor | None = None  # lu2k: serve:/forward: -- children on our shim socket
 
     def _register(self) -> None:
         eng, reg = self.engine, self.control.register
@@ -128,8 +130,14 @@ class Daemon:
             await self.lan.stop(self.engine)
             await self.engine.stop()
             raise
+        from .apps.services import Supervisor
+
+        self.services = Supervisor(self.config.services, self.config.shim.path)
+        await self.services.start()
 
     async def stop(self) -> None:
+        if self.services is not None:
+            await self.services.stop()
         if self.metrics is not None:
             self.metrics.close()
         await self.control.close()

@@ -132,7 +132,7 @@ LU2K_NET_KEYS = {
     "backend", "port", "listen", "key", "key_file", "cert", "cert_key", "ca", "max_message_size",
     "checksum", "profile", "options",
 }
-LU2K_TOP_KEYS = {"networks", "ip2nets", "routes", "shim", "control", "metrics", "interfaces", "defaults"}
+LU2K_TOP_KEYS = {"networks", "ip2nets", "routes", "shim", "control", "metrics", "interfaces", "defaults", "serve", "forward"}
 PROFILE_BOUNDS = {"rtt_ms": (0.0, 60000.0), "rate_mbit": (0.001, 1e6), "loss": (0.0, 0.5)}
 # Net-level and option keys naming files: relative paths are taken from the config file's
 # directory (lu2k.settings resolves them).
@@ -650,7 +650,7 @@ def _parse_lu2k_top(errs: _Errors, where: str, value: Any) -> dict[str, Any]:
     if "defaults" in m:
         # lu2k options for the nets the legacy strings and ip2nets rules create
         out["defaults"] = _lu2k_net(errs, f"{where}.defaults", m["defaults"])
-    for k in ("shim", "control", "metrics"):
+    for k in ("shim", "control", "metrics", "serve", "forward"):  # serve/forward: checked by lu2k.apps.services
         if k in m:
             sm = _mapping(errs, f"{where}.{k}", m[k])
             if sm is not None:

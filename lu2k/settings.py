@@ -127,6 +127,7 @@ class DaemonConfig:
     control_path: str = field(default_factory=default_control_path)
     metrics: dict[str, Any] = field(default_factory=dict)  # lu2k.metrics, parsed by lu2k.metrics.parse_metrics_config
     source: str = "<embedded>"
+    services: list[Any] = field(default_factory=list)  # lu2k.apps.services.ServiceSpec (lu2k: serve:/forward:)
 
     def net_for(self, net: Net) -> NetConfig | None:
         return next((n for n in self.nets if n.net == net), None)
@@ -314,6 +315,9 @@ def parse_config(data: Any, *, source: str = "<string>", base_dir: Path | None =
         from .metrics import parse_metrics_config
 
         problems.check(lambda: setattr(cfg, "metrics", parse_metrics_config(lu["metrics"])))
+    from .apps.services import parse_services
+
+    cfg.services = parse_services(lu, problems.items)
     if not cfg.nets and not problems.items:
         problems.add("net", "no network configured")
     problems.raise_if_any("in configuration", source)

@@ -218,3 +218,19 @@ def test_stream_reassembly_in_order_and_bounded() -> None:
         r.feed(0, b"abc")
     with pytest.raises(RemoteProtocolError, match="ahead"):
         r.feed(100, b"x" * 11)
+
+
+def test_end_goes_out_with_data_in_flight_and_ok_concludes_even_while_settling() -> None:
+    s = tp.SendSession(1, "f", 3000, 0, 0o600, chunk=1000)
+    s.offer()
+    s.handle(tp.Accept(1, ()))
+    for _ in range(3):
+        i, _first, _must = s.next_chunk()  # type: ignore[misc]
+        s.chunk_posted(i)
+    assert s.ready_to_end() and s.in_flight == {0, 1, 2}
+    s.end(b"\0" * 32)
+    s.chunk_delivered(0)
+    s.chunk_failed(1, "link down", transient=True)  # after END: the session re-synchronises
+    assert s.state is tp.SendState.SETTLING
+    s.handle(tp.Result(1, tp.Outcome.OK))  # ... but the receiver had it all and verified
+    assert s.state is tp.SendState.DONE and s.outcome is tp.Outcome.OK

@@ -360,10 +360,7 @@ class Sender:
         while s.state is tp.SendState.SENDING:
             nxt = s.next_chunk()
             if nxt is None:
-                if s.in_flight:
-                    await self._wait(s, 1.0)
-                    continue
-                return
+                return  # all posted: END goes out now (see SendSession.ready_to_end)
             i, first, must_send = nxt
             off = i * s.chunk
             want = min(s.chunk, s.size - off)
@@ -520,6 +517,10 @@ class _Incoming:
     fd: int = -1
     dirty: bool = False
     last_checkpoint: float = 0.0
+    # The whole-file hash follows the written prefix: chunks are hashed in index order as the
+    # prefix grows (from the message when it is the next one, else read back from the file).
+    hasher: Any = field(default_factory=hashlib.sha256)
+    hashed: int = 0
 
 
 class TransferService:
@@ -599,7 +600,13 @@ class TransferService:
                         return
                     inc.dirty = True
                     self.counters["bytes"] += len(msg.payload)
-                    if s.written(i):
+                    ready = s.written(i)
+                    try:
+                        self._advance_hash(inc, i, msg.payload)
+                    except OSError as e:
+                        self._fail_io(inc, e, "reading back")
+                        return
+                    if ready:
                         self._verify(inc)
                     elif now - inc.last_checkpoint > CHECKPOINT_INTERVAL:
                         self._checkpoint(inc)
@@ -758,6 +765,16 @@ class TransferService:
         self.say(f"failed {s.offer.name} from {s.src}: {text}")
         self._finish(inc, s.fail(outcome, text))
 
+    @staticmethod
+    def _advance_hash(inc: _Incoming, i: int, payload: memoryview | bytes) -> None:
+        s = inc.session
+        chunk, size = s.offer.chunk, s.offer.size
+        while inc.hashed < s.nchunks and inc.hashed in s.held:
+            j = inc.hashed
+            data = payload if j == i else os.pread(inc.fd, min(chunk, size - j * chunk), j * chunk)
+            inc.hasher.update(data)
+            inc.hashed += 1
+
     def _verify(self, inc: _Incoming) -> None:
         asyncio.ensure_future(self._verify_async(inc))
 
@@ -766,7 +783,10 @@ class TransferService:
         fd = inc.fd
         loop = asyncio.get_running_loop()
         try:
-            sha = await loop.run_in_executor(None, _hash_fd, fd, s.offer.size)
+            if inc.hashed == s.nchunks and not s.existing:
+                sha = inc.hasher.digest()
+            else:  # verify-only, or chunks that never formed a prefix: read the file back
+                sha = await loop.run_in_executor(None, _hash_fd, fd, s.offer.size)
         except OSError as e:
             self._fail_io(inc, e, "reading back")
             return

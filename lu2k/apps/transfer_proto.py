@@ -376,6 +376,7 @@ class SendSession:
     offers: int = 0
     ignored: int = 0
     complete_at_receiver: bool = False
+    end_sent: bool = False
 
     @property
     def nchunks(self) -> int:
@@ -418,7 +419,8 @@ class SendSession:
                 self.ignored += 1
                 return
             ok = msg.outcome is Outcome.OK
-            if ok and (self.state is SendState.ENDED or (self.state is SendState.OFFERED and self.entry == Entry.DIR)):
+            # OK is only ever sent after the receiver matched our END's whole-file hash: final in any state.
+            if ok and (self.state is SendState.ENDED or self.end_sent or (self.state is SendState.OFFERED and self.entry == Entry.DIR)):
                 self.state = SendState.DONE
                 self.outcome = Outcome.OK
                 return
@@ -478,11 +480,14 @@ class SendSession:
         return self.state is SendState.SETTLING and not self.in_flight
 
     def ready_to_end(self) -> bool:
-        return (self.state is SendState.SENDING and self.cursor >= self.nchunks and not self.repair
-                and not self.in_flight)
+        """Every chunk read (so the whole-file hash is known) and posted.  END does not wait for
+        the DATA still in flight: the receiver verifies once it holds every chunk, and a chunk
+        that fails after END sends the session through a re-offer as usual (saves a round trip)."""
+        return self.state is SendState.SENDING and self.cursor >= self.nchunks and not self.repair
 
     def end(self, sha: bytes) -> bytes:
         self._go("end")
+        self.end_sent = True
         return encode_end(End(self.sid, self.size, sha))
 
     def give_up(self, outcome: Outcome, reason: str) -> None:

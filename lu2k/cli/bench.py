@@ -175,8 +175,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     lb.add_argument("--window", type=int, default=512, help="messages in flight")
     lb.add_argument("--json", action="store_true", help="last line: JSON results")
     lb.set_defaults(func=cmd_loopback)
-    # Other benchmarks (the link lab's ``link``, ``matrix`` and ``latency``) register themselves here.
-    for name in ("lu2k.lab.bench", "lu2k.lab.latency"):
+    # Other benchmarks (the link lab's ``link``, ``matrix``, ``latency`` and ``transfer``) register themselves here.
+    for name in ("lu2k.lab.bench", "lu2k.lab.latency", "lu2k.lab.transfer_bench"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:

@@ -17,6 +17,7 @@ from ..errors import Lu2kError
 # ``func`` (argparse.Namespace -> int exit status) on the parsers it adds.
 SUBCOMMAND_MODULES = [
     "lu2k.cli.stream",  # send, recv
+    "lu2k.cli.forward",  # forward (TCP ports, SOCKS5)
     "lu2k.cli.demo",  # demo
     "lu2k.cli.bench",  # bench loopback / link / matrix
     "lu2k.cli.lab",  # lab up / down / status
