@@ -36,10 +36,13 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+T = TypeVar("T")
 HERE = Path(__file__).resolve().parent
 AGENT = HERE / "lnetagent.py"
 SUBNET = "10.203"
@@ -179,12 +182,20 @@ class Guest:
 
     def sh(self, script: str, timeout: float = 120.0, check: bool = True) -> CommandResult:
         """Run ``script`` with bash in the guest; wait for it (plus slack for a slow TCG guest)."""
+        return self.wait(self.submit(script, timeout), check)
+
+    def submit(self, script: str, timeout: float = 120.0) -> tuple[int, str, float]:
+        """Queue ``script`` (the agent runs one command at a time, in order); :meth:`wait` for it."""
         self._seq += 1
         name = f"{self._seq}.json"
         tmp = self.rwdir / "cmd" / f".{name}.tmp"
         tmp.write_text(json.dumps({"sh": script, "timeout": timeout}))
         os.replace(tmp, self.rwdir / "cmd" / name)
-        res_path = self.rwdir / "res" / name
+        return self._seq, script, timeout
+
+    def wait(self, ticket: tuple[int, str, float], check: bool = True) -> CommandResult:
+        seq, script, timeout = ticket
+        res_path = self.rwdir / "res" / f"{seq}.json"
         deadline = time.monotonic() + timeout + 60.0
         while not res_path.exists():
             if self.proc is not None and self.proc.poll() is not None:
@@ -279,17 +290,15 @@ class Bed:
                                           env=env, start_new_session=True)
         for g in self.guests.values():
             g.wait_ready(timeout)
-        for g in self.guests.values():
-            self._net_up(g)
-
-    def _net_up(self, g: Guest) -> None:
-        out = g.sh(
+        found = on_all(list(self.guests.values()), lambda g: g.sh(
             "modprobe virtio_net && for d in /sys/class/net/*; do "
-            f"[ \"$(cat $d/address)\" = {g.spec.mac} ] && basename $d; done; true", timeout=60).out.split()
-        if len(out) != 1:
-            raise BedError(f"guest {g.spec.side}: no single NIC with MAC {g.spec.mac} (found {out})")
-        g.iface = out[0]
-        g.sh(f"ip link set lo up && ip addr add {g.spec.cidr} dev {g.iface} && ip link set {g.iface} up", timeout=60)
+            f"[ \"$(cat $d/address)\" = {g.spec.mac} ] && basename $d; done; true", timeout=60).out.split())
+        for g, names in zip(self.guests.values(), found):
+            if len(names) != 1:
+                raise BedError(f"guest {g.spec.side}: no single NIC with MAC {g.spec.mac} (found {names})")
+            g.iface = names[0]
+        on_all(list(self.guests.values()), lambda g: g.sh(
+            f"ip link set lo up && ip addr add {g.spec.cidr} dev {g.iface} && ip link set {g.iface} up", timeout=60))
 
     def close(self) -> None:
         for g in self.guests.values():
@@ -299,6 +308,12 @@ class Bed:
                 pass
         subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+
+
+def on_all(guests: Sequence[Guest], fn: Callable[[Guest], T]) -> list[T]:
+    """``fn`` on every guest at once (TCG guests are slow; each has its own command queue)."""
+    with ThreadPoolExecutor(max_workers=max(1, len(guests))) as pool:
+        return list(pool.map(fn, guests))
 
 
 # --- LNet in a guest ------------------------------------------------------------------------------
@@ -367,10 +382,11 @@ class LstPlan:
             f"lst add_test --batch bulk --loop {self.pings} --from c --to s ping",
             "lst run bulk",
             "echo '### stat'",
-            f"lst stat --count {self.stat_samples} --delay {self.stat_delay} c s",
+            f"lst stat --count {self.stat_samples} --delay {self.stat_delay} c s || true",  # may fail during a fault
             "echo '### query'",
             f"end=$((SECONDS + {self.wait_s}))",
-            "while lst query bulk | grep -q 'is running\\|running: [1-9]'; do",
+            # Until every node says its tests are done ("is stopped", or "running: 0" when some failed).
+            "until lst query bulk | grep -q 'is stopped\\|running: 0,'; do",
             "  if [ $SECONDS -ge $end ]; then echo 'batch still running'; lst stop bulk || true; break; fi; sleep 2; done",
             "lst query bulk",
             "echo '### errors'",
@@ -399,9 +415,17 @@ def parse_lst_output(text: str) -> dict[str, object]:
         "bandwidth_mib_s": bandwidth,
         "rpc_s": rates,
         "error_nodes": {group: int(n) for n, group in _ERR_RE.findall(errors)},
-        "stopped": "is stopped" in query and "still running" not in query,
+        "stopped": ("is stopped" in query or "running: 0," in query) and "still running" not in query,
         "error_lines": [ln for ln in errors.splitlines() if ln.strip() and not ln.startswith("Total ") and not ln.endswith(":")],
     }
+
+
+CORRUPTION_RE = re.compile(r"Bad data in page|is corrupted")
+
+
+def corruption_reports(g: Guest) -> list[str]:
+    """lnet_selftest's own data-check failures (brw_test.c logs them with CERROR) in the kernel log."""
+    return [ln for ln in g.sh("dmesg", timeout=60).out.splitlines() if CORRUPTION_RE.search(ln)]
 
 
 def lnet_counters(g: Guest) -> dict[str, int]:

@@ -92,8 +92,7 @@ def lnet_bed(lnet_out: Path, lnet_build: dict[str, Any]) -> Iterator[Any]:
     try:
         bed.create()
         bed.boot()
-        for g in bed.guests.values():
-            lb.load_lnet(g, lb.module_paths(lnet_build))
+        lb.on_all(list(bed.guests.values()), lambda g: lb.load_lnet(g, lb.module_paths(lnet_build)))
         yield bed
     finally:
         bed.close()

@@ -24,8 +24,7 @@ def kernel_lan(lnet_bed: Any, lnet_build: dict[str, Any]) -> Iterator[tuple[Any,
     mods = lb.module_paths(lnet_build)
     a, b = lnet_bed.guests["a"], lnet_bed.guests["b"]
     try:
-        nid_a = lb.configure_lnet(a, "tcp", mods)
-        nid_b = lb.configure_lnet(b, "tcp", mods)
+        nid_a, nid_b = lb.on_all([a, b], lambda g: lb.configure_lnet(g, "tcp", mods))
         yield a, b, nid_a, nid_b
     finally:
         lnet_bed.split()
