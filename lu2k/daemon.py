@@ -31,8 +31,11 @@ class Daemon:
     """Engine + control socket; what ``lu2kd`` runs and what tests and the demo embed."""
 
     def __init__(self, config: DaemonConfig) -> None:
+        from .socklnd.attach import LanNets
+
         self.config = config
-        self.engine = Engine(config)
+        self.lan = LanNets(config)  # socklnd nets: attached to the engine, not run by it
+        self.engine = Engine(self.lan.core_config())
         self.control = ControlServer(config.control_path)
         self._register()
         # import/export, net|route|peer add|del, set (lnetctl-style, applied atomically)
@@ -44,7 +47,7 @@ class Daemon:
         eng, reg = self.engine, self.control.register
 
         async def net_show(args: dict[str, Any]) -> Any:
-            return eng.describe_nets()
+            return eng.describe_nets() + self.lan.describe()
 
         async def peer_show(args: dict[str, Any]) -> Any:
             peers = eng.describe_peers()
@@ -73,13 +76,16 @@ class Daemon:
     async def start(self) -> None:
         await self.engine.start()
         try:
+            await self.lan.start(self.engine)
             await self.control.start()
         except BaseException:
+            await self.lan.stop(self.engine)
             await self.engine.stop()
             raise
 
     async def stop(self) -> None:
         await self.control.close()
+        await self.lan.stop(self.engine)
         await self.engine.stop()
 
     async def run_until_signalled(self) -> None:

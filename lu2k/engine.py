@@ -686,6 +686,7 @@ class Engine:
         self.router_bytes = 0
         self._router_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.started = time.time()
+        self._lan: dict[Net, Any] = {}  # LAN drivers (lu2k.socklnd) by the net they own
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -775,8 +776,20 @@ class Engine:
         ni.pump_waiting()  # type: ignore[union-attr]  # NI credits came back
 
     def set_routes(self, routes: list[Route]) -> None:
-        self.routes = RouteTable(self.nis, routes)
+        self.routes = RouteTable([*self.nis, *self._lan], routes)
         self._direct.clear()
+
+    def attach_lan(self, net: Net, driver: Any) -> None:
+        """``net`` becomes a local net served by a LAN driver: messages whose next hop is on it
+        go to ``driver.transmit(src_raw, dst_raw, src_portal, dst_portal, payload, on_done)``."""
+        self._lan[net] = driver
+        self.routes.local_nets.add(net)
+        self._direct.clear()
+
+    def detach_lan(self, net: Net) -> None:
+        if self._lan.pop(net, None) is not None:
+            self.routes.local_nets.discard(net)
+            self._direct.clear()
 
     def set_peer_addresses(self, addresses: dict[Nid, str]) -> None:
         self.peer_addresses = dict(addresses)
@@ -858,6 +871,10 @@ class Engine:
         if peer is None:
             dst_nid = dst_nid or self.unpack(dst_raw)
             hop = self.routes.next_hop(dst_nid, self.health_of)
+            if hop is not None and hop.net in self._lan:
+                msg = OutMsg(src_raw or dst_raw, dst_raw, src_portal, dst_portal, payload, deadline, on_finish)
+                self._lan[hop.net].transmit(msg.src_raw, dst_raw, src_portal, dst_portal, payload, msg.finish)
+                return msg
             if hop is None or hop.net not in self.nis:
                 msg = OutMsg(src_raw or dst_raw, dst_raw, src_portal, dst_portal, payload, deadline, on_finish)
                 msg.finish(Status.NO_ROUTE, f"no route to net {dst_nid.net}")

@@ -207,6 +207,9 @@ def _parse_net(errs: _Errors, where: str, item: Any, base_dir: Path) -> list[Net
             if v is not None:
                 cfg.peer_timeout = v
         cfg.backend = str(lu.get("backend", "tcp"))
+        lan = cfg.backend == "socklnd"  # kernel LNet nodes: LNet's acceptor port, no lu2k key
+        if lan:
+            cfg.port = 988
         if "port" in lu:
             v = _num(errs, f"{where}.lu2k.port", lu["port"], int, 0, 65535)
             if v is not None:
@@ -218,7 +221,7 @@ def _parse_net(errs: _Errors, where: str, item: Any, base_dir: Path) -> list[Net
             if v is not None:
                 cfg.max_message_size = v
         cfg.checksum = bool(lu.get("checksum", False))
-        cfg.key = _key(errs, f"{where}.lu2k", lu, base_dir)
+        cfg.key = b"" if lan and not ("key" in lu or "key_file" in lu) else _key(errs, f"{where}.lu2k", lu, base_dir)
         prof = lu.get("profile") or {}
         if not isinstance(prof, dict):
             errs.add(f"{where}.lu2k.profile", "expected a mapping with rtt_ms, rate_mbit, loss")

@@ -19,6 +19,7 @@ _BACKENDS: dict[str, "str | type[Backend]"] = {
     "udt": "lu2k.backends.udt:UdtBackend",
     "rds": "lu2k.backends.rds:RdsBackend",
     "o2ib": "lu2k.backends.verbs:VerbsBackend",
+    "socklnd": "lu2k.socklnd.tunables:SocklndNet",  # a LAN of kernel LNet nodes (engine.attach_lan)
 }
 # What to install when a backend's import fails.
 _HINTS: dict[str, str] = {

@@ -1,0 +1,713 @@
+"""The socklnd LAN driver: lu2kd's NI on a LAN of kernel LNet nodes (the asyncio adapter).
+
+Theory of operation
+-------------------
+*Two faces.*  Towards the LAN the driver is a ksocklnd peer: it listens on the acceptor
+port, accepts the kernel's typed connections (:mod:`lu2k.socklnd.conn` does the protocol),
+and connects to kernel nodes from a privileged source port (1023 down to 512, as
+``lnet_connect``), opening CONTROL, BULK_IN and BULK_OUT as protocol V3 requires -- with V3
+the kernel never sends on an ANY connection, and it never connects back to a peer whose
+source port was above 1023.  Towards lu2k it is a local net of the engine
+(``engine.attach_lan``): the engine hands it every message whose next hop is on the LAN
+(:meth:`SocklndDriver.transmit`), and it hands the engine every LAN message for a remote net
+(``engine.send``).
+
+*Encapsulation.*  An LNet message crossing the lu2k hop is one lu2k message from the LNet
+source NID to the LNet destination NID on portal :data:`~lu2k.socklnd.idl.LNET_PORTAL`, its
+payload the 72-byte LNet header and the LNet payload, untouched.  PUT, GET, ACK and REPLY all
+travel that way; the far lu2kd hands the header and payload to the destination node as they
+came, so replies flow back through the same two gateways.
+
+*Own NIDs.*  Messages for lu2kd itself -- its LAN NID, or the NID it shows on each remote
+net -- are answered by :class:`~lu2k.socklnd.router.RouterResponder`: ping GETs get the
+ping info (the remote-net NIs UP only while a probe of the lu2k gateway for that net
+succeeds), discovery pushes get their ACK.
+
+*Back-pressure.*  LAN messages handed to lu2k and not yet finished count against a window
+(the NI's ``credits`` messages and ``rx_window_bytes``); while it is full no connection
+reads from its socket, so TCP pushes back on the kernel senders instead of lu2kd
+buffering.  Towards the LAN each node has one ordered queue of at most ``max_queued``
+messages; a message that cannot be written within ``timeout`` fails, and every message the
+engine hands over ends in exactly one ``on_done`` (DELIVERED once the node's socket took it,
+as ksocklnd completes a send).
+
+*Bad input* from the LAN (an unprivileged source port with secure accept on, a wrong magic
+or version, a truncated hello, an absurd payload length...) closes that connection with a
+logged reason and a counter; nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import ipaddress
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import structlog
+
+from ..errors import (
+    ConnectError, ConnectionClosed, ConnectTimeout, HandshakeError, LocalProtocolError, Lu2kError, NetworkError, NidError,
+    ReadError, RemoteProtocolError, Status, WriteError,
+)
+from ..nid import Net, Nid
+from ..settings import NetConfig
+from . import idl, proto
+from .conn import ConnConfig, Established, KsockConnection, LnetReceived, State
+from .idl import ConnType
+from .router import RouterResponder
+from .tunables import SocklndTunables
+
+log = structlog.get_logger("lu2k.socklnd")
+
+READ_SIZE = 256 << 10
+RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
+
+
+class EngineLike(Protocol):
+    """What the driver needs from the daemon's engine."""
+
+    def send(self, src_raw: bytes | None, dst: Nid | bytes, src_portal: int, dst_portal: int, payload: memoryview | bytes,
+             on_finish: Callable[[Status, str], None]) -> Any: ...
+
+    async def ping(self, nid: Nid, timeout: float = 5.0) -> dict[str, Any]: ...
+
+
+# Socket errors become lu2k's, once, by phase (httpcore's map_exceptions).
+_CONNECT_ERRORS: dict[type[BaseException], type[NetworkError]] = {asyncio.TimeoutError: ConnectTimeout, OSError: ConnectError}
+_IO_ERRORS: dict[type[BaseException], type[NetworkError]] = {OSError: ReadError}
+
+
+def _translate(e: BaseException, table: dict[type[BaseException], type[NetworkError]], what: str) -> NetworkError:
+    for kind, ours in table.items():
+        if isinstance(e, kind):
+            detail = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
+            return ours(f"{what}: {detail}")
+    raise e
+
+
+@dataclass(eq=False)
+class TxMsg:
+    """One LNet message on its way to a kernel node; ``on_done`` is called exactly once."""
+
+    wire: bytes | memoryview  # LNet header + payload
+    deadline: float
+    on_done: Callable[[Status, str], None]
+    done: bool = False
+
+    def finish(self, status: Status, reason: str = "") -> None:
+        if not self.done:
+            self.done = True
+            self.on_done(status, reason or status.describe())
+
+
+class LanConn:
+    """One TCP connection with a kernel node: the protocol core plus a socket pump."""
+
+    def __init__(self, driver: "SocklndDriver", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 core: KsockConnection, address: str) -> None:
+        self.driver, self.reader, self.writer, self.core, self.address = driver, reader, writer, core, address
+        self.peer: KernelPeer | None = None
+        self.last_tx = time.monotonic()
+        self._lock = asyncio.Lock()
+        self.closed = False
+        self.established = False
+
+    @property
+    def ctype(self) -> ConnType:
+        return self.core.ctype
+
+    async def write(self, parts: Sequence[bytes | memoryview]) -> None:
+        if not parts:
+            return
+        async with self._lock:
+            if self.closed:
+                raise WriteError(f"connection to {self.address} closed")
+            try:
+                self.writer.writelines(parts)
+                await self.writer.drain()
+            except (OSError, RuntimeError) as e:
+                raise WriteError(f"write to {self.address}: {e}") from None
+            self.last_tx = time.monotonic()
+
+    async def flush(self) -> None:
+        await self.write(self.core.data_to_send())
+
+    async def run(self, handshake_timeout: float) -> None:
+        """Handshake, then read until the connection ends; raises what ended it."""
+        await self.flush()  # an active connection's connreq + hello
+        deadline = time.monotonic() + handshake_timeout
+        while True:
+            try:
+                if self.core.state is not State.ESTABLISHED:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise HandshakeError(f"no hello within {handshake_timeout:g} s (stopped in the {self.core.expecting()})")
+                    try:
+                        data = await asyncio.wait_for(self.reader.read(READ_SIZE), left)
+                    except asyncio.TimeoutError:
+                        continue
+                else:
+                    await self.driver.wait_rx_space()
+                    data = await self.reader.read(READ_SIZE)
+            except OSError as e:
+                raise _translate(e, _IO_ERRORS, f"read from {self.address}") from None
+            if self.closed:
+                return  # we closed it (driver closing, node restarted)
+            if not data:
+                if self.core.at_boundary():
+                    raise ConnectionClosed(f"{self.address} closed the connection")
+                raise RemoteProtocolError(f"{self.address} closed the connection in the middle of the {self.core.expecting()}")
+            error: RemoteProtocolError | None = None
+            try:
+                self.core.receive_data(data)
+            except RemoteProtocolError as e:
+                error = e  # what came before the bad bytes is still handled, as the kernel would
+            pending = self.core.data_to_send()  # ZC-ACKs, or a refusal hello
+            if pending:
+                try:
+                    await self.write(pending)
+                except WriteError:
+                    if error is None:
+                        raise
+            while (ev := self.core.next_event()) is not None:
+                if isinstance(ev, Established):
+                    if error is None:  # a connection that is already bad never joins its peer
+                        self.driver.on_established(self, ev)
+                elif isinstance(ev, LnetReceived):
+                    self.driver.on_lnet(self, ev)
+                # Keepalive / ZcAcked: nothing to do (we never ask for zero copy)
+            if error is not None:
+                raise error
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.core.close()
+            self.writer.close()
+
+
+@dataclass(eq=False)
+class KernelPeer:
+    """A kernel node on the LAN: its connections, its send queue and the task draining it."""
+
+    nid: Nid
+    nid4: int
+    conns: list[LanConn] = field(default_factory=list)
+    queue: collections.deque[TxMsg] = field(default_factory=collections.deque)
+    incarnation: int | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    connecting: dict[ConnType, asyncio.Task[None]] = field(default_factory=dict)
+    last_error: str = ""
+    sent: int = 0
+    failed: int = 0
+
+    def pick(self, size: int, min_bulk: int) -> LanConn | None:
+        """The connection for a message of ``size`` bytes, as ksocknal_match_tx_v3 prefers them."""
+        want = ConnType.BULK_OUT if size >= min_bulk else ConnType.CONTROL
+        order = (want, ConnType.ANY, ConnType.CONTROL if want is ConnType.BULK_OUT else ConnType.BULK_OUT, ConnType.BULK_IN)
+        live = [c for c in self.conns if not c.closed and c.core.state is State.ESTABLISHED]
+        for ctype in order:
+            for c in live:
+                if c.ctype is ctype:
+                    return c
+        return None
+
+
+class SocklndDriver:
+    """lu2kd's NI on one socklnd LAN; attach with ``engine.attach_lan(net, driver)``."""
+
+    def __init__(self, nc: NetConfig, engine: EngineLike, *, remote_gateways: dict[Net, list[Nid]] | None = None,
+                 peer_addresses: dict[Nid, str] | None = None,
+                 next_hop: Callable[[Nid], Nid | None] | None = None, tunables: SocklndTunables | None = None) -> None:
+        from ..backends.base import BackendSettings
+
+        self.config = nc
+        self.engine = engine
+        self.net: Net = nc.net
+        self.nid: Nid = nc.nid
+        self.nid4 = idl.nid4_of(nc.nid)
+        tun = tunables or SocklndTunables.from_settings(
+            BackendSettings(nc.net, nc.port, nc.max_message_size, nc.profile, nc.key, dict(nc.options)),
+            credits=nc.credits, peer_credits=nc.peer_credits)
+        self.tun = replace(tun, checksum=nc.checksum)
+        self.incarnation = time.time_ns() & 0x7FFFFFFFFFFFFFFF  # as ksocknal_new_incarnation
+        self.peer_addresses = dict(peer_addresses or {})
+        self.next_hop = next_hop
+        # The NID we show on each remote net, and the lu2k gateway whose health decides its status.
+        self.remote_gateways = {net: list(gws) for net, gws in (remote_gateways or {}).items()}
+        self.remote_nids: dict[Net, Nid] = {n.net: n for n in self.tun.remote_nids}
+        for rnet in self.remote_gateways:
+            if rnet not in self.remote_nids and rnet.type == "tcp" and isinstance(nc.nid.addr, ipaddress.IPv4Address):
+                self.remote_nids[rnet] = Nid(nc.nid.addr, rnet)
+        self.remote_up: dict[Net, bool] = {n: False for n in self.remote_nids}
+        self.own_nid4s = frozenset({self.nid4, *(idl.nid4_of(n) for n in self.remote_nids.values())})
+        self.conn_config = ConnConfig(local_nids=frozenset({self.nid4}), incarnation=self.incarnation,
+                                      version=self.tun.protocol, send_checksums=self.tun.checksum)
+        self.responder = RouterResponder(discovery=self.tun.discovery)
+        self.peers: dict[int, KernelPeer] = {}
+        self.conns: set[LanConn] = set()
+        self.stats = collections.Counter[str]()
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.rx_bytes = 0
+        self.rx_msgs = 0
+        self._rx_space = asyncio.Event()
+        self._rx_space.set()
+        self.closing = False
+        self.pushed: dict[int, list[tuple[int, int]]] = {}  # NIs each node told us in a discovery push
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        host = self.config.listen or self.nid.host
+        try:
+            self.server = await asyncio.start_server(self._on_accept, host, self.tun.port, reuse_address=True,
+                                                     limit=READ_SIZE)
+        except OSError as e:
+            raise _translate(e, _CONNECT_ERRORS, f"socklnd acceptor on {host}:{self.tun.port}") from None
+        self._spawn(self._tick())
+        if self.remote_nids:
+            self._spawn(self._probe_remote())
+        log.info("socklnd net up", net=str(self.net), nid=str(self.nid), listen=f"{host}:{self.address[1]}",
+                 secure_accept=self.tun.secure_accept, protocol=self.tun.protocol,
+                 remote_nids=[str(n) for n in self.remote_nids.values()])
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.server is not None
+        addr = self.server.sockets[0].getsockname()
+        return str(addr[0]), int(addr[1])
+
+    async def close(self, reason: str = "socklnd net closing") -> None:
+        self.closing = True
+        if self.server is not None:
+            self.server.close()
+        for p in self.peers.values():
+            while p.queue:
+                p.queue.popleft().finish(Status.CANCELLED, reason)
+            if p.task:
+                p.task.cancel()
+            for t in p.connecting.values():
+                t.cancel()
+        for c in list(self.conns):
+            c.close()
+        for t in list(self.tasks):
+            t.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        self._rx_space.set()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # -- the LAN: accepting ----------------------------------------------------------------------
+
+    async def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peername = writer.get_extra_info("peername") or ("?", 0)
+        address = f"{peername[0]}:{peername[1]}"
+        if self.closing:
+            writer.close()
+            return
+        if not proto.source_port_allowed(int(peername[1]), self.tun.secure_accept):
+            self.stats["conns_refused"] += 1
+            log.warning("refused LAN connection", net=str(self.net), via=address,
+                        reason=f"insecure source port {peername[1]} (secure_accept allows 1023 and below)")
+            writer.close()
+            return
+        _keepalive_socket(writer, self.tun.keepalive)
+        task = asyncio.current_task()
+        if task is not None:  # so close() ends it too
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        conn = LanConn(self, reader, writer, KsockConnection(self.conn_config, active=False), address)
+        try:
+            await self._run_conn(conn)
+        except asyncio.CancelledError:
+            pass  # driver closing: asyncio's server callback must not see the cancel
+
+    async def _run_conn(self, conn: LanConn) -> None:
+        self.conns.add(conn)
+        try:
+            await conn.run(self.tun.connect_timeout)
+        except ConnectionClosed as e:
+            log.info("LAN connection closed", net=str(self.net), peer=self._who(conn), reason=str(e))
+        except RemoteProtocolError as e:
+            if conn.core.active and not conn.established:  # the node refused us (e.g. a lost connection race)
+                self.stats["connects_refused_by_node"] += 1
+                log.info("LAN node refused our connection", net=str(self.net), peer=self._who(conn), reason=str(e))
+            else:
+                self.stats["bad_frames" if conn.established else "conns_refused"] += 1
+                log.warning("closing LAN connection", net=str(self.net), peer=self._who(conn), reason=str(e))
+            if conn.peer is not None:
+                conn.peer.last_error = str(e)
+        except (NetworkError, OSError) as e:
+            log.info("LAN connection lost", net=str(self.net), peer=self._who(conn), reason=str(e))
+            if conn.peer is not None:
+                conn.peer.last_error = str(e)
+        finally:
+            conn.close()
+            self.conns.discard(conn)
+            if conn.peer is not None and conn in conn.peer.conns:
+                conn.peer.conns.remove(conn)
+
+    def _who(self, conn: LanConn) -> str:
+        return f"{conn.peer.nid} ({conn.address})" if conn.peer else conn.address
+
+    def on_established(self, conn: LanConn, ev: Established) -> None:
+        try:
+            nid = idl.nid_of4(ev.peer_nid)
+        except NidError as e:
+            raise HandshakeError(f"peer NID does not decode: {e}") from None
+        if nid.net != self.net:
+            raise HandshakeError(f"peer {nid} is not on net {self.net}")
+        peer = self._peer(nid)
+        if peer.incarnation is not None and peer.incarnation != ev.incarnation:
+            log.info("LAN node restarted; dropping its old connections", peer=str(nid))
+            for old in list(peer.conns):
+                old.close()
+            peer.conns.clear()
+        peer.incarnation = ev.incarnation
+        conn.peer, conn.established = peer, True
+        peer.conns.append(conn)
+        peer.wake.set()
+        log.info("LAN connection up", net=str(self.net), peer=str(nid), type=ev.ctype.name, version=ev.version,
+                 via=conn.address, active=conn.core.active)
+
+    def _peer(self, nid: Nid) -> KernelPeer:
+        nid4 = idl.nid4_of(nid)
+        p = self.peers.get(nid4)
+        if p is None:
+            p = self.peers[nid4] = KernelPeer(nid, nid4)
+        return p
+
+    # -- the LAN: receiving -----------------------------------------------------------------------
+
+    async def wait_rx_space(self) -> None:
+        while not self._rx_space.is_set():
+            await self._rx_space.wait()
+
+    def _rx_release(self, size: int) -> None:
+        self.rx_bytes -= size
+        self.rx_msgs -= 1
+        if self.rx_bytes < self.tun.rx_window_bytes and self.rx_msgs < self.tun.rx_window_msgs:
+            self._rx_space.set()
+
+    def on_lnet(self, conn: LanConn, ev: LnetReceived) -> None:
+        hdr = ev.hdr
+        self.stats["lan_rx_msgs"] += 1
+        if hdr.dest_nid in self.own_nid4s:
+            self._answer(hdr, ev.payload)
+            return
+        try:
+            dst = idl.nid_of4(hdr.dest_nid)
+            src = idl.nid_of4(hdr.src_nid)
+        except NidError as e:
+            self.stats["dropped"] += 1
+            log.warning("dropped LAN message", peer=self._who(conn), reason=f"undecodable NID: {e}")
+            return
+        if dst.net == self.net:
+            self.stats["dropped"] += 1
+            log.warning("dropped LAN message", peer=self._who(conn),
+                        reason=f"{hdr.describe()}: the destination is on this LAN; lu2kd only routes to remote nets")
+            return
+        size = len(ev.wire)
+        self.rx_bytes += size
+        self.rx_msgs += 1
+        if self.rx_bytes >= self.tun.rx_window_bytes or self.rx_msgs >= self.tun.rx_window_msgs:
+            self._rx_space.clear()  # every connection stops reading until lu2k finishes some
+        released = False
+
+        def finished(status: Status, reason: str) -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self._rx_release(size)
+            if status is Status.DELIVERED:
+                self.stats["forwarded"] += 1
+            else:
+                self.stats["forward_failed"] += 1
+                log.info("LAN message not delivered across lu2k (LNet retries or times it out)", msg=hdr.describe(),
+                         status=status.name, reason=reason)
+
+        try:
+            self.engine.send(src.to_bytes(), dst, 0, idl.LNET_PORTAL, memoryview(ev.wire), finished)
+        except Lu2kError as e:
+            finished(Status.NO_ROUTE, str(e))
+
+    def _answer(self, hdr: proto.LnetHdr, payload: bytes | bytearray | memoryview) -> None:
+        answer = self.responder.handle(hdr, bytes(payload), self.ping_nis())
+        self.stats["answered" if answer.reply else "dropped"] += 1
+        if answer.pushed is not None:
+            self.pushed[hdr.src_nid] = answer.pushed.nis
+        (log.debug if answer.reply or answer.pushed else log.info)("LNet message for lu2kd", note=answer.note)
+        if answer.reply is not None:
+            raw, data = answer.reply
+            self._send_lnet(raw + data, lambda st, why: None if st is Status.DELIVERED else log.info(
+                "router answer not delivered", to=idl.nid4_str(hdr.src_nid), status=st.name, reason=why))
+
+    def ping_nis(self) -> list[tuple[int, bool]]:
+        return [(self.nid4, True)] + [(idl.nid4_of(n), self.remote_up.get(net, False)) for net, n in self.remote_nids.items()]
+
+    def _send_lnet(self, wire: bytes, on_done: Callable[[Status, str], None]) -> None:
+        """An LNet message we originate (a router answer): to the LAN or across lu2k."""
+        dest, src, _ = proto.peek_route(wire)
+        try:
+            dst = idl.nid_of4(dest)
+        except NidError as e:
+            on_done(Status.INVALID, str(e))
+            return
+        if dst.net == self.net:
+            self._queue(dst, TxMsg(wire, time.monotonic() + self.tun.timeout, on_done))
+            return
+        try:
+            self.engine.send(idl.nid_of4(src).to_bytes(), dst, 0, idl.LNET_PORTAL, wire, on_done)
+        except Lu2kError as e:
+            on_done(Status.NO_ROUTE, str(e))
+
+    # -- from lu2k: transmitting --------------------------------------------------------------------
+
+    def transmit(self, src_raw: bytes, dst_raw: bytes, src_portal: int, dst_portal: int, payload: memoryview | bytes,
+                 on_done: Callable[[Status, str], None]) -> None:
+        """A message from lu2k whose next hop is on this LAN; ``on_done`` ends it exactly once."""
+        if self.closing:
+            on_done(Status.CANCELLED, f"socklnd net {self.net} closing")
+            return
+        if dst_portal != idl.LNET_PORTAL:
+            on_done(Status.INVALID, f"socklnd net {self.net} carries LNet messages only (portal {idl.LNET_PORTAL:#x}), not portal {dst_portal}")
+            return
+        if len(payload) < idl.LNET_HDR_NID4_SIZE:
+            on_done(Status.PROTOCOL, f"LNet message of {len(payload)} bytes is shorter than its header")
+            return
+        dest, _, plen = proto.peek_route(payload)
+        if plen != len(payload) - idl.LNET_HDR_NID4_SIZE:
+            on_done(Status.PROTOCOL, f"LNet header says {plen} payload bytes, the message carries {len(payload) - idl.LNET_HDR_NID4_SIZE}")
+            return
+        try:
+            dst = Nid.from_bytes(dst_raw)
+            if idl.nid4_of(dst) != dest:
+                raise NidError(f"lu2k destination {dst} differs from the LNet header's {idl.nid4_str(dest)}")
+        except NidError as e:
+            on_done(Status.PROTOCOL, str(e))
+            return
+        if dest in self.own_nid4s:
+            try:
+                hdr = proto.LnetHdr.unpack(payload[: idl.LNET_HDR_NID4_SIZE])
+            except RemoteProtocolError as e:
+                on_done(Status.PROTOCOL, str(e))
+                return
+            self._answer(hdr, payload[idl.LNET_HDR_NID4_SIZE :])
+            on_done(Status.DELIVERED, "")
+            return
+        hop = dst
+        if dst.net != self.net:
+            gateway = self.next_hop(dst) if self.next_hop else None
+            if gateway is None or gateway.net != self.net:
+                on_done(Status.NO_ROUTE, f"no route from LAN {self.net} to net {dst.net}")
+                return
+            hop = gateway
+        self._queue(hop, TxMsg(payload, time.monotonic() + self.tun.timeout, on_done))
+
+    def _queue(self, hop: Nid, msg: TxMsg) -> None:
+        peer = self._peer(hop)
+        if len(peer.queue) >= self.tun.max_queued:
+            self.stats["queue_full"] += 1
+            msg.finish(Status.NO_ROUTE, f"send queue to {hop} full ({self.tun.max_queued} messages): the node is not reading")
+            return
+        peer.queue.append(msg)
+        peer.wake.set()
+        if peer.task is None or peer.task.done():
+            peer.task = self._spawn(self._pump(peer))
+
+    async def _pump(self, peer: KernelPeer) -> None:
+        """Drain one node's queue in order, connecting when there is no usable connection."""
+        while peer.queue and not self.closing:
+            msg = peer.queue[0]
+            now = time.monotonic()
+            if msg.done:
+                peer.queue.popleft()
+                continue
+            if msg.deadline <= now:
+                peer.queue.popleft()
+                peer.failed += 1
+                msg.finish(Status.TIMED_OUT if peer.conns else Status.NO_ROUTE,
+                           f"not sent to {peer.nid} within {self.tun.timeout:g} s" + (f" ({peer.last_error})" if peer.last_error else ""))
+                continue
+            conn = peer.pick(len(msg.wire), self.tun.min_bulk)
+            if conn is None:
+                self._connect_all(peer)
+                peer.wake.clear()
+                try:
+                    await asyncio.wait_for(peer.wake.wait(), msg.deadline - now)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            peer.queue.popleft()
+            view = memoryview(msg.wire)
+            try:
+                conn.core.send_lnet(bytes(view[: idl.LNET_HDR_NID4_SIZE]), view[idl.LNET_HDR_NID4_SIZE :])
+                await conn.flush()
+            except (NetworkError, LocalProtocolError) as e:
+                peer.failed += 1
+                conn.close()
+                msg.finish(Status.NO_ROUTE, f"connection to {peer.nid} lost while sending: {e}")
+                continue
+            peer.sent += 1
+            self.stats["lan_tx_msgs"] += 1
+            msg.finish(Status.DELIVERED, "")
+
+    # -- the LAN: connecting ------------------------------------------------------------------------
+
+    def _connect_all(self, peer: KernelPeer) -> None:
+        for ctype in idl.V3_CONN_TYPES:
+            if any(c.ctype is ctype and not c.closed for c in peer.conns):
+                continue
+            t = peer.connecting.get(ctype)
+            if t is None or t.done():
+                peer.connecting[ctype] = self._spawn(self._connect(peer, ctype))
+
+    def _address_of(self, nid: Nid) -> tuple[str, int]:
+        override = self.peer_addresses.get(nid)
+        if override:
+            host, _, port = override.rpartition(":")
+            return host.strip("[]"), int(port)
+        return nid.host, self.tun.peer_port
+
+    async def _connect(self, peer: KernelPeer, ctype: ConnType) -> None:
+        """Keep one connection of ``ctype`` to ``peer`` while it has messages queued."""
+        delay = RECONNECT_MIN
+        while peer.queue and not self.closing:
+            host, port = self._address_of(peer.nid)
+            try:
+                reader, writer = await self._open(host, port)
+            except NetworkError as e:
+                peer.last_error = str(e)
+                log.info("LAN connect failed", peer=str(peer.nid), type=ctype.name, error=str(e), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            core = KsockConnection(self.conn_config, active=True, local_nid=self.nid4, peer_nid=peer.nid4, ctype=ctype)
+            conn = LanConn(self, reader, writer, core, f"{host}:{port}")
+            await self._run_conn(conn)  # until the connection ends
+            if conn.established:
+                delay = RECONNECT_MIN
+            else:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+
+    async def _open(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect from a privileged port (1023 down to 512), as lnet_connect does, unless told not to."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        local = self.config.listen or self.nid.host
+        ports: Sequence[int] = (range(idl.LNET_ACCEPTOR_MAX_RESERVED_PORT, idl.LNET_ACCEPTOR_MIN_RESERVED_PORT - 1, -1)
+                                if self.tun.privileged_connect else (0,))
+        loop = asyncio.get_running_loop()
+        last: OSError | None = None
+        for lport in ports:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setblocking(False)
+                sock.bind((local, lport))
+                await asyncio.wait_for(loop.sock_connect(sock, (host, port)), self.tun.connect_timeout)
+            except OSError as e:
+                sock.close()
+                if e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                    last = e
+                    continue
+                raise _translate(e, _CONNECT_ERRORS, f"connect to {host}:{port}") from None
+            except asyncio.TimeoutError as e:
+                sock.close()
+                raise _translate(e, _CONNECT_ERRORS, f"connect to {host}:{port}") from None
+            except BaseException:
+                sock.close()
+                raise
+            reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+            _keepalive_socket(writer, self.tun.keepalive)
+            return reader, writer
+        raise ConnectError(f"connect to {host}:{port}: no privileged source port free (1023..512)"
+                           + (f": {last.strerror}" if last and last.strerror else ""))
+
+    # -- timers ----------------------------------------------------------------------------------------
+
+    async def _tick(self) -> None:
+        """Keepalive NOOPs on idle connections; expire queued messages of idle pumps."""
+        period = max(0.05, min(self.tun.keepalive / 2, 1.0))
+        while not self.closing:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for c in list(self.conns):
+                if c.core.state is State.ESTABLISHED and not c.closed and now - c.last_tx >= self.tun.keepalive:
+                    c.core.send_keepalive()
+                    c.last_tx = now
+                    self._spawn(self._quiet_flush(c))
+            for p in self.peers.values():
+                if p.queue and (p.task is None or p.task.done()):
+                    p.task = self._spawn(self._pump(p))
+
+    async def _quiet_flush(self, conn: LanConn) -> None:
+        try:
+            await conn.flush()
+        except (NetworkError, LocalProtocolError):
+            conn.close()
+
+    async def _probe_remote(self) -> None:
+        """Is the lu2k hop to each remote net up?  Decides the status of its NI in our pings."""
+        # Loops check ``closing`` too: asyncio.wait_for in Python 3.11 can swallow a cancel.
+        while not self.closing:
+            for rnet, gateways in self.remote_gateways.items():
+                if rnet not in self.remote_nids:
+                    continue
+                up, why = False, "no gateway"
+                for gw in gateways:  # up while any of the net's lu2k gateways answers
+                    try:
+                        await self.engine.ping(gw, timeout=self.tun.probe_interval)
+                        up, why = True, ""
+                        break
+                    except Lu2kError as e:
+                        why = f"{gw}: {e}"
+                if up != self.remote_up.get(rnet):
+                    (log.info if up else log.warning)("remote net " + ("up" if up else "down"), net=str(rnet), reason=why)
+                self.remote_up[rnet] = up
+            await asyncio.sleep(self.tun.probe_interval)
+
+    # -- control -----------------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "net": str(self.net), "nid": str(self.nid), "status": "up", "backend": "socklnd",
+            "listen": f"{self.address[0]}:{self.address[1]}" if self.server else None,
+            "tunables": {"peer_credits": self.tun.peer_credits, "credits": self.tun.rx_window_msgs},
+            "remote_nis": [{"nid": str(n), "status": "up" if self.remote_up.get(net) else "down",
+                            "gateways": [str(g) for g in self.remote_gateways.get(net, [])]} for net, n in self.remote_nids.items()],
+            "rx_window": {"msgs": self.rx_msgs, "bytes": self.rx_bytes},
+            "peers": [{"nid": str(p.nid), "conns": sorted(c.ctype.name.lower() for c in p.conns if not c.closed),
+                       "queued": len(p.queue), "sent": p.sent, "failed": p.failed, "last_error": p.last_error}
+                      for p in self.peers.values()],
+            "stats": dict(self.stats),
+        }
+
+
+def _keepalive_socket(writer: asyncio.StreamWriter, idle: float) -> None:
+    """TCP keepalive as ksocknal_lib_setup_sock sets it, so a dead node's connections end."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle)))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 9)
+    except OSError:
+        pass  # best effort: the socket may already be gone
