@@ -390,8 +390,8 @@ class LstPlan:
             "  if [ $SECONDS -ge $end ]; then echo 'batch still running'; lst stop bulk || true; break; fi; sleep 2; done",
             "lst query bulk",
             "echo '### errors'",
-            "lst show_error c s 2>&1",
-            "lst end_session",
+            "lst show_error c s 2>&1 || true",  # exits non-zero when a node cannot be asked (a fault)
+            "lst end_session || true",
         ])
 
     def bytes_each_way(self) -> int:

@@ -11,7 +11,10 @@ other's hop NID; the kernel nodes route the far net via their own site's lu2kd, 
 from __future__ import annotations
 
 import copy
+import json
 import secrets
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from typing import Any
 import yaml
 
 from lu2k.lab.bench import backend_options
-from lu2k.lab.netns import Lab
+from lu2k.lab.netns import Lab, child_env
 from lu2k.lab.spec import LinkSpec
 from lu2k.localpair import DaemonProcess, daemon_config
 
@@ -109,6 +112,24 @@ class Sites:
     def stop(self, side: str) -> int | None:
         d = self.daemons.pop(side, None)
         return d.stop() if d is not None else None
+
+    def net_show(self, side: str) -> list[dict[str, Any]]:
+        """``lu2kctl net show`` of one lu2kd (its nets, and for socklnd nets the remote NIs it advertises)."""
+        cfg = self.configs[side]
+        res = subprocess.run([sys.executable, "-m", "lu2k.cli.ctl", "--socket", cfg["lu2k"]["control"]["path"], "--json",
+                              "net", "show"], capture_output=True, text=True, timeout=30, env=child_env())
+        if res.returncode != 0:
+            raise AssertionError(f"lu2kctl net show on lu2kd-{side} failed: {res.stderr or res.stdout}")
+        return list(json.loads(res.stdout))
+
+    def remote_ni_status(self, side: str) -> dict[str, str]:
+        """What lu2kd tells the kernel about its NIs on the far nets: NID -> up/down."""
+        return {ni["nid"]: ni["status"] for net in self.net_show(side) for ni in net.get("remote_nis") or []}
+
+    def hop_sockets(self, side: str) -> str:
+        """``ss -tin`` of the hop's TCP connections in a site's namespace (state, RTO, retransmits)."""
+        res = self.lab.run(side, ["ss", "-tin"], capture_output=True, text=True, timeout=30)
+        return str(res.stdout)
 
     def log_tail(self, side: str) -> str:
         d = self.daemons.get(side)

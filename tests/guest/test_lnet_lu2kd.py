@@ -133,20 +133,34 @@ def wait_for_hop_traffic(sites: Sites, packets: int, timeout: float = 240.0) -> 
         time.sleep(0.2)
 
 
+RESUME_ATTEMPTS = 3
+
+
 def assert_traffic_resumes(lnet_bed: Any, sites: Sites, figures: dict[str, Any]) -> None:
-    """Routes up again, pings end to end, a fresh lst session with full checks and no error, no corruption."""
+    """Routes up again, pings end to end, then a fresh lst session with full checks and no error.
+
+    Messages caught in the fault may still be timing out (LNet's and lu2k's transaction timeouts)
+    when the first session starts, so up to RESUME_ATTEMPTS sessions run; every one is recorded.
+    Neither kernel may ever log an lnet_selftest data-corruption message.
+    """
     a, b = lnet_bed.guests["a"], lnet_bed.guests["b"]
     wait_for(a, "lnetctl route show -v", r"state: up", timeout=300)
     wait_for(b, "lnetctl route show -v", r"state: up", timeout=300)
     wait_for(a, f"{PING} {b.spec.ip}@tcp1", rf"primary nid: {re.escape(b.spec.ip)}@tcp1", timeout=300)
     wait_for(b, f"{PING} {a.spec.ip}@tcp", rf"primary nid: {re.escape(a.spec.ip)}@tcp", timeout=300)
     plan = lb.LstPlan(f"{a.spec.ip}@tcp", f"{b.spec.ip}@tcp1", loops=2, concurrency=4, stat_samples=1, stat_delay=5)
-    res = a.sh(plan.script(), timeout=plan.wait_s + 120)
-    got = lb.parse_lst_output(res.out)
-    figures["after"] = got
-    assert got["stopped"] and got["error_nodes"] == {"c": 0, "s": 0}, res.out
+    attempts: list[dict[str, Any]] = []
+    figures["after"] = attempts
+    figures["hop_tcp_after"] = sites.hop_sockets("a")
+    for _ in range(RESUME_ATTEMPTS):
+        res = a.sh(plan.script(), timeout=plan.wait_s + 120, check=False)
+        got = lb.parse_lst_output(res.out)
+        attempts.append(got)
+        if got["stopped"] and got["error_nodes"] == {"c": 0, "s": 0}:
+            break
     for g in (a, b):
         assert lb.corruption_reports(g) == []
+    assert attempts[-1]["stopped"] and attempts[-1]["error_nodes"] == {"c": 0, "s": 0}, attempts
 
 
 def test_lu2kd_b_restarted_mid_lst(lnet_bed: Any, sites: Sites, short_timeouts: None, lnet_figures: dict[str, Any]) -> None:
@@ -159,9 +173,9 @@ def test_lu2kd_b_restarted_mid_lst(lnet_bed: Any, sites: Sites, short_timeouts: 
     sites.stop("b")
     sites.start("b")
     restart_s = time.monotonic() - down_at
-    res = a.wait(ticket)  # the batch ends by itself: no hang
+    res = a.wait(ticket, check=False)  # the batch ends by itself: no hang
     got = lb.parse_lst_output(res.out)
-    fig: dict[str, Any] = {"plan": vars(plan), "restart_s": round(restart_s, 1), "during": got}
+    fig: dict[str, Any] = {"plan": vars(plan), "restart_s": round(restart_s, 1), "during": got, "lst_rc": res.rc}
     lnet_figures[f"fault_restart_{BACKEND}"] = fig
     assert got["stopped"], res.out
     assert_traffic_resumes(lnet_bed, sites, fig)
@@ -180,15 +194,23 @@ def test_link_down_longer_than_lnet_timeouts(lnet_bed: Any, sites: Sites, short_
         # During the outage a ping across fails within its timeout: LNet reports it, nothing hangs.
         res = b.sh(f"lnetctl ping --timeout 10 {a.spec.ip}@tcp", timeout=120, check=False)
         ping_during = {"rc": res.rc, "out": res.out.strip(), "err": res.err.strip(), "seconds": res.seconds}
-        time.sleep(max(0.0, outage_s - (time.monotonic() - down_at)))
+        # lu2kd-A now tells the kernel (in its ping replies) that its NI on the far net is down.
+        far_ni = f"{sites.lan_ips['a']}@tcp1"
+        far_down_after = None
+        while time.monotonic() - down_at < outage_s:
+            if far_down_after is None and sites.remote_ni_status("a").get(far_ni) == "down":
+                far_down_after = round(time.monotonic() - down_at, 1)
+            time.sleep(1.0)
         routes_during = a.sh("lnetctl route show -v", timeout=60).out
     finally:
         sites.lab.set_link(True)
-    res = a.wait(ticket)
+    res = a.wait(ticket, check=False)
     got = lb.parse_lst_output(res.out)
     fig: dict[str, Any] = {"plan": vars(plan), "outage_s": outage_s, "transaction_timeout_s": FAULT_TRANSACTION_TIMEOUT,
-                           "ping_during": ping_during, "routes_during": routes_during, "during": got}
+                           "ping_during": ping_during, "far_ni_down_after_s": far_down_after, "routes_during": routes_during,
+                           "during": got, "lst_rc": res.rc}
     lnet_figures[f"fault_link_down_{BACKEND}"] = fig
     assert ping_during["rc"] != 0, ping_during
+    assert far_down_after is not None, f"lu2kd-A still advertised {far_ni} up after {outage_s:.0f} s without a link"
     assert got["stopped"], res.out
     assert_traffic_resumes(lnet_bed, sites, fig)
