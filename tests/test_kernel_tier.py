@@ -257,6 +257,13 @@ bulk [0] is stopped
 c:
 Total 0 error nodes in c
 s:
+12345-10.203.2.10@tcp: [Session 3 brw errors, 0 ping errors]
+Total 1 error nodes in s
+### rpc
+c:
+12345-10.203.1.10@tcp: [Session 0 brw errors, 0 ping errors] [RPC: 5 errors, 0 dropped, 20 expired]
+Total 1 error nodes in c
+s:
 12345-10.203.2.10@tcp: [Session 3 brw errors, 0 ping errors] [RPC: 1 errors, 0 dropped, 0 expired]
 Total 1 error nodes in s
 """
@@ -267,7 +274,9 @@ def test_parse_lst_output(lnetbed: ModuleType) -> None:
     assert got["bandwidth_mib_s"] == {"c": [(11.47, 12.25)], "s": [(12.0, 11.08)]}
     assert got["rpc_s"] == {"c": [(53.0, 41.0)]}
     assert got["error_nodes"] == {"c": 0, "s": 1} and got["stopped"]
-    assert got["error_lines"] == ["12345-10.203.2.10@tcp: [Session 3 brw errors, 0 ping errors] [RPC: 1 errors, 0 dropped, 0 expired]"]
+    # Only this session's errors decide; the lifetime RPC counters are kept apart.
+    assert got["error_lines"] == ["12345-10.203.2.10@tcp: [Session 3 brw errors, 0 ping errors]"]
+    assert len(got["rpc_lines"]) == 2 and "20 expired" in got["rpc_lines"][0]
     running = lnetbed.parse_lst_output(LST_OUTPUT.replace("bulk [0] is stopped", "batch still running"))
     assert not running["stopped"]
 
@@ -277,5 +286,6 @@ def test_lst_plan_script_and_volume(lnetbed: ModuleType) -> None:
     script = plan.script()
     assert "brw write check=full size=1M" in script and "brw read check=full size=1M" in script
     assert "lst add_group s 10.203.2.10@tcp1" in script and "lst end_session" in script
+    assert "lst show_error --session c s" in script
     assert plan.bytes_each_way() == 16 << 20
     assert lnetbed.LstPlan("x", "y", size="64K", loops=1, concurrency=1).bytes_each_way() == 64 << 10

@@ -390,7 +390,12 @@ class LstPlan:
             "  if [ $SECONDS -ge $end ]; then echo 'batch still running'; lst stop bulk || true; break; fi; sleep 2; done",
             "lst query bulk",
             "echo '### errors'",
-            "lst show_error c s 2>&1 || true",  # exits non-zero when a node cannot be asked (a fault)
+            # This session's brw and ping errors (a failed test RPC counts as one) and nodes that cannot be asked;
+            # exits non-zero when a node cannot be asked (a fault).
+            "lst show_error --session c s 2>&1 || true",
+            # For the record: the nodes' RPC counters, which count since lnet_selftest was loaded.
+            "echo '### rpc'",
+            "lst show_error c s 2>&1 || true",
             "lst end_session || true",
         ])
 
@@ -401,10 +406,16 @@ class LstPlan:
 
 
 def parse_lst_output(text: str) -> dict[str, object]:
-    """Figures and verdicts from :meth:`LstPlan.script`'s output."""
+    """Figures and verdicts from :meth:`LstPlan.script`'s output.
+
+    ``error_nodes`` counts, per group, the nodes with brw or ping errors in *this* session or
+    that could not be asked (``lst show_error --session``); ``rpc_lines`` keeps the nodes'
+    lifetime RPC counters (plain ``lst show_error``), which stay non-zero after any fault.
+    """
     stat = text.split("### stat", 1)[-1].split("### query", 1)[0]
     query = text.split("### query", 1)[-1].split("### errors", 1)[0]
-    errors = text.split("### errors", 1)[-1]
+    errors = text.split("### errors", 1)[-1].split("### rpc", 1)[0]
+    rpc = text.split("### rpc", 1)[1] if "### rpc" in text else ""
     bandwidth: dict[str, list[tuple[float, float]]] = {}
     for group, r, w in _BW_RE.findall(stat):
         bandwidth.setdefault(group, []).append((float(r), float(w)))
@@ -416,8 +427,13 @@ def parse_lst_output(text: str) -> dict[str, object]:
         "rpc_s": rates,
         "error_nodes": {group: int(n) for n, group in _ERR_RE.findall(errors)},
         "stopped": ("is stopped" in query or "running: 0," in query) and "still running" not in query,
-        "error_lines": [ln for ln in errors.splitlines() if ln.strip() and not ln.startswith("Total ") and not ln.endswith(":")],
+        "error_lines": _detail_lines(errors),
+        "rpc_lines": _detail_lines(rpc),
     }
+
+
+def _detail_lines(block: str) -> list[str]:
+    return [ln for ln in block.splitlines() if ln.strip() and not ln.startswith("Total ") and not ln.endswith(":")]
 
 
 CORRUPTION_RE = re.compile(r"Bad data in page|is corrupted")
