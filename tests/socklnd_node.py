@@ -46,6 +46,13 @@ class NodeConn:
             await self.writer.drain()
 
 
+def small_buffers(writer: asyncio.StreamWriter) -> None:
+    """64 KiB socket buffers, so back-pressure shows after a few messages, not tens of MiB."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+
+
 class FakeNode:
     def __init__(self, nid: Nid, port: int, gateway: Nid, *, gateway_port: int | None = None) -> None:
         self.nid, self.port, self.gateway = nid, port, gateway
@@ -79,6 +86,7 @@ class FakeNode:
         t.add_done_callback(self.tasks.discard)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        small_buffers(writer)
         c = NodeConn(KsockConnection(self.config, active=False), reader, writer)
         self.conns.append(c)
         await self._read(c)
@@ -87,6 +95,7 @@ class FakeNode:
         """CONTROL, BULK_IN and BULK_OUT to the gateway, as ksocknal_connect opens them for V3."""
         for ctype in idl.V3_CONN_TYPES:
             reader, writer = await open_from(self.nid.host, host or self.gateway.host, self.gateway_port, privileged())
+            small_buffers(writer)
             c = NodeConn(KsockConnection(self.config, active=True, local_nid=self.nid4, peer_nid=idl.nid4_of(self.gateway),
                                          ctype=ctype), reader, writer)
             self.conns.append(c)

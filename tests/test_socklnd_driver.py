@@ -173,22 +173,33 @@ async def test_dead_satellite_hop_reports_the_remote_ni_down(sites: tuple[Site, 
     info = await a.node.ping(GW_A)
     assert dict(info.nis)[idl.nid4_of(parse_nid("127.83.1.1@tcp1"))] == idl.LNET_NI_STATUS_DOWN
     assert dict(info.nis)[idl.nid4_of(GW_A)] == idl.LNET_NI_STATUS_UP
+    # Traffic for the dead net is dropped at once (as a router with a dead remote NI), not held.
+    assert await a.node.put(NODE_B, 5, b"lost", ack=False) is None
+    await until(lambda: a.driver.stats["dropped_remote_down"] == 1)
+    assert a.driver.rx_msgs == 0
 
 
-@pytest.mark.parametrize("sites", [{"max_queued": 64}], indirect=True)
+@pytest.mark.parametrize("sites", [{"max_queued": 64, "tx_buffer_size": 65536, "rx_buffer_size": 65536}], indirect=True)
 async def test_back_pressure_reaches_the_sending_node(sites: tuple[Site, Site]) -> None:
     a, b = sites
     await a.node.put(NODE_B, 5, b"warm-up")  # lu2kd-B has its connections to node B
     b.node.read_paused.clear()  # node B stops reading: lu2kd-B cannot write, lu2k cannot finish
-    msgs = [bytes([i]) * (512 << 10) for i in range(24)]  # 12 MiB, far more than the sockets buffer
+    # 12 MiB: far more than the window (4 messages) and the 64 KiB socket buffers on the way
+    # (node A -> lu2kd-A, lu2kd-B -> node B), so the sender cannot finish before node B reads again.
+    msgs = [bytes([i]) * (512 << 10) for i in range(24)]
 
     async def blast() -> None:
         for i, m in enumerate(msgs):
             await a.node.put(NODE_B, 10 + i, m, ack=False)
 
     sender = asyncio.ensure_future(blast())
-    await until(lambda: not a.driver._rx_space.is_set())  # lu2kd-A stopped reading node A's sockets
-    assert a.driver.rx_msgs <= a.driver.tun.rx_window_msgs + 1
+    bulk = a.driver.windows["bulk"]
+    await until(lambda: not bulk.space.is_set())  # lu2kd-A stopped reading node A's bulk sockets
+    assert bulk.msgs <= bulk.max_msgs + 1
+    # ... but still reads its CONTROL connections: the node's ping of its gateway is answered.
+    info = await a.node.ping(GW_A)
+    assert dict(info.nis)[idl.nid4_of(GW_A)] == idl.LNET_NI_STATUS_UP
+    assert not sender.done() and not bulk.space.is_set()
     b.node.read_paused.set()
     await sender
     await until(lambda: all(10 + i in b.node.portals for i in range(len(msgs))))

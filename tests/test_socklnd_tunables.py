@@ -70,8 +70,11 @@ def test_only_tcp_nets() -> None:
 
 
 def test_registered_as_a_lan_driver() -> None:
+    from lu2k.backends import availability
+
     cls = get_backend("socklnd")
     assert cls is SocklndNet and cls.lan_driver
+    assert "not a link between lu2k daemons" in str(availability()["socklnd"])  # benches do not pick it
 
 
 async def test_adding_a_socklnd_net_at_run_time_is_refused_with_a_reason() -> None:

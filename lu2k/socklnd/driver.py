@@ -24,9 +24,12 @@ ping info (the remote-net NIs UP only while a probe of the lu2k gateway for that
 succeeds), discovery pushes get their ACK.
 
 *Back-pressure.*  LAN messages handed to lu2k and not yet finished count against a window
-(the NI's ``credits`` messages and ``rx_window_bytes``); while it is full no connection
-reads from its socket, so TCP pushes back on the kernel senders instead of lu2kd
-buffering.  Towards the LAN each node has one ordered queue of at most ``max_queued``
+(the NI's ``credits`` messages and ``rx_window_bytes``), one for CONTROL connections and one
+for bulk ones (a router's small and large buffer pools); while a window is full its
+connections do not read from their sockets, so TCP pushes back on the kernel senders instead
+of lu2kd buffering, and pings on CONTROL connections are still read.  While the lu2k hop to
+a net is known down, LAN traffic for it is dropped at once, as a router with a dead remote
+NI drops it.  Towards the LAN each node has one ordered queue of at most ``max_queued``
 messages; a message that cannot be written within ``timeout`` fails, and every message the
 engine hands over ends in exactly one ``on_done`` (DELIVERED once the node's socket took it,
 as ksocklnd completes a send).
@@ -105,6 +108,36 @@ class TxMsg:
             self.on_done(status, reason or status.describe())
 
 
+class RxWindow:
+    """LAN messages handed to lu2k and not yet finished, for one class of connections.
+
+    Like a kernel router's small and large buffer pools: CONTROL connections (small messages,
+    pings) have their own window, so a LAN saturated with bulk still gets its pings read.
+    """
+
+    def __init__(self, max_msgs: int, max_bytes: int) -> None:
+        self.max_msgs, self.max_bytes = max_msgs, max_bytes
+        self.msgs = self.bytes = 0
+        self.space = asyncio.Event()
+        self.space.set()
+
+    def take(self, size: int) -> None:
+        self.msgs += 1
+        self.bytes += size
+        if self.msgs >= self.max_msgs or self.bytes >= self.max_bytes:
+            self.space.clear()  # this class of connections stops reading until lu2k finishes some
+
+    def give(self, size: int) -> None:
+        self.msgs -= 1
+        self.bytes -= size
+        if self.msgs < self.max_msgs and self.bytes < self.max_bytes:
+            self.space.set()
+
+    async def wait(self) -> None:
+        while not self.space.is_set():
+            await self.space.wait()
+
+
 class LanConn:
     """One TCP connection with a kernel node: the protocol core plus a socket pump."""
 
@@ -152,7 +185,7 @@ class LanConn:
                     except asyncio.TimeoutError:
                         continue
                 else:
-                    await self.driver.wait_rx_space()
+                    await self.driver.window_for(self).wait()
                     data = await self.reader.read(READ_SIZE)
             except OSError as e:
                 raise _translate(e, _IO_ERRORS, f"read from {self.address}") from None
@@ -245,7 +278,8 @@ class SocklndDriver:
         for rnet in self.remote_gateways:
             if rnet not in self.remote_nids and rnet.type == "tcp" and isinstance(nc.nid.addr, ipaddress.IPv4Address):
                 self.remote_nids[rnet] = Nid(nc.nid.addr, rnet)
-        self.remote_up: dict[Net, bool] = {n: False for n in self.remote_nids}
+        # Per remote net: True/False once a probe answered, None before (shown DOWN, still forwarded).
+        self.remote_up: dict[Net, bool | None] = {n: None for n in self.remote_nids}
         self.own_nid4s = frozenset({self.nid4, *(idl.nid4_of(n) for n in self.remote_nids.values())})
         self.conn_config = ConnConfig(local_nids=frozenset({self.nid4}), incarnation=self.incarnation,
                                       version=self.tun.protocol, send_checksums=self.tun.checksum)
@@ -255,10 +289,8 @@ class SocklndDriver:
         self.stats = collections.Counter[str]()
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.rx_bytes = 0
-        self.rx_msgs = 0
-        self._rx_space = asyncio.Event()
-        self._rx_space.set()
+        self.windows = {"control": RxWindow(self.tun.rx_window_msgs, self.tun.rx_window_bytes),
+                        "bulk": RxWindow(self.tun.rx_window_msgs, self.tun.rx_window_bytes)}
         self.closing = False
         self.pushed: dict[int, list[tuple[int, int]]] = {}  # NIs each node told us in a discovery push
 
@@ -301,7 +333,8 @@ class SocklndDriver:
             t.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
-        self._rx_space.set()
+        for w in self.windows.values():
+            w.space.set()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -323,7 +356,7 @@ class SocklndDriver:
                         reason=f"insecure source port {peername[1]} (secure_accept allows 1023 and below)")
             writer.close()
             return
-        _keepalive_socket(writer, self.tun.keepalive)
+        _setup_socket(writer, self.tun)
         task = asyncio.current_task()
         if task is not None:  # so close() ends it too
             self.tasks.add(task)
@@ -391,15 +424,16 @@ class SocklndDriver:
 
     # -- the LAN: receiving -----------------------------------------------------------------------
 
-    async def wait_rx_space(self) -> None:
-        while not self._rx_space.is_set():
-            await self._rx_space.wait()
+    def window_for(self, conn: LanConn) -> RxWindow:
+        return self.windows["control" if conn.ctype is ConnType.CONTROL else "bulk"]
 
-    def _rx_release(self, size: int) -> None:
-        self.rx_bytes -= size
-        self.rx_msgs -= 1
-        if self.rx_bytes < self.tun.rx_window_bytes and self.rx_msgs < self.tun.rx_window_msgs:
-            self._rx_space.set()
+    @property
+    def rx_msgs(self) -> int:
+        return sum(w.msgs for w in self.windows.values())
+
+    @property
+    def rx_bytes(self) -> int:
+        return sum(w.bytes for w in self.windows.values())
 
     def on_lnet(self, conn: LanConn, ev: LnetReceived) -> None:
         hdr = ev.hdr
@@ -419,11 +453,15 @@ class SocklndDriver:
             log.warning("dropped LAN message", peer=self._who(conn),
                         reason=f"{hdr.describe()}: the destination is on this LAN; lu2kd only routes to remote nets")
             return
+        if self.remote_up.get(dst.net) is False:
+            # As a kernel router whose remote NI is down: drop now (LNet retries or times it out)
+            # rather than hold the read window until the transaction timeout.
+            self.stats["dropped_remote_down"] += 1
+            log.debug("dropped LAN message", msg=hdr.describe(), reason=f"the lu2k hop to {dst.net} is down")
+            return
         size = len(ev.wire)
-        self.rx_bytes += size
-        self.rx_msgs += 1
-        if self.rx_bytes >= self.tun.rx_window_bytes or self.rx_msgs >= self.tun.rx_window_msgs:
-            self._rx_space.clear()  # every connection stops reading until lu2k finishes some
+        window = self.window_for(conn)
+        window.take(size)
         released = False
 
         def finished(status: Status, reason: str) -> None:
@@ -431,7 +469,7 @@ class SocklndDriver:
             if released:
                 return
             released = True
-            self._rx_release(size)
+            window.give(size)
             if status is Status.DELIVERED:
                 self.stats["forwarded"] += 1
             else:
@@ -456,7 +494,7 @@ class SocklndDriver:
                 "router answer not delivered", to=idl.nid4_str(hdr.src_nid), status=st.name, reason=why))
 
     def ping_nis(self) -> list[tuple[int, bool]]:
-        return [(self.nid4, True)] + [(idl.nid4_of(n), self.remote_up.get(net, False)) for net, n in self.remote_nids.items()]
+        return [(self.nid4, True)] + [(idl.nid4_of(n), self.remote_up.get(net) is True) for net, n in self.remote_nids.items()]
 
     def _send_lnet(self, wire: bytes, on_done: Callable[[Status, str], None]) -> None:
         """An LNet message we originate (a router answer): to the LAN or across lu2k."""
@@ -624,6 +662,9 @@ class SocklndDriver:
                 if e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
                     last = e
                     continue
+                if e.errno == errno.EACCES and lport:
+                    raise ConnectError(f"connect to {host}:{port}: binding source port {lport} needs root or CAP_NET_BIND_SERVICE "
+                                       "(or privileged_connect: false, which kernel nodes will not connect back to)") from None
                 raise _translate(e, _CONNECT_ERRORS, f"connect to {host}:{port}") from None
             except asyncio.TimeoutError as e:
                 sock.close()
@@ -632,7 +673,7 @@ class SocklndDriver:
                 sock.close()
                 raise
             reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
-            _keepalive_socket(writer, self.tun.keepalive)
+            _setup_socket(writer, self.tun)
             return reader, writer
         raise ConnectError(f"connect to {host}:{port}: no privileged source port free (1023..512)"
                            + (f": {last.strerror}" if last and last.strerror else ""))
@@ -689,7 +730,7 @@ class SocklndDriver:
             "tunables": {"peer_credits": self.tun.peer_credits, "credits": self.tun.rx_window_msgs},
             "remote_nis": [{"nid": str(n), "status": "up" if self.remote_up.get(net) else "down",
                             "gateways": [str(g) for g in self.remote_gateways.get(net, [])]} for net, n in self.remote_nids.items()],
-            "rx_window": {"msgs": self.rx_msgs, "bytes": self.rx_bytes},
+            "rx_window": {k: {"msgs": w.msgs, "bytes": w.bytes} for k, w in self.windows.items()},
             "peers": [{"nid": str(p.nid), "conns": sorted(c.ctype.name.lower() for c in p.conns if not c.closed),
                        "queued": len(p.queue), "sent": p.sent, "failed": p.failed, "last_error": p.last_error}
                       for p in self.peers.values()],
@@ -697,16 +738,21 @@ class SocklndDriver:
         }
 
 
-def _keepalive_socket(writer: asyncio.StreamWriter, idle: float) -> None:
-    """TCP keepalive as ksocknal_lib_setup_sock sets it, so a dead node's connections end."""
+def _setup_socket(writer: asyncio.StreamWriter, tun: SocklndTunables) -> None:
+    """Socket options as ksocknal_lib_setup_sock sets them: buffer sizes, no Nagle, TCP keepalive
+    (so a dead node's connections end)."""
     sock = writer.get_extra_info("socket")
     if sock is None:
         return
     try:
+        if tun.tx_buffer_size:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, tun.tx_buffer_size)
+        if tun.rx_buffer_size:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, tun.rx_buffer_size)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle)))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(tun.keepalive)))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 9)
     except OSError:

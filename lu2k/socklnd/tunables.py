@@ -23,6 +23,8 @@ Configured in lnetctl YAML like any net, with ``backend: socklnd``::
             remote_nids: [192.168.1.1@tcp1]  # NIDs this router shows on its remote nets
             discovery: true              # advertise discovery and accept pushes
             probe_interval: 5            # seconds between checks that the lu2k hop is up
+            tx_buffer_size: 0            # SO_SNDBUF / SO_RCVBUF of LAN sockets, as ksocklnd's
+            rx_buffer_size: 0            #   tunables of that name (0: kernel autotuning)
 
 The registry entry (``lu2k.backends`` name ``socklnd``) is :class:`SocklndNet`: constructing
 it validates the options, which is all ``lu2kd --check`` needs; the daemon attaches the
@@ -42,7 +44,8 @@ from . import idl
 
 KNOWN_OPTIONS = frozenset({
     "secure_accept", "privileged_connect", "peer_port", "protocol", "timeout", "connect_timeout", "keepalive",
-    "min_bulk", "max_queued", "remote_nids", "discovery", "probe_interval", "rx_window_bytes",
+    "min_bulk", "max_queued", "remote_nids", "discovery", "probe_interval", "rx_window_bytes", "tx_buffer_size",
+    "rx_buffer_size",
 })
 
 
@@ -63,6 +66,8 @@ class SocklndTunables:
     probe_interval: float = 5.0
     rx_window_bytes: int = 64 << 20  # LNet bytes from the LAN not yet finished by lu2k
     rx_window_msgs: int = 256  # the NI's credits: LAN messages not yet finished by lu2k
+    tx_buffer_size: int = 0  # SO_SNDBUF of LAN sockets (ksocklnd's tx_buffer_size); 0 = kernel autotuning
+    rx_buffer_size: int = 0  # SO_RCVBUF of LAN sockets (rx_buffer_size); 0 = kernel autotuning
     peer_credits: int = 8
     checksum: bool = False
 
@@ -105,6 +110,8 @@ class SocklndTunables:
             probe_interval=option_seconds(o, "probe_interval", 5.0, where),
             rx_window_bytes=option_int(o, "rx_window_bytes", 64 << 20, idl.LNET_MTU + idl.LNET_HDR_NID4_SIZE, 1 << 40, where),
             rx_window_msgs=credits,
+            tx_buffer_size=option_int(o, "tx_buffer_size", 0, 0, 1 << 30, where, what="a byte count"),
+            rx_buffer_size=option_int(o, "rx_buffer_size", 0, 0, 1 << 30, where, what="a byte count"),
             peer_credits=peer_credits,
         )
 
@@ -126,6 +133,11 @@ class SocklndNet:
     def __init__(self, settings: BackendSettings) -> None:
         self.settings = settings
         self.tunables = SocklndTunables.from_settings(settings)
+
+    @staticmethod
+    def probe() -> str:
+        """Why it is not in ``availability()``'s list of link backends (so benches skip it)."""
+        return "socklnd is a LAN of kernel LNet nodes, not a link between lu2k daemons"
 
     async def listen(self, host: str, port: int, on_accept: Any) -> Any:
         raise ConfigError("a socklnd net is attached when lu2kd starts (engine.attach_lan); restart lu2kd to add one",
