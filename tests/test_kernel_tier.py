@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import json
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -67,3 +69,223 @@ def test_vng_command_boots_read_only_under_tcg(kt: ModuleType) -> None:
     assert cmd[:3] == ["vng", "--run", "/k/boot/vmlinuz-6.1.0-56-amd64"]
     assert "--disable-kvm" in cmd and "--force-9p" in cmd and "--rw" not in cmd
     assert cmd[cmd.index("--rwdir") + 1] == "/out" and cmd[cmd.index("--exec") + 1] == "bash g.sh"
+
+
+# --- the LNet bed: build cache, source resolution, skip logic, topology, lst parsing ----------------
+
+
+@pytest.fixture(scope="module")
+def lnetbuild() -> ModuleType:
+    sys.path.insert(0, str(RUN.parent))
+    import lnetbuild as module
+
+    return module
+
+
+@pytest.fixture(scope="module")
+def lnetbed() -> ModuleType:
+    sys.path.insert(0, str(RUN.parent))
+    import lnetbed as module
+
+    return module
+
+
+def test_run_modes(kt: ModuleType) -> None:
+    assert kt.parse_mode([]) == "all"
+    assert kt.parse_mode(["lnet"]) == "lnet" and kt.parse_mode(["guest"]) == "guest"
+    with pytest.raises(kt.KernelTierError, match=r"usage: run \[all\|guest\|lnet\]"):
+        kt.parse_mode(["lnet", "extra"])
+
+
+def test_lnet_pytest_command_runs_only_the_bed_tests(kt: ModuleType) -> None:
+    repo = RUN.parents[2]
+    cmd = kt.lnet_pytest_command("/py", repo, Path("/out"), "-k 'kernel and ping'")
+    files = [a for a in cmd if a.endswith(".py")]
+    assert files and all(Path(f).name.startswith("test_lnet_") for f in files)
+    assert cmd[-2:] == ["-k", "kernel and ping"] and "--junitxml=/out/junit.xml" in cmd
+
+
+def test_kernel_version_and_header_dirs(lnetbuild: ModuleType) -> None:
+    assert lnetbuild.kernel_version("linux-image-6.1.0-57-amd64") == "6.1.0-57-amd64"
+    assert lnetbuild.header_dirs("6.1.0-57-amd64") == ("/usr/src/linux-headers-6.1.0-57-common",
+                                                        "/usr/src/linux-headers-6.1.0-57-amd64")
+    assert lnetbuild.header_dirs("6.1.0-57-cloud-amd64")[1] == "/usr/src/linux-headers-6.1.0-57-cloud-amd64"
+    with pytest.raises(lnetbuild.LnetBuildError, match="cannot tell the kernel version"):
+        lnetbuild.kernel_version("linux-image-amd64")
+
+
+def test_cache_key_is_kernel_and_commit(lnetbuild: ModuleType) -> None:
+    assert lnetbuild.cache_key("6.1.0-57-amd64", "c881f8eb") == "6.1.0-57-amd64-c881f8eb"
+    assert lnetbuild.cache_key("6.1.0-57-amd64", "c881f8eb") != lnetbuild.cache_key("6.1.0-50-amd64", "c881f8eb")
+    for kver, commit in (("", "c881f8eb"), ("6.1.0-57-amd64", "../x"), ("6.1 0", "c8")):
+        with pytest.raises(lnetbuild.LnetBuildError, match="bad"):
+            lnetbuild.cache_key(kver, commit)
+
+
+def test_commit_from_tarball_name(lnetbuild: ModuleType) -> None:
+    assert lnetbuild.commit_from_name("lustre-release-c881f8eb.tar.xz") == "c881f8eb"
+    assert lnetbuild.commit_from_name("lustre-release-c881f8ebcbd130cf6c2b9e8862582fc5d2da5289.tar.gz") == \
+        "c881f8ebcbd130cf6c2b9e8862582fc5d2da5289"
+    assert lnetbuild.commit_from_name("lustre-2.17.tar.xz") is None
+
+
+def _manifest(root: Path, kver: str, commit: str, with_files: bool = True) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    if with_files:
+        (root / "stage" / "modules").mkdir(parents=True, exist_ok=True)
+        (root / "stage" / "bin").mkdir(parents=True, exist_ok=True)
+        for name in ("libcfs", "lnet", "ksocklnd", "lnet_selftest"):
+            (root / "stage" / "modules" / f"{name}.ko").write_bytes(b"\0")
+        for tool in ("lnetctl", "lst"):
+            (root / "stage" / "bin" / tool).write_bytes(b"\0")
+    path = root / "lnet-build.json"
+    path.write_text(json.dumps({"kver": kver, "commit": commit}))
+    return path
+
+
+def test_cached_build_is_used_only_for_its_kernel_and_commit(lnetbuild: ModuleType, tmp_path: Path) -> None:
+    path = _manifest(tmp_path / "b", "6.1.0-57-amd64", "c881f8eb")
+    assert lnetbuild.manifest_matches(path, "6.1.0-57-amd64", "c881f8eb")
+    assert not lnetbuild.manifest_matches(path, "6.1.0-58-amd64", "c881f8eb")
+    assert not lnetbuild.manifest_matches(path, "6.1.0-57-amd64", "0123abcd")
+    (tmp_path / "b" / "stage" / "bin" / "lst").unlink()
+    assert not lnetbuild.manifest_matches(path, "6.1.0-57-amd64", "c881f8eb")
+    assert not lnetbuild.manifest_matches(tmp_path / "nothing.json", "6.1.0-57-amd64", "c881f8eb")
+    (tmp_path / "bad.json").write_text("{not json")
+    assert not lnetbuild.manifest_matches(tmp_path / "bad.json", "6.1.0-57-amd64", "c881f8eb")
+
+
+def test_ensure_lnet_reuses_a_matching_cache_without_building(lnetbuild: ModuleType, tmp_path: Path) -> None:
+    _manifest(tmp_path / "lnet" / "6.1.0-57-amd64-c881f8eb", "6.1.0-57-amd64", "c881f8eb")
+    source = lnetbuild.LustreSource(tmp_path / "absent.tar.xz", True, "c881f8eb", "test")
+    built = lnetbuild.ensure_lnet(tmp_path, "6.1.0-57-amd64", source, log=pytest.fail)
+    assert built.root == (tmp_path / "lnet" / "6.1.0-57-amd64-c881f8eb").resolve()
+    assert [p.name for p in built.modules] == ["libcfs.ko", "lnet.ko", "ksocklnd.ko", "lnet_selftest.ko"]
+
+
+def test_source_resolution(lnetbuild: ModuleType, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    # Nothing anywhere: no source, and the skip message says how to give one.
+    assert lnetbuild.find_source({}, repo) is None
+    msg = lnetbuild.skip_message({}, repo)
+    assert "LU2K_LUSTRE_SRC" in msg and str(tmp_path / "shared" / "lustre") in msg
+    # ../shared/lustre holding one tarball.
+    shared = tmp_path / "shared" / "lustre"
+    shared.mkdir(parents=True)
+    (shared / "README.md").write_text("x")
+    (shared / "lustre-release-c881f8eb.tar.xz").write_bytes(b"")
+    src = lnetbuild.find_source({}, repo)
+    assert src.is_tarball and src.commit == "c881f8eb" and src.path.name == "lustre-release-c881f8eb.tar.xz"
+    # Two tarballs: ambiguous, said so.
+    (shared / "lustre-release-0123abcd.tar.xz").write_bytes(b"")
+    with pytest.raises(lnetbuild.LnetBuildError, match="exactly one"):
+        lnetbuild.find_source({}, repo)
+    # $LU2K_LUSTRE_SRC wins; naming something absent is an error, not a silent skip.
+    tree = tmp_path / "lustre-release"
+    (tree / "lnet").mkdir(parents=True)
+    (tree / "autogen.sh").write_text("")
+    got = lnetbuild.find_source({"LU2K_LUSTRE_SRC": str(tree)}, repo)
+    assert not got.is_tarball and got.path == tree and got.commit.startswith("tree-")
+    assert lnetbuild.find_source({"LU2K_LUSTRE_SRC": str(tmp_path)}, repo).path == tree
+    with pytest.raises(lnetbuild.LnetBuildError, match="does not exist"):
+        lnetbuild.find_source({"LU2K_LUSTRE_SRC": str(tmp_path / "nope")}, repo)
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(lnetbuild.LnetBuildError, match="neither"):
+        lnetbuild.find_source({"LU2K_LUSTRE_SRC": str(tmp_path / "notes.txt")}, repo)
+
+
+def test_tree_commit_changes_with_the_tree(lnetbuild: ModuleType, tmp_path: Path) -> None:
+    (tmp_path / "lnet").mkdir()
+    (tmp_path / "lnet" / "a.c").write_text("int a;")
+    first = lnetbuild.source_commit(tmp_path, False)
+    assert lnetbuild.source_commit(tmp_path, False) == first
+    (tmp_path / "lnet" / "a.c").write_text("int a, b;")
+    assert lnetbuild.source_commit(tmp_path, False) != first
+
+
+def test_build_commands_name_the_headers_and_lustre_includes(lnetbuild: ModuleType) -> None:
+    conf = lnetbuild.configure_args("6.1.0-57-amd64")
+    assert "--with-linux=/usr/src/linux-headers-6.1.0-57-common" in conf
+    assert "--with-linux-obj=/usr/src/linux-headers-6.1.0-57-amd64" in conf
+    assert {"--disable-client", "--disable-server", "--disable-tests", "--disable-ldiskfs"} <= set(conf)
+    make = lnetbuild.kbuild_command(Path("/s"), "6.1.0-57-amd64", 2)
+    assert make[:3] == ["make", "-C", "/usr/src/linux-headers-6.1.0-57-amd64"] and "M=/s/lnet" in make
+    nostdinc = next(a for a in make if a.startswith("NOSTDINC_FLAGS="))
+    assert nostdinc.split("=", 1)[1].split() == ["-I/s/lnet/include", "-I/s/lustre/include", "-I/s/include/uapi", "-I/s/include"]
+    assert next(a for a in make if a.startswith("KCFLAGS=")).startswith("KCFLAGS=-include /s/config.h")
+
+
+def test_bed_names_stay_prefixed_and_short(lnetbed: ModuleType) -> None:
+    a, b = lnetbed.guest_spec("a"), lnetbed.guest_spec("b")
+    assert (a.ip, b.ip, a.cidr) == ("10.203.1.10", "10.203.2.10", "10.203.1.10/16")
+    assert a.mac != b.mac and lnetbed.gateway_ip("b") == "10.203.2.1"
+    cmds = lnetbed.bridge_commands("lg-1234", [a, b]) + lnetbed.attach_commands("lg-1234", "lgbra", "a", "lu2k-x-a", "10.203.1.1")
+    names = {c[c.index(k) + 1] for c in cmds for k in ("add", "dev") if k in c and c[c.index(k) + 1] not in ("dev",)}
+    devices = {n for n in names if not n.startswith(("lg-", "10."))}
+    assert devices and all(n.startswith("lg") and len(n) <= 15 for n in devices), devices
+    # Nothing in the bed's own namespace gets an address: it must not route between the sites.
+    assert not any("addr" in c and c[2] == "lg-1234" for c in cmds)
+    with pytest.raises(lnetbed.BedError, match="IFNAMSIZ"):
+        lnetbed.check_ifname("lgthisnameistoolong")
+
+
+def test_vng_argv_puts_the_guest_on_its_tap(lnetbed: ModuleType) -> None:
+    spec = lnetbed.guest_spec("b")
+    argv = lnetbed.vng_argv("vng", Path("/k/vmlinuz"), Path("/out/b"), Path("/repo"), spec, "/py", ["PATH=/x"])
+    opts = next(a for a in argv if a.startswith("--qemu-opts="))
+    assert "ifname=lgtapb" in opts and f"mac={spec.mac}" in opts
+    assert argv[argv.index("--memory") + 1] == "768M" and argv[argv.index("--cpus") + 1] == "1"
+    assert argv[argv.index("--exec") + 1].endswith("lnetagent.py /out/b PATH=/x")
+
+
+LST_OUTPUT = """SESSION: lu2k FEATURES: 1 TIMEOUT: 300 FORCE: No
+bulk is running now
+### stat
+[LNet Rates of c]
+[R] Avg: 53       RPC/s Min: 53       RPC/s Max: 53       RPC/s
+[W] Avg: 41       RPC/s Min: 41       RPC/s Max: 41       RPC/s
+[LNet Bandwidth of c]
+[R] Avg: 11.47    MiB/s Min: 11.47    MiB/s Max: 11.47    MiB/s
+[W] Avg: 12.25    MiB/s Min: 12.25    MiB/s Max: 12.25    MiB/s
+[LNet Bandwidth of s]
+[R] Avg: 12.00    MiB/s Min: 12.00    MiB/s Max: 12.00    MiB/s
+[W] Avg: 11.08    MiB/s Min: 11.08    MiB/s Max: 11.08    MiB/s
+### query
+bulk [0] is stopped
+### errors
+c:
+Total 0 error nodes in c
+s:
+12345-10.203.2.10@tcp: [Session 3 brw errors, 0 ping errors]
+Total 1 error nodes in s
+### rpc
+c:
+12345-10.203.1.10@tcp: [Session 0 brw errors, 0 ping errors] [RPC: 5 errors, 0 dropped, 20 expired]
+Total 1 error nodes in c
+s:
+12345-10.203.2.10@tcp: [Session 3 brw errors, 0 ping errors] [RPC: 1 errors, 0 dropped, 0 expired]
+Total 1 error nodes in s
+"""
+
+
+def test_parse_lst_output(lnetbed: ModuleType) -> None:
+    got = lnetbed.parse_lst_output(LST_OUTPUT)
+    assert got["bandwidth_mib_s"] == {"c": [(11.47, 12.25)], "s": [(12.0, 11.08)]}
+    assert got["rpc_s"] == {"c": [(53.0, 41.0)]}
+    assert got["error_nodes"] == {"c": 0, "s": 1} and got["stopped"]
+    # Only this session's errors decide; the lifetime RPC counters are kept apart.
+    assert got["error_lines"] == ["12345-10.203.2.10@tcp: [Session 3 brw errors, 0 ping errors]"]
+    assert len(got["rpc_lines"]) == 2 and "20 expired" in got["rpc_lines"][0]
+    running = lnetbed.parse_lst_output(LST_OUTPUT.replace("bulk [0] is stopped", "batch still running"))
+    assert not running["stopped"]
+
+
+def test_lst_plan_script_and_volume(lnetbed: ModuleType) -> None:
+    plan = lnetbed.LstPlan("10.203.1.10@tcp", "10.203.2.10@tcp1", size="1M", loops=8, concurrency=2)
+    script = plan.script()
+    assert "brw write check=full size=1M" in script and "brw read check=full size=1M" in script
+    assert "lst add_group s 10.203.2.10@tcp1" in script and "lst end_session" in script
+    assert "lst show_error --session c s" in script
+    assert plan.bytes_each_way() == 16 << 20
+    assert lnetbed.LstPlan("x", "y", size="64K", loops=1, concurrency=1).bytes_each_way() == 64 << 10

@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+KERNEL_TESTS = Path(__file__).resolve().parents[2] / "contrib" / "kernel-tests"
+
+
+def bed_module() -> ModuleType:
+    """contrib/kernel-tests/lnetbed.py, the host side of the LNet bed (it is not a package)."""
+    if str(KERNEL_TESTS) not in sys.path:
+        sys.path.insert(0, str(KERNEL_TESTS))
+    import lnetbed
+
+    return lnetbed
 
 
 def sh(*cmd: str) -> str:

@@ -1,0 +1,143 @@
+"""Two lu2kd gateways for the LNet bed: one per site, joined by the lab's emulated satellite link.
+
+lu2kd-A runs in the lab's namespace ``a`` with a leg on guest a's bridge (10.203.1.1, net
+``tcp``); lu2kd-B in namespace ``b`` on guest b's bridge (10.203.2.1, net ``tcp1``).  Between
+them the hop net ``tcp9`` over an lu2k backend (tcp, quic, udt) on the lab's two addresses,
+through the lab forwarder's link model.  Each lu2kd routes the other site's LAN net via the
+other's hop NID; the kernel nodes route the far net via their own site's lu2kd, with stock
+``lnetctl route add``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lu2k.lab.bench import backend_options
+from lu2k.lab.netns import Lab, child_env
+from lu2k.lab.spec import LinkSpec
+from lu2k.localpair import DaemonProcess, daemon_config
+
+HOP_NET = "tcp9"
+LAN_NETS = {"a": "tcp", "b": "tcp1"}
+KEY = "lnet-bed-hop-key-0123456789abcdef"
+OTHER = {"a": "b", "b": "a"}
+
+
+def site_config(side: str, lan_ip: str, hop_ip: str, peer_hop_ip: str, hop_port: int, workdir: Path, *,
+                backend: str = "tcp", hop_options: dict[str, Any] | None = None,
+                socklnd_options: dict[str, Any] | None = None, profile: dict[str, Any] | None = None) -> dict[str, Any]:
+    """lu2kd's YAML for one site: the socklnd LAN net, the lu2k hop net, a route to the far LAN net."""
+    hop_nid = f"{hop_ip}@{HOP_NET}"
+    extra_net: dict[str, Any] = {"key": KEY, "max_message_size": 2 << 20}
+    if hop_options:
+        extra_net["options"] = hop_options
+    if profile:
+        extra_net["profile"] = profile
+    cfg = daemon_config(hop_nid, hop_port, workdir, backend=backend, extra_net=extra_net)
+    cfg["lu2k"] = {"shim": {"path": str(workdir / f"lu2kd-{side}.shim")}, "control": {"path": str(workdir / f"lu2kd-{side}.ctl")}}
+    lan = {
+        "net type": LAN_NETS[side],
+        "local NI(s)": [{"nid": f"{lan_ip}@{LAN_NETS[side]}", "tunables": {"credits": 256, "peer_credits": 8}}],
+        "lu2k": {"backend": "socklnd", "port": 988, "options": dict(socklnd_options or {})},
+    }
+    cfg["net"] = [lan, *cfg["net"]]
+    cfg["route"] = [{"net": LAN_NETS[OTHER[side]], "gateway": f"{peer_hop_ip}@{HOP_NET}"}]
+    cfg["routing"] = {"enable": 1}
+    return cfg
+
+
+@dataclass
+class Sites:
+    """The lab, lu2kd-A and lu2kd-B (started in the lab's namespaces) and their configs."""
+
+    lab: Lab
+    workdir: Path
+    lan_ips: dict[str, str]
+    configs: dict[str, dict[str, Any]]
+    daemons: dict[str, DaemonProcess] = field(default_factory=dict)
+
+    @classmethod
+    def up(cls, specs: tuple[LinkSpec, LinkSpec], bed: Any, workdir: Path, *, backend: str = "tcp", hop_port: int = 7988,
+           socklnd_options: dict[str, Any] | None = None) -> "Sites":
+        lab = Lab(specs, lab_id=f"lg{secrets.token_hex(3)}").up()
+        try:
+            lan_ips = {s: bed.attach(s, lab.ns(s)) for s in ("a", "b")}
+            spec = specs[0]
+            profile = {"rtt_ms": spec.rtt_s * 1e3, "rate_mbit": spec.rate_bps / 1e6 if spec.rate_bps else 1e5,
+                       "loss": min(spec.mean_loss, 0.5)}
+            options = backend_options(backend, lab, workdir)
+            configs = {
+                s: site_config(s, lan_ips[s], lab.state.addr[s], lab.state.addr[OTHER[s]], hop_port, workdir, backend=backend,
+                               hop_options=options[s] or None, socklnd_options=socklnd_options, profile=profile)
+                for s in ("a", "b")
+            }
+            sites = cls(lab, workdir, lan_ips, configs)
+            for s in ("a", "b"):
+                sites.start(s)
+            return sites
+        except BaseException:
+            for s in ("a", "b"):
+                bed.detach(s)
+            lab.down()
+            raise
+
+    def lan_nid(self, side: str) -> str:
+        return f"{self.lan_ips[side]}@{LAN_NETS[side]}"
+
+    def hop_nid(self, side: str) -> str:
+        return f"{self.lab.state.addr[side]}@{HOP_NET}"
+
+    def start(self, side: str) -> None:
+        path = self.workdir / f"lu2kd-{side}.yaml"
+        path.write_text(yaml.safe_dump(copy.deepcopy(self.configs[side]), sort_keys=False))
+        cfg = self.configs[side]
+        d = DaemonProcess(self.lan_nid(side), path, cfg["lu2k"]["shim"]["path"], cfg["lu2k"]["control"]["path"],
+                          self.workdir / f"lu2kd-{side}.log")
+        try:
+            d.start(netns=self.lab.ns(side), timeout=30)
+        except BaseException:
+            d.stop()  # closes its log file too
+            raise
+        self.daemons[side] = d
+
+    def stop(self, side: str) -> int | None:
+        d = self.daemons.pop(side, None)
+        return d.stop() if d is not None else None
+
+    def net_show(self, side: str) -> list[dict[str, Any]]:
+        """``lu2kctl net show`` of one lu2kd (its nets, and for socklnd nets the remote NIs it advertises)."""
+        cfg = self.configs[side]
+        res = subprocess.run([sys.executable, "-m", "lu2k.cli.ctl", "--socket", cfg["lu2k"]["control"]["path"], "--json",
+                              "net", "show"], capture_output=True, text=True, timeout=30, env=child_env())
+        if res.returncode != 0:
+            raise AssertionError(f"lu2kctl net show on lu2kd-{side} failed: {res.stderr or res.stdout}")
+        return list(json.loads(res.stdout))
+
+    def remote_ni_status(self, side: str) -> dict[str, str]:
+        """What lu2kd tells the kernel about its NIs on the far nets: NID -> up/down."""
+        return {ni["nid"]: ni["status"] for net in self.net_show(side) for ni in net.get("remote_nis") or []}
+
+    def hop_sockets(self, side: str) -> str:
+        """``ss -tin`` of the hop's TCP connections in a site's namespace (state, RTO, retransmits)."""
+        res = self.lab.run(side, ["ss", "-tin"], capture_output=True, text=True, timeout=30)
+        return str(res.stdout)
+
+    def log_tail(self, side: str) -> str:
+        d = self.daemons.get(side)
+        return d.log_tail(60) if d is not None else ""
+
+    def close(self, bed: Any) -> None:
+        for s in list(self.daemons):
+            self.stop(s)
+        for s in ("a", "b"):
+            bed.detach(s)
+        self.lab.down()
