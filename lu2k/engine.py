@@ -378,7 +378,8 @@ class Engine:
         return self.core.is_local(bytes(packed_nid))
 
     def primary_nid(self) -> Nid:
-        return self.config.nets[0].nid
+        """Our first lu2k NID (a LAN net's NID is the kernel nodes' side, never our own name)."""
+        return next((n.nid for n in self.config.nets if n.net not in self.lans), self.config.nets[0].nid)
 
     def local_nid(self) -> bytes:
         return self.primary_nid().to_bytes()
