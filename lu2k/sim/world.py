@@ -270,7 +270,8 @@ class SimNode:
         p = w.params
         self.node = Node(NodeParams(incarnation=w.rng.getrandbits(63) | 1, transaction_timeout=p["timeout"],
                                     reconnect_min=0.05, reconnect_max=0.8, routing=(self.name == "G"),
-                                    router_buffer_bytes=p["router_bytes"], window_capacity=4096),
+                                    router_buffer_bytes=p["router_bytes"], window_capacity=4096,
+                                    max_pending_deliveries=p["max_pending"]),
                          [Route(parse_net(net), parse_nid(gw)) for net, gw in ROUTES[self.name]])
         for nid in self.nids:
             self.node.add_net(NetParams(nid, 988, credits=p["credits"], peer_credits=p["peer_credits"],
@@ -481,6 +482,7 @@ class World:
             "rx_buffers": rng.choice((1, 2, 4)),
             "typed": rng.random() < 0.5,
             "max_in_flight": rng.choice((2, 4, 8)),
+            "max_pending": rng.choice((1, 2, 64)),
         }
         self.max_size = 1 << 16
         self.max_in_flight = int(self.params["max_in_flight"])
