@@ -601,7 +601,7 @@ class Engine:
         if dst_portal == PING_PORTAL or not self.core.is_local(dst_raw):
             return None
         port = self._port_for(dst_portal)
-        if port is None:
+        if port is None or port in self._rx_queues:  # others wait for its slots: they go first
             return None
         buf = port.rx_alloc(header.payload_len)
         if buf is None:
