@@ -310,6 +310,10 @@ class Engine:
         for t in list(self.background):
             t.cancel()
 
+    async def close(self) -> None:
+        """Same as :meth:`stop`."""
+        await self.stop()
+
     # -- run-time configuration (lu2kctl import / net|peer|route add|del) ---------------------
 
     async def add_net(self, nc: NetConfig) -> NI:
@@ -822,8 +826,7 @@ class Engine:
         }
 
     def describe_stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self.core.stats)
-        out.update(self.stats)
+        out: dict[str, Any] = dict(self.core.stats + self.stats)
         out["uptime_s"] = round(time.time() - self.started, 1)
         out["endpoints"] = len(self.shim.ports) if self.shim else 0
         if self.shim is not None:
