@@ -29,23 +29,24 @@ import collections
 import functools
 import os
 import time
-from collections.abc import Callable
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import structlog
 
 from . import wire
 from .backends import Backend, Transport, get_backend
+from .core import NI as CoreNI
 from .core import (
     PING_PORTAL, AbortRx, Close, CloseIn, Complete, Connect, Deliver, Delivery, InConn, LanTransmit, NetParams, Node,
     NodeParams, OutConn, OutMsg, Peer, PingDone, Resume, SendIn, Wake,
 )
-from .kernel_shim.ports import RxBuffer, SendRequest
+from .credits import Credits
 from .errors import (
     AuthenticationError, ConnectionClosed, FrameError, HandshakeError, LocalProtocolError, Lu2kError, NetworkError,
     NetworkTimeout, RemoteProtocolError, Status,
 )
+from .kernel_shim.ports import RxBuffer, SendRequest
 from .nid import Net, Nid
 from .routing import Route
 from .settings import DaemonConfig, NetConfig
@@ -117,11 +118,11 @@ class NI:
         self.listener: Any = None
 
     @property
-    def core(self) -> Any:
+    def core(self) -> CoreNI:
         return self.engine.core.nis[self.net]
 
     @property
-    def credits(self) -> Any:
+    def credits(self) -> Credits:
         return self.core.credits
 
     @property
@@ -284,7 +285,8 @@ class Engine:
             for nc in self.config.nets:
                 await self.add_net(nc)
             if with_shim:
-                from .kernel_shim.server import ShimConfig as ShimServerConfig, ShimServer
+                from .kernel_shim.server import ShimConfig as ShimServerConfig
+                from .kernel_shim.server import ShimServer
 
                 shim_cfg = ShimServerConfig(max_in_flight=self.config.shim.max_in_flight, **self.config.shim.options)
                 self.shim = ShimServer(self.config.shim.path, self, config=shim_cfg)
