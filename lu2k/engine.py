@@ -548,7 +548,11 @@ class Engine:
             transport.close()
             raise
         assert hello.result is not None
-        transport.on_hello_done(hello.result)
+        try:
+            transport.on_hello_done(hello.result)
+        except Lu2kError:
+            transport.close()
+            raise
         return hello.result
 
     # -- incoming connections -----------------------------------------------------------------
@@ -562,7 +566,7 @@ class Engine:
         try:
             result = await self._hello(transport, responder)
             conn = self.core.accepted(ni.net, result, self.now())
-        except (RemoteProtocolError, NetworkError, LocalProtocolError) as e:
+        except Lu2kError as e:
             log.warning("refused connection", net=str(ni.net), via=transport.peer_address, reason=str(e))
             transport.close()
             self.stats["conns_refused"] += 1
