@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             total["faults"].update(part["faults"])
             total["outcomes"].update(part["outcomes"])
             total["failures"].extend(part["failures"])
+            for _seed, text in part["failures"]:
+                print(f"FAILED {text}", file=sys.stderr, flush=True)
             now = time.monotonic()
             if now - last >= args.progress:
                 last = now

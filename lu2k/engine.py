@@ -29,24 +29,25 @@ import collections
 import functools
 import os
 import time
-from collections.abc import Callable
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import structlog
 
 from . import wire
 from .backends import Backend, Transport, get_backend
+from .core import NI as CoreNI
 from .core import (
     PING_PORTAL, AbortRx, Close, CloseIn, Complete, Connect, Deliver, Delivery, InConn, LanTransmit, NetParams, Node,
     NodeParams, OutConn, OutMsg, Peer, PingDone, Resume, SendIn, Wake,
 )
-from .kernel_shim.ports import RxBuffer, SendRequest
+from .credits import Credits
 from .errors import (
     AuthenticationError, ConnectionClosed, FrameError, HandshakeError, LocalProtocolError, Lu2kError, NetworkError,
     NetworkTimeout, RemoteProtocolError, Status,
 )
 from .kernel_shim.access import RateLimitedLog
+from .kernel_shim.ports import RxBuffer, SendRequest
 from .nid import Net, Nid
 from .routing import Route
 from .settings import DaemonConfig, NetConfig
@@ -120,11 +121,11 @@ class NI:
         self.listener: Any = None
 
     @property
-    def core(self) -> Any:
+    def core(self) -> CoreNI:
         return self.engine.core.nis[self.net]
 
     @property
-    def credits(self) -> Any:
+    def credits(self) -> Credits:
         return self.core.credits
 
     @property
@@ -172,6 +173,7 @@ class Engine:
         self._in: dict[InConn, _InLink] = {}
         self._pings: dict[int, asyncio.Future[PingDone]] = {}
         self._packed: dict[Nid, bytes] = {}
+        self._rx_queues: dict[ShimPort, collections.deque[Delivery]] = {}  # deliveries waiting for an endpoint's buffers
         self._registered: dict[ShimPort, list[tuple[Any, Any]]] = {}  # shim port -> backend memory registrations
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -311,6 +313,10 @@ class Engine:
             await ni.backend.close()
         for t in list(self.background):
             t.cancel()
+
+    async def close(self) -> None:
+        """Same as :meth:`stop`."""
+        await self.stop()
 
     # -- run-time configuration (lu2kctl import / net|peer|route add|del) ---------------------
 
@@ -556,7 +562,11 @@ class Engine:
             transport.close()
             raise
         assert hello.result is not None
-        transport.on_hello_done(hello.result)
+        try:
+            transport.on_hello_done(hello.result)
+        except Lu2kError:
+            transport.close()
+            raise
         return hello.result
 
     # -- incoming connections -----------------------------------------------------------------
@@ -573,7 +583,7 @@ class Engine:
         try:
             result = await self._hello(transport, responder)
             conn = self.core.accepted(ni.net, result, self.now())
-        except (RemoteProtocolError, NetworkError, LocalProtocolError) as e:
+        except Lu2kError as e:
             # Rate-limited per remote host: a flood of bad hellos must not become a flood of log lines.
             host = str(transport.peer_address).rpartition(":")[0]
             self.refusal_log.warning(("refused", host), "refused connection", net=str(ni.net), via=transport.peer_address,
@@ -621,7 +631,7 @@ class Engine:
         if dst_portal == PING_PORTAL or not self.core.is_local(dst_raw):
             return None
         port = self._port_for(dst_portal)
-        if port is None:
+        if port is None or port in self._rx_queues:  # others wait for its slots: they go first
             return None
         buf = port.rx_alloc(header.payload_len)
         if buf is None:
@@ -662,20 +672,37 @@ class Engine:
                 self._abort_rx(token)
             self.core.delivered(d, Status.NO_RECEIVER, f"no endpoint attached on portal {d.dst_portal} at {self.core.unpack(d.dst_raw)}", now)
             return
+        waiting = self._rx_queues.get(port)
+        if waiting is not None:
+            # Others already wait for this endpoint's buffers: keep their order, and do not sit
+            # on an RX slot meanwhile (the head of the queue may need it).
+            if token is not None:
+                d.payload = bytes(d.payload)  # the payload sits in that slot: copy it out first
+                self._abort_rx(token)
+                d.token = None
+            waiting.append(d)
+            return
         size = len(d.payload)
         if token is not None and token.port is port:
             buf = token
         else:
             if token is not None:
+                d.payload = bytes(d.payload)  # it sits in that slot: copy it out before giving the slot back
                 self._abort_rx(token)
             if size > port.max_message_size:
                 self.core.delivered(d, Status.TOO_LARGE, f"{size} bytes exceeds the receiver's buffer limit {port.max_message_size}", now)
                 return
-            buf = port.rx_alloc(size)
-            if buf is None:
-                self._spawn(self._deliver_later(d, port))
+            got = port.rx_alloc(size)
+            if got is None:
+                self._rx_queues[port] = collections.deque([d])
+                self._spawn(self._drain_rx_queue(port))
                 return
+            buf = got
             buf.view[:] = d.payload
+        self._hand_to(port, buf, d, now)
+
+    def _hand_to(self, port: ShimPort, buf: RxBuffer, d: Delivery, now: float) -> None:
+        size = len(d.payload)
         try:
             port.deliver(buf, d.src_raw, d.src_portal, size)
         except Lu2kError as e:  # that endpoint broke its rings: it is being detached
@@ -683,27 +710,40 @@ class Engine:
             return
         self.core.delivered(d, Status.DELIVERED, "", now)
 
-    async def _deliver_later(self, d: Delivery, port: ShimPort) -> None:
-        """The endpoint's RX pool is full: wait for it to release (the connection stays blocked)."""
-        size = len(d.payload)
-        status, reason = Status.DELIVERED, ""
-        while (buf := port.rx_alloc(size)) is None:
-            try:
-                await port.rx_wait()
-            except Lu2kError:
-                status, reason = Status.NO_RECEIVER, f"endpoint on portal {d.dst_portal} detached"
-                break
-            if not port.attached:
-                status, reason = Status.NO_RECEIVER, f"endpoint on portal {d.dst_portal} detached"
-                break
-        if buf is not None:
-            buf.view[:] = d.payload
-            try:
-                port.deliver(buf, d.src_raw, d.src_portal, size)
-            except Lu2kError as e:
-                status, reason = Status.NO_RECEIVER, f"endpoint on portal {d.dst_portal} failed: {e}"
-        self.core.delivered(d, status, reason, self.now())
-        self._transmit()
+    async def _drain_rx_queue(self, port: ShimPort) -> None:
+        """The endpoint's RX pool is full: deliver what waits for it, in order, as it releases
+        buffers.  Only this endpoint's messages wait; the connections they came on go on
+        reading (up to the core's ``max_pending_deliveries``)."""
+        queue = self._rx_queues[port]
+        why = f"endpoint on portal {port.portal} detached"
+        try:
+            while queue:
+                d = queue[0]
+                size = len(d.payload)
+                if size > port.max_message_size:
+                    queue.popleft()
+                    self.core.delivered(d, Status.TOO_LARGE, f"{size} bytes exceeds the receiver's buffer limit {port.max_message_size}", self.now())
+                    self._transmit()
+                    continue
+                buf = port.rx_alloc(size)
+                if buf is None:
+                    try:
+                        await port.rx_wait()
+                    except Lu2kError:
+                        break
+                    if not port.attached:
+                        break
+                    continue
+                queue.popleft()
+                buf.view[:] = d.payload
+                self._hand_to(port, buf, d, self.now())
+                self._transmit()
+        finally:
+            self._rx_queues.pop(port, None)
+            for d in queue:
+                self.core.delivered(d, Status.NO_RECEIVER, why, self.now())
+            queue.clear()
+            self._transmit()
 
     # -- shim handler ------------------------------------------------------------------------
 

@@ -339,3 +339,42 @@ async def test_an_endpoint_that_corrupts_its_completion_ring_is_detached_alone(t
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_one_endpoint_not_releasing_does_not_hold_up_another(tmp_path: Any) -> None:
+    """Issue 13 item 6: messages for an endpoint whose RX pool is full wait for it alone;
+    the connection goes on carrying other endpoints' messages."""
+    from lu2k.kernel_shim.endpoint import AsyncEndpoint
+
+    port = next(_ports)
+    cfg_b = config("10.9.11.2@tcp", port, transaction_timeout=60)
+    cfg_b.shim.path = str(tmp_path / "b.shim")
+    cfg_a = config("10.9.11.1@tcp", port, transaction_timeout=60)
+    cfg_a.nets[0].peer_credits = cfg_a.nets[0].credits = 32
+    a, b = Engine(cfg_a), Engine(cfg_b)
+    await a.start(with_shim=False)
+    await b.start()
+    try:
+        async with await AsyncEndpoint.attach(cfg_b.shim.path, 1, rx_pool_bytes=64 << 10) as stuck, \
+                await AsyncEndpoint.attach(cfg_b.shim.path, 2) as live:
+            big = [Result() for _ in range(10)]
+            for r in big:  # 10 x 40 KiB: portal 1's RX pool has 6 slots that size, and nobody releases
+                a.send(None, b.primary_nid(), 3, 1, bytes(40 << 10), r)
+            small = [Result() for _ in range(3)]
+            for i, r in enumerate(small):
+                a.send(None, b.primary_nid(), 3, 2, b"hello %d" % i, r)
+            for r in small:
+                assert await r.wait(10) == (Status.DELIVERED, "delivered")
+            got = [await live.recv(10) for _ in small]
+            assert [bytes(m.payload) for m in got if m is not None] == [b"hello 0", b"hello 1", b"hello 2"]
+            for m in got:
+                assert m is not None
+                m.release()
+            assert sum(1 for r in big if r.calls) == 6 and len(b._rx_queues) == 1
+            assert stuck.attached
+        for r in big:  # the stuck endpoint went away: the four that waited for it fail, once
+            await r.wait(10)
+        assert [r.calls[0] for r in big[6:]] == [(Status.NO_RECEIVER, "endpoint on portal 1 detached")] * 4
+    finally:
+        await a.stop()
+        await b.stop()

@@ -30,8 +30,10 @@ PEER_RESTARTED rather than risk a second delivery.
 (:class:`~lu2k.credits.Credits`) from ASSIGN to its final state; without credits it waits
 in the peer's queue.  The submitters bound what they hand over (the shim's
 ``max_in_flight``; the gateway's router buffer), so congestion is back-pressure, not
-memory growth.  An accepted connection is not read further while its deliveries or
-forwards wait (:attr:`InConn.blocked`), which back-pressures the sending peer.
+memory growth.  An accepted connection is not read further while a forward waits for
+router buffer space or ``max_pending_deliveries`` deliveries wait for their endpoints
+(:attr:`InConn.blocked`), which back-pressures the sending peer; below that, one endpoint
+that stops releasing its buffers does not hold up the others.
 
 *Timeouts.*  A message not finished by its deadline fails: NO_ROUTE (with the last
 connect error) if it never went out, TIMED_OUT otherwise.
@@ -80,6 +82,7 @@ class NodeParams:
     routing: bool = False
     router_buffer_bytes: int = 256 << 20
     window_capacity: int = 65536
+    max_pending_deliveries: int = 64  # per accepted connection; then it is not read until they drain
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,8 +299,9 @@ class Session:
 class InConn:
     """A connection we accepted (after its hello): MSG and PING frames in, ACKs out."""
 
-    def __init__(self, ni: NI, session: Session, ctype: ConnType) -> None:
+    def __init__(self, ni: NI, session: Session, ctype: ConnType, max_pending: int = 64) -> None:
         self.ni, self.session, self.ctype = ni, session, ctype
+        self.max_pending = max_pending
         self.alive = True
         self.acks: list[tuple[int, int]] = []
         self.control: list[bytes] = []
@@ -306,8 +310,10 @@ class InConn:
 
     @property
     def blocked(self) -> bool:
-        """True while the runner must not read more frames from this connection."""
-        return self.pending > 0 or self.parked > 0
+        """True while the runner must not read more frames from this connection: too many of
+        its deliveries wait (one slow endpoint does not stop the others' traffic until then),
+        or a forward waits for router buffer space."""
+        return self.pending >= self.max_pending or self.parked > 0
 
 
 class Delivery:
@@ -957,7 +963,7 @@ class Node:
                 for c in list(self.sessions[k].conns):
                     self._close_in(c, f"{result.peer_nid} restarted")
                 del self.sessions[k]
-        conn = InConn(ni, session, result.conn_type)
+        conn = InConn(ni, session, result.conn_type, self.params.max_pending_deliveries)
         session.conns.append(conn)
         self.stats["conns_accepted"] += 1
         return conn
@@ -1071,8 +1077,9 @@ class Node:
         conn = d.conn
         assert conn is not None
         self._session_ack(conn, d.seq, status, reason)
+        was_blocked = conn.blocked
         conn.pending -= 1
-        if conn.alive and not conn.blocked:
+        if was_blocked and conn.alive and not conn.blocked:
             self.actions.append(Resume(conn))
 
     def _forward(self, conn: InConn, info: wire.MsgInfo, payload: Any) -> None:

@@ -33,9 +33,10 @@ Invariants checked after every run (:meth:`World.check`):
 4. credits, router buffer, receive buffers and payload references all returned; no
    message, delivery or forward left pending; accepted connections not left blocked;
 5. every queue within its bound (checked after each event): what a leaf holds for its
-   peers <= what its applications may have outstanding (the shim's ``max_in_flight``), what
-   the gateway holds <= what both leaves' applications may have outstanding, twice over
-   (two incarnations); dedupe windows within capacity.
+   peers <= what its applications may have outstanding (the shim's ``max_in_flight``); what
+   the gateway holds <= 3 x that per sender (a forward outlives its sender's transaction
+   timeout by up to one more), for two senders and two incarnations each; dedupe windows
+   within capacity.
 """
 
 from __future__ import annotations
@@ -270,7 +271,8 @@ class SimNode:
         p = w.params
         self.node = Node(NodeParams(incarnation=w.rng.getrandbits(63) | 1, transaction_timeout=p["timeout"],
                                     reconnect_min=0.05, reconnect_max=0.8, routing=(self.name == "G"),
-                                    router_buffer_bytes=p["router_bytes"], window_capacity=4096),
+                                    router_buffer_bytes=p["router_bytes"], window_capacity=4096,
+                                    max_pending_deliveries=p["max_pending"]),
                          [Route(parse_net(net), parse_nid(gw)) for net, gw in ROUTES[self.name]])
         for nid in self.nids:
             self.node.add_net(NetParams(nid, 988, credits=p["credits"], peer_credits=p["peer_credits"],
@@ -481,6 +483,7 @@ class World:
             "rx_buffers": rng.choice((1, 2, 4)),
             "typed": rng.random() < 0.5,
             "max_in_flight": rng.choice((2, 4, 8)),
+            "max_pending": rng.choice((1, 2, 64)),
         }
         self.max_size = 1 << 16
         self.max_in_flight = int(self.params["max_in_flight"])
@@ -671,11 +674,15 @@ class World:
         for ni in sn.node.nis.values():
             for p in ni.peers.values():
                 held += len(p.inflight) + len(p.queue)
-        # A leaf holds at most what its applications may have outstanding; the gateway at most
-        # what the two leaves' applications may have outstanding, for two incarnations each
-        # (a crashed sender's forwards still run out their time).
-        if held > self.max_in_flight * (4 if sn.name == "G" else 1):
-            raise self.violation(f"{sn.name} holds {held} messages for its peers, bound {self.max_in_flight}")
+        # A leaf holds at most what its applications may have outstanding.  The gateway holds a
+        # forward for at most T (+ a late timer) after it arrived, and it arrived at most T (+ a
+        # late timer) after the sender submitted it; a sender's application slot that G still
+        # holds a message of was busy for T before it could send the next one.  So per slot at
+        # most 3 of its messages sit at G, for two senders, twice (a crashed sender's old
+        # forwards run out their time next to the new incarnation's).
+        bound = self.max_in_flight * (12 if sn.name == "G" else 1)
+        if held > bound:
+            raise self.violation(f"{sn.name} holds {held} messages for its peers, bound {bound}")
 
     def check(self) -> None:
         for mid, rec in self.records.items():
