@@ -330,7 +330,7 @@ def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[
 
 
 def format_transfer(r: dict[str, Any]) -> str:
-    from ..cli.table import render
+    from ..table import render
 
     rows = []
     for part, title in (("transfer", "file transfer"), ("http", "HTTP download")):
@@ -345,7 +345,7 @@ def format_transfer(r: dict[str, Any]) -> str:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from ..cli.lab import specs_from_args
+    from .args import specs_from_args
 
     specs = specs_from_args(args)
     backends = args.backends if args.backends is not None else [b for b in ("tcp", "quic", "udt") if backend_availability().get(b) is None]
@@ -363,7 +363,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 def register_bench(bsub: Any) -> None:
     """Add ``transfer`` to ``lu2k bench`` (called by :mod:`lu2k.cli.bench`)."""
-    from ..cli.lab import add_link_options
+    from .args import add_link_options
 
     t = bsub.add_parser("transfer", help="lu2k send and an HTTP download through lu2k forward vs kernel TCP BBR over the lab (needs root)")
     add_link_options(t)
