@@ -73,17 +73,25 @@ class GoodputMeter:
         }
 
 
-def _tcp_recv(args: argparse.Namespace) -> dict[str, Any]:
+def accept_one(bind: str, port: int, timeout: float) -> tuple[socket.socket, socket.socket]:
+    """Listen, say ``listening`` on stdout (the driver's cue to start the sender), accept one
+    connection: ``(listening socket, connection)``."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((args.bind, args.port))
+    srv.bind((bind, port))
     srv.listen(1)
-    srv.settimeout(args.accept_timeout)
+    srv.settimeout(timeout)
     print("listening", flush=True)
     try:
         conn, _ = srv.accept()
     except socket.timeout:
-        raise NetworkError(f"no TCP connection within {args.accept_timeout} s") from None
+        srv.close()
+        raise NetworkError(f"no TCP connection within {timeout} s") from None
+    return srv, conn
+
+
+def _tcp_recv(args: argparse.Namespace) -> dict[str, Any]:
+    srv, conn = accept_one(args.bind, args.port, args.accept_timeout)
     meter = GoodputMeter(time.monotonic(), args.warmup, args.duration)
     buf = bytearray(1 << 20)
     conn.settimeout(1.0)

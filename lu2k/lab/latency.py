@@ -269,16 +269,9 @@ def _lu2k_sender(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _tcp_receiver(args: argparse.Namespace) -> dict[str, Any]:
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((args.bind, args.port))
-    srv.listen(1)
-    srv.settimeout(args.idle_timeout)
-    print("listening", flush=True)
-    try:
-        conn, _ = srv.accept()
-    except socket.timeout:
-        raise NetworkError(f"no TCP connection within {args.idle_timeout} s") from None
+    from .baseline import accept_one
+
+    srv, conn = accept_one(args.bind, args.port, args.idle_timeout)
     conn.settimeout(args.idle_timeout)
     dec = RecordDecoder()
     samples: list[float] = []
