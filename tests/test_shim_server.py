@@ -149,8 +149,8 @@ async def test_invalid_descriptors_are_completed_invalid(holding: tuple[ShimServ
             cookie = 1000 + i
             comp = AsyncCompletion(cookie, LO, length, -1, ep)
             core.pending[cookie] = comp
-            counters = ("sent", "delivered", "failed", "received", "bytes_sent", "bytes_received", "in_flight")
-            core.peers.setdefault(LO, dict.fromkeys(counters, 0))["in_flight"] += 1
+            fields = ("sent", "delivered", "failed", "received", "bytes_sent", "bytes_received", "in_flight")
+            core.peers.setdefault(LO, dict.fromkeys(fields, 0))["in_flight"] += 1
             assert core.submit.put(cookie, desc_off, length, 1, LO, 0)
             comps.append(comp)
         core.submit.publish()

@@ -293,6 +293,7 @@ class Session:
         self.peer_raw = peer_nid.to_bytes()
         self.window = RecvWindow(capacity)
         self.conns: list[InConn] = []
+        self.resent_on: dict[int, InConn] = {}  # seq still in progress -> connection its latest copy came on
         self.stats: Counter[str] = Counter()
 
 
@@ -1032,6 +1033,8 @@ class Node:
             self.stats["duplicates"] += 1
             if prior != IN_PROGRESS:
                 self._queue_ack(conn, info.seq, Status.from_code(prior), "duplicate")
+            else:
+                session.resent_on[info.seq] = conn  # answer where the sender now listens
             return
         try:
             wire.check_payload(info, f.payload)
@@ -1136,6 +1139,9 @@ class Node:
         the newest live connection of the session."""
         session = conn.session
         session.window.finish(seq, int(status))
+        newer = session.resent_on.pop(seq, None) if session.resent_on else None
+        if newer is not None and newer.alive:
+            conn = newer
         if not conn.alive:
             conn = next((c for c in reversed(session.conns) if c.alive), conn)
             if not conn.alive:
