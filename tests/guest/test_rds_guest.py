@@ -153,15 +153,16 @@ async def test_idle_session_survives_keepalives(netns_pair: NetnsPair) -> None:
 async def test_bad_datagrams_are_frame_errors(netns_pair: NetnsPair) -> None:
     server, client, out, inn, lst = await _tcp_pair(netns_pair)
     try:
-        await out._send_datagram(Kind.DATA, [b"GET / HTTP/1.0\r\n\r\n"], value=0)
-        with pytest.raises(FrameError, match="bad magic"):
+        await out._send_datagram(Kind.DATA, [b"GET / HTTP/1.0\r\n\r\n"], value=out._tx_seq)  # in sequence, not a sealed frame
+        with pytest.raises(FrameError, match="sealed"):
             await asyncio.wait_for(inn.recv(), 30)
     finally:
         await _close(out, inn, lst, server, client)
     server, client, out, inn, lst = await _tcp_pair(netns_pair)
     try:
-        await out._send_datagram(Kind.DATA, [b"x"], value=5)  # datagram 0 is due
-        with pytest.raises(FrameError, match="5 from .* where 0 was due"):
+        due = out._tx_seq  # the hello used the first datagrams
+        await out._send_datagram(Kind.DATA, [b"x"], value=due + 5)
+        with pytest.raises(FrameError, match=rf"{due + 5} from .* where {due} was due"):
             await asyncio.wait_for(inn.recv(), 30)
     finally:
         await _close(out, inn, lst, server, client)
@@ -185,6 +186,7 @@ async def test_listener_ignores_junk_and_unanswered_connect_times_out(netns_pair
         second = await client.connect(netns_pair.addr_b, lst.address[1], ConnType.ANY, 30)
         # The listener survived the junk and accepted again: a second session of its own.
         (server_side,) = [t for t in server.transports if t is not inn]
+        await run_hello(client, second, server_side, b"guest-tier-test-key")  # a session of its own: its own hello
         await second.send([_msg(1, b"through the second session")])
         (f,) = await _recv_n(server_side, 1)
         assert bytes(f.payload) == b"through the second session"
