@@ -20,6 +20,7 @@ import pytest
 from lu2k.lab.bench import LabDaemons
 from lu2k.lab.netns import Lab, child_env
 from lu2k.lab.spec import build_specs
+from lu2k.lab.transfer_bench import stop_processes
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
@@ -129,14 +130,7 @@ def test_curl_ssh_and_rsync_through_forward_over_lossy_geo(tmp_path: Path, daemo
                 r = lab.run("a", ["rsync", "-a", "-e", ssh, f"root@127.0.0.1:{src}/", f"{dst}/"], capture_output=True, text=True, timeout=300)
                 assert r.returncode == 0, r.stderr
             finally:
-                for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-                        try:
-                            p.communicate(timeout=10)
-                        except subprocess.TimeoutExpired:
-                            p.kill()
-                            p.communicate()
+                stop_processes(procs)
         stats = lab.stats()
     assert stats["links"]["ba"]["drops_loss"] > 0  # the download really crossed the lossy link
     assert sha(got) == sha(www / "page.bin")

@@ -152,7 +152,8 @@ def _figures(nbytes: int, seconds: float, limit_bps: float) -> dict[str, Any]:
     return {"seconds": round(seconds, 2), "goodput_mbit": round(mbit, 3), "of_limit": round(mbit * 1e6 / limit_bps, 4) if limit_bps else None}
 
 
-def _stop(procs: list["subprocess.Popen[Any]"]) -> None:
+def stop_processes(procs: list["subprocess.Popen[Any]"]) -> None:
+    """Terminate what still runs, then kill what does not exit within 10 s."""
     for p in procs:
         if p.poll() is None:
             p.terminate()
@@ -177,7 +178,7 @@ def kernel_copy(lab: Lab, src: Path, out: Path, cc: str = "bbr", timeout: float 
             raise NetworkError(f"kernel TCP {cc} copy failed: {r.stderr[-500:]}")
         recv.communicate(timeout=60)
     finally:
-        _stop([recv])
+        stop_processes([recv])
     ok = _sha(out) == _sha(src)
     out.unlink()
     return {"seconds": t1 - t0, "verified": ok}
@@ -195,7 +196,7 @@ def lu2k_send(lab: Lab, daemons: LabDaemons, src: Path, dst: Path, timeout: floa
                     env=env, timeout=timeout)
         t1 = time.monotonic()
     finally:
-        _stop([srv])
+        stop_processes([srv])
     got = dst / src.name
     ok = r.returncode == 0 and got.exists() and _sha(got) == _sha(src)
     summary = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
@@ -234,7 +235,7 @@ def forward_download(lab: Lab, daemons: LabDaemons, src: Path, out: Path, timeou
             raise NetworkError("lu2k forward did not start")
         return http_download(lab, f"http://127.0.0.1:{m.group(1)}/{src.name}", out, src, timeout)
     finally:
-        _stop(procs)
+        stop_processes(procs)
 
 
 def set_tcp_congestion(daemons: LabDaemons, cc: str) -> None:
@@ -321,7 +322,7 @@ def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[
                             out["http"][f"lu2k-forward-{backend}"] = {**r, **_figures(size, r["seconds"], limit)}
             finally:
                 if httpd is not None:
-                    _stop([httpd])
+                    stop_processes([httpd])
             out["lab"] = lab.stats()
     finally:
         if own:
