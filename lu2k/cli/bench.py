@@ -138,9 +138,11 @@ def _raw_run(size: int, count: int) -> float:
     return end - start
 
 
-def run_loopback(sizes: list[int], counts: dict[int, int], window: int) -> list[dict[str, Any]]:
+def run_loopback(sizes: list[int], counts: dict[int, int], window: int,
+                 encryption: str = "aes-256-gcm") -> list[dict[str, Any]]:
     out = []
-    with daemons(["127.0.0.1@tcp", "127.0.0.2@tcp"], tunables={"peer_credits": 256, "credits": 1024}) as (a, b):
+    with daemons(["127.0.0.1@tcp", "127.0.0.2@tcp"], tunables={"peer_credits": 256, "credits": 1024},
+                 extra_net={"options": {"encryption": encryption}}) as (a, b):
         for size in sizes:
             count = counts.get(size) or default_count(size)
             _lu2k_run(a, b, size, min(count, 1000), window)  # warm-up: connections, caches
@@ -157,7 +159,7 @@ def run_loopback(sizes: list[int], counts: dict[int, int], window: int) -> list[
 
 def cmd_loopback(args: argparse.Namespace) -> int:
     sizes = args.sizes or DEFAULT_SIZES
-    results = run_loopback(sizes, {s: args.count for s in sizes} if args.count else {}, args.window)
+    results = run_loopback(sizes, {s: args.count for s in sizes} if args.count else {}, args.window, args.encryption)
     rows = [[r["size"], r["count"], r["msgs_per_s"], r["mbytes_per_s"], r["baseline_mbytes_per_s"],
              f"{r['mbytes_per_s'] / r['baseline_mbytes_per_s']:.2f}" if r["baseline_mbytes_per_s"] else "-"] for r in results]
     print(render(["size B", "messages", "lu2k msgs/s", "lu2k MB/s", "raw TCP MB/s", "ratio"], rows))
@@ -173,6 +175,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     lb.add_argument("--sizes", type=int, nargs="*", help="message sizes in bytes (default 64 4096 1048576)")
     lb.add_argument("--count", type=int, help="messages per size (default: a few seconds' worth)")
     lb.add_argument("--window", type=int, default=512, help="messages in flight")
+    lb.add_argument("--encryption", choices=("aes-256-gcm", "none"), default="aes-256-gcm",
+                    help="frame encryption on the tcp hop (default aes-256-gcm, the daemon's default)")
     lb.add_argument("--json", action="store_true", help="last line: JSON results")
     lb.set_defaults(func=cmd_loopback)
     # Other benchmarks (the link lab's ``link``, ``matrix``, ``latency`` and ``transfer``) register themselves here.
