@@ -7,6 +7,8 @@ thread against their control sockets, exactly as the command line does.
 
 from __future__ import annotations
 
+import argparse
+
 import asyncio
 import json
 import subprocess
@@ -96,9 +98,8 @@ async def run(d: Daemon | None, *argv: str, capsys: pytest.CaptureFixture[str]) 
 
 @pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "1e308", "0", "-1", "3600.5", "abc", ""])
 def test_bad_timeouts_are_refused_with_a_reason(text: str) -> None:
-    with pytest.raises(Exception) as e:
+    with pytest.raises(argparse.ArgumentTypeError, match=f"timeout {text!r}"):
         ctl.timeout_seconds(text)
-    assert "timeout" in str(e.value)
 
 
 def test_good_timeouts() -> None:
@@ -140,7 +141,7 @@ async def test_ping_discover_peer_and_stats_show(pair: list[Daemon], capsys: pyt
     rc, out, err = await run(a, "ping", "127.0.0.2@tcp", "--timeout", "5", capsys=capsys)
     assert rc == 0, err
     [item] = yaml.safe_load(out)["ping"]
-    assert item["primary nid"] == "127.0.0.2@tcp" and item["peer ni"] == [{"nid": "127.0.0.2@tcp"}] and item["lu2k"]["rtt_ms"] >= 0
+    assert item["primary nid"] == "127.0.0.2@tcp" and item["peer ni"] == [{"nid": "127.0.0.2@tcp"}] and 0 < item["lu2k"]["rtt_ms"] < 5000
     rc, out, err = await run(a, "discover", "127.0.0.2@tcp", capsys=capsys)
     assert rc == 0, err
     assert yaml.safe_load(out)["discover"][0]["primary nid"] == "127.0.0.2@tcp"
@@ -152,7 +153,7 @@ async def test_ping_discover_peer_and_stats_show(pair: list[Daemon], capsys: pyt
     assert set(pni) - {"lu2k"} <= LNETCTL_PEER_NI_KEYS and pni["state"] == "up" and pni["max_ni_tx_credits"] == 8
     rc, out, err = await run(a, "stats", "show", capsys=capsys)
     stats = yaml.safe_load(out)["statistics"]
-    assert rc == 0 and set(stats) - {"lu2k"} <= LNETCTL_STATS_KEYS and stats["send_count"] >= 0
+    assert rc == 0 and set(stats) - {"lu2k"} <= LNETCTL_STATS_KEYS and stats["send_count"] == 0  # pings and discovery are not counted as messages
     rc, out, err = await run(a, "route", "show", "-v", capsys=capsys)
     assert rc == 0 and yaml.safe_load(out)["route"] == [
         {"net": "tcp9", "gateway": "127.0.0.2@tcp", "hop": -1, "priority": 0, "state": "up", "type": "single-hop", "lu2k": {"health": 1000}}]

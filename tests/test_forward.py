@@ -158,6 +158,7 @@ def test_resets_propagate_both_ways(pair) -> None:
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
     events: dict[str, object] = {}
+    second_open = threading.Event()
 
     def target() -> None:
         conn, _ = server.accept()  # first connection: we reset it
@@ -167,6 +168,8 @@ def test_resets_propagate_both_ways(pair) -> None:
         conn2, _ = server.accept()  # second: the client resets it
         conn2.settimeout(60)
         try:
+            if conn2.recv(65536):
+                second_open.set()
             while conn2.recv(65536):
                 pass
             events["second"] = "eof"
@@ -187,7 +190,7 @@ def test_resets_propagate_both_ways(pair) -> None:
         c.close()
         c2 = socket.create_connection(("127.0.0.1", fw.port))
         c2.sendall(b"x" * 1000)
-        time.sleep(0.5)  # let the flow open at the far side before we reset it
+        assert second_open.wait(60), "the flow never reached the target"
         c2.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c2.close()
         t.join(60)

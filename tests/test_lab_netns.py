@@ -68,10 +68,11 @@ def test_lab_up_carries_udp_and_down_removes_everything(lab_dir: Path) -> None:
         script = (
             "import socket,sys\n"
             "r=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);r.bind((sys.argv[1],9999));r.settimeout(5)\n"
+            "print('bound', flush=True)\n"
             "print(r.recv(100).decode())\n"
         )
         recv = lab.popen("b", [sys.executable, "-c", script, lab.addr_b], stdout=subprocess.PIPE, text=True)
-        time.sleep(0.3)  # let the receiver bind; a lost datagram would fail the test, not hang it
+        assert recv.stdout is not None and recv.stdout.readline().strip() == "bound"
         send = ("import socket,sys,time\n"
                 "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
                 "[ (s.sendto(b'hello',(sys.argv[1],9999)), time.sleep(0.2)) for _ in range(5)]\n")

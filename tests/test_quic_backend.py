@@ -359,7 +359,11 @@ async def test_reconnect_resumes_session_with_0rtt(pki: dict[str, str]) -> None:
         await run_hello(client, first, inn1, client.settings.key)
         await first.send([_msg(1, b"one")])
         await _recv_n(inn1, 1)
-        await asyncio.sleep(0.05)  # let the session ticket arrive
+        # The server sends its session ticket after the handshake; wait for it to arrive.
+        for _ in range(500):
+            if ("127.0.0.1", port) in client._client_tickets:
+                break
+            await asyncio.sleep(0.01)
         assert ("127.0.0.1", port) in client._client_tickets
         first.close()
         second = await client.connect("127.0.0.1", port, ConnType.ANY, 5.0)

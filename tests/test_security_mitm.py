@@ -157,8 +157,8 @@ async def _run(attack: Attack, count: int = 8, encryption: str = "aes-256-gcm") 
         for i in range(count):
             a.send(None, B_NID, 1, 5, MARKER + bytes([65 + i]) * 200, finisher(i))
         await asyncio.wait_for(done.wait(), 20)
-        await asyncio.sleep(0.2)  # a second completion for any message would show up here
     finally:
+        # Stopping ends every engine task: any second completion has been recorded by then.
         await a.stop()
         await b.stop()
         await proxy.close()

@@ -62,7 +62,7 @@ async def test_many_messages_each_arrive_once_intact_with_figures() -> None:
         assert all(zlib.crc32(f.payload) == zlib.crc32(p) for f, p in zip(frames, payloads))
         s = out.stats()
         assert s["messages_sent"] == len(payloads) and s["packets_sent"] >= s["messages_sent"]
-        assert s["rtt_ms"] >= 0 and s["cc"] == "lu2k-rate" and s["cc_target_mbit"] == pytest.approx(388)
+        assert 0 < s["rtt_ms"] < 5000 and s["cc"] == "lu2k-rate" and s["cc_target_mbit"] == pytest.approx(388)
         assert {"bandwidth_estimate_mbit", "retransmitted", "lost_sent", "send_rate_mbit"} <= set(s)
         assert inn.stats()["messages_received"] == len(payloads)
         assert server.describe()["cipher"] == "aes-256-gcm" and server.describe()["pacing"] == "388 Mbit/s"

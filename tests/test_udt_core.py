@@ -167,7 +167,7 @@ def test_messages_keep_boundaries_and_perfmon_reports() -> None:
             assert got == n and buf[:n] == bytes([n % 256]) * n
         perf = udtcore.perfmon(c)
         assert perf["pkt_sent_total"] >= sum(-(-n // 1456) for n in sizes)
-        assert perf["ms_rtt"] >= 0 and "mbps_bandwidth" in perf
+        assert 0 < perf["ms_rtt"] < 5000 and "mbps_bandwidth" in perf
         state = udtcore.cc_state(s)
         assert state["cc"] == "lu2k-rate" and state["target_mbit"] == pytest.approx(200)  # inherited from the listener
         # A message longer than the buffer is cut to the buffer: callers detect it by a full buffer.

@@ -234,7 +234,7 @@ async def test_engines_over_rds_complete_each_message_exactly_once() -> None:
         peer = a.describe_peers()[0]
         assert peer["state"] == "up" and peer["in_flight"] == 0
         res = await a.ping(b.primary_nid(), 30)
-        assert res["rtt_ms"] >= 0
+        assert 0 < res["rtt_ms"] < 60000
     finally:
         await a.stop()
         await b.stop()
