@@ -1,6 +1,11 @@
-"""tcp, quic and udt over IPv6, end to end: two real lu2kd on ``::1`` exchange messages both
-ways (IPv6 NIDs, ``listen: ::1``, peers at ``[::1]:port``; see lu2k.localpair), every one
-intact and exactly once, and the daemons' own view shows the connections are IPv6."""
+"""tcp, quic and udt over IPv6 loopback.
+
+* each backend passes the shared transport conformance checks (tests/conformance.py) with
+  both ends at ``::1``;
+* end to end: two real lu2kd exchange messages both ways (IPv6 NIDs, ``listen: ::1``, peers at
+  ``[::1]:port``; see lu2k.localpair), every one intact and exactly once, and the daemons'
+  own view shows the IPv6 NIDs and ``[::1]:port`` listeners.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import pytest
 from lu2k.backends import availability
 from lu2k.kernel_shim.endpoint import Endpoint
 from lu2k.localpair import DaemonProcess, daemons, ipv6_loopback_problem
+from conformance import TRANSPORT_CHECKS, BackendUnderTest
 from e2e_support import HDR, Receiver, make_message
 
 pytestmark = [
@@ -53,6 +59,22 @@ def net(backend: str, site: dict[str, str]) -> dict[str, Any]:
     if backend == "quic":
         out["options"] = dict(site)
     return out
+
+
+def backend_under_test(backend: str, site: dict[str, str]) -> BackendUnderTest:
+    from lu2k.backends import get_backend
+
+    problem = availability().get(backend)
+    if problem is not None:
+        pytest.skip(f"{backend} backend unavailable: {problem}")
+    options: dict[str, Any] = {"cert": site["cert"], "key": site["key"], "ca": site["ca"], "_net": "quic"} if backend == "quic" else {}
+    return BackendUnderTest(get_backend(backend), "::1", options=options, ordered=backend != "quic")
+
+
+@pytest.mark.parametrize("check", TRANSPORT_CHECKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_conformance_over_ipv6_loopback(backend: str, check: Any, site: dict[str, str]) -> None:
+    await check(backend_under_test(backend, site))
 
 
 def ctl(d: DaemonProcess, *args: str) -> Any:
