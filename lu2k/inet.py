@@ -29,6 +29,7 @@ import socket
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .nid import ntop6
 
 IPV4_HEADER = 20
 IPV6_HEADER = 40
@@ -57,7 +58,8 @@ class Host:
         return socket.AF_INET6 if self.ip.version == 6 else socket.AF_INET
 
     def __str__(self) -> str:
-        return f"{self.ip}%{self.zone}" if self.zone else str(self.ip)
+        text = ntop6(self.ip) if isinstance(self.ip, ipaddress.IPv6Address) else str(self.ip)
+        return f"{text}%{self.zone}" if self.zone else text
 
 
 def parse_host(text: object, where: str, *, what: str = "an IP address") -> Host:

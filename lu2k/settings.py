@@ -41,7 +41,6 @@ import yaml
 
 from .backends.base import BackendSettings, LinkProfile
 from .errors import BackendUnavailable, ConfigError, NidError
-from .inet import parse_host
 from .kernel_shim.abi import default_shim_path
 from .kernel_shim.config import ShimConfig
 from .nid import Net, Nid, parse_net
@@ -216,10 +215,7 @@ def _net_config(problems: Problems, where: str, net: Net, nid: Nid, tun: Mapping
     cfg.backend = str(lu.get("backend", "tcp"))
     lan = cfg.backend == "socklnd"  # kernel LNet nodes: LNet's acceptor port, no lu2k key
     cfg.port = int(lu.get("port", LNET_ACCEPTOR_PORT if lan else DEFAULT_PORT))
-    if lu.get("listen") is not None:
-        bind = problems.check(lambda: parse_host(lu["listen"], f"{where}.lu2k.listen",
-                                                 what="a bind address (an IP address such as 0.0.0.0, :: or fd00::1)"))
-        cfg.listen = str(bind) if bind is not None else None
+    cfg.listen = lu.get("listen")  # checked (lu2k.inet.parse_host) and normalised by lnetyaml
     cfg.max_message_size = int(lu.get("max_message_size", DEFAULT_MAX_MESSAGE))
     cfg.checksum = bool(lu.get("checksum", False))
     cfg.key = b"" if lan and not ("key" in lu or "key_file" in lu) else _key(problems, f"{where}.lu2k", lu, base_dir)
