@@ -148,3 +148,18 @@ def test_config_keeps_good_ipv6_addresses() -> None:
     config = parse_config(cfg)
     assert config.nets[0].listen == "fe80::1%lo" and str(config.nets[0].nid) == "fd00:6::1@udt"
     assert config.peers[0].address == "[fe80::2%lo]:7989"
+
+
+def test_socklnd_lan_with_an_ipv6_nid_is_refused_at_its_path() -> None:
+    """Kernel socklnd peers with IPv6 NIDs speak socklnd V4 (large NIDs), which lu2k's socklnd
+    LAN does not: the config says so instead of failing at start."""
+    from pathlib import Path
+
+    from lu2k.localpair import daemon_config
+    from lu2k.settings import parse_config
+
+    cfg = daemon_config("fd00:6::1@tcp", 988, Path("/nonexistent"), backend="socklnd", extra_net={"key": "k" * 32})
+    with pytest.raises(ConfigError) as e:
+        parse_config(cfg)
+    assert e.value.errors == ["net[0].local NI(s): fd00:6::1@tcp: the socklnd LAN speaks socklnd protocols V2/V3 with 64-bit "
+                              "NIDs; IPv6 NIDs need V4, which lu2k's socklnd does not speak (give this net an IPv4 NID)"]
