@@ -1,4 +1,4 @@
-"""tcp, quic and udt between two lab namespaces over IPv6 only (root).
+"""tcp, quic and udt between two namespaces over IPv6 only (root).
 
 The lab (``Lab(..., ipv6=True)``) joins its namespaces by a 1500-byte-MTU path with 1 % loss
 each way and gives each end an IPv6 address; each daemon's NID is that address
@@ -7,6 +7,11 @@ both ways and are checked for content and exactly-once delivery; the lab's count
 traffic was IPv6 and was really lossy, and the namespaces' IPv6 statistics prove no datagram
 was fragmented at the source -- the datagram sizes (QUIC's max datagram size, UDT's packet
 size) left room for the 40-byte IPv6 header.
+
+Link-local addresses with zones: two namespaces of the test's own, joined by a veth pair with
+only link-local addresses; each daemon listens on ``fe80::…%dev`` and reaches its peer at
+``[fe80::…%dev]:port`` (NIDs cannot be link-local, so the NIDs are ULA names that are not
+configured anywhere: the addresses come only from ``listen:`` and the peer ``address:``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import secrets
+import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -143,3 +149,81 @@ def test_messages_both_ways_over_an_ipv6_lab_link_with_loss(backend: str, lab: A
         created = after.get("Ip6FragCreates", 0) - before[side].get("Ip6FragCreates", 0)
         assert created == 0, f"{side} fragmented {created} IPv6 packets: {backend} datagrams too big for the 1500-byte path"
         assert after["Ip6OutRequests"] > before[side]["Ip6OutRequests"]
+
+
+LL_A, LL_B = "fe80::a", "fe80::b"
+
+
+@pytest.fixture(scope="module")
+def link_local_pair() -> Iterator[dict[str, str]]:
+    problem = ipv6_problem()
+    if problem:
+        pytest.skip(problem)
+    tag = secrets.token_hex(2)
+    ns = {"a": f"v6ll{tag}-a", "b": f"v6ll{tag}-b"}
+    dev = {"a": f"v6ll{tag}a", "b": f"v6ll{tag}b"}
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+    try:
+        for side in ("a", "b"):
+            ip("netns", "add", ns[side])
+        ip("link", "add", dev["a"], "netns", ns["a"], "type", "veth", "peer", "name", dev["b"], "netns", ns["b"])
+        for side, addr in (("a", LL_A), ("b", LL_B)):
+            ip("-n", ns[side], "link", "set", "lo", "up")
+            ip("-n", ns[side], "addr", "add", f"{addr}/64", "dev", dev[side], "nodad")
+            ip("-n", ns[side], "link", "set", dev[side], "up")
+        yield {"ns_a": ns["a"], "ns_b": ns["b"], "dev_a": dev["a"], "dev_b": dev["b"]}
+    finally:
+        for side in ("a", "b"):
+            subprocess.run(["ip", "netns", "del", ns[side]], capture_output=True)
+
+
+@pytest.mark.parametrize("backend", ["tcp", "quic", "udt"])
+def test_link_local_addresses_with_zones(backend: str, link_local_pair: dict[str, str], tmp_path: Path) -> None:
+    problem = availability().get(backend)
+    if problem is not None:
+        pytest.skip(f"{backend} backend unavailable: {problem}")
+    import yaml
+
+    from lu2k.certs import cert_pem, key_pem, make_certificate, make_key
+    from lu2k.localpair import DaemonProcess, daemon_config
+
+    p = link_local_pair
+    nids = {"a": f"fd00:6:11::a@{backend}", "b": f"fd00:6:11::b@{backend}"}
+    here = {"a": (LL_A, p["dev_a"]), "b": (LL_B, p["dev_b"])}
+    options: dict[str, dict[str, Any]] = {"a": {}, "b": {}}
+    if backend == "quic":
+        ca_key = make_key()
+        ca = make_certificate(ca_key, "v6-ll-ca", is_ca=True)
+        (tmp_path / "ca.crt").write_bytes(cert_pem(ca))
+        for side in ("a", "b"):
+            key = make_key()
+            cert = make_certificate(key, f"ll-{side}", sans=[here[side][0]], issuer_cert=ca, issuer_key=ca_key)
+            (tmp_path / f"{side}.crt").write_bytes(cert_pem(cert))
+            (tmp_path / f"{side}.key").write_bytes(key_pem(key))
+            os.chmod(tmp_path / f"{side}.key", 0o600)
+            options[side] = {"cert": str(tmp_path / f"{side}.crt"), "key": str(tmp_path / f"{side}.key"), "ca": str(tmp_path / "ca.crt")}
+    procs = {}
+    for side, other in (("a", "b"), ("b", "a")):
+        own_dev = here[side][1]
+        extra_net: dict[str, Any] = {"key": KEY, "listen": f"{here[side][0]}%{own_dev}", "profile": {"rtt_ms": 1, "rate_mbit": 1000}}
+        if options[side]:
+            extra_net["options"] = options[side]
+        # The peer's link-local address, reached through this side's own interface.
+        peer = [{"primary nid": nids[other], "lu2k": {"address": f"[{here[other][0]}%{own_dev}]:{PORT}"}}]
+        cfg = daemon_config(nids[side], PORT, tmp_path, backend=backend, extra_net=extra_net, extra={"peer": peer})
+        path = tmp_path / f"lu2kd-{side}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        procs[side] = DaemonProcess(nids[side], path, cfg["lu2k"]["shim"]["path"], cfg["lu2k"]["control"]["path"], tmp_path / f"{side}.log")
+    rnd = random.Random(11)
+    sizes = [HDR.size, 1452, 65536] + [int(HDR.size * 2 ** (rnd.random() * 12)) for _ in range(40)]
+    try:
+        procs["a"].start(netns=p["ns_a"])
+        procs["b"].start(netns=p["ns_b"])
+        exchange(procs["a"], procs["b"], sizes, seed=3)
+        exchange(procs["b"], procs["a"], sizes, seed=4)
+    finally:
+        for d in procs.values():
+            d.stop()

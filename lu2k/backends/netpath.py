@@ -10,6 +10,7 @@ name that does not resolve) the answer is ``None`` and the backend keeps its def
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from ..inet import family_of
 
@@ -22,9 +23,23 @@ def route_mtu(host: str, port: int) -> int | None:
     family = family_of(host)
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((host, port or 9))
+            s.connect(sockaddr(host, port or 9))
             if family == socket.AF_INET6:
                 return int(s.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU))
             return int(s.getsockopt(socket.IPPROTO_IP, IP_MTU))
     except OSError:  # socket.gaierror included: a name, or no route
         return None
+
+
+def sockaddr(host: str, port: int) -> tuple[Any, ...]:
+    """``(host, port)`` as Python's socket calls must be given it.
+
+    A 2-tuple loses an IPv6 zone (``fe80::1%eth0``): the socket module resolves the text but
+    then sets the scope id from the tuple's missing 4th member, 0, and the kernel refuses a
+    link-local address without one.  So a zoned host becomes ``(addr, port, 0, scope_id)``
+    (numeric lookup only: nothing is sent, nothing blocks).  ``socket.gaierror`` for an
+    interface that does not exist."""
+    if "%" not in host:
+        return (host, port)
+    info = socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)
+    return tuple(info[0][4])

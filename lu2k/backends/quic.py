@@ -70,7 +70,7 @@ from ..values import parse_rate
 from ..wire import ConnType
 from ..inet import family_of, format_hostport, quic_datagram_size, wildcard
 from .base import AcceptCallback, Backend, BackendSettings, ExceptionMap, Listener, Transport, map_exceptions
-from .netpath import route_mtu
+from .netpath import route_mtu, sockaddr
 from .quic_udp import BatchedUdpEndpoint
 from .quic_stream import (
     APP_AUTH_REJECTED, APP_NO_ERROR, APP_PROTOCOL_ERROR, Lu2kQuicProtocol, StreamOptions,
@@ -365,7 +365,7 @@ class QuicBackend(Backend):
         with map_exceptions(SOCKET_ERRORS, f"cannot listen on udp {format_hostport(host, port)}"):
             sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
-                sock.bind((host, port))
+                sock.bind(sockaddr(host, port))
                 self._size_socket(sock)
                 server = QuicServer(
                     configuration=config, create_protocol=create_protocol,

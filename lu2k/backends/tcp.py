@@ -36,6 +36,7 @@ from .base import (
     EXHAUSTION_ERRNOS, AcceptBackoff, AcceptCallback, Backend, BackendSettings, ExceptionMap, Listener, OutFrame, Transport,
     describe_exception, map_exceptions, option_int,
 )
+from .netpath import sockaddr
 
 log = structlog.get_logger("lu2k.backends.tcp")
 
@@ -304,7 +305,7 @@ class TcpBackend(Backend):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if self.socket_buffer:  # must be set before listen() to size the window scale
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.socket_buffer)
-                sock.bind((host, port))
+                sock.bind(sockaddr(host, port))
                 sock.listen(128)
                 sock.setblocking(False)
             except BaseException:
@@ -333,7 +334,7 @@ class TcpBackend(Backend):
                 self._tune(sock, conn_type)
                 sock.setblocking(False)
                 try:
-                    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
+                    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, sockaddr(host, port)), timeout)
                 except asyncio.TimeoutError:
                     raise ConnectTimeout(f"connect to {format_hostport(host, port)} timed out after {timeout:g}s") from None
             return TcpTransport(sock, self.settings.max_message_size)
