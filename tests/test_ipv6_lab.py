@@ -106,8 +106,11 @@ def exchange(src: Any, dst: Any, sizes: list[int], seed: int) -> None:
     assert rx.sources == {str(parse_nid(src.nid))}
 
 
-@pytest.mark.parametrize("backend", ["tcp", "quic", "udt"])
-def test_messages_both_ways_over_an_ipv6_lab_link_with_loss(backend: str, lab: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend, fec", [("tcp", None), ("quic", None), ("quic", "10%"), ("udt", None)],
+                         ids=["tcp", "quic", "quic-fec", "udt"])
+def test_messages_both_ways_over_an_ipv6_lab_link_with_loss(backend: str, fec: str | None, lab: Any, tmp_path: Path) -> None:
+    """With ``fec``, QUIC's datagrams are wrapped in FEC data frames and followed by repair
+    frames: both must fit the path as well."""
     problem = availability().get(backend)
     if problem is not None:
         pytest.skip(f"{backend} backend unavailable: {problem}")
@@ -116,6 +119,10 @@ def test_messages_both_ways_over_an_ipv6_lab_link_with_loss(backend: str, lab: A
     from lu2k.localpair import DaemonProcess, daemon_config
 
     options = site_options(lab, tmp_path) if backend == "quic" else {"a": {}, "b": {}}
+    if fec:
+        pytest.importorskip("zfec")
+        for side in options:
+            options[side]["fec"] = fec
     procs = {}
     for side in ("a", "b"):
         nid = f"{lab.address(side, ipv6=True)}@{backend}"
