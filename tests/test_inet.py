@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from pathlib import Path
 
 import pytest
 from hypothesis import given, strategies as st
@@ -115,11 +116,9 @@ def test_udt_wire_size_follows_the_route_unless_configured() -> None:
     assert udt_wire_mss(9000, V4, 9000, configured=True) == 9000
 
 
-def test_config_names_bad_ipv6_addresses_by_yaml_path(tmp_path: object) -> None:
+def test_config_names_bad_ipv6_addresses_by_yaml_path() -> None:
     """The daemon's config applies these checks: each bad address is reported at its YAML path,
     all of them in one error."""
-    from pathlib import Path
-
     from lu2k.localpair import daemon_config
     from lu2k.settings import parse_config
 
@@ -137,8 +136,6 @@ def test_config_names_bad_ipv6_addresses_by_yaml_path(tmp_path: object) -> None:
 
 
 def test_config_keeps_good_ipv6_addresses() -> None:
-    from pathlib import Path
-
     from lu2k.localpair import daemon_config
     from lu2k.settings import parse_config
 
@@ -153,8 +150,6 @@ def test_config_keeps_good_ipv6_addresses() -> None:
 def test_socklnd_lan_with_an_ipv6_nid_is_refused_at_its_path() -> None:
     """Kernel socklnd peers with IPv6 NIDs speak socklnd V4 (large NIDs), which lu2k's socklnd
     LAN does not: the config says so instead of failing at start."""
-    from pathlib import Path
-
     from lu2k.localpair import daemon_config
     from lu2k.settings import parse_config
 
@@ -163,3 +158,32 @@ def test_socklnd_lan_with_an_ipv6_nid_is_refused_at_its_path() -> None:
         parse_config(cfg)
     assert e.value.errors == ["net[0].local NI(s): fd00:6::1@tcp: the socklnd LAN speaks socklnd protocols V2/V3 with 64-bit "
                               "NIDs; IPv6 NIDs need V4, which lu2k's socklnd does not speak (give this net an IPv4 NID)"]
+
+
+def test_the_ipv6_page_examples_are_accepted(tmp_path: Path) -> None:
+    """docs/ipv6.md's example configurations pass the daemon's config checks as written (their
+    files put in a scratch directory), and their bad-address errors are the ones shown."""
+    import re
+
+    import yaml
+
+    from lu2k.settings import check_backends, parse_config
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "ipv6.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", page, re.S)
+    assert len(blocks) == 2
+    (tmp_path / "net.key").write_text("ipv6-docs-example-network-key\n")
+    for block in blocks:
+        data = yaml.safe_load(block.replace("/etc/lu2k/", f"{tmp_path}/"))
+        config = parse_config(data, source="docs/ipv6.md", base_dir=tmp_path)
+        assert all(":" in n.nid.host for n in config.nets)
+        assert not [p for p in check_backends(config) if "udt" in p and "unavailable" not in p]
+    shown = re.findall(r"^(?:net|peer)\[\d\]\.lu2k\.\S+: .*$", page, re.M)
+    assert len(shown) == 3
+    cfg = {"net": [{"net type": "tcp", "local NI(s)": [{"nid": "fd00:6::1@tcp"}],
+                    "lu2k": {"key": "k" * 32, "listen": "fd00::1::1"}}],
+           "peer": [{"primary nid": "fd00:6::2@tcp", "lu2k": {"address": "fd00:6::2:7988"}},
+                    {"primary nid": "fd00:6::3@tcp", "lu2k": {"address": "[fd00:6::3%eth0]:7988"}}]}
+    with pytest.raises(ConfigError) as e:
+        parse_config(cfg)
+    assert e.value.errors == shown

@@ -88,6 +88,7 @@ from ..wire import BufferFor, ConnType, Frame, FrameDecoder, HelloResult
 from .base import (
     AcceptCallback, Backend, BackendSettings, ExceptionMap, Listener, OutFrame, Transport, map_exceptions, option_int, option_seconds,
 )
+from .netpath import sockaddr
 
 # Where rds's socket errors become lu2k's (the send path decides EAGAIN/ENOBUFS congestion by errno).
 CONNECT_ERRORS: ExceptionMap = {OSError: ConnectError}
@@ -759,7 +760,7 @@ class RdsListener(Listener):
         except BackendUnavailable:
             return  # the connector times out; an acceptor has nobody to report to
         try:
-            sock.bind((self._host, 0))
+            sock.bind(sockaddr(self._host, 0))
             tx_size = tx_datagram_size(env.value, backend.send_limit(sock))
             sock.sendmsg([encode_envelope(Kind.ACCEPT, env.session, backend.datagram_size)], [], 0, peer)
         except (OSError, ConnectError):
@@ -846,7 +847,7 @@ class RdsBackend(Backend):
         sock = self.new_socket(family)
         try:
             with map_exceptions(CONNECT_ERRORS, f"cannot listen on rds {format_hostport(host, port)}"):
-                sock.bind((host, port))
+                sock.bind(sockaddr(host, port))
         except BaseException:
             sock.close()
             raise
@@ -861,7 +862,7 @@ class RdsBackend(Backend):
         session = int.from_bytes(os.urandom(4), "little") or 1
         try:
             with map_exceptions(CONNECT_ERRORS, f"cannot bind an RDS socket to {local}"):
-                sock.bind((local, 0))
+                sock.bind(sockaddr(local, 0))
             with map_exceptions(CONNECT_ERRORS, f"connect to rds {format_hostport(host, port)} failed"):
                 try:
                     peer, tx_size = await asyncio.wait_for(self._handshake(sock, host, port, session, conn_type), timeout)
@@ -879,7 +880,7 @@ class RdsBackend(Backend):
         hello = encode_envelope(Kind.CONNECT, session, self.datagram_size, int(conn_type))
         while True:
             try:
-                sock.sendmsg([hello], [], 0, (host, port))
+                sock.sendmsg([hello], [], 0, sockaddr(host, port))
                 break
             except (BlockingIOError, InterruptedError, OSError) as e:
                 if isinstance(e, OSError) and e.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EINTR):
