@@ -285,7 +285,7 @@ class QuicBackend(Backend):
 
     def _datagram_size(self, family: int, route_mtu: int | None = None) -> int:
         size = quic_datagram_size(family, route_mtu, self.max_datagram_size)
-        # FEC's data header rides in the same UDP datagram: QUIC gets that much less.
+        # FEC frames ride in the same UDP datagrams (a repair frame is the largest): QUIC gets that much less.
         return size - FEC_HEADER if self.fec.enabled else size
 
     def _configuration(self, *, is_client: bool, family: int, server_name: str | None = None,
