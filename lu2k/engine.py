@@ -42,6 +42,7 @@ from .core import (
     NodeParams, OutConn, OutMsg, Peer, PingDone, Resume, SendIn, Wake,
 )
 from .credits import Credits
+from .inet import format_hostport
 from .errors import (
     AuthenticationError, ConnectionClosed, FrameError, HandshakeError, LocalProtocolError, Lu2kError, NetworkError,
     NetworkTimeout, RemoteProtocolError, Status,
@@ -334,7 +335,7 @@ class Engine:
                                     max_message_size=nc.max_message_size, checksum=nc.checksum,
                                     typed_connections=backend.typed_connections, min_bulk=getattr(backend, "min_bulk", 1024)))
         self.nis[nc.net] = ni
-        log.info("net up", net=str(nc.net), nid=str(nc.nid), backend=nc.backend, listen=f"{host}:{ni.listener.address[1]}")
+        log.info("net up", net=str(nc.net), nid=str(nc.nid), backend=nc.backend, listen=format_hostport(host, ni.listener.address[1]))
         return ni
 
     async def remove_net(self, net: Net, reason: str) -> None:
@@ -817,7 +818,7 @@ class Engine:
             c, credits = ni.config, ni.credits
             out.append({
                 "net": str(ni.net), "nid": str(ni.nid), "status": "up", "backend": c.backend,
-                "listen": f"{ni.listener.address[0]}:{ni.listener.address[1]}" if ni.listener else None,
+                "listen": format_hostport(*ni.listener.address) if ni.listener else None,
                 "tunables": {"peer_timeout": c.peer_timeout, "peer_credits": c.peer_credits, "credits": c.credits},
                 "credits": {"tx": credits.limit - credits.in_use, "max_tx": credits.limit, "min_tx": credits.min_value},
                 "max_message_size": c.max_message_size,

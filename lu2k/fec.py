@@ -58,7 +58,9 @@ DATA_HDR = struct.Struct("<BHB")
 REPAIR_HDR = struct.Struct("<BHBBB")
 REPORT = struct.Struct("<BII")
 LEN = struct.Struct("<H")
-HEADER_OVERHEAD = DATA_HDR.size  # what a data datagram grows by: shrink the transport's MTU by this
+# What a datagram grows by under FEC: shrink the transport's MTU by this.  A data frame adds
+# DATA_HDR, but a repair frame is the group's largest datagram plus its length and REPAIR_HDR.
+HEADER_OVERHEAD = max(DATA_HDR.size, REPAIR_HDR.size + LEN.size)
 MAX_PIECES = 255  # zfec's m
 MAX_DATAGRAM = 65535 - REPAIR_HDR.size - LEN.size
 

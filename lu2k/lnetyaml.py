@@ -78,6 +78,7 @@ from .errors import ConfigError, NidError
 from .kernel_shim.config import ShimConfig
 from .nid import ADDR_IP, ExprList, Net, Nid, NidList, parse_expr_list, parse_net, parse_nid
 from .routing import Route
+from .inet import parse_host
 from .values import Problems, as_address, as_bool, as_float, as_int, as_port, as_str, parse_key, parse_rate
 
 SECTIONS = ("net", "route", "peer", "global", "routing", "buffers", "numa", "discovery", "ip2nets", "udsp", "lu2k")
@@ -343,7 +344,11 @@ def _lu2k_net(errs: Problems, where: str, value: Any) -> dict[str, Any]:
         v = _int(errs, f"{where}.max_message_size", m["max_message_size"], 0, 64 << 20)
         if v is not None:
             out["max_message_size"] = v
-    for k in ("listen", *PATH_KEYS):
+    if "listen" in m:
+        bind = errs.check(lambda: parse_host(m["listen"], f"{where}.listen", what="a bind address (an IP address such as 0.0.0.0, :: or fd00::1)"))
+        if bind is not None:
+            out["listen"] = str(bind)
+    for k in PATH_KEYS:
         if k in m:
             t = errs.check(lambda: as_str(m[k], f"{where}.{k}"))
             if t is not None:

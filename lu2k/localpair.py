@@ -4,6 +4,12 @@ Each daemon gets its own NID on the loopback net (127.0.0.1@tcp, 127.0.0.2@tcp, 
 Linux routes all of 127/8 to lo), its own shim and control sockets in a private directory,
 and a config derived from the embedded default, so the demo really runs "on the embedded
 defaults" with only the addresses changed.
+
+IPv6 has one loopback address, and Lustre refuses it (and link-local ones) as a NID.  So with
+IPv6 NIDs (``fd00::1@tcp``, ``fd00::2@tcp``, any routable addresses) every daemon listens on
+``::1`` on a port of its own, and each one's config names the others' ``[::1]:port`` as peer
+addresses (``peer: - primary nid: ... lu2k: {address: ...}``) -- what an operator writes when a
+NID's address is not where the peer is reached.
 """
 
 from __future__ import annotations
@@ -26,13 +32,31 @@ from typing import Any
 import yaml
 
 from .errors import Lu2kError, NetworkError
+from .inet import family_of, format_hostport
 from .settings import DEFAULT_CONFIG_YAML
 
 
+IPV6_LOOPBACK = "::1"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    with socket.socket(family_of(host)) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def ipv6_loopback_problem() -> str | None:
+    """None if this kernel can bind ``::1``, else why not (IPv6 disabled or compiled out)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind((IPV6_LOOPBACK, 0))
+    except OSError as e:
+        return f"no IPv6 loopback here: {e.strerror or e}"
+    return None
+
+
+def is_ipv6_nid(nid: str) -> bool:
+    return ":" in nid.rpartition("@")[0]
 
 
 def daemon_config(nid: str, port: int, workdir: Path, *, backend: str = "tcp", extra_net: dict[str, Any] | None = None,
@@ -125,14 +149,25 @@ class DaemonProcess:
 def daemons(nids: list[str], *, backend: str = "tcp", workdir: str | None = None, port: int | None = None,
             extra_net: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
             tunables: dict[str, Any] | None = None, start: bool = True) -> Iterator[list[DaemonProcess]]:
-    """Start one lu2kd per NID (all on one port, different loopback addresses)."""
+    """Start one lu2kd per NID: IPv4 NIDs all on one port at different loopback addresses,
+    IPv6 NIDs each on a port of its own at ``::1`` (see the module docstring)."""
     own = workdir is None
     wd = Path(workdir or tempfile.mkdtemp(prefix="lu2k-"))
+    v6 = [nid for nid in nids if is_ipv6_nid(nid)]
+    ports = {nid: free_port(IPV6_LOOPBACK) for nid in v6}  # UDP-based backends: the same number is free on udp too
     port = port or free_port()
     procs = []
     try:
         for nid in nids:
-            cfg = daemon_config(nid, port, wd, backend=backend, extra_net=extra_net, extra=extra, tunables=tunables)
+            net_extra = copy.deepcopy(extra_net or {})
+            more = copy.deepcopy(extra or {})
+            if nid in ports:
+                net_extra.update({"listen": IPV6_LOOPBACK})
+                peers = [{"primary nid": other, "lu2k": {"address": format_hostport(IPV6_LOOPBACK, ports[other])}}
+                         for other in v6 if other != nid]
+                more["peer"] = list(more.get("peer") or []) + peers
+            cfg = daemon_config(nid, ports.get(nid, port), wd, backend=backend, extra_net=net_extra, extra=more,
+                                tunables=tunables)
             name = nid.replace("@", "_")
             path = wd / f"{name}.yaml"
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -214,8 +214,11 @@ def _net_config(problems: Problems, where: str, net: Net, nid: Nid, tun: Mapping
     cfg = NetConfig(net=net, nid=nid, where=where)
     cfg.backend = str(lu.get("backend", "tcp"))
     lan = cfg.backend == "socklnd"  # kernel LNet nodes: LNet's acceptor port, no lu2k key
+    if lan and not nid.is_nid4:
+        problems.add(f"{where}.local NI(s)", f"{nid}: the socklnd LAN speaks socklnd protocols V2/V3 with 64-bit NIDs; "
+                                             "IPv6 NIDs need V4, which lu2k's socklnd does not speak (give this net an IPv4 NID)")
     cfg.port = int(lu.get("port", LNET_ACCEPTOR_PORT if lan else DEFAULT_PORT))
-    cfg.listen = lu.get("listen")
+    cfg.listen = lu.get("listen")  # checked (lu2k.inet.parse_host) and normalised by lnetyaml
     cfg.max_message_size = int(lu.get("max_message_size", DEFAULT_MAX_MESSAGE))
     cfg.checksum = bool(lu.get("checksum", False))
     cfg.key = b"" if lan and not ("key" in lu or "key_file" in lu) else _key(problems, f"{where}.lu2k", lu, base_dir)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from .errors import ConfigError
+from .inet import split_hostport
 
 T = TypeVar("T")
 
@@ -148,19 +149,9 @@ def as_port(value: object, where: str, *, allow_zero: bool = True) -> int:
 
 
 def as_address(value: object, where: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6addr]:port``, port 1..65535."""
-    text = as_str(value, where, what="an address host:port")
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-        if ":" in host:
-            raise ConfigError(f"{text!r}: write an IPv6 address as [addr]:port", where=where)
-    if not sep or not host:
-        raise ConfigError(f"{text!r} needs host:port", where=where)
-    if not port.isdigit():
-        raise ConfigError(f"{text!r}: port {port!r} is not a number", where=where)
-    return host, as_int(int(port), where, 1, 65535, what="a port number")
+    """``host:port`` or ``[v6addr]:port`` (zone only on a link-local address), port 1..65535;
+    see :func:`lu2k.inet.split_hostport`."""
+    return split_hostport(value, where)
 
 
 # --- rates -------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ Setup half of the backend (the data path is :mod:`lu2k.backends.quic_stream`).
   default when the site profile's RTT >= 200 ms or it has loss), ``rate`` (paced at ``rate``,
   capped at ``rate_cap``), or aioquic's ``cubic``/``reno``; see :mod:`lu2k.cc`.  Datagrams
   are full size (``max_datagram_size``, default 1472 for IPv4 / 1452 for IPv6, i.e. a
-  1500-byte MTU; aioquic's 1200 would cost ~20 % on the wire).  Flow-control windows and the
+  1500-byte MTU, less on the connecting side where the route's MTU is lower (see
+  :mod:`lu2k.inet`); aioquic's 1200 would cost ~20 % on the wire).  Flow-control windows and the
   send buffer follow the profile's bandwidth-delay product; the initial RTT is the profile's.
 * **Reconnects.**  Session tickets are kept per peer address (bounded); a reconnect resumes
   the TLS session, and with ``zero_rtt: true`` (default) the hello goes out as 0-RTT data.
@@ -67,7 +68,9 @@ from ..errors import (
 )
 from ..values import parse_rate
 from ..wire import ConnType
+from ..inet import family_of, format_hostport, quic_datagram_size, wildcard
 from .base import AcceptCallback, Backend, BackendSettings, ExceptionMap, Listener, Transport, map_exceptions
+from .netpath import route_mtu, sockaddr
 from .quic_udp import BatchedUdpEndpoint
 from .quic_stream import (
     APP_AUTH_REJECTED, APP_NO_ERROR, APP_PROTOCOL_ERROR, Lu2kQuicProtocol, StreamOptions,
@@ -280,17 +283,18 @@ class QuicBackend(Backend):
         except (ValueError, TypeError, OSError) as e:
             raise ConfigError(f"cannot load the site certificate/key: {e}", where=self._where) from None
 
-    def _datagram_size(self, family: int) -> int:
-        size = self.max_datagram_size or (1452 if family == socket.AF_INET6 else 1472)
-        # FEC's data header rides in the same UDP datagram: QUIC gets that much less.
+    def _datagram_size(self, family: int, route_mtu: int | None = None) -> int:
+        size = quic_datagram_size(family, route_mtu, self.max_datagram_size)
+        # FEC frames ride in the same UDP datagrams (a repair frame is the largest): QUIC gets that much less.
         return size - FEC_HEADER if self.fec.enabled else size
 
-    def _configuration(self, *, is_client: bool, family: int, server_name: str | None = None) -> QuicConfiguration:
+    def _configuration(self, *, is_client: bool, family: int, server_name: str | None = None,
+                       route_mtu: int | None = None) -> QuicConfiguration:
         config = QuicConfiguration(
             is_client=is_client,
             alpn_protocols=[ALPN],
             congestion_control_algorithm=self.algorithm,
-            max_datagram_size=self._datagram_size(family),
+            max_datagram_size=self._datagram_size(family, route_mtu),
             idle_timeout=self.idle_timeout,
             initial_rtt=self.rtt,
             max_data=self.flow_window,
@@ -338,7 +342,7 @@ class QuicBackend(Backend):
     # --- listen -----------------------------------------------------------------------------------
 
     async def listen(self, host: str, port: int, on_accept: AcceptCallback) -> Listener:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        family = family_of(host)
         config = self._configuration(is_client=False, family=family)
 
         def on_connected(protocol: Lu2kQuicProtocol) -> None:
@@ -358,10 +362,10 @@ class QuicBackend(Backend):
             self._protocols.add(protocol)
             return protocol
 
-        with map_exceptions(SOCKET_ERRORS, f"cannot listen on udp {host}:{port}"):
+        with map_exceptions(SOCKET_ERRORS, f"cannot listen on udp {format_hostport(host, port)}"):
             sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
-                sock.bind((host, port))
+                sock.bind(sockaddr(host, port))
                 self._size_socket(sock)
                 server = QuicServer(
                     configuration=config, create_protocol=create_protocol,
@@ -415,8 +419,10 @@ class QuicBackend(Backend):
         with map_exceptions(SOCKET_ERRORS, f"cannot resolve {host}"):
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         family, _, _, _, addr = infos[0]
-        server_name = self.server_name or host
-        config = self._configuration(is_client=True, family=family, server_name=server_name)
+        server_name = self.server_name or host.partition("%")[0]
+        # Datagrams sized by the route's MTU where the kernel knows it (never above 1500).
+        mtu = route_mtu(host if "%" in host else str(addr[0]), port)  # no I/O on the wire, no blocking
+        config = self._configuration(is_client=True, family=family, server_name=server_name, route_mtu=mtu)
         key = (host, port)
         stored = self._client_tickets.get(key)
         ticket, resumed_binding = stored if stored is not None else (None, b"")
@@ -438,10 +444,10 @@ class QuicBackend(Backend):
 
         quic = QuicConnection(configuration=config, session_ticket_handler=store_ticket)
         self._tune(quic)
-        with map_exceptions(SOCKET_ERRORS, f"cannot open a UDP socket for {host}:{port}"):
+        with map_exceptions(SOCKET_ERRORS, f"cannot open a UDP socket for {format_hostport(host, port)}"):
             sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
-                sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
+                sock.bind((wildcard(family), 0))
                 # Connected, so the kernel reports ICMP port-unreachable: "nobody listens" fails
                 # the connect at once instead of after the timeout.
                 sock.connect(addr)
@@ -451,7 +457,7 @@ class QuicBackend(Backend):
             except BaseException:
                 sock.close()
                 raise
-        protocol.peer = f"{host}:{port}"
+        protocol.peer = format_hostport(host, port)
         self._protocols.add(protocol)
         self._endpoints.append(endpoint)
         protocol.connect(addr)
@@ -465,7 +471,7 @@ class QuicBackend(Backend):
         except asyncio.TimeoutError:
             protocol.close_connection(APP_NO_ERROR, "connect timeout")
             endpoint.close()
-            raise ConnectTimeout(f"no QUIC handshake with {host}:{port} within {timeout:g} s") from None
+            raise ConnectTimeout(f"no QUIC handshake with {format_hostport(host, port)} within {timeout:g} s") from None
         except Lu2kError:
             endpoint.close()
             raise
@@ -487,7 +493,7 @@ class QuicBackend(Backend):
     def describe(self) -> dict[str, Any]:
         return {
             "congestion": self.congestion, "aioquic_algorithm": self.algorithm, "alpn": ALPN,
-            "max_datagram_size": self.max_datagram_size or "1472 (IPv4) / 1452 (IPv6)",
+            "max_datagram_size": self.max_datagram_size or "1472 (IPv4) / 1452 (IPv6), less where the route's MTU is lower",
             "mtls": self.mtls, "verify_server": bool(self.ca), "idle_timeout": self.idle_timeout,
             "keepalive": self.keepalive, "dead_timeout": self.dead_timeout, "socket_buffer": self.socket_buffer,
             "max_streams": self.max_streams, "send_buffer": self.send_buffer,

@@ -51,6 +51,7 @@ import hashlib
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from ..inet import format_hostport
 from ..errors import ConnectError, FrameError, Lu2kError, ReadError, WriteError
 from ..wire import HELLO_FRAMES, BufferFor, Frame, FrameDecoder, FrameHeader, FrameType, HelloResult
 from .base import OutFrame, Transport
@@ -445,7 +446,7 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
             return
         self._last_receive = self._loop.time()
         if self.peer == "?" and isinstance(addr, tuple):
-            self.peer = f"{addr[0]}:{addr[1]}"
+            self.peer = format_hostport(str(addr[0]), int(addr[1]))
         super().datagram_received(data, addr)
         if self.transport_obj is not None:
             self.transport_obj.on_progress()

@@ -83,10 +83,12 @@ from ..errors import (
     WriteError,
 )
 from ..crypto import FrameCodec, SealedDecoder
+from ..inet import family_of, format_hostport
 from ..wire import BufferFor, ConnType, Frame, FrameDecoder, HelloResult
 from .base import (
     AcceptCallback, Backend, BackendSettings, ExceptionMap, Listener, OutFrame, Transport, map_exceptions, option_int, option_seconds,
 )
+from .netpath import sockaddr
 
 # Where rds's socket errors become lu2k's (the send path decides EAGAIN/ENOBUFS congestion by errno).
 CONNECT_ERRORS: ExceptionMap = {OSError: ConnectError}
@@ -293,6 +295,20 @@ def _resolver(fut: "asyncio.Future[None]") -> Any:
     return resolve
 
 
+def rds_socket(family: int = socket.AF_INET) -> socket.socket:
+    """An AF_RDS socket whose addresses are ``family``'s.
+
+    RDS over IPv6 (Linux >= 4.19) takes ``sockaddr_in6`` in bind/sendmsg and gives it back from
+    recvmsg/getsockname.  Python's socket module turns address tuples into ``sockaddr_in``
+    for AF_RDS whatever their form, so for IPv6 the RDS descriptor is wrapped in a socket
+    object *of family AF_INET6*: Python then builds ``sockaddr_in6`` (scope id included) for
+    the very same kernel socket, and reads the kernel's addresses by their own family."""
+    sock = socket.socket(socket.AF_RDS, socket.SOCK_SEQPACKET, 0)
+    if family != socket.AF_INET6:
+        return sock
+    return socket.socket(socket.AF_INET6, socket.SOCK_SEQPACKET, 0, fileno=sock.detach())
+
+
 def rds_unavailable_reason() -> str | None:
     """None if this kernel gives AF_RDS sockets, else why not."""
     try:
@@ -328,7 +344,7 @@ def rds_info_messages(sock: socket.socket, which: int) -> list[QueuedMessage]:
 
 def source_address_for(host: str, port: int) -> str:
     """The local IP the routing table would use to reach ``host`` (no packet is sent)."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe = socket.socket(family_of(host), socket.SOCK_DGRAM)
     try:
         probe.connect((host, port or 9))
         return str(probe.getsockname()[0])
@@ -355,7 +371,7 @@ class RdsTransport(Transport):
         self._tx_size = tx_size
         self._tx_body = tx_size - ENVELOPE_SIZE
         self._rx_size = backend.datagram_size
-        self._codec = FrameCodec(backend.settings.max_message_size, f"rds:{peer[0]}:{peer[1]}")
+        self._codec = FrameCodec(backend.settings.max_message_size, f"rds:{format_hostport(*peer)}")
         self._env = bytearray(ENVELOPE_SIZE)
         self._scratch = bytearray(self._rx_size)
         self._tx_seq = 0
@@ -382,7 +398,7 @@ class RdsTransport(Transport):
 
     @property
     def peer_address(self) -> str:
-        return f"rds:{self._peer[0]}:{self._peer[1]}"
+        return f"rds:{format_hostport(*self._peer)}"
 
     def set_buffer_for(self, buffer_for: BufferFor | None) -> None:
         self._codec.set_buffer_for(buffer_for)
@@ -431,7 +447,7 @@ class RdsTransport(Transport):
             await asyncio.shield(self._close_task)
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counters, "datagram_size": self._tx_size, "local": f"{self._local[0]}:{self._local[1]}",
+        return {**self.counters, "datagram_size": self._tx_size, "local": format_hostport(*self._local),
                 "close": self.drain_result}
 
     # -- sending --
@@ -536,7 +552,7 @@ class RdsTransport(Transport):
                     await self._wait_readable()
                     continue
             if flags & socket.MSG_TRUNC:
-                raise FrameError(f"RDS datagram from {addr[0]}:{addr[1]} larger than the {self._rx_size} bytes announced")
+                raise FrameError(f"RDS datagram from {format_hostport(addr[0], addr[1])} larger than the {self._rx_size} bytes announced")
             if tuple(addr[:2]) != self._peer:
                 self.counters["stray_datagrams"] += 1
                 continue
@@ -740,11 +756,11 @@ class RdsListener(Listener):
     def _accept(self, peer: tuple[str, int], env: Envelope) -> None:
         backend = self._backend
         try:
-            sock = backend.new_socket()
+            sock = backend.new_socket(self._sock.family)
         except BackendUnavailable:
             return  # the connector times out; an acceptor has nobody to report to
         try:
-            sock.bind((self._host, 0))
+            sock.bind(sockaddr(self._host, 0))
             tx_size = tx_datagram_size(env.value, backend.send_limit(sock))
             sock.sendmsg([encode_envelope(Kind.ACCEPT, env.session, backend.datagram_size)], [], 0, peer)
         except (OSError, ConnectError):
@@ -790,10 +806,11 @@ class RdsBackend(Backend):
     def probe() -> str | None:
         return rds_unavailable_reason()
 
-    def new_socket(self) -> socket.socket:
+    def new_socket(self, family: int = socket.AF_INET) -> socket.socket:
+        """An RDS socket for ``family``'s addresses (see :func:`rds_socket`)."""
         with in_netns(self.netns):
             try:
-                sock = socket.socket(socket.AF_RDS, socket.SOCK_SEQPACKET, 0)
+                sock = rds_socket(family)
             except OSError as e:
                 raise BackendUnavailable(f"cannot create an RDS socket: {e.strerror or e} (modprobe rds_tcp)") from None
         for opt, force in ((socket.SO_SNDBUF, 32), (socket.SO_RCVBUF, 33)):  # SO_SNDBUFFORCE/SO_RCVBUFFORCE
@@ -814,42 +831,43 @@ class RdsBackend(Backend):
         task.add_done_callback(self._tasks.discard)
 
     @staticmethod
-    def _check_host(host: str) -> None:
+    def _check_host(host: str) -> int:
+        """The address family of ``host``, an IPv4 or IPv6 literal RDS can bind (not the
+        any-address; no zone: link-local addresses are not NIDs)."""
         try:
             addr = ipaddress.ip_address(host)
         except ValueError:
-            raise ConnectError(f"RDS needs an IPv4 address, not {host!r}") from None
-        if addr.version != 4:
-            raise ConnectError(f"the rds backend supports IPv4 only, not {host}")
+            raise ConnectError(f"RDS needs an IPv4 or IPv6 address, not {host!r}") from None
         if addr.is_unspecified:
-            raise ConnectError("RDS sockets bind one local address; 0.0.0.0 is not one (give the NI's address)")
+            raise ConnectError(f"RDS sockets bind one local address; {host} is not one (give the NI's address)")
+        return socket.AF_INET6 if addr.version == 6 else socket.AF_INET
 
     async def listen(self, host: str, port: int, on_accept: AcceptCallback) -> Listener:
-        self._check_host(host)
-        sock = self.new_socket()
+        family = self._check_host(host)
+        sock = self.new_socket(family)
         try:
-            with map_exceptions(CONNECT_ERRORS, f"cannot listen on rds {host}:{port}"):
-                sock.bind((host, port))
+            with map_exceptions(CONNECT_ERRORS, f"cannot listen on rds {format_hostport(host, port)}"):
+                sock.bind(sockaddr(host, port))
         except BaseException:
             sock.close()
             raise
         return RdsListener(self, sock, host, on_accept)
 
     async def connect(self, host: str, port: int, conn_type: ConnType, timeout: float) -> Transport:
-        self._check_host(host)
-        with map_exceptions(CONNECT_ERRORS, f"no route to rds {host}:{port}"):
+        family = self._check_host(host)
+        with map_exceptions(CONNECT_ERRORS, f"no route to rds {format_hostport(host, port)}"):
             with in_netns(self.netns):
                 local = self.local_address or source_address_for(host, port)
-        sock = self.new_socket()
+        sock = self.new_socket(family)
         session = int.from_bytes(os.urandom(4), "little") or 1
         try:
             with map_exceptions(CONNECT_ERRORS, f"cannot bind an RDS socket to {local}"):
-                sock.bind((local, 0))
-            with map_exceptions(CONNECT_ERRORS, f"connect to rds {host}:{port} failed"):
+                sock.bind(sockaddr(local, 0))
+            with map_exceptions(CONNECT_ERRORS, f"connect to rds {format_hostport(host, port)} failed"):
                 try:
                     peer, tx_size = await asyncio.wait_for(self._handshake(sock, host, port, session, conn_type), timeout)
                 except asyncio.TimeoutError:
-                    raise ConnectTimeout(f"rds {host}:{port} did not answer within {timeout:g} s (no listener there?)") from None
+                    raise ConnectTimeout(f"rds {format_hostport(host, port)} did not answer within {timeout:g} s (no listener there?)") from None
         except BaseException:
             sock.close()
             raise
@@ -862,7 +880,7 @@ class RdsBackend(Backend):
         hello = encode_envelope(Kind.CONNECT, session, self.datagram_size, int(conn_type))
         while True:
             try:
-                sock.sendmsg([hello], [], 0, (host, port))
+                sock.sendmsg([hello], [], 0, sockaddr(host, port))
                 break
             except (BlockingIOError, InterruptedError, OSError) as e:
                 if isinstance(e, OSError) and e.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EINTR):

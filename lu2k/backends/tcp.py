@@ -29,12 +29,14 @@ import structlog
 
 from ..crypto import INLINE_MAX, FrameCodec
 from ..errors import ConfigError, ConnectError, ConnectionClosed, ConnectTimeout, ReadError, WriteError
+from ..inet import family_of, format_hostport
 from ..ratelimit import LogLimiter
 from ..wire import BufferFor, ConnType, Frame, HelloResult
 from .base import (
     EXHAUSTION_ERRNOS, AcceptBackoff, AcceptCallback, Backend, BackendSettings, ExceptionMap, Listener, OutFrame, Transport,
     describe_exception, map_exceptions, option_int,
 )
+from .netpath import sockaddr
 
 log = structlog.get_logger("lu2k.backends.tcp")
 
@@ -68,7 +70,7 @@ class TcpTransport(Transport):
         self._loop = asyncio.get_running_loop()
         try:
             peer = sock.getpeername()
-            self._peer = f"{peer[0]}:{peer[1]}"
+            self._peer = format_hostport(str(peer[0]), int(peer[1]))
         except OSError:
             self._peer = "?"
         self._codec = FrameCodec(max_payload, self._peer)
@@ -237,7 +239,7 @@ class TcpListener(Listener):
         self._loop.remove_reader(self._sock.fileno())
         self._resume = self._loop.call_later(delay, self._watch)
         if (n := self.limiter.allow("accept", time.monotonic())) is not None:
-            log.warning("accept failed; pausing the listener", address=f"{self.address[0]}:{self.address[1]}",
+            log.warning("accept failed; pausing the listener", address=format_hostport(*self.address),
                         error=describe_exception(error), pause_s=delay, suppressed=n)
 
     def _watch(self) -> None:
@@ -296,17 +298,14 @@ class TcpBackend(Backend):
             except OSError as e:
                 raise ConfigError(f"cannot set congestion control {self.congestion!r}: {e.strerror}", where=f"net {self.settings.net}") from None
 
-    def _family(self, host: str) -> socket.AddressFamily:
-        return socket.AF_INET6 if ":" in host else socket.AF_INET
-
     async def listen(self, host: str, port: int, on_accept: AcceptCallback) -> Listener:
-        with map_exceptions(LISTEN_ERRORS, f"cannot listen on {host}:{port}"):
-            sock = socket.socket(self._family(host), socket.SOCK_STREAM)
+        with map_exceptions(LISTEN_ERRORS, f"cannot listen on {format_hostport(host, port)}"):
+            sock = socket.socket(family_of(host), socket.SOCK_STREAM)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if self.socket_buffer:  # must be set before listen() to size the window scale
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.socket_buffer)
-                sock.bind((host, port))
+                sock.bind(sockaddr(host, port))
                 sock.listen(128)
                 sock.setblocking(False)
             except BaseException:
@@ -327,17 +326,17 @@ class TcpBackend(Backend):
         task.add_done_callback(self._tasks.discard)
 
     async def connect(self, host: str, port: int, conn_type: ConnType, timeout: float) -> Transport:
-        what = f"connect to {host}:{port} failed"
+        what = f"connect to {format_hostport(host, port)} failed"
         with map_exceptions(CONNECT_ERRORS, what):
-            sock = socket.socket(self._family(host), socket.SOCK_STREAM)
+            sock = socket.socket(family_of(host), socket.SOCK_STREAM)
         try:
             with map_exceptions(CONNECT_ERRORS, what):
                 self._tune(sock, conn_type)
                 sock.setblocking(False)
                 try:
-                    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
+                    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, sockaddr(host, port)), timeout)
                 except asyncio.TimeoutError:
-                    raise ConnectTimeout(f"connect to {host}:{port} timed out after {timeout:g}s") from None
+                    raise ConnectTimeout(f"connect to {format_hostport(host, port)} timed out after {timeout:g}s") from None
             return TcpTransport(sock, self.settings.max_message_size)
         except BaseException:
             sock.close()

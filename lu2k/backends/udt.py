@@ -50,9 +50,11 @@ from ..errors import (
     ConfigError, ConnectError, ConnectionClosed, ConnectTimeout, FrameError, HandshakeError, LocalProtocolError,
     Lu2kError, ReadError, WriteError,
 )
+from ..inet import family_of, format_hostport, udt_mss_for, udt_wire_mss, wildcard
 from ..wire import BASE_SIZE, BufferFor, ConnType, Frame, FrameHeader, FrameType, decode_header, peek_header_size
 from . import udt_proto as proto
 from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport
+from .netpath import route_mtu
 from .udt_tunables import UdtTuning, tune
 
 T = TypeVar("T")
@@ -83,7 +85,7 @@ def _udt_code(e: BaseException) -> int:
 
 
 def _family(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
+    return family_of(host)
 
 
 def _in_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., T], *args: Any, name: str) -> "asyncio.Future[T]":
@@ -116,10 +118,12 @@ def _in_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., T], *args: Any
 # --- socket set-up (blocking helpers, run in threads) -------------------------------------------
 
 
-def _new_socket(tuning: UdtTuning, family: int) -> int:
+def _new_socket(tuning: UdtTuning, family: int, wire_mss: int | None = None) -> int:
+    """A tuned UDT socket whose packets are at most ``wire_mss`` (default ``tuning.mss``)
+    bytes on the wire, IPv4 or IPv6."""
     u = _udtcore.socket(family)
     try:
-        _udtcore.setsockopt(u, "mss", tuning.mss)
+        _udtcore.setsockopt(u, "mss", udt_mss_for(wire_mss or tuning.mss, family))
         _udtcore.setsockopt(u, "fc", tuning.flight_window)  # before RCVBUF: UDT caps RCVBUF at FC
         _udtcore.setsockopt(u, "sndbuf", tuning.buffer)
         _udtcore.setsockopt(u, "rcvbuf", tuning.buffer)
@@ -532,14 +536,14 @@ class UdtBackend(Backend):
                 _udtcore.close(u)  # too many half-open connections: shed load
                 continue
             threading.Thread(
-                target=self._acceptor_handshake, args=(u, f"{host}:{port}", loop, on_accept, listener),
+                target=self._acceptor_handshake, args=(u, format_hostport(host, port), loop, on_accept, listener),
                 name=f"udt-hs-{u}", daemon=True,
             ).start()
 
     def _rendezvous_loop(self, listener: UdtListener, host: str, port: int, peer: tuple[str, int],
                          loop: asyncio.AbstractEventLoop, on_accept: AcceptCallback) -> None:
         """Keep one rendezvous connection up towards ``peer``, acting as its acceptor."""
-        peer_text = f"{peer[0]}:{peer[1]}"
+        peer_text = format_hostport(*peer)
         while not listener.closed:
             try:
                 u = _new_socket(self.tuning, _family(host))
@@ -598,7 +602,7 @@ class UdtBackend(Backend):
         try:
             u, address = await _in_thread(loop, setup, name="udt-listen")
         except (UDTError, ValueError) as e:
-            raise ConnectError(f"cannot listen on {host}:{port} with UDT: {_udt_message(e)}") from None
+            raise ConnectError(f"cannot listen on {format_hostport(host, port)} with UDT: {_udt_message(e)}") from None
         listener = UdtListener(self, u, address)
         self._listeners.add(listener)
         threading.Thread(target=self._accept_loop, args=(listener, loop, on_accept), name=f"udt-accept-{address[1]}", daemon=True).start()
@@ -611,17 +615,22 @@ class UdtBackend(Backend):
             addr = str(infos[0][4][0])
         except (OSError, IndexError) as e:
             raise ConnectError(f"cannot resolve {host!r}: {e}") from None
-        peer = f"{host}:{port}"
+        if "%" in host:
+            addr = host  # an IPv6 link-local address keeps its zone (getaddrinfo's text drops it)
+        peer = format_hostport(host, port)
         tuning = self.tuning
         state: dict[str, int] = {}
+        # Packets sized by the route's MTU where the kernel knows a lower one (an explicit
+        # ``mss`` option is taken as given); libudt agrees the smaller of both ends' sizes.
+        wire_mss = udt_wire_mss(tuning.mss, _family(addr), route_mtu(addr, port), configured="mss" in self.settings.options)
 
         def dial() -> tuple[proto.Sealer, proto.Opener]:
-            u = _new_socket(tuning, _family(addr))
+            u = _new_socket(tuning, _family(addr), wire_mss)
             state["u"] = u
             if tuning.rendezvous:
                 _udtcore.setsockopt(u, "reuseaddr", 1)
                 _udtcore.setsockopt(u, "rendezvous", 1)
-                _udtcore.bind(u, "::" if ":" in addr else "0.0.0.0", tuning.rendezvous_port)
+                _udtcore.bind(u, wildcard(_family(addr)), tuning.rendezvous_port)
             _udtcore.connect(u, addr, port)
             return _exchange_preamble(u, tuning, True, self.settings.key, peer)
 

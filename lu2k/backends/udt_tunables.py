@@ -14,7 +14,9 @@ Config keys (a net's ``lu2k.options`` when its backend is ``udt``), all optional
                         max(0.10, 4 x profile loss))
 ``rtt_slack``           queueing delay tolerated, as a fraction of the minimum RTT (default 0.2)
 ``min_rto_ms``          floor of UDT's retransmission timeout under lu2k-rate (default 300)
-``mss``                 UDT packet size including IP/UDP headers (default 1500, 576..65536)
+``mss``                 UDT packet size including IP/UDP headers (default 1500, or the route's MTU
+                        where the kernel knows a lower one; 576..65536; the same on the wire over
+                        IPv6, see :func:`lu2k.inet.udt_mss_for`)
 ``buffer``              UDT send/receive buffer bytes (default max(8 x BDP, 2 x largest frame, 8 MiB))
 ``flight_window``       UDT flight window, packets (default: the buffer in packets)
 ``udp_buffer``          UDP socket buffer bytes (default min(BDP, 4 MiB); the kernel may clamp)
@@ -44,12 +46,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from ..inet import format_hostport, split_hostport
 from ..wire import MAX_HEADER_SIZE
 from .base import BackendSettings
 from .udt_proto import CIPHERS, TAG_SIZE, check_cipher
 
 CCS = ("lu2k-rate", "udt")
-UDT_HEADERS = 28 + 16  # IPv4 + UDP, then UDT's own data header
+UDT_HEADERS = 28 + 16  # IPv4 + UDP, then UDT's own data header (IPv6: 20 more, see lu2k.inet)
 MIN_BUFFER = 8 << 20
 MAX_UDP_BUFFER = 4 << 20
 
@@ -89,7 +92,7 @@ class UdtTuning:
             out["pacing"] = f"{target / 1e6:g} Mbit/s" if target else "probing"
         if self.rendezvous:
             out["rendezvous_port"] = self.rendezvous_port
-            out["rendezvous_peers"] = [f"{h}:{p}" for h, p in self.rendezvous_peers]
+            out["rendezvous_peers"] = [format_hostport(h, p) for h, p in self.rendezvous_peers]
         return out
 
 
@@ -103,13 +106,10 @@ def _num(opts: dict[str, Any], key: str, default: float, where: str, lo: float, 
 
 
 def _host_port(text: Any, where: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6addr]:port`` (:func:`lu2k.inet.split_hostport`)."""
     if not isinstance(text, str) or ":" not in text:
         raise ConfigError(f"expected 'host:port', got {text!r}", where=where)
-    host, _, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"expected 'host:port' with a port 1..65535, got {text!r}", where=where)
-    return host, int(port)
+    return split_hostport(text, where)
 
 
 def tune(settings: BackendSettings) -> UdtTuning:

@@ -14,6 +14,7 @@
 #include <Python.h>
 
 #include <arpa/inet.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -74,10 +75,30 @@ static bool make_addr(const char* host, int port, sockaddr_storage* ss, int* len
         *len = sizeof(sockaddr_in);
         return true;
     }
+    // IPv6, with an optional zone for link-local addresses: "fe80::1%eth0" or "fe80::1%2".
+    std::string text(host), zone;
+    size_t pct = text.find('%');
+    if (pct != std::string::npos) {
+        zone = text.substr(pct + 1);
+        text.resize(pct);
+    }
     sockaddr_in6* a6 = reinterpret_cast<sockaddr_in6*>(ss);
-    if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+    if (inet_pton(AF_INET6, text.c_str(), &a6->sin6_addr) == 1) {
         a6->sin6_family = AF_INET6;
         a6->sin6_port = htons(uint16_t(port));
+        if (!zone.empty()) {
+            unsigned idx = if_nametoindex(zone.c_str());
+            if (idx == 0) {
+                char* end = nullptr;
+                unsigned long n = std::strtoul(zone.c_str(), &end, 10);
+                if (end == zone.c_str() || *end != '\0' || n == 0 || n > 0xffffffffUL) {
+                    PyErr_Format(PyExc_ValueError, "'%s': no interface '%s' for the zone", host, zone.c_str());
+                    return false;
+                }
+                idx = unsigned(n);
+            }
+            a6->sin6_scope_id = idx;
+        }
         *len = sizeof(sockaddr_in6);
         return true;
     }
