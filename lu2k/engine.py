@@ -822,6 +822,7 @@ class Engine:
                 "credits": {"tx": credits.limit - credits.in_use, "max_tx": credits.limit, "min_tx": credits.min_value},
                 "max_message_size": c.max_message_size,
                 "profile": {k: v for k, v in vars(c.profile).items() if v is not None},
+                "derived": dict(c.derived),  # what the profile set because the config did not
                 "backend_settings": ni.backend.describe(),
             })
         return out

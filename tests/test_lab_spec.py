@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from lu2k.errors import ConfigError
+from lu2k.settings import TYPICAL_MESSAGE, LinkProfile, derive_link_defaults
 from lu2k.lab.spec import (
-    MIN_QUEUE_BYTES, GilbertElliott, LinkSpec, build_specs, format_rate, parse_fraction, parse_rate, parse_size, parse_time,
+    PROFILES, MIN_QUEUE_BYTES, GilbertElliott, LinkSpec, build_specs, format_rate, parse_fraction, parse_rate, parse_size, parse_time,
 )
 
 
@@ -134,3 +135,21 @@ def test_rtt_range_and_reconfiguration_errors_name_the_option() -> None:
         build_specs("custom", rate="10mbit", rtt="1ms", outage="1ms", option_prefix="--second-")
     with pytest.raises(ConfigError, match="reconfig"):
         LinkSpec(outage_s=0.1)
+
+
+@pytest.mark.parametrize("name", [p for p in PROFILES if p != "custom"])
+def test_a_profile_alone_derives_windows_that_fill_the_link(name: str) -> None:
+    """A net with only a site profile (no credits, no windows) gets at least one BDP in flight.
+
+    The lab's profile is given to the daemons as its provisioning RTT (the largest) and rate,
+    which is what an operator writes; the derived peer credits times the message size they are
+    sized for, the window and the socket buffers must each hold the link's BDP.
+    """
+    ab, _ = build_specs(name)
+    profile = LinkProfile(rtt_ms=ab.rtt_s * 1e3, rate_mbit=ab.rate_bps / 1e6)
+    d = derive_link_defaults(profile)
+    bdp = ab.rate_bps * ab.rtt_s / 8
+    assert d["bdp_bytes"] == pytest.approx(bdp, rel=0.01)
+    assert d["peer_credits"] * TYPICAL_MESSAGE >= bdp
+    assert d["window_bytes"] >= bdp and d["socket_buffer"] >= bdp
+    assert d["credits"] >= d["peer_credits"]  # the NI's credits never cap one peer below its share
