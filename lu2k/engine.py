@@ -332,7 +332,9 @@ class Engine:
             raise
         self.core.add_net(NetParams(nc.nid, nc.port, credits=nc.credits, peer_credits=nc.peer_credits,
                                     max_message_size=nc.max_message_size, checksum=nc.checksum,
-                                    typed_connections=backend.typed_connections, min_bulk=getattr(backend, "min_bulk", 1024)))
+                                    typed_connections=backend.typed_connections, min_bulk=getattr(backend, "min_bulk", 1024),
+                                    # Bytes past the link bounded to the profile's window (core.fairq); none without one.
+                                    peer_window_bytes=int(nc.derived.get("window_bytes", 0))))
         self.nis[nc.net] = ni
         log.info("net up", net=str(nc.net), nid=str(nc.nid), backend=nc.backend, listen=f"{host}:{ni.listener.address[1]}")
         return ni
