@@ -149,7 +149,7 @@ def test_short_run_every_message_once(daemons_dir: Path) -> None:
 @needs_root
 @pytest.mark.netns
 def test_saturating_endpoint_is_pushed_back_and_paced_one_stays_near_its_floor(daemons_dir: Path) -> None:
-    """Issue 15 section 1, under saturation: one endpoint offers far more than the link, a
+    """Under saturation: one endpoint offers far more than the link, a
     second (paced, below its fair share) shares the peer.  The saturating one must be pushed
     back (its sends block); the paced one's tail may grow by lu2k's bounded queue -- the
     profile's window, two BDPs -- and a round trip, not by the saturating backlog (1024
