@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lu2k.errors import ConfigError
-from lu2k.settings import TYPICAL_MESSAGE, LinkProfile, derive_link_defaults
+from lu2k.settings import SMALL_MESSAGE, TYPICAL_MESSAGE, LinkProfile, derive_link_defaults
 from lu2k.lab.spec import (
     PROFILES, MIN_QUEUE_BYTES, GilbertElliott, LinkSpec, build_specs, format_rate, parse_fraction, parse_rate, parse_size, parse_time,
 )
@@ -151,5 +151,6 @@ def test_a_profile_alone_derives_windows_that_fill_the_link(name: str) -> None:
     bdp = ab.rate_bps * ab.rtt_s / 8
     assert d["bdp_bytes"] == pytest.approx(bdp, rel=0.01)
     assert d["peer_credits"] * TYPICAL_MESSAGE >= bdp
+    assert d["peer_credits"] * SMALL_MESSAGE >= min(bdp, 4096 * SMALL_MESSAGE)  # small messages too, up to the cap
     assert d["window_bytes"] >= bdp and d["socket_buffer"] >= bdp
     assert d["credits"] >= d["peer_credits"]  # the NI's credits never cap one peer below its share
