@@ -58,7 +58,11 @@ DATA_HDR = struct.Struct("<BHB")
 REPAIR_HDR = struct.Struct("<BHBBB")
 REPORT = struct.Struct("<BII")
 LEN = struct.Struct("<H")
-HEADER_OVERHEAD = DATA_HDR.size  # what a data datagram grows by: shrink the transport's MTU by this
+# What a transport's datagram size must shrink by so that every FEC frame fits the path MTU: a
+# repair frame is the largest (its header, plus the length prefix of the longest datagram of its
+# group), 4 bytes more than a data frame's header.  Shrinking by the data header alone would send
+# repair frames 4 bytes over the MTU, to be fragmented by IP.
+HEADER_OVERHEAD = REPAIR_HDR.size + LEN.size
 MAX_PIECES = 255  # zfec's m
 MAX_DATAGRAM = 65535 - REPAIR_HDR.size - LEN.size
 
@@ -377,7 +381,7 @@ class FecDecoder:
         g.nbytes = 0
 
 
-MAX_OVERHEAD = REPAIR_HDR.size + LEN.size  # a repair datagram over the longest datagram of its group
+MAX_OVERHEAD = HEADER_OVERHEAD  # the same, under the name the udt backend uses
 
 
 class FecPeer:

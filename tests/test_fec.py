@@ -223,3 +223,14 @@ def test_fec_peer_pair_repairs_reports_and_adapts() -> None:
     # With FEC off, send passes datagrams through and nothing is ever due.
     off = FecPeer(FecSettings(), 0.0)
     assert off.send(b"\x40x", 1.0) == [b"\x40x"] and off.deadline() is None and off.on_timer(5.0) == []
+
+
+def test_every_frame_fits_when_the_transport_shrinks_by_the_overhead() -> None:
+    """A transport sized ``udp_payload - HEADER_OVERHEAD`` sends data *and* repair frames that fit."""
+    from lu2k.fec import HEADER_OVERHEAD
+
+    udp_payload = 1472  # a 1500-byte IPv4 MTU
+    full = [bytes([0x40]) * (udp_payload - HEADER_OVERHEAD) for _ in range(8)]
+    frames = _send_all(FecEncoder(FecSettings(mode="fixed", ratio=0.25, k_max=8)), full)
+    assert any(f[0] == KIND_REPAIR for f in frames)
+    assert max(len(f) for f in frames) == udp_payload  # the repair frame, exactly at the limit
