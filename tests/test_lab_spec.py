@@ -154,3 +154,18 @@ def test_a_profile_alone_derives_windows_that_fill_the_link(name: str) -> None:
     assert d["peer_credits"] * SMALL_MESSAGE >= min(bdp, 4096 * SMALL_MESSAGE)  # small messages too, up to the cap
     assert d["window_bytes"] >= bdp and d["socket_buffer"] >= bdp
     assert d["credits"] >= d["peer_credits"]  # the NI's credits never cap one peer below its share
+
+
+def test_link_options_reach_the_spec() -> None:
+    import argparse
+
+    from lu2k.lab.args import add_link_options, profile_summary, specs_from_args
+
+    p = argparse.ArgumentParser()
+    add_link_options(p)
+    args = p.parse_args(["--profile", "leo-fast", "--outage", "100ms", "--reconfig", "10s", "--loss", "0"])
+    ab, ba = specs_from_args(args)
+    assert (ab.outage_s, ab.reconfig_s, ab.loss, ab.rtt_s) == pytest.approx((0.1, 10.0, 0.0, 0.06))
+    assert profile_summary(args)["outage"] == "100ms"
+    with pytest.raises(ConfigError, match="--outage"):
+        specs_from_args(p.parse_args(["--profile", "leo-fast", "--outage", "10s", "--reconfig", "5s"]))
