@@ -171,3 +171,15 @@ def test_saturating_endpoint_is_pushed_back_and_paced_one_stays_near_its_floor(d
     drain_ms = window * 8 / 20e6 * 1e3  # lu2k's whole bounded queue, at the link's rate
     allowance = 2 * drain_ms + 2 * r["rtt_ms"]
     assert beside["p99_ms"] <= alone["p99_ms"] + allowance, (alone["p99_ms"], beside["p99_ms"], allowance)
+
+
+def test_fec_summary_line() -> None:
+    from lu2k.lab.latency import fec_summary
+
+    quic = {"a": {"fec": "auto", "fec_data_bytes": 1_000_000, "fec_repair_bytes": 40_000},
+            "b": {"fec": "auto", "fec_recovered": 90, "fec_lost": 95, "fec_unrecovered_groups": 2}}
+    line = fec_summary(quic)
+    assert line is not None and "repair 4.0 % of the data bytes" in line and "95 datagrams missing, 90 of them rebuilt" in line
+    udt = {"a": {"fec": "5%", "fec_sent_data_bytes": 200, "fec_sent_repair_bytes": 10}, "b": {"fec": "5%"}}
+    assert "repair 5.0 %" in (fec_summary(udt) or "")
+    assert fec_summary({}) is None and fec_summary({"a": quic["a"]}) is None

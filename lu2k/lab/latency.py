@@ -527,6 +527,39 @@ def _saturated_cell(lab: Any, daemons: Any, spec: LinkSpec, paced: tuple[list[st
     return recv, send, _last_json(s_out + s_err, "saturating sender"), _last_json(k_out + k_err, "saturating sink")
 
 
+def _fec_counters(daemons: Any) -> dict[str, dict[str, Any]]:
+    """Each daemon's FEC mode and counters over the whole lu2k part of the run (``net show -v``)."""
+    import asyncio
+
+    from ..control import request
+
+    out: dict[str, dict[str, Any]] = {}
+    for side, proc in daemons.procs.items():
+        try:
+            nets = asyncio.run(request(str(proc.control_path), "net show", {}, timeout=10))
+        except Lu2kError as e:
+            print(f"FEC counters of lu2kd-{side}: {e}", file=sys.stderr)
+            continue
+        for n in nets:
+            settings = n.get("backend_settings") or {}
+            if settings.get("fec", "off") != "off":
+                out[side] = {k: v for k, v in settings.items() if k == "fec" or k.startswith("fec_")}
+    return out
+
+
+def fec_summary(fec: dict[str, Any], sender: str = "a", receiver: str = "b") -> str | None:
+    """One line on FEC in the a -> b direction: repair sent and its share of the bytes, rebuilt, lost."""
+    tx, rx = fec.get(sender), fec.get(receiver)
+    if not tx or not rx:
+        return None
+    data = tx.get("fec_data_bytes", tx.get("fec_sent_data_bytes", 0))
+    repair = tx.get("fec_repair_bytes", tx.get("fec_sent_repair_bytes", 0))
+    share = f"{repair / data * 100:.1f} %" if data else "-"
+    return (f"FEC {sender}->{receiver} ({tx.get('fec')}): repair {share} of the data bytes; at {receiver}: "
+            f"{rx.get('fec_lost', 0)} datagrams missing, {rx.get('fec_recovered', 0)} of them rebuilt "
+            f"({rx.get('fec_unrecovered_groups', 0)} groups beyond repair)")
+
+
 def _cell_result(kind: str, size: int, load: float, spec: LinkSpec, recv: dict[str, Any], send: dict[str, Any]) -> dict[str, Any]:
     samples = recv.pop("samples", [])
     out: dict[str, Any] = {"path": kind, "size": size, "load": load, "floor_ms": floor_ms(spec, size),
@@ -564,6 +597,7 @@ def run_latency(backend: str, specs: tuple[LinkSpec, LinkSpec], *, sizes: Sequen
             print(msg, file=log, flush=True)
 
     cells: list[dict[str, Any]] = []
+    fec: dict[str, dict[str, Any]] = {}
     wd = Path(tempfile.mkdtemp(prefix="lu2k-latency-"))
     try:
         with Lab(specs) as lab:
@@ -588,6 +622,7 @@ def run_latency(backend: str, specs: tuple[LinkSpec, LinkSpec], *, sizes: Sequen
                             cell = _saturated_cell(lab, daemons, spec, paced, warmup + duration)
                             cells.append({**_cell_result(f"lu2k/{backend} +saturating", size, load, spec, *cell[:2]),
                                           "saturator": cell[2], "sink": cell[3]})
+                fec = _fec_counters(daemons)
             emu1 = lab.stats()
             if baseline:
                 port = 5301
@@ -612,7 +647,7 @@ def run_latency(backend: str, specs: tuple[LinkSpec, LinkSpec], *, sizes: Sequen
     ab = emu1["links"]["ab"]
     return {
         "backend": backend, "options": options or {}, "link_mbit": spec.rate_bps / 1e6, "rtt_ms": spec.rtt_s * 1e3, "loss": spec.mean_loss,
-        "warmup_s": warmup, "duration_s": duration, "cells": cells,
+        "warmup_s": warmup, "duration_s": duration, "cells": cells, "fec": fec,
         "emulator": {"lateness_p99_ms": ab["lateness"]["p99_us"] / 1e3, "lateness_max_ms": ab["lateness"]["max_us"] / 1e3,
                      "drops_queue": ab["drops_queue"] - emu0["links"]["ab"]["drops_queue"],
                      "drops_loss": ab["drops_loss"] - emu0["links"]["ab"]["drops_loss"]},
@@ -641,6 +676,9 @@ def format_latency(r: dict[str, Any]) -> str:
             notes.append(f"saturating endpoint beside {c['size']} B @ {c['load'] * 100:g}%: offered {sat['offered_mbit']:.1f} Mbit/s, "
                          f"carried {sink['carried_mbit']:.1f}; blocked {sat['backpressure_waits']} times, "
                          f"{sat['blocked_s']:.1f} s of {sat['wall_s']:.1f} s")
+    line = fec_summary(r.get("fec") or {})
+    if line:
+        notes.append(line)
     return head + "\n" + table + "".join("\n" + n for n in notes)
 
 
