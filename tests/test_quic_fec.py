@@ -98,11 +98,18 @@ async def test_auto_mode_starts_clean_and_follows_reported_loss() -> None:
 
     a._send = lossy_send  # type: ignore[method-assign]
     try:
+        b_addr = b.get_extra_info("sockname")
         for i in range(200):
-            a.sendto(bytes([0x40]) + i.to_bytes(2, "little") * 100)
+            # With the peer's address, as aioquic's client protocol calls it on its connected socket:
+            # the reports must still reach this encoder.
+            a.sendto(bytes([0x40]) + i.to_bytes(2, "little") * 100, b_addr)
         assert a.fec_stats()["repair"] == 0  # nothing measured yet: no repair on a clean start
         await _until(lambda: a.fec_stats().get("reports", 0) >= 1, "a loss report")
         assert a._fec_peers[None].encoder.ratio > 0.1
+        for i in range(100):  # what is sent now carries repair
+            a.sendto(bytes([0x40]) + i.to_bytes(2, "little") * 100, b_addr)
+        await _until(lambda: a.fec_stats()["repair"] > 0, "repair after the report")
+        assert list(a._fec_peers) == [None]  # one peer: the one sending is the one the reports reach
     finally:
         a.close()
         b.close()
