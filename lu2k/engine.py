@@ -333,7 +333,9 @@ class Engine:
             raise
         self.core.add_net(NetParams(nc.nid, nc.port, credits=nc.credits, peer_credits=nc.peer_credits,
                                     max_message_size=nc.max_message_size, checksum=nc.checksum,
-                                    typed_connections=backend.typed_connections, min_bulk=getattr(backend, "min_bulk", 1024)))
+                                    typed_connections=backend.typed_connections, min_bulk=getattr(backend, "min_bulk", 1024),
+                                    # Bytes past the link bounded to the profile's window (core.fairq); none without one.
+                                    peer_window_bytes=int(nc.derived.get("window_bytes", 0))))
         self.nis[nc.net] = ni
         log.info("net up", net=str(nc.net), nid=str(nc.nid), backend=nc.backend, listen=format_hostport(host, ni.listener.address[1]))
         return ni
@@ -823,6 +825,7 @@ class Engine:
                 "credits": {"tx": credits.limit - credits.in_use, "max_tx": credits.limit, "min_tx": credits.min_value},
                 "max_message_size": c.max_message_size,
                 "profile": {k: v for k, v in vars(c.profile).items() if v is not None},
+                "derived": dict(c.derived),  # what the profile set because the config did not
                 "backend_settings": ni.backend.describe(),
             })
         return out

@@ -58,9 +58,11 @@ DATA_HDR = struct.Struct("<BHB")
 REPAIR_HDR = struct.Struct("<BHBBB")
 REPORT = struct.Struct("<BII")
 LEN = struct.Struct("<H")
-# What a datagram grows by under FEC: shrink the transport's MTU by this.  A data frame adds
-# DATA_HDR, but a repair frame is the group's largest datagram plus its length and REPAIR_HDR.
-HEADER_OVERHEAD = max(DATA_HDR.size, REPAIR_HDR.size + LEN.size)
+# What a transport's datagram size must shrink by so that every FEC frame fits the path MTU: a
+# repair frame is the largest (its header, plus the length prefix of the longest datagram of its
+# group), 4 bytes more than a data frame's header.  Shrinking by the data header alone would send
+# repair frames 4 bytes over the MTU, to be fragmented by IP.
+HEADER_OVERHEAD = REPAIR_HDR.size + LEN.size
 MAX_PIECES = 255  # zfec's m
 MAX_DATAGRAM = 65535 - REPAIR_HDR.size - LEN.size
 
@@ -96,7 +98,7 @@ class FecSettings:
         if self.mode not in ("off", "fixed", "auto"):
             raise ConfigError(f"fec mode must be off, auto or a ratio, got {self.mode!r}", where="fec")
         if self.mode != "off" and zfec is None:
-            raise ConfigError("fec needs the zfec package (pip install 'lu2k[quic]')", where="fec")
+            raise ConfigError("fec needs the zfec package (pip install zfec, or lu2k[quic] / lu2k[udt])", where="fec")
         if not (0.0 <= self.ratio <= 1.0 and math.isfinite(self.ratio)):
             raise ConfigError(f"fec ratio must be 0..100%, got {self.ratio}", where="fec")
         if not 1 <= self.k_max <= 200:
@@ -377,3 +379,61 @@ class FecDecoder:
         g.repair.clear()
         self._bytes -= g.nbytes
         g.nbytes = 0
+
+
+MAX_OVERHEAD = HEADER_OVERHEAD  # the same, under the name the udt backend uses
+
+
+class FecPeer:
+    """Both directions of FEC with one peer, and when to act next: the part every adapter needs.
+
+    ``send`` wraps an outgoing datagram (with ``settings`` off it is returned as is);
+    ``receive`` takes an FEC frame from the peer and returns the datagrams to pass up (and
+    feeds the peer's loss reports to our encoder); ``on_timer`` closes a group that waited
+    ``max_delay`` and emits a loss report every ``report_interval`` once the peer has sent us
+    FEC frames.  ``deadline`` is when ``on_timer`` wants to run next (None: nothing pending).
+    """
+
+    def __init__(self, settings: FecSettings | None, now: float) -> None:
+        self.encoder = FecEncoder(settings) if settings is not None and settings.enabled else None
+        self.decoder = FecDecoder()
+        self.report_interval = settings.report_interval if settings is not None else 1.0
+        self.next_report = now + self.report_interval
+        self.heard = False  # FEC frames came from this peer: it wants our loss reports
+        self.last_active = now
+
+    def send(self, datagram: bytes, now: float) -> list[bytes]:
+        self.last_active = now
+        if self.encoder is None:
+            return [datagram]
+        return self.encoder.wrap(datagram, now)
+
+    def receive(self, frame: bytes, now: float) -> list[bytes]:
+        self.heard = True
+        self.last_active = now
+        datagrams, report = self.decoder.receive(frame)
+        if report is not None and self.encoder is not None:
+            self.encoder.on_report(*report)
+        return datagrams
+
+    def on_timer(self, now: float) -> list[bytes]:
+        out = self.encoder.handle_timer(now) if self.encoder is not None else []
+        if self.heard and now >= self.next_report:
+            self.next_report = now + self.report_interval
+            report = self.decoder.take_report()
+            if report is not None:
+                out.append(report)
+        return out
+
+    def deadline(self) -> float | None:
+        d = self.encoder.next_deadline() if self.encoder is not None else None
+        if self.heard and (d is None or self.next_report < d):
+            d = self.next_report
+        return d
+
+    def stats(self) -> dict[str, int]:
+        """The decoder's counters as they are (what came in), the encoder's as ``sent_*``."""
+        out = dict(self.decoder.stats)
+        for k, v in (self.encoder.stats if self.encoder is not None else {}).items():
+            out[f"sent_{k}"] = v
+        return out

@@ -18,13 +18,16 @@ Derived defaults (a net whose config sets only a site profile still fills its li
 profile giving ``rate_mbit`` and ``rtt_ms``, the bandwidth-delay product is
 ``BDP = rate_mbit * 1e6 / 8 * rtt_ms / 1e3`` bytes and, unless the config sets them,
 
-* ``peer_credits = clamp(ceil(2 * BDP / 64 KiB), 8, 4096)`` -- two BDPs of 64 KiB messages in
-  flight per peer (one to fill the pipe, one to cover the ACK's way back and jitter); LNet's
+* ``window_bytes = 2 * BDP`` -- the bytes a peer may have assigned and not yet acknowledged
+  (one BDP to fill the pipe, one to cover the ACK's way back and jitter); the message core
+  holds the rest in its per-peer fair queue (:mod:`lu2k.core.fairq`);
+* ``peer_credits = clamp(ceil(window_bytes / 1 KiB), 8, 4096)`` -- enough messages that even
+  1 KiB messages fill that window (the byte window, not the count, bounds larger ones); LNet's
   LAN default of 8 is the floor;
 * ``credits = clamp(4 * peer_credits, 256, 1 << 20)`` -- the NI's total, room for four such
   peers at once, never below LNet's default of 256;
-* ``window_bytes = peer_credits * 64 KiB`` and ``socket_buffer = 2 * BDP`` are reported with
-  them (the backends size their socket buffers and flow windows from the same profile).
+* ``socket_buffer = 2 * BDP`` is reported with them (the backends size their socket buffers
+  and flow windows from the same profile).
 
 The derived values, and which were derived, are in :attr:`NetConfig.derived`.
 """
@@ -53,7 +56,8 @@ DEFAULT_MAX_MESSAGE = 4 << 20
 DEFAULT_CREDITS = 256
 DEFAULT_PEER_CREDITS = 8
 DEFAULT_PEER_TIMEOUT = 180.0
-TYPICAL_MESSAGE = 64 << 10  # the message size the derived credits are sized for
+TYPICAL_MESSAGE = 64 << 10  # a bulk message (the size 2 x BDP of derived credits carried before the byte window)
+SMALL_MESSAGE = 1 << 10  # derived peer credits let messages down to this size fill the byte window
 MAX_DERIVED_PEER_CREDITS = 4096
 
 # The transport each backend listens on: two nets may share a port only on different ones.
@@ -160,13 +164,14 @@ def derive_link_defaults(profile: LinkProfile) -> dict[str, int]:
     if not profile.rate_mbit or not profile.rtt_ms:
         return {}
     bdp = profile.bdp_bytes()
-    peer_credits = min(MAX_DERIVED_PEER_CREDITS, max(DEFAULT_PEER_CREDITS, math.ceil(2 * bdp / TYPICAL_MESSAGE)))
+    window = 2 * bdp
+    peer_credits = min(MAX_DERIVED_PEER_CREDITS, max(DEFAULT_PEER_CREDITS, math.ceil(window / SMALL_MESSAGE)))
     credits = min(1 << 20, max(DEFAULT_CREDITS, 4 * peer_credits))
     return {
         "bdp_bytes": bdp,
         "peer_credits": peer_credits,
         "credits": credits,
-        "window_bytes": peer_credits * TYPICAL_MESSAGE,
+        "window_bytes": window,
         "socket_buffer": 2 * bdp,
     }
 

@@ -50,6 +50,10 @@ def test_net_show_levels() -> None:
     assert ni["statistics"] == {"send_count": 11, "drop_count": 1}
     assert ni["tunables"] == {"peer_timeout": 180, "peer_credits": 8, "peer_buffer_credits": 0, "credits": 256}
     assert ni["lu2k"]["min_tx_credits"] == -3 and "health stats" not in ni
+    assert "derived from profile" not in ni["lu2k"]  # nothing was derived
+    derived = {"bdp_bytes": 1_500_000, "peer_credits": 46, "credits": 256, "window_bytes": 46 << 16, "socket_buffer": 3_000_000}
+    ni = lnetshow.net_show([{**NET, "derived": derived}], [], detail=1, net="tcp")["net"][0]["local NI(s)"][0]
+    assert ni["lu2k"]["derived from profile"] == derived
     assert lnetshow.net_show([NET], [], net="tcp1") == {"net": []}
 
 

@@ -153,6 +153,7 @@ async def test_ping_and_describe(pair: tuple[Engine, Engine]) -> None:
     assert await a.ping(a.primary_nid(), 1) == {"nid": "10.9.0.1@tcp", "rtt_ms": 0.0, "local": True}
     nets = a.describe_nets()
     assert nets[0]["nid"] == "10.9.0.1@tcp" and nets[0]["backend"] == "inproc" and nets[0]["credits"]["max_tx"] == 4
+    assert nets[0]["derived"] == {}  # no site profile: nothing derived, net show -v shows none
     with pytest.raises(NetworkError, match="no route to net o2ib"):
         await a.ping(parse_nid("1.1.1.1@o2ib"), 1)
 

@@ -188,3 +188,49 @@ def test_decoder_memory_is_bounded() -> None:
         for i in range(3):
             dec.receive(DATA_HDR.pack(0x10, g & 0xFFFF, i) + bytes(1000))
         assert len(dec._groups) <= 8 and dec._bytes <= (64 << 10) + 3000
+
+
+def test_fec_peer_pair_repairs_reports_and_adapts() -> None:
+    """Two FecPeer ends over a lossy in-memory link, on a fake clock: what every adapter runs."""
+    from lu2k.fec import FecPeer
+
+    rng = random.Random(5)
+    a, b = FecPeer(FecSettings(mode="auto", k_max=16), 0.0), FecPeer(FecSettings(mode="auto", k_max=16), 0.0)
+    assert a.deadline() is None  # nothing sent, nothing heard
+    sent: list[bytes] = []
+    got: list[bytes] = []
+    now = 0.0
+    for i in range(6000):
+        now = i * 1e-3
+        d = bytes([0x40]) + rng.randbytes(200) + i.to_bytes(4, "little")
+        sent.append(d)
+        frames = a.send(d, now)
+        if a.deadline() is not None and a.deadline() <= now:  # type: ignore[operator]
+            frames += a.on_timer(now)
+        for f in frames:
+            if rng.random() >= 0.02:  # 2 % loss a -> b
+                got += b.receive(f, now)
+        d_b = b.deadline()
+        if d_b is not None and d_b <= now:
+            for f in b.on_timer(now):  # b's loss report travels back (never lost here)
+                a.receive(f, now)
+    # b measured the loss and a followed it: repair is flowing, most losses were rebuilt.
+    assert b.stats()["reports"] == 0 and a.stats()["reports"] >= 4
+    assert a.encoder is not None and a.encoder.ratio == pytest.approx(ratio_for_loss(0.02), abs=0.02)
+    assert a.stats()["sent_repair"] > 0 and b.stats()["recovered"] > 0
+    missing = len(set(sent) - set(got))
+    assert missing < 0.02 * len(sent) / 2
+    # With FEC off, send passes datagrams through and nothing is ever due.
+    off = FecPeer(FecSettings(), 0.0)
+    assert off.send(b"\x40x", 1.0) == [b"\x40x"] and off.deadline() is None and off.on_timer(5.0) == []
+
+
+def test_every_frame_fits_when_the_transport_shrinks_by_the_overhead() -> None:
+    """A transport sized ``udp_payload - HEADER_OVERHEAD`` sends data *and* repair frames that fit."""
+    from lu2k.fec import HEADER_OVERHEAD
+
+    udp_payload = 1472  # a 1500-byte IPv4 MTU
+    full = [bytes([0x40]) * (udp_payload - HEADER_OVERHEAD) for _ in range(8)]
+    frames = _send_all(FecEncoder(FecSettings(mode="fixed", ratio=0.25, k_max=8)), full)
+    assert any(f[0] == KIND_REPAIR for f in frames)
+    assert max(len(f) for f in frames) == udp_payload  # the repair frame, exactly at the limit

@@ -105,6 +105,12 @@ def test_format_table() -> None:
     text = format_latency({"link_mbit": 20.0, "rtt_ms": 600.0, "loss": 0.01, "cells": [cell],
                            "emulator": {"lateness_p99_ms": 0.5}, "load_average": (0.4, 0.3, 0.2)})
     assert "lu2k/quic" in text and "+60" in text and "80%" in text and "load average 0.40" in text
+    beside = {**cell, "path": "lu2k/quic +saturating", "saturator": {"offered_mbit": 31.0, "backpressure_waits": 115,
+                                                                      "blocked_s": 13.2, "wall_s": 13.3},
+              "sink": {"carried_mbit": 11.8}}
+    text = format_latency({"link_mbit": 20.0, "rtt_ms": 600.0, "loss": 0.0, "cells": [cell, beside],
+                           "emulator": {"lateness_p99_ms": 0.5}, "load_average": (0.4, 0.3, 0.2)})
+    assert "offered 31.0 Mbit/s, carried 11.8; blocked 115 times, 13.2 s of 13.3 s" in text
 
 
 def test_option_pairs() -> None:
@@ -138,3 +144,42 @@ def test_short_run_every_message_once(daemons_dir: Path) -> None:
     lu2k = r["cells"][0]
     assert lu2k["sender"]["delivered"] == lu2k["received"] and not lu2k["sender"]["failed"]
     assert r["emulator"]["drops_loss"] > 0  # the run really crossed a lossy link
+
+
+@needs_root
+@pytest.mark.netns
+def test_saturating_endpoint_is_pushed_back_and_paced_one_stays_near_its_floor(daemons_dir: Path) -> None:
+    """Under saturation: one endpoint offers far more than the link, a
+    second (paced, below its fair share) shares the peer.  The saturating one must be pushed
+    back (its sends block); the paced one's tail may grow by lu2k's bounded queue -- the
+    profile's window, two BDPs -- and a round trip, not by the saturating backlog (1024
+    messages of 64 KiB: 27 s of link time).  Bounds are relative to the same run's own
+    unloaded cell and link, never a wall-clock constant.
+    """
+    from lu2k.settings import LinkProfile, derive_link_defaults
+
+    specs = build_specs("custom", rate="20mbit", rtt="100ms", seed=5)
+    r = run_latency("tcp", specs, sizes=(16384,), loads=(0.2,), duration=4.0, warmup=1.0, baseline=None, saturate=True)
+    alone, beside = r["cells"]
+    assert (alone["path"], beside["path"]) == ("lu2k/tcp", "lu2k/tcp +saturating")
+    for c in (alone, beside):
+        assert c["missing"] == 0 and c["duplicates"] == 0 and c["samples"] > 0
+    sat, sink = beside["saturator"], beside["sink"]
+    assert sat["backpressure_waits"] > 0 and sat["blocked_s"] > 0.5 * sat["wall_s"]  # pushed back, most of the time
+    assert sink["received"] > 0 and not sat["failed"]
+    window = derive_link_defaults(LinkProfile(rtt_ms=100, rate_mbit=20))["window_bytes"]
+    drain_ms = window * 8 / 20e6 * 1e3  # lu2k's whole bounded queue, at the link's rate
+    allowance = 2 * drain_ms + 2 * r["rtt_ms"]
+    assert beside["p99_ms"] <= alone["p99_ms"] + allowance, (alone["p99_ms"], beside["p99_ms"], allowance)
+
+
+def test_fec_summary_line() -> None:
+    from lu2k.lab.latency import fec_summary
+
+    quic = {"a": {"fec": "auto", "fec_data_bytes": 1_000_000, "fec_repair_bytes": 40_000},
+            "b": {"fec": "auto", "fec_recovered": 90, "fec_lost": 95, "fec_unrecovered_groups": 2}}
+    line = fec_summary(quic)
+    assert line is not None and "repair 4.0 % of the data bytes" in line and "95 datagrams missing, 90 of them rebuilt" in line
+    udt = {"a": {"fec": "5%", "fec_sent_data_bytes": 200, "fec_sent_repair_bytes": 10}, "b": {"fec": "5%"}}
+    assert "repair 5.0 %" in (fec_summary(udt) or "")
+    assert fec_summary({}) is None and fec_summary({"a": quic["a"]}) is None

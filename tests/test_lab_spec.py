@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from lu2k.errors import ConfigError
+from lu2k.settings import SMALL_MESSAGE, TYPICAL_MESSAGE, LinkProfile, derive_link_defaults
 from lu2k.lab.spec import (
-    MIN_QUEUE_BYTES, GilbertElliott, LinkSpec, build_specs, format_rate, parse_fraction, parse_rate, parse_size, parse_time,
+    PROFILES, MIN_QUEUE_BYTES, GilbertElliott, LinkSpec, build_specs, format_rate, parse_fraction, parse_rate, parse_size, parse_time,
 )
 
 
@@ -105,3 +106,66 @@ def test_errors_name_the_option_prefix_of_a_second_path() -> None:
     with pytest.raises(ConfigError, match="--second-rate and --second-rtt"):
         build_specs("custom", option_prefix="--second-", profile_option="--second-path")
     assert build_specs("leo", queue="64k") == build_specs("leo", queue="65536")
+
+
+def test_leo_fast_profile() -> None:
+    ab, ba = build_specs("leo-fast")
+    assert ab.rate_bps == 200e6 and ab.loss == pytest.approx(0.01)
+    assert (ab.rtt_min_s, ab.rtt_s) == pytest.approx((0.030, 0.060))
+    assert ab.reconfig_s == 15.0 and 0 < ab.outage_s < 1.0
+    # Queue: one BDP at the largest RTT.
+    assert ab.effective_queue_bytes() == 1_500_000
+    assert (ba.delay_s, ba.delay_max_s, ba.reconfig_s, ba.outage_s) == (ab.delay_s, ab.delay_max_s, ab.reconfig_s, ab.outage_s)
+    # Overrides: a fixed RTT, no loss, no outage, still reconfiguring.
+    ab, _ = build_specs("leo-fast", rtt="40ms", loss="0", outage="0")
+    assert (ab.rtt_min_s, ab.rtt_s, ab.loss, ab.outage_s, ab.reconfig_s) == pytest.approx((0.04, 0.04, 0.0, 0.0, 15.0))
+    assert LinkSpec.from_dict(ab.to_dict()) == ab
+
+
+def test_rtt_range_and_reconfiguration_errors_name_the_option() -> None:
+    ab, _ = build_specs("custom", rate="10mbit", rtt="20ms-80ms", reconfig="5s")
+    assert (ab.delay_s, ab.delay_max_s) == pytest.approx((0.01, 0.04))
+    with pytest.raises(ConfigError, match="--reconfig"):
+        build_specs("custom", rate="10mbit", rtt="20ms-80ms")
+    with pytest.raises(ConfigError, match="--rtt"):
+        build_specs("custom", rate="10mbit", rtt="80ms-20ms", reconfig="5s")
+    with pytest.raises(ConfigError, match="--outage"):
+        build_specs("leo-fast", outage="20s")
+    with pytest.raises(ConfigError, match="--second-reconfig"):
+        build_specs("custom", rate="10mbit", rtt="1ms", outage="1ms", option_prefix="--second-")
+    with pytest.raises(ConfigError, match="reconfig"):
+        LinkSpec(outage_s=0.1)
+
+
+@pytest.mark.parametrize("name", [p for p in PROFILES if p != "custom"])
+def test_a_profile_alone_derives_windows_that_fill_the_link(name: str) -> None:
+    """A net with only a site profile (no credits, no windows) gets at least one BDP in flight.
+
+    The lab's profile is given to the daemons as its provisioning RTT (the largest) and rate,
+    which is what an operator writes; the derived peer credits times the message size they are
+    sized for, the window and the socket buffers must each hold the link's BDP.
+    """
+    ab, _ = build_specs(name)
+    profile = LinkProfile(rtt_ms=ab.rtt_s * 1e3, rate_mbit=ab.rate_bps / 1e6)
+    d = derive_link_defaults(profile)
+    bdp = ab.rate_bps * ab.rtt_s / 8
+    assert d["bdp_bytes"] == pytest.approx(bdp, rel=0.01)
+    assert d["peer_credits"] * TYPICAL_MESSAGE >= bdp
+    assert d["peer_credits"] * SMALL_MESSAGE >= min(bdp, 4096 * SMALL_MESSAGE)  # small messages too, up to the cap
+    assert d["window_bytes"] >= bdp and d["socket_buffer"] >= bdp
+    assert d["credits"] >= d["peer_credits"]  # the NI's credits never cap one peer below its share
+
+
+def test_link_options_reach_the_spec() -> None:
+    import argparse
+
+    from lu2k.lab.args import add_link_options, profile_summary, specs_from_args
+
+    p = argparse.ArgumentParser()
+    add_link_options(p)
+    args = p.parse_args(["--profile", "leo-fast", "--outage", "100ms", "--reconfig", "10s", "--loss", "0"])
+    ab, ba = specs_from_args(args)
+    assert (ab.outage_s, ab.reconfig_s, ab.loss, ab.rtt_s) == pytest.approx((0.1, 10.0, 0.0, 0.06))
+    assert profile_summary(args)["outage"] == "100ms"
+    with pytest.raises(ConfigError, match="--outage"):
+        specs_from_args(p.parse_args(["--profile", "leo-fast", "--outage", "10s", "--reconfig", "5s"]))

@@ -98,11 +98,18 @@ async def test_auto_mode_starts_clean_and_follows_reported_loss() -> None:
 
     a._send = lossy_send  # type: ignore[method-assign]
     try:
+        b_addr = b.get_extra_info("sockname")
         for i in range(200):
-            a.sendto(bytes([0x40]) + i.to_bytes(2, "little") * 100)
+            # With the peer's address, as aioquic's client protocol calls it on its connected socket:
+            # the reports must still reach this encoder.
+            a.sendto(bytes([0x40]) + i.to_bytes(2, "little") * 100, b_addr)
         assert a.fec_stats()["repair"] == 0  # nothing measured yet: no repair on a clean start
         await _until(lambda: a.fec_stats().get("reports", 0) >= 1, "a loss report")
         assert a._fec_peers[None].encoder.ratio > 0.1
+        for i in range(100):  # what is sent now carries repair
+            a.sendto(bytes([0x40]) + i.to_bytes(2, "little") * 100, b_addr)
+        await _until(lambda: a.fec_stats()["repair"] > 0, "repair after the report")
+        assert list(a._fec_peers) == [None]  # one peer: the one sending is the one the reports reach
     finally:
         a.close()
         b.close()
@@ -135,7 +142,9 @@ def test_quic_option_fec_is_validated() -> None:
     assert make("auto").describe()["fec"] == "auto"
     assert make("4%").describe()["fec"] == "4%"
     assert make("off")._datagram_size(socket.AF_INET) == 1472
-    assert make("auto")._datagram_size(socket.AF_INET) == 1464  # room for a repair frame: the largest datagram + 8 bytes
+    # Room for FEC's largest frame: a repair frame's 6-byte header and 2-byte length prefix, so
+    # repair datagrams fit the 1500-byte MTU too (not only the 4-byte data header).
+    assert make("auto")._datagram_size(socket.AF_INET) == 1464
     with pytest.raises(ConfigError, match="fec"):
         make("lots")
 

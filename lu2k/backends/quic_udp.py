@@ -93,7 +93,9 @@ class BatchedUdpEndpoint:
         if self._closing:
             return
         if self._fec is not None:
-            peer = self._fec_peer(addr)
+            # Keyed as _fec_received keys it (None on a connected socket): the peer's loss
+            # reports must reach the encoder that sends to it, or auto never turns repair on.
+            peer = self._fec_peer(None if self._extra.get("peername") is not None else addr)
             assert peer.encoder is not None
             for frame in peer.encoder.wrap(data, self._loop.time()):
                 self._send(frame, addr)

@@ -55,11 +55,14 @@ from ..wire import BASE_SIZE, BufferFor, ConnType, Frame, FrameHeader, FrameType
 from . import udt_proto as proto
 from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport
 from .netpath import route_mtu
+from .udt_fec import FecRelay, loopback_for
+from ..fec import MAX_OVERHEAD as FEC_OVERHEAD
 from .udt_tunables import UdtTuning, tune
 
 T = TypeVar("T")
 UDTError = _udtcore.UDTError
 RECV_BATCH = 64  # frames handed to the engine per recv() at most
+RELAY_LINGER = 0.2  # s a connection's FEC relay outlives libudt's close (its shutdown packet)
 LISTEN_RETRIES = 40  # x 0.25 s: outlasts libudt's hold on a just-closed listener's port
 # UDT error codes (major * 1000 + minor) that mean "this connection is over".
 _CLOSED_CODES = {_udtcore.E_CONNLOST, _udtcore.E_NOCONN, _udtcore.E_INVSOCK}
@@ -441,6 +444,7 @@ class UdtListener(Listener):
         self._address = address
         self.closed = False
         self.peer_sockets: set[int] = set()  # rendezvous attempts in progress
+        self.relay: FecRelay | None = None  # with fec: the net's port is the relay's, libudt listens behind it
 
     @property
     def address(self) -> tuple[str, int]:
@@ -456,6 +460,8 @@ class UdtListener(Listener):
                     _udtcore.close(u)  # wakes the accept/rendezvous thread blocked on it
                 except UDTError:
                     pass
+        if self.relay is not None:
+            self._backend._close_relay(self.relay)
         self._backend._listeners.discard(self)
 
 
@@ -475,14 +481,23 @@ class UdtBackend(Backend):
         self._tasks: set[asyncio.Task[None]] = set()
         self._handshakes = threading.Semaphore(64)  # accepted connections still in their preamble
         self._watchdog: asyncio.Task[None] | None = None
+        self._relays: set[FecRelay] = set()
+        self._fec_closed: dict[str, int] = {}  # counters of relays already closed
 
     @classmethod
     def probe(cls) -> str | None:
         """None: usable here (the binding loaded, which already ran UDT::startup)."""
         return None
 
-    def _transport(self, u: int, peer: str, sealer: proto.Sealer, opener: proto.Opener) -> UdtTransport:
-        t = UdtTransport(u, peer, self.tuning, self.settings.max_message_size, sealer, opener, self._transports.discard)
+    def _transport(self, u: int, peer: str, sealer: proto.Sealer, opener: proto.Opener, relay: FecRelay | None = None) -> UdtTransport:
+        def on_close(t: UdtTransport) -> None:
+            self._transports.discard(t)
+            if relay is not None:  # after libudt's close, so its shutdown packet still reaches the peer
+                task = asyncio.ensure_future(self._close_relay_after(t, relay))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+        t = UdtTransport(u, peer, self.tuning, self.settings.max_message_size, sealer, opener, on_close)
         self._transports.add(t)
         if self._watchdog is None and self.tuning.cc == "lu2k-rate":
             self._watchdog = asyncio.ensure_future(self._watch())
@@ -532,6 +547,8 @@ class UdtBackend(Backend):
                 u, (host, port) = _udtcore.accept(listener._u)
             except UDTError:
                 return  # listener closed
+            if listener.relay is not None:  # libudt saw the relay's leg: name the peer behind it
+                host, port = listener.relay.peer_of(host, port) or (host, port)
             if not self._handshakes.acquire(blocking=False):
                 _udtcore.close(u)  # too many half-open connections: shed load
                 continue
@@ -580,13 +597,16 @@ class UdtBackend(Backend):
                                  name=f"udt-rdv-{peer[0]}:{peer[1]}", daemon=True).start()
             return listener
 
+        # With fec, libudt listens on loopback and the relay takes the net's address and port.
+        udt_bind = (loopback_for(_family(host)), 0) if tuning.fec.enabled else (host, port)
+
         def setup() -> tuple[int, tuple[str, int]]:
             # libudt keeps a closed listener's port for ~3 s (in case a client is mid-connect),
             # so a net restarted in-process retries for a while rather than failing at once.
             for attempt in range(LISTEN_RETRIES + 1):
                 u = _new_socket(tuning, _family(host))
                 try:
-                    _udtcore.bind(u, host, port)
+                    _udtcore.bind(u, *udt_bind)
                     _udtcore.listen(u, 128)
                     return u, _udtcore.getsockname(u)
                 except UDTError as e:
@@ -604,6 +624,13 @@ class UdtBackend(Backend):
         except (UDTError, ValueError) as e:
             raise ConnectError(f"cannot listen on {format_hostport(host, port)} with UDT: {_udt_message(e)}") from None
         listener = UdtListener(self, u, address)
+        if tuning.fec.enabled:
+            try:
+                listener.relay = self._open_relay(loop, (host, port), udt_address=address)
+            except OSError as e:
+                _udtcore.close(u)
+                raise ConnectError(f"cannot listen on {format_hostport(host, port)} (udt fec relay): {e.strerror or e}") from None
+            address = listener._address = listener.relay.address
         self._listeners.add(listener)
         threading.Thread(target=self._accept_loop, args=(listener, loop, on_accept), name=f"udt-accept-{address[1]}", daemon=True).start()
         return listener
@@ -622,7 +649,20 @@ class UdtBackend(Backend):
         state: dict[str, int] = {}
         # Packets sized by the route's MTU where the kernel knows a lower one (an explicit
         # ``mss`` option is taken as given); libudt agrees the smaller of both ends' sizes.
-        wire_mss = udt_wire_mss(tuning.mss, _family(addr), route_mtu(addr, port), configured="mss" in self.settings.options)
+        mtu = route_mtu(addr, port)
+        if mtu is not None and tuning.fec.enabled:
+            mtu -= FEC_OVERHEAD  # FEC frames (repairs the largest) must fit the route too
+        wire_mss = udt_wire_mss(tuning.mss, _family(addr), mtu, configured="mss" in self.settings.options)
+        relay: FecRelay | None = None
+        target: tuple[str, int] = (addr, port)
+        if tuning.fec.enabled:  # libudt dials the relay's leg for this peer; the relay the peer
+            try:
+                relay = self._open_relay(loop, (wildcard(_family(addr)), 0))
+                target = relay.leg_for(infos[0][4])
+            except OSError as e:
+                if relay is not None:
+                    self._close_relay(relay)
+                raise ConnectError(f"UDT connect to {peer} failed: fec relay: {e.strerror or e}") from None
 
         def dial() -> tuple[proto.Sealer, proto.Opener]:
             u = _new_socket(tuning, _family(addr), wire_mss)
@@ -631,10 +671,20 @@ class UdtBackend(Backend):
                 _udtcore.setsockopt(u, "reuseaddr", 1)
                 _udtcore.setsockopt(u, "rendezvous", 1)
                 _udtcore.bind(u, wildcard(_family(addr)), tuning.rendezvous_port)
-            _udtcore.connect(u, addr, port)
+            _udtcore.connect(u, *target)
             return _exchange_preamble(u, tuning, True, self.settings.key, peer)
 
         fut = _in_thread(loop, dial, name=f"udt-connect-{peer}")
+        try:
+            return self._transport(state["u"], peer, *await self._dialled(fut, state, peer, timeout), relay=relay)
+        except BaseException:
+            if relay is not None:
+                self._close_relay(relay)
+            raise
+
+    async def _dialled(self, fut: "asyncio.Future[tuple[proto.Sealer, proto.Opener]]", state: dict[str, int], peer: str,
+                       timeout: float) -> tuple[proto.Sealer, proto.Opener]:
+        """The outcome of a dial thread, with every failure as a ConnectError (its socket closed)."""
         try:
             sealer, opener = await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
@@ -651,7 +701,26 @@ class UdtBackend(Backend):
         except BaseException:
             self._abandon(fut, state)
             raise
-        return self._transport(state["u"], peer, sealer, opener)
+        return sealer, opener
+
+    def _open_relay(self, loop: asyncio.AbstractEventLoop, bind: tuple[str, int], udt_address: tuple[str, int] | None = None) -> FecRelay:
+        relay = FecRelay.open(loop, bind, self.tuning.fec, udp_buffer=self.tuning.udp_buffer, udt_address=udt_address)
+        self._relays.add(relay)
+        return relay
+
+    async def _close_relay_after(self, t: UdtTransport, relay: FecRelay) -> None:
+        try:
+            await t.wait_closed()
+            await asyncio.sleep(RELAY_LINGER)
+        finally:
+            self._close_relay(relay)
+
+    def _close_relay(self, relay: FecRelay) -> None:
+        if relay in self._relays:
+            self._relays.discard(relay)
+            for k, v in relay.fec_stats().items():
+                self._fec_closed[k] = self._fec_closed.get(k, 0) + v
+            relay.close()
 
     @staticmethod
     def _abandon(fut: "asyncio.Future[Any]", state: dict[str, int]) -> None:
@@ -677,6 +746,21 @@ class UdtBackend(Backend):
             t.close()
         for t in transports:
             await t.wait_closed()
+        if self._relays:  # the FEC relays carry libudt's shutdown packets: let them out, then close
+            await asyncio.sleep(RELAY_LINGER)
+            for relay in list(self._relays):
+                self._close_relay(relay)
+            lingering = list(self._tasks)
+            for task in lingering:
+                task.cancel()
+            await asyncio.gather(*lingering, return_exceptions=True)
 
     def describe(self) -> dict[str, Any]:
-        return self.tuning.describe()
+        out = self.tuning.describe()
+        if self.tuning.fec.enabled:
+            totals = dict(self._fec_closed)
+            for relay in self._relays:
+                for k, v in relay.fec_stats().items():
+                    totals[k] = totals.get(k, 0) + v
+            out.update({f"fec_{k}": v for k, v in sorted(totals.items())})
+        return out

@@ -31,6 +31,10 @@ Config keys (a net's ``lu2k.options`` when its backend is ``udt``), all optional
 ``rendezvous_port``     local UDP port rendezvous connects leave from (default: net port + 1)
 ``rendezvous_peers``    ["host:port", ...] the listener rendezvous-connects to (their
                         ``rendezvous_port``), handing each connection to the engine as accepted
+``fec``                 forward error correction: ``off`` (default), ``auto`` (repair sized by the
+                        loss the peer reports) or a fixed ratio (``5%``), as on quic; both ends of
+                        a udt net must have it on (see :mod:`lu2k.backends.udt_fec`); not with
+                        rendezvous.  UDT packets shrink by its 8-byte worst case so repair fits
 ======================  ========================================================================
 
 Why 8 x BDP: with random loss the first hole in the sequence holds UDT's ACK point for at
@@ -47,6 +51,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..inet import format_hostport, split_hostport
+from ..fec import MAX_OVERHEAD as FEC_OVERHEAD, FecSettings, parse_fec
 from ..wire import MAX_HEADER_SIZE
 from .base import BackendSettings
 from .udt_proto import CIPHERS, TAG_SIZE, check_cipher
@@ -60,6 +65,7 @@ KNOWN_KEYS = frozenset({
     "cc", "rate_mbit", "pace_fraction", "min_rate_mbit", "max_rate_mbit", "heavy_loss", "rtt_slack", "mss",
     "buffer", "flight_window", "udp_buffer", "cipher", "recv_queue", "handshake_timeout", "rendezvous",
     "rendezvous_port", "rendezvous_peers", "min_rto_ms", "dead_peer_s", "encryption", "peer_keys", "peer_keys_only",
+    "fec",
 })
 
 
@@ -81,6 +87,7 @@ class UdtTuning:
     rendezvous: bool = False
     rendezvous_port: int = 0
     rendezvous_peers: tuple[tuple[str, int], ...] = field(default_factory=tuple)
+    fec: FecSettings = field(default_factory=FecSettings)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -93,6 +100,7 @@ class UdtTuning:
         if self.rendezvous:
             out["rendezvous_port"] = self.rendezvous_port
             out["rendezvous_peers"] = [format_hostport(h, p) for h, p in self.rendezvous_peers]
+        out["fec"] = self.fec.mode if self.fec.mode != "fixed" else f"{self.fec.ratio * 100:g}%"
         return out
 
 
@@ -125,6 +133,9 @@ def tune(settings: BackendSettings) -> UdtTuning:
     cipher = check_cipher(str(opts.get("cipher", CIPHERS[0])), where=f"{where}.cipher")
     prof = settings.profile
     mss = int(_num(opts, "mss", 1500, where, 576, 65536))
+    fec = parse_fec(opts.get("fec", "off"), f"{where}.fec")
+    if fec.enabled:
+        mss -= FEC_OVERHEAD  # the repair frame of a group of full packets must fit the path too
 
     bdp = prof.bdp_bytes(default=0)
     max_frame = MAX_HEADER_SIZE + settings.max_message_size + TAG_SIZE
@@ -167,11 +178,13 @@ def tune(settings: BackendSettings) -> UdtTuning:
     peers = tuple(_host_port(p, f"{where}.rendezvous_peers[{i}]") for i, p in enumerate(peers_raw))
     if peers and not rendezvous:
         raise ConfigError("rendezvous_peers needs rendezvous: true", where=f"{where}.rendezvous_peers")
+    if fec.enabled and rendezvous:
+        raise ConfigError("fec and rendezvous cannot be combined on udt (the FEC relay owns the net's port)", where=f"{where}.fec")
 
     return UdtTuning(
         cc=cc, cc_params=params, mss=mss, buffer=buffer, flight_window=flight, udp_buffer=udp_buffer, cipher=cipher,
         max_frame=max_frame, recv_queue=int(_num(opts, "recv_queue", 64, where, 1, 1 << 16)),
         handshake_timeout=_num(opts, "handshake_timeout", 10.0, where, 0.1, 3600.0),
         dead_peer_s=_num(opts, "dead_peer_s", max(10.0, 10 * (prof.rtt_ms or 0) / 1e3), where, 1.0, 86400.0),
-        rendezvous=rendezvous, rendezvous_port=rdv_port, rendezvous_peers=peers,
+        rendezvous=rendezvous, rendezvous_port=rdv_port, rendezvous_peers=peers, fec=fec,
     )

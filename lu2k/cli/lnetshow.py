@@ -54,7 +54,8 @@ def net_show(nets: Iterable[Mapping[str, Any]], peers: Iterable[Mapping[str, Any
             ni["lu2k"] = _drop_none({
                 "backend": n.get("backend"), "listen": n.get("listen"), "max_message_size": n.get("max_message_size"),
                 "tx_credits": (n.get("credits") or {}).get("tx"), "min_tx_credits": (n.get("credits") or {}).get("min_tx"),
-                "profile": n.get("profile") or None, "backend settings": n.get("backend_settings") or None,
+                "profile": n.get("profile") or None, "derived from profile": n.get("derived") or None,
+                "backend settings": n.get("backend_settings") or None,
             })
         if detail >= 2 and n.get("health") is not None:
             ni["health stats"] = {"health value": n["health"]}

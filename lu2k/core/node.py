@@ -56,6 +56,7 @@ from ..health import MAX_HEALTH, Backoff, Health
 from ..nid import Net, Nid
 from ..routing import Route, RouteTable
 from ..wire import ConnType, Frame, FrameType
+from .fairq import ByteWindow, FairQueue
 from .actions import (
     AbortRx, Action, Close, CloseIn, Complete, Connect, Deliver, LanTransmit, PingDone, Resume, SendIn, Wake,
 )
@@ -97,6 +98,7 @@ class NetParams:
     checksum: bool = False
     typed_connections: bool = False
     min_bulk: int = 1024
+    peer_window_bytes: int = 0  # bytes assigned to a peer and not yet ACKed (0: credits only); see core.fairq
 
 
 class OutMsg:
@@ -240,13 +242,23 @@ class OutConn:
         return f"<OutConn {self.peer.nid} {self.ctype.name} {self.state.value} #{self.attempt}>"
 
 
+def _owner_key(m: OutMsg) -> int:
+    return id(m.owner)  # the submitting endpoint (None: forwarded), by identity
+
+
+def _payload_size(m: OutMsg) -> int:
+    return len(m.payload)
+
+
 class Peer:
     """A next hop: our session with it (sequence numbers, incarnation), credits, connections."""
 
     def __init__(self, ni: NI, nid: Nid, params: NodeParams) -> None:
         self.ni, self.nid = ni, nid
         self.credits = Credits(ni.params.peer_credits)
-        self.queue: deque[OutMsg] = deque()
+        # Fair between the endpoints that submitted, bounded in bytes past the link (core.fairq).
+        self.queue: FairQueue[OutMsg] = FairQueue(_owner_key, _payload_size)
+        self.window = ByteWindow(ni.params.peer_window_bytes)
         self.inflight: dict[int, OutMsg] = {}
         self.conns: dict[ConnType, OutConn] = {}
         self.next_seq = 1
@@ -605,15 +617,17 @@ class Node:
 
     def _pump_peer(self, peer: Peer) -> None:
         ni = peer.ni
-        queue, credits, ni_credits = peer.queue, peer.credits, ni.credits
+        queue, credits, ni_credits, window = peer.queue, peer.credits, ni.credits, peer.window
         checksum = ni.params.checksum
-        while queue and credits.in_use < credits.limit and ni_credits.in_use < ni_credits.limit:
+        while (queue and credits.in_use < credits.limit and ni_credits.in_use < ni_credits.limit
+               and window.fits(len(queue[0].payload))):
             msg = queue.popleft()
             ni.queued -= 1
             if msg.state is not MsgState.QUEUED:
                 continue
             credits.take()
             ni_credits.take()
+            window.take(len(msg.payload))
             self._transition(msg, MsgEvent.ASSIGN)
             msg.seq = peer.next_seq
             peer.next_seq += 1
@@ -674,6 +688,7 @@ class Node:
                 del peer.inflight[m.seq]
                 peer.credits.give()
                 peer.ni.credits.give()
+                peer.window.give(len(m.payload))
                 if status is Status.DELIVERED:
                     peer.stats["delivered"] += 1
                     peer.health.success()
@@ -848,7 +863,7 @@ class Node:
         """A batch of ACKs: the common case (delivered, after a send) is _finish inlined,
         with the credits given back once for the batch."""
         inflight = peer.inflight
-        done = 0
+        done = done_bytes = 0
         for seq, code in entries:
             m = inflight.get(seq)
             if m is None:
@@ -861,11 +876,13 @@ class Node:
             m.state = msg_next(state, MsgEvent.ACK)
             m.status, m.reason = Status.DELIVERED, "delivered"
             done += 1
+            done_bytes += len(m.payload)
             if not m.busy:
                 self._complete(m)
         if done:
             peer.credits.give(done)
             peer.ni.credits.give(done)
+            peer.window.give(done_bytes)
             peer.stats["delivered"] += done
             peer.health.success(done)
             if peer.ni.queued:

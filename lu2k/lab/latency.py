@@ -53,6 +53,7 @@ DEFAULT_LOADS = (0.5, 0.8)
 TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)
 MAX_SAMPLES = 1 << 20
 MAX_RECORD = 16 << 20
+SATURATOR_PORTAL, SINK_PORTAL = 2, 3  # the second endpoint pair of a --saturate run (the paced one: 1 -> 0)
 
 
 # --- pure parts --------------------------------------------------------------------------------
@@ -268,6 +269,82 @@ def _lu2k_sender(args: argparse.Namespace) -> dict[str, Any]:
             "backpressure_waits": stalls, "max_send_lag_ms": lag_max * 1e3}
 
 
+def _lu2k_sink(args: argparse.Namespace) -> dict[str, Any]:
+    """The saturating endpoint's peer: take every message, count them, hand the buffers back."""
+    from ..kernel_shim.endpoint import Endpoint
+
+    received = nbytes = 0
+    first = last = 0.0
+    with Endpoint.attach(args.socket, portal=SINK_PORTAL) as ep:
+        print("listening", flush=True)
+        deadline = time.monotonic() + args.max_time
+        idle_until = deadline
+        while time.monotonic() < min(deadline, idle_until):
+            msg = ep.recv(timeout=0.2)
+            if msg is None:
+                continue
+            last = time.monotonic()
+            first = first or last
+            idle_until = last + args.idle_timeout
+            with msg:
+                received += 1
+                nbytes += len(msg.payload)
+    span = last - first
+    return {"received": received, "bytes": nbytes, "carried_mbit": nbytes * 8 / span / 1e6 if span > 0 else 0.0}
+
+
+def _lu2k_saturator(args: argparse.Namespace) -> dict[str, Any]:
+    """An endpoint offering more than the link carries: posts as fast as lu2k takes messages.
+
+    Its only limit is its own TX pool (``--in-flight`` messages): when lu2k holds that many,
+    ``reserve`` finds no buffer and the sender waits for a completion -- the back-pressure the
+    saturating endpoint must see.  Reports how often and how long it waited.
+    """
+    from ..kernel_shim.endpoint import Endpoint
+    from .bench import tx_pool_bytes
+
+    pending: deque[Any] = deque()
+    sent = delivered = failed = stalls = 0
+    blocked = 0.0
+
+    def settle() -> None:
+        nonlocal delivered, failed
+        while pending and pending[0].done:
+            comp = pending.popleft()
+            if comp.status == 0:
+                delivered += 1
+            else:
+                failed += 1
+
+    with Endpoint.attach(args.socket, portal=SATURATOR_PORTAL, tx_pool_bytes=tx_pool_bytes(args.size, args.in_flight)) as ep:
+        start = time.monotonic()
+        end = start + args.duration
+        while time.monotonic() < end:
+            if len(pending) >= args.in_flight:
+                slot = None  # its window of messages is with lu2k: wait like a blocked send
+            else:
+                try:
+                    slot = ep.reserve(args.size, timeout=0)
+                except ShimError:
+                    slot = None
+            if slot is None:
+                stalls += 1
+                t0 = time.monotonic()
+                ep.wait(0.5)
+                blocked += time.monotonic() - t0
+            else:
+                pending.append(slot.post(args.to, portal=SINK_PORTAL))
+                sent += 1
+            ep.poll()
+            settle()
+        wall = time.monotonic() - start
+        # Leave the rest to the daemon: the endpoint's detach cancels what is still queued.
+        settle()
+    return {"sent": sent, "delivered": delivered, "failed": failed, "unsettled": len(pending),
+            "offered_mbit": sent * args.size * 8 / wall / 1e6 if wall else 0.0,
+            "backpressure_waits": stalls, "blocked_s": round(blocked, 3), "wall_s": round(wall, 3)}
+
+
 def _tcp_receiver(args: argparse.Namespace) -> dict[str, Any]:
     from .baseline import accept_one
 
@@ -356,8 +433,19 @@ def helper_main(argv: list[str] | None = None) -> int:
         else:
             s.add_argument("--port", type=int, required=True)
             s.add_argument("--cc", default="bbr")
+    sink = sub.add_parser("sink")
+    sink.add_argument("--socket", required=True)
+    sink.add_argument("--max-time", type=float, required=True)
+    sink.add_argument("--idle-timeout", type=float, default=5.0)
+    sat = sub.add_parser("saturator")
+    sat.add_argument("--socket", required=True)
+    sat.add_argument("--to", required=True)
+    sat.add_argument("--size", type=int, required=True)
+    sat.add_argument("--duration", type=float, required=True)
+    sat.add_argument("--in-flight", type=int, required=True, help="messages the endpoint may have with lu2k at once")
     args = p.parse_args(argv)
-    handlers = {"receiver": _lu2k_receiver, "sender": _lu2k_sender, "tcp-receiver": _tcp_receiver, "tcp-sender": _tcp_sender}
+    handlers = {"receiver": _lu2k_receiver, "sender": _lu2k_sender, "tcp-receiver": _tcp_receiver, "tcp-sender": _tcp_sender,
+                "sink": _lu2k_sink, "saturator": _lu2k_saturator}
     try:
         result = handlers[args.cmd](args)
     except Lu2kError as e:
@@ -400,6 +488,78 @@ def _pair(lab: Any, recv_argv: list[str], send_argv: list[str], timeout: float) 
     return _last_json(r_out + r_err, "latency receiver"), _last_json(s_out + s_err, "latency sender")
 
 
+def _saturated_cell(lab: Any, daemons: Any, spec: LinkSpec, paced: tuple[list[str], list[str]],
+                    seconds: float) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The paced pair again, while a second endpoint on the same daemons offers 64 KiB messages
+    to the same peer as fast as lu2k takes them (its own window: four times the peer's credits for
+    that size, so lu2k's bound, not the endpoint's, is what holds it back).
+
+    Returns (paced receiver, paced sender, saturator, sink) results.
+    """
+    from .baseline import _last_json
+    from .bench import _communicate
+    from .netns import child_env
+
+    env = child_env()
+    size = 64 << 10
+    in_flight = 4 * credits_for(spec, size)
+    sink = lab.popen("b", _argv("sink", "--socket", daemons.shim("b"), "--max-time", str(seconds + 300)),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    sat = None
+    try:
+        assert sink.stdout is not None
+        ready, _, _ = select.select([sink.stdout], [], [], 30)
+        line = sink.stdout.readline().strip() if ready else ""
+        if line != "listening":
+            raise NetworkError(f"saturating sink did not start: {line}")
+        sat = lab.popen("a", _argv("saturator", "--socket", daemons.shim("a"), "--to", daemons.nids["b"], "--size", str(size),
+                                   "--duration", repr(seconds + 2.0), "--in-flight", str(in_flight)),
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        time.sleep(2.0)  # the link is full before the first paced message
+        recv, send = _pair(lab, *paced, seconds + 180)
+        s_out, s_err = _communicate(sat, 120)
+        k_out, k_err = _communicate(sink, 120)
+    finally:
+        for proc in (sink, sat):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return recv, send, _last_json(s_out + s_err, "saturating sender"), _last_json(k_out + k_err, "saturating sink")
+
+
+def _fec_counters(daemons: Any) -> dict[str, dict[str, Any]]:
+    """Each daemon's FEC mode and counters over the whole lu2k part of the run (``net show -v``)."""
+    import asyncio
+
+    from ..control import request
+
+    out: dict[str, dict[str, Any]] = {}
+    for side, proc in daemons.procs.items():
+        try:
+            nets = asyncio.run(request(str(proc.control_path), "net show", {}, timeout=10))
+        except Lu2kError as e:
+            print(f"FEC counters of lu2kd-{side}: {e}", file=sys.stderr)
+            continue
+        for n in nets:
+            settings = n.get("backend_settings") or {}
+            if settings.get("fec", "off") != "off":
+                out[side] = {k: v for k, v in settings.items() if k == "fec" or k.startswith("fec_")}
+    return out
+
+
+def fec_summary(fec: dict[str, Any], sender: str = "a", receiver: str = "b") -> str | None:
+    """One line on FEC in the a -> b direction: repair sent and its share of the bytes, rebuilt, lost."""
+    tx, rx = fec.get(sender), fec.get(receiver)
+    if not tx or not rx:
+        return None
+    data = tx.get("fec_data_bytes", tx.get("fec_sent_data_bytes", 0))
+    repair = tx.get("fec_repair_bytes", tx.get("fec_sent_repair_bytes", 0))
+    share = f"{repair / data * 100:.1f} %" if data else "-"
+    return (f"FEC {sender}->{receiver} ({tx.get('fec')}): repair {share} of the data bytes; at {receiver}: "
+            f"{rx.get('fec_lost', 0)} datagrams missing, {rx.get('fec_recovered', 0)} of them rebuilt "
+            f"({rx.get('fec_unrecovered_groups', 0)} groups beyond repair)")
+
+
 def _cell_result(kind: str, size: int, load: float, spec: LinkSpec, recv: dict[str, Any], send: dict[str, Any]) -> dict[str, Any]:
     samples = recv.pop("samples", [])
     out: dict[str, Any] = {"path": kind, "size": size, "load": load, "floor_ms": floor_ms(spec, size),
@@ -411,8 +571,13 @@ def _cell_result(kind: str, size: int, load: float, spec: LinkSpec, recv: dict[s
 
 def run_latency(backend: str, specs: tuple[LinkSpec, LinkSpec], *, sizes: Sequence[int] = DEFAULT_SIZES,
                 loads: Sequence[float] = DEFAULT_LOADS, duration: float = 20.0, warmup: float = 5.0,
-                baseline: str | None = "bbr", options: dict[str, Any] | None = None, log: Any = None) -> dict[str, Any]:
-    """Every (size, load) cell through lu2k, then over kernel TCP; see the module docstring."""
+                baseline: str | None = "bbr", options: dict[str, Any] | None = None, log: Any = None,
+                saturate: bool = False) -> dict[str, Any]:
+    """Every (size, load) cell through lu2k, then over kernel TCP; see the module docstring.
+
+    ``saturate``: each lu2k cell runs twice, alone and then beside a second endpoint on the
+    same daemon offering more than the link to the same peer (:func:`_saturated_cell`).
+    """
     from .bench import LabDaemons, backend_availability
     from .netns import Lab
 
@@ -432,6 +597,7 @@ def run_latency(backend: str, specs: tuple[LinkSpec, LinkSpec], *, sizes: Sequen
             print(msg, file=log, flush=True)
 
     cells: list[dict[str, Any]] = []
+    fec: dict[str, dict[str, Any]] = {}
     wd = Path(tempfile.mkdtemp(prefix="lu2k-latency-"))
     try:
         with Lab(specs) as lab:
@@ -443,14 +609,20 @@ def run_latency(backend: str, specs: tuple[LinkSpec, LinkSpec], *, sizes: Sequen
                         interval = send_interval(size, spec.rate_bps, load)
                         count, skip = int((warmup + duration) / interval), int(warmup / interval)
                         say(f"lu2k/{backend}: {size} B at {load * 100:g}% of the link ({count} messages)")
-                        recv, send = _pair(
-                            lab,
+                        paced = (
                             _argv("receiver", "--socket", daemons.shim("b"), "--count", str(count), "--skip", str(skip),
                                   "--max-time", str(warmup + duration + 120)),
                             _argv("sender", "--socket", daemons.shim("a"), "--to", daemons.nids["b"], "--size", str(size),
                                   "--interval", repr(interval), "--count", str(count), "--in-flight", str(credits_for(spec, size))),
-                            warmup + duration + 180)
+                        )
+                        recv, send = _pair(lab, *paced, warmup + duration + 180)
                         cells.append(_cell_result(f"lu2k/{backend}", size, load, spec, recv, send))
+                        if saturate:
+                            say(f"lu2k/{backend}: the same beside a saturating endpoint")
+                            cell = _saturated_cell(lab, daemons, spec, paced, warmup + duration)
+                            cells.append({**_cell_result(f"lu2k/{backend} +saturating", size, load, spec, *cell[:2]),
+                                          "saturator": cell[2], "sink": cell[3]})
+                fec = _fec_counters(daemons)
             emu1 = lab.stats()
             if baseline:
                 port = 5301
@@ -475,7 +647,7 @@ def run_latency(backend: str, specs: tuple[LinkSpec, LinkSpec], *, sizes: Sequen
     ab = emu1["links"]["ab"]
     return {
         "backend": backend, "options": options or {}, "link_mbit": spec.rate_bps / 1e6, "rtt_ms": spec.rtt_s * 1e3, "loss": spec.mean_loss,
-        "warmup_s": warmup, "duration_s": duration, "cells": cells,
+        "warmup_s": warmup, "duration_s": duration, "cells": cells, "fec": fec,
         "emulator": {"lateness_p99_ms": ab["lateness"]["p99_us"] / 1e3, "lateness_max_ms": ab["lateness"]["max_us"] / 1e3,
                      "drops_queue": ab["drops_queue"] - emu0["links"]["ab"]["drops_queue"],
                      "drops_loss": ab["drops_loss"] - emu0["links"]["ab"]["drops_loss"]},
@@ -496,7 +668,18 @@ def format_latency(r: dict[str, Any]) -> str:
                      over, ms(c["p999_ms"]), ms(c["max_ms"]), c["missing"]])
     head = (f"link {r['link_mbit']:g} Mbit/s, RTT {r['rtt_ms']:g} ms, loss {r['loss'] * 100:g}% each way; "
             f"emulator lateness p99 {r['emulator']['lateness_p99_ms']:.2f} ms; load average {r['load_average'][0]:.2f}")
-    return head + "\n" + render(["path", "size B", "load", "floor ms", "p50 ms", "p99 ms", "p99-floor", "p99.9 ms", "max ms", "lost"], rows)
+    table = render(["path", "size B", "load", "floor ms", "p50 ms", "p99 ms", "p99-floor", "p99.9 ms", "max ms", "lost"], rows)
+    notes = []
+    for c in r["cells"]:
+        sat, sink = c.get("saturator"), c.get("sink")
+        if sat is not None and sink is not None:
+            notes.append(f"saturating endpoint beside {c['size']} B @ {c['load'] * 100:g}%: offered {sat['offered_mbit']:.1f} Mbit/s, "
+                         f"carried {sink['carried_mbit']:.1f}; blocked {sat['backpressure_waits']} times, "
+                         f"{sat['blocked_s']:.1f} s of {sat['wall_s']:.1f} s")
+    line = fec_summary(r.get("fec") or {})
+    if line:
+        notes.append(line)
+    return head + "\n" + table + "".join("\n" + n for n in notes)
 
 
 def plot_cdf(r: dict[str, Any], path: str | Path) -> None:
@@ -542,7 +725,8 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
     specs = specs_from_args(args)
     r = run_latency(args.backend, specs, sizes=parse_sizes(args.sizes), loads=parse_loads(args.loads), duration=args.duration,
-                    warmup=args.warmup, baseline=None if args.no_baseline else "bbr", options=_options(args.option), log=sys.stderr)
+                    warmup=args.warmup, baseline=None if args.no_baseline else "bbr", options=_options(args.option), log=sys.stderr,
+                    saturate=args.saturate)
     print(format_latency(r))
     if args.plot:
         plot_cdf(r, args.plot)
@@ -566,6 +750,8 @@ def register_bench(bsub: Any) -> None:
     lat.add_argument("--option", action="append", metavar="KEY=VALUE",
                      help="a backend option for both daemons, e.g. fec=auto (repeatable)")
     lat.add_argument("--no-baseline", action="store_true", help="skip the kernel TCP BBR cells")
+    lat.add_argument("--saturate", action="store_true",
+                     help="run each lu2k cell again beside a second endpoint that offers more than the link to the same peer")
     lat.add_argument("--plot", help="write a latency CDF PNG here")
     lat.add_argument("--json", action="store_true", help="last line: the result as JSON")
     lat.set_defaults(func=cmd_latency)
