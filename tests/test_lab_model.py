@@ -151,3 +151,36 @@ def test_lateness_stats_percentiles_are_bounded() -> None:
     assert s.count == 1000 and len(s._ring) == 100
     assert s.max == pytest.approx(999e-6)
     assert s.percentile(50) >= 900e-6  # the ring keeps the most recent values
+
+
+def test_reconfiguration_outage_and_rtt_jump() -> None:
+    """leo-fast-style link: each period opens with an outage and a redrawn delay within the range."""
+    spec = LinkSpec(rate_bps=0.0, delay_s=0.015, delay_max_s=0.030, reconfig_s=15.0, outage_s=0.3)
+    link = LinkModel(spec)
+    # Period 0 has no outage; later periods are down for their first 300 ms and up after it.
+    assert not isinstance(link.offer(100, 0.0), Drop)
+    assert link.offer(100, 15.0) is Drop.DOWN
+    assert link.offer(100, 15.299) is Drop.DOWN
+    delays = []
+    for period in range(1, 40):
+        t = period * 15.0 + 0.31
+        release = link.offer(100, t)
+        assert not isinstance(release, Drop)
+        delays.append(release - t)
+        assert release - t == pytest.approx(spec.period_delay(period))
+    assert all(0.015 <= d <= 0.030 for d in delays)
+    assert max(delays) - min(delays) > 0.008  # the RTT really jumps around its range
+    assert link.counters.drops_down == 2 and link.counters.reconfigurations == 39
+
+
+def test_reconfiguration_is_the_same_in_both_directions_and_keeps_order() -> None:
+    ab = LinkModel(LinkSpec(delay_s=0.015, delay_max_s=0.030, reconfig_s=1.0, seed=2), "ab")
+    ba = LinkModel(LinkSpec(delay_s=0.015, delay_max_s=0.030, reconfig_s=1.0, seed=3), "ba")
+    releases = []
+    for i in range(20_000):
+        t = i * 1e-3
+        r1, r2 = ab.offer(100, t), ba.offer(100, t)
+        assert r1 == r2  # same instants, same delay: both directions jump together
+        releases.append(r1)
+    # A drop in delay never lets a packet overtake the one before it.
+    assert all(b >= a for a, b in zip(releases, releases[1:]))

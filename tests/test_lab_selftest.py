@@ -25,11 +25,12 @@ def test_table_format() -> None:
 def test_selftest_reports_a_ceiling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LU2K_LAB_DIR", str(tmp_path))
     rows = run_selftest(duration=1.5, warmup=0.5)
-    assert [r["case"] for r in rows] == ["blast, no delay", "blast, 300 ms", "50 Mbit, 300 ms"]
+    assert [r["case"] for r in rows] == ["blast, no delay", "blast, 300 ms", "50 Mbit, 300 ms", "200 Mbit, 15 ms"]
     for r in rows:
         assert r["pps"] > 0 and r["forwarder_packets"] > 0
-    # The paced case goes through a 50 Mbit/s cap: what arrives cannot exceed it.
+    # The paced cases go through a 50 and a 200 Mbit/s cap: what arrives cannot exceed it.
     assert rows[2]["mbit"] <= 50 * 1.05
+    assert rows[3]["mbit"] <= 200 * 1.05
 
 
 @needs_root

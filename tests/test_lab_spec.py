@@ -105,3 +105,32 @@ def test_errors_name_the_option_prefix_of_a_second_path() -> None:
     with pytest.raises(ConfigError, match="--second-rate and --second-rtt"):
         build_specs("custom", option_prefix="--second-", profile_option="--second-path")
     assert build_specs("leo", queue="64k") == build_specs("leo", queue="65536")
+
+
+def test_leo_fast_profile() -> None:
+    ab, ba = build_specs("leo-fast")
+    assert ab.rate_bps == 200e6 and ab.loss == pytest.approx(0.01)
+    assert (ab.rtt_min_s, ab.rtt_s) == pytest.approx((0.030, 0.060))
+    assert ab.reconfig_s == 15.0 and 0 < ab.outage_s < 1.0
+    # Queue: one BDP at the largest RTT.
+    assert ab.effective_queue_bytes() == 1_500_000
+    assert (ba.delay_s, ba.delay_max_s, ba.reconfig_s, ba.outage_s) == (ab.delay_s, ab.delay_max_s, ab.reconfig_s, ab.outage_s)
+    # Overrides: a fixed RTT, no loss, no outage, still reconfiguring.
+    ab, _ = build_specs("leo-fast", rtt="40ms", loss="0", outage="0")
+    assert (ab.rtt_min_s, ab.rtt_s, ab.loss, ab.outage_s, ab.reconfig_s) == pytest.approx((0.04, 0.04, 0.0, 0.0, 15.0))
+    assert LinkSpec.from_dict(ab.to_dict()) == ab
+
+
+def test_rtt_range_and_reconfiguration_errors_name_the_option() -> None:
+    ab, _ = build_specs("custom", rate="10mbit", rtt="20ms-80ms", reconfig="5s")
+    assert (ab.delay_s, ab.delay_max_s) == pytest.approx((0.01, 0.04))
+    with pytest.raises(ConfigError, match="--reconfig"):
+        build_specs("custom", rate="10mbit", rtt="20ms-80ms")
+    with pytest.raises(ConfigError, match="--rtt"):
+        build_specs("custom", rate="10mbit", rtt="80ms-20ms", reconfig="5s")
+    with pytest.raises(ConfigError, match="--outage"):
+        build_specs("leo-fast", outage="20s")
+    with pytest.raises(ConfigError, match="--second-reconfig"):
+        build_specs("custom", rate="10mbit", rtt="1ms", outage="1ms", option_prefix="--second-")
+    with pytest.raises(ConfigError, match="reconfig"):
+        LinkSpec(outage_s=0.1)

@@ -13,9 +13,13 @@ from .spec import PROFILES, build_specs
 def add_link_options(p: argparse.ArgumentParser, *, default_profile: str = "geo") -> None:
     """The link description options, shared with ``lu2k bench link``."""
     p.add_argument("--profile", choices=sorted(PROFILES), default=default_profile,
-                   help="geo: 20mbit/600ms, leo: 50mbit/40ms, custom: give --rate and --rtt (default %(default)s)")
+                   help="geo: 20mbit/600ms, leo: 50mbit/40ms, leo-fast: 200mbit, RTT 30-60ms redrawn every 15s with a 300ms "
+                        "outage, 1%% loss; custom: give --rate and --rtt (default %(default)s)")
     p.add_argument("--rate", help="link rate per direction, e.g. 20mbit (overrides the profile)")
-    p.add_argument("--rtt", help="round-trip time, e.g. 600ms (overrides the profile)")
+    p.add_argument("--rtt", help="round-trip time, e.g. 600ms, or a range redrawn at each reconfiguration, e.g. 30ms-60ms "
+                                 "(overrides the profile)")
+    p.add_argument("--reconfig", help="reconfiguration period, e.g. 15s: an outage and a new RTT each period (0: never)")
+    p.add_argument("--outage", help="how long the link is down at each reconfiguration, e.g. 300ms")
     p.add_argument("--loss", help="random loss per direction, e.g. 1%% or 0.01")
     p.add_argument("--jitter", help="uniform +- delay jitter per direction, e.g. 5ms (order kept)")
     p.add_argument("--burst-loss", help="Gilbert-Elliott burst loss rate on top of --loss, e.g. 0.5%%")
@@ -29,13 +33,14 @@ def add_link_options(p: argparse.ArgumentParser, *, default_profile: str = "geo"
 def specs_from_args(args: argparse.Namespace) -> Any:
     return build_specs(
         args.profile, rate=args.rate, rtt=args.rtt, loss=args.loss, jitter=args.jitter, burst_loss=args.burst_loss,
-        burst_len=args.burst_len, reorder=args.reorder, reorder_delay=args.reorder_delay, queue=args.queue, seed=args.seed,
+        burst_len=args.burst_len, reorder=args.reorder, reorder_delay=args.reorder_delay, queue=args.queue,
+        reconfig=getattr(args, "reconfig", None), outage=getattr(args, "outage", None), seed=args.seed,
     )
 
 
 def profile_summary(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in ("profile", "rate", "rtt", "loss", "jitter", "burst_loss", "burst_len",
-                                          "reorder", "queue", "seed") if getattr(args, k, None) is not None}
+                                          "reorder", "queue", "reconfig", "outage", "seed") if getattr(args, k, None) is not None}
 
 
 SECOND_PATH_OPTIONS = ("rate", "rtt", "loss", "jitter", "queue")

@@ -2,7 +2,11 @@
 
 Theory of operation.  A packet offered at ``now`` goes through, in order:
 
-1. **Link state** -- while the link is administratively down (a flap), it is dropped (``DOWN``).
+1. **Link state** -- while the link is administratively down (a flap), or in the outage that
+   opens each reconfiguration period (``reconfig_s``: the first ``outage_s`` seconds of every
+   period ``floor(now / reconfig_s)`` after period 0's), it is dropped (``DOWN``).  Periods
+   are counted from clock zero, not from the first packet, so the two directions of a hop --
+   two models read by one forwarder on one clock -- reconfigure at the same instants.
 2. **Rate cap and drop-tail queue** -- the link serialises one packet at a time at
    ``rate_bps``; ``busy_until`` is when the last accepted packet finishes.  The queue holds
    the bytes not yet serialised, ``(busy_until - now) * rate / 8``; a packet that would push it
@@ -11,7 +15,8 @@ Theory of operation.  A packet offered at ``now`` goes through, in order:
 3. **Loss** -- a packet that has been serialised may still be lost on the medium: Bernoulli
    with ``loss``, then Gilbert-Elliott bursts (``LOSS``).  A lost packet has used its share
    of the link, as on a real noisy channel.
-4. **Delay** -- it is released ``delay +- jitter`` after departure.  Releases never go
+4. **Delay** -- it is released ``delay +- jitter`` after departure, ``delay`` being the
+   period's (:meth:`LinkSpec.period_delay`) on a reconfiguring link.  Releases never go
    backwards (a packet is not released before the one accepted ahead of it), so jitter only
    stretches the gaps; with ``reorder`` a chosen fraction is held back an extra
    ``reorder_delay`` instead, outside that clamp, so later packets overtake it.
@@ -96,6 +101,7 @@ class LinkCounters:
     drops_loss: int = 0
     drops_down: int = 0
     reordered: int = 0
+    reconfigurations: int = 0  # reconfiguration periods entered after the first
     max_queue_bytes: int = 0
     # Of packets_in/bytes_in, the IPv6 ones (the forwarder reads the version nibble; the
     # model itself charges every packet its whole length, IP header included, either way).
@@ -113,6 +119,7 @@ class LinkCounters:
             "drops_loss": self.drops_loss,
             "drops_down": self.drops_down,
             "reordered": self.reordered,
+            "reconfigurations": self.reconfigurations,
             "max_queue_bytes": self.max_queue_bytes,
             "packets_ipv6": self.packets_ipv6,
             "bytes_ipv6": self.bytes_ipv6,
@@ -133,6 +140,8 @@ class LinkModel:
         self._busy_until = 0.0
         self._last_release = 0.0
         self._ge_bad = False
+        self._period = -1  # the reconfiguration period _delay belongs to
+        self._delay = spec.delay_s
         # String seeds hash deterministically (random.seed version 2), unlike hash().
         self._rng_loss = random.Random(f"{spec.seed}/{name}/loss")
         self._rng_delay = random.Random(f"{spec.seed}/{name}/delay")
@@ -167,12 +176,23 @@ class LinkModel:
                 lost = True
         return lost
 
+    def reconfigure(self, now: float) -> bool:
+        """Bring the period's delay up to date for ``now``; False while in a reconfiguration outage."""
+        spec = self.spec
+        period = int(now // spec.reconfig_s)
+        if period != self._period:
+            self._period = period
+            self._delay = spec.period_delay(period)
+            if period:
+                self.counters.reconfigurations += 1
+        return not (period and now - period * spec.reconfig_s < spec.outage_s)
+
     def offer(self, length: int, now: float) -> float | Drop:
         """A packet of ``length`` bytes arrives at ``now``: its release time, or why it is dropped."""
         c = self.counters
         c.packets_in += 1
         c.bytes_in += length
-        if not self.up:
+        if not self.up or (self.spec.reconfig_s and not self.reconfigure(now)):
             c.drops_down += 1
             return Drop.DOWN
         if self._bytes_per_s > 0.0:
@@ -193,7 +213,7 @@ class LinkModel:
             c.drops_loss += 1
             return Drop.LOSS
         spec = self.spec
-        release = depart + spec.delay_s
+        release = depart + self._delay
         if spec.jitter_s > 0.0:
             release = max(depart, release + self._rng_delay.uniform(-spec.jitter_s, spec.jitter_s))
         if spec.reorder > 0.0 and self._rng_delay.random() < spec.reorder:

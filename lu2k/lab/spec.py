@@ -14,6 +14,7 @@ delay.
 from __future__ import annotations
 
 import dataclasses
+import random
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,18 @@ def parse_time(text: str | float, *, what: str = "--rtt") -> float:
     if not m:
         raise ConfigError(f"bad time {text!r}: expected a number with a unit (e.g. 600ms, 0.6s, 250us)", where=what)
     return float(m.group(1)) * _TIME_UNITS[m.group(2)]
+
+
+def parse_rtt_range(text: str | float, *, what: str = "--rtt") -> tuple[float, float]:
+    """``600ms`` -> (0.6, 0.6); ``30ms-60ms`` -> (0.03, 0.06): the smallest and largest RTT."""
+    if isinstance(text, str) and "-" in text.strip().lstrip("-"):
+        lo, _, hi = text.strip().partition("-")
+        low, high = parse_time(lo, what=what), parse_time(hi, what=what)
+        if high < low:
+            raise ConfigError(f"bad RTT range {text!r}: the second RTT must not be below the first", where=what)
+        return low, high
+    rtt = parse_time(text, what=what)
+    return rtt, rtt
 
 
 def parse_fraction(text: str | float, *, what: str = "--loss") -> float:
@@ -137,10 +150,23 @@ class LinkSpec:
     reorder_delay_s: float = 0.005
     queue_bytes: int | None = None  # drop-tail limit; None: one BDP
     seed: int = 1
+    # Reconfiguration: every ``reconfig_s`` seconds (0: never) the link is down for
+    # ``outage_s`` and the one-way delay is redrawn within delay_s..delay_max_s (0: fixed).
+    reconfig_s: float = 0.0
+    outage_s: float = 0.0
+    delay_max_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.rate_bps < 0 or self.delay_s < 0 or self.jitter_s < 0 or self.reorder_delay_s < 0:
-            raise ConfigError("rate, delay, jitter and reorder delay must not be negative", where="link")
+        if min(self.rate_bps, self.delay_s, self.jitter_s, self.reorder_delay_s, self.reconfig_s, self.outage_s, self.delay_max_s) < 0:
+            raise ConfigError("rate, delay, jitter, reorder delay, reconfiguration period and outage must not be negative", where="link")
+        if self.delay_max_s and self.delay_max_s < self.delay_s:
+            raise ConfigError(f"the largest RTT ({self.delay_max_s * 2e3:g} ms) is below the smallest ({self.delay_s * 2e3:g} ms)",
+                              where="--rtt")
+        if (self.outage_s or self.delay_max_s) and not self.reconfig_s:
+            raise ConfigError("an outage or an RTT range needs a reconfiguration period", where="--reconfig")
+        if self.reconfig_s and self.outage_s >= self.reconfig_s:
+            raise ConfigError(f"an outage of {self.outage_s:g} s leaves nothing of a {self.reconfig_s:g} s reconfiguration period",
+                              where="--outage")
         for name in ("loss", "reorder"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -150,7 +176,18 @@ class LinkSpec:
 
     @property
     def rtt_s(self) -> float:
+        """The largest round-trip time: what windows and queues are provisioned for."""
+        return 2.0 * max(self.delay_s, self.delay_max_s)
+
+    @property
+    def rtt_min_s(self) -> float:
         return 2.0 * self.delay_s
+
+    def period_delay(self, period: int) -> float:
+        """The one-way delay during reconfiguration period ``period`` (same for both directions)."""
+        if not self.delay_max_s or self.delay_max_s == self.delay_s:
+            return self.delay_s
+        return random.Random(f"reconfig/{period}").uniform(self.delay_s, self.delay_max_s)
 
     def effective_queue_bytes(self) -> int:
         """The drop-tail limit: explicit, or one BDP (rate x RTT), at least 16 packets."""
@@ -187,6 +224,9 @@ class Profile:
     rtt: str
     jitter: str = "0"
     description: str = ""
+    loss: str = "0"
+    reconfig: str = "0"
+    outage: str = "0"
 
 
 PROFILES: dict[str, Profile] = {
@@ -195,6 +235,10 @@ PROFILES: dict[str, Profile] = {
     "geo": Profile("geo", rate="20mbit", rtt="600ms", description="GEO satellite hop (20 Mbit/s, 600 ms RTT)"),
     # Low earth orbit constellations: ~40 ms RTT, higher rates per terminal.
     "leo": Profile("leo", rate="50mbit", rtt="40ms", description="LEO satellite hop (50 Mbit/s, 40 ms RTT)"),
+    # A fast LEO terminal (Starlink class): the constellation reconfigures every 15 s, the RTT
+    # jumps within 30-60 ms and the link drops out for a fraction of a second at each step.
+    "leo-fast": Profile("leo-fast", rate="200mbit", rtt="30ms-60ms", loss="1%", reconfig="15s", outage="300ms",
+                        description="fast LEO terminal (200 Mbit/s, RTT 30-60 ms redrawn every 15 s with a 300 ms outage, 1 % loss)"),
     # Nothing preset: --rate and --rtt are required.
     "custom": Profile("custom", rate="", rtt="", description="everything from --rate/--rtt/..."),
 }
@@ -212,6 +256,8 @@ def build_specs(
     reorder: str | None = None,
     reorder_delay: str | None = None,
     queue: str | None = None,
+    reconfig: str | None = None,
+    outage: str | None = None,
     seed: int = 1,
     option_prefix: str = "--",
     profile_option: str = "--profile",
@@ -238,14 +284,24 @@ def build_specs(
                                          burst_len if burst_len is not None else 4.0)
     elif burst_len is not None:
         raise ConfigError(f"{opt('burst-len')} needs {opt('burst-loss')}", where=opt("burst-len"))
+    rtt_lo, rtt_hi = parse_rtt_range(rtt_s, what=opt("rtt"))
+    reconfig_s = parse_time(reconfig if reconfig is not None else prof.reconfig, what=opt("reconfig"))
+    outage_s = parse_time(outage if outage is not None else prof.outage, what=opt("outage"))
+    if not reconfig_s and (outage_s or rtt_hi != rtt_lo):
+        raise ConfigError(f"an outage or an RTT range ({rtt_s}) needs {opt('reconfig')} (a period, e.g. 15s)", where=opt("reconfig"))
+    if reconfig_s and outage_s >= reconfig_s:
+        raise ConfigError(f"{opt('outage')} {outage_s:g} s must be shorter than {opt('reconfig')} {reconfig_s:g} s", where=opt("outage"))
     queue_bytes = parse_size(queue, what=opt("queue")) if queue is not None else None
     if queue_bytes is not None and queue_bytes < MTU:
         raise ConfigError(f"queue of {queue_bytes} bytes cannot hold one {MTU}-byte packet", where=opt("queue"))
     common: dict[str, Any] = dict(
         rate_bps=parse_rate(rate_s, what=opt("rate")),
-        delay_s=parse_time(rtt_s, what=opt("rtt")) / 2.0,
+        delay_s=rtt_lo / 2.0,
+        delay_max_s=rtt_hi / 2.0 if rtt_hi != rtt_lo else 0.0,
+        reconfig_s=reconfig_s,
+        outage_s=outage_s,
         jitter_s=parse_time(jitter if jitter is not None else prof.jitter, what=opt("jitter")),
-        loss=parse_fraction(loss, what=opt("loss")) if loss is not None else 0.0,
+        loss=parse_fraction(loss if loss is not None else prof.loss, what=opt("loss")),
         burst=burst,
         reorder=parse_fraction(reorder, what=opt("reorder")) if reorder is not None else 0.0,
         queue_bytes=queue_bytes,
