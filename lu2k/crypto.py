@@ -114,9 +114,9 @@ class FrameSealer:
                 sealed = self._buffer(big, plen + TAG_SIZE)
                 big += 1
                 aead.encrypt_into(self._next(), payload, None, sealed)
-                out.append((first, sealed))  # type: ignore[arg-type]
+                out.append((first, sealed))
             else:  # pragma: no cover - cryptography < 44
-                out.append((first, aead.encrypt(self._next(), payload, None)))  # type: ignore[arg-type]
+                out.append((first, aead.encrypt(self._next(), payload, None)))
         if run:
             out.append(self._seal_run(run, run_size))
         return out
