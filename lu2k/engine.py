@@ -780,16 +780,14 @@ class Engine:
         return None  # rx_wait() wakes the waiting deliveries
 
     def on_submit(self, port: ShimPort, reqs: list[SendRequest]) -> None:
-        portal = port.portal
-
-        def finisher(req: SendRequest) -> Callable[[Status, str], None]:
-            def finish(status: Status, reason: str) -> None:
+        portal, items = port.portal, []
+        for req in reqs:
+            def finish(status: Status, reason: str, req: SendRequest = req) -> None:
                 if port.attached:
                     port.complete(req, status, reason)
-            return finish
-
+            items.append((bytes(req.dst_nid), portal, req.dst_portal, req.payload, finish, port))
         # One pump per peer for the whole doorbell's worth of descriptors (in _transmit).
-        self.core.submit_batch([(bytes(req.dst_nid), portal, req.dst_portal, req.payload, finisher(req), port) for req in reqs], self.now())
+        self.core.submit_batch(items, self.now())
         self._transmit()
 
     # -- control ---------------------------------------------------------------------------------
