@@ -58,6 +58,12 @@ def _backend(args: argparse.Namespace) -> QuicBackend:
     return QuicBackend(BackendSettings(parse_net("quic"), args.port, 8 << 20, profile=profile, options=opts))
 
 
+def _hello_done(t: Any, local: str, peer: str) -> None:
+    """The transport alone has no engine to run the lu2k hello; QUIC's mTLS has authenticated
+    the peer, so open the transport for message streams as a finished hello would."""
+    t.on_hello_done(wire.HelloResult(parse_nid(f"{peer}@quic"), parse_nid(f"{local}@quic"), ConnType.ANY, 1, wire.PROTOCOL_VERSION))
+
+
 async def _receiver(args: argparse.Namespace) -> dict[str, Any]:
     backend = _backend(args)
     done = asyncio.Event()
@@ -67,6 +73,7 @@ async def _receiver(args: argparse.Namespace) -> dict[str, Any]:
 
     async def on_accept(t: Any) -> None:
         n = 0
+        _hello_done(t, "127.0.0.2", "127.0.0.1")
         while True:
             try:
                 frames = await t.recv()
@@ -113,6 +120,8 @@ async def _sender(args: argparse.Namespace) -> dict[str, Any]:
     backend = _backend(args)
     src, dst = parse_nid(f"{args.src}@quic").to_bytes(), parse_nid(f"{args.peer}@quic").to_bytes()
     t = await backend.connect(args.peer, args.port, ConnType.ANY, 30.0)
+    _hello_done(t, args.src, args.peer)
+    await asyncio.sleep(1.0)  # let the receiver's accept callback open its side before the first message stream
     payload = os.urandom(SIZE)
     seq = 0
     end = time.monotonic() + args.warmup + args.duration + 5
@@ -236,7 +245,7 @@ def loopback(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as wd:
         certs = backend_options("quic", _Loopback(), Path(wd))  # type: ignore[arg-type]
         common = ["--rtt-ms", str(args.rtt_ms or 1), "--rate-mbit", str(args.rate_mbit or 2000), "--loss", "0",
-                  "--warmup", str(args.warmup), "--duration", str(args.duration)]
+                  "--warmup", str(args.warmup), "--duration", str(args.duration), "--port", str(args.port)]
         me = [sys.executable, str(Path(__file__).resolve())]
         opts = {"congestion": "rate"}
         r = subprocess.Popen(me + ["--role", "recv", "--options", json.dumps(opts | certs["b"])] + common,

@@ -87,35 +87,61 @@ class FrameSealer:
         return n
 
     def seal(self, frames: Sequence[OutFrame]) -> list[OutFrame]:
-        """``(header, payload)`` pairs -> the same frames sealed, as ``(record, payload record)``."""
+        """``(header, payload)`` pairs -> the same frames sealed, as ``(record, payload record)``.
+
+        Consecutive small frames are sealed into one buffer, back to back, and returned as one
+        ``(records, b"")`` entry: one allocation and one iovec for a run of records instead of
+        one each.  Every record keeps its own prefix, nonce and tag (the wire is unchanged),
+        so the receiver still authenticates each frame on its own.
+        """
         out: list[OutFrame] = []
         aead = self._aead
         big = 0
+        run: list[tuple[bytes, int]] = []  # (plaintext, offset of its record) of the current run of small frames
+        run_size = 0
         for header, payload in frames:
             plen = len(payload)
             if plen <= INLINE_MAX:
-                plain = bytes(header) + bytes(payload) if plen else bytes(header)
-                split = False
-            else:
-                plain, split = bytes(header), True
-            prefix = PREFIX.pack(len(plain))
+                plain = b"".join((header, payload)) if plen else bytes(header)
+                run.append((plain, run_size))
+                run_size += 4 + len(plain) + TAG_SIZE
+                continue
+            if run:
+                out.append(self._seal_run(run, run_size))
+                run, run_size = [], 0
+            first = self._seal_run([(bytes(header), 0)], 4 + len(header) + TAG_SIZE)[0]
             if _HAS_INTO:
-                rec = bytearray(4 + len(plain) + TAG_SIZE)
-                rec[:4] = prefix
-                aead.encrypt_into(self._next(), plain, prefix, memoryview(rec)[4:])
-                first: bytes | bytearray = rec
-            else:  # pragma: no cover - cryptography < 44
-                first = prefix + aead.encrypt(self._next(), plain, prefix)
-            if not split:
-                out.append((first, b""))  # type: ignore[arg-type]
-            elif _HAS_INTO:
                 sealed = self._buffer(big, plen + TAG_SIZE)
                 big += 1
                 aead.encrypt_into(self._next(), payload, None, sealed)
-                out.append((first, sealed))  # type: ignore[arg-type]
+                out.append((first, sealed))
             else:  # pragma: no cover - cryptography < 44
-                out.append((first, aead.encrypt(self._next(), payload, None)))  # type: ignore[arg-type]
+                out.append((first, aead.encrypt(self._next(), payload, None)))
+        if run:
+            out.append(self._seal_run(run, run_size))
         return out
+
+    def _seal_run(self, run: list[tuple[bytes, int]], size: int) -> OutFrame:
+        """Seal ``run``'s plaintexts as consecutive records of one ``size``-byte buffer."""
+        aead, pack = self._aead, PREFIX.pack
+        if not _HAS_INTO:  # pragma: no cover - cryptography < 44
+            parts = []
+            for plain, _at in run:
+                prefix = PREFIX.pack(len(plain))
+                parts.append(prefix + aead.encrypt(self._next(), plain, prefix))
+            return b"".join(parts), b""
+        if self.records + len(run) >= MAX_RECORDS - 2:
+            raise LocalProtocolError("AEAD record counter exhausted; reconnect")
+        buf = bytearray(size)
+        view = memoryview(buf)
+        n = self.records
+        for plain, at in run:
+            prefix = pack(len(plain))
+            buf[at : at + 4] = prefix
+            aead.encrypt_into(n.to_bytes(12, "little"), plain, prefix, view[at + 4 : at + 4 + len(plain) + TAG_SIZE])
+            n += 1
+        self.records = n
+        return buf, b""  # type: ignore[return-value]
 
 
 class SealedDecoder:
@@ -179,6 +205,7 @@ class SealedDecoder:
             raise self._broken
         view = memoryview(data)
         pos, n = 0, len(view)
+        unpack_prefix = PREFIX.unpack_from
         while pos < n:
             if self._sealed is not None:
                 take = min(n - pos, len(self._sealed) - self._filled)
@@ -199,7 +226,10 @@ class SealedDecoder:
             if n - pos < 4:
                 self._head += view[pos:]
                 return
-            size = self._record_size(view[pos : pos + 4])
+            (plain_len,) = unpack_prefix(view, pos)  # _record_size, inlined on the hot path
+            if not 16 <= plain_len <= MAX_FIRST_RECORD:
+                raise self._fail(f"record announcing {plain_len} bytes (not an lu2k sealed frame)")
+            size = 4 + plain_len + TAG_SIZE
             if n - pos < size:
                 self._head += view[pos:]
                 return
@@ -225,8 +255,10 @@ class SealedDecoder:
         return n
 
     def _open_first(self, rec: memoryview) -> None:
+        n = self.records
+        self.records = n + 1
         try:
-            plain = self._aead.decrypt(self._nonce(), rec[4:], rec[:4])
+            plain = self._aead.decrypt(n.to_bytes(12, "little"), rec[4:], rec[:4])
         except InvalidTag:
             raise self._fail("failed authentication (altered, injected, replayed or reordered)") from None
         try:

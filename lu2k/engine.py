@@ -28,6 +28,7 @@ import asyncio
 import collections
 import functools
 import os
+import struct
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -49,11 +50,14 @@ from .errors import (
 )
 from .kernel_shim.access import RateLimitedLog
 from .kernel_shim.ports import RxBuffer, SendRequest
-from .nid import Net, Nid
+from .nid import NID_SIZE, Net, Nid
 from .routing import Route
 from .settings import DaemonConfig, NetConfig
 from .wire import FrameType
 
+# The destination NID and portal of a MSG body (wire.MSG_BODY: seq, src, dst, src_portal,
+# dst_portal, crc): all _buffer_for needs, without unpacking the rest per message.
+_MSG_DST = struct.Struct(f"<{8 + NID_SIZE}x{NID_SIZE}s4xI")
 log = structlog.get_logger("lu2k.engine")
 
 # A refused hello fails what waits for that peer at once; anything else is retried.
@@ -630,7 +634,7 @@ class Engine:
         """Receive in place: a MSG for a local endpoint goes straight into one of its RX slots."""
         if header.type is not FrameType.MSG or self.shim is None:
             return None
-        _seq, _src, dst_raw, _sport, dst_portal, _crc = wire.MSG_BODY.unpack(header.body)
+        dst_raw, dst_portal = _MSG_DST.unpack_from(header.body)
         if dst_portal == PING_PORTAL or not self.core.is_local(dst_raw):
             return None
         port = self._port_for(dst_portal)
@@ -779,12 +783,14 @@ class Engine:
         return None  # rx_wait() wakes the waiting deliveries
 
     def on_submit(self, port: ShimPort, reqs: list[SendRequest]) -> None:
-        core, now = self.core, self.now()
+        portal, items = port.portal, []
         for req in reqs:
-            def finish(status: Status, reason: str, port: ShimPort = port, req: SendRequest = req) -> None:
+            def finish(status: Status, reason: str, req: SendRequest = req) -> None:
                 if port.attached:
                     port.complete(req, status, reason)
-            core.submit(None, bytes(req.dst_nid), port.portal, req.dst_portal, req.payload, finish, now, owner=port)
+            items.append((bytes(req.dst_nid), portal, req.dst_portal, req.payload, finish, port))
+        # One pump per peer for the whole doorbell's worth of descriptors (in _transmit).
+        self.core.submit_batch(items, self.now())
         self._transmit()
 
     # -- control ---------------------------------------------------------------------------------

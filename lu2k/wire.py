@@ -214,14 +214,14 @@ def _decode_at(buf: bytes | bytearray | memoryview, pos: int, max_payload: int) 
     end = pos + _HEADER_SIZES[t]
     if len(buf) < end:
         return None
-    mv = memoryview(buf)
-    expect = zlib.crc32(mv[pos + BASE_SIZE : end], zlib.crc32(_ZERO_CRC, zlib.crc32(mv[pos : pos + 12]))) & 0xFFFFFFFF
+    mv = buf if type(buf) is bytes else memoryview(buf)  # slices of bytes are cheaper than views for a header
+    body = bytes(mv[pos + BASE_SIZE : end])
+    expect = zlib.crc32(body, zlib.crc32(_ZERO_CRC, zlib.crc32(mv[pos : pos + 12]))) & 0xFFFFFFFF
     if crc != expect:
         raise FrameError(f"header checksum mismatch on {t.name} frame")
     limit = max_payload if t is FrameType.MSG else SMALL_PAYLOAD_LIMIT[t]
     if plen > limit:
         raise FrameError(f"{t.name} frame payload of {plen} bytes exceeds limit {limit}")
-    body = bytes(mv[pos + BASE_SIZE : end])
     if t is FrameType.ACK:
         (count,) = ACK_BODY.unpack(body)
         if plen != count * ACK_ENTRY.size:

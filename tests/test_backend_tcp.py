@@ -140,3 +140,39 @@ async def test_accept_loop_pauses_when_out_of_descriptors_and_recovers() -> None
             c.close()
         lst.close()
         await server.close()
+
+
+async def test_partial_sends_keep_every_byte_in_order() -> None:
+    """A small send buffer and a slow reader force short sendmsg writes across header, payload
+    and memoryview boundaries: what arrives is exactly the frames, in order."""
+    from lu2k.backends.tcp import TcpTransport
+
+    loop = asyncio.get_running_loop()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    client = socket.create_connection(lsock.getsockname())
+    server, _ = lsock.accept()
+    lsock.close()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.setblocking(False)
+    server.setblocking(False)
+    transport = TcpTransport(client, 1 << 20)
+    frames = []
+    for i, size in enumerate([0, 1, 64, 4096, 70_000, 3, 200_000, 17]):
+        payload = memoryview(bytearray(os.urandom(size)))
+        frames.append((wire.encode_msg_header(i, bytes(20), bytes(20), 1, 2, payload, False), payload))
+    expect = b"".join(bytes(h) + bytes(p) for h, p in frames)
+    got = bytearray()
+
+    async def read() -> None:
+        while len(got) < len(expect):
+            await asyncio.sleep(0.001)  # slow reader: the sender's buffer fills
+            got.extend(await loop.sock_recv(server, 3000))
+
+    try:
+        await asyncio.wait_for(asyncio.gather(transport.send(frames), read()), 30)
+    finally:
+        transport.close()
+        server.close()
+    assert bytes(got) == expect and transport.bytes_sent == len(expect)

@@ -429,3 +429,32 @@ def test_bad_destination_nid_is_invalid_and_unknown_net_no_route() -> None:
     assert m.completions[0][0][0] is Status.INVALID
     msg = m.send(a, parse_nid("1.2.3.4@tcp7"))
     assert m.done(msg) == [(Status.NO_ROUTE, "no route to net tcp7")]
+
+
+def test_submit_batch_pumps_once_keeps_order_and_completes_each_message_once() -> None:
+    m = Mesh()
+    a = m.node("a", [A], peer_credits=4)
+    m.node("g1", [G1])
+    done: list[tuple[int, Status]] = []
+    items = [(G1.to_bytes(), 1, 5, f"m{i}".encode(), (lambda st, why, i=i: done.append((i, st))), None) for i in range(10)]
+    a.submit_batch(items, 0.0)
+    peer = a.peer(G1)
+    # Nothing was assigned during the batch: the peer's queue is pumped once, by take_actions.
+    assert a.pump_held is False and len(peer.queue) == 10 and peer.credits.in_use == 0
+    m.run(a)
+    assert [p for _h, p in m.received] == [f"m{i}".encode() for i in range(10)]  # in submit order, each once
+    assert done == [(i, Status.DELIVERED) for i in range(10)] and peer.credits.in_use == 0
+
+
+def test_submit_batch_with_a_bad_destination_fails_that_one_and_releases_the_hold() -> None:
+    m = Mesh()
+    a = m.node("a", [A])
+    m.node("g1", [G1])
+    done: list[tuple[int, Status]] = []
+    items = [(G1.to_bytes(), 1, 5, b"ok", lambda st, why: done.append((0, st)), None),
+             (b"\xff" * 20, 1, 5, b"bad", lambda st, why: done.append((1, st)), None),
+             (G1.to_bytes(), 1, 5, b"ok2", lambda st, why: done.append((2, st)), None)]
+    a.submit_batch(items, 0.0)
+    m.run(a)
+    assert sorted(done) == [(0, Status.DELIVERED), (1, Status.INVALID), (2, Status.DELIVERED)]
+    assert a.pump_held is False and [p for _h, p in m.received] == [b"ok", b"ok2"]

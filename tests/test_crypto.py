@@ -111,3 +111,33 @@ def test_codec_without_encryption_passes_bytes_read_past_the_hello_on() -> None:
     codec.decoder.feed(header[10:] + payload)
     (f,) = codec.decoder.frames()
     assert bytes(f.payload) == b"plain" and codec.stats() == {"encryption": "none"}
+
+
+def test_a_batch_of_small_frames_is_one_buffer_of_records_each_opened_on_its_own() -> None:
+    s, d = FrameSealer(KEY), SealedDecoder(KEY, 1 << 20)
+    frames = [_msg(i, os.urandom(i * 7)) for i in range(1, 40)] + [_msg(40, os.urandom(INLINE_MAX + 5))] + [_msg(41, b"tail")]
+    sealed = s.seal(frames)
+    # 39 small frames in one buffer (one iovec), the large one as header record + payload record, then the tail.
+    assert len(sealed) == 3 and sealed[0][1] == b"" and len(sealed[1][1]) == INLINE_MAX + 5 + TAG_SIZE and s.records == 42
+    d.feed(_wire_bytes(sealed))
+    got = d.frames()
+    assert [bytes(f.payload) for f in got] == [bytes(p) for _h, p in frames] and d.records == 42
+
+
+@pytest.mark.parametrize("attack", ["alter", "swap", "replay", "drop"])
+def test_each_record_in_a_batched_buffer_is_still_authenticated_on_its_own(attack: str) -> None:
+    s, d = FrameSealer(KEY), SealedDecoder(KEY, 1 << 20)
+    buf = bytes(s.seal([_msg(i, b"p" * 10) for i in range(1, 6)])[0][0])
+    size = len(buf) // 5
+    recs = [buf[i * size : (i + 1) * size] for i in range(5)]
+    if attack == "alter":
+        recs[2] = recs[2][:10] + bytes([recs[2][10] ^ 1]) + recs[2][11:]
+    elif attack == "swap":
+        recs[2], recs[3] = recs[3], recs[2]
+    elif attack == "replay":
+        recs[2] = recs[1]
+    else:
+        del recs[2]
+    with pytest.raises(IntegrityError, match="failed authentication"):
+        d.feed(b"".join(recs))
+    assert [f.header.fields()[0] for f in d.frames()] == [1, 2]  # the authentic records before it were opened

@@ -110,41 +110,47 @@ class TcpTransport(Transport):
             if sealer is None:
                 await self._send_all(frames)
                 return
-            # A large payload is sealed into the sealer's reused buffer and sent before the
-            # next one is sealed: the buffer stays in cache for the kernel's copy.
-            pending: list[OutFrame] = []
-            for frame in frames:
-                pending += sealer.seal((frame,))
+            # Runs of small frames are sealed together (one buffer, one iovec); a large payload
+            # is sealed into the sealer's reused buffer and sent before the next one is sealed,
+            # so the buffer stays in cache for the kernel's copy.
+            start = 0
+            for i, frame in enumerate(frames):
                 if len(frame[1]) > INLINE_MAX:
-                    await self._send_all(pending)
-                    pending = []
-            if pending:
-                await self._send_all(pending)
+                    await self._send_all(sealer.seal(frames[start : i + 1]))
+                    start = i + 1
+            if start < len(frames):
+                await self._send_all(sealer.seal(frames[start:] if start else frames))
 
     async def _send_all(self, frames: Sequence[OutFrame]) -> None:
-        iov: list[memoryview] = []
+        iov: list[Any] = []
         for header, payload in frames:
-            iov.append(memoryview(header))
+            iov.append(header)
             if len(payload):
-                iov.append(memoryview(payload).cast("B"))
+                iov.append(payload)
+        sock = self._sock
         while iov:
             if self._closed:
                 raise WriteError(f"connection to {self._peer} closed")
             with map_exceptions(WRITE_ERRORS, f"send to {self._peer} failed"):
                 try:
-                    sent = self._sock.sendmsg(iov[:IOV_MAX])
+                    sent = sock.sendmsg(iov if len(iov) <= IOV_MAX else iov[:IOV_MAX])
                 except (BlockingIOError, InterruptedError):
                     await self._wait(writable=True)
                     continue
             self.bytes_sent += sent
-            # Drop what went out; keep the rest as views (no copy).
-            while sent and iov:
-                if sent >= len(iov[0]):
-                    sent -= len(iov[0])
-                    iov.pop(0)
+            # Drop what went out; keep the rest as byte views (no copy).
+            done = 0
+            while sent:
+                first = iov[done]
+                size = first.nbytes if isinstance(first, memoryview) else len(first)
+                if sent >= size:
+                    sent -= size
+                    done += 1
                 else:
-                    iov[0] = iov[0][sent:]
+                    iov[done] = memoryview(first).cast("B")[sent:]
                     sent = 0
+            if done:
+                del iov[:done]
 
     async def recv(self) -> list[Frame]:
         codec = self._codec

@@ -44,7 +44,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -364,6 +364,7 @@ class Node:
         self._unpacked: dict[bytes, Nid] = {}
         self._dirty: dict[InConn, None] = {}
         self._refill: dict[Peer, None] = {}  # peers whose credits came back while messages wait
+        self.pump_held = False  # set by submit_batch: queued messages are assigned once per batch, in take_actions
         self._now = 0.0
 
     # ------------------------------------------------------------------ configuration
@@ -567,6 +568,17 @@ class Node:
         self._enqueue(peer, msg)
         return msg
 
+    def submit_batch(self, items: Iterable[tuple[bytes, int, int, Any, Finish | None, Any]], now: float) -> None:
+        """:meth:`submit` for a batch of originated messages ``(dst_raw, src_portal, dst_portal,
+        payload, on_finish, owner)``.  Each peer's queue is pumped once for the batch (in
+        :meth:`take_actions`) instead of once per message; the order per peer is the order here."""
+        self.pump_held = True
+        try:
+            for dst_raw, src_portal, dst_portal, payload, on_finish, owner in items:
+                self.submit(None, dst_raw, src_portal, dst_portal, payload, on_finish, now, owner=owner)
+        finally:
+            self.pump_held = False
+
     def _route_slow(self, msg: OutMsg, originated: bool) -> None:
         dst_raw = msg.dst_raw
         if self.closing:
@@ -613,7 +625,10 @@ class Node:
         self._arm(msg.deadline, msg)
         peer.queue.append(msg)
         ni.queued += 1
-        self._pump_peer(peer)
+        if self.pump_held:
+            self._refill[peer] = None
+        else:
+            self._pump_peer(peer)
 
     def _pump_peer(self, peer: Peer) -> None:
         ni = peer.ni

@@ -1,0 +1,130 @@
+"""QUIC cores alone, in memory: aioquic (lu2k's QUIC core) against qh3, CPU per Mbit/s.
+
+A client and a server connection of the same library, joined in one process with no sockets
+and no event loop (both are sans-I/O: datagrams in, datagrams out), move ``--megabytes`` of
+stream data; the figure is goodput per CPU-second, i.e. the Mbit/s one core sustains for
+*both ends together* (one end alone costs about half).  It measures only the QUIC state
+machines, packet protection and recovery: what a faster core could at best save the
+``quic`` backend.  Each library with its default congestion control (lu2k's controllers
+plug into aioquic only; qh3 has no congestion-control hook).
+
+    pip install qh3
+    PYTHONPATH=$PWD python benchmarks/quic_core_compare.py --megabytes 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lu2k.certs import cert_pem, key_pem, make_certificate, make_key  # noqa: E402
+
+CHUNK = 64 * 1024
+
+
+def _certs(wd: Path) -> tuple[str, str]:
+    key = make_key()
+    cert = make_certificate(key, "localhost", sans=["localhost"])
+    (wd / "c.pem").write_bytes(cert_pem(cert))
+    (wd / "k.pem").write_bytes(key_pem(key))
+    return str(wd / "c.pem"), str(wd / "k.pem")
+
+
+def run(lib: str, megabytes: int, cert: str, key: str) -> dict[str, Any]:
+    conf_mod = importlib.import_module(f"{lib}.quic.configuration")
+    conn_mod = importlib.import_module(f"{lib}.quic.connection")
+    events = importlib.import_module(f"{lib}.quic.events")
+    cc = conf_mod.QuicConfiguration(is_client=True, alpn_protocols=["lu2k"], server_name="localhost", verify_mode=0)
+    sc = conf_mod.QuicConfiguration(is_client=False, alpn_protocols=["lu2k"])
+    sc.load_cert_chain(cert, key)
+    for c in (cc, sc):
+        c.max_data = c.max_stream_data = 64 << 20
+    now = 0.0
+    client = conn_mod.QuicConnection(configuration=cc)
+    server: Any = None
+    caddr, saddr = ("127.0.0.1", 1), ("127.0.0.1", 2)
+    client.connect(saddr, now=now)
+    total = megabytes << 20
+    payload = os.urandom(CHUNK)
+    sid: int | None = None
+    sent = got = packets = 0
+
+    def pump(src: Any, src_addr: Any) -> int:
+        nonlocal packets, server
+        n = 0
+        for data, _addr in src.datagrams_to_send(now=now):
+            if src is client:
+                if server is None:  # created on the first datagram: its long header names the original CID
+                    server = conn_mod.QuicConnection(configuration=sc, original_destination_connection_id=bytes(data[6 : 6 + data[5]]))
+                server.receive_datagram(data, src_addr, now=now)
+            else:
+                client.receive_datagram(data, src_addr, now=now)
+            n += 1
+        packets += n
+        return n
+
+    cpu0 = time.process_time()
+    while got < total:
+        now += 0.0002
+        ev = client.next_event()
+        while ev is not None:
+            if isinstance(ev, events.HandshakeCompleted):
+                sid = client.get_next_available_stream_id()
+            ev = client.next_event()
+        while sid is not None and sent < total and sent - got < (8 << 20):
+            client.send_stream_data(sid, payload, end_stream=False)
+            sent += CHUNK
+        moved = pump(client, caddr)
+        if server is not None:
+            ev = server.next_event()
+            while ev is not None:
+                if isinstance(ev, events.StreamDataReceived):
+                    got += len(ev.data)
+                ev = server.next_event()
+            moved += pump(server, saddr)
+        if not moved:
+            timers = [t for t in (client.get_timer(), server.get_timer() if server is not None else None) if t is not None]
+            if timers:
+                now = max(now, min(timers))
+                for c in (client, server):
+                    if c is not None and (t := c.get_timer()) is not None and t <= now:
+                        c.handle_timer(now=now)
+    cpu = time.process_time() - cpu0
+    return {"lib": lib, "megabytes": megabytes, "cpu_s": round(cpu, 3), "mbit_per_core": round(total * 8 / 1e6 / cpu, 1),
+            "datagrams": packets}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--megabytes", type=int, default=64)
+    ap.add_argument("--libs", nargs="*", default=["aioquic", "qh3"])
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    out = []
+    with tempfile.TemporaryDirectory() as wd:
+        cert, key = _certs(Path(wd))
+        for lib in args.libs:
+            try:
+                importlib.import_module(lib)
+            except ImportError:
+                print(f"{lib}: not installed", file=sys.stderr)
+                continue
+            r = run(lib, args.megabytes, cert, key)
+            out.append(r)
+            print(f"{lib:8s} {r['megabytes']} MiB: {r['cpu_s']} CPU-s, {r['mbit_per_core']} Mbit/s per core (both ends), {r['datagrams']} datagrams")
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
