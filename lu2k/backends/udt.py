@@ -50,13 +50,13 @@ from ..errors import (
     ConfigError, ConnectError, ConnectionClosed, ConnectTimeout, FrameError, HandshakeError, LocalProtocolError,
     Lu2kError, ReadError, WriteError,
 )
+from ..fec import MAX_OVERHEAD as FEC_OVERHEAD
 from ..inet import family_of, format_hostport, udt_mss_for, udt_wire_mss, wildcard
 from ..wire import BASE_SIZE, BufferFor, ConnType, Frame, FrameHeader, FrameType, decode_header, peek_header_size
 from . import udt_proto as proto
 from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport
 from .netpath import route_mtu
 from .udt_fec import FecRelay, loopback_for
-from ..fec import MAX_OVERHEAD as FEC_OVERHEAD
 from .udt_tunables import UdtTuning, tune
 
 T = TypeVar("T")
