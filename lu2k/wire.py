@@ -142,6 +142,7 @@ _ZERO_CRC = bytes(4)
 
 FLAG_PAYLOAD_CRC = 0x0001  # MSG: payload_crc field is valid
 FEATURE_SEALED = 0x01  # HELLO features: this side seals every frame after the hello
+FEATURE_MULTIRAIL = 0x02  # HELLO features: the connector's sequence numbers are shared by all its rails to us (lu2k.core.rails)
 
 # What a connection may carry before its hello has finished: nothing with a payload a peer
 # could inflate, so an unauthenticated peer costs at most one header and a REJECT reason.
@@ -488,6 +489,7 @@ class HelloResult:
     tx_key: bytes = b""
     rx_key: bytes = b""
     sealed: bool = False
+    multirail: bool = False  # the connector numbers its messages per daemon, not per NID (FEATURE_MULTIRAIL)
 
 
 def _check_key(key: bytes, peer: Nid) -> None:
@@ -513,6 +515,7 @@ class HelloInitiator:
     nonce: bytes = field(default_factory=lambda: os.urandom(32))
     sealed: bool = True
     channel_binding: bytes = b""
+    multirail: bool = False
     result: HelloResult | None = None
     _hello_body: bytes = b""
     _keys: HelloKeys | None = None
@@ -522,8 +525,9 @@ class HelloInitiator:
     def start(self) -> bytes:
         _check_key(self.key, self.dst)
         self._private, public = _ephemeral()
+        features = (FEATURE_SEALED if self.sealed else 0) | (FEATURE_MULTIRAIL if self.multirail else 0)
         self._hello_body = HELLO_BODY.pack(
-            int(self.conn_type), FEATURE_SEALED if self.sealed else 0, PROTOCOL_VERSION, _backend_field(self.backend),
+            int(self.conn_type), features, PROTOCOL_VERSION, _backend_field(self.backend),
             self.src.to_bytes(), self.dst.to_bytes(), self.incarnation, self.nonce, public,
         )
         return encode_frame(FrameType.HELLO, self._hello_body)
@@ -627,7 +631,8 @@ class HelloResponder:
                 raise self._refuse(Status.PROTOCOL, str(e)) from None
             self._keys = HelloKeys.derive(key, dh, body, reply_body, self.channel_binding)
             self._pending = HelloResult(src_nid, dst_nid, ctype, incarnation, frame.header.version,
-                                        self._keys.frames_a2c, self._keys.frames_c2a, self.sealed)
+                                        self._keys.frames_a2c, self._keys.frames_c2a, self.sealed,
+                                        bool(features & FEATURE_MULTIRAIL))
             return encode_frame(FrameType.HELLO_REPLY, reply_body)
         if self._pending is not None and self._keys is not None and self.result is None and t is FrameType.AUTH:
             (mac_c,) = AUTH_BODY.unpack(frame.header.body)
