@@ -14,7 +14,7 @@ from lu2k.core.states import MsgState
 from lu2k.errors import Status
 from lu2k.nid import Nid, parse_nid
 
-from test_core_node import Mesh, frames_of
+from test_core_node import Mesh
 
 # -- the policy, as a table ---------------------------------------------------------------------
 
@@ -115,7 +115,7 @@ class RailMesh(Mesh):
                 return
             peer = self.nodes[a.host]
             result = wire.HelloResult(a.conn.peer.ni.nid, a.conn.peer.nid, a.conn.ctype, node.incarnation, 1,
-                                      multirail=a.conn.peer.rail is not None)
+                                      multirail=a.conn.peer.rail is not None, pong_nids=True)
             inconn = peer.accepted(a.conn.peer.nid.net, result, self.now)
             self.links[(id(a.conn), a.attempt)] = (peer, inconn)
             self.back[id(inconn)] = (node, a.conn, a.attempt)
@@ -217,3 +217,20 @@ def test_a_rail_that_never_connects_leaves_its_queue_to_the_other() -> None:
     m.run(a)
     assert all(m.done(x) == [(Status.DELIVERED, "delivered")] for x in msgs)
     assert len(m.received) == 12 and a.peer(RB).rail_down
+
+
+def test_a_pong_lists_the_peers_nids_for_discover() -> None:
+    m, a, b = two_rails()
+    a.set_rails({})
+    a.ping(RA, 7, 5.0, 0.0)
+    m.run(a)
+    assert [(p.token, p.error, p.nids) for p in m.pings] == [(7, "", (RA, RB))]
+
+
+def test_pong_nids_on_the_wire() -> None:
+    raw = wire.encode_nids([RA.to_bytes(), RB.to_bytes()])
+    assert wire.decode_nids(raw) == [RA, RB]
+    with pytest.raises(wire.FrameError, match="not a list of NIDs"):
+        wire.decode_nids(raw[:-1])
+    with pytest.raises(wire.FrameError, match="bad NID"):
+        wire.decode_nids(bytes(len(raw)) + b"\xff" * 20)

@@ -317,6 +317,7 @@ class InConn:
         self.control: list[bytes] = []
         self.pending = 0  # deliveries handed out and not answered yet
         self.parked = 0  # forwards waiting for router buffer space
+        self.pong_nids = False  # the sender reads our NIDs in PONG payloads (discover)
 
     @property
     def blocked(self) -> bool:
@@ -994,10 +995,11 @@ class Node:
                     self._on_ack(peer, seq, status, reason)
                 elif t is FrameType.PONG:
                     (token,) = wire.PING_BODY.unpack(f.header.body)
+                    nids = tuple(wire.decode_nids(f.payload)) if len(f.payload) else ()
                     ping = conn.pings.pop(token, None)
                     if ping is not None and not ping.done:
                         ping.done = True
-                        self.actions.append(PingDone(token, now - ping.started, peer.incarnation or 0, str(peer.nid), ""))
+                        self.actions.append(PingDone(token, now - ping.started, peer.incarnation or 0, str(peer.nid), "", nids))
                 else:
                     raise FrameError(f"{t.name} frame on the reverse direction of a connection")
         except RemoteProtocolError as e:
@@ -1133,6 +1135,7 @@ class Node:
                     self._close_in(c, f"{result.peer_nid} restarted")
                 del self.sessions[k]
         conn = InConn(ni, session, result.conn_type, self.params.max_pending_deliveries)
+        conn.pong_nids = result.pong_nids
         session.conns.append(conn)
         self.stats["conns_accepted"] += 1
         return conn
@@ -1175,7 +1178,8 @@ class Node:
         t = f.header.type
         session = conn.session
         if t is FrameType.PING:
-            conn.control.append(wire.encode_frame(FrameType.PONG, f.header.body))
+            nids = wire.encode_nids([n.nid_raw for n in self.nis.values()]) if conn.pong_nids else b""
+            conn.control.append(wire.encode_frame(FrameType.PONG, f.header.body, nids))
             self._dirty[conn] = None
             return
         if t is not FrameType.MSG:
