@@ -511,6 +511,7 @@ class Node:
             target.ni.queued += 1
             self._refill[target] = None
         if kicked:
+            conn.queue = deque(m for m in conn.queue if m.conn is conn)
             peer.meter.failovers += 1
             self.stats["rail_failovers"] += 1
         for tconn in kicked:
