@@ -234,3 +234,49 @@ def test_pong_nids_on_the_wire() -> None:
         wire.decode_nids(raw[:-1])
     with pytest.raises(wire.FrameError, match="bad NID"):
         wire.decode_nids(bytes(len(raw)) + b"\xff" * 20)
+
+
+def test_a_rail_that_failed_twice_rejoins_when_it_reconnects() -> None:
+    m, a, b = two_rails()
+    send(m, a, RA, b"x")
+    leo = a.peer(RB)
+    for t in (1.0, 2.0):
+        conn = next(iter(leo.conns.values()))
+        if conn.state.value == "up":
+            a.connection_lost(conn, conn.attempt, "reset", t)
+        m.now = t
+        m.run(a)
+        leo.health.failure(t)  # and once more: well below the margin
+    assert leo.health.value < 900
+    m.tick(a, 30.0)
+    assert not leo.rail_down and leo.health.value >= 900
+    y = send(m, a, RA, b"small")
+    assert y.conn is not None and y.conn.peer is leo
+
+
+@pytest.mark.parametrize("sizes,size,want", [
+    ([], 10, 0),
+    ([65536, 65536], 10, 0),  # small jumps the bulk
+    ([10, 20, 65536, 65536], 10, 2),  # ... but not the small ones already ahead
+    ([65536, 10], 10, 2),  # the queue ends small: at the end, order kept
+    ([10, 65536], 65536, 2),  # bulk always at the end
+])
+def test_queue_slot(sizes: list[int], size: int, want: int) -> None:
+    from lu2k.core.rails import queue_slot
+
+    assert queue_slot(len(sizes), sizes.__getitem__, size) == want
+
+
+def test_small_messages_wait_for_a_credit_not_behind_the_bulk() -> None:
+    m, a, b = two_rails(peer_credits=2)
+    m.hold_deliveries = True
+    bulk = [send(m, a, RA, bytes([i]) * 65536) for i in range(12)]
+    leo = a.peer(RB)
+    assert len(leo.queue) >= 2
+    small = send(m, a, RA, b"hi")
+    assert leo.queue[0] is small and small.state is MsgState.QUEUED
+    m.hold_deliveries = False
+    m.release_deliveries()
+    assert all(m.done(x) == [(Status.DELIVERED, "delivered")] for x in bulk + [small])
+    order = [p for _, p in m.received]
+    assert order.index(b"hi") < len(order) - 1  # it overtook bulk that was queued before it

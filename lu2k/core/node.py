@@ -743,7 +743,11 @@ class Node:
             return
         msg.peer = peer
         self._arm(msg.deadline, msg)
-        peer.queue.append(msg)
+        q = peer.queue
+        if peer.rail is not None and q and len(msg.payload) < mr.DEFAULT_SMALL:  # multi-rail: small ahead of bulk
+            q.insert(mr.queue_slot(len(q), lambda i: len(q[i].payload), len(msg.payload)), msg)
+        else:
+            q.append(msg)
         ni.queued += 1
         self._pump_peer(peer)
 
@@ -879,6 +883,9 @@ class Node:
         peer.incarnation = peer_incarnation
         if peer.rail is not None:  # the rail is back; the peer's other rails talk to the same daemon
             peer.rail_down = False
+            # Back at one failure below full health: usable at once (rules of lu2k.core.rails),
+            # out again if it fails again before health recovery has brought it up.
+            peer.health.value = max(peer.health.value, MAX_HEALTH - self.params.health_sensitivity)
             for p in self.rail_peers(peer.rail):
                 p.incarnation = peer_incarnation
         peer.health.success()

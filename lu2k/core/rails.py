@@ -17,7 +17,9 @@ table of rules, applied in order:
    usable, the healthiest rail is used -- the message waits there for a reconnect rather
    than failing.
 2. *Small messages* (``size < small``) go on the usable rail with the lowest RTT: latency
-   sensitive traffic rides the LEO rail while bulk fills both.
+   sensitive traffic rides the LEO rail while bulk fills both.  In that rail's credit queue
+   they go ahead of waiting bulk (:func:`queue_slot`), so they wait for one credit rather
+   than for the bulk backlog.
 3. *Bulk messages* go on the usable rail where they would finish first if each rail drained
    its backlog at its capacity: ``(backlog + size) / capacity``.  Over many messages this
    splits bulk in proportion to capacity.  A rail's capacity is its site profile's rate
@@ -29,12 +31,13 @@ Ties go to the earlier rail in configuration order, so the choice is determinist
 Failover: when a rail's connection dies, what was in flight on it and not acknowledged is
 resent on the rail :func:`pick` chooses among the others (the node does it; see
 :meth:`lu2k.core.node.Node.connection_lost`); the dead rail keeps a probe queued so that it
-reconnects with its backoff and rejoins when the connection comes back up.
+reconnects with its backoff and rejoins when the connection comes back up -- at one failure
+below full health, so it is usable at once and out again if it fails again soon.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +85,20 @@ def pick(rails: Sequence[RailView], size: int, *, small: int = DEFAULT_SMALL, ma
     if size < small:
         return min(ok, key=lambda i: (rails[i].rtt, i))
     return min(ok, key=lambda i: ((rails[i].backlog + size) / max(rails[i].capacity, 1.0), i))
+
+
+def queue_slot(n: int, size_at: Callable[[int], int], size: int, *, small: int = DEFAULT_SMALL) -> int:
+    """Where a message of ``size`` bytes joins a rail's credit queue of ``n`` messages
+    (``size_at(i)``: the size of the i-th).  Bulk at the end; a small message after the small ones at
+    the head, ahead of the bulk -- it waits for one credit, not for the bulk's backlog -- and
+    at the end when the queue already ends with a small one (order among small messages is
+    kept, and the scan stays short)."""
+    if size >= small or not n or size_at(n - 1) < small:
+        return n
+    i = 0
+    while i < n and size_at(i) < small:
+        i += 1
+    return i
 
 
 def failover_target(rails: Sequence[RailView], lost: int, size: int, *, small: int = DEFAULT_SMALL,

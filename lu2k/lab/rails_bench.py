@@ -184,8 +184,9 @@ def transfer_with_cut(lab: Lab, daemons: Any, *, path: int, cut_s: float, start_
     t = threading.Thread(target=run)
     t.start()
     cut_at = 0.0
+    base = lab.stats()["paths"][path]["links"]["ab"]["bytes_in"]  # the lab's counters run from its start
     try:
-        while lab.stats()["paths"][path]["links"]["ab"]["bytes_in"] < start_bytes and t.is_alive():
+        while lab.stats()["paths"][path]["links"]["ab"]["bytes_in"] - base < start_bytes and t.is_alive():
             time.sleep(0.05)
         cut_at = time.monotonic() - t0
         lab.set_link(False, path=path)
