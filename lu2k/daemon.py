@@ -104,6 +104,8 @@ class Daemon:
             if len(local) > 1 and nid in local:
                 eng.discovered[nid] = [nid, *[n for n in local if n != nid]]
                 eng.apply_rails()
+                for n in local:
+                    eng.peer(n)  # each rail shows in peer show from now on
             rails = {str(n) for n in local}
             described = [p for p in eng.describe_peers() if p["nid"] in rails]
             return {**res, "peer_nis": [str(n) for n in nids], "peer": described[0] if described else None,

@@ -37,6 +37,17 @@ def test_rail_config_names_the_other_sides_nids(tmp_path: Path) -> None:
     assert single.peers == []
 
 
+def test_bench_rails_parses_and_refuses_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    from lu2k.cli.main import build_parser, main
+
+    a = build_parser().parse_args(["bench", "rails", "--cut", "5", "--duration", "3", "--second-loss", "2%", "--json"])
+    assert (a.cut, a.duration, a.second_loss, a.json, a.backend) == (5.0, 3.0, "2%", True, "quic")
+    assert main(["bench", "rails", "--second", "mars"]) == 1
+    assert "mars" in capsys.readouterr().err
+    assert main(["bench", "rails", "--duration", "0"]) == 1
+    assert "durations must be positive" in capsys.readouterr().err
+
+
 @needs_root
 @pytest.mark.netns
 @pytest.mark.timeout(300)
@@ -71,3 +82,32 @@ def test_two_rails_carry_one_peer_and_a_cut_rail_loses_nothing(daemons_dir: Path
                     break
                 time.sleep(0.5)
             assert not leo_rail["rail"]["down"] and leo_rail["state"] == "up", leo_rail
+
+
+@needs_root
+@pytest.mark.netns
+@pytest.mark.timeout(300)
+def test_discover_learns_the_peers_rails_from_the_peer(daemons_dir: Path) -> None:
+    pytest.importorskip("aioquic")
+    import asyncio
+
+    from e2e_support import check_complete as complete
+    from lu2k.control import request
+    from lu2k.lab.bench import transfer
+    from lu2k.lab.netns import Lab
+    from lu2k.lab.rails_bench import RailDaemons, lab_id
+    from lu2k.lab.spec import build_specs
+
+    geo = build_specs("geo", rate="20mbit", rtt="120ms", seed=3)
+    leo = build_specs("leo", rate="40mbit", rtt="20ms", seed=4)
+    with Lab(geo, lab_id=lab_id(), extra_paths=[leo]) as lab:
+        with RailDaemons(lab, daemons_dir, multirail=False) as daemons:  # no peer: section
+            ctl = str(daemons.procs["a"].control_path)
+            res = asyncio.run(request(ctl, "discover", {"nid": daemons.nids["b"], "timeout": 10}))
+            assert res["peer_nis"] == daemons.rails["b"]  # what b itself said it has
+            assert [r["nid"] for r in res["rails"]] == daemons.rails["b"]
+            before = [lab.stats()["paths"][p]["links"]["ab"]["bytes_in"] for p in (0, 1)]
+            r = transfer(lab, daemons, size=32768, window=64, count=300, verify=True, timeout=120)  # type: ignore[arg-type]
+            complete(r, 300)
+            grew = [lab.stats()["paths"][p]["links"]["ab"]["bytes_in"] - before[p] for p in (0, 1)]
+            assert all(g > 1 << 20 for g in grew), grew  # to b's primary NID, over both rails
