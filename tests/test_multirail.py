@@ -111,3 +111,10 @@ def test_discover_learns_the_peers_rails_from_the_peer(daemons_dir: Path) -> Non
             complete(r, 300)
             grew = [lab.stats()["paths"][p]["links"]["ab"]["bytes_in"] - before[p] for p in (0, 1)]
             assert all(g > 1 << 20 for g in grew), grew  # to b's primary NID, over both rails
+
+
+def test_longest_stall() -> None:
+    from lu2k.lab.rails_bench import longest_stall
+
+    assert longest_stall([10, 10, 0, 0, 1, 10, 0, 10, 0], 0.5, 5.0) == 1.5  # the partial last bin does not count
+    assert longest_stall([], 0.5, 5.0) == 0.0

@@ -280,3 +280,13 @@ def test_small_messages_wait_for_a_credit_not_behind_the_bulk() -> None:
     assert all(m.done(x) == [(Status.DELIVERED, "delivered")] for x in bulk + [small])
     order = [p for _, p in m.received]
     assert order.index(b"hi") < len(order) - 1  # it overtook bulk that was queued before it
+
+
+def test_small_messages_go_ahead_in_the_send_queue_too() -> None:
+    m, a, b = two_rails(peer_credits=64)
+    leo = a.peer(RB)
+    bulk = [a.submit(None, RA.to_bytes(), 1, 5, bytes(65536), None, 0.0) for _ in range(6)]
+    small = a.submit(None, RA.to_bytes(), 1, 5, b"hi", None, 0.0)
+    conn = small.conn
+    assert conn is not None and conn.peer is leo and conn.queue[0] is small
+    assert [x for x in conn.queue if x is not small] == [x for x in bulk if x.conn is conn]

@@ -770,7 +770,11 @@ class Node:
                                                 msg.payload, checksum)
             peer.inflight[msg.seq] = msg
             conn = msg.conn = peer.conn_for(len(msg.payload))
-            conn.queue.append(msg)
+            cq = conn.queue
+            if peer.rail is not None and cq and len(msg.payload) < mr.DEFAULT_SMALL:  # multi-rail: small ahead of bulk
+                cq.insert(mr.queue_slot(len(cq), lambda i: len(cq[i].payload), len(msg.payload)), msg)
+            else:
+                cq.append(msg)
             self._kick(conn)
         credits.note_queue(len(queue))
         ni_credits.note_queue(ni.queued)

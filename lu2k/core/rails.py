@@ -18,8 +18,8 @@ table of rules, applied in order:
    than failing.
 2. *Small messages* (``size < small``) go on the usable rail with the lowest RTT: latency
    sensitive traffic rides the LEO rail while bulk fills both.  In that rail's credit queue
-   they go ahead of waiting bulk (:func:`queue_slot`), so they wait for one credit rather
-   than for the bulk backlog.
+   and in its connection's send queue they go ahead of waiting bulk (:func:`queue_slot`),
+   so they wait for one credit and one batch rather than for the bulk backlog.
 3. *Bulk messages* go on the usable rail where they would finish first if each rail drained
    its backlog at its capacity: ``(backlog + size) / capacity``.  Over many messages this
    splits bulk in proportion to capacity.  A rail's capacity is its site profile's rate
@@ -88,7 +88,7 @@ def pick(rails: Sequence[RailView], size: int, *, small: int = DEFAULT_SMALL, ma
 
 
 def queue_slot(n: int, size_at: Callable[[int], int], size: int, *, small: int = DEFAULT_SMALL) -> int:
-    """Where a message of ``size`` bytes joins a rail's credit queue of ``n`` messages
+    """Where a message of ``size`` bytes joins a rail's credit (or send) queue of ``n`` messages
     (``size_at(i)``: the size of the i-th).  Bulk at the end; a small message after the small ones at
     the head, ahead of the bulk -- it waits for one credit, not for the bulk's backlog -- and
     at the end when the queue already ends with a small one (order among small messages is
