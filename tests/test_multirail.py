@@ -118,3 +118,44 @@ def test_longest_stall() -> None:
 
     assert longest_stall([10, 10, 0, 0, 1, 10, 0, 10, 0], 0.5, 5.0) == 1.5  # the partial last bin does not count
     assert longest_stall([], 0.5, 5.0) == 0.0
+
+
+def test_a_nid_may_be_a_rail_of_one_peer_only() -> None:
+    from lu2k.errors import ConfigError
+    from lu2k.lnetyaml import loads
+
+    doc = """
+peer:
+  - primary nid: 10.0.0.2@tcp
+    peer ni: [{nid: 10.0.0.2@tcp}, {nid: 10.1.0.2@tcp1}]
+  - primary nid: 10.0.0.3@tcp
+    peer ni: [{nid: 10.0.0.3@tcp}, {nid: 10.1.0.2@tcp1}]
+"""
+    with pytest.raises(ConfigError, match=r"NID 10.1.0.2@tcp1 is a peer ni of both 10.0.0.2@tcp and 10.0.0.3@tcp"):
+        loads(doc, resolve=False)
+    cfg = loads(doc.split("  - primary nid: 10.0.0.3")[0], resolve=False)
+    assert [str(n) for n in cfg.peers[0].nids] == ["10.0.0.2@tcp", "10.1.0.2@tcp1"]
+
+
+def test_the_engine_takes_its_rails_from_the_config_and_from_discover(tmp_path: Path) -> None:
+    from lu2k.engine import Engine
+    from lu2k.lab.netns import Lab
+    from lu2k.lab.rails_bench import rail_config
+    from lu2k.lab.spec import build_specs
+    from lu2k.nid import parse_nid
+    from lu2k.settings import parse_config
+
+    lab = Lab(build_specs("geo"), "cfg", extra_paths=[build_specs("leo")])
+    lab.state.subnet = 5
+    cfg = parse_config(yaml.safe_load(yaml.safe_dump(rail_config(lab, "a", tmp_path, multirail=True, backend="tcp"))))
+    eng = Engine(cfg)
+    b0, b1 = parse_nid("10.201.5.2@tcp"), parse_nid("10.202.5.2@tcp1")
+    assert eng.core._rails[b0] is eng.core._rails[b1] and eng.core._rails[b0].nids == [b0, b1]
+    plain = parse_config(yaml.safe_load(yaml.safe_dump(rail_config(lab, "a", tmp_path, multirail=False, backend="tcp"))))
+    eng.config = plain  # peer del: no rails any more
+    assert eng.core._rails == {}
+    eng.discovered[b0] = [b0, b1]  # what discover learned
+    eng.apply_rails()
+    assert eng.core._rails[b1].primary == b0
+    eng.config = cfg  # the configuration wins over discovery for the same NIDs
+    assert eng.core._rails[b1].nids == [b0, b1]
