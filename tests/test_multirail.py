@@ -159,3 +159,18 @@ def test_the_engine_takes_its_rails_from_the_config_and_from_discover(tmp_path: 
     assert eng.core._rails[b1].primary == b0
     eng.config = cfg  # the configuration wins over discovery for the same NIDs
     assert eng.core._rails[b1].nids == [b0, b1]
+
+
+def test_peer_show_lists_a_peers_rails_as_its_peer_nis() -> None:
+    from lu2k.cli.lnetshow import peer_show, ping_result
+
+    rail = {"primary": "10.0.0.2@tcp", "down": False, "rtt_ms": 40.0, "capacity_mbit": 50.0}
+    peers = [{"nid": "10.0.0.2@tcp", "state": "up", "health": 1000, "rail": rail},
+             {"nid": "10.1.0.2@tcp1", "state": "idle", "health": 900, "rail": {**rail, "down": True}},
+             {"nid": "10.0.0.9@tcp", "state": "up", "health": 1000}]
+    out = peer_show(peers, 3)["peer"]
+    assert [(p["primary nid"], p["Multi-Rail"], p["peer state"], [n["nid"] for n in p["peer ni"]]) for p in out] == [
+        ("10.0.0.2@tcp", True, 1, ["10.0.0.2@tcp", "10.1.0.2@tcp1"]), ("10.0.0.9@tcp", False, 1, ["10.0.0.9@tcp"])]
+    assert out[0]["peer ni"][1]["lu2k"]["rail"]["down"] is True
+    assert out[0]["peer ni"][1]["health stats"] == {"health value": 900}
+    assert ping_result({"nid": "10.0.0.2@tcp", "peer_nis": ["10.0.0.2@tcp", "10.1.0.2@tcp1"]})["Multi-Rail"] is True
