@@ -456,7 +456,7 @@ class Node:
             p.health.tick(self._now)
             m = p.meter
             assert m is not None
-            out.append(mr.RailView(p.rail_down, p.health.value, m.capacity, m.rtt, m.backlog))
+            out.append(mr.RailView(p.rail_down, p.health.value, m.capacity, m.rtt, m.backlog, m.base_rtt))
         return out
 
     def _pick_rail(self, peer: Peer, msg: OutMsg) -> Peer:

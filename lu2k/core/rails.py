@@ -20,9 +20,11 @@ table of rules, applied in order:
    sensitive traffic rides the LEO rail while bulk fills both.  In that rail's credit queue
    and in its connection's send queue they go ahead of waiting bulk (:func:`queue_slot`),
    so they wait for one credit and one batch rather than for the bulk backlog.
-3. *Bulk messages* go on the usable rail where they would finish first if each rail drained
-   its backlog at its capacity: ``(backlog + size) / capacity``.  Over many messages this
-   splits bulk in proportion to capacity.  A rail's capacity is its site profile's rate
+3. *Bulk messages* go on the usable rail where they would be acknowledged first if each rail
+   drained its backlog at its capacity: ``base_rtt + (backlog + size) / capacity``
+   (earliest completion first).  An idle LEO rail takes bulk until its backlog would take
+   longer to drain than the GEO rail's extra round trip; under sustained load the backlogs
+   dominate and bulk splits in proportion to capacity.  A rail's capacity is its site profile's rate
    until it has measured more goodput than that (:class:`RailMeter`); a faster rail also
    drains its backlog sooner, so it takes more bulk even while its capacity is an estimate.
 
@@ -59,8 +61,9 @@ class RailView:
     down: bool  # last connection lost or failed, none up since
     health: int  # 0..MAX_HEALTH (lu2k.health)
     capacity: float  # bytes per second (measured, else the profile's rate, else DEFAULT_CAPACITY)
-    rtt: float  # seconds (smoothed samples, else the profile's RTT, else DEFAULT_RTT)
+    rtt: float  # seconds (smoothed samples, else the profile's RTT, else DEFAULT_RTT): includes queueing
     backlog: int  # bytes assigned to the rail and not acknowledged (queued + in flight)
+    base_rtt: float = 0.0  # seconds without queueing (lowest sample, else the profile's RTT); 0: as rtt
 
 
 def usable(rails: Sequence[RailView], margin: int) -> list[int]:
@@ -84,7 +87,7 @@ def pick(rails: Sequence[RailView], size: int, *, small: int = DEFAULT_SMALL, ma
     ok = usable(rails, margin)
     if size < small:
         return min(ok, key=lambda i: (rails[i].rtt, i))
-    return min(ok, key=lambda i: ((rails[i].backlog + size) / max(rails[i].capacity, 1.0), i))
+    return min(ok, key=lambda i: ((rails[i].base_rtt or rails[i].rtt) + (rails[i].backlog + size) / max(rails[i].capacity, 1.0), i))
 
 
 def queue_slot(n: int, size_at: Callable[[int], int], size: int, *, small: int = DEFAULT_SMALL) -> int:
@@ -118,12 +121,13 @@ class RailMeter:
     (acknowledged bytes per :data:`METER_WINDOW`, counted only while the rail was busy
     enough to say something about its capacity)."""
 
-    __slots__ = ("profile_rate", "profile_rtt", "srtt", "rate", "probe_seq", "probe_at", "_win_start", "_win_bytes",
+    __slots__ = ("profile_rate", "profile_rtt", "srtt", "min_rtt", "rate", "probe_seq", "probe_at", "_win_start", "_win_bytes",
                  "backlog", "acked_bytes", "acked_msgs", "resent_away", "resent_here", "failovers")
 
     def __init__(self, profile_rate: float = 0.0, profile_rtt: float = 0.0) -> None:
         self.profile_rate, self.profile_rtt = profile_rate, profile_rtt
         self.srtt = 0.0
+        self.min_rtt = 0.0
         self.rate = 0.0
         self.probe_seq = 0  # sequence number of the message whose ACK gives the next RTT sample
         self.probe_at = 0.0
@@ -147,6 +151,12 @@ class RailMeter:
     def rtt(self) -> float:
         return self.srtt or self.profile_rtt or DEFAULT_RTT
 
+    @property
+    def base_rtt(self) -> float:
+        """The round trip without queueing: the profile's (the operator's word for the path),
+        else the lowest sample, else the default."""
+        return self.profile_rtt or self.min_rtt or DEFAULT_RTT
+
     def sent(self, seq: int, now: float) -> None:
         """A message went out on the rail: time it if no probe is running."""
         if not self.probe_seq:
@@ -159,6 +169,7 @@ class RailMeter:
         if seq == self.probe_seq:
             sample = max(now - self.probe_at, 1e-6)
             self.srtt = sample if not self.srtt else self.srtt + RTT_GAIN * (sample - self.srtt)
+            self.min_rtt = sample if not self.min_rtt else min(self.min_rtt, sample)
             self.probe_seq = 0
         if self._win_start is None:
             self._win_start, self._win_bytes = now, 0

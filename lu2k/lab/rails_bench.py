@@ -84,10 +84,12 @@ def _certs(lab: Lab, workdir: Path) -> dict[str, dict[str, str]]:
     return out
 
 
-def rail_config(lab: Lab, side: str, workdir: Path, *, multirail: bool, backend: str = "quic", peer_credits: int = 64,
+def rail_config(lab: Lab, side: str, workdir: Path, *, multirail: bool, backend: str = "quic", peer_credits: int | None = None,
                 options: dict[str, Any] | None = None) -> dict[str, Any]:
     """One daemon's config: a net per lab path with that path's profile; with ``multirail`` a
-    ``peer:`` entry naming the other side's NIDs (primary on path 0)."""
+    ``peer:`` entry naming the other side's NIDs (primary on path 0).  Credits are derived from
+    each path's profile (two BDPs per peer) unless ``peer_credits`` is given: more than that
+    only queues bulk in the transport, where small messages wait behind it."""
     from ..localpair import daemon_config
     from .bench import KEY, LU2K_PORT, net_type_for
 
@@ -101,8 +103,15 @@ def rail_config(lab: Lab, side: str, workdir: Path, *, multirail: bool, backend:
         extra_net: dict[str, Any] = {"profile": profile, "key": KEY}
         if options:
             extra_net["options"] = dict(options)
-        cfg = daemon_config(nid, LU2K_PORT, workdir / side, backend=backend, extra_net=extra_net,
-                            tunables={"peer_credits": peer_credits, "credits": max(1024, 4 * peer_credits)})
+        if peer_credits:
+            tunables = {"peer_credits": peer_credits, "credits": max(1024, 4 * peer_credits)}
+        else:  # the embedded default config names LNet's 8: derive them from this path's profile here
+            from ..backends.base import LinkProfile
+            from ..settings import derive_link_defaults
+
+            derived = derive_link_defaults(LinkProfile(rtt_ms=profile["rtt_ms"], rate_mbit=profile["rate_mbit"]))
+            tunables = {k: derived[k] for k in ("peer_credits", "credits") if k in derived}
+        cfg = daemon_config(nid, LU2K_PORT, workdir / side, backend=backend, extra_net=extra_net, tunables=tunables)
         nets.append(cfg["net"][0])
     (workdir / side).mkdir(exist_ok=True)
     cfg["net"] = nets
@@ -115,7 +124,7 @@ def rail_config(lab: Lab, side: str, workdir: Path, *, multirail: bool, backend:
 class RailDaemons:
     """``lu2kd`` in each namespace with one net per lab path (what :func:`lu2k.lab.bench.transfer` needs)."""
 
-    def __init__(self, lab: Lab, workdir: Path, *, multirail: bool, backend: str = "quic", peer_credits: int = 64,
+    def __init__(self, lab: Lab, workdir: Path, *, multirail: bool, backend: str = "quic", peer_credits: int | None = None,
                  options: dict[str, Any] | None = None) -> None:
         from ..localpair import DaemonProcess
         from .bench import net_type_for
