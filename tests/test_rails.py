@@ -299,3 +299,18 @@ def test_small_messages_go_ahead_in_the_send_queue_too() -> None:
     conn = small.conn
     assert conn is not None and conn.peer is leo and conn.queue[0] is small
     assert [x for x in conn.queue if x is not small] == [x for x in bulk if x.conn is conn]
+
+
+def test_an_answered_message_whose_send_is_stuck_resets_that_connection_at_its_deadline() -> None:
+    # A copy resent on another rail can be answered while the first send still blocks (the
+    # rail stopped reading); the completion waits for the payload, so the stuck connection
+    # must go at the message's deadline (found by the simulator, seed 19799).
+    m, a, b = two_rails()
+    m.hold_sends = True
+    msg = send(m, a, RA, b"stuck")
+    assert msg.state is MsgState.DONE and msg.busy == 1 and m.done(msg) == []
+    m.hold_sends = False
+    m.tick(a, 49.0)
+    assert m.done(msg) == []
+    m.tick(a, 51.0)  # past the transaction timeout: the connection is reset, the send aborted
+    assert m.done(msg) == [(Status.DELIVERED, "delivered")] and a.pending_messages() == 0

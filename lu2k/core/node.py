@@ -140,7 +140,9 @@ class OutMsg:
 
 
 def _finished(obj: Any) -> bool:
-    return bool(obj.state in FINAL) if isinstance(obj, OutMsg) else bool(obj.done)
+    # A message is done with its deadline once completed: until then its send may be stuck
+    # (see Node.handle_timer).
+    return bool(obj.completed) if isinstance(obj, OutMsg) else bool(obj.done)
 
 
 class _Deadlines:
@@ -642,6 +644,10 @@ class Node:
             if isinstance(obj, OutMsg):
                 if obj.state not in FINAL:
                     self._expire(obj)
+                elif not obj.completed:
+                    # Answered (a copy went out on another rail too), but a send still reads
+                    # its payload past the deadline: that connection is stuck.
+                    self._reset_stuck(obj)
             elif not obj.done:
                 self._ping_failed(obj, "timed out" if obj.sent else "no connection")
                 if obj.target == RAIL_PROBE and obj.conn is not None and obj.conn.peer.rail_down:
@@ -664,6 +670,9 @@ class Node:
         else:
             hop = str(peer.nid) if peer is not None else (f"LAN {m.lan}" if m.lan else "the local endpoint")
             self._fail(m, Status.TIMED_OUT, f"no acknowledgement from {hop} within the transaction timeout; delivery unknown")
+        self._reset_stuck(m)
+
+    def _reset_stuck(self, m: OutMsg) -> None:
         conn = m.conn
         if m.busy and conn is not None and conn.state is ConnState.UP:
             # Its send is still blocked (the peer stopped reading): the connection is stuck.
