@@ -314,3 +314,21 @@ def test_an_answered_message_whose_send_is_stuck_resets_that_connection_at_its_d
     assert m.done(msg) == []
     m.tick(a, 51.0)  # past the transaction timeout: the connection is reset, the send aborted
     assert m.done(msg) == [(Status.DELIVERED, "delivered")] and a.pending_messages() == 0
+
+
+def test_messages_moved_off_a_rail_leave_its_send_queue() -> None:
+    m, a, b = two_rails(peer_credits=8)
+    m.cut.add(RB.net)
+    m.hold_deliveries = True  # the moved messages stay SENT on the GEO rail
+    msgs = [send(m, a, RA, bytes([1]) * 65536) for _ in range(8)]
+    leo = a.peer(RB)
+    assert leo.rail_down and all(x.state is MsgState.SENT and x.conn is not None and x.conn.peer.nid == RA for x in msgs)
+    conn = next(iter(leo.conns.values()))
+    assert all(x.conn is conn for x in conn.queue)  # nothing of theirs left behind
+    m.cut.discard(RB.net)
+    for t in (1.0, 5.0, 15.0, 40.0):  # the LEO rail reconnects and writes: none of them goes out twice
+        m.tick(a, t)
+    assert not leo.rail_down
+    m.hold_deliveries = False
+    m.release_deliveries()
+    assert all(m.done(x) == [(Status.DELIVERED, "delivered")] for x in msgs) and len(m.received) == 8
