@@ -174,3 +174,31 @@ def test_peer_show_lists_a_peers_rails_as_its_peer_nis() -> None:
     assert out[0]["peer ni"][1]["lu2k"]["rail"]["down"] is True
     assert out[0]["peer ni"][1]["health stats"] == {"health value": 900}
     assert ping_result({"nid": "10.0.0.2@tcp", "peer_nis": ["10.0.0.2@tcp", "10.1.0.2@tcp1"]})["Multi-Rail"] is True
+
+
+async def test_peer_add_with_nids_makes_rails_in_a_running_daemon(tmp_path: Path) -> None:
+    from lu2k.control import request
+    from lu2k.daemon import Daemon
+    from lu2k.localpair import free_port
+    from lu2k.nid import parse_nid
+    from lu2k.settings import load_config
+
+    doc = {"net": [{"net type": "tcp", "local NI(s)": [{"nid": "127.0.0.1@tcp"}],
+                    "lu2k": {"backend": "tcp", "port": free_port(), "key": "rails-test-key-0123456789"}}],
+           "lu2k": {"shim": {"path": str(tmp_path / "d.shim")}, "control": {"path": str(tmp_path / "d.ctl")}}}
+    (tmp_path / "lu2kd.yaml").write_text(yaml.safe_dump(doc))
+    d = Daemon(load_config(str(tmp_path / "lu2kd.yaml")))
+    await d.start()
+    try:
+        ctl = d.config.control_path
+        res = await request(ctl, "peer add", {"nid": "127.0.0.7@tcp", "nids": ["127.0.0.8@tcp"]})
+        assert "peer 127.0.0.7@tcp added" in str(res)
+        a, b = parse_nid("127.0.0.7@tcp"), parse_nid("127.0.0.8@tcp")
+        assert d.engine.core._rails[a].nids == [a, b] and d.engine.core._rails[b] is d.engine.core._rails[a]
+        d.engine.peer(b)
+        shown = await request(ctl, "peer show", {})
+        assert [(p["nid"], p["rail"]["primary"]) for p in shown] == [("127.0.0.8@tcp", "127.0.0.7@tcp")]
+        await request(ctl, "peer del", {"nid": "127.0.0.7@tcp"})
+        assert d.engine.core._rails == {}
+    finally:
+        await d.stop()
