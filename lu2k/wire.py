@@ -143,8 +143,8 @@ _ZERO_CRC = bytes(4)
 
 FLAG_PAYLOAD_CRC = 0x0001  # MSG: payload_crc field is valid
 FEATURE_SEALED = 0x01  # HELLO features: this side seals every frame after the hello
-FEATURE_NIDS = 0x04  # HELLO features: the connector reads a PONG payload listing the acceptor's NIDs (lnetctl discover)
 FEATURE_MULTIRAIL = 0x02  # HELLO features: the connector's sequence numbers are shared by all its rails to us (lu2k.core.rails)
+FEATURE_NIDS = 0x04  # HELLO features: the connector reads a PONG payload listing the acceptor's NIDs (lnetctl discover)
 
 # What a connection may carry before its hello has finished: nothing with a payload a peer
 # could inflate, so an unauthenticated peer costs at most one header and a REJECT reason.
