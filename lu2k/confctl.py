@@ -472,6 +472,10 @@ async def apply_config(eng: "Engine", old: DaemonConfig, new: DaemonConfig) -> l
             eng.drop_peer(nid, "peer deleted" if nid not in new_peers else "peer address changed")
             changes.append(f"peer {nid} {'removed' if nid not in new_peers else 'changed'}")
     changes += [f"peer {nid} added" for nid in new_peers if nid not in old_peers]
+    old_rails = {p.nid: p.rails for p in old.peers}
+    for p in new.peers:  # multi-rail: the engine drops a peer whose rails change (Engine.apply_rails)
+        if p.nid in old_rails and old_rails[p.nid] != p.rails:
+            changes.append(f"peer {p.nid} rails {', '.join(map(str, p.rails))}")
     if vars(old.global_) != vars(new.global_):
         changes += [f"global {k} = {v}" for k, v in vars(new.global_).items() if vars(old.global_).get(k) != v]
     if old.routing != new.routing:

@@ -95,11 +95,21 @@ class Daemon:
             return res
 
         async def discover(args: dict[str, Any]) -> Any:
-            # lnetctl discover: reach the peer, then report what we know of it.  lu2k peers are not
-            # multi-rail, so a peer is its one NID.
+            # lnetctl discover: reach the peer; its PONG lists its NIDs.  Those on our nets become
+            # its rails (lu2k.core.rails) unless the configuration says otherwise.
             res = await ping(args)
-            described = [p for p in eng.describe_peers() if p["nid"] == res["nid"]]
-            return {**res, "peer_nis": [res["nid"]], "peer": described[0] if described else None}
+            nid = parse_nid(res["nid"])
+            nids = [parse_nid(n) for n in res.get("peer_nis") or [res["nid"]]]
+            local = [n for n in nids if n == nid or n.net in eng.nis]
+            if len(local) > 1 and nid in local:
+                eng.discovered[nid] = [nid, *[n for n in local if n != nid]]
+                eng.apply_rails()
+                for n in local:
+                    eng.peer(n)  # each rail shows in peer show from now on
+            rails = {str(n) for n in local}
+            described = [p for p in eng.describe_peers() if p["nid"] in rails]
+            return {**res, "peer_nis": [str(n) for n in nids], "peer": described[0] if described else None,
+                    "rails": described if len(described) > 1 else None}
 
         async def endpoints(args: dict[str, Any]) -> Any:
             shim = eng.shim

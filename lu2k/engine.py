@@ -167,6 +167,8 @@ class Engine:
         self.core = Node(self._node_params(config), [Route(r.net, r.gateway, r.hops, r.priority) for r in config.routes])
         self.core.set_peer_addresses({p.nid: p.address for p in config.peers if p.address})
         self._config = config
+        self.discovered: dict[Nid, list[Nid]] = {}  # multi-rail peers learned by ``discover`` (primary -> NIDs)
+        self.apply_rails()
         self.nis: dict[Net, NI] = {}
         self.lans: dict[Net, LanDriver] = {}
         self.stats: collections.Counter[str] = self.core.stats  # one set of counters: the core's and the pump's
@@ -202,6 +204,16 @@ class Engine:
         """A new configuration (``lu2kctl set``/``import``): globals and routing apply at once."""
         self._config = config
         self.core.params = self._node_params(config)
+        self.apply_rails()
+
+    def apply_rails(self) -> None:
+        """Multi-rail peers (lu2k.core.rails): the configured ones, then those ``discover`` found."""
+        groups = {p.nid: p.rails for p in self.config.peers if len(p.rails) > 1}
+        taken = {n for nids in groups.values() for n in nids}
+        for prim, nids in self.discovered.items():
+            if prim not in groups and not taken & set(nids):
+                groups[prim] = nids
+        self.core.set_rails(groups)
 
     def now(self) -> float:
         return time.monotonic()
@@ -339,7 +351,8 @@ class Engine:
                                     max_message_size=nc.max_message_size, checksum=nc.checksum,
                                     typed_connections=backend.typed_connections, min_bulk=getattr(backend, "min_bulk", 1024),
                                     # Bytes past the link bounded to the profile's window (core.fairq); none without one.
-                                    peer_window_bytes=int(nc.derived.get("window_bytes", 0))))
+                                    peer_window_bytes=int(nc.derived.get("window_bytes", 0)),
+                                    rate=(nc.profile.rate_mbit or 0.0) * 1e6 / 8, rtt=(nc.profile.rtt_ms or 0.0) / 1e3))
         self.nis[nc.net] = ni
         log.info("net up", net=str(nc.net), nid=str(nc.nid), backend=nc.backend, listen=format_hostport(host, ni.listener.address[1]))
         return ni
@@ -467,7 +480,7 @@ class Engine:
             link.transport = transport
             hello = wire.HelloInitiator(key=ni.backend.settings.key_for(peer.nid), backend=ni.backend.name, src=ni.nid, dst=peer.nid,
                                         conn_type=conn.ctype, incarnation=self.incarnation, sealed=ni.backend.seal_frames,
-                                        channel_binding=transport.channel_binding)
+                                        channel_binding=transport.channel_binding, multirail=peer.rail is not None)
             result = await self._hello(transport, hello)
         except Lu2kError as e:
             if link.transport is not None:
@@ -816,6 +829,8 @@ class Engine:
         out: dict[str, Any] = {"nid": str(nid), "via": res.via, "rtt_ms": round(res.rtt * 1000, 3)}
         if res.via == str(nid):
             out["incarnation"] = f"{res.incarnation:016x}"
+            if res.nids:
+                out["peer_nis"] = [str(n) for n in res.nids]
         else:
             out["end_to_end"] = True  # the far end answered, not the gateway
         return out
@@ -845,7 +860,7 @@ class Engine:
             link = self._out.get(c)
             stats = link.transport.stats() if link is not None and link.transport is not None else {}
             conns[c.ctype.name.lower()] = {"state": c.state.value, "sent": c.sent_msgs, **stats}
-        return {
+        out: dict[str, Any] = {
             "nid": str(p.nid),
             "net": str(p.ni.net),
             "state": "up" if p.up else ("connecting" if p.conns else "idle"),
@@ -860,6 +875,14 @@ class Engine:
             "last_error": p.last_error,
             "connections": conns,
         }
+        if p.rail is not None and p.meter is not None:  # one rail of a multi-rail peer (the in-flight map is the peer's)
+            m = p.meter
+            out["in_flight"] = sum(1 for x in p.inflight.values() if x.conn is not None and x.conn.peer is p)
+            out["rail"] = {"primary": str(p.rail.primary), "down": p.rail_down, "rtt_ms": round(m.rtt * 1e3, 3),
+                           "capacity_mbit": round(m.capacity * 8 / 1e6, 3), "measured_mbit": round(m.rate * 8 / 1e6, 3),
+                           "backlog_bytes": m.backlog, "acked_msgs": m.acked_msgs, "acked_bytes": m.acked_bytes,
+                           "resent_away": m.resent_away, "resent_here": m.resent_here, "failovers": m.failovers}
+        return out
 
     def describe_stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.stats)

@@ -800,10 +800,14 @@ def _check_duplicates(errs: _Errors, cfg: LnetConfig) -> None:
         if cfg.net(r.net) is not None:
             errs.add("route", f"route to {r.net}, which is a local net")
     prims: set[Nid] = set()
+    owner: dict[Nid, Nid] = {}  # a NID is one peer's: else the daemon could not tell whose session it is
     for p in cfg.peers:
         if p.primary_nid in prims:
             errs.add("peer", f"peer {p.primary_nid} given twice")
         prims.add(p.primary_nid)
+        for pn in p.nids:
+            if owner.setdefault(pn, p.primary_nid) != p.primary_nid:
+                errs.add("peer", f"NID {pn} is a peer ni of both {owner[pn]} and {p.primary_nid}")
 
 
 def loads(text: str, *, source: str = "<yaml>", resolve: bool = True) -> LnetConfig:

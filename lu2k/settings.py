@@ -107,6 +107,13 @@ class NetConfig:
 class PeerConfig:
     nid: Nid
     address: str | None = None  # "host:port" override of the NID-derived address
+    nids: tuple[Nid, ...] = ()  # every NID of the peer, the primary first ("peer ni"): its rails
+    multi_rail: bool = True  # False: the peer is only its primary NID (lnetctl's --non_mr)
+
+    @property
+    def rails(self) -> list[Nid]:
+        """The NIDs messages to this peer may take (lu2k.core.rails); one: not multi-rail."""
+        return list(dict.fromkeys((self.nid, *self.nids))) if self.multi_rail else [self.nid]
 
 
 @dataclass
@@ -308,7 +315,7 @@ def parse_config(data: Any, *, source: str = "<string>", base_dir: Path | None =
             problems.add(f"{n.where}.lu2k.port", f"net {n.net} and net {seen[place].net} both listen on {host} port {n.port}")
         else:
             seen[place] = n
-    cfg.peers = [PeerConfig(p.primary_nid, p.lu2k.get("address")) for p in lcfg.peers]
+    cfg.peers = [PeerConfig(p.primary_nid, p.lu2k.get("address"), tuple(p.nids), p.multi_rail) for p in lcfg.peers]
     cfg.routes = list(res.routes)
     for name, value in lcfg.global_.items():
         if hasattr(cfg.global_, name):

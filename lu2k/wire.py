@@ -98,6 +98,7 @@ class ConnType(enum.IntEnum):
     BULK = 2
 
 
+MAX_PONG_NIDS = 64
 # Fixed bodies per type.
 HELLO_BODY = struct.Struct(f"<BBH16s{NID_SIZE}s{NID_SIZE}sQ32s32s")  # conn_type, features, max_version, backend, src, dst, incarnation, nonce_c, pub_c
 HELLO_REPLY_BODY = struct.Struct("<Q32s32s")  # incarnation, nonce_a, pub_a
@@ -133,7 +134,7 @@ SMALL_PAYLOAD_LIMIT: dict[FrameType, int] = {
     FrameType.ACK: 4096 * ACK_ENTRY.size,
     FrameType.NACK: MAX_REASON,
     FrameType.PING: 0,
-    FrameType.PONG: 0,
+    FrameType.PONG: MAX_PONG_NIDS * NID_SIZE,  # the answering daemon's NIDs (FEATURE_NIDS), for discover
 }
 MAX_HEADER_SIZE = BASE_SIZE + max(b.size for b in BODIES.values())
 _TYPES: dict[int, FrameType] = {int(t): t for t in FrameType}  # faster than FrameType(code)
@@ -142,6 +143,8 @@ _ZERO_CRC = bytes(4)
 
 FLAG_PAYLOAD_CRC = 0x0001  # MSG: payload_crc field is valid
 FEATURE_SEALED = 0x01  # HELLO features: this side seals every frame after the hello
+FEATURE_MULTIRAIL = 0x02  # HELLO features: the connector's sequence numbers are shared by all its rails to us (lu2k.core.rails)
+FEATURE_NIDS = 0x04  # HELLO features: the connector reads a PONG payload listing the acceptor's NIDs (lnetctl discover)
 
 # What a connection may carry before its hello has finished: nothing with a payload a peer
 # could inflate, so an unauthenticated peer costs at most one header and a REJECT reason.
@@ -419,6 +422,25 @@ def decode_nack(frame: Frame) -> tuple[int, Status, str]:
     return seq, Status.from_code(status), bytes(frame.payload).decode(errors="replace")
 
 
+def encode_nids(nids: list[bytes]) -> bytes:
+    """A PONG payload: packed NIDs (at most :data:`MAX_PONG_NIDS`)."""
+    return b"".join(nids[:MAX_PONG_NIDS])
+
+
+def decode_nids(payload: bytes | memoryview) -> list[Nid]:
+    """The NIDs of a PONG payload; FrameError if it is not a whole number of valid NIDs."""
+    data = bytes(payload)
+    if len(data) % NID_SIZE:
+        raise FrameError(f"PONG payload of {len(data)} bytes is not a list of NIDs")
+    out = []
+    for i in range(0, len(data), NID_SIZE):
+        try:
+            out.append(Nid.from_bytes(data[i : i + NID_SIZE]))
+        except NidError as e:
+            raise FrameError(f"PONG payload with a bad NID: {e}") from None
+    return out
+
+
 def encode_reject(status: Status, reason: str) -> bytes:
     return encode_frame(FrameType.REJECT, REJECT_BODY.pack(int(status)), reason.encode()[:MAX_REASON])
 
@@ -488,6 +510,8 @@ class HelloResult:
     tx_key: bytes = b""
     rx_key: bytes = b""
     sealed: bool = False
+    multirail: bool = False  # the connector numbers its messages per daemon, not per NID (FEATURE_MULTIRAIL)
+    pong_nids: bool = False  # the connector wants our NIDs in PONG payloads (FEATURE_NIDS)
 
 
 def _check_key(key: bytes, peer: Nid) -> None:
@@ -513,6 +537,7 @@ class HelloInitiator:
     nonce: bytes = field(default_factory=lambda: os.urandom(32))
     sealed: bool = True
     channel_binding: bytes = b""
+    multirail: bool = False
     result: HelloResult | None = None
     _hello_body: bytes = b""
     _keys: HelloKeys | None = None
@@ -522,8 +547,9 @@ class HelloInitiator:
     def start(self) -> bytes:
         _check_key(self.key, self.dst)
         self._private, public = _ephemeral()
+        features = (FEATURE_SEALED if self.sealed else 0) | (FEATURE_MULTIRAIL if self.multirail else 0) | FEATURE_NIDS
         self._hello_body = HELLO_BODY.pack(
-            int(self.conn_type), FEATURE_SEALED if self.sealed else 0, PROTOCOL_VERSION, _backend_field(self.backend),
+            int(self.conn_type), features, PROTOCOL_VERSION, _backend_field(self.backend),
             self.src.to_bytes(), self.dst.to_bytes(), self.incarnation, self.nonce, public,
         )
         return encode_frame(FrameType.HELLO, self._hello_body)
@@ -627,7 +653,8 @@ class HelloResponder:
                 raise self._refuse(Status.PROTOCOL, str(e)) from None
             self._keys = HelloKeys.derive(key, dh, body, reply_body, self.channel_binding)
             self._pending = HelloResult(src_nid, dst_nid, ctype, incarnation, frame.header.version,
-                                        self._keys.frames_a2c, self._keys.frames_c2a, self.sealed)
+                                        self._keys.frames_a2c, self._keys.frames_c2a, self.sealed,
+                                        bool(features & FEATURE_MULTIRAIL), bool(features & FEATURE_NIDS))
             return encode_frame(FrameType.HELLO_REPLY, reply_body)
         if self._pending is not None and self._keys is not None and self.result is None and t is FrameType.AUTH:
             (mac_c,) = AUTH_BODY.unpack(frame.header.body)

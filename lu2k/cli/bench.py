@@ -180,7 +180,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     lb.add_argument("--json", action="store_true", help="last line: JSON results")
     lb.set_defaults(func=cmd_loopback)
     # Other benchmarks (the link lab's ``link``, ``matrix``, ``latency`` and ``transfer``) register themselves here.
-    for name in ("lu2k.lab.bench", "lu2k.lab.latency", "lu2k.lab.transfer_bench"):
+    for name in ("lu2k.lab.bench", "lu2k.lab.latency", "lu2k.lab.transfer_bench", "lu2k.lab.rails_bench"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:

@@ -64,8 +64,10 @@ def net_show(nets: Iterable[Mapping[str, Any]], peers: Iterable[Mapping[str, Any
 
 
 def peer_show(peers: Iterable[Mapping[str, Any]], detail: int = 0) -> dict[str, Any]:
-    """``lnetctl peer show [--nid NID] [-v LEVEL]`` from ``describe_peers``."""
+    """``lnetctl peer show [--nid NID] [-v LEVEL]`` from ``describe_peers``: the rails of a
+    multi-rail peer are the ``peer ni`` entries of one item, as lnetctl shows them."""
     out = []
+    items: dict[str, dict[str, Any]] = {}
     for p in peers:
         ni: dict[str, Any] = {"nid": p["nid"], "state": _PEER_NI_STATE.get(str(p.get("state")), "NA")}
         if detail >= 1:
@@ -81,12 +83,20 @@ def peer_show(peers: Iterable[Mapping[str, Any]], detail: int = 0) -> dict[str, 
             ni["lu2k"] = _drop_none({
                 "state": p.get("state"), "in_flight": p.get("in_flight"), "delivered": p.get("delivered"), "failed": p.get("failed"),
                 "last_error": p.get("last_error") or None, "connections": p.get("connections") or None,
+                "rail": p.get("rail"),
             })
-        item: dict[str, Any] = {"primary nid": p["nid"], "Multi-Rail": False}
-        if detail >= 3:
-            item["peer state"] = 1 if p.get("state") == "up" else 0
-        item["peer ni"] = [_drop_none(ni)]
-        out.append(item)
+        rail = p.get("rail") or {}
+        prim = str(rail.get("primary") or p["nid"])
+        item = items.get(prim)
+        if item is None:
+            item = items[prim] = {"primary nid": prim, "Multi-Rail": bool(rail)}
+            if detail >= 3:
+                item["peer state"] = 0
+            item["peer ni"] = []
+            out.append(item)
+        if detail >= 3 and p.get("state") == "up":
+            item["peer state"] = 1
+        item["peer ni"].append(_drop_none(ni))
     return {"peer": out}
 
 
@@ -124,7 +134,8 @@ def stats_show(stats: Mapping[str, Any], peers: Iterable[Mapping[str, Any]] = ()
 
 def ping_result(res: Mapping[str, Any], detail: int = 0) -> dict[str, Any]:
     """One item of lnetctl's ``ping:`` sequence, from the daemon's ping answer."""
-    item: dict[str, Any] = {"primary nid": res["nid"], "Multi-Rail": False, "peer ni": [{"nid": n} for n in res.get("peer_nis") or [res["nid"]]]}
+    nis = res.get("peer_nis") or [res["nid"]]
+    item: dict[str, Any] = {"primary nid": res["nid"], "Multi-Rail": len(nis) > 1, "peer ni": [{"nid": n} for n in nis]}
     item["lu2k"] = _drop_none({"rtt_ms": res.get("rtt_ms"), "via": res.get("via") if res.get("via") != res["nid"] else None,
                                "local": res.get("local") or None, "incarnation": res.get("incarnation") if detail else None})
     return item

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import Status
+from ..nid import Nid
 
 if TYPE_CHECKING:
     from .node import Delivery, InConn, OutConn, OutMsg
@@ -107,6 +108,7 @@ class PingDone:
     incarnation: int
     via: str
     error: str
+    nids: tuple[Nid, ...] = ()  # the NIDs the answering daemon listed (a direct peer's PONG), for discover
 
 
 Action = Connect | Wake | Close | CloseIn | SendIn | Resume | Deliver | AbortRx | LanTransmit | Complete | PingDone

@@ -57,6 +57,7 @@ from ..nid import Net, Nid
 from ..routing import Route, RouteTable
 from ..wire import ConnType, Frame, FrameType
 from .fairq import ByteWindow, FairQueue
+from . import rails as mr
 from .actions import (
     AbortRx, Action, Close, CloseIn, Complete, Connect, Deliver, LanTransmit, PingDone, Resume, SendIn, Wake,
 )
@@ -66,6 +67,7 @@ SEND_BATCH_FRAMES = 512
 SEND_BATCH_BYTES = 8 << 20
 ACKS_PER_FRAME = 4096
 PING_PORTAL = 0xFFFFFFFF  # a message to this portal is answered by the daemon itself (routed ping)
+RAIL_PROBE = "rail probe"  # target of the pings that bring a dead rail back
 
 Finish = Callable[[Status, str], None]
 
@@ -99,6 +101,8 @@ class NetParams:
     typed_connections: bool = False
     min_bulk: int = 1024
     peer_window_bytes: int = 0  # bytes assigned to a peer and not yet ACKed (0: credits only); see core.fairq
+    rate: float = 0.0  # bytes/s from the net's site profile (multi-rail capacity), 0: unknown
+    rtt: float = 0.0  # seconds from the net's site profile (multi-rail RTT), 0: unknown
 
 
 class OutMsg:
@@ -106,7 +110,7 @@ class OutMsg:
 
     __slots__ = ("src_raw", "dst_raw", "src_portal", "dst_portal", "payload", "deadline", "on_finish", "owner",
                  "state", "seq", "peer", "conn", "header", "busy", "status", "reason", "completed", "forward", "lan",
-                 "ping")
+                 "ping", "charged")
 
     def __init__(self, src_raw: bytes, dst_raw: bytes, src_portal: int, dst_portal: int, payload: Any,
                  deadline: float, on_finish: Finish | None) -> None:
@@ -127,6 +131,7 @@ class OutMsg:
         self.forward: tuple[InConn, int, int] | None = None  # (connection it came on, seq, size) when we forward it
         self.lan: Net | None = None
         self.ping: _Ping | None = None
+        self.charged: mr.RailMeter | None = None  # the rail whose backlog counts it (multi-rail)
 
     @property
     def transmitted(self) -> bool:
@@ -137,7 +142,9 @@ class OutMsg:
 
 
 def _finished(obj: Any) -> bool:
-    return bool(obj.state in FINAL) if isinstance(obj, OutMsg) else bool(obj.done)
+    # A message is done with its deadline once completed: until then its send may be stuck
+    # (see Node.handle_timer).
+    return bool(obj.completed) if isinstance(obj, OutMsg) else bool(obj.done)
 
 
 class _Deadlines:
@@ -267,6 +274,9 @@ class Peer:
         self.last_error = ""
         self.stats: Counter[str] = Counter()
         self._params = params
+        self.rail: mr.RailSet | None = None  # multi-rail: the peer this NID is one rail of
+        self.meter: mr.RailMeter | None = None
+        self.rail_down = False  # its last connection died or failed and none is up since
 
     def conn_for(self, size: int) -> OutConn:
         p = self.ni.params
@@ -307,6 +317,7 @@ class Session:
         self.conns: list[InConn] = []
         self.resent_on: dict[int, InConn] = {}  # seq still in progress -> connection its latest copy came on
         self.stats: Counter[str] = Counter()
+        self.nids: set[Nid] = {peer_nid}  # a multi-rail sender's session spans the NIDs of its rails
 
 
 class InConn:
@@ -320,6 +331,7 @@ class InConn:
         self.control: list[bytes] = []
         self.pending = 0  # deliveries handed out and not answered yet
         self.parked = 0  # forwards waiting for router buffer space
+        self.pong_nids = False  # the sender reads our NIDs in PONG payloads (discover)
 
     @property
     def blocked(self) -> bool:
@@ -350,7 +362,9 @@ class Node:
         self.nis: dict[Net, NI] = {}
         self.lans: set[Net] = set()
         self.routes = RouteTable((), routes or ())
-        self.sessions: dict[tuple[Nid, int], Session] = {}
+        # (sender NID, incarnation); a multi-rail sender's one session is (None, incarnation)
+        self.sessions: dict[tuple[Nid | None, int], Session] = {}
+        self._rails: dict[Nid, mr.RailSet] = {}  # every NID of a multi-rail peer -> its rail set
         self.peer_addresses: dict[Nid, str] = {}
         self.actions: list[Action] = []
         self.stats: Counter[str] = Counter()
@@ -389,7 +403,10 @@ class Node:
         for nid in list(ni.peers):
             self._drop_peer(ni, nid, reason)
         for key, s in list(self.sessions.items()):
-            if s.peer_nid.net == net:
+            if key[0] is None:  # a multi-rail session: only its connections on this net go
+                for c in [c for c in s.conns if c.ni is ni]:
+                    self._close_in(c, reason)
+            elif s.peer_nid.net == net:
                 for c in list(s.conns):
                     self._close_in(c, reason)
                 del self.sessions[key]
@@ -428,6 +445,127 @@ class Node:
     def set_peer_addresses(self, addresses: dict[Nid, str]) -> None:
         self.peer_addresses = dict(addresses)
         self._direct.clear()
+
+    def set_rails(self, groups: dict[Nid, list[Nid]]) -> None:
+        """Multi-rail peers: primary NID -> all its NIDs (see :mod:`lu2k.core.rails`).  A peer
+        whose rails changed is dropped (what it held fails with CANCELLED) and starts afresh."""
+        new: dict[Nid, mr.RailSet] = {}
+        for prim, nids in groups.items():
+            rs = mr.RailSet(prim, nids)
+            if len(rs.nids) > 1:
+                for n in rs.nids:
+                    new[n] = rs
+        changed = {n for n in set(new) | set(self._rails)
+                   if (new[n].nids if n in new else None) != (self._rails[n].nids if n in self._rails else None)}
+        self._rails = new
+        for n in changed:
+            self.drop_peer(n, "peer's rails reconfigured")
+
+    def rail_peers(self, rs: mr.RailSet) -> list[Peer]:
+        """The rails of a multi-rail peer that are on local nets, in configuration order."""
+        return [self.peer(n) for n in rs.nids if n.net in self.nis]
+
+    def _rail_views(self, rails: list[Peer]) -> list[mr.RailView]:
+        out = []
+        for p in rails:
+            p.health.tick(self._now)
+            m = p.meter
+            assert m is not None
+            out.append(mr.RailView(p.rail_down, p.health.value, m.capacity, m.rtt, m.backlog, m.base_rtt))
+        return out
+
+    def _pick_rail(self, peer: Peer, msg: OutMsg) -> Peer:
+        assert peer.rail is not None
+        rails = self.rail_peers(peer.rail)
+        if len(rails) > 1:
+            peer = rails[mr.pick(self._rail_views(rails), len(msg.payload), margin=self.params.health_sensitivity)]
+        meter = peer.meter
+        if meter is not None:
+            meter.backlog += len(msg.payload)
+            msg.charged = meter
+        return peer
+
+    def _rail_failover(self, peer: Peer, conn: OutConn, pending: list[OutMsg]) -> None:
+        """``peer``'s rail died: what went out on ``conn`` and is not acknowledged (``pending``)
+        goes again on the other rails, and what waits for its credits is picked again.  The
+        messages keep the credits they hold on the dead rail (it sends nothing meanwhile);
+        their sequence numbers stay, so the receiver's one window answers a copy it has."""
+        assert peer.rail is not None and peer.meter is not None
+        peer.meter.lost()
+        rails = self.rail_peers(peer.rail)
+        lost = rails.index(peer)
+        kicked: dict[OutConn, None] = {}
+        margin = self.params.health_sensitivity
+        for m in pending:
+            views = self._rail_views(rails)
+            i = mr.failover_target(views, lost, len(m.payload), margin=margin)
+            if i is None:
+                continue
+            target = rails[i]
+            tconn = target.conn_for(len(m.payload))
+            self._recharge(m, target)
+            m.conn = tconn
+            tconn.queue.append(m)
+            kicked[tconn] = None
+            peer.meter.resent_away += 1
+            assert target.meter is not None
+            target.meter.resent_here += 1
+        ni = peer.ni
+        for m in list(peer.queue):
+            if m.state is not MsgState.QUEUED:
+                continue
+            i = mr.failover_target(self._rail_views(rails), lost, len(m.payload), margin=margin)
+            if i is None:
+                break
+            target = rails[i]
+            peer.queue.remove(m)
+            ni.queued -= 1
+            self._recharge(m, target)
+            m.peer = target
+            target.queue.append(m)
+            target.ni.queued += 1
+            self._refill[target] = None
+        if kicked:
+            conn.queue = deque(m for m in conn.queue if m.conn is conn)
+            peer.meter.failovers += 1
+            self.stats["rail_failovers"] += 1
+        for tconn in kicked:
+            tconn.queue = deque(sorted((m for m in tconn.queue if m.state not in FINAL), key=lambda m: m.seq))
+            self._kick(tconn)
+
+    def _recharge(self, m: OutMsg, target: Peer) -> None:
+        if m.charged is not None:
+            m.charged.backlog -= len(m.payload)
+        m.charged = target.meter
+        if target.meter is not None:
+            target.meter.backlog += len(m.payload)
+
+    def _rail_probe(self, conn: OutConn) -> None:
+        """Keep a PING queued on a dead rail so it reconnects (with its backoff) and rejoins;
+        the answer is for the node alone (PingDone with a token no runner asked for)."""
+        if any(not p.sent for p in conn.pings.values()) or self.closing:
+            return
+        rs = conn.peer.rail
+        assert rs is not None
+        rs.probes += 1
+        token = (1 << 63) | rs.probes  # runners draw their tokens at random: no clash in practice
+        wait = max(self.params.transaction_timeout, 4 * self.params.reconnect_max)
+        ping = _Ping(token, self._now, self._now + wait, str(conn.peer.nid), RAIL_PROBE)
+        ping.conn = conn
+        conn.pings[token] = ping
+        self._arm(ping.deadline, ping)
+        self._maybe_connect(conn)
+
+    def _rail_acks(self, peer: Peer, entries: list[tuple[int, int]]) -> None:
+        """ACKs on a rail: the message may have gone out on any rail of the peer."""
+        inflight = peer.inflight
+        for seq, code in entries:
+            m = inflight.get(seq)
+            if m is None:
+                continue
+            if not code and m.conn is not None and m.conn.peer.meter is not None and m.transmitted:
+                m.conn.peer.meter.acked(seq, len(m.payload), self._now)
+            self._answer(m, Status.from_code(code) if code else Status.DELIVERED, "")
 
     def drop_peer(self, nid: Nid, reason: str) -> None:
         """Forget a peer: fail what is queued or in flight to it, close its connections."""
@@ -488,6 +626,10 @@ class Node:
         p = ni.peers.get(nid)
         if p is None:
             p = ni.peers[nid] = Peer(ni, nid, self.params)
+            rs = self._rails.get(nid)
+            if rs is not None:  # one rail of a multi-rail peer: one sequence space and in-flight map for all
+                p.rail, p.inflight = rs, rs.inflight
+                p.meter = mr.RailMeter(ni.params.rate, ni.params.rtt)
         return p
 
     def address_of(self, peer: Peer) -> tuple[str, int]:
@@ -515,8 +657,14 @@ class Node:
             if isinstance(obj, OutMsg):
                 if obj.state not in FINAL:
                     self._expire(obj)
+                elif not obj.completed:
+                    # Answered (a copy went out on another rail too), but a send still reads
+                    # its payload past the deadline: that connection is stuck.
+                    self._reset_stuck(obj)
             elif not obj.done:
                 self._ping_failed(obj, "timed out" if obj.sent else "no connection")
+                if obj.target == RAIL_PROBE and obj.conn is not None and obj.conn.peer.rail_down:
+                    self._rail_probe(obj.conn)
         for c in list(self._backoff_waiting):
             if c.backoff.next_at <= now:
                 self._backoff_waiting.pop(c, None)
@@ -535,6 +683,9 @@ class Node:
         else:
             hop = str(peer.nid) if peer is not None else (f"LAN {m.lan}" if m.lan else "the local endpoint")
             self._fail(m, Status.TIMED_OUT, f"no acknowledgement from {hop} within the transaction timeout; delivery unknown")
+        self._reset_stuck(m)
+
+    def _reset_stuck(self, m: OutMsg) -> None:
         conn = m.conn
         if m.busy and conn is not None and conn.state is ConnState.UP:
             # Its send is still blocked (the peer stopped reading): the connection is stuck.
@@ -616,6 +767,8 @@ class Node:
         self._enqueue(peer, msg)
 
     def _enqueue(self, peer: Peer, msg: OutMsg) -> None:
+        if peer.rail is not None:
+            peer = self._pick_rail(peer, msg)
         ni = peer.ni
         if len(msg.payload) > ni.params.max_message_size:
             self._fail(msg, Status.TOO_LARGE,
@@ -623,6 +776,8 @@ class Node:
             return
         msg.peer = peer
         self._arm(msg.deadline, msg)
+        # The peer's queue is fair between endpoints (core.fairq); on a multi-rail peer small
+        # messages go ahead of bulk in the chosen rail's connection queue (_pump_peer).
         peer.queue.append(msg)
         ni.queued += 1
         if self.pump_held:
@@ -644,13 +799,18 @@ class Node:
             ni_credits.take()
             window.take(len(msg.payload))
             self._transition(msg, MsgEvent.ASSIGN)
-            msg.seq = peer.next_seq
-            peer.next_seq += 1
+            space = peer.rail or peer  # multi-rail: one sequence space for all rails of the peer
+            msg.seq = space.next_seq
+            space.next_seq += 1
             msg.header = wire.encode_msg_header(msg.seq, msg.src_raw, msg.dst_raw, msg.src_portal, msg.dst_portal,
                                                 msg.payload, checksum)
             peer.inflight[msg.seq] = msg
             conn = msg.conn = peer.conn_for(len(msg.payload))
-            conn.queue.append(msg)
+            cq = conn.queue
+            if peer.rail is not None and cq and len(msg.payload) < mr.DEFAULT_SMALL:  # multi-rail: small ahead of bulk
+                cq.insert(mr.queue_slot(len(cq), lambda i: len(cq[i].payload), len(msg.payload)), msg)
+            else:
+                cq.append(msg)
             self._kick(conn)
         credits.note_queue(len(queue))
         ni_credits.note_queue(ni.queued)
@@ -697,6 +857,9 @@ class Node:
         queued = m.state is MsgState.QUEUED
         m.state = msg_next(m.state, event)
         m.status, m.reason = status, reason or status.describe()
+        if m.charged is not None:
+            m.charged.backlog -= len(m.payload)
+            m.charged = None
         peer = m.peer
         if peer is not None:
             if held and peer.inflight.get(m.seq) is m:
@@ -759,6 +922,13 @@ class Node:
             for m in [m for m in peer.inflight.values() if m.transmitted]:
                 self._fail(m, Status.PEER_RESTARTED, f"{peer.nid} restarted while the message was in flight; delivery unknown")
         peer.incarnation = peer_incarnation
+        if peer.rail is not None:  # the rail is back; the peer's other rails talk to the same daemon
+            peer.rail_down = False
+            # Back at one failure below full health: usable at once (rules of lu2k.core.rails),
+            # out again if it fails again before health recovery has brought it up.
+            peer.health.value = max(peer.health.value, MAX_HEALTH - self.params.health_sensitivity)
+            for p in self.rail_peers(peer.rail):
+                p.incarnation = peer_incarnation
         peer.health.success()
         if conn.has_work():
             conn.woken = True
@@ -781,6 +951,10 @@ class Node:
                 self._fail(m, refused, reason)
             for m in list(peer.queue):
                 self._fail(m, refused, reason)
+        if peer.rail is not None and refused is None:
+            peer.rail_down = True
+            self._rail_failover(peer, conn, [m for m in peer.inflight.values() if m.conn is conn and m.state is not MsgState.SENT])
+            self._rail_probe(conn)
         self._maybe_connect(conn)
 
     def connection_lost(self, conn: OutConn, attempt: int, reason: str, now: float) -> None:
@@ -800,9 +974,13 @@ class Node:
         pending = [m for s, m in sorted(peer.inflight.items()) if m.conn is conn]
         for m in pending:
             self._transition(m, MsgEvent.CONN_LOST)
+        if peer.rail is not None:  # multi-rail: the other rails take them, this one reconnects and rejoins
+            peer.rail_down = True
+            self._rail_failover(peer, conn, pending)
+            self._rail_probe(conn)
         queued = {id(m) for m in conn.queue}
-        conn.queue.extend(m for m in pending if id(m) not in queued)
-        conn.queue = deque(sorted((m for m in conn.queue if m.state not in FINAL), key=lambda m: m.seq))
+        conn.queue.extend(m for m in pending if id(m) not in queued and m.conn is conn)
+        conn.queue = deque(sorted((m for m in conn.queue if m.state not in FINAL and m.conn is conn), key=lambda m: m.seq))
         self._maybe_connect(conn)
 
     def next_batch(self, conn: OutConn, now: float) -> Batch | None:
@@ -830,6 +1008,9 @@ class Node:
         if not frames:
             conn.woken = False
             return None
+        meter = conn.peer.meter
+        if meter is not None and msgs:
+            meter.sent(msgs[0].seq, now)
         batch.size = size
         return batch
 
@@ -863,10 +1044,11 @@ class Node:
                     self._on_ack(peer, seq, status, reason)
                 elif t is FrameType.PONG:
                     (token,) = wire.PING_BODY.unpack(f.header.body)
+                    nids = tuple(wire.decode_nids(f.payload)) if len(f.payload) else ()
                     ping = conn.pings.pop(token, None)
                     if ping is not None and not ping.done:
                         ping.done = True
-                        self.actions.append(PingDone(token, now - ping.started, peer.incarnation or 0, str(peer.nid), ""))
+                        self.actions.append(PingDone(token, now - ping.started, peer.incarnation or 0, str(peer.nid), "", nids))
                 else:
                     raise FrameError(f"{t.name} frame on the reverse direction of a connection")
         except RemoteProtocolError as e:
@@ -877,6 +1059,9 @@ class Node:
     def _on_acks(self, peer: Peer, entries: list[tuple[int, int]]) -> None:
         """A batch of ACKs: the common case (delivered, after a send) is _finish inlined,
         with the credits given back once for the batch."""
+        if peer.rail is not None:
+            self._rail_acks(peer, entries)
+            return
         inflight = peer.inflight
         done = done_bytes = 0
         for seq, code in entries:
@@ -987,16 +1172,21 @@ class Node:
         ni = self.nis.get(net)
         if ni is None:
             raise LocalProtocolError(f"net {net} is not up")
-        key = (result.peer_nid, result.peer_incarnation)
+        # A multi-rail sender numbers its messages once for all its rails: one session (one
+        # dedupe window) for all of them, so a message resent on another rail is answered.
+        key = (None if result.multirail else result.peer_nid, result.peer_incarnation)
         session = self.sessions.get(key)
         if session is None:
             session = self.sessions[key] = Session(result.peer_nid, result.peer_incarnation, self.params.window_capacity)
+        if result.peer_nid not in session.nids or len(session.conns) == 0:
+            session.nids.add(result.peer_nid)
             # A newer incarnation of that peer makes older sessions moot.
-            for k in [k for k in self.sessions if k[0] == result.peer_nid and k[1] != result.peer_incarnation]:
+            for k in [k for k, s in self.sessions.items() if result.peer_nid in s.nids and k[1] != result.peer_incarnation]:
                 for c in list(self.sessions[k].conns):
                     self._close_in(c, f"{result.peer_nid} restarted")
                 del self.sessions[k]
         conn = InConn(ni, session, result.conn_type, self.params.max_pending_deliveries)
+        conn.pong_nids = result.pong_nids
         session.conns.append(conn)
         self.stats["conns_accepted"] += 1
         return conn
@@ -1039,7 +1229,8 @@ class Node:
         t = f.header.type
         session = conn.session
         if t is FrameType.PING:
-            conn.control.append(wire.encode_frame(FrameType.PONG, f.header.body))
+            nids = wire.encode_nids([n.nid_raw for n in self.nis.values()]) if conn.pong_nids else b""
+            conn.control.append(wire.encode_frame(FrameType.PONG, f.header.body, nids))
             self._dirty[conn] = None
             return
         if t is not FrameType.MSG:

@@ -22,7 +22,16 @@ Fault model (each seed enables a random subset, see :data:`FAULTS`):
 * ``slow``: a receiving application stops releasing its receive buffers for a while;
 * ``late``: timers fire late;
 * ``stuck``: a connection stops moving: its sends never finish and nothing arrives (a peer
-  that stopped reading), until someone resets it.
+  that stopped reading), until someone resets it;
+* ``raildown``: in a multi-rail world, one of the two rails between A and G goes down for a
+  while (its connections reset, connects on it time out), then comes back.
+
+Multi-rail worlds (about one seed in three, drawn from a second generator seeded from the
+seed, so the schedules of the other seeds stay what they were): A and G also share a second
+net ``tcp2`` (``10.2.0.1@tcp2``, ``10.2.0.2@tcp2``) and each knows the other as one
+multi-rail peer with two NIDs (:mod:`lu2k.core.rails`).  Everything between A and G --
+A's messages to G and, through G, to B, and G's forwards of B's messages to A -- is spread
+over both rails and fails over between them; the invariants below are the same.
 
 Invariants checked after every run (:meth:`World.check`):
 
@@ -60,7 +69,8 @@ from ..nid import Nid, parse_net, parse_nid
 from ..routing import Route
 from ..wire import Frame
 
-FAULTS = ("loss", "dup", "reorder", "delay", "reset", "crash", "partition", "slow", "late", "stuck")
+FAULTS = ("loss", "dup", "reorder", "delay", "reset", "crash", "partition", "slow", "late", "stuck", "raildown")
+_PICKED = FAULTS[:-1]  # drawn by Faults.pick; raildown comes with a multi-rail world (see World)
 
 NIDS = {
     "A": ["10.0.0.1@tcp"],
@@ -72,6 +82,14 @@ ROUTES = {
     "B": [("tcp", "10.1.0.2@tcp1")],
     "G": [],
 }
+NIDS_MR = {"A": NIDS["A"] + ["10.2.0.1@tcp2"], "G": NIDS["G"] + ["10.2.0.2@tcp2"], "B": NIDS["B"]}
+RAILS = {  # multi-rail worlds: each side's multi-rail peer, primary NID -> NIDs
+    "A": {"10.0.0.2@tcp": ["10.0.0.2@tcp", "10.2.0.2@tcp2"]},
+    "G": {"10.0.0.1@tcp": ["10.0.0.1@tcp", "10.2.0.1@tcp2"]},
+    "B": {},
+}
+RAIL_NETS = ("tcp", "tcp2")
+PROBE_BIT = 1 << 63  # PingDone tokens of the core's own rail probes
 PORTAL = 5
 DEAD_PORTAL = 9
 ID = struct.Struct("<Q")
@@ -93,7 +111,7 @@ class Faults:
 
     @classmethod
     def pick(cls, rng: random.Random) -> "Faults":
-        return cls(frozenset(f for f in FAULTS if rng.random() < 0.4))
+        return cls(frozenset(f for f in _PICKED if rng.random() < 0.4))
 
     def label(self) -> str:
         return ",".join(f for f in FAULTS if f in self.enabled) or "none"
@@ -250,7 +268,7 @@ class SimNode:
 
     def __init__(self, world: "World", name: str) -> None:
         self.world, self.name = world, name
-        self.nids = [parse_nid(n) for n in NIDS[name]]
+        self.nids = [parse_nid(n) for n in (NIDS_MR if world.multirail else NIDS)[name]]
         self.generation = 0
         self.up = False
         self.node: Node = None  # type: ignore[assignment]
@@ -278,6 +296,8 @@ class SimNode:
             self.node.add_net(NetParams(nid, 988, credits=p["credits"], peer_credits=p["peer_credits"],
                                         max_message_size=p["max_size"], checksum=w.rng.random() < 0.5,
                                         typed_connections=p["typed"], min_bulk=256))
+        if w.multirail:
+            self.node.set_rails({parse_nid(prim): [parse_nid(n) for n in nids] for prim, nids in RAILS[self.name].items()})
         self.endpoint = _Endpoint(w, self, p["rx_buffers"])
         w.wake_app(self)
         self.in_links.clear()
@@ -346,6 +366,8 @@ class SimNode:
                 w.after(0.0, link.resume)
         elif isinstance(a, AbortRx):
             raise w.violation("AbortRx for a token the simulator never gave")
+        elif isinstance(a, PingDone) and a.token & PROBE_BIT and w.multirail:
+            pass  # a rail probe's answer: the core's own business
         elif isinstance(a, (LanTransmit, PingDone)):
             raise w.violation(f"unexpected action {a!r}")
         else:
@@ -490,6 +512,13 @@ class World:
         self.latency = rng.choice((0.005, 0.05, 0.3))
         if self.liveness:
             self.params["timeout"] = 1000.0
+        # Multi-rail, from a generator of its own: the draws above (and so every schedule
+        # without multi-rail) are what they were before multi-rail existed.
+        mr_rng = random.Random(seed * 7919 + 17)
+        self.multirail = mr_rng.random() < 0.3 or "raildown" in self.faults.enabled
+        if self.multirail and faults is None and mr_rng.random() < 0.6:
+            self.faults.enabled |= {"raildown"}
+        self.rails_down: set[Any] = set()
         self.now = 0.0
         self.events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = itertools.count()
@@ -538,12 +567,13 @@ class World:
         if not dst.up:
             src.run(lambda: src.node.connect_failed(a.conn, a.attempt, "connection refused", self.now))
             return
-        if frozenset((src.name, dst.name)) in self.partitioned:
+        if frozenset((src.name, dst.name)) in self.partitioned or a.conn.peer.nid.net in self.rails_down:
             src.run(lambda: src.node.connect_failed(a.conn, a.attempt, "connect timed out", self.now))
             return
         link = _Link(self, src, a.conn, a.attempt, dst)
         peer_nid = a.conn.peer.ni.nid
-        result = wire.HelloResult(peer_nid, a.conn.peer.nid, a.conn.ctype, src.node.incarnation, wire.PROTOCOL_VERSION)
+        result = wire.HelloResult(peer_nid, a.conn.peer.nid, a.conn.ctype, src.node.incarnation, wire.PROTOCOL_VERSION,
+                                  multirail=a.conn.peer.rail is not None)
         inconn: list[InConn] = []
         dst.run(lambda: inconn.append(dst.node.accepted(a.conn.peer.nid.net, result, self.now)))
         link.inconn = inconn[0]
@@ -598,6 +628,11 @@ class World:
             self.at(t + rng.uniform(0.5, 6.0), self.partitioned.discard, pair)
         if "stuck" in en:
             self.at(rng.uniform(0, horizon), self._stick_one)
+        if "raildown" in en:
+            net = parse_net(rng.choice(RAIL_NETS))
+            t = rng.uniform(0, horizon)
+            self.at(t, self._rail_down, net)
+            self.at(t + rng.uniform(0.5, 6.0), self.rails_down.discard, net)
         if "slow" in en:
             who = rng.choice(("B", "G", "A"))
             t = rng.uniform(0, horizon)
@@ -626,6 +661,12 @@ class World:
         for link in list(self.links):
             if frozenset((link.src.name, link.dst.name)) == pair:
                 self.after(self.rng.uniform(0, 1.0), link.kill, "connection timed out")
+
+    def _rail_down(self, net: Any) -> None:
+        self.rails_down.add(net)
+        for link in list(self.links):
+            if link.conn.peer.nid.net == net:
+                self.after(self.rng.uniform(0, 1.0), link.kill, "rail down: connection timed out")
 
     def _stall(self, who: str) -> None:
         ep = self.nodes[who].endpoint
@@ -671,9 +712,12 @@ class World:
 
     def check_bounds(self, sn: SimNode) -> None:
         held = 0
+        inflight: dict[int, int] = {}  # the rails of a multi-rail peer share one in-flight map
         for ni in sn.node.nis.values():
             for p in ni.peers.values():
-                held += len(p.inflight) + len(p.queue)
+                held += len(p.queue)
+                inflight[id(p.inflight)] = len(p.inflight)
+        held += sum(inflight.values())
         # A leaf holds at most what its applications may have outstanding.  The gateway holds a
         # forward for at most T (+ a late timer) after it arrived, and it arrived at most T (+ a
         # late timer) after the sender submitted it; a sender's application slot that G still
