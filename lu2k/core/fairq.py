@@ -88,6 +88,21 @@ class FairQueue(Generic[T]):
         self._len += 1
         self.bytes += self._size(item)
 
+    def insert(self, item: T, slot: Callable[[int, Callable[[int], int]], int]) -> None:
+        """Queue ``item`` at ``slot(n, size_at)`` among its owner's ``n`` waiting messages
+        (``size_at(i)``: the i-th one's size) instead of at the end: a multi-rail peer puts a
+        small message ahead of its owner's bulk (core.rails.queue_slot)."""
+        key = self._owner(item)
+        q = self._queues.get(key)
+        if q is None:
+            q = self._queues[key] = deque()
+            self._deficit[key] = 0
+        waiting = q
+        q.insert(slot(len(q), lambda i: self._size(waiting[i])), item)
+        self._where[id(item)] = key
+        self._len += 1
+        self.bytes += self._size(item)
+
     def _advance(self) -> Hashable:
         """The owner whose head message goes next: the front owner while its deficit covers its
         head; otherwise it earns ``quantum`` once per visit, and if that is still not enough it

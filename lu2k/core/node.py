@@ -776,9 +776,13 @@ class Node:
             return
         msg.peer = peer
         self._arm(msg.deadline, msg)
-        # The peer's queue is fair between endpoints (core.fairq); on a multi-rail peer small
-        # messages go ahead of bulk in the chosen rail's connection queue (_pump_peer).
-        peer.queue.append(msg)
+        # The peer's queue is fair between endpoints (core.fairq); on a multi-rail peer a small
+        # message also goes ahead of its endpoint's bulk, here and in the rail's connection queue.
+        size = len(msg.payload)
+        if peer.rail is not None and size < mr.DEFAULT_SMALL:
+            peer.queue.insert(msg, lambda n, size_at: mr.queue_slot(n, size_at, size))
+        else:
+            peer.queue.append(msg)
         ni.queued += 1
         if self.pump_held:
             self._refill[peer] = None
