@@ -178,7 +178,7 @@ async def test_apply_config_without_lan_drivers_refuses_a_socklnd_net(tmp_path: 
     try:
         new = daemon_config(tmp_path, 988)
         with pytest.raises(ConfigError, match="LAN drivers"):
-            await apply_config(d.engine, d.config, replace(new, shim=d.config.shim, control_path=d.config.control_path))  # type: ignore[type-var]
+            await apply_config(d.engine, d.config, replace(new, shim=d.config.shim, control_path=d.config.control_path))  # type: ignore[type-var,arg-type]
         assert [n.backend for n in d.engine.config.nets] == ["inproc"] and not d.engine.lans
     finally:
         await d.stop()
