@@ -74,7 +74,7 @@ class Sites:
 
     @classmethod
     def up(cls, specs: tuple[LinkSpec, LinkSpec], bed: Any, workdir: Path, *, backend: str = "tcp", hop_port: int = 7988,
-           socklnd_options: dict[str, Any] | None = None) -> "Sites":
+           socklnd_options: dict[str, Any] | None = None, hop_options: dict[str, Any] | None = None) -> "Sites":
         lab = Lab(specs, lab_id=f"lg{secrets.token_hex(3)}").up()
         try:
             lan_ips = {s: bed.attach(s, lab.ns(s)) for s in ("a", "b")}
@@ -82,6 +82,8 @@ class Sites:
             profile = {"rtt_ms": spec.rtt_s * 1e3, "rate_mbit": spec.rate_bps / 1e6 if spec.rate_bps else 1e5,
                        "loss": min(spec.mean_loss, 0.5)}
             options = backend_options(backend, lab, workdir)
+            for side in options:
+                options[side].update(hop_options or {})
             configs = {
                 s: site_config(s, lan_ips[s], lab.state.addr[s], lab.state.addr[OTHER[s]], hop_port, workdir, backend=backend,
                                hop_options=options[s] or None, socklnd_options=socklnd_options, profile=profile)
