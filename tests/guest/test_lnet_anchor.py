@@ -73,6 +73,11 @@ def anchor(lnet_out: Path, lnet_build: dict[str, Any]) -> Iterator[tuple[Any, La
         lb.on_all(guests, lambda g: lb.load_lnet(g, mods))
         a, b, r = bed.guests["a"], bed.guests["b"], bed.guests["r"]
         lb.on_all([a, b], lambda g: lb.configure_lnet(g, "tcp" if g is a else "tcp1", mods))
+        # LNet's default router pools (512 large 1 MiB buffers...) do not fit a 768 MiB guest
+        # ("cannot enable routing: Cannot allocate memory"): reload lnet on r with smaller ones.
+        r.sh("rmmod ksocklnd && rmmod lnet && "
+             f"insmod {mods['lnet']} large_router_buffers=64 small_router_buffers=1024 tiny_router_buffers=1024 && "
+             f"insmod {mods['ksocklnd']}", timeout=180)
         r.sh("lnetctl lnet configure && "
              f"lnetctl net add --net tcp --if {r.iface} && lnetctl net add --net tcp1 --if {r.iface} && "
              "lnetctl set routing 1", timeout=180)
