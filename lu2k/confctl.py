@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from dataclasses import replace
 from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,10 +26,12 @@ from .errors import ConfigError, Lu2kError
 from .lnetyaml import SET_ALIASES, apply_set, dumps, parse_data
 from .nid import Net, NidList, parse_net, parse_nid
 from .settings import DEFAULT_CONFIG_YAML, DaemonConfig, NetConfig, parse_config
+from .socklnd.attach import is_lan
 from .values import HIDDEN_KEY
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .socklnd.attach import LanNets
 
 
 class ControlRegistry(Protocol):
@@ -408,23 +411,33 @@ class ConfigController:
             # What the process was started with stays (sockets, command-line overrides).
             new_cfg.shim = old_cfg.shim
             new_cfg.control_path = old_cfg.control_path
-            changes = await apply_config(self.engine, old_cfg, new_cfg)
+            changes = await apply_config(self.engine, old_cfg, new_cfg, getattr(self.daemon, "lan", None))
             self.daemon.config = new_cfg
             self.doc = new_doc
             return {"ok": what, "changes": changes}
 
 
-async def _start_net(eng: "Engine", nc: NetConfig) -> None:
-    await eng.add_net(nc)
+async def _start_net(eng: "Engine", nc: NetConfig, lan: "LanNets | None") -> None:
+    if not is_lan(nc):
+        await eng.add_net(nc)
+    elif lan is None:
+        raise ConfigError(f"net {nc.net}: {nc.backend} nets need the daemon's LAN drivers", where="apply")
+    else:
+        await lan.add(eng, nc)
 
 
-async def _stop_net(eng: "Engine", net: Net, reason: str) -> None:
-    await eng.remove_net(net, reason)
+async def _stop_net(eng: "Engine", nc: NetConfig, reason: str, lan: "LanNets | None") -> None:
+    if is_lan(nc):
+        if lan is not None:
+            await lan.remove(eng, nc.net, reason)
+    else:
+        await eng.remove_net(nc.net, reason)
 
 
-async def apply_config(eng: "Engine", old: DaemonConfig, new: DaemonConfig) -> list[str]:
+async def apply_config(eng: "Engine", old: DaemonConfig, new: DaemonConfig, lan: "LanNets | None" = None) -> list[str]:
     """Move a running engine from ``old`` to ``new`` (both already validated), all or nothing
-    for the nets; returns what changed."""
+    for the nets; returns what changed.  LAN (socklnd) nets are brought up and down through
+    ``lan``, the daemon's LAN drivers, and never enter the engine's config."""
     old_nets = {n.net: n for n in old.nets}
     new_nets = {n.net: n for n in new.nets}
     going = [n for net, n in old_nets.items() if net not in new_nets or new_nets[net] != n]
@@ -434,19 +447,19 @@ async def apply_config(eng: "Engine", old: DaemonConfig, new: DaemonConfig) -> l
     started: list[NetConfig] = []
     try:
         for nc in going:
-            await _stop_net(eng, nc.net, f"net {nc.net} reconfigured")
+            await _stop_net(eng, nc, f"net {nc.net} reconfigured", lan)
             stopped.append(nc)
         for nc in coming:
-            await _start_net(eng, nc)
+            await _start_net(eng, nc, lan)
             started.append(nc)
     except BaseException as e:
         # Undo: stop what we started, restart what we stopped.
         undo_errors = []
         for nc in started:
-            await _stop_net(eng, nc.net, "rolled back")
+            await _stop_net(eng, nc, "rolled back", lan)
         for nc in stopped:
             try:
-                await _start_net(eng, nc)
+                await _start_net(eng, nc, lan)
             except Lu2kError as e2:
                 undo_errors.append(f"could not restore net {nc.net}: {e2}")
         if isinstance(e, Lu2kError):
@@ -480,7 +493,9 @@ async def apply_config(eng: "Engine", old: DaemonConfig, new: DaemonConfig) -> l
         changes += [f"global {k} = {v}" for k, v in vars(new.global_).items() if vars(old.global_).get(k) != v]
     if old.routing != new.routing:
         changes.append(f"routing {'enabled' if new.routing else 'disabled'}")
-    eng.config = new
+    if lan is not None:
+        lan.reconfigure(new)
+    eng.config = replace(new, nets=[n for n in new.nets if not is_lan(n)])  # the engine runs lu2k nets only
     return changes
 
 

@@ -160,12 +160,14 @@ class Daemon:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
-        log.info("lu2kd running", nid=str(self.engine.primary_nid()), shim=self.config.shim.path, control=self.config.control_path,
+        # A daemon may run LAN (socklnd) nets only: the engine then has no lu2k NID of its own.
+        nid = self.engine.primary_nid() if self.engine.config.nets else self.config.nets[0].nid
+        log.info("lu2kd running", nid=str(nid), shim=self.config.shim.path, control=self.config.control_path,
                  metrics=self.metrics.address if self.metrics else None)
         notifier = SystemdNotifier.from_environment()
         watchdog: asyncio.Task[None] | None = None
         if notifier is not None:
-            notifier.notify(f"READY=1\nSTATUS=serving {self.engine.primary_nid()}\nMAINPID={os.getpid()}")
+            notifier.notify(f"READY=1\nSTATUS=serving {nid}\nMAINPID={os.getpid()}")
             interval = watchdog_interval()
             if interval is not None:
                 watchdog = asyncio.create_task(self._watchdog(notifier, interval))

@@ -341,6 +341,7 @@ def ip4_classic(text: str) -> int | None:
     return (parts[0] << 24) | (parts[1] << 16) | (parts[2] << 8) | parts[3]
 
 
+_LOOPBACK6 = ipaddress.IPv6Address("::1")
 _LINK_LOCAL6 = ipaddress.IPv6Network("fe80::/10")  # IN6_IS_ADDR_LINKLOCAL
 _IN4_STRICT = re.compile(r"^(\d+)\.(\d+)\.(\d+)\.(\d+)$")
 
@@ -477,7 +478,7 @@ def parse_addr(addr: str, net: Net, *, resolve: bool = True, context: str | None
             raise NidError(f"bad IPv6 address {addr!r} in {where!r}")
         # libcfs_ip_str2addr_size: "Since link local doesn't allow forwarding packets for
         # router don't allow those addresses as well" (and loopback alike).
-        if v6.is_loopback:
+        if v6 == _LOOPBACK6:  # IN6_IS_ADDR_LOOPBACK is ::1 only (Python 3.13's is_loopback also takes ::ffff:127.0.0.1)
             raise NidError(f"IPv6 loopback address {addr!r} in {where!r} cannot be a NID (Lustre refuses it)")
         if v6 in _LINK_LOCAL6:
             raise NidError(f"IPv6 link-local address {addr!r} in {where!r} cannot be a NID (Lustre refuses it: not routable)")

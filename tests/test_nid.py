@@ -685,3 +685,11 @@ def test_reversed_range_is_refused(text: str) -> None:
 def test_reversed_range_in_a_nidlist_is_refused(text: str) -> None:
     with pytest.raises(NidError, match="reversed range"):
         NidList.parse(text)
+
+
+@pytest.mark.parametrize("text,canon", [("::ffff:127.0.0.1@tcp", "::ffff:127.0.0.1@tcp"), ("::2@tcp", "::2@tcp"),
+                                        ("fe7f::1@tcp", "fe7f::1@tcp"), ("fec0::1@tcp", "fec0::1@tcp")])
+def test_ipv6_next_to_loopback_and_link_local_is_taken(text: str, canon: str) -> None:
+    """IN6_IS_ADDR_LOOPBACK is ``::1`` alone and IN6_IS_ADDR_LINKLOCAL ``fe80::/10`` alone: an
+    IPv4-mapped loopback, ``::2``, the /10's neighbours are ordinary addresses to Lustre."""
+    assert str(parse_nid(text)) == canon

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,3 +76,109 @@ async def test_daemon_runs_a_socklnd_net(tmp_path: Path) -> None:
         await node.close()
         await d.stop()
     assert not d.lan.drivers and Net("tcp", 0) not in d.engine.lans and Net("tcp", 0) not in d.engine.core.routes.local_nets
+
+
+# -- a socklnd net added and removed at run time (lu2kctl net add / route add / net del) -------------
+
+RT_GW = parse_nid("127.83.4.1@tcp")
+RT_NODE = parse_nid("127.83.4.2@tcp")
+
+
+def lu2k_only_config(tmp: Path) -> object:
+    return parse_config({
+        "net": [{"net type": "tcp9", "local NI(s)": [{"nid": "10.83.4.1@tcp9"}],
+                 "lu2k": {"backend": "inproc", "port": 41901, "key": "socklnd-attach-key"}}],
+        "route": [{"net": "tcp1", "gateway": "10.83.4.2@tcp9"}],  # nobody there
+        "routing": {"enable": 1},
+        "global": {"connect_timeout": 0.2, "transaction_timeout": 0.5},
+        "lu2k": {"shim": {"path": str(tmp / "r.shim")}, "control": {"path": str(tmp / "r.ctl")}},
+    })
+
+
+async def free_port_on(host: str) -> int:
+    probe = await asyncio.start_server(lambda r, w: None, host, 0)
+    port = int(probe.sockets[0].getsockname()[1])
+    probe.close()
+    await probe.wait_closed()
+    return port
+
+
+async def test_socklnd_net_added_and_removed_at_run_time(tmp_path: Path) -> None:
+    from lu2k.control import request
+
+    d = Daemon(lu2k_only_config(tmp_path))  # type: ignore[arg-type]
+    await d.start()
+    port = await free_port_on(RT_GW.host)
+    node = FakeNode(RT_NODE, port, RT_GW)
+
+    async def call(cmd: str, **args: object) -> Any:
+        return await request(d.config.control_path, cmd, args)
+
+    try:
+        res = await call("net add", net="tcp", nid=str(RT_GW), backend="socklnd", port=port,
+                         lu2k={"options": {"secure_accept": privileged(), "privileged_connect": privileged(), "probe_interval": 0.2}})
+        assert res["changes"] == [f"net tcp added ({RT_GW}, socklnd)"]
+        # The LAN net is the driver's, never the engine's: the engine's config holds lu2k nets only.
+        assert [n.backend for n in d.engine.config.nets] == ["inproc"]
+        assert [n.backend for n in d.config.nets] == ["inproc", "socklnd"]
+        assert Net("tcp", 0) in d.lan.drivers and Net("tcp", 0) in d.engine.lans
+        nets = await call("net show")
+        assert [(n["net"], n["backend"]) for n in nets] == [("tcp9", "inproc"), ("tcp", "socklnd")]
+        await node.connect_gateway()
+        info = await node.ping(RT_GW)
+        nis = dict(info.nis)
+        assert nis[idl.nid4_of(RT_GW)] == idl.LNET_NI_STATUS_UP
+        assert idl.nid4_of(parse_nid("127.83.4.1@tcp1")) in nis  # the net routed over lu2k at the time of net add
+        # A route added later is learnt by the running driver: its ping shows an NI on that net too.
+        await call("route add", net="tcp2", gateway="10.83.4.3@tcp9")
+        nis = dict((await node.ping(RT_GW)).nis)
+        assert idl.nid4_of(parse_nid("127.83.4.1@tcp2")) in nis
+        await call("route del", net="tcp2", gateway="10.83.4.3@tcp9")
+        nis = dict((await node.ping(RT_GW)).nis)
+        assert idl.nid4_of(parse_nid("127.83.4.1@tcp2")) not in nis
+        exported = (await call("export"))["yaml"]
+        assert "socklnd" in exported
+        res = await call("net del", net="tcp")
+        assert res["changes"] == ["net tcp removed"]
+        assert not d.lan.drivers and not d.lan.nets and Net("tcp", 0) not in d.engine.lans
+        assert [n.backend for n in d.engine.config.nets] == ["inproc"]
+        while not all(c.writer.is_closing() or c.reader.at_eof() for c in node.conns):  # lu2kd closed the node's connections
+            await asyncio.sleep(0.02)
+    finally:
+        await node.close()
+        await d.stop()
+
+
+async def test_a_failed_socklnd_net_add_changes_nothing(tmp_path: Path) -> None:
+    from lu2k.control import request
+    from lu2k.errors import Lu2kError
+
+    d = Daemon(lu2k_only_config(tmp_path))  # type: ignore[arg-type]
+    await d.start()
+    blocker = await asyncio.start_server(lambda r, w: None, RT_GW.host, 0)
+    port = int(blocker.sockets[0].getsockname()[1])
+    try:
+        with pytest.raises(Lu2kError, match="configuration not applied"):
+            await request(d.config.control_path, "net add", {"net": "tcp", "nid": str(RT_GW), "backend": "socklnd", "port": port})
+        assert not d.lan.drivers and not d.lan.nets and not d.engine.lans
+        assert [n.backend for n in d.config.nets] == [n.backend for n in d.engine.config.nets] == ["inproc"]
+    finally:
+        blocker.close()
+        await d.stop()
+
+
+async def test_apply_config_without_lan_drivers_refuses_a_socklnd_net(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from lu2k.confctl import apply_config
+    from lu2k.errors import ConfigError
+
+    d = Daemon(lu2k_only_config(tmp_path))  # type: ignore[arg-type]
+    await d.start()
+    try:
+        new = daemon_config(tmp_path, 988)
+        with pytest.raises(ConfigError, match="LAN drivers"):
+            await apply_config(d.engine, d.config, replace(new, shim=d.config.shim, control_path=d.config.control_path))  # type: ignore[type-var,arg-type]
+        assert [n.backend for n in d.engine.config.nets] == ["inproc"] and not d.engine.lans
+    finally:
+        await d.stop()

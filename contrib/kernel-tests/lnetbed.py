@@ -70,7 +70,10 @@ class GuestSpec:
 
 
 def guest_spec(side: str) -> GuestSpec:
-    """Guest ``a`` is 10.203.1.10 on lgbra, ``b`` 10.203.2.10 on lgbrb (site n+1 of the /16)."""
+    """Guest ``a`` is 10.203.1.10 on lgbra, ``b`` 10.203.2.10 on lgbrb (site n+1 of the /16);
+    ``r``, the kernel LNet router of the anchor run, is 10.203.1.20 on site a's bridge lgbra."""
+    if side == "r":
+        return GuestSpec(side, "52:54:00:4c:47:12", f"{SUBNET}.1.20", "lgtapr", "lgbra")
     index = "ab".index(side)
     return GuestSpec(side, f"52:54:00:4c:47:{10 + index:02x}", f"{SUBNET}.{index + 1}.10", f"lgtap{side}", f"lgbr{side}")
 
@@ -89,10 +92,13 @@ def check_ifname(name: str) -> str:
 def bridge_commands(ns: str, specs: Sequence[GuestSpec]) -> list[list[str]]:
     """``ip`` commands building the namespace's bridges and taps (no addresses: nothing routes)."""
     cmds = [["ip", "netns", "add", ns], ["ip", "-n", ns, "link", "set", "lo", "up"]]
+    bridges: set[str] = set()
     for spec in specs:
+        if spec.bridge not in bridges:  # guests may share a bridge (the anchor's router sits on site a's)
+            bridges.add(spec.bridge)
+            cmds += [["ip", "-n", ns, "link", "add", check_ifname(spec.bridge), "type", "bridge"],
+                     ["ip", "-n", ns, "link", "set", spec.bridge, "up"]]
         cmds += [
-            ["ip", "-n", ns, "link", "add", check_ifname(spec.bridge), "type", "bridge"],
-            ["ip", "-n", ns, "link", "set", spec.bridge, "up"],
             ["ip", "-n", ns, "tuntap", "add", "dev", check_ifname(spec.tap), "mode", "tap"],
             ["ip", "-n", ns, "link", "set", spec.tap, "master", spec.bridge],
             ["ip", "-n", ns, "link", "set", spec.tap, "up"],

@@ -13,6 +13,12 @@
   (with ``encryption: none``, received into it directly).
 * Sealed: until the hello is done only hello frames are accepted (an unauthenticated peer
   costs one header); after it every frame is sealed (:mod:`lu2k.crypto`).
+* Stalls: after an outage TCP's retransmission timer has backed off towards its two-minute
+  ceiling, so a connection with data in flight could sit silent long after the link is back.
+  ``options.dead_timeout`` (default ``max(10 s, 8 RTT)``; 0 leaves the kernel's defaults) is
+  set as TCP_USER_TIMEOUT -- data unacknowledged that long ends the connection -- and drives
+  TCP keepalive, so an idle connection whose peer went away is noticed too.  The engine then
+  reconnects on a fresh socket (fresh RTO) and resends whatever was not acknowledged.
 * Errors: ``OSError`` becomes a ``ConnectError``/``ReadError``/``WriteError`` through one
   table per phase (below); an accept loop out of descriptors pauses instead of spinning.
 """
@@ -44,7 +50,9 @@ IOV_MAX = 1024
 RECV_CHUNK = 256 << 10
 HELLO_CHUNK = 4096
 DIRECT_RECV_MIN = 16 << 10  # payload remainder above this is received straight into place
-KNOWN_OPTIONS = frozenset({"min_bulk", "congestion", "socket_buffer", "encryption", "peer_keys", "peer_keys_only"})
+KNOWN_OPTIONS = frozenset({"min_bulk", "congestion", "socket_buffer", "dead_timeout", "encryption", "peer_keys", "peer_keys_only"})
+DEAD_TIMEOUT_MIN = 10.0  # s; the default is max(this, DEAD_TIMEOUT_RTTS x the profile's RTT)
+DEAD_TIMEOUT_RTTS = 8
 
 
 # The one place tcp's library errors become lu2k's, by phase.
@@ -62,11 +70,38 @@ def available_congestion_controls() -> list[str]:
         return []
 
 
+def dead_timeout_option(opts: dict[str, Any], rtt_ms: float | None, where: str) -> float:
+    """``options.dead_timeout`` in seconds: 0 (kernel defaults) or 1..3600; default max(10 s, 8 RTT)."""
+    default = max(DEAD_TIMEOUT_MIN, DEAD_TIMEOUT_RTTS * (rtt_ms or 0.0) / 1e3)
+    value = opts.get("dead_timeout", default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"dead_timeout must be a number of seconds, got {value!r}", where=where)
+    if value != 0 and not 1 <= value <= 3600:
+        raise ConfigError(f"dead_timeout must be 0 (kernel defaults) or 1..3600 s, got {value!r}", where=where)
+    return float(value)
+
+
+def set_dead_timeout(sock: socket.socket, seconds: float) -> None:
+    """TCP_USER_TIMEOUT of ``seconds``, and keepalive probes that give up within about as long.
+
+    The user timeout ends a connection whose sent data stays unacknowledged (retransmissions
+    backing off through an outage); keepalive makes an idle connection send something, so a
+    peer that is gone (its socket closed while the link was down) answers with a reset.
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
+    idle = max(1, int(seconds / 2))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(seconds / 4)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+
+
 class TcpTransport(Transport):
     backend_name = "tcp"
 
-    def __init__(self, sock: socket.socket, max_payload: int) -> None:
+    def __init__(self, sock: socket.socket, max_payload: int, dead_timeout: float = 0.0) -> None:
         self._sock = sock
+        self._dead_timeout = dead_timeout
+        self._stall = ""  # why TCP gave up on the peer, once it has
         self._loop = asyncio.get_running_loop()
         try:
             peer = sock.getpeername()
@@ -137,6 +172,10 @@ class TcpTransport(Transport):
                 except (BlockingIOError, InterruptedError):
                     await self._wait(writable=True)
                     continue
+                except OSError as e:
+                    if stalled := self._stalled(e):
+                        raise WriteError(stalled) from None
+                    raise
             self.bytes_sent += sent
             # Drop what went out; keep the rest as byte views (no copy).
             done = 0
@@ -173,6 +212,10 @@ class TcpTransport(Transport):
                 except (BlockingIOError, InterruptedError):
                     await self._wait(writable=False)
                     continue
+                except OSError as e:
+                    if stalled := self._stalled(e):
+                        raise ReadError(stalled) from None
+                    raise
             if n == 0:
                 if decoder.at_boundary():
                     raise ConnectionClosed(f"{self._peer} closed the connection")
@@ -183,6 +226,15 @@ class TcpTransport(Transport):
             else:
                 assert self._scratch is not None
                 decoder.feed(memoryview(self._scratch)[:n])
+
+    def _stalled(self, error: OSError) -> str:
+        """The reason when ``error`` means TCP gave up on the peer (ETIMEDOUT: TCP_USER_TIMEOUT or
+        keepalive), else "".  The kernel reports ETIMEDOUT once; the other direction then sees
+        EPIPE or a reset, so the reason is kept for it."""
+        if isinstance(error, TimeoutError) and not self._stall:
+            self._stall = (f"connection to {self._peer} stalled: nothing acknowledged for dead_timeout {self._dead_timeout:g} s"
+                           if self._dead_timeout else f"connection to {self._peer} timed out (TCP retransmissions exhausted)")
+        return self._stall
 
     def close(self) -> None:
         if not self._closed:
@@ -290,6 +342,7 @@ class TcpBackend(Backend):
             buf = 2 * settings.profile.bdp_bytes()
         self.socket_buffer: int | None = option_int({} if buf is None else {"socket_buffer": buf}, "socket_buffer", 0, 0, 1 << 30, where,
                                                     what="a byte count") or None
+        self.dead_timeout = dead_timeout_option(opts, settings.profile.rtt_ms, where)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _tune(self, sock: socket.socket, conn_type: ConnType) -> None:
@@ -303,6 +356,8 @@ class TcpBackend(Backend):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.congestion.encode())
             except OSError as e:
                 raise ConfigError(f"cannot set congestion control {self.congestion!r}: {e.strerror}", where=f"net {self.settings.net}") from None
+        if self.dead_timeout:
+            set_dead_timeout(sock, self.dead_timeout)
 
     async def listen(self, host: str, port: int, on_accept: AcceptCallback) -> Listener:
         with map_exceptions(LISTEN_ERRORS, f"cannot listen on {format_hostport(host, port)}"):
@@ -323,7 +378,7 @@ class TcpBackend(Backend):
         try:
             conn.setblocking(False)
             self._tune(conn, ConnType.ANY)
-            transport = TcpTransport(conn, self.settings.max_message_size)
+            transport = TcpTransport(conn, self.settings.max_message_size, self.dead_timeout)
         except (ConfigError, OSError):
             conn.close()
             return
@@ -343,7 +398,7 @@ class TcpBackend(Backend):
                     await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, sockaddr(host, port)), timeout)
                 except asyncio.TimeoutError:
                     raise ConnectTimeout(f"connect to {format_hostport(host, port)} timed out after {timeout:g}s") from None
-            return TcpTransport(sock, self.settings.max_message_size)
+            return TcpTransport(sock, self.settings.max_message_size, self.dead_timeout)
         except BaseException:
             sock.close()
             raise
@@ -357,5 +412,6 @@ class TcpBackend(Backend):
             "congestion": self.congestion or "system default",
             "socket_buffer": self.socket_buffer or "autotuned",
             "min_bulk": self.min_bulk,
+            "dead_timeout": self.dead_timeout or "kernel default",
         }
 

@@ -5,6 +5,11 @@ LAN driver (``lan_driver`` in the registry: ``socklnd``) is left out of the engi
 and attached after the engine started, with ``engine.attach_lan(net, driver)``.  Each driver
 learns the remote nets it routes to over lu2k (the configured routes whose gateway is on an
 lu2k net): it shows one NI on each in its ping replies, up while that gateway answers.
+
+At run time (``lu2kctl net add|del``, ``import``) :func:`lu2k.confctl.apply_config` adds and
+removes LAN nets here (:meth:`LanNets.add`, :meth:`LanNets.remove`) and hands over every new
+configuration (:meth:`LanNets.reconfigure`), so the drivers follow route changes and the
+engine's config never holds a LAN net.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 import structlog
 
 from ..backends import get_backend
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, ConfigError
 from ..nid import Net, Nid
 from ..settings import DaemonConfig, NetConfig
 from .driver import SocklndDriver
@@ -54,17 +59,44 @@ class LanNets:
         return out
 
     async def start(self, engine: Any) -> None:
-        peer_addresses = {p.nid: p.address for p in self.config.peers if p.address}
         try:
             for nc in self.nets:
-                driver = SocklndDriver(nc, engine, remote_gateways=self.remote_gateways(), peer_addresses=peer_addresses,
-                                       next_hop=engine.next_hop)
-                await driver.start()
-                self.drivers[nc.net] = driver
-                engine.attach_lan(nc.net, driver)
+                await self._attach(engine, nc)
         except BaseException:
             await self.stop(engine)
             raise
+
+    async def _attach(self, engine: Any, nc: NetConfig) -> None:
+        peer_addresses = {p.nid: p.address for p in self.config.peers if p.address}
+        driver = SocklndDriver(nc, engine, remote_gateways=self.remote_gateways(), peer_addresses=peer_addresses,
+                               next_hop=engine.next_hop)
+        await driver.start()  # raises (a port in use...) with nothing attached
+        self.drivers[nc.net] = driver
+        engine.attach_lan(nc.net, driver)
+
+    async def add(self, engine: Any, nc: NetConfig) -> None:
+        """Bring up one LAN net on a running daemon (``net add``); raises and leaves nothing on failure."""
+        if nc.net in self.drivers:
+            raise ConfigError(f"LAN net {nc.net} is already up", where="net add")
+        await self._attach(engine, nc)
+        self.nets.append(nc)
+
+    async def remove(self, engine: Any, net: Net, reason: str) -> None:
+        """Take one LAN net down: what its driver still holds ends CANCELLED with ``reason``."""
+        driver = self.drivers.pop(net, None)
+        self.nets = [n for n in self.nets if n.net != net]
+        if driver is not None:
+            engine.detach_lan(net)
+            await driver.close(reason)
+
+    def reconfigure(self, config: DaemonConfig) -> None:
+        """Adopt a new daemon configuration whose LAN nets are already up: the drivers learn
+        the remote nets now routed over lu2k (and forget the ones no longer routed)."""
+        self.config = config
+        self.nets = [n for n in config.nets if n.net in self.drivers]
+        gateways = self.remote_gateways()
+        for driver in self.drivers.values():
+            driver.set_remote_gateways(gateways)
 
     async def stop(self, engine: Any) -> None:
         for net, driver in list(self.drivers.items()):

@@ -272,15 +272,12 @@ class SocklndDriver:
         self.incarnation = time.time_ns() & 0x7FFFFFFFFFFFFFFF  # as ksocknal_new_incarnation
         self.peer_addresses = dict(peer_addresses or {})
         self.next_hop = next_hop
-        # The NID we show on each remote net, and the lu2k gateway whose health decides its status.
-        self.remote_gateways = {net: list(gws) for net, gws in (remote_gateways or {}).items()}
-        self.remote_nids: dict[Net, Nid] = {n.net: n for n in self.tun.remote_nids}
-        for rnet in self.remote_gateways:
-            if rnet not in self.remote_nids and rnet.type == "tcp" and isinstance(nc.nid.addr, ipaddress.IPv4Address):
-                self.remote_nids[rnet] = Nid(nc.nid.addr, rnet)
+        self.remote_gateways: dict[Net, list[Nid]] = {}
+        self.remote_nids: dict[Net, Nid] = {}
         # Per remote net: True/False once a probe answered, None before (shown DOWN, still forwarded).
-        self.remote_up: dict[Net, bool | None] = {n: None for n in self.remote_nids}
-        self.own_nid4s = frozenset({self.nid4, *(idl.nid4_of(n) for n in self.remote_nids.values())})
+        self.remote_up: dict[Net, bool | None] = {}
+        self.own_nid4s: frozenset[int] = frozenset({self.nid4})
+        self.set_remote_gateways(remote_gateways or {})
         self.conn_config = ConnConfig(local_nids=frozenset({self.nid4}), incarnation=self.incarnation,
                                       version=self.tun.protocol, send_checksums=self.tun.checksum)
         self.responder = RouterResponder(discovery=self.tun.discovery)
@@ -294,6 +291,21 @@ class SocklndDriver:
         self.closing = False
         self.pushed: dict[int, list[tuple[int, int]]] = {}  # NIs each node told us in a discovery push
 
+    def set_remote_gateways(self, remote_gateways: dict[Net, list[Nid]]) -> None:
+        """The nets routed over lu2k and their lu2k gateways (at start, and when routes change).
+
+        We show one NID on each such net (``remote_nids``, else our LAN address on it), its
+        status decided by a probe of the gateways; a net no longer routed is no longer shown.
+        """
+        self.remote_gateways = {net: list(gws) for net, gws in remote_gateways.items()}
+        remote_nids: dict[Net, Nid] = {n.net: n for n in self.tun.remote_nids}
+        for rnet in self.remote_gateways:
+            if rnet not in remote_nids and rnet.type == "tcp" and isinstance(self.nid.addr, ipaddress.IPv4Address):
+                remote_nids[rnet] = Nid(self.nid.addr, rnet)
+        self.remote_nids = remote_nids
+        self.remote_up = {n: self.remote_up.get(n) for n in remote_nids}
+        self.own_nid4s = frozenset({self.nid4, *(idl.nid4_of(n) for n in remote_nids.values())})
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -304,8 +316,7 @@ class SocklndDriver:
         except OSError as e:
             raise _translate(e, _CONNECT_ERRORS, f"socklnd acceptor on {host}:{self.tun.port}") from None
         self._spawn(self._tick())
-        if self.remote_nids:
-            self._spawn(self._probe_remote())
+        self._spawn(self._probe_remote())  # remote nets may come with a later route add
         log.info("socklnd net up", net=str(self.net), nid=str(self.nid), listen=f"{host}:{self.address[1]}",
                  secure_accept=self.tun.secure_accept, protocol=self.tun.protocol,
                  remote_nids=[str(n) for n in self.remote_nids.values()])
@@ -705,7 +716,7 @@ class SocklndDriver:
         """Is the lu2k hop to each remote net up?  Decides the status of its NI in our pings."""
         # Loops check ``closing`` too: asyncio.wait_for in Python 3.11 can swallow a cancel.
         while not self.closing:
-            for rnet, gateways in self.remote_gateways.items():
+            for rnet, gateways in list(self.remote_gateways.items()):
                 if rnet not in self.remote_nids:
                     continue
                 up, why = False, "no gateway"
@@ -718,7 +729,8 @@ class SocklndDriver:
                         why = f"{gw}: {e}"
                 if up != self.remote_up.get(rnet):
                     (log.info if up else log.warning)("remote net " + ("up" if up else "down"), net=str(rnet), reason=why)
-                self.remote_up[rnet] = up
+                if rnet in self.remote_nids:  # not dropped by a route change during the probe
+                    self.remote_up[rnet] = up
             await asyncio.sleep(self.tun.probe_interval)
 
     # -- control -----------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ them the hop net ``tcp9`` over an lu2k backend (tcp, quic, udt) on the lab's two
 through the lab forwarder's link model.  Each lu2kd routes the other site's LAN net via the
 other's hop NID; the kernel nodes route the far net via their own site's lu2kd, with stock
 ``lnetctl route add``.
+
+Scale-out (:meth:`Sites.add_gateway`): a second gateway at a site, lu2kd-A2 in the same lab
+namespace as lu2kd-A, with its own address on guest a's bridge (10.203.1.2) and its own hop
+address (the lab's address of side a with last octet 3, routed to the lab's device in
+namespace b); lu2kd-B learns the second route to ``tcp`` at run time (``lu2kctl route add``).
 """
 
 from __future__ import annotations
@@ -64,10 +69,12 @@ class Sites:
     lan_ips: dict[str, str]
     configs: dict[str, dict[str, Any]]
     daemons: dict[str, DaemonProcess] = field(default_factory=dict)
+    hop_ips: dict[str, str] = field(default_factory=dict)  # a second gateway's hop address
+    namespaces: dict[str, str] = field(default_factory=dict)  # a second gateway's lab namespace
 
     @classmethod
     def up(cls, specs: tuple[LinkSpec, LinkSpec], bed: Any, workdir: Path, *, backend: str = "tcp", hop_port: int = 7988,
-           socklnd_options: dict[str, Any] | None = None) -> "Sites":
+           socklnd_options: dict[str, Any] | None = None, hop_options: dict[str, Any] | None = None) -> "Sites":
         lab = Lab(specs, lab_id=f"lg{secrets.token_hex(3)}").up()
         try:
             lan_ips = {s: bed.attach(s, lab.ns(s)) for s in ("a", "b")}
@@ -75,6 +82,8 @@ class Sites:
             profile = {"rtt_ms": spec.rtt_s * 1e3, "rate_mbit": spec.rate_bps / 1e6 if spec.rate_bps else 1e5,
                        "loss": min(spec.mean_loss, 0.5)}
             options = backend_options(backend, lab, workdir)
+            for side in options:
+                options[side].update(hop_options or {})
             configs = {
                 s: site_config(s, lan_ips[s], lab.state.addr[s], lab.state.addr[OTHER[s]], hop_port, workdir, backend=backend,
                                hop_options=options[s] or None, socklnd_options=socklnd_options, profile=profile)
@@ -91,10 +100,56 @@ class Sites:
             raise
 
     def lan_nid(self, side: str) -> str:
-        return f"{self.lan_ips[side]}@{LAN_NETS[side]}"
+        return f"{self.lan_ips[side]}@{LAN_NETS[side[0]]}"
+
+    def hop_ip(self, side: str) -> str:
+        return self.hop_ips.get(side) or self.lab.state.addr[side]
 
     def hop_nid(self, side: str) -> str:
-        return f"{self.lab.state.addr[side]}@{HOP_NET}"
+        return f"{self.hop_ip(side)}@{HOP_NET}"
+
+    def add_gateway(self, side: str, name: str, lan_ip: str, hop_last_octet: int) -> None:
+        """Another lu2kd at ``side``'s site (``name``, e.g. ``a2``) beside the first, in the same
+        lab namespace: its own LAN address and hop address, the same far net routed; the far
+        lu2kd gets a route back through it (equal priority) at run time."""
+        ns, other = self.lab.ns(side), OTHER[side]
+        hop_ip = self.lab.state.addr[side].rsplit(".", 1)[0] + f".{hop_last_octet}"
+        run = [["ip", "-n", ns, "addr", "add", f"{lan_ip}/16", "dev", f"lgl{side}"],
+               ["ip", "-n", ns, "addr", "add", f"{hop_ip}/32", "dev", self.lab.state.dev[side]],
+               ["ip", "-n", self.lab.ns(other), "route", "add", f"{hop_ip}/32", "dev", self.lab.state.dev[other]]]
+        for argv in run:
+            res = subprocess.run(argv, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise AssertionError(f"{' '.join(argv)}: {res.stderr.strip()}")
+        cfg = copy.deepcopy(self.configs[side])
+        cfg["net"][0]["local NI(s)"][0]["nid"] = f"{lan_ip}@{LAN_NETS[side]}"
+        cfg["net"][1]["local NI(s)"][0]["nid"] = f"{hop_ip}@{HOP_NET}"
+        cfg["lu2k"] = {"shim": {"path": str(self.workdir / f"lu2kd-{name}.shim")},
+                       "control": {"path": str(self.workdir / f"lu2kd-{name}.ctl")}}
+        self.configs[name], self.lan_ips[name], self.hop_ips[name], self.namespaces[name] = cfg, lan_ip, hop_ip, ns
+        self.start(name)
+        self.ctl(other, "route", "add", "--net", LAN_NETS[side], "--gateway", self.hop_nid(name))
+
+    def ctl(self, side: str, *args: str) -> Any:
+        """``lu2kctl --json <args>`` on one lu2kd."""
+        cfg = self.configs[side]
+        res = subprocess.run([sys.executable, "-m", "lu2k.cli.ctl", "--socket", cfg["lu2k"]["control"]["path"], "--json", *args],
+                             capture_output=True, text=True, timeout=30, env=child_env())
+        if res.returncode != 0:
+            raise AssertionError(f"lu2kctl {' '.join(args)} on lu2kd-{side} failed: {res.stderr or res.stdout}")
+        try:
+            return json.loads(res.stdout)
+        except ValueError:
+            return res.stdout
+
+    def socklnd_stats(self, side: str) -> dict[str, int]:
+        """The LAN driver's counters of one lu2kd (forwarded, lan_rx_msgs, ...)."""
+        return next(dict(n.get("stats") or {}) for n in self.net_show(side) if n.get("backend") == "socklnd")
+
+    def kill(self, side: str) -> None:
+        """SIGKILL one lu2kd: no goodbye to anyone."""
+        d = self.daemons.pop(side)
+        d.kill()
 
     def start(self, side: str) -> None:
         path = self.workdir / f"lu2kd-{side}.yaml"
@@ -103,7 +158,7 @@ class Sites:
         d = DaemonProcess(self.lan_nid(side), path, cfg["lu2k"]["shim"]["path"], cfg["lu2k"]["control"]["path"],
                           self.workdir / f"lu2kd-{side}.log")
         try:
-            d.start(netns=self.lab.ns(side), timeout=30)
+            d.start(netns=self.namespaces.get(side) or self.lab.ns(side), timeout=30)
         except BaseException:
             d.stop()  # closes its log file too
             raise
@@ -115,12 +170,7 @@ class Sites:
 
     def net_show(self, side: str) -> list[dict[str, Any]]:
         """``lu2kctl net show`` of one lu2kd (its nets, and for socklnd nets the remote NIs it advertises)."""
-        cfg = self.configs[side]
-        res = subprocess.run([sys.executable, "-m", "lu2k.cli.ctl", "--socket", cfg["lu2k"]["control"]["path"], "--json",
-                              "net", "show"], capture_output=True, text=True, timeout=30, env=child_env())
-        if res.returncode != 0:
-            raise AssertionError(f"lu2kctl net show on lu2kd-{side} failed: {res.stderr or res.stdout}")
-        return list(json.loads(res.stdout))
+        return list(self.ctl(side, "net", "show"))
 
     def remote_ni_status(self, side: str) -> dict[str, str]:
         """What lu2kd tells the kernel about its NIs on the far nets: NID -> up/down."""

@@ -9,6 +9,7 @@ only: ``lnetctl net add`` and ``lnetctl route add --net <far net> --gateway <own
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -25,6 +26,8 @@ from lu2k.lab.spec import build_specs
 lb = bed_module()
 LONG = os.environ.get("LU2K_LNET_LONG") == "1"
 BACKEND = os.environ.get("LU2K_LNET_BACKEND", "tcp")
+# Extra options for the hop's lu2k backend, as JSON (e.g. '{"dead_timeout": 15}').
+HOP_OPTIONS: dict[str, Any] = json.loads(os.environ.get("LU2K_LNET_HOP_OPTIONS") or "{}")
 PING = "lnetctl ping --timeout 30"
 
 
@@ -33,7 +36,7 @@ def sites(lnet_bed: Any, lnet_build: dict[str, Any], lnet_out: Any) -> Iterator[
     lnet_bed.split()
     workdir = lnet_out / f"sites-{BACKEND}"
     workdir.mkdir(parents=True, exist_ok=True)
-    s = Sites.up(build_specs("geo", loss="1%"), lnet_bed, workdir, backend=BACKEND)
+    s = Sites.up(build_specs("geo", loss="1%"), lnet_bed, workdir, backend=BACKEND, hop_options=HOP_OPTIONS)
     mods = lb.module_paths(lnet_build)
     a, b = lnet_bed.guests["a"], lnet_bed.guests["b"]
     try:
@@ -101,7 +104,7 @@ def test_lst_across_the_hop(lnet_bed: Any, sites: Sites, lnet_figures: dict[str,
     after = lb.lnet_counters(b)
     got = lb.parse_lst_output(res.out)
     lnet_figures[f"routed_{BACKEND}"] = {
-        "plan": vars(plan), "lst": got, "link": "geo 20mbit 600ms 1% loss",
+        "plan": vars(plan), "lst": got, "link": "geo 20mbit 600ms 1% loss", "hop_options": HOP_OPTIONS,
         "server_counters_delta": {k: after[k] - before.get(k, 0) for k in after},
         "lab_before": lab_before.get("links"), "lab_after": sites.lab.stats().get("links"),
     }
