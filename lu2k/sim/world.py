@@ -295,7 +295,7 @@ class SimNode:
         for nid in self.nids:
             self.node.add_net(NetParams(nid, 988, credits=p["credits"], peer_credits=p["peer_credits"],
                                         max_message_size=p["max_size"], checksum=w.rng.random() < 0.5,
-                                        typed_connections=p["typed"], min_bulk=256))
+                                        typed_connections=p["typed"], min_bulk=256, peer_window_bytes=p["peer_window"]))
         if w.multirail:
             self.node.set_rails({parse_nid(prim): [parse_nid(n) for n in nids] for prim, nids in RAILS[self.name].items()})
         self.endpoint = _Endpoint(w, self, p["rx_buffers"])
@@ -519,6 +519,8 @@ class World:
         if self.multirail and faults is None and mr_rng.random() < 0.6:
             self.faults.enabled |= {"raildown"}
         self.rails_down: set[Any] = set()
+        # A byte window per peer (core.fairq), also from a generator of its own.
+        self.params["peer_window"] = random.Random(seed * 104729 + 31).choice((0, 0, 4096, 16384))
         self.now = 0.0
         self.events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = itertools.count()
@@ -755,6 +757,8 @@ class World:
                 if ni.credits.in_use or ni.queued:
                     raise self.violation(f"{sn.name}: NI {ni.net} credits in use {ni.credits.in_use}, queued {ni.queued}")
                 for p in ni.peers.values():
+                    if p.window.in_use:
+                        raise self.violation(f"{sn.name}: peer {p.nid} byte window holds {p.window.in_use} bytes")
                     if p.credits.in_use or p.queue or p.inflight:
                         raise self.violation(f"{sn.name}: peer {p.nid} credits {p.credits.in_use} queue {len(p.queue)} "
                                              f"inflight {len(p.inflight)}")
