@@ -28,6 +28,17 @@ class Connect:
 
 
 @dataclass(slots=True)
+class Adopt:
+    """``conn``'s attempt ``attempt`` sends on the reverse direction of the accepted connection
+    ``via`` (:mod:`lu2k.core.returnpath`): write its batches there, as after a Connect; the
+    answers come in on ``via`` and reach the node through ``inbound_frames``."""
+
+    conn: OutConn
+    attempt: int
+    via: InConn
+
+
+@dataclass(slots=True)
 class Wake:
     """``conn`` has frames to send: call ``node.next_batch(conn)`` until it returns None."""
 
@@ -109,4 +120,4 @@ class PingDone:
     error: str
 
 
-Action = Connect | Wake | Close | CloseIn | SendIn | Resume | Deliver | AbortRx | LanTransmit | Complete | PingDone
+Action = Connect | Adopt | Wake | Close | CloseIn | SendIn | Resume | Deliver | AbortRx | LanTransmit | Complete | PingDone

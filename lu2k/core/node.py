@@ -59,6 +59,7 @@ from ..wire import ConnType, Frame, FrameType
 from .actions import (
     AbortRx, Action, Close, CloseIn, Complete, Connect, Deliver, LanTransmit, PingDone, Resume, SendIn, Wake,
 )
+from .returnpath import ANSWERS, REQUESTS, ReturnPaths
 from .states import FINAL, TRANSMITTED, ConnEvent, ConnState, MsgEvent, MsgState, conn_next, msg_next
 
 SEND_BATCH_FRAMES = 512
@@ -229,12 +230,19 @@ class OutConn:
         self.woken = False
         self.sent_msgs = 0
         self.transport_stats: dict[str, Any] = {}
+        # Return path (lu2k.core.returnpath): the accepted connection we send on instead of our
+        # own, the peer's requests on our own connection's reverse direction, whether we keep
+        # this connection up with nothing to send, whether connecting in failed last time.
+        self.via: InConn | None = None
+        self.rev_in: InConn | None = None
+        self.hold = False
+        self.connect_failed = False
 
     def has_work(self) -> bool:
         q = self.queue
         while q and q[0].state in FINAL:
             q.popleft()  # failed while waiting for this connection
-        return bool(q) or any(not p.sent for p in self.pings.values())
+        return bool(q) or self.hold or any(not p.sent for p in self.pings.values())
 
     def __repr__(self) -> str:
         return f"<OutConn {self.peer.nid} {self.ctype.name} {self.state.value} #{self.attempt}>"
@@ -308,6 +316,8 @@ class InConn:
         self.control: list[bytes] = []
         self.pending = 0  # deliveries handed out and not answered yet
         self.parked = 0  # forwards waiting for router buffer space
+        self.out: OutConn | None = None  # set: the reverse direction of our own connection (returnpath)
+        self.reverse: OutConn | None = None  # our connection that sends on this one's reverse direction
 
     @property
     def blocked(self) -> bool:
@@ -329,7 +339,7 @@ class Delivery:
         self.done = False
 
 
-class Node:
+class Node(ReturnPaths):
     """The message layer of one daemon.  See the module docstring."""
 
     def __init__(self, params: NodeParams, routes: list[Route] | None = None) -> None:
@@ -353,6 +363,7 @@ class Node:
         self._dirty: dict[InConn, None] = {}
         self._refill: dict[Peer, None] = {}  # peers whose credits came back while messages wait
         self._now = 0.0
+        self._rp_init()
 
     # ------------------------------------------------------------------ configuration
 
@@ -363,6 +374,7 @@ class Node:
         self.routes.local_nets.add(ni.net)
         self._local_raw.add(ni.nid_raw)
         self._direct.clear()
+        self._rp_hold_all()
         return ni
 
     def remove_net(self, net: Net, reason: str) -> None:
@@ -494,7 +506,8 @@ class Node:
                 self._backoff_waiting.pop(c, None)  # nothing to send: no reason to reconnect
             elif at is None or c.backoff.next_at < at:
                 at = c.backoff.next_at
-        return at
+        rp = self._rp_timer()
+        return rp if at is None or (rp is not None and rp < at) else at
 
     def handle_timer(self, now: float) -> None:
         self._now = now
@@ -508,6 +521,7 @@ class Node:
             if c.backoff.next_at <= now:
                 self._backoff_waiting.pop(c, None)
                 self._maybe_connect(c)
+        self._rp_handle_timer(now)
 
     def _arm(self, deadline: float, obj: Any) -> None:
         self._deadlines.add(obj)
@@ -649,6 +663,8 @@ class Node:
             self._backoff_waiting[conn] = None
             return
         self._backoff_waiting.pop(conn, None)
+        if self._rp_instead_of_connect(conn):
+            return
         conn.state = conn_next(conn.state, ConnEvent.CONNECT)
         conn.attempt += 1
         host, port = self.address_of(conn.peer)
@@ -722,6 +738,10 @@ class Node:
             self.actions.append(Close(conn, attempt, "superseded"))
             return
         conn.state = conn_next(conn.state, ConnEvent.UP)
+        conn.connect_failed = False
+        self._conn_up(conn, peer_incarnation)
+
+    def _conn_up(self, conn: OutConn, peer_incarnation: int) -> None:
         conn.backoff.succeeded()
         peer = conn.peer
         if peer.incarnation is not None and peer_incarnation != peer.incarnation:
@@ -730,6 +750,7 @@ class Node:
                 self._fail(m, Status.PEER_RESTARTED, f"{peer.nid} restarted while the message was in flight; delivery unknown")
         peer.incarnation = peer_incarnation
         peer.health.success()
+        self._rp_conn_up(conn)
         if conn.has_work():
             conn.woken = True
             self.actions.append(Wake(conn))
@@ -741,6 +762,7 @@ class Node:
         if attempt != conn.attempt or conn.state is not ConnState.CONNECTING:
             return
         conn.state = conn_next(conn.state, ConnEvent.FAILED)
+        conn.connect_failed = True
         peer = conn.peer
         conn.backoff.failed(now, reason)
         peer.health.failure(now)
@@ -760,6 +782,7 @@ class Node:
             return
         conn.state = conn_next(conn.state, ConnEvent.LOST)
         conn.woken = False
+        self._rp_unlink(conn)
         peer = conn.peer
         peer.last_error = reason
         peer.health.failure(now)
@@ -823,10 +846,13 @@ class Node:
         if attempt != conn.attempt or conn.state is not ConnState.UP:
             return
         peer = conn.peer
+        requests: list[Frame] = []
         try:
             for f in frames:
                 t = f.header.type
-                if t is FrameType.ACK:
+                if t in REQUESTS:
+                    requests.append(f)  # the peer sends to us on our connection (returnpath)
+                elif t is FrameType.ACK:
                     self._on_acks(peer, wire.decode_acks(f))
                 elif t is FrameType.NACK:
                     seq, status, reason = wire.decode_nack(f)
@@ -839,6 +865,8 @@ class Node:
                         self.actions.append(PingDone(token, now - ping.started, peer.incarnation or 0, str(peer.nid), ""))
                 else:
                     raise FrameError(f"{t.name} frame on the reverse direction of a connection")
+            if requests:
+                self._rp_requests(conn, requests)
         except RemoteProtocolError as e:
             self.stats["bad_frames"] += 1
             self.actions.append(Close(conn, attempt, str(e)))
@@ -886,6 +914,7 @@ class Node:
             self.actions.append(Close(conn, conn.attempt, reason))
         conn.state = conn_next(conn.state, ConnEvent.CLOSE)
         self._backoff_waiting.pop(conn, None)
+        self._rp_unlink(conn)
 
     def note_transport_stats(self, conn: OutConn, stats: dict[str, Any]) -> None:
         conn.transport_stats = stats
@@ -955,18 +984,24 @@ class Node:
         ni = self.nis.get(net)
         if ni is None:
             raise LocalProtocolError(f"net {net} is not up")
-        key = (result.peer_nid, result.peer_incarnation)
+        conn = self._attach_in(ni, result.peer_nid, result.peer_incarnation, result.conn_type)
+        self.stats["conns_accepted"] += 1
+        self._rp_accepted(conn)
+        return conn
+
+    def _attach_in(self, ni: NI, peer_nid: Nid, incarnation: int, ctype: ConnType) -> InConn:
+        """A connection that carries ``peer_nid``'s messages, in its session ``incarnation``."""
+        key = (peer_nid, incarnation)
         session = self.sessions.get(key)
         if session is None:
-            session = self.sessions[key] = Session(result.peer_nid, result.peer_incarnation, self.params.window_capacity)
+            session = self.sessions[key] = Session(peer_nid, incarnation, self.params.window_capacity)
             # A newer incarnation of that peer makes older sessions moot.
-            for k in [k for k in self.sessions if k[0] == result.peer_nid and k[1] != result.peer_incarnation]:
+            for k in [k for k in self.sessions if k[0] == peer_nid and k[1] != incarnation]:
                 for c in list(self.sessions[k].conns):
-                    self._close_in(c, f"{result.peer_nid} restarted")
+                    self._close_in(c, f"{peer_nid} restarted")
                 del self.sessions[k]
-        conn = InConn(ni, session, result.conn_type, self.params.max_pending_deliveries)
+        conn = InConn(ni, session, ctype, self.params.max_pending_deliveries)
         session.conns.append(conn)
-        self.stats["conns_accepted"] += 1
         return conn
 
     def inbound_lost(self, conn: InConn) -> None:
@@ -977,6 +1012,7 @@ class Node:
         self._dirty.pop(conn, None)
         if conn in conn.session.conns:
             conn.session.conns.remove(conn)
+        self._rp_inbound_lost(conn)
 
     def _close_in(self, conn: InConn, reason: str) -> None:
         if conn.alive:
@@ -1006,6 +1042,9 @@ class Node:
     def _inbound_frame(self, conn: InConn, f: Frame) -> None:
         t = f.header.type
         session = conn.session
+        if t in ANSWERS:
+            self._rp_answers(conn, [f])  # answers to what we send on its reverse direction
+            return
         if t is FrameType.PING:
             conn.control.append(wire.encode_frame(FrameType.PONG, f.header.body))
             self._dirty[conn] = None
