@@ -38,9 +38,10 @@ from . import wire
 from .backends import Backend, Transport, get_backend
 from .core import NI as CoreNI
 from .core import (
-    PING_PORTAL, AbortRx, Close, CloseIn, Complete, Connect, Deliver, Delivery, InConn, LanTransmit, NetParams, Node,
+    PING_PORTAL, AbortRx, Adopt, Close, CloseIn, Complete, Connect, Deliver, Delivery, InConn, LanTransmit, NetParams, Node,
     NodeParams, OutConn, OutMsg, Peer, PingDone, Resume, SendIn, Wake,
 )
+from .core.returnpath import ANSWERS, REQUESTS
 from .credits import Credits
 from .errors import (
     AuthenticationError, ConnectionClosed, FrameError, HandshakeError, LocalProtocolError, Lu2kError, NetworkError,
@@ -145,6 +146,7 @@ class _OutLink:
         self.transport: Transport | None = None
         self.wake = asyncio.Event()
         self.closed = False
+        self.resume = asyncio.Event()  # requests on its reverse direction may be read again (returnpath)
 
 
 class _InLink:
@@ -161,6 +163,7 @@ class Engine:
         self.incarnation = int.from_bytes(os.urandom(8), "little") | 1
         self.core = Node(self._node_params(config), [Route(r.net, r.gateway, r.hops, r.priority) for r in config.routes])
         self.core.set_peer_addresses({p.nid: p.address for p in config.peers if p.address})
+        self.core.set_return_paths({n.net: n.paths for n in config.nets}, {p.nid: p.paths for p in config.peers})
         self._config = config
         self.nis: dict[Net, NI] = {}
         self.lans: dict[Net, LanDriver] = {}
@@ -231,8 +234,12 @@ class Engine:
                             inl = self._in.get(a.conn)
                             if inl is not None:
                                 inl.resume.set()
+                            elif a.conn.out is not None and (link := self._out.get(a.conn.out)) is not None:
+                                link.resume.set()
                         elif isinstance(a, Connect):
                             self._spawn(self._run_out(a))
+                        elif isinstance(a, Adopt):
+                            self._spawn(self._run_reverse(a))
                         elif isinstance(a, AbortRx):
                             self._abort_rx(a.token)
                         elif isinstance(a, Close):
@@ -246,6 +253,9 @@ class Engine:
                             inl = self._in.get(a.conn)
                             if inl is not None:
                                 inl.transport.close()
+                            elif a.conn.out is not None and (link := self._out.get(a.conn.out)) is not None:
+                                if link.transport is not None:  # the reverse half of our own connection
+                                    link.transport.close()
                         elif isinstance(a, LanTransmit):
                             self._lan_transmit(a.msg)
                         elif isinstance(a, PingDone):
@@ -515,12 +525,69 @@ class Engine:
 
     async def _read_out(self, link: _OutLink, transport: Transport) -> None:
         core, conn, attempt = self.core, link.conn, link.attempt
-        while True:
-            frames = await transport.recv()
-            core.frames_received(conn, attempt, frames, self.now())
+        # Requests the peer sends on our connection's reverse direction (returnpath) wait here
+        # while their InConn is blocked; answers to our messages are read past them.  What
+        # waits is bounded by the peer's credits.
+        held: list[wire.Frame] = []
+        recv: asyncio.Future[list[wire.Frame]] | None = None
+        try:
+            while True:
+                rev = conn.rev_in
+                blocked = rev is not None and rev.alive and rev.blocked
+                if held and not blocked:
+                    frames, held = held, []
+                    core.frames_received(conn, attempt, frames, self.now())
+                    self._transmit()
+                    continue
+                if recv is None:
+                    recv = asyncio.ensure_future(transport.recv())
+                if held:
+                    link.resume.clear()
+                    waiter: asyncio.Future[Any] = asyncio.ensure_future(link.resume.wait())
+                    either: set[asyncio.Future[Any]] = {recv, waiter}
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    if not recv.done():
+                        continue
+                frames = await recv
+                recv = None
+                if held or blocked:
+                    held += [f for f in frames if f.header.type in REQUESTS]
+                    frames = [f for f in frames if f.header.type not in REQUESTS]
+                if frames:
+                    core.frames_received(conn, attempt, frames, self.now())
+                    self._transmit()
+                if link.closed:
+                    return
+        finally:
+            if recv is not None:
+                recv.cancel()
+
+    async def _run_reverse(self, a: Adopt) -> None:
+        """Write ``a.conn``'s batches on the reverse direction of the accepted connection
+        ``a.via`` (returnpath); its answers come in through that connection's reader."""
+        conn, attempt, core = a.conn, a.attempt, self.core
+        inl = self._in.get(a.via)
+        if inl is None:
+            core.connection_lost(conn, attempt, f"connection from {conn.peer.nid} already gone", self.now())
             self._transmit()
-            if link.closed:
-                return
+            return
+        link = _OutLink(conn, attempt)
+        link.transport = inl.transport
+        self._out[conn] = link
+        log.info("sending on the peer's connection", peer=str(conn.peer.nid), type=conn.ctype.name, via=inl.transport.peer_address)
+        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            await self._write_out(link, inl.transport, never)
+        except (NetworkError, RemoteProtocolError) as e:
+            if not link.closed:
+                log.warning("return path lost", peer=str(conn.peer.nid), error=str(e))
+            core.connection_lost(conn, attempt, str(e), self.now())
+            self._transmit()
+        finally:
+            never.cancel()
+            if self._out.get(conn) is link:
+                del self._out[conn]
 
     async def _hello(self, transport: Transport, hello: wire.HelloInitiator | wire.HelloResponder) -> wire.HelloResult:
         """Run one hello to its end -- the only place a hello is driven, on either side --
@@ -596,17 +663,43 @@ class Engine:
         transport.set_buffer_for(lambda header: self._buffer_for(inl, header))
         log.info("accepted", peer=str(result.peer_nid), type=result.conn_type.name, via=transport.peer_address)
         core = self.core
+        # While blocked, a connection we also send on (returnpath) is still read: answers to
+        # our messages go to the core, its MSG/PING frames wait in ``held`` (bounded by the
+        # peer's credits) -- else our answers and its messages could wait for each other.
+        held: list[wire.Frame] = []
+        recv: asyncio.Future[list[wire.Frame]] | None = None
         try:
             while conn.alive:
-                if conn.blocked:
+                if held and not conn.blocked:
+                    frames, held = held, []
+                    core.inbound_frames(conn, frames, self.now())
+                    self._transmit()
+                    continue
+                if conn.blocked and conn.reverse is None and recv is None:
                     inl.resume.clear()
                     await inl.resume.wait()
                     continue
-                frames = await transport.recv()
+                if recv is None:
+                    recv = asyncio.ensure_future(transport.recv())
+                if conn.blocked or held:
+                    inl.resume.clear()
+                    waiter: asyncio.Future[Any] = asyncio.ensure_future(inl.resume.wait())
+                    either: set[asyncio.Future[Any]] = {recv, waiter}
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    if not recv.done():
+                        continue
+                frames = await recv
+                recv = None
                 tokens = inl.tokens
                 if tokens:
                     for f in frames:
                         tokens.discard(f.header.token)
+                if conn.blocked or held:
+                    held += [f for f in frames if f.header.type not in ANSWERS]
+                    frames = [f for f in frames if f.header.type in ANSWERS]
+                    if not frames:
+                        continue
                 core.inbound_frames(conn, frames, self.now())
                 self._transmit()
         except (RemoteProtocolError, NetworkError) as e:
@@ -615,6 +708,12 @@ class Engine:
             if isinstance(e, FrameError):
                 self.stats["bad_frames"] += 1
         finally:
+            if recv is not None:
+                recv.cancel()
+            for f in held:
+                token: Any = f.header.token
+                if token is not None:
+                    self._abort_rx(token)
             core.inbound_lost(conn)
             for buf in inl.tokens:
                 self._abort_rx(buf)
@@ -649,13 +748,17 @@ class Engine:
 
     def _send_in(self, a: SendIn) -> None:
         inl = self._in.get(a.conn)
-        if inl is None:
+        if inl is not None:
+            transport = inl.transport
+        elif a.conn.out is not None and (link := self._out.get(a.conn.out)) is not None and link.transport is not None:
+            transport = link.transport  # answers to requests on our own connection's reverse direction
+        else:
             return
         frames = [(f, b"") for f in a.frames]
 
         async def send() -> None:
             try:
-                await inl.transport.send(frames)
+                await transport.send(frames)
             except NetworkError:
                 pass  # the sender resends and we answer from the dedupe window
 

@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from .backends.base import BackendSettings, LinkProfile
+from .core.returnpath import PathSettings, parse_path_settings
 from .errors import BackendUnavailable, ConfigError, NidError
 from .kernel_shim.abi import default_shim_path
 from .kernel_shim.config import ShimConfig
@@ -91,6 +92,7 @@ class NetConfig:
     checksum: bool = False
     profile: LinkProfile = field(default_factory=LinkProfile)
     options: dict[str, Any] = field(default_factory=dict)
+    paths: PathSettings = field(default_factory=PathSettings)  # return_path, keepalive (lu2k.core.returnpath)
     where: str = field(default="net", compare=False)  # YAML path of the entry it came from
     # Values derived from the profile (name -> value), for ``net show -v``; see the module doc.
     derived: dict[str, int] = field(default_factory=dict, compare=False)
@@ -103,6 +105,7 @@ class NetConfig:
 class PeerConfig:
     nid: Nid
     address: str | None = None  # "host:port" override of the NID-derived address
+    paths: PathSettings = field(default_factory=PathSettings)  # return_path, keepalive (lu2k.core.returnpath)
 
 
 @dataclass
@@ -230,6 +233,7 @@ def _net_config(problems: Problems, where: str, net: Net, nid: Nid, tun: Mapping
         if isinstance(opts.get(k), str):
             opts[k] = _path(base_dir, opts[k])
     cfg.options = opts
+    cfg.paths = parse_path_settings(lu, f"{where}.lu2k")  # already checked by lnetyaml
     required = _REQUIRED_OPTIONS.get(cfg.backend)
     if required is not None and not all(opts.get(k) for k in required[0]):
         problems.add(f"{where}.lu2k", required[1])
@@ -300,7 +304,7 @@ def parse_config(data: Any, *, source: str = "<string>", base_dir: Path | None =
             problems.add(f"{n.where}.lu2k.port", f"net {n.net} and net {seen[place].net} both listen on {host} port {n.port}")
         else:
             seen[place] = n
-    cfg.peers = [PeerConfig(p.primary_nid, p.lu2k.get("address")) for p in lcfg.peers]
+    cfg.peers = [PeerConfig(p.primary_nid, p.lu2k.get("address"), parse_path_settings(p.lu2k, "peer.lu2k")) for p in lcfg.peers]
     cfg.routes = list(res.routes)
     for name, value in lcfg.global_.items():
         if hasattr(cfg.global_, name):

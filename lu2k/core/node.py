@@ -318,6 +318,7 @@ class InConn:
         self.parked = 0  # forwards waiting for router buffer space
         self.out: OutConn | None = None  # set: the reverse direction of our own connection (returnpath)
         self.reverse: OutConn | None = None  # our connection that sends on this one's reverse direction
+        self.heard = False  # a frame came after the hello: the peer's side reads post-hello frames now
 
     @property
     def blocked(self) -> bool:
@@ -986,7 +987,6 @@ class Node(ReturnPaths):
             raise LocalProtocolError(f"net {net} is not up")
         conn = self._attach_in(ni, result.peer_nid, result.peer_incarnation, result.conn_type)
         self.stats["conns_accepted"] += 1
-        self._rp_accepted(conn)
         return conn
 
     def _attach_in(self, ni: NI, peer_nid: Nid, incarnation: int, ctype: ConnType) -> InConn:
@@ -1037,6 +1037,9 @@ class Node(ReturnPaths):
                         self.actions.append(AbortRx(rest.header.token))
                 self._close_in(conn, str(e))
                 return
+        if not conn.heard:
+            conn.heard = True
+            self._rp_heard(conn)
         self._flush_in(conn)
 
     def _inbound_frame(self, conn: InConn, f: Frame) -> None:

@@ -184,7 +184,7 @@ class ReturnPaths:
             if nid != peer.nid:
                 continue
             for c in session.conns:
-                if c.alive and c.out is None and c.ni is peer.ni:
+                if c.alive and c.heard and c.out is None and c.ni is peer.ni:
                     if c.ctype is ctype:
                         same = c
                     else:
@@ -243,9 +243,10 @@ class ReturnPaths:
         self._rp_keepalive.pop(conn, None)
         self._rp_outstanding.pop(conn, None)
 
-    def _rp_accepted(self, inbound: InConn) -> None:
-        """A peer connected to us: our connections waiting for it (or riding an older
-        connection of its) move onto this one."""
+    def _rp_heard(self, inbound: InConn) -> None:
+        """The first frames on a connection a peer opened to us: our connections waiting for it
+        (or riding an older connection of its) move onto this one.  Not before: until the peer
+        sent something after the hello, its side may still be reading hello frames only."""
         ni = inbound.ni
         peer = ni.peers.get(inbound.session.peer_nid)
         if peer is None:
@@ -305,7 +306,19 @@ class ReturnPaths:
         if conn.hold:
             ka = self.keepalive(conn.peer.nid)
             if ka > 0:
+                # The first keepalive goes at once: it tells the peer it may send on this
+                # connection's reverse direction (see _rp_heard).
                 self._rp_keepalive[conn] = self._now + ka
+                self._rp_ping(conn, ka)
+
+    def _rp_ping(self, conn: OutConn, ka: float) -> None:
+        from .node import _Ping
+
+        self._rp_tokens += 1
+        token = KEEPALIVE_TOKEN | self._rp_tokens
+        conn.pings[token] = _Ping(token, self._now, self._now + KEEPALIVE_MISSES * ka, "keepalive")
+        self._rp_outstanding[conn] = (token, self._now + KEEPALIVE_MISSES * ka)
+        self.stats["keepalives_sent"] += 1
 
     def _rp_timer(self) -> float | None:
         at: float | None = None
@@ -316,13 +329,14 @@ class ReturnPaths:
         return at
 
     def _rp_handle_timer(self, now: float) -> None:
-        from .node import _Ping
-
         for conn, (token, deadline) in list(self._rp_outstanding.items()):
+            if token not in conn.pings:
+                del self._rp_outstanding[conn]  # answered
+                continue
             if deadline > now:
                 continue
             del self._rp_outstanding[conn]
-            if token in conn.pings and conn.state is ConnState.UP:
+            if conn.state is ConnState.UP:
                 conn.pings.pop(token, None)
                 self.stats["keepalives_missed"] += 1
                 reason = f"no answer from {conn.peer.nid} to {KEEPALIVE_MISSES} keepalive intervals"
@@ -338,11 +352,7 @@ class ReturnPaths:
             self._rp_keepalive[conn] = now + ka
             if conn in self._rp_outstanding:
                 continue  # the last one is still unanswered
-            self._rp_tokens += 1
-            token = KEEPALIVE_TOKEN | self._rp_tokens
-            conn.pings[token] = _Ping(token, now, now + KEEPALIVE_MISSES * ka, "keepalive")
-            self._rp_outstanding[conn] = (token, now + KEEPALIVE_MISSES * ka)
-            self.stats["keepalives_sent"] += 1
+            self._rp_ping(conn, ka)
             self._kick(conn)
 
     # Node methods the mixin calls (typed here for mypy).
