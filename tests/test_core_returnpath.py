@@ -1,6 +1,6 @@
 """The return path through NAT (lu2k.core.returnpath), pure: two nodes wired in memory, a float
-for the clock.  The inside node I can connect out; nobody can connect to it (``nat``).  The
-outside node O sends to I over the reverse direction of I's own connection."""
+for the clock.  The inside node can connect out; nobody can connect to it (``nat``).  The
+outside node sends to INSIDE over the reverse direction of INSIDE's own connection."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from lu2k.core.states import CONN_TRANSITIONS, ConnEvent, conn_next
 from lu2k.errors import ConfigError, Status
 from lu2k.nid import parse_nid
 
-I, O = parse_nid("10.0.0.1@tcp"), parse_nid("10.0.0.2@tcp")
+INSIDE, OUTSIDE = parse_nid("10.0.0.1@tcp"), parse_nid("10.0.0.2@tcp")
 
 
 def frames_of(batch_frames: list[tuple[bytes, Any]]) -> list[wire.Frame]:
@@ -110,7 +110,7 @@ class World:
         elif isinstance(a, Wake):
             self.write(node, a.conn)
         elif isinstance(a, SendIn):
-            link = self.by_in.get(id(a.conn))
+            link: Link | None = self.by_in.get(id(a.conn))
             frames = frames_of([(f, b"") for f in a.frames])
             if link is not None:  # answers on the reverse direction of a connection we accepted
                 if link.carries:
@@ -128,15 +128,15 @@ class World:
         elif isinstance(a, PingDone):
             self.pings.append(a)
         elif isinstance(a, Close):
-            link = self.links.get((id(a.conn), a.attempt)) or self.rev.get((id(a.conn), a.attempt))
-            if link is not None:
-                self.kill(link, a.reason)
+            gone = self.links.get((id(a.conn), a.attempt)) or self.rev.get((id(a.conn), a.attempt))
+            if gone is not None:
+                self.kill(gone, a.reason)
         elif isinstance(a, CloseIn):
-            link = self.by_in.get(id(a.conn))
-            if link is None and a.conn.out is not None:
-                link = self.links.get((id(a.conn.out), a.conn.out.attempt))
-            if link is not None:
-                self.kill(link, a.reason)
+            closed = self.by_in.get(id(a.conn))
+            if closed is None and a.conn.out is not None:
+                closed = self.links.get((id(a.conn.out), a.conn.out.attempt))
+            if closed is not None:
+                self.kill(closed, a.reason)
         elif isinstance(a, (Resume, AbortRx)):
             pass
 
@@ -163,7 +163,7 @@ class World:
                 rode.src.frames_received(rode.conn, rode.attempt, frames, self.now)  # backwards, to the inside node
                 node.send_done(batch, self.now)
                 self.run(rode.src)
-            elif (own or rode) is not None and (own or rode).alive:  # type: ignore[union-attr]
+            elif any(lk is not None and lk.alive for lk in (own, rode)):
                 node.send_done(batch, self.now)  # cut: the frames vanish on the way
             else:
                 node.send_done(batch, self.now, "gone")
@@ -171,11 +171,11 @@ class World:
 
 def inside_outside(mode: ReturnPath | None, keepalive: float = 1.0) -> tuple[World, Node, Node]:
     w = World()
-    inside = w.node("i", I, transaction_timeout=5.0)
-    outside = w.node("o", O, transaction_timeout=5.0)
-    w.nat.add(I.host)
-    inside.set_return_paths({}, {O: PathSettings(keepalive=keepalive)})
-    outside.set_return_paths({}, {I: PathSettings(return_path=mode)})
+    inside = w.node("i", INSIDE, transaction_timeout=5.0)
+    outside = w.node("o", OUTSIDE, transaction_timeout=5.0)
+    w.nat.add(INSIDE.host)
+    inside.set_return_paths({}, {OUTSIDE: PathSettings(keepalive=keepalive)})
+    outside.set_return_paths({}, {INSIDE: PathSettings(return_path=mode)})
     w.run(inside)
     return w, inside, outside
 
@@ -208,20 +208,20 @@ def test_settings_parse_and_bad_values_name_where() -> None:
 def test_reverse_never_connects_in_and_delivers_over_the_inside_connection() -> None:
     w, inside, outside = inside_outside(ReturnPath.REVERSE)
     assert w.connects == [("10.0.0.1", "10.0.0.2")]  # held: the inside site connected with nothing to send
-    keys = [w.send(outside, I, b"to the inside %d" % i) for i in range(20)]
+    keys = [w.send(outside, INSIDE, b"to the inside %d" % i) for i in range(20)]
     assert all(w.completions[k] == [Status.DELIVERED] for k in keys)
     assert sorted(p for _, p in w.received) == sorted(b"to the inside %d" % i for i in range(20))
     assert ("10.0.0.2", "10.0.0.1") not in w.connects and outside.stats["return_paths_adopted"] == 1
-    peer = outside.peer(I)
-    assert peer.credits.in_use == 0 and not peer.inflight and outside.nis[O.net].credits.in_use == 0
+    peer = outside.peer(INSIDE)
+    assert peer.credits.in_use == 0 and not peer.inflight and outside.nis[OUTSIDE.net].credits.in_use == 0
     # ... and the inside site's own traffic goes the usual way on the same connection.
-    k = w.send(inside, O, b"out")
+    k = w.send(inside, OUTSIDE, b"out")
     assert w.completions[k] == [Status.DELIVERED] and ("10.0.0.2", b"out") in w.received
 
 
 def test_auto_adopts_once_connecting_in_failed() -> None:
     w, inside, outside = inside_outside(None)  # default: auto
-    k = w.send(outside, I)
+    k = w.send(outside, INSIDE)
     assert ("10.0.0.2", "10.0.0.1") in w.connects and w.completions[k] == []  # tried the usual way first
     w.tick(0.2)  # the next attempt, after the usual backoff, takes the peer's connection
     assert w.completions[k] == [Status.DELIVERED] and outside.stats["return_paths_adopted"] == 1
@@ -229,30 +229,30 @@ def test_auto_adopts_once_connecting_in_failed() -> None:
 
 def test_connect_mode_never_uses_the_peer_connection() -> None:
     w, inside, outside = inside_outside(ReturnPath.CONNECT)
-    k = w.send(outside, I)
+    k = w.send(outside, INSIDE)
     w.tick(6.0)
     assert w.completions[k] == [Status.NO_ROUTE] and not outside.stats["return_paths_adopted"] and w.received == []
 
 
 def test_reverse_without_a_connection_from_the_peer_waits_then_fails_no_route() -> None:
     w = World()
-    outside = w.node("o", O, transaction_timeout=2.0)
-    outside.set_return_paths({I.net: PathSettings(return_path=ReturnPath.REVERSE)}, {})  # per net
-    k = w.send(outside, I)
+    outside = w.node("o", OUTSIDE, transaction_timeout=2.0)
+    outside.set_return_paths({INSIDE.net: PathSettings(return_path=ReturnPath.REVERSE)}, {})  # per net
+    k = w.send(outside, INSIDE)
     w.tick(3.0)
     assert w.completions[k] == [Status.NO_ROUTE] and w.connects == []
-    assert outside.peer(I).last_error == "waiting for 10.0.0.1@tcp to connect (return_path: reverse)"
+    assert outside.peer(INSIDE).last_error == "waiting for 10.0.0.1@tcp to connect (return_path: reverse)"
 
 
 def test_a_message_waiting_for_the_peer_goes_out_when_it_connects() -> None:
     w = World()
-    inside = w.node("i", I)
-    outside = w.node("o", O)
-    w.nat.add(I.host)
-    outside.set_return_paths({}, {I: PathSettings(return_path=ReturnPath.REVERSE)})
-    k = w.send(outside, I, b"early")
+    inside = w.node("i", INSIDE)
+    outside = w.node("o", OUTSIDE)
+    w.nat.add(INSIDE.host)
+    outside.set_return_paths({}, {INSIDE: PathSettings(return_path=ReturnPath.REVERSE)})
+    k = w.send(outside, INSIDE, b"early")
     assert w.completions[k] == []
-    inside.set_return_paths({}, {O: PathSettings(keepalive=1.0)})
+    inside.set_return_paths({}, {OUTSIDE: PathSettings(keepalive=1.0)})
     w.run(inside)
     assert w.completions[k] == [Status.DELIVERED] and w.received == [("10.0.0.1", b"early")]
 
@@ -260,7 +260,7 @@ def test_a_message_waiting_for_the_peer_goes_out_when_it_connects() -> None:
 def test_inside_connection_lost_means_resend_on_the_next_one_exactly_once() -> None:
     w, inside, outside = inside_outside(ReturnPath.REVERSE)
     w.drop_answers = True  # the inside site delivers, its ACK is lost with its connection
-    k = w.send(outside, I, b"once")
+    k = w.send(outside, INSIDE, b"once")
     assert w.received == [("10.0.0.1", b"once")] and w.completions[k] == []
     w.drop_answers = False
     first = next(iter(w.links.values()))
@@ -268,7 +268,7 @@ def test_inside_connection_lost_means_resend_on_the_next_one_exactly_once() -> N
     w.tick(1.0)  # the inside site reconnects (backoff), the outside site follows and resends
     assert sum(1 for lk in w.links.values() if lk.alive) == 1
     assert w.completions[k] == [Status.DELIVERED] and w.received == [("10.0.0.1", b"once")]  # answered from the window
-    assert inside.stats["duplicates"] == 1 and outside.peer(I).credits.in_use == 0
+    assert inside.stats["duplicates"] == 1 and outside.peer(INSIDE).credits.in_use == 0
 
 
 def test_a_new_connection_from_the_peer_takes_over_a_stale_one() -> None:
@@ -276,7 +276,7 @@ def test_a_new_connection_from_the_peer_takes_over_a_stale_one() -> None:
     noticed; the new one arrives and the outside site moves its traffic (and resends)."""
     w, inside, outside = inside_outside(ReturnPath.REVERSE)
     w.drop_answers = True
-    k = w.send(outside, I, b"moved")
+    k = w.send(outside, INSIDE, b"moved")
     w.drop_answers = False
     old = next(iter(w.links.values()))
     old.cut = True  # only the inside site learns of it
@@ -299,15 +299,15 @@ def test_keepalives_hold_the_connection_and_a_silent_path_is_reset() -> None:
     w.tick(15.0)
     assert inside.stats["keepalives_missed"] == 1
     assert sum(1 for lk in w.links.values() if lk.carries) == 1  # reconnected
-    k = w.send(outside, I, b"after")  # and the outside site follows the new connection
+    k = w.send(outside, INSIDE, b"after")  # and the outside site follows the new connection
     assert w.completions[k] == [Status.DELIVERED]
 
 
 def test_answers_on_a_connection_we_do_not_send_on_are_a_protocol_error() -> None:
     w = World()
-    a = w.node("a", I)
-    b = w.node("b", O)
-    w.send(a, O)
+    a = w.node("a", INSIDE)
+    b = w.node("b", OUTSIDE)
+    w.send(a, OUTSIDE)
     link = next(iter(w.links.values()))
     b.inbound_frames(link.inconn, frames_of([(wire.encode_acks([(1, 0)]), b"")]), w.now)
     closes = [x for x in b.take_actions() if isinstance(x, CloseIn)]
