@@ -101,8 +101,8 @@ class World:
             peer = self.nodes[a.host]
             result = wire.HelloResult(a.conn.peer.ni.nid, a.conn.peer.nid, a.conn.ctype, node.incarnation, 1)
             inconn = peer.accepted(a.conn.peer.nid.net, result, self.now)
-            link = self.links[(id(a.conn), a.attempt)] = Link(node, a.conn, a.attempt, peer, inconn)
-            self.by_in[id(inconn)] = link
+            made = self.links[(id(a.conn), a.attempt)] = Link(node, a.conn, a.attempt, peer, inconn)
+            self.by_in[id(inconn)] = made
             self.run(peer)
             node.connected(a.conn, a.attempt, peer.incarnation, self.now)
         elif isinstance(a, Adopt):
