@@ -345,6 +345,7 @@ class Engine:
                                     typed_connections=backend.typed_connections, min_bulk=getattr(backend, "min_bulk", 1024)))
         self.nis[nc.net] = ni
         log.info("net up", net=str(nc.net), nid=str(nc.nid), backend=nc.backend, listen=f"{host}:{ni.listener.address[1]}")
+        self._transmit()  # connections held open to this net's peers (returnpath keepalive) start now
         return ni
 
     async def remove_net(self, net: Net, reason: str) -> None:

@@ -252,7 +252,9 @@ class ReturnPaths:
         if peer is None:
             return
         for conn in list(peer.conns.values()):
-            if conn.via is not None and conn.via is not inbound and (conn.via.ctype is inbound.ctype or conn.ctype is inbound.ctype):
+            # The same type of connection again: the peer reconnected (new source address, or its
+            # old connection broke unseen).  Another type is just its other connection: stay.
+            if conn.via is not None and conn.via is not inbound and conn.via.ctype is inbound.ctype:
                 self.stats["return_paths_rebound"] += 1
                 self._rp_drop(conn, f"{peer.nid} reconnected from a new address")
             if conn.state in (ConnState.IDLE, ConnState.BACKOFF) and conn.has_work():
