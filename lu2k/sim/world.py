@@ -594,7 +594,7 @@ class World:
 
     def violation(self, what: str) -> Violation:
         return Violation(f"seed {self.seed} [{self.faults.label()}]: {what} "
-                         f"(replay: python benchmarks/sim_sweep.py --replay {self.seed})")
+                         f"(replay: python benchmarks/sim_sweep.py --replay {self.seed}{' --nat' if self.nat else ''})")
 
     # -- network -------------------------------------------------------------------------------
 
