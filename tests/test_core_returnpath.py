@@ -312,3 +312,26 @@ def test_answers_on_a_connection_we_do_not_send_on_are_a_protocol_error() -> Non
     b.inbound_frames(link.inconn, frames_of([(wire.encode_acks([(1, 0)]), b"")]), w.now)
     closes = [x for x in b.take_actions() if isinstance(x, CloseIn)]
     assert closes and "carries nothing back" in closes[0].reason and b.stats["bad_frames"] == 1
+
+
+def test_the_documented_two_site_configs_parse_as_described() -> None:
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from lu2k.settings import parse_config
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "nat.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    assert len(blocks) == 2
+    cfgs = []
+    for block in blocks:
+        doc = yaml.safe_load(block)
+        lu = doc["net"][0]["lu2k"]
+        lu.pop("key_file")
+        lu["key"] = "a long shared secret for the test"
+        cfgs.append(parse_config(doc))
+    inside, outside = cfgs
+    assert inside.peers[0].paths == PathSettings(None, 15.0)
+    assert outside.peers[0].paths == PathSettings(ReturnPath.REVERSE, None)
