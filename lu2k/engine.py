@@ -197,9 +197,13 @@ class Engine:
 
     @config.setter
     def config(self, config: DaemonConfig) -> None:
-        """A new configuration (``lu2kctl set``/``import``): globals and routing apply at once."""
+        """A new configuration (``lu2kctl set``/``import``): globals, routing and return paths
+        apply at once."""
         self._config = config
         self.core.params = self._node_params(config)
+        self.core.set_return_paths({n.net: n.paths for n in config.nets}, {p.nid: p.paths for p in config.peers})
+        if self._loop is not None:
+            self._transmit()  # a peer newly held gets its connection now
 
     def now(self) -> float:
         return time.monotonic()
