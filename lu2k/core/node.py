@@ -17,6 +17,8 @@ still reads the payload (``busy``), so a buffer is never handed back while a sen
 *Connections are unidirectional.*  To send to a peer we open our own connection to it;
 connections we accept only receive messages, and their reverse direction carries only ACK,
 NACK and PONG frames.  With typed connections small messages use CONTROL, the rest BULK.
+A peer behind NAT is the exception: we send to it on the reverse direction of its own
+connection (:mod:`lu2k.core.returnpath`).
 
 *Exactly once.*  Each message gets a sequence number in our session with the next hop
 (our incarnation, its NID).  The receiver ACKs it once it delivered it to the local
