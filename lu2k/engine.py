@@ -943,6 +943,8 @@ class Engine:
             link = self._out.get(c)
             stats = link.transport.stats() if link is not None and link.transport is not None else {}
             conns[c.ctype.name.lower()] = {"state": c.state.value, "sent": c.sent_msgs, **stats}
+            if c.via is not None:  # sending on the peer's own connection (returnpath)
+                conns[c.ctype.name.lower()]["path"] = "peer's connection"
         return {
             "nid": str(p.nid),
             "net": str(p.ni.net),

@@ -148,14 +148,18 @@ def _daemon(workdir: Path, nid: str, port: int, backend: str, peer: str, peer_lu
     return DaemonProcess(nid, path, cfg["lu2k"]["shim"]["path"], cfg["lu2k"]["control"]["path"], workdir / f"{name}.log")
 
 
-def _stats(d: DaemonProcess) -> dict[str, Any]:
+def _ctl(d: DaemonProcess, *args: str) -> Any:
     import json
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "lu2k.cli.ctl", "--socket", d.control_path, "--json", "stats", "show"],
+    out = subprocess.run([sys.executable, "-m", "lu2k.cli.ctl", "--socket", d.control_path, "--json", *args],
                          capture_output=True, text=True, timeout=60, env=child_env())
     assert out.returncode == 0, out.stderr
-    return dict(json.loads(out.stdout))
+    return json.loads(out.stdout)
+
+
+def _stats(d: DaemonProcess) -> dict[str, Any]:
+    return dict(_ctl(d, "stats", "show"))
 
 
 def _exchange(src: DaemonProcess, dst: DaemonProcess, first: int, count: int, sizes: tuple[int, ...]) -> None:
@@ -202,6 +206,10 @@ def test_both_ways_through_nat_with_keepalives_and_a_rebinding(backend: str, nat
         # Both ways (the inside site connects out as soon as it starts: it holds its connection).
         _exchange(outside, inside, 0, 30, (8, 1000, 70_000, 300_000))
         _exchange(inside, outside, 100, 30, (8, 1000, 70_000, 300_000))
+        peers = _ctl(outside, "peer", "show")
+        conns = [c for p in (peers.get("peers", peers) if isinstance(peers, dict) else peers) if p["nid"] == inside_nid
+                 for c in p["connections"].values()]
+        assert conns and all(c.get("path") == "peer's connection" for c in conns), peers
         accepted = _stats(outside)["conns_accepted"]
         flows = nat_lab.flows(proto, port)
         assert flows, "no conntrack entry for the lu2k connection"
