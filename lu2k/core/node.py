@@ -345,6 +345,8 @@ class Delivery:
 class Node(ReturnPaths):
     """The message layer of one daemon.  See the module docstring."""
 
+    _ping_type = _Ping  # for the return-path mixin's keepalives (it cannot import this module)
+
     def __init__(self, params: NodeParams, routes: list[Route] | None = None) -> None:
         self.params = params
         self.incarnation = params.incarnation

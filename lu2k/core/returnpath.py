@@ -63,7 +63,7 @@ from .actions import Adopt, Close
 from .states import ConnEvent, ConnState, conn_next
 
 if TYPE_CHECKING:
-    from .node import NI, InConn, OutConn, Peer, Session
+    from .node import NI, InConn, OutConn, Peer, Session, _Ping
 
 KEEPALIVE_TOKEN = 1 << 63  # keepalive pings' tokens have this bit set; the runner ignores their PingDone
 KEEPALIVE_MISSES = 3
@@ -314,11 +314,9 @@ class ReturnPaths:
                 self._rp_ping(conn, ka)
 
     def _rp_ping(self, conn: OutConn, ka: float) -> None:
-        from .node import _Ping
-
         self._rp_tokens += 1
         token = KEEPALIVE_TOKEN | self._rp_tokens
-        conn.pings[token] = _Ping(token, self._now, self._now + KEEPALIVE_MISSES * ka, "keepalive")
+        conn.pings[token] = self._ping_type(token, self._now, self._now + KEEPALIVE_MISSES * ka, "keepalive")
         self._rp_outstanding[conn] = (token, self._now + KEEPALIVE_MISSES * ka)
         self.stats["keepalives_sent"] += 1
 
@@ -360,6 +358,7 @@ class ReturnPaths:
     # Node methods the mixin calls (typed here for mypy).
     if TYPE_CHECKING:
         _backoff_waiting: dict[OutConn, None]
+        _ping_type: type[_Ping]
 
         def peer(self, nid: Nid) -> Peer: ...
         def _maybe_connect(self, conn: OutConn) -> None: ...
