@@ -8,6 +8,9 @@ connection's reverse direction.  The router's conntrack timeouts are cut to a fe
 router's NAT mapping is changed under the running connection (a rebinding: new source port)
 and the outside daemon must follow.  Messages go both ways, every one delivered exactly once,
 over tcp, quic and udt.  Needs root, iproute2, nft and conntrack.
+
+The first test needs none of that: two engines in one process over the in-process backend,
+the outside one never connecting, the way the daemon's pump carries a return path.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from lu2k.kernel_shim.endpoint import Endpoint
 from lu2k.lab.netns import LabError, child_env, delete_netns, run_ip
 from lu2k.localpair import DaemonProcess, daemon_config, free_port
 
-pytestmark = [
-    pytest.mark.timeout(240),
+pytestmark = pytest.mark.timeout(240)
+needs_nat = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, nftables)"),
     pytest.mark.skipif(not (shutil.which("nft") and shutil.which("conntrack") and shutil.which("ip")),
                        reason="needs nft (nftables) and conntrack (conntrack) and ip (iproute2)"),
@@ -113,6 +116,51 @@ class NatLab:
             delete_netns(ns)
 
 
+async def test_engines_send_back_over_the_peers_connection() -> None:
+    import asyncio
+
+    from lu2k.engine import Engine
+    from lu2k.errors import Status
+    from lu2k.nid import parse_nid
+    from lu2k.settings import parse_config
+
+    port = 51000 + os.getpid() % 1000
+
+    def config(nid: str, peer: str, peer_lu2k: dict[str, Any]) -> Any:
+        return parse_config({
+            "net": [{"net type": "tcp", "local NI(s)": [{"nid": nid}],
+                     "lu2k": {"backend": "inproc", "port": port, "key": "return-path-test-key-01"}}],
+            "peer": [{"primary nid": peer, "lu2k": peer_lu2k}],
+            "global": {"transaction_timeout": 5, "connect_timeout": 1, "reconnect_min": 0.05, "reconnect_max": 0.2},
+        })
+
+    inside_nid, outside_nid = "10.9.7.1@tcp", "10.9.7.2@tcp"
+    outside = Engine(config(outside_nid, inside_nid, {"return_path": "reverse"}))
+    inside = Engine(config(inside_nid, outside_nid, {"keepalive": 0.1}))
+    await outside.start(with_shim=False)
+    await inside.start(with_shim=False)
+    try:
+        done: list[asyncio.Future[tuple[Status, str]]] = []
+        loop = asyncio.get_running_loop()
+        for i in range(20):
+            fut: asyncio.Future[tuple[Status, str]] = loop.create_future()
+            outside.send(None, parse_nid(inside_nid), 1, 7, b"back %d" % i, lambda st, why, f=fut: f.set_result((st, why)))
+            done.append(fut)
+        results = await asyncio.wait_for(asyncio.gather(*done), 10)
+        # No endpoint listens on portal 7 at the inside site: its daemon answered each one, so
+        # each went all the way over the inside site's own connection.
+        assert results == [(Status.NO_RECEIVER, f"no endpoint attached on portal 7 at {inside_nid}")] * 20
+        assert inside.stats["conns_accepted"] == 0 and inside.stats["return_paths_served"] == 1
+        assert outside.stats["return_paths_adopted"] == 1
+        await asyncio.sleep(0.5)
+        assert inside.stats["keepalives_sent"] >= 3 and not inside.stats["keepalives_missed"]
+        conns = outside.describe_peers()[0]["connections"]
+        assert all(c["path"] == "peer's connection" for c in conns.values()), conns
+    finally:
+        await inside.stop()
+        await outside.stop()
+
+
 @pytest.fixture
 def nat_lab() -> Iterator[NatLab]:
     lab = NatLab()
@@ -184,6 +232,8 @@ BACKENDS = {
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
+@needs_nat[0]
+@needs_nat[1]
 def test_both_ways_through_nat_with_keepalives_and_a_rebinding(backend: str, nat_lab: NatLab, tmp_path: Path) -> None:
     why = availability().get(backend)
     if why is not None:
@@ -244,6 +294,8 @@ def test_both_ways_through_nat_with_keepalives_and_a_rebinding(backend: str, nat
         outside.stop()
 
 
+@needs_nat[0]
+@needs_nat[1]
 def test_without_a_return_path_the_outside_cannot_reach_the_inside(nat_lab: NatLab, tmp_path: Path) -> None:
     """The control: return_path: connect, and the same NAT keeps the outside out."""
     port = free_port()
@@ -263,6 +315,8 @@ def test_without_a_return_path_the_outside_cannot_reach_the_inside(nat_lab: NatL
         outside.stop()
 
 
+@needs_nat[0]
+@needs_nat[1]
 def test_the_namespace_conntrack_timeout_is_short(nat_lab: NatLab) -> None:
     """What the keepalive test relies on: an idle UDP binding really disappears after the cut
     timeout (a datagram from the inside with no keepalive behind it)."""
