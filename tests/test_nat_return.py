@@ -142,9 +142,12 @@ async def test_engines_send_back_over_the_peers_connection() -> None:
     try:
         done: list[asyncio.Future[tuple[Status, str]]] = []
         loop = asyncio.get_running_loop()
+        def finish(fut: asyncio.Future[tuple[Status, str]]) -> Any:
+            return lambda status, reason: fut.set_result((status, reason))
+
         for i in range(20):
             fut: asyncio.Future[tuple[Status, str]] = loop.create_future()
-            outside.send(None, parse_nid(inside_nid), 1, 7, b"back %d" % i, lambda st, why, f=fut: f.set_result((st, why)))
+            outside.send(None, parse_nid(inside_nid), 1, 7, b"back %d" % i, finish(fut))
             done.append(fut)
         results = await asyncio.wait_for(asyncio.gather(*done), 10)
         # No endpoint listens on portal 7 at the inside site: its daemon answered each one, so
