@@ -4,6 +4,7 @@
     python benchmarks/sim_sweep.py --seeds 1000000 --jobs 2      # the long sweep
     python benchmarks/sim_sweep.py --seeds 20000 --start 500000  # another range
     python benchmarks/sim_sweep.py --replay 1773                  # one seed, in detail
+    python benchmarks/sim_sweep.py --seeds 20000 --nat            # A behind NAT (docs/nat.md)
 
 A progress line goes to stderr every few seconds; the summary (seeds, fault mix, outcome
 mix, wall time, failing seeds) to stdout, as JSON with ``--json``.  Exit status 1 if any
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from lu2k.sim.world import FAULTS, Violation, World  # noqa: E402
 
 CHUNK = 500
+NAT = False  # --nat: the world where A cannot be connected to (set before the workers fork)
 
 
 def run_chunk(bounds: tuple[int, int]) -> dict[str, Any]:
@@ -36,7 +38,7 @@ def run_chunk(bounds: tuple[int, int]) -> dict[str, Any]:
     failures: list[tuple[int, str]] = []
     events = messages = liveness = 0
     for seed in range(start, end):
-        w = World(seed)
+        w = World(seed, nat=NAT)
         for f in w.faults.enabled:
             faults[f] += 1
         liveness += w.liveness
@@ -56,7 +58,7 @@ def run_chunk(bounds: tuple[int, int]) -> dict[str, Any]:
 
 
 def replay(seed: int) -> int:
-    w = World(seed)
+    w = World(seed, nat=NAT)
     print(f"seed {seed}: faults {w.faults.label()}, liveness run {w.liveness}, latency {w.latency}, params {w.params}")
     try:
         r = w.run()
@@ -77,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     ap.add_argument("--replay", type=int, metavar="SEED", help="run one seed and print what happened")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.add_argument("--nat", action="store_true", help="A sits behind NAT: G reaches it over A's own connection")
     ap.add_argument("--progress", type=float, default=10.0, metavar="S", help="seconds between progress lines")
     args = ap.parse_args(argv)
+    global NAT
+    NAT = args.nat
     if args.replay is not None:
         return replay(args.replay)
     if args.seeds < 1 or args.jobs < 1:

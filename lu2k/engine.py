@@ -39,9 +39,10 @@ from . import wire
 from .backends import Backend, Transport, get_backend
 from .core import NI as CoreNI
 from .core import (
-    PING_PORTAL, AbortRx, Close, CloseIn, Complete, Connect, Deliver, Delivery, InConn, LanTransmit, NetParams, Node,
+    PING_PORTAL, AbortRx, Adopt, Close, CloseIn, Complete, Connect, Deliver, Delivery, InConn, LanTransmit, NetParams, Node,
     NodeParams, OutConn, OutMsg, Peer, PingDone, Resume, SendIn, Wake,
 )
+from .core.returnpath import ANSWERS, REQUESTS
 from .credits import Credits
 from .inet import format_hostport
 from .errors import (
@@ -150,6 +151,7 @@ class _OutLink:
         self.transport: Transport | None = None
         self.wake = asyncio.Event()
         self.closed = False
+        self.resume = asyncio.Event()  # requests on its reverse direction may be read again (returnpath)
 
 
 class _InLink:
@@ -166,6 +168,7 @@ class Engine:
         self.incarnation = int.from_bytes(os.urandom(8), "little") | 1
         self.core = Node(self._node_params(config), [Route(r.net, r.gateway, r.hops, r.priority) for r in config.routes])
         self.core.set_peer_addresses({p.nid: p.address for p in config.peers if p.address})
+        self.core.set_return_paths({n.net: n.paths for n in config.nets}, {p.nid: p.paths for p in config.peers})
         self._config = config
         self.discovered: dict[Nid, list[Nid]] = {}  # multi-rail peers learned by ``discover`` (primary -> NIDs)
         self.apply_rails()
@@ -201,10 +204,14 @@ class Engine:
 
     @config.setter
     def config(self, config: DaemonConfig) -> None:
-        """A new configuration (``lu2kctl set``/``import``): globals and routing apply at once."""
+        """A new configuration (``lu2kctl set``/``import``): globals, routing and return paths
+        apply at once."""
         self._config = config
         self.core.params = self._node_params(config)
+        self.core.set_return_paths({n.net: n.paths for n in config.nets}, {p.nid: p.paths for p in config.peers})
         self.apply_rails()
+        if self._loop is not None:
+            self._transmit()  # a peer newly held gets its connection now
 
     def apply_rails(self) -> None:
         """Multi-rail peers (lu2k.core.rails): the configured ones, then those ``discover`` found."""
@@ -248,8 +255,12 @@ class Engine:
                             inl = self._in.get(a.conn)
                             if inl is not None:
                                 inl.resume.set()
+                            elif a.conn.out is not None and (link := self._out.get(a.conn.out)) is not None:
+                                link.resume.set()
                         elif isinstance(a, Connect):
                             self._spawn(self._run_out(a))
+                        elif isinstance(a, Adopt):
+                            self._spawn(self._run_reverse(a))
                         elif isinstance(a, AbortRx):
                             self._abort_rx(a.token)
                         elif isinstance(a, Close):
@@ -263,6 +274,9 @@ class Engine:
                             inl = self._in.get(a.conn)
                             if inl is not None:
                                 inl.transport.close()
+                            elif a.conn.out is not None and (link := self._out.get(a.conn.out)) is not None:
+                                if link.transport is not None:  # the reverse half of our own connection
+                                    link.transport.close()
                         elif isinstance(a, LanTransmit):
                             self._lan_transmit(a.msg)
                         elif isinstance(a, PingDone):
@@ -355,6 +369,7 @@ class Engine:
                                     rate=(nc.profile.rate_mbit or 0.0) * 1e6 / 8, rtt=(nc.profile.rtt_ms or 0.0) / 1e3))
         self.nis[nc.net] = ni
         log.info("net up", net=str(nc.net), nid=str(nc.nid), backend=nc.backend, listen=format_hostport(host, ni.listener.address[1]))
+        self._transmit()  # connections held open to this net's peers (returnpath keepalive) start now
         return ni
 
     async def remove_net(self, net: Net, reason: str) -> None:
@@ -535,12 +550,70 @@ class Engine:
 
     async def _read_out(self, link: _OutLink, transport: Transport) -> None:
         core, conn, attempt = self.core, link.conn, link.attempt
-        while True:
-            frames = await transport.recv()
-            core.frames_received(conn, attempt, frames, self.now())
+        # Requests the peer sends on our connection's reverse direction (returnpath) wait here
+        # while their InConn is blocked; answers to our messages are read past them.  What
+        # waits is bounded by the peer's credits.
+        held: list[wire.Frame] = []
+        recv: asyncio.Future[list[wire.Frame]] | None = None
+        try:
+            while True:
+                rev = conn.rev_in
+                blocked = rev is not None and rev.alive and rev.blocked
+                if held and not blocked:
+                    frames, held = held, []
+                    core.frames_received(conn, attempt, frames, self.now())
+                    self._transmit()
+                    continue
+                if recv is None:
+                    recv = asyncio.ensure_future(transport.recv())
+                if held:
+                    link.resume.clear()
+                    waiter: asyncio.Future[Any] = asyncio.ensure_future(link.resume.wait())
+                    either: set[asyncio.Future[Any]] = {recv, waiter}
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    if not recv.done():
+                        continue
+                frames = await recv
+                recv = None
+                if held or blocked:
+                    held += [f for f in frames if f.header.type in REQUESTS]
+                    frames = [f for f in frames if f.header.type not in REQUESTS]
+                if frames:
+                    core.frames_received(conn, attempt, frames, self.now())
+                    self._transmit()
+                if link.closed:
+                    return
+        finally:
+            if recv is not None:
+                recv.cancel()
+
+    async def _run_reverse(self, a: Adopt) -> None:
+        """Write ``a.conn``'s batches on the reverse direction of the accepted connection
+        ``a.via`` (returnpath); its answers come in through that connection's reader."""
+        conn, attempt, core = a.conn, a.attempt, self.core
+        inl = self._in.get(a.via)
+        if inl is None:
+            core.connection_lost(conn, attempt, f"connection from {conn.peer.nid} already gone", self.now())
             self._transmit()
-            if link.closed:
-                return
+            return
+        link = _OutLink(conn, attempt)
+        link.transport = inl.transport
+        self._out[conn] = link
+        inl.resume.set()  # a reader paused on a blocked connection reads again: our answers come on it now
+        log.info("sending on the peer's connection", peer=str(conn.peer.nid), type=conn.ctype.name, via=inl.transport.peer_address)
+        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            await self._write_out(link, inl.transport, never)
+        except (NetworkError, RemoteProtocolError) as e:
+            if not link.closed:
+                log.warning("return path lost", peer=str(conn.peer.nid), error=str(e))
+            core.connection_lost(conn, attempt, str(e), self.now())
+            self._transmit()
+        finally:
+            never.cancel()
+            if self._out.get(conn) is link:
+                del self._out[conn]
 
     async def _hello(self, transport: Transport, hello: wire.HelloInitiator | wire.HelloResponder) -> wire.HelloResult:
         """Run one hello to its end -- the only place a hello is driven, on either side --
@@ -616,17 +689,43 @@ class Engine:
         transport.set_buffer_for(lambda header: self._buffer_for(inl, header))
         log.info("accepted", peer=str(result.peer_nid), type=result.conn_type.name, via=transport.peer_address)
         core = self.core
+        # While blocked, a connection we also send on (returnpath) is still read: answers to
+        # our messages go to the core, its MSG/PING frames wait in ``held`` (bounded by the
+        # peer's credits) -- else our answers and its messages could wait for each other.
+        held: list[wire.Frame] = []
+        recv: asyncio.Future[list[wire.Frame]] | None = None
         try:
             while conn.alive:
-                if conn.blocked:
+                if held and not conn.blocked:
+                    frames, held = held, []
+                    core.inbound_frames(conn, frames, self.now())
+                    self._transmit()
+                    continue
+                if conn.blocked and conn.reverse is None and recv is None:
                     inl.resume.clear()
                     await inl.resume.wait()
                     continue
-                frames = await transport.recv()
+                if recv is None:
+                    recv = asyncio.ensure_future(transport.recv())
+                if conn.blocked or held:
+                    inl.resume.clear()
+                    waiter: asyncio.Future[Any] = asyncio.ensure_future(inl.resume.wait())
+                    either: set[asyncio.Future[Any]] = {recv, waiter}
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    if not recv.done():
+                        continue
+                frames = await recv
+                recv = None
                 tokens = inl.tokens
                 if tokens:
                     for f in frames:
                         tokens.discard(f.header.token)
+                if conn.blocked or held:
+                    held += [f for f in frames if f.header.type not in ANSWERS]
+                    frames = [f for f in frames if f.header.type in ANSWERS]
+                    if not frames:
+                        continue
                 core.inbound_frames(conn, frames, self.now())
                 self._transmit()
         except (RemoteProtocolError, NetworkError) as e:
@@ -635,6 +734,12 @@ class Engine:
             if isinstance(e, FrameError):
                 self.stats["bad_frames"] += 1
         finally:
+            if recv is not None:
+                recv.cancel()
+            for f in held:
+                token: Any = f.header.token
+                if token is not None:
+                    self._abort_rx(token)
             core.inbound_lost(conn)
             for buf in inl.tokens:
                 self._abort_rx(buf)
@@ -669,13 +774,17 @@ class Engine:
 
     def _send_in(self, a: SendIn) -> None:
         inl = self._in.get(a.conn)
-        if inl is None:
+        if inl is not None:
+            transport = inl.transport
+        elif a.conn.out is not None and (link := self._out.get(a.conn.out)) is not None and link.transport is not None:
+            transport = link.transport  # answers to requests on our own connection's reverse direction
+        else:
             return
         frames = [(f, b"") for f in a.frames]
 
         async def send() -> None:
             try:
-                await inl.transport.send(frames)
+                await transport.send(frames)
             except NetworkError:
                 pass  # the sender resends and we answer from the dedupe window
 
@@ -860,6 +969,8 @@ class Engine:
             link = self._out.get(c)
             stats = link.transport.stats() if link is not None and link.transport is not None else {}
             conns[c.ctype.name.lower()] = {"state": c.state.value, "sent": c.sent_msgs, **stats}
+            if c.via is not None:  # sending on the peer's own connection (returnpath)
+                conns[c.ctype.name.lower()]["path"] = "peer's connection"
         out: dict[str, Any] = {
             "nid": str(p.nid),
             "net": str(p.ni.net),

@@ -131,7 +131,7 @@ PEER_SHOW_KEYS = {"peer state", "Multi-Rail", "peer ni"}
 BUFFER_KEYS = ("tiny", "small", "large")
 LU2K_NET_KEYS = {
     "backend", "port", "listen", "key", "key_file", "cert", "cert_key", "ca", "max_message_size",
-    "checksum", "profile", "options",
+    "checksum", "profile", "options", "return_path", "keepalive",
 }
 LU2K_TOP_KEYS = {"networks", "ip2nets", "routes", "shim", "control", "metrics", "interfaces", "defaults", "serve", "forward"}
 PROFILE_BOUNDS = {"rtt_ms": (0.0, 60000.0), "rate_mbit": (0.001, 1e6), "loss": (0.0, 0.5)}
@@ -322,6 +322,15 @@ def _finite_options(errs: Problems, where: str, value: Any) -> None:
             _finite_options(errs, f"{where}[{i}]", v)
 
 
+def _return_path_keys(errs: Problems, where: str, m: Mapping[str, Any]) -> dict[str, Any]:
+    """``return_path`` and ``keepalive`` (a net's or a peer's; see lu2k.core.returnpath)."""
+    from .core.returnpath import parse_path_settings
+
+    if errs.check(lambda: parse_path_settings(m, where)) is None:
+        return {}
+    return {k: m[k] for k in ("return_path", "keepalive") if k in m}
+
+
 def _lu2k_net(errs: Problems, where: str, value: Any) -> dict[str, Any]:
     """A net's ``lu2k:`` block (or ``lu2k.defaults``), every value checked once, here."""
     m = _mapping(errs, where, value)
@@ -329,6 +338,7 @@ def _lu2k_net(errs: Problems, where: str, value: Any) -> dict[str, Any]:
         return {}
     _unknown(errs, where, m, LU2K_NET_KEYS)
     out: dict[str, Any] = {}
+    out.update(_return_path_keys(errs, where, m))
     if "backend" in m:
         # Only the shape here: whether the backend exists and loads on this host is
         # ``lu2kd --check``'s question (it may need an optional dependency).
@@ -555,7 +565,8 @@ def _parse_peer(errs: _Errors, where: str, item: Any, resolve: bool) -> PeerEntr
     if "lu2k" in m:
         lm = _mapping(errs, f"{where}.lu2k", m["lu2k"])
         if lm is not None:
-            _unknown(errs, f"{where}.lu2k", lm, {"address"})
+            _unknown(errs, f"{where}.lu2k", lm, {"address", "return_path", "keepalive"})
+            lu.update(_return_path_keys(errs, f"{where}.lu2k", lm))
             if "address" in lm:
                 if errs.check(lambda: as_address(lm["address"], f"{where}.lu2k.address")) is not None:
                     lu["address"] = lm["address"]

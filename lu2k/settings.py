@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from .backends.base import BackendSettings, LinkProfile
+from .core.returnpath import PathSettings, parse_path_settings
 from .errors import BackendUnavailable, ConfigError, NidError
 from .kernel_shim.abi import default_shim_path
 from .kernel_shim.config import ShimConfig
@@ -95,6 +96,7 @@ class NetConfig:
     checksum: bool = False
     profile: LinkProfile = field(default_factory=LinkProfile)
     options: dict[str, Any] = field(default_factory=dict)
+    paths: PathSettings = field(default_factory=PathSettings)  # return_path, keepalive (lu2k.core.returnpath)
     where: str = field(default="net", compare=False)  # YAML path of the entry it came from
     # Values derived from the profile (name -> value), for ``net show -v``; see the module doc.
     derived: dict[str, int] = field(default_factory=dict, compare=False)
@@ -109,6 +111,7 @@ class PeerConfig:
     address: str | None = None  # "host:port" override of the NID-derived address
     nids: tuple[Nid, ...] = ()  # every NID of the peer, the primary first ("peer ni"): its rails
     multi_rail: bool = True  # False: the peer is only its primary NID (lnetctl's --non_mr)
+    paths: PathSettings = field(default_factory=PathSettings)  # return_path, keepalive (lu2k.core.returnpath)
 
     @property
     def rails(self) -> list[Nid]:
@@ -245,6 +248,7 @@ def _net_config(problems: Problems, where: str, net: Net, nid: Nid, tun: Mapping
         if isinstance(opts.get(k), str):
             opts[k] = _path(base_dir, opts[k])
     cfg.options = opts
+    cfg.paths = parse_path_settings(lu, f"{where}.lu2k")  # already checked by lnetyaml
     required = _REQUIRED_OPTIONS.get(cfg.backend)
     if required is not None and not all(opts.get(k) for k in required[0]):
         problems.add(f"{where}.lu2k", required[1])
@@ -315,7 +319,8 @@ def parse_config(data: Any, *, source: str = "<string>", base_dir: Path | None =
             problems.add(f"{n.where}.lu2k.port", f"net {n.net} and net {seen[place].net} both listen on {host} port {n.port}")
         else:
             seen[place] = n
-    cfg.peers = [PeerConfig(p.primary_nid, p.lu2k.get("address"), tuple(p.nids), p.multi_rail) for p in lcfg.peers]
+    cfg.peers = [PeerConfig(p.primary_nid, p.lu2k.get("address"), tuple(p.nids), p.multi_rail, parse_path_settings(p.lu2k, "peer.lu2k"))
+                 for p in lcfg.peers]
     cfg.routes = list(res.routes)
     for name, value in lcfg.global_.items():
         if hasattr(cfg.global_, name):

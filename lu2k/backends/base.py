@@ -13,6 +13,9 @@ retries.  So a backend only has to:
 * translate its library's exceptions into :mod:`lu2k.errors` (``ConnectError``,
   ``ReadError``/``ConnectionClosed``, ``WriteError``, ``FrameError``) -- nothing else escapes;
   each backend does it once, with one :func:`map_exceptions` table per phase;
+* carry every frame type both ways once the hello is done: the side that accepted a
+  connection may send MSG and PING frames on it too (a return path through NAT,
+  :mod:`lu2k.core.returnpath`), and the side that opened it then answers on its own direction;
 * until :meth:`Transport.on_hello_done`, accept only hello frames (nothing an unauthenticated
   peer sends may make it allocate more than a header); after it, seal every frame with the
   keys the hello derived (:class:`lu2k.crypto.FrameCodec`) unless the backend's own channel

@@ -6,13 +6,13 @@
 """
 
 from .actions import (
-    AbortRx, Action, Close, CloseIn, Complete, Connect, Deliver, LanTransmit, PingDone, Resume, SendIn, Wake,
+    AbortRx, Action, Adopt, Close, CloseIn, Complete, Connect, Deliver, LanTransmit, PingDone, Resume, SendIn, Wake,
 )
 from .node import PING_PORTAL, NI, Batch, Delivery, InConn, NetParams, Node, NodeParams, OutConn, OutMsg, Peer, Session
 from .states import ConnState, MsgState
 
 __all__ = [
-    "AbortRx", "Action", "Batch", "Close", "CloseIn", "Complete", "Connect", "ConnState", "Deliver", "Delivery", "InConn",
+    "AbortRx", "Action", "Adopt", "Batch", "Close", "CloseIn", "Complete", "Connect", "ConnState", "Deliver", "Delivery", "InConn",
     "LanTransmit", "MsgState", "NI", "NetParams", "Node", "NodeParams", "OutConn", "OutMsg", "PING_PORTAL", "Peer", "PingDone",
     "Resume", "SendIn", "Session", "Wake",
 ]

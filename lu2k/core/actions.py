@@ -29,6 +29,17 @@ class Connect:
 
 
 @dataclass(slots=True)
+class Adopt:
+    """``conn``'s attempt ``attempt`` sends on the reverse direction of the accepted connection
+    ``via`` (:mod:`lu2k.core.returnpath`): write its batches there, as after a Connect; the
+    answers come in on ``via`` and reach the node through ``inbound_frames``."""
+
+    conn: OutConn
+    attempt: int
+    via: InConn
+
+
+@dataclass(slots=True)
 class Wake:
     """``conn`` has frames to send: call ``node.next_batch(conn)`` until it returns None."""
 
@@ -111,4 +122,4 @@ class PingDone:
     nids: tuple[Nid, ...] = ()  # the NIDs the answering daemon listed (a direct peer's PONG), for discover
 
 
-Action = Connect | Wake | Close | CloseIn | SendIn | Resume | Deliver | AbortRx | LanTransmit | Complete | PingDone
+Action = Connect | Adopt | Wake | Close | CloseIn | SendIn | Resume | Deliver | AbortRx | LanTransmit | Complete | PingDone

@@ -17,6 +17,8 @@ still reads the payload (``busy``), so a buffer is never handed back while a sen
 *Connections are unidirectional.*  To send to a peer we open our own connection to it;
 connections we accept only receive messages, and their reverse direction carries only ACK,
 NACK and PONG frames.  With typed connections small messages use CONTROL, the rest BULK.
+A peer behind NAT is the exception: we send to it on the reverse direction of its own
+connection (:mod:`lu2k.core.returnpath`).
 
 *Exactly once.*  Each message gets a sequence number in our session with the next hop
 (our incarnation, its NID).  The receiver ACKs it once it delivered it to the local
@@ -61,6 +63,7 @@ from . import rails as mr
 from .actions import (
     AbortRx, Action, Close, CloseIn, Complete, Connect, Deliver, LanTransmit, PingDone, Resume, SendIn, Wake,
 )
+from .returnpath import ANSWERS, REQUESTS, ReturnPaths
 from .states import FINAL, TRANSMITTED, ConnEvent, ConnState, MsgEvent, MsgState, conn_next, msg_next
 
 SEND_BATCH_FRAMES = 512
@@ -238,12 +241,19 @@ class OutConn:
         self.woken = False
         self.sent_msgs = 0
         self.transport_stats: dict[str, Any] = {}
+        # Return path (lu2k.core.returnpath): the accepted connection we send on instead of our
+        # own, the peer's requests on our own connection's reverse direction, whether we keep
+        # this connection up with nothing to send, whether connecting in failed last time.
+        self.via: InConn | None = None
+        self.rev_in: InConn | None = None
+        self.hold = False
+        self.connect_failed = False
 
     def has_work(self) -> bool:
         q = self.queue
         while q and q[0].state in FINAL:
             q.popleft()  # failed while waiting for this connection
-        return bool(q) or any(not p.sent for p in self.pings.values())
+        return bool(q) or self.hold or any(not p.sent for p in self.pings.values())
 
     def __repr__(self) -> str:
         return f"<OutConn {self.peer.nid} {self.ctype.name} {self.state.value} #{self.attempt}>"
@@ -332,6 +342,9 @@ class InConn:
         self.pending = 0  # deliveries handed out and not answered yet
         self.parked = 0  # forwards waiting for router buffer space
         self.pong_nids = False  # the sender reads our NIDs in PONG payloads (discover)
+        self.out: OutConn | None = None  # set: the reverse direction of our own connection (returnpath)
+        self.reverse: OutConn | None = None  # our connection that sends on this one's reverse direction
+        self.heard = False  # a frame came after the hello: the peer's side reads post-hello frames now
 
     @property
     def blocked(self) -> bool:
@@ -353,8 +366,10 @@ class Delivery:
         self.done = False
 
 
-class Node:
+class Node(ReturnPaths):
     """The message layer of one daemon.  See the module docstring."""
+
+    _ping_type = _Ping  # for the return-path mixin's keepalives (it cannot import this module)
 
     def __init__(self, params: NodeParams, routes: list[Route] | None = None) -> None:
         self.params = params
@@ -380,6 +395,7 @@ class Node:
         self._refill: dict[Peer, None] = {}  # peers whose credits came back while messages wait
         self.pump_held = False  # set by submit_batch: queued messages are assigned once per batch, in take_actions
         self._now = 0.0
+        self._rp_init()
 
     # ------------------------------------------------------------------ configuration
 
@@ -390,6 +406,7 @@ class Node:
         self.routes.local_nets.add(ni.net)
         self._local_raw.add(ni.nid_raw)
         self._direct.clear()
+        self._rp_hold_all()
         return ni
 
     def remove_net(self, net: Net, reason: str) -> None:
@@ -649,7 +666,8 @@ class Node:
                 self._backoff_waiting.pop(c, None)  # nothing to send: no reason to reconnect
             elif at is None or c.backoff.next_at < at:
                 at = c.backoff.next_at
-        return at
+        rp = self._rp_timer()
+        return rp if at is None or (rp is not None and rp < at) else at
 
     def handle_timer(self, now: float) -> None:
         self._now = now
@@ -669,6 +687,7 @@ class Node:
             if c.backoff.next_at <= now:
                 self._backoff_waiting.pop(c, None)
                 self._maybe_connect(c)
+        self._rp_handle_timer(now)
 
     def _arm(self, deadline: float, obj: Any) -> None:
         self._deadlines.add(obj)
@@ -842,6 +861,8 @@ class Node:
             self._backoff_waiting[conn] = None
             return
         self._backoff_waiting.pop(conn, None)
+        if self._rp_instead_of_connect(conn):
+            return
         conn.state = conn_next(conn.state, ConnEvent.CONNECT)
         conn.attempt += 1
         host, port = self.address_of(conn.peer)
@@ -919,6 +940,10 @@ class Node:
             self.actions.append(Close(conn, attempt, "superseded"))
             return
         conn.state = conn_next(conn.state, ConnEvent.UP)
+        conn.connect_failed = False
+        self._conn_up(conn, peer_incarnation)
+
+    def _conn_up(self, conn: OutConn, peer_incarnation: int) -> None:
         conn.backoff.succeeded()
         peer = conn.peer
         if peer.incarnation is not None and peer_incarnation != peer.incarnation:
@@ -934,6 +959,7 @@ class Node:
             for p in self.rail_peers(peer.rail):
                 p.incarnation = peer_incarnation
         peer.health.success()
+        self._rp_conn_up(conn)
         if conn.has_work():
             conn.woken = True
             self.actions.append(Wake(conn))
@@ -945,6 +971,7 @@ class Node:
         if attempt != conn.attempt or conn.state is not ConnState.CONNECTING:
             return
         conn.state = conn_next(conn.state, ConnEvent.FAILED)
+        conn.connect_failed = True
         peer = conn.peer
         conn.backoff.failed(now, reason)
         peer.health.failure(now)
@@ -968,6 +995,7 @@ class Node:
             return
         conn.state = conn_next(conn.state, ConnEvent.LOST)
         conn.woken = False
+        self._rp_unlink(conn)
         peer = conn.peer
         peer.last_error = reason
         peer.health.failure(now)
@@ -1038,10 +1066,13 @@ class Node:
         if attempt != conn.attempt or conn.state is not ConnState.UP:
             return
         peer = conn.peer
+        requests: list[Frame] = []
         try:
             for f in frames:
                 t = f.header.type
-                if t is FrameType.ACK:
+                if t in REQUESTS:
+                    requests.append(f)  # the peer sends to us on our connection (returnpath)
+                elif t is FrameType.ACK:
                     self._on_acks(peer, wire.decode_acks(f))
                 elif t is FrameType.NACK:
                     seq, status, reason = wire.decode_nack(f)
@@ -1055,6 +1086,8 @@ class Node:
                         self.actions.append(PingDone(token, now - ping.started, peer.incarnation or 0, str(peer.nid), "", nids))
                 else:
                     raise FrameError(f"{t.name} frame on the reverse direction of a connection")
+            if requests:
+                self._rp_requests(conn, requests)
         except RemoteProtocolError as e:
             self.stats["bad_frames"] += 1
             self.actions.append(Close(conn, attempt, str(e)))
@@ -1107,6 +1140,7 @@ class Node:
             self.actions.append(Close(conn, conn.attempt, reason))
         conn.state = conn_next(conn.state, ConnEvent.CLOSE)
         self._backoff_waiting.pop(conn, None)
+        self._rp_unlink(conn)
 
     def note_transport_stats(self, conn: OutConn, stats: dict[str, Any]) -> None:
         conn.transport_stats = stats
@@ -1176,23 +1210,28 @@ class Node:
         ni = self.nis.get(net)
         if ni is None:
             raise LocalProtocolError(f"net {net} is not up")
+        conn = self._attach_in(ni, result.peer_nid, result.peer_incarnation, result.conn_type, multirail=result.multirail)
+        conn.pong_nids = result.pong_nids
+        self.stats["conns_accepted"] += 1
+        return conn
+
+    def _attach_in(self, ni: NI, peer_nid: Nid, incarnation: int, ctype: ConnType, *, multirail: bool = False) -> InConn:
+        """A connection that carries ``peer_nid``'s messages, in its session ``incarnation``."""
         # A multi-rail sender numbers its messages once for all its rails: one session (one
         # dedupe window) for all of them, so a message resent on another rail is answered.
-        key = (None if result.multirail else result.peer_nid, result.peer_incarnation)
+        key = (None if multirail else peer_nid, incarnation)
         session = self.sessions.get(key)
         if session is None:
-            session = self.sessions[key] = Session(result.peer_nid, result.peer_incarnation, self.params.window_capacity)
-        if result.peer_nid not in session.nids or len(session.conns) == 0:
-            session.nids.add(result.peer_nid)
+            session = self.sessions[key] = Session(peer_nid, incarnation, self.params.window_capacity)
+        if peer_nid not in session.nids or len(session.conns) == 0:
+            session.nids.add(peer_nid)
             # A newer incarnation of that peer makes older sessions moot.
-            for k in [k for k, s in self.sessions.items() if result.peer_nid in s.nids and k[1] != result.peer_incarnation]:
+            for k in [k for k, s in self.sessions.items() if peer_nid in s.nids and k[1] != incarnation]:
                 for c in list(self.sessions[k].conns):
-                    self._close_in(c, f"{result.peer_nid} restarted")
+                    self._close_in(c, f"{peer_nid} restarted")
                 del self.sessions[k]
-        conn = InConn(ni, session, result.conn_type, self.params.max_pending_deliveries)
-        conn.pong_nids = result.pong_nids
+        conn = InConn(ni, session, ctype, self.params.max_pending_deliveries)
         session.conns.append(conn)
-        self.stats["conns_accepted"] += 1
         return conn
 
     def inbound_lost(self, conn: InConn) -> None:
@@ -1203,6 +1242,7 @@ class Node:
         self._dirty.pop(conn, None)
         if conn in conn.session.conns:
             conn.session.conns.remove(conn)
+        self._rp_inbound_lost(conn)
 
     def _close_in(self, conn: InConn, reason: str) -> None:
         if conn.alive:
@@ -1227,11 +1267,17 @@ class Node:
                         self.actions.append(AbortRx(rest.header.token))
                 self._close_in(conn, str(e))
                 return
+        if not conn.heard:
+            conn.heard = True
+            self._rp_heard(conn)
         self._flush_in(conn)
 
     def _inbound_frame(self, conn: InConn, f: Frame) -> None:
         t = f.header.type
         session = conn.session
+        if t in ANSWERS:
+            self._rp_answers(conn, [f])  # answers to what we send on its reverse direction
+            return
         if t is FrameType.PING:
             nids = wire.encode_nids([n.nid_raw for n in self.nis.values()]) if conn.pong_nids else b""
             conn.control.append(wire.encode_frame(FrameType.PONG, f.header.body, nids))

@@ -37,6 +37,8 @@ Outgoing connection life (one per peer and connection type)::
                           |                                ^
                           +--------------FAILED------------+
     any --CLOSE--> CLOSED  (peer dropped, net removed, node stopped)
+    IDLE, BACKOFF --ADOPT--> UP  (sending on a connection the peer opened to us instead:
+                                  lu2k.core.returnpath; it is LOST when that one ends)
 """
 
 from __future__ import annotations
@@ -110,13 +112,14 @@ class ConnEvent(enum.Enum):
     FAILED = "failed"
     LOST = "lost"
     CLOSE = "close"
+    ADOPT = "adopt"
 
 
 CONN_TRANSITIONS: dict[ConnState, dict[ConnEvent, ConnState]] = {
-    ConnState.IDLE: {ConnEvent.CONNECT: ConnState.CONNECTING, ConnEvent.CLOSE: ConnState.CLOSED},
+    ConnState.IDLE: {ConnEvent.CONNECT: ConnState.CONNECTING, ConnEvent.CLOSE: ConnState.CLOSED, ConnEvent.ADOPT: ConnState.UP},
     ConnState.CONNECTING: {ConnEvent.UP: ConnState.UP, ConnEvent.FAILED: ConnState.BACKOFF, ConnEvent.CLOSE: ConnState.CLOSED},
     ConnState.UP: {ConnEvent.LOST: ConnState.BACKOFF, ConnEvent.CLOSE: ConnState.CLOSED},
-    ConnState.BACKOFF: {ConnEvent.CONNECT: ConnState.CONNECTING, ConnEvent.CLOSE: ConnState.CLOSED},
+    ConnState.BACKOFF: {ConnEvent.CONNECT: ConnState.CONNECTING, ConnEvent.CLOSE: ConnState.CLOSED, ConnEvent.ADOPT: ConnState.UP},
     ConnState.CLOSED: {ConnEvent.CLOSE: ConnState.CLOSED},
 }
 

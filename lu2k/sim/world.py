@@ -60,9 +60,10 @@ from typing import Any
 
 from .. import wire
 from ..core import (
-    AbortRx, Batch, Close, CloseIn, Complete, Connect, Deliver, Delivery, InConn, LanTransmit, NetParams, Node,
+    AbortRx, Adopt, Batch, Close, CloseIn, Complete, Connect, Deliver, Delivery, InConn, LanTransmit, NetParams, Node,
     NodeParams, OutConn, OutMsg, PingDone, Resume, SendIn, Wake,
 )
+from ..core.returnpath import ANSWERS, KEEPALIVE_TOKEN, PathSettings, ReturnPath
 from ..core.states import FINAL
 from ..errors import Status
 from ..nid import Nid, parse_net, parse_nid
@@ -202,6 +203,8 @@ class _Link:
         self.sending: list[Batch] = []
         self.writing = False
         self.stuck = False
+        self.reverse: list[_Reverse] = []  # the accepting side's connections sending back on it
+        self.rev_held: list[Frame] = []  # requests on the reverse direction waiting for rev_in to unblock
 
     def _arrival(self, forward: bool) -> float:
         w = self.world
@@ -230,14 +233,21 @@ class _Link:
     def _arrive(self, f: Frame, forward: bool) -> None:
         if not self.alive:
             return
+        answer = f.header.type in ANSWERS
         if forward:
             inconn = self.inconn
             assert inconn is not None
-            if inconn.blocked or self.held:
+            # Answers to what the receiver sends back on this connection are read past held
+            # messages, as the engine does (else they could wait for each other).
+            if (inconn.blocked or self.held) and not (answer and inconn.reverse is not None):
                 self.held.append(f)
                 return
             self.dst.run(lambda: self.dst.node.inbound_frames(inconn, [f], self.world.now))
         else:
+            rev = self.conn.rev_in
+            if not answer and (self.rev_held or (rev is not None and rev.blocked)):
+                self.rev_held.append(f)  # requests on our own connection wait like an accepted one's
+                return
             self.src.run(lambda: self.src.node.frames_received(self.conn, self.attempt, [f], self.world.now))
 
     def resume(self) -> None:
@@ -245,6 +255,11 @@ class _Link:
         while self.alive and self.held and inconn is not None and not inconn.blocked:
             f = self.held.pop(0)
             self.dst.run(lambda: self.dst.node.inbound_frames(inconn, [f], self.world.now))
+
+    def resume_rev(self) -> None:
+        while self.alive and self.rev_held and not (self.conn.rev_in is not None and self.conn.rev_in.blocked):
+            f = self.rev_held.pop(0)
+            self.src.run(lambda: self.src.node.frames_received(self.conn, self.attempt, [f], self.world.now))
 
     def kill(self, reason: str, *, src_knows: bool = True, dst_knows: bool = True) -> None:
         """Reset: each live side learns of it (after a delay), sends in progress fail."""
@@ -257,10 +272,45 @@ class _Link:
         batches, self.sending = self.sending, []
         for b in batches:  # an aborted send fails (and frees its payloads) on the sending side
             w.after(0.0, self.src.send_failed, b, reason, src_gen)
+        for r in self.reverse:
+            r.dst_gone(reason, dst_gen)
         if src_knows:
             w.after(w.rng.uniform(0, w.latency), self.src.lost_out, self.conn, self.attempt, reason, src_gen)
         if dst_knows and self.inconn is not None:
             w.after(w.rng.uniform(0, w.latency), self.dst.lost_in, self.inconn, dst_gen)
+
+
+class _Reverse:
+    """The accepting side's connection sending on a link's reverse direction (an Adopt)."""
+
+    def __init__(self, base: _Link, conn: OutConn, attempt: int) -> None:
+        self.base, self.conn, self.attempt = base, conn, attempt
+        self.sending: list[Batch] = []
+        self.writing = False
+        base.reverse.append(self)
+
+    @property
+    def alive(self) -> bool:
+        return self.base.alive
+
+    @property
+    def stuck(self) -> bool:
+        return self.base.stuck
+
+    @property
+    def src(self) -> "SimNode":
+        return self.base.dst
+
+    def carry(self, frames: list[Frame], forward: bool) -> None:
+        self.base.carry(frames, not forward)
+
+    def kill(self, reason: str) -> None:
+        self.base.kill(reason)
+
+    def dst_gone(self, reason: str, gen: int) -> None:
+        batches, self.sending = self.sending, []
+        for b in batches:
+            self.base.world.after(0.0, self.base.dst.send_failed, b, reason, gen)
 
 
 class SimNode:
@@ -276,7 +326,7 @@ class SimNode:
         self.timer_at: float | None = None
         self.timer_token = 0
         self.in_links: dict[int, _Link] = {}  # id(InConn) -> link
-        self.out_links: dict[tuple[int, int], _Link] = {}  # (id(OutConn), attempt) -> link
+        self.out_links: dict[tuple[int, int], _Link | _Reverse] = {}  # (id(OutConn), attempt) -> link
         self.pending: dict[OutMsg, int] = {}  # messages our applications submitted, -> id
         self.outstanding = 0
         self.bound_in = 0
@@ -304,6 +354,8 @@ class SimNode:
         self.out_links.clear()
         self.timer_at = None
         self.outstanding = 0
+        if w.nat:
+            self.run(lambda: w.nat_paths(self))
 
     # -- running the core --------------------------------------------------------------
 
@@ -350,20 +402,40 @@ class SimNode:
             link = self.in_links.get(id(a.conn))
             if link is not None and link.alive:
                 link.carry([_decode(b, w.max_size) for b in a.frames], forward=False)
+            elif a.conn.out is not None:  # answers to what came on our own connection's reverse direction
+                out = self.out_links.get((id(a.conn.out), a.conn.out.attempt))
+                if out is not None and out.alive and out.src is self:
+                    out.carry([_decode(b, w.max_size) for b in a.frames], forward=True)
+        elif isinstance(a, Adopt):
+            base = self.in_links.get(id(a.via))
+            if base is not None and base.alive:
+                self.out_links[(id(a.conn), a.attempt)] = _Reverse(base, a.conn, a.attempt)
+        elif isinstance(a, PingDone) and a.token & KEEPALIVE_TOKEN:
+            pass
         elif isinstance(a, Connect):
             w.connect(self, a)
         elif isinstance(a, Close):
-            link = self.out_links.pop((id(a.conn), a.attempt), None)
-            if link is not None:
-                link.kill(a.reason, src_knows=False)
+            gone = self.out_links.pop((id(a.conn), a.attempt), None)
+            if isinstance(gone, _Reverse):
+                gone.kill(a.reason)
+            elif gone is not None:
+                gone.kill(a.reason, src_knows=False)
         elif isinstance(a, CloseIn):
             link = self.in_links.pop(id(a.conn), None)
             if link is not None:
                 link.kill(a.reason, dst_knows=False)
+            elif a.conn.out is not None:  # the reverse half of our own connection: it goes with it
+                out = self.out_links.pop((id(a.conn.out), a.conn.out.attempt), None)
+                if out is not None:
+                    out.kill(a.reason)
         elif isinstance(a, Resume):
             link = self.in_links.get(id(a.conn))
             if link is not None:
                 w.after(0.0, link.resume)
+            elif a.conn.out is not None:
+                out = self.out_links.get((id(a.conn.out), a.conn.out.attempt))
+                if isinstance(out, _Link):
+                    w.after(0.0, out.resume_rev)
         elif isinstance(a, AbortRx):
             raise w.violation("AbortRx for a token the simulator never gave")
         elif isinstance(a, PingDone) and a.token & PROBE_BIT and w.multirail:
@@ -387,7 +459,7 @@ class SimNode:
         if not link.stuck:
             w.after(w.rng.uniform(0.0005, 0.01), self._sent, link, batch, self.generation)
 
-    def _sent(self, link: _Link, batch: Batch, generation: int) -> None:
+    def _sent(self, link: "_Link | _Reverse", batch: Batch, generation: int) -> None:
         if generation != self.generation or batch not in link.sending:
             return
         link.sending.remove(batch)
@@ -486,8 +558,15 @@ class _Event:
 class World:
     """One seeded run; see the module docstring."""
 
-    def __init__(self, seed: int, faults: Faults | None = None, messages: int | None = None) -> None:
+    def __init__(self, seed: int, faults: Faults | None = None, messages: int | None = None, nat: bool = False) -> None:
         self.seed = seed
+        # nat: A sits behind NAT -- nobody can connect to it; it holds its connection to G open
+        # with keepalives and G sends to it on that connection's reverse direction (return_path
+        # reverse or auto, picked per seed from a generator of its own so the rest of the
+        # schedule is the same seed's).
+        self.nat = nat
+        self.nat_mode = random.Random(seed ^ 0x4E4154).choice((ReturnPath.REVERSE, ReturnPath.AUTO))
+        self.nat_released = False
         self.rng = random.Random(seed)
         rng = self.rng
         # One run in four checks liveness: no fault that loses frames on a live connection,
@@ -546,7 +625,7 @@ class World:
 
     def violation(self, what: str) -> Violation:
         return Violation(f"seed {self.seed} [{self.faults.label()}]: {what} "
-                         f"(replay: python benchmarks/sim_sweep.py --replay {self.seed})")
+                         f"(replay: python benchmarks/sim_sweep.py --replay {self.seed}{' --nat' if self.nat else ''})")
 
     # -- network -------------------------------------------------------------------------------
 
@@ -572,14 +651,19 @@ class World:
         if frozenset((src.name, dst.name)) in self.partitioned or a.conn.peer.nid.net in self.rails_down:
             src.run(lambda: src.node.connect_failed(a.conn, a.attempt, "connect timed out", self.now))
             return
+        if self.nat and dst.name == "A":
+            src.run(lambda: src.node.connect_failed(a.conn, a.attempt, "connect timed out (A is behind NAT)", self.now))
+            return
         link = _Link(self, src, a.conn, a.attempt, dst)
         peer_nid = a.conn.peer.ni.nid
         result = wire.HelloResult(peer_nid, a.conn.peer.nid, a.conn.ctype, src.node.incarnation, wire.PROTOCOL_VERSION,
                                   multirail=a.conn.peer.rail is not None)
-        inconn: list[InConn] = []
-        dst.run(lambda: inconn.append(dst.node.accepted(a.conn.peer.nid.net, result, self.now)))
-        link.inconn = inconn[0]
-        dst.in_links[id(link.inconn)] = link
+
+        def accept() -> None:  # the link is known before the actions run (an Adopt may name it)
+            link.inconn = dst.node.accepted(a.conn.peer.nid.net, result, self.now)
+            dst.in_links[id(link.inconn)] = link
+
+        dst.run(accept)
         src.out_links[(id(a.conn), a.attempt)] = link
         self.links[link] = None
         src.run(lambda: src.node.connected(a.conn, a.attempt, dst.node.incarnation, self.now))
@@ -592,6 +676,25 @@ class World:
         if rec.completions > 1:
             raise self.violation(f"message {mid} ({rec.origin}->{Nid.from_bytes(rec.dst)}) completed twice: {rec.status} then {status} ({reason})")
         rec.status, rec.reason = status, reason
+
+    def nat_paths(self, sn: SimNode) -> None:
+        g, a = parse_nid(NIDS["G"][0]), parse_nid(NIDS["A"][0])
+        if sn.name == "A" and not self.nat_released:
+            sn.node.set_return_paths({}, {g: PathSettings(keepalive=0.5)})
+        elif sn.name == "G":
+            sn.node.set_return_paths({}, {a: PathSettings(return_path=self.nat_mode)})
+
+    def _nat_release(self) -> None:
+        """Once every message has its completion and no core holds one, A stops holding its
+        connection (else its keepalives would run forever and the world never end)."""
+        done = (self.submitted == self.total_messages and all(r.completions for r in self.records.values())
+                and all(n.up and not n.node.pending_messages() for n in self.nodes.values()))
+        if not done:
+            self.after(1.0, self._nat_release)
+        elif not self.nat_released:
+            self.nat_released = True
+            node = self.nodes["A"]
+            node.run(lambda: node.node.set_return_paths({}, {}))
 
     def _app(self, name: str, targets: list[tuple[bytes, int]], count: int, mids: Any) -> None:
         """An application: submit a message every 0-50 ms while below ``max_in_flight``;
@@ -695,6 +798,8 @@ class World:
         self.after(0.0, self._app, "A", [(b, PORTAL), (g, PORTAL), (b, DEAD_PORTAL)], a_share, mids)
         self.after(0.0, self._app, "B", [(a, PORTAL)], total - a_share, mids)
         self._schedule_faults()
+        if self.nat:
+            self.after(1.0, self._nat_release)
         events = self.events
         while events:
             t, _s, fn, args = heapq.heappop(events)
@@ -775,6 +880,6 @@ class World:
                 raise self.violation(f"{sn.name}: applications still wait for {len(sn.pending)} messages")
 
 
-def run_seed(seed: int, messages: int | None = None) -> RunResult:
+def run_seed(seed: int, messages: int | None = None, nat: bool = False) -> RunResult:
     """Run one seeded schedule and check its invariants (raises :class:`Violation`)."""
-    return World(seed, messages=messages).run()
+    return World(seed, messages=messages, nat=nat).run()
