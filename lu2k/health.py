@@ -53,7 +53,8 @@ class Backoff:
         return now >= self.next_at
 
     def failed(self, now: float, error: str) -> float:
-        delay = min(self.high, self.low * float(2 ** self.attempts))
+        # The exponent is capped: a peer retried for hours must not overflow the float.
+        delay = min(self.high, self.low * float(2 ** min(self.attempts, 60)))
         self.attempts += 1
         self.next_at = now + delay
         self.last_error = error

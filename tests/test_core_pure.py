@@ -53,6 +53,13 @@ def test_backoff_doubles_and_caps() -> None:
     assert b.ready(0.0) and b.attempts == 0
 
 
+def test_backoff_keeps_its_cap_after_thousands_of_failures() -> None:
+    # A peer that stays unreachable for hours (NAT, a dead site) is retried at the cap forever.
+    b = Backoff(0.05, 0.8)
+    delays = [b.failed(float(i), "refused") for i in range(5000)]
+    assert delays[-1] == 0.8 and b.attempts == 5000
+
+
 def test_routing_local_direct_and_gateway_choice() -> None:
     tcp, o2ib = parse_net("tcp"), parse_net("o2ib")
     g1, g2, g3 = parse_nid("10.0.0.1@tcp"), parse_nid("10.0.0.2@tcp"), parse_nid("10.0.0.3@tcp")

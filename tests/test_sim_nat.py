@@ -25,7 +25,8 @@ def test_bounded_nat_sweep_keeps_every_invariant_and_uses_the_return_path() -> N
         w.run()  # raises Violation naming the seed
         adopted += w.nodes["G"].node.stats["return_paths_adopted"]
         served += w.nodes["A"].node.stats["return_paths_served"]
-    assert seen == set(FAULTS) and set(modes) == {ReturnPath.REVERSE, ReturnPath.AUTO}
+    # Every fault but raildown: NAT worlds have one rail (a multi-rail peer behind NAT is not supported).
+    assert seen == set(FAULTS) - {"raildown"} and set(modes) == {ReturnPath.REVERSE, ReturnPath.AUTO}
     assert adopted >= SWEEP // 2 and served >= SWEEP // 2  # the reverse direction really carried traffic
 
 

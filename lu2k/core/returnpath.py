@@ -200,6 +200,10 @@ class ReturnPaths:
         """Called where ``conn`` would connect: True if it adopted a connection or waits for
         one instead."""
         peer = conn.peer
+        if peer.rail is not None:
+            # A multi-rail peer numbers our messages once for all rails, and the far side of a
+            # reverse path cannot tell (its session would be per NID): rails always connect.
+            return False
         mode = self.return_path(peer.nid)
         if mode is ReturnPath.CONNECT or (mode is ReturnPath.AUTO and not conn.connect_failed):
             return False

@@ -595,6 +595,9 @@ class World:
         # without multi-rail) are what they were before multi-rail existed.
         mr_rng = random.Random(seed * 7919 + 17)
         self.multirail = mr_rng.random() < 0.3 or "raildown" in self.faults.enabled
+        if nat:  # a multi-rail peer behind NAT is not supported (docs/nat.md): NAT worlds have one rail
+            self.multirail = False
+            self.faults.enabled -= {"raildown"}
         if self.multirail and faults is None and mr_rng.random() < 0.6:
             self.faults.enabled |= {"raildown"}
         self.rails_down: set[Any] = set()
