@@ -34,7 +34,7 @@ from ..kernel_shim.endpoint import AsyncEndpoint, Completion, pack_nid
 from ..nid import Nid
 from . import portal as portals
 from . import transfer_proto as tp
-from .pace import TokenBucket, format_rate
+from .pace import TokenBucket, format_throughput
 
 log = logging.getLogger("lu2k.transfer")
 
@@ -159,7 +159,7 @@ class Progress:
     def line(self, final: bool = False) -> str:
         el = max(time.monotonic() - self.start, 1e-6)
         rate = self.wire * 8 / el
-        parts = [f"{self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB", format_rate(rate)]
+        parts = [f"{self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB", format_throughput(rate)]
         if not final and rate > 0 and self.total > self.done:
             parts.append(f"ETA {(self.total - self.done) * 8 / rate:,.0f} s")
         parts.append(f"{self.resent} resent")
