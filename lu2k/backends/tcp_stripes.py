@@ -228,6 +228,7 @@ class StripedTransport(Transport):
         self.stripes.append(t)
         if self._readers:
             self._start_reader(t)
+        log.info("stripe joined", peer=self._peer, stripe=index, stripes=len(self.stripes))
         return True
 
     # -- data ----------------------------------------------------------------------------------
