@@ -99,7 +99,8 @@ def test_two_senders_to_one_stream_receiver_second_is_told_busy(pair, tmp_path: 
     out = tmp_path / "out"
     recv = subprocess.Popen([*LU2K, "recv", "--socket", b.shim_path, "-o", str(out), "--timeout", "60"], stderr=subprocess.PIPE, text=True)
     assert recv.stderr is not None and "waiting on portal 0" in recv.stderr.readline()
-    p1 = subprocess.Popen([*LU2K, "send", "--socket", a.shim_path, "--rate", "8mbit", b.nid, str(one)], stderr=subprocess.PIPE, text=True)
+    # 8 s at 2 Mbit/s: the second sender's start-up must fit inside it on a loaded machine
+    p1 = subprocess.Popen([*LU2K, "send", "--socket", a.shim_path, "--rate", "2mbit", b.nid, str(one)], stderr=subprocess.PIPE, text=True)
     wait_for(lambda: out.with_name("out.lu2k-part").exists(), "first sender never started")
     r2 = send(a, b, str(two))
     assert r2.returncode == 4 and "busy" in r2.stderr and "127.0.0.1@tcp" in r2.stderr, r2.stderr
