@@ -14,7 +14,7 @@
 * Sealed: until the hello is done only hello frames are accepted (an unauthenticated peer
   costs one header); after it every frame is sealed (:mod:`lu2k.crypto`).
 * Striping: on a long lossy path one BULK connection runs over ``options.streams`` TCP
-  sockets (default from the profile: 4 at >= 100 ms RTT with loss, else 1); see
+  sockets (default from the profile: 2 at >= 100 ms RTT with loss, else 1); see
   :mod:`.tcp_stripes`.
 * Errors: ``OSError`` becomes a ``ConnectError``/``ReadError``/``WriteError`` through one
   table per phase (below); an accept loop out of descriptors pauses instead of spinning.
