@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from lu2k.apps import forward_proto as fp
+from lu2k.apps.forward import refusal_for
 from lu2k.localpair import DaemonProcess, daemons, free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -251,12 +253,12 @@ def test_refused_disallowed_and_nonexistent_targets_are_named(pair) -> None:
         socks = socket.create_connection(("127.0.0.1", fw.socks))
         socks.settimeout(60)
         replies = []
-        for host in (b"no-such-host.invalid", b"example.org"):
+        for host, port in ((b"no-such-host.invalid", 80), (b"example.org", 80), (b"127.0.0.1", closed)):
             s = socket.create_connection(("127.0.0.1", fw.socks))
             s.settimeout(60)
             s.sendall(b"\x05\x01\x00")
             assert s.recv(2) == b"\x05\x00"
-            s.sendall(b"\x05\x01\x00\x03" + bytes([len(host)]) + host + (80).to_bytes(2, "big"))
+            s.sendall(b"\x05\x01\x00\x03" + bytes([len(host)]) + host + port.to_bytes(2, "big"))
             replies.append(s.recv(10)[1])
             s.close()
         socks.close()
@@ -265,6 +267,7 @@ def test_refused_disallowed_and_nonexistent_targets_are_named(pair) -> None:
     assert "Connection refused" in cli_err, cli_err
     assert replies[0] == 4 and "no-such-host.invalid: no such host" in cli_err  # host unreachable
     assert replies[1] == 2 and "example.org:80 is not allowed" in cli_err  # not allowed by ruleset (and not resolved)
+    assert replies[2] == 5  # connection refused
     bad = subprocess.run([*LU2K, "forward", "--serve", "--socket", b.shim_path], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 1 and "--allow" in bad.stderr and "Traceback" not in bad.stderr
     bad = subprocess.run([*LU2K, "forward", "--to", b.nid, "--listen", "127.0.0.1:1", "--target", "nohost"],
@@ -318,3 +321,16 @@ def test_ssh_and_rsync_over_ssh_through_the_forward(pair, tmp_path: Path) -> Non
         sshd.communicate(timeout=10)
     for f in (src / "sub").iterdir():
         assert (dst / "sub" / f.name).read_bytes() == f.read_bytes()
+
+
+@pytest.mark.parametrize("exc, cause", [
+    (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), fp.Refusal.NO_SUCH_HOST),
+    (ConnectionRefusedError(111, "Connection refused"), fp.Refusal.CONNECTION_REFUSED),
+    (TimeoutError(), fp.Refusal.TIMED_OUT),
+    (OSError(101, "Network is unreachable"), fp.Refusal.NETWORK_UNREACHABLE),
+    (OSError(113, "No route to host"), fp.Refusal.HOST_UNREACHABLE),
+    (OSError(5, "Input/output error"), fp.Refusal.FAILURE),
+    (ValueError("refused"), fp.Refusal.FAILURE),  # the words of a message never decide
+])
+def test_connect_failures_map_to_refusals_by_type(exc: BaseException, cause: fp.Refusal) -> None:
+    assert refusal_for(exc) is cause

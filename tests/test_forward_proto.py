@@ -13,7 +13,8 @@ from lu2k.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 
 def test_codec_round_trip() -> None:
     for m in (fp.Message(fp.Kind.OPEN, 5, 1 << 20, "host.example:22"), fp.Message(fp.Kind.OPENED, 5, 4096),
-              fp.Message(fp.Kind.REFUSED, 5, 0, "connection refused"), fp.Message(fp.Kind.WINDOW, 5, 77),
+              fp.Message(fp.Kind.REFUSED, 5, 0, "connection refused"), fp.Message(fp.Kind.REFUSED, 5, fp.Refusal.NOT_ALLOWED, "no"),
+              fp.Message(fp.Kind.WINDOW, 5, 77),
               fp.Message(fp.Kind.FIN, 5, 1000), fp.Message(fp.Kind.RST, 5, 0, "reset")):
         assert fp.decode(fp.encode(m)) == m
     d = fp.decode(fp.encode(fp.Message(fp.Kind.DATA, 5, 10, payload=b"xyz")))
@@ -107,8 +108,22 @@ def test_reset_either_way() -> None:
 def test_refusal_reaches_the_opener() -> None:
     a = fp.Flow(1, 100, opener=True)
     b = fp.Flow(1, 100, opener=False)
-    a.on_message(fp.decode(b.refuse("10.0.0.5:22: Connection refused")))
-    assert a.closed and a.reason == "10.0.0.5:22: Connection refused"
+    a.on_message(fp.decode(b.refuse("10.0.0.5:22: Connection refused", fp.Refusal.CONNECTION_REFUSED)))
+    assert a.closed and a.reason == "10.0.0.5:22: Connection refused" and a.refusal is fp.Refusal.CONNECTION_REFUSED
+    assert fp.SOCKS_REPLY[fp.SOCKS_REPLY_FOR[a.refusal]] == 5
+
+
+def test_refusal_cause_from_a_peer_that_does_not_say_or_says_something_unknown() -> None:
+    for detail in (0, 999):
+        raw = fp.HDR.pack(fp.MAGIC, fp.Kind.REFUSED, fp.VERSION, detail, 1) + fp.TEXT.pack(2) + b"no"
+        a = fp.Flow(1, 100, opener=True)
+        a.on_message(fp.decode(raw))
+        assert a.refusal is fp.Refusal.FAILURE and fp.SOCKS_REPLY_FOR[a.refusal] == "failure"
+
+
+def test_every_refusal_has_a_socks_reply() -> None:
+    assert set(fp.SOCKS_REPLY_FOR) == set(fp.Refusal)
+    assert all(code in fp.SOCKS_REPLY for code in fp.SOCKS_REPLY_FOR.values())
 
 
 def test_protocol_violations() -> None:

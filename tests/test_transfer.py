@@ -99,7 +99,8 @@ def test_two_senders_to_one_stream_receiver_second_is_told_busy(pair, tmp_path: 
     out = tmp_path / "out"
     recv = subprocess.Popen([*LU2K, "recv", "--socket", b.shim_path, "-o", str(out), "--timeout", "60"], stderr=subprocess.PIPE, text=True)
     assert recv.stderr is not None and "waiting on portal 0" in recv.stderr.readline()
-    p1 = subprocess.Popen([*LU2K, "send", "--socket", a.shim_path, "--rate", "8mbit", b.nid, str(one)], stderr=subprocess.PIPE, text=True)
+    # 8 s at 2 Mbit/s: the second sender's start-up must fit inside it on a loaded machine
+    p1 = subprocess.Popen([*LU2K, "send", "--socket", a.shim_path, "--rate", "2mbit", b.nid, str(one)], stderr=subprocess.PIPE, text=True)
     wait_for(lambda: out.with_name("out.lu2k-part").exists(), "first sender never started")
     r2 = send(a, b, str(two))
     assert r2.returncode == 4 and "busy" in r2.stderr and "127.0.0.1@tcp" in r2.stderr, r2.stderr
@@ -234,3 +235,39 @@ def test_full_disk_at_the_receiver(pair, tmp_path: Path) -> None:
         stop(srv)
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_progress_line_on_a_terminal_summary_line_otherwise(pair, tmp_path: Path) -> None:
+    import pty
+
+    a, b = pair
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    f = tmp_path / "p.bin"
+    f.write_bytes(os.urandom(1_500_000))
+    srv = serve(b, dst)
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen([*LU2K, "send", "--socket", a.shim_path, "--rate", "4mbit", b.nid, str(f)], stderr=slave,
+                             stdin=subprocess.DEVNULL)
+        os.close(slave)
+        out = b""
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the sender closed its end
+                break
+            if not data:
+                break
+            out += data
+        assert p.wait(timeout=60) == 0
+    finally:
+        os.close(master)
+    text = out.decode()
+    assert "\r\x1b[K" in text, text  # redrawn in place
+    drawn = [line for line in text.split("\r\x1b[K") if "ETA" in line]
+    assert drawn and "MB" in drawn[0] and "bit/s" in drawn[0] and "resent" in drawn[0], text
+    assert "sent 1 entry" in text and "all verified at the destination" in text
+    r = send(a, b, str(f))  # not a terminal: no redrawing, one summary line
+    assert r.returncode == 0 and "\x1b" not in r.stderr and r.stderr.count("\n") == 1 and "sent 1 entry" in r.stderr, r.stderr
+    stop(srv)

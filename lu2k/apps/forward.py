@@ -13,6 +13,7 @@ WINDOW as the socket drains.  Many flows share one endpoint and so one lu2k peer
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -34,6 +35,32 @@ OPEN_TIMEOUT = 60.0
 DEFAULT_MAX_FLOWS = 1024
 
 Key = tuple[bytes, int, int]  # peer NID (packed), peer portal, flow id
+
+# Why connecting to a target failed, by exception type (first match in order), then by errno
+# for the plain OSErrors the kernel raises without a subclass.  Never by message text.
+CONNECT_REFUSALS: dict[type[BaseException], fp.Refusal] = {
+    socket.gaierror: fp.Refusal.NO_SUCH_HOST,
+    UnicodeError: fp.Refusal.NO_SUCH_HOST,  # a name IDNA cannot encode
+    ConnectionRefusedError: fp.Refusal.CONNECTION_REFUSED,
+    TimeoutError: fp.Refusal.TIMED_OUT,  # also asyncio.TimeoutError
+}
+CONNECT_REFUSALS_BY_ERRNO: dict[int, fp.Refusal] = {
+    errno.ENETUNREACH: fp.Refusal.NETWORK_UNREACHABLE,
+    errno.EHOSTUNREACH: fp.Refusal.HOST_UNREACHABLE,
+    errno.EHOSTDOWN: fp.Refusal.HOST_UNREACHABLE,
+    errno.ETIMEDOUT: fp.Refusal.TIMED_OUT,
+    errno.ECONNREFUSED: fp.Refusal.CONNECTION_REFUSED,
+}
+
+
+def refusal_for(exc: BaseException) -> fp.Refusal:
+    """The :class:`~.forward_proto.Refusal` for an exception from resolving or connecting."""
+    for kind, cause in CONNECT_REFUSALS.items():
+        if isinstance(exc, kind):
+            return cause
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return CONNECT_REFUSALS_BY_ERRNO.get(exc.errno, fp.Refusal.FAILURE)
+    return fp.Refusal.FAILURE
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:
@@ -241,36 +268,36 @@ class ForwardService(_FlowTable):
         flow = fp.Flow(m.flow, self.window, opener=False)
         peer = _peer_name(key[0])
         try:
-            reason = None
+            reason, cause = None, fp.Refusal.FAILURE
             try:
                 host, port = fp.parse_hostport(m.text, what="OPEN target")
             except ConfigError as e:
                 host, port, reason = "", 0, str(e)
             addresses: list[str] = []
             if reason is None and len(self.pumps) >= self.max_flows:
-                reason = f"too many flows ({self.max_flows})"
+                reason, cause = f"too many flows ({self.max_flows})", fp.Refusal.TOO_MANY_FLOWS
             # A name no rule could admit is refused without asking DNS about it.
             if reason is None and not fp.could_allow(self.rules, host, port):
-                reason = f"{m.text} is not allowed by this forward service"
+                reason, cause = f"{m.text} is not allowed by this forward service", fp.Refusal.NOT_ALLOWED
             if reason is None:
                 try:
                     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
                     addresses = sorted({str(i[4][0]) for i in infos})
                 except (socket.gaierror, UnicodeError) as e:
-                    reason = f"{host}: no such host ({e.strerror if isinstance(e, OSError) else e})"
+                    reason, cause = f"{host}: no such host ({e.strerror if isinstance(e, OSError) else e})", refusal_for(e)
             if reason is None and fp.allowed(self.rules, host, addresses, port) is None:
-                reason = f"{m.text} is not allowed by this forward service"
+                reason, cause = f"{m.text} is not allowed by this forward service", fp.Refusal.NOT_ALLOWED
             if reason is None:
                 try:
                     reader, writer = await asyncio.wait_for(asyncio.open_connection(addresses[0], port), self.connect_timeout)
-                except asyncio.TimeoutError:
-                    reason = f"{m.text}: no answer within {self.connect_timeout:.0f} s"
+                except asyncio.TimeoutError as e:
+                    reason, cause = f"{m.text}: no answer within {self.connect_timeout:.0f} s", refusal_for(e)
                 except OSError as e:
-                    reason = f"{m.text}: {os.strerror(e.errno) if e.errno else e}"
+                    reason, cause = f"{m.text}: {os.strerror(e.errno) if e.errno else e}", refusal_for(e)
             if reason is not None:
                 self.counters["refused"] += 1
                 log.warning("flow from %s to %s refused: %s", peer, m.text, reason)
-                self.send(key, flow.refuse(reason), None)
+                self.send(key, flow.refuse(reason, cause), None)
                 return
             pump = _Pump(self, key, flow, reader, writer, f"{peer} -> {m.text}")
             self.pumps[key] = pump
@@ -328,10 +355,11 @@ class ForwardClient(_FlowTable):
         if fut is not None and not fut.done() and m.kind in (fp.Kind.OPENED, fp.Kind.REFUSED, fp.Kind.RST):
             fut.set_result(None)
 
-    async def _open_flow(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: str) -> _Pump | str:
+    async def _open_flow(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         target: str) -> _Pump | tuple[str, fp.Refusal]:
         """Open a flow to ``target``; the started pump, or why it could not be opened."""
         if len(self.pumps) >= self.max_flows:
-            return f"too many flows ({self.max_flows})"
+            return f"too many flows ({self.max_flows})", fp.Refusal.TOO_MANY_FLOWS
         flow_id = int.from_bytes(os.urandom(8), "little") or 1
         flow = fp.Flow(flow_id, self.window, opener=True)
         key = (self.dst_raw, self.portal, flow_id)
@@ -352,13 +380,17 @@ class ForwardClient(_FlowTable):
             pump.start()
             return pump
         self.pumps.pop(key, None)
-        return flow.reason or (f"no answer from {self.dst} within {OPEN_TIMEOUT:.0f} s" if not pump.done.is_set() else "far side unreachable")
+        if flow.refusal is not None:
+            return flow.reason, flow.refusal
+        if not pump.done.is_set():
+            return f"no answer from {self.dst} within {OPEN_TIMEOUT:.0f} s", fp.Refusal.TIMED_OUT
+        return flow.reason or "far side unreachable", fp.Refusal.FAR_SIDE_UNREACHABLE
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: str) -> None:
         got = await self._open_flow(reader, writer, target)
-        if isinstance(got, str):
+        if isinstance(got, tuple):
             self.counters["refused"] += 1
-            self.say(f"lu2k forward: connection to {target} via {self.dst} failed: {got}")
+            self.say(f"lu2k forward: connection to {target} via {self.dst} failed: {got[0]}")
             _abort(writer)
 
     async def _socks(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -384,11 +416,10 @@ class ForwardClient(_FlowTable):
         host, port = parsed
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         got = await self._open_flow(reader, writer, target)
-        if isinstance(got, str):
+        if isinstance(got, tuple):
             self.counters["refused"] += 1
-            self.say(f"lu2k forward: SOCKS connection to {target} via {self.dst} failed: {got}")
-            code = "not_allowed" if "not allowed" in got else "refused" if "refused" in got.lower() else "host_unreachable"
-            writer.write(fp.socks_reply(code))
+            self.say(f"lu2k forward: SOCKS connection to {target} via {self.dst} failed: {got[0]}")
+            writer.write(fp.socks_reply(fp.SOCKS_REPLY_FOR[got[1]]))
             writer.close()
             return
         writer.write(fp.socks_reply("ok"))

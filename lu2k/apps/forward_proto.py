@@ -42,7 +42,7 @@ from ..errors import ConfigError, LocalProtocolError, RemoteProtocolError
 MAGIC = 0x5746324C  # "L2FW"
 VERSION = 1
 
-HDR = struct.Struct("<IBBHQ")  # magic, kind, version, reserved, flow id (the opener's random u64)
+HDR = struct.Struct("<IBBHQ")  # magic, kind, version, detail (REFUSED: its Refusal cause; else 0), flow id (the opener's random u64)
 OPEN = struct.Struct("<IH")  # window the opener grants, target length; then "host:port" (UTF-8)
 OPENED = struct.Struct("<I")  # window the service grants
 DATA = struct.Struct("<Q")  # byte offset of the payload in this direction
@@ -65,17 +65,31 @@ class Kind(enum.IntEnum):
     RST = 7
 
 
+class Refusal(enum.IntEnum):
+    """Why a flow could not be opened; carried in a REFUSED header (0 from a peer that does not say)."""
+
+    FAILURE = 0  # anything else (also: a peer that does not say)
+    NOT_ALLOWED = 1
+    NO_SUCH_HOST = 2
+    CONNECTION_REFUSED = 3
+    NETWORK_UNREACHABLE = 4
+    HOST_UNREACHABLE = 5
+    TIMED_OUT = 6
+    TOO_MANY_FLOWS = 7
+    FAR_SIDE_UNREACHABLE = 8  # decided at the opener: lu2k could not deliver the OPEN
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     kind: Kind
     flow: int
-    value: int = 0  # window (OPEN/OPENED), offset (DATA/FIN), consumed (WINDOW)
+    value: int = 0  # window (OPEN/OPENED), offset (DATA/FIN), consumed (WINDOW), Refusal (REFUSED)
     text: str = ""  # target (OPEN), reason (REFUSED/RST)
     payload: bytes | memoryview = b""
 
 
-def _hdr(kind: Kind, flow: int) -> bytes:
-    return HDR.pack(MAGIC, kind, VERSION, 0, flow)
+def _hdr(kind: Kind, flow: int, detail: int = 0) -> bytes:
+    return HDR.pack(MAGIC, kind, VERSION, detail, flow)
 
 
 def _text(s: str) -> bytes:
@@ -93,7 +107,7 @@ def encode(m: Message) -> bytes:
         return _hdr(m.kind, m.flow) + DATA.pack(m.value) + bytes(m.payload)
     if m.kind in (Kind.WINDOW, Kind.FIN):
         return _hdr(m.kind, m.flow) + WINDOW.pack(m.value)
-    return _hdr(m.kind, m.flow) + _text(m.text)
+    return _hdr(m.kind, m.flow, m.value if m.kind is Kind.REFUSED else 0) + _text(m.text)
 
 
 def data_header(flow: int, offset: int) -> bytes:
@@ -107,7 +121,7 @@ def decode(buf: bytes | memoryview) -> Message:
     view = memoryview(buf)
     if len(view) < HDR.size:
         raise RemoteProtocolError(f"forward message of {len(view)} bytes is shorter than its header")
-    magic, kind, version, _r, flow = HDR.unpack_from(view)
+    magic, kind, version, detail, flow = HDR.unpack_from(view)
     if magic != MAGIC:
         raise RemoteProtocolError(f"not a lu2k forward message (magic 0x{magic:08x})")
     if version != VERSION:
@@ -131,7 +145,8 @@ def decode(buf: bytes | memoryview) -> Message:
         if k in (Kind.WINDOW, Kind.FIN):
             return Message(k, flow, WINDOW.unpack_from(body)[0])
         (tlen,) = TEXT.unpack_from(body)
-        return Message(k, flow, 0, bytes(body[TEXT.size : TEXT.size + tlen]).decode("utf-8", "replace"))
+        cause = (detail if detail in Refusal._value2member_map_ else Refusal.FAILURE) if k is Kind.REFUSED else 0
+        return Message(k, flow, cause, bytes(body[TEXT.size : TEXT.size + tlen]).decode("utf-8", "replace"))
     except struct.error:
         raise RemoteProtocolError(f"truncated forward {k.name} message ({len(view)} bytes)") from None
 
@@ -188,6 +203,7 @@ class Flow:
         self.fin_in_at: int | None = None
         self.eof_in = False
         self.reason = ""
+        self.refusal: Refusal | None = None  # set when the flow was refused (either side)
 
     def _go(self, event: str) -> None:
         nxt = FLOW_TRANSITIONS.get((self.state, event))
@@ -212,10 +228,10 @@ class Flow:
         self._go("opened")
         return encode(Message(Kind.OPENED, self.id, self.window))
 
-    def refuse(self, reason: str) -> bytes:
+    def refuse(self, reason: str, cause: Refusal = Refusal.FAILURE) -> bytes:
         self._go("refused")
-        self.reason = reason
-        return encode(Message(Kind.REFUSED, self.id, 0, reason))
+        self.reason, self.refusal = reason, cause
+        return encode(Message(Kind.REFUSED, self.id, cause, reason))
 
     def sendable(self) -> int:
         if not self.can_send:
@@ -269,7 +285,7 @@ class Flow:
             if not self.opener or self.state is not F.OPENING:
                 raise RemoteProtocolError(f"flow {self.id:x}: unexpected REFUSED")
             self._go("refused")
-            self.reason = m.text
+            self.reason, self.refusal = m.text, Refusal(m.value)
             return []
         if self.state is F.OPENING:
             raise RemoteProtocolError(f"flow {self.id:x}: {m.kind.name} before the flow was opened")
@@ -415,6 +431,19 @@ def allowed(rules: list[AllowRule], name: str, addresses: list[str], port: int) 
 SOCKS_VERSION = 5
 SOCKS_REPLY = {"ok": 0, "failure": 1, "not_allowed": 2, "net_unreachable": 3, "host_unreachable": 4, "refused": 5,
                "ttl": 6, "command": 7, "address_type": 8}
+
+# The SOCKS5 reply for each way a flow can fail to open (RFC 1928 section 6).
+SOCKS_REPLY_FOR: dict[Refusal, str] = {
+    Refusal.FAILURE: "failure",
+    Refusal.NOT_ALLOWED: "not_allowed",
+    Refusal.NO_SUCH_HOST: "host_unreachable",
+    Refusal.CONNECTION_REFUSED: "refused",
+    Refusal.NETWORK_UNREACHABLE: "net_unreachable",
+    Refusal.HOST_UNREACHABLE: "host_unreachable",
+    Refusal.TIMED_OUT: "ttl",
+    Refusal.TOO_MANY_FLOWS: "failure",
+    Refusal.FAR_SIDE_UNREACHABLE: "net_unreachable",
+}
 
 
 def socks_greeting_reply(greeting: bytes) -> tuple[bytes, bool]:

@@ -1,4 +1,5 @@
-"""Rates: ``--rate 5mbit`` parsed once, and the token bucket that enforces it.
+"""The token bucket that enforces ``--rate`` (parsed by :func:`lu2k.values.parse_rate`, the
+one rate grammar of configs and command lines), and the rate shown on progress lines.
 
 The cap is applied by the application before a message is handed to the shim, so it means
 the same on every backend: payload bits per second leaving this transfer, averaged over
@@ -7,36 +8,11 @@ the same on every backend: payload bits per second leaving this transfer, averag
 
 from __future__ import annotations
 
-import re
-
 from ..errors import ConfigError
 
-_BITS = {"": 1.0, "bit": 1.0, "kbit": 1e3, "k": 1e3, "kbps": 1e3, "mbit": 1e6, "m": 1e6, "mbps": 1e6,
-         "gbit": 1e9, "g": 1e9, "gbps": 1e9}
-_BYTES = {"b": 8.0, "kb": 8e3, "mb": 8e6, "gb": 8e9, "kib": 8 * 1024.0, "mib": 8 * 1048576.0, "gib": 8 * 1073741824.0}
-_RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)(?:/s)?\s*$")
 
-
-def parse_rate(text: str, *, what: str = "--rate") -> float:
-    """Bits per second from ``5mbit``/``5m``/``5mbps`` (bits) or ``2MB``/``2MiB`` (bytes, capital B);
-    ``0``/``unlimited`` -> 0 (no cap)."""
-    t = text.strip()
-    if t.lower() in ("0", "unlimited", "none"):
-        return 0.0
-    m = _RATE.match(t)
-    factor = None
-    if m:
-        unit = m.group(2)
-        factor = _BYTES.get(unit.lower()) if unit.endswith("B") else _BITS.get(unit.lower())
-    if m is None or factor is None:
-        raise ConfigError(f"bad rate {text!r}: expected a number with a unit (e.g. 5mbit, 500kbit, 2MB) or 'unlimited'", where=what)
-    bps = float(m.group(1)) * factor
-    if bps <= 0:
-        raise ConfigError(f"bad rate {text!r}: must be positive (or 'unlimited')", where=what)
-    return bps
-
-
-def format_rate(bps: float) -> str:
+def format_throughput(bps: float) -> str:
+    """A measured rate for a progress line (``18.20 Mbit/s``); configs use ``values.format_rate``."""
     if bps >= 1e9:
         return f"{bps / 1e9:.2f} Gbit/s"
     if bps >= 1e6:

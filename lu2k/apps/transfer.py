@@ -34,7 +34,7 @@ from ..kernel_shim.endpoint import AsyncEndpoint, Completion, pack_nid
 from ..nid import Nid
 from . import portal as portals
 from . import transfer_proto as tp
-from .pace import TokenBucket, format_rate
+from .pace import TokenBucket, format_throughput
 
 log = logging.getLogger("lu2k.transfer")
 
@@ -159,7 +159,7 @@ class Progress:
     def line(self, final: bool = False) -> str:
         el = max(time.monotonic() - self.start, 1e-6)
         rate = self.wire * 8 / el
-        parts = [f"{self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB", format_rate(rate)]
+        parts = [f"{self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB", format_throughput(rate)]
         if not final and rate > 0 and self.total > self.done:
             parts.append(f"ETA {(self.total - self.done) * 8 / rate:,.0f} s")
         parts.append(f"{self.resent} resent")
@@ -204,6 +204,7 @@ class Sender:
     async def run(self, entries: list[SourceEntry], stream: BinaryIO | None = None, *, flush_ms: float = 5.0) -> int:
         self.stats = Progress(sum(e.size for e in entries))
         ep = self.ep = await portals.attach(self.socket_path, None, tx_pool_bytes=pool_bytes_for(self.window_bytes, self.chunk))
+        log.debug("attached to the local lu2kd")
         self.window = ByteWindow(self.window_bytes)
         rx = asyncio.ensure_future(portals.receive_loop(ep, self._on_message))
         ticker = asyncio.ensure_future(self._tick()) if self.progress_cb else None
@@ -328,16 +329,19 @@ class Sender:
         while not s.finished:
             if s.state in (tp.SendState.IDLE, tp.SendState.SETTLING):
                 await self._send_ctl(s, s.offer())
+                log.debug("%s: OFFER sent", s.name)
             if s.state is tp.SendState.OFFERED:
                 if not await self._wait(s, self.reply_timeout) and s.state is tp.SendState.OFFERED:
                     s.transient_failure(f"no answer from {self.dst} within {self.reply_timeout:.0f} s", transient=True)
             if s.state is tp.SendState.SENDING:
+                log.debug("%s: accepted, %d of %d chunks held", s.name, len(s.have), s.nchunks)
                 failing_since = None
                 for i in s.have - counted:
                     self.stats.done += min(s.chunk, s.size - i * s.chunk)
                 counted |= s.have
                 await self._pump(s, fd, hasher, counted)
             if s.ready_to_end():
+                log.debug("%s: END sent, %d chunks in flight", s.name, len(s.in_flight))
                 await self._send_ctl(s, s.end(hasher.digest()))
             if s.state is tp.SendState.ENDED:
                 if not await self._wait(s, self.reply_timeout + 10.0) and s.state is tp.SendState.ENDED:

@@ -19,6 +19,9 @@
   set as TCP_USER_TIMEOUT -- data unacknowledged that long ends the connection -- and drives
   TCP keepalive, so an idle connection whose peer went away is noticed too.  The engine then
   reconnects on a fresh socket (fresh RTO) and resends whatever was not acknowledged.
+* Striping: on a long lossy path one BULK connection runs over ``options.streams`` TCP
+  sockets (default from the profile: 2 at >= 100 ms RTT with loss, else 1); see
+  :mod:`.tcp_stripes`.
 * Errors: ``OSError`` becomes a ``ConnectError``/``ReadError``/``WriteError`` through one
   table per phase (below); an accept loop out of descriptors pauses instead of spinning.
 """
@@ -26,7 +29,10 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
+import struct
+import termios
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -34,7 +40,7 @@ from typing import Any
 import structlog
 
 from ..crypto import INLINE_MAX, FrameCodec
-from ..errors import ConfigError, ConnectError, ConnectionClosed, ConnectTimeout, ReadError, WriteError
+from ..errors import ConfigError, ConnectError, ConnectionClosed, ConnectTimeout, Lu2kError, ReadError, WriteError
 from ..inet import family_of, format_hostport
 from ..ratelimit import LogLimiter
 from ..wire import BufferFor, ConnType, Frame, HelloResult
@@ -43,6 +49,7 @@ from .base import (
     describe_exception, map_exceptions, option_int,
 )
 from .netpath import sockaddr
+from .tcp_stripes import MAX_STREAMS, StripedTransport, StripeRegistry, default_streams
 
 log = structlog.get_logger("lu2k.backends.tcp")
 
@@ -50,9 +57,11 @@ IOV_MAX = 1024
 RECV_CHUNK = 256 << 10
 HELLO_CHUNK = 4096
 DIRECT_RECV_MIN = 16 << 10  # payload remainder above this is received straight into place
-KNOWN_OPTIONS = frozenset({"min_bulk", "congestion", "socket_buffer", "dead_timeout", "encryption", "peer_keys", "peer_keys_only"})
+KNOWN_OPTIONS = frozenset({"min_bulk", "congestion", "socket_buffer", "dead_timeout", "encryption", "peer_keys", "peer_keys_only",
+                           "streams"})
 DEAD_TIMEOUT_MIN = 10.0  # s; the default is max(this, DEAD_TIMEOUT_RTTS x the profile's RTT)
 DEAD_TIMEOUT_RTTS = 8
+JOIN_GRACE = 0.2  # seconds an accepted socket may take to show a stripe JOIN before the engine gets it
 
 
 # The one place tcp's library errors become lu2k's, by phase.
@@ -121,6 +130,37 @@ class TcpTransport(Transport):
 
     def set_buffer_for(self, buffer_for: BufferFor | None) -> None:
         self._codec.set_buffer_for(buffer_for)
+
+    async def peek(self, want: int, stop: bytes) -> bytes:
+        """The first bytes received, left in place: ``want`` of them, or fewer once they no
+        longer begin like ``stop`` (the JOIN magic).  ``ReadError`` at EOF or an error."""
+        sock = self._sock
+        while True:
+            with map_exceptions(READ_ERRORS, f"receive from {self._peer} failed"):
+                try:
+                    head: bytes | None = sock.recv(want, socket.MSG_PEEK)
+                except (BlockingIOError, InterruptedError):
+                    head = None
+            if head == b"":
+                raise ReadError(f"{self._peer} closed the connection before sending anything")
+            if head is not None and (len(head) >= want or head[: len(stop)] != stop[: len(head)]):
+                return head
+            if head:
+                await asyncio.sleep(0.01)  # part of a JOIN: the socket stays readable, so wait a little
+            else:
+                await self._wait(writable=False)
+
+    def take(self, n: int) -> bytes:
+        """``n`` bytes that :meth:`peek` showed are there, consumed outside the frame decoder."""
+        with map_exceptions(READ_ERRORS, f"receive from {self._peer} failed"):
+            return self._sock.recv(n)
+
+    def unsent_bytes(self) -> int:
+        """Bytes the kernel still holds for this socket (not yet acknowledged by the peer)."""
+        try:
+            return int(struct.unpack("i", fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+        except OSError:
+            return 0
 
     def on_hello_done(self, result: HelloResult) -> None:
         self._codec.hello_done(result)
@@ -343,6 +383,9 @@ class TcpBackend(Backend):
         self.socket_buffer: int | None = option_int({} if buf is None else {"socket_buffer": buf}, "socket_buffer", 0, 0, 1 << 30, where,
                                                     what="a byte count") or None
         self.dead_timeout = dead_timeout_option(opts, settings.profile.rtt_ms, where)
+        self.streams = option_int(opts, "streams", default_streams(settings.profile.rtt_ms, settings.profile.loss), 1, MAX_STREAMS,
+                                  where, what="a number of sockets per bulk connection")
+        self._stripes = StripeRegistry()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _tune(self, sock: socket.socket, conn_type: ConnType) -> None:
@@ -378,13 +421,30 @@ class TcpBackend(Backend):
         try:
             conn.setblocking(False)
             self._tune(conn, ConnType.ANY)
-            transport = TcpTransport(conn, self.settings.max_message_size, self.dead_timeout)
         except (ConfigError, OSError):
             conn.close()
             return
-        task = asyncio.ensure_future(on_accept(transport))
+        transport = StripedTransport(TcpTransport(conn, self.settings.max_message_size, self.dead_timeout), registry=self._stripes)
+        task = asyncio.ensure_future(self._first_bytes(transport, on_accept))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _first_bytes(self, transport: StripedTransport, on_accept: AcceptCallback) -> None:
+        """A stripe's JOIN, which comes with the handshake, attaches the socket to its
+        connection; a hello, or nothing yet within :data:`JOIN_GRACE`, goes to the engine (a
+        JOIN delayed by loss is still recognised at the transport's first ``recv``)."""
+        try:
+            if await asyncio.wait_for(transport.take_join(), JOIN_GRACE):
+                return
+        except asyncio.TimeoutError:
+            pass
+        except Lu2kError:
+            transport.close()
+            return
+        except BaseException:  # cancelled: the backend is closing
+            transport.close()
+            raise
+        await on_accept(transport)
 
     async def connect(self, host: str, port: int, conn_type: ConnType, timeout: float) -> Transport:
         what = f"connect to {format_hostport(host, port)} failed"
@@ -398,10 +458,24 @@ class TcpBackend(Backend):
                     await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, sockaddr(host, port)), timeout)
                 except asyncio.TimeoutError:
                     raise ConnectTimeout(f"connect to {format_hostport(host, port)} timed out after {timeout:g}s") from None
-            return TcpTransport(sock, self.settings.max_message_size, self.dead_timeout)
+            first = TcpTransport(sock, self.settings.max_message_size, self.dead_timeout)
         except BaseException:
             sock.close()
             raise
+        if conn_type is not ConnType.BULK or self.streams == 1:
+            return first
+
+        async def open_stripe(index: int, join: bytes) -> TcpTransport:
+            t = await self.connect(host, port, ConnType.CONTROL, timeout)  # a plain socket, tuned alike
+            assert isinstance(t, TcpTransport)
+            try:
+                await t.send([(join, b"")])
+            except BaseException:
+                t.close()
+                raise
+            return t
+
+        return StripedTransport(first, streams=self.streams, opener=open_stripe)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -413,5 +487,6 @@ class TcpBackend(Backend):
             "socket_buffer": self.socket_buffer or "autotuned",
             "min_bulk": self.min_bulk,
             "dead_timeout": self.dead_timeout or "kernel default",
+            "streams": self.streams,
         }
 

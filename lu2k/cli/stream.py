@@ -20,9 +20,9 @@ import time
 
 from ..apps import portal as portals
 from ..apps import transfer_proto as tp
-from ..apps.pace import parse_rate
 from ..errors import Lu2kError
 from ..nid import parse_nid
+from ..values import parse_rate
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -43,7 +43,7 @@ def _size(text: str) -> int:
 
 def _rate(text: str) -> float:
     try:
-        return parse_rate(text)
+        return parse_rate(text, "--rate", allow_unlimited=True, unit_required=True)
     except Lu2kError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

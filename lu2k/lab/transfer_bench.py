@@ -147,9 +147,16 @@ def _ready(proc: "subprocess.Popen[str]", what: str, timeout: float = 30.0) -> N
         raise NetworkError(f"{what} did not start: {line}{err[-500:]}")
 
 
-def _figures(nbytes: int, seconds: float, limit_bps: float) -> dict[str, Any]:
+def _figures(nbytes: int, seconds: float, limit_bps: float, load_before: float | None = None) -> dict[str, Any]:
+    """A row's figures, with the machine's 1-minute load average before and after it (the
+    machine may be shared: a figure means little without the load it was taken under)."""
     mbit = nbytes * 8 / seconds / 1e6
-    return {"seconds": round(seconds, 2), "goodput_mbit": round(mbit, 3), "of_limit": round(mbit * 1e6 / limit_bps, 4) if limit_bps else None}
+    return {"seconds": round(seconds, 2), "goodput_mbit": round(mbit, 3), "of_limit": round(mbit * 1e6 / limit_bps, 4) if limit_bps else None,
+            "load": [load_before if load_before is not None else _load(), _load()]}
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
 
 
 def stop_processes(procs: list["subprocess.Popen[Any]"]) -> None:
@@ -238,15 +245,19 @@ def forward_download(lab: Lab, daemons: LabDaemons, src: Path, out: Path, timeou
         stop_processes(procs)
 
 
-def set_tcp_congestion(daemons: LabDaemons, cc: str) -> None:
-    """Give the tcp backend of both (not yet started) daemons ``options.congestion: cc``."""
+def set_tcp_option(daemons: LabDaemons, key: str, value: Any) -> None:
+    """Give the tcp backend of both (not yet started) daemons ``options.<key>: value``."""
     import yaml
 
     for proc in daemons.procs.values():
         path = Path(proc.config_path)
         cfg = yaml.safe_load(path.read_text())
-        cfg["net"][0]["lu2k"].setdefault("options", {})["congestion"] = cc
+        cfg["net"][0]["lu2k"].setdefault("options", {})[key] = value
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def set_tcp_congestion(daemons: LabDaemons, cc: str) -> None:
+    set_tcp_option(daemons, "congestion", cc)
 
 
 def make_file(path: Path, size: int) -> None:
@@ -259,7 +270,8 @@ def make_file(path: Path, size: int) -> None:
 
 
 def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[str], forward_backends: list[str],
-                 http: bool = True, warm: bool = True, tcp_congestion: str | None = "bbr", workdir: str | None = None, log: Any = None) -> dict[str, Any]:
+                 http: bool = True, warm: bool = True, tcp_congestion: str | None = "bbr", workdir: str | None = None, log: Any = None,
+                 lab_id: str | None = None, tcp_streams: int | None = None) -> dict[str, Any]:
     avail = backend_availability()
     for b in set(backends) | set(forward_backends):
         if b not in avail:
@@ -281,25 +293,27 @@ def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[
     src_dir.mkdir(parents=True, exist_ok=True)
     src = src_dir / "payload.bin"
     make_file(src, size)
-    out: dict[str, Any] = {"tcp_backend_congestion": tcp_congestion,
+    out: dict[str, Any] = {"tcp_backend_congestion": tcp_congestion, "tcp_backend_streams": tcp_streams or "default",
                            "size": size, "rate_mbit": spec.rate_bps / 1e6, "rtt_ms": spec.rtt_s * 1e3, "loss": spec.mean_loss,
                            "limit_mbit": limit / 1e6, "transfer": {}, "http": {}}
     env = child_env()
     try:
-        with Lab(specs) as lab:
+        with Lab(specs, lab_id=lab_id) as lab:
             for side in ("a", "b"):
                 lab.run(side, ["ip", "link", "set", "lo", "up"], check=True)
             say(f"kernel TCP BBR copy of {size / 1e6:.0f} MB ...")
+            load0 = _load()
             r = kernel_copy(lab, src, wd / "copy.bin")
-            out["transfer"]["kernel-bbr"] = {**r, **_figures(size, r["seconds"], limit)}
+            out["transfer"]["kernel-bbr"] = {**r, **_figures(size, r["seconds"], limit, load0)}
             httpd = None
             if http:
                 httpd = lab.popen("b", _helper("httpd", "--directory", str(src_dir)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env=env)
                 _ready(httpd, "HTTP server")
                 say("HTTP download over kernel TCP BBR ...")
+                load0 = _load()
                 r = http_download(lab, f"http://{lab.addr_b}:{HTTP_PORT}/{src.name}", wd / "http.bin", src)
-                out["http"]["kernel-bbr"] = {**r, **_figures(size, r["seconds"], limit)}
+                out["http"]["kernel-bbr"] = {**r, **_figures(size, r["seconds"], limit, load0)}
             try:
                 for backend in dict.fromkeys([*backends, *forward_backends]):
                     bwd = wd / backend
@@ -307,19 +321,24 @@ def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[
                     daemons = LabDaemons(lab, backend, bwd)
                     if backend == "tcp" and tcp_congestion:
                         set_tcp_congestion(daemons, tcp_congestion)
+                    if backend == "tcp" and tcp_streams:
+                        set_tcp_option(daemons, "streams", tcp_streams)
                     with daemons:
                         if backend in backends:
                             say(f"lu2k send over {backend} (fresh daemons) ...")
+                            load0 = _load()
                             r = lu2k_send(lab, daemons, src, wd / "dst")
-                            out["transfer"][f"lu2k-{backend} cold"] = {**r, **_figures(size, r["seconds"], limit)}
+                            out["transfer"][f"lu2k-{backend} cold"] = {**r, **_figures(size, r["seconds"], limit, load0)}
                             if warm:
                                 say(f"lu2k send over {backend} again (connections up) ...")
+                                load0 = _load()
                                 r = lu2k_send(lab, daemons, src, wd / "dst")
-                                out["transfer"][f"lu2k-{backend} warm"] = {**r, **_figures(size, r["seconds"], limit)}
+                                out["transfer"][f"lu2k-{backend} warm"] = {**r, **_figures(size, r["seconds"], limit, load0)}
                         if http and backend in forward_backends:
                             say(f"HTTP download through lu2k forward over {backend} ...")
+                            load0 = _load()
                             r = forward_download(lab, daemons, src, wd / "fwd.bin")
-                            out["http"][f"lu2k-forward-{backend}"] = {**r, **_figures(size, r["seconds"], limit)}
+                            out["http"][f"lu2k-forward-{backend}"] = {**r, **_figures(size, r["seconds"], limit, load0)}
             finally:
                 if httpd is not None:
                     stop_processes([httpd])
@@ -337,12 +356,19 @@ def format_transfer(r: dict[str, Any]) -> str:
     for part, title in (("transfer", "file transfer"), ("http", "HTTP download")):
         for name, x in r[part].items():
             share = f"{x['of_limit']:.0%}" if x.get("of_limit") is not None else "-"
-            rows.append([title, name, f"{x['seconds']:.1f}", f"{x['goodput_mbit']:.2f}", share, "yes" if x.get("verified") else "NO"])
+            load = "/".join(f"{v:.1f}" for v in x.get("load", []))
+            rows.append([title, name, f"{x['seconds']:.1f}", f"{x['goodput_mbit']:.2f}", share, "yes" if x.get("verified") else "NO", load])
     cc = r.get("tcp_backend_congestion") or "kernel default"
-    head = (f"lu2k tcp backend congestion control: {cc}\n"
+    head = (f"lu2k tcp backend congestion control: {cc}, sockets per bulk connection: {r.get('tcp_backend_streams', 'default')}\n"
             f"{r['size'] / 1e6:.0f} MB over {r['rate_mbit']:g} Mbit/s, {r['rtt_ms']:.0f} ms RTT, {r['loss']:.1%} loss; "
             f"limit rate x (1 - loss) = {r['limit_mbit']:.2f} Mbit/s")
-    return head + "\n" + render(["what", "path", "seconds", "Mbit/s", "of limit", "verified"], rows)
+    tail = ""
+    links = (r.get("lab") or {}).get("links") or {}
+    late = [f"{d} p99 {v['lateness']['p99_us'] / 1e3:.2f} ms, max {v['lateness']['max_us'] / 1e3:.1f} ms"
+            for d, v in links.items() if isinstance(v, dict) and v.get("lateness")]
+    if late:
+        tail = "\nemulator lateness (how late packets left against their schedule): " + "; ".join(late)
+    return head + "\n" + render(["what", "path", "seconds", "Mbit/s", "of limit", "verified", "load before/after"], rows) + tail
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
@@ -355,7 +381,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     if size <= 0:
         raise ConfigError("--size must be positive (MB)", where="bench transfer")
     r = run_transfer(specs, size=size, backends=backends, forward_backends=forward_backends, http=not args.no_http,
-                     warm=not args.no_warm, tcp_congestion=args.tcp_congestion or None, log=sys.stderr)
+                     warm=not args.no_warm, tcp_congestion=args.tcp_congestion or None, log=sys.stderr, lab_id=args.lab_id,
+                     tcp_streams=args.tcp_streams)
     print(format_transfer(r))
     if args.json:
         print(json.dumps(r))
@@ -374,6 +401,8 @@ def register_bench(bsub: Any) -> None:
     t.add_argument("--no-http", action="store_true", help="skip the HTTP downloads")
     t.add_argument("--no-warm", action="store_true", help="only the first lu2k send per backend (fresh daemons)")
     t.add_argument("--tcp-congestion", default="bbr", help="congestion control of lu2k's tcp backend ('' for the kernel default; default bbr)")
+    t.add_argument("--tcp-streams", type=int, help="the tcp backend's options.streams (default: from the profile)")
+    t.add_argument("--lab-id", help="the lab's id (1-8 of a-z0-9; default random): names its namespaces lu2k-ID-a/b")
     t.add_argument("--json", action="store_true", help="last line: every figure as JSON")
     t.set_defaults(func=cmd_transfer)
 

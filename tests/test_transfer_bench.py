@@ -1,0 +1,26 @@
+"""``lu2k bench transfer``'s pure parts: a row's figures (with the load it ran under) and the
+report (with the emulator's lateness).  The run itself needs root and minutes: it is
+exercised by hand (docs/measurements/2026-12-03-transfer.md) and the lab tests."""
+
+from __future__ import annotations
+
+from lu2k.lab.transfer_bench import _figures, format_transfer
+
+
+def test_figures_share_of_limit_and_load() -> None:
+    f = _figures(200_000_000, 80.0, 19.8e6, load_before=4.5)
+    assert f["goodput_mbit"] == 20.0 and f["of_limit"] == round(20e6 / 19.8e6, 4)
+    assert f["load"][0] == 4.5 and isinstance(f["load"][1], float)
+    assert _figures(1, 1.0, 0.0)["of_limit"] is None
+
+
+def test_report_has_every_row_its_load_and_the_emulator_lateness() -> None:
+    row = {**_figures(200_000_000, 88.0, 19.8e6, load_before=3.0), "verified": True}
+    bad = {**_figures(200_000_000, 120.0, 19.8e6, load_before=9.0), "verified": False}
+    lat = {"lateness": {"p99_us": 1030.0, "max_us": 28000.0}}
+    text = format_transfer({"tcp_backend_congestion": "bbr", "size": 200_000_000, "rate_mbit": 20.0, "rtt_ms": 600.0, "loss": 0.01,
+                            "limit_mbit": 19.8, "transfer": {"kernel-bbr": row, "lu2k-tcp warm": bad}, "http": {},
+                            "lab": {"links": {"ab": lat, "ba": lat}}})
+    assert "lu2k-tcp warm" in text and "NO" in text and "yes" in text and "92%" in text
+    assert "3.0/" in text and "9.0/" in text
+    assert "ab p99 1.03 ms, max 28.0 ms" in text
