@@ -77,15 +77,17 @@ def lab_transfer(backend: str, specs: Any, workdir: Path, **transfer_args: Any) 
         return r, lab.stats()
 
 
-def lab_transfer_across_outage(backend: str, specs: Any, workdir: Path, outage_s: float,
+def lab_transfer_across_outage(backend: str, specs: Any, workdir: Path, outage_s: float, *,
+                               options: dict[str, Any] | None = None,
                                **transfer_args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """As :func:`lab_transfer`, with the link taken down both ways for ``outage_s`` seconds
-    once the transfer is under way (progress seen by the emulator, not a guessed time)."""
+    once the transfer is under way (progress seen by the emulator, not a guessed time);
+    ``options`` go to both daemons' backend."""
     from lu2k.lab.bench import LabDaemons, transfer
     from lu2k.lab.netns import Lab
 
     with Lab(specs) as lab:
-        with LabDaemons(lab, backend, workdir) as daemons:
+        with LabDaemons(lab, backend, workdir, extra_options=options) as daemons:
             out: dict[str, Any] = {}
 
             def run() -> None:

@@ -33,12 +33,12 @@ def test_geo_link_with_loss_delivers_everything(daemons_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_outage_longer_than_dead_timeout_reconnects(daemons_dir: Path) -> None:
-    # LEO RTT: dead_timeout is max(3 s, 8 RTT) = 3 s; the link stays down well past it, so the
-    # QUIC connection is declared dead and the engine reconnects and resends.  5 s down: longer
-    # than dead_timeout.
+    # dead_timeout 3 s; the link stays down well past it (5 s), so the QUIC connection is
+    # declared dead and the engine reconnects and resends.
     specs = build_specs("leo", rate="20mbit", loss="0.5%", seed=6)
     count = 300
-    r, stats = lab_transfer_across_outage("quic", specs, daemons_dir, 5.0, size=32768, window=16, count=count, verify=True, timeout=200)
+    r, stats = lab_transfer_across_outage("quic", specs, daemons_dir, 5.0, options={"dead_timeout": 3}, size=32768, window=16,
+                                          count=count, verify=True, timeout=200)
     assert stats["links"]["ab"]["drops_down"] >= 5
     check_complete(r, count)
     # The sender's daemon saw the connection declared dead and made a new one.

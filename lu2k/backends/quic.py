@@ -92,6 +92,7 @@ KNOWN_OPTIONS = {
     "cid_length", "fec", "encryption", "peer_keys", "peer_keys_only",
 }
 TICKETS_KEPT = 256
+DEAD_TIMEOUT_MIN = 10.0  # s: a peer whose daemon is starved of CPU for a few seconds is slow, not dead
 # TLS alert numbers (RFC 8446 section 6) that mean "your certificate is not acceptable".
 CERT_ALERTS = {42: "bad certificate", 43: "unsupported certificate", 44: "certificate revoked",
                45: "certificate expired", 46: "certificate unknown", 48: "unknown CA", 49: "access denied"}
@@ -234,7 +235,8 @@ class QuicBackend(Backend):
         self.keepalive = _number_option(opts, "keepalive", self.idle_timeout / 3, self._where)
         # Long enough for a PTO backoff or two on the profile's RTT, short enough that a
         # restarted peer is noticed in seconds (GEO: 8 x 0.6 s = 4.8 s).
-        self.dead_timeout = _number_option(opts, "dead_timeout", max(3.0, 8 * self.rtt), self._where)
+        # At least DEAD_TIMEOUT_MIN (as tcp's), 8 RTTs on longer paths.
+        self.dead_timeout = _number_option(opts, "dead_timeout", max(DEAD_TIMEOUT_MIN, 8 * self.rtt), self._where)
         self.max_streams = int(_number_option(opts, "max_streams", 1024, self._where, minimum=16))
         bdp = profile.bdp_bytes(default=4 << 20)
         self.send_buffer = int(_number_option(opts, "send_buffer", max(8 << 20, 4 * bdp), self._where, minimum=64 << 10))
