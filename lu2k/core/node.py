@@ -64,6 +64,11 @@ from .states import FINAL, TRANSMITTED, ConnEvent, ConnState, MsgEvent, MsgState
 SEND_BATCH_FRAMES = 512
 SEND_BATCH_BYTES = 8 << 20
 ACKS_PER_FRAME = 4096
+# An inbound session (sender NID, incarnation) with no connection is kept this long (or 4
+# transaction timeouts, if longer): a sender resends a message only until its transaction
+# timeout, so a copy arriving later cannot exist.  At most MAX_SESSIONS are kept.
+SESSION_IDLE_TIMEOUT = 600.0
+MAX_SESSIONS = 16384
 PING_PORTAL = 0xFFFFFFFF  # a message to this portal is answered by the daemon itself (routed ping)
 
 Finish = Callable[[Status, str], None]
@@ -295,6 +300,7 @@ class Session:
         self.conns: list[InConn] = []
         self.resent_on: dict[int, InConn] = {}  # seq still in progress -> connection its latest copy came on
         self.stats: Counter[str] = Counter()
+        self.idle_since: float | None = None  # when its last connection went (None: it has one)
 
 
 class InConn:
@@ -958,14 +964,19 @@ class Node:
         key = (result.peer_nid, result.peer_incarnation)
         session = self.sessions.get(key)
         if session is None:
+            self._expire_sessions(now)
             session = self.sessions[key] = Session(result.peer_nid, result.peer_incarnation, self.params.window_capacity)
-            # A newer incarnation of that peer makes older sessions moot.
-            for k in [k for k in self.sessions if k[0] == result.peer_nid and k[1] != result.peer_incarnation]:
-                for c in list(self.sessions[k].conns):
-                    self._close_in(c, f"{result.peer_nid} restarted")
-                del self.sessions[k]
+            # Another incarnation of that peer: its connections are stale, but its window is
+            # kept until it expires -- incarnations are random, so a hello cannot tell a real
+            # restart from a key holder replaying the NID, and dropping the window would let
+            # the real peer's resends be delivered a second time.
+            for k, other in self.sessions.items():
+                if k[0] == result.peer_nid and other is not session:
+                    for c in list(other.conns):
+                        self._close_in(c, f"{result.peer_nid} came back as another incarnation")
         conn = InConn(ni, session, result.conn_type, self.params.max_pending_deliveries)
         session.conns.append(conn)
+        session.idle_since = None
         self.stats["conns_accepted"] += 1
         return conn
 
@@ -977,6 +988,21 @@ class Node:
         self._dirty.pop(conn, None)
         if conn in conn.session.conns:
             conn.session.conns.remove(conn)
+            if not conn.session.conns:
+                conn.session.idle_since = self._now
+
+    def _expire_sessions(self, now: float) -> None:
+        """Forget sessions without connections for longer than a sender can still resend
+        (:data:`SESSION_IDLE_TIMEOUT`); past :data:`MAX_SESSIONS`, the longest idle first."""
+        ttl = max(SESSION_IDLE_TIMEOUT, 4 * self.params.transaction_timeout)
+        idle = sorted((s.idle_since, k) for k, s in self.sessions.items() if s.idle_since is not None)
+        excess = len(self.sessions) + 1 - MAX_SESSIONS
+        for since, k in idle:
+            if now - since <= ttl and excess <= 0:
+                break
+            del self.sessions[k]
+            excess -= 1
+            self.stats["sessions_expired"] += 1
 
     def _close_in(self, conn: InConn, reason: str) -> None:
         if conn.alive:

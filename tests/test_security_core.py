@@ -1,0 +1,62 @@
+"""Security findings of issue 13 in the pure message core: a misbehaving peer or endpoint
+must not make another's messages be delivered twice, stall, or miss their timeouts.
+
+The nodes are wired in memory by ``test_core_node.Mesh`` (actions carried out at once, a
+float for the clock).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lu2k import wire
+from lu2k.core import InConn, Node
+from lu2k.core.node import SESSION_IDLE_TIMEOUT
+from lu2k.errors import Status
+from lu2k.nid import parse_nid
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_core_node import A, G1, Mesh  # noqa: E402
+
+
+def impostor_hello(g: Node, nid: object, incarnation: int, now: float) -> InConn:
+    """A key holder finishes a hello at ``g`` claiming ``nid`` with ``incarnation``."""
+    result = wire.HelloResult(nid, G1, wire.ConnType.ANY, incarnation, wire.PROTOCOL_VERSION)  # type: ignore[arg-type]
+    return g.accepted(G1.net, result, now)
+
+
+def test_a_rehello_as_another_incarnation_does_not_make_the_real_peer_deliver_twice() -> None:
+    """Finding 7: a key holder re-helloing as A with a new incarnation dropped A's dedupe
+    session; A's resend of a message already delivered (its ACK lost with the connection)
+    was delivered a second time."""
+    m = Mesh()
+    a = m.node("a", [A])
+    g = m.node("g", [G1])
+    m.hold_deliveries = True
+    msg = m.send(a, G1, b"once")
+    assert msg.conn is not None
+    impostor_hello(g, A, 0xBAD, 1.0)  # closes A's connections: they look stale now
+    m.run(g)
+    assert m.closed_in  # A's connection was closed
+    m.release_deliveries()  # delivered, but the connection its ACK would go on is gone
+    m.hold_deliveries = False
+    assert m.received == [("10.0.0.2", b"once")]
+    a.connection_lost(msg.conn, msg.conn.attempt, "closed by peer", 1.0)
+    m.tick(a, 1.2)  # A reconnects as the same incarnation and resends
+    assert m.received == [("10.0.0.2", b"once")] and g.stats["duplicates"] == 1
+    assert m.done(msg) == [(Status.DELIVERED, "delivered")]
+
+
+def test_sessions_without_connections_expire() -> None:
+    """Finding 7: inbound sessions per (NID, incarnation) never expired."""
+    m = Mesh()
+    g = m.node("g", [G1], transaction_timeout=10.0)
+    c1 = impostor_hello(g, A, 1, 0.0)
+    c2 = impostor_hello(g, A, 2, 1.0)  # a real restart of A: the old window stays for now
+    assert set(g.sessions) == {(A, 1), (A, 2)} and not c1.alive
+    g.inbound_lost(c2)  # both idle since 1.0
+    impostor_hello(g, parse_nid("10.0.0.7@tcp"), 5, 1.0 + SESSION_IDLE_TIMEOUT)
+    assert set(g.sessions) == {(A, 1), (A, 2), (parse_nid("10.0.0.7@tcp"), 5)}  # idle for exactly the timeout
+    impostor_hello(g, parse_nid("10.0.0.8@tcp"), 6, 1.5 + SESSION_IDLE_TIMEOUT)
+    assert (A, 1) not in g.sessions and (A, 2) not in g.sessions and g.stats["sessions_expired"] == 2
