@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from lu2k import wire
-from lu2k.core import InConn, Node
+from lu2k.core import Deliver, InConn, Node
 from lu2k.core.node import SESSION_IDLE_TIMEOUT
 from lu2k.errors import Status
 from lu2k.nid import parse_nid
@@ -60,3 +61,50 @@ def test_sessions_without_connections_expire() -> None:
     assert set(g.sessions) == {(A, 1), (A, 2), (parse_nid("10.0.0.7@tcp"), 5)}  # idle for exactly the timeout
     impostor_hello(g, parse_nid("10.0.0.8@tcp"), 6, 1.5 + SESSION_IDLE_TIMEOUT)
     assert (A, 1) not in g.sessions and (A, 2) not in g.sessions and g.stats["sessions_expired"] == 2
+
+
+class StuckPortalMesh(Mesh):
+    """Deliveries to portal 7 are never answered: its endpoint stopped releasing buffers."""
+
+    def do(self, node: Node, a: Any) -> None:
+        if isinstance(a, Deliver) and a.delivery.dst_portal == 7:
+            self.held_deliveries.append((node, a.delivery))
+            return
+        super().do(node, a)
+
+
+def test_a_stuck_receiver_does_not_starve_other_endpoints_of_credits() -> None:
+    """Finding 6, sender side: messages to a receiver that stopped releasing its buffers
+    held every peer credit; other endpoints' messages to the same peer then waited and failed."""
+    m = StuckPortalMesh()
+    a = m.node("a", [A], peer_credits=8, transaction_timeout=10.0)
+    g = m.node("g", [G1])
+    stuck = [m.send(a, G1, b"s", portal=7) for _ in range(20)]
+    fine = [m.send(a, G1, b"f", portal=5) for _ in range(5)]
+    assert [m.done(x) for x in fine] == [[(Status.DELIVERED, "delivered")]] * 5
+    peer = a.peer(G1)
+    assert peer.credits.in_use == peer.dest_cap == 6 and len(m.held_deliveries) == 6
+    m.tick(a, 10.0)  # every stuck message meets its transaction timeout, in flight or waiting
+    assert all(len(m.done(x)) == 1 and m.done(x)[0][0] is Status.TIMED_OUT for x in stuck)
+    assert "no acknowledgement" in m.done(stuck[0])[0][1] and "waited for credits" in m.done(stuck[-1])[0][1]
+    assert peer.credits.in_use == 0 and not peer.by_dest and not peer.parked and a.nis[A.net].queued == 0
+    assert g is not None
+
+
+def test_a_stuck_receiver_cannot_fill_the_connection_the_others_use() -> None:
+    """Finding 6: with many credits, one stuck receiver's deliveries reached the receiving
+    daemon's bound (max_pending_deliveries): it stopped reading the connection, and every
+    other endpoint's traffic on it stalled."""
+    m = StuckPortalMesh()
+    a = m.node("a", [A], peer_credits=256)
+    g = m.node("g", [G1])
+    stuck = [m.send(a, G1, b"s", portal=7) for _ in range(200)]
+    inconn = next(iter(g.sessions.values())).conns[0]
+    assert not inconn.blocked and inconn.pending == a.peer(G1).dest_cap == 48
+    fine = m.send(a, G1, b"f", portal=5)
+    assert m.done(fine) == [(Status.DELIVERED, "delivered")]
+    released = 0
+    while m.held_deliveries:  # the receiver wakes up: the parked messages follow, in order
+        released += len(m.held_deliveries)
+        m.release_deliveries()  # (Mesh answers portal 7 as "no endpoint": any answer will do)
+    assert released == 200 and all(len(m.done(x)) == 1 for x in stuck) and not a.peer(G1).parked

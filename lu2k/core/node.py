@@ -252,6 +252,15 @@ class Peer:
         self.ni, self.nid = ni, nid
         self.credits = Credits(ni.params.peer_credits)
         self.queue: deque[OutMsg] = deque()
+        # One destination (NID + portal) may hold at most ``dest_cap`` of the credits (a
+        # quarter stays for the others; below four credits none can) and fewer than the
+        # deliveries after which the receiver stops reading the connection, so a receiver
+        # that stopped taking messages cannot starve the others; its further messages wait
+        # in ``parked`` (in order) without blocking the queue behind them.
+        limit = ni.params.peer_credits
+        self.dest_cap = max(1, min(limit - limit // 4, params.max_pending_deliveries * 3 // 4))
+        self.by_dest: Counter[tuple[bytes, int]] = Counter()
+        self.parked: dict[tuple[bytes, int], deque[OutMsg]] = {}
         self.inflight: dict[int, OutMsg] = {}
         self.conns: dict[ConnType, OutConn] = {}
         self.next_seq = 1
@@ -275,6 +284,16 @@ class Peer:
     @property
     def up(self) -> bool:
         return any(c.state is ConnState.UP for c in self.conns.values())
+
+    def waiting(self) -> list[OutMsg]:
+        """Messages waiting for a credit: the queue and the parked ones."""
+        out = list(self.queue)
+        for q in self.parked.values():
+            out += q
+        return out
+
+    def waiting_count(self) -> int:
+        return len(self.queue) + sum(len(q) for q in self.parked.values())
 
 
 class NI:
@@ -433,7 +452,7 @@ class Node:
         self._direct.clear()
         if peer is None:
             return
-        for m in list(peer.inflight.values()) + list(peer.queue):
+        for m in list(peer.inflight.values()) + peer.waiting():
             self._fail(m, Status.CANCELLED, reason)
         for c in peer.conns.values():
             self._close_conn(c, reason)
@@ -612,12 +631,28 @@ class Node:
     def _pump_peer(self, peer: Peer) -> None:
         ni = peer.ni
         queue, credits, ni_credits = peer.queue, peer.credits, ni.credits
+        parked, by_dest, cap = peer.parked, peer.by_dest, peer.dest_cap
         checksum = ni.params.checksum
-        while queue and credits.in_use < credits.limit and ni_credits.in_use < ni_credits.limit:
-            msg = queue.popleft()
+        while credits.in_use < credits.limit and ni_credits.in_use < ni_credits.limit:
+            ready = next((k for k in parked if by_dest[k] < cap), None) if parked else None
+            if ready is not None:
+                waiting = parked[ready]
+                msg = waiting.popleft()
+                if not waiting:
+                    del parked[ready]
+            elif queue:
+                msg = queue.popleft()
+                if parked or by_dest:
+                    key = (msg.dst_raw, msg.dst_portal)
+                    if msg.state is MsgState.QUEUED and (key in parked or by_dest[key] >= cap):
+                        parked.setdefault(key, deque()).append(msg)  # still counted in ni.queued
+                        continue
+            else:
+                break
             ni.queued -= 1
             if msg.state is not MsgState.QUEUED:
                 continue
+            by_dest[(msg.dst_raw, msg.dst_portal)] += 1
             credits.take()
             ni_credits.take()
             self._transition(msg, MsgEvent.ASSIGN)
@@ -629,14 +664,14 @@ class Node:
             conn = msg.conn = peer.conn_for(len(msg.payload))
             conn.queue.append(msg)
             self._kick(conn)
-        credits.note_queue(len(queue))
+        credits.note_queue(peer.waiting_count())
         ni_credits.note_queue(ni.queued)
 
     def _pump_ni(self, ni: NI) -> None:
         for p in list(ni.peers.values()):
             if not ni.credits.available:
                 return
-            if p.queue:
+            if p.queue or p.parked:
                 self._pump_peer(p)
 
     def _kick(self, conn: OutConn) -> None:
@@ -678,6 +713,7 @@ class Node:
         if peer is not None:
             if held and peer.inflight.get(m.seq) is m:
                 del peer.inflight[m.seq]
+                self._dest_done(peer, m)
                 peer.credits.give()
                 peer.ni.credits.give()
                 if status is Status.DELIVERED:
@@ -693,12 +729,30 @@ class Node:
                 if q and q[0] is m:
                     q.popleft()
                 else:
-                    q.remove(m)
+                    key = (m.dst_raw, m.dst_portal)
+                    parked = peer.parked.get(key)
+                    if parked is not None and m in parked:
+                        parked.remove(m)
+                        if not parked:
+                            del peer.parked[key]
+                    else:
+                        q.remove(m)
                 peer.ni.queued -= 1
-                peer.credits.note_queue(len(q))
+                peer.credits.note_queue(peer.waiting_count())
                 peer.ni.credits.note_queue(peer.ni.queued)
         if not m.busy:
             self._complete(m)
+
+    def _dest_done(self, peer: Peer, m: OutMsg) -> None:
+        """``m`` gave its credit back: one fewer in flight to its destination."""
+        key = (m.dst_raw, m.dst_portal)
+        n = peer.by_dest[key] - 1
+        if n > 0:
+            peer.by_dest[key] = n
+        else:
+            del peer.by_dest[key]
+        if key in peer.parked:
+            self._refill[peer] = None
 
     def _complete(self, m: OutMsg) -> None:
         m.completed = True
@@ -755,7 +809,7 @@ class Node:
         if refused is not None:
             for m in [m for m in peer.inflight.values() if m.conn is conn]:
                 self._fail(m, refused, reason)
-            for m in list(peer.queue):
+            for m in peer.waiting():
                 self._fail(m, refused, reason)
         self._maybe_connect(conn)
 
@@ -864,6 +918,7 @@ class Node:
                 self._answer(m, Status.from_code(code) if code else Status.DELIVERED, "")
                 continue
             del inflight[seq]
+            self._dest_done(peer, m)
             m.state = msg_next(state, MsgEvent.ACK)
             m.status, m.reason = Status.DELIVERED, "delivered"
             done += 1
@@ -1206,7 +1261,7 @@ class Node:
         while self._refill:
             peer = next(iter(self._refill))
             del self._refill[peer]
-            if peer.queue:
+            if peer.queue or peer.parked:
                 self._pump_peer(peer)
             if peer.ni.queued:
                 self._pump_ni(peer.ni)
