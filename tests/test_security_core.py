@@ -108,3 +108,18 @@ def test_a_stuck_receiver_cannot_fill_the_connection_the_others_use() -> None:
         released += len(m.held_deliveries)
         m.release_deliveries()  # (Mesh answers portal 7 as "no endpoint": any answer will do)
     assert released == 200 and all(len(m.done(x)) == 1 for x in stuck) and not a.peer(G1).parked
+
+
+def test_a_peer_dropped_and_used_again_does_not_restart_its_sequence_numbers() -> None:
+    """``lu2kctl peer del`` then a new message: the new peer started again at sequence 1 in
+    the same session, and the receiver answered it from its dedupe window -- DELIVERED
+    for a message that was never delivered."""
+    m = Mesh()
+    a = m.node("a", [A])
+    m.node("g", [G1])
+    first = m.send(a, G1, b"first")
+    a.drop_peer(G1, "peer deleted")
+    m.run(a)
+    second = m.send(a, G1, b"second")
+    assert [m.done(x) for x in (first, second)] == [[(Status.DELIVERED, "delivered")]] * 2
+    assert m.received == [("10.0.0.2", b"first"), ("10.0.0.2", b"second")]

@@ -377,6 +377,10 @@ class Node:
         self._unpacked: dict[bytes, Nid] = {}
         self._dirty: dict[InConn, None] = {}
         self._refill: dict[Peer, None] = {}  # peers whose credits came back while messages wait
+        # A dropped peer's next sequence number: a new Peer for that NID continues from it, as
+        # the receiver still holds our session's window (restarting at 1 would be answered
+        # from that window -- "delivered" without a delivery).
+        self._dropped_seq: dict[Nid, int] = {}
         self._now = 0.0
 
     # ------------------------------------------------------------------ configuration
@@ -452,6 +456,7 @@ class Node:
         self._direct.clear()
         if peer is None:
             return
+        self._dropped_seq[nid] = peer.next_seq
         for m in list(peer.inflight.values()) + peer.waiting():
             self._fail(m, Status.CANCELLED, reason)
         for c in peer.conns.values():
@@ -500,6 +505,7 @@ class Node:
         p = ni.peers.get(nid)
         if p is None:
             p = ni.peers[nid] = Peer(ni, nid, self.params)
+            p.next_seq = self._dropped_seq.pop(nid, 1)
         return p
 
     def address_of(self, peer: Peer) -> tuple[str, int]:
