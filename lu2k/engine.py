@@ -627,7 +627,7 @@ class Engine:
         """Receive in place: a MSG for a local endpoint goes straight into one of its RX slots."""
         if header.type is not FrameType.MSG or self.shim is None:
             return None
-        _seq, _src, dst_raw, _sport, dst_portal, _crc = wire.MSG_BODY.unpack(header.body)
+        _seq, _src, dst_raw, _sport, dst_portal, _crc = wire.MSG_BODY.unpack_from(header.body)
         if dst_portal == PING_PORTAL or not self.core.is_local(dst_raw):
             return None
         port = self._port_for(dst_portal)

@@ -123,3 +123,50 @@ def test_a_peer_dropped_and_used_again_does_not_restart_its_sequence_numbers() -
     second = m.send(a, G1, b"second")
     assert [m.done(x) for x in (first, second)] == [[(Status.DELIVERED, "delivered")]] * 2
     assert m.received == [("10.0.0.2", b"first"), ("10.0.0.2", b"second")]
+
+
+def send_with_id(m: Mesh, node: Node, payload: bytes, msg_id: int | None) -> Any:
+    key = len(m.completions)
+    m.completions[key] = []
+    msg = node.submit(None, G1.to_bytes(), 1, 5, payload, lambda st, why: m.completions[key].append((st, why)), m.now,
+                      msg_id=msg_id)
+    msg.owner = key
+    m.run(node)
+    return msg
+
+
+def test_a_resend_with_the_same_id_after_the_sending_daemon_restarted_is_not_delivered_twice() -> None:
+    """Finding 11: after a crash of the sending daemon its application cannot know what was
+    delivered; resending made duplicates.  With an id, the receiver recognises the copy."""
+    m = Mesh()
+    a = m.node("a", [A])
+    g = m.node("g", [G1])
+    send_with_id(m, a, b"with id", 42)
+    send_with_id(m, a, b"no id", None)
+    assert len(m.received) == 2
+    a2 = m.node("a", [A])  # the sending daemon, restarted: a new incarnation, a new session at g
+    assert a2.incarnation != a.incarnation
+    again = send_with_id(m, a2, b"with id", 42)
+    assert m.done(again) == [(Status.DELIVERED, "delivered")]  # answered from the id memory
+    assert m.received == [("10.0.0.2", b"with id"), ("10.0.0.2", b"no id")] and g.stats["duplicates_by_id"] == 1
+    send_with_id(m, a2, b"no id", None)  # without an id the resend is a new message
+    other = send_with_id(m, a2, b"another id", 43)
+    assert m.received[2:] == [("10.0.0.2", b"no id"), ("10.0.0.2", b"another id")] and m.done(other)[0][0] is Status.DELIVERED
+
+
+def test_an_id_whose_first_copy_failed_or_is_still_being_delivered() -> None:
+    m = Mesh()
+    a = m.node("a", [A])
+    g = m.node("g", [G1])
+    m.hold_deliveries = True
+    first = send_with_id(m, a, b"slow", 7)
+    a2 = m.node("a", [A])
+    copy = send_with_id(m, a2, b"slow", 7)  # arrives while the first still waits for its endpoint
+    assert m.done(copy) == [] and len(m.held_deliveries) == 1
+    m.release_deliveries()
+    assert m.done(copy) == [(Status.DELIVERED, "delivered")] and m.received == [("10.0.0.2", b"slow")]
+    assert g.stats["duplicates_by_id"] == 1 and first.msg_id == 7
+    m.hold_deliveries = False
+    refused = a2.submit(None, G1.to_bytes(), 1, 9, b"x", lambda st, why: None, m.now, msg_id=8)  # portal 9: no endpoint
+    m.run(a2)
+    assert refused.status is Status.NO_RECEIVER and (A.to_bytes(), 1, 8) not in g.app_ids._done

@@ -46,11 +46,11 @@ import itertools
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from .. import wire
 from ..credits import Credits
-from ..dedupe import IN_PROGRESS, RecvWindow
+from ..dedupe import IN_PROGRESS, AppIds, AppKey, RecvWindow
 from ..errors import FrameError, LocalProtocolError, NidError, RemoteProtocolError, Status
 from ..health import MAX_HEALTH, Backoff, Health
 from ..nid import Net, Nid
@@ -109,7 +109,7 @@ class OutMsg:
 
     __slots__ = ("src_raw", "dst_raw", "src_portal", "dst_portal", "payload", "deadline", "on_finish", "owner",
                  "state", "seq", "peer", "conn", "header", "busy", "status", "reason", "completed", "forward", "lan",
-                 "ping")
+                 "ping", "msg_id")
 
     def __init__(self, src_raw: bytes, dst_raw: bytes, src_portal: int, dst_portal: int, payload: Any,
                  deadline: float, on_finish: Finish | None) -> None:
@@ -130,6 +130,7 @@ class OutMsg:
         self.forward: tuple[InConn, int, int] | None = None  # (connection it came on, seq, size) when we forward it
         self.lan: Net | None = None
         self.ping: _Ping | None = None
+        self.msg_id: int | None = None  # the application's id for it (safe resend after a crash)
 
     @property
     def transmitted(self) -> bool:
@@ -345,13 +346,14 @@ class InConn:
 class Delivery:
     """One message for a local endpoint, answered by :meth:`Node.delivered`."""
 
-    __slots__ = ("src_raw", "dst_raw", "src_portal", "dst_portal", "payload", "token", "conn", "seq", "msg", "done")
+    __slots__ = ("src_raw", "dst_raw", "src_portal", "dst_portal", "payload", "token", "conn", "seq", "msg", "done", "app_key")
 
     def __init__(self, src_raw: bytes, dst_raw: bytes, src_portal: int, dst_portal: int, payload: Any, token: Any,
                  conn: InConn | None, seq: int, msg: OutMsg | None) -> None:
         self.src_raw, self.dst_raw, self.src_portal, self.dst_portal = src_raw, dst_raw, src_portal, dst_portal
         self.payload, self.token, self.conn, self.seq, self.msg = payload, token, conn, seq, msg
         self.done = False
+        self.app_key: AppKey | None = None  # remembered in Node.app_ids once answered
 
 
 class Node:
@@ -364,6 +366,7 @@ class Node:
         self.lans: set[Net] = set()
         self.routes = RouteTable((), routes or ())
         self.sessions: dict[tuple[Nid, int], Session] = {}
+        self.app_ids = AppIds()  # application message ids delivered here, across sender restarts
         self.peer_addresses: dict[Nid, str] = {}
         self.actions: list[Action] = []
         self.stats: Counter[str] = Counter()
@@ -565,11 +568,13 @@ class Node:
     # ------------------------------------------------------------------ submitting
 
     def submit(self, src_raw: bytes | None, dst_raw: bytes, src_portal: int, dst_portal: int, payload: Any,
-               on_finish: Finish | None, now: float, deadline: float | None = None, owner: Any = None) -> OutMsg:
+               on_finish: Finish | None, now: float, deadline: float | None = None, owner: Any = None,
+               msg_id: int | None = None) -> OutMsg:
         """Route and queue one message; it ends in exactly one Complete action.
 
         ``src_raw`` is the packed origin when forwarding (None: we originate it).  A
-        ``dst_raw`` that does not decode completes the message with INVALID.
+        ``dst_raw`` that does not decode completes the message with INVALID.  ``msg_id``
+        is the application's id for it, carried to the receiver (:class:`~lu2k.dedupe.AppIds`).
         """
         self._now = now
         if deadline is None:
@@ -578,11 +583,11 @@ class Node:
         peer = self._direct.get(dst_raw)
         if peer is None:
             msg = OutMsg(src_raw or dst_raw, dst_raw, src_portal, dst_portal, payload, deadline, on_finish)
-            msg.owner = owner
+            msg.owner, msg.msg_id = owner, msg_id
             self._route_slow(msg, src_raw is None)
             return msg
         msg = OutMsg(src_raw or peer.ni.nid_raw, dst_raw, src_portal, dst_portal, payload, deadline, on_finish)
-        msg.owner = owner
+        msg.owner, msg.msg_id = owner, msg_id
         self._enqueue(peer, msg)
         return msg
 
@@ -665,7 +670,7 @@ class Node:
             msg.seq = peer.next_seq
             peer.next_seq += 1
             msg.header = wire.encode_msg_header(msg.seq, msg.src_raw, msg.dst_raw, msg.src_portal, msg.dst_portal,
-                                                msg.payload, checksum)
+                                                msg.payload, checksum, msg.msg_id)
             peer.inflight[msg.seq] = msg
             conn = msg.conn = peer.conn_for(len(msg.payload))
             conn.queue.append(msg)
@@ -1141,9 +1146,26 @@ class Node:
                     self.actions.append(AbortRx(token))
                 self._session_ack(conn, info.seq, Status.DELIVERED, "")
                 return
+            key: AppKey | None = None
+            if info.msg_id is not None:
+                # The application's id: a copy sent again after the sending daemon restarted
+                # (a new session, new sequence numbers) is answered, not delivered again.
+                key = (info.src_raw, info.src_portal, info.msg_id)
+                prior_id = self.app_ids.check(key, self._now)
+                if prior_id is not None:
+                    if token is not None:
+                        self.actions.append(AbortRx(token))
+                    self.stats["duplicates_by_id"] += 1
+                    if prior_id == IN_PROGRESS:
+                        self.app_ids.wait(key, (conn, info.seq))
+                    else:
+                        self._session_ack(conn, info.seq, Status.from_code(prior_id), "")
+                    return
+                self.app_ids.start(key)
             conn.pending += 1
-            self._deliver(Delivery(info.src_raw, info.dst_raw, info.src_portal, info.dst_portal, f.payload, token,
-                                   conn, info.seq, None))
+            d = Delivery(info.src_raw, info.dst_raw, info.src_portal, info.dst_portal, f.payload, token, conn, info.seq, None)
+            d.app_key = key
+            self._deliver(d)
         else:
             if token is not None:
                 self.actions.append(AbortRx(token))
@@ -1167,6 +1189,10 @@ class Node:
         conn = d.conn
         assert conn is not None
         self._session_ack(conn, d.seq, status, reason)
+        if d.app_key is not None:
+            for waiter in self.app_ids.finish(d.app_key, int(status), now):
+                other, seq = cast(tuple[InConn, int], waiter)
+                self._session_ack(other, seq, status, reason)
         was_blocked = conn.blocked
         conn.pending -= 1
         if was_blocked and conn.alive and not conn.blocked:
@@ -1194,6 +1220,7 @@ class Node:
         msg = OutMsg(info.src_raw, info.dst_raw, info.src_portal, info.dst_portal, payload,
                      self._now + self.params.transaction_timeout, None)
         msg.forward = (conn, info.seq, size)
+        msg.msg_id = info.msg_id
         peer = self._direct.get(info.dst_raw)
         if peer is None:
             try:
