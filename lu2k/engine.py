@@ -781,7 +781,8 @@ class Engine:
             def finish(status: Status, reason: str, port: ShimPort = port, req: SendRequest = req) -> None:
                 if port.attached:
                     port.complete(req, status, reason)
-            core.submit(None, bytes(req.dst_nid), port.portal, req.dst_portal, req.payload, finish, now, owner=port)
+            core.submit(None, bytes(req.dst_nid), port.portal, req.dst_portal, req.payload, finish, now, owner=port,
+                        msg_id=req.msg_id)
         self._transmit()
 
     # -- control ---------------------------------------------------------------------------------
