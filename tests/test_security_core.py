@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lu2k import wire
-from lu2k.core import Deliver, InConn, Node
+from lu2k.core import Connect, Deliver, InConn, Node
 from lu2k.core.node import SESSION_IDLE_TIMEOUT
 from lu2k.errors import Status
 from lu2k.nid import parse_nid
@@ -170,3 +170,21 @@ def test_an_id_whose_first_copy_failed_or_is_still_being_delivered() -> None:
     refused = a2.submit(None, G1.to_bytes(), 1, 9, b"x", lambda st, why: None, m.now, msg_id=8)  # portal 9: no endpoint
     m.run(a2)
     assert refused.status is Status.NO_RECEIVER and (A.to_bytes(), 1, 8) not in g.app_ids._done
+
+
+def test_unreachable_peers_stop_reconnecting_once_nothing_waits_for_them() -> None:
+    """Finding 9: every distinct unreachable NID became a peer that reconnected forever."""
+    m = Mesh()
+    a = m.node("a", [A], transaction_timeout=5.0)
+    nids = [parse_nid(f"10.0.9.{i}@tcp") for i in range(1, 101)]
+    for nid in nids:
+        m.nodes[nid.host] = a
+        m.refuse[nid.host] = None  # type: ignore[assignment]
+        m.send(a, nid)
+    m.tick(a, 5.0)  # every message fails NO_ROUTE at its transaction timeout
+    assert a.pending_messages() == 0 and a.get_timer() is None
+    connects = 0
+    for t in (10.0, 100.0, 1000.0):
+        a.handle_timer(t)
+        connects += sum(1 for x in a.take_actions() if isinstance(x, Connect))
+    assert connects == 0
