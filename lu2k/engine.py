@@ -844,7 +844,7 @@ class Engine:
             "tx_credits": p.credits.limit - p.credits.in_use,
             "max_tx_credits": p.credits.limit,
             "min_tx_credits": p.credits.min_value,
-            "queued": len(p.queue),
+            "queued": p.waiting_count(),  # parked behind a stuck destination included
             "in_flight": len(p.inflight),
             "delivered": p.stats["delivered"],
             "failed": p.stats["failed"],
