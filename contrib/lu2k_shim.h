@@ -43,6 +43,7 @@
 #include <stdint.h>
 
 #define LU2K_ABI_VERSION   1u
+#define LU2K_ABI_REVISION  1u          /* 1: LU2K_SEND_FLAG_MSG_ID; older daemons refuse it (INVALID) */
 #define LU2K_REGION_MAGIC  0x5332554Cu /* "LU2S" as little-endian u32 */
 #define LU2K_NID_SIZE      20          /* struct lnet_nid: u8 size, u8 type, be16 num, be32 addr[4] */
 
@@ -144,9 +145,14 @@ struct lu2k_send_desc {       /* submit ring */
 	uint32_t length;          /* payload bytes (<= slot size, <= max_message_size) */
 	uint32_t dst_portal;      /* destination portal */
 	uint8_t  dst_nid[LU2K_NID_SIZE]; /* destination NID, packed */
-	uint32_t flags;           /* 0: no bit outside LU2K_SEND_FLAGS_KNOWN */
+	uint32_t flags;           /* no bit outside LU2K_SEND_FLAGS_KNOWN */
 };
-#define LU2K_SEND_FLAGS_KNOWN 0x0u
+/* The cookie is also the application's id for the message (1 .. 2^63-1, unique among its
+ * messages): a copy sent again (after this daemon crashed, the first completed CANCELLED)
+ * is not delivered twice by a receiving daemon that delivered it in the last hour (last
+ * 65536 ids).  Cookies of messages without this flag should have bit 63 set. */
+#define LU2K_SEND_FLAG_MSG_ID 0x1u
+#define LU2K_SEND_FLAGS_KNOWN 0x1u
 
 #define LU2K_COMP_REASON_LEN 48
 #define LU2K_COMP_EVENT      0x1u /* not a send completion: an error event (cookie 0) */

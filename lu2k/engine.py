@@ -910,7 +910,7 @@ class Engine:
             def finish(status: Status, reason: str, req: SendRequest = req) -> None:
                 if port.attached:
                     port.complete(req, status, reason)
-            items.append((bytes(req.dst_nid), portal, req.dst_portal, req.payload, finish, port))
+            items.append((bytes(req.dst_nid), portal, req.dst_portal, req.payload, finish, port, req.msg_id))
         # One pump per peer for the whole doorbell's worth of descriptors (in _transmit).
         self.core.submit_batch(items, self.now())
         self._transmit()
@@ -979,7 +979,7 @@ class Engine:
             "tx_credits": p.credits.limit - p.credits.in_use,
             "max_tx_credits": p.credits.limit,
             "min_tx_credits": p.credits.min_value,
-            "queued": len(p.queue),
+            "queued": p.waiting_count(),  # parked behind a stuck destination included
             "in_flight": len(p.inflight),
             "delivered": p.stats["delivered"],
             "failed": p.stats["failed"],

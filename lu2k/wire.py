@@ -136,12 +136,14 @@ SMALL_PAYLOAD_LIMIT: dict[FrameType, int] = {
     FrameType.PING: 0,
     FrameType.PONG: MAX_PONG_NIDS * NID_SIZE,  # the answering daemon's NIDs (FEATURE_NIDS), for discover
 }
-MAX_HEADER_SIZE = BASE_SIZE + max(b.size for b in BODIES.values())
+MSG_ID_FIELD = struct.Struct("<Q")  # MSG with FLAG_MSG_ID: the application's message id, after MSG_BODY
+MAX_HEADER_SIZE = BASE_SIZE + max(max(b.size for b in BODIES.values()), MSG_BODY.size + MSG_ID_FIELD.size)
 _TYPES: dict[int, FrameType] = {int(t): t for t in FrameType}  # faster than FrameType(code)
 _HEADER_SIZES: dict[FrameType, int] = {t: BASE_SIZE + b.size for t, b in BODIES.items()}
 _ZERO_CRC = bytes(4)
 
 FLAG_PAYLOAD_CRC = 0x0001  # MSG: payload_crc field is valid
+FLAG_MSG_ID = 0x0002  # MSG: the body is MSG_BODY + MSG_ID_FIELD (the sender's application gave the message an id)
 FEATURE_SEALED = 0x01  # HELLO features: this side seals every frame after the hello
 FEATURE_MULTIRAIL = 0x02  # HELLO features: the connector's sequence numbers are shared by all its rails to us (lu2k.core.rails)
 FEATURE_NIDS = 0x04  # HELLO features: the connector reads a PONG payload listing the acceptor's NIDs (lnetctl discover)
@@ -165,7 +167,7 @@ class FrameHeader:
     token: object = None  # receive-in-place: the receiver's buffer the payload went into (set by buffer_for)
 
     def fields(self) -> tuple:  # type: ignore[type-arg]
-        return BODIES[self.type].unpack(self.body)
+        return BODIES[self.type].unpack_from(self.body)
 
     @property
     def size(self) -> int:
@@ -195,8 +197,13 @@ def encode_frame(ftype: FrameType, body: bytes = b"", payload: bytes = b"", flag
 
 def peek_header_size(base: bytes | memoryview) -> int:
     """Validate a 16-byte base header and return the size of base + fixed body."""
-    magic, _version, ftype, _flags, _plen, _crc32 = BASE.unpack(base)
-    return _HEADER_SIZES[_check_base(magic, ftype)]
+    magic, _version, ftype, flags, _plen, _crc32 = BASE.unpack(base)
+    return _header_size(_check_base(magic, ftype), flags)
+
+
+def _header_size(t: FrameType, flags: int) -> int:
+    size = _HEADER_SIZES[t]
+    return size + MSG_ID_FIELD.size if flags & FLAG_MSG_ID and t is FrameType.MSG else size
 
 
 def _check_base(magic: int, ftype: int) -> FrameType:
@@ -214,7 +221,7 @@ def _decode_at(buf: bytes | bytearray | memoryview, pos: int, max_payload: int) 
         return None
     magic, version, ftype, flags, plen, crc = BASE.unpack_from(buf, pos)
     t = _check_base(magic, ftype)
-    end = pos + _HEADER_SIZES[t]
+    end = pos + (_HEADER_SIZES[t] if not flags & FLAG_MSG_ID else _header_size(t, flags))
     if len(buf) < end:
         return None
     mv = buf if type(buf) is bytes else memoryview(buf)  # slices of bytes are cheaper than views for a header
@@ -362,11 +369,13 @@ class MsgInfo:
     """A MSG frame's fixed body.  NIDs stay packed (what the engine and shim use); the
     :class:`Nid` forms are decoded only when asked for."""
 
-    __slots__ = ("seq", "src_raw", "dst_raw", "src_portal", "dst_portal", "payload_crc")
+    __slots__ = ("seq", "src_raw", "dst_raw", "src_portal", "dst_portal", "payload_crc", "msg_id")
 
-    def __init__(self, seq: int, src_raw: bytes, dst_raw: bytes, src_portal: int, dst_portal: int, payload_crc: int | None) -> None:
+    def __init__(self, seq: int, src_raw: bytes, dst_raw: bytes, src_portal: int, dst_portal: int, payload_crc: int | None,
+                 msg_id: int | None = None) -> None:
         self.seq, self.src_raw, self.dst_raw = seq, src_raw, dst_raw
         self.src_portal, self.dst_portal, self.payload_crc = src_portal, dst_portal, payload_crc
+        self.msg_id = msg_id  # the sending application's id for the message, if it gave one
 
     @property
     def src(self) -> Nid:
@@ -385,17 +394,26 @@ def _unpack_nid(raw: bytes) -> Nid:
 
 
 def encode_msg_header(
-    seq: int, src: bytes, dst: bytes, src_portal: int, dst_portal: int, payload: bytes | memoryview, checksum: bool
+    seq: int, src: bytes, dst: bytes, src_portal: int, dst_portal: int, payload: bytes | memoryview, checksum: bool,
+    msg_id: int | None = None,
 ) -> bytes:
-    """Header of one MSG frame; ``src``/``dst`` are packed NIDs (the shim already has them so)."""
+    """Header of one MSG frame; ``src``/``dst`` are packed NIDs (the shim already has them so).
+    ``msg_id``: the application's id for the message (FLAG_MSG_ID), which the receiver
+    remembers so a resend after the sending daemon restarted is not delivered twice."""
     crc = zlib.crc32(payload) & 0xFFFFFFFF if checksum else 0
     body = MSG_BODY.pack(seq, src, dst, src_portal, dst_portal, crc)
-    return encode_header(FrameType.MSG, body, len(payload), FLAG_PAYLOAD_CRC if checksum else 0)
+    flags = FLAG_PAYLOAD_CRC if checksum else 0
+    if msg_id is not None:
+        body += MSG_ID_FIELD.pack(msg_id)
+        flags |= FLAG_MSG_ID
+    return encode_header(FrameType.MSG, body, len(payload), flags)
 
 
 def decode_msg(header: FrameHeader) -> MsgInfo:
-    seq, src, dst, sport, dport, crc = MSG_BODY.unpack(header.body)
-    return MsgInfo(seq, src, dst, sport, dport, crc if header.flags & FLAG_PAYLOAD_CRC else None)
+    seq, src, dst, sport, dport, crc = MSG_BODY.unpack_from(header.body)
+    flags = header.flags
+    msg_id = MSG_ID_FIELD.unpack_from(header.body, MSG_BODY.size)[0] if flags & FLAG_MSG_ID else None
+    return MsgInfo(seq, src, dst, sport, dport, crc if flags & FLAG_PAYLOAD_CRC else None, msg_id)
 
 
 def check_payload(info: MsgInfo, payload: bytes | memoryview) -> None:

@@ -171,8 +171,8 @@ def test_core_bounds_a_peer_in_bytes_and_lets_the_paced_endpoint_pass() -> None:
 def test_without_a_window_credits_alone_bound_the_peer() -> None:
     node = Node(NodeParams(incarnation=1))
     node.add_net(NetParams(A, 988, credits=1024, peer_credits=16))
-    for _ in range(40):
-        node.submit(None, B.to_bytes(), 1, 5, bytes(SIZE), None, 0.0, owner=None)
+    for i in range(40):  # four destinations, so that no one reaches its share of the credits (dest_cap)
+        node.submit(None, B.to_bytes(), 1, 5 + i % 4, bytes(SIZE), None, 0.0, owner=None)
     actions = node.take_actions()
     peer = node.nis[A.net].peers[B]
     assert len(peer.inflight) == 16 and peer.window.in_use == 16 * SIZE and len(peer.queue) == 24

@@ -436,7 +436,7 @@ def test_submit_batch_pumps_once_keeps_order_and_completes_each_message_once() -
     a = m.node("a", [A], peer_credits=4)
     m.node("g1", [G1])
     done: list[tuple[int, Status]] = []
-    items = [(G1.to_bytes(), 1, 5, f"m{i}".encode(), (lambda st, why, i=i: done.append((i, st))), None) for i in range(10)]
+    items = [(G1.to_bytes(), 1, 5, f"m{i}".encode(), (lambda st, why, i=i: done.append((i, st))), None, None) for i in range(10)]
     a.submit_batch(items, 0.0)
     peer = a.peer(G1)
     # Nothing was assigned during the batch: the peer's queue is pumped once, by take_actions.
@@ -451,9 +451,9 @@ def test_submit_batch_with_a_bad_destination_fails_that_one_and_releases_the_hol
     a = m.node("a", [A])
     m.node("g1", [G1])
     done: list[tuple[int, Status]] = []
-    items = [(G1.to_bytes(), 1, 5, b"ok", lambda st, why: done.append((0, st)), None),
-             (b"\xff" * 20, 1, 5, b"bad", lambda st, why: done.append((1, st)), None),
-             (G1.to_bytes(), 1, 5, b"ok2", lambda st, why: done.append((2, st)), None)]
+    items = [(G1.to_bytes(), 1, 5, b"ok", lambda st, why: done.append((0, st)), None, None),
+             (b"\xff" * 20, 1, 5, b"bad", lambda st, why: done.append((1, st)), None, None),
+             (G1.to_bytes(), 1, 5, b"ok2", lambda st, why: done.append((2, st)), None, None)]
     a.submit_batch(items, 0.0)
     m.run(a)
     assert sorted(done) == [(0, Status.DELIVERED), (1, Status.INVALID), (2, Status.DELIVERED)]

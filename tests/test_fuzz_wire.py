@@ -32,8 +32,8 @@ FRAME_KEY = bytes(range(32))  # a frame key as the hello derives one (32 bytes)
 
 
 def _valid_frames() -> st.SearchStrategy[bytes]:
-    msg = st.builds(lambda seq, p, c: wire.encode_msg_header(seq, A.to_bytes(), B.to_bytes(), 1, 2, p, c) + p,
-                    st.integers(0, 2**64 - 1), st.binary(max_size=300), st.booleans())
+    msg = st.builds(lambda seq, p, c, i: wire.encode_msg_header(seq, A.to_bytes(), B.to_bytes(), 1, 2, p, c, i) + p,
+                    st.integers(0, 2**64 - 1), st.binary(max_size=300), st.booleans(), st.one_of(st.none(), st.integers(0, 2**64 - 1)))
     acks = st.builds(wire.encode_acks, st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1)), max_size=5))
     ping = st.builds(lambda t: wire.encode_frame(FrameType.PING, wire.PING_BODY.pack(t)), st.integers(0, 2**64 - 1))
     return st.one_of(msg, acks, ping)
@@ -70,7 +70,8 @@ def test_frame_decoder_yields_frames_or_a_protocol_error(frames: list[bytes], po
         for f in _feed_in_pieces(d, data, cuts):
             assert len(f.payload) == f.header.payload_len <= MAX_PAYLOAD
             if f.header.type is FrameType.MSG:
-                wire.decode_msg(f.header)
+                info = wire.decode_msg(f.header)
+                assert (info.msg_id is not None) == bool(f.header.flags & wire.FLAG_MSG_ID)
             elif f.header.type is FrameType.ACK:
                 wire.decode_acks(f)
     except RemoteProtocolError:

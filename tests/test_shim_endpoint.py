@@ -239,3 +239,25 @@ def test_control_calls_work_with_descriptors_above_1024(shim: LoopbackThread) ->
     assert out.returncode == 0, out.stderr
     portal, submitted, fd = out.stdout.split()
     assert (portal, submitted) == ("7", "1") and int(fd) > 1024
+
+
+def test_msg_id_is_the_cookie_and_is_checked(shim: LoopbackThread) -> None:
+    with attach(shim, 1) as a, attach(shim, 2) as b:
+        c = a.send(LO, b"with id", portal=2, msg_id=77)
+        assert c.cookie == 77 and c.wait(10) and c.status is Status.DELIVERED
+        auto = a.send(LO, b"without", portal=2)
+        assert auto.cookie >= 1 << 63 and auto.wait(10)
+        for bad in (0, -1, 1 << 63, 1.5):
+            with pytest.raises(LocalProtocolError, match="msg_id"):
+                a.send(LO, b"x", portal=2, msg_id=bad)  # type: ignore[arg-type]
+        for _ in range(2):
+            m = b.recv(10)
+            assert m is not None
+            m.release()
+        slot = a.reserve(10)
+        held = slot.post(LO, portal=9, msg_id=5)  # portal 9: completes NO_RECEIVER once served
+        assert not held.done  # completions are only read while waiting
+        with pytest.raises(ShimError) as e:
+            a.send(LO, b"x", portal=2, msg_id=5)
+        assert e.value.code == errno.EEXIST
+        assert held.wait(10) and a.send(LO, b"x", portal=2, msg_id=5).wait(10)

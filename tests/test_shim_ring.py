@@ -217,7 +217,8 @@ def test_check_span_names_the_bad_field() -> None:
 
 def test_send_flags_must_be_known() -> None:
     abi.check_send_flags(0)
-    for bad in (1, 0x80000000, 0xFFFFFFFF):
+    abi.check_send_flags(abi.SEND_FLAG_MSG_ID)
+    for bad in (2, 0x80000000, 0xFFFFFFFF):
         with pytest.raises(DescriptorError, match="TX flags") as e:
             abi.check_send_flags(bad)
         assert e.value.field == "flags" and e.value.value == bad

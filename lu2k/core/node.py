@@ -48,11 +48,11 @@ import itertools
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from .. import wire
 from ..credits import Credits
-from ..dedupe import IN_PROGRESS, RecvWindow
+from ..dedupe import IN_PROGRESS, AppIds, AppKey, RecvWindow
 from ..errors import FrameError, LocalProtocolError, NidError, RemoteProtocolError, Status
 from ..health import MAX_HEALTH, Backoff, Health
 from ..nid import Net, Nid
@@ -69,6 +69,11 @@ from .states import FINAL, TRANSMITTED, ConnEvent, ConnState, MsgEvent, MsgState
 SEND_BATCH_FRAMES = 512
 SEND_BATCH_BYTES = 8 << 20
 ACKS_PER_FRAME = 4096
+# An inbound session (sender NID, incarnation) with no connection is kept this long (or 4
+# transaction timeouts, if longer): a sender resends a message only until its transaction
+# timeout, so a copy arriving later cannot exist.  At most MAX_SESSIONS are kept.
+SESSION_IDLE_TIMEOUT = 600.0
+MAX_SESSIONS = 16384
 PING_PORTAL = 0xFFFFFFFF  # a message to this portal is answered by the daemon itself (routed ping)
 RAIL_PROBE = "rail probe"  # target of the pings that bring a dead rail back
 
@@ -113,7 +118,7 @@ class OutMsg:
 
     __slots__ = ("src_raw", "dst_raw", "src_portal", "dst_portal", "payload", "deadline", "on_finish", "owner",
                  "state", "seq", "peer", "conn", "header", "busy", "status", "reason", "completed", "forward", "lan",
-                 "ping", "charged")
+                 "ping", "charged", "msg_id")
 
     def __init__(self, src_raw: bytes, dst_raw: bytes, src_portal: int, dst_portal: int, payload: Any,
                  deadline: float, on_finish: Finish | None) -> None:
@@ -135,6 +140,7 @@ class OutMsg:
         self.lan: Net | None = None
         self.ping: _Ping | None = None
         self.charged: mr.RailMeter | None = None  # the rail whose backlog counts it (multi-rail)
+        self.msg_id: int | None = None  # the application's id for it (safe resend after a crash)
 
     @property
     def transmitted(self) -> bool:
@@ -276,6 +282,15 @@ class Peer:
         # Fair between the endpoints that submitted, bounded in bytes past the link (core.fairq).
         self.queue: FairQueue[OutMsg] = FairQueue(_owner_key, _payload_size)
         self.window = ByteWindow(ni.params.peer_window_bytes)
+        # One destination (NID + portal) may hold at most ``dest_cap`` of the credits (a
+        # quarter stays for the others; below four credits none can) and fewer than the
+        # deliveries after which the receiver stops reading the connection, so a receiver
+        # that stopped taking messages cannot starve the others; its further messages wait
+        # in ``parked`` (in order) without blocking the queue behind them.
+        limit = ni.params.peer_credits
+        self.dest_cap = max(1, min(limit - limit // 4, params.max_pending_deliveries * 3 // 4))
+        self.by_dest: Counter[tuple[bytes, int]] = Counter()
+        self.parked: dict[tuple[bytes, int], deque[OutMsg]] = {}
         self.inflight: dict[int, OutMsg] = {}
         self.conns: dict[ConnType, OutConn] = {}
         self.next_seq = 1
@@ -303,6 +318,16 @@ class Peer:
     def up(self) -> bool:
         return any(c.state is ConnState.UP for c in self.conns.values())
 
+    def waiting(self) -> list[OutMsg]:
+        """Messages waiting for a credit: the queue and the parked ones."""
+        out = list(self.queue)
+        for q in self.parked.values():
+            out += q
+        return out
+
+    def waiting_count(self) -> int:
+        return len(self.queue) + sum(len(q) for q in self.parked.values())
+
 
 class NI:
     """A local network interface: its NID, NI credits and peers."""
@@ -328,6 +353,7 @@ class Session:
         self.resent_on: dict[int, InConn] = {}  # seq still in progress -> connection its latest copy came on
         self.stats: Counter[str] = Counter()
         self.nids: set[Nid] = {peer_nid}  # a multi-rail sender's session spans the NIDs of its rails
+        self.idle_since: float | None = None  # when its last connection went (None: it has one)
 
 
 class InConn:
@@ -357,13 +383,14 @@ class InConn:
 class Delivery:
     """One message for a local endpoint, answered by :meth:`Node.delivered`."""
 
-    __slots__ = ("src_raw", "dst_raw", "src_portal", "dst_portal", "payload", "token", "conn", "seq", "msg", "done")
+    __slots__ = ("src_raw", "dst_raw", "src_portal", "dst_portal", "payload", "token", "conn", "seq", "msg", "done", "app_key")
 
     def __init__(self, src_raw: bytes, dst_raw: bytes, src_portal: int, dst_portal: int, payload: Any, token: Any,
                  conn: InConn | None, seq: int, msg: OutMsg | None) -> None:
         self.src_raw, self.dst_raw, self.src_portal, self.dst_portal = src_raw, dst_raw, src_portal, dst_portal
         self.payload, self.token, self.conn, self.seq, self.msg = payload, token, conn, seq, msg
         self.done = False
+        self.app_key: AppKey | None = None  # remembered in Node.app_ids once answered
 
 
 class Node(ReturnPaths):
@@ -380,6 +407,7 @@ class Node(ReturnPaths):
         # (sender NID, incarnation); a multi-rail sender's one session is (None, incarnation)
         self.sessions: dict[tuple[Nid | None, int], Session] = {}
         self._rails: dict[Nid, mr.RailSet] = {}  # every NID of a multi-rail peer -> its rail set
+        self.app_ids = AppIds()  # application message ids delivered here, across sender restarts
         self.peer_addresses: dict[Nid, str] = {}
         self.actions: list[Action] = []
         self.stats: Counter[str] = Counter()
@@ -394,6 +422,10 @@ class Node(ReturnPaths):
         self._dirty: dict[InConn, None] = {}
         self._refill: dict[Peer, None] = {}  # peers whose credits came back while messages wait
         self.pump_held = False  # set by submit_batch: queued messages are assigned once per batch, in take_actions
+        # A dropped peer's next sequence number: a new Peer for that NID continues from it, as
+        # the receiver still holds our session's window (restarting at 1 would be answered
+        # from that window -- "delivered" without a delivery).
+        self._dropped_seq: dict[Nid, int] = {}
         self._now = 0.0
         self._rp_init()
 
@@ -469,6 +501,9 @@ class Node(ReturnPaths):
         new: dict[Nid, mr.RailSet] = {}
         for prim, nids in groups.items():
             rs = mr.RailSet(prim, nids)
+            old = self._rails.get(rs.nids[0]) if rs.nids else None
+            if old is not None and old.nids == rs.nids:
+                rs = old  # unchanged: its peers, sequence space and in-flight map stay
             if len(rs.nids) > 1:
                 for n in rs.nids:
                     new[n] = rs
@@ -477,6 +512,11 @@ class Node(ReturnPaths):
         self._rails = new
         for n in changed:
             self.drop_peer(n, "peer's rails reconfigured")
+        # A new rail set continues above every sequence number its NIDs used: the receiver may
+        # still hold a window for them (restarting at 1 would be answered from it).
+        for rs in dict.fromkeys(new.values()):
+            floor = max((self._dropped_seq.pop(n, 1) for n in rs.nids), default=1)
+            rs.next_seq = max(rs.next_seq, floor)
 
     def rail_peers(self, rs: mr.RailSet) -> list[Peer]:
         """The rails of a multi-rail peer that are on local nets, in configuration order."""
@@ -595,7 +635,8 @@ class Node(ReturnPaths):
         self._direct.clear()
         if peer is None:
             return
-        for m in list(peer.inflight.values()) + list(peer.queue):
+        self._dropped_seq[nid] = (peer.rail or peer).next_seq
+        for m in list(peer.inflight.values()) + peer.waiting():
             self._fail(m, Status.CANCELLED, reason)
         for c in peer.conns.values():
             self._close_conn(c, reason)
@@ -647,6 +688,11 @@ class Node(ReturnPaths):
             if rs is not None:  # one rail of a multi-rail peer: one sequence space and in-flight map for all
                 p.rail, p.inflight = rs, rs.inflight
                 p.meter = mr.RailMeter(ni.params.rate, ni.params.rtt)
+                # The per-destination share is not applied across rails (a message moved to
+                # another rail keeps its count on the first): a rail's credits are its only cap.
+                p.dest_cap = p.credits.limit
+            else:
+                p.next_seq = self._dropped_seq.pop(nid, 1)
         return p
 
     def address_of(self, peer: Peer) -> tuple[str, int]:
@@ -717,11 +763,13 @@ class Node(ReturnPaths):
     # ------------------------------------------------------------------ submitting
 
     def submit(self, src_raw: bytes | None, dst_raw: bytes, src_portal: int, dst_portal: int, payload: Any,
-               on_finish: Finish | None, now: float, deadline: float | None = None, owner: Any = None) -> OutMsg:
+               on_finish: Finish | None, now: float, deadline: float | None = None, owner: Any = None,
+               msg_id: int | None = None) -> OutMsg:
         """Route and queue one message; it ends in exactly one Complete action.
 
         ``src_raw`` is the packed origin when forwarding (None: we originate it).  A
-        ``dst_raw`` that does not decode completes the message with INVALID.
+        ``dst_raw`` that does not decode completes the message with INVALID.  ``msg_id``
+        is the application's id for it, carried to the receiver (:class:`~lu2k.dedupe.AppIds`).
         """
         self._now = now
         if deadline is None:
@@ -730,22 +778,22 @@ class Node(ReturnPaths):
         peer = self._direct.get(dst_raw)
         if peer is None:
             msg = OutMsg(src_raw or dst_raw, dst_raw, src_portal, dst_portal, payload, deadline, on_finish)
-            msg.owner = owner
+            msg.owner, msg.msg_id = owner, msg_id
             self._route_slow(msg, src_raw is None)
             return msg
         msg = OutMsg(src_raw or peer.ni.nid_raw, dst_raw, src_portal, dst_portal, payload, deadline, on_finish)
-        msg.owner = owner
+        msg.owner, msg.msg_id = owner, msg_id
         self._enqueue(peer, msg)
         return msg
 
-    def submit_batch(self, items: Iterable[tuple[bytes, int, int, Any, Finish | None, Any]], now: float) -> None:
+    def submit_batch(self, items: Iterable[tuple[bytes, int, int, Any, Finish | None, Any, int | None]], now: float) -> None:
         """:meth:`submit` for a batch of originated messages ``(dst_raw, src_portal, dst_portal,
-        payload, on_finish, owner)``.  Each peer's queue is pumped once for the batch (in
+        payload, on_finish, owner, msg_id)``.  Each peer's queue is pumped once for the batch (in
         :meth:`take_actions`) instead of once per message; the order per peer is the order here."""
         self.pump_held = True
         try:
-            for dst_raw, src_portal, dst_portal, payload, on_finish, owner in items:
-                self.submit(None, dst_raw, src_portal, dst_portal, payload, on_finish, now, owner=owner)
+            for dst_raw, src_portal, dst_portal, payload, on_finish, owner, msg_id in items:
+                self.submit(None, dst_raw, src_portal, dst_portal, payload, on_finish, now, owner=owner, msg_id=msg_id)
         finally:
             self.pump_held = False
 
@@ -811,13 +859,32 @@ class Node(ReturnPaths):
     def _pump_peer(self, peer: Peer) -> None:
         ni = peer.ni
         queue, credits, ni_credits, window = peer.queue, peer.credits, ni.credits, peer.window
+        parked, by_dest, cap = peer.parked, peer.by_dest, peer.dest_cap
         checksum = ni.params.checksum
-        while (queue and credits.in_use < credits.limit and ni_credits.in_use < ni_credits.limit
-               and window.fits(len(queue[0].payload))):
-            msg = queue.popleft()
+        while credits.in_use < credits.limit and ni_credits.in_use < ni_credits.limit:
+            ready = next((k for k in parked if by_dest[k] < cap), None) if parked else None
+            if ready is not None:
+                waiting = parked[ready]
+                if not window.fits(len(waiting[0].payload)):
+                    break
+                msg = waiting.popleft()
+                if not waiting:
+                    del parked[ready]
+            elif queue:
+                if not window.fits(len(queue[0].payload)):
+                    break
+                msg = queue.popleft()
+                if parked or by_dest:
+                    key = (msg.dst_raw, msg.dst_portal)
+                    if msg.state is MsgState.QUEUED and (key in parked or by_dest[key] >= cap):
+                        parked.setdefault(key, deque()).append(msg)  # still counted in ni.queued
+                        continue
+            else:
+                break
             ni.queued -= 1
             if msg.state is not MsgState.QUEUED:
                 continue
+            by_dest[(msg.dst_raw, msg.dst_portal)] += 1
             credits.take()
             ni_credits.take()
             window.take(len(msg.payload))
@@ -826,7 +893,7 @@ class Node(ReturnPaths):
             msg.seq = space.next_seq
             space.next_seq += 1
             msg.header = wire.encode_msg_header(msg.seq, msg.src_raw, msg.dst_raw, msg.src_portal, msg.dst_portal,
-                                                msg.payload, checksum)
+                                                msg.payload, checksum, msg.msg_id)
             peer.inflight[msg.seq] = msg
             conn = msg.conn = peer.conn_for(len(msg.payload))
             cq = conn.queue
@@ -835,14 +902,14 @@ class Node(ReturnPaths):
             else:
                 cq.append(msg)
             self._kick(conn)
-        credits.note_queue(len(queue))
+        credits.note_queue(peer.waiting_count())
         ni_credits.note_queue(ni.queued)
 
     def _pump_ni(self, ni: NI) -> None:
         for p in list(ni.peers.values()):
             if not ni.credits.available:
                 return
-            if p.queue:
+            if p.queue or p.parked:
                 self._pump_peer(p)
 
     def _kick(self, conn: OutConn) -> None:
@@ -889,6 +956,7 @@ class Node(ReturnPaths):
         if peer is not None:
             if held and peer.inflight.get(m.seq) is m:
                 del peer.inflight[m.seq]
+                self._dest_done(peer, m)
                 peer.credits.give()
                 peer.ni.credits.give()
                 peer.window.give(len(m.payload))
@@ -905,12 +973,30 @@ class Node(ReturnPaths):
                 if q and q[0] is m:
                     q.popleft()
                 else:
-                    q.remove(m)
+                    key = (m.dst_raw, m.dst_portal)
+                    parked = peer.parked.get(key)
+                    if parked is not None and m in parked:
+                        parked.remove(m)
+                        if not parked:
+                            del peer.parked[key]
+                    else:
+                        q.remove(m)
                 peer.ni.queued -= 1
-                peer.credits.note_queue(len(q))
+                peer.credits.note_queue(peer.waiting_count())
                 peer.ni.credits.note_queue(peer.ni.queued)
         if not m.busy:
             self._complete(m)
+
+    def _dest_done(self, peer: Peer, m: OutMsg) -> None:
+        """``m`` gave its credit back: one fewer in flight to its destination."""
+        key = (m.dst_raw, m.dst_portal)
+        n = peer.by_dest[key] - 1
+        if n > 0:
+            peer.by_dest[key] = n
+        else:
+            del peer.by_dest[key]
+        if key in peer.parked:
+            self._refill[peer] = None
 
     def _complete(self, m: OutMsg) -> None:
         m.completed = True
@@ -980,7 +1066,7 @@ class Node(ReturnPaths):
         if refused is not None:
             for m in [m for m in peer.inflight.values() if m.conn is conn]:
                 self._fail(m, refused, reason)
-            for m in list(peer.queue):
+            for m in peer.waiting():
                 self._fail(m, refused, reason)
         if peer.rail is not None and refused is None:
             peer.rail_down = True
@@ -1110,6 +1196,7 @@ class Node(ReturnPaths):
                 self._answer(m, Status.from_code(code) if code else Status.DELIVERED, "")
                 continue
             del inflight[seq]
+            self._dest_done(peer, m)
             m.state = msg_next(state, MsgEvent.ACK)
             m.status, m.reason = Status.DELIVERED, "delivered"
             done += 1
@@ -1222,16 +1309,21 @@ class Node(ReturnPaths):
         key = (None if multirail else peer_nid, incarnation)
         session = self.sessions.get(key)
         if session is None:
+            self._expire_sessions(self._now)
             session = self.sessions[key] = Session(peer_nid, incarnation, self.params.window_capacity)
-        if peer_nid not in session.nids or len(session.conns) == 0:
+        if peer_nid not in session.nids or not session.conns:
             session.nids.add(peer_nid)
-            # A newer incarnation of that peer makes older sessions moot.
-            for k in [k for k, s in self.sessions.items() if peer_nid in s.nids and k[1] != incarnation]:
-                for c in list(self.sessions[k].conns):
-                    self._close_in(c, f"{peer_nid} restarted")
-                del self.sessions[k]
+            # Another incarnation of that peer: its connections are stale, but its window is
+            # kept until it expires -- incarnations are random, so a hello cannot tell a real
+            # restart from a key holder replaying the NID, and dropping the window would let
+            # the real peer's resends be delivered a second time.
+            for other in self.sessions.values():
+                if peer_nid in other.nids and other is not session:
+                    for c in list(other.conns):
+                        self._close_in(c, f"{peer_nid} came back as another incarnation")
         conn = InConn(ni, session, ctype, self.params.max_pending_deliveries)
         session.conns.append(conn)
+        session.idle_since = None
         return conn
 
     def inbound_lost(self, conn: InConn) -> None:
@@ -1242,7 +1334,22 @@ class Node(ReturnPaths):
         self._dirty.pop(conn, None)
         if conn in conn.session.conns:
             conn.session.conns.remove(conn)
+            if not conn.session.conns:
+                conn.session.idle_since = self._now
         self._rp_inbound_lost(conn)
+
+    def _expire_sessions(self, now: float) -> None:
+        """Forget sessions without connections for longer than a sender can still resend
+        (:data:`SESSION_IDLE_TIMEOUT`); past :data:`MAX_SESSIONS`, the longest idle first."""
+        ttl = max(SESSION_IDLE_TIMEOUT, 4 * self.params.transaction_timeout)
+        idle = sorted(((s.idle_since, k) for k, s in self.sessions.items() if s.idle_since is not None), key=lambda e: e[0])
+        excess = len(self.sessions) + 1 - MAX_SESSIONS
+        for since, k in idle:
+            if now - since <= ttl and excess <= 0:
+                break
+            del self.sessions[k]
+            excess -= 1
+            self.stats["sessions_expired"] += 1
 
     def _close_in(self, conn: InConn, reason: str) -> None:
         if conn.alive:
@@ -1327,9 +1434,26 @@ class Node(ReturnPaths):
                     self.actions.append(AbortRx(token))
                 self._session_ack(conn, info.seq, Status.DELIVERED, "")
                 return
+            key: AppKey | None = None
+            if info.msg_id is not None:
+                # The application's id: a copy sent again after the sending daemon restarted
+                # (a new session, new sequence numbers) is answered, not delivered again.
+                key = (info.src_raw, info.src_portal, info.msg_id)
+                prior_id = self.app_ids.check(key, self._now)
+                if prior_id is not None:
+                    if token is not None:
+                        self.actions.append(AbortRx(token))
+                    self.stats["duplicates_by_id"] += 1
+                    if prior_id == IN_PROGRESS:
+                        self.app_ids.wait(key, (conn, info.seq))
+                    else:
+                        self._session_ack(conn, info.seq, Status.from_code(prior_id), "")
+                    return
+                self.app_ids.start(key)
             conn.pending += 1
-            self._deliver(Delivery(info.src_raw, info.dst_raw, info.src_portal, info.dst_portal, f.payload, token,
-                                   conn, info.seq, None))
+            d = Delivery(info.src_raw, info.dst_raw, info.src_portal, info.dst_portal, f.payload, token, conn, info.seq, None)
+            d.app_key = key
+            self._deliver(d)
         else:
             if token is not None:
                 self.actions.append(AbortRx(token))
@@ -1353,6 +1477,10 @@ class Node(ReturnPaths):
         conn = d.conn
         assert conn is not None
         self._session_ack(conn, d.seq, status, reason)
+        if d.app_key is not None:
+            for waiter in self.app_ids.finish(d.app_key, int(status), now):
+                other, seq = cast(tuple[InConn, int], waiter)
+                self._session_ack(other, seq, status, reason)
         was_blocked = conn.blocked
         conn.pending -= 1
         if was_blocked and conn.alive and not conn.blocked:
@@ -1380,6 +1508,7 @@ class Node(ReturnPaths):
         msg = OutMsg(info.src_raw, info.dst_raw, info.src_portal, info.dst_portal, payload,
                      self._now + self.params.transaction_timeout, None)
         msg.forward = (conn, info.seq, size)
+        msg.msg_id = info.msg_id
         peer = self._direct.get(info.dst_raw)
         if peer is None:
             try:
@@ -1453,7 +1582,7 @@ class Node(ReturnPaths):
         while self._refill:
             peer = next(iter(self._refill))
             del self._refill[peer]
-            if peer.queue:
+            if peer.queue or peer.parked:
                 self._pump_peer(peer)
             if peer.ni.queued:
                 self._pump_ni(peer.ni)

@@ -88,6 +88,10 @@ if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
     raise ImportError("the lu2k shim ABI is little-endian; this host is big-endian")
 
 ABI_VERSION = 1
+# Revisions add meaning to reserved bits only, so a client of an older revision works
+# unchanged; a daemon of an older revision refuses the new bits (INVALID, "unknown bits").
+#   1: SEND_FLAG_MSG_ID.
+ABI_REVISION = 1
 REGION_MAGIC = 0x5332554C  # b"LU2S" read as little-endian u32
 
 # --- ioctl-style numbers (asm-generic/ioctl.h) ---------------------------------------------
@@ -188,7 +192,14 @@ RX_DESC = struct.Struct(f"<QIII{NID_SIZE}sII")  # offset, length, src_portal, ds
 RELEASE_DESC = struct.Struct("<Q")  # offset
 
 COMP_EVENT = 0x1  # completion flag: not a send completion but an error event (cookie 0)
-SEND_FLAGS_KNOWN = 0  # SEND_DESC.flags: no flag is defined yet; any bit set is refused (room to grow)
+# SEND_DESC.flags.  SEND_FLAG_MSG_ID: the cookie is also the application's id for the
+# message (1 .. 2**63 - 1, unique among its messages): the receiving daemon remembers the
+# ids it delivered (lu2k.dedupe.AppIds) and answers a copy sent again -- say after this
+# daemon crashed and the application resent what completed CANCELLED -- without delivering
+# it twice.  Any other bit is refused.
+SEND_FLAG_MSG_ID = 0x1
+SEND_FLAGS_KNOWN = SEND_FLAG_MSG_ID
+MAX_MSG_ID = (1 << 63) - 1
 RX_FLAGS_KNOWN = 0  # RX_DESC.flags likewise
 DESC_STRUCTS = (SEND_DESC, COMPLETION, RX_DESC, RELEASE_DESC)
 

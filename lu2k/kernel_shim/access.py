@@ -30,25 +30,24 @@ attach and bind any portal.  Others may attach only if a rule of the policy name
 user or one of their groups, and bind only the portals such a rule grants; portals below
 ``reserved_below`` are never granted by default.  The control socket is for the daemon's
 user and root only.  Every refusal is logged with the peer's uid and pid through a
-:class:`RateLimitedLog`, so a refused client that retries in a loop cannot flood the log.
+:class:`~lu2k.ratelimit.RateLimitedLog` (re-exported here), so a refused client that retries in a loop cannot flood the log.
 """
 
 from __future__ import annotations
 
 import errno
 import grp
-import logging
 import os
 import pwd
 import socket
 import stat
 import struct
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, ShimError
+from ..ratelimit import RateLimitedLog
 
 __all__ = [
     "AccessPolicy", "PeerCred", "PortalGrant", "RateLimitedLog", "check_control_peer", "claim_socket_path",
@@ -99,64 +98,6 @@ def peer_credentials(sock: socket.socket) -> PeerCred:
             except OSError:
                 pass
     return PeerCred(pid, uid, gid, groups)
-
-
-# --- rate-limited logging -------------------------------------------------------------------
-
-
-class RateLimitedLog:
-    """At most ``burst`` lines per ``per_seconds`` for each key; the rest are counted.
-
-    A token bucket per key (a key is what repeats: ``("refused", uid)``, ``"accept"``);
-    the first line after a suppressed stretch says how many were dropped.  Keys are bounded
-    (``max_keys``): beyond that, new keys share one bucket, so a client cannot grow memory by
-    varying what it does either.  ``clock`` is injectable so tests need no sleeping.
-    ``logger`` is a stdlib logger or a structlog one (keyword fields pass through).
-    """
-
-    def __init__(self, logger: Any, *, burst: int = 5, per_seconds: float = 60.0, max_keys: int = 1024,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.logger = logger
-        self.burst = burst
-        self.rate = burst / per_seconds
-        self.max_keys = max_keys
-        self.clock = clock
-        self._buckets: dict[object, list[float]] = {}  # key -> [tokens, last time, suppressed]
-        self.logged = 0
-        self.suppressed = 0
-
-    def allow(self, key: object) -> tuple[bool, int]:
-        """``(log it?, lines suppressed since the last one logged for this key)``."""
-        now = self.clock()
-        if key not in self._buckets and len(self._buckets) >= self.max_keys:
-            key = "<other>"
-        b = self._buckets.get(key)
-        if b is None:
-            b = self._buckets[key] = [float(self.burst), now, 0.0]
-        b[0] = min(float(self.burst), b[0] + (now - b[1]) * self.rate)
-        b[1] = now
-        if b[0] >= 1.0:
-            b[0] -= 1.0
-            dropped = int(b[2])
-            b[2] = 0.0
-            return True, dropped
-        b[2] += 1
-        return False, 0
-
-    def log(self, level: int, key: object, msg: str, *args: object, **fields: object) -> bool:
-        ok, dropped = self.allow(key)
-        if not ok:
-            self.suppressed += 1
-            return False
-        self.logged += 1
-        if dropped:
-            msg += " (%d similar lines suppressed)"
-            args = (*args, dropped)
-        self.logger.log(level, msg, *args, **fields)
-        return True
-
-    def warning(self, key: object, msg: str, *args: object, **fields: object) -> bool:
-        return self.log(logging.WARNING, key, msg, *args, **fields)
 
 
 # --- policy ---------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import LocalProtocolError, MessageFailed, NidError, RemoteProtocolError, ShimError, Status
+from ..errors import LocalProtocolError, Lu2kError, MessageFailed, NidError, RemoteProtocolError, ShimError, Status
 from ..nid import NID_SIZE, Nid, parse_nid
 from . import abi
 from .ring import RingConsumer, RingProducer, SlotPool, full_fence
@@ -168,14 +168,16 @@ class TxSlot:
         self._front = front
         self._state = 0  # 0 reserved, 1 posted, 2 cancelled
 
-    def post(self, dst: Nid | str | bytes, portal: int = 0, *, length: int | None = None, flush: bool = True) -> Completion:
-        """Send the first ``length`` bytes (default: all of ``view``) to ``dst``/``portal``."""
+    def post(self, dst: Nid | str | bytes, portal: int = 0, *, length: int | None = None, flush: bool = True,
+             msg_id: int | None = None) -> Completion:
+        """Send the first ``length`` bytes (default: all of ``view``) to ``dst``/``portal``;
+        ``msg_id`` as for :meth:`Endpoint.send`."""
         if self._state:
             raise LocalProtocolError("TX slot already posted or cancelled")
         n = len(self.view) if length is None else length
         if not 0 <= n <= len(self.view):
             raise LocalProtocolError(f"post length {n} outside the {len(self.view)}-byte slot")
-        comp = self._core.post(self._offset, n, pack_nid(dst), portal, self._front)
+        comp = self._core.post(self._offset, n, pack_nid(dst), portal, self._front, msg_id)
         self._state = 1
         self.view.release()
         if flush:
@@ -286,7 +288,7 @@ class _Core:
         self.tx = SlotPool(layout.tx)
         self.rx = SlotPool(layout.rx)  # lookup() only: the daemon allocates RX slots
         self.pending: dict[int, Completion] = {}
-        self.next_cookie = 1
+        self.next_cookie = 1  # our own cookies have bit 63 set: ids an application gives are below it
         self.rx_queue: collections.deque[Received] = collections.deque()
         self.rx_outstanding: set[int] = set()
         self.kick_want = 0  # daemon flag bits our unannounced publishes would need
@@ -317,14 +319,22 @@ class _Core:
         if self.tx.is_allocated(offset):
             self.tx.free(offset)
 
-    def post(self, offset: int, length: int, dst: bytes, portal: int, front: Any) -> Completion:
+    def post(self, offset: int, length: int, dst: bytes, portal: int, front: Any, msg_id: int | None = None) -> Completion:
         self.check_alive()
         if not 0 <= portal <= 0xFFFFFFFF:
             raise LocalProtocolError(f"portal {portal} is not a u32")
-        cookie = self.next_cookie
-        self.next_cookie = (cookie + 1) & 0xFFFFFFFFFFFFFFFF or 1
+        flags = 0
+        if msg_id is None:
+            cookie = self.next_cookie | 1 << 63
+            self.next_cookie = (self.next_cookie + 1) & abi.MAX_MSG_ID or 1
+        else:
+            if not isinstance(msg_id, int) or not 1 <= msg_id <= abi.MAX_MSG_ID:
+                raise LocalProtocolError(f"msg_id must be an integer in 1 .. 2**63-1, not {msg_id!r}")
+            if msg_id in self.pending:
+                raise ShimError(errno.EEXIST, f"a message with id {msg_id} is already in flight on this endpoint")
+            cookie, flags = msg_id, abi.SEND_FLAG_MSG_ID
         # Cannot be full: the submit ring has an entry per TX slot and this one is ours.
-        if not self.submit.put(cookie, offset, length, portal, dst, 0):
+        if not self.submit.put(cookie, offset, length, portal, dst, flags):
             raise LocalProtocolError("submit ring full (ring smaller than the TX pool?)")
         self.submit.publish()
         self.kick_want |= abi.FLAG_NEED_WAKEUP
@@ -715,11 +725,18 @@ class Endpoint:
         return TxSlot(core, got[0], got[1], self)
 
     def send(self, dst: Nid | str | bytes, payload: bytes | bytearray | memoryview, portal: int = 0, *,
-             timeout: float | None = None, flush: bool = True) -> Completion:
+             timeout: float | None = None, flush: bool = True, msg_id: int | None = None) -> Completion:
         """Copy ``payload`` into a TX slot and post it; returns its Completion.
 
         ``flush=False`` leaves the doorbell to a later ``flush()`` (or any call that
         waits), so a burst of posts costs at most one kick.
+
+        ``msg_id`` (1 .. 2**63-1, unique among this application's messages) makes a resend
+        safe: if the message completes CANCELLED because this daemon went away, send it
+        again with the same id once the daemon is back; a receiving daemon that already
+        delivered it answers DELIVERED without delivering it again (it remembers the last
+        65 536 ids it delivered, each for an hour: ``lu2k.dedupe.AppIds``).  The id is the
+        completion's ``cookie``; two messages with one id may not be in flight at once.
         """
         core = self._core
         dst_raw = pack_nid(dst)
@@ -728,10 +745,14 @@ class Endpoint:
         if got is None:  # slow path: errors, or wait for a TX slot (back-pressure)
             slot = self.reserve(n, timeout=timeout)
             slot.view[:] = payload
-            return slot.post(dst_raw, portal, flush=flush)
+            return slot.post(dst_raw, portal, flush=flush, msg_id=msg_id)
         offset = got[0]
         core.mm[offset : offset + n] = payload
-        comp = core.post(offset, n, dst_raw, portal, self)
+        try:
+            comp = core.post(offset, n, dst_raw, portal, self, msg_id)
+        except Lu2kError:
+            core.tx_free(offset)
+            raise
         if flush:
             core.kick_if_wanted()
         return comp
@@ -949,7 +970,8 @@ class AsyncEndpoint:
         return TxSlot(core, got[0], got[1], self)
 
     async def send(self, dst: Nid | str | bytes, payload: bytes | bytearray | memoryview, portal: int = 0, *,
-                   timeout: float | None = None, flush: bool = True) -> AsyncCompletion:
+                   timeout: float | None = None, flush: bool = True, msg_id: int | None = None) -> AsyncCompletion:
+        """As :meth:`Endpoint.send` (``msg_id`` included)."""
         core = self._core
         dst_raw = pack_nid(dst)
         n = len(payload)
@@ -957,10 +979,14 @@ class AsyncEndpoint:
         if got is None:  # slow path: errors, or wait for a TX slot (back-pressure)
             slot = await self.reserve(n, timeout=timeout)
             slot.view[:] = payload
-            return slot.post(dst_raw, portal, flush=flush)  # type: ignore[return-value]
+            return slot.post(dst_raw, portal, flush=flush, msg_id=msg_id)  # type: ignore[return-value]
         offset = got[0]
         core.mm[offset : offset + n] = payload
-        comp = core.post(offset, n, dst_raw, portal, self)
+        try:
+            comp = core.post(offset, n, dst_raw, portal, self, msg_id)
+        except Lu2kError:
+            core.tx_free(offset)
+            raise
         if flush:
             core.kick_if_wanted()
         return comp  # type: ignore[return-value]

@@ -48,6 +48,7 @@ class SendRequest:
     offset: int  # region offset of the TX slot
     port: "PortLogic | None" = field(default=None, repr=False)
     done: bool = False
+    msg_id: int | None = None  # the application's id for the message (abi.SEND_FLAG_MSG_ID)
 
 
 @dataclass(slots=True, eq=False)
@@ -293,7 +294,8 @@ class PortLogic:
                 self._invalid(cookie, f"TX slot {offset} already in flight")
             else:
                 in_flight.add(offset)
-                reqs.append(SendRequest(cookie, dst_nid, dst_portal, mem[offset : offset + length], offset, self))
+                reqs.append(SendRequest(cookie, dst_nid, dst_portal, mem[offset : offset + length], offset, self,
+                                        msg_id=cookie if flags & abi.SEND_FLAG_MSG_ID else None))
         c = self.counters
         c["submitted"] += len(descs)
         if reqs:
