@@ -13,7 +13,7 @@ from typing import Any
 
 from lu2k import wire
 from lu2k.core import Connect, Deliver, InConn, Node
-from lu2k.core.node import SESSION_IDLE_TIMEOUT
+from lu2k.core.node import PEER_IDLE_TIMEOUT, PEER_SWEEP_MIN, SESSION_IDLE_TIMEOUT
 from lu2k.errors import Status
 from lu2k.nid import parse_nid
 
@@ -188,3 +188,39 @@ def test_unreachable_peers_stop_reconnecting_once_nothing_waits_for_them() -> No
         a.handle_timer(t)
         connects += sum(1 for x in a.take_actions() if isinstance(x, Connect))
     assert connects == 0
+
+
+def _unreachable(m: Mesh, node: Node, prefix: int, i: int) -> Any:
+    nid = parse_nid(f"10.{prefix}.{i // 250}.{i % 250 + 1}@tcp")
+    m.nodes[nid.host] = node
+    m.refuse[nid.host] = None  # type: ignore[assignment]
+    return nid
+
+
+def test_idle_peers_are_forgotten_and_their_numbers_kept_while_a_receiver_may_remember() -> None:
+    """Finding 9: 8 000 distinct unreachable NIDs stayed in the peer table for ever.  A peer
+    idle for PEER_IDLE_TIMEOUT is forgotten when the table has grown; its next sequence number
+    is kept as long as a receiver may still hold our session, then forgotten too."""
+    m = Mesh()
+    a = m.node("a", [A], transaction_timeout=5.0)
+    m.node("g", [G1])
+    first = m.send(a, G1, b"before")  # a real peer, then idle
+    for i in range(PEER_SWEEP_MIN):
+        m.send(a, _unreachable(m, a, 9, i))
+    m.tick(a, 5.0)
+    peers = a.nis[A.net].peers
+    assert len(peers) == PEER_SWEEP_MIN + 1 and m.done(first) == [(Status.DELIVERED, "delivered")]
+    for conn in list(peers[G1].conns.values()):  # G1's connection closes while idle (a peer with one up stays)
+        a.connection_lost(conn, conn.attempt, "closed by peer", 6.0)
+    m.tick(a, 5.0 + PEER_IDLE_TIMEOUT)
+    newcomer = _unreachable(m, a, 9, 999)
+    m.send(a, newcomer)  # a new peer: the table is looked through first
+    assert set(peers) == {newcomer} and a.stats["peers_forgotten"] == PEER_SWEEP_MIN + 1
+    second = m.send(a, G1, b"after")  # G1 again: numbering continues, so G answers nothing from its window
+    assert m.done(second) == [(Status.DELIVERED, "delivered")]
+    assert m.received == [("10.0.0.2", b"before"), ("10.0.0.2", b"after")]
+    # Long after, the kept numbers of the forgotten ones go too (every receiver let go of us).
+    m.tick(a, 5.0 + 4 * SESSION_IDLE_TIMEOUT)
+    for i in range(PEER_SWEEP_MIN):
+        m.send(a, _unreachable(m, a, 8, i))
+    assert _unreachable(m, a, 9, 0) not in a._dropped_seq and a.stats["peers_forgotten"] > PEER_SWEEP_MIN + 1

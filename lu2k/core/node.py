@@ -74,6 +74,11 @@ ACKS_PER_FRAME = 4096
 # timeout, so a copy arriving later cannot exist.  At most MAX_SESSIONS are kept.
 SESSION_IDLE_TIMEOUT = 600.0
 MAX_SESSIONS = 16384
+# A peer with nothing queued or in flight and no connection up is forgotten after this long
+# idle (checked when the NI's peer table has grown, amortised); its next sequence number is
+# kept until every receiver has let our session go (2 x the session idle timeout).
+PEER_IDLE_TIMEOUT = 600.0
+PEER_SWEEP_MIN = 256  # peers on one NI before idle ones are looked for
 PING_PORTAL = 0xFFFFFFFF  # a message to this portal is answered by the daemon itself (routed ping)
 RAIL_PROBE = "rail probe"  # target of the pings that bring a dead rail back
 
@@ -302,6 +307,7 @@ class Peer:
         self.rail: mr.RailSet | None = None  # multi-rail: the peer this NID is one rail of
         self.meter: mr.RailMeter | None = None
         self.rail_down = False  # its last connection died or failed and none is up since
+        self.last_used = 0.0  # when a message was last queued to it (idle peers are forgotten)
 
     def conn_for(self, size: int) -> OutConn:
         p = self.ni.params
@@ -340,6 +346,8 @@ class NI:
         self.credits = Credits(params.credits)
         self.peers: dict[Nid, Peer] = {}
         self.queued = 0  # messages waiting for credits, over all peers
+        self.sweep_at = PEER_SWEEP_MIN  # peer count at which idle peers are next looked for
+        self.sweep_after = 0.0  # ... or, past PEER_SWEEP_MIN peers, the time
 
 
 class Session:
@@ -426,6 +434,7 @@ class Node(ReturnPaths):
         # the receiver still holds our session's window (restarting at 1 would be answered
         # from that window -- "delivered" without a delivery).
         self._dropped_seq: dict[Nid, int] = {}
+        self._dropped_at: dict[Nid, float] = {}
         self._now = 0.0
         self._rp_init()
 
@@ -636,6 +645,7 @@ class Node(ReturnPaths):
         if peer is None:
             return
         self._dropped_seq[nid] = (peer.rail or peer).next_seq
+        self._dropped_at[nid] = self._now
         for m in list(peer.inflight.values()) + peer.waiting():
             self._fail(m, Status.CANCELLED, reason)
         for c in peer.conns.values():
@@ -683,7 +693,11 @@ class Node(ReturnPaths):
             raise LocalProtocolError(f"{nid} is not on a local net")
         p = ni.peers.get(nid)
         if p is None:
+            n = len(ni.peers)
+            if n >= ni.sweep_at or (n >= PEER_SWEEP_MIN and self._now >= ni.sweep_after):
+                self._forget_idle_peers(ni)
             p = ni.peers[nid] = Peer(ni, nid, self.params)
+            p.last_used = self._now
             rs = self._rails.get(nid)
             if rs is not None:  # one rail of a multi-rail peer: one sequence space and in-flight map for all
                 p.rail, p.inflight = rs, rs.inflight
@@ -693,7 +707,27 @@ class Node(ReturnPaths):
                 p.dest_cap = p.credits.limit
             else:
                 p.next_seq = self._dropped_seq.pop(nid, 1)
+                self._dropped_at.pop(nid, None)
         return p
+
+    def _forget_idle_peers(self, ni: NI) -> None:
+        """Drop ``ni``'s peers idle for :data:`PEER_IDLE_TIMEOUT` (nothing queued, parked or
+        in flight, no connection up or opening, not a rail, not held open by a keepalive), so
+        that a stream of distinct destinations does not grow the table for ever; forget the
+        sequence numbers of peers dropped long enough ago that no receiver keeps our session."""
+        now = self._now
+        idle = [nid for nid, p in ni.peers.items()
+                if now - p.last_used >= PEER_IDLE_TIMEOUT and p.rail is None and not p.inflight and not p.waiting_count()
+                and all(c.state in (ConnState.IDLE, ConnState.BACKOFF) and not c.hold for c in p.conns.values())]
+        for nid in idle:
+            self._drop_peer(ni, nid, "idle peer forgotten")
+            self.stats["peers_forgotten"] += 1
+        horizon = 2 * max(SESSION_IDLE_TIMEOUT, 4 * self.params.transaction_timeout)
+        for nid in [n for n, t in self._dropped_at.items() if now - t > horizon]:
+            del self._dropped_at[nid]
+            self._dropped_seq.pop(nid, None)
+        ni.sweep_at = max(PEER_SWEEP_MIN, 2 * len(ni.peers))  # amortised: a sweep per doubling ...
+        ni.sweep_after = now + PEER_IDLE_TIMEOUT / 4  # ... or per quarter of the idle timeout
 
     def address_of(self, peer: Peer) -> tuple[str, int]:
         override = self.peer_addresses.get(peer.nid)
@@ -836,6 +870,7 @@ class Node(ReturnPaths):
     def _enqueue(self, peer: Peer, msg: OutMsg) -> None:
         if peer.rail is not None:
             peer = self._pick_rail(peer, msg)
+        peer.last_used = self._now
         ni = peer.ni
         if len(msg.payload) > ni.params.max_message_size:
             self._fail(msg, Status.TOO_LARGE,
