@@ -117,6 +117,16 @@ class LanDriver(Protocol):
                  on_done: Callable[[Status, str], None]) -> None: ...
 
 
+async def _frames_or(recv: asyncio.Future[Any], resume: asyncio.Event) -> bool:
+    """Wait until frames arrive (``recv`` done: True) or ``resume`` is set (held frames may go
+    on now: False) -- a connection whose frames are held keeps reading the others."""
+    resume.clear()
+    waiter = asyncio.ensure_future(resume.wait())
+    await asyncio.wait({recv, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    return recv.done()
+
+
 class NI:
     """A local network interface's I/O side: its backend and listener (the core holds the rest)."""
 
@@ -566,14 +576,8 @@ class Engine:
                     continue
                 if recv is None:
                     recv = asyncio.ensure_future(transport.recv())
-                if held:
-                    link.resume.clear()
-                    waiter: asyncio.Future[Any] = asyncio.ensure_future(link.resume.wait())
-                    either: set[asyncio.Future[Any]] = {recv, waiter}
-                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
-                    if not recv.done():
-                        continue
+                if held and not await _frames_or(recv, link.resume):
+                    continue
                 frames = await recv
                 recv = None
                 if held or blocked:
@@ -707,14 +711,8 @@ class Engine:
                     continue
                 if recv is None:
                     recv = asyncio.ensure_future(transport.recv())
-                if conn.blocked or held:
-                    inl.resume.clear()
-                    waiter: asyncio.Future[Any] = asyncio.ensure_future(inl.resume.wait())
-                    either: set[asyncio.Future[Any]] = {recv, waiter}
-                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
-                    if not recv.done():
-                        continue
+                if (conn.blocked or held) and not await _frames_or(recv, inl.resume):
+                    continue
                 frames = await recv
                 recv = None
                 tokens = inl.tokens

@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
@@ -301,8 +301,12 @@ class LabDaemons:
                                              cfg["lu2k"]["control"]["path"], workdir / f"lu2kd-{side}.log")
 
     def start(self) -> None:
-        for side in ("a", "b"):
-            self.procs[side].start(netns=self.lab.ns(side))
+        try:
+            for side in ("a", "b"):
+                self.procs[side].start(netns=self.lab.ns(side))
+        except BaseException:
+            self.stop()  # one started, the other failed: stop the one
+            raise
 
     def stop(self) -> None:
         for d in self.procs.values():
@@ -314,7 +318,7 @@ class LabDaemons:
     def shim(self, side: str) -> str:
         return str(self.procs[side].shim_path)
 
-    def __enter__(self) -> "LabDaemons":
+    def __enter__(self) -> Self:
         self.start()
         return self
 

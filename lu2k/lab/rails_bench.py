@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, Lu2kError, NetworkError
+from .bench import LabDaemons, net_type_for
 from .netns import Lab, Specs, child_env
 from .spec import build_specs
 
@@ -121,13 +122,13 @@ def rail_config(lab: Lab, side: str, workdir: Path, *, multirail: bool, backend:
     return cfg
 
 
-class RailDaemons:
-    """``lu2kd`` in each namespace with one net per lab path (what :func:`lu2k.lab.bench.transfer` needs)."""
+class RailDaemons(LabDaemons):
+    """``lu2kd`` in each namespace with one net per lab path (what :func:`lu2k.lab.bench.transfer` needs);
+    started, stopped and read as :class:`~lu2k.lab.bench.LabDaemons`."""
 
     def __init__(self, lab: Lab, workdir: Path, *, multirail: bool, backend: str = "quic", peer_credits: int | None = None,
-                 options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None) -> None:  # the configs differ from LabDaemons': its __init__ is not used
         from ..localpair import DaemonProcess
-        from .bench import net_type_for
 
         self.lab = lab
         nettype = net_type_for(backend)
@@ -146,25 +147,6 @@ class RailDaemons:
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
             self.procs[side] = DaemonProcess(self.rails[side][0], path, cfg["lu2k"]["shim"]["path"],
                                              cfg["lu2k"]["control"]["path"], workdir / f"lu2kd-{tag}-{side}.log")
-
-    def __enter__(self) -> "RailDaemons":
-        try:
-            for side in ("a", "b"):
-                self.procs[side].start(netns=self.lab.ns(side))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for d in self.procs.values():
-            d.stop()
-
-    def pids(self) -> dict[str, int]:
-        return {s: d.proc.pid for s, d in self.procs.items() if d.proc is not None}
-
-    def shim(self, side: str) -> str:
-        return str(self.procs[side].shim_path)
 
     def peers(self, side: str) -> list[dict[str, Any]]:
         """What ``lu2kctl peer show`` reads from one daemon (its control socket is a file: no namespace needed)."""
@@ -366,13 +348,13 @@ def run_rails(geo: Specs, leo: Specs, *, duration: float = 10.0, warmup: float =
                 for p in (0, 1):
                     d.nids = {"a": d.rails["a"][p], "b": d.rails["b"][p]}
                     say(f"single rail, path {p}")
-                    r = transfer(lab, d, size=size, window=window, warmup=warmup, duration=duration)  # type: ignore[arg-type]
+                    r = transfer(lab, d, size=size, window=window, warmup=warmup, duration=duration)
                     base.append({"path": p, "goodput_mbit": r["goodput_bps"] / 1e6, "duplicates": r["duplicates"]})
             out["single_rail"] = base
             (wd / "mr").mkdir()
             with RailDaemons(lab, wd / "mr", multirail=True, backend=backend, options=options) as d:
                 say("two rails")
-                r = transfer(lab, d, size=size, window=window, warmup=warmup, duration=duration)  # type: ignore[arg-type]
+                r = transfer(lab, d, size=size, window=window, warmup=warmup, duration=duration)
                 total = r["goodput_bps"] / 1e6
                 out["two_rails"] = {"goodput_mbit": total, "sum_of_limits_mbit": sum(rates), "of_sum": total / sum(rates),
                                     "vs_best_single": total / max(b["goodput_mbit"] for b in base), "duplicates": r["duplicates"],
