@@ -110,6 +110,23 @@ def test_a_stuck_receiver_cannot_fill_the_connection_the_others_use() -> None:
     assert released == 200 and all(len(m.done(x)) == 1 for x in stuck) and not a.peer(G1).parked
 
 
+def test_a_destination_that_answers_is_not_held_to_its_share() -> None:
+    """The share binds only a destination that stopped acknowledging: one that answers may
+    have all the credits in flight (a long link needs them), and is held again once it has
+    been silent for dest_stall."""
+    m = StuckPortalMesh()
+    a = m.node("a", [A], peer_credits=256)
+    m.node("g", [G1])
+    assert m.done(m.send(a, G1, b"first", portal=5)) == [(Status.DELIVERED, "delivered")]  # portal 5 answers
+    m.hold_deliveries = True  # from here nothing is answered (in flight, unacknowledged)
+    burst = [m.send(a, G1, b"b", portal=5) for _ in range(200)]
+    peer = a.peer(G1)
+    assert peer.dest_cap == 48 and peer.by_dest[(G1.to_bytes(), 5)] == 200 and all(x.conn is not None for x in burst)
+    m.now = peer.dest_stall + 0.5  # no acknowledgement since: the share binds again
+    late = m.send(a, G1, b"late", portal=5)
+    assert late.conn is None and list(peer.parked[(G1.to_bytes(), 5)]) == [late]
+
+
 def test_a_peer_dropped_and_used_again_does_not_restart_its_sequence_numbers() -> None:
     """``lu2kctl peer del`` then a new message: the new peer started again at sequence 1 in
     the same session, and the receiver answered it from its dedupe window -- DELIVERED

@@ -78,6 +78,11 @@ MAX_SESSIONS = 16384
 # idle (checked when the NI's peer table has grown, amortised); its next sequence number is
 # kept until every receiver has let our session go (2 x the session idle timeout).
 PEER_IDLE_TIMEOUT = 600.0
+# A destination (NID + portal) with no acknowledgement for this long (or this many profile RTTs)
+# is held to its share of a peer's credits (Peer.dest_cap).
+DEST_STALL_MIN = 1.0
+DEST_STALL_RTTS = 4
+NEVER = float("-inf")
 PEER_SWEEP_MIN = 256  # peers on one NI before idle ones are looked for
 PING_PORTAL = 0xFFFFFFFF  # a message to this portal is answered by the daemon itself (routed ping)
 RAIL_PROBE = "rail probe"  # target of the pings that bring a dead rail back
@@ -292,9 +297,14 @@ class Peer:
         # deliveries after which the receiver stops reading the connection, so a receiver
         # that stopped taking messages cannot starve the others; its further messages wait
         # in ``parked`` (in order) without blocking the queue behind them.
+        # The share binds only while the destination is not answering: a destination whose
+        # messages were acknowledged within ``dest_stall`` seconds takes whatever credits there
+        # are (a long link needs many messages in flight to one destination).
         limit = ni.params.peer_credits
         self.dest_cap = max(1, min(limit - limit // 4, params.max_pending_deliveries * 3 // 4))
+        self.dest_stall = max(DEST_STALL_MIN, DEST_STALL_RTTS * ni.params.rtt)
         self.by_dest: Counter[tuple[bytes, int]] = Counter()
+        self.dest_acked: dict[tuple[bytes, int], float] = {}  # destination -> when it last acknowledged one
         self.parked: dict[tuple[bytes, int], deque[OutMsg]] = {}
         self.inflight: dict[int, OutMsg] = {}
         self.conns: dict[ConnType, OutConn] = {}
@@ -895,9 +905,10 @@ class Node(ReturnPaths):
         ni = peer.ni
         queue, credits, ni_credits, window = peer.queue, peer.credits, ni.credits, peer.window
         parked, by_dest, cap = peer.parked, peer.by_dest, peer.dest_cap
+        acked, fresh = peer.dest_acked, self._now - peer.dest_stall
         checksum = ni.params.checksum
         while credits.in_use < credits.limit and ni_credits.in_use < ni_credits.limit:
-            ready = next((k for k in parked if by_dest[k] < cap), None) if parked else None
+            ready = next((k for k in parked if by_dest[k] < cap or acked.get(k, NEVER) >= fresh), None) if parked else None
             if ready is not None:
                 waiting = parked[ready]
                 if not window.fits(len(waiting[0].payload)):
@@ -911,7 +922,7 @@ class Node(ReturnPaths):
                 msg = queue.popleft()
                 if parked or by_dest:
                     key = (msg.dst_raw, msg.dst_portal)
-                    if msg.state is MsgState.QUEUED and (key in parked or by_dest[key] >= cap):
+                    if msg.state is MsgState.QUEUED and (key in parked or (by_dest[key] >= cap and acked.get(key, NEVER) < fresh)):
                         parked.setdefault(key, deque()).append(msg)  # still counted in ni.queued
                         continue
             else:
@@ -1025,11 +1036,15 @@ class Node(ReturnPaths):
     def _dest_done(self, peer: Peer, m: OutMsg) -> None:
         """``m`` gave its credit back: one fewer in flight to its destination."""
         key = (m.dst_raw, m.dst_portal)
+        if m.status is Status.DELIVERED:
+            peer.dest_acked[key] = self._now
         n = peer.by_dest[key] - 1
         if n > 0:
             peer.by_dest[key] = n
         else:
             del peer.by_dest[key]
+            if self._now - peer.dest_acked.get(key, -peer.dest_stall) > peer.dest_stall:
+                peer.dest_acked.pop(key, None)  # nothing in flight and long quiet: forget it
         if key in peer.parked:
             self._refill[peer] = None
 
