@@ -250,8 +250,9 @@ def _cpu_seconds(pid: int) -> float:
 def backend_options(backend: str, lab: Lab, workdir: Path) -> dict[str, dict[str, Any]]:
     """Per-side backend options a lab run needs; QUIC needs a site certificate for each end.
 
-    A throw-away CA signs one certificate per namespace, naming its lab address, so each
-    connector verifies the other end exactly as a deployment would.
+    A throw-away CA signs one certificate per namespace, naming its lab address on every path
+    (a multi-rail peer is reached on each), so each connector verifies the other end exactly as
+    a deployment would.
     """
     if backend != "quic":
         return {"a": {}, "b": {}}
@@ -264,7 +265,8 @@ def backend_options(backend: str, lab: Lab, workdir: Path) -> dict[str, dict[str
     out: dict[str, dict[str, Any]] = {}
     for side in ("a", "b"):
         key = make_key()
-        cert = make_certificate(key, f"lab-{side}", sans=[lab.state.addr[side]], issuer_cert=ca_cert, issuer_key=ca_key)
+        sans = [lab.address(side, p) for p in range(lab.n_paths)]
+        cert = make_certificate(key, f"lab-{side}", sans=sans, issuer_cert=ca_cert, issuer_key=ca_key)
         (workdir / f"lab-{side}.key").write_bytes(key_pem(key))
         os.chmod(workdir / f"lab-{side}.key", 0o600)
         (workdir / f"lab-{side}.crt").write_bytes(cert_pem(cert))

@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, Lu2kError, NetworkError
-from .bench import LabDaemons, net_type_for
+from .bench import LabDaemons, backend_options, net_type_for
 from .netns import Lab, Specs, child_env
 from .spec import build_specs
 
@@ -62,27 +62,6 @@ SMALL_FROM_PORTAL = 8
 
 def rail_nid(lab: Lab, side: str, path: int, nettype: str) -> str:
     return f"{lab.address(side, path)}@{nettype if path == 0 else f'{nettype}{path}'}"
-
-
-def _certs(lab: Lab, workdir: Path) -> dict[str, dict[str, str]]:
-    """A throw-away CA and one certificate per site naming every path's address (QUIC checks
-    the name of the address it connects to, and a multi-rail peer is reached on each)."""
-    from ..certs import cert_pem, key_pem, make_certificate, make_key
-
-    ca_key = make_key()
-    ca_cert = make_certificate(ca_key, "lu2k-rails-ca", is_ca=True)
-    ca_path = workdir / "rails-ca.crt"
-    ca_path.write_bytes(cert_pem(ca_cert))
-    out: dict[str, dict[str, str]] = {}
-    for side in ("a", "b"):
-        key = make_key()
-        sans = [lab.address(side, p) for p in range(lab.n_paths)]
-        cert = make_certificate(key, f"rails-{side}", sans=sans, issuer_cert=ca_cert, issuer_key=ca_key)
-        (workdir / f"rails-{side}.key").write_bytes(key_pem(key))
-        os.chmod(workdir / f"rails-{side}.key", 0o600)
-        (workdir / f"rails-{side}.crt").write_bytes(cert_pem(cert))
-        out[side] = {"cert": str(workdir / f"rails-{side}.crt"), "key": str(workdir / f"rails-{side}.key"), "ca": str(ca_path)}
-    return out
 
 
 def rail_config(lab: Lab, side: str, workdir: Path, *, multirail: bool, backend: str = "quic", peer_credits: int | None = None,
@@ -135,10 +114,9 @@ class RailDaemons(LabDaemons):
         self.rails = {s: [rail_nid(lab, s, p, nettype) for p in range(lab.n_paths)] for s in ("a", "b")}
         self.nids = {s: self.rails[s][0] for s in ("a", "b")}
         opts = {"a": dict(options or {}), "b": dict(options or {})}
-        if backend == "quic":
-            certs = _certs(lab, workdir)
-            for s in opts:
-                opts[s].update(certs[s])
+        certs = backend_options(backend, lab, workdir)
+        for s in opts:
+            opts[s].update(certs[s])
         self.procs: dict[str, Any] = {}
         tag = "mr" if multirail else "sr"
         for side in ("a", "b"):
