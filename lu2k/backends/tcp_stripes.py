@@ -67,15 +67,6 @@ QUEUE_PER_STRIPE = 2  # received frame batches waiting for the engine, per strip
 # connection's loss recovery and window growth cost round trips that matter -- a long
 # (>= 100 ms) path with loss.  On the lab's GEO profile (docs/measurements/2026-12-03-transfer.md)
 # 2 sockets moved as much as 4 with a quarter of the drops at the bottleneck queue.
-LONG_RTT_MS = 100.0
-DEFAULT_LOSSY_STREAMS = 2
-
-
-def default_streams(rtt_ms: float | None, loss: float | None) -> int:
-    """Sockets per BULK connection for a site profile (1 where nothing says it helps)."""
-    if rtt_ms is None or loss is None or loss <= 0 or rtt_ms < LONG_RTT_MS:
-        return 1
-    return DEFAULT_LOSSY_STREAMS
 
 
 def join_id(connector_tx_key: bytes) -> bytes:
