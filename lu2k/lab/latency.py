@@ -218,27 +218,45 @@ def _lu2k_receiver(args: argparse.Namespace) -> dict[str, Any]:
     return {"received": len(seen), "duplicates": dups, "missing": args.count - len(seen), "samples": samples}
 
 
-def _lu2k_sender(args: argparse.Namespace) -> dict[str, Any]:
-    from ..kernel_shim.endpoint import Endpoint
-    from .bench import tx_pool_bytes
+class Completions:
+    """A paced sender's posted messages, oldest first: counts them delivered or failed (by
+    status name) as their completions come in."""
 
-    pending: deque[Any] = deque()
-    failed: dict[str, int] = {}
-    delivered = stalls = 0
-    lag_max = 0.0
+    def __init__(self) -> None:
+        self.pending: deque[Any] = deque()
+        self.delivered = 0
+        self.failed: dict[str, int] = {}
 
-    def settle(block: bool) -> None:
-        nonlocal delivered
+    def settle(self, block: bool) -> None:
+        """Count the completions that are in (``block``: wait up to 1 s for the oldest)."""
+        pending = self.pending
         while pending and (pending[0].done or block):
             comp = pending[0]
             if not comp.done and not comp.wait(1.0):
                 return
             pending.popleft()
             if comp.status == 0:
-                delivered += 1
+                self.delivered += 1
             else:
                 key = getattr(comp.status, "name", str(comp.status))
-                failed[key] = failed.get(key, 0) + 1
+                self.failed[key] = self.failed.get(key, 0) + 1
+
+    def drain(self, limit_s: float = 120.0) -> None:
+        end = time.monotonic() + limit_s
+        while self.pending and time.monotonic() < end:
+            self.settle(block=True)
+
+    def summary(self, sent: int) -> dict[str, Any]:
+        return {"sent": sent, "delivered": self.delivered, "failed": self.failed, "unsettled": len(self.pending)}
+
+
+def _lu2k_sender(args: argparse.Namespace) -> dict[str, Any]:
+    from ..kernel_shim.endpoint import Endpoint
+    from .bench import tx_pool_bytes
+
+    done = Completions()
+    stalls = 0
+    lag_max = 0.0
 
     # A TX slot is held until the end-to-end ACK: the pool must hold a round trip of messages
     # or the pool, not the path, sets the rate.
@@ -256,17 +274,14 @@ def _lu2k_sender(args: argparse.Namespace) -> dict[str, Any]:
                     # so the wait shows up as latency, as it would for an application.
                     stalls += 1
                     ep.poll()
-                    settle(block=bool(pending))
+                    done.settle(block=bool(done.pending))
             STAMP.pack_into(slot.view, 0, k, due)
-            pending.append(slot.post(args.to, portal=0))
+            done.pending.append(slot.post(args.to, portal=0))
             lag_max = max(lag_max, time.monotonic() - due)
             ep.poll()
-            settle(block=False)
-        end = time.monotonic() + 120
-        while pending and time.monotonic() < end:
-            settle(block=True)
-    return {"sent": args.count, "delivered": delivered, "failed": failed, "unsettled": len(pending),
-            "backpressure_waits": stalls, "max_send_lag_ms": lag_max * 1e3}
+            done.settle(block=False)
+        done.drain()
+    return {**done.summary(args.count), "backpressure_waits": stalls, "max_send_lag_ms": lag_max * 1e3}
 
 
 def _lu2k_sink(args: argparse.Namespace) -> dict[str, Any]:

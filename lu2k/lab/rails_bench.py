@@ -33,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -202,24 +201,9 @@ def _small_receiver(args: argparse.Namespace) -> dict[str, Any]:
 def _small_sender(args: argparse.Namespace) -> dict[str, Any]:
     from ..kernel_shim.endpoint import Endpoint
     from .bench import tx_pool_bytes
-    from .latency import STAMP, Schedule, _sleep_until
+    from .latency import STAMP, Completions, Schedule, _sleep_until
 
-    pending: deque[Any] = deque()
-    delivered = 0
-    failed: dict[str, int] = {}
-
-    def settle(block: bool) -> None:
-        nonlocal delivered
-        while pending and (pending[0].done or block):
-            comp = pending[0]
-            if not comp.done and not comp.wait(1.0):
-                return
-            pending.popleft()
-            if comp.status == 0:
-                delivered += 1
-            else:
-                key = getattr(comp.status, "name", str(comp.status))
-                failed[key] = failed.get(key, 0) + 1
+    done = Completions()
 
     with Endpoint.attach(args.socket, portal=SMALL_FROM_PORTAL, tx_pool_bytes=tx_pool_bytes(args.size, 256)) as ep:
         sched = Schedule(time.monotonic() + 0.2, args.interval)
@@ -228,13 +212,11 @@ def _small_sender(args: argparse.Namespace) -> dict[str, Any]:
             _sleep_until(due)
             slot = ep.reserve(args.size, timeout=30)
             STAMP.pack_into(slot.view, 0, k, due)
-            pending.append(slot.post(args.to, portal=SMALL_PORTAL))
+            done.pending.append(slot.post(args.to, portal=SMALL_PORTAL))
             ep.poll()
-            settle(block=False)
-        end = time.monotonic() + 120
-        while pending and time.monotonic() < end:
-            settle(block=True)
-    return {"sent": args.count, "delivered": delivered, "failed": failed, "unsettled": len(pending)}
+            done.settle(block=False)
+        done.drain()
+    return done.summary(args.count)
 
 
 def _argv(*args: str) -> list[str]:
