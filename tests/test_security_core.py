@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from lu2k import wire
-from lu2k.core import Connect, Deliver, InConn, Node
-from lu2k.core.node import PEER_IDLE_TIMEOUT, PEER_SWEEP_MIN, SESSION_IDLE_TIMEOUT
+from lu2k.core import Connect, ConnState, Deliver, Delivery, InConn, Node, Wake
+from lu2k.core.node import PEER_IDLE_TIMEOUT, PEER_SWEEP_MIN, SESSION_IDLE_TIMEOUT, dest_reserve
 from lu2k.errors import Status
 from lu2k.nid import parse_nid
 
@@ -125,6 +127,70 @@ def test_a_destination_that_answers_is_not_held_to_its_share() -> None:
     m.now = peer.dest_stall + 0.5  # no acknowledgement since: the share binds again
     late = m.send(a, G1, b"late", portal=5)
     assert late.conn is None and list(peer.parked[(G1.to_bytes(), 5)]) == [late]
+
+
+class StopsAnsweringMesh(Mesh):
+    """Portal 7 has an endpoint too, which answers until ``portal7_stuck`` is set, then never again."""
+
+    portal7_stuck = False
+
+    def do(self, node: Node, a: Any) -> None:
+        if isinstance(a, Deliver) and a.delivery.dst_portal == 7 and self.portal7_stuck:
+            self.held_deliveries.append((node, a.delivery))
+            return
+        super().do(node, a)
+
+    def answer(self, node: Node, d: Delivery, status: Status = Status.DELIVERED) -> None:
+        if d.dst_portal == 7 and status is Status.DELIVERED:
+            node.delivered(d, Status.DELIVERED, "", self.now)
+        else:
+            super().answer(node, d, status)
+
+
+def test_a_destination_that_answered_then_stopped_leaves_the_reserve_to_the_others() -> None:
+    """A destination that had just answered may go past its share, but not into the reserve:
+    it stopped with all the credits in flight, and another endpoint's messages to the same
+    peer waited for its transaction timeouts."""
+    m = StopsAnsweringMesh()
+    a = m.node("a", [A], peer_credits=8, transaction_timeout=6.0)
+    m.node("g", [G1])
+    assert m.done(m.send(a, G1, b"first", portal=7)) == [(Status.DELIVERED, "delivered")]
+    m.portal7_stuck = True
+    stuck = [m.send(a, G1, b"s", portal=7) for _ in range(30)]
+    peer = a.peer(G1)
+    assert peer.dest_reserve == 2 and peer.by_dest[(G1.to_bytes(), 7)] == peer.dest_cap_answering == 6
+    fine = [m.send(a, G1, b"f", portal=5) for _ in range(20)]
+    assert [m.done(x) for x in fine] == [[(Status.DELIVERED, "delivered")]] * 20
+    assert not any(m.done(x) for x in stuck)
+    m.tick(a, 6.0)
+    assert all(len(m.done(x)) == 1 and m.done(x)[0][0] is Status.TIMED_OUT for x in stuck)
+
+
+def test_a_message_given_credits_just_before_its_deadline_times_out_as_waiting() -> None:
+    """One message's timeout freed the credit the next one waited for; that one met its own
+    deadline a moment later, before its connection's writer ran, and failed NO_ROUTE ("no
+    connection") although the connection was up."""
+    m = Mesh()
+    a = m.node("a", [A], peer_credits=1, transaction_timeout=6.0)
+    m.node("g", [G1])
+    m.hold_deliveries = True
+    first = m.send(a, G1)
+    m.now = 0.001
+    second = m.send(a, G1)
+    a.handle_timer(6.0)  # the first times out; the second is given its credit ...
+    actions = a.take_actions()
+    assert second.conn is not None and second.conn.state is ConnState.UP and not second.transmitted
+    for act in actions:
+        if not isinstance(act, Wake):  # ... but its writer has not run yet
+            m.do(a, act)
+    m.tick(a, 6.001)
+    assert m.done(first)[0][0] is Status.TIMED_OUT
+    assert m.done(second) == [(Status.TIMED_OUT, "waited to be sent to 10.0.0.2@tcp past the transaction timeout")]
+
+
+@pytest.mark.parametrize(("credits", "reserve"), [(1, 0), (4, 1), (8, 2), (64, 16), (256, 16), (4096, 256)])
+def test_the_reserve_is_a_quarter_of_few_credits_and_a_sixteenth_of_many(credits: int, reserve: int) -> None:
+    assert dest_reserve(credits) == reserve
 
 
 def test_a_peer_dropped_and_used_again_does_not_restart_its_sequence_numbers() -> None:

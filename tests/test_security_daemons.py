@@ -36,20 +36,23 @@ def test_a_stuck_receiver_does_not_stall_another_endpoints_traffic_to_the_same_p
     with daemons(["127.0.0.1@tcp", "127.0.0.2@tcp"], tunables={"peer_credits": 8},
                  extra={"global": {"transaction_timeout": 6}}) as (a, b):
         stuck = Endpoint.attach(b.shim_path, portal=7, rx_pool_bytes=64 << 10)  # never receives
-        rx = Receiver(b.shim_path, 20, portal=0)
-        rx.start()
-        with Endpoint.attach(a.shim_path, portal=1) as s1, Endpoint.attach(a.shim_path, portal=2) as s2:
-            to_stuck = [s1.send(b.nid, make_message(i, 32 << 10, rnd), 7) for i in range(30)]
-            s1.flush()
-            to_fine = [s2.send(b.nid, make_message(i, 4096, rnd), 0) for i in range(20)]
-            assert all(c.wait(60) for c in to_fine)
-            assert [c.status for c in to_fine] == [Status.DELIVERED] * 20, [(c.status, c.reason) for c in to_fine]
-            assert all(c.wait(60) for c in to_stuck)
-            statuses = Counter(c.status for c in to_stuck)
-            assert set(statuses) <= {Status.DELIVERED, Status.TIMED_OUT} and statuses[Status.TIMED_OUT] > 0, statuses
-        rx.join(60)
-        assert rx.error is None and len(rx.seen) == 20 and rx.corrupt == 0
-        stuck.detach()
+        try:
+            rx = Receiver(b.shim_path, 20, portal=0)
+            rx.start()
+            with Endpoint.attach(a.shim_path, portal=1) as s1, Endpoint.attach(a.shim_path, portal=2) as s2:
+                to_stuck = [s1.send(b.nid, make_message(i, 32 << 10, rnd), 7) for i in range(30)]
+                s1.flush()
+                to_fine = [s2.send(b.nid, make_message(i, 4096, rnd), 0) for i in range(20)]
+                assert all(c.wait(60) for c in to_fine)
+                assert [c.status for c in to_fine] == [Status.DELIVERED] * 20, [(c.status, c.reason) for c in to_fine]
+                assert all(c.wait(60) for c in to_stuck)
+                statuses = Counter(c.status for c in to_stuck)
+                assert set(statuses) <= {Status.DELIVERED, Status.TIMED_OUT} and statuses[Status.TIMED_OUT] > 0, \
+                    [(c.status, c.reason) for c in to_stuck]
+            rx.join(60)
+            assert rx.error is None and len(rx.seen) == 20 and rx.corrupt == 0
+        finally:
+            stuck.detach()
 
 
 class _Counting(threading.Thread):

@@ -38,7 +38,8 @@ router buffer space or ``max_pending_deliveries`` deliveries wait for their endp
 that stops releasing its buffers does not hold up the others.
 
 *Timeouts.*  A message not finished by its deadline fails: NO_ROUTE (with the last
-connect error) if it never went out, TIMED_OUT otherwise.
+connect error) if it never went out for want of a connection, TIMED_OUT otherwise (waiting
+for credits or for its turn on a connection that is up, or unacknowledged).
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ PING_PORTAL = 0xFFFFFFFF  # a message to this portal is answered by the daemon i
 RAIL_PROBE = "rail probe"  # target of the pings that bring a dead rail back
 
 Finish = Callable[[Status, str], None]
+
+
+def dest_reserve(peer_credits: int) -> int:
+    """The credits of a peer that one destination never gets: a quarter of a few, at least
+    a sixteenth of many (8 -> 2, 64 -> 16, 4096 -> 256)."""
+    return max(peer_credits // 16, min(peer_credits // 4, 16))
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,11 +304,14 @@ class Peer:
         # deliveries after which the receiver stops reading the connection, so a receiver
         # that stopped taking messages cannot starve the others; its further messages wait
         # in ``parked`` (in order) without blocking the queue behind them.
-        # The share binds only while the destination is not answering: a destination whose
-        # messages were acknowledged within ``dest_stall`` seconds takes whatever credits there
-        # are (a long link needs many messages in flight to one destination).
+        # A destination whose messages were acknowledged within ``dest_stall`` seconds may go
+        # past that, up to ``dest_cap_answering`` (a long link needs many messages in flight to
+        # one destination), but never into ``dest_reserve``: a destination can stop answering
+        # with all it was given in flight, and those credits are back only at its timeouts.
         limit = ni.params.peer_credits
-        self.dest_cap = max(1, min(limit - limit // 4, params.max_pending_deliveries * 3 // 4))
+        self.dest_reserve = dest_reserve(limit)
+        self.dest_cap = max(1, min(limit - self.dest_reserve, params.max_pending_deliveries * 3 // 4))
+        self.dest_cap_answering = max(1, limit - self.dest_reserve)
         self.dest_stall = max(DEST_STALL_MIN, DEST_STALL_RTTS * ni.params.rtt)
         self.by_dest: Counter[tuple[bytes, int]] = Counter()
         self.dest_acked: dict[tuple[bytes, int], float] = {}  # destination -> when it last acknowledged one
@@ -714,7 +724,7 @@ class Node(ReturnPaths):
                 p.meter = mr.RailMeter(ni.params.rate, ni.params.rtt)
                 # The per-destination share is not applied across rails (a message moved to
                 # another rail keeps its count on the first): a rail's credits are its only cap.
-                p.dest_cap = p.credits.limit
+                p.dest_cap = p.dest_cap_answering = p.credits.limit
             else:
                 p.next_seq = self._dropped_seq.pop(nid, 1)
                 self._dropped_at.pop(nid, None)
@@ -788,7 +798,11 @@ class Node(ReturnPaths):
             why = f"waited for credits to {peer.nid} past the transaction timeout" + (f" ({peer.last_error})" if peer.last_error else "")
             self._fail(m, Status.TIMED_OUT if peer.incarnation is not None else Status.NO_ROUTE, why)
         elif not m.transmitted and peer is not None:
-            self._fail(m, Status.NO_ROUTE, f"{peer.nid} unreachable: {peer.last_error or 'no connection'}")
+            conn = m.conn
+            if conn is not None and conn.state is ConnState.UP:  # given credits just before its deadline
+                self._fail(m, Status.TIMED_OUT, f"waited to be sent to {peer.nid} past the transaction timeout")
+            else:
+                self._fail(m, Status.NO_ROUTE, f"{peer.nid} unreachable: {peer.last_error or 'no connection'}")
         else:
             hop = str(peer.nid) if peer is not None else (f"LAN {m.lan}" if m.lan else "the local endpoint")
             self._fail(m, Status.TIMED_OUT, f"no acknowledgement from {hop} within the transaction timeout; delivery unknown")
@@ -904,11 +918,12 @@ class Node(ReturnPaths):
     def _pump_peer(self, peer: Peer) -> None:
         ni = peer.ni
         queue, credits, ni_credits, window = peer.queue, peer.credits, ni.credits, peer.window
-        parked, by_dest, cap = peer.parked, peer.by_dest, peer.dest_cap
+        parked, by_dest, cap, cap_answering = peer.parked, peer.by_dest, peer.dest_cap, peer.dest_cap_answering
         acked, fresh = peer.dest_acked, self._now - peer.dest_stall
         checksum = ni.params.checksum
         while credits.in_use < credits.limit and ni_credits.in_use < ni_credits.limit:
-            ready = next((k for k in parked if by_dest[k] < cap or acked.get(k, NEVER) >= fresh), None) if parked else None
+            ready = next((k for k in parked if by_dest[k] < (cap_answering if acked.get(k, NEVER) >= fresh else cap)),
+                         None) if parked else None
             if ready is not None:
                 waiting = parked[ready]
                 if not window.fits(len(waiting[0].payload)):
@@ -922,7 +937,8 @@ class Node(ReturnPaths):
                 msg = queue.popleft()
                 if parked or by_dest:
                     key = (msg.dst_raw, msg.dst_portal)
-                    if msg.state is MsgState.QUEUED and (key in parked or (by_dest[key] >= cap and acked.get(key, NEVER) < fresh)):
+                    if msg.state is MsgState.QUEUED and (key in parked or by_dest[key] >= (
+                            cap_answering if acked.get(key, NEVER) >= fresh else cap)):
                         parked.setdefault(key, deque()).append(msg)  # still counted in ni.queued
                         continue
             else:
