@@ -284,6 +284,7 @@ class Engine:
                             inl = self._in.get(a.conn)
                             if inl is not None:
                                 inl.transport.close()
+                                inl.resume.set()  # a reader paused on a blocked connection ends too
                             elif a.conn.out is not None and (link := self._out.get(a.conn.out)) is not None:
                                 if link.transport is not None:  # the reverse half of our own connection
                                     link.transport.close()

@@ -288,6 +288,27 @@ def test_a_new_connection_from_the_peer_takes_over_a_stale_one() -> None:
     assert not old.inconn.alive  # the stale accepted connection was closed
 
 
+def test_a_failed_write_on_the_peer_connection_closes_it_and_it_is_not_adopted_again() -> None:
+    """After an outage the outside site wrote on the inside site's old connection (half open:
+    its reader, waiting, had not noticed) and failed; the connection stayed alive in the core,
+    was adopted again at once and failed again, ten times a second, until the daemon stopped."""
+    w, inside, outside = inside_outside(None)  # auto
+    k = w.send(outside, INSIDE)
+    w.tick(0.2)
+    assert w.completions[k] == [Status.DELIVERED] and outside.stats["return_paths_adopted"] == 1
+    conn = next(c for c in outside.peer(INSIDE).conns.values() if c.via is not None)
+    stale = conn.via
+    assert stale is not None
+    outside.connection_lost(conn, conn.attempt, "connection to 10.0.0.1:40000 closed", w.now)  # the runner's write failed
+    w.run(outside)
+    assert not stale.alive  # closed, and the inside site learns it (CloseIn)
+    k = w.send(outside, INSIDE, b"after")
+    w.tick(2.0)  # the inside site reconnects; the outside site rides the new connection
+    assert w.completions[k] == [Status.DELIVERED] and ("10.0.0.1", b"after") in w.received
+    assert conn.via is not None and conn.via is not stale and conn.via.alive
+    assert outside.stats["return_paths_adopted"] == 2
+
+
 def test_keepalives_hold_the_connection_and_a_silent_path_is_reset() -> None:
     w, inside, outside = inside_outside(ReturnPath.REVERSE, keepalive=1.0)
     w.tick(10.5)

@@ -1147,7 +1147,13 @@ class Node(ReturnPaths):
             return
         conn.state = conn_next(conn.state, ConnEvent.LOST)
         conn.woken = False
+        via = conn.via
         self._rp_unlink(conn)
+        if via is not None and via.alive:
+            # It sent on the reverse direction of the peer's connection: that connection is
+            # broken too (its reader may not see it while it waits), and adopting it again
+            # would fail the same way at once.
+            self._close_in(via, f"return path to {conn.peer.nid} lost: {reason}")
         peer = conn.peer
         peer.last_error = reason
         peer.health.failure(now)
