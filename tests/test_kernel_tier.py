@@ -226,6 +226,9 @@ def test_bed_names_stay_prefixed_and_short(lnetbed: ModuleType) -> None:
     assert devices and all(n.startswith("lg") and len(n) <= 15 for n in devices), devices
     # Nothing in the bed's own namespace gets an address: it must not route between the sites.
     assert not any("addr" in c and c[2] == "lg-1234" for c in cmds)
+    # The leg holding an address has the same MAC each time (the guests' neighbour caches outlive a set of sites).
+    assert ["ip", "-n", "lu2k-x-a", "link", "set", "lgla", "address", "02:1c:0a:cb:01:01"] in cmds
+    assert lnetbed.leg_mac("10.203.2.1") == "02:1c:0a:cb:02:01"
     with pytest.raises(lnetbed.BedError, match="IFNAMSIZ"):
         lnetbed.check_ifname("lgthisnameistoolong")
 

@@ -106,6 +106,14 @@ def bridge_commands(ns: str, specs: Sequence[GuestSpec]) -> list[list[str]]:
     return cmds
 
 
+def leg_mac(addr: str) -> str:
+    """The MAC of the leg that holds ``addr``: the same each time that address is attached, so
+    a guest's neighbour entry from an earlier set of sites stays right (with a new random MAC
+    the guest answered the new gateway's SYNs to the old one for a minute)."""
+    octets = [int(x) for x in addr.split(".")]
+    return "02:1c:" + ":".join(f"{o:02x}" for o in octets)
+
+
 def attach_commands(ns: str, bridge: str, side: str, other_ns: str, addr: str) -> list[list[str]]:
     """A veth from ``bridge`` into ``other_ns``, where it is ``lgl<side>`` with ``addr``/16."""
     here, there = check_ifname(f"lglk{side}"), check_ifname(f"lgl{side}")
@@ -113,6 +121,7 @@ def attach_commands(ns: str, bridge: str, side: str, other_ns: str, addr: str) -
         ["ip", "-n", ns, "link", "add", here, "type", "veth", "peer", "name", there, "netns", other_ns],
         ["ip", "-n", ns, "link", "set", here, "master", bridge],
         ["ip", "-n", ns, "link", "set", here, "up"],
+        ["ip", "-n", other_ns, "link", "set", there, "address", leg_mac(addr)],
         ["ip", "-n", other_ns, "addr", "add", f"{addr}/{PREFIX_LEN}", "dev", there],
         ["ip", "-n", other_ns, "link", "set", there, "up"],
     ]
