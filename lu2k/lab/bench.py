@@ -52,6 +52,7 @@ DEFAULT_MAX_MESSAGE = 4 << 20  # the lab daemons' max_message_size
 LU2K_PORT = 7988
 KEY = "lu2k-lab-bench-key"
 MAX_LATENCY_SAMPLES = 1 << 20
+DRAIN_S = 45.0  # a stopped sender waits this long for its messages in flight (transfer() allows it 60 s)
 
 
 def pattern(seq: int, size: int) -> bytes:
@@ -68,6 +69,7 @@ def _receiver(args: argparse.Namespace) -> dict[str, Any] | None:
     latencies: list[float] = []
     seen: set[int] = set()
     dups = corrupt = 0
+    dup_first: list[int] = []
     meter: GoodputMeter | None = None
     bodies: dict[int, bytes] = {}
     with Endpoint.attach(args.socket, portal=0) as ep:
@@ -95,6 +97,8 @@ def _receiver(args: argparse.Namespace) -> dict[str, Any] | None:
                 meter.add(n, now)
                 if seq in seen:
                     dups += 1
+                    if len(dup_first) < 20:
+                        dup_first.append(seq)
                     continue
                 seen.add(seq)
                 if args.verify:
@@ -116,7 +120,7 @@ def _receiver(args: argparse.Namespace) -> dict[str, Any] | None:
             return latencies[min(len(latencies) - 1, int(q / 100 * (len(latencies) - 1) + 0.5))] * 1e3
 
         missing = sorted(set(range(args.count)) - seen)[:20] if args.count else []
-        out.update({"messages": len(seen), "duplicates": dups, "corrupt": corrupt, "missing_first": missing,
+        out.update({"messages": len(seen), "duplicates": dups, "duplicates_first": dup_first, "corrupt": corrupt, "missing_first": missing,
                     "p50_latency_ms": pct(50), "p99_latency_ms": pct(99), "latency_samples": len(latencies)})
         if not args.linger:
             return out
@@ -157,12 +161,14 @@ def _sender(args: argparse.Namespace) -> dict[str, Any]:
     sent = delivered = 0
     end = time.monotonic() + args.max_time
 
-    def settle(limit: int) -> None:
+    def settle(limit: int, until: float | None = None) -> None:
+        """Wait for the oldest completions until at most ``limit`` are pending; once stopped,
+        only with ``until`` (the drain at the end)."""
         nonlocal delivered
-        while len(pending) > limit and not stop:
+        while len(pending) > limit and (until is not None or not stop):
             comp = pending[0]
             if not comp.wait(1.0):
-                if time.monotonic() > end:
+                if time.monotonic() > (end if until is None else until):
                     return
                 continue
             pending.popleft()
@@ -194,7 +200,10 @@ def _sender(args: argparse.Namespace) -> dict[str, Any]:
             pending.append(slot.post(args.to, portal=0))
             sent += 1
             settle(args.window)
-        settle(0)
+        # Stopped or done: wait for what is in flight before detaching.  Detaching cancels it
+        # here, but what already left still arrives -- at whatever endpoint is on the portal
+        # by then, such as the next run's receiver, where it read as duplicates.
+        settle(0, until=time.monotonic() + DRAIN_S)
     return {"sent": sent, "delivered": delivered, "failed": failed, "unsettled": len(pending)}
 
 

@@ -161,6 +161,9 @@ def assert_traffic_resumes(lnet_bed: Any, sites: Sites, figures: dict[str, Any])
         attempts.append(got)
         if got["stopped"] and got["error_nodes"] == {"c": 0, "s": 0}:
             break
+        # What the next reader of a failure needs: lst's own words and both daemons' view of the hop.
+        got["output_tail"] = (res.out + res.err)[-3000:]
+        got["peers"] = {side: sites.ctl(side, "peer", "show") for side in ("a", "b")}
     for g in (a, b):
         assert lb.corruption_reports(g) == []
     assert attempts[-1]["stopped"] and attempts[-1]["error_nodes"] == {"c": 0, "s": 0}, attempts
