@@ -143,7 +143,9 @@ def assert_traffic_resumes(lnet_bed: Any, sites: Sites, figures: dict[str, Any])
     """Routes up again, pings end to end, then a fresh lst session with full checks and no error.
 
     Messages caught in the fault may still be timing out (LNet's and lu2k's transaction timeouts)
-    when the first session starts, so up to RESUME_ATTEMPTS sessions run; every one is recorded.
+    when the first session starts, so up to RESUME_ATTEMPTS sessions run, a transaction timeout
+    apart (a session that fails at once would otherwise retry inside the same window); every
+    one is recorded.
     Neither kernel may ever log an lnet_selftest data-corruption message.
     """
     a, b = lnet_bed.guests["a"], lnet_bed.guests["b"]
@@ -164,6 +166,8 @@ def assert_traffic_resumes(lnet_bed: Any, sites: Sites, figures: dict[str, Any])
         # What the next reader of a failure needs: lst's own words and both daemons' view of the hop.
         got["output_tail"] = (res.out + res.err)[-3000:]
         got["peers"] = {side: sites.ctl(side, "peer", "show") for side in ("a", "b")}
+        if len(attempts) < RESUME_ATTEMPTS:
+            time.sleep(FAULT_TRANSACTION_TIMEOUT)
     for g in (a, b):
         assert lb.corruption_reports(g) == []
     assert attempts[-1]["stopped"] and attempts[-1]["error_nodes"] == {"c": 0, "s": 0}, attempts
