@@ -64,7 +64,7 @@ from . import rails as mr
 from .actions import (
     AbortRx, Action, Close, CloseIn, Complete, Connect, Deliver, LanTransmit, PingDone, Resume, SendIn, Wake,
 )
-from .returnpath import ANSWERS, REQUESTS, ReturnPaths
+from .returnpath import ANSWERS, REQUESTS, ReturnPath, ReturnPaths
 from .states import FINAL, TRANSMITTED, ConnEvent, ConnState, MsgEvent, MsgState, conn_next, msg_next
 
 SEND_BATCH_FRAMES = 512
@@ -271,12 +271,13 @@ class OutConn:
         self.rev_in: InConn | None = None
         self.hold = False
         self.connect_failed = False
+        self.prewarm = False  # opened beside its sibling before anything needs it (until up or failed)
 
     def has_work(self) -> bool:
         q = self.queue
         while q and q[0].state in FINAL:
             q.popleft()  # failed while waiting for this connection
-        return bool(q) or self.hold or any(not p.sent for p in self.pings.values())
+        return bool(q) or self.hold or self.prewarm or any(not p.sent for p in self.pings.values())
 
     def __repr__(self) -> str:
         return f"<OutConn {self.peer.nid} {self.ctype.name} {self.state.value} #{self.attempt}>"
@@ -335,6 +336,9 @@ class Peer:
             ctype = ConnType.BULK if size >= p.min_bulk else ConnType.CONTROL
         else:
             ctype = ConnType.ANY
+        return self.conn_of(ctype)
+
+    def conn_of(self, ctype: ConnType) -> OutConn:
         conn = self.conns.get(ctype)
         if conn is None:
             conn = self.conns[ctype] = OutConn(self, ctype, Backoff(self._params.reconnect_min, self._params.reconnect_max))
@@ -996,6 +1000,18 @@ class Node(ReturnPaths):
         conn.attempt += 1
         host, port = self.address_of(conn.peer)
         self.actions.append(Connect(conn, conn.attempt, host, port))
+        if conn.ctype is not ConnType.ANY:
+            self._prewarm_siblings(conn.peer)
+
+    def _prewarm_siblings(self, peer: Peer) -> None:
+        """A peer's first typed connection: open the other type beside it, so that the first
+        message of the other kind does not wait a whole set-up behind it (a connect and the
+        two-round-trip hello: 1.8 s on GEO).  Once per peer; a failure is not retried."""
+        for ctype in (ConnType.CONTROL, ConnType.BULK):
+            if ctype not in peer.conns:
+                sibling = peer.conn_of(ctype)
+                sibling.prewarm = True
+                self._maybe_connect(sibling)
 
     # ------------------------------------------------------------------ message state
 
@@ -1097,6 +1113,7 @@ class Node(ReturnPaths):
 
     def _conn_up(self, conn: OutConn, peer_incarnation: int) -> None:
         conn.backoff.succeeded()
+        conn.prewarm = False
         peer = conn.peer
         if peer.incarnation is not None and peer_incarnation != peer.incarnation:
             self.stats["peer_restarts"] += 1
@@ -1124,6 +1141,7 @@ class Node(ReturnPaths):
             return
         conn.state = conn_next(conn.state, ConnEvent.FAILED)
         conn.connect_failed = True
+        conn.prewarm = False
         peer = conn.peer
         conn.backoff.failed(now, reason)
         peer.health.failure(now)
@@ -1372,7 +1390,23 @@ class Node(ReturnPaths):
         conn = self._attach_in(ni, result.peer_nid, result.peer_incarnation, result.conn_type, multirail=result.multirail)
         conn.pong_nids = result.pong_nids
         self.stats["conns_accepted"] += 1
+        self._prewarm_back(ni, result.peer_nid)
         return conn
+
+    def _prewarm_back(self, ni: NI, nid: Nid) -> None:
+        """A peer we have no connection to connected to us: open ours back beside it, so that
+        the first answer (an LNet reply, a transfer's ACCEPT) does not wait a whole set-up.
+        Not where the peer is to be reached only over its own connection (``reverse``); a
+        peer that cannot be connected to (NAT) fails once, and ``auto`` then rides its
+        connection at the first message."""
+        if self.closing or nid == ni.nid or self.return_path(nid) is ReturnPath.REVERSE:
+            return
+        known = ni.peers.get(nid)
+        if known is not None and known.conns:
+            return
+        conn = self.peer(nid).conn_of(ConnType.CONTROL if ni.params.typed_connections else ConnType.ANY)
+        conn.prewarm = True
+        self._maybe_connect(conn)
 
     def _attach_in(self, ni: NI, peer_nid: Nid, incarnation: int, ctype: ConnType, *, multirail: bool = False) -> InConn:
         """A connection that carries ``peer_nid``'s messages, in its session ``incarnation``."""
