@@ -186,10 +186,13 @@ def test_loop_carries_both_directions_in_order_with_delay(tmp_path: Path) -> Non
         assert stats["links"]["ba"]["packets_out"] == 1
         assert send_control(h.fwd.state.lab_id, {"cmd": "down"})["up"] == {"ab": False, "ba": False}
         h.a_far.send(b"lost")
-        # The packet and the next stats request may be served in either order in one wakeup.
-        for _ in range(100):
-            if send_control(h.fwd.state.lab_id, {"cmd": "stats"})["links"]["ab"]["drops_down"]:
+        # The packet and the next stats request may be served in either order in one wakeup,
+        # and on a loaded machine the packet may not have been read yet: wait for it (bounded).
+        deadline = time.monotonic() + 30
+        while not send_control(h.fwd.state.lab_id, {"cmd": "stats"})["links"]["ab"]["drops_down"]:
+            if time.monotonic() > deadline:
                 break
+            time.sleep(0.01)
         assert h.fwd.models["ab"].counters.drops_down == 1
         assert h.fwd.write_errors == 0
     finally:
