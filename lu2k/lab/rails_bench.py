@@ -320,7 +320,7 @@ def run_rails(geo: Specs, leo: Specs, *, duration: float = 10.0, warmup: float =
                     d.nids = {"a": d.rails["a"][p], "b": d.rails["b"][p]}
                     say(f"single rail, path {p}")
                     r = transfer(lab, d, size=size, window=window, warmup=warmup, duration=duration)
-                    base.append({"path": p, "goodput_mbit": r["goodput_bps"] / 1e6, "duplicates": r["duplicates"]})
+                    base.append({"path": p, "goodput_mbit": r["goodput_bps"] / 1e6, "duplicates": r["duplicates"], "cpu": r.get("cpu")})
                 # What the small messages get from the low-RTT rail alone while bulk fills it: the
                 # two-rail figure below is held to this one, not to the path's bare one-way delay.
                 say("small messages while bulk fills path 1 alone")
@@ -335,6 +335,7 @@ def run_rails(geo: Specs, leo: Specs, *, duration: float = 10.0, warmup: float =
                 total = r["goodput_bps"] / 1e6
                 out["two_rails"] = {"goodput_mbit": total, "sum_of_limits_mbit": sum(rates), "of_sum": total / sum(rates),
                                     "vs_best_single": total / max(b["goodput_mbit"] for b in base), "duplicates": r["duplicates"],
+                                    "cpu": r.get("cpu"),
                                     "peers_a": d.peers("a")}
                 say("small messages while bulk fills both rails")
                 recv, extra = small_under_bulk(lab, d, size=small_size, interval=1 / small_rate, count=count, skip=int(small_rate),
