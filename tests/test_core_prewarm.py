@@ -62,16 +62,6 @@ def test_a_peer_that_connected_is_connected_back_before_there_is_an_answer() -> 
     assert m.done(reply) == [(Status.DELIVERED, "delivered")] and len(m.connects) == 2
 
 
-def test_a_peer_already_connected_to_is_not_connected_again() -> None:
-    m = CountingMesh()
-    a = m.node("a", [A])
-    g = m.node("g", [G1])
-    m.send(a, G1)
-    m.run(g)
-    m.send(g, A)
-    assert len(m.connects) == 2
-
-
 def test_a_connection_back_that_fails_is_not_retried_and_auto_then_rides_the_peers() -> None:
     """The inside site behind NAT connects out; the outside site's connection back fails once
     and is left alone; its first message then goes over the inside site's connection."""
