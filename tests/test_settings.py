@@ -291,20 +291,26 @@ def test_cert_given_twice_is_an_error() -> None:
 def test_derived_defaults_geo() -> None:
     d = derive_link_defaults(LinkProfile(rtt_ms=600, rate_mbit=20))
     assert d["bdp_bytes"] == 1_500_000
-    assert d["peer_credits"] == math.ceil(2 * 1_500_000 / 1024) == 2930
-    assert d["credits"] == 4 * 2930
-    assert d["window_bytes"] == 3_000_000 and d["socket_buffer"] == 3_000_000
-    # 2930 credits of 1 KiB per 600 ms round trip is 40 Mbit/s: twice the link, where 8 gave 0.1;
-    # larger messages are held to the same 3 MB by the byte window
-    assert 2930 * 1024 * 8 / 0.6 / 1e6 > 2 * 20 * 0.99
+    # four BDPs: the pipe, the ACK's way back, and two for loss repair behind an in-order transport's hole
+    assert d["window_bytes"] == 6_000_000 and d["socket_buffer"] == 3_000_000
+    assert d["peer_credits"] == 4096 and d["credits"] == 4 * 4096  # ceil(6 MB / 1 KiB) = 5860, capped
+    # 4096 credits of 1 KiB per 600 ms round trip is 56 Mbit/s, where 8 gave 0.1; larger
+    # messages are held to the same 6 MB by the byte window
+    assert 4096 * 1024 * 8 / 0.6 / 1e6 > 2 * 20 * 0.99
+
+
+def test_derived_defaults_for_a_link_that_loses_nothing_keep_two_bdps() -> None:
+    d = derive_link_defaults(LinkProfile(rtt_ms=600, rate_mbit=20, loss=0.0))
+    assert d["window_bytes"] == 3_000_000 and d["peer_credits"] == math.ceil(3_000_000 / 1024) == 2930
+    assert derive_link_defaults(LinkProfile(rtt_ms=600, rate_mbit=20, loss=0.01))["window_bytes"] == 6_000_000
 
 
 def test_derived_defaults_leo() -> None:
     d = derive_link_defaults(LinkProfile(rtt_ms=40, rate_mbit=50))
     assert d["bdp_bytes"] == 250_000
-    assert d["peer_credits"] == math.ceil(2 * 250_000 / 1024) == 489
-    assert d["credits"] == 4 * 489 and d["socket_buffer"] == d["window_bytes"] == 500_000
-    assert 489 * 1024 * 8 / 0.04 / 1e6 > 2 * 50 * 0.99
+    assert d["peer_credits"] == math.ceil(4 * 250_000 / 1024) == 977
+    assert d["credits"] == 4 * 977 and d["window_bytes"] == 1_000_000 and d["socket_buffer"] == 500_000
+    assert 977 * 1024 * 8 / 0.04 / 1e6 > 2 * 50 * 0.99
 
 
 def test_derived_defaults_caps_and_absence() -> None:
@@ -317,13 +323,13 @@ def test_profile_only_net_gets_derived_credits_and_config_wins() -> None:
     cfg = parse_config(base(profile={"rtt_ms": 600, "rate_mbit": "20mbit"}))
     n = cfg.nets[0]
     assert n.profile == LinkProfile(rtt_ms=600, rate_mbit=20.0)
-    assert (n.peer_credits, n.credits) == (2930, 4 * 2930)
-    assert n.derived == {"bdp_bytes": 1_500_000, "peer_credits": 2930, "credits": 4 * 2930, "window_bytes": 3_000_000,
+    assert (n.peer_credits, n.credits) == (4096, 4 * 4096)
+    assert n.derived == {"bdp_bytes": 1_500_000, "peer_credits": 4096, "credits": 4 * 4096, "window_bytes": 6_000_000,
                          "socket_buffer": 3_000_000}
     data = base(profile={"rtt_ms": 600, "rate_mbit": 20})
     data["net"][0]["local NI(s)"][0]["tunables"] = {"peer_credits": 12}
     n = parse_config(data).nets[0]
-    assert n.peer_credits == 12 and "peer_credits" not in n.derived and n.derived["credits"] == 4 * 2930
+    assert n.peer_credits == 12 and "peer_credits" not in n.derived and n.derived["credits"] == 4 * 4096
     # without a profile: LNet's defaults, nothing derived
     n = parse_config(base()).nets[0]
     assert (n.peer_credits, n.credits, n.derived) == (8, 256, {})

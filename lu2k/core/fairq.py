@@ -18,8 +18,9 @@ the link carries:
 * **Bytes past the link.**  Credits count messages, not bytes: 256 credits of 64 KiB messages
   are 16 MiB, eleven round trips of a 20 Mbit/s GEO hop, all of it queueing inside the
   transport.  :class:`ByteWindow` bounds the bytes assigned to the peer and not yet
-  acknowledged to ``limit`` -- the net's derived ``window_bytes``, two bandwidth-delay products:
-  one the link holds, one of queue.  A message is assigned only if it fits (or the window is
+  acknowledged to ``limit`` -- the net's derived ``window_bytes``, four bandwidth-delay
+  products: one the link holds, one of queue, two held behind lost packets until their repair
+  (two with ``loss: 0``).  A message is assigned only if it fits (or the window is
   empty, so a message larger than the window still goes, alone).  What does not fit stays in
   the fair queue, the endpoints' own in-flight limits fill up, and their sends block: the
   excess becomes back-pressure on the endpoint that offers it.
