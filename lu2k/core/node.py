@@ -338,6 +338,11 @@ class Peer:
             ctype = ConnType.ANY
         return self.conn_of(ctype)
 
+    def dest_limit(self, key: tuple[bytes, int], fresh: float) -> int:
+        """How many credits destination ``key`` may hold: more while it answers (acknowledged
+        since ``fresh``), never the reserve."""
+        return self.dest_cap_answering if self.dest_acked.get(key, NEVER) >= fresh else self.dest_cap
+
     def conn_of(self, ctype: ConnType) -> OutConn:
         conn = self.conns.get(ctype)
         if conn is None:
@@ -922,12 +927,11 @@ class Node(ReturnPaths):
     def _pump_peer(self, peer: Peer) -> None:
         ni = peer.ni
         queue, credits, ni_credits, window = peer.queue, peer.credits, ni.credits, peer.window
-        parked, by_dest, cap, cap_answering = peer.parked, peer.by_dest, peer.dest_cap, peer.dest_cap_answering
-        acked, fresh = peer.dest_acked, self._now - peer.dest_stall
+        parked, by_dest, limit_of = peer.parked, peer.by_dest, peer.dest_limit
+        fresh = self._now - peer.dest_stall
         checksum = ni.params.checksum
         while credits.in_use < credits.limit and ni_credits.in_use < ni_credits.limit:
-            ready = next((k for k in parked if by_dest[k] < (cap_answering if acked.get(k, NEVER) >= fresh else cap)),
-                         None) if parked else None
+            ready = next((k for k in parked if by_dest[k] < limit_of(k, fresh)), None) if parked else None
             if ready is not None:
                 waiting = parked[ready]
                 if not window.fits(len(waiting[0].payload)):
@@ -941,8 +945,7 @@ class Node(ReturnPaths):
                 msg = queue.popleft()
                 if parked or by_dest:
                     key = (msg.dst_raw, msg.dst_portal)
-                    if msg.state is MsgState.QUEUED and (key in parked or by_dest[key] >= (
-                            cap_answering if acked.get(key, NEVER) >= fresh else cap)):
+                    if msg.state is MsgState.QUEUED and (key in parked or by_dest[key] >= limit_of(key, fresh)):
                         parked.setdefault(key, deque()).append(msg)  # still counted in ni.queued
                         continue
             else:
