@@ -555,6 +555,12 @@ class Engine:
                 core.send_done(batch, self.now(), str(e))
                 self._transmit()
                 raise
+            except BaseException:
+                # Cancelled mid-send (the daemon stops): the payloads are no longer read either,
+                # and each message must still reach its one completion.
+                core.send_done(batch, self.now(), f"send to {conn.peer.nid} cancelled")
+                self._transmit()
+                raise
             core.send_done(batch, self.now())
             self._transmit()
         raise ConnectionClosed(f"connection to {conn.peer.nid} closed")

@@ -204,6 +204,24 @@ async def check_send_after_close_fails_cleanly(but: BackendUnderTest) -> None:
         await _close(out, inn, lst, server, client)
 
 
+async def check_close_under_queued_sends_fails_each_cleanly(but: BackendUnderTest) -> None:
+    """Sends queued behind each other when the connection closes: each one ends, sent or with a
+    NetworkError -- never a CancelledError the caller did not ask for, which would leave its
+    messages' payloads marked as being read and their completions owed for ever."""
+    server, client, out, inn, lst = await _pair(but)
+    try:
+        sends = [asyncio.ensure_future(out.send([_msg(i + 1, b"q" * (1 << 20))])) for i in range(48)]
+        await asyncio.sleep(0.05)  # the first are on the wire, the rest wait behind them
+        out.close()
+        done, pending = await asyncio.wait(sends, timeout=30)
+        assert not pending, f"{len(pending)} sends still pending 30 s after close()"
+        outcomes = ["cancelled" if s.cancelled() else type(s.exception()).__name__ if s.exception() else "sent" for s in sends]
+        assert not any(s.cancelled() for s in sends), outcomes
+        assert all(s.exception() is None or isinstance(s.exception(), NetworkError) for s in sends), outcomes
+    finally:
+        await _close(out, inn, lst, server, client)
+
+
 TRANSPORT_CHECKS: list[Callable[[BackendUnderTest], Awaitable[None]]] = [
     check_messages_arrive_intact,
     check_reverse_direction_carries_acks,
@@ -211,4 +229,5 @@ TRANSPORT_CHECKS: list[Callable[[BackendUnderTest], Awaitable[None]]] = [
     check_close_is_seen_by_peer,
     check_connect_refused_is_connect_error,
     check_send_after_close_fails_cleanly,
+    check_close_under_queued_sends_fails_each_cleanly,
 ]

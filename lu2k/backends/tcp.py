@@ -29,12 +29,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import fcntl
 import socket
 import struct
 import termios
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -121,6 +122,9 @@ class TcpTransport(Transport):
         self._scratch: bytearray | None = None  # allocated on first use, freed on close
         self._closed = False
         self._send_lock = asyncio.Lock()
+        # Sends and receives waiting for the socket, each with the call that unregisters it:
+        # close() wakes them (a closed fd never becomes ready) before the fd can be reused.
+        self._waiting: dict[asyncio.Future[None], Callable[[], object]] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -174,10 +178,13 @@ class TcpTransport(Transport):
                 fut.set_result(None)
 
         add(fd, wake)
+        self._waiting[fut] = functools.partial(remove, fd)
         try:
             await fut
         finally:
-            remove(fd)
+            unregister = self._waiting.pop(fut, None)
+            if unregister is not None:
+                unregister()
 
     async def send(self, frames: Sequence[OutFrame]) -> None:
         async with self._send_lock:  # sealing assigns nonces: it must happen in wire order
@@ -280,6 +287,11 @@ class TcpTransport(Transport):
         if not self._closed:
             self._closed = True
             self._scratch = None
+            waiting, self._waiting = self._waiting, {}
+            for fut, unregister in waiting.items():
+                unregister()
+                if not fut.done():
+                    fut.set_result(None)  # the send or receive sees _closed and fails cleanly
             try:
                 self._sock.close()
             except OSError:

@@ -350,10 +350,18 @@ class UdtTransport(Transport):
             raise WriteError(f"connection to {self._peer} closed")
         if self._error is not None and not isinstance(self._error, FrameError):
             raise WriteError(f"connection to {self._peer} is gone: {self._error}")
+        sending = self._loop.run_in_executor(self._tx, self._send_blocking, list(frames))
         try:
-            await self._loop.run_in_executor(self._tx, self._send_blocking, list(frames))
+            await sending
         except RuntimeError:  # executor shut down by close()
             raise WriteError(f"connection to {self._peer} closed") from None
+        except asyncio.CancelledError:
+            # close() cancels a send still waiting for the worker thread: that is the
+            # connection closing under it, not this task being cancelled.
+            task = asyncio.current_task()
+            if sending.cancelled() and self._closed and (task is None or not task.cancelling()):
+                raise WriteError(f"connection to {self._peer} closed") from None
+            raise
 
     # --- close and figures ----------------------------------------------------------------------
 
