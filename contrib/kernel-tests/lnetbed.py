@@ -380,13 +380,17 @@ class LstPlan:
     stat_delay: int = 5
     session_timeout: int = 300
     wait_s: int = 600
+    # Take the nodes over from another console session: after a fault the previous session's
+    # end may never have reached a node, which then refuses new sessions (EBUSY) until its
+    # session times out (session_timeout).
+    force: bool = False
 
     def script(self) -> str:
         """The lst commands (one bash script, run on the console node)."""
         return "\n".join([
             "export LST_SESSION=$$",
             "set -e",
-            f"lst new_session --timeout {self.session_timeout} lu2k",
+            f"lst new_session --timeout {self.session_timeout}{' --force' if self.force else ''} lu2k",
             f"lst add_group c {self.client}",
             f"lst add_group s {self.server}",
             "lst add_batch bulk",
