@@ -63,11 +63,6 @@ JOIN_VERSION = 1
 MAX_STREAMS = 16
 QUEUE_PER_STRIPE = 2  # received frame batches waiting for the engine, per stripe
 
-# ``streams`` when the net's options do not say: parallel sockets pay off where one TCP
-# connection's loss recovery and window growth cost round trips that matter -- a long
-# (>= 100 ms) path with loss.  On the lab's GEO profile (docs/measurements/2026-12-03-transfer.md)
-# 2 sockets moved as much as 4 with a quarter of the drops at the bottleneck queue.
-
 
 def join_id(connector_tx_key: bytes) -> bytes:
     """The id both ends derive from the hello's connector-to-acceptor frame key."""
