@@ -379,3 +379,24 @@ async def test_one_endpoint_not_releasing_does_not_hold_up_another(tmp_path: Any
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_send_cancelled_under_the_writer_still_completes_its_messages(pair: tuple[Engine, Engine],
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transport send that ends in CancelledError (its connection closed under it) gives its
+    batch back: the messages are resent or failed, each completing once -- not left owed."""
+    a, b = pair
+    real_send = InprocTransport.send
+    cancelled: list[int] = []
+
+    async def send_once_cancelled(self: InprocTransport, frames: Any) -> None:
+        if not cancelled and any(len(payload) == 7 for _, payload in frames):
+            cancelled.append(1)
+            raise asyncio.CancelledError
+        await real_send(self, frames)
+
+    monkeypatch.setattr(InprocTransport, "send", send_once_cancelled)
+    r = Result()
+    a.send(None, b.primary_nid(), 1, 0, b"payload", r)
+    status, _ = await r.wait(5)
+    assert cancelled and status is Status.NO_RECEIVER  # resent on a fresh connection and answered
