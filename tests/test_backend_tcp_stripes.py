@@ -61,9 +61,15 @@ def test_frames_go_to_the_least_loaded_stripe() -> None:
     assert ts.assign([], [0]) == []
 
 
-def test_striping_is_opt_in() -> None:
+def test_default_streams_from_the_profile() -> None:
+    assert ts.default_streams(600, 0.01) == ts.DEFAULT_LOSSY_STREAMS
+    assert ts.default_streams(600, 0.0) == 1
+    assert ts.default_streams(20, 0.01) == 1
+    assert ts.default_streams(None, None) == 1
     geo = TcpBackend(BackendSettings(parse_net("tcp"), 0, 4 << 20, key=KEY, profile=LinkProfile(rtt_ms=600, rate_mbit=20, loss=0.01)))
-    assert geo.streams == 1 and geo.describe()["streams"] == 1
+    assert geo.streams == ts.DEFAULT_LOSSY_STREAMS and geo.describe()["streams"] == ts.DEFAULT_LOSSY_STREAMS
+    assert TcpBackend(BackendSettings(parse_net("tcp"), 0, 4 << 20, key=KEY, profile=LinkProfile(rtt_ms=600, rate_mbit=20, loss=0.01),
+                                      options={"streams": 1})).streams == 1
     assert backend(streams=2).streams == 2
     for bad in (0, 17, "many"):
         with pytest.raises(ConfigError, match="streams"):

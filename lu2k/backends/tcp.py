@@ -20,7 +20,7 @@
   TCP keepalive, so an idle connection whose peer went away is noticed too.  The engine then
   reconnects on a fresh socket (fresh RTO) and resends whatever was not acknowledged.
 * Striping: on a long lossy path one BULK connection runs over ``options.streams`` TCP
-  sockets (default 1: striping is opt-in); see
+  sockets (default from the profile: 2 at >= 100 ms RTT with loss, else 1); see
   :mod:`.tcp_stripes`.
 * Errors: ``OSError`` becomes a ``ConnectError``/``ReadError``/``WriteError`` through one
   table per phase (below); an accept loop out of descriptors pauses instead of spinning.
@@ -50,7 +50,7 @@ from .base import (
     describe_exception, map_exceptions, option_int,
 )
 from .netpath import sockaddr
-from .tcp_stripes import MAX_STREAMS, StripedTransport, StripeRegistry
+from .tcp_stripes import MAX_STREAMS, StripedTransport, StripeRegistry, default_streams
 
 log = structlog.get_logger("lu2k.backends.tcp")
 
@@ -395,9 +395,7 @@ class TcpBackend(Backend):
         self.socket_buffer: int | None = option_int({} if buf is None else {"socket_buffer": buf}, "socket_buffer", 0, 0, 1 << 30, where,
                                                     what="a byte count") or None
         self.dead_timeout = dead_timeout_option(opts, settings.profile.rtt_ms, where)
-        # Opt-in: a striped BULK connection's recovery after a long outage is not yet proven
-        # (one socket passed the LNet bed's outage test where two did not).
-        self.streams = option_int(opts, "streams", 1, 1, MAX_STREAMS,
+        self.streams = option_int(opts, "streams", default_streams(settings.profile.rtt_ms, settings.profile.loss), 1, MAX_STREAMS,
                                   where, what="a number of sockets per bulk connection")
         self._stripes = StripeRegistry()
         self._tasks: set[asyncio.Task[None]] = set()

@@ -63,6 +63,21 @@ JOIN_VERSION = 1
 MAX_STREAMS = 16
 QUEUE_PER_STRIPE = 2  # received frame batches waiting for the engine, per stripe
 
+# ``streams`` when the net's options do not say: parallel sockets pay off where one TCP
+# connection's loss recovery and window growth cost round trips that matter -- a long path
+# with loss.  On the lab's GEO profile two sockets moved 10 points of the limit more than
+# one (docs/measurements/2026-12-03-transfer.md) and as much as four with a quarter of the
+# drops at the bottleneck queue.
+LONG_RTT_MS = 100.0
+DEFAULT_LOSSY_STREAMS = 2
+
+
+def default_streams(rtt_ms: float | None, loss: float | None) -> int:
+    """Sockets per BULK connection for a site profile (1 where nothing says it helps)."""
+    if rtt_ms is None or loss is None or loss <= 0 or rtt_ms < LONG_RTT_MS:
+        return 1
+    return DEFAULT_LOSSY_STREAMS
+
 
 def join_id(connector_tx_key: bytes) -> bytes:
     """The id both ends derive from the hello's connector-to-acceptor frame key."""
