@@ -556,8 +556,9 @@ class Engine:
                 self._transmit()
                 raise
             except BaseException:
-                # Cancelled mid-send (the daemon stops): the payloads are no longer read either,
-                # and each message must still reach its one completion.
+                # Cancelled mid-send: only stop() cancels this task, after the shim closed, so
+                # no endpoint can reuse a payload a transport thread may still read; each
+                # message still reaches its one completion.
                 core.send_done(batch, self.now(), f"send to {conn.peer.nid} cancelled")
                 self._transmit()
                 raise
