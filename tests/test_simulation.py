@@ -66,6 +66,23 @@ def test_credits_not_given_back_are_caught(monkeypatch: pytest.MonkeyPatch) -> N
             run_seed(seed)
 
 
+def test_a_destination_share_not_given_back_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = core_node.Node._dest_done
+    skipped: list[int] = []
+
+    def leaky(self: core_node.Node, peer: core_node.Peer, m: core_node.OutMsg) -> None:
+        if not skipped:
+            skipped.append(1)  # one message's destination count is never taken back
+            return
+        real(self, peer, m)
+
+    monkeypatch.setattr(core_node.Node, "_dest_done", leaky)
+    with pytest.raises(Violation, match="against their destinations"):
+        for seed in range(200):
+            skipped.clear()
+            run_seed(seed)
+
+
 def test_a_completion_lost_by_the_core_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     real = core_node.Node._complete
     dropped: list[int] = []

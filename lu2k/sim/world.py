@@ -870,6 +870,9 @@ class World:
                     if p.credits.in_use or p.queue or p.inflight:
                         raise self.violation(f"{sn.name}: peer {p.nid} credits {p.credits.in_use} queue {len(p.queue)} "
                                              f"inflight {len(p.inflight)}")
+                    if p.by_dest or p.parked:  # the per-destination share comes back too
+                        raise self.violation(f"{sn.name}: peer {p.nid} still counts {sum(p.by_dest.values())} messages "
+                                             f"against their destinations, {sum(map(len, p.parked.values()))} parked")
             if node.pending_messages():
                 raise self.violation(f"{sn.name}: {node.pending_messages()} messages never completed inside the core")
             for s in node.sessions.values():
