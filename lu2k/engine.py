@@ -28,7 +28,6 @@ import asyncio
 import collections
 import functools
 import os
-import struct
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -51,14 +50,11 @@ from .errors import (
 )
 from .kernel_shim.access import RateLimitedLog
 from .kernel_shim.ports import RxBuffer, SendRequest
-from .nid import NID_SIZE, Net, Nid
+from .nid import Net, Nid
 from .routing import Route
 from .settings import DaemonConfig, NetConfig
 from .wire import FrameType
 
-# The destination NID and portal of a MSG body (wire.MSG_BODY: seq, src, dst, src_portal,
-# dst_portal, crc): all _buffer_for needs, without unpacking the rest per message.
-_MSG_DST = struct.Struct(f"<{8 + NID_SIZE}x{NID_SIZE}s4xI")
 log = structlog.get_logger("lu2k.engine")
 
 # A refused hello fails what waits for that peer at once; anything else is retried.
@@ -758,7 +754,7 @@ class Engine:
         """Receive in place: a MSG for a local endpoint goes straight into one of its RX slots."""
         if header.type is not FrameType.MSG or self.shim is None:
             return None
-        dst_raw, dst_portal = _MSG_DST.unpack_from(header.body)
+        dst_raw, dst_portal = wire.MSG_BODY_DST.unpack_from(header.body)
         if dst_portal == PING_PORTAL or not self.core.is_local(dst_raw):
             return None
         port = self._port_for(dst_portal)

@@ -107,6 +107,9 @@ AUTH_OK_BODY = struct.Struct("<32s")  # mac_a
 EMPTY_BODY = struct.Struct("<")
 REJECT_BODY = struct.Struct("<I")  # status; payload = reason text
 MSG_BODY = struct.Struct(f"<Q{NID_SIZE}s{NID_SIZE}sIII")  # seq, src, dst, src_portal, dst_portal, payload_crc
+# The destination NID and portal of a MSG body alone: what a receiver needs to pick the
+# buffer, without unpacking the rest per message.
+MSG_BODY_DST = struct.Struct(f"<{8 + NID_SIZE}x{NID_SIZE}s4xI")
 ACK_BODY = struct.Struct("<I")  # count; payload = count x ACK_ENTRY
 ACK_ENTRY = struct.Struct("<QI4x")  # seq, status
 NACK_BODY = struct.Struct("<QI")  # seq, status; payload = reason text

@@ -260,3 +260,9 @@ def test_low_order_ephemeral_key_is_refused() -> None:
     base[5] = zlib.crc32(body, zlib.crc32(struct.pack("<IBBHII", *base))) & 0xFFFFFFFF
     with pytest.raises(HandshakeError, match="invalid ephemeral key"):
         resp.receive(decode_all(struct.pack("<IBBHII", *base) + body, 99)[0])
+
+
+def test_the_destination_view_of_a_msg_body_reads_what_msg_body_packs() -> None:
+    dst = parse_nid("10.1.2.3@tcp7").to_bytes()
+    body = wire.MSG_BODY.pack(12345, parse_nid("10.9.9.9@tcp").to_bytes(), dst, 4, 0xDEADBEEF, 77)
+    assert wire.MSG_BODY_DST.unpack_from(body) == (dst, 0xDEADBEEF)
