@@ -11,7 +11,7 @@ from lu2k.core import node as core_node
 from lu2k.dedupe import RecvWindow
 from lu2k.sim import FAULTS, Faults, Violation, World, run_seed
 
-SWEEP = int(os.environ.get("LU2K_SIM_SEEDS", "1500"))
+SWEEP = int(os.environ.get("LU2K_SIM_SEEDS", "20000"))  # about a minute and a half on one core
 
 
 def test_bounded_sweep_keeps_every_invariant() -> None:
