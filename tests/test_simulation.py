@@ -99,3 +99,10 @@ def test_a_completion_lost_by_the_core_is_caught(monkeypatch: pytest.MonkeyPatch
         for seed in range(200):
             dropped.clear()
             run_seed(seed)
+
+
+def test_a_peer_restart_seen_twice_in_one_step_fails_its_messages_once() -> None:
+    """Seed 897539: failing a forwarded message on a peer's restart freed router buffer, which
+    forwarded another message to that peer and adopted its other return path -- re-entering
+    the restart handling, which failed the same messages again."""
+    run_seed(897539)

@@ -1120,8 +1120,13 @@ class Node(ReturnPaths):
         peer = conn.peer
         if peer.incarnation is not None and peer_incarnation != peer.incarnation:
             self.stats["peer_restarts"] += 1
+            # The new incarnation first: failing a forwarded message frees router buffer, which
+            # can forward another message to this peer and adopt its other connection -- back
+            # in here, where it must not fail these messages a second time.
+            peer.incarnation = peer_incarnation
             for m in [m for m in peer.inflight.values() if m.transmitted]:
-                self._fail(m, Status.PEER_RESTARTED, f"{peer.nid} restarted while the message was in flight; delivery unknown")
+                if m.state not in FINAL:
+                    self._fail(m, Status.PEER_RESTARTED, f"{peer.nid} restarted while the message was in flight; delivery unknown")
         peer.incarnation = peer_incarnation
         if peer.rail is not None:  # the rail is back; the peer's other rails talk to the same daemon
             peer.rail_down = False
