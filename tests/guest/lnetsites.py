@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -32,9 +33,23 @@ from lu2k.lab.spec import LinkSpec
 from lu2k.localpair import DaemonProcess, daemon_config
 
 HOP_NET = "tcp9"
+HOP_BACKENDS = ("tcp", "quic", "udt")
 LAN_NETS = {"a": "tcp", "b": "tcp1"}
 KEY = "lnet-bed-hop-key-0123456789abcdef"
 OTHER = {"a": "b", "b": "a"}
+
+
+def hop_backends() -> list[str]:
+    """The lu2k backends the bed runs its hop over: ``LU2K_LNET_BACKEND`` (a comma-separated
+    list), else all three in the long run and tcp alone in the short one."""
+    named = os.environ.get("LU2K_LNET_BACKEND", "")
+    if named:
+        chosen = [b.strip() for b in named.split(",") if b.strip()]
+        unknown = [b for b in chosen if b not in HOP_BACKENDS]
+        if unknown:
+            raise SystemExit(f"LU2K_LNET_BACKEND: unknown backend(s) {', '.join(unknown)}; the bed runs {', '.join(HOP_BACKENDS)}")
+        return chosen
+    return list(HOP_BACKENDS) if os.environ.get("LU2K_LNET_LONG") == "1" else ["tcp"]
 
 
 def site_config(side: str, lan_ip: str, hop_ip: str, peer_hop_ip: str, hop_port: int, workdir: Path, *,
@@ -65,6 +80,7 @@ class Sites:
     """The lab, lu2kd-A and lu2kd-B (started in the lab's namespaces) and their configs."""
 
     lab: Lab
+    backend: str
     workdir: Path
     lan_ips: dict[str, str]
     configs: dict[str, dict[str, Any]]
@@ -89,7 +105,7 @@ class Sites:
                                hop_options=options[s] or None, socklnd_options=socklnd_options, profile=profile)
                 for s in ("a", "b")
             }
-            sites = cls(lab, workdir, lan_ips, configs)
+            sites = cls(lab, backend, workdir, lan_ips, configs)
             for s in ("a", "b"):
                 sites.start(s)
             return sites

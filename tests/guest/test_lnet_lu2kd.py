@@ -3,7 +3,8 @@
 Site A: kernel node a (10.203.1.10@tcp) and lu2kd-A (10.203.1.1@tcp); site B: kernel node b
 (10.203.2.10@tcp1) and lu2kd-B (10.203.2.1@tcp1); lu2kd-A and lu2kd-B joined by the lab's
 emulated GEO link (20 Mbit/s, 600 ms RTT, 1 % loss each way) over an lu2k backend
-(``LU2K_LNET_BACKEND``, default tcp).  The kernel nodes are set up with stock lnetctl commands
+(``LU2K_LNET_BACKEND``, a comma-separated list; default tcp, and tcp, quic and udt in the long
+run: every test below runs once per backend).  The kernel nodes are set up with stock lnetctl commands
 only: ``lnetctl net add`` and ``lnetctl route add --net <far net> --gateway <own lu2kd>``.
 """
 
@@ -19,24 +20,24 @@ from typing import Any
 import pytest
 
 from guestutil import bed_module
-from lnetsites import Sites
+from lnetsites import Sites, hop_backends
 
 from lu2k.lab.spec import build_specs
 
 lb = bed_module()
 LONG = os.environ.get("LU2K_LNET_LONG") == "1"
-BACKEND = os.environ.get("LU2K_LNET_BACKEND", "tcp")
 # Extra options for the hop's lu2k backend, as JSON (e.g. '{"dead_timeout": 15}').
 HOP_OPTIONS: dict[str, Any] = json.loads(os.environ.get("LU2K_LNET_HOP_OPTIONS") or "{}")
 PING = "lnetctl ping --timeout 30"
 
 
-@pytest.fixture(scope="module")
-def sites(lnet_bed: Any, lnet_build: dict[str, Any], lnet_out: Any) -> Iterator[Sites]:
+@pytest.fixture(scope="module", params=hop_backends())
+def sites(request: pytest.FixtureRequest, lnet_bed: Any, lnet_build: dict[str, Any], lnet_out: Any) -> Iterator[Sites]:
+    backend = str(request.param)
     lnet_bed.split()
-    workdir = lnet_out / f"sites-{BACKEND}"
+    workdir = lnet_out / f"sites-{backend}"
     workdir.mkdir(parents=True, exist_ok=True)
-    s = Sites.up(build_specs("geo", loss="1%"), lnet_bed, workdir, backend=BACKEND, hop_options=HOP_OPTIONS)
+    s = Sites.up(build_specs("geo", loss="1%"), lnet_bed, workdir, backend=backend, hop_options=HOP_OPTIONS)
     mods = lb.module_paths(lnet_build)
     a, b = lnet_bed.guests["a"], lnet_bed.guests["b"]
     try:
@@ -103,7 +104,7 @@ def test_lst_across_the_hop(lnet_bed: Any, sites: Sites, lnet_figures: dict[str,
     res = a.sh(plan.script(), timeout=plan.wait_s + 120)
     after = lb.lnet_counters(b)
     got = lb.parse_lst_output(res.out)
-    lnet_figures[f"routed_{BACKEND}"] = {
+    lnet_figures[f"routed_{sites.backend}"] = {
         "plan": vars(plan), "lst": got, "link": "geo 20mbit 600ms 1% loss", "hop_options": HOP_OPTIONS,
         "server_counters_delta": {k: after[k] - before.get(k, 0) for k in after},
         "lab_before": lab_before.get("links"), "lab_after": sites.lab.stats().get("links"),
@@ -188,7 +189,7 @@ def test_lu2kd_b_restarted_mid_lst(lnet_bed: Any, sites: Sites, short_timeouts: 
     res = a.wait(ticket, check=False)  # the batch ends by itself: no hang
     got = lb.parse_lst_output(res.out)
     fig: dict[str, Any] = {"plan": vars(plan), "restart_s": round(restart_s, 1), "during": got, "lst_rc": res.rc}
-    lnet_figures[f"fault_restart_{BACKEND}"] = fig
+    lnet_figures[f"fault_restart_{sites.backend}"] = fig
     assert got["stopped"], res.out
     assert_traffic_resumes(lnet_bed, sites, fig)
 
@@ -221,7 +222,7 @@ def test_link_down_longer_than_lnet_timeouts(lnet_bed: Any, sites: Sites, short_
     fig: dict[str, Any] = {"plan": vars(plan), "outage_s": outage_s, "transaction_timeout_s": FAULT_TRANSACTION_TIMEOUT,
                            "ping_during": ping_during, "far_ni_down_after_s": far_down_after, "routes_during": routes_during,
                            "during": got, "lst_rc": res.rc}
-    lnet_figures[f"fault_link_down_{BACKEND}"] = fig
+    lnet_figures[f"fault_link_down_{sites.backend}"] = fig
     assert ping_during["rc"] != 0, ping_during
     assert far_down_after is not None, f"lu2kd-A still advertised {far_ni} up after {outage_s:.0f} s without a link"
     assert got["stopped"], res.out

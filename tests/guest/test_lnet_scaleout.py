@@ -5,7 +5,7 @@ means (router health, resends), as a site that outgrew one gateway runs.
 Site A: kernel node a (10.203.1.10@tcp), lu2kd-A (10.203.1.1@tcp) and lu2kd-A2 (10.203.1.2@tcp);
 site B: kernel node b (10.203.2.10@tcp1) and lu2kd-B (10.203.2.1@tcp1), which routes ``tcp``
 back through both A gateways.  The hop: the lab's emulated LEO link (50 Mbit/s, 40 ms RTT,
-0.5 % loss) over ``LU2K_LNET_BACKEND`` (default tcp) -- a shorter RTT than the GEO tests, so the
+0.5 % loss) over each of ``LU2K_LNET_BACKEND`` (as in test_lnet_lu2kd) -- a shorter RTT than the GEO tests, so the
 run stays short on TCG guests; the behaviour under test is LNet's choice among gateways.  The
 kernel nodes use stock lnetctl only.
 """
@@ -21,24 +21,24 @@ from typing import Any
 import pytest
 
 from guestutil import bed_module
-from lnetsites import Sites
+from lnetsites import Sites, hop_backends
 from test_lnet_lu2kd import PING, wait_for, wait_for_hop_traffic
 
 from lu2k.lab.spec import build_specs
 
 lb = bed_module()
-BACKEND = os.environ.get("LU2K_LNET_BACKEND", "tcp")
 LONG = os.environ.get("LU2K_LNET_LONG") == "1"
 A2_LAN_IP = "10.203.1.2"
 TRANSACTION_TIMEOUT = 20  # s on both nodes (stock lnetctl); LNet's 150 s default would make the kill test last minutes
 
 
-@pytest.fixture(scope="module")
-def scaled(lnet_bed: Any, lnet_build: dict[str, Any], lnet_out: Any) -> Iterator[Sites]:
+@pytest.fixture(scope="module", params=hop_backends())
+def scaled(request: pytest.FixtureRequest, lnet_bed: Any, lnet_build: dict[str, Any], lnet_out: Any) -> Iterator[Sites]:
+    backend = str(request.param)
     lnet_bed.split()
-    workdir = lnet_out / f"scaleout-{BACKEND}"
+    workdir = lnet_out / f"scaleout-{backend}"
     workdir.mkdir(parents=True, exist_ok=True)
-    s = Sites.up(build_specs("leo", loss="0.5%"), lnet_bed, workdir, backend=BACKEND)
+    s = Sites.up(build_specs("leo", loss="0.5%"), lnet_bed, workdir, backend=backend)
     mods = lb.module_paths(lnet_build)
     a, b = lnet_bed.guests["a"], lnet_bed.guests["b"]
     try:
@@ -84,7 +84,7 @@ def test_both_gateways_carry_traffic(lnet_bed: Any, scaled: Sites, lnet_figures:
     res = a.sh(plan.script(), timeout=plan.wait_s + 120)
     got = lb.parse_lst_output(res.out)
     forwarded = {s: scaled.socklnd_stats(s).get("forwarded", 0) - before[s] for s in ("a", "a2")}
-    lnet_figures[f"scaleout_share_{BACKEND}"] = {"plan": vars(plan), "lst": got, "forwarded_by_gateway": forwarded,
+    lnet_figures[f"scaleout_share_{scaled.backend}"] = {"plan": vars(plan), "lst": got, "forwarded_by_gateway": forwarded,
                                                 "link": "leo 50mbit 40ms 0.5% loss"}
     assert got["stopped"] and got["error_nodes"] == {"c": 0, "s": 0}, res.out
     # Both gateways forwarded part of node a's traffic: LNet spread it over the two routes.
@@ -109,7 +109,7 @@ def test_one_gateway_killed_the_node_carries_on(lnet_bed: Any, scaled: Sites, ln
     after_res = a.sh(after_plan.script(), timeout=after_plan.wait_s + 120, check=False)
     after = lb.parse_lst_output(after_res.out)
     corruption = [ln for g in (a, b) for ln in lb.corruption_reports(g)]
-    lnet_figures[f"scaleout_kill_{BACKEND}"] = {"plan": vars(plan), "during": during, "lst_rc": res.rc, "routes_after": states,
+    lnet_figures[f"scaleout_kill_{scaled.backend}"] = {"plan": vars(plan), "during": during, "lst_rc": res.rc, "routes_after": states,
                                                "pings_after_rc": pings, "after": after}
     assert during["stopped"], res.out
     assert corruption == []
