@@ -39,7 +39,7 @@ from lu2k.lab.spec import MTU, LinkSpec, build_specs  # noqa: E402
 LINK = {"rate": "2mbit", "rtt": "100ms", "loss": "0.5%"}
 SIZE = 64 << 10
 WARMUP = 5.0
-DURATION = 20.0
+DURATION = 40.0  # s: one loss-recovery episode more or less must not move the mean by the tolerance
 TOLERANCE = 0.10
 
 
