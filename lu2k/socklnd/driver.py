@@ -45,6 +45,7 @@ import asyncio
 import collections
 import errno
 import ipaddress
+import os
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -88,7 +89,11 @@ _IO_ERRORS: dict[type[BaseException], type[NetworkError]] = {OSError: ReadError}
 def _translate(e: BaseException, table: dict[type[BaseException], type[NetworkError]], what: str) -> NetworkError:
     for kind, ours in table.items():
         if isinstance(e, kind):
-            detail = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
+            if isinstance(e, OSError) and e.errno:
+                # by errno: asyncio's sock_connect words every failure "Connect call failed (addr)"
+                detail = os.strerror(e.errno)
+            else:
+                detail = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
             return ours(f"{what}: {detail}")
     raise e
 
