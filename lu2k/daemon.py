@@ -85,7 +85,11 @@ class Daemon:
 
         async def ping(args: dict[str, Any]) -> Any:
             nid = parse_nid(str(args["nid"]))
-            res = await eng.ping(nid, control_timeout(args.get("timeout", 5.0)))
+            timeout = control_timeout(args.get("timeout", 5.0))
+            lan = self.lan.drivers.get(nid.net)
+            if lan is not None:  # a kernel node on one of our socklnd LANs: an LNet ping (GET, REPLY)
+                return (await lan.ping_lan(nid, timeout)).describe()
+            res = await eng.ping(nid, timeout)
             via = res.get("via")
             if via and via != res["nid"] and not res.get("end_to_end"):
                 # The engine's ping is answered by the next hop; a gateway's answer says nothing
@@ -95,6 +99,12 @@ class Daemon:
             return res
 
         async def discover(args: dict[str, Any]) -> Any:
+            target = parse_nid(str(args["nid"]))
+            lan = self.lan.drivers.get(target.net)
+            if lan is not None:  # a kernel node: its ping info lists its NIs; the LAN driver keeps them
+                reply = await lan.discover_lan(target, control_timeout(args.get("timeout", 5.0)))
+                peer = lan.peers.get(reply.nid)
+                return {**reply.describe(), "peer": lan.describe_peer(peer) if peer is not None else None}
             # lnetctl discover: reach the peer; its PONG lists its NIDs.  Those on our nets become
             # its rails (lu2k.core.rails) unless the configuration says otherwise.
             res = await ping(args)

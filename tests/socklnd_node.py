@@ -7,7 +7,11 @@ compatibility with ksocklnd.  The guest tier runs Lustre's own modules for that.
 Like a kernel node it: accepts connections on its acceptor port; connects to its gateway from
 a privileged port (when it may) with CONTROL, BULK_IN and BULK_OUT; marks payloads of 16 KiB
 or more with a ZC request and counts a send complete only when the ZC-ACK comes back;
-answers PUTs on its portals with an ACK (when asked) and GETs with a REPLY of what was PUT there.
+answers PUTs on its portals with an ACK (when asked) and GETs with a REPLY of what was PUT there;
+answers a ping GET (portal 0, LNET_PROTO_PING_MATCHBITS) with a REPLY of its ping info, cut to
+the GET's offset and sink length, as its ping target MD does (``ping_nis`` adds NIs to it,
+``ping_reply`` replaces it with raw bytes, ``answer_pings = False`` drops ping GETs silently as
+an LNet whose ping target does not match).
 """
 
 from __future__ import annotations
@@ -67,6 +71,12 @@ class FakeNode:
         self.tasks: set[asyncio.Task[None]] = set()
         self.read_paused = asyncio.Event()
         self.read_paused.set()  # set = reading
+        self.features = idl.PING_FEAT_NI_STATUS | idl.PING_FEAT_MULTI_RAIL | idl.PING_FEAT_DISCOVERY
+        self.ping_nis: list[tuple[int, int]] = []  # (nid4, status) listed after our own NID
+        self.ping_reply: bytes | None = None
+        self.answer_pings = True
+        self.ping_gets: list[LnetHdr] = []  # every ping GET received
+        self.accepted_from: list[int] = []  # source ports of the connections we accepted
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._accept, self.nid.host, self.port, reuse_address=True)
@@ -86,6 +96,7 @@ class FakeNode:
         t.add_done_callback(self.tasks.discard)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted_from.append(int(writer.get_extra_info("peername")[1]))
         small_buffers(writer)
         c = NodeConn(KsockConnection(self.config, active=False), reader, writer)
         self.conns.append(c)
@@ -139,10 +150,30 @@ class FakeNode:
             if h.wmd[0] != idl.LNET_WIRE_HANDLE_COOKIE_NONE:
                 ack = LnetHdr(LnetMsgType.ACK, h.src_nid, self.nid4, wmd=h.wmd, match_bits=h.match_bits, mlength=h.payload_length)
                 await self.send(ack.pack(), b"")
+        elif h.type is LnetMsgType.GET and h.ptl_index == idl.LNET_RESERVED_PORTAL and h.match_bits == idl.LNET_PROTO_PING_MATCHBITS:
+            self.ping_gets.append(h)
+            if not self.answer_pings:
+                return
+            info = self.ping_info_bytes()
+            data = info[h.offset : h.offset + h.sink_length]
+            reply = LnetHdr(LnetMsgType.REPLY, h.src_nid, self.nid4, dest_pid=h.src_pid, payload_length=len(data), wmd=h.wmd)
+            await self.send(reply.pack(), data)
         elif h.type is LnetMsgType.GET:
             data = self.portals.get(h.ptl_index, b"")[h.offset : h.offset + h.sink_length]
             reply = LnetHdr(LnetMsgType.REPLY, h.src_nid, self.nid4, payload_length=len(data), wmd=h.wmd)
             await self.send(reply.pack(), data)
+
+    def ping_info_bytes(self) -> bytes:
+        """What our ping target holds: 0@lo (sequence number 1), our NID UP, then ``ping_nis``."""
+        if self.ping_reply is not None:
+            return self.ping_reply
+        nis = [(idl.LNET_NID_LO_0, 1), (self.nid4, idl.LNET_NI_STATUS_UP), *self.ping_nis]
+        return PingInfo(self.features, nis).pack()
+
+    async def reply(self, dst: Nid, wmd: tuple[int, int], data: bytes) -> None:
+        """A REPLY nobody asked for (a stale or forged wmd)."""
+        hdr = LnetHdr(LnetMsgType.REPLY, idl.nid4_of(dst), self.nid4, payload_length=len(data), wmd=wmd)
+        await self.send(hdr.pack(), data)
 
     def _conn_for(self, size: int) -> NodeConn:
         want = ConnType.BULK_OUT if size >= 1024 else ConnType.CONTROL

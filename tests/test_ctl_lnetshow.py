@@ -73,3 +73,15 @@ def test_stats_and_ping() -> None:
     assert (s["send_count"], s["recv_count"], s["route_count"], s["drop_count"], s["msgs_alloc"], s["errors"]) == (5, 4, 1, 2, 6, 2)
     item = lnetshow.ping_result({"nid": "10.0.0.2@tcp", "via": "10.0.0.2@tcp", "rtt_ms": 601.5})
     assert item == {"primary nid": "10.0.0.2@tcp", "Multi-Rail": False, "peer ni": [{"nid": "10.0.0.2@tcp"}], "lu2k": {"rtt_ms": 601.5}}
+
+
+def test_ping_of_an_lnet_node_shows_its_primary_multi_rail_and_ni_status() -> None:
+    # a kernel node on a socklnd LAN, pinged through one of its NIDs: the answer says which is primary
+    res = {"nid": "10.0.1.2@tcp1", "primary_nid": "10.0.0.2@tcp", "rtt_ms": 0.4, "peer_nis": ["10.0.0.2@tcp", "10.0.1.2@tcp1"],
+           "peer_ni_status": {"10.0.0.2@tcp": "up", "10.0.1.2@tcp1": "down"}, "multi_rail": False,
+           "features": ["ni_status", "discovery"], "seqno": 9}
+    item = lnetshow.ping_result(res)
+    assert item == {"primary nid": "10.0.0.2@tcp", "Multi-Rail": False,
+                    "peer ni": [{"nid": "10.0.0.2@tcp", "status": "up"}, {"nid": "10.0.1.2@tcp1", "status": "down"}],
+                    "lu2k": {"rtt_ms": 0.4, "features": ["ni_status", "discovery"]}}
+    assert lnetshow.ping_result(res, 1)["lu2k"]["seqno"] == 9

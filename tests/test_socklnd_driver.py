@@ -9,6 +9,7 @@ Site A: node 127.83.1.2@tcp -- lu2kd-A 127.83.1.1@tcp ==inproc 10.83.0.1@tcp9 --
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import socket
 import struct
@@ -20,12 +21,12 @@ import pytest
 import structlog
 
 from lu2k.engine import Engine
-from lu2k.errors import Status
+from lu2k.errors import ConnectError, ConnectTimeout, ReadError, Status
 from lu2k.nid import Net, parse_nid
 from lu2k.settings import parse_config
 from lu2k.socklnd import idl, proto
 from lu2k.socklnd.attach import LanNets
-from lu2k.socklnd.driver import SocklndDriver
+from lu2k.socklnd.driver import _CONNECT_ERRORS, _IO_ERRORS, SocklndDriver, _translate
 from lu2k.socklnd.idl import ConnType, LnetMsgType
 from lu2k.socklnd.proto import Hello, LnetHdr
 
@@ -340,3 +341,16 @@ async def test_messages_before_bad_bytes_are_still_forwarded(sites: tuple[Site, 
         await until(lambda: any("unknown ksock message type 0xc9" in str(e.get("reason", "")) for e in logs))
     await until(lambda: 8 in b.node.portals)
     assert b.node.portals[8] == b"hello" and a.driver.stats["conns_refused"] + a.driver.stats["bad_frames"] == 1
+
+
+def test_socket_errors_are_worded_by_errno() -> None:
+    # asyncio's sock_connect raises OSError(errno, "Connect call failed (addr)"): the reason is the errno's
+    refused = OSError(errno.ECONNREFUSED, "Connect call failed ('127.83.1.9', 988)")
+    e = _translate(refused, _CONNECT_ERRORS, "connect to 127.83.1.9:988")
+    assert type(e) is ConnectError and str(e) == "connect to 127.83.1.9:988: Connection refused"
+    e = _translate(OSError(errno.EHOSTUNREACH, "Connect call failed ('10.0.0.9', 988)"), _CONNECT_ERRORS, "connect to 10.0.0.9:988")
+    assert str(e) == "connect to 10.0.0.9:988: No route to host"
+    assert isinstance(_translate(asyncio.TimeoutError(), _CONNECT_ERRORS, "connect"), ConnectTimeout)
+    e = _translate(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), _IO_ERRORS, "read from x")
+    assert type(e) is ReadError and str(e) == "read from x: Connection reset by peer"
+    assert str(_translate(OSError("no errno"), _IO_ERRORS, "read from x")) == "read from x: no errno"

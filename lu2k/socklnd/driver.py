@@ -21,7 +21,9 @@ came, so replies flow back through the same two gateways.
 *Own NIDs.*  Messages for lu2kd itself -- its LAN NID, or the NID it shows on each remote
 net -- are answered by :class:`~lu2k.socklnd.router.RouterResponder`: ping GETs get the
 ping info (the remote-net NIs UP only while a probe of the lu2k gateway for that net
-succeeds), discovery pushes get their ACK.
+succeeds), discovery pushes get their ACK.  REPLYs end lu2kd's own pings of LAN nodes
+(:meth:`SocklndDriver.ping_lan`, ``lu2kctl ping``), matched by their wmd cookie in
+:class:`~lu2k.socklnd.ping.LanPinger`.
 
 *Back-pressure.*  LAN messages handed to lu2k and not yet finished count against a window
 (the NI's ``credits`` messages and ``rx_window_bytes``), one for CONTROL connections and one
@@ -45,6 +47,7 @@ import asyncio
 import collections
 import errno
 import ipaddress
+import os
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -54,14 +57,15 @@ from typing import Any, Protocol
 import structlog
 
 from ..errors import (
-    ConnectError, ConnectionClosed, ConnectTimeout, HandshakeError, LocalProtocolError, Lu2kError, NetworkError, NidError,
-    ReadError, RemoteProtocolError, Status, WriteError,
+    ConnectError, ConnectionClosed, ConnectTimeout, HandshakeError, LocalProtocolError, Lu2kError, NetworkError, NetworkTimeout,
+    NidError, ReadError, RemoteProtocolError, Status, WriteError,
 )
 from ..nid import Net, Nid
 from ..settings import NetConfig
 from . import idl, proto
 from .conn import ConnConfig, Established, KsockConnection, LnetReceived, State
 from .idl import ConnType
+from .ping import Dropped, LanPinger, PingDone, PingReply, ni_status_name
 from .router import RouterResponder
 from .tunables import SocklndTunables
 
@@ -88,7 +92,11 @@ _IO_ERRORS: dict[type[BaseException], type[NetworkError]] = {OSError: ReadError}
 def _translate(e: BaseException, table: dict[type[BaseException], type[NetworkError]], what: str) -> NetworkError:
     for kind, ours in table.items():
         if isinstance(e, kind):
-            detail = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
+            if isinstance(e, OSError) and e.errno:
+                # by errno: asyncio's sock_connect words every failure "Connect call failed (addr)"
+                detail = os.strerror(e.errno)
+            else:
+                detail = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
             return ours(f"{what}: {detail}")
     raise e
 
@@ -100,6 +108,7 @@ class TxMsg:
     wire: bytes | memoryview  # LNet header + payload
     deadline: float
     on_done: Callable[[Status, str], None]
+    timeout: float  # the seconds it was given (deadline - its start), for the failure reason
     done: bool = False
 
     def finish(self, status: Status, reason: str = "") -> None:
@@ -239,6 +248,7 @@ class KernelPeer:
     last_error: str = ""
     sent: int = 0
     failed: int = 0
+    discovered: list[tuple[int, int]] | None = None  # (nid4, status) of its NIs, from lu2kd's last discover
 
     def pick(self, size: int, min_bulk: int) -> LanConn | None:
         """The connection for a message of ``size`` bytes, as ksocknal_match_tx_v3 prefers them."""
@@ -281,6 +291,9 @@ class SocklndDriver:
         self.conn_config = ConnConfig(local_nids=frozenset({self.nid4}), incarnation=self.incarnation,
                                       version=self.tun.protocol, send_checksums=self.tun.checksum)
         self.responder = RouterResponder(discovery=self.tun.discovery)
+        # The interface cookie is random per instance, so a REPLY meant for an earlier lu2kd never matches.
+        self.pinger = LanPinger(self.nid4, int.from_bytes(os.urandom(8), "little"))
+        self._pings: dict[int, asyncio.Future[PingDone]] = {}
         self.peers: dict[int, KernelPeer] = {}
         self.conns: set[LanConn] = set()
         self.stats = collections.Counter[str]()
@@ -340,6 +353,10 @@ class SocklndDriver:
                 t.cancel()
         for c in list(self.conns):
             c.close()
+        for cookie in list(self._pings):  # pings whose GET went out: no REPLY can come any more
+            end = self.pinger.fail(cookie, NetworkError(f"ping abandoned: {reason}"))
+            if end is not None:
+                self._ping_ended(end)
         for t in list(self.tasks):
             t.cancel()
         if self.tasks:
@@ -450,7 +467,7 @@ class SocklndDriver:
         hdr = ev.hdr
         self.stats["lan_rx_msgs"] += 1
         if hdr.dest_nid in self.own_nid4s:
-            self._answer(hdr, ev.payload)
+            self._for_me(hdr, ev.payload)
             return
         try:
             dst = idl.nid_of4(hdr.dest_nid)
@@ -493,7 +510,16 @@ class SocklndDriver:
         except Lu2kError as e:
             finished(Status.NO_ROUTE, str(e))
 
-    def _answer(self, hdr: proto.LnetHdr, payload: bytes | bytearray | memoryview) -> None:
+    def _for_me(self, hdr: proto.LnetHdr, payload: bytes | bytearray | memoryview) -> None:
+        """A message addressed to one of our NIDs: a REPLY to one of our pings, or one to answer."""
+        if hdr.type is idl.LnetMsgType.REPLY:
+            end = self.pinger.handle(hdr, payload, time.monotonic())
+            if isinstance(end, Dropped):
+                self.stats["dropped"] += 1
+                log.info("LNet message for lu2kd", note=end.note)
+            else:
+                self._ping_ended(end)
+            return
         answer = self.responder.handle(hdr, bytes(payload), self.ping_nis())
         self.stats["answered" if answer.reply else "dropped"] += 1
         if answer.pushed is not None:
@@ -516,12 +542,87 @@ class SocklndDriver:
             on_done(Status.INVALID, str(e))
             return
         if dst.net == self.net:
-            self._queue(dst, TxMsg(wire, time.monotonic() + self.tun.timeout, on_done))
+            self._queue(dst, TxMsg(wire, time.monotonic() + self.tun.timeout, on_done, self.tun.timeout))
             return
         try:
             self.engine.send(idl.nid_of4(src).to_bytes(), dst, 0, idl.LNET_PORTAL, wire, on_done)
         except Lu2kError as e:
             on_done(Status.NO_ROUTE, str(e))
+
+    # -- lu2kd's own pings of LAN nodes (lnet_ping) ------------------------------------------------
+
+    async def ping_lan(self, nid: Nid, timeout: float) -> PingReply:
+        """Ping a node on this LAN as ``lnetctl ping`` does: a GET to its ping target, then its REPLY.
+
+        The GET takes the normal path to the node (connecting as for any message: typed
+        connections from a privileged port).  Raises :class:`NetworkTimeout` when no REPLY
+        comes within ``timeout`` seconds (a node that is not there, or whose LNet drops the
+        GET), :class:`NetworkError` when the GET cannot be sent, and a
+        :class:`RemoteProtocolError` when the REPLY's ping info does not decode.
+        """
+        if nid.net != self.net:
+            raise LocalProtocolError(f"{nid} is not on socklnd net {self.net}")
+        if self.closing:
+            raise NetworkError(f"cannot ping {nid}: socklnd net {self.net} closing")
+        nid4 = idl.nid4_of(nid)
+        if nid4 == self.nid4:
+            return PingReply(nid4, self.responder.ping_info(self.ping_nis()), 0.0, local=True)
+        now = time.monotonic()
+        cookie, get = self.pinger.start(nid4, now)
+        ended: asyncio.Future[PingDone] = asyncio.get_running_loop().create_future()
+        self._pings[cookie] = ended
+        sent = False
+
+        def on_sent(status: Status, reason: str) -> None:
+            nonlocal sent
+            if status is Status.DELIVERED:
+                sent = True
+                return
+            end = self.pinger.fail(cookie, NetworkError(f"the ping GET to {nid} was not sent: {reason}"))
+            if end is not None:
+                self._ping_ended(end)
+
+        # The ping's own timer below ends it (and cancels the GET if it is still queued), so a
+        # node that cannot be reached reads "no reply within <timeout>" with the connect error;
+        # the message's deadline is only a backstop.
+        msg = TxMsg(get, now + 2 * timeout, on_sent, 2 * timeout)
+        self.stats["pings_sent"] += 1
+        self._queue(nid, msg)
+        try:
+            end = await asyncio.wait_for(ended, timeout)
+        except asyncio.TimeoutError:
+            self.stats["pings_failed"] += 1
+            peer = self.peers.get(nid4)
+            if sent:
+                why = "the node took the GET; its LNet did not answer"
+            else:
+                why = "the GET was never sent" + (f": {peer.last_error}" if peer is not None and peer.last_error else "")
+            raise NetworkTimeout(f"no reply from {nid} within {timeout:g} s ({why})") from None
+        finally:
+            self._pings.pop(cookie, None)
+            self.pinger.forget(cookie)
+            msg.finish(Status.CANCELLED, "ping over")  # a GET still queued is not sent after its ping ended
+        if end.error is not None:
+            self.stats["pings_failed"] += 1
+            raise end.error
+        assert end.reply is not None
+        return end.reply
+
+    async def discover_lan(self, nid: Nid, timeout: float) -> PingReply:
+        """``lnetctl discover`` of a LAN node: ping it and keep the NIs it lists (shown in ``net show``).
+
+        lu2kd does not push its own ping info to the node: nodes learn lu2kd's NIs by their
+        own discovery of it, as they discover any gateway.
+        """
+        reply = await self.ping_lan(nid, timeout)
+        if not reply.local:
+            self._peer(nid).discovered = list(reply.nis)
+        return reply
+
+    def _ping_ended(self, end: PingDone) -> None:
+        fut = self._pings.get(end.cookie)
+        if fut is not None and not fut.done():
+            fut.set_result(end)
 
     # -- from lu2k: transmitting --------------------------------------------------------------------
 
@@ -554,7 +655,7 @@ class SocklndDriver:
             except RemoteProtocolError as e:
                 on_done(Status.PROTOCOL, str(e))
                 return
-            self._answer(hdr, payload[idl.LNET_HDR_NID4_SIZE :])
+            self._for_me(hdr, payload[idl.LNET_HDR_NID4_SIZE :])
             on_done(Status.DELIVERED, "")
             return
         hop = dst
@@ -564,7 +665,7 @@ class SocklndDriver:
                 on_done(Status.NO_ROUTE, f"no route from LAN {self.net} to net {dst.net}")
                 return
             hop = gateway
-        self._queue(hop, TxMsg(payload, time.monotonic() + self.tun.timeout, on_done))
+        self._queue(hop, TxMsg(payload, time.monotonic() + self.tun.timeout, on_done, self.tun.timeout))
 
     def _queue(self, hop: Nid, msg: TxMsg) -> None:
         peer = self._peer(hop)
@@ -589,7 +690,7 @@ class SocklndDriver:
                 peer.queue.popleft()
                 peer.failed += 1
                 msg.finish(Status.TIMED_OUT if peer.conns else Status.NO_ROUTE,
-                           f"not sent to {peer.nid} within {self.tun.timeout:g} s" + (f" ({peer.last_error})" if peer.last_error else ""))
+                           f"not sent to {peer.nid} within {msg.timeout:g} s" + (f" ({peer.last_error})" if peer.last_error else ""))
                 continue
             conn = peer.pick(len(msg.wire), self.tun.min_bulk)
             if conn is None:
@@ -735,6 +836,13 @@ class SocklndDriver:
 
     # -- control -----------------------------------------------------------------------------------------
 
+    def describe_peer(self, peer: KernelPeer) -> dict[str, Any]:
+        out: dict[str, Any] = {"nid": str(peer.nid), "conns": sorted(c.ctype.name.lower() for c in peer.conns if not c.closed),
+                               "queued": len(peer.queue), "sent": peer.sent, "failed": peer.failed, "last_error": peer.last_error}
+        if peer.discovered is not None:
+            out["nis"] = _describe_nis(peer.discovered)
+        return out
+
     def describe(self) -> dict[str, Any]:
         return {
             "net": str(self.net), "nid": str(self.nid), "status": "up", "backend": "socklnd",
@@ -743,11 +851,13 @@ class SocklndDriver:
             "remote_nis": [{"nid": str(n), "status": "up" if self.remote_up.get(net) else "down",
                             "gateways": [str(g) for g in self.remote_gateways.get(net, [])]} for net, n in self.remote_nids.items()],
             "rx_window": {k: {"msgs": w.msgs, "bytes": w.bytes} for k, w in self.windows.items()},
-            "peers": [{"nid": str(p.nid), "conns": sorted(c.ctype.name.lower() for c in p.conns if not c.closed),
-                       "queued": len(p.queue), "sent": p.sent, "failed": p.failed, "last_error": p.last_error}
-                      for p in self.peers.values()],
+            "peers": [self.describe_peer(p) for p in self.peers.values()],
             "stats": dict(self.stats),
         }
+
+
+def _describe_nis(nis: list[tuple[int, int]]) -> dict[str, str]:
+    return {idl.nid4_str(n): ni_status_name(s) for n, s in nis}
 
 
 def _setup_socket(writer: asyncio.StreamWriter, tun: SocklndTunables) -> None:

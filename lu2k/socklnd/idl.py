@@ -54,6 +54,7 @@ LNET_WIRE_HANDLE_COOKIE_NONE = 0xFFFFFFFFFFFFFFFF  # "no ACK wanted" in a PUT's 
 LNET_MTU = 1 << 20  # LNET_MAX_PAYLOAD: the largest payload an LNet message may carry
 LNET_INTERFACES_NUM = 16  # most IPs a V2/V3 hello may list (kshm_nips)
 LNET_INTERFACES_MAX_DEFAULT = 200  # lnet_interfaces_max: most NIs in a ping reply
+LNET_PING_BUFFER_MAX = 3960  # api-ni.c: the most ping info bytes lnet_ping asks for (its GET's sink length cap)
 
 # --- LNet net types needed here (nidstrings.h) --------------------------------------------------------
 LOLND = 9

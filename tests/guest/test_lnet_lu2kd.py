@@ -69,6 +69,21 @@ def test_kernel_node_pings_its_lu2kd(lnet_bed: Any, sites: Sites) -> None:
         assert f"primary nid: {sites.lan_nid(side)}" in out, out
 
 
+def test_lu2kd_pings_the_kernel_node(lnet_bed: Any, sites: Sites) -> None:
+    # The other way round: lu2kd's own LNet ping (a GET to the node's ping target, its REPLY
+    # back), through lu2kctl, for ping and for discover.
+    for side, net in (("a", "tcp"), ("b", "tcp1")):
+        node = f"{lnet_bed.guests[side].spec.ip}@{net}"
+        for cmd in ("ping", "discover"):
+            [res] = sites.ctl(side, cmd, node, "--timeout", "15")
+            assert res["nid"] == node and res["primary_nid"] == node, res
+            assert node in res["peer_nis"] and res["peer_ni_status"][node] == "up", res
+            assert res["multi_rail"] and res["discovery"] and res["rtt_ms"] > 0, res
+        [lan] = [n for n in sites.net_show(side) if n.get("backend") == "socklnd"]
+        [peer] = [p for p in lan["peers"] if p["nid"] == node]
+        assert peer["nis"][node] == "up", peer
+
+
 def test_kernel_node_discovers_its_lu2kd(lnet_bed: Any, sites: Sites) -> None:
     a = lnet_bed.guests["a"]
     out = a.sh(f"lnetctl discover {sites.lan_nid('a')}", timeout=90).out
