@@ -136,17 +136,19 @@ def ping_result(res: Mapping[str, Any], detail: int = 0) -> dict[str, Any]:
     """One item of lnetctl's ``ping:`` sequence, from the daemon's ping answer.
 
     An LNet node's answer (a kernel node on a socklnd LAN) says which NID is its primary, whether
-    it is Multi-Rail (its ping features) and each NI's status; each peer NI then shows its
-    ``status`` as ``net show`` words it.  An lu2k peer is Multi-Rail when it lists more than one NID.
+    it is Multi-Rail (its ping features) and each NI's status.  lnetctl lists peer NIs without a
+    status, so the statuses go under ``lu2k: ni status`` (in ``net show``'s words), the only key
+    lu2kctl adds.  An lu2k peer is Multi-Rail when it lists more than one NID.
     """
     nis = res.get("peer_nis") or [res["nid"]]
     status: Mapping[str, str] = res.get("peer_ni_status") or {}
     multi_rail = bool(res["multi_rail"]) if "multi_rail" in res else len(nis) > 1
     item: dict[str, Any] = {"primary nid": res.get("primary_nid") or res["nid"], "Multi-Rail": multi_rail,
-                            "peer ni": [{"nid": n, **({"status": status[n]} if n in status else {})} for n in nis]}
+                            "peer ni": [{"nid": n} for n in nis]}
     item["lu2k"] = _drop_none({"rtt_ms": res.get("rtt_ms"), "via": res.get("via") if res.get("via") != res["nid"] else None,
                                "local": res.get("local") or None, "incarnation": res.get("incarnation") if detail else None,
-                               "features": res.get("features"), "seqno": res.get("seqno") if detail else None})
+                               "features": res.get("features"), "ni status": dict(status) or None,
+                               "seqno": res.get("seqno") if detail else None})
     return item
 
 
