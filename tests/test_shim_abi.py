@@ -111,6 +111,20 @@ def test_layout_check_rejects_bad_offsets() -> None:
         bad_entries.check()
 
 
+def test_layout_check_rejects_pool_classes_that_overlap_each_other() -> None:
+    layout = abi.build_layout(4096, 0, 0, 1)
+    small, big = layout.tx.classes
+    # The small class grows into the big one: each lies inside the pool, but two slots share bytes.
+    grown = abi.PoolClass(small.offset, (big.offset - small.offset) // small.count + 64, small.count)
+    tx = abi.PoolLayout(layout.tx.offset, layout.tx.size, (grown, big))
+    bad = abi.Layout(layout.region_size, layout.max_message_size, tx, layout.rx, layout.rings)
+    with pytest.raises(ShimError, match="overlaps the class before it") as e:
+        abi.Layout.unpack(bad.pack())
+    assert e.value.code == errno.EPROTO
+    reordered = abi.PoolLayout(layout.tx.offset, layout.tx.size, (big, small))  # listed out of order but apart: fine
+    abi.Layout(layout.region_size, layout.max_message_size, reordered, layout.rx, layout.rings).check()
+
+
 def test_default_shim_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1234")
     assert abi.default_shim_path() == "/run/user/1234/lu2k/lu2kd.sock"

@@ -419,11 +419,15 @@ class Layout:
             parts.append((ring.ctrl, RING_CTRL_SIZE, f"{name} ring control"))
             parts.append((ring.descs, ring.entries * ring.desc_size, f"{name} ring descriptors"))
         for label, pool in (("tx", self.tx), ("rx", self.rx)):
-            for c in pool.classes:
+            class_end = pool.offset
+            for c in sorted(pool.classes, key=lambda c: c.offset):
                 if c.slot_size < 1 or c.count < 1 or c.offset % 64:
                     raise ShimError(errno.EPROTO, f"{label} pool class {c} is empty or misaligned")
                 if c.offset < pool.offset or c.end > pool.offset + pool.size:
                     raise ShimError(errno.EPROTO, f"{label} pool class {c} lies outside its pool")
+                if c.offset < class_end:  # two slots sharing bytes: one message would overwrite another
+                    raise ShimError(errno.EPROTO, f"{label} pool class {c} overlaps the class before it")
+                class_end = c.end
             if max(c.slot_size for c in pool.classes) < self.max_message_size:
                 raise ShimError(errno.EPROTO, f"{label} pool has no slot for a {self.max_message_size}-byte message")
             parts.append((pool.offset, pool.size, f"{label} pool"))
