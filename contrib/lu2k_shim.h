@@ -181,8 +181,8 @@ struct lu2k_release_desc {    /* release ring */
 struct lu2k_attach_in {
 	uint32_t abi_version;     /* LU2K_ABI_VERSION */
 	uint32_t portal;          /* portal to bind (EADDRINUSE if taken) */
-	uint32_t flags;           /* 0 */
-	uint32_t reserved;        /* 0 */
+	uint32_t flags;           /* 0 (else EINVAL) */
+	uint32_t reserved;        /* 0 (else EINVAL) */
 	uint64_t tx_pool_bytes;   /* 0: daemon default; above the daemon's limit: EINVAL */
 	uint64_t rx_pool_bytes;   /* 0: daemon default */
 };

@@ -316,11 +316,13 @@ class _Connection:
     def attach(self, seq: int, arg: bytes) -> None:
         server, cfg = self.server, self.server.config
         in_raw = arg[: abi.ATTACH_IN.size]
-        version, portal, flags, _res, tx_bytes, rx_bytes = abi.ATTACH_IN.unpack(in_raw)
+        version, portal, flags, reserved, tx_bytes, rx_bytes = abi.ATTACH_IN.unpack(in_raw)
         if version != abi.ABI_VERSION:
             raise ShimError(errno.EPROTO, f"endpoint speaks shim ABI {version}, daemon speaks {abi.ABI_VERSION}")
         if flags:
             raise ShimError(errno.EINVAL, f"unknown ATTACH flags 0x{flags:x}")
+        if reserved:  # a later ABI revision may give it a meaning this daemon does not know
+            raise ShimError(errno.EINVAL, f"ATTACH reserved field is 0x{reserved:x}, must be 0")
         if self.port is not None:
             raise ShimError(errno.EISCONN, f"this connection is already attached on portal {self.port.portal}")
         refused = server.access.check_bind(self.peer, portal)
