@@ -32,8 +32,11 @@
  * length (fits the slot and max_message_size), flags (no bit outside
  * LU2K_SEND_FLAGS_KNOWN) and that its slot is not already in flight (a bad one completes
  * with LU2K_STATUS_INVALID); every release offset (an RX slot delivered and not yet
- * released; else an INVALID event).  Who may attach and which portals it may bind is the
- * daemon's access policy (lu2k.shim.access; refused with EACCES and a reason).
+ * released; else an INVALID event).  A buffer is released only after the deliver ring's
+ * consumer index has moved past its descriptor: the ring has an entry for every RX slot, so
+ * a deliver ring found full while a slot is free detaches the endpoint.  Who may attach
+ * and which portals it may bind is the daemon's access policy (lu2k.shim.access; refused
+ * with EACCES and a reason).
  */
 #ifndef LU2K_SHIM_H
 #define LU2K_SHIM_H
@@ -174,7 +177,7 @@ struct lu2k_rx_desc {         /* deliver ring */
 };
 
 struct lu2k_release_desc {    /* release ring */
-	uint64_t offset;          /* an RX slot offset from a lu2k_rx_desc, exactly once */
+	uint64_t offset;          /* an RX slot offset from a consumed lu2k_rx_desc, exactly once */
 };
 
 /* ---- commands ---- */

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
-from lu2k.errors import LocalProtocolError, Status
+from lu2k.errors import LocalProtocolError, ShimError, Status
 from lu2k.kernel_shim import abi
 from lu2k.kernel_shim.ports import PortLogic, SendRequest
 from lu2k.kernel_shim.ring import RingConsumer, RingProducer, SlotPool
@@ -135,3 +137,23 @@ def test_rx_slots_deliver_release_and_double_release_event() -> None:
     assert other is not None
     port.rx_abort(other)
     assert port.stats()["rx_buffers_in_use"] == 0
+
+
+def test_releasing_rx_buffers_without_consuming_them_detaches_the_endpoint() -> None:
+    port, ep = make()
+    entries = port._deliver.entries
+    for _ in range(entries):  # each message read and released, the deliver ring's consumer index never moved
+        buf = port.rx_alloc(4)
+        assert buf is not None
+        port.deliver(buf, LO, 11, 4)
+        port.publish()
+        ((offset, *_rest),) = ep.deliver.take()
+        ep.release.put(offset)
+        ep.release.publish()
+        assert port._drain_release() == 1
+    buf = port.rx_alloc(4)
+    assert buf is not None  # RX slots are free, the ring is not
+    with pytest.raises(ShimError) as e:
+        port.deliver(buf, LO, 11, 4)
+    assert e.value.code == errno.ENOTCONN
+    assert port.disconnects == [f"deliver ring consumer index 0: {entries} unconsumed, their RX buffers released"]

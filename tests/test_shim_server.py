@@ -222,6 +222,42 @@ async def test_ring_overrun_disconnects_only_that_endpoint(loop_server: ShimServ
         m.release()
 
 
+async def test_releasing_without_consuming_detaches_the_receiver_and_fails_nobody_else(
+        loop_server: ShimServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A receiver that gives its RX buffers back but never moves its deliver-ring consumer index
+    fills the deliver ring while RX slots are free.  That receiver is detached, naming the index;
+    the sender's messages end DELIVERED or NO_RECEIVER, never as a daemon error."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="lu2k.shim")
+    async with await AsyncEndpoint.attach(loop_server.path, 1) as sender, await AsyncEndpoint.attach(loop_server.path, 3) as other:
+        hostile = await AsyncEndpoint.attach(loop_server.path, 2)
+        core = hostile._core
+        asyncio.get_running_loop().remove_reader(core.epoll.fileno())  # the library must not consume for it
+        entries = core.deliver.entries
+        statuses = []
+        for i in range(entries + 4):
+            comp = await sender.send(LO, f"m{i}".encode(), portal=2)
+            assert await comp.wait(10), f"message {i} never completed"
+            statuses.append(comp.status)
+            for offset, *_rest in core.deliver.take():  # read, never commit()
+                core.release_ring.put(offset)
+            core.release_ring.publish()
+            os.eventfd_write(core.kick_fd, 1)
+            await until(lambda: loop_server.ports.get(2) is None or not loop_server.ports[2]._rx_delivered, "releases taken")
+        assert set(statuses) <= {Status.DELIVERED, Status.NO_RECEIVER}, statuses
+        assert statuses[:entries] == [Status.DELIVERED] * entries and statuses[-1] == Status.NO_RECEIVER
+        await until(lambda: 2 not in loop_server.ports, "receiver detached")
+        assert "deliver ring consumer index" in caplog.text
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+        await (await sender.send(LO, b"still fine", portal=3))  # the sender and everyone else carry on
+        m = await other.recv(10)
+        assert m is not None and bytes(m.payload) == b"still fine"
+        m.release()
+        core.fail_all("test done")
+        core.close()
+
+
 def raw_call(path: str, packet: bytes) -> tuple[int, int, int, str, bytes]:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.settimeout(10)

@@ -41,7 +41,9 @@ release       endpoint -> daemon   :data:`RELEASE_DESC` (an RX buffer is free)
 
 The TX pool is allocated by the endpoint (the daemon only reads it); the RX pool is
 allocated by the daemon (the endpoint only reads it, and gives buffers back through the
-release ring).  Pools are cut into size classes of fixed slots (:data:`POOL_CLASS`) so
+release ring, each only once its deliver descriptor is consumed: the deliver ring has an entry
+for every RX slot, so a daemon that finds it full while an RX slot is free detaches the
+endpoint).  Pools are cut into size classes of fixed slots (:data:`POOL_CLASS`) so
 both sides can check an offset: a descriptor must name the *start* of a slot of the right
 pool and a length that fits the slot.
 

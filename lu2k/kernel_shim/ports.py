@@ -176,13 +176,14 @@ class PortLogic:
         if self._failing:
             raise ShimError(errno.ENOTCONN, f"shim port on portal {self.portal} is being disconnected: {self._failing}")
         try:
-            ok = self._deliver.put(buf.offset, length, src_portal, self.portal, src_nid, 0, 0)
-        except RemoteProtocolError as e:  # the endpoint corrupted its deliver ring: detach it alone
+            if not self._deliver.put(buf.offset, length, src_portal, self.portal, src_nid, 0, 0):
+                # The ring has an entry for every RX slot and a slot comes back only once its
+                # descriptor is consumed: full here means the endpoint released buffers it never consumed.
+                raise abi.RingIndexError("deliver ring", "consumer index", self._deliver.shared_consumer(),
+                                         f"{self._deliver.entries} unconsumed, their RX buffers released")
+        except RemoteProtocolError as e:  # the endpoint broke its deliver ring: detach it alone
             self._disconnect(str(e))
             raise ShimError(errno.ENOTCONN, f"endpoint on portal {self.portal} broke its deliver ring: {e}") from None
-        # Cannot be full: the deliver ring has an entry for every RX slot.
-        if not ok:
-            raise LocalProtocolError("deliver ring full (ring smaller than the RX pool?)")
         buf.state = _STATE_DELIVERED
         self._rx_delivered.add(buf.offset)
         c = self.counters
