@@ -151,7 +151,7 @@ struct lu2k_send_desc {       /* submit ring */
 	uint32_t flags;           /* no bit outside LU2K_SEND_FLAGS_KNOWN */
 };
 /* The cookie is also the application's id for the message (1 .. 2^63-1, unique among its
- * messages): a copy sent again (after this daemon crashed, the first completed CANCELLED)
+ * messages; another value is refused INVALID): a copy sent again (after this daemon crashed, the first completed CANCELLED)
  * is not delivered twice by a receiving daemon that delivered it in the last hour (last
  * 65536 ids).  Cookies of messages without this flag should have bit 63 set. */
 #define LU2K_SEND_FLAG_MSG_ID 0x1u

@@ -841,14 +841,18 @@ def _model_invalid_field(d: Posted, region: Region, in_flight: set[int]) -> str 
         return "length"
     if d.flags & ~abi.SEND_FLAGS_KNOWN:
         return "flags"
+    if d.flags & abi.SEND_FLAG_MSG_ID and not 1 <= d.cookie <= abi.MAX_MSG_ID:
+        return "cookie"
     if d.offset in in_flight:
         return "already in flight"
     return None
 
 
 _honest_op = st.one_of(
-    st.tuples(st.just("post"), _tx_offsets, _lengths, st.one_of(st.just(0), st.just(0), st.just(abi.SEND_FLAG_MSG_ID), _u32)),
-    st.tuples(st.just("post"), st.tuples(st.just("tx"), st.integers(0, 7), st.just(0)), st.integers(0, 256), st.just(0)),
+    st.tuples(st.just("post"), _tx_offsets, _lengths, st.one_of(st.just(0), st.just(0), st.just(abi.SEND_FLAG_MSG_ID), _u32),
+              st.booleans()),
+    st.tuples(st.just("post"), st.tuples(st.just("tx"), st.integers(0, 7), st.just(0)), st.integers(0, 256), st.just(0),
+              st.just(False)),
     st.tuples(st.just("service")),
     st.tuples(st.just("complete"), st.integers(0, 7), st.sampled_from(list(Status))),
 )
@@ -896,7 +900,8 @@ def test_bad_descriptors_fail_alone_and_every_descriptor_completes_once(shape: S
         if op[0] == "post":
             if (region.word(abi.RING_SUBMIT, False) - region.word(abi.RING_SUBMIT, True)) & MASK32 >= region.entries(abi.RING_SUBMIT):
                 continue  # full: an honest application waits
-            d = Posted(next_cookie, region.offset(op[1]), op[2], op[3])
+            # With bit 63 set the cookie is a library cookie, and no message id (the ABI's range).
+            d = Posted(next_cookie | (1 << 63 if op[4] else 0), region.offset(op[1]), op[2], op[3])
             next_cookie += 1
             region.produce(abi.RING_SUBMIT, d.cookie, d.offset, d.length, 1, LO, d.flags)
             waiting.append(d)
@@ -914,7 +919,8 @@ def test_bad_descriptors_fail_alone_and_every_descriptor_completes_once(shape: S
     assert not port.disconnects and not port._failing
     for cookie in finished:
         expected[cookie] = (finished[cookie], None)
-    assert set(seen) == set(expected) == set(range(1, next_cookie))
+    assert {c & abi.MAX_MSG_ID for c in seen} == {c & abi.MAX_MSG_ID for c in expected} == set(range(1, next_cookie))
+    assert set(seen) == set(expected)
     for cookie, (status, wrong) in expected.items():
         got_status, reason = seen[cookie]
         assert got_status == status, (cookie, got_status, status, reason)

@@ -222,3 +222,13 @@ def test_send_flags_must_be_known() -> None:
         with pytest.raises(DescriptorError, match="TX flags") as e:
             abi.check_send_flags(bad)
         assert e.value.field == "flags" and e.value.value == bad
+
+
+def test_a_message_id_must_be_in_its_range() -> None:
+    abi.check_send_flags(abi.SEND_FLAG_MSG_ID, 1)
+    abi.check_send_flags(abi.SEND_FLAG_MSG_ID, abi.MAX_MSG_ID)
+    abi.check_send_flags(0, 1 << 63)  # a library cookie, not an id
+    for bad in (0, 1 << 63, (1 << 64) - 1):
+        with pytest.raises(DescriptorError, match="message id") as e:
+            abi.check_send_flags(abi.SEND_FLAG_MSG_ID, bad)
+        assert e.value.field == "cookie" and e.value.value == bad

@@ -264,9 +264,12 @@ class DescriptorError(RegionError):
     """One descriptor is malformed: refuse that request, keep the endpoint."""
 
 
-def check_send_flags(flags: int) -> None:
+def check_send_flags(flags: int, cookie: int = 1) -> None:
     if flags & ~SEND_FLAGS_KNOWN:
         raise DescriptorError("TX", "flags", flags, f"unknown bits 0x{flags & ~SEND_FLAGS_KNOWN:x}")
+    if flags & SEND_FLAG_MSG_ID and not 1 <= cookie <= MAX_MSG_ID:
+        # 0 and bit 63 are not ids: the library's own cookies have bit 63 set.
+        raise DescriptorError("TX", "cookie", cookie, f"a message id is 1 .. {MAX_MSG_ID}")
 
 
 # --- paths -------------------------------------------------------------------------------------

@@ -287,7 +287,7 @@ class PortLogic:
             if cap is None or length > cap or length > max_size or flags:  # the checks below say which field is wrong
                 try:
                     self._tx.check_span(offset, length, max_size, "TX")
-                    abi.check_send_flags(flags)
+                    abi.check_send_flags(flags, cookie)
                 except abi.DescriptorError as e:
                     self._invalid(cookie, e.reason)
                     continue
