@@ -54,10 +54,10 @@ from ..inet import format_hostport, split_hostport
 from ..fec import MAX_OVERHEAD as FEC_OVERHEAD, FecSettings, parse_fec
 from ..wire import MAX_HEADER_SIZE
 from .base import BackendSettings
-from .udt_proto import CIPHERS, TAG_SIZE, check_cipher
+from .udt_proto import CIPHERS, PACKET_TRAILER_SIZE, TAG_SIZE, check_cipher
 
 CCS = ("lu2k-rate", "udt")
-UDT_HEADERS = 28 + 16  # IPv4 + UDP, then UDT's own data header (IPv6: 20 more, see lu2k.inet)
+UDT_HEADERS = 28 + 16 + PACKET_TRAILER_SIZE  # IPv4 + UDP, UDT's data header, the packet MAC (IPv6: 20 more, see lu2k.inet)
 MIN_BUFFER = 8 << 20
 MAX_UDP_BUFFER = 4 << 20
 
