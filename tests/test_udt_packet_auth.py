@@ -6,6 +6,7 @@ published test vector), so the trailer's layout is pinned down, not just self-co
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
@@ -14,6 +15,7 @@ udtcore = pytest.importorskip("lu2k.backends._udtcore", reason="UDT binding not 
 
 KEY = bytes(range(16))
 TRAILER = udtcore.PACKET_TRAILER_SIZE
+WINDOW = 960  # counters behind the newest a socket still takes once (packet_auth.h kWindow)
 MASK = (1 << 64) - 1
 # UDT control types: handshake, keep-alive, ACK, NAK, congestion warning, shutdown, ACK2,
 # message drop request, peer error, and the user-defined type lu2k's probe uses.
@@ -139,6 +141,29 @@ def test_replays_are_dropped_and_reordering_is_not() -> None:
     assert receiver.open(sent[500]) is not None  # 599 behind, never seen
     assert receiver.open(sent[500]) is None
     assert receiver.socket_stats(777) == {"authenticated": 13, "forged": 0, "replayed": 4}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_window_agrees_with_a_set_of_everything_seen(seed: int) -> None:
+    """Packets delivered in a shuffled, duplicated order against the obvious model: taken
+    iff never seen and less than WINDOW behind the newest taken."""
+    rnd = random.Random(seed)
+    sender, receiver = udtcore.PacketAuth(KEY), udtcore.PacketAuth(KEY)
+    sent = [sender.seal(data(i, 777, b"d")) for i in range(5000)]
+    order: list[int] = []
+    for i in sorted(range(len(sent) - 1), key=lambda i: i + rnd.expovariate(1 / 40)):  # mostly small reordering
+        order.append(i)
+        if rnd.random() < 0.2:
+            order.append(max(0, i - rnd.randrange(1200)))  # a replay, recent or not
+    order.insert(4500, len(sent) - 1)  # one jump ahead
+    seen: set[int] = set()
+    newest = -1
+    for i in order:
+        fresh = i not in seen and (i > newest or newest - i < WINDOW)
+        assert (receiver.open(sent[i]) is not None) == fresh, (i, newest)
+        if fresh:
+            seen.add(i)
+            newest = max(newest, i)
 
 
 def test_each_destination_has_its_own_window_and_counters() -> None:

@@ -151,11 +151,14 @@ public:
     }
 
     void accept(uint64_t c) {
-        if (!started_ || c > highest_) {
-            uint64_t from = started_ ? (highest_ >> 6) + 1 : (c >> 6);
-            uint64_t to = c >> 6;
-            if (to - from >= kWindowWords) from = to - kWindowWords + 1;
+        if (!started_) {
+            ring_[(c >> 6) % kWindowWords] = 0;
+        } else if (c > highest_) {
+            // The words the highest moves into are cleared: what they held is out of the window.
+            uint64_t to = c >> 6, from = std::max((highest_ >> 6) + 1, to >= kWindowWords ? to - kWindowWords + 1 : 0);
             for (uint64_t w = from; w <= to; ++w) ring_[w % kWindowWords] = 0;
+        }
+        if (!started_ || c > highest_) {
             highest_ = c;
             started_ = true;
         }
@@ -282,19 +285,21 @@ public:
             if (it == channels_.end()) return Verdict::kPass;
             key = it->second.key;
         }
-        if (n < kHeader + kTrailer || iov[0].iov_len < kHeader) {
-            // Too short for a trailer, and a runt would leave part of libudt's header
-            // buffer as the previous packet left it.
+        if (n < kHeader || iov[0].iov_len < kHeader) {
+            // A runt: it would leave part of libudt's header buffer as the last packet left it.
             std::lock_guard<std::mutex> g(sockets_mu_);
             ++totals_.forged;
             return Verdict::kForged;
         }
         int32_t dest = int32_t(load_be32(static_cast<const uint8_t*>(iov[0].iov_base) + 12));
+        bool intact = n >= kHeader + kTrailer;
         uint8_t trailer[kTrailer];
-        gather(iov, iovlen, n - kTrailer, kTrailer, trailer);
-        uint64_t tag = tag_of(key, iov, iovlen, n - kTrailer, trailer), received;
-        std::memcpy(&received, trailer + 8, 8);
-        bool intact = (tag ^ received) == 0;  // one comparison of the whole tag: no timing to learn from
+        if (intact) {
+            gather(iov, iovlen, n - kTrailer, kTrailer, trailer);
+            uint64_t tag = tag_of(key, iov, iovlen, n - kTrailer, trailer), received;
+            std::memcpy(&received, trailer + 8, 8);
+            intact = (tag ^ received) == 0;  // one comparison of the whole tag: no timing to learn from
+        }
         std::lock_guard<std::mutex> g(sockets_mu_);
         auto sock = sockets_.find(dest);
         if (!intact) {
