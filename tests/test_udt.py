@@ -11,7 +11,7 @@ import pytest
 
 from lu2k.backends import availability, get_backend
 from lu2k.backends.base import BackendSettings, LinkProfile
-from lu2k.errors import BackendUnavailable, ConfigError, FrameError, NetworkError, ReadError, WriteError
+from lu2k.errors import BackendUnavailable, ConfigError, ConnectError, FrameError, NetworkError, ReadError, WriteError
 from lu2k.nid import parse_net
 from lu2k.wire import ConnType, FrameType, decode_msg
 
@@ -141,6 +141,19 @@ async def test_peer_without_the_key_cannot_complete_the_udt_handshake(packet_key
         assert _udtcore.packet_auth_totals()["forged"] > forged
     finally:
         await _close(lst, server)
+
+
+async def test_a_daemon_with_another_network_key_is_told_why_it_gets_no_answer() -> None:
+    server, other = make(), make(key=b"another net's key")
+    accepted: asyncio.Queue = asyncio.Queue()
+    lst = await server.listen("127.0.0.1", 0, accepted.put)
+    forged = server.describe()["packets_forged"]
+    try:
+        with pytest.raises(ConnectError, match="another network key"):
+            await other.connect("127.0.0.1", lst.address[1], ConnType.ANY, 10)
+        assert accepted.empty() and server.describe()["packets_forged"] > forged
+    finally:
+        await _close(lst, server, other)
 
 
 async def test_non_lu2k_peer_is_dropped_and_listener_keeps_serving() -> None:

@@ -730,7 +730,10 @@ class UdtBackend(Backend):
             raise ConnectTimeout(f"UDT connect to {peer} timed out after {timeout:g}s") from None
         except UDTError as e:
             self._abandon(fut, state)
-            raise ConnectError(f"UDT connect to {peer} failed: {_udt_message(e)}") from None
+            # No answer at all also means a peer that drops our handshake as forged: one whose
+            # net has another key (every UDT packet is authenticated with it).
+            hint = " (nothing listening, a firewall, or a peer with another network key)" if _udt_code(e) == _udtcore.E_NOSERVER else ""
+            raise ConnectError(f"UDT connect to {peer} failed: {_udt_message(e)}{hint}") from None
         except (Lu2kError, ValueError) as e:
             self._abandon(fut, state)
             if isinstance(e, ConnectError):
