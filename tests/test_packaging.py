@@ -65,10 +65,10 @@ def test_sdist_and_wheel_build_without_warnings(tmp_path: Path) -> None:
     with tarfile.open(sdist) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     assert {"LICENSE", "README.md", "setup.py", "setup.cfg", "contrib/lu2kd.yaml", "contrib/systemd/lu2kd.service",
-            "lu2k/backends/_udt/udtcore.cpp", "lu2k/backends/_udt/rate_law.h", "lu2k/py.typed"} <= names
+            "lu2k/backends/_udt/udtcore.cpp", "lu2k/backends/_udt/rate_law.h", "lu2k/backends/_udt/packet_auth.h", "lu2k/py.typed"} <= names
     with zipfile.ZipFile(wheel) as z:
         wnames = set(z.namelist())
-    assert {"lu2k/py.typed", "lu2k/daemon.py", "lu2k/metrics.py", "lu2k/backends/_udt/rate_law.h"} <= wnames
+    assert {"lu2k/py.typed", "lu2k/daemon.py", "lu2k/metrics.py", "lu2k/backends/_udt/rate_law.h", "lu2k/backends/_udt/packet_auth.h"} <= wnames
     if Path("/usr/include/udt/udt.h").exists() and shutil.which("g++"):
         # the binding must build from the sdist alone (its header travels with it)
         assert "NOT building the UDT binding" not in log, log[-3000:]

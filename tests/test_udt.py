@@ -11,7 +11,7 @@ import pytest
 
 from lu2k.backends import availability, get_backend
 from lu2k.backends.base import BackendSettings, LinkProfile
-from lu2k.errors import BackendUnavailable, ConfigError, FrameError, NetworkError, ReadError, WriteError
+from lu2k.errors import BackendUnavailable, ConfigError, ConnectError, FrameError, NetworkError, ReadError, WriteError
 from lu2k.nid import parse_net
 from lu2k.wire import ConnType, FrameType, decode_msg
 
@@ -76,6 +76,7 @@ def _raw_connect(port: int, key: bytes, cipher: str = "aes-256-gcm"):
     """A hand-made UDT peer: connect and do the preamble, return (socket, sealer)."""
     u = _udtcore.socket()
     _udtcore.setsockopt(u, "linger", -1)
+    _udtcore.set_packet_key(u, proto.packet_key(key))
     _udtcore.connect(u, "127.0.0.1", port)
     salt = proto.new_salt()
     _udtcore.sendmsg(u, proto.encode_preamble(cipher, salt))
@@ -86,12 +87,12 @@ def _raw_connect(port: int, key: bytes, cipher: str = "aes-256-gcm"):
     return u, proto.Sealer(cipher, k_out)
 
 
-@pytest.mark.parametrize("attack", ["flip", "wrong-key", "replay", "not-a-frame"])
+@pytest.mark.parametrize("attack", ["flip", "replay", "not-a-frame"])
 async def test_tampering_is_a_frame_error(attack: str) -> None:
     server = make()
     accepted: asyncio.Queue = asyncio.Queue()
     lst = await server.listen("127.0.0.1", 0, accepted.put)
-    u, sealer = await asyncio.to_thread(_raw_connect, lst.address[1], b"wrong" if attack == "wrong-key" else KEY)
+    u, sealer = await asyncio.to_thread(_raw_connect, lst.address[1], KEY)
     inn = await asyncio.wait_for(accepted.get(), 10)
     try:
         header, payload = _msg(1, b"genuine")
@@ -102,10 +103,8 @@ async def test_tampering_is_a_frame_error(attack: str) -> None:
             messages = [bytes(bad)]
         elif attack == "replay":
             messages = [good, good]
-        elif attack == "not-a-frame":
-            messages = [sealer.seal(b"\x00" * 40)]
         else:
-            messages = [good]
+            messages = [sealer.seal(b"\x00" * 40)]
         for m in messages:
             await asyncio.to_thread(_udtcore.sendmsg, u, m)
         with pytest.raises(FrameError):
@@ -116,7 +115,49 @@ async def test_tampering_is_a_frame_error(attack: str) -> None:
         await _close(inn, lst, server)
 
 
+@pytest.mark.parametrize("packet_key", [None, b"wrong"], ids=["plain-udt", "wrong-key"])
+async def test_peer_without_the_key_cannot_complete_the_udt_handshake(packet_key: bytes | None) -> None:
+    """Its handshake packets lack a valid MAC: dropped and counted before libudt sees them,
+    so the listener never even opens a UDT connection for it."""
+    server = make()
+    accepted: asyncio.Queue = asyncio.Queue()
+    lst = await server.listen("127.0.0.1", 0, accepted.put)
+    forged = _udtcore.packet_auth_totals()["forged"]
+
+    def outsider() -> None:
+        u = _udtcore.socket()
+        try:
+            if packet_key is not None:
+                _udtcore.set_packet_key(u, proto.packet_key(packet_key))
+            with pytest.raises(_udtcore.UDTError) as info:
+                _udtcore.connect(u, "127.0.0.1", lst.address[1])
+            assert info.value.args[0] == _udtcore.E_NOSERVER
+        finally:
+            _udtcore.close(u)
+
+    try:
+        await asyncio.to_thread(outsider)
+        assert accepted.empty()
+        assert _udtcore.packet_auth_totals()["forged"] > forged
+    finally:
+        await _close(lst, server)
+
+
+async def test_a_daemon_with_another_network_key_is_told_why_it_gets_no_answer() -> None:
+    server, other = make(), make(key=b"another net's key")
+    accepted: asyncio.Queue = asyncio.Queue()
+    lst = await server.listen("127.0.0.1", 0, accepted.put)
+    forged = server.describe()["packets_forged"]
+    try:
+        with pytest.raises(ConnectError, match="another network key"):
+            await other.connect("127.0.0.1", lst.address[1], ConnType.ANY, 10)
+        assert accepted.empty() and server.describe()["packets_forged"] > forged
+    finally:
+        await _close(lst, server, other)
+
+
 async def test_non_lu2k_peer_is_dropped_and_listener_keeps_serving() -> None:
+    """A key holder that does not speak lu2k's preamble (or says nothing) is dropped."""
     server, client = make(handshake_timeout=1.0), make()
     accepted: asyncio.Queue = asyncio.Queue()
     lst = await server.listen("127.0.0.1", 0, accepted.put)
@@ -124,6 +165,7 @@ async def test_non_lu2k_peer_is_dropped_and_listener_keeps_serving() -> None:
 
     def stranger(send: bytes | None) -> None:
         u = _udtcore.socket()
+        _udtcore.set_packet_key(u, proto.packet_key(KEY))
         _udtcore.connect(u, "127.0.0.1", port)
         if send is not None:
             _udtcore.sendmsg(u, send)

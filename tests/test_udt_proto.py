@@ -76,11 +76,23 @@ def test_bad_preambles_are_handshake_errors() -> None:
         proto.decode_preamble(good[:-1])
     with pytest.raises(HandshakeError, match="bad magic"):
         proto.decode_preamble(b"GET / HTTP/1.1\r\n" + good[16:])
-    with pytest.raises(HandshakeError, match="version 2 not supported"):
-        proto.decode_preamble(b"LU2KUDT\x02" + good[8:])
+    for version in (1, 3):  # 1: before control packets were authenticated
+        with pytest.raises(HandshakeError, match=f"version {version} not supported"):
+            proto.decode_preamble(b"LU2KUDT" + bytes([version]) + good[8:])
     with pytest.raises(HandshakeError, match="unknown cipher #9"):
         proto.decode_preamble(good[:8] + b"\x09" + good[9:])
     with pytest.raises(LocalProtocolError):
         proto.encode_preamble("aes-256-gcm", b"short")
     with pytest.raises(ConfigError, match="unknown cipher 'rot13'"):
         proto.check_cipher("rot13")
+
+
+def test_packet_key_is_per_network_key_and_needs_one() -> None:
+    key = proto.packet_key(KEY)
+    assert len(key) == proto.PACKET_KEY_SIZE == 16 and key == proto.packet_key(KEY)
+    assert proto.packet_key(KEY + b"!") != key
+    # Not any of the connection keys a preamble derives from the same network key.
+    salt_c, salt_a = proto.new_salt(), proto.new_salt()
+    assert all(not k.startswith(key) for k in proto.derive_keys(KEY, "aes-256-gcm", salt_c, salt_a))
+    with pytest.raises(ConfigError, match="packet key"):
+        proto.packet_key(b"")

@@ -21,6 +21,14 @@ Theory of operation:
 * **Encryption.**  After UDT connects, each side sends a preamble with a fresh salt; both
   derive per-direction AEAD keys from the network key (:mod:`.udt_proto`).  The lu2k hello
   then runs inside the encrypted channel; a peer without the key fails at its first frame.
+* **Authenticated packets.**  Every socket is given the net's packet key before it binds or
+  connects: the binding then adds a counter and a MAC to each UDT packet (control packets
+  whole, data packets' headers) and drops forged or replayed ones before libudt acts on them
+  (``_udt/packet_auth.h``), so an on-path attacker cannot acknowledge data it dropped, close
+  the connection, make the sender resend or inject data.  Data payloads are the AEAD's: an
+  altered one fails to open and closes the connection (a bad frame, as on tcp).  Dropped
+  packets are counted per connection (``packets_forged``, ``packets_replayed`` in ``lu2kctl
+  peer show``) and logged.  libudt's packets are sized to leave room for the 16-byte trailer.
 * **Congestion control.**  ``cc: lu2k-rate`` (default) installs lu2k's loss-tolerant
   rate control through UDT's CCC factory (see ``_udt/rate_law.h``); ``cc: udt`` keeps
   UDT's DAIMD.  Buffers and the flight window are sized from the site profile.
@@ -41,6 +49,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import structlog
+
 try:
     from . import _udtcore
 except ImportError as e:  # the registry turns this into BackendUnavailable with an install hint
@@ -60,6 +70,7 @@ from .udt_fec import FecRelay, loopback_for
 from .udt_tunables import UdtTuning, tune
 
 T = TypeVar("T")
+log = structlog.get_logger("lu2k.backends.udt")
 UDTError = _udtcore.UDTError
 RECV_BATCH = 64  # frames handed to the engine per recv() at most
 RELAY_LINGER = 0.2  # s a connection's FEC relay outlives libudt's close (its shutdown packet)
@@ -121,12 +132,14 @@ def _in_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., T], *args: Any
 # --- socket set-up (blocking helpers, run in threads) -------------------------------------------
 
 
-def _new_socket(tuning: UdtTuning, family: int, wire_mss: int | None = None) -> int:
+def _new_socket(tuning: UdtTuning, family: int, packet_key: bytes, wire_mss: int | None = None) -> int:
     """A tuned UDT socket whose packets are at most ``wire_mss`` (default ``tuning.mss``)
-    bytes on the wire, IPv4 or IPv6."""
+    bytes on the wire, IPv4 or IPv6, authenticated with ``packet_key``."""
     u = _udtcore.socket(family)
     try:
-        _udtcore.setsockopt(u, "mss", udt_mss_for(wire_mss or tuning.mss, family))
+        _udtcore.set_packet_key(u, packet_key)  # before bind/connect: the channel is keyed when opened
+        # libudt's packets leave room for the trailer the binding appends to each.
+        _udtcore.setsockopt(u, "mss", udt_mss_for(wire_mss or tuning.mss, family) - proto.PACKET_TRAILER_SIZE)
         _udtcore.setsockopt(u, "fc", tuning.flight_window)  # before RCVBUF: UDT caps RCVBUF at FC
         _udtcore.setsockopt(u, "sndbuf", tuning.buffer)
         _udtcore.setsockopt(u, "rcvbuf", tuning.buffer)
@@ -221,6 +234,7 @@ class UdtTransport(Transport):
         self._tx = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"udt-tx-{u}")
         self._rx_done = threading.Event()
         self._last_stats: dict[str, Any] = {}
+        self._dropped_reported = 0  # forged + replayed packets already logged
         self.bytes_sent = self.bytes_received = 0
         self.messages_sent = self.messages_received = 0
         threading.Thread(target=self._receive_loop, name=f"udt-rx-{u}", daemon=True).start()
@@ -368,6 +382,7 @@ class UdtTransport(Transport):
     def close(self) -> None:
         if self._closed:
             return
+        self.check_packets()
         try:
             self._last_stats = self._udt_stats()
         except UDTError:
@@ -414,9 +429,21 @@ class UdtTransport(Transport):
                 self._error = error
             self.close()
 
+    def check_packets(self) -> None:
+        """Log packets dropped as forged or replayed since the last look."""
+        if self._closed:
+            return
+        auth = _udtcore.packet_auth_stats(self._u)
+        dropped = auth["forged"] + auth["replayed"]
+        if dropped > self._dropped_reported:
+            log.warning("udt packets dropped: forged or replayed (an attacker on the path, or a path duplicating datagrams)",
+                        peer=self._peer, forged=auth["forged"], replayed=auth["replayed"])
+            self._dropped_reported = dropped
+
     def _udt_stats(self) -> dict[str, Any]:
         perf = _udtcore.perfmon(self._u, False)
         out: dict[str, Any] = {name: _tidy(perf[key]) for key, name in _STATS_KEYS.items()}
+        out.update({f"packets_{k}": v for k, v in _udtcore.packet_auth_stats(self._u).items()})
         # Packets queued in UDT's send buffer (unsent + unacknowledged): near zero means the
         # sender is application-limited, not network-limited.
         out["send_buffer_packets"] = _udtcore.getsockopt(self._u, "snddata")
@@ -491,6 +518,7 @@ class UdtBackend(Backend):
         self._watchdog: asyncio.Task[None] | None = None
         self._relays: set[FecRelay] = set()
         self._fec_closed: dict[str, int] = {}  # counters of relays already closed
+        self._packet_key = proto.packet_key(settings.key)
 
     @classmethod
     def probe(cls) -> str | None:
@@ -507,16 +535,18 @@ class UdtBackend(Backend):
 
         t = UdtTransport(u, peer, self.tuning, self.settings.max_message_size, sealer, opener, on_close)
         self._transports.add(t)
-        if self._watchdog is None and self.tuning.cc == "lu2k-rate":
+        if self._watchdog is None:
             self._watchdog = asyncio.ensure_future(self._watch())
         return t
 
     async def _watch(self) -> None:
-        """Once a second: connections whose peer went silent are ended (see check_alive)."""
+        """Once a second: connections whose peer went silent are ended (see check_alive), and
+        dropped packets are logged."""
         while True:
             await asyncio.sleep(1.0)
             for t in list(self._transports):
                 t.check_alive()
+                t.check_packets()
 
     def _hand_to_engine(self, u: int, peer: str, pair: tuple[proto.Sealer, proto.Opener], on_accept: AcceptCallback, listener: UdtListener) -> None:
         """On the loop: wrap an accepted, keyed connection and give it to the engine."""
@@ -571,7 +601,7 @@ class UdtBackend(Backend):
         peer_text = format_hostport(*peer)
         while not listener.closed:
             try:
-                u = _new_socket(self.tuning, _family(host))
+                u = _new_socket(self.tuning, _family(host), self._packet_key)
             except UDTError:
                 return
             listener.peer_sockets.add(u)
@@ -612,7 +642,7 @@ class UdtBackend(Backend):
             # libudt keeps a closed listener's port for ~3 s (in case a client is mid-connect),
             # so a net restarted in-process retries for a while rather than failing at once.
             for attempt in range(LISTEN_RETRIES + 1):
-                u = _new_socket(tuning, _family(host))
+                u = _new_socket(tuning, _family(host), self._packet_key)
                 try:
                     _udtcore.bind(u, *udt_bind)
                     _udtcore.listen(u, 128)
@@ -673,7 +703,7 @@ class UdtBackend(Backend):
                 raise ConnectError(f"UDT connect to {peer} failed: fec relay: {e.strerror or e}") from None
 
         def dial() -> tuple[proto.Sealer, proto.Opener]:
-            u = _new_socket(tuning, _family(addr), wire_mss)
+            u = _new_socket(tuning, _family(addr), self._packet_key, wire_mss)
             state["u"] = u
             if tuning.rendezvous:
                 _udtcore.setsockopt(u, "reuseaddr", 1)
@@ -700,7 +730,10 @@ class UdtBackend(Backend):
             raise ConnectTimeout(f"UDT connect to {peer} timed out after {timeout:g}s") from None
         except UDTError as e:
             self._abandon(fut, state)
-            raise ConnectError(f"UDT connect to {peer} failed: {_udt_message(e)}") from None
+            # No answer at all also means a peer that drops our handshake as forged: one whose
+            # net has another key (every UDT packet is authenticated with it).
+            hint = " (nothing listening, a firewall, or a peer with another network key)" if _udt_code(e) == _udtcore.E_NOSERVER else ""
+            raise ConnectError(f"UDT connect to {peer} failed: {_udt_message(e)}{hint}") from None
         except (Lu2kError, ValueError) as e:
             self._abandon(fut, state)
             if isinstance(e, ConnectError):
@@ -765,6 +798,9 @@ class UdtBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         out = self.tuning.describe()
+        # Process-wide: also what reached no connection (forged handshakes to the listener, ...).
+        totals = _udtcore.packet_auth_totals()
+        out["packets_forged"], out["packets_replayed"] = totals["forged"], totals["replayed"]
         if self.tuning.fec.enabled:
             totals = dict(self._fec_closed)
             for relay in self._relays:

@@ -1,11 +1,17 @@
-"""The udt backend's own wire layer: the key-exchange preamble and AEAD over each UDT message.  Pure.
+"""The udt backend's own wire layer: the key-exchange preamble, AEAD over each UDT message,
+and the key that authenticates UDT's control packets.  Pure.
 
 UDT has no encryption, so the backend seals every UDT message (one lu2k frame, header and
-payload) with an AEAD under per-connection keys.  Nothing here touches a socket.
+payload) with an AEAD under per-connection keys.  Nor does UDT authenticate its packets
+(ACK, NAK, shutdown, data headers, ...), which it acts on without lu2k seeing them: the
+binding appends a counter and a MAC (:data:`PACKET_TRAILER_SIZE` bytes) to each under
+:func:`packet_key` and drops forged and replayed ones (``_udt/packet_auth.h``).  Nothing
+here touches a socket.
 
 Preamble (first UDT message each way, plaintext, before any frame)::
 
-    u8[8]  magic      b"LU2KUDT\\x01" (the last byte is this layer's version)
+    u8[8]  magic      b"LU2KUDT\\x02" (the last byte is this layer's version; 2: UDT
+                      packets authenticated)
     u8     cipher     CIPHERS index the connector wants (the acceptor must agree)
     u8[3]  reserved   zero
     u8[32] salt       fresh random bytes from this side
@@ -20,7 +26,13 @@ Nonce: a 96-bit little-endian count of the messages sent so far in that directio
 not sent: UDT delivers messages reliably and in order, so the receiver knows it.  A message
 that was dropped, replayed, reordered or altered therefore fails authentication and is a
 :class:`~lu2k.errors.FrameError`.  The preamble is authenticated after the fact: a peer
-without the network key derives different keys and its first frame fails to open.
+without the network key derives different keys and its first frame fails to open (in
+practice it does not get that far: without :func:`packet_key` its UDT handshake packets are
+dropped as forged).
+
+Packet key: ``HKDF-SHA256(ikm=network key, salt="", info=b"lu2k-udt packet mac v1")``, 16
+bytes for SipHash-2-4.  It is per net, not per connection, so that it covers UDT's handshake
+and everything before the preamble; replays are stopped by the counter in each packet.
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import ConfigError, FrameError, HandshakeError, LocalProtocolError
 
-PREAMBLE_MAGIC = b"LU2KUDT\x01"
+PREAMBLE_MAGIC = b"LU2KUDT\x02"
 PREAMBLE = struct.Struct("<8sB3x32s")
 PREAMBLE_SIZE = PREAMBLE.size  # 44
 SALT_SIZE = 32
@@ -84,6 +96,17 @@ def derive_keys(network_key: bytes, cipher: str, salt_connector: bytes, salt_acc
         algorithm=hashes.SHA256(), length=64, salt=salt_connector + salt_acceptor, info=b"lu2k-udt v1 " + check_cipher(cipher).encode()
     ).derive(network_key)
     return okm[:32], okm[32:]
+
+
+PACKET_KEY_SIZE = 16
+PACKET_TRAILER_SIZE = 16  # appended to every UDT packet: u64 counter, u64 SipHash tag
+
+
+def packet_key(network_key: bytes) -> bytes:
+    """The key that authenticates a net's UDT control packets (see the module docstring)."""
+    if not network_key:
+        raise ConfigError("the udt backend derives its packet key from the network key, and none is set", where="key")
+    return HKDF(algorithm=hashes.SHA256(), length=PACKET_KEY_SIZE, salt=None, info=b"lu2k-udt packet mac v1").derive(network_key)
 
 
 def _nonce(counter: int) -> bytes:

@@ -14,9 +14,9 @@ Config keys (a net's ``lu2k.options`` when its backend is ``udt``), all optional
                         max(0.10, 4 x profile loss))
 ``rtt_slack``           queueing delay tolerated, as a fraction of the minimum RTT (default 0.2)
 ``min_rto_ms``          floor of UDT's retransmission timeout under lu2k-rate (default 300)
-``mss``                 UDT packet size including IP/UDP headers (default 1500, or the route's MTU
-                        where the kernel knows a lower one; 576..65536; the same on the wire over
-                        IPv6, see :func:`lu2k.inet.udt_mss_for`)
+``mss``                 UDT packet size including IP/UDP headers and the 16-byte packet trailer
+                        (default 1500, or the route's MTU where the kernel knows a lower one;
+                        576..65536; the same on the wire over IPv6, see :func:`lu2k.inet.udt_mss_for`)
 ``buffer``              UDT send/receive buffer bytes (default max(8 x BDP, 2 x largest frame, 8 MiB))
 ``flight_window``       UDT flight window, packets (default: the buffer in packets)
 ``udp_buffer``          UDP socket buffer bytes (default min(BDP, 4 MiB); the kernel may clamp)
@@ -54,10 +54,10 @@ from ..inet import format_hostport, split_hostport
 from ..fec import MAX_OVERHEAD as FEC_OVERHEAD, FecSettings, parse_fec
 from ..wire import MAX_HEADER_SIZE
 from .base import BackendSettings
-from .udt_proto import CIPHERS, TAG_SIZE, check_cipher
+from .udt_proto import CIPHERS, PACKET_TRAILER_SIZE, TAG_SIZE, check_cipher
 
 CCS = ("lu2k-rate", "udt")
-UDT_HEADERS = 28 + 16  # IPv4 + UDP, then UDT's own data header (IPv6: 20 more, see lu2k.inet)
+UDT_HEADERS = 28 + 16 + PACKET_TRAILER_SIZE  # IPv4 + UDP, UDT's data header, the packet MAC (IPv6: 20 more, see lu2k.inet)
 MIN_BUFFER = 8 << 20
 MAX_UDP_BUFFER = 4 << 20
 

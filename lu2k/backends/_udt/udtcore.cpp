@@ -6,6 +6,13 @@
 // (rate_law.h) plugged in through UDT's CCC mechanism, with its parameters carried by the
 // CCC factory so that sockets accepted from a listener inherit them.
 //
+// Packet authentication (packet_auth.h): libudt is linked in statically with its UDP I/O
+// wrapped (ld --wrap=sendmsg,recvmsg,bind,close; see setup.py), so every datagram it sends or
+// receives passes through this module first.  A socket given a key with set_packet_key
+// before bind/connect keys the UDP channel libudt opens for it; its packets then carry a
+// counter and a MAC, and forged or replayed ones are dropped and counted before libudt
+// parses them.
+//
 // Errors: every UDT failure raises _udtcore.UDTError(code, message) where code
 // is UDT's major*1000+minor (e.g. 1001 "connection setup failure: no server", 2001
 // "connection broken").  The Python backend translates these into lu2k.errors once.
@@ -37,6 +44,7 @@
 #include <udt/udt.h>
 #include <udt/ccc.h>
 
+#include "packet_auth.h"
 #include "rate_law.h"
 
 static PyObject* UDTErrorType = nullptr;
@@ -308,7 +316,7 @@ public:
             std::lock_guard<std::mutex> g(mu_);
             uint64_t now = monotonic_us();
             for (auto& entry : missing_) {
-                if (nak.size() + 2 >= kNakWords) break;
+                if (nak.size() + 2 >= nak_words()) break;
                 if (seq_cmp(entry.first, from) >= 0 && seq_cmp(entry.first, to) <= 0) {
                     nak.push_back(uint32_t(entry.first));
                     entry.second = now;
@@ -350,7 +358,7 @@ public:
                     if (now - entry.second >= wait) {
                         renak.push_back(uint32_t(entry.first));
                         entry.second = now;
-                        if (renak.size() >= kNakWords) break;
+                        if (renak.size() >= nak_words()) break;
                     }
                 }
                 renaks_ += int64_t(renak.size());
@@ -424,6 +432,13 @@ private:
     static constexpr size_t kMaxMissing = 65536;
     static constexpr int32_t kMaxGap = 1 << 20;
     static constexpr size_t kNakWords = 350;  // fits one 1500-byte packet
+    // ... and at smaller packet sizes, after IP/UDP (libudt's mss counts 28 bytes for them
+    // whatever the family: lu2k.inet.udt_mss_for) and UDT's header (lu2k gives libudt an mss
+    // that leaves room for packet_auth's trailer).
+    size_t nak_words() const {
+        int room = m_iMSS - 28 - int(packet_auth::kHeader);
+        return std::min(kNakWords, size_t(std::max(room, 64)) / 4);
+    }
     bool rx_started_ = false;
     int32_t rx_max_ = 0;
     int64_t renaks_ = 0;
@@ -459,9 +474,12 @@ static std::condition_variable& g_conns_cv = *new std::condition_variable;
 static std::set<UDTSOCKET>& g_conns = *new std::set<UDTSOCKET>;
 static bool g_ticker_started = false;
 
+static void forget_dead_windows();
+
 static void ticker_main() {
     std::vector<UDTSOCKET> socks, gone;
-    for (;;) {
+    for (unsigned tick = 1;; ++tick) {
+        if (tick % 1000 == 0) forget_dead_windows();
         {
             std::unique_lock<std::mutex> lk(g_conns_mu);
             for (UDTSOCKET u : gone) g_conns.erase(u);
@@ -572,6 +590,139 @@ static bool parse_params(PyObject* kwargs, RateParams* p, double* cwnd) {
     return true;
 }
 
+// --- packet authentication: libudt's UDP I/O, wrapped ----------------------------------------
+//
+// setup.py links libudt statically with --wrap=sendmsg,recvmsg,bind,close, so libudt's calls
+// land here and __real_* are libc's.  Which channel (UDP socket) has which key is learnt at
+// bind time: py_bind and py_connect name the key of the UDT socket they work on in a
+// thread-local, and libudt opens the channel for that socket (socket, bind) on the same
+// thread.  A channel nobody named a key for is plain UDT.  Accepted sockets share their
+// listener's channel, and with it its key.
+
+static packet_auth::PacketGuard g_guard;
+static std::mutex g_socket_keys_mu;
+static std::unordered_map<UDTSOCKET, packet_auth::Key> g_socket_keys;  // set_packet_key, until close
+static thread_local bool t_channel_keyed = false;
+static thread_local packet_auth::Key t_channel_key;
+
+extern "C" {
+ssize_t __real_sendmsg(int fd, const struct msghdr* msg, int flags);
+ssize_t __real_recvmsg(int fd, struct msghdr* msg, int flags);
+int __real_bind(int fd, const struct sockaddr* addr, socklen_t len);
+int __real_close(int fd);
+
+ssize_t __wrap_sendmsg(int fd, const struct msghdr* msg, int flags) {
+    constexpr size_t kMaxIov = 4;  // libudt sends header + data: 2
+    uint8_t trailer[packet_auth::kTrailer];
+    if (msg->msg_iovlen > kMaxIov ||
+        !g_guard.seal(fd, static_cast<const sockaddr*>(msg->msg_name), msg->msg_namelen, msg->msg_iov, msg->msg_iovlen, trailer))
+        return __real_sendmsg(fd, msg, flags);
+    iovec iov[kMaxIov + 1];
+    std::memcpy(iov, msg->msg_iov, msg->msg_iovlen * sizeof(iovec));
+    iov[msg->msg_iovlen] = {trailer, sizeof(trailer)};
+    msghdr out = *msg;
+    out.msg_iov = iov;
+    out.msg_iovlen = msg->msg_iovlen + 1;
+    ssize_t r = __real_sendmsg(fd, &out, flags);
+    return r >= ssize_t(sizeof(trailer)) ? r - ssize_t(sizeof(trailer)) : r;
+}
+
+ssize_t __wrap_recvmsg(int fd, struct msghdr* msg, int flags) {
+    if (msg->msg_iovlen != 2) return __real_recvmsg(fd, msg, flags);  // not a libudt packet read
+    uint8_t spare[packet_auth::kTrailer];
+    iovec iov[3] = {msg->msg_iov[0], msg->msg_iov[1], {spare, sizeof(spare)}};
+    msghdr in = *msg;
+    in.msg_iov = iov;
+    in.msg_iovlen = 3;
+    ssize_t n = __real_recvmsg(fd, &in, flags);
+    msg->msg_namelen = in.msg_namelen;
+    msg->msg_flags = in.msg_flags;
+    if (n <= 0) return n;
+    bool cut;
+    long len = g_guard.deliver(fd, iov, size_t(n), &cut);
+    if (len < 0) {  // forged or replayed: as if nothing had arrived (libudt polls again)
+        errno = EAGAIN;
+        return -1;
+    }
+    if (cut) msg->msg_flags |= MSG_TRUNC;
+    return ssize_t(len);
+}
+
+int __wrap_bind(int fd, const struct sockaddr* addr, socklen_t len) {
+    int r = __real_bind(fd, addr, len);
+    if (r == 0) g_guard.key_channel(fd, t_channel_keyed ? &t_channel_key : nullptr);
+    return r;
+}
+
+int __wrap_close(int fd) {
+    g_guard.forget_channel(fd);
+    return __real_close(fd);
+}
+}
+
+// For the duration of a bind or connect: the key of the channel libudt may open for `u`.
+class ChannelKeyScope {
+public:
+    explicit ChannelKeyScope(UDTSOCKET u) {
+        std::lock_guard<std::mutex> g(g_socket_keys_mu);
+        auto it = g_socket_keys.find(u);
+        t_channel_keyed = it != g_socket_keys.end();
+        if (t_channel_keyed) t_channel_key = it->second;
+    }
+    ~ChannelKeyScope() { t_channel_keyed = false; }
+};
+
+static void forget_socket(UDTSOCKET u) {
+    {
+        std::lock_guard<std::mutex> g(g_socket_keys_mu);
+        g_socket_keys.erase(u);
+    }
+    g_guard.forget_socket(u);
+}
+
+// Replay windows of sockets libudt no longer knows (a peer's last packets after our close
+// make new ones); called by the ticker every ten seconds or so.
+static void forget_dead_windows() {
+    for (int32_t id : g_guard.socket_ids())
+        if (UDT::getsockstate(id) == NONEXIST) g_guard.forget_socket(id);
+}
+
+// set_packet_key(u, key): 16 bytes; u's channel authenticates its packets with it.
+static PyObject* py_set_packet_key(PyObject*, PyObject* args) {
+    int u;
+    Py_buffer key;
+    if (!PyArg_ParseTuple(args, "iy*", &u, &key)) return nullptr;
+    if (key.len != 16) {
+        PyBuffer_Release(&key);
+        PyErr_Format(PyExc_ValueError, "a packet key is 16 bytes, got %zd", key.len);
+        return nullptr;
+    }
+    packet_auth::Key k = packet_auth::Key::from_bytes(static_cast<const uint8_t*>(key.buf));
+    PyBuffer_Release(&key);
+    if (UDT::getsockstate(u) == NONEXIST) {
+        PyErr_Format(PyExc_ValueError, "no UDT socket %d", u);
+        return nullptr;
+    }
+    std::lock_guard<std::mutex> g(g_socket_keys_mu);
+    g_socket_keys[u] = k;
+    Py_RETURN_NONE;
+}
+
+static PyObject* counts_dict(const packet_auth::Counts& c) {
+    return Py_BuildValue("{s:K,s:K,s:K}", "authenticated", (unsigned long long)c.authenticated, "forged",
+                         (unsigned long long)c.forged, "replayed", (unsigned long long)c.replayed);
+}
+
+// packet_auth_stats(u) -> {authenticated, forged, replayed}: packets addressed to u.
+static PyObject* py_packet_auth_stats(PyObject*, PyObject* args) {
+    int u;
+    if (!PyArg_ParseTuple(args, "i", &u)) return nullptr;
+    return counts_dict(g_guard.socket_counts(u));
+}
+
+// packet_auth_totals() -> {authenticated, forged, replayed}: every keyed channel of the process.
+static PyObject* py_packet_auth_totals(PyObject*, PyObject*) { return counts_dict(g_guard.totals()); }
+
 // --- socket calls -------------------------------------------------------------------------------
 
 static PyObject* py_socket(PyObject*, PyObject* args) {
@@ -594,8 +745,12 @@ static PyObject* py_bind(PyObject*, PyObject* args) {
     int len;
     if (!make_addr(host, port, &ss, &len)) return nullptr;
     int r;
-    Py_BEGIN_ALLOW_THREADS r = UDT::bind(u, reinterpret_cast<sockaddr*>(&ss), len);
-    Py_END_ALLOW_THREADS if (r == UDT::ERROR) return raise_udt("bind");
+    {
+        ChannelKeyScope keyed(u);
+        Py_BEGIN_ALLOW_THREADS r = UDT::bind(u, reinterpret_cast<sockaddr*>(&ss), len);
+        Py_END_ALLOW_THREADS
+    }
+    if (r == UDT::ERROR) return raise_udt("bind");
     Py_RETURN_NONE;
 }
 
@@ -630,8 +785,12 @@ static PyObject* py_connect(PyObject*, PyObject* args) {
     int len;
     if (!make_addr(host, port, &ss, &len)) return nullptr;
     int r;
-    Py_BEGIN_ALLOW_THREADS r = UDT::connect(u, reinterpret_cast<sockaddr*>(&ss), len);
-    Py_END_ALLOW_THREADS if (r == UDT::ERROR) return raise_udt("connect");
+    {
+        ChannelKeyScope keyed(u);  // a socket not bound yet gets its channel here
+        Py_BEGIN_ALLOW_THREADS r = UDT::connect(u, reinterpret_cast<sockaddr*>(&ss), len);
+        Py_END_ALLOW_THREADS
+    }
+    if (r == UDT::ERROR) return raise_udt("connect");
     register_conn(u);
     Py_RETURN_NONE;
 }
@@ -640,6 +799,7 @@ static PyObject* py_close(PyObject*, PyObject* args) {
     int u;
     if (!PyArg_ParseTuple(args, "i", &u)) return nullptr;
     unregister_conn(u);
+    forget_socket(u);
     int r;
     Py_BEGIN_ALLOW_THREADS r = UDT::close(u);
     Py_END_ALLOW_THREADS if (r == UDT::ERROR) return raise_udt("close");
@@ -1044,6 +1204,117 @@ static PyGetSetDef RateLaw_getset[] = {
 
 static PyTypeObject RateLawType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
+// --- PacketAuth: the guard on bytes, for tests ----------------------------------------------------
+
+typedef struct {
+    PyObject_HEAD packet_auth::PacketGuard* guard;
+} PacketAuthObject;
+
+static constexpr int kBytesChannel = 0;  // PacketAuth's guard has this one channel
+
+static int PacketAuth_init(PacketAuthObject* self, PyObject* args, PyObject* kwargs) {
+    static const char* kwlist[] = {"key", nullptr};
+    Py_buffer key;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*", const_cast<char**>(kwlist), &key)) return -1;
+    if (key.len != 16) {
+        PyBuffer_Release(&key);
+        PyErr_Format(PyExc_ValueError, "a packet key is 16 bytes, got %zd", key.len);
+        return -1;
+    }
+    packet_auth::Key k = packet_auth::Key::from_bytes(static_cast<const uint8_t*>(key.buf));
+    PyBuffer_Release(&key);
+    delete self->guard;
+    self->guard = new packet_auth::PacketGuard();
+    self->guard->key_channel(kBytesChannel, &k);
+    return 0;
+}
+
+static void PacketAuth_dealloc(PacketAuthObject* self) {
+    delete self->guard;
+    Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
+}
+
+static bool PacketAuth_ready(PacketAuthObject* self) {
+    if (self->guard == nullptr) PyErr_SetString(PyExc_RuntimeError, "PacketAuth not initialised");
+    return self->guard != nullptr;
+}
+
+// seal(datagram) -> the datagram as sent, trailer appended.
+static PyObject* PacketAuth_seal(PacketAuthObject* self, PyObject* args) {
+    Py_buffer d;
+    if (!PacketAuth_ready(self) || !PyArg_ParseTuple(args, "y*", &d)) return nullptr;
+    if (d.len < Py_ssize_t(packet_auth::kHeader)) {
+        PyBuffer_Release(&d);
+        PyErr_Format(PyExc_ValueError, "a UDT packet has a 16-byte header; got %zd bytes", d.len);
+        return nullptr;
+    }
+    char* p = static_cast<char*>(d.buf);
+    iovec iov[2] = {{p, packet_auth::kHeader}, {p + packet_auth::kHeader, size_t(d.len) - packet_auth::kHeader}};
+    sockaddr_in to{};
+    to.sin_family = AF_INET;
+    uint8_t trailer[packet_auth::kTrailer];
+    bool sealed = self->guard->seal(kBytesChannel, reinterpret_cast<sockaddr*>(&to), sizeof(to), iov, 2, trailer);
+    PyObject* out = PyBytes_FromStringAndSize(nullptr, d.len + (sealed ? Py_ssize_t(sizeof(trailer)) : 0));
+    if (out) {
+        std::memcpy(PyBytes_AS_STRING(out), p, size_t(d.len));
+        if (sealed) std::memcpy(PyBytes_AS_STRING(out) + d.len, trailer, sizeof(trailer));
+    }
+    PyBuffer_Release(&d);
+    return out;
+}
+
+// open(datagram, room=-1) -> what libudt would be handed, or None if it is dropped.  room:
+// the size of libudt's data buffer (default: exactly the datagram's, after the header).
+static PyObject* PacketAuth_open(PacketAuthObject* self, PyObject* args, PyObject* kwargs) {
+    static const char* kwlist[] = {"datagram", "room", nullptr};
+    Py_buffer d;
+    Py_ssize_t room = -1;
+    if (!PacketAuth_ready(self) ||
+        !PyArg_ParseTupleAndKeywords(args, kwargs, "y*|n", const_cast<char**>(kwlist), &d, &room))
+        return nullptr;
+    size_t n = size_t(d.len);
+    size_t head = std::min(n, packet_auth::kHeader);
+    size_t data_room = room >= 0 ? size_t(room) : n - head;
+    // Laid out as a read by libudt would leave it: header, data buffer, spare; the rest is lost.
+    std::vector<uint8_t> buf(packet_auth::kHeader + data_room + packet_auth::kTrailer);
+    n = std::min(n, buf.size());
+    std::memcpy(buf.data(), d.buf, n);
+    PyBuffer_Release(&d);
+    iovec iov[3] = {{buf.data(), packet_auth::kHeader},
+                    {buf.data() + packet_auth::kHeader, data_room},
+                    {buf.data() + packet_auth::kHeader + data_room, packet_auth::kTrailer}};
+    bool cut;
+    long len = self->guard->deliver(kBytesChannel, iov, n, &cut);
+    if (len < 0) Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(buf.data()), Py_ssize_t(len));
+}
+
+static PyObject* PacketAuth_socket_stats(PacketAuthObject* self, PyObject* args) {
+    int id;
+    if (!PacketAuth_ready(self) || !PyArg_ParseTuple(args, "i", &id)) return nullptr;
+    return counts_dict(self->guard->socket_counts(id));
+}
+
+static PyObject* PacketAuth_get_totals(PacketAuthObject* self, void*) {
+    if (!PacketAuth_ready(self)) return nullptr;
+    return counts_dict(self->guard->totals());
+}
+
+static PyMethodDef PacketAuth_methods[] = {
+    {"seal", (PyCFunction)PacketAuth_seal, METH_VARARGS, "seal(datagram) -> datagram as sent, trailer appended"},
+    {"open", (PyCFunction)(void (*)(void))PacketAuth_open, METH_VARARGS | METH_KEYWORDS,
+     "open(datagram, room=-1) -> what libudt gets, or None if dropped"},
+    {"socket_stats", (PyCFunction)PacketAuth_socket_stats, METH_VARARGS, "socket_stats(id) -> {authenticated, forged, replayed}"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+static PyGetSetDef PacketAuth_getset[] = {
+    {"totals", (getter)PacketAuth_get_totals, nullptr, "{authenticated, forged, replayed} over every packet opened", nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr},
+};
+
+static PyTypeObject PacketAuthType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
 // --- module --------------------------------------------------------------------------------------
 
 static PyMethodDef methods[] = {
@@ -1064,6 +1335,9 @@ static PyMethodDef methods[] = {
     {"set_cc", (PyCFunction)(void (*)(void))py_set_cc, METH_VARARGS | METH_KEYWORDS,
      "set_cc(u, name, **params): 'udt' or 'lu2k-rate'"},
     {"cc_state", py_cc_state, METH_VARARGS, "cc_state(u) -> dict or None"},
+    {"set_packet_key", py_set_packet_key, METH_VARARGS, "set_packet_key(u, key16): authenticate u's packets (before bind/connect)"},
+    {"packet_auth_stats", py_packet_auth_stats, METH_VARARGS, "packet_auth_stats(u) -> {authenticated, forged, replayed}"},
+    {"packet_auth_totals", py_packet_auth_totals, METH_NOARGS, "packet_auth_totals() -> {authenticated, forged, replayed}"},
     {"epoll_create", py_epoll_create, METH_NOARGS, "epoll_create() -> eid"},
     {"epoll_add", py_epoll_add, METH_VARARGS, "epoll_add(eid, u, events=IN|ERR)"},
     {"epoll_remove", py_epoll_remove, METH_VARARGS, "epoll_remove(eid, u)"},
@@ -1087,6 +1361,16 @@ PyMODINIT_FUNC PyInit__udtcore(void) {
     RateLawType.tp_methods = RateLaw_methods;
     RateLawType.tp_getset = RateLaw_getset;
     if (PyType_Ready(&RateLawType) < 0) return nullptr;
+    PacketAuthType.tp_name = "lu2k.backends._udtcore.PacketAuth";
+    PacketAuthType.tp_basicsize = sizeof(PacketAuthObject);
+    PacketAuthType.tp_flags = Py_TPFLAGS_DEFAULT;
+    PacketAuthType.tp_doc = "The packet authentication of one keyed channel, on bytes (packet_auth.h).";
+    PacketAuthType.tp_new = PyType_GenericNew;
+    PacketAuthType.tp_init = (initproc)PacketAuth_init;
+    PacketAuthType.tp_dealloc = (destructor)PacketAuth_dealloc;
+    PacketAuthType.tp_methods = PacketAuth_methods;
+    PacketAuthType.tp_getset = PacketAuth_getset;
+    if (PyType_Ready(&PacketAuthType) < 0) return nullptr;
 
     if (UDT::startup() == UDT::ERROR) return raise_udt("startup");
     PyObject* m = PyModule_Create(&moduledef);
@@ -1098,6 +1382,9 @@ PyMODINIT_FUNC PyInit__udtcore(void) {
     Py_INCREF(UDTErrorType);
     Py_INCREF(&RateLawType);
     if (PyModule_AddObject(m, "RateLaw", reinterpret_cast<PyObject*>(&RateLawType)) < 0) return nullptr;
+    Py_INCREF(&PacketAuthType);
+    if (PyModule_AddObject(m, "PacketAuth", reinterpret_cast<PyObject*>(&PacketAuthType)) < 0) return nullptr;
+    PyModule_AddIntConstant(m, "PACKET_TRAILER_SIZE", int(packet_auth::kTrailer));
     PyModule_AddIntConstant(m, "EPOLL_IN", UDT_EPOLL_IN);
     PyModule_AddIntConstant(m, "EPOLL_OUT", UDT_EPOLL_OUT);
     PyModule_AddIntConstant(m, "EPOLL_ERR", UDT_EPOLL_ERR);
