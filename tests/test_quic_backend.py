@@ -248,6 +248,19 @@ async def test_vanished_peer_is_read_error_after_dead_timeout(pki: dict[str, str
         await _close(out, inn, lst, server, client)
 
 
+async def test_an_idle_connection_to_a_vanished_peer_fails_without_anything_sent(pki: dict[str, str]) -> None:
+    # Nothing is sent after the peer dies: the keepalive PING is what is left unanswered.
+    but = BackendUnderTest(QuicBackend, "127.0.0.1", options=_opts(pki, dead_timeout=1.0))
+    server, client, out, inn, lst = await _pair(but)
+    try:
+        assert client.describe()["keepalive"] == 1.0  # max(1 s, 2 RTT) without a profile
+        lst._server._transport.close()
+        with pytest.raises(ReadError, match="stopped answering"):
+            await asyncio.wait_for(out.recv(), 10)
+    finally:
+        await _close(out, inn, lst, server, client)
+
+
 async def test_silent_peer_is_connect_timeout(pki: dict[str, str]) -> None:
     client = BackendUnderTest(QuicBackend, "127.0.0.1", options=_opts(pki)).make()
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never answers

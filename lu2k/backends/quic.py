@@ -232,7 +232,10 @@ class QuicBackend(Backend):
         if not 4 <= self.cid_length <= 20:
             raise ConfigError(f"cid_length must be 4..20 bytes, got {self.cid_length}", where=self._where)
         self.idle_timeout = _number_option(opts, "idle_timeout", 60.0, self._where, minimum=1.0)
-        self.keepalive = _number_option(opts, "keepalive", self.idle_timeout / 3, self._where)
+        # A PING every couple of round trips of silence: an idle connection to a peer that died
+        # (a gateway killed, no RST in QUIC) then has a PING outstanding, and the liveness check
+        # below fails it within dead_timeout instead of only when the next message goes out.
+        self.keepalive = _number_option(opts, "keepalive", min(self.idle_timeout / 3, max(1.0, 2 * self.rtt)), self._where)
         # Long enough for a PTO backoff or two on the profile's RTT, short enough that a
         # restarted peer is noticed in seconds (GEO: 8 x 0.6 s = 4.8 s).
         # At least DEAD_TIMEOUT_MIN (as tcp's), 8 RTTs on longer paths.

@@ -256,12 +256,13 @@ def _cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def backend_options(backend: str, lab: Lab, workdir: Path) -> dict[str, dict[str, Any]]:
+def backend_options(backend: str, lab: Lab, workdir: Path, *, extra_addresses: dict[str, list[str]] | None = None) -> dict[str, dict[str, Any]]:
     """Per-side backend options a lab run needs; QUIC needs a site certificate for each end.
 
     A throw-away CA signs one certificate per namespace, naming its lab address on every path
-    (a multi-rail peer is reached on each), so each connector verifies the other end exactly as
-    a deployment would.
+    (a multi-rail peer is reached on each) and any ``extra_addresses`` of that side (a second
+    gateway of the site, which shares the site's certificate), so each connector verifies the
+    other end exactly as a deployment would.
     """
     if backend != "quic":
         return {"a": {}, "b": {}}
@@ -274,7 +275,7 @@ def backend_options(backend: str, lab: Lab, workdir: Path) -> dict[str, dict[str
     out: dict[str, dict[str, Any]] = {}
     for side in ("a", "b"):
         key = make_key()
-        sans = [lab.address(side, p) for p in range(lab.n_paths)]
+        sans = [lab.address(side, p) for p in range(lab.n_paths)] + list((extra_addresses or {}).get(side, []))
         cert = make_certificate(key, f"lab-{side}", sans=sans, issuer_cert=ca_cert, issuer_key=ca_key)
         (workdir / f"lab-{side}.key").write_bytes(key_pem(key))
         os.chmod(workdir / f"lab-{side}.key", 0o600)

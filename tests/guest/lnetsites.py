@@ -39,6 +39,10 @@ KEY = "lnet-bed-hop-key-0123456789abcdef"
 OTHER = {"a": "b", "b": "a"}
 
 
+def _with_last_octet(ip: str, octet: int) -> str:
+    return ip.rsplit(".", 1)[0] + f".{octet}"
+
+
 def hop_backends() -> list[str]:
     """The lu2k backends the bed runs its hop over: ``LU2K_LNET_BACKEND`` (a comma-separated
     list), else all three in the long run and tcp alone in the short one."""
@@ -90,14 +94,19 @@ class Sites:
 
     @classmethod
     def up(cls, specs: tuple[LinkSpec, LinkSpec], bed: Any, workdir: Path, *, backend: str = "tcp", hop_port: int = 7988,
-           socklnd_options: dict[str, Any] | None = None, hop_options: dict[str, Any] | None = None) -> "Sites":
+           socklnd_options: dict[str, Any] | None = None, hop_options: dict[str, Any] | None = None,
+           spare_hop_octets: dict[str, list[int]] | None = None) -> "Sites":
+        """``spare_hop_octets``: last octets of hop addresses a second gateway of a site will
+        take (:meth:`add_gateway`); the site's certificate names them too."""
         lab = Lab(specs, lab_id=f"lg{secrets.token_hex(3)}").up()
         try:
             lan_ips = {s: bed.attach(s, lab.ns(s)) for s in ("a", "b")}
             spec = specs[0]
             profile = {"rtt_ms": spec.rtt_s * 1e3, "rate_mbit": spec.rate_bps / 1e6 if spec.rate_bps else 1e5,
                        "loss": min(spec.mean_loss, 0.5)}
-            options = backend_options(backend, lab, workdir)
+            spare = {side: [_with_last_octet(lab.state.addr[side], o) for o in octets]
+                     for side, octets in (spare_hop_octets or {}).items()}
+            options = backend_options(backend, lab, workdir, extra_addresses=spare)
             for side in options:
                 options[side].update(hop_options or {})
             configs = {
@@ -129,7 +138,7 @@ class Sites:
         lab namespace: its own LAN address and hop address, the same far net routed; the far
         lu2kd gets a route back through it (equal priority) at run time."""
         ns, other = self.lab.ns(side), OTHER[side]
-        hop_ip = self.lab.state.addr[side].rsplit(".", 1)[0] + f".{hop_last_octet}"
+        hop_ip = _with_last_octet(self.lab.state.addr[side], hop_last_octet)
         run = [["ip", "-n", ns, "addr", "add", f"{lan_ip}/16", "dev", f"lgl{side}"],
                ["ip", "-n", ns, "addr", "add", f"{hop_ip}/32", "dev", self.lab.state.dev[side]],
                ["ip", "-n", self.lab.ns(other), "route", "add", f"{hop_ip}/32", "dev", self.lab.state.dev[other]]]

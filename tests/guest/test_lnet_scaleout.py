@@ -29,6 +29,7 @@ from lu2k.lab.spec import build_specs
 lb = bed_module()
 LONG = os.environ.get("LU2K_LNET_LONG") == "1"
 A2_LAN_IP = "10.203.1.2"
+A2_HOP_OCTET = 3  # lu2kd-A2's hop address: lu2kd-A's with this last octet
 TRANSACTION_TIMEOUT = 20  # s on both nodes (stock lnetctl); LNet's 150 s default would make the kill test last minutes
 
 
@@ -38,11 +39,11 @@ def scaled(request: pytest.FixtureRequest, lnet_bed: Any, lnet_build: dict[str, 
     lnet_bed.split()
     workdir = lnet_out / f"scaleout-{backend}"
     workdir.mkdir(parents=True, exist_ok=True)
-    s = Sites.up(build_specs("leo", loss="0.5%"), lnet_bed, workdir, backend=backend)
+    s = Sites.up(build_specs("leo", loss="0.5%"), lnet_bed, workdir, backend=backend, spare_hop_octets={"a": [A2_HOP_OCTET]})
     mods = lb.module_paths(lnet_build)
     a, b = lnet_bed.guests["a"], lnet_bed.guests["b"]
     try:
-        s.add_gateway("a", "a2", A2_LAN_IP, 3)
+        s.add_gateway("a", "a2", A2_LAN_IP, A2_HOP_OCTET)
         lb.on_all([a, b], lambda g: lb.configure_lnet(g, "tcp" if g is a else "tcp1", mods))
         for g in (a, b):
             g.sh(f"lnetctl set transaction_timeout {TRANSACTION_TIMEOUT}", timeout=60)
