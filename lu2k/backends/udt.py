@@ -1,7 +1,8 @@
 """UDT backend: lu2k frames over UDT messages (libudt 4.11 through lu2k's own binding).
 
 lu2klnd's first backend.  Setup and data path live here; the preamble and AEAD in
-:mod:`.udt_proto`; config keys and sizing in :mod:`.udt_tunables`; the binding and the
+:mod:`.udt_proto`; config keys and sizing in :mod:`.udt_tunables`; the socket filter that
+keeps hostile UDT handshakes from libudt in :mod:`.udt_guard`; the binding and the
 congestion control in ``_udt/`` (compiled to ``lu2k.backends._udtcore``).
 
 Theory of operation:
@@ -42,8 +43,10 @@ Theory of operation:
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +66,7 @@ from ..errors import (
 from ..fec import MAX_OVERHEAD as FEC_OVERHEAD
 from ..inet import family_of, format_hostport, udt_mss_for, udt_wire_mss, wildcard
 from ..wire import BASE_SIZE, BufferFor, ConnType, Frame, FrameHeader, FrameType, decode_header, peek_header_size
+from . import udt_guard
 from . import udt_proto as proto
 from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport
 from .netpath import route_mtu
@@ -75,6 +79,9 @@ UDTError = _udtcore.UDTError
 RECV_BATCH = 64  # frames handed to the engine per recv() at most
 RELAY_LINGER = 0.2  # s a connection's FEC relay outlives libudt's close (its shutdown packet)
 LISTEN_RETRIES = 40  # x 0.25 s: outlasts libudt's hold on a just-closed listener's port
+# Listener addresses this process closed, and when: libudt holds such a port for a while, so
+# binding it again meets EADDRINUSE that is worth waiting out (another process's is not).
+_released: dict[tuple[str, int], float] = {}
 # UDT error codes (major * 1000 + minor) that mean "this connection is over".
 _CLOSED_CODES = {_udtcore.E_CONNLOST, _udtcore.E_NOCONN, _udtcore.E_INVSOCK}
 _STATS_KEYS = {  # perfmon field -> name shown by lu2kctl
@@ -151,6 +158,17 @@ def _new_socket(tuning: UdtTuning, family: int, packet_key: bytes, wire_mss: int
         _udtcore.close(u)
         raise
     return u
+
+
+def _bind_guarded(u: int, tuning: UdtTuning, family: int, host: str, port: int) -> None:
+    """Give ``u`` a UDP socket of lu2k's own carrying the handshake guard (:mod:`.udt_guard`)."""
+    sock = udt_guard.guarded_socket(family, host, port, udt_guard.max_peer_window(tuning.flight_window))
+    try:
+        _udtcore.bind_udp(u, sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # libudt owns the descriptor now
 
 
 def _exchange_preamble(u: int, tuning: UdtTuning, connector: bool, key: bytes, peer: str) -> tuple[proto.Sealer, proto.Opener]:
@@ -489,6 +507,8 @@ class UdtListener(Listener):
         if self.closed:
             return
         self.closed = True
+        if self._u is not None and self.relay is None:
+            _released[(self._address[0], self._address[1])] = time.monotonic()
         for u in [self._u, *self.peer_sockets]:
             if u is not None:
                 try:
@@ -641,15 +661,19 @@ class UdtBackend(Backend):
         def setup() -> tuple[int, tuple[str, int]]:
             # libudt keeps a closed listener's port for ~3 s (in case a client is mid-connect),
             # so a net restarted in-process retries for a while rather than failing at once.
+            released = _released.get(udt_bind, -1e9)
             for attempt in range(LISTEN_RETRIES + 1):
                 u = _new_socket(tuning, _family(host), self._packet_key)
                 try:
-                    _udtcore.bind(u, *udt_bind)
+                    _bind_guarded(u, tuning, _family(host), *udt_bind)
                     _udtcore.listen(u, 128)
                     return u, _udtcore.getsockname(u)
-                except UDTError as e:
+                except (UDTError, OSError) as e:
                     _udtcore.close(u)
-                    if _udt_code(e) != _udtcore.E_DUPLISTEN or attempt == LISTEN_RETRIES:
+                    held = _udt_code(e) == _udtcore.E_DUPLISTEN or (
+                        isinstance(e, OSError) and e.errno == errno.EADDRINUSE
+                        and time.monotonic() - released < LISTEN_RETRIES * 0.25)
+                    if not held or attempt == LISTEN_RETRIES:
                         raise
                 except BaseException:
                     _udtcore.close(u)
@@ -661,6 +685,8 @@ class UdtBackend(Backend):
             u, address = await _in_thread(loop, setup, name="udt-listen")
         except (UDTError, ValueError) as e:
             raise ConnectError(f"cannot listen on {format_hostport(host, port)} with UDT: {_udt_message(e)}") from None
+        except OSError as e:
+            raise ConnectError(f"cannot listen on {format_hostport(host, port)} with UDT: {e.strerror or e}") from None
         listener = UdtListener(self, u, address)
         if tuning.fec.enabled:
             try:
@@ -709,6 +735,8 @@ class UdtBackend(Backend):
                 _udtcore.setsockopt(u, "reuseaddr", 1)
                 _udtcore.setsockopt(u, "rendezvous", 1)
                 _udtcore.bind(u, wildcard(_family(addr)), tuning.rendezvous_port)
+            else:
+                _bind_guarded(u, tuning, _family(addr), wildcard(_family(addr)), 0)
             _udtcore.connect(u, *target)
             return _exchange_preamble(u, tuning, True, self.settings.key, peer)
 
@@ -739,6 +767,9 @@ class UdtBackend(Backend):
             if isinstance(e, ConnectError):
                 raise
             raise ConnectError(f"UDT connect to {peer} failed: {e}") from None
+        except OSError as e:  # lu2k's own UDP socket for libudt (udt_guard) could not be made
+            self._abandon(fut, state)
+            raise ConnectError(f"UDT connect to {peer} failed: {e.strerror or e}") from None
         except BaseException:
             self._abandon(fut, state)
             raise
