@@ -16,7 +16,9 @@ Theory of operation:
   fills and UDT's flow window throttles the sender; and one send thread (a one-worker
   executor, so frames go out in the order ``send`` was called).  Connects, accepts and the
   preamble exchange also run in threads.  Closing a UDT socket wakes every call blocked on
-  it (lingering is off, or ``close`` would wait for unsent data).
+  it (lingering is off, or ``close`` would wait for unsent data).  Until the hello is over
+  the receive thread reads one message per ``recv()`` into 4 KiB (nothing has said who
+  the peer is yet); only then does it take a max-frame buffer.
   (libudt 4.11's receive timeout is not used: with it set, ``recvmsg`` waits the whole
   timeout even when a message is ready.)
 * **Encryption.**  After UDT connects, each side sends a preamble with a fresh salt; both
@@ -65,7 +67,7 @@ from ..errors import (
 )
 from ..fec import MAX_OVERHEAD as FEC_OVERHEAD
 from ..inet import family_of, format_hostport, udt_mss_for, udt_wire_mss, wildcard
-from ..wire import BASE_SIZE, BufferFor, ConnType, Frame, FrameHeader, FrameType, decode_header, peek_header_size
+from ..wire import BASE_SIZE, BufferFor, ConnType, Frame, FrameHeader, FrameType, HelloResult, decode_header, peek_header_size
 from . import udt_guard
 from . import udt_proto as proto
 from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport
@@ -77,6 +79,7 @@ T = TypeVar("T")
 log = structlog.get_logger("lu2k.backends.udt")
 UDTError = _udtcore.UDTError
 RECV_BATCH = 64  # frames handed to the engine per recv() at most
+HELLO_BUFFER = 4096  # bytes a message may have before the hello is over (a hello frame has a few hundred)
 RELAY_LINGER = 0.2  # s a connection's FEC relay outlives libudt's close (its shutdown packet)
 LISTEN_RETRIES = 40  # x 0.25 s: outlasts libudt's hold on a just-closed listener's port
 # Listener addresses this process closed, and when: libudt holds such a port for a while, so
@@ -251,6 +254,13 @@ class UdtTransport(Transport):
         self._slots = threading.Semaphore(tuning.recv_queue)  # bounded hand-off to the loop
         self._tx = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"udt-tx-{u}")
         self._rx_done = threading.Event()
+        # Until the hello is over the receive thread reads one message per recv() into a small
+        # buffer, so that a peer not yet known costs no max-frame buffer (4 MiB, all of it
+        # touched, and kept by the allocator after the connection is gone).  The engine calls
+        # on_hello_done before it asks for the next message, so the first big frame finds the
+        # big buffer.
+        self._hello_over = False
+        self._demand = threading.Event()
         self._last_stats: dict[str, Any] = {}
         self._dropped_reported = 0  # forged + replayed packets already logged
         self.bytes_sent = self.bytes_received = 0
@@ -266,11 +276,22 @@ class UdtTransport(Transport):
 
     # --- receive: a thread per connection ---------------------------------------------------
 
+    def on_hello_done(self, result: HelloResult) -> None:
+        self._hello_over = True
+        self._demand.set()
+
     def _receive_loop(self) -> None:
-        buf = bytearray(self._tuning.max_frame + 1)  # one spare byte: a full buffer means "too long"
-        view = memoryview(buf)
+        buf = bytearray(HELLO_BUFFER + 1)  # one spare byte: a full buffer means "too long"
+        big = False
         try:
             while not self._closed:
+                if not self._hello_over:
+                    if not self._demand.wait(0.5):
+                        continue
+                    self._demand.clear()
+                if self._hello_over and not big:
+                    buf, big = bytearray(self._tuning.max_frame + 1), True
+                view = memoryview(buf)
                 try:
                     n = _udtcore.recvmsg_into(self._u, buf)
                 except UDTError as e:
@@ -283,6 +304,8 @@ class UdtTransport(Transport):
                 if n is None:
                     continue
                 if n >= len(buf):
+                    if not big:
+                        raise FrameError(f"UDT message from {self._peer} before the hello is over is longer than any hello frame")
                     raise FrameError(f"UDT message from {self._peer} longer than the largest frame ({self._tuning.max_frame} bytes)")
                 plain = self._opener.open(view[:n])
                 header, payload = self._parse(plain)
@@ -331,6 +354,8 @@ class UdtTransport(Transport):
             pass
 
     async def recv(self) -> list[Frame]:
+        if not self._ready and not self._hello_over:
+            self._demand.set()
         while not self._ready:
             if self._error is not None:
                 raise self._error
@@ -407,6 +432,7 @@ class UdtTransport(Transport):
             pass
         self._closed = True
         self._wakeup.set()
+        self._demand.set()  # a receive thread waiting for the next hello frame ends now
         self._tx.shutdown(wait=False, cancel_futures=True)
         if self._on_close is not None:
             self._on_close(self)
@@ -535,6 +561,8 @@ class UdtBackend(Backend):
         self._transports: set[UdtTransport] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._handshakes = threading.Semaphore(64)  # accepted connections still in their preamble
+        self._refusals = {"preambles_refused": 0, "handshakes_shed": 0}  # by the accept threads (under the lock)
+        self._refusals_lock = threading.Lock()
         self._watchdog: asyncio.Task[None] | None = None
         self._relays: set[FecRelay] = set()
         self._fec_closed: dict[str, int] = {}  # counters of relays already closed
@@ -586,6 +614,7 @@ class UdtBackend(Backend):
             )
         except Lu2kError:
             # Nobody to report to: the engine never saw this connection.  Just drop it.
+            self._count("preambles_refused")
             try:
                 _udtcore.close(u)
             except UDTError:
@@ -598,6 +627,10 @@ class UdtBackend(Backend):
         except RuntimeError:
             _udtcore.close(u)
 
+    def _count(self, what: str) -> None:
+        with self._refusals_lock:
+            self._refusals[what] += 1
+
     def _accept_loop(self, listener: UdtListener, loop: asyncio.AbstractEventLoop, on_accept: AcceptCallback) -> None:
         assert listener._u is not None
         while not listener.closed:
@@ -609,6 +642,7 @@ class UdtBackend(Backend):
                 host, port = listener.relay.peer_of(host, port) or (host, port)
             if not self._handshakes.acquire(blocking=False):
                 _udtcore.close(u)  # too many half-open connections: shed load
+                self._count("handshakes_shed")
                 continue
             threading.Thread(
                 target=self._acceptor_handshake, args=(u, format_hostport(host, port), loop, on_accept, listener),
@@ -832,6 +866,8 @@ class UdtBackend(Backend):
         # Process-wide: also what reached no connection (forged handshakes to the listener, ...).
         totals = _udtcore.packet_auth_totals()
         out["packets_forged"], out["packets_replayed"] = totals["forged"], totals["replayed"]
+        with self._refusals_lock:
+            out.update(self._refusals)  # accepted UDT connections dropped before the engine saw them
         if self.tuning.fec.enabled:
             totals = dict(self._fec_closed)
             for relay in self._relays:
