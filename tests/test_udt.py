@@ -110,6 +110,74 @@ async def test_before_its_hello_a_connection_costs_no_max_frame_buffer() -> None
         await _close(*transports, lst, server, client)
 
 
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("RssAnon:"))
+
+
+async def test_connections_that_come_and_go_leave_no_memory_behind() -> None:
+    """Each connection's receive buffer (the largest frame, 4 MiB) came from the heap of a
+    thread of its own, and glibc kept it after the connection ended: a daemon grew ~2 MB
+    with every connection, peers reconnecting included."""
+    server, client = make(), make()
+    accepted: asyncio.Queue = asyncio.Queue()
+    lst = await server.listen("127.0.0.1", 0, accepted.put)
+    payload = os.urandom(20_000)
+    try:
+        before = _rss_anon()
+        for i in range(40):
+            out = await client.connect("127.0.0.1", lst.address[1], ConnType.ANY, 5)
+            inn = await asyncio.wait_for(accepted.get(), 10)
+            await run_hello(client, out, inn, KEY)
+            await out.send([_msg(i + 1, payload)])
+            (f,) = await _recv_n(inn, 1)
+            assert bytes(f.payload) == payload
+            await _close(out, inn)
+        grown = _rss_anon() - before
+    finally:
+        await _close(lst, server, client)
+    assert grown < 40 << 20, f"40 connections, one after the other, left {grown >> 20} MB behind"
+
+
+async def test_a_slow_dial_thread_does_not_break_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """connect() read the dial thread's socket before that thread had made it (KeyError)."""
+    import lu2k.backends.udt as udt_module
+
+    made = udt_module._new_socket
+
+    def slow(*args: object, **kwargs: object) -> int:
+        threading.Event().wait(0.3)
+        return made(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(udt_module, "_new_socket", slow)
+    server, client = make(), make()
+    accepted: asyncio.Queue = asyncio.Queue()
+    lst = await server.listen("127.0.0.1", 0, accepted.put)
+    try:
+        out = await client.connect("127.0.0.1", lst.address[1], ConnType.ANY, 5)
+        inn = await asyncio.wait_for(accepted.get(), 10)
+        await _close(out, inn)
+    finally:
+        await _close(lst, server, client)
+
+
+def test_accept_pacer_allows_a_burst_then_the_rate() -> None:
+    from lu2k.backends.udt import AcceptPacer
+
+    pacer = AcceptPacer(100.0, 3, now=0.0)
+    for _ in range(3):
+        assert pacer.delay(0.0) == 0.0
+        pacer.take(0.0)
+    assert pacer.delay(0.0) == pytest.approx(0.01)
+    assert pacer.delay(0.005) == pytest.approx(0.005)
+    assert pacer.delay(0.01) == 0.0
+    pacer.take(0.01)
+    assert pacer.delay(10.0) == 0.0  # refilled, but never beyond the burst
+    for _ in range(3):
+        pacer.take(10.0)
+    assert pacer.delay(10.0) > 0
+
+
 def _raw_connect(port: int, key: bytes, cipher: str = "aes-256-gcm"):
     """A hand-made UDT peer: connect and do the preamble, return (socket, sealer)."""
     u = _udtcore.socket()

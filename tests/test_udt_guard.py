@@ -20,8 +20,8 @@ LIMIT = 20_000
 
 
 def handshake(*, window: int = 5000, mss: int = 1500, version: int = 4, request: int = 1, socket_id: int = 77,
-              cookie: int = 0) -> bytes:
-    return HANDSHAKE.pack(0x80000000, 0, 0, 0, version, 2, 12345, mss, window, request, socket_id, cookie,
+              cookie: int = 0, isn: int = 12345) -> bytes:
+    return HANDSHAKE.pack(0x80000000, 0, 0, 0, version, 2, isn, mss, window, request, socket_id, cookie,
                           socket.inet_aton("127.0.0.1") + bytes(12))
 
 
@@ -127,3 +127,58 @@ async def test_a_handshake_announcing_a_huge_window_gets_no_connection_and_costs
     finally:
         listener.close()
         await backend.close()
+
+
+async def test_a_flood_of_completed_handshakes_costs_a_bounded_amount() -> None:
+    """Handshakes completed with the listener's cookie (by a holder of the network key) each
+    made libudt a socket of ~190 KB; the backend took every one and closed those beyond its
+    64 preamble slots at once, and libudt keeps a closed socket a second or more: 1 400 such
+    handshakes left a listening lu2kd 250 MB bigger.  Now it takes a connection only into a
+    free slot, at a bounded rate, and libudt refuses the surplus before making a socket."""
+    from lu2k.backends import availability, get_backend
+    from lu2k.backends.base import BackendSettings, LinkProfile
+    from lu2k.nid import parse_net
+
+    if availability().get("udt") is not None:
+        pytest.skip(f"udt backend unavailable: {availability()['udt']}")
+    backend = get_backend("udt")(BackendSettings(parse_net("udt0"), 0, 1 << 20, LinkProfile(), KEY, {"handshake_timeout": 1.0}))
+    auth = _key_holder()
+
+    async def on_accept(t: object) -> None:  # never reached: no preamble is sent
+        raise AssertionError("a raw handshake became a connection")
+
+    listener = await backend.listen("127.0.0.1", 0, on_accept)
+    loop = asyncio.get_running_loop()
+    made = 0
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(False)
+
+            async def handshake_reply() -> bytes | None:
+                while True:  # the half-open sockets also send keep-alives our way
+                    try:
+                        data = await asyncio.wait_for(loop.sock_recv(s, 2048), 0.5)
+                    except asyncio.TimeoutError:
+                        return None
+                    opened = auth.open(data)
+                    if opened is not None and len(opened) >= HANDSHAKE.size and opened[:2] == b"\x80\x00":
+                        return bytes(opened)
+
+            before = _rss_bytes()
+            for i in range(800):
+                await loop.sock_sendto(s, auth.seal(handshake(window=5000, socket_id=1000 + i, isn=7919 * i)), listener.address)
+                reply = await handshake_reply()
+                assert reply is not None
+                fields = list(HANDSHAKE.unpack(reply[: HANDSHAKE.size]))
+                fields[3], fields[9] = 0, -1  # to the listener, as the response
+                await loop.sock_sendto(s, auth.seal(HANDSHAKE.pack(*fields)), listener.address)
+                made += await handshake_reply() is not None
+            await asyncio.sleep(1.5)
+            grown = _rss_bytes() - before
+            paused = backend.describe().get("accepts_paused", 0)
+    finally:
+        listener.close()
+        await backend.close()
+    assert grown < 40 << 20, f"800 completed handshakes cost {grown >> 20} MB"
+    assert made > 0 and paused > 0

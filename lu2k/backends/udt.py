@@ -18,7 +18,9 @@ Theory of operation:
   preamble exchange also run in threads.  Closing a UDT socket wakes every call blocked on
   it (lingering is off, or ``close`` would wait for unsent data).  Until the hello is over
   the receive thread reads one message per ``recv()`` into 4 KiB (nothing has said who
-  the peer is yet); only then does it take a max-frame buffer.
+  the peer is yet); only then does it map a max-frame buffer, returned to the system when
+  the connection ends.  The listener takes connections from libudt only into one of 64
+  preamble slots, at most 100 a second (see ``_accept_loop``).
   (libudt 4.11's receive timeout is not used: with it set, ``recvmsg`` waits the whole
   timeout even when a message is ready.)
 * **Encryption.**  After UDT connects, each side sends a preamble with a fresh salt; both
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import mmap
 import socket
 import threading
 import time
@@ -81,6 +84,9 @@ UDTError = _udtcore.UDTError
 RECV_BATCH = 64  # frames handed to the engine per recv() at most
 HELLO_BUFFER = 4096  # bytes a message may have before the hello is over (a hello frame has a few hundred)
 RELAY_LINGER = 0.2  # s a connection's FEC relay outlives libudt's close (its shutdown packet)
+MAX_PREAMBLES = 64  # accepted connections in their preamble at once
+ACCEPT_RATE = 100.0  # connections taken from libudt per second, after a burst of MAX_PREAMBLES
+LISTEN_BACKLOG = 16  # connections libudt may hold for us beyond those; it refuses more without making them
 LISTEN_RETRIES = 40  # x 0.25 s: outlasts libudt's hold on a just-closed listener's port
 # Listener addresses this process closed, and when: libudt holds such a port for a while, so
 # binding it again meets EADDRINUSE that is worth waiting out (another process's is not).
@@ -94,6 +100,27 @@ _STATS_KEYS = {  # perfmon field -> name shown by lu2kctl
     "pkt_recv_nak_total": "naks_received", "pkt_flight_size": "in_flight_packets",
     "pkt_flow_window": "flow_window_packets", "us_pkt_snd_period": "packet_period_us",
 }
+
+
+class AcceptPacer:
+    """At most ``rate`` connections a second after a burst of ``burst`` (a token bucket; pure)."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self._tokens, self._last = float(burst), now
+
+    def _refill(self, now: float) -> None:
+        self._tokens = min(self.burst, self._tokens + max(0.0, now - self._last) * self.rate)
+        self._last = now
+
+    def delay(self, now: float) -> float:
+        """Seconds to wait before the next connection may be taken."""
+        self._refill(now)
+        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self.rate
+
+    def take(self, now: float) -> None:
+        self._refill(now)
+        self._tokens -= 1
 
 
 def _tidy(value: Any) -> Any:
@@ -281,17 +308,23 @@ class UdtTransport(Transport):
         self._demand.set()
 
     def _receive_loop(self) -> None:
-        buf = bytearray(HELLO_BUFFER + 1)  # one spare byte: a full buffer means "too long"
-        big = False
+        buf: bytearray | mmap.mmap = bytearray(HELLO_BUFFER + 1)  # one spare byte: a full buffer means "too long"
+        big: mmap.mmap | None = None
+        view = memoryview(buf)
         try:
             while not self._closed:
                 if not self._hello_over:
                     if not self._demand.wait(0.5):
                         continue
                     self._demand.clear()
-                if self._hello_over and not big:
-                    buf, big = bytearray(self._tuning.max_frame + 1), True
-                view = memoryview(buf)
+                if self._hello_over and big is None:
+                    # A mapping of its own, not the heap: its pages are touched only as far as
+                    # messages reach and go back to the system when the connection ends (a
+                    # 4 MiB heap buffer per connection, allocated in this thread's malloc
+                    # arena, was kept by glibc: a daemon grew ~2 MB with every connection).
+                    view.release()
+                    buf = big = mmap.mmap(-1, self._tuning.max_frame + 1)
+                    view = memoryview(buf)
                 try:
                     n = _udtcore.recvmsg_into(self._u, buf)
                 except UDTError as e:
@@ -304,7 +337,7 @@ class UdtTransport(Transport):
                 if n is None:
                     continue
                 if n >= len(buf):
-                    if not big:
+                    if big is None:
                         raise FrameError(f"UDT message from {self._peer} before the hello is over is longer than any hello frame")
                     raise FrameError(f"UDT message from {self._peer} longer than the largest frame ({self._tuning.max_frame} bytes)")
                 plain = self._opener.open(view[:n])
@@ -315,8 +348,14 @@ class UdtTransport(Transport):
                         return
                 self._hand_over(header, payload)
         except Lu2kError as e:
-            self._fail(e)
+            self._fail(e.with_traceback(None))  # its frames would keep views of the buffer alive
         finally:
+            view.release()
+            if big is not None:
+                try:
+                    big.close()
+                except BufferError:  # a view still exported: unmapped when the last one goes
+                    pass
             self._rx_done.set()
 
     def _parse(self, plain: bytes) -> tuple[FrameHeader, memoryview]:
@@ -560,8 +599,8 @@ class UdtBackend(Backend):
         self._listeners: set[UdtListener] = set()
         self._transports: set[UdtTransport] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._handshakes = threading.Semaphore(64)  # accepted connections still in their preamble
-        self._refusals = {"preambles_refused": 0, "handshakes_shed": 0}  # by the accept threads (under the lock)
+        self._handshakes = threading.Semaphore(MAX_PREAMBLES)  # accepted connections still in their preamble
+        self._refusals = {"preambles_refused": 0, "accepts_paused": 0}  # by the accept threads (under the lock)
         self._refusals_lock = threading.Lock()
         self._watchdog: asyncio.Task[None] | None = None
         self._relays: set[FecRelay] = set()
@@ -633,17 +672,28 @@ class UdtBackend(Backend):
 
     def _accept_loop(self, listener: UdtListener, loop: asyncio.AbstractEventLoop, on_accept: AcceptCallback) -> None:
         assert listener._u is not None
+        # A connection is taken from libudt only when a preamble slot is free, and at most
+        # ACCEPT_RATE a second.  libudt keeps a closed socket, loss lists and all (~190 KB),
+        # for a second or more, so a stranger completing handshakes as fast as it could
+        # (taken and closed at once when no slot was free) made it hold hundreds of MB.  Left
+        # in libudt's backlog, the surplus is refused by libudt before it makes a socket.
+        pacer = AcceptPacer(ACCEPT_RATE, MAX_PREAMBLES, time.monotonic())
         while not listener.closed:
+            delay = pacer.delay(time.monotonic())
+            if delay > 0 or not self._handshakes.acquire(blocking=False):
+                self._count("accepts_paused")
+                threading.Event().wait(delay)
+                while not self._handshakes.acquire(timeout=0.5):
+                    if listener.closed:
+                        return
+            pacer.take(time.monotonic())
             try:
                 u, (host, port) = _udtcore.accept(listener._u)
             except UDTError:
+                self._handshakes.release()
                 return  # listener closed
             if listener.relay is not None:  # libudt saw the relay's leg: name the peer behind it
                 host, port = listener.relay.peer_of(host, port) or (host, port)
-            if not self._handshakes.acquire(blocking=False):
-                _udtcore.close(u)  # too many half-open connections: shed load
-                self._count("handshakes_shed")
-                continue
             threading.Thread(
                 target=self._acceptor_handshake, args=(u, format_hostport(host, port), loop, on_accept, listener),
                 name=f"udt-hs-{u}", daemon=True,
@@ -700,7 +750,7 @@ class UdtBackend(Backend):
                 u = _new_socket(tuning, _family(host), self._packet_key)
                 try:
                     _bind_guarded(u, tuning, _family(host), *udt_bind)
-                    _udtcore.listen(u, 128)
+                    _udtcore.listen(u, LISTEN_BACKLOG)
                     return u, _udtcore.getsockname(u)
                 except (UDTError, OSError) as e:
                     _udtcore.close(u)
@@ -776,7 +826,9 @@ class UdtBackend(Backend):
 
         fut = _in_thread(loop, dial, name=f"udt-connect-{peer}")
         try:
-            return self._transport(state["u"], peer, *await self._dialled(fut, state, peer, timeout), relay=relay)
+            # The socket is known once the dial is over (not before: its thread sets it).
+            sealer, opener = await self._dialled(fut, state, peer, timeout)
+            return self._transport(state["u"], peer, sealer, opener, relay=relay)
         except BaseException:
             if relay is not None:
                 self._close_relay(relay)
