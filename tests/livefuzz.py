@@ -658,7 +658,7 @@ async def fuzz(target: Target, budget: Budget, *, max_open: int = 48, udp_socket
                 ahead = start + (index + 1) / udp_rate - time.monotonic()
                 if ahead > 0:
                     await asyncio.sleep(ahead)
-            if progress is not None and index % 1000 == 999:
+            if progress is not None and index % 10_000 == 9_999:
                 await progress(index + 1)
         while tasks:
             await asyncio.gather(*list(tasks))

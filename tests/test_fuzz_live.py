@@ -289,7 +289,10 @@ def test_hostile_traffic_at_a_live_daemon(pair: tuple[DaemonProcess, DaemonProce
         target = livefuzz.Target(backend, ("127.0.0.2", port), parse_nid(b.nid), KEY.encode(),
                                  captured=(list(relay.to_target) + list(relay.from_target)) if relay is not None else [],
                                  fake_nids=livefuzz.fake_nids(backend))
-        tally = asyncio.run(livefuzz.fuzz(target, budget))
+        async def progress(done: int) -> None:  # for long runs (-s shows it)
+            print(f"live fuzz {backend}: {done} cases started, B's heap {_status(pid)['RssAnon'] >> 20} MB", flush=True)
+
+        tally = asyncio.run(livefuzz.fuzz(target, budget, progress=progress))
         sent_during = len(tx.comps) - sent_before
         tx.stop.set()
         tx.join(180)
