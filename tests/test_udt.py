@@ -20,7 +20,7 @@ try:
 except BackendUnavailable as e:  # CI installs libudt-dev (.ci/requirements-apt.txt), so this runs there
     pytest.skip(f"udt backend unavailable: {e}", allow_module_level=True)
 
-from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _recv_n  # noqa: E402
+from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _recv_n, run_hello  # noqa: E402
 
 from lu2k.backends import _udtcore  # noqa: E402
 from lu2k.backends import udt_proto as proto  # noqa: E402
@@ -51,6 +51,8 @@ async def test_many_messages_each_arrive_once_intact_with_figures() -> None:
     lst = await server.listen("127.0.0.1", 0, accepted.put)
     out = await client.connect("127.0.0.1", lst.address[1], ConnType.ANY, 5)
     inn = await asyncio.wait_for(accepted.get(), 10)
+    await run_hello(client, out, inn, KEY)
+    hello_sent, hello_received = out.stats()["messages_sent"], inn.stats()["messages_received"]  # HELLO and AUTH
     try:
         rnd = os.urandom(1 << 16)
         payloads = [rnd[: (i * 7919) % len(rnd)] for i in range(1500)]
@@ -61,15 +63,119 @@ async def test_many_messages_each_arrive_once_intact_with_figures() -> None:
         assert [decode_msg(f.header).seq for f in frames] == list(range(1, len(payloads) + 1))
         assert all(zlib.crc32(f.payload) == zlib.crc32(p) for f, p in zip(frames, payloads))
         s = out.stats()
-        assert s["messages_sent"] == len(payloads) and s["packets_sent"] >= s["messages_sent"]
+        assert s["messages_sent"] == hello_sent + len(payloads) and s["packets_sent"] >= s["messages_sent"]
         assert 0 < s["rtt_ms"] < 5000 and s["cc"] == "lu2k-rate" and s["cc_target_mbit"] == pytest.approx(388)
         assert {"bandwidth_estimate_mbit", "retransmitted", "lost_sent", "send_rate_mbit"} <= set(s)
-        assert inn.stats()["messages_received"] == len(payloads)
+        assert inn.stats()["messages_received"] == hello_received + len(payloads)
         assert server.describe()["cipher"] == "aes-256-gcm" and server.describe()["pacing"] == "388 Mbit/s"
         out.close()
-        assert out.stats()["messages_sent"] == len(payloads)  # figures survive the close
+        assert out.stats()["messages_sent"] == hello_sent + len(payloads)  # figures survive the close
     finally:
         await _close(out, inn, lst, server, client)
+
+
+async def test_before_its_hello_a_connection_costs_no_max_frame_buffer() -> None:
+    """A connection reaches the engine before anything has said who the peer is (the UDT
+    handshake and the preamble only need the network key); each connection's receive thread
+    allocated (and zeroed) a max-frame buffer at once, which glibc then kept after the
+    connection was gone: 100 connections took a listening lu2kd up 400 MB.  Until the hello
+    is over a message is read into 4 KiB; a longer one is refused."""
+    import tracemalloc
+
+    server, client = make(), make()
+    accepted: asyncio.Queue = asyncio.Queue()
+    lst = await server.listen("127.0.0.1", 0, accepted.put)
+    transports = []
+    tracemalloc.start()
+    try:
+        for i in range(12):
+            out = await client.connect("127.0.0.1", lst.address[1], ConnType.ANY, 5)
+            inn = await asyncio.wait_for(accepted.get(), 10)
+            transports += [out, inn]
+            await out.send([_msg(1, b"x" * 100)])  # no hello: the engine would refuse this frame
+            (f,) = await asyncio.wait_for(inn.recv(), 10)
+            assert bytes(f.payload) == b"x" * 100
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    try:
+        assert peak < 8 << 20, f"12 connections before their hello peaked at {peak >> 20} MB"
+        out = await client.connect("127.0.0.1", lst.address[1], ConnType.ANY, 5)
+        inn = await asyncio.wait_for(accepted.get(), 10)
+        transports += [out, inn]
+        await out.send([_msg(1, b"y" * 5000)])  # a frame no hello has: too long before it is over
+        with pytest.raises(FrameError, match="longer than any hello frame"):
+            await asyncio.wait_for(inn.recv(), 10)
+    finally:
+        await _close(*transports, lst, server, client)
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("RssAnon:"))
+
+
+async def test_connections_that_come_and_go_leave_no_memory_behind() -> None:
+    """Each connection's receive buffer (the largest frame, 4 MiB) came from the heap of a
+    thread of its own, and glibc kept it after the connection ended: a daemon grew ~2 MB
+    with every connection, peers reconnecting included."""
+    server, client = make(), make()
+    accepted: asyncio.Queue = asyncio.Queue()
+    lst = await server.listen("127.0.0.1", 0, accepted.put)
+    payload = os.urandom(20_000)
+    try:
+        before = _rss_anon()
+        for i in range(40):
+            out = await client.connect("127.0.0.1", lst.address[1], ConnType.ANY, 5)
+            inn = await asyncio.wait_for(accepted.get(), 10)
+            await run_hello(client, out, inn, KEY)
+            await out.send([_msg(i + 1, payload)])
+            (f,) = await _recv_n(inn, 1)
+            assert bytes(f.payload) == payload
+            await _close(out, inn)
+        grown = _rss_anon() - before
+    finally:
+        await _close(lst, server, client)
+    assert grown < 40 << 20, f"40 connections, one after the other, left {grown >> 20} MB behind"
+
+
+async def test_a_slow_dial_thread_does_not_break_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """connect() read the dial thread's socket before that thread had made it (KeyError)."""
+    import lu2k.backends.udt as udt_module
+
+    made = udt_module._new_socket
+
+    def slow(*args: object, **kwargs: object) -> int:
+        threading.Event().wait(0.3)
+        return made(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(udt_module, "_new_socket", slow)
+    server, client = make(), make()
+    accepted: asyncio.Queue = asyncio.Queue()
+    lst = await server.listen("127.0.0.1", 0, accepted.put)
+    try:
+        out = await client.connect("127.0.0.1", lst.address[1], ConnType.ANY, 5)
+        inn = await asyncio.wait_for(accepted.get(), 10)
+        await _close(out, inn)
+    finally:
+        await _close(lst, server, client)
+
+
+def test_accept_pacer_allows_a_burst_then_the_rate() -> None:
+    from lu2k.backends.udt import AcceptPacer
+
+    pacer = AcceptPacer(100.0, 3, now=0.0)
+    for _ in range(3):
+        assert pacer.delay(0.0) == 0.0
+        pacer.take(0.0)
+    assert pacer.delay(0.0) == pytest.approx(0.01)
+    assert pacer.delay(0.005) == pytest.approx(0.005)
+    assert pacer.delay(0.01) == 0.0
+    pacer.take(0.01)
+    assert pacer.delay(10.0) == 0.0  # refilled, but never beyond the burst
+    for _ in range(3):
+        pacer.take(10.0)
+    assert pacer.delay(10.0) > 0
 
 
 def _raw_connect(port: int, key: bytes, cipher: str = "aes-256-gcm"):
@@ -179,6 +285,7 @@ async def test_non_lu2k_peer_is_dropped_and_listener_keeps_serving() -> None:
     await asyncio.to_thread(stranger, None)  # silent: dropped after handshake_timeout
     out = await client.connect("127.0.0.1", port, ConnType.ANY, 5)
     inn = await asyncio.wait_for(accepted.get(), 10)
+    await run_hello(client, out, inn, KEY)
     try:
         assert accepted.empty()  # neither stranger reached the engine
         await out.send([_msg(1, b"still here")])
@@ -206,8 +313,9 @@ async def test_peer_restart_mid_stream_every_send_one_outcome() -> None:
     received: list[int] = []
     payload = os.urandom(32768)
 
-    async def serve(backend, accepted: asyncio.Queue, stop_after: int | None) -> None:
+    async def serve(out, accepted: asyncio.Queue, stop_after: int | None) -> None:
         inn = await asyncio.wait_for(accepted.get(), 20)
+        await run_hello(client, out, inn, KEY)
         try:
             while stop_after is None or len(received) < stop_after:
                 for f in await inn.recv():
@@ -228,7 +336,9 @@ async def test_peer_restart_mid_stream_every_send_one_outcome() -> None:
     first, accepted1 = make(), asyncio.Queue()
     lst1 = await first.listen("127.0.0.1", port, accepted1.put)
     out1 = await client.connect("127.0.0.1", port, ConnType.ANY, 5)
-    serving = asyncio.ensure_future(serve(first, accepted1, stop_after=100))
+    serving = asyncio.ensure_future(serve(out1, accepted1, stop_after=100))
+    while not out1._hello_over:  # the engine sends no message before its hello
+        await asyncio.sleep(0.01)
     sending = asyncio.ensure_future(sender(out1, range(1, 100000)))
     await serving
     await _close(lst1, first)  # the peer daemon dies mid-stream
@@ -243,7 +353,9 @@ async def test_peer_restart_mid_stream_every_send_one_outcome() -> None:
     lst2 = await second.listen("127.0.0.1", port, accepted2.put)
     before = len(received)
     out2 = await client.connect("127.0.0.1", port, ConnType.ANY, 5)
-    serving = asyncio.ensure_future(serve(second, accepted2, stop_after=before + 50))
+    serving = asyncio.ensure_future(serve(out2, accepted2, stop_after=before + 50))
+    while not out2._hello_over:
+        await asyncio.sleep(0.01)
     await sender(out2, range(last, last + 50))  # resend what failed, then new ones
     await asyncio.wait_for(serving, 30)
     try:
@@ -262,6 +374,7 @@ async def test_receiver_that_stops_reading_bounds_every_queue() -> None:
     lst = await server.listen("127.0.0.1", 0, accepted.put)
     out = await client.connect("127.0.0.1", lst.address[1], ConnType.ANY, 5)
     inn = await asyncio.wait_for(accepted.get(), 10)
+    await run_hello(client, out, inn, KEY)
     try:
         payload = b"z" * 65000
         count = 200  # 13 MB: far more than both UDT buffers and the hand-off queue hold
@@ -293,6 +406,7 @@ async def test_rendezvous_both_ends_connect() -> None:
     lst = await a.listen("127.0.0.1", pa, accepted.put)
     out = await b.connect("127.0.0.1", pa, ConnType.ANY, 30)
     inn = await asyncio.wait_for(accepted.get(), 30)
+    await run_hello(b, out, inn, KEY)
     try:
         await out.send([_msg(1, b"punched through")])
         (f,) = await _recv_n(inn, 1)

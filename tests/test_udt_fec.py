@@ -25,7 +25,7 @@ try:
 except BackendUnavailable as e:
     pytest.skip(f"udt backend unavailable: {e}", allow_module_level=True)
 
-from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _recv_n  # noqa: E402
+from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _recv_n, run_hello  # noqa: E402
 
 from lu2k.backends.udt_fec import FecRelay  # noqa: E402
 
@@ -68,6 +68,7 @@ async def test_fec_rebuilds_lost_packets_and_every_message_arrives_once() -> Non
     lst = await server.listen("127.0.0.1", 0, accepted.put)
     out = await client.connect("127.0.0.1", lst.address[1], ConnType.ANY, 5)
     inn = await asyncio.wait_for(accepted.get(), 10)
+    await run_hello(client, out, inn, KEY)
     try:
         # The accepted side names the real peer (the client's wire socket), not the relay's leg.
         (client_relay,) = client._relays

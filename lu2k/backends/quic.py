@@ -24,6 +24,10 @@ Setup half of the backend (the data path is :mod:`lu2k.backends.quic_stream`).
   That is safe because the first flight is only the HELLO frame, whose challenge carries a
   fresh nonce from each side: a replayed HELLO cannot complete the hello, and no message is
   sent before AUTH_OK, which only travels in 1-RTT packets.
+* **Before the handshake.**  The listener is aioquic's server behind :mod:`.quic_guard`:
+  random Initials open no connection, at most 128 may be half-open, each has
+  ``handshake_timeout`` seconds.  Every ended connection is forgotten (an outgoing one
+  with its UDP socket).
 * **Errors.**  TLS alerts, ALPN and QUIC version mismatches become
   :class:`~lu2k.errors.HandshakeError` / :class:`~lu2k.errors.AuthenticationError`, with
   the reason; unreachable peers :class:`~lu2k.errors.ConnectError` /
@@ -33,7 +37,7 @@ Setup half of the backend (the data path is :mod:`lu2k.backends.quic_stream`).
 Options (``BackendSettings.options``): ``cert``, ``key``, ``ca``, ``server_name``, ``mtls``,
 ``congestion``, ``rate`` / ``rate_cap`` (Mbit/s or "20mbit"), ``max_datagram_size``,
 ``idle_timeout``, ``keepalive``, ``dead_timeout``, ``socket_buffer``, ``max_streams``, ``send_buffer``, ``recv_buffer``,
-``ordered``, ``zero_rtt``.  Unknown options are an error (typos should not pass silently).
+``ordered``, ``zero_rtt``, ``cid_length``, ``fec``, ``handshake_timeout``.  Unknown options are an error (typos should not pass silently).
 """
 
 from __future__ import annotations
@@ -48,7 +52,6 @@ from typing import Any
 
 try:
     from aioquic import tls
-    from aioquic.asyncio.server import QuicServer
     from aioquic.quic import events
     from aioquic.quic.configuration import QuicConfiguration
     from aioquic.quic.connection import QuicConnection
@@ -71,6 +74,7 @@ from ..wire import ConnType
 from ..inet import family_of, format_hostport, quic_datagram_size, wildcard
 from .base import AcceptCallback, Backend, BackendSettings, ExceptionMap, Listener, Transport, map_exceptions
 from .netpath import route_mtu, sockaddr
+from .quic_guard import GuardedQuicServer
 from .quic_udp import BatchedUdpEndpoint
 from .quic_stream import (
     APP_AUTH_REJECTED, APP_NO_ERROR, APP_PROTOCOL_ERROR, Lu2kQuicProtocol, StreamOptions,
@@ -89,7 +93,7 @@ def _binding_of(cert: Any) -> bytes:
 KNOWN_OPTIONS = {
     "cert", "key", "ca", "server_name", "mtls", "congestion", "rate", "rate_cap", "max_datagram_size",
     "idle_timeout", "keepalive", "dead_timeout", "socket_buffer", "max_streams", "send_buffer", "recv_buffer", "ordered", "zero_rtt",
-    "cid_length", "fec", "encryption", "peer_keys", "peer_keys_only",
+    "cid_length", "fec", "encryption", "peer_keys", "peer_keys_only", "handshake_timeout",
 }
 TICKETS_KEPT = 256
 DEAD_TIMEOUT_MIN = 10.0  # s: a peer whose daemon is starved of CPU for a few seconds is slow, not dead
@@ -153,7 +157,7 @@ def translate_close(event: events.ConnectionTerminated, during_handshake: bool) 
 
 
 class QuicListener(Listener):
-    def __init__(self, server: QuicServer, address: tuple[str, int]) -> None:
+    def __init__(self, server: GuardedQuicServer, address: tuple[str, int]) -> None:
         self._server = server
         self._address = address
 
@@ -232,6 +236,7 @@ class QuicBackend(Backend):
         if not 4 <= self.cid_length <= 20:
             raise ConfigError(f"cid_length must be 4..20 bytes, got {self.cid_length}", where=self._where)
         self.idle_timeout = _number_option(opts, "idle_timeout", 60.0, self._where, minimum=1.0)
+        self.handshake_timeout = _number_option(opts, "handshake_timeout", 10.0, self._where, minimum=0.1)
         # A PING every couple of round trips of silence: an idle connection to a peer that died
         # (a gateway killed, no RST in QUIC) then has a PING outstanding, and the liveness check
         # below fails it within dead_timeout instead of only when the next message goes out.
@@ -258,8 +263,10 @@ class QuicBackend(Backend):
         self._client_tickets: collections.OrderedDict[tuple[str, int], tuple[SessionTicket, bytes]] = collections.OrderedDict()
         self._server_tickets: collections.OrderedDict[bytes, SessionTicket] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._protocols: set[Lu2kQuicProtocol] = set()
-        self._endpoints: list[BatchedUdpEndpoint] = []
+        self._protocols: set[Lu2kQuicProtocol] = set()  # connections not yet ended, both directions
+        self._endpoints: list[BatchedUdpEndpoint] = []  # listeners' sockets, and each open connect's own
+        self._servers: list[GuardedQuicServer] = []
+        self._fec_closed: dict[str, int] = {}  # FEC counters of connects' sockets already closed
 
     # --- configuration ----------------------------------------------------------------------------
 
@@ -351,6 +358,7 @@ class QuicBackend(Backend):
         config = self._configuration(is_client=False, family=family)
 
         def on_connected(protocol: Lu2kQuicProtocol) -> None:
+            server.settled(protocol)
             if self.mtls:
                 problem = self._check_client_certificate(protocol)
                 if problem:
@@ -361,9 +369,14 @@ class QuicBackend(Backend):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+        def on_closed(protocol: Lu2kQuicProtocol) -> None:
+            server.settled(protocol)
+            self._protocols.discard(protocol)
+
         def create_protocol(quic: QuicConnection, stream_handler: Any = None) -> Lu2kQuicProtocol:
             self._tune(quic)
-            protocol = Lu2kQuicProtocol(quic, stream_options=self.stream_options, translate=translate_close, on_connected=on_connected)
+            protocol = Lu2kQuicProtocol(quic, stream_options=self.stream_options, translate=translate_close, on_connected=on_connected,
+                                        on_closed=on_closed)
             self._protocols.add(protocol)
             return protocol
 
@@ -372,12 +385,13 @@ class QuicBackend(Backend):
             try:
                 sock.bind(sockaddr(host, port))
                 self._size_socket(sock)
-                server = QuicServer(
-                    configuration=config, create_protocol=create_protocol,
+                server = GuardedQuicServer(
+                    configuration=config, create_protocol=create_protocol, handshake_timeout=self.handshake_timeout,
                     session_ticket_fetcher=self._fetch_ticket, session_ticket_handler=self._store_server_ticket,
                 )
                 endpoint = BatchedUdpEndpoint(asyncio.get_running_loop(), sock, server, fec=self.fec)
                 self._endpoints.append(endpoint)
+                self._servers.append(server)
             except BaseException:
                 sock.close()
                 raise
@@ -457,7 +471,8 @@ class QuicBackend(Backend):
                 # the connect at once instead of after the timeout.
                 sock.connect(addr)
                 self._size_socket(sock)
-                protocol = Lu2kQuicProtocol(quic, stream_options=self.stream_options, translate=translate_close)
+                protocol = Lu2kQuicProtocol(quic, stream_options=self.stream_options, translate=translate_close,
+                                            on_closed=lambda p: self._forget_connect(p, endpoint))
                 endpoint = BatchedUdpEndpoint(loop, sock, protocol, fec=self.fec)
             except BaseException:
                 sock.close()
@@ -484,6 +499,15 @@ class QuicBackend(Backend):
         protocol.transport_obj.resumed_binding = resumed_binding
         return protocol.transport_obj
 
+    def _forget_connect(self, protocol: Lu2kQuicProtocol, endpoint: BatchedUdpEndpoint) -> None:
+        """An outgoing connection ended: its own UDP socket goes with it."""
+        self._protocols.discard(protocol)
+        if endpoint in self._endpoints:
+            self._endpoints.remove(endpoint)
+            for k, v in endpoint.fec_stats().items():
+                self._fec_closed[k] = self._fec_closed.get(k, 0) + v
+        endpoint.close()
+
     async def close(self) -> None:
         for protocol in list(self._protocols):
             protocol.close_connection(APP_NO_ERROR, "backend shutting down")
@@ -494,6 +518,7 @@ class QuicBackend(Backend):
             endpoint.close()
         self._protocols.clear()
         self._endpoints.clear()
+        self._servers.clear()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -503,13 +528,23 @@ class QuicBackend(Backend):
             "keepalive": self.keepalive, "dead_timeout": self.dead_timeout, "socket_buffer": self.socket_buffer,
             "max_streams": self.max_streams, "send_buffer": self.send_buffer,
             "recv_buffer": self.recv_buffer, "ordered": self.ordered, "zero_rtt": self.zero_rtt,
-            "cid_length": self.cid_length,
+            "cid_length": self.cid_length, "handshake_timeout": self.handshake_timeout,
             "fec": self.fec.mode if self.fec.mode != "fixed" else f"{self.fec.ratio * 100:g}%",
             **({f"fec_{k}": v for k, v in self._fec_totals().items()}),
+            **self._guard_totals(),
         }
 
+    def _guard_totals(self) -> dict[str, int]:
+        """The listeners' guard (:mod:`.quic_guard`): what it refused, and what is half-open now."""
+        totals = {"half_open": 0, "initials_dropped": 0, "half_open_evicted": 0, "handshakes_timed_out": 0}
+        for server in self._servers:
+            totals["half_open"] += server.half_open
+            for k, v in server.stats.items():
+                totals[k] += v
+        return totals
+
     def _fec_totals(self) -> dict[str, int]:
-        totals: dict[str, int] = {}
+        totals = dict(self._fec_closed)
         for endpoint in self._endpoints:
             for k, v in endpoint.fec_stats().items():
                 totals[k] = totals.get(k, 0) + v

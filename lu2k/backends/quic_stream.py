@@ -46,6 +46,7 @@ from typing import Any
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.packet import QuicErrorCode
 
 import hashlib
 
@@ -422,11 +423,13 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
         stream_options: StreamOptions,
         translate: ErrorTranslator,
         on_connected: Callable[["Lu2kQuicProtocol"], None] | None = None,
+        on_closed: Callable[["Lu2kQuicProtocol"], None] | None = None,
     ) -> None:
         super().__init__(quic)
         self.stream_options = stream_options
         self._translate = translate
         self._on_connected = on_connected
+        self._on_closed = on_closed  # once, when the connection has ended (the backend forgets it)
         self.transport_obj: QuicTransport | None = None
         self.handshake_done = False
         self.handshake_waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -527,6 +530,7 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
             for timer in (self._keepalive, self._liveness):
                 if timer is not None:
                     timer.cancel()
+            self._ended()
 
     def _fail_handshake(self, err: Lu2kError) -> None:
         if not self.handshake_waiter.done():
@@ -583,6 +587,26 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
             self._quic.close(error_code=code, reason_phrase=reason)
             self.transmit()
 
+    def abandon(self, reason: str) -> None:
+        """End the connection at once, sending nothing: for one whose handshake never
+        finished (nobody is owed a goodbye, and a closing period would keep it for 3 PTOs)."""
+        quic = self._quic
+        if quic._state is QuicConnectionState.TERMINATED:
+            return
+        if quic._close_event is None:
+            quic._close_event = events.ConnectionTerminated(
+                error_code=QuicErrorCode.CONNECTION_REFUSED, frame_type=None, reason_phrase=reason)
+        quic._close_end()
+        if self._timer is not None:  # aioquic's timer would fire on a connection that asks for none
+            self._timer.cancel()
+            self._timer = self._timer_at = None
+        self._process_events()  # ConnectionTerminated: aioquic's server forgets it, and so do we
+
+    def _ended(self) -> None:
+        if self._on_closed is not None:
+            on_closed, self._on_closed = self._on_closed, None
+            on_closed(self)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._socket_gone()
 
@@ -596,4 +620,5 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
         if self.transport_obj is not None:
             self.transport_obj.fail(err)
         self._closed.set()
+        self._ended()
 

@@ -1,7 +1,8 @@
 """UDT backend: lu2k frames over UDT messages (libudt 4.11 through lu2k's own binding).
 
 lu2klnd's first backend.  Setup and data path live here; the preamble and AEAD in
-:mod:`.udt_proto`; config keys and sizing in :mod:`.udt_tunables`; the binding and the
+:mod:`.udt_proto`; config keys and sizing in :mod:`.udt_tunables`; the socket filter that
+keeps hostile UDT handshakes from libudt in :mod:`.udt_guard`; the binding and the
 congestion control in ``_udt/`` (compiled to ``lu2k.backends._udtcore``).
 
 Theory of operation:
@@ -15,7 +16,11 @@ Theory of operation:
   fills and UDT's flow window throttles the sender; and one send thread (a one-worker
   executor, so frames go out in the order ``send`` was called).  Connects, accepts and the
   preamble exchange also run in threads.  Closing a UDT socket wakes every call blocked on
-  it (lingering is off, or ``close`` would wait for unsent data).
+  it (lingering is off, or ``close`` would wait for unsent data).  Until the hello is over
+  the receive thread reads one message per ``recv()`` into 4 KiB (nothing has said who
+  the peer is yet); only then does it map a max-frame buffer, returned to the system when
+  the connection ends.  The listener takes connections from libudt only into one of 64
+  preamble slots, at most 100 a second (see ``_accept_loop``).
   (libudt 4.11's receive timeout is not used: with it set, ``recvmsg`` waits the whole
   timeout even when a message is ready.)
 * **Encryption.**  After UDT connects, each side sends a preamble with a fresh salt; both
@@ -42,8 +47,11 @@ Theory of operation:
 from __future__ import annotations
 
 import asyncio
+import errno
+import mmap
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -62,7 +70,8 @@ from ..errors import (
 )
 from ..fec import MAX_OVERHEAD as FEC_OVERHEAD
 from ..inet import family_of, format_hostport, udt_mss_for, udt_wire_mss, wildcard
-from ..wire import BASE_SIZE, BufferFor, ConnType, Frame, FrameHeader, FrameType, decode_header, peek_header_size
+from ..wire import BASE_SIZE, BufferFor, ConnType, Frame, FrameHeader, FrameType, HelloResult, decode_header, peek_header_size
+from . import udt_guard
 from . import udt_proto as proto
 from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport
 from .netpath import route_mtu
@@ -73,8 +82,15 @@ T = TypeVar("T")
 log = structlog.get_logger("lu2k.backends.udt")
 UDTError = _udtcore.UDTError
 RECV_BATCH = 64  # frames handed to the engine per recv() at most
+HELLO_BUFFER = 4096  # bytes a message may have before the hello is over (a hello frame has a few hundred)
 RELAY_LINGER = 0.2  # s a connection's FEC relay outlives libudt's close (its shutdown packet)
+MAX_PREAMBLES = 64  # accepted connections in their preamble at once
+ACCEPT_RATE = 100.0  # connections taken from libudt per second, after a burst of MAX_PREAMBLES
+LISTEN_BACKLOG = 16  # connections libudt may hold for us beyond those; it refuses more without making them
 LISTEN_RETRIES = 40  # x 0.25 s: outlasts libudt's hold on a just-closed listener's port
+# Listener addresses this process closed, and when: libudt holds such a port for a while, so
+# binding it again meets EADDRINUSE that is worth waiting out (another process's is not).
+_released: dict[tuple[str, int], float] = {}
 # UDT error codes (major * 1000 + minor) that mean "this connection is over".
 _CLOSED_CODES = {_udtcore.E_CONNLOST, _udtcore.E_NOCONN, _udtcore.E_INVSOCK}
 _STATS_KEYS = {  # perfmon field -> name shown by lu2kctl
@@ -84,6 +100,27 @@ _STATS_KEYS = {  # perfmon field -> name shown by lu2kctl
     "pkt_recv_nak_total": "naks_received", "pkt_flight_size": "in_flight_packets",
     "pkt_flow_window": "flow_window_packets", "us_pkt_snd_period": "packet_period_us",
 }
+
+
+class AcceptPacer:
+    """At most ``rate`` connections a second after a burst of ``burst`` (a token bucket; pure)."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self._tokens, self._last = float(burst), now
+
+    def _refill(self, now: float) -> None:
+        self._tokens = min(self.burst, self._tokens + max(0.0, now - self._last) * self.rate)
+        self._last = now
+
+    def delay(self, now: float) -> float:
+        """Seconds to wait before the next connection may be taken."""
+        self._refill(now)
+        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self.rate
+
+    def take(self, now: float) -> None:
+        self._refill(now)
+        self._tokens -= 1
 
 
 def _tidy(value: Any) -> Any:
@@ -151,6 +188,17 @@ def _new_socket(tuning: UdtTuning, family: int, packet_key: bytes, wire_mss: int
         _udtcore.close(u)
         raise
     return u
+
+
+def _bind_guarded(u: int, tuning: UdtTuning, family: int, host: str, port: int) -> None:
+    """Give ``u`` a UDP socket of lu2k's own carrying the handshake guard (:mod:`.udt_guard`)."""
+    sock = udt_guard.guarded_socket(family, host, port, udt_guard.max_peer_window(tuning.flight_window))
+    try:
+        _udtcore.bind_udp(u, sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # libudt owns the descriptor now
 
 
 def _exchange_preamble(u: int, tuning: UdtTuning, connector: bool, key: bytes, peer: str) -> tuple[proto.Sealer, proto.Opener]:
@@ -233,6 +281,13 @@ class UdtTransport(Transport):
         self._slots = threading.Semaphore(tuning.recv_queue)  # bounded hand-off to the loop
         self._tx = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"udt-tx-{u}")
         self._rx_done = threading.Event()
+        # Until the hello is over the receive thread reads one message per recv() into a small
+        # buffer, so that a peer not yet known costs no max-frame buffer (4 MiB, all of it
+        # touched, and kept by the allocator after the connection is gone).  The engine calls
+        # on_hello_done before it asks for the next message, so the first big frame finds the
+        # big buffer.
+        self._hello_over = False
+        self._demand = threading.Event()
         self._last_stats: dict[str, Any] = {}
         self._dropped_reported = 0  # forged + replayed packets already logged
         self.bytes_sent = self.bytes_received = 0
@@ -248,11 +303,28 @@ class UdtTransport(Transport):
 
     # --- receive: a thread per connection ---------------------------------------------------
 
+    def on_hello_done(self, result: HelloResult) -> None:
+        self._hello_over = True
+        self._demand.set()
+
     def _receive_loop(self) -> None:
-        buf = bytearray(self._tuning.max_frame + 1)  # one spare byte: a full buffer means "too long"
+        buf: bytearray | mmap.mmap = bytearray(HELLO_BUFFER + 1)  # one spare byte: a full buffer means "too long"
+        big: mmap.mmap | None = None
         view = memoryview(buf)
         try:
             while not self._closed:
+                if not self._hello_over:
+                    if not self._demand.wait(0.5):
+                        continue
+                    self._demand.clear()
+                if self._hello_over and big is None:
+                    # A mapping of its own, not the heap: its pages are touched only as far as
+                    # messages reach and go back to the system when the connection ends (a
+                    # 4 MiB heap buffer per connection, allocated in this thread's malloc
+                    # arena, was kept by glibc: a daemon grew ~2 MB with every connection).
+                    view.release()
+                    buf = big = mmap.mmap(-1, self._tuning.max_frame + 1)
+                    view = memoryview(buf)
                 try:
                     n = _udtcore.recvmsg_into(self._u, buf)
                 except UDTError as e:
@@ -265,6 +337,8 @@ class UdtTransport(Transport):
                 if n is None:
                     continue
                 if n >= len(buf):
+                    if big is None:
+                        raise FrameError(f"UDT message from {self._peer} before the hello is over is longer than any hello frame")
                     raise FrameError(f"UDT message from {self._peer} longer than the largest frame ({self._tuning.max_frame} bytes)")
                 plain = self._opener.open(view[:n])
                 header, payload = self._parse(plain)
@@ -274,8 +348,14 @@ class UdtTransport(Transport):
                         return
                 self._hand_over(header, payload)
         except Lu2kError as e:
-            self._fail(e)
+            self._fail(e.with_traceback(None))  # its frames would keep views of the buffer alive
         finally:
+            view.release()
+            if big is not None:
+                try:
+                    big.close()
+                except BufferError:  # a view still exported: unmapped when the last one goes
+                    pass
             self._rx_done.set()
 
     def _parse(self, plain: bytes) -> tuple[FrameHeader, memoryview]:
@@ -313,6 +393,8 @@ class UdtTransport(Transport):
             pass
 
     async def recv(self) -> list[Frame]:
+        if not self._ready and not self._hello_over:
+            self._demand.set()
         while not self._ready:
             if self._error is not None:
                 raise self._error
@@ -389,6 +471,7 @@ class UdtTransport(Transport):
             pass
         self._closed = True
         self._wakeup.set()
+        self._demand.set()  # a receive thread waiting for the next hello frame ends now
         self._tx.shutdown(wait=False, cancel_futures=True)
         if self._on_close is not None:
             self._on_close(self)
@@ -489,6 +572,8 @@ class UdtListener(Listener):
         if self.closed:
             return
         self.closed = True
+        if self._u is not None and self.relay is None:
+            _released[(self._address[0], self._address[1])] = time.monotonic()
         for u in [self._u, *self.peer_sockets]:
             if u is not None:
                 try:
@@ -514,7 +599,9 @@ class UdtBackend(Backend):
         self._listeners: set[UdtListener] = set()
         self._transports: set[UdtTransport] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._handshakes = threading.Semaphore(64)  # accepted connections still in their preamble
+        self._handshakes = threading.Semaphore(MAX_PREAMBLES)  # accepted connections still in their preamble
+        self._refusals = {"preambles_refused": 0, "accepts_paused": 0}  # by the accept threads (under the lock)
+        self._refusals_lock = threading.Lock()
         self._watchdog: asyncio.Task[None] | None = None
         self._relays: set[FecRelay] = set()
         self._fec_closed: dict[str, int] = {}  # counters of relays already closed
@@ -566,6 +653,7 @@ class UdtBackend(Backend):
             )
         except Lu2kError:
             # Nobody to report to: the engine never saw this connection.  Just drop it.
+            self._count("preambles_refused")
             try:
                 _udtcore.close(u)
             except UDTError:
@@ -578,18 +666,34 @@ class UdtBackend(Backend):
         except RuntimeError:
             _udtcore.close(u)
 
+    def _count(self, what: str) -> None:
+        with self._refusals_lock:
+            self._refusals[what] += 1
+
     def _accept_loop(self, listener: UdtListener, loop: asyncio.AbstractEventLoop, on_accept: AcceptCallback) -> None:
         assert listener._u is not None
+        # A connection is taken from libudt only when a preamble slot is free, and at most
+        # ACCEPT_RATE a second.  libudt keeps a closed socket, loss lists and all (~190 KB),
+        # for a second or more, so a stranger completing handshakes as fast as it could
+        # (taken and closed at once when no slot was free) made it hold hundreds of MB.  Left
+        # in libudt's backlog, the surplus is refused by libudt before it makes a socket.
+        pacer = AcceptPacer(ACCEPT_RATE, MAX_PREAMBLES, time.monotonic())
         while not listener.closed:
+            delay = pacer.delay(time.monotonic())
+            if delay > 0 or not self._handshakes.acquire(blocking=False):
+                self._count("accepts_paused")
+                threading.Event().wait(delay)
+                while not self._handshakes.acquire(timeout=0.5):
+                    if listener.closed:
+                        return
+            pacer.take(time.monotonic())
             try:
                 u, (host, port) = _udtcore.accept(listener._u)
             except UDTError:
+                self._handshakes.release()
                 return  # listener closed
             if listener.relay is not None:  # libudt saw the relay's leg: name the peer behind it
                 host, port = listener.relay.peer_of(host, port) or (host, port)
-            if not self._handshakes.acquire(blocking=False):
-                _udtcore.close(u)  # too many half-open connections: shed load
-                continue
             threading.Thread(
                 target=self._acceptor_handshake, args=(u, format_hostport(host, port), loop, on_accept, listener),
                 name=f"udt-hs-{u}", daemon=True,
@@ -641,15 +745,19 @@ class UdtBackend(Backend):
         def setup() -> tuple[int, tuple[str, int]]:
             # libudt keeps a closed listener's port for ~3 s (in case a client is mid-connect),
             # so a net restarted in-process retries for a while rather than failing at once.
+            released = _released.get(udt_bind, -1e9)
             for attempt in range(LISTEN_RETRIES + 1):
                 u = _new_socket(tuning, _family(host), self._packet_key)
                 try:
-                    _udtcore.bind(u, *udt_bind)
-                    _udtcore.listen(u, 128)
+                    _bind_guarded(u, tuning, _family(host), *udt_bind)
+                    _udtcore.listen(u, LISTEN_BACKLOG)
                     return u, _udtcore.getsockname(u)
-                except UDTError as e:
+                except (UDTError, OSError) as e:
                     _udtcore.close(u)
-                    if _udt_code(e) != _udtcore.E_DUPLISTEN or attempt == LISTEN_RETRIES:
+                    held = _udt_code(e) == _udtcore.E_DUPLISTEN or (
+                        isinstance(e, OSError) and e.errno == errno.EADDRINUSE
+                        and time.monotonic() - released < LISTEN_RETRIES * 0.25)
+                    if not held or attempt == LISTEN_RETRIES:
                         raise
                 except BaseException:
                     _udtcore.close(u)
@@ -661,6 +769,8 @@ class UdtBackend(Backend):
             u, address = await _in_thread(loop, setup, name="udt-listen")
         except (UDTError, ValueError) as e:
             raise ConnectError(f"cannot listen on {format_hostport(host, port)} with UDT: {_udt_message(e)}") from None
+        except OSError as e:
+            raise ConnectError(f"cannot listen on {format_hostport(host, port)} with UDT: {e.strerror or e}") from None
         listener = UdtListener(self, u, address)
         if tuning.fec.enabled:
             try:
@@ -709,12 +819,16 @@ class UdtBackend(Backend):
                 _udtcore.setsockopt(u, "reuseaddr", 1)
                 _udtcore.setsockopt(u, "rendezvous", 1)
                 _udtcore.bind(u, wildcard(_family(addr)), tuning.rendezvous_port)
+            else:
+                _bind_guarded(u, tuning, _family(addr), wildcard(_family(addr)), 0)
             _udtcore.connect(u, *target)
             return _exchange_preamble(u, tuning, True, self.settings.key, peer)
 
         fut = _in_thread(loop, dial, name=f"udt-connect-{peer}")
         try:
-            return self._transport(state["u"], peer, *await self._dialled(fut, state, peer, timeout), relay=relay)
+            # The socket is known once the dial is over (not before: its thread sets it).
+            sealer, opener = await self._dialled(fut, state, peer, timeout)
+            return self._transport(state["u"], peer, sealer, opener, relay=relay)
         except BaseException:
             if relay is not None:
                 self._close_relay(relay)
@@ -739,6 +853,9 @@ class UdtBackend(Backend):
             if isinstance(e, ConnectError):
                 raise
             raise ConnectError(f"UDT connect to {peer} failed: {e}") from None
+        except OSError as e:  # lu2k's own UDP socket for libudt (udt_guard) could not be made
+            self._abandon(fut, state)
+            raise ConnectError(f"UDT connect to {peer} failed: {e.strerror or e}") from None
         except BaseException:
             self._abandon(fut, state)
             raise
@@ -801,6 +918,8 @@ class UdtBackend(Backend):
         # Process-wide: also what reached no connection (forged handshakes to the listener, ...).
         totals = _udtcore.packet_auth_totals()
         out["packets_forged"], out["packets_replayed"] = totals["forged"], totals["replayed"]
+        with self._refusals_lock:
+            out.update(self._refusals)  # accepted UDT connections dropped before the engine saw them
         if self.tuning.fec.enabled:
             totals = dict(self._fec_closed)
             for relay in self._relays:

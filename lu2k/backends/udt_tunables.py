@@ -18,7 +18,9 @@ Config keys (a net's ``lu2k.options`` when its backend is ``udt``), all optional
                         (default 1500, or the route's MTU where the kernel knows a lower one;
                         576..65536; the same on the wire over IPv6, see :func:`lu2k.inet.udt_mss_for`)
 ``buffer``              UDT send/receive buffer bytes (default max(8 x BDP, 2 x largest frame, 8 MiB))
-``flight_window``       UDT flight window, packets (default: the buffer in packets)
+``flight_window``       UDT flight window, packets (default: the buffer in packets); a peer's
+                        handshake announcing more than 4 x this (at least 16384) is dropped
+                        (:mod:`.udt_guard`)
 ``udp_buffer``          UDP socket buffer bytes (default min(BDP, 4 MiB); the kernel may clamp)
 ``cipher``              ``aes-256-gcm`` (default) or ``chacha20-poly1305``
 ``recv_queue``          received messages held for the engine before UDT is back-pressured (64)

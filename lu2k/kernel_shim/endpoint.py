@@ -521,7 +521,8 @@ class _Core:
         self.sock.close()
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {k: self.counters.get(k, 0) for k in ("sent", "delivered", "failed", "received", "released", "kicks", "events")}
+        out: dict[str, Any] = {k: self.counters.get(k, 0) for k in ("sent", "delivered", "failed", "received", "released", "kicks", "events",
+                                                                   "unknown_completions")}
         out["sent"] = self.sent
         out.update(portal=self.portal, in_flight=len(self.pending), tx_buffers_in_use=self.tx.in_use,
                    rx_buffers_held=len(self.rx_outstanding), attached=self.dead is None)

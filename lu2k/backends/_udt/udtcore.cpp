@@ -754,6 +754,26 @@ static PyObject* py_bind(PyObject*, PyObject* args) {
     Py_RETURN_NONE;
 }
 
+// bind_udp(u, fd): the UDT socket takes over an already bound UDP socket (UDT::bind2), so the
+// caller can set it up first (lu2k attaches a socket filter: lu2k/backends/udt_guard.py).
+// libudt owns the descriptor from then on and closes it with the last UDT socket using it.
+// libudt does not bind it, so __wrap_bind never sees it: the channel is keyed here instead.
+static PyObject* py_bind_udp(PyObject*, PyObject* args) {
+    int u, fd;
+    if (!PyArg_ParseTuple(args, "ii", &u, &fd)) return nullptr;
+    int r;
+    {
+        ChannelKeyScope keyed(u);
+        g_guard.key_channel(fd, t_channel_keyed ? &t_channel_key : nullptr);
+    }
+    Py_BEGIN_ALLOW_THREADS r = UDT::bind2(u, fd);
+    Py_END_ALLOW_THREADS if (r == UDT::ERROR) {
+        g_guard.forget_channel(fd);  // the caller closes the descriptor, not libudt
+        return raise_udt("bind_udp");
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject* py_listen(PyObject*, PyObject* args) {
     int u, backlog = 64;
     if (!PyArg_ParseTuple(args, "i|i", &u, &backlog)) return nullptr;
@@ -1320,6 +1340,7 @@ static PyTypeObject PacketAuthType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 static PyMethodDef methods[] = {
     {"socket", py_socket, METH_VARARGS, "socket(family=AF_INET, stream=False) -> UDT socket id"},
     {"bind", py_bind, METH_VARARGS, "bind(u, host, port)"},
+    {"bind_udp", py_bind_udp, METH_VARARGS, "bind_udp(u, fd): use this bound UDP socket (libudt owns it from now on)"},
     {"listen", py_listen, METH_VARARGS, "listen(u, backlog=64)"},
     {"accept", py_accept, METH_VARARGS, "accept(u) -> (u2, (host, port)); blocks without the GIL"},
     {"connect", py_connect, METH_VARARGS, "connect(u, host, port); blocks without the GIL"},
