@@ -53,6 +53,43 @@ class Receiver(threading.Thread):
             self.ep.detach()
 
 
+class CountingReceiver(threading.Thread):
+    """Receives until ``stop`` is set, counting each message index (duplicates included).
+
+    With ``expect_src``, messages from other NIDs are only counted as ``foreign``; a payload
+    too short for the header counts as corrupt."""
+
+    def __init__(self, shim_path: str, expect_src: str | None = None) -> None:
+        super().__init__(daemon=True)
+        self.ep = Endpoint.attach(shim_path, portal=0)
+        self.expect_src = expect_src
+        self.seen: Counter[int] = Counter()
+        self.corrupt = 0
+        self.foreign = 0
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                msg = self.ep.recv(timeout=0.2)
+                if msg is None:
+                    continue
+                with msg:
+                    if self.expect_src is not None and str(msg.src) != self.expect_src:
+                        self.foreign += 1
+                    elif len(msg.payload) < HDR.size:
+                        self.corrupt += 1
+                    else:
+                        index, crc = HDR.unpack_from(msg.payload)
+                        self.corrupt += zlib.crc32(msg.payload[HDR.size :]) != crc
+                        self.seen[index] += 1
+        except BaseException as e:
+            self.error = e
+        finally:
+            self.ep.detach()
+
+
 def make_message(index: int, size: int, rnd: random.Random) -> bytes:
     body = rnd.randbytes(max(0, size - HDR.size))
     return HDR.pack(index, zlib.crc32(body)) + body

@@ -32,7 +32,6 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +42,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import livefuzz  # noqa: E402
-from e2e_support import HDR, make_message  # noqa: E402
+from e2e_support import HDR, CountingReceiver, make_message  # noqa: E402
 
 from lu2k.backends import availability  # noqa: E402
 from lu2k.errors import ShimError, Status  # noqa: E402
@@ -148,42 +147,6 @@ class Traffic(threading.Thread):
             self.error = e
 
 
-class Receiving(threading.Thread):
-    """B's endpoint, counting each message of A's by index (duplicates included) and apart
-    from them whatever else arrives (the fuzzer's own messages, from other NIDs)."""
-
-    def __init__(self, shim_path: str, expect_src: str) -> None:
-        super().__init__(daemon=True)
-        self.ep = Endpoint.attach(shim_path, portal=0)
-        self.expect_src = expect_src
-        self.seen: Counter[int] = Counter()
-        self.corrupt = 0
-        self.foreign = 0
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                msg = self.ep.recv(timeout=0.2)
-                if msg is None:
-                    continue
-                with msg:
-                    if str(msg.src) != self.expect_src:
-                        self.foreign += 1
-                        continue
-                    if len(msg.payload) < HDR.size:
-                        self.corrupt += 1
-                        continue
-                    index, crc = HDR.unpack_from(msg.payload)
-                    self.corrupt += zlib.crc32(msg.payload[HDR.size :]) != crc
-                    self.seen[index] += 1
-        except BaseException as e:
-            self.error = e
-        finally:
-            self.ep.detach()
-
-
 class LoopThread:
     """An event loop in a thread of its own, for the relay that must run the whole test."""
 
@@ -275,7 +238,7 @@ def test_hostile_traffic_at_a_live_daemon(pair: tuple[DaemonProcess, DaemonProce
     pid = b.proc.pid
     port = yaml.safe_load(Path(b.config_path).read_text())["net"][0]["lu2k"]["port"]
 
-    rx = Receiving(b.shim_path, a.nid)
+    rx = CountingReceiver(b.shim_path, a.nid)
     rx.start()
     tx = Traffic(a.shim_path, b.nid, budget.seed)
     tx.start()

@@ -29,7 +29,7 @@ from lu2k.kernel_shim.endpoint import Completion, Endpoint
 from lu2k.localpair import daemons
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_support import HDR, Receiver, make_message  # noqa: E402
+from e2e_support import HDR, CountingReceiver, Receiver, make_message  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -58,33 +58,6 @@ def test_a_stuck_receiver_does_not_stall_another_endpoints_traffic_to_the_same_p
             stuck.detach()
 
 
-class _Counting(threading.Thread):
-    """Receives until stopped, counting each message index (duplicates included)."""
-
-    def __init__(self, shim_path: str) -> None:
-        super().__init__(daemon=True)
-        self.ep = Endpoint.attach(shim_path, portal=0)
-        self.seen: Counter[int] = Counter()
-        self.corrupt = 0
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                msg = self.ep.recv(timeout=0.2)
-                if msg is None:
-                    continue
-                with msg:
-                    index, crc = HDR.unpack_from(msg.payload)
-                    self.corrupt += zlib.crc32(msg.payload[HDR.size:]) != crc
-                    self.seen[index] += 1
-        except BaseException as e:
-            self.error = e
-        finally:
-            self.ep.detach()
-
-
 def test_kill_9_of_the_sending_daemon_then_resend_by_id_delivers_each_message_once() -> None:
     """Finding 11: after kill -9 of the sending daemon, messages reported CANCELLED may have
     been delivered; resending them made duplicates.  Resent with their ids, none is doubled."""
@@ -92,7 +65,7 @@ def test_kill_9_of_the_sending_daemon_then_resend_by_id_delivers_each_message_on
     rnd = random.Random(11)
     bodies = [make_message(i, rnd.choice((200, 4000, 20000)), rnd) for i in range(count)]
     with daemons(["127.0.0.1@tcp", "127.0.0.2@tcp"]) as (a, b):
-        rx = _Counting(b.shim_path)
+        rx = CountingReceiver(b.shim_path)
         rx.start()
         killed = threading.Event()
 
