@@ -82,6 +82,7 @@ def test_ping_of_an_lnet_node_shows_its_primary_multi_rail_and_ni_status() -> No
            "features": ["ni_status", "discovery"], "seqno": 9}
     item = lnetshow.ping_result(res)
     assert item == {"primary nid": "10.0.0.2@tcp", "Multi-Rail": False,
-                    "peer ni": [{"nid": "10.0.0.2@tcp", "status": "up"}, {"nid": "10.0.1.2@tcp1", "status": "down"}],
-                    "lu2k": {"rtt_ms": 0.4, "features": ["ni_status", "discovery"]}}
+                    "peer ni": [{"nid": "10.0.0.2@tcp"}, {"nid": "10.0.1.2@tcp1"}],
+                    "lu2k": {"rtt_ms": 0.4, "features": ["ni_status", "discovery"],
+                             "ni status": {"10.0.0.2@tcp": "up", "10.0.1.2@tcp1": "down"}}}
     assert lnetshow.ping_result(res, 1)["lu2k"]["seqno"] == 9
