@@ -8,7 +8,7 @@ import pytest
 
 from lu2k.cc import bbr
 from lu2k.cc.bbr import BbrController, Mode
-from lu2k.cc.sim import Flow, Link, Simulation
+from lu2k.cc.sim import Flow, Link, Reconfig, Simulation
 from lu2k.errors import ConfigError
 
 MSS = 1472
@@ -186,3 +186,91 @@ def test_events_without_samples_keep_sane_state() -> None:
 def test_bad_parameters_are_config_errors(kw: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         BbrController(mss=MSS, **kw)  # type: ignore[arg-type]
+
+
+# --- LEO hand-overs: an outage, then a new RTT ------------------------------------------------
+
+# The leo-fast profile's RTTs and outages at a quarter of its rate, to keep the simulation short.
+LEO_FAST = dict(rate=50e6 / 8, delay=0.015)
+
+
+def _handover_link(delays: list[float], *, loss: float = 0.01, outage: float = 0.3, every: float = 6.0) -> Link:
+    changes = tuple(Reconfig(at=every * (k + 1), outage=outage, delay=d) for k, d in enumerate(delays))
+    return Link(**LEO_FAST, loss=loss, seed=3, reconfigs=changes)
+
+
+def _leo_flow() -> Flow:
+    return Flow(BbrController(mss=MSS, initial_rtt=0.03, initial_rate=LEO_FAST["rate"], seed=1), mss=MSS)
+
+
+def test_handover_outages_cost_about_the_outage_and_no_more() -> None:
+    # Four hand-overs, the RTT redrawn within 30-60 ms each time (the lab's leo-fast profile).
+    link = _handover_link([0.028, 0.017, 0.03, 0.022])
+    f = _leo_flow()
+    Simulation(link, [f]).run(30.0)
+    cc = f.controller
+    assert isinstance(cc, BbrController)
+    limit = LEO_FAST["rate"] * 0.99
+    assert cc.blackouts == 4
+    # Each outage is 0.3 s of 6 s (5 %); the flow is back at the link's rate within a second.
+    assert f.goodput(2.0, 30.0) >= 0.9 * limit
+    for k in range(1, 5):
+        assert f.goodput(6.0 * k + 0.8, 6.0 * k + 2.0) >= 0.9 * limit
+    assert cc.btl_bw >= 0.9 * LEO_FAST["rate"]
+
+
+def test_a_longer_path_after_an_outage_is_learned_not_read_as_a_queue() -> None:
+    link = _handover_link([0.03])  # RTT 30 ms -> 60 ms at t=6 s
+    f = _leo_flow()
+    sim = Simulation(link, [f])
+    sim.run(5.5)
+    cc = f.controller
+    assert isinstance(cc, BbrController)
+    reactions_before = cc.reactions
+    sim.run(11.0)
+    assert cc.min_rtt == pytest.approx(0.06, abs=0.005)
+    assert cc.reactions == reactions_before  # no "standing queue" cuts after the change
+    assert f.goodput(7.0, 11.0) >= 0.93 * LEO_FAST["rate"] * 0.99
+
+
+def test_capacity_lost_in_an_outage_is_still_followed() -> None:
+    # The link comes back at a quarter of its rate: keeping the model through the outage must
+    # not keep a queue overflowing -- the excess loss after it cuts the model as usual.
+    link = _handover_link([0.015])
+    f = _leo_flow()
+    sim = Simulation(link, [f])
+    sim.run(6.0)
+    link.rate = LEO_FAST["rate"] / 4
+    sim.run(16.0)
+    cc = f.controller
+    assert isinstance(cc, BbrController)
+    assert cc.btl_bw <= 1.3 * link.rate
+    assert f.goodput(10.0, 16.0) >= 0.8 * link.rate * 0.99
+
+
+def test_persistent_congestion_keeps_the_model_and_holds_the_window_until_an_ack() -> None:
+    link = Link(**LEO_FAST, loss=0.0, seed=1)
+    f = _leo_flow()
+    sim = Simulation(link, [f])
+    sim.run(3.0)
+    cc = f.controller
+    assert isinstance(cc, BbrController)
+    bw, cwnd = cc.btl_bw, cc.cwnd
+    cc.on_persistent_congestion(sim.now)
+    assert cc.btl_bw == bw and cc.mode is Mode.PROBE_BW
+    assert cc.cwnd <= 0.3 * cwnd  # a quarter BDP against the usual two
+    assert cc.min_rtt == math.inf and cc.blackouts == 1
+    sim.run(4.0)
+    assert cc.cwnd >= 0.9 * cwnd and cc.min_rtt == pytest.approx(0.03, abs=0.003)
+
+
+def test_an_idle_sender_is_not_a_blackout() -> None:
+    # Acks stop because nothing was sent (everything acked): no blackout, the minimum stays.
+    cc = BbrController(mss=MSS, initial_rtt=0.03)
+    t = 0.0
+    for burst in range(3):
+        pkts = [cc.on_sent(t + 0.0001 * i, MSS) for i in range(20)]
+        for p in pkts:
+            cc.on_acked(t + 0.03, p)
+        t += 2.0  # two seconds of silence between bursts
+    assert cc.blackouts == 0 and cc.min_rtt == pytest.approx(0.03, abs=0.003)

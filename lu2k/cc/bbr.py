@@ -25,6 +25,16 @@ only what got through, so the model's bandwidth is the link rate times (1 - p). 
 that would leave the link p idle, so the pacing rate is divided by (1 - baseline loss), the
 loss rate learned from rounds without a queue (:class:`~lu2k.cc.base.CongestionSignals`).
 
+A path that goes away and comes back (a LEO terminal's hand-over to the next satellite: a few
+hundred milliseconds of nothing, then a new RTT) is not congestion either.  An ack gap of
+``max(100 ms, 2 RTT)`` with data in flight, or the loss detector's *persistent congestion*,
+marks a **blackout**: the bandwidth model is kept (the capacity did not change; if it did,
+the first rounds after it show excess loss and the usual reaction follows), the rounds that
+straddle the gap are not judged for congestion (their loss is the outage's), the window is
+held at a quarter BDP until an ack arrives again, and the RTT minimum is learned again from
+the first samples after it -- the old minimum would make a longer new path look like a
+standing queue and cut the rate round after round until ``PROBE_RTT``.
+
 Backing off on a shared link.  A round with *excess* loss (above the random baseline by more
 than noise) or two rounds with a *standing queue* (the smallest RTT of the round well above
 the path minimum) mean we are sending more than our share.  Then the bandwidth model is reset
@@ -56,6 +66,11 @@ PACING_MARGIN = 0.01
 QUEUE_LEFT_FACTOR = 0.05
 QUEUE_LEFT_SLACK = 0.010
 QUEUE_DRAIN_GAIN = 0.9
+# An ack gap this long (and at least BLACKOUT_RTTS round trips) while data was in flight is
+# the path going away, not a queue: on a continuous flow acks come every few milliseconds.
+BLACKOUT_MIN_GAP = 0.1
+BLACKOUT_RTTS = 2.0
+BLACKOUT_CWND_BDP = 0.25
 
 
 class Mode(enum.Enum):
@@ -129,6 +144,11 @@ class BbrController(CongestionController):
         self._last_reaction_round = -10
         self.reactions = 0
         self._queue_left = False
+        self.blackouts = 0
+        self._in_blackout = False
+        self._last_ack_time: float | None = None
+        self._inflight_after_last_ack = 0
+        self._unjudged_through_round = -1  # rounds up to this one straddled a blackout
         if self._hint_bw:
             # The operator told us the link's rate: there is nothing for a 2.885x startup to
             # discover, and on a 1-BDP buffer its first round alone would drop most of a BDP.
@@ -190,12 +210,21 @@ class BbrController(CongestionController):
             target = self.cwnd_gain_now * bw * (self._rtt() + extra) + 3 * self.mss
             if self.mode is Mode.PROBE_RTT:
                 target = 0.5 * bw * self._rtt()
+            if self._in_blackout:
+                target = min(target, BLACKOUT_CWND_BDP * bw * self._rtt())
             self.cwnd = max(int(target), MIN_CWND_PACKETS * self.mss)
 
     # --- events ---------------------------------------------------------------------------------
 
     def _on_sample(self, now: float, sample: RateSample, round_ended: bool) -> None:
         sampler = self.sampler
+        last = self._last_ack_time
+        if (last is not None and self._inflight_after_last_ack > 0
+                and now - last > max(BLACKOUT_MIN_GAP, BLACKOUT_RTTS * self._rtt())):
+            self._path_went_away(now)
+        self._last_ack_time = now
+        self._inflight_after_last_ack = self.bytes_in_flight
+        self._in_blackout = False
         if not sample.app_limited or sample.rate > self.bw.value:
             self.bw.update(sampler.round_count, sample.rate)
         self._update_min_rtt(now, sample.rtt)
@@ -232,6 +261,8 @@ class BbrController(CongestionController):
             self.min_rtt_stamp = now
 
     def _on_round_end(self, now: float, r: Any) -> None:
+        if r.number <= self._unjudged_through_round:
+            return  # its loss and its RTTs are the blackout's, not a queue's
         excess, queue = self.signals.on_round(r, self.min_rtt)
         self._queue_left = (math.isfinite(self.min_rtt) and math.isfinite(r.min_rtt)
                             and r.min_rtt > self.min_rtt * (1 + QUEUE_LEFT_FACTOR) + QUEUE_LEFT_SLACK)
@@ -335,16 +366,25 @@ class BbrController(CongestionController):
             self._probe_rtt_done_at = None
 
     def on_persistent_congestion(self, now: float) -> None:
-        # Nothing got through for several PTOs: the model is stale.  Start over, from the
-        # bandwidth we last believed, at a quarter.
-        bw = self.bw.value / 4
-        self.bw.reset(self.sampler.round_count, bw)
-        self.filled_pipe = False
-        self._full_bw = 0.0
-        self._full_bw_rounds = 0
-        self.mode = Mode.STARTUP
-        self.pacing_gain = self.cwnd_gain_now = STARTUP_GAIN
+        # Nothing got through for several PTOs.  On the links lu2k is for, that is an outage
+        # far more often than a collapse of capacity: keep the model (see the module
+        # docstring) and let the rounds after the outage judge the capacity.
+        self._path_went_away(now)
+        self._in_blackout = True
         self._update_pacing()
+
+    def _path_went_away(self, now: float) -> None:
+        if self._unjudged_through_round >= self.sampler.round_count:
+            return  # the same blackout, seen again (ack gap after persistent congestion)
+        self.blackouts += 1
+        # The round in progress holds the outage's losses, declared with the first acks after
+        # it; the next one may still see the queue drained by the gap.
+        self._unjudged_through_round = self.sampler.round_count + 1
+        self.signals.queue_rounds = 0
+        self.min_rtt = math.inf
+        self.min_rtt_stamp = now
+        self._rtt_excess = 0.0
+        self._startup_queue_acks = 0
 
     def state(self) -> dict[str, Any]:
         out = super().state()
@@ -355,6 +395,7 @@ class BbrController(CongestionController):
             "pacing_gain": self.pacing_gain,
             "baseline_loss": round(self.signals.baseline_loss, 5),
             "reactions": self.reactions,
+            "blackouts": self.blackouts,
             "queue_left": self._queue_left,
         })
         return out

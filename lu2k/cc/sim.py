@@ -11,7 +11,12 @@ uncongested, loss-free return path.  Each flow is a bulk sender with a controlle
 ``mss``-byte packets while in-flight < cwnd, spaced at the pacing rate; the receiver acks
 every packet; the sender declares a packet lost when three later ones are acked or it is
 older than 9/8 RTT behind an acked one (RFC 9002's thresholds), and after a silence of
-three RTTs it declares everything outstanding lost (a crude PTO).
+three RTTs it declares everything outstanding lost (a crude PTO) and, as RFC 9002 does when
+the losses span that long, tells the controller of persistent congestion.
+
+Like the lab's ``--reconfig``/``--outage``, a link can change at given times
+(:class:`Reconfig`): it is down for ``outage`` seconds (every packet offered is dropped) and
+comes back with a new one-way delay -- a LEO terminal's hand-over to another satellite.
 """
 
 from __future__ import annotations
@@ -26,6 +31,15 @@ from dataclasses import dataclass, field
 from .base import CongestionController, SentPacket
 
 
+@dataclass(frozen=True)
+class Reconfig:
+    """At ``at`` the link goes down for ``outage`` seconds, then carries ``delay`` one way."""
+
+    at: float
+    outage: float
+    delay: float
+
+
 @dataclass
 class Link:
     """The bottleneck: rate in bytes/s, queue limit in bytes, one-way delay, random loss."""
@@ -35,17 +49,34 @@ class Link:
     loss: float = 0.0
     queue_bytes: int | None = None
     seed: int = 1
+    reconfigs: tuple[Reconfig, ...] = ()
     busy_until: float = 0.0
     queue_drops: int = 0
     medium_drops: int = 0
+    outage_drops: int = 0
 
     def __post_init__(self) -> None:
         if self.queue_bytes is None:
             self.queue_bytes = max(int(self.rate * 2 * self.delay), 16 * 1500)
         self._rng = random.Random(self.seed)
 
+    def path_at(self, now: float) -> float | None:
+        """The one-way delay at ``now``, or None while the link is down."""
+        delay = self.delay
+        for change in self.reconfigs:
+            if now < change.at:
+                break
+            if now < change.at + change.outage:
+                return None
+            delay = change.delay
+        return delay
+
     def offer(self, now: float, size: int) -> float | None:
         """Arrival time at the far end, or None if dropped."""
+        delay = self.path_at(now)
+        if delay is None:
+            self.outage_drops += 1
+            return None
         queued = max(0.0, self.busy_until - now) * self.rate
         assert self.queue_bytes is not None
         if queued + size > self.queue_bytes:
@@ -56,7 +87,7 @@ class Link:
         if self.loss and self._rng.random() < self.loss:
             self.medium_drops += 1
             return None
-        return depart + self.delay
+        return depart + delay
 
 
 @dataclass
@@ -96,7 +127,8 @@ class Simulation:
         self._events: list[tuple[float, int, str, int, int]] = []
         self._seq = itertools.count()
         self._pn = itertools.count()
-        self.ack_delay = link.delay if ack_delay is None else ack_delay
+        # None: acks take the link's one-way delay of the moment (and are lost in an outage).
+        self.ack_delay = ack_delay
 
     def _push(self, t: float, kind: str, flow: int, pn: int = 0) -> None:
         heapq.heappush(self._events, (t, next(self._seq), kind, flow, pn))
@@ -114,7 +146,9 @@ class Simulation:
                 flow.wake_pending = False
                 self._try_send(fi)
             elif kind == "arrive":
-                self._push(t + self.ack_delay, "ack", fi, pn)
+                back = self.ack_delay if self.ack_delay is not None else self.link.path_at(t)
+                if back is not None:
+                    self._push(t + back, "ack", fi, pn)
             elif kind == "ack":
                 self._on_ack(fi, pn)
             elif kind == "pto":
@@ -184,6 +218,7 @@ class Simulation:
             f.controller.on_lost(self.now, pkt)
             f.lost += 1
         f.outstanding.clear()
+        f.controller.on_persistent_congestion(self.now)
         self._try_send(fi)
 
 

@@ -330,6 +330,22 @@ class LabDaemons:
     def shim(self, side: str) -> str:
         return str(self.procs[side].shim_path)
 
+    def connections(self, side: str) -> dict[str, Any]:
+        """The transport figures of ``side``'s connections to the other end (``peer show``):
+        what its congestion controller ended in, for the bench's report.  Empty if the daemon
+        does not answer."""
+        import asyncio
+
+        from ..control import request
+        from ..errors import Lu2kError
+
+        other = "b" if side == "a" else "a"
+        try:
+            peers = asyncio.run(request(str(self.procs[side].control_path), "peer show", {"nid": self.nids[other]}, timeout=5.0))
+        except Lu2kError:
+            return {}
+        return dict(peers[0].get("connections", {})) if peers else {}
+
     def __enter__(self) -> Self:
         self.start()
         return self
@@ -465,6 +481,7 @@ def run_link(backend: str, specs: tuple[LinkSpec, LinkSpec], *, duration: float,
                 say(f"lu2k/{backend}: {size}-byte messages, window {window}, warm-up {warmup:g} s, window {duration:g} s")
                 lu2k = transfer(lab, daemons, size=size, window=window, warmup=warmup, duration=duration,
                                 timeout=warmup + duration + 120)
+                sender_connections = daemons.connections("a")
             emu1 = lab.stats()
             base: dict[str, Any] = {}
             for cc in baselines:
@@ -494,6 +511,8 @@ def run_link(backend: str, specs: tuple[LinkSpec, LinkSpec], *, duration: float,
         "duration_s": duration,
         "cpu": lu2k["cpu"],
         "sender": lu2k["sender"],
+        # The sending lu2kd's view of its connections at the end (congestion state included).
+        "sender_connections": sender_connections,
         "series_mbit": lu2k.get("series_mbit", []),
         "bin_s": lu2k.get("bin_s"),
         "baselines": {k: v["goodput_bps"] / 1e6 for k, v in base.items()},
