@@ -228,12 +228,17 @@ class Completions:
         self.failed: dict[str, int] = {}
 
     def settle(self, block: bool) -> None:
-        """Count the completions that are in (``block``: wait up to 1 s for the oldest)."""
+        """Count the completions that are in (``block``: first wait up to 1 s for the oldest).
+
+        Only the oldest is waited for: a sender pushed back needs one TX slot, and waiting for
+        every message in flight would idle it for a round trip and then make it burst a whole
+        window, the back-pressure feeding itself (seconds of send lag on a GEO link)."""
         pending = self.pending
         while pending and (pending[0].done or block):
             comp = pending[0]
             if not comp.done and not comp.wait(1.0):
                 return
+            block = False
             pending.popleft()
             if comp.status == 0:
                 self.delivered += 1
@@ -542,6 +547,31 @@ def _saturated_cell(lab: Any, daemons: Any, spec: LinkSpec, paced: tuple[list[st
     return recv, send, _last_json(s_out + s_err, "saturating sender"), _last_json(k_out + k_err, "saturating sink")
 
 
+def _connect(daemons: Any) -> None:
+    """Bring the a -> b connection up before the first cell: its setup (a QUIC handshake and the
+    hello, two round trips -- over a second on GEO) is not what a cell measures, and a paced
+    sender held back by it would start the cell with a backlog that 20 % spare capacity takes
+    many seconds to drain."""
+    import asyncio
+
+    from ..control import request
+
+    asyncio.run(request(str(daemons.procs["a"].control_path), "ping", {"nid": daemons.nids["b"], "timeout": 30}, timeout=40))
+
+
+def daemon_cpu_seconds(daemons: Any) -> dict[str, float]:
+    """User + system CPU seconds each lab daemon has used so far."""
+    from .bench import _cpu_seconds
+
+    return {side: _cpu_seconds(pid) for side, pid in daemons.pids().items()}
+
+
+def cpu_per_message(before: dict[str, float], after: dict[str, float], messages: int) -> dict[str, float]:
+    """Each daemon's CPU microseconds per message of a cell: a figure that machine load changes
+    far less than latency does (a starved daemon is late, but spends the same CPU per message)."""
+    return {f"lu2kd-{side}": (after[side] - before[side]) * 1e6 / max(messages, 1) for side in after if side in before}
+
+
 def _fec_counters(daemons: Any) -> dict[str, dict[str, Any]]:
     """Each daemon's FEC mode and counters over the whole lu2k part of the run (``net show -v``)."""
     import asyncio
@@ -619,6 +649,7 @@ def run_latency(backend: str, specs: tuple[LinkSpec, LinkSpec], *, sizes: Sequen
             say(f"lab {lab.lab_id}: {format_rate(spec.rate_bps)}, RTT {spec.rtt_s * 1e3:g} ms, loss {spec.mean_loss * 100:g}%")
             emu0 = lab.stats()
             with LabDaemons(lab, backend, wd, peer_credits=credits_for(spec, min(sizes)), extra_options=options) as daemons:
+                _connect(daemons)
                 for size in sizes:
                     for load in loads:
                         interval = send_interval(size, spec.rate_bps, load)
@@ -630,8 +661,10 @@ def run_latency(backend: str, specs: tuple[LinkSpec, LinkSpec], *, sizes: Sequen
                             _argv("sender", "--socket", daemons.shim("a"), "--to", daemons.nids["b"], "--size", str(size),
                                   "--interval", repr(interval), "--count", str(count), "--in-flight", str(credits_for(spec, size))),
                         )
+                        cpu0 = daemon_cpu_seconds(daemons)
                         recv, send = _pair(lab, *paced, warmup + duration + 180)
-                        cells.append(_cell_result(f"lu2k/{backend}", size, load, spec, recv, send))
+                        cells.append({**_cell_result(f"lu2k/{backend}", size, load, spec, recv, send),
+                                      "daemon_cpu_us_per_msg": cpu_per_message(cpu0, daemon_cpu_seconds(daemons), count)})
                         if saturate:
                             say(f"lu2k/{backend}: the same beside a saturating endpoint")
                             cell = _saturated_cell(lab, daemons, spec, paced, warmup + duration)
@@ -691,6 +724,16 @@ def format_latency(r: dict[str, Any]) -> str:
             notes.append(f"saturating endpoint beside {c['size']} B @ {c['load'] * 100:g}%: offered {sat['offered_mbit']:.1f} Mbit/s, "
                          f"carried {sink['carried_mbit']:.1f}; blocked {sat['backpressure_waits']} times, "
                          f"{sat['blocked_s']:.1f} s of {sat['wall_s']:.1f} s")
+    for c in r["cells"]:
+        lag = (c.get("sender") or {}).get("max_send_lag_ms")
+        cpu = c.get("daemon_cpu_us_per_msg")
+        if cpu or lag is not None:
+            parts = [f"{c['path']} {c['size']} B @ {c['load'] * 100:g}%:"]
+            if lag is not None:
+                parts.append(f"send lag max {lag:.0f} ms")
+            if cpu:
+                parts.append("CPU per message " + ", ".join(f"{k} {v:.0f} us" for k, v in sorted(cpu.items())))
+            notes.append(" ".join(parts))
     line = fec_summary(r.get("fec") or {})
     if line:
         notes.append(line)
