@@ -231,7 +231,7 @@ class QuicBackend(Backend):
         # 1500-byte packet; 4 random bytes still tell a site's few dozen peers apart (the
         # listener routes datagrams by them), and 4 more payload bytes per packet is what
         # separates QUIC's header ceiling from kernel TCP's.
-        self.fec = parse_fec(opts.get("fec", "off"), f"{self._where}: fec")
+        self.fec = parse_fec(opts.get("fec", "off"), f"{self._where}: fec", rtt_s=self.rtt)
         self.cid_length = int(_number_option(opts, "cid_length", 4, self._where))
         if not 4 <= self.cid_length <= 20:
             raise ConfigError(f"cid_length must be 4..20 bytes, got {self.cid_length}", where=self._where)
