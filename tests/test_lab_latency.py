@@ -183,3 +183,75 @@ def test_fec_summary_line() -> None:
     udt = {"a": {"fec": "5%", "fec_sent_data_bytes": 200, "fec_sent_repair_bytes": 10}, "b": {"fec": "5%"}}
     assert "repair 5.0 %" in (fec_summary(udt) or "")
     assert fec_summary({}) is None and fec_summary({"a": quic["a"]}) is None
+
+
+class _Completion:
+    """A message's completion as the paced sender sees it: done once ``wait`` (or time) settled it."""
+
+    def __init__(self, settles_on_wait: bool = True) -> None:
+        self.done = False
+        self.status: int | None = None
+        self.waited = 0
+        self._settles = settles_on_wait
+
+    def finish(self) -> None:
+        self.done, self.status = True, 0
+
+    def wait(self, timeout: float) -> bool:
+        self.waited += 1
+        if self._settles:
+            self.finish()
+        return self.done
+
+
+def test_a_pushed_back_sender_waits_for_one_completion_not_the_whole_window() -> None:
+    from lu2k.lab.latency import Completions
+
+    done = Completions()
+    window = [_Completion() for _ in range(5)]
+    done.pending.extend(window)
+    window[1].finish()  # already in: counted along with the oldest
+    done.settle(block=True)
+    assert done.delivered == 2 and [c.waited for c in window] == [1, 0, 0, 0, 0] and len(done.pending) == 3
+    done.settle(block=False)  # nothing more is in: nothing waited for
+    assert done.delivered == 2 and sum(c.waited for c in window) == 1
+    done.drain()
+    assert done.delivered == 5 and not done.pending
+
+
+def test_a_completion_that_does_not_come_stops_the_wait() -> None:
+    from lu2k.lab.latency import Completions
+
+    done = Completions()
+    stuck = _Completion(settles_on_wait=False)
+    done.pending.extend([stuck, _Completion()])
+    done.settle(block=True)
+    assert stuck.waited == 1 and done.delivered == 0 and len(done.pending) == 2
+
+
+def test_cpu_per_message_per_daemon() -> None:
+    from lu2k.lab.latency import cpu_per_message
+
+    assert cpu_per_message({"a": 1.0, "b": 2.0}, {"a": 1.5, "b": 2.25}, 1000) == {"lu2kd-a": 500.0, "lu2kd-b": 250.0}
+    assert cpu_per_message({"a": 1.0}, {"a": 1.0, "b": 3.0}, 0) == {"lu2kd-a": 0.0}
+
+
+def test_lab_endpoints_may_use_every_peer_credit(tmp_path: Path) -> None:
+    """The shim's per-port limit of messages in flight must not be below the lab's peer credits
+    (it was 1 024 by default: 1 KiB messages then could not fill a GEO round trip)."""
+    import yaml
+
+    from lu2k.lab.bench import LabDaemons
+
+    class _State:
+        specs = build_specs("geo")
+        addr = {"a": "10.9.0.1", "b": "10.9.0.2"}
+
+    class _Lab:
+        state = _State()
+
+    credits = credits_for(_State.specs[0], 1024)
+    LabDaemons(_Lab(), "tcp", tmp_path, peer_credits=credits)  # type: ignore[arg-type]
+    for side in ("a", "b"):
+        cfg = yaml.safe_load((tmp_path / f"lu2kd-{side}.yaml").read_text())
+        assert cfg["lu2k"]["shim"]["max_in_flight"] == credits > 1024

@@ -147,6 +147,12 @@ def test_quic_option_fec_is_validated() -> None:
     assert make("auto")._datagram_size(socket.AF_INET) == 1464
     with pytest.raises(ConfigError, match="fec"):
         make("lots")
+    # Groups sized from the profile's round trip (lu2k.fec.group_delay_for_rtt).
+    from lu2k.settings import LinkProfile
+
+    geo = QuicBackend(BackendSettings(net=parse_net("quic0"), port=0, max_message_size=1 << 20, options={"fec": "auto"},
+                                      profile=LinkProfile(rate_mbit=20, rtt_ms=600)))
+    assert geo.fec.max_delay == 0.075 and make("auto").fec.max_delay == 0.02
 
 
 async def test_gso_sends_a_transmit_pass_in_one_call_and_gro_splits_it() -> None:

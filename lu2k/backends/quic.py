@@ -75,6 +75,7 @@ from ..inet import family_of, format_hostport, quic_datagram_size, wildcard
 from .base import AcceptCallback, Backend, BackendSettings, ExceptionMap, Listener, Transport, map_exceptions
 from .netpath import route_mtu, sockaddr
 from .quic_guard import GuardedQuicServer
+from .quic_recovery import tolerate_fec
 from .quic_udp import BatchedUdpEndpoint
 from .quic_stream import (
     APP_AUTH_REJECTED, APP_NO_ERROR, APP_PROTOCOL_ERROR, Lu2kQuicProtocol, StreamOptions,
@@ -231,7 +232,7 @@ class QuicBackend(Backend):
         # 1500-byte packet; 4 random bytes still tell a site's few dozen peers apart (the
         # listener routes datagrams by them), and 4 more payload bytes per packet is what
         # separates QUIC's header ceiling from kernel TCP's.
-        self.fec = parse_fec(opts.get("fec", "off"), f"{self._where}: fec")
+        self.fec = parse_fec(opts.get("fec", "off"), f"{self._where}: fec", rtt_s=self.rtt)
         self.cid_length = int(_number_option(opts, "cid_length", 4, self._where))
         if not 4 <= self.cid_length <= 20:
             raise ConfigError(f"cid_length must be 4..20 bytes, got {self.cid_length}", where=self._where)
@@ -339,6 +340,9 @@ class QuicBackend(Backend):
         # cuts that several-fold and is noise next to a satellite RTT.
         quic._ack_delay = max(0.001, min(0.010, self.rtt / 8))
         install_pacer(quic)
+        # With FEC, a lost datagram is rebuilt up to a group's wait later: do not declare it
+        # lost (retransmit it, and tell the controller) before that (lu2k.backends.quic_recovery).
+        tolerate_fec(quic._loss, self.fec, quic._ack_delay)
         adapter = quic._loss._cc
         if hasattr(adapter, "app_limited"):
             adapter.app_limited = _AppLimitedProbe(quic)

@@ -135,7 +135,7 @@ def tune(settings: BackendSettings) -> UdtTuning:
     cipher = check_cipher(str(opts.get("cipher", CIPHERS[0])), where=f"{where}.cipher")
     prof = settings.profile
     mss = int(_num(opts, "mss", 1500, where, 576, 65536))
-    fec = parse_fec(opts.get("fec", "off"), f"{where}.fec")
+    fec = parse_fec(opts.get("fec", "off"), f"{where}.fec", rtt_s=prof.rtt_ms / 1e3 if prof.rtt_ms else None)
     if fec.enabled:
         mss -= FEC_OVERHEAD  # the repair frame of a group of full packets must fit the path too
 

@@ -307,6 +307,9 @@ class LabDaemons:
                 extra_net["options"] = options[side]
             cfg = daemon_config(self.nids[side], LU2K_PORT, workdir, backend=backend, extra_net=extra_net,
                                 tunables={"peer_credits": peer_credits, "credits": max(1024, peer_credits * 4)})
+            # An endpoint may have as many messages outstanding as its peer has credits: with the
+            # shim's default (1 024 per port) 1 KiB messages could not fill a GEO round trip.
+            cfg["lu2k"]["shim"]["max_in_flight"] = max(1024, peer_credits)
             path = workdir / f"lu2kd-{side}.yaml"
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
             self.procs[side] = DaemonProcess(self.nids[side], path, cfg["lu2k"]["shim"]["path"],

@@ -53,6 +53,7 @@ DEFAULT_LOADS = (0.5, 0.8)
 TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)
 MAX_SAMPLES = 1 << 20
 MAX_RECORD = 16 << 20
+PRIMING_SEQ = (1 << 64) - 1  # the paced sender's unmeasured first message (see _lu2k_sender)
 SATURATOR_PORTAL, SINK_PORTAL = 2, 3  # the second endpoint pair of a --saturate run (the paced one: 1 -> 0)
 
 
@@ -209,6 +210,8 @@ def _lu2k_receiver(args: argparse.Namespace) -> dict[str, Any]:
                 now = time.monotonic()
                 idle_until = now + args.idle_timeout
                 seq, scheduled = STAMP.unpack_from(msg.payload)
+                if seq == PRIMING_SEQ:
+                    continue
                 if seq in seen:
                     dups += 1
                     continue
@@ -228,12 +231,17 @@ class Completions:
         self.failed: dict[str, int] = {}
 
     def settle(self, block: bool) -> None:
-        """Count the completions that are in (``block``: wait up to 1 s for the oldest)."""
+        """Count the completions that are in (``block``: first wait up to 1 s for the oldest).
+
+        Only the oldest is waited for: a sender pushed back needs one TX slot, and waiting for
+        every message in flight would idle it for a round trip and then make it burst a whole
+        window, the back-pressure feeding itself (seconds of send lag on a GEO link)."""
         pending = self.pending
         while pending and (pending[0].done or block):
             comp = pending[0]
             if not comp.done and not comp.wait(1.0):
                 return
+            block = False
             pending.popleft()
             if comp.status == 0:
                 self.delivered += 1
@@ -261,6 +269,14 @@ def _lu2k_sender(args: argparse.Namespace) -> dict[str, Any]:
     # A TX slot is held until the end-to-end ACK: the pool must hold a round trip of messages
     # or the pool, not the path, sets the rate.
     with Endpoint.attach(args.socket, portal=1, tx_pool_bytes=tx_pool_bytes(args.size, args.in_flight)) as ep:
+        # One unmeasured message first, answered before the schedule starts.  It brings the
+        # connection up (a QUIC handshake and the hello: over a second on GEO), and lu2k lets a
+        # destination that has not answered lately hold only a few messages (so a receiver that
+        # stopped reading cannot take every credit).  Either would hold the first round trip of
+        # a cell back, leaving a backlog that 20 % spare capacity drains for seconds.
+        slot = ep.reserve(args.size, timeout=30)
+        STAMP.pack_into(slot.view, 0, PRIMING_SEQ, time.monotonic())
+        slot.post(args.to, portal=0).result(timeout=30)
         sched = Schedule(time.monotonic() + 0.2, args.interval)
         for k in range(args.count):
             due = sched.due(k)
@@ -542,6 +558,19 @@ def _saturated_cell(lab: Any, daemons: Any, spec: LinkSpec, paced: tuple[list[st
     return recv, send, _last_json(s_out + s_err, "saturating sender"), _last_json(k_out + k_err, "saturating sink")
 
 
+def daemon_cpu_seconds(daemons: Any) -> dict[str, float]:
+    """User + system CPU seconds each lab daemon has used so far."""
+    from .bench import _cpu_seconds
+
+    return {side: _cpu_seconds(pid) for side, pid in daemons.pids().items()}
+
+
+def cpu_per_message(before: dict[str, float], after: dict[str, float], messages: int) -> dict[str, float]:
+    """Each daemon's CPU microseconds per message of a cell: a figure that machine load changes
+    far less than latency does (a starved daemon is late, but spends the same CPU per message)."""
+    return {f"lu2kd-{side}": (after[side] - before[side]) * 1e6 / max(messages, 1) for side in after if side in before}
+
+
 def _fec_counters(daemons: Any) -> dict[str, dict[str, Any]]:
     """Each daemon's FEC mode and counters over the whole lu2k part of the run (``net show -v``)."""
     import asyncio
@@ -630,8 +659,10 @@ def run_latency(backend: str, specs: tuple[LinkSpec, LinkSpec], *, sizes: Sequen
                             _argv("sender", "--socket", daemons.shim("a"), "--to", daemons.nids["b"], "--size", str(size),
                                   "--interval", repr(interval), "--count", str(count), "--in-flight", str(credits_for(spec, size))),
                         )
+                        cpu0 = daemon_cpu_seconds(daemons)
                         recv, send = _pair(lab, *paced, warmup + duration + 180)
-                        cells.append(_cell_result(f"lu2k/{backend}", size, load, spec, recv, send))
+                        cells.append({**_cell_result(f"lu2k/{backend}", size, load, spec, recv, send),
+                                      "daemon_cpu_us_per_msg": cpu_per_message(cpu0, daemon_cpu_seconds(daemons), count)})
                         if saturate:
                             say(f"lu2k/{backend}: the same beside a saturating endpoint")
                             cell = _saturated_cell(lab, daemons, spec, paced, warmup + duration)
@@ -691,6 +722,16 @@ def format_latency(r: dict[str, Any]) -> str:
             notes.append(f"saturating endpoint beside {c['size']} B @ {c['load'] * 100:g}%: offered {sat['offered_mbit']:.1f} Mbit/s, "
                          f"carried {sink['carried_mbit']:.1f}; blocked {sat['backpressure_waits']} times, "
                          f"{sat['blocked_s']:.1f} s of {sat['wall_s']:.1f} s")
+    for c in r["cells"]:
+        lag = (c.get("sender") or {}).get("max_send_lag_ms")
+        cpu = c.get("daemon_cpu_us_per_msg")
+        if cpu or lag is not None:
+            parts = [f"{c['path']} {c['size']} B @ {c['load'] * 100:g}%:"]
+            if lag is not None:
+                parts.append(f"send lag max {lag:.0f} ms")
+            if cpu:
+                parts.append("CPU per message " + ", ".join(f"{k} {v:.0f} us" for k, v in sorted(cpu.items())))
+            notes.append(" ".join(parts))
     line = fec_summary(r.get("fec") or {})
     if line:
         notes.append(line)
