@@ -41,7 +41,8 @@ def tolerate_fec(recovery: QuicPacketRecovery, settings: FecSettings, ack_delay:
 
 
 def _detect_loss(recovery: Any, *, now: float, space: QuicPacketSpace, packet_threshold: int, extra_delay: float) -> None:
-    """aioquic 1.7's ``QuicPacketRecovery._detect_loss`` with the two thresholds as parameters."""
+    """RFC 9002's loss detection (appendix A.10) with both thresholds as parameters, on aioquic
+    1.7's recovery state (it replaces ``QuicPacketRecovery._detect_loss`` of one connection)."""
     loss_delay = K_TIME_THRESHOLD * (
         max(recovery._rtt_latest, recovery._rtt_smoothed) if recovery._rtt_initialized else recovery._rtt_initial
     ) + extra_delay
