@@ -275,6 +275,25 @@ def _net_config(problems: Problems, where: str, net: Net, nid: Nid, tun: Mapping
     return cfg
 
 
+def _derive_shim_in_flight(cfg: DaemonConfig, *, explicit: bool) -> None:
+    """An endpoint may keep as many messages in flight as a net's derived peer credits.
+
+    The shim's default (1 024 per endpoint) would otherwise cap one application below what
+    the profile's window carries: 1 KiB messages on a 600 ms GEO round trip need ~1 950 in
+    flight at 80 % of 20 Mbit/s.  Each such net shows the figure as ``shim_max_in_flight``
+    under ``derived``; a ``shim: max_in_flight`` in the config wins.
+    """
+    if explicit:
+        return
+    for n in cfg.nets:
+        need = n.derived.get("peer_credits")
+        if need is not None and need > cfg.shim.max_in_flight:
+            n.derived["shim_max_in_flight"] = need
+    peak = max((n.derived.get("shim_max_in_flight", 0) for n in cfg.nets), default=0)
+    if peak:
+        cfg.shim.max_in_flight = peak
+
+
 def parse_config(data: Any, *, source: str = "<string>", base_dir: Path | None = None,
                  interfaces: Iterable[Any] | None = None) -> DaemonConfig:
     """Validate a loaded YAML document; raise ConfigError listing every problem.
@@ -332,6 +351,7 @@ def parse_config(data: Any, *, source: str = "<string>", base_dir: Path | None =
     cfg.routing = res.router
     if lcfg.shim is not None:
         cfg.shim = lcfg.shim
+    _derive_shim_in_flight(cfg, explicit=lcfg.shim is not None and "max_in_flight" in lcfg.shim.given)
     ctl = lu.get("control") or {}
     if "path" in ctl:
         cfg.control_path = str(ctl["path"])

@@ -325,7 +325,7 @@ def test_profile_only_net_gets_derived_credits_and_config_wins() -> None:
     assert n.profile == LinkProfile(rtt_ms=600, rate_mbit=20.0)
     assert (n.peer_credits, n.credits) == (4096, 4 * 4096)
     assert n.derived == {"bdp_bytes": 1_500_000, "peer_credits": 4096, "credits": 4 * 4096, "window_bytes": 6_000_000,
-                         "socket_buffer": 3_000_000}
+                         "socket_buffer": 3_000_000, "shim_max_in_flight": 4096}
     data = base(profile={"rtt_ms": 600, "rate_mbit": 20})
     data["net"][0]["local NI(s)"][0]["tunables"] = {"peer_credits": 12}
     n = parse_config(data).nets[0]
@@ -333,6 +333,22 @@ def test_profile_only_net_gets_derived_credits_and_config_wins() -> None:
     # without a profile: LNet's defaults, nothing derived
     n = parse_config(base()).nets[0]
     assert (n.peer_credits, n.credits, n.derived) == (8, 256, {})
+
+
+def test_endpoints_may_keep_a_derived_window_of_messages_in_flight() -> None:
+    # 1 KiB messages at 80 % of GEO need ~1 950 in flight; the shim's 1 024 would cap them.
+    cfg = parse_config(base(profile={"rtt_ms": 600, "rate_mbit": 20}))
+    assert cfg.shim.max_in_flight == 4096 and cfg.nets[0].derived["shim_max_in_flight"] == 4096
+    # A profile whose window needs fewer than the default leaves the default alone.
+    cfg = parse_config(base(profile={"rtt_ms": 40, "rate_mbit": 50}))
+    assert cfg.shim.max_in_flight == 1024 and "shim_max_in_flight" not in cfg.nets[0].derived
+    # The config's own figure wins, even below the profile's.
+    data = base(profile={"rtt_ms": 600, "rate_mbit": 20})
+    data["lu2k"] = {"shim": {"max_in_flight": 16}}
+    cfg = parse_config(data)
+    assert cfg.shim.max_in_flight == 16 and "shim_max_in_flight" not in cfg.nets[0].derived
+    # No profile: the shim's default.
+    assert parse_config(base()).shim.max_in_flight == 1024
 
 
 @pytest.mark.parametrize("rate, mbit", [(20, 20.0), ("20mbit", 20.0), ("500kbit", 0.5), ("1gbit/s", 1000.0), ("2.5", 2.5)])

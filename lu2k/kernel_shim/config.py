@@ -64,6 +64,7 @@ class ShimConfig:
     idle_poll_us: int
     idle_polls: int
     access: AccessPolicy  # lu2k.shim.access: who may attach, which portals (kernel_shim.access)
+    given: frozenset[str]  # the keys set explicitly (the rest are defaults)
 
     def __init__(self, max_in_flight: int = 1024, *, path: str | None = None, **options: Any) -> None:
         problems = Problems()
@@ -76,6 +77,9 @@ class ShimConfig:
                               errors=problems.items[1:])
 
     def _fill(self, data: Mapping[str, Any], problems: Problems, where: str) -> None:
+        # What the config set itself, so that defaults derived elsewhere (a profile's window)
+        # only replace what it left out.
+        self.given = frozenset(k for k in data if k in _LIMITS)
         unknown = sorted(str(k) for k in data if k not in _LIMITS and k not in ("path", "access"))
         if unknown:
             problems.add(where, f"unknown shim option(s) {', '.join(unknown)} (known: path, access, {', '.join(self.KEYS)})")
