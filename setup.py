@@ -1,7 +1,8 @@
-"""Builds lu2k's one optional compiled part: the UDT binding ``lu2k.backends._udtcore``.
+"""Builds lu2k's optional compiled parts: the UDT binding ``lu2k.backends._udtcore`` and the
+mypyc-compiled hot path (``lu2k.hotpath.COMPILED_MODULES``).
 
 Metadata lives in setup.cfg and the build system in pyproject.toml; this file only adds
-the extension.  It is built against the system libudt (Debian's ``libudt-dev``: headers in
+the extensions.  The UDT binding is built against the system libudt (Debian's ``libudt-dev``: headers in
 /usr/include/udt and the static ``libudt.a``).  libudt is linked in statically with its
 UDP I/O wrapped (``ld --wrap``), so that the binding authenticates every UDT control packet
 before libudt parses it (``lu2k/backends/_udt/packet_auth.h``).  When the headers, the
@@ -12,11 +13,19 @@ archive or a C++ compiler are missing the install still succeeds without it, and
 When built from a checkout (``pip install .``), the module is also copied next to its
 sources, as ``build_ext --inplace`` would: the test suite runs from the checkout, where
 ``import lu2k`` finds the source tree first, and must exercise the real binding.
+
+The hot path: when mypyc is importable (it comes with mypy) and ``LU2K_MYPYC`` is not ``0``,
+the pure modules on the per-message path are compiled to C extensions next to their sources
+(about 40 s).  ``lu2k/_compiled_from.py`` records the SHA-256 of each compiled source; without
+it, or when a source changed since, ``import lu2k`` loads the ``.py`` files (``lu2k.hotpath``).
+A failed mypyc build is not an error: lu2k then runs its pure modules, as it always can.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import runpy
 import shutil
 import sys
 
@@ -29,6 +38,9 @@ UDT_LIBDIR = os.environ.get("LU2K_UDT_LIBDIR", "")
 UDT_ARCHIVE_DIRS = [UDT_LIBDIR] if UDT_LIBDIR else ["/usr/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/local/lib"]
 # libudt's calls that the binding takes over (see udtcore.cpp, "packet authentication").
 WRAPPED = ("sendmsg", "recvmsg", "bind", "close")
+HERE = os.path.dirname(os.path.abspath(__file__))
+COMPILED_RECORD = os.path.join(HERE, "lu2k", "_compiled_from.py")
+MYPYC_GROUP = "lu2k_hotpath"  # the shared library of the compiled modules: lu2k_hotpath__mypyc
 
 
 class OptionalBuildExt(build_ext):
@@ -44,7 +56,7 @@ class OptionalBuildExt(build_ext):
             self._copy_to_checkout()
 
     def _copy_to_checkout(self) -> None:
-        here = os.path.dirname(os.path.abspath(__file__))
+        here = HERE
         for ext in self.extensions:
             built = self.get_ext_fullpath(ext.name)
             target = os.path.join(here, self.get_ext_filename(ext.name))
@@ -52,6 +64,9 @@ class OptionalBuildExt(build_ext):
                 shutil.copyfile(built, target)
 
     def build_extension(self, ext: Extension) -> None:
+        if ext.name != udtcore.name:
+            self._build_hotpath(ext)
+            return
         header = os.path.join(UDT_INCLUDE, "udt", "udt.h")
         if not os.path.exists(header):
             self._skip(f"{header} not found (apt-get install libudt-dev)")
@@ -66,6 +81,18 @@ class OptionalBuildExt(build_ext):
             super().build_extension(ext)
         except Exception as e:  # noqa: BLE001
             self._skip(e)
+
+    def _build_hotpath(self, ext: Extension) -> None:
+        if self._hotpath_failed:
+            return
+        try:
+            super().build_extension(ext)
+        except Exception as e:  # noqa: BLE001 - lu2k runs its pure modules instead
+            self._hotpath_failed = True
+            _forget_hotpath(self.build_lib, self.inplace)
+            print(f"lu2k: NOT compiling the hot path ({e}); the pure modules will run", file=sys.stderr)
+
+    _hotpath_failed = False
 
     def _skip(self, why: object) -> None:
         if os.environ.get("LU2K_REQUIRE_UDT") == "1":
@@ -83,4 +110,57 @@ udtcore = Extension(
     extra_compile_args=["-std=c++17", "-O2", "-Wno-deprecated-declarations"],
 )
 
-setup(ext_modules=[udtcore], cmdclass={"build_ext": OptionalBuildExt})
+
+
+def _forget_hotpath(build_lib: str | None = None, inplace: bool = False) -> None:
+    """Remove the record of a compiled hot path (and, in the checkout, its modules), so that
+    ``import lu2k`` loads the pure sources."""
+    for where in filter(None, (HERE, build_lib)):
+        record = os.path.join(where, "lu2k", "_compiled_from.py")
+        if os.path.exists(record):
+            os.remove(record)
+    for module in _hotpath_modules():
+        stem = os.path.join(HERE, *module.split("."))
+        for built in glob.glob(stem + ".cpython-*.so") + glob.glob(stem + ".*.pyd"):
+            os.remove(built)
+    for built in glob.glob(os.path.join(HERE, MYPYC_GROUP + "__mypyc.*")):
+        os.remove(built)
+
+
+def _hotpath_modules() -> tuple[str, ...]:
+    # lu2k.hotpath imports nothing outside the standard library; read it without importing lu2k.
+    return tuple(runpy.run_path(os.path.join(HERE, "lu2k", "hotpath.py"))["COMPILED_MODULES"])
+
+
+def hotpath_extensions() -> list[Extension]:
+    """The mypyc extensions, or none (mypyc missing, LU2K_MYPYC=0, or mypyc failed)."""
+    if os.environ.get("LU2K_MYPYC", "1") == "0":
+        _forget_hotpath()
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        _forget_hotpath()
+        print("lu2k: mypyc not found; the hot path stays pure Python (pip install mypy to compile it)", file=sys.stderr)
+        return []
+    modules = _hotpath_modules()
+    sources = {m: os.path.join("lu2k", *m.split(".")[1:]) + ".py" for m in modules}
+    old = os.getcwd()
+    os.chdir(HERE)  # mypyc writes its C files under build/ of the current directory
+    try:
+        exts = mypycify(list(sources.values()), opt_level="3", group_name=MYPYC_GROUP)
+    except BaseException as e:  # noqa: BLE001 - mypyc exits on type errors; lu2k still works without it
+        _forget_hotpath()
+        print(f"lu2k: NOT compiling the hot path (mypyc: {e}); the pure modules will run", file=sys.stderr)
+        return []
+    finally:
+        os.chdir(old)
+    digest = runpy.run_path(os.path.join(HERE, "lu2k", "hotpath.py"))["source_digest"]
+    digests = {m: digest(os.path.join(HERE, p)) for m, p in sources.items()}
+    with open(COMPILED_RECORD, "w") as f:
+        f.write('"""Written by setup.py: the SHA-256 of each source the compiled hot path was built from."""\n\n')
+        f.write(f"SOURCES = {digests!r}\n")
+    return list(exts)
+
+
+setup(ext_modules=[udtcore, *hotpath_extensions()], cmdclass={"build_ext": OptionalBuildExt})
