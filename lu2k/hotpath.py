@@ -23,17 +23,29 @@ import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 # What setup.py compiles (module names; their files are under lu2k/).  Only pure modules whose
 # per-message work dominates a daemon's CPU: the message core, framing, sealing, credits,
 # dedupe and the shim rings.
 COMPILED_MODULES = (
     "lu2k.core.node", "lu2k.core.fairq", "lu2k.core.states", "lu2k.core.rails", "lu2k.core.returnpath",
-    "lu2k.wire", "lu2k.crypto", "lu2k.credits", "lu2k.dedupe", "lu2k.kernel_shim.ring",
+    "lu2k.wire", "lu2k.crypto", "lu2k.credits", "lu2k.dedupe", "lu2k.kernel_shim.ring", "lu2k.kernel_shim.ports",
 )
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 why_pure = ""  # set by install(): why the pure sources are loaded ("" when the compiled ones are)
+
+
+def mypyc_attr(*attrs: str, **kwattrs: object) -> Any:
+    """``mypy_extensions.mypyc_attr`` where that is not installed: the pure modules ignore it."""
+
+    def keep(cls: _T) -> _T:
+        return cls
+
+    return keep
 
 
 def source_path(module: str) -> str:
