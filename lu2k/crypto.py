@@ -54,6 +54,13 @@ def _nonce(counter: int) -> bytes:
 POOL_BYTES = 8 << 20  # large-record buffers a sealer or decoder keeps for reuse, at most
 
 
+def large_payload_cuts(frames: Sequence[OutFrame]) -> list[int]:
+    """Where to cut ``frames`` so that each piece ends with its only payload above INLINE_MAX:
+    the end index (exclusive) of every such frame.  A stream transport seals and sends one piece
+    at a time, so each large payload is sent from the sealer's buffer before it is reused."""
+    return [i + 1 for i, (_header, payload) in enumerate(frames) if len(payload) > INLINE_MAX]
+
+
 class FrameSealer:
     """Seals the frames of one direction, in order (the sending half of a connection).
 
