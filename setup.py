@@ -89,7 +89,7 @@ class OptionalBuildExt(build_ext):
             super().build_extension(ext)
         except Exception as e:  # noqa: BLE001 - lu2k runs its pure modules instead
             self._hotpath_failed = True
-            _forget_hotpath(self.build_lib, self.inplace)
+            _forget_hotpath(self.build_lib)
             print(f"lu2k: NOT compiling the hot path ({e}); the pure modules will run", file=sys.stderr)
 
     _hotpath_failed = False
@@ -112,19 +112,20 @@ udtcore = Extension(
 
 
 
-def _forget_hotpath(build_lib: str | None = None, inplace: bool = False) -> None:
-    """Remove the record of a compiled hot path (and, in the checkout, its modules), so that
-    ``import lu2k`` loads the pure sources."""
-    for where in filter(None, (HERE, build_lib)):
-        record = os.path.join(where, "lu2k", "_compiled_from.py")
+def _forget_hotpath(build_lib: str | None = None) -> None:
+    """Remove the record of a compiled hot path and its modules, from the checkout and from the
+    build directories (which a wheel is packed from), so that only the pure sources remain."""
+    roots = {HERE, *glob.glob(os.path.join(HERE, "build", "lib*")), *filter(None, [build_lib])}
+    for root in roots:
+        record = os.path.join(root, "lu2k", "_compiled_from.py")
         if os.path.exists(record):
             os.remove(record)
-    for module in _hotpath_modules():
-        stem = os.path.join(HERE, *module.split("."))
-        for built in glob.glob(stem + ".cpython-*.so") + glob.glob(stem + ".*.pyd"):
+        for module in _hotpath_modules():
+            stem = os.path.join(root, *module.split("."))
+            for built in glob.glob(stem + ".cpython-*.so") + glob.glob(stem + ".*.pyd"):
+                os.remove(built)
+        for built in glob.glob(os.path.join(root, MYPYC_GROUP + "__mypyc.*")):
             os.remove(built)
-    for built in glob.glob(os.path.join(HERE, MYPYC_GROUP + "__mypyc.*")):
-        os.remove(built)
 
 
 def _hotpath_modules() -> tuple[str, ...]:
