@@ -15,10 +15,13 @@ sources, as ``build_ext --inplace`` would: the test suite runs from the checkout
 ``import lu2k`` finds the source tree first, and must exercise the real binding.
 
 The hot path: when mypyc is importable (it comes with mypy) and ``LU2K_MYPYC`` is not ``0``,
-the pure modules on the per-message path are compiled to C extensions next to their sources
-(about 40 s).  ``lu2k/_compiled_from.py`` records the SHA-256 of each compiled source; without
-it, or when a source changed since, ``import lu2k`` loads the ``.py`` files (``lu2k.hotpath``).
-A failed mypyc build is not an error: lu2k then runs its pure modules, as it always can.
+the pure modules on the per-message path are compiled to C extensions (about 30-40 s).  Next
+to them the build writes ``lu2k/_compiled_from.py``, the SHA-256 of each source it compiled;
+without that record, or when a source changed since, ``import lu2k`` loads the ``.py`` files
+(``lu2k.hotpath``).  The compiled modules go where the build puts them -- the installation,
+or the checkout with ``build_ext --inplace`` -- and are not copied into the checkout otherwise.
+A build without them (no mypyc, ``LU2K_MYPYC=0``, or a mypyc or compiler failure, which is not
+an error) leaves none behind in its target.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ UDT_ARCHIVE_DIRS = [UDT_LIBDIR] if UDT_LIBDIR else ["/usr/lib", "/usr/lib/x86_64
 # libudt's calls that the binding takes over (see udtcore.cpp, "packet authentication").
 WRAPPED = ("sendmsg", "recvmsg", "bind", "close")
 HERE = os.path.dirname(os.path.abspath(__file__))
-COMPILED_RECORD = os.path.join(HERE, "lu2k", "_compiled_from.py")
+RECORD = os.path.join("lu2k", "_compiled_from.py")  # relative to the checkout or the build directory
 MYPYC_GROUP = "lu2k_hotpath"  # the shared library of the compiled modules: lu2k_hotpath__mypyc
+# Commands that compile; the others (egg_info, dist_info, sdist...) need no mypyc run.
+BUILDING = {"build", "build_ext", "bdist_wheel", "bdist_egg", "install", "develop", "editable_wheel"}
 
 
 class OptionalBuildExt(build_ext):
@@ -52,16 +57,23 @@ class OptionalBuildExt(build_ext):
         except Exception as e:  # noqa: BLE001 - any build failure only disables the backend
             self._skip(e)
             return
+        target = HERE if self.inplace else self.build_lib
+        if HOTPATH_DIGESTS and not self._hotpath_failed:
+            _write_record(target, HOTPATH_DIGESTS)
+        else:
+            _forget_hotpath(target)
         if not self.inplace:
             self._copy_to_checkout()
 
     def _copy_to_checkout(self) -> None:
-        here = HERE
-        for ext in self.extensions:
-            built = self.get_ext_fullpath(ext.name)
-            target = os.path.join(here, self.get_ext_filename(ext.name))
-            if os.path.exists(built) and os.path.isdir(os.path.dirname(target)) and os.access(os.path.dirname(target), os.W_OK):
-                shutil.copyfile(built, target)
+        # Only the UDT binding: the hot path in a checkout comes from an in-place build alone, so
+        # that its modules and its record always come from the same build.
+        built = self.get_ext_fullpath(udtcore.name)
+        target = os.path.join(HERE, self.get_ext_filename(udtcore.name))
+        if os.path.exists(built) and os.path.isdir(os.path.dirname(target)) and os.access(os.path.dirname(target), os.W_OK):
+            # A new file renamed into place: a process that has the old one loaded keeps its mapping.
+            shutil.copyfile(built, target + ".new")
+            os.replace(target + ".new", target)
 
     def build_extension(self, ext: Extension) -> None:
         if ext.name != udtcore.name:
@@ -87,9 +99,8 @@ class OptionalBuildExt(build_ext):
             return
         try:
             super().build_extension(ext)
-        except Exception as e:  # noqa: BLE001 - lu2k runs its pure modules instead
+        except Exception as e:  # noqa: BLE001 - lu2k runs its pure modules instead (run() clears the rest)
             self._hotpath_failed = True
-            _forget_hotpath(self.build_lib)
             print(f"lu2k: NOT compiling the hot path ({e}); the pure modules will run", file=sys.stderr)
 
     _hotpath_failed = False
@@ -112,20 +123,22 @@ udtcore = Extension(
 
 
 
-def _forget_hotpath(build_lib: str | None = None) -> None:
-    """Remove the record of a compiled hot path and its modules, from the checkout and from the
-    build directories (which a wheel is packed from), so that only the pure sources remain."""
-    roots = {HERE, *glob.glob(os.path.join(HERE, "build", "lib*")), *filter(None, [build_lib])}
-    for root in roots:
-        record = os.path.join(root, "lu2k", "_compiled_from.py")
-        if os.path.exists(record):
-            os.remove(record)
-        for module in _hotpath_modules():
-            stem = os.path.join(root, *module.split("."))
-            for built in glob.glob(stem + ".cpython-*.so") + glob.glob(stem + ".*.pyd"):
-                os.remove(built)
-        for built in glob.glob(os.path.join(root, MYPYC_GROUP + "__mypyc.*")):
+def _forget_hotpath(root: str) -> None:
+    """Remove a compiled hot path (its record and modules) from ``root``, a checkout or a build
+    directory, so that only the pure sources remain there."""
+    for path in [os.path.join(root, RECORD), *glob.glob(os.path.join(root, MYPYC_GROUP + "__mypyc.*"))]:
+        if os.path.exists(path):
+            os.remove(path)
+    for module in _hotpath_modules():
+        stem = os.path.join(root, *module.split("."))
+        for built in glob.glob(stem + ".cpython-*.so") + glob.glob(stem + ".*.pyd"):
             os.remove(built)
+
+
+def _write_record(root: str, digests: dict[str, str]) -> None:
+    with open(os.path.join(root, RECORD), "w") as f:
+        f.write('"""Written by setup.py: the SHA-256 of each source the compiled hot path was built from."""\n\n')
+        f.write(f"SOURCES = {digests!r}\n")
 
 
 def _hotpath_modules() -> tuple[str, ...]:
@@ -133,17 +146,16 @@ def _hotpath_modules() -> tuple[str, ...]:
     return tuple(runpy.run_path(os.path.join(HERE, "lu2k", "hotpath.py"))["COMPILED_MODULES"])
 
 
-def hotpath_extensions() -> list[Extension]:
-    """The mypyc extensions, or none (mypyc missing, LU2K_MYPYC=0, or mypyc failed)."""
-    if os.environ.get("LU2K_MYPYC", "1") == "0":
-        _forget_hotpath()
-        return []
+def hotpath_extensions() -> tuple[list[Extension], dict[str, str]]:
+    """The mypyc extensions and the digests of their sources, or none (mypyc missing,
+    LU2K_MYPYC=0, or mypyc failed)."""
+    if os.environ.get("LU2K_MYPYC", "1") == "0" or not BUILDING.intersection(sys.argv[1:]):
+        return [], {}
     try:
         from mypyc.build import mypycify
     except ImportError:
-        _forget_hotpath()
         print("lu2k: mypyc not found; the hot path stays pure Python (pip install mypy to compile it)", file=sys.stderr)
-        return []
+        return [], {}
     modules = _hotpath_modules()
     sources = {m: os.path.join("lu2k", *m.split(".")[1:]) + ".py" for m in modules}
     old = os.getcwd()
@@ -151,17 +163,13 @@ def hotpath_extensions() -> list[Extension]:
     try:
         exts = mypycify(list(sources.values()), opt_level="3", group_name=MYPYC_GROUP)
     except BaseException as e:  # noqa: BLE001 - mypyc exits on type errors; lu2k still works without it
-        _forget_hotpath()
         print(f"lu2k: NOT compiling the hot path (mypyc: {e}); the pure modules will run", file=sys.stderr)
-        return []
+        return [], {}
     finally:
         os.chdir(old)
     digest = runpy.run_path(os.path.join(HERE, "lu2k", "hotpath.py"))["source_digest"]
-    digests = {m: digest(os.path.join(HERE, p)) for m, p in sources.items()}
-    with open(COMPILED_RECORD, "w") as f:
-        f.write('"""Written by setup.py: the SHA-256 of each source the compiled hot path was built from."""\n\n')
-        f.write(f"SOURCES = {digests!r}\n")
-    return list(exts)
+    return list(exts), {m: digest(os.path.join(HERE, p)) for m, p in sources.items()}
 
 
-setup(ext_modules=[udtcore, *hotpath_extensions()], cmdclass={"build_ext": OptionalBuildExt})
+HOTPATH_EXTENSIONS, HOTPATH_DIGESTS = hotpath_extensions()
+setup(ext_modules=[udtcore, *HOTPATH_EXTENSIONS], cmdclass={"build_ext": OptionalBuildExt})
