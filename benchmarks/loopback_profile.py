@@ -27,14 +27,19 @@ import tempfile
 import time
 from typing import Any
 
+from lu2k import hotpath
 from lu2k.cli import bench
 from lu2k.localpair import daemons
 
-STAGES = [  # (stage, module path fragment), first match from the innermost frame outwards
-    ("framing/crypto (wire, crypto)", ("lu2k/wire.py", "lu2k/crypto.py")),
+# (stage, frame fragments), first match from the innermost frame outwards.  A module compiled by
+# mypyc (lu2k.hotpath) shows up in --native samples as its C functions, CPyDef_<module>___<name>.
+STAGES = [
+    ("framing/crypto (wire, crypto)", ("lu2k/wire.py", "lu2k/crypto.py", "CPyDef_wire___", "CPyDef_crypto___")),
     ("tcp backend", ("lu2k/backends/tcp.py",)),
-    ("shim server (server, ports, ring)", ("lu2k/kernel_shim/",)),
-    ("core (node, credits, dedupe, states)", ("lu2k/core/", "lu2k/credits.py", "lu2k/dedupe.py")),
+    ("shim server (server, ports, ring)", ("lu2k/kernel_shim/", "CPyDef_ports___", "CPyDef_ring___")),
+    ("core (node, credits, dedupe, states)", ("lu2k/core/", "lu2k/credits.py", "lu2k/dedupe.py", "CPyDef_node___", "CPyDef_fairq___",
+                                              "CPyDef_states___", "CPyDef_rails___", "CPyDef_returnpath___", "CPyDef_credits___",
+                                              "CPyDef_dedupe___")),
     ("engine pump", ("lu2k/engine.py",)),
 ]
 OTHER = "event loop and other"
@@ -48,7 +53,7 @@ def _cpu(pid: int) -> float:
 
 def _stage_of(stack: list[str]) -> str | None:
     """The stage of one sample (None: idle in epoll)."""
-    if "select (selectors.py" in stack[-1] or stack[-1].startswith("select ("):
+    if "select (selectors.py" in stack[-1] or stack[-1].startswith("select (") or any("epoll_wait" in f for f in stack[-3:]):
         return None
     for frame in reversed(stack):
         for stage, frags in STAGES:
@@ -80,7 +85,8 @@ def run(size: int, count: int, encryption: str, spy: bool, window: int = 512) ->
                 dur = str(max(2, int(count / 30000)))
                 for name, d in (("a", a), ("b", b)):
                     assert d.proc is not None
-                    spies.append(subprocess.Popen(["py-spy", "record", "-r", "400", "-d", dur, "-f", "raw", "-o", f"{tmp}/{name}.txt",
+                    native = ["--native"] if hotpath.compiled() else []  # compiled modules are C functions
+                    spies.append(subprocess.Popen(["py-spy", "record", *native, "-r", "400", "-d", dur, "-f", "raw", "-o", f"{tmp}/{name}.txt",
                                                    "-p", str(d.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 time.sleep(0.3)
             ca, cb, t0 = _cpu(a.proc.pid), _cpu(b.proc.pid), os.times()
@@ -91,6 +97,7 @@ def run(size: int, count: int, encryption: str, spy: bool, window: int = 512) ->
         per = 1e6 / count
         out: dict[str, Any] = {
             "size": size, "count": count, "encryption": encryption, "msgs_per_s": round(count / secs),
+            "hot_path": "compiled" if hotpath.compiled() else f"pure ({hotpath.why_pure})",
             "us_per_msg": {
                 "sender app": round((t1.user - t0.user + t1.system - t0.system) * per, 2),
                 "daemon A (sending)": round(ca * per, 2),
@@ -120,7 +127,7 @@ def main() -> int:
         print("py-spy not found on PATH (pip install py-spy)", file=sys.stderr)
         return 2
     r = run(args.size, args.count, args.encryption, args.py_spy)
-    print(f"{r['size']} B x {r['count']} ({r['encryption']}): {r['msgs_per_s']:,} msgs/s; load {os.getloadavg()[0]:.2f}")
+    print(f"{r['size']} B x {r['count']} ({r['encryption']}, hot path {r['hot_path']}): {r['msgs_per_s']:,} msgs/s; load {os.getloadavg()[0]:.2f}")
     for section in [k for k in r if isinstance(r[k], dict)]:
         print(f"  {section}:")
         for k, v in r[section].items():

@@ -9,3 +9,7 @@ readiness and watchdog), ``metrics`` (Prometheus) and ``logs``; ``wire``, ``nid`
 """
 
 __version__ = "0.1.0"
+
+from . import hotpath as _hotpath
+
+_hotpath.install()  # before anything imports the modules it may compile (see lu2k.hotpath)

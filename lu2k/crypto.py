@@ -44,7 +44,7 @@ MAX_FIRST_RECORD = MAX_HEADER_SIZE + INLINE_MAX
 MAX_RECORDS = 1 << 64  # a direction's nonce space; far beyond any connection's life
 _HAS_INTO = hasattr(AESGCM, "encrypt_into")
 
-OutFrame = tuple[bytes, "bytes | memoryview"]
+OutFrame = tuple["bytes | bytearray", "bytes | memoryview"]  # as lu2k.backends.base.OutFrame (a sealed run is a bytearray)
 
 
 def _nonce(counter: int) -> bytes:
@@ -52,6 +52,13 @@ def _nonce(counter: int) -> bytes:
 
 
 POOL_BYTES = 8 << 20  # large-record buffers a sealer or decoder keeps for reuse, at most
+
+
+def large_payload_cuts(frames: Sequence[OutFrame]) -> list[int]:
+    """Where to cut ``frames`` so that each piece ends with its only payload above INLINE_MAX:
+    the end index (exclusive) of every such frame.  A stream transport seals and sends one piece
+    at a time, so each large payload is sent from the sealer's buffer before it is reused."""
+    return [i + 1 for i, (_header, payload) in enumerate(frames) if len(payload) > INLINE_MAX]
 
 
 class FrameSealer:
@@ -141,7 +148,7 @@ class FrameSealer:
             aead.encrypt_into(n.to_bytes(12, "little"), plain, prefix, view[at + 4 : at + 4 + len(plain) + TAG_SIZE])
             n += 1
         self.records = n
-        return buf, b""  # type: ignore[return-value]
+        return buf, b""
 
 
 class SealedDecoder:

@@ -59,6 +59,7 @@ import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -167,7 +168,7 @@ class FrameHeader:
     flags: int
     payload_len: int
     body: bytes
-    token: object = None  # receive-in-place: the receiver's buffer the payload went into (set by buffer_for)
+    token: Any = None  # receive-in-place: the receiver's buffer the payload went into (set by buffer_for)
 
     def fields(self) -> tuple:  # type: ignore[type-arg]
         return BODIES[self.type].unpack_from(self.body)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from lu2k import hotpath
 
 
 @pytest.fixture
@@ -20,3 +25,20 @@ def daemons_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     in a subdirectory of it (so a test can read the daemons' files without lab clutter)."""
     monkeypatch.setenv("LU2K_LAB_DIR", str(tmp_path / "labs"))
     return tmp_path
+
+
+@pytest.fixture
+def in_pure_child(request: pytest.FixtureRequest) -> bool:
+    """For a test that monkeypatches a module or class of the hot path (``lu2k.hotpath``).
+
+    Compiled code calls its functions and methods directly, so a patch would change nothing it
+    sees.  With the compiled modules loaded, this runs the same test in a child pytest on the
+    pure sources (``LU2K_PURE=1``), fails if that fails, and returns True: the test then returns
+    at once.  Otherwise it returns False and the test runs here.
+    """
+    if not hotpath.compiled():
+        return False
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+                           cwd=request.config.rootpath, env=dict(os.environ, LU2K_PURE="1"), capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, f"{request.node.nodeid} on the pure modules:\n{child.stdout[-4000:]}{child.stderr[-2000:]}"
+    return True

@@ -203,10 +203,12 @@ def test_hello_version_mismatch() -> None:
         resp.receive(decode_all(data, 99)[0])
 
 
-def test_acceptor_reveals_nothing_key_dependent_before_the_connector_proves(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_acceptor_reveals_nothing_key_dependent_before_the_connector_proves(monkeypatch: pytest.MonkeyPatch, in_pure_child: bool) -> None:
     """The finding: an unauthenticated HELLO got back a MAC over attacker-known data, so a
     weak key fell to an offline dictionary.  Now the reply is the same whatever the key (with
     the randomness fixed): there is nothing in it to test a guess against."""
+    if in_pure_child:
+        return
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
     fixed = X25519PrivateKey.from_private_bytes(bytes(range(32)))

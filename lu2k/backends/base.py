@@ -82,7 +82,7 @@ def raise_mapped(table: ExceptionMap, context: str, exc: BaseException) -> NoRet
         raise exc
     raise AssertionError("unreachable")  # pragma: no cover
 
-OutFrame = tuple[bytes, "bytes | memoryview"]  # (encoded header, payload -- may be b"")
+OutFrame = tuple["bytes | bytearray", "bytes | memoryview"]  # (encoded header -- or a run of sealed records --, payload -- may be b"")
 
 
 def option_int(options: dict[str, Any], name: str, default: int, low: int, high: int, where: str,

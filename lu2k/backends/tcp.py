@@ -40,7 +40,7 @@ from typing import Any
 
 import structlog
 
-from ..crypto import INLINE_MAX, FrameCodec
+from ..crypto import FrameCodec, large_payload_cuts
 from ..errors import ConfigError, ConnectError, ConnectionClosed, ConnectTimeout, Lu2kError, ReadError, WriteError
 from ..inet import family_of, format_hostport
 from ..ratelimit import LogLimiter
@@ -196,10 +196,9 @@ class TcpTransport(Transport):
             # is sealed into the sealer's reused buffer and sent before the next one is sealed,
             # so the buffer stays in cache for the kernel's copy.
             start = 0
-            for i, frame in enumerate(frames):
-                if len(frame[1]) > INLINE_MAX:
-                    await self._send_all(sealer.seal(frames[start : i + 1]))
-                    start = i + 1
+            for end in large_payload_cuts(frames):
+                await self._send_all(sealer.seal(frames[start:end]))
+                start = end
             if start < len(frames):
                 await self._send_all(sealer.seal(frames[start:] if start else frames))
 

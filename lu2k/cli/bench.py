@@ -163,9 +163,17 @@ def cmd_loopback(args: argparse.Namespace) -> int:
     rows = [[r["size"], r["count"], r["msgs_per_s"], r["mbytes_per_s"], r["baseline_mbytes_per_s"],
              f"{r['mbytes_per_s'] / r['baseline_mbytes_per_s']:.2f}" if r["baseline_mbytes_per_s"] else "-"] for r in results]
     print(render(["size B", "messages", "lu2k msgs/s", "lu2k MB/s", "raw TCP MB/s", "ratio"], rows))
+    print(f"hot path: {hot_path()}")
     if args.json:
-        print(json.dumps({"results": results}))
+        print(json.dumps({"results": results, "hot_path": hot_path()}))
     return 0
+
+
+def hot_path() -> str:
+    """Whether the daemons run the compiled per-message modules (they load what this process does)."""
+    from .. import hotpath
+
+    return "compiled" if hotpath.compiled() else f"pure ({hotpath.why_pure})"
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

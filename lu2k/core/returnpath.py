@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -130,7 +131,7 @@ class ReturnPaths:
     nis: dict[Net, NI]
     sessions: dict[tuple[Nid | None, int], Session]  # (sender NID or None for a multi-rail sender, incarnation)
     actions: list[Any]
-    stats: Any
+    stats: Counter[str]
     closing: bool
     _now: float
 
@@ -359,17 +360,34 @@ class ReturnPaths:
             self._rp_ping(conn, ka)
             self._kick(conn)
 
-    # Node methods the mixin calls (typed here for mypy).
-    if TYPE_CHECKING:
-        _backoff_waiting: dict[OutConn, None]
-        _ping_type: type[_Ping]
+    # Node methods the mixin calls.  Declared here for the type checker, as real methods that
+    # Node overrides (mypyc, which compiles this class, accepts no ``if`` in a class body).
+    _backoff_waiting: dict[OutConn, None]
+    _ping_type: type[_Ping]
 
-        def peer(self, nid: Nid) -> Peer: ...
-        def _maybe_connect(self, conn: OutConn) -> None: ...
-        def _kick(self, conn: OutConn) -> None: ...
-        def _conn_up(self, conn: OutConn, peer_incarnation: int) -> None: ...
-        def connection_lost(self, conn: OutConn, attempt: int, reason: str, now: float) -> None: ...
-        def inbound_lost(self, conn: InConn) -> None: ...
-        def inbound_frames(self, conn: InConn, frames: list[Frame], now: float) -> None: ...
-        def frames_received(self, conn: OutConn, attempt: int, frames: list[Frame], now: float) -> None: ...
-        def _attach_in(self, ni: NI, peer_nid: Nid, incarnation: int, ctype: ConnType) -> InConn: ...
+    def peer(self, nid: Nid) -> Peer:
+        raise NotImplementedError
+
+    def _maybe_connect(self, conn: OutConn) -> None:
+        raise NotImplementedError
+
+    def _kick(self, conn: OutConn) -> None:
+        raise NotImplementedError
+
+    def _conn_up(self, conn: OutConn, peer_incarnation: int) -> None:
+        raise NotImplementedError
+
+    def connection_lost(self, conn: OutConn, attempt: int, reason: str, now: float) -> None:
+        raise NotImplementedError
+
+    def inbound_lost(self, conn: InConn) -> None:
+        raise NotImplementedError
+
+    def inbound_frames(self, conn: InConn, frames: list[Frame], now: float) -> None:
+        raise NotImplementedError
+
+    def frames_received(self, conn: OutConn, attempt: int, frames: list[Frame], now: float) -> None:
+        raise NotImplementedError
+
+    def _attach_in(self, ni: NI, peer_nid: Nid, incarnation: int, ctype: ConnType) -> InConn:
+        raise NotImplementedError

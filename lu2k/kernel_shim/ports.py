@@ -23,8 +23,12 @@ from __future__ import annotations
 import collections
 import errno
 import logging
-from dataclasses import dataclass, field
 from typing import Any
+
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # only the mypyc build needs it (lu2k.hotpath)
+    from ..hotpath import mypyc_attr
 
 from ..errors import LocalProtocolError, RemoteProtocolError, ShimError, Status
 from ..nid import NID_SIZE
@@ -37,31 +41,45 @@ _STATE_ALLOCATED, _STATE_DELIVERED, _STATE_ABORTED = 0, 1, 2
 _EMPTY_REASON = b""
 
 
-@dataclass(slots=True, eq=False)
 class SendRequest:
     """One message an endpoint handed over; complete it exactly once with ShimPort.complete."""
 
-    cookie: int
-    dst_nid: bytes  # 20 bytes, packed; NOT validated -- the engine parses it
-    dst_portal: int
-    payload: memoryview  # the TX slot in shared memory (zero copy)
-    offset: int  # region offset of the TX slot
-    port: "PortLogic | None" = field(default=None, repr=False)
-    done: bool = False
-    msg_id: int | None = None  # the application's id for the message (abi.SEND_FLAG_MSG_ID)
+    # A plain class, not a dataclass: mypyc (lu2k.hotpath) cannot yet name ``memoryview`` in a
+    # dataclass's annotations.
+    __slots__ = ("cookie", "dst_nid", "dst_portal", "payload", "offset", "port", "done", "msg_id")
+
+    def __init__(self, cookie: int, dst_nid: bytes, dst_portal: int, payload: memoryview, offset: int,
+                 port: PortLogic | None = None, done: bool = False, msg_id: int | None = None) -> None:
+        self.cookie = cookie
+        self.dst_nid = dst_nid  # 20 bytes, packed; NOT validated -- the engine parses it
+        self.dst_portal = dst_portal
+        self.payload = payload  # the TX slot in shared memory (zero copy)
+        self.offset = offset  # region offset of the TX slot
+        self.port = port
+        self.done = done
+        self.msg_id = msg_id  # the application's id for the message (abi.SEND_FLAG_MSG_ID)
+
+    def __repr__(self) -> str:
+        return f"SendRequest(cookie={self.cookie}, dst_portal={self.dst_portal}, offset={self.offset}, length={len(self.payload)}, done={self.done})"
 
 
-@dataclass(slots=True, eq=False)
 class RxBuffer:
     """An RX slot taken for one incoming message; ``view`` is exactly the requested size."""
 
-    offset: int
-    capacity: int
-    view: memoryview
-    port: "PortLogic | None" = field(default=None, repr=False)
-    state: int = 0  # 0 allocated, 1 delivered, 2 aborted
+    __slots__ = ("offset", "capacity", "view", "port", "state")
+
+    def __init__(self, offset: int, capacity: int, view: memoryview, port: PortLogic | None = None, state: int = 0) -> None:
+        self.offset = offset
+        self.capacity = capacity
+        self.view = view
+        self.port = port
+        self.state = state  # 0 allocated, 1 delivered, 2 aborted
+
+    def __repr__(self) -> str:
+        return f"RxBuffer(offset={self.offset}, capacity={self.capacity}, state={self.state})"
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the I/O side (ShimPort) fills in the hooks by subclassing
 class PortLogic:
     """One attached endpoint's rings, pools and counters (pure; see the module docstring)."""
 
