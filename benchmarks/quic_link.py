@@ -225,6 +225,10 @@ class _Loopback:
     """Stands in for a lab: both roles on 127.0.0.1, no emulated link (CPU-bound ceiling)."""
 
     addr_a = addr_b = "127.0.0.1"
+    n_paths = 1
+
+    def address(self, side: str, path: int = 0) -> str:
+        return "127.0.0.1"
 
     class state:  # noqa: N801 - mimics Lab.state
         addr = {"a": "127.0.0.1", "b": "127.0.0.1"}
