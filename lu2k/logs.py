@@ -43,6 +43,10 @@ def configure(level: str = "info", json_output: bool = False) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric)
+    # captureWarnings(True) does nothing while an earlier capture is still on record, even if
+    # warnings.showwarning was put back since (warnings.catch_warnings does that): release
+    # the old capture first, so warnings reach this configuration's handler every time.
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
     if json_output:
         sys.excepthook = _log_uncaught

@@ -114,3 +114,16 @@ def test_lu2kd_over_quic_logs_only_json(tmp_path: Path) -> None:
             records = _json_lines(d.log_path.read_text())
             assert any(r.get("logger") == "quic" for r in records), "no aioquic line: the test proves nothing"
             assert any(r["event"] == "lu2kd running" for r in records)
+
+
+def test_warnings_are_logged_after_an_earlier_capture_was_undone(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    # An earlier configure() whose showwarning hook was later put back by catch_warnings (as
+    # pytest does around every test) must not leave warnings unlogged on the next configure().
+    with warnings.catch_warnings():
+        logs.configure("info", json_output=True)
+    logs.configure("info", json_output=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("second capture", UserWarning, stacklevel=1)
+    records = _json_lines(capsys.readouterr().err)
+    assert any("second capture" in str(r["event"]) for r in records)
