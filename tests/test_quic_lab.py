@@ -44,3 +44,38 @@ def test_outage_longer_than_dead_timeout_reconnects(daemons_dir: Path) -> None:
     # The sender's daemon saw the connection declared dead and made a new one.
     log = (daemons_dir / "lu2kd-a.log").read_text(errors="replace")
     assert "stopped answering" in log and log.count("connected") >= 2, log[-3000:]
+
+
+@pytest.mark.slow
+def test_short_outage_is_a_blackout_not_congestion(daemons_dir: Path) -> None:
+    # A LEO-like hand-over: the link is down 0.4 s mid-transfer (well under dead_timeout).  The
+    # same QUIC connection carries on; its BBR controller saw a blackout, and every message
+    # arrives once.  The bench's view of the sending daemon's connections reports it.
+    import threading
+    import time
+
+    from lu2k.lab.bench import LabDaemons, transfer
+    from lu2k.lab.netns import Lab
+
+    specs = build_specs("leo", rate="20mbit", loss="0.5%", seed=4)  # loss: bbr is the default controller
+    count = 400
+    with Lab(specs) as lab:
+        with LabDaemons(lab, "quic", daemons_dir) as daemons:
+            out: dict[str, object] = {}
+
+            def run() -> None:
+                out["r"] = transfer(lab, daemons, size=32768, window=32, count=count, verify=True, timeout=120)
+
+            t = threading.Thread(target=run)
+            t.start()
+            while lab.stats()["links"]["ab"]["packets_out"] < 300 and t.is_alive():
+                time.sleep(0.02)
+            lab.set_link(False)
+            time.sleep(0.4)
+            lab.set_link(True)
+            t.join(150)
+            assert not t.is_alive()
+            conns = daemons.connections("a")
+    check_complete(out["r"], count)  # type: ignore[arg-type]
+    congestion = next(c["congestion"] for c in conns.values() if "congestion" in c)
+    assert congestion["controller"] == "bbr" and congestion["blackouts"] >= 1, conns
