@@ -355,6 +355,8 @@ class VerbsTransport(Transport):
             if mine:
                 await asyncio.gather(*mine, return_exceptions=True)
         for fut in mine:
+            if fut.cancelled():
+                raise WriteError(f"send to {self._peer} abandoned: connection closed")
             if fut.exception() is not None:
                 raise WriteError(f"send to {self._peer} failed: {fut.exception()}")
 
@@ -571,8 +573,9 @@ class VerbsTransport(Transport):
     async def _close_gracefully(self) -> None:
         try:
             if self._pending:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.gather(*self._pending.values(), return_exceptions=True), self._b.linger)
+                # asyncio.wait, not wait_for(gather): a timeout must not cancel the completions,
+                # which queued sends are awaiting and would then end cancelled, not failed.
+                await asyncio.wait(list(self._pending.values()), timeout=self._b.linger)
             if self._peer_state is None:
                 with contextlib.suppress(OSError, ConnectionError):
                     self._writer.write(b"bye\n")

@@ -149,3 +149,22 @@ async def test_engines_over_o2ib_complete_each_message_exactly_once() -> None:
         await b.stop()
     # Both engines stopped: no completion can come any more, so these counts are final.
     assert all(len(c) == 1 for c in calls), calls
+
+
+async def test_close_with_linger_expiring_fails_a_posted_send_cleanly() -> None:
+    # The receiver reads nothing and has two receive slots: the third message's SEND waits for a
+    # slot (RNR retries) with its work request posted.  close() with a linger far shorter gives
+    # up on that completion: the send must end with WriteError, never as cancelled -- a cancelled
+    # send would leave its messages' completions owed for ever.
+    server, client, out, inn, lst = await _pair(slots=2, linger=0.001)
+    try:
+        sends = [asyncio.ensure_future(out.send([_msg(i + 1, b"r" * 1000)])) for i in range(4)]
+        await asyncio.sleep(0.5)  # two delivered, the third posted and refused for want of a slot
+        assert [s.done() for s in sends[:2]] == [True, True] and not sends[2].done()
+        out.close()
+        done, pending = await asyncio.wait(sends, timeout=30)
+        assert not pending
+        outcomes = ["cancelled" if s.cancelled() else type(s.exception()).__name__ if s.exception() else "sent" for s in sends]
+        assert outcomes[2:] == ["WriteError", "WriteError"], outcomes
+    finally:
+        await _close(out, inn, lst, server, client)
