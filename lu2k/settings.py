@@ -22,7 +22,8 @@ profile giving ``rate_mbit`` and ``rtt_ms``, the bandwidth-delay product is
   (one BDP to fill the pipe, one to cover the ACK's way back and jitter, and two for loss
   repair: behind a lost packet an in-order transport holds what arrived until the repair, a
   round trip or two later, and those bytes are not acknowledged meanwhile -- with 2 BDP, udt
-  carried 73 % of a GEO link at 1 % loss instead of 95 %); ``2 * BDP`` where the profile
+  carried 73 % of a GEO link at 1 % loss instead of 95 %) -- ``6 * BDP`` for the tcp backend,
+  whose single ordered stream holds more back (``LOSSY_WINDOW_BDPS``); ``2 * BDP`` where the profile
   says the link loses nothing (``loss: 0``); the message core holds the rest in its per-peer
   fair queue (:mod:`lu2k.core.fairq`);
 * ``peer_credits = clamp(ceil(window_bytes / 1 KiB), 8, 4096)`` -- enough messages that even
@@ -30,8 +31,8 @@ profile giving ``rate_mbit`` and ``rtt_ms``, the bandwidth-delay product is
   LAN default of 8 is the floor;
 * ``credits = clamp(4 * peer_credits, 256, 1 << 20)`` -- the NI's total, room for four such
   peers at once, never below LNet's default of 256;
-* ``socket_buffer = 2 * BDP`` is reported with them (the backends size their socket buffers
-  and flow windows from the same profile).
+* ``socket_buffer = 2 * BDP`` is reported with them (the backends size their flow windows and
+  UDP socket buffers from the same profile; tcp leaves its socket buffers to autotuning).
 
 The derived values, and which were derived, are in :attr:`NetConfig.derived`.
 """
@@ -61,6 +62,11 @@ DEFAULT_MAX_MESSAGE = 4 << 20
 DEFAULT_CREDITS = 256
 DEFAULT_PEER_CREDITS = 8
 DEFAULT_PEER_TIMEOUT = 180.0
+# The byte window on a lossy profile, in BDPs, where a backend needs more than four: one TCP
+# socket is a single ordered stream, so behind every loss it holds back what arrived after it
+# for a round trip -- and a lost retransmission for an RTO.  With 4 BDP lu2k/tcp carried 88 % of
+# the lab's GEO link at 1 % loss, with 6 BDP 92 % (docs/measurements/2026-12-04-tcp.md).
+LOSSY_WINDOW_BDPS = {"tcp": 6}
 TYPICAL_MESSAGE = 64 << 10  # a bulk message (the size 2 x BDP of derived credits carried before the byte window)
 SMALL_MESSAGE = 1 << 10  # derived peer credits let messages down to this size fill the byte window
 MAX_DERIVED_PEER_CREDITS = 4096
@@ -173,12 +179,12 @@ global:
 # --- derived defaults ----------------------------------------------------------------------------
 
 
-def derive_link_defaults(profile: LinkProfile) -> dict[str, int]:
+def derive_link_defaults(profile: LinkProfile, backend: str | None = None) -> dict[str, int]:
     """Credits and windows from a site profile (see the module docstring); {} without rate and RTT."""
     if not profile.rate_mbit or not profile.rtt_ms:
         return {}
     bdp = profile.bdp_bytes()
-    window = (2 if profile.loss == 0 else 4) * bdp
+    window = (2 if profile.loss == 0 else LOSSY_WINDOW_BDPS.get(backend or "", 4)) * bdp
     peer_credits = min(MAX_DERIVED_PEER_CREDITS, max(DEFAULT_PEER_CREDITS, math.ceil(window / SMALL_MESSAGE)))
     credits = min(1 << 20, max(DEFAULT_CREDITS, 4 * peer_credits))
     return {
@@ -256,7 +262,7 @@ def _net_config(problems: Problems, where: str, net: Net, nid: Nid, tun: Mapping
     required = _REQUIRED_OPTIONS.get(cfg.backend)
     if required is not None and not all(opts.get(k) for k in required[0]):
         problems.add(f"{where}.lu2k", required[1])
-    derived = derive_link_defaults(cfg.profile)
+    derived = derive_link_defaults(cfg.profile, cfg.backend)
     cfg.derived = {"bdp_bytes": derived["bdp_bytes"]} if derived else {}
     for k, default in (("credits", DEFAULT_CREDITS), ("peer_credits", DEFAULT_PEER_CREDITS)):
         v = tun.get(k)

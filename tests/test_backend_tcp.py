@@ -9,7 +9,7 @@ import socket
 import pytest
 from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _pair
 
-from lu2k.backends import get_backend
+from lu2k.backends import get_backend, tcp
 from lu2k.backends.tcp import TcpBackend, available_congestion_controls
 from lu2k.backends.base import BackendSettings, LinkProfile
 from lu2k.errors import ConfigError, FrameError, ReadError
@@ -88,10 +88,36 @@ def test_congestion_default_and_validation() -> None:
         TcpBackend(_settings(congestion="no-such-cc"))
 
 
-def test_buffers_sized_from_profile() -> None:
+def test_buffers_autotuned_and_unsent_bytes_bounded_from_profile() -> None:
     b = TcpBackend(_settings(profile=LinkProfile(rtt_ms=600, rate_mbit=20)))
-    assert b.socket_buffer == 2 * int(20e6 / 8 * 0.6)
-    assert TcpBackend(_settings()).socket_buffer is None
+    assert b.socket_buffer is None and b.describe()["socket_buffer"] == "autotuned"
+    assert b.notsent_lowat == int(20e6 / 8 * 0.6) // 2  # half a BDP
+    assert TcpBackend(_settings(profile=LinkProfile(rtt_ms=40, rate_mbit=10))).notsent_lowat == tcp.NOTSENT_LOWAT_MIN
+    assert TcpBackend(_settings(profile=LinkProfile(rtt_ms=700, rate_mbit=1000))).notsent_lowat == tcp.NOTSENT_LOWAT_MAX
+    plain = TcpBackend(_settings())
+    assert plain.socket_buffer is None and plain.notsent_lowat == 0 and plain.short_limits == []
+    set_ = TcpBackend(_settings(socket_buffer=1 << 20, notsent_lowat=0, profile=LinkProfile(rtt_ms=600, rate_mbit=20)))
+    assert set_.socket_buffer == 1 << 20 and set_.notsent_lowat == 0 and set_.short_limits == []
+    with pytest.raises(ConfigError, match="notsent_lowat"):
+        TcpBackend(_settings(notsent_lowat=-1))
+
+
+def test_autotuning_limits_below_the_window_are_named() -> None:
+    bdp = 1_500_000
+    assert tcp.short_autotuning_limits(bdp, {"tcp_rmem": 32 << 20, "tcp_wmem": 4 << 20}) == []
+    assert tcp.short_autotuning_limits(bdp, {"tcp_rmem": 6 << 20, "tcp_wmem": 4 << 20}) == []  # a stock kernel's tcp_rmem
+    short = tcp.short_autotuning_limits(bdp, {"tcp_rmem": 4 << 20, "tcp_wmem": 1 << 20})
+    assert short == ["net.ipv4.tcp_rmem max=4194304 < 6000000", "net.ipv4.tcp_wmem max=1048576 < 3000000"]
+
+
+async def test_sockets_get_the_unsent_bytes_limit() -> None:
+    but = BackendUnderTest(TcpBackend, "127.0.0.1", options={"notsent_lowat": 256 << 10})
+    server, client, out, inn, lst = await _pair(but)
+    try:
+        for t in (getattr(out, "stripes", [out])[0], getattr(inn, "stripes", [inn])[0]):
+            assert t._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 256 << 10
+    finally:
+        await _close(out, inn, lst, server, client)
 
 
 @pytest.mark.skipif("cubic" not in available_congestion_controls(), reason="kernel lacks cubic")

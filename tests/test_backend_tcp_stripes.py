@@ -1,5 +1,5 @@
-"""Striped BULK connections of the tcp backend: the pure parts (JOIN records, keys, the
-spreading rule, the default) and real sockets on loopback (stripes join, every frame arrives
+"""Striped BULK connections of the tcp backend: the pure parts (JOIN records, keys, how a
+batch is spread over stripes, the default) and real sockets on loopback (stripes join, every frame arrives
 exactly once, a lost stripe ends the connection, a forged JOIN attaches nothing)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from lu2k import wire
 from lu2k.backends import tcp_stripes as ts
 from lu2k.backends.base import BackendSettings, LinkProfile
 from lu2k.backends.tcp import TcpBackend
-from lu2k.errors import ConfigError, NetworkError
+from lu2k.errors import ConfigError, NetworkError, WriteError
 from lu2k.nid import parse_net, parse_nid
 from lu2k.wire import ConnType, FrameType
 
@@ -55,21 +55,91 @@ def test_stripe_keys_differ_per_stripe_and_match_across_ends() -> None:
     assert ts.join_id(conn.tx_key) == ts.join_id(acc.rx_key) != ts.join_id(conn.rx_key)
 
 
-def test_frames_go_to_the_least_loaded_stripe() -> None:
-    assert ts.assign([100, 100, 100], [0, 0, 0]) == [0, 1, 2]
-    assert ts.assign([100, 100, 100], [1000, 0, 50]) == [1, 2, 1]
-    assert ts.assign([], [0]) == []
+class _Stripe:
+    """A stripe's send side: ``send`` returns once ``gate`` is open (a full socket keeps it shut)."""
+
+    peer_address = "127.0.0.2:988"
+
+    def __init__(self, open_: bool = True, fail: bool = False) -> None:
+        self.gate = asyncio.Event()
+        if open_:
+            self.gate.set()
+        self.fail = fail
+        self.shares: list[list[tuple[bytes, bytes]]] = []
+        self.held = 0
+        self.ended = False
+
+    async def send(self, frames: Any) -> None:
+        self.shares.append(list(frames))
+        self.held += sum(len(h) + len(p) for h, p in frames)
+        if self.fail:
+            raise WriteError("broken pipe")
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.ended = True
+            raise
+
+    def unsent_bytes(self) -> int:
+        return self.held
+
+    def close(self) -> None:
+        self.gate.set()
 
 
-def test_default_streams_from_the_profile() -> None:
-    assert ts.default_streams(600, 0.01) == ts.DEFAULT_LOSSY_STREAMS
-    assert ts.default_streams(600, 0.0) == 1
-    assert ts.default_streams(20, 0.01) == 1
-    assert ts.default_streams(None, None) == 1
+def _frames(n: int, size: int = 64 << 10) -> list[tuple[bytes, bytes]]:
+    return [(b"h%d" % i, b"x" * size) for i in range(n)]
+
+
+async def test_a_full_stripe_keeps_one_share_and_the_others_carry_the_batch() -> None:
+    slow, fast = _Stripe(open_=False), _Stripe()
+    t = ts.StripedTransport(slow)  # type: ignore[arg-type]
+    frames = _frames(40)
+    sending = asyncio.ensure_future(t._spread([slow, fast], frames))  # type: ignore[list-item]
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert len(slow.shares) == 1 and not sending.done()  # waits only for the share the full socket has
+    carried = [f for share in fast.shares for f in share]
+    assert len(carried) == len(frames) - len(slow.shares[0])
+    assert all(sum(len(h) + len(p) for h, p in share) <= ts.SHARE_BYTES + 64 for share in fast.shares)
+    slow.gate.set()
+    await asyncio.wait_for(sending, 5)
+    sent = [f for share in slow.shares + fast.shares for f in share]
+    assert sorted(h for h, _ in sent) == sorted(h for h, _ in frames)  # each frame once
+
+
+async def test_shares_go_to_the_stripe_holding_the_fewest_bytes() -> None:
+    busy, idle = _Stripe(), _Stripe()
+    busy.held = 10 << 20
+    t = ts.StripedTransport(busy)  # type: ignore[arg-type]
+    await t._spread([busy, idle], _frames(2))  # type: ignore[list-item]
+    assert idle.shares and not busy.shares
+
+
+async def test_a_failing_stripe_fails_the_send_and_no_write_outlives_it() -> None:
+    broken, slow = _Stripe(fail=True), _Stripe(open_=False)
+    t = ts.StripedTransport(broken)  # type: ignore[arg-type]
+    t.stripes = [broken, slow]  # type: ignore[list-item]
+    with pytest.raises(WriteError, match="broken pipe"):
+        await asyncio.wait_for(t._spread([broken, slow], _frames(20)), 5)  # type: ignore[list-item]
+    assert slow.gate.is_set() or slow.ended  # the connection ended: the other write was closed or cancelled
+
+
+async def test_a_cancelled_send_cancels_the_stripe_writes() -> None:
+    slow = _Stripe(open_=False)
+    other = _Stripe(open_=False)
+    t = ts.StripedTransport(slow)  # type: ignore[arg-type]
+    sending = asyncio.ensure_future(t._spread([slow, other], _frames(8)))  # type: ignore[list-item]
+    await asyncio.sleep(0.01)
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    assert slow.ended and other.ended
+
+
+def test_one_socket_by_default_and_streams_checked() -> None:
     geo = TcpBackend(BackendSettings(parse_net("tcp"), 0, 4 << 20, key=KEY, profile=LinkProfile(rtt_ms=600, rate_mbit=20, loss=0.01)))
-    assert geo.streams == ts.DEFAULT_LOSSY_STREAMS and geo.describe()["streams"] == ts.DEFAULT_LOSSY_STREAMS
-    assert TcpBackend(BackendSettings(parse_net("tcp"), 0, 4 << 20, key=KEY, profile=LinkProfile(rtt_ms=600, rate_mbit=20, loss=0.01),
-                                      options={"streams": 1})).streams == 1
+    assert geo.streams == ts.DEFAULT_STREAMS == 1 and geo.describe()["streams"] == 1
     assert backend(streams=2).streams == 2
     for bad in (0, 17, "many"):
         with pytest.raises(ConfigError, match="streams"):

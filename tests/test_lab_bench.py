@@ -53,6 +53,20 @@ def test_format_link_and_matrix_tables() -> None:
     rows = [_result(), _result(backend="quic", goodput_mbit=None, baselines={}, error="boom")]
     table = format_matrix(rows)
     assert "FAILED" in table and "0.40" in table
+    assert "backend options: streams=2" in format_link(_result(options={"streams": 2}))
+    assert "backend options" not in text
+
+
+def test_bench_link_backend_options() -> None:
+    from lu2k.errors import ConfigError
+    from lu2k.lab.bench import parse_backend_options
+
+    assert parse_backend_options(["streams=2", "notsent_lowat=0", "congestion=cubic", "socket_buffer= 1048576"]) == {
+        "streams": 2, "notsent_lowat": 0, "congestion": "cubic", "socket_buffer": 1048576}
+    assert parse_backend_options([]) == {}
+    for bad in ("streams", "=2", "x=[1"):
+        with pytest.raises(ConfigError, match="--option"):
+            parse_backend_options([bad])
 
 
 def _usable(backend: str) -> bool:

@@ -313,6 +313,15 @@ def test_derived_defaults_leo() -> None:
     assert 977 * 1024 * 8 / 0.04 / 1e6 > 2 * 50 * 0.99
 
 
+def test_derived_window_per_backend() -> None:
+    geo, clean = LinkProfile(rtt_ms=600, rate_mbit=20, loss=0.01), LinkProfile(rtt_ms=600, rate_mbit=20, loss=0)
+    bdp = 1_500_000
+    assert derive_link_defaults(geo)["window_bytes"] == 4 * bdp
+    assert derive_link_defaults(geo, "quic")["window_bytes"] == derive_link_defaults(geo, "udt")["window_bytes"] == 4 * bdp
+    assert derive_link_defaults(geo, "tcp")["window_bytes"] == 6 * bdp
+    assert derive_link_defaults(clean, "tcp")["window_bytes"] == 2 * bdp
+
+
 def test_derived_defaults_caps_and_absence() -> None:
     assert derive_link_defaults(LinkProfile()) == {} and derive_link_defaults(LinkProfile(rtt_ms=600)) == {}
     big = derive_link_defaults(LinkProfile(rtt_ms=60000, rate_mbit=1e6))
@@ -324,7 +333,8 @@ def test_profile_only_net_gets_derived_credits_and_config_wins() -> None:
     n = cfg.nets[0]
     assert n.profile == LinkProfile(rtt_ms=600, rate_mbit=20.0)
     assert (n.peer_credits, n.credits) == (4096, 4 * 4096)
-    assert n.derived == {"bdp_bytes": 1_500_000, "peer_credits": 4096, "credits": 4 * 4096, "window_bytes": 6_000_000,
+    # a tcp net: six BDPs of window on a path that may lose packets (one ordered stream per socket)
+    assert n.derived == {"bdp_bytes": 1_500_000, "peer_credits": 4096, "credits": 4 * 4096, "window_bytes": 9_000_000,
                          "socket_buffer": 3_000_000, "shim_max_in_flight": 4096}
     data = base(profile={"rtt_ms": 600, "rate_mbit": 20})
     data["net"][0]["local NI(s)"][0]["tunables"] = {"peer_credits": 12}
@@ -340,7 +350,7 @@ def test_endpoints_may_keep_a_derived_window_of_messages_in_flight() -> None:
     cfg = parse_config(base(profile={"rtt_ms": 600, "rate_mbit": 20}))
     assert cfg.shim.max_in_flight == 4096 and cfg.nets[0].derived["shim_max_in_flight"] == 4096
     # A profile whose window needs fewer than the default leaves the default alone.
-    cfg = parse_config(base(profile={"rtt_ms": 40, "rate_mbit": 50}))
+    cfg = parse_config(base(profile={"rtt_ms": 20, "rate_mbit": 50}))
     assert cfg.shim.max_in_flight == 1024 and "shim_max_in_flight" not in cfg.nets[0].derived
     # The config's own figure wins, even below the profile's.
     data = base(profile={"rtt_ms": 600, "rate_mbit": 20})

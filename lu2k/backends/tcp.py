@@ -1,11 +1,14 @@
-"""TCP backend, after socklnd: typed connections, BDP-sized buffers, per-net congestion control.
+"""TCP backend, after socklnd: typed connections, autotuned buffers, per-net congestion control.
 
 * Typed connections: the engine opens a CONTROL connection (TCP_NODELAY) for messages below
   ``min_bulk`` and a BULK connection for the rest, so a 4 MiB transfer never sits in front of
   a small RPC (socklnd's ``typed_conns``/``min_bulk``).
-* Socket buffers: when the site profile gives rate and RTT, SO_SNDBUF/SO_RCVBUF are set to
-  twice the bandwidth-delay product (the kernel halves what it reports); otherwise the
-  kernel's autotuning is left alone.  ``options.socket_buffer`` overrides.
+* Socket buffers: the kernel's autotuning (up to the maximum in ``net.ipv4.tcp_rmem`` /
+  ``tcp_wmem``; the backend warns when that is below four BDPs, the peer's window);
+  ``options.socket_buffer`` sets SO_SNDBUF/SO_RCVBUF instead (capped by ``net.core.[rw]mem_max``).
+* Unsent bytes: with a profile, a socket holds at most ``notsent_lowat`` (TCP_NOTSENT_LOWAT,
+  default half a BDP within 128 KiB..4 MiB) not yet sent, so the peer's byte window is spent
+  on the path and not on a queue in this host's kernel.
 * Congestion control: ``options.congestion`` (e.g. ``bbr``, ``cubic``) per network; the
   default is ``bbr`` where the kernel offers it, else the system default.
 * Zero copy: frames go out with one ``sendmsg`` of header/payload iovecs; large payloads are
@@ -19,9 +22,8 @@
   set as TCP_USER_TIMEOUT -- data unacknowledged that long ends the connection -- and drives
   TCP keepalive, so an idle connection whose peer went away is noticed too.  The engine then
   reconnects on a fresh socket (fresh RTO) and resends whatever was not acknowledged.
-* Striping: on a long lossy path one BULK connection runs over ``options.streams`` TCP
-  sockets (default from the profile: 2 at >= 100 ms RTT with loss, else 1); see
-  :mod:`.tcp_stripes`.
+* Striping: one BULK connection may run over ``options.streams`` TCP sockets (default 1);
+  see :mod:`.tcp_stripes`.
 * Errors: ``OSError`` becomes a ``ConnectError``/``ReadError``/``WriteError`` through one
   table per phase (below); an accept loop out of descriptors pauses instead of spinning.
 """
@@ -50,7 +52,7 @@ from .base import (
     describe_exception, map_exceptions, option_int,
 )
 from .netpath import sockaddr
-from .tcp_stripes import MAX_STREAMS, StripedTransport, StripeRegistry, default_streams
+from .tcp_stripes import DEFAULT_STREAMS, MAX_STREAMS, StripedTransport, StripeRegistry
 
 log = structlog.get_logger("lu2k.backends.tcp")
 
@@ -58,8 +60,23 @@ IOV_MAX = 1024
 RECV_CHUNK = 256 << 10
 HELLO_CHUNK = 4096
 DIRECT_RECV_MIN = 16 << 10  # payload remainder above this is received straight into place
-KNOWN_OPTIONS = frozenset({"min_bulk", "congestion", "socket_buffer", "dead_timeout", "encryption", "peer_keys", "peer_keys_only",
+KNOWN_OPTIONS = frozenset({"min_bulk", "congestion", "socket_buffer", "notsent_lowat", "dead_timeout", "encryption", "peer_keys", "peer_keys_only",
                            "streams"})
+# Unsent bytes a BULK socket may hold (TCP_NOTSENT_LOWAT) when the profile gives the BDP: half
+# a BDP, within these bounds -- enough that the socket never runs dry between two of the
+# engine's batches, little enough that the peer's byte window is spent on the path, not on
+# a queue in this host's kernel.  0 (no profile): the kernel's default, no limit.
+NOTSENT_LOWAT_MIN = 128 << 10
+NOTSENT_LOWAT_MAX = 4 << 20
+# What the kernel's autotuning must be allowed per socket, in BDPs: a receive buffer for the
+# window (with the kernel's overhead share), a send buffer for BBR's two BDPs in flight.
+AUTOTUNING_BDPS = {"tcp_rmem": 4, "tcp_wmem": 2}
+
+
+def default_notsent_lowat(bdp: int) -> int:
+    return min(NOTSENT_LOWAT_MAX, max(NOTSENT_LOWAT_MIN, bdp // 2)) if bdp else 0
+
+
 DEAD_TIMEOUT_MIN = 10.0  # s; the default is max(this, DEAD_TIMEOUT_RTTS x the profile's RTT)
 DEAD_TIMEOUT_RTTS = 8
 JOIN_GRACE = 0.2  # seconds an accepted socket may take to show a stripe JOIN before the engine gets it
@@ -78,6 +95,24 @@ def available_congestion_controls() -> list[str]:
             return f.read().split()
     except OSError:
         return []
+
+
+def autotuning_limits() -> dict[str, int]:
+    """The most the kernel's buffer autotuning gives one socket (the last of tcp_rmem/tcp_wmem)."""
+    out = {}
+    for name in ("tcp_rmem", "tcp_wmem"):
+        try:
+            with open(f"/proc/sys/net/ipv4/{name}") as f:
+                out[name] = int(f.read().split()[-1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def short_autotuning_limits(bdp: int, limits: dict[str, int]) -> list[str]:
+    """The sysctls whose maximum is below what a path of ``bdp`` bytes needs, as ``name max=value < need``."""
+    return [f"net.ipv4.{name} max={value} < {AUTOTUNING_BDPS[name] * bdp}" for name, value in sorted(limits.items())
+            if value < AUTOTUNING_BDPS[name] * bdp]
 
 
 def dead_timeout_option(opts: dict[str, Any], rtt_ms: float | None, where: str) -> float:
@@ -388,13 +423,19 @@ class TcpBackend(Backend):
         elif available and cc not in available:
             raise ConfigError(f"congestion control {cc!r} is not offered by this kernel (have: {', '.join(available)})", where=f"net {settings.net}")
         self.congestion: str | None = cc
-        buf = opts.get("socket_buffer")
-        if buf is None and settings.profile.rate_mbit and settings.profile.rtt_ms:
-            buf = 2 * settings.profile.bdp_bytes()
-        self.socket_buffer: int | None = option_int({} if buf is None else {"socket_buffer": buf}, "socket_buffer", 0, 0, 1 << 30, where,
-                                                    what="a byte count") or None
+        # Socket buffers: the kernel's autotuning unless the config sets a size.  Setting one
+        # switches autotuning off and is capped by net.core.[rw]mem_max (208 KiB on a stock
+        # kernel), far below a satellite path's window; autotuning grows to tcp_[rw]mem's maximum.
+        self.socket_buffer: int | None = option_int(opts, "socket_buffer", 0, 0, 1 << 30, where, what="a byte count") or None
+        bdp = settings.profile.bdp_bytes() if settings.profile.rate_mbit and settings.profile.rtt_ms else 0
+        self.notsent_lowat = option_int(opts, "notsent_lowat", default_notsent_lowat(bdp), 0, 1 << 30, where, what="a byte count")
+        self.short_limits = short_autotuning_limits(bdp, autotuning_limits()) if bdp and not self.socket_buffer else []
+        if self.short_limits:
+            log.warning("kernel TCP buffer autotuning is limited below this net's window: the link will not fill",
+                        net=str(settings.net), limits=", ".join(self.short_limits),
+                        fix="raise the last field of those sysctls, or set options.socket_buffer")
         self.dead_timeout = dead_timeout_option(opts, settings.profile.rtt_ms, where)
-        self.streams = option_int(opts, "streams", default_streams(settings.profile.rtt_ms, settings.profile.loss), 1, MAX_STREAMS,
+        self.streams = option_int(opts, "streams", DEFAULT_STREAMS, 1, MAX_STREAMS,
                                   where, what="a number of sockets per bulk connection")
         self._stripes = StripeRegistry()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -405,6 +446,8 @@ class TcpBackend(Backend):
         if self.socket_buffer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.socket_buffer)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.socket_buffer)
+        if self.notsent_lowat:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, self.notsent_lowat)
         if self.congestion:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.congestion.encode())
@@ -496,6 +539,8 @@ class TcpBackend(Backend):
         return {
             "congestion": self.congestion or "system default",
             "socket_buffer": self.socket_buffer or "autotuned",
+            "notsent_lowat": self.notsent_lowat or "kernel default",
+            **({"autotuning_short": self.short_limits} if self.short_limits else {}),
             "min_bulk": self.min_bulk,
             "dead_timeout": self.dead_timeout or "kernel default",
             "streams": self.streams,

@@ -22,10 +22,11 @@ Theory of operation
 * Every stripe seals its frames like the first socket, with keys of its own derived from
   the hello's keys and its index (:func:`stripe_keys`), so records cannot be moved from one
   stripe to another; with ``encryption: none`` stripes carry plaintext like the first.
-* Sending: a batch of frames is spread over the stripes, each frame to the stripe with the
-  fewest bytes not yet sent (what its kernel socket still holds plus what this batch gave
-  it), and ``send`` returns when every stripe has written its share (the payload buffers
-  are free then, as the engine requires).  Receiving: one reader per stripe feeds a small
+* Sending: a batch of frames is handed out a share (``SHARE_BYTES``) at a time, each share
+  to a stripe that is not still writing one, the one whose kernel socket holds the fewest
+  bytes; a stripe whose socket is full keeps one share while the others carry the rest, so
+  no stripe runs dry behind a slow one.  ``send`` returns when every share is written (the
+  payload buffers are free then, as the engine requires).  Receiving: one reader per stripe feeds a small
   bounded queue that ``recv`` takes from; when the engine stops reading, the readers stop
   and TCP pushes back on the sender.
 * Exactly once: a stripe that fails fails the whole connection (every socket is closed),
@@ -62,21 +63,13 @@ JOIN_MAGIC = b"L2SJ"
 JOIN_VERSION = 1
 MAX_STREAMS = 16
 QUEUE_PER_STRIPE = 2  # received frame batches waiting for the engine, per stripe
+SHARE_BYTES = 256 << 10  # what one stripe is given of a batch at a time
 
-# ``streams`` when the net's options do not say: parallel sockets pay off where one TCP
-# connection's loss recovery and window growth cost round trips that matter -- a long path
-# with loss.  On the lab's GEO profile two sockets moved 10 points of the limit more than
-# one (docs/measurements/2026-12-03-transfer.md) and as much as four with a quarter of the
-# drops at the bottleneck queue.
-LONG_RTT_MS = 100.0
-DEFAULT_LOSSY_STREAMS = 2
-
-
-def default_streams(rtt_ms: float | None, loss: float | None) -> int:
-    """Sockets per BULK connection for a site profile (1 where nothing says it helps)."""
-    if rtt_ms is None or loss is None or loss <= 0 or rtt_ms < LONG_RTT_MS:
-        return 1
-    return DEFAULT_LOSSY_STREAMS
+# ``streams`` when the net's options do not say: one socket.  With its window and unsent bytes
+# sized for the path (``notsent_lowat``, the peer's byte window), one BBR socket carried 92 % of
+# the lab's GEO link at 1 % loss where two carried 87 % (docs/measurements/2026-12-04-tcp.md):
+# each stripe restarts BBR's STARTUP, overshooting the bottleneck queue, and splits the window.
+DEFAULT_STREAMS = 1
 
 
 def join_id(connector_tx_key: bytes) -> bytes:
@@ -107,17 +100,6 @@ def decode_join(raw: bytes) -> tuple[int, bytes] | None:
     if magic != JOIN_MAGIC or version != JOIN_VERSION or not 1 <= index < MAX_STREAMS:
         return None
     return index, jid
-
-
-def assign(sizes: Sequence[int], backlog: Sequence[int]) -> list[int]:
-    """The stripe for each frame of a batch: the one with the fewest bytes still to send."""
-    load = list(backlog)
-    out = []
-    for n in sizes:
-        i = min(range(len(load)), key=load.__getitem__)
-        out.append(i)
-        load[i] += n
-    return out
 
 
 class StripeRegistry:
@@ -297,16 +279,47 @@ class StripedTransport(Transport):
             return
         if self._closed:
             raise WriteError(f"connection to {self.peer_address} closed")
+        await self._spread(stripes, frames)
+
+    async def _spread(self, stripes: list["TcpTransport"], frames: Sequence[OutFrame]) -> None:
+        """Hand the batch out a share at a time, each share to the free stripe whose kernel holds
+        the fewest bytes, and return when every share is written.  A stripe whose socket is
+        full (its TCP recovering a loss) keeps only the share it has: the others carry the rest
+        of the batch, so none of them runs dry -- an idle stripe would be app-limited and its
+        BBR would neither leave STARTUP nor fill its share of the link."""
         sizes = [len(h) + len(p) for h, p in frames]
-        shares: list[list[OutFrame]] = [[] for _ in stripes]
-        for frame, i in zip(frames, assign(sizes, [s.unsent_bytes() for s in stripes])):
-            shares[i].append(frame)
-        results = await asyncio.gather(*(s.send(share) for s, share in zip(stripes, shares) if share), return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                if isinstance(r, Lu2kError):
-                    self._end(r)
-                raise r
+        next_frame = 0
+        writing: dict[int, asyncio.Future[None]] = {}
+        failure: BaseException | None = None
+        try:
+            while next_frame < len(frames) or writing:
+                free = [i for i in range(len(stripes)) if i not in writing]
+                if next_frame < len(frames) and free and failure is None:
+                    i = min(free, key=lambda k: stripes[k].unsent_bytes())
+                    end, taken = next_frame, 0
+                    while end < len(frames) and (end == next_frame or taken + sizes[end] <= SHARE_BYTES):
+                        taken += sizes[end]
+                        end += 1
+                    writing[i] = asyncio.ensure_future(stripes[i].send(frames[next_frame:end]))
+                    next_frame = end
+                    continue
+                if not writing:
+                    break
+                await asyncio.wait(writing.values(), return_when=asyncio.FIRST_COMPLETED)
+                for i, fut in list(writing.items()):
+                    if fut.done():
+                        del writing[i]
+                        if failure is None and (fut.cancelled() or fut.exception() is not None):
+                            failure = fut.exception() if not fut.cancelled() else WriteError(f"send to {self._peer} cancelled")
+                            if isinstance(failure, Lu2kError):
+                                self._end(failure)  # closes every socket: the other writes end too
+        finally:
+            if writing:  # cancelled, or failed: no write may outlive the call (the payloads are the caller's)
+                for fut in writing.values():
+                    fut.cancel()
+                await asyncio.gather(*writing.values(), return_exceptions=True)
+        if failure is not None:
+            raise failure
 
     def close(self) -> None:
         self._end(ReadError(f"connection to {self.peer_address} closed locally"))

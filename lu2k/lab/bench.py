@@ -458,7 +458,7 @@ def default_window(spec: LinkSpec, size: int) -> int:
 
 def run_link(backend: str, specs: tuple[LinkSpec, LinkSpec], *, duration: float, warmup: float, size: int = DEFAULT_SIZE,
              window: int | None = None, baselines: tuple[str, ...] = ("cubic", "bbr"), workdir: str | None = None,
-             log: Any = None) -> dict[str, Any]:
+             log: Any = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """One ``bench link`` run; see the module docstring."""
     from ..errors import BackendUnavailable
 
@@ -480,7 +480,7 @@ def run_link(backend: str, specs: tuple[LinkSpec, LinkSpec], *, duration: float,
         with Lab(specs) as lab:
             say(f"lab {lab.lab_id}: {format_rate(spec.rate_bps)}, RTT {spec.rtt_s * 1e3:g} ms, loss {spec.mean_loss * 100:g}%")
             emu0 = lab.stats()
-            with LabDaemons(lab, backend, wd) as daemons:
+            with LabDaemons(lab, backend, wd, extra_options=options) as daemons:
                 say(f"lu2k/{backend}: {size}-byte messages, window {window}, warm-up {warmup:g} s, window {duration:g} s")
                 lu2k = transfer(lab, daemons, size=size, window=window, warmup=warmup, duration=duration,
                                 timeout=warmup + duration + 120)
@@ -500,6 +500,7 @@ def run_link(backend: str, specs: tuple[LinkSpec, LinkSpec], *, duration: float,
     ab = emu1["links"]["ab"]
     return {
         "backend": backend,
+        "options": dict(options or {}),
         "goodput_mbit": lu2k["goodput_bps"] / 1e6,
         "link_mbit": link_mbit,
         "limit_mbit": link_mbit * (1 - spec.mean_loss),
@@ -544,6 +545,8 @@ def format_link(r: dict[str, Any]) -> str:
     head = (f"link {r['link_mbit']:g} Mbit/s, RTT {r['rtt_ms']:g} ms, loss {r['loss'] * 100:g}% each way "
             f"(limit rate x (1-p) = {r['limit_mbit']:.2f} Mbit/s); emulator lateness p99 {r['emulator']['lateness_p99_ms']:.2f} ms, "
             f"forwarder CPU {r['emulator']['forwarder_cpu'] * 100:.0f}%")
+    if r.get("options"):
+        head += "\nbackend options: " + ", ".join(f"{k}={v}" for k, v in r["options"].items())
     return head + "\n" + render(["sender", "goodput Mbit/s", "of link", "p50 ms", "p99 ms", "CPU (of one core)"], rows)
 
 
@@ -622,6 +625,20 @@ def format_matrix(rows: list[dict[str, Any]]) -> str:
 # --- CLI ------------------------------------------------------------------------------------------
 
 
+def parse_backend_options(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (``--option``) as the net's ``lu2k.options``; each VALUE read as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--option wants KEY=VALUE, got {item!r}", where="bench link")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--option {key.strip()}: cannot read {raw!r} ({e.__class__.__name__})", where="bench link") from None
+    return out
+
+
 def cmd_link(args: argparse.Namespace) -> int:
     from .args import specs_from_args
 
@@ -629,7 +646,8 @@ def cmd_link(args: argparse.Namespace) -> int:
     if args.duration <= 0 or args.warmup < 0:
         raise ConfigError("--duration must be > 0 and --warmup >= 0", where="bench link")
     r = run_link(args.backend, specs, duration=args.duration, warmup=args.warmup, size=args.size, window=args.window,
-                 baselines=() if args.no_baselines else ("cubic", "bbr"), log=sys.stderr)
+                 baselines=() if args.no_baselines else ("cubic", "bbr"), log=sys.stderr,
+                 options=parse_backend_options(args.option or []))
     print(format_link(r))
     if args.plot:
         from .plots import plot_timeseries
@@ -677,6 +695,8 @@ def register_bench(bsub: Any) -> None:
     link.add_argument("--warmup", type=float, default=10.0, help="seconds ignored at the start of each transfer")
     link.add_argument("--size", type=int, default=DEFAULT_SIZE, help="message size in bytes")
     link.add_argument("--window", type=int, help="messages in flight (default: max(4 BDP, 8 MiB) of messages)")
+    link.add_argument("--option", action="append", metavar="KEY=VALUE",
+                      help="a backend option for both daemons' net (repeatable), e.g. streams=2 or notsent_lowat=0")
     link.add_argument("--no-baselines", action="store_true", help="skip the kernel TCP runs")
     link.add_argument("--plot", help="write a goodput-over-time PNG here")
     link.add_argument("--json", action="store_true", help="last line: the result as JSON")

@@ -401,7 +401,7 @@ def register_bench(bsub: Any) -> None:
     t.add_argument("--no-http", action="store_true", help="skip the HTTP downloads")
     t.add_argument("--no-warm", action="store_true", help="only the first lu2k send per backend (fresh daemons)")
     t.add_argument("--tcp-congestion", default="bbr", help="congestion control of lu2k's tcp backend ('' for the kernel default; default bbr)")
-    t.add_argument("--tcp-streams", type=int, help="the tcp backend's options.streams (default: from the profile, 2 on a long lossy link)")
+    t.add_argument("--tcp-streams", type=int, help="the tcp backend's options.streams (default 1)")
     t.add_argument("--lab-id", help="the lab's id (1-8 of a-z0-9; default random): names its namespaces lu2k-ID-a/b")
     t.add_argument("--json", action="store_true", help="last line: every figure as JSON")
     t.set_defaults(func=cmd_transfer)
