@@ -4,7 +4,8 @@
   ``min_bulk`` and a BULK connection for the rest, so a 4 MiB transfer never sits in front of
   a small RPC (socklnd's ``typed_conns``/``min_bulk``).
 * Socket buffers: the kernel's autotuning (up to the maximum in ``net.ipv4.tcp_rmem`` /
-  ``tcp_wmem``; the backend warns when that is below four BDPs, the peer's window);
+  ``tcp_wmem``; the backend warns when those are below four and two BDPs: room for the
+  peer's window and for BBR's two BDPs in flight);
   ``options.socket_buffer`` sets SO_SNDBUF/SO_RCVBUF instead (capped by ``net.core.[rw]mem_max``).
 * Unsent bytes: with a profile, a socket holds at most ``notsent_lowat`` (TCP_NOTSENT_LOWAT,
   default half a BDP within 128 KiB..4 MiB) not yet sent, so the peer's byte window is spent
