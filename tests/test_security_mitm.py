@@ -106,7 +106,7 @@ class MitmProxy:
         self.connections += 1
         try:
             up_r, up_w = await asyncio.open_connection(*self.target)
-        except OSError:
+        except BaseException:  # refused, or the proxy closing meanwhile: the accepted side is closed either way
             writer.close()
             return
         for name, r, w in (("a->b", reader, up_w), ("b->a", up_r, writer)):
@@ -132,8 +132,12 @@ class MitmProxy:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for t in list(self._tasks):
+        tasks = list(self._tasks)
+        for t in tasks:
             t.cancel()
+        # Wait for the pumps' own close() of their writers: a writer left to the garbage
+        # collector after the loop ends is an unclosed-transport warning (an error here).
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _run(attack: Attack, count: int = 8, encryption: str = "aes-256-gcm") -> tuple[list[tuple[Status, str]], Engine, Engine, MitmProxy]:
