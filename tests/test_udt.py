@@ -434,6 +434,77 @@ async def test_connect_timeout_and_listen_errors() -> None:
     assert threading.active_count() < 200  # no thread leak from abandoned connects
 
 
+async def test_an_abandoned_connect_does_not_stop_the_event_loop() -> None:
+    """A connect given up at its timeout closes its socket, and libudt's close waits for the
+    handshake loop (3 s without an answer): that wait must not happen on the event loop."""
+    client = make()
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while True:
+            await asyncio.sleep(0.02)
+            gaps.append(loop.time() - last)
+            last = loop.time()
+
+    tick = asyncio.ensure_future(ticker())
+    try:
+        with pytest.raises(NetworkError, match="timed out"):
+            await client.connect("127.0.0.1", _free_udp_port(), ConnType.ANY, 0.3)
+        await asyncio.sleep(3.2)  # past libudt's own handshake timeout: the abandoned dial has ended
+    finally:
+        tick.cancel()
+        await client.close()
+    assert max(gaps) < 1.0, f"the event loop stood still for {max(gaps):.2f} s"
+
+
+def test_a_libudt_call_that_waits_for_a_connecting_socket_lets_other_threads_run() -> None:
+    """libudt's calls on a socket take its locks, which a blocking connect holds for the whole
+    handshake; the binding waits for them without the GIL."""
+    import socket
+    import time
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # answers nothing
+        silent.bind(("127.0.0.1", 0))
+        u = _udtcore.socket(socket.AF_INET)
+        _udtcore.bind(u, "127.0.0.1", 0)
+        dialled = threading.Event()
+
+        def dial() -> None:
+            dialled.set()
+            try:
+                _udtcore.connect(u, "127.0.0.1", silent.getsockname()[1])
+            except _udtcore.UDTError:
+                pass
+
+        gaps: list[float] = []
+        stop = threading.Event()
+
+        def ticker() -> None:
+            last = time.monotonic()
+            while not stop.is_set():
+                time.sleep(0.01)
+                gaps.append(time.monotonic() - last)
+                last = time.monotonic()
+
+        dialler = threading.Thread(target=dial, daemon=True)
+        ticking = threading.Thread(target=ticker, daemon=True)
+        dialler.start()
+        ticking.start()
+        dialled.wait()
+        time.sleep(0.3)
+        waited_from = time.monotonic()
+        _udtcore.getsockopt(u, "snddata")  # waits for the handshake to give up
+        waited = time.monotonic() - waited_from
+        stop.set()
+        ticking.join()
+        dialler.join()
+        _udtcore.close(u)
+    assert waited > 1.0, "the call did not wait for the connecting socket: this test checks nothing"
+    assert max(gaps) < 0.5, f"other threads stood still for {max(gaps):.2f} s"
+
+
 def test_missing_binding_makes_backend_unavailable_with_reason(tmp_path) -> None:
     import subprocess
     import sys

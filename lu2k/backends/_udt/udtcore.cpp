@@ -49,6 +49,16 @@
 
 static PyObject* UDTErrorType = nullptr;
 
+// Every libudt call runs without the GIL: its calls take the socket's locks, which a socket
+// in a blocking connect holds for the whole handshake (3 s without an answer), and a caller
+// waiting for them must not stop every other Python thread meanwhile.
+#define WITHOUT_GIL(stmt)   \
+    do {                    \
+        Py_BEGIN_ALLOW_THREADS \
+        stmt;               \
+        Py_END_ALLOW_THREADS \
+    } while (0)
+
 static PyObject* raise_udt(const char* what) {
     UDT::ERRORINFO& e = UDT::getlasterror();
     int code = e.getErrorCode();
@@ -699,7 +709,9 @@ static PyObject* py_set_packet_key(PyObject*, PyObject* args) {
     }
     packet_auth::Key k = packet_auth::Key::from_bytes(static_cast<const uint8_t*>(key.buf));
     PyBuffer_Release(&key);
-    if (UDT::getsockstate(u) == NONEXIST) {
+    UDTSTATUS st;
+    WITHOUT_GIL(st = UDT::getsockstate(u));
+    if (st == NONEXIST) {
         PyErr_Format(PyExc_ValueError, "no UDT socket %d", u);
         return nullptr;
     }
@@ -732,7 +744,8 @@ static PyObject* py_socket(PyObject*, PyObject* args) {
         PyErr_Format(PyExc_ValueError, "address family %d is neither AF_INET nor AF_INET6", family);
         return nullptr;
     }
-    UDTSOCKET u = UDT::socket(family, stream ? SOCK_STREAM : SOCK_DGRAM, 0);
+    UDTSOCKET u;
+    WITHOUT_GIL(u = UDT::socket(family, stream ? SOCK_STREAM : SOCK_DGRAM, 0));
     if (u == UDT::INVALID_SOCK) return raise_udt("socket");
     return PyLong_FromLong(u);
 }
@@ -777,7 +790,9 @@ static PyObject* py_bind_udp(PyObject*, PyObject* args) {
 static PyObject* py_listen(PyObject*, PyObject* args) {
     int u, backlog = 64;
     if (!PyArg_ParseTuple(args, "i|i", &u, &backlog)) return nullptr;
-    if (UDT::listen(u, backlog) == UDT::ERROR) return raise_udt("listen");
+    int r;
+    WITHOUT_GIL(r = UDT::listen(u, backlog));
+    if (r == UDT::ERROR) return raise_udt("listen");
     Py_RETURN_NONE;
 }
 
@@ -829,8 +844,9 @@ static PyObject* py_close(PyObject*, PyObject* args) {
 static PyObject* name_of(int u, bool peer) {
     sockaddr_storage ss;
     int len = sizeof(ss);
-    int r = peer ? UDT::getpeername(u, reinterpret_cast<sockaddr*>(&ss), &len)
-                 : UDT::getsockname(u, reinterpret_cast<sockaddr*>(&ss), &len);
+    int r;
+    WITHOUT_GIL(r = peer ? UDT::getpeername(u, reinterpret_cast<sockaddr*>(&ss), &len)
+                         : UDT::getsockname(u, reinterpret_cast<sockaddr*>(&ss), &len));
     if (r == UDT::ERROR) return raise_udt(peer ? "getpeername" : "getsockname");
     return addr_tuple(&ss);
 }
@@ -884,19 +900,19 @@ static PyObject* py_setsockopt(PyObject*, PyObject* args) {
     switch (o->kind) {
         case OPT_BOOL: {
             bool b = value != 0;
-            r = UDT::setsockopt(u, 0, o->opt, &b, sizeof(b));
+            WITHOUT_GIL(r = UDT::setsockopt(u, 0, o->opt, &b, sizeof(b)));
             break;
         }
         case OPT_INT64: {
             int64_t v = value;
-            r = UDT::setsockopt(u, 0, o->opt, &v, sizeof(v));
+            WITHOUT_GIL(r = UDT::setsockopt(u, 0, o->opt, &v, sizeof(v)));
             break;
         }
         case OPT_LINGER: {  // value: seconds to linger; < 0 turns lingering off
             linger l;
             l.l_onoff = value >= 0;
             l.l_linger = value >= 0 ? int(value) : 0;
-            r = UDT::setsockopt(u, 0, o->opt, &l, sizeof(l));
+            WITHOUT_GIL(r = UDT::setsockopt(u, 0, o->opt, &l, sizeof(l)));
             break;
         }
         default: {
@@ -905,7 +921,7 @@ static PyObject* py_setsockopt(PyObject*, PyObject* args) {
                 return nullptr;
             }
             int v = int(value);
-            r = UDT::setsockopt(u, 0, o->opt, &v, sizeof(v));
+            WITHOUT_GIL(r = UDT::setsockopt(u, 0, o->opt, &v, sizeof(v)));
         }
     }
     if (r == UDT::ERROR) return raise_udt(name);
@@ -921,7 +937,9 @@ static PyObject* py_getsockopt(PyObject*, PyObject* args) {
     union { bool b; int i; int64_t l; linger lg; } v;
     std::memset(&v, 0, sizeof(v));
     int len = sizeof(v);
-    if (UDT::getsockopt(u, 0, o->opt, &v, &len) == UDT::ERROR) return raise_udt(name);
+    int r;
+    WITHOUT_GIL(r = UDT::getsockopt(u, 0, o->opt, &v, &len));
+    if (r == UDT::ERROR) return raise_udt(name);
     switch (o->kind) {
         case OPT_BOOL: return PyBool_FromLong(v.b);
         case OPT_INT64: return PyLong_FromLongLong(v.l);
@@ -980,7 +998,9 @@ static PyObject* py_recvmsg_into(PyObject*, PyObject* args) {
 static PyObject* py_state(PyObject*, PyObject* args) {
     int u;
     if (!PyArg_ParseTuple(args, "i", &u)) return nullptr;
-    return PyLong_FromLong(UDT::getsockstate(u));
+    UDTSTATUS st;
+    WITHOUT_GIL(st = UDT::getsockstate(u));
+    return PyLong_FromLong(st);
 }
 
 static PyObject* py_perfmon(PyObject*, PyObject* args) {
@@ -1031,7 +1051,7 @@ static PyObject* py_set_cc(PyObject*, PyObject* args, PyObject* kwargs) {
         double cwnd = 0;
         if (!parse_params(kwargs, &p, &cwnd)) return nullptr;
         Lu2kRateFactory f(p, cwnd);
-        r = UDT::setsockopt(u, 0, UDT_CC, &f, sizeof(f));
+        WITHOUT_GIL(r = UDT::setsockopt(u, 0, UDT_CC, &f, sizeof(f)));
     } else {
         PyErr_Format(PyExc_ValueError, "unknown congestion control %s (known: udt, lu2k-rate)", name);
         return nullptr;
@@ -1046,7 +1066,9 @@ static PyObject* py_cc_state(PyObject*, PyObject* args) {
     if (!PyArg_ParseTuple(args, "i", &u)) return nullptr;
     CCC* cc = nullptr;
     int len = sizeof(cc);
-    if (UDT::getsockopt(u, 0, UDT_CC, &cc, &len) == UDT::ERROR) return raise_udt("cc_state");
+    int r;
+    WITHOUT_GIL(r = UDT::getsockopt(u, 0, UDT_CC, &cc, &len));
+    if (r == UDT::ERROR) return raise_udt("cc_state");
     std::shared_ptr<CcSnapshot> snap;
     {
         std::lock_guard<std::mutex> g(g_snapshots_mu);
@@ -1070,7 +1092,8 @@ static PyObject* py_cc_state(PyObject*, PyObject* args) {
 // --- UDT epoll -------------------------------------------------------------------------------------
 
 static PyObject* py_epoll_create(PyObject*, PyObject*) {
-    int eid = UDT::epoll_create();
+    int eid;
+    WITHOUT_GIL(eid = UDT::epoll_create());
     if (eid < 0) return raise_udt("epoll_create");
     return PyLong_FromLong(eid);
 }
@@ -1078,14 +1101,18 @@ static PyObject* py_epoll_create(PyObject*, PyObject*) {
 static PyObject* py_epoll_add(PyObject*, PyObject* args) {
     int eid, u, events = UDT_EPOLL_IN | UDT_EPOLL_ERR;
     if (!PyArg_ParseTuple(args, "ii|i", &eid, &u, &events)) return nullptr;
-    if (UDT::epoll_add_usock(eid, u, &events) == UDT::ERROR) return raise_udt("epoll_add");
+    int r;
+    WITHOUT_GIL(r = UDT::epoll_add_usock(eid, u, &events));
+    if (r == UDT::ERROR) return raise_udt("epoll_add");
     Py_RETURN_NONE;
 }
 
 static PyObject* py_epoll_remove(PyObject*, PyObject* args) {
     int eid, u;
     if (!PyArg_ParseTuple(args, "ii", &eid, &u)) return nullptr;
-    if (UDT::epoll_remove_usock(eid, u) == UDT::ERROR) return raise_udt("epoll_remove");
+    int r;
+    WITHOUT_GIL(r = UDT::epoll_remove_usock(eid, u));
+    if (r == UDT::ERROR) return raise_udt("epoll_remove");
     Py_RETURN_NONE;
 }
 
@@ -1133,7 +1160,9 @@ static PyObject* py_epoll_wait(PyObject*, PyObject* args) {
 static PyObject* py_epoll_release(PyObject*, PyObject* args) {
     int eid;
     if (!PyArg_ParseTuple(args, "i", &eid)) return nullptr;
-    if (UDT::epoll_release(eid) == UDT::ERROR) return raise_udt("epoll_release");
+    int r;
+    WITHOUT_GIL(r = UDT::epoll_release(eid));
+    if (r == UDT::ERROR) return raise_udt("epoll_release");
     Py_RETURN_NONE;
 }
 
