@@ -166,15 +166,6 @@ def _in_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., T], *args: Any
     return fut
 
 
-def _close_in_thread(u: int) -> None:
-    def close() -> None:
-        try:
-            _udtcore.close(u)
-        except UDTError:
-            pass  # already closed
-    threading.Thread(target=close, name=f"udt-close-{u}", daemon=True).start()
-
-
 # --- socket set-up (blocking helpers, run in threads) -------------------------------------------
 
 
@@ -583,15 +574,12 @@ class UdtListener(Listener):
         self.closed = True
         if self._u is not None and self.relay is None:
             _released[(self._address[0], self._address[1])] = time.monotonic()
-        if self._u is not None:
-            try:
-                _udtcore.close(self._u)  # wakes the accept thread blocked on it
-            except UDTError:
-                pass
-        for u in list(self.peer_sockets):
-            # A rendezvous socket mid-handshake: its close waits for libudt's handshake loop
-            # (up to 30 s), so it wakes the rendezvous thread from a thread of its own.
-            _close_in_thread(u)
+        for u in [self._u, *self.peer_sockets]:
+            if u is not None:
+                try:
+                    _udtcore.close(u)  # wakes the accept/rendezvous thread blocked on it
+                except UDTError:
+                    pass
         if self.relay is not None:
             self._backend._close_relay(self.relay)
         self._backend._listeners.discard(self)
@@ -894,17 +882,13 @@ class UdtBackend(Backend):
 
     @staticmethod
     def _abandon(fut: "asyncio.Future[Any]", state: dict[str, int]) -> None:
-        """Give up on a connect: closing its socket ends the blocked call in its thread.
-
-        The close waits until libudt's handshake loop lets go of the socket (up to its own 3 s
-        without an answer), so it runs in a thread of its own, never on the event loop."""
+        """Give up on a connect: closing its socket ends the blocked call in its thread."""
         if "u" in state:
-            _close_in_thread(state["u"])
-
-        def late(f: "asyncio.Future[Any]") -> None:
-            if not f.cancelled() and f.exception() is None and "u" in state:
-                _close_in_thread(state["u"])  # dialled after all, and nobody is waiting for it
-        fut.add_done_callback(late)
+            try:
+                _udtcore.close(state["u"])
+            except UDTError:
+                pass
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # consume the late outcome
 
     async def close(self) -> None:
         if self._watchdog is not None:

@@ -49,16 +49,6 @@
 
 static PyObject* UDTErrorType = nullptr;
 
-// Every libudt call runs without the GIL: its calls take the socket's locks, which a socket
-// in a blocking connect holds for the whole handshake (3 s without an answer), and a caller
-// waiting for them must not stop every other Python thread meanwhile.
-#define WITHOUT_GIL(stmt)   \
-    do {                    \
-        Py_BEGIN_ALLOW_THREADS \
-        stmt;               \
-        Py_END_ALLOW_THREADS \
-    } while (0)
-
 static PyObject* raise_udt(const char* what) {
     UDT::ERRORINFO& e = UDT::getlasterror();
     int code = e.getErrorCode();
@@ -709,9 +699,7 @@ static PyObject* py_set_packet_key(PyObject*, PyObject* args) {
     }
     packet_auth::Key k = packet_auth::Key::from_bytes(static_cast<const uint8_t*>(key.buf));
     PyBuffer_Release(&key);
-    UDTSTATUS st;
-    WITHOUT_GIL(st = UDT::getsockstate(u));
-    if (st == NONEXIST) {
+    if (UDT::getsockstate(u) == NONEXIST) {
         PyErr_Format(PyExc_ValueError, "no UDT socket %d", u);
         return nullptr;
     }
@@ -744,8 +732,7 @@ static PyObject* py_socket(PyObject*, PyObject* args) {
         PyErr_Format(PyExc_ValueError, "address family %d is neither AF_INET nor AF_INET6", family);
         return nullptr;
     }
-    UDTSOCKET u;
-    WITHOUT_GIL(u = UDT::socket(family, stream ? SOCK_STREAM : SOCK_DGRAM, 0));
+    UDTSOCKET u = UDT::socket(family, stream ? SOCK_STREAM : SOCK_DGRAM, 0);
     if (u == UDT::INVALID_SOCK) return raise_udt("socket");
     return PyLong_FromLong(u);
 }
@@ -790,9 +777,7 @@ static PyObject* py_bind_udp(PyObject*, PyObject* args) {
 static PyObject* py_listen(PyObject*, PyObject* args) {
     int u, backlog = 64;
     if (!PyArg_ParseTuple(args, "i|i", &u, &backlog)) return nullptr;
-    int r;
-    WITHOUT_GIL(r = UDT::listen(u, backlog));
-    if (r == UDT::ERROR) return raise_udt("listen");
+    if (UDT::listen(u, backlog) == UDT::ERROR) return raise_udt("listen");
     Py_RETURN_NONE;
 }
 
@@ -844,9 +829,8 @@ static PyObject* py_close(PyObject*, PyObject* args) {
 static PyObject* name_of(int u, bool peer) {
     sockaddr_storage ss;
     int len = sizeof(ss);
-    int r;
-    WITHOUT_GIL(r = peer ? UDT::getpeername(u, reinterpret_cast<sockaddr*>(&ss), &len)
-                         : UDT::getsockname(u, reinterpret_cast<sockaddr*>(&ss), &len));
+    int r = peer ? UDT::getpeername(u, reinterpret_cast<sockaddr*>(&ss), &len)
+                 : UDT::getsockname(u, reinterpret_cast<sockaddr*>(&ss), &len);
     if (r == UDT::ERROR) return raise_udt(peer ? "getpeername" : "getsockname");
     return addr_tuple(&ss);
 }
@@ -900,19 +884,19 @@ static PyObject* py_setsockopt(PyObject*, PyObject* args) {
     switch (o->kind) {
         case OPT_BOOL: {
             bool b = value != 0;
-            WITHOUT_GIL(r = UDT::setsockopt(u, 0, o->opt, &b, sizeof(b)));
+            r = UDT::setsockopt(u, 0, o->opt, &b, sizeof(b));
             break;
         }
         case OPT_INT64: {
             int64_t v = value;
-            WITHOUT_GIL(r = UDT::setsockopt(u, 0, o->opt, &v, sizeof(v)));
+            r = UDT::setsockopt(u, 0, o->opt, &v, sizeof(v));
             break;
         }
         case OPT_LINGER: {  // value: seconds to linger; < 0 turns lingering off
             linger l;
             l.l_onoff = value >= 0;
             l.l_linger = value >= 0 ? int(value) : 0;
-            WITHOUT_GIL(r = UDT::setsockopt(u, 0, o->opt, &l, sizeof(l)));
+            r = UDT::setsockopt(u, 0, o->opt, &l, sizeof(l));
             break;
         }
         default: {
@@ -921,7 +905,7 @@ static PyObject* py_setsockopt(PyObject*, PyObject* args) {
                 return nullptr;
             }
             int v = int(value);
-            WITHOUT_GIL(r = UDT::setsockopt(u, 0, o->opt, &v, sizeof(v)));
+            r = UDT::setsockopt(u, 0, o->opt, &v, sizeof(v));
         }
     }
     if (r == UDT::ERROR) return raise_udt(name);
@@ -937,9 +921,7 @@ static PyObject* py_getsockopt(PyObject*, PyObject* args) {
     union { bool b; int i; int64_t l; linger lg; } v;
     std::memset(&v, 0, sizeof(v));
     int len = sizeof(v);
-    int r;
-    WITHOUT_GIL(r = UDT::getsockopt(u, 0, o->opt, &v, &len));
-    if (r == UDT::ERROR) return raise_udt(name);
+    if (UDT::getsockopt(u, 0, o->opt, &v, &len) == UDT::ERROR) return raise_udt(name);
     switch (o->kind) {
         case OPT_BOOL: return PyBool_FromLong(v.b);
         case OPT_INT64: return PyLong_FromLongLong(v.l);
@@ -998,9 +980,7 @@ static PyObject* py_recvmsg_into(PyObject*, PyObject* args) {
 static PyObject* py_state(PyObject*, PyObject* args) {
     int u;
     if (!PyArg_ParseTuple(args, "i", &u)) return nullptr;
-    UDTSTATUS st;
-    WITHOUT_GIL(st = UDT::getsockstate(u));
-    return PyLong_FromLong(st);
+    return PyLong_FromLong(UDT::getsockstate(u));
 }
 
 static PyObject* py_perfmon(PyObject*, PyObject* args) {
@@ -1051,7 +1031,7 @@ static PyObject* py_set_cc(PyObject*, PyObject* args, PyObject* kwargs) {
         double cwnd = 0;
         if (!parse_params(kwargs, &p, &cwnd)) return nullptr;
         Lu2kRateFactory f(p, cwnd);
-        WITHOUT_GIL(r = UDT::setsockopt(u, 0, UDT_CC, &f, sizeof(f)));
+        r = UDT::setsockopt(u, 0, UDT_CC, &f, sizeof(f));
     } else {
         PyErr_Format(PyExc_ValueError, "unknown congestion control %s (known: udt, lu2k-rate)", name);
         return nullptr;
@@ -1066,9 +1046,7 @@ static PyObject* py_cc_state(PyObject*, PyObject* args) {
     if (!PyArg_ParseTuple(args, "i", &u)) return nullptr;
     CCC* cc = nullptr;
     int len = sizeof(cc);
-    int r;
-    WITHOUT_GIL(r = UDT::getsockopt(u, 0, UDT_CC, &cc, &len));
-    if (r == UDT::ERROR) return raise_udt("cc_state");
+    if (UDT::getsockopt(u, 0, UDT_CC, &cc, &len) == UDT::ERROR) return raise_udt("cc_state");
     std::shared_ptr<CcSnapshot> snap;
     {
         std::lock_guard<std::mutex> g(g_snapshots_mu);
@@ -1092,8 +1070,7 @@ static PyObject* py_cc_state(PyObject*, PyObject* args) {
 // --- UDT epoll -------------------------------------------------------------------------------------
 
 static PyObject* py_epoll_create(PyObject*, PyObject*) {
-    int eid;
-    WITHOUT_GIL(eid = UDT::epoll_create());
+    int eid = UDT::epoll_create();
     if (eid < 0) return raise_udt("epoll_create");
     return PyLong_FromLong(eid);
 }
@@ -1101,18 +1078,14 @@ static PyObject* py_epoll_create(PyObject*, PyObject*) {
 static PyObject* py_epoll_add(PyObject*, PyObject* args) {
     int eid, u, events = UDT_EPOLL_IN | UDT_EPOLL_ERR;
     if (!PyArg_ParseTuple(args, "ii|i", &eid, &u, &events)) return nullptr;
-    int r;
-    WITHOUT_GIL(r = UDT::epoll_add_usock(eid, u, &events));
-    if (r == UDT::ERROR) return raise_udt("epoll_add");
+    if (UDT::epoll_add_usock(eid, u, &events) == UDT::ERROR) return raise_udt("epoll_add");
     Py_RETURN_NONE;
 }
 
 static PyObject* py_epoll_remove(PyObject*, PyObject* args) {
     int eid, u;
     if (!PyArg_ParseTuple(args, "ii", &eid, &u)) return nullptr;
-    int r;
-    WITHOUT_GIL(r = UDT::epoll_remove_usock(eid, u));
-    if (r == UDT::ERROR) return raise_udt("epoll_remove");
+    if (UDT::epoll_remove_usock(eid, u) == UDT::ERROR) return raise_udt("epoll_remove");
     Py_RETURN_NONE;
 }
 
@@ -1160,9 +1133,7 @@ static PyObject* py_epoll_wait(PyObject*, PyObject* args) {
 static PyObject* py_epoll_release(PyObject*, PyObject* args) {
     int eid;
     if (!PyArg_ParseTuple(args, "i", &eid)) return nullptr;
-    int r;
-    WITHOUT_GIL(r = UDT::epoll_release(eid));
-    if (r == UDT::ERROR) return raise_udt("epoll_release");
+    if (UDT::epoll_release(eid) == UDT::ERROR) return raise_udt("epoll_release");
     Py_RETURN_NONE;
 }
 
