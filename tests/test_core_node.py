@@ -266,31 +266,19 @@ def test_a_refused_hello_fails_what_waits_with_the_refusal_status() -> None:
 
 
 def test_a_send_blocked_past_the_deadline_resets_the_connection_and_completes_on_time() -> None:
-    m = Mesh()
-    a = m.node("a", [A], transaction_timeout=3.0)
-    m.node("g", [G1])
-    m.hold_sends = True
-    m.hold_deliveries = True
-    msg = m.send(a, G1)
-    assert msg.busy == 1
-    m.tick(a, 3.0)
-    assert m.done(msg) == [(Status.TIMED_OUT, "no acknowledgement from 10.0.0.2@tcp within the transaction timeout; delivery unknown")]
-    assert msg.conn is not None and msg.conn.state is ConnState.BACKOFF and not m.held_batches
-
-
-def test_a_message_behind_a_stuck_send_ends_no_route_once_it_was_never_sent() -> None:
-    """The stuck connection is reset at the first deadline; a message still waiting for its
+    """The stuck connection is reset at the first deadline.  A message still waiting for its
     turn on it was never transmitted, so it cannot have been delivered: NO_ROUTE, with why."""
     m = Mesh()
     a = m.node("a", [A], transaction_timeout=3.0)
     m.node("g", [G1])
     m.hold_sends = True
     m.hold_deliveries = True
-    first = m.send(a, G1)
+    msg = m.send(a, G1)
     behind = m.send(a, G1)
-    assert first.busy == 1 and behind.state is MsgState.IN_FLIGHT
+    assert msg.busy == 1 and behind.state is MsgState.IN_FLIGHT
     m.tick(a, 3.0)
-    assert m.done(first)[0][0] is Status.TIMED_OUT
+    assert m.done(msg) == [(Status.TIMED_OUT, "no acknowledgement from 10.0.0.2@tcp within the transaction timeout; delivery unknown")]
+    assert msg.conn is not None and msg.conn.state is ConnState.BACKOFF and not m.held_batches
     assert m.done(behind) == [(Status.NO_ROUTE, "10.0.0.2@tcp unreachable: send to 10.0.0.2@tcp blocked past a message's transaction timeout")]
     assert a.peer(G1).credits.in_use == 0
 
