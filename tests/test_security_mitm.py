@@ -95,19 +95,34 @@ class MitmProxy:
         self.capture: list[bytes] = []
         self.connections = 0
         self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The handler is tracked like the pumps: one still connecting upstream when the proxy
+        # closes would otherwise start pumps nobody waits for, leaving their writers unclosed.
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._tasks.add(handler)
         conn = self.connections
         self.connections += 1
+        self._writers.append(writer)
         try:
             up_r, up_w = await asyncio.open_connection(*self.target)
         except BaseException:  # refused, or the proxy closing meanwhile: the accepted side is closed either way
             writer.close()
+            return
+        finally:
+            self._tasks.discard(handler)
+        self._writers.append(up_w)
+        if self._closing:
+            writer.close()
+            up_w.close()
             return
         for name, r, w in (("a->b", reader, up_w), ("b->a", up_r, writer)):
             task = asyncio.ensure_future(self._pump(name, conn, r, w))
@@ -130,14 +145,20 @@ class MitmProxy:
             w.close()
 
     async def close(self) -> None:
+        self._closing = True
         if self._server is not None:
             self._server.close()
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        # Wait for the pumps' own close() of their writers: a writer left to the garbage
-        # collector after the loop ends is an unclosed-transport warning (an error here).
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # A writer left to the garbage collector unclosed is a ResourceWarning (an error here).
+        # Pumps close their writers, but a pump cancelled before its first step never runs its
+        # ``finally``: so every writer is closed here too.
+        while self._tasks:
+            tasks = list(self._tasks)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._tasks.difference_update(tasks)
+        for writer in self._writers:
+            writer.close()
 
 
 async def _run(attack: Attack, count: int = 8, encryption: str = "aes-256-gcm") -> tuple[list[tuple[Status, str]], Engine, Engine, MitmProxy]:
