@@ -103,7 +103,7 @@ def test_anchor_lst_through_a_kernel_router_on_the_geo_link(anchor: tuple[Any, L
     assert f"primary nid: {b.spec.ip}@tcp1" in out, out
     # The same plan as test_lnet_lu2kd.test_lst_across_the_hop.
     plan = lb.LstPlan(f"{a.spec.ip}@tcp", f"{b.spec.ip}@tcp1", size="1M", loops=32 if LONG else 4, concurrency=4,
-                      stat_samples=6 if LONG else 3, stat_delay=10)
+                      pings=100 if LONG else 25, stat_samples=6 if LONG else 3, stat_delay=10)
     before = lb.lnet_counters(b)
     lab_before = lab.stats()
     res = a.sh(plan.script(), timeout=plan.wait_s + 120)

@@ -113,7 +113,7 @@ def test_lst_across_the_hop(lnet_bed: Any, sites: Sites, lnet_figures: dict[str,
     a, b = lnet_bed.guests["a"], lnet_bed.guests["b"]
     wait_for(a, "lnetctl route show -v", r"state: up")
     plan = lb.LstPlan(f"{a.spec.ip}@tcp", f"{b.spec.ip}@tcp1", size="1M", loops=32 if LONG else 4, concurrency=4,
-                      stat_samples=6 if LONG else 3, stat_delay=10)
+                      pings=HOP_PINGS, stat_samples=6 if LONG else 3, stat_delay=10)
     before = lb.lnet_counters(b)
     lab_before = sites.lab.stats()
     res = a.sh(plan.script(), timeout=plan.wait_s + 120)
@@ -133,6 +133,12 @@ def test_lst_across_the_hop(lnet_bed: Any, sites: Sites, lnet_figures: dict[str,
 # --- faults: the kernel nodes see failures LNet handles (no hang, no corruption), then traffic resumes ---
 
 FAULT_TRANSACTION_TIMEOUT = 20  # s; LNet's default 150 would make every outage test last minutes
+# lst loops of the batch a fault interrupts (short run): 6 × 4 × 2 MiB still has traffic crossing
+# the 20 Mbit/s hop before, during and after the fault; 16 only made the run longer.
+FAULT_LOOPS = 6
+# lst pings run one at a time: 100 of them take a minute at GEO's 600 ms RTT, the longest part
+# of every short session across the hop. 25 still check that pings cross (the long run keeps 100).
+HOP_PINGS = 100 if LONG else 25
 
 
 @pytest.fixture(scope="module")
@@ -166,17 +172,22 @@ def assert_traffic_resumes(lnet_bed: Any, sites: Sites, figures: dict[str, Any])
     Neither kernel may ever log an lnet_selftest data-corruption message.
     """
     a, b = lnet_bed.guests["a"], lnet_bed.guests["b"]
+    started = time.monotonic()
     wait_for(a, "lnetctl route show -v", r"state: up", timeout=300)
     wait_for(b, "lnetctl route show -v", r"state: up", timeout=300)
+    figures["routes_up_after_s"] = round(time.monotonic() - started, 1)
     wait_for(a, f"{PING} {b.spec.ip}@tcp1", rf"primary nid: {re.escape(b.spec.ip)}@tcp1", timeout=300)
     wait_for(b, f"{PING} {a.spec.ip}@tcp", rf"primary nid: {re.escape(a.spec.ip)}@tcp", timeout=300)
-    plan = lb.LstPlan(f"{a.spec.ip}@tcp", f"{b.spec.ip}@tcp1", loops=2, concurrency=4, stat_samples=1, stat_delay=5, force=True)
+    figures["pings_after_s"] = round(time.monotonic() - started, 1)
+    plan = lb.LstPlan(f"{a.spec.ip}@tcp", f"{b.spec.ip}@tcp1", loops=2, concurrency=4, pings=HOP_PINGS, stat_samples=1,
+                      stat_delay=5, force=True)
     attempts: list[dict[str, Any]] = []
     figures["after"] = attempts
     figures["hop_tcp_after"] = sites.hop_sockets("a")
     for _ in range(RESUME_ATTEMPTS):
         res = a.sh(plan.script(), timeout=plan.wait_s + 120, check=False)
         got = lb.parse_lst_output(res.out)
+        got["seconds"] = round(res.seconds, 1)
         attempts.append(got)
         if got["stopped"] and got["error_nodes"] == {"c": 0, "s": 0}:
             break
@@ -193,7 +204,7 @@ def assert_traffic_resumes(lnet_bed: Any, sites: Sites, figures: dict[str, Any])
 
 def test_lu2kd_b_restarted_mid_lst(lnet_bed: Any, sites: Sites, short_timeouts: None, lnet_figures: dict[str, Any]) -> None:
     a, b = lnet_bed.guests["a"], lnet_bed.guests["b"]
-    plan = lb.LstPlan(f"{a.spec.ip}@tcp", f"{b.spec.ip}@tcp1", loops=48 if LONG else 16, concurrency=4, stat_samples=1,
+    plan = lb.LstPlan(f"{a.spec.ip}@tcp", f"{b.spec.ip}@tcp1", loops=48 if LONG else FAULT_LOOPS, concurrency=4, pings=HOP_PINGS, stat_samples=1,
                       stat_delay=5, wait_s=900)
     ticket = a.submit(plan.script(), timeout=plan.wait_s + 120)
     wait_for_hop_traffic(sites, 2000)
@@ -203,7 +214,8 @@ def test_lu2kd_b_restarted_mid_lst(lnet_bed: Any, sites: Sites, short_timeouts: 
     restart_s = time.monotonic() - down_at
     res = a.wait(ticket, check=False)  # the batch ends by itself: no hang
     got = lb.parse_lst_output(res.out)
-    fig: dict[str, Any] = {"plan": vars(plan), "restart_s": round(restart_s, 1), "during": got, "lst_rc": res.rc}
+    fig: dict[str, Any] = {"plan": vars(plan), "restart_s": round(restart_s, 1), "during": got, "lst_rc": res.rc,
+                           "batch_ended_after_restart_s": round(time.monotonic() - down_at, 1)}
     lnet_figures[f"fault_restart_{sites.backend}"] = fig
     assert got["stopped"], res.out
     assert_traffic_resumes(lnet_bed, sites, fig)
@@ -212,7 +224,7 @@ def test_lu2kd_b_restarted_mid_lst(lnet_bed: Any, sites: Sites, short_timeouts: 
 def test_link_down_longer_than_lnet_timeouts(lnet_bed: Any, sites: Sites, short_timeouts: None, lnet_figures: dict[str, Any]) -> None:
     a, b = lnet_bed.guests["a"], lnet_bed.guests["b"]
     outage_s = 200.0 if LONG else 2.5 * FAULT_TRANSACTION_TIMEOUT
-    plan = lb.LstPlan(f"{a.spec.ip}@tcp", f"{b.spec.ip}@tcp1", loops=48 if LONG else 16, concurrency=4, stat_samples=1,
+    plan = lb.LstPlan(f"{a.spec.ip}@tcp", f"{b.spec.ip}@tcp1", loops=48 if LONG else FAULT_LOOPS, concurrency=4, pings=HOP_PINGS, stat_samples=1,
                       stat_delay=5, wait_s=900)
     ticket = a.submit(plan.script(), timeout=plan.wait_s + 120)
     wait_for_hop_traffic(sites, 2000)
@@ -235,6 +247,7 @@ def test_link_down_longer_than_lnet_timeouts(lnet_bed: Any, sites: Sites, short_
     res = a.wait(ticket, check=False)
     got = lb.parse_lst_output(res.out)
     fig: dict[str, Any] = {"plan": vars(plan), "outage_s": outage_s, "transaction_timeout_s": FAULT_TRANSACTION_TIMEOUT,
+                           "batch_ended_after_link_down_s": round(time.monotonic() - down_at, 1),
                            "ping_during": ping_during, "far_ni_down_after_s": far_down_after, "routes_during": routes_during,
                            "during": got, "lst_rc": res.rc}
     lnet_figures[f"fault_link_down_{sites.backend}"] = fig

@@ -96,7 +96,7 @@ def test_one_gateway_killed_the_node_carries_on(lnet_bed: Any, scaled: Sites, ln
     a, b = lnet_bed.guests["a"], lnet_bed.guests["b"]
     gw_a, gw_a2 = scaled.lan_nid("a"), scaled.lan_nid("a2")
     wait_routes(a, {gw_a: "up", gw_a2: "up"})
-    plan = lb.LstPlan(f"{a.spec.ip}@tcp", f"{b.spec.ip}@tcp1", size="1M", loops=24 if LONG else 12, concurrency=4,
+    plan = lb.LstPlan(f"{a.spec.ip}@tcp", f"{b.spec.ip}@tcp1", size="1M", loops=24 if LONG else 8, concurrency=4,
                       stat_samples=1, stat_delay=5, wait_s=900)
     ticket = a.submit(plan.script(), timeout=plan.wait_s + 120)
     wait_for_hop_traffic(scaled, 1500)
