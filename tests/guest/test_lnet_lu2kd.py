@@ -143,9 +143,14 @@ HOP_PINGS = 100 if LONG else 25
 
 @pytest.fixture(scope="module")
 def short_timeouts(lnet_bed: Any, sites: Sites) -> None:
-    """Stock lnetctl: a shorter LNet transaction timeout on both nodes (LNet derives lnd_timeout from it)."""
+    """Stock lnetctl: a shorter LNet transaction timeout on both nodes (LNet derives lnd_timeout from it),
+    and the same on both lu2kd gateways, as an operator sets it on kernel routers: a gateway that
+    held messages longer than the nodes wait for them would deliver them after their senders gave up."""
     for g in lnet_bed.guests.values():
         g.sh(f"lnetctl set transaction_timeout {FAULT_TRANSACTION_TIMEOUT}", timeout=60)
+    for side in ("a", "b"):
+        sites.configs[side].setdefault("global", {})["transaction_timeout"] = FAULT_TRANSACTION_TIMEOUT  # kept across a restart
+        sites.ctl(side, "set", "transaction_timeout", str(FAULT_TRANSACTION_TIMEOUT))
 
 
 def wait_for_hop_traffic(sites: Sites, packets: int, timeout: float = 240.0) -> None:
