@@ -134,7 +134,7 @@ def test_lst_across_the_hop(lnet_bed: Any, sites: Sites, lnet_figures: dict[str,
 
 FAULT_TRANSACTION_TIMEOUT = 20  # s; LNet's default 150 would make every outage test last minutes
 # lst loops of the batch a fault interrupts (short run): 6 × 4 × 2 MiB still has traffic crossing
-# the 20 Mbit/s hop before, during and after the fault; 16 only made the run longer.
+# the 20 Mbit/s hop before, during and after the fault; more loops only lengthen the run.
 FAULT_LOOPS = 6
 # lst pings run one at a time: 100 of them take a minute at GEO's 600 ms RTT, the longest part
 # of every short session across the hop. 25 still check that pings cross (the long run keeps 100).
