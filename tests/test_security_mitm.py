@@ -96,7 +96,6 @@ class MitmProxy:
         self.connections = 0
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._closing = False
         self._writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> int:
@@ -104,8 +103,8 @@ class MitmProxy:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # The handler is tracked like the pumps: one still connecting upstream when the proxy
-        # closes would otherwise start pumps nobody waits for, leaving their writers unclosed.
+        # The handler is tracked like the pumps: close() cancels one still connecting upstream,
+        # and waits again for pumps a handler started meanwhile.
         handler = asyncio.current_task()
         assert handler is not None
         self._tasks.add(handler)
@@ -120,10 +119,6 @@ class MitmProxy:
         finally:
             self._tasks.discard(handler)
         self._writers.append(up_w)
-        if self._closing:
-            writer.close()
-            up_w.close()
-            return
         for name, r, w in (("a->b", reader, up_w), ("b->a", up_r, writer)):
             task = asyncio.ensure_future(self._pump(name, conn, r, w))
             self._tasks.add(task)
@@ -145,7 +140,6 @@ class MitmProxy:
             w.close()
 
     async def close(self) -> None:
-        self._closing = True
         if self._server is not None:
             self._server.close()
         # A writer left to the garbage collector unclosed is a ResourceWarning (an error here).
