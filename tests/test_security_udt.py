@@ -359,12 +359,17 @@ async def test_forged_ack_for_dropped_data_is_refused_and_the_data_resent() -> N
 
 
 async def test_without_packet_authentication_a_forged_ack_stalls_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Plain UDT (no packet key on either side): the same attack frees data B never got.  The
-    connection stays up, carrying nothing -- messages time out, the next ones too."""
+    """Plain UDT (no packet key on either side): the same attack frees data B never got, and
+    messages time out.  Then one of two things, depending on whether libudt's send buffer had
+    filled before the first deadline: the connection stays up carrying nothing, so the next
+    messages time out too; or a send was still blocked at that deadline and lu2k reset the
+    stuck connection, so the next messages go out on a fresh one."""
     monkeypatch.setattr(udt._udtcore, "set_packet_key", lambda u, key: None)
     o = await _run(dropping_then_acking(), transaction_timeout=2.0, resumes=False)
     assert o.auth["forged"] == 0 and o.during[Status.TIMED_OUT] > 0
-    assert o.after[Status.TIMED_OUT] > 0 and o.a["connections_lost"] == 0
+    stalled = o.after[Status.TIMED_OUT] > 0 and o.a["connections_lost"] == 0
+    reset_as_stuck = o.a["connections_lost"] > 0 and o.b["conns_accepted"] > 1
+    assert stalled or reset_as_stuck, (o.after, o.a["connections_lost"], o.b["conns_accepted"])
 
 
 async def test_forged_nak_flood_is_dropped_and_resends_nothing() -> None:
