@@ -12,6 +12,16 @@ import pytest
 from lu2k import hotpath
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``-n``, ``--dist loadgroup``) the tests that run emulated links in
+    network namespaces go to one worker, one after another: each runs a link forwarder and
+    daemons whose pacing needs the CPU, and two such tests at once on a small machine would
+    measure each other.  The other tests spread over the workers beside them."""
+    for item in items:
+        if item.get_closest_marker("netns"):
+            item.add_marker(pytest.mark.xdist_group("netns"))
+
+
 @pytest.fixture
 def lab_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test its own lab state directory: a developer's labs in /run/lu2k-lab are never touched."""

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from lu2k.errors import ConfigError
 from lu2k.inet import (
@@ -64,6 +64,7 @@ def test_bad_peer_addresses_say_what(text: str, msg: str) -> None:
         split_hostport(text, "peer[0].lu2k.address")
 
 
+@settings(deadline=None)  # the suite runs on every core at once: a slow example is load, not a bug
 @given(st.ip_addresses(), st.integers(1, 65535))
 def test_any_address_and_port_round_trip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> None:
     text = format_hostport(str(ip), port)

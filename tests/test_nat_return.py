@@ -35,7 +35,7 @@ from lu2k.kernel_shim.endpoint import Endpoint
 from lu2k.lab.netns import LabError, child_env, delete_netns, run_ip
 from lu2k.localpair import DaemonProcess, daemon_config, free_port
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.netns]
 needs_nat = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, nftables)"),
     pytest.mark.skipif(not (shutil.which("nft") and shutil.which("conntrack") and shutil.which("ip")),

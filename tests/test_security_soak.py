@@ -44,6 +44,7 @@ from e2e_support import HDR  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+    pytest.mark.netns,
     pytest.mark.timeout(0),
 ]
 
