@@ -26,9 +26,24 @@ python3 -m venv "$venv"
 "$venv/bin/ruff" check .
 "$venv/bin/mypy"
 
-status=0
-"$venv/bin/python" -m pytest -p no:cacheprovider -q "$@" || status=$?
+kernel_tier=0
 if [ -x contrib/kernel-tests/run ] && [ $# -eq 0 ]; then
+  kernel_tier=1
+  # The kernel tier's set-up (guest kernel, virtme-ng, the LNet build; all cached) runs beside
+  # the host tests at the lowest CPU priority: it only takes the CPU they leave idle.
+  mkdir -p build/kernel-tests
+  nice -n 19 contrib/kernel-tests/run prepare >build/kernel-tests/prepare.log 2>&1 &
+  prepare=$!
+fi
+
+status=0
+# Tests spread over the cores (at most 4 workers); the emulated-link tests run one at a time
+# on one of them (tests/conftest.py).
+"$venv/bin/python" -m pytest -p no:cacheprovider -q -n auto --maxprocesses 4 --dist loadgroup "$@" || status=$?
+if [ "$kernel_tier" = 1 ]; then
+  # A failed set-up is not fatal here: the tier tries again and reports what failed.
+  wait "$prepare" || true
+  cat build/kernel-tests/prepare.log
   LU2K_VENV="$PWD/$venv" contrib/kernel-tests/run || status=$?
 fi
 exit $status

@@ -93,7 +93,8 @@ def lnetbed() -> ModuleType:
 def test_run_modes(kt: ModuleType) -> None:
     assert kt.parse_mode([]) == "all"
     assert kt.parse_mode(["lnet"]) == "lnet" and kt.parse_mode(["guest"]) == "guest"
-    with pytest.raises(kt.KernelTierError, match=r"usage: run \[all\|guest\|lnet\]"):
+    assert kt.parse_mode(["prepare"]) == "prepare"
+    with pytest.raises(kt.KernelTierError, match=r"usage: run \[all\|guest\|lnet\|prepare\]"):
         kt.parse_mode(["lnet", "extra"])
 
 
