@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .. import __version__
@@ -24,13 +25,20 @@ SUBCOMMAND_MODULES = [
     "lu2k.cli.keys",  # keygen (site keys and certificates)
     "lu2k.cli.lnet",  # lnet nid / nidlist / networks / ip2nets / routes / check
 ]
+# Which module adds each subcommand: ``lu2k send`` imports only lu2k.cli.stream, not the
+# benchmarks and the lab (about 0.4 s of start-up, paid by every transfer).
+SUBCOMMANDS = {
+    "send": "lu2k.cli.stream", "recv": "lu2k.cli.stream", "forward": "lu2k.cli.forward", "demo": "lu2k.cli.demo",
+    "bench": "lu2k.cli.bench", "lab": "lu2k.cli.lab", "keygen": "lu2k.cli.keys", "lnet": "lu2k.cli.lnet",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or (``command`` one of :data:`SUBCOMMANDS`) only that command's."""
     parser = argparse.ArgumentParser(prog="lu2k", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"lu2k {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
+    for name in [SUBCOMMANDS[command]] if command in SUBCOMMANDS else SUBCOMMAND_MODULES:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -42,9 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    args_in = sys.argv[1:] if argv is None else argv
+    completing = "_ARGCOMPLETE" in os.environ  # completion needs every command
+    parser = build_parser(None if completing or not args_in else args_in[0])
     _autocomplete(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_in)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
