@@ -120,6 +120,27 @@ async def test_sockets_get_the_unsent_bytes_limit() -> None:
         await _close(out, inn, lst, server, client)
 
 
+async def test_sockets_get_the_pacing_cap() -> None:
+    but = BackendUnderTest(TcpBackend, "127.0.0.1", options={"rate_cap": "20mbit"})
+    server, client, out, inn, lst = await _pair(but)
+    try:
+        for t in (getattr(out, "stripes", [out])[0], getattr(inn, "stripes", [inn])[0]):
+            assert t._sock.getsockopt(socket.SOL_SOCKET, tcp.SO_MAX_PACING_RATE) == 20_000_000 // 8
+        assert server.describe()["rate_cap"] == "20mbit"
+    finally:
+        await _close(out, inn, lst, server, client)
+
+
+def test_pacing_cap_values() -> None:
+    assert TcpBackend(_settings()).rate_cap == 0 and TcpBackend(_settings()).describe()["rate_cap"] == "unlimited"
+    assert TcpBackend(_settings(rate_cap=50)).rate_cap == 50_000_000 // 8  # a bare number is Mbit/s
+    assert TcpBackend(_settings(rate_cap="unlimited")).rate_cap == 0
+    assert TcpBackend(_settings(rate_cap="100gbit")).rate_cap == tcp.MAX_PACING_RATE_LIMIT  # what the kernel takes
+    for bad in ("fast", -5, "20 parsecs"):
+        with pytest.raises(ConfigError, match="rate_cap"):
+            TcpBackend(_settings(rate_cap=bad))
+
+
 @pytest.mark.skipif("cubic" not in available_congestion_controls(), reason="kernel lacks cubic")
 async def test_congestion_applied_to_sockets() -> None:
     but = BackendUnderTest(TcpBackend, "127.0.0.1", options={"congestion": "cubic"})

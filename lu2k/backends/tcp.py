@@ -47,6 +47,7 @@ from ..crypto import FrameCodec, large_payload_cuts
 from ..errors import ConfigError, ConnectError, ConnectionClosed, ConnectTimeout, Lu2kError, ReadError, WriteError
 from ..inet import family_of, format_hostport
 from ..ratelimit import LogLimiter
+from ..values import format_rate, parse_rate
 from ..wire import BufferFor, ConnType, Frame, HelloResult
 from .base import (
     EXHAUSTION_ERRNOS, AcceptBackoff, AcceptCallback, Backend, BackendSettings, ExceptionMap, Listener, OutFrame, Transport,
@@ -62,7 +63,9 @@ RECV_CHUNK = 256 << 10
 HELLO_CHUNK = 4096
 DIRECT_RECV_MIN = 16 << 10  # payload remainder above this is received straight into place
 KNOWN_OPTIONS = frozenset({"min_bulk", "congestion", "socket_buffer", "notsent_lowat", "dead_timeout", "encryption", "peer_keys", "peer_keys_only",
-                           "streams"})
+                           "streams", "rate_cap"})
+SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)  # Linux; Python's socket module lacks it
+MAX_PACING_RATE_LIMIT = (1 << 32) - 2  # bytes/s: the kernel takes a u32 from setsockopt (~ 34 Gbit/s)
 # Unsent bytes a BULK socket may hold (TCP_NOTSENT_LOWAT) when the profile gives the BDP: half
 # a BDP, within these bounds -- enough that the socket never runs dry between two of the
 # engine's batches, little enough that the peer's byte window is spent on the path, not on
@@ -438,6 +441,10 @@ class TcpBackend(Backend):
         self.dead_timeout = dead_timeout_option(opts, settings.profile.rtt_ms, where)
         self.streams = option_int(opts, "streams", DEFAULT_STREAMS, 1, MAX_STREAMS,
                                   where, what="a number of sockets per bulk connection")
+        # SO_MAX_PACING_RATE: the kernel paces each socket at most this fast (BBR's probing
+        # included), so a sender that knows the link's rate never overfills its queue.
+        self.rate_cap = int(min(parse_rate(opts.get("rate_cap", 0), f"{where}: rate_cap", number_unit=1e6,
+                                           allow_unlimited=True) / 8, MAX_PACING_RATE_LIMIT))
         self._stripes = StripeRegistry()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -456,6 +463,8 @@ class TcpBackend(Backend):
                 raise ConfigError(f"cannot set congestion control {self.congestion!r}: {e.strerror}", where=f"net {self.settings.net}") from None
         if self.dead_timeout:
             set_dead_timeout(sock, self.dead_timeout)
+        if self.rate_cap:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, self.rate_cap)
 
     async def listen(self, host: str, port: int, on_accept: AcceptCallback) -> Listener:
         with map_exceptions(LISTEN_ERRORS, f"cannot listen on {format_hostport(host, port)}"):
@@ -545,5 +554,6 @@ class TcpBackend(Backend):
             "min_bulk": self.min_bulk,
             "dead_timeout": self.dead_timeout or "kernel default",
             "streams": self.streams,
+            "rate_cap": format_rate(self.rate_cap * 8),
         }
 
