@@ -442,7 +442,8 @@ class TcpBackend(Backend):
         self.streams = option_int(opts, "streams", DEFAULT_STREAMS, 1, MAX_STREAMS,
                                   where, what="a number of sockets per bulk connection")
         # SO_MAX_PACING_RATE: the kernel paces each socket at most this fast (BBR's probing
-        # included), so a sender that knows the link's rate never overfills its queue.
+        # included) -- for a link shared with other traffic.  Off by default: at the link's own
+        # rate it costs goodput (BBR's standing queue carries the link through ProbeRTT).
         self.rate_cap = int(min(parse_rate(opts.get("rate_cap", 0), f"{where}: rate_cap", number_unit=1e6,
                                            allow_unlimited=True) / 8, MAX_PACING_RATE_LIMIT))
         self._stripes = StripeRegistry()

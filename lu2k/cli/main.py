@@ -14,23 +14,20 @@ import sys
 from .. import __version__
 from ..errors import Lu2kError
 
-# Each module: def register(subparsers: argparse._SubParsersAction) -> None, setting
-# ``func`` (argparse.Namespace -> int exit status) on the parsers it adds.
-SUBCOMMAND_MODULES = [
-    "lu2k.cli.stream",  # send, recv
-    "lu2k.cli.forward",  # forward (TCP ports, SOCKS5)
-    "lu2k.cli.demo",  # demo
-    "lu2k.cli.bench",  # bench loopback / link / matrix
-    "lu2k.cli.lab",  # lab up / down / status
-    "lu2k.cli.keys",  # keygen (site keys and certificates)
-    "lu2k.cli.lnet",  # lnet nid / nidlist / networks / ip2nets / routes / check
-]
-# Which module adds each subcommand: ``lu2k send`` imports only lu2k.cli.stream, not the
-# benchmarks and the lab (about 0.4 s of start-up, paid by every transfer).
+# Which module adds each subcommand, in help order.  Each module has
+# def register(subparsers: argparse._SubParsersAction) -> None, setting ``func``
+# (argparse.Namespace -> int exit status) on the parsers it adds.  ``lu2k send`` imports only
+# lu2k.cli.stream, not the benchmarks and the lab (about 0.4 s of start-up, paid by every transfer).
 SUBCOMMANDS = {
-    "send": "lu2k.cli.stream", "recv": "lu2k.cli.stream", "forward": "lu2k.cli.forward", "demo": "lu2k.cli.demo",
-    "bench": "lu2k.cli.bench", "lab": "lu2k.cli.lab", "keygen": "lu2k.cli.keys", "lnet": "lu2k.cli.lnet",
+    "send": "lu2k.cli.stream", "recv": "lu2k.cli.stream",
+    "forward": "lu2k.cli.forward",  # TCP ports, SOCKS5
+    "demo": "lu2k.cli.demo",
+    "bench": "lu2k.cli.bench",  # loopback / link / matrix / transfer / latency
+    "lab": "lu2k.cli.lab",  # up / down / status / ...
+    "keygen": "lu2k.cli.keys",  # site keys and certificates
+    "lnet": "lu2k.cli.lnet",  # nid / nidlist / networks / ip2nets / routes / check
 }
+SUBCOMMAND_MODULES = list(dict.fromkeys(SUBCOMMANDS.values()))
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
