@@ -38,8 +38,15 @@ fi
 
 status=0
 # Tests spread over the cores (at most 4 workers); the emulated-link tests run one at a time
-# on one of them (tests/conftest.py).
-"$venv/bin/python" -m pytest -p no:cacheprovider -q -n auto --maxprocesses 4 --dist loadgroup "$@" || status=$?
+# on one of them (tests/conftest.py).  A hung test is ended by tests/conftest.py's hang guard;
+# the limit here (normally 10-15 min are needed) bounds everything else, so that the kernel tier
+# still runs and the log says what happened.
+host_limit=${LU2K_HOST_TESTS_LIMIT:-2700}
+timeout --kill-after=60 "$host_limit" \
+  "$venv/bin/python" -m pytest -p no:cacheprovider -q -n auto --maxprocesses 4 --dist loadgroup "$@" || status=$?
+if [ "$status" = 124 ] || [ "$status" = 137 ]; then
+  echo "run-tests: the host tests ran past ${host_limit} s and were stopped" >&2
+fi
 if [ "$kernel_tier" = 1 ]; then
   # A failed set-up is not fatal here: the tier tries again and reports what failed.
   wait "$prepare" || true

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -20,6 +23,45 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("netns"):
             item.add_marker(pytest.mark.xdist_group("netns"))
+
+
+# pytest-timeout (signal method) cannot end a test whose main thread is stuck in C code, or one
+# that swallows its exception (a callback, a ``finally`` that hangs in turn).  Past its timeout
+# plus this grace, faulthandler's watchdog -- a C thread, needing neither the GIL nor the main
+# thread -- prints every thread's stack and ends the process.  Under pytest-xdist the controller
+# then reports "worker crashed while running <test>" and carries on with a new worker, so one
+# hung test costs minutes and names itself instead of holding the whole run.
+HANG_GRACE = float(os.environ.get("LU2K_TEST_HANG_GRACE", "120"))
+_stack_out: IO[str] | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _stack_out
+    _stack_out = os.fdopen(os.dup(2), "w")  # the stderr the run started with, not a capture
+
+
+def _timeout_of(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("timeout")
+    value = None
+    if marker is not None:
+        value = marker.args[0] if marker.args else marker.kwargs.get("timeout")
+    # The order pytest-timeout reads them in; an explicit 0 (``--timeout=0``) means no limit.
+    for source in (lambda: item.config.getvalue("timeout"), lambda: os.environ.get("PYTEST_TIMEOUT"),
+                   lambda: item.config.getini("timeout")):
+        if value is None or value == "":
+            value = source()
+    return float(value or 0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    timeout = _timeout_of(item)
+    if timeout > 0 and _stack_out is not None:
+        faulthandler.dump_traceback_later(timeout + HANG_GRACE, exit=True, file=_stack_out)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 // lu2k.backends._udtcore -- lu2k's own binding of Debian's libudt (UDT 4.11).
 //
 // It owns libudt in the process (one copy of the library, one UDT::startup), and is
-// deliberately small: the socket calls lu2k's udt backend needs, each blocking call made
-// with the GIL released; UDT::perfmon as a dict; UDT epoll; and lu2k's congestion control
+// deliberately small: the socket calls lu2k's udt backend needs, each one that can wait
+// (a blocking call, or one taking a libudt lock) made with the GIL released; UDT::perfmon as a dict; UDT epoll; and lu2k's congestion control
 // (rate_law.h) plugged in through UDT's CCC mechanism, with its parameters carried by the
 // CCC factory so that sockets accepted from a listener inherit them.
 //
@@ -46,6 +46,17 @@
 
 #include "packet_auth.h"
 #include "rate_law.h"
+
+// Every libudt call that may take one of its locks runs with the GIL released: a connect or
+// close in another thread can hold such a lock for seconds (a rendezvous connect up to 30 s),
+// and waiting for it with the GIL held would stop every Python thread in the process.
+template <class Call>
+static auto without_gil(Call call) -> decltype(call()) {
+    PyThreadState* saved = PyEval_SaveThread();
+    auto result = call();
+    PyEval_RestoreThread(saved);
+    return result;
+}
 
 static PyObject* UDTErrorType = nullptr;
 
@@ -699,7 +710,7 @@ static PyObject* py_set_packet_key(PyObject*, PyObject* args) {
     }
     packet_auth::Key k = packet_auth::Key::from_bytes(static_cast<const uint8_t*>(key.buf));
     PyBuffer_Release(&key);
-    if (UDT::getsockstate(u) == NONEXIST) {
+    if (without_gil([&] { return UDT::getsockstate(u); }) == NONEXIST) {
         PyErr_Format(PyExc_ValueError, "no UDT socket %d", u);
         return nullptr;
     }
@@ -732,7 +743,7 @@ static PyObject* py_socket(PyObject*, PyObject* args) {
         PyErr_Format(PyExc_ValueError, "address family %d is neither AF_INET nor AF_INET6", family);
         return nullptr;
     }
-    UDTSOCKET u = UDT::socket(family, stream ? SOCK_STREAM : SOCK_DGRAM, 0);
+    UDTSOCKET u = without_gil([&] { return UDT::socket(family, stream ? SOCK_STREAM : SOCK_DGRAM, 0); });
     if (u == UDT::INVALID_SOCK) return raise_udt("socket");
     return PyLong_FromLong(u);
 }
@@ -777,7 +788,7 @@ static PyObject* py_bind_udp(PyObject*, PyObject* args) {
 static PyObject* py_listen(PyObject*, PyObject* args) {
     int u, backlog = 64;
     if (!PyArg_ParseTuple(args, "i|i", &u, &backlog)) return nullptr;
-    if (UDT::listen(u, backlog) == UDT::ERROR) return raise_udt("listen");
+    if (without_gil([&] { return UDT::listen(u, backlog); }) == UDT::ERROR) return raise_udt("listen");
     Py_RETURN_NONE;
 }
 
@@ -829,8 +840,10 @@ static PyObject* py_close(PyObject*, PyObject* args) {
 static PyObject* name_of(int u, bool peer) {
     sockaddr_storage ss;
     int len = sizeof(ss);
-    int r = peer ? UDT::getpeername(u, reinterpret_cast<sockaddr*>(&ss), &len)
-                 : UDT::getsockname(u, reinterpret_cast<sockaddr*>(&ss), &len);
+    int r = without_gil([&] {
+        return peer ? UDT::getpeername(u, reinterpret_cast<sockaddr*>(&ss), &len)
+                    : UDT::getsockname(u, reinterpret_cast<sockaddr*>(&ss), &len);
+    });
     if (r == UDT::ERROR) return raise_udt(peer ? "getpeername" : "getsockname");
     return addr_tuple(&ss);
 }
@@ -884,19 +897,19 @@ static PyObject* py_setsockopt(PyObject*, PyObject* args) {
     switch (o->kind) {
         case OPT_BOOL: {
             bool b = value != 0;
-            r = UDT::setsockopt(u, 0, o->opt, &b, sizeof(b));
+            r = without_gil([&] { return UDT::setsockopt(u, 0, o->opt, &b, sizeof(b)); });
             break;
         }
         case OPT_INT64: {
             int64_t v = value;
-            r = UDT::setsockopt(u, 0, o->opt, &v, sizeof(v));
+            r = without_gil([&] { return UDT::setsockopt(u, 0, o->opt, &v, sizeof(v)); });
             break;
         }
         case OPT_LINGER: {  // value: seconds to linger; < 0 turns lingering off
             linger l;
             l.l_onoff = value >= 0;
             l.l_linger = value >= 0 ? int(value) : 0;
-            r = UDT::setsockopt(u, 0, o->opt, &l, sizeof(l));
+            r = without_gil([&] { return UDT::setsockopt(u, 0, o->opt, &l, sizeof(l)); });
             break;
         }
         default: {
@@ -905,7 +918,7 @@ static PyObject* py_setsockopt(PyObject*, PyObject* args) {
                 return nullptr;
             }
             int v = int(value);
-            r = UDT::setsockopt(u, 0, o->opt, &v, sizeof(v));
+            r = without_gil([&] { return UDT::setsockopt(u, 0, o->opt, &v, sizeof(v)); });
         }
     }
     if (r == UDT::ERROR) return raise_udt(name);
@@ -921,7 +934,7 @@ static PyObject* py_getsockopt(PyObject*, PyObject* args) {
     union { bool b; int i; int64_t l; linger lg; } v;
     std::memset(&v, 0, sizeof(v));
     int len = sizeof(v);
-    if (UDT::getsockopt(u, 0, o->opt, &v, &len) == UDT::ERROR) return raise_udt(name);
+    if (without_gil([&] { return UDT::getsockopt(u, 0, o->opt, &v, &len); }) == UDT::ERROR) return raise_udt(name);
     switch (o->kind) {
         case OPT_BOOL: return PyBool_FromLong(v.b);
         case OPT_INT64: return PyLong_FromLongLong(v.l);
@@ -980,7 +993,7 @@ static PyObject* py_recvmsg_into(PyObject*, PyObject* args) {
 static PyObject* py_state(PyObject*, PyObject* args) {
     int u;
     if (!PyArg_ParseTuple(args, "i", &u)) return nullptr;
-    return PyLong_FromLong(UDT::getsockstate(u));
+    return PyLong_FromLong(without_gil([&] { return int(UDT::getsockstate(u)); }));
 }
 
 static PyObject* py_perfmon(PyObject*, PyObject* args) {
@@ -1031,7 +1044,7 @@ static PyObject* py_set_cc(PyObject*, PyObject* args, PyObject* kwargs) {
         double cwnd = 0;
         if (!parse_params(kwargs, &p, &cwnd)) return nullptr;
         Lu2kRateFactory f(p, cwnd);
-        r = UDT::setsockopt(u, 0, UDT_CC, &f, sizeof(f));
+        r = without_gil([&] { return UDT::setsockopt(u, 0, UDT_CC, &f, sizeof(f)); });
     } else {
         PyErr_Format(PyExc_ValueError, "unknown congestion control %s (known: udt, lu2k-rate)", name);
         return nullptr;
@@ -1046,7 +1059,7 @@ static PyObject* py_cc_state(PyObject*, PyObject* args) {
     if (!PyArg_ParseTuple(args, "i", &u)) return nullptr;
     CCC* cc = nullptr;
     int len = sizeof(cc);
-    if (UDT::getsockopt(u, 0, UDT_CC, &cc, &len) == UDT::ERROR) return raise_udt("cc_state");
+    if (without_gil([&] { return UDT::getsockopt(u, 0, UDT_CC, &cc, &len); }) == UDT::ERROR) return raise_udt("cc_state");
     std::shared_ptr<CcSnapshot> snap;
     {
         std::lock_guard<std::mutex> g(g_snapshots_mu);
@@ -1070,7 +1083,7 @@ static PyObject* py_cc_state(PyObject*, PyObject* args) {
 // --- UDT epoll -------------------------------------------------------------------------------------
 
 static PyObject* py_epoll_create(PyObject*, PyObject*) {
-    int eid = UDT::epoll_create();
+    int eid = without_gil([] { return UDT::epoll_create(); });
     if (eid < 0) return raise_udt("epoll_create");
     return PyLong_FromLong(eid);
 }
@@ -1078,14 +1091,14 @@ static PyObject* py_epoll_create(PyObject*, PyObject*) {
 static PyObject* py_epoll_add(PyObject*, PyObject* args) {
     int eid, u, events = UDT_EPOLL_IN | UDT_EPOLL_ERR;
     if (!PyArg_ParseTuple(args, "ii|i", &eid, &u, &events)) return nullptr;
-    if (UDT::epoll_add_usock(eid, u, &events) == UDT::ERROR) return raise_udt("epoll_add");
+    if (without_gil([&] { return UDT::epoll_add_usock(eid, u, &events); }) == UDT::ERROR) return raise_udt("epoll_add");
     Py_RETURN_NONE;
 }
 
 static PyObject* py_epoll_remove(PyObject*, PyObject* args) {
     int eid, u;
     if (!PyArg_ParseTuple(args, "ii", &eid, &u)) return nullptr;
-    if (UDT::epoll_remove_usock(eid, u) == UDT::ERROR) return raise_udt("epoll_remove");
+    if (without_gil([&] { return UDT::epoll_remove_usock(eid, u); }) == UDT::ERROR) return raise_udt("epoll_remove");
     Py_RETURN_NONE;
 }
 
