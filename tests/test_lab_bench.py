@@ -57,13 +57,15 @@ def test_format_link_and_matrix_tables() -> None:
     assert "backend options" not in text
 
 
-def test_bench_link_backend_options() -> None:
+def test_backend_option_pairs() -> None:
+    """``--option`` of bench link, latency and transfer: one parser (lu2k.lab.args)."""
     from lu2k.errors import ConfigError
-    from lu2k.lab.bench import parse_backend_options
+    from lu2k.lab.args import parse_backend_options
 
     assert parse_backend_options(["streams=2", "notsent_lowat=0", "congestion=cubic", "socket_buffer= 1048576"]) == {
         "streams": 2, "notsent_lowat": 0, "congestion": "cubic", "socket_buffer": 1048576}
-    assert parse_backend_options([]) == {}
+    assert parse_backend_options(["fec=auto", "rate=20mbit", "ordered=true"]) == {"fec": "auto", "rate": "20mbit", "ordered": True}
+    assert parse_backend_options([]) == {} and parse_backend_options(None) == {}
     for bad in ("streams", "=2", "x=[1"):
         with pytest.raises(ConfigError, match="--option"):
             parse_backend_options([bad])

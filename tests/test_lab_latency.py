@@ -113,16 +113,6 @@ def test_format_table() -> None:
     assert "offered 31.0 Mbit/s, carried 11.8; blocked 115 times, 13.2 s of 13.3 s" in text
 
 
-def test_option_pairs() -> None:
-    from lu2k.lab.latency import _options
-
-    assert _options(["fec=auto", "rate=20mbit", "ordered=true"]) == {"fec": "auto", "rate": "20mbit", "ordered": True}
-    assert _options(None) == {}
-    for bad in (["fec"], ["=1"]):
-        with pytest.raises(ConfigError, match="--option"):
-            _options(bad)
-
-
 def test_cli_rejects_bad_arguments_without_a_traceback() -> None:
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     out = subprocess.run([sys.executable, "-m", "lu2k.cli.main", "bench", "latency", "--loads", "150%"],

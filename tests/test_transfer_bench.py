@@ -24,3 +24,7 @@ def test_report_has_every_row_its_load_and_the_emulator_lateness() -> None:
     assert "lu2k-tcp warm" in text and "NO" in text and "yes" in text and "92%" in text
     assert "3.0/" in text and "9.0/" in text
     assert "ab p99 1.03 ms, max 28.0 ms" in text
+    assert "backend options" not in text
+    with_options = format_transfer({"tcp_backend_congestion": "bbr", "options": {"notsent_lowat": 0}, "size": 1, "rate_mbit": 20.0,
+                                    "rtt_ms": 600.0, "loss": 0.01, "limit_mbit": 19.8, "transfer": {}, "http": {}})
+    assert "backend options: notsent_lowat=0" in with_options

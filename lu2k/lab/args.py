@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConfigError
@@ -28,6 +29,28 @@ def add_link_options(p: argparse.ArgumentParser, *, default_profile: str = "geo"
     p.add_argument("--reorder-delay", help="how long a reordered packet is held back (default 5ms)")
     p.add_argument("--queue", help="drop-tail queue limit in bytes, e.g. 256k (default: one BDP)")
     p.add_argument("--seed", type=int, default=1, help="random seed; the same seed repeats the same losses")
+
+
+def add_backend_option(p: argparse.ArgumentParser, example: str) -> None:
+    """``--option KEY=VALUE`` (repeatable): an ``options`` entry of the daemons' net."""
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help=f"a backend option for both daemons' net (repeatable), e.g. {example}")
+
+
+def parse_backend_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """``--option`` pairs as the net's ``lu2k.options``; each VALUE read as YAML (``0``, ``true``, ``20mbit``)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"expected KEY=VALUE, got {item!r}", where="--option")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key.strip()}: cannot read {raw!r} ({e.__class__.__name__})", where="--option") from None
+    return out
 
 
 def specs_from_args(args: argparse.Namespace) -> Any:

@@ -625,29 +625,15 @@ def format_matrix(rows: list[dict[str, Any]]) -> str:
 # --- CLI ------------------------------------------------------------------------------------------
 
 
-def parse_backend_options(items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs (``--option``) as the net's ``lu2k.options``; each VALUE read as YAML."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, eq, raw = item.partition("=")
-        if not eq or not key.strip():
-            raise ConfigError(f"--option wants KEY=VALUE, got {item!r}", where="bench link")
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--option {key.strip()}: cannot read {raw!r} ({e.__class__.__name__})", where="bench link") from None
-    return out
-
-
 def cmd_link(args: argparse.Namespace) -> int:
-    from .args import specs_from_args
+    from .args import parse_backend_options, specs_from_args
 
     specs = specs_from_args(args)
     if args.duration <= 0 or args.warmup < 0:
         raise ConfigError("--duration must be > 0 and --warmup >= 0", where="bench link")
     r = run_link(args.backend, specs, duration=args.duration, warmup=args.warmup, size=args.size, window=args.window,
                  baselines=() if args.no_baselines else ("cubic", "bbr"), log=sys.stderr,
-                 options=parse_backend_options(args.option or []))
+                 options=parse_backend_options(args.option))
     print(format_link(r))
     if args.plot:
         from .plots import plot_timeseries
@@ -686,7 +672,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 def register_bench(bsub: Any) -> None:
     """Add ``link`` and ``matrix`` to ``lu2k bench`` (called by :mod:`lu2k.cli.bench`)."""
-    from .args import add_link_options
+    from .args import add_backend_option, add_link_options
 
     link = bsub.add_parser("link", help="lu2k over an emulated satellite link vs kernel TCP CUBIC/BBR (needs root)")
     link.add_argument("--backend", default="tcp")
@@ -695,8 +681,7 @@ def register_bench(bsub: Any) -> None:
     link.add_argument("--warmup", type=float, default=10.0, help="seconds ignored at the start of each transfer")
     link.add_argument("--size", type=int, default=DEFAULT_SIZE, help="message size in bytes")
     link.add_argument("--window", type=int, help="messages in flight (default: max(4 BDP, 8 MiB) of messages)")
-    link.add_argument("--option", action="append", metavar="KEY=VALUE",
-                      help="a backend option for both daemons' net (repeatable), e.g. streams=2 or notsent_lowat=0")
+    add_backend_option(link, "streams=2 or notsent_lowat=0")
     link.add_argument("--no-baselines", action="store_true", help="skip the kernel TCP runs")
     link.add_argument("--plot", help="write a goodput-over-time PNG here")
     link.add_argument("--json", action="store_true", help="last line: the result as JSON")

@@ -760,28 +760,12 @@ def plot_cdf(r: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
-def _options(pairs: Sequence[str] | None) -> dict[str, Any]:
-    """``--option fec=auto --option congestion=bbr`` -> backend options (YAML scalars)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"expected KEY=VALUE, got {pair!r}", where="--option")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"bad value in {pair!r}", where="--option") from None
-    return out
-
-
 def cmd_latency(args: argparse.Namespace) -> int:
-    from .args import specs_from_args
+    from .args import parse_backend_options, specs_from_args
 
     specs = specs_from_args(args)
     r = run_latency(args.backend, specs, sizes=parse_sizes(args.sizes), loads=parse_loads(args.loads), duration=args.duration,
-                    warmup=args.warmup, baseline=None if args.no_baseline else "bbr", options=_options(args.option), log=sys.stderr,
+                    warmup=args.warmup, baseline=None if args.no_baseline else "bbr", options=parse_backend_options(args.option), log=sys.stderr,
                     saturate=args.saturate)
     print(format_latency(r))
     if args.plot:
@@ -794,7 +778,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 def register_bench(bsub: Any) -> None:
     """Add ``latency`` to ``lu2k bench`` (called by :mod:`lu2k.cli.bench`)."""
-    from .args import add_link_options
+    from .args import add_backend_option, add_link_options
 
     lat = bsub.add_parser("latency", help="one-way latency at a paced offered load vs kernel TCP BBR (needs root)")
     lat.add_argument("--backend", default="quic")
@@ -803,8 +787,7 @@ def register_bench(bsub: Any) -> None:
     lat.add_argument("--sizes", nargs="+", default=["1k", "64k"], help="message sizes (default 1k 64k)")
     lat.add_argument("--duration", type=float, default=20.0, help="measured seconds per cell, after the warm-up")
     lat.add_argument("--warmup", type=float, default=5.0, help="seconds per cell not measured")
-    lat.add_argument("--option", action="append", metavar="KEY=VALUE",
-                     help="a backend option for both daemons, e.g. fec=auto (repeatable)")
+    add_backend_option(lat, "fec=auto")
     lat.add_argument("--no-baseline", action="store_true", help="skip the kernel TCP BBR cells")
     lat.add_argument("--saturate", action="store_true",
                      help="run each lu2k cell again beside a second endpoint that offers more than the link to the same peer")

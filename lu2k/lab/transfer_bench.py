@@ -245,8 +245,8 @@ def forward_download(lab: Lab, daemons: LabDaemons, src: Path, out: Path, timeou
         stop_processes(procs)
 
 
-def set_tcp_option(daemons: LabDaemons, key: str, value: Any) -> None:
-    """Give the tcp backend of both (not yet started) daemons ``options.<key>: value``."""
+def set_backend_option(daemons: LabDaemons, key: str, value: Any) -> None:
+    """Give the net of both (not yet started) daemons ``options.<key>: value``."""
     import yaml
 
     for proc in daemons.procs.values():
@@ -257,7 +257,7 @@ def set_tcp_option(daemons: LabDaemons, key: str, value: Any) -> None:
 
 
 def set_tcp_congestion(daemons: LabDaemons, cc: str) -> None:
-    set_tcp_option(daemons, "congestion", cc)
+    set_backend_option(daemons, "congestion", cc)
 
 
 def make_file(path: Path, size: int) -> None:
@@ -271,7 +271,7 @@ def make_file(path: Path, size: int) -> None:
 
 def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[str], forward_backends: list[str],
                  http: bool = True, warm: bool = True, tcp_congestion: str | None = "bbr", workdir: str | None = None, log: Any = None,
-                 lab_id: str | None = None, tcp_streams: int | None = None) -> dict[str, Any]:
+                 lab_id: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
     avail = backend_availability()
     for b in set(backends) | set(forward_backends):
         if b not in avail:
@@ -293,7 +293,7 @@ def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[
     src_dir.mkdir(parents=True, exist_ok=True)
     src = src_dir / "payload.bin"
     make_file(src, size)
-    out: dict[str, Any] = {"tcp_backend_congestion": tcp_congestion, "tcp_backend_streams": tcp_streams or "default",
+    out: dict[str, Any] = {"tcp_backend_congestion": tcp_congestion, "options": dict(options or {}),
                            "size": size, "rate_mbit": spec.rate_bps / 1e6, "rtt_ms": spec.rtt_s * 1e3, "loss": spec.mean_loss,
                            "limit_mbit": limit / 1e6, "transfer": {}, "http": {}}
     env = child_env()
@@ -321,8 +321,8 @@ def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[
                     daemons = LabDaemons(lab, backend, bwd)
                     if backend == "tcp" and tcp_congestion:
                         set_tcp_congestion(daemons, tcp_congestion)
-                    if backend == "tcp" and tcp_streams:
-                        set_tcp_option(daemons, "streams", tcp_streams)
+                    for key, value in (options or {}).items():
+                        set_backend_option(daemons, key, value)
                     with daemons:
                         if backend in backends:
                             say(f"lu2k send over {backend} (fresh daemons) ...")
@@ -359,7 +359,8 @@ def format_transfer(r: dict[str, Any]) -> str:
             load = "/".join(f"{v:.1f}" for v in x.get("load", []))
             rows.append([title, name, f"{x['seconds']:.1f}", f"{x['goodput_mbit']:.2f}", share, "yes" if x.get("verified") else "NO", load])
     cc = r.get("tcp_backend_congestion") or "kernel default"
-    head = (f"lu2k tcp backend congestion control: {cc}, sockets per bulk connection: {r.get('tcp_backend_streams', 'default')}\n"
+    options = ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
+    head = (f"lu2k tcp backend congestion control: {cc}" + (f"; backend options: {options}" if options else "") + "\n"
             f"{r['size'] / 1e6:.0f} MB over {r['rate_mbit']:g} Mbit/s, {r['rtt_ms']:.0f} ms RTT, {r['loss']:.1%} loss; "
             f"limit rate x (1 - loss) = {r['limit_mbit']:.2f} Mbit/s")
     tail = ""
@@ -372,7 +373,7 @@ def format_transfer(r: dict[str, Any]) -> str:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from .args import specs_from_args
+    from .args import parse_backend_options, specs_from_args
 
     specs = specs_from_args(args)
     backends = args.backends if args.backends is not None else [b for b in ("tcp", "quic", "udt") if backend_availability().get(b) is None]
@@ -382,7 +383,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         raise ConfigError("--size must be positive (MB)", where="bench transfer")
     r = run_transfer(specs, size=size, backends=backends, forward_backends=forward_backends, http=not args.no_http,
                      warm=not args.no_warm, tcp_congestion=args.tcp_congestion or None, log=sys.stderr, lab_id=args.lab_id,
-                     tcp_streams=args.tcp_streams)
+                     options=parse_backend_options(args.option))
     print(format_transfer(r))
     if args.json:
         print(json.dumps(r))
@@ -391,7 +392,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 def register_bench(bsub: Any) -> None:
     """Add ``transfer`` to ``lu2k bench`` (called by :mod:`lu2k.cli.bench`)."""
-    from .args import add_link_options
+    from .args import add_backend_option, add_link_options
 
     t = bsub.add_parser("transfer", help="lu2k send and an HTTP download through lu2k forward vs kernel TCP BBR over the lab (needs root)")
     add_link_options(t)
@@ -401,7 +402,7 @@ def register_bench(bsub: Any) -> None:
     t.add_argument("--no-http", action="store_true", help="skip the HTTP downloads")
     t.add_argument("--no-warm", action="store_true", help="only the first lu2k send per backend (fresh daemons)")
     t.add_argument("--tcp-congestion", default="bbr", help="congestion control of lu2k's tcp backend ('' for the kernel default; default bbr)")
-    t.add_argument("--tcp-streams", type=int, help="the tcp backend's options.streams (default 1)")
+    add_backend_option(t, "notsent_lowat=0 (applied to every backend run: pick --backends to match)")
     t.add_argument("--lab-id", help="the lab's id (1-8 of a-z0-9; default random): names its namespaces lu2k-ID-a/b")
     t.add_argument("--json", action="store_true", help="last line: every figure as JSON")
     t.set_defaults(func=cmd_transfer)
