@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from lu2k import wire
-from lu2k.backends.base import Backend, BackendSettings, Transport
+from lu2k.backends.base import Backend, BackendSettings, LinkProfile, Transport
 from lu2k.errors import ConnectError, NetworkError, ReadError
 from lu2k.nid import parse_net, parse_nid
 from lu2k.wire import ConnType, FrameType
@@ -44,10 +44,11 @@ class BackendUnderTest:
     # message): the engine's sequence numbers and dedupe make order a backend's choice.
     ordered: bool = True
 
-    def make(self) -> Backend:
+    def make(self, profile: LinkProfile | None = None) -> Backend:
         options = {k: v for k, v in self.options.items() if k != "_net"}
         net = parse_net(self.options.get("_net", "tcp"))
-        settings = BackendSettings(net, self.port, self.max_message_size, key=self.key, options=options)
+        settings = BackendSettings(net, self.port, self.max_message_size, key=self.key, options=options,
+                                   profile=profile or LinkProfile())
         return self.cls(settings)
 
 
@@ -80,8 +81,9 @@ async def run_hello(backend: Backend, out: Transport, inn: Transport, key: bytes
     return init.result, await task
 
 
-async def _pair(but: BackendUnderTest, *, hello: bool = True) -> tuple[Backend, Backend, Transport, Transport, Any]:
-    server, client = but.make(), but.make()
+async def _pair(but: BackendUnderTest, *, hello: bool = True, conn_type: ConnType = ConnType.ANY,
+                profile: LinkProfile | None = None) -> tuple[Backend, Backend, Transport, Transport, Any]:
+    server, client = but.make(profile), but.make(profile)
     accepted: asyncio.Queue[Transport] = asyncio.Queue()
 
     async def on_accept(t: Transport) -> None:
@@ -89,7 +91,7 @@ async def _pair(but: BackendUnderTest, *, hello: bool = True) -> tuple[Backend, 
 
     listener = await server.listen(but.host, but.port, on_accept)
     host, port = listener.address
-    out = await client.connect(but.host if but.host else host, port, ConnType.ANY, 5.0)
+    out = await client.connect(but.host if but.host else host, port, conn_type, 5.0)
     inn = await asyncio.wait_for(accepted.get(), 10)
     if hello:
         try:

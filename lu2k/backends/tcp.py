@@ -23,6 +23,9 @@
   set as TCP_USER_TIMEOUT -- data unacknowledged that long ends the connection -- and drives
   TCP keepalive, so an idle connection whose peer went away is noticed too.  The engine then
   reconnects on a fresh socket (fresh RTO) and resends whatever was not acknowledged.
+* Start-up: with BBR and a profile rate, a new BULK socket is paced at most 1.1x that rate
+  (``options.startup_cap``) until BBR has left STARTUP, whose 2.885x overshoot would
+  otherwise drop about a BDP at a one-BDP bottleneck queue on a long path.
 * Striping: one BULK connection may run over ``options.streams`` TCP sockets (default 1);
   see :mod:`.tcp_stripes`.
 * Errors: ``OSError`` becomes a ``ConnectError``/``ReadError``/``WriteError`` through one
@@ -63,9 +66,19 @@ RECV_CHUNK = 256 << 10
 HELLO_CHUNK = 4096
 DIRECT_RECV_MIN = 16 << 10  # payload remainder above this is received straight into place
 KNOWN_OPTIONS = frozenset({"min_bulk", "congestion", "socket_buffer", "notsent_lowat", "dead_timeout", "encryption", "peer_keys", "peer_keys_only",
-                           "streams", "rate_cap"})
+                           "streams", "rate_cap", "startup_cap"})
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)  # Linux; Python's socket module lacks it
 MAX_PACING_RATE_LIMIT = (1 << 32) - 2  # bytes/s: the kernel takes a u32 from setsockopt (~ 34 Gbit/s)
+PACING_UNLIMITED = (1 << 32) - 1  # ~0U: the kernel's "no cap"
+TCP_CC_INFO = getattr(socket, "TCP_CC_INFO", 26)
+# struct tcp_bbr_info: bw_lo, bw_hi, min_rtt (us), pacing_gain, cwnd_gain (gains in 1/256ths).
+BBR_INFO = struct.Struct("=IIIII")
+BBR_STARTUP_GAIN_MIN = 2 * 256  # STARTUP paces at 2.885x (739/256); no later phase above 1.25x
+# A new BULK socket's start-up cap, as a share of the profile's rate: kernel BBR's STARTUP paces
+# at 2.885x its estimate and, on a long path with a one-BDP queue, overshoots by a BDP of drops
+# before it has seen the link is full.  Capped a little above the rate it finds the plateau with
+# the queue a fraction of a BDP deep; the cap goes once BBR has left STARTUP.
+STARTUP_CAP_SHARE = 1.1
 # Unsent bytes a BULK socket may hold (TCP_NOTSENT_LOWAT) when the profile gives the BDP: half
 # a BDP, within these bounds -- enough that the socket never runs dry between two of the
 # engine's batches, little enough that the peer's byte window is spent on the path, not on
@@ -91,6 +104,23 @@ CONNECT_ERRORS: ExceptionMap = {TimeoutError: ConnectTimeout, OSError: ConnectEr
 READ_ERRORS: ExceptionMap = {OSError: ReadError}
 WRITE_ERRORS: ExceptionMap = {OSError: WriteError}
 LISTEN_ERRORS: ExceptionMap = {OSError: ConnectError}
+
+
+def set_pacing_cap(sock: socket.socket, bytes_per_s: int) -> None:
+    """SO_MAX_PACING_RATE, as the kernel's u32 (Python would pass ~0U, "no cap", as a signed int and fail)."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, struct.pack("=I", bytes_per_s))
+
+
+def bbr_phase(cc_info: bytes) -> str | None:
+    """Where kernel BBR is, from its ``TCP_CC_INFO``: "startup"; "later" (DRAIN or PROBE_BW,
+    whose window gain is 2 or more); "unknown" (both gains 1: a socket that has had no ACK
+    yet, or PROBE_RTT); None if that is not BBR's answer (another congestion control)."""
+    if len(cc_info) < BBR_INFO.size:
+        return None
+    _bw_lo, _bw_hi, _min_rtt, pacing_gain, cwnd_gain = BBR_INFO.unpack_from(cc_info)
+    if pacing_gain >= BBR_STARTUP_GAIN_MIN:
+        return "startup"
+    return "later" if cwnd_gain >= 2 * 256 else "unknown"
 
 
 def available_congestion_controls() -> list[str]:
@@ -166,6 +196,8 @@ class TcpTransport(Transport):
         self._waiting: dict[asyncio.Future[None], Callable[[], object]] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._startup_timer: asyncio.TimerHandle | None = None
+        self.startup_capped = False
 
     @property
     def peer_address(self) -> str:
@@ -321,7 +353,37 @@ class TcpTransport(Transport):
                            if self._dead_timeout else f"connection to {self._peer} timed out (TCP retransmissions exhausted)")
         return self._stall
 
+    def hold_startup(self, cap: int, then: int, poll: float) -> None:
+        """Pace at most ``cap`` bytes/s until kernel BBR has left STARTUP (polled every ``poll``
+        seconds), then at most ``then`` (0: no cap).  See :data:`STARTUP_CAP_SHARE`."""
+        set_pacing_cap(self._sock, cap)
+        self.startup_capped = True
+
+        seen_startup = False
+
+        def check() -> None:
+            nonlocal seen_startup
+            self._startup_timer = None
+            if self._closed:
+                return
+            try:
+                phase = bbr_phase(self._sock.getsockopt(socket.IPPROTO_TCP, TCP_CC_INFO, BBR_INFO.size))
+                seen_startup = seen_startup or phase == "startup"
+                if phase == "startup" or (phase == "unknown" and not seen_startup):
+                    self._startup_timer = self._loop.call_later(poll, check)
+                    return
+                # Past STARTUP -- or not BBR any more, when nothing says when to lift: lift now.
+                set_pacing_cap(self._sock, then or PACING_UNLIMITED)
+                self.startup_capped = False
+            except OSError:
+                pass  # the socket is failing; the next send or receive reports it
+
+        self._startup_timer = self._loop.call_later(poll, check)
+
     def close(self) -> None:
+        if self._startup_timer is not None:
+            self._startup_timer.cancel()
+            self._startup_timer = None
         if not self._closed:
             self._closed = True
             self._scratch = None
@@ -342,6 +404,8 @@ class TcpTransport(Transport):
                 out["congestion"] = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
             except OSError:
                 pass
+        if self.startup_capped:
+            out["startup_capped"] = True
         return out
 
 
@@ -446,6 +510,19 @@ class TcpBackend(Backend):
         # rate it costs goodput (BBR's standing queue carries the link through ProbeRTT).
         self.rate_cap = int(min(parse_rate(opts.get("rate_cap", 0), f"{where}: rate_cap", number_unit=1e6,
                                            allow_unlimited=True) / 8, MAX_PACING_RATE_LIMIT))
+        # The start-up cap (see STARTUP_CAP_SHARE): by default with BBR and a profile rate.
+        if "startup_cap" in opts:
+            raw = opts["startup_cap"]
+            startup_bps = 0.0 if raw is False or raw == "off" else parse_rate(raw, f"{where}: startup_cap", number_unit=1e6,
+                                                                                allow_unlimited=True)
+        else:
+            startup_bps = settings.profile.rate_mbit * 1e6 * STARTUP_CAP_SHARE if cc == "bbr" and settings.profile.rate_mbit else 0.0
+        self.startup_cap = int(min(startup_bps / 8, MAX_PACING_RATE_LIMIT))
+        if self.rate_cap:
+            self.startup_cap = min(self.startup_cap, self.rate_cap) if self.startup_cap else 0
+        if self.startup_cap and cc != "bbr":
+            raise ConfigError(f"startup_cap needs congestion: bbr (it lifts when BBR leaves STARTUP), not {cc}", where=where)
+        self.startup_poll = min(0.5, max(0.05, (settings.profile.rtt_ms or 100.0) / 2e3))
         self._stripes = StripeRegistry()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -465,7 +542,7 @@ class TcpBackend(Backend):
         if self.dead_timeout:
             set_dead_timeout(sock, self.dead_timeout)
         if self.rate_cap:
-            sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, self.rate_cap)
+            set_pacing_cap(sock, self.rate_cap)
 
     async def listen(self, host: str, port: int, on_accept: AcceptCallback) -> Listener:
         with map_exceptions(LISTEN_ERRORS, f"cannot listen on {format_hostport(host, port)}"):
@@ -524,6 +601,8 @@ class TcpBackend(Backend):
                 except asyncio.TimeoutError:
                     raise ConnectTimeout(f"connect to {format_hostport(host, port)} timed out after {timeout:g}s") from None
             first = TcpTransport(sock, self.settings.max_message_size, self.dead_timeout)
+            if conn_type is ConnType.BULK:
+                self._hold_startup(first)
         except BaseException:
             sock.close()
             raise
@@ -534,6 +613,8 @@ class TcpBackend(Backend):
             t = await self.connect(host, port, ConnType.CONTROL, timeout)  # a plain socket, tuned alike
             assert isinstance(t, TcpTransport)
             try:
+                with map_exceptions(CONNECT_ERRORS, what):
+                    self._hold_startup(t)
                 await t.send([(join, b"")])
             except BaseException:
                 t.close()
@@ -541,6 +622,12 @@ class TcpBackend(Backend):
             return t
 
         return StripedTransport(first, streams=self.streams, opener=open_stripe)
+
+    def _hold_startup(self, transport: TcpTransport) -> None:
+        """A new socket that will carry bulk data starts under the start-up cap (its share of
+        it, when a connection is striped)."""
+        if self.startup_cap:
+            transport.hold_startup(max(1, self.startup_cap // self.streams), self.rate_cap, self.startup_poll)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -556,5 +643,6 @@ class TcpBackend(Backend):
             "dead_timeout": self.dead_timeout or "kernel default",
             "streams": self.streams,
             "rate_cap": format_rate(self.rate_cap * 8),
+            "startup_cap": format_rate(self.startup_cap * 8) if self.startup_cap else "off",
         }
 
