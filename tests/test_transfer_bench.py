@@ -1,10 +1,14 @@
-"""``lu2k bench transfer``'s pure parts: a row's figures (with the load it ran under) and the
-report (with the emulator's lateness).  The run itself needs root and minutes: it is
-exercised by hand (docs/measurements/2026-12-03-transfer.md) and the lab tests."""
+"""``lu2k bench transfer``: a row's figures (with the load it ran under), the report (with the
+emulator's lateness), and one short run over a fast lab link (root, network namespaces); the
+200 MB GEO runs are by hand (docs/measurements/)."""
 
 from __future__ import annotations
 
-from lu2k.lab.transfer_bench import _figures, format_transfer
+import os
+
+import pytest
+
+from lu2k.lab.transfer_bench import _figures, format_transfer, run_transfer
 
 
 def test_figures_share_of_limit_and_load() -> None:
@@ -15,7 +19,7 @@ def test_figures_share_of_limit_and_load() -> None:
 
 
 def test_report_has_every_row_its_load_and_the_emulator_lateness() -> None:
-    row = {**_figures(200_000_000, 88.0, 19.8e6, load_before=3.0), "verified": True}
+    row = {**_figures(200_000_000, 88.0, 19.8e6, load_before=3.0), "verified": True, "queue_drops_ab": 2813}
     bad = {**_figures(200_000_000, 120.0, 19.8e6, load_before=9.0), "verified": False}
     lat = {"lateness": {"p99_us": 1030.0, "max_us": 28000.0}}
     text = format_transfer({"tcp_backend_congestion": "bbr", "size": 200_000_000, "rate_mbit": 20.0, "rtt_ms": 600.0, "loss": 0.01,
@@ -23,8 +27,24 @@ def test_report_has_every_row_its_load_and_the_emulator_lateness() -> None:
                             "lab": {"links": {"ab": lat, "ba": lat}}})
     assert "lu2k-tcp warm" in text and "NO" in text and "yes" in text and "92%" in text
     assert "3.0/" in text and "9.0/" in text
+    assert "queue drops a->b" in text and "2813" in text  # and "-" for the row without the count
     assert "ab p99 1.03 ms, max 28.0 ms" in text
     assert "backend options" not in text
     with_options = format_transfer({"tcp_backend_congestion": "bbr", "options": {"notsent_lowat": 0}, "size": 1, "rate_mbit": 20.0,
                                     "rtt_ms": 600.0, "loss": 0.01, "limit_mbit": 19.8, "transfer": {}, "http": {}})
     assert "backend options: notsent_lowat=0" in with_options
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+def test_a_short_run_has_every_row_verified_with_its_drops_and_options() -> None:
+    from lu2k.lab.spec import build_specs
+
+    r = run_transfer(build_specs("custom", rate="200mbit", rtt="10ms"), size=4_000_000, backends=["tcp"], forward_backends=[],
+                     http=False, options={"startup_cap": "off"})
+    assert set(r["transfer"]) == {"kernel-bbr", "lu2k-tcp cold", "lu2k-tcp warm"}
+    for name, row in r["transfer"].items():
+        assert row["verified"], (name, row)
+        assert isinstance(row["queue_drops_ab"], int) and row["queue_drops_ab"] >= 0
+    assert r["options"] == {"startup_cap": "off"} and "backend options: startup_cap=off" in format_transfer(r)

@@ -17,7 +17,8 @@ One run, one lab (same link, same seed), one random file of ``--size`` bytes:
    backend given with ``--forward-backends``; the daemons have carried the sends before).
 
 Goodput = file bytes x 8 / wall time, and its share of the limit ``rate x (1 - loss)``.
-Wall times include process start-up and the first round trips, as a user sees them.
+Wall times include process start-up and the first round trips, as a user sees them.  Each row
+also counts the packets the a->b bottleneck queue dropped during it (a sender's overshoot).
 ``--json`` makes the last line a JSON object with every figure and the lab's counters.
 """
 
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +155,19 @@ def _figures(nbytes: int, seconds: float, limit_bps: float, load_before: float |
     mbit = nbytes * 8 / seconds / 1e6
     return {"seconds": round(seconds, 2), "goodput_mbit": round(mbit, 3), "of_limit": round(mbit * 1e6 / limit_bps, 4) if limit_bps else None,
             "load": [load_before if load_before is not None else _load(), _load()]}
+
+
+def _bottleneck_drops(lab: Lab) -> int:
+    """Packets the a->b bottleneck queue has dropped so far (overflow, not the random loss)."""
+    return int(lab.stats()["links"]["ab"]["drops_queue"])
+
+
+def _row(lab: Lab, nbytes: int, limit_bps: float, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One measured row: what ``run`` returns, its figures, and the queue drops a->b during it
+    (a sender's overshoot shows there, e.g. a BBR STARTUP)."""
+    load0, drops0 = _load(), _bottleneck_drops(lab)
+    r = run()
+    return {**r, **_figures(nbytes, r["seconds"], limit_bps, load0), "queue_drops_ab": _bottleneck_drops(lab) - drops0}
 
 
 def _load() -> float:
@@ -302,18 +317,15 @@ def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[
             for side in ("a", "b"):
                 lab.run(side, ["ip", "link", "set", "lo", "up"], check=True)
             say(f"kernel TCP BBR copy of {size / 1e6:.0f} MB ...")
-            load0 = _load()
-            r = kernel_copy(lab, src, wd / "copy.bin")
-            out["transfer"]["kernel-bbr"] = {**r, **_figures(size, r["seconds"], limit, load0)}
+            out["transfer"]["kernel-bbr"] = _row(lab, size, limit, lambda: kernel_copy(lab, src, wd / "copy.bin"))
             httpd = None
             if http:
                 httpd = lab.popen("b", _helper("httpd", "--directory", str(src_dir)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env=env)
                 _ready(httpd, "HTTP server")
                 say("HTTP download over kernel TCP BBR ...")
-                load0 = _load()
-                r = http_download(lab, f"http://{lab.addr_b}:{HTTP_PORT}/{src.name}", wd / "http.bin", src)
-                out["http"]["kernel-bbr"] = {**r, **_figures(size, r["seconds"], limit, load0)}
+                url = f"http://{lab.addr_b}:{HTTP_PORT}/{src.name}"
+                out["http"]["kernel-bbr"] = _row(lab, size, limit, lambda: http_download(lab, url, wd / "http.bin", src))
             try:
                 for backend in dict.fromkeys([*backends, *forward_backends]):
                     bwd = wd / backend
@@ -326,19 +338,13 @@ def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[
                     with daemons:
                         if backend in backends:
                             say(f"lu2k send over {backend} (fresh daemons) ...")
-                            load0 = _load()
-                            r = lu2k_send(lab, daemons, src, wd / "dst")
-                            out["transfer"][f"lu2k-{backend} cold"] = {**r, **_figures(size, r["seconds"], limit, load0)}
+                            out["transfer"][f"lu2k-{backend} cold"] = _row(lab, size, limit, lambda: lu2k_send(lab, daemons, src, wd / "dst"))
                             if warm:
                                 say(f"lu2k send over {backend} again (connections up) ...")
-                                load0 = _load()
-                                r = lu2k_send(lab, daemons, src, wd / "dst")
-                                out["transfer"][f"lu2k-{backend} warm"] = {**r, **_figures(size, r["seconds"], limit, load0)}
+                                out["transfer"][f"lu2k-{backend} warm"] = _row(lab, size, limit, lambda: lu2k_send(lab, daemons, src, wd / "dst"))
                         if http and backend in forward_backends:
                             say(f"HTTP download through lu2k forward over {backend} ...")
-                            load0 = _load()
-                            r = forward_download(lab, daemons, src, wd / "fwd.bin")
-                            out["http"][f"lu2k-forward-{backend}"] = {**r, **_figures(size, r["seconds"], limit, load0)}
+                            out["http"][f"lu2k-forward-{backend}"] = _row(lab, size, limit, lambda: forward_download(lab, daemons, src, wd / "fwd.bin"))
             finally:
                 if httpd is not None:
                     stop_processes([httpd])
@@ -357,7 +363,8 @@ def format_transfer(r: dict[str, Any]) -> str:
         for name, x in r[part].items():
             share = f"{x['of_limit']:.0%}" if x.get("of_limit") is not None else "-"
             load = "/".join(f"{v:.1f}" for v in x.get("load", []))
-            rows.append([title, name, f"{x['seconds']:.1f}", f"{x['goodput_mbit']:.2f}", share, "yes" if x.get("verified") else "NO", load])
+            drops = str(x["queue_drops_ab"]) if x.get("queue_drops_ab") is not None else "-"
+            rows.append([title, name, f"{x['seconds']:.1f}", f"{x['goodput_mbit']:.2f}", share, "yes" if x.get("verified") else "NO", drops, load])
     cc = r.get("tcp_backend_congestion") or "kernel default"
     options = ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
     head = (f"lu2k tcp backend congestion control: {cc}" + (f"; backend options: {options}" if options else "") + "\n"
@@ -369,7 +376,7 @@ def format_transfer(r: dict[str, Any]) -> str:
             for d, v in links.items() if isinstance(v, dict) and v.get("lateness")]
     if late:
         tail = "\nemulator lateness (how late packets left against their schedule): " + "; ".join(late)
-    return head + "\n" + render(["what", "path", "seconds", "Mbit/s", "of limit", "verified", "load before/after"], rows) + tail
+    return head + "\n" + render(["what", "path", "seconds", "Mbit/s", "of limit", "verified", "queue drops a->b", "load before/after"], rows) + tail
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
