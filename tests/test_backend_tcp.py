@@ -120,13 +120,16 @@ async def test_sockets_get_the_unsent_bytes_limit() -> None:
         await _close(out, inn, lst, server, client)
 
 
-async def test_sockets_get_the_pacing_cap() -> None:
-    but = BackendUnderTest(TcpBackend, "127.0.0.1", options={"rate_cap": "20mbit"})
+@pytest.mark.parametrize("cap, expect", [("20mbit", 20_000_000 // 8), ("100gbit", tcp.MAX_PACING_RATE_LIMIT)])
+async def test_sockets_get_the_pacing_cap(cap: str, expect: int) -> None:
+    # 100gbit: above a C int's range; the kernel takes a u32 (Python must pass it as bytes).
+    but = BackendUnderTest(TcpBackend, "127.0.0.1", options={"rate_cap": cap})
     server, client, out, inn, lst = await _pair(but)
     try:
         for t in (getattr(out, "stripes", [out])[0], getattr(inn, "stripes", [inn])[0]):
-            assert t._sock.getsockopt(socket.SOL_SOCKET, tcp.SO_MAX_PACING_RATE) == 20_000_000 // 8
-        assert server.describe()["rate_cap"] == "20mbit"
+            raw = t._sock.getsockopt(socket.SOL_SOCKET, tcp.SO_MAX_PACING_RATE, 4)
+            assert int.from_bytes(raw, "little") == expect
+        assert server.describe()["rate_cap"] == ("20mbit" if cap == "20mbit" else "34.3597gbit")  # what the kernel holds
     finally:
         await _close(out, inn, lst, server, client)
 
