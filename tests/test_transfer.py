@@ -271,3 +271,51 @@ def test_progress_line_on_a_terminal_summary_line_otherwise(pair, tmp_path: Path
     r = send(a, b, str(f))  # not a terminal: no redrawing, one summary line
     assert r.returncode == 0 and "\x1b" not in r.stderr and r.stderr.count("\n") == 1 and "sent 1 entry" in r.stderr, r.stderr
     stop(srv)
+
+
+def test_small_files_go_inline_and_again_are_only_verified_or_found_different(pair, tmp_path: Path) -> None:
+    """A file of at most one chunk goes out whole in its first OFFER (one round trip): the
+    sessions never send a separate DATA.  Sent again it is verified in place; changed under the
+    same size and mtime it is refused as different."""
+    import asyncio
+
+    from lu2k.apps import transfer_proto as tp
+    from lu2k.apps.transfer import Sender, collect
+
+    a, b = pair
+    src, dst = tmp_path / "small", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    for i in range(6):  # 0 B .. 5 KB, and one of a whole default chunk
+        (src / f"s{i}").write_bytes(os.urandom(i * 997))
+    (src / "whole").write_bytes(os.urandom(tp.DEFAULT_CHUNK - 100))
+    srv = serve(b, dst)
+    entries, problems = collect([str(src)])
+    assert not problems
+    sender = Sender(a.shim_path, b.nid)
+    assert asyncio.run(sender.run(entries)) == 0
+    files = [s for s in sender.sessions.values() if s.entry is tp.Entry.FILE]
+    assert len(files) == 7 and all(s.outcome is tp.Outcome.OK for s in files)
+    assert all(s.offers == 1 and not s.delivered and not s.have for s in files)  # inline: no DATA, no ACCEPT
+    for f in src.iterdir():
+        assert sha(dst / "small" / f.name) == sha(f)
+        assert (dst / "small" / f.name).stat().st_mtime_ns == f.stat().st_mtime_ns
+    again = send(a, b, str(src))
+    assert again.returncode == 0, again.stderr
+    changed = src / "s3"
+    st = changed.stat()
+    changed.write_bytes(os.urandom(st.st_size))
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns))
+    differs = send(a, b, str(src))
+    assert differs.returncode == 4 and "other content" in differs.stderr, differs.stderr
+    log = stop(srv)
+    assert log.count("(already in place)") == 7 + 6, log  # all seven, then the six unchanged
+    one = tmp_path / "one.txt"
+    one.write_bytes(b"to a one-shot receiver")
+    out = tmp_path / "out.txt"
+    recv = subprocess.Popen([*LU2K, "recv", "--socket", b.shim_path, "-o", str(out), "--timeout", "60"], stderr=subprocess.PIPE, text=True)
+    assert recv.stderr is not None and "waiting on portal 0" in recv.stderr.readline()
+    r = send(a, b, str(one))
+    assert r.returncode == 0, r.stderr
+    _, rerr = recv.communicate(timeout=60)
+    assert recv.returncode == 0 and out.read_bytes() == one.read_bytes(), rerr

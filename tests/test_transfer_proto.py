@@ -234,3 +234,88 @@ def test_end_goes_out_with_data_in_flight_and_ok_concludes_even_while_settling()
     assert s.state is tp.SendState.SETTLING
     s.handle(tp.Result(1, tp.Outcome.OK))  # ... but the receiver had it all and verified
     assert s.state is tp.SendState.DONE and s.outcome is tp.Outcome.OK
+
+
+# --- inline offers: a file of at most one chunk in its first offer ------------------------------
+
+
+def test_inline_offer_round_trips_and_expands_to_offer_data_end() -> None:
+    body = b"small file"
+    sha = hashlib.sha256(body).digest()
+    m = tp.decode(tp.encode(tp.Offer(5, "d/s.txt", len(body), 9, 0o600, tp.DEFAULT_CHUNK, tp.Entry.FILE, body, sha)))
+    assert isinstance(m, tp.Offer) and bytes(m.inline or b"") == body and m.sha == sha
+    offer, data, end = tp.expand(m)
+    assert offer == tp.Offer(5, "d/s.txt", len(body), 9, 0o600, tp.DEFAULT_CHUNK, tp.Entry.FILE)  # plain
+    assert isinstance(data, tp.Data) and data.offset == 0 and data.sha == sha and bytes(data.payload) == body
+    assert end == tp.End(5, len(body), sha)
+    empty = tp.decode(tp.encode(tp.Offer(6, "e", 0, 9, 0o600, tp.DEFAULT_CHUNK, tp.Entry.FILE, b"", hashlib.sha256().digest())))
+    assert [type(x) for x in tp.expand(empty)] == [tp.Offer, tp.End]  # an empty file has no DATA
+    plain = tp.Offer(7, "p", 10**9, 0, 0o644, tp.DEFAULT_CHUNK, tp.Entry.FILE)
+    assert tp.expand(plain) == [plain] and tp.expand(tp.Abort(7, "x")) == [tp.Abort(7, "x")]
+
+
+@pytest.mark.parametrize("offer_fields, content, what", [
+    ((3, 0, 0o644, 100, tp.Entry.FILE, 1), b"abcd", "4 bytes for a file of 3"),  # length differs from the size
+    ((200, 0, 0o644, 100, tp.Entry.FILE, 1), b"x" * 200, "at most one chunk"),  # more than one chunk
+    ((0, 0, 0o755, 100, tp.Entry.DIR, 1), b"", "entry kind 1"),  # a directory has no content
+])
+def test_bad_inline_offers_say_what_is_wrong(offer_fields: tuple[int, ...], content: bytes, what: str) -> None:
+    raw = tp.HDR.pack(tp.MAGIC, tp.Kind.OFFER_INLINE, 1, 0, 1) + tp.OFFER.pack(*offer_fields) + b"n" + bytes(32) + content
+    with pytest.raises(RemoteProtocolError, match=what):
+        tp.decode(raw)
+    with pytest.raises(RemoteProtocolError, match="truncated"):
+        tp.decode(tp.HDR.pack(tp.MAGIC, tp.Kind.OFFER_INLINE, 1, 0, 1) + tp.OFFER.pack(3, 0, 0o644, 100, 0, 1) + b"n" + bytes(8))
+
+
+def test_a_small_file_goes_inline_once_and_ok_concludes_it() -> None:
+    body = b"x" * 1000
+    s = tp.SendSession(1, "f", len(body), 0, 0o644, tp.Entry.FILE, 1000)
+    assert s.inline_eligible
+    offer = tp.decode(s.offer_inline(body, hashlib.sha256(body).digest()))
+    assert isinstance(offer, tp.Offer) and offer.inline is not None
+    assert s.state is tp.SendState.ENDED and s.end_sent and not s.inline_eligible
+    s.handle(tp.Accept(1, ()))  # an ACCEPT (a receiver answering the plain OFFER part) changes nothing
+    assert s.state is tp.SendState.ENDED and s.ignored == 1
+    # The receiver had lost the session: settle and re-offer -- plainly, which any receiver answers.
+    s.handle(tp.Result(1, tp.Outcome.UNKNOWN_SESSION))
+    assert s.state is tp.SendState.SETTLING and s.settled() and not s.inline_eligible
+    assert isinstance(tp.decode(s.offer()), tp.Offer) and s.state is tp.SendState.OFFERED
+    s.handle(tp.Accept(1, ()))  # it holds nothing: the one chunk goes again, as DATA (already read and hashed)
+    assert s.next_chunk() == (0, False, True) and s.next_chunk() is None
+    s.chunk_posted(0)
+    assert s.ready_to_end()
+    s.chunk_delivered(0)
+    s.end(hashlib.sha256(body).digest())
+    s.handle(tp.Result(1, tp.Outcome.OK))
+    assert s.state is tp.SendState.DONE and s.outcome is tp.Outcome.OK
+
+
+def test_what_may_go_inline() -> None:
+    def session(size: int, name: str = "f", entry: tp.Entry = tp.Entry.FILE) -> tp.SendSession:
+        return tp.SendSession(1, name, size, 0, 0o644, entry)
+
+    assert session(0).inline_eligible and session(tp.DEFAULT_CHUNK - 1).inline_eligible
+    assert not session(tp.DEFAULT_CHUNK + 1).inline_eligible  # two chunks
+    assert not session(tp.DEFAULT_CHUNK - 10, name="n" * 20).inline_eligible  # bytes and name over INLINE_MAX
+    assert not session(0, entry=tp.Entry.DIR).inline_eligible and not session(0, entry=tp.Entry.STREAM).inline_eligible
+    big = session(tp.DEFAULT_CHUNK + 1)
+    with pytest.raises(LocalProtocolError, match="not a first offer"):
+        big.offer_inline(b"", b"")
+    small = session(3)
+    with pytest.raises(LocalProtocolError, match="2 bytes inline for a file of 3"):
+        small.offer_inline(b"ab", bytes(32))
+
+
+def test_receiver_takes_an_inline_offer_as_offer_data_end_and_an_existing_file_is_only_verified() -> None:
+    body = b"hello, satellite"
+    sha = hashlib.sha256(body).digest()
+    offer, data, end = tp.expand(tp.Offer(3, "f", len(body), 0, 0o644, 1000, tp.Entry.FILE, body, sha))
+    assert isinstance(offer, tp.Offer) and isinstance(data, tp.Data) and isinstance(end, tp.End)
+    r = tp.RecvSession(3, "peer", offer)
+    assert r.on_data(data, True) == 0 and not r.written(0)  # written; END not seen yet
+    assert r.on_end(end)  # now ready to verify
+    assert tp.decode(r.verified(sha)) == tp.Result(3, tp.Outcome.OK)
+    # The same file already in place (same name, size and mtime): nothing is written, the hash decides.
+    again = tp.RecvSession(4, "peer", offer, existing=True)
+    assert again.on_data(data, True) is None and again.on_end(end)
+    assert tp.decode(again.verified(hashlib.sha256(b"other content, same size").digest())).outcome is tp.Outcome.EXISTS_DIFFERS  # type: ignore[union-attr]

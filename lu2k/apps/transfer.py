@@ -327,7 +327,17 @@ class Sender:
         failing_since: float | None = None
         counted: set[int] = set()
         while not s.finished:
-            if s.state in (tp.SendState.IDLE, tp.SendState.SETTLING):
+            if s.inline_eligible:
+                content = os.pread(fd, s.size, 0) if s.size else b""
+                if len(content) != s.size:
+                    s.give_up(tp.Outcome.IO_ERROR, f"{s.name}: file shrank while being sent")
+                    break
+                await self._pace(len(content) + tp.DATA_OVERHEAD)  # --rate holds for inline bytes too
+                hasher.update(content)  # the whole file: a plain re-offer's END needs its hash too
+                await self._send_ctl(s, s.offer_inline(content, hasher.copy().digest()))
+                self.stats.wire += s.size
+                log.debug("%s: OFFER with the whole file sent", s.name)
+            elif s.state in (tp.SendState.IDLE, tp.SendState.SETTLING):
                 await self._send_ctl(s, s.offer())
                 log.debug("%s: OFFER sent", s.name)
             if s.state is tp.SendState.OFFERED:
@@ -356,11 +366,21 @@ class Sender:
                     break
                 log.info("%s: %s; re-offering", s.name, s.text)
                 await asyncio.sleep(min(5.0, max(0.2, self.retry_for / 20)))
+        if s.outcome is tp.Outcome.OK:  # verified at the far side: every byte counts as done (an inline file's too)
+            for i in set(range(s.nchunks)) - counted:
+                self.stats.done += min(s.chunk, s.size - i * s.chunk)
+
+    async def _pace(self, n: int) -> None:
+        """Wait until ``--rate`` lets ``n`` more bytes go."""
+        loop = asyncio.get_running_loop()
+        delay = self.bucket.delay(n, loop.time())
+        while delay > 0:
+            await asyncio.sleep(delay)
+            delay = self.bucket.delay(n, loop.time())
 
     async def _pump(self, s: tp.SendSession, fd: int, hasher: Any, counted: set[int]) -> None:
         assert self.ep is not None
         ep = self.ep
-        loop = asyncio.get_running_loop()
         while s.state is tp.SendState.SENDING:
             nxt = s.next_chunk()
             if nxt is None:
@@ -378,10 +398,7 @@ class Sender:
                 continue
             n = want + tp.DATA_OVERHEAD
             await self.window.acquire(n)
-            delay = self.bucket.delay(n, loop.time())
-            while delay > 0:
-                await asyncio.sleep(delay)
-                delay = self.bucket.delay(n, loop.time())
+            await self._pace(n)
             try:
                 slot = await ep.reserve(n)
             except ShimError as err:
@@ -574,9 +591,21 @@ class TransferService:
         msg = tp.decode(payload)
         key = (src, src_portal, msg.sid)
         now = time.monotonic()
+        if isinstance(msg, tp.Offer) and msg.inline is not None:
+            offer, *rest = tp.expand(msg)
+            assert isinstance(offer, tp.Offer)
+            self._on_offer(key, offer, now, reply_accept=False)
+            if key in self.active:  # not refused, nor answered already: the DATA and END it carries
+                for part in rest:
+                    self._on_part(key, part, now)
+            return
         if isinstance(msg, tp.Offer):
             self._on_offer(key, msg, now)
             return
+        self._on_part(key, msg, now)
+
+    def _on_part(self, key: tuple[bytes, int, int], msg: tp.Message, now: float) -> None:
+        """A DATA, END or ABORT of a session."""
         done = self.finished.get(key)
         if done is not None:
             if isinstance(msg, tp.End):
@@ -623,7 +652,9 @@ class TransferService:
             self._finish(inc, s.fail(tp.Outcome.ABORTED, f"protocol error: {e}"))
             raise
 
-    def _on_offer(self, key: tuple[bytes, int, int], m: tp.Offer, now: float) -> None:
+    def _on_offer(self, key: tuple[bytes, int, int], m: tp.Offer, now: float, *, reply_accept: bool = True) -> None:
+        """A new session (or a repeated OFFER).  ``reply_accept`` False: an inline offer, whose
+        sender waits for the RESULT only."""
         src = _src_name(key[0])
         if key in self.finished:
             self._reply(key, self.finished[key])
@@ -631,7 +662,8 @@ class TransferService:
         inc = self.active.get(key)
         if inc is not None:  # a repeated OFFER: the sender re-synchronises
             inc.session.last_activity = now
-            self._reply(key, inc.session.accept())
+            if reply_accept:
+                self._reply(key, inc.session.accept())
             return
 
         def refuse(outcome: tp.Outcome, text: str) -> None:
@@ -712,7 +744,8 @@ class TransferService:
                 self.say(f"resuming {m.name} from {src}: {len(s.held)} of {s.nchunks} chunks already verified")
         self.active[key] = inc
         self.by_name[m.name] = key
-        self._reply(key, s.accept())
+        if reply_accept:
+            self._reply(key, s.accept())
         if s.nchunks == 0 and not s.existing:
             inc.dirty = True
 
@@ -916,27 +949,45 @@ class StreamReceiver:
     def _on_message(self, src: bytes, src_portal: int, payload: memoryview) -> None:
         msg = tp.decode(payload)
         key = (src, src_portal, msg.sid)
-        if isinstance(msg, tp.Offer):
-            if self.key is None:
-                if msg.entry is tp.Entry.DIR:
-                    text = "this receiver takes one stream or file (use lu2k recv --serve DIR for directories)"
-                    self._reply(key, tp.encode_result(tp.Result(msg.sid, tp.Outcome.REFUSED, text)))
-                    return
-                try:
-                    self.out = sys.stdout.buffer if self.output == "-" else open(self.part, "wb")
-                except OSError as e:
-                    self._reply(key, tp.encode_result(tp.Result(msg.sid, tp.Outcome.IO_ERROR, f"cannot write {self.output}: {e.strerror}")))
-                    self._conclude(1, f"cannot write {self.output}: {e.strerror}")
-                    return
-                self.key = key
-                if not self.quiet:
-                    what = "a stream" if msg.entry is tp.Entry.STREAM else f"{msg.name} ({msg.size:,} bytes)"
-                    print(f"lu2k recv: receiving {what} from {_src_name(src)}", file=sys.stderr)
-            if key == self.key:
-                self._reply(key, tp.encode_accept(tp.Accept(msg.sid, ())))
-            else:
-                self._reply(key, tp.encode_result(tp.Result(msg.sid, tp.Outcome.BUSY, f"this receiver is taking a transfer from {_src_name(self.key[0])}")))
+        if isinstance(msg, tp.Offer) and msg.inline is not None:
+            offer, *rest = tp.expand(msg)
+            assert isinstance(offer, tp.Offer)
+            if self._on_offer(key, offer, reply_accept=False):
+                for part in rest:
+                    self._on_part(key, part)
             return
+        if isinstance(msg, tp.Offer):
+            self._on_offer(key, msg)
+            return
+        self._on_part(key, msg)
+
+    def _on_offer(self, key: tuple[bytes, int, int], msg: tp.Offer, *, reply_accept: bool = True) -> bool:
+        """True if this is the transfer this receiver takes (now or already)."""
+        src = key[0]
+        if self.key is None:
+            if msg.entry is tp.Entry.DIR:
+                text = "this receiver takes one stream or file (use lu2k recv --serve DIR for directories)"
+                self._reply(key, tp.encode_result(tp.Result(msg.sid, tp.Outcome.REFUSED, text)))
+                return False
+            try:
+                self.out = sys.stdout.buffer if self.output == "-" else open(self.part, "wb")
+            except OSError as e:
+                self._reply(key, tp.encode_result(tp.Result(msg.sid, tp.Outcome.IO_ERROR, f"cannot write {self.output}: {e.strerror}")))
+                self._conclude(1, f"cannot write {self.output}: {e.strerror}")
+                return False
+            self.key = key
+            if not self.quiet:
+                what = "a stream" if msg.entry is tp.Entry.STREAM else f"{msg.name} ({msg.size:,} bytes)"
+                print(f"lu2k recv: receiving {what} from {_src_name(src)}", file=sys.stderr)
+        if key == self.key:
+            if reply_accept:
+                self._reply(key, tp.encode_accept(tp.Accept(msg.sid, ())))
+            return True
+        self._reply(key, tp.encode_result(tp.Result(msg.sid, tp.Outcome.BUSY, f"this receiver is taking a transfer from {_src_name(self.key[0])}")))
+        return False
+
+    def _on_part(self, key: tuple[bytes, int, int], msg: tp.Message) -> None:
+        """A DATA, END or ABORT of the transfer this receiver takes (others are answered or dropped)."""
         if key != self.key:
             if isinstance(msg, (tp.Data, tp.End)):
                 self._reply(key, tp.encode_result(tp.Result(msg.sid, tp.Outcome.UNKNOWN_SESSION, "not the transfer this receiver takes")))

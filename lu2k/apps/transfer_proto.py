@@ -12,7 +12,10 @@ connections) and not that the far *application* did anything with it.  So every 
 its own session, started by the sender and concluded by the receiver:
 
 1. ``OFFER`` (name, size, mode, mtime, chunk size) -> ``ACCEPT`` listing the chunks the
-   receiver already holds *verified* (resume), or ``RESULT`` with a refusal.
+   receiver already holds *verified* (resume), or ``RESULT`` with a refusal.  A file of at
+   most one chunk goes out whole in its first offer instead (``OFFER_INLINE``: the OFFER, the
+   file's SHA-256 and its bytes), which the receiver takes as OFFER, DATA and END at once and
+   answers with the ``RESULT``: one round trip per small file, not two.
 2. ``DATA`` per missing chunk: byte offset, SHA-256 of the chunk, the bytes.  The receiver
    checks the chunk's hash before writing it to ``.NAME.lu2k-part`` and records it in its
    state file only after the data is on disk; a chunk that fails its hash is not recorded
@@ -63,6 +66,8 @@ RANGE = struct.Struct("<QQ")
 DATA = struct.Struct("<Q32s")
 # END: total size, SHA-256 of the whole file.
 END = struct.Struct("<Q32s")
+# OFFER_INLINE: OFFER and the name, then the file's SHA-256, then its bytes (``size`` of them).
+INLINE_SHA = struct.Struct("<32s")
 # RESULT: outcome, text length; then UTF-8 text.  ABORT: text length; then text.
 RESULT = struct.Struct("<BH")
 ABORT = struct.Struct("<H")
@@ -74,6 +79,8 @@ DEFAULT_CHUNK = 128 * 1024 - 256
 MAX_CHUNK = 4 * 1024 * 1024 - DATA_OVERHEAD
 MAX_NAME = 4096
 MAX_RANGES = 16384  # an ACCEPT stays under 300 KB; the sender resends what did not fit
+# A file goes inline when its bytes and name fit in this (a DATA message of the default chunk).
+INLINE_MAX = DEFAULT_CHUNK
 ACCEPT_COMPLETE = 1  # the file is already in place with this size and mtime: verify only
 
 
@@ -84,6 +91,7 @@ class Kind(enum.IntEnum):
     END = 4
     RESULT = 5
     ABORT = 6
+    OFFER_INLINE = 7
 
 
 class Entry(enum.IntEnum):
@@ -130,6 +138,8 @@ class Offer:
     mode: int
     chunk: int
     entry: Entry
+    inline: memoryview | bytes | None = None  # OFFER_INLINE: the whole file (one chunk at most)
+    sha: bytes = b""  # OFFER_INLINE: its SHA-256
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +192,12 @@ def encode_offer(m: Offer) -> bytes:
     name = m.name.encode("utf-8", "surrogateescape")
     if len(name) > MAX_NAME:
         raise LocalProtocolError(f"name of {len(name)} bytes exceeds {MAX_NAME}: {m.name[:80]}...")
-    return _hdr(Kind.OFFER, m.sid) + OFFER.pack(m.size, m.mtime_ns, m.mode, m.chunk, m.entry, len(name)) + name
+    fields = OFFER.pack(m.size, m.mtime_ns, m.mode, m.chunk, m.entry, len(name)) + name
+    if m.inline is None:
+        return _hdr(Kind.OFFER, m.sid) + fields
+    if len(m.inline) != m.size or m.size > m.chunk or m.entry is not Entry.FILE or len(m.sha) != 32:
+        raise LocalProtocolError(f"{m.name}: an inline offer carries a whole file of at most one chunk, and its SHA-256")
+    return _hdr(Kind.OFFER_INLINE, m.sid) + fields + INLINE_SHA.pack(m.sha) + bytes(m.inline)
 
 
 def encode_accept(m: Accept) -> bytes:
@@ -238,7 +253,7 @@ def decode(buf: bytes | memoryview) -> Message:
         if kind == Kind.DATA:
             offset, sha = DATA.unpack_from(body)
             return Data(sid, offset, sha, body[DATA.size :])
-        if kind == Kind.OFFER:
+        if kind in (Kind.OFFER, Kind.OFFER_INLINE):
             size, mtime_ns, mode, chunk, entry, nlen = OFFER.unpack_from(body)
             raw = bytes(body[OFFER.size : OFFER.size + nlen])
             if len(raw) != nlen:
@@ -247,7 +262,15 @@ def decode(buf: bytes | memoryview) -> Message:
                 raise RemoteProtocolError(f"OFFER of unknown entry kind {entry}")
             if not 0 < chunk <= MAX_CHUNK:
                 raise RemoteProtocolError(f"OFFER chunk size {chunk} outside 1..{MAX_CHUNK}")
-            return Offer(sid, raw.decode("utf-8", "surrogateescape"), size, mtime_ns, mode, chunk, Entry(entry))
+            name = raw.decode("utf-8", "surrogateescape")
+            if kind == Kind.OFFER:
+                return Offer(sid, name, size, mtime_ns, mode, chunk, Entry(entry))
+            (sha,) = INLINE_SHA.unpack_from(body, OFFER.size + nlen)
+            content = body[OFFER.size + nlen + INLINE_SHA.size :]
+            if entry != Entry.FILE or size > chunk or len(content) != size:
+                raise RemoteProtocolError(f"inline OFFER of {name!r}: {len(content)} bytes for a file of {size} "
+                                          f"(entry kind {entry}, chunk {chunk}); it carries one whole file of at most one chunk")
+            return Offer(sid, name, size, mtime_ns, mode, chunk, Entry.FILE, content, sha)
         if kind == Kind.ACCEPT:
             flags, n = ACCEPT.unpack_from(body)
             if len(body) != ACCEPT.size + n * RANGE.size:
@@ -268,6 +291,16 @@ def decode(buf: bytes | memoryview) -> Message:
     except struct.error:
         raise RemoteProtocolError(f"truncated transfer message of kind {kind} ({len(view)} bytes)") from None
     raise RemoteProtocolError(f"unknown transfer message kind {kind}")
+
+
+def expand(m: Message) -> list[Message]:
+    """An inline OFFER as the OFFER, DATA (none for an empty file) and END it stands for; any
+    other message as itself.  Receivers handle the parts in this order."""
+    if not isinstance(m, Offer) or m.inline is None:
+        return [m]
+    plain = Offer(m.sid, m.name, m.size, m.mtime_ns, m.mode, m.chunk, m.entry)
+    data: list[Message] = [Data(m.sid, 0, m.sha, m.inline)] if m.size else []
+    return [plain, *data, End(m.sid, m.size, m.sha)]
 
 
 # --- chunk sets ---------------------------------------------------------------------------------
@@ -332,6 +365,7 @@ class SendState(enum.Enum):
 S = SendState
 SENDER_TRANSITIONS: dict[tuple[SendState, str], SendState] = {
     (S.IDLE, "offer"): S.OFFERED,
+    (S.IDLE, "offer_inline"): S.ENDED,  # the whole file, its hash and the OFFER in one message
     (S.OFFERED, "accept"): S.SENDING,
     (S.OFFERED, "result"): S.FAILED,  # a refusal (or OK for a directory/verify-only entry: see handle())
     (S.OFFERED, "offer"): S.OFFERED,  # reply timeout: ask again
@@ -387,6 +421,27 @@ class SendSession:
         if nxt is None:
             raise LocalProtocolError(f"{self.name}: event {event!r} in state {self.state.value}")
         self.state = nxt
+
+    @property
+    def inline_eligible(self) -> bool:
+        """Whether the first offer may carry the whole file (:meth:`offer_inline`).  Only the
+        first: a re-offer is a plain OFFER, which any receiver answers (one that predates
+        inline offers drops them, so its sender goes on after one reply timeout)."""
+        return (self.state is SendState.IDLE and self.entry is Entry.FILE and self.size <= self.chunk
+                and self.size + len(self.name.encode("utf-8", "surrogateescape")) <= INLINE_MAX)
+
+    def offer_inline(self, content: bytes, sha: bytes) -> bytes:
+        """The first OFFER with the whole file in it: END is then as good as sent."""
+        if not self.inline_eligible:
+            raise LocalProtocolError(f"{self.name}: not a first offer of a file of at most one chunk")
+        if len(content) != self.size:
+            raise LocalProtocolError(f"{self.name}: {len(content)} bytes inline for a file of {self.size}")
+        msg = encode_offer(Offer(self.sid, self.name, self.size, self.mtime_ns, self.mode, self.chunk, self.entry, content, sha))
+        self._go("offer_inline")
+        self.offers += 1
+        self.cursor = self.nchunks
+        self.end_sent = True
+        return msg
 
     def offer(self) -> bytes:
         """The OFFER to send (first time, after a reply timeout, or after settling)."""
@@ -554,7 +609,7 @@ class RecvSession:
     def on_data(self, m: Data, sha_ok: bool) -> int | None:
         """The chunk index to write, or None (bad hash, duplicate, out of range, wrong state)."""
         chunk = self.offer.chunk
-        if self.state is not RecvState.RECEIVING:
+        if self.state is not RecvState.RECEIVING or self.existing:  # existing: the file is in place, nothing to write
             self.duplicates += 1
             return None
         if m.offset % chunk or m.offset >= max(self.offer.size, 1):
