@@ -175,7 +175,7 @@ class Sender:
 
     def __init__(self, socket_path: str | None, dst: str, *, portal: int = portals.TRANSFER_PORTAL, chunk: int = tp.DEFAULT_CHUNK,
                  window: int = DEFAULT_WINDOW, rate_bps: float = 0.0, parallel: int = 4, retry_for: float = 60.0,
-                 reply_timeout: float = REPLY_TIMEOUT, progress: Callable[[str], None] | None = None) -> None:
+                 reply_timeout: float = REPLY_TIMEOUT, progress: Callable[[str], None] | None = None, inline: bool = True) -> None:
         if not 1 <= chunk <= tp.MAX_CHUNK:
             raise LocalProtocolError(f"--chunk must be 1..{tp.MAX_CHUNK} bytes")
         self.socket_path, self.dst, self.portal = socket_path, dst, portal
@@ -184,6 +184,7 @@ class Sender:
         self.bucket = TokenBucket(rate_bps, burst=max(64 * 1024, 2 * (chunk + tp.DATA_OVERHEAD)))
         self.retry_for, self.reply_timeout = retry_for, reply_timeout
         self.progress_cb = progress
+        self.inline = inline  # small files whole in their first OFFER
         self.sessions: dict[int, tp.SendSession] = {}
         self.wakeups: dict[int, asyncio.Event] = {}
         self.ep: AsyncEndpoint | None = None
@@ -327,7 +328,7 @@ class Sender:
         failing_since: float | None = None
         counted: set[int] = set()
         while not s.finished:
-            if s.inline_eligible:
+            if self.inline and s.inline_eligible:
                 content = os.pread(fd, s.size, 0) if s.size else b""
                 if len(content) != s.size:
                     s.give_up(tp.Outcome.IO_ERROR, f"{s.name}: file shrank while being sent")

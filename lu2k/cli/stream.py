@@ -84,7 +84,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     line = _Line(sys.stderr.isatty() and not args.quiet)
     sender = Sender(args.socket, dst, portal=args.portal, chunk=args.chunk, window=args.window, rate_bps=args.rate,
                     parallel=args.parallel, retry_for=args.retry_for, reply_timeout=args.reply_timeout,
-                    progress=line if line.enabled else None)
+                    progress=line if line.enabled else None, inline=not args.no_inline)
 
     async def main() -> int:
         task = asyncio.current_task()
@@ -190,6 +190,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="keep retrying an interrupted file this long before giving up (default %(default)s)")
     s.add_argument("--reply-timeout", type=float, default=30.0, metavar="SECONDS", help="wait this long for each answer (default %(default)s)")
     s.add_argument("--flush-ms", type=float, default=5.0, help="stdin: send what was read after this many ms (default %(default)s)")
+    s.add_argument("--no-inline", action="store_true",
+                   help="offer small files plainly too (OFFER, DATA, END), for receivers of an lu2k without inline offers")
     s.add_argument("--skip-unreadable", action="store_true", help="send the rest when some paths are missing/unreadable (exit 1)")
     s.add_argument("--socket", default=None, help="the local lu2kd's shim socket")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress or summary (errors still printed)")

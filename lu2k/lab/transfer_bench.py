@@ -12,6 +12,8 @@ One run, one lab (same link, same seed), one random file of ``--size`` bytes:
    file's SHA-256 is checked.  ``cold``: the first send on freshly started daemons (connection
    set-up and the backend's rate ramp included); ``warm``: the same command again on the same
    daemons, as with a long-running ``lu2kd`` (each send still starts its own process and session);
+   With ``--small-files N``, also a directory of N files of ``--small-size`` bytes, sent with
+   the connections up twice: with inline offers and with ``--no-inline`` (files per second);
 3. HTTP: an HTTP server in b (its sockets use BBR); ``curl`` in a downloads the file
    directly over the link (kernel TCP BBR end to end), then through ``lu2k forward`` (per
    backend given with ``--forward-backends``; the daemons have carried the sends before).
@@ -141,6 +143,14 @@ def _sha(path: Path) -> str:
     return h.hexdigest()
 
 
+def _same_tree(src: Path, got: Path) -> bool:
+    """``got`` holds what ``src`` (a file, or a directory of files) holds, byte for byte."""
+    if not src.is_dir():
+        return got.is_file() and _sha(got) == _sha(src)
+    return all((got / f.relative_to(src)).is_file() and _sha(got / f.relative_to(src)) == _sha(f)
+               for f in src.rglob("*") if f.is_file())
+
+
 def _ready(proc: "subprocess.Popen[str]", what: str, timeout: float = 30.0) -> None:
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -220,7 +230,7 @@ def lu2k_send(lab: Lab, daemons: LabDaemons, src: Path, dst: Path, timeout: floa
     finally:
         stop_processes([srv])
     got = dst / src.name
-    ok = r.returncode == 0 and got.exists() and _sha(got) == _sha(src)
+    ok = r.returncode == 0 and _same_tree(src, got)
     summary = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
     m = re.search(r"(\d+) resent", summary)
     shutil.rmtree(dst, ignore_errors=True)
@@ -286,7 +296,8 @@ def make_file(path: Path, size: int) -> None:
 
 def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[str], forward_backends: list[str],
                  http: bool = True, warm: bool = True, tcp_congestion: str | None = "bbr", workdir: str | None = None, log: Any = None,
-                 lab_id: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+                 lab_id: str | None = None, options: dict[str, Any] | None = None, small_files: int = 0,
+                 small_size: int = 4096) -> dict[str, Any]:
     avail = backend_availability()
     for b in set(backends) | set(forward_backends):
         if b not in avail:
@@ -308,9 +319,14 @@ def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[
     src_dir.mkdir(parents=True, exist_ok=True)
     src = src_dir / "payload.bin"
     make_file(src, size)
+    small = wd / "small" / "files"
+    if small_files:
+        small.mkdir(parents=True)
+        for i in range(small_files):
+            make_file(small / f"f{i:05d}", small_size)
     out: dict[str, Any] = {"tcp_backend_congestion": tcp_congestion, "options": dict(options or {}),
                            "size": size, "rate_mbit": spec.rate_bps / 1e6, "rtt_ms": spec.rtt_s * 1e3, "loss": spec.mean_loss,
-                           "limit_mbit": limit / 1e6, "transfer": {}, "http": {}}
+                           "limit_mbit": limit / 1e6, "transfer": {}, "http": {}, "small": {}}
     env = child_env()
     try:
         with Lab(specs, lab_id=lab_id) as lab:
@@ -342,6 +358,12 @@ def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[
                             if warm:
                                 say(f"lu2k send over {backend} again (connections up) ...")
                                 out["transfer"][f"lu2k-{backend} warm"] = _row(lab, size, limit, lambda: lu2k_send(lab, daemons, src, wd / "dst"))
+                            for how, extra in (("inline", ()), ("plain", ("--no-inline",))) if small_files else ():
+                                say(f"lu2k send of {small_files} files of {small_size} bytes over {backend}, {how} offers ...")
+                                row = _row(lab, small_files * small_size, limit,
+                                           lambda: lu2k_send(lab, daemons, small, wd / "dst", extra=extra))
+                                out["small"][f"lu2k-{backend} {how}"] = {**row, "files": small_files, "file_size": small_size,
+                                                                         "files_per_s": round(small_files / row["seconds"], 2)}
                         if http and backend in forward_backends:
                             say(f"HTTP download through lu2k forward over {backend} ...")
                             out["http"][f"lu2k-forward-{backend}"] = _row(lab, size, limit, lambda: forward_download(lab, daemons, src, wd / "fwd.bin"))
@@ -365,6 +387,9 @@ def format_transfer(r: dict[str, Any]) -> str:
             load = "/".join(f"{v:.1f}" for v in x.get("load", []))
             drops = str(x["queue_drops_ab"]) if x.get("queue_drops_ab") is not None else "-"
             rows.append([title, name, f"{x['seconds']:.1f}", f"{x['goodput_mbit']:.2f}", share, "yes" if x.get("verified") else "NO", drops, load])
+    smalls = [[name, str(x["files"]), str(x["file_size"]), f"{x['seconds']:.1f}", f"{x['files_per_s']:.1f}",
+               "yes" if x.get("verified") else "NO", "/".join(f"{v:.1f}" for v in x.get("load", []))]
+              for name, x in (r.get("small") or {}).items()]
     cc = r.get("tcp_backend_congestion") or "kernel default"
     options = ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
     head = (f"lu2k tcp backend congestion control: {cc}" + (f"; backend options: {options}" if options else "") + "\n"
@@ -376,7 +401,11 @@ def format_transfer(r: dict[str, Any]) -> str:
             for d, v in links.items() if isinstance(v, dict) and v.get("lateness")]
     if late:
         tail = "\nemulator lateness (how late packets left against their schedule): " + "; ".join(late)
-    return head + "\n" + render(["what", "path", "seconds", "Mbit/s", "of limit", "verified", "queue drops a->b", "load before/after"], rows) + tail
+    table = render(["what", "path", "seconds", "Mbit/s", "of limit", "verified", "queue drops a->b", "load before/after"], rows)
+    if smalls:
+        table += "\n\nsmall files, one directory (connections up):\n" + render(
+            ["path", "files", "bytes each", "seconds", "files/s", "verified", "load before/after"], smalls)
+    return head + "\n" + table + tail
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
@@ -388,9 +417,11 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     size = int(args.size * 1e6)
     if size <= 0:
         raise ConfigError("--size must be positive (MB)", where="bench transfer")
+    if not 0 <= args.small_files <= 100_000 or not 0 <= args.small_size <= 1 << 30:
+        raise ConfigError("--small-files must be 0..100000 and --small-size 0..1 GiB", where="bench transfer")
     r = run_transfer(specs, size=size, backends=backends, forward_backends=forward_backends, http=not args.no_http,
                      warm=not args.no_warm, tcp_congestion=args.tcp_congestion or None, log=sys.stderr, lab_id=args.lab_id,
-                     options=parse_backend_options(args.option))
+                     options=parse_backend_options(args.option), small_files=args.small_files, small_size=args.small_size)
     print(format_transfer(r))
     if args.json:
         print(json.dumps(r))
@@ -408,6 +439,9 @@ def register_bench(bsub: Any) -> None:
     t.add_argument("--forward-backends", nargs="*", help="backends for the forwarded download (default: as --backends)")
     t.add_argument("--no-http", action="store_true", help="skip the HTTP downloads")
     t.add_argument("--no-warm", action="store_true", help="only the first lu2k send per backend (fresh daemons)")
+    t.add_argument("--small-files", type=int, default=0, metavar="N",
+                   help="also send a directory of N small files per backend, connections up (default: none)")
+    t.add_argument("--small-size", type=int, default=4096, metavar="BYTES", help="bytes per small file (default %(default)s)")
     t.add_argument("--tcp-congestion", default="bbr", help="congestion control of lu2k's tcp backend ('' for the kernel default; default bbr)")
     add_backend_option(t, "notsent_lowat=0 (applied to every backend run: pick --backends to match)")
     t.add_argument("--lab-id", help="the lab's id (1-8 of a-z0-9; default random): names its namespaces lu2k-ID-a/b")
