@@ -300,6 +300,15 @@ def test_small_files_go_inline_and_again_are_only_verified_or_found_different(pa
     for f in src.iterdir():
         assert sha(dst / "small" / f.name) == sha(f)
         assert (dst / "small" / f.name).stat().st_mtime_ns == f.stat().st_mtime_ns
+    plain = Sender(a.shim_path, b.nid, inline=False)  # lu2k send --no-inline; the same files under another name
+    renamed = tmp_path / "plainly"
+    src.rename(renamed)
+    entries, _ = collect([str(renamed)])
+    assert asyncio.run(plain.run(entries)) == 0
+    sent = [s for s in plain.sessions.values() if s.entry is tp.Entry.FILE]
+    assert all(s.outcome is tp.Outcome.OK and s.offers == 1 for s in sent)
+    assert all(s.delivered == {0} for s in sent if s.size)  # each one's DATA went separately
+    renamed.rename(src)
     again = send(a, b, str(src))
     assert again.returncode == 0, again.stderr
     changed = src / "s3"

@@ -5,6 +5,8 @@ emulator's lateness), and one short run over a fast lab link (root, network name
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -52,3 +54,16 @@ def test_a_short_run_has_every_row_verified_with_its_drops_and_options() -> None
         assert row["verified"], (name, row)
         assert isinstance(row["queue_drops_ab"], int) and row["queue_drops_ab"] >= 0
     assert r["options"] == {"startup_cap": "off"} and "backend options: startup_cap=off" in format_transfer(r)
+
+
+@pytest.mark.parametrize("args, what", [
+    (["--small-files", "-1"], "--small-files"),
+    (["--small-files", "5", "--small-size", "-3"], "--small-size"),
+    (["--option", "notsent_lowat"], "--option"),
+    (["--size", "0"], "--size"),
+])
+def test_bad_arguments_are_named_without_a_traceback(args: list[str], what: str) -> None:
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-m", "lu2k.cli.main", "bench", "transfer", "--no-http", "--backends", "tcp", *args],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode != 0 and "Traceback" not in out.stderr and what in out.stderr, out.stderr

@@ -317,5 +317,7 @@ def test_receiver_takes_an_inline_offer_as_offer_data_end_and_an_existing_file_i
     assert tp.decode(r.verified(sha)) == tp.Result(3, tp.Outcome.OK)
     # The same file already in place (same name, size and mtime): nothing is written, the hash decides.
     again = tp.RecvSession(4, "peer", offer, existing=True)
+    with pytest.raises(RemoteProtocolError, match="not a chunk boundary"):  # still checked, though nothing is written
+        again.on_data(tp.Data(4, 7, sha, body), True)
     assert again.on_data(data, True) is None and again.on_end(end)
     assert tp.decode(again.verified(hashlib.sha256(b"other content, same size").digest())).outcome is tp.Outcome.EXISTS_DIFFERS  # type: ignore[union-attr]

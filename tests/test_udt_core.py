@@ -275,3 +275,47 @@ def test_epoll_reports_readiness() -> None:
         udtcore.epoll_release(eid)
         for u in (c, s, ls):
             udtcore.close(u)
+
+
+def test_a_call_waiting_on_a_libudt_lock_lets_the_other_python_threads_run() -> None:
+    """getsockopt waits on the socket's connection lock, which a connect holds until it gives up
+    (3 s to a peer that never answers); the waiting call must release the GIL meanwhile, or
+    every Python thread of the process stops with it."""
+    import socket
+    import time
+
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never answers: no ICMP refusal either
+    silent.bind(("127.0.0.1", 0))
+    u = udtcore.socket()
+    udtcore.bind(u, "127.0.0.1", 0)
+    refused: list[int] = []
+
+    def connect() -> None:
+        try:
+            udtcore.connect(u, "127.0.0.1", silent.getsockname()[1])
+        except udtcore.UDTError as e:
+            refused.append(e.args[0])
+
+    returned = threading.Event()
+
+    def query() -> None:
+        udtcore.getsockopt(u, "mss")
+        returned.set()
+
+    connecting = threading.Thread(target=connect)
+    connecting.start()
+    try:
+        while udtcore.state(u) != udtcore.CONNECTING:
+            time.sleep(0.005)
+        time.sleep(0.1)  # past CONNECTING: inside CUDT::connect, holding the lock
+        waiting = threading.Thread(target=query)
+        waiting.start()
+        time.sleep(0.2)  # this thread wakes only if the waiting one gave the GIL up
+        assert not returned.is_set(), "the main thread ran only after getsockopt returned: it kept the GIL while waiting"
+        waiting.join(30)
+        assert returned.is_set()
+    finally:
+        connecting.join(30)
+        udtcore.close(u)
+        silent.close()
+    assert refused == [udtcore.E_NOSERVER]

@@ -609,7 +609,7 @@ class RecvSession:
     def on_data(self, m: Data, sha_ok: bool) -> int | None:
         """The chunk index to write, or None (bad hash, duplicate, out of range, wrong state)."""
         chunk = self.offer.chunk
-        if self.state is not RecvState.RECEIVING or self.existing:  # existing: the file is in place, nothing to write
+        if self.state is not RecvState.RECEIVING:
             self.duplicates += 1
             return None
         if m.offset % chunk or m.offset >= max(self.offer.size, 1):
@@ -621,7 +621,7 @@ class RecvSession:
         if not sha_ok:
             self.bad_chunks += 1
             return None
-        if i in self.held:
+        if i in self.held or self.existing:  # existing: the file is in place, nothing to write
             self.duplicates += 1
             return None
         return i

@@ -1422,6 +1422,7 @@ PyMODINIT_FUNC PyInit__udtcore(void) {
     PyModule_AddIntConstant(m, "EPOLL_IN", UDT_EPOLL_IN);
     PyModule_AddIntConstant(m, "EPOLL_OUT", UDT_EPOLL_OUT);
     PyModule_AddIntConstant(m, "EPOLL_ERR", UDT_EPOLL_ERR);
+    PyModule_AddIntConstant(m, "CONNECTING", CONNECTING);
     PyModule_AddIntConstant(m, "CONNECTED", CONNECTED);
     PyModule_AddIntConstant(m, "BROKEN", BROKEN);
     PyModule_AddIntConstant(m, "CLOSED", CLOSED);
