@@ -1,10 +1,13 @@
-"""lu2k.backends.tcp stall detection: ``dead_timeout`` (TCP_USER_TIMEOUT + keepalive).
+"""lu2k.backends.tcp stall detection: ``dead_timeout`` (no ACK with data outstanding, read from
+TCP_INFO; keepalive for idle connections).
 
 After an outage TCP's retransmission timer has backed off (up to two minutes), so a connection
-with data in flight can stay silent long after the link is back.  The lab test takes the
+with data in flight can stay silent long after the link is back.  One lab test takes the
 emulated link down with a transfer under way, longer than ``dead_timeout``, and checks that the
 sender's daemon ended the stalled connection itself, reconnected, and that every message then
-arrived exactly once.  Correctness only; nothing here is timed.
+arrived exactly once.  The other runs a transfer over a link with steady random loss and a
+short ``dead_timeout`` and checks that no live connection was ended (TCP_USER_TIMEOUT, which
+lu2k used before, ends such connections).  Correctness only; nothing here is timed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from lu2k.backends.tcp import DEAD_TIMEOUT_MIN, dead_timeout_option, set_dead_timeout
+from lu2k.backends.tcp import DEAD_TIMEOUT_MIN, TCP_INFO_HEAD, ack_silence, dead_timeout_option, set_keepalive
 from lu2k.errors import ConfigError
 
 from e2e_support import check_complete
@@ -40,13 +43,40 @@ def test_dead_timeout_bad_values_are_named(bad: Any) -> None:
     assert "net tcp" in str(e.value)
 
 
-def test_dead_timeout_sets_user_timeout_and_keepalive() -> None:
+@pytest.mark.parametrize("seconds, idle, interval", [(10.0, 5, 1), (60.0, 30, 6), (6.0, 3, 1), (1.0, 1, 1)])
+def test_keepalive_gives_up_after_about_dead_timeout(seconds: float, idle: int, interval: int) -> None:
     with socket.socket() as s:
-        set_dead_timeout(s, 6.0)
-        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 6000
-        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 3
-        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 1
-        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
+        set_keepalive(s, seconds)
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 0  # see the lossy-link test below
+        assert (s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == (idle, interval, 5)  # one lost probe ends nothing
+
+
+def _tcp_info(unacked: int, last_ack_recv_ms: int) -> bytes:
+    fields = [0] * 21
+    fields[12], fields[20] = unacked, last_ack_recv_ms
+    return TCP_INFO_HEAD.pack(*fields) + bytes(100)  # the kernel's struct goes on
+
+
+def test_ack_silence_counts_only_with_data_outstanding() -> None:
+    assert ack_silence(_tcp_info(0, 60_000)) is None  # idle: keepalive's business
+    assert ack_silence(_tcp_info(3, 12_500)) == 12.5
+    assert ack_silence(_tcp_info(1, 0)) == 0.0
+    assert ack_silence(_tcp_info(3, 12_500)[: TCP_INFO_HEAD.size - 1]) is None
+
+
+def test_ack_silence_reads_a_real_socket() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as srv, socket.create_connection(srv.getsockname()) as c:
+        peer, _ = srv.accept()
+        with peer:
+            c.sendall(b"x" * 100_000)
+            got = 0
+            while got < 100_000:
+                got += len(peer.recv(65536))
+            deadline = time.monotonic() + 5
+            while (silence := ack_silence(c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256))) is not None:
+                assert time.monotonic() < deadline, f"data still outstanding after the peer read it ({silence} s)"
+                time.sleep(0.01)
 
 
 @pytest.mark.netns
@@ -89,3 +119,25 @@ def test_outage_longer_than_dead_timeout_reconnects_and_resumes(daemons_dir: Pat
     # and a new one carried the rest.
     assert f"nothing acknowledged for dead_timeout {dead_timeout:g} s" in log, log[-4000:]
     assert log.count("connected") >= 2, log[-4000:]
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/net/tun").exists(), reason="needs root and TUN for the lab")
+def test_steady_random_loss_ends_no_live_connection(daemons_dir: Path) -> None:
+    """5 % random loss each way keeps TCP in loss recovery for the whole transfer; with
+    TCP_USER_TIMEOUT as the stall detector the first retransmission timeout after
+    ``dead_timeout`` seconds of it ended the connection (and keepalive's first lost probe an
+    idle one) in about half of such runs.  An ACK still arrives every round trip, so none may end."""
+    from lu2k.lab.bench import LabDaemons, transfer
+    from lu2k.lab.netns import Lab
+    from lu2k.lab.spec import build_specs
+
+    specs = build_specs("custom", rate="20mbit", rtt="100ms", loss="5%", seed=2)
+    count = 900
+    with Lab(specs, lab_id="ll" + secrets.token_hex(2)) as lab:
+        with LabDaemons(lab, "tcp", daemons_dir, extra_options={"dead_timeout": 3}) as daemons:
+            r = transfer(lab, daemons, size=65536, window=64, count=count, verify=True, timeout=200)
+    check_complete(r, count)
+    logs = "".join((daemons_dir / f"lu2kd-{side}.log").read_text(errors="replace") for side in ("a", "b"))
+    assert "connection lost" not in logs and "stalled" not in logs, logs[-4000:]

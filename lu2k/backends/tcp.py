@@ -19,10 +19,14 @@
   costs one header); after it every frame is sealed (:mod:`lu2k.crypto`).
 * Stalls: after an outage TCP's retransmission timer has backed off towards its two-minute
   ceiling, so a connection with data in flight could sit silent long after the link is back.
-  ``options.dead_timeout`` (default ``max(10 s, 8 RTT)``; 0 leaves the kernel's defaults) is
-  set as TCP_USER_TIMEOUT -- data unacknowledged that long ends the connection -- and drives
-  TCP keepalive, so an idle connection whose peer went away is noticed too.  The engine then
-  reconnects on a fresh socket (fresh RTO) and resends whatever was not acknowledged.
+  With ``options.dead_timeout`` (default ``max(10 s, 8 RTT)``; 0 leaves the kernel's defaults)
+  a connection that has data outstanding and has had no ACK at all for that long is ended
+  (read from TCP_INFO every quarter of it), and TCP keepalive gives up on an idle connection
+  whose peer went away about as fast.  The engine then reconnects on a fresh socket (fresh
+  RTO) and resends whatever was not acknowledged.  Not TCP_USER_TIMEOUT: the kernel counts
+  that from the first retransmission of a recovery that has not ended, and on a path with
+  steady random loss recovery never ends, so it killed live connections at the first
+  retransmission timeout after ``dead_timeout`` seconds of ordinary loss.
 * Start-up: with BBR and a profile rate, a new BULK socket is paced at most 1.1x that rate
   (``options.startup_cap``) until BBR has left STARTUP, whose 2.885x overshoot would
   otherwise drop about a BDP at a one-BDP bottleneck queue on a long path.
@@ -96,6 +100,14 @@ def default_notsent_lowat(bdp: int) -> int:
 
 DEAD_TIMEOUT_MIN = 10.0  # s; the default is max(this, DEAD_TIMEOUT_RTTS x the profile's RTT)
 DEAD_TIMEOUT_RTTS = 8
+DEAD_CHECKS = 4  # TCP_INFO is read this many times per dead_timeout
+KEEPALIVE_PROBES = 5  # unanswered in a row before an idle connection is given up
+# struct tcp_info up to tcpi_last_ack_recv: eight u8 fields, then u32 rto, ato, snd_mss,
+# rcv_mss, unacked, sacked, lost, retrans, fackets, last_data_sent, last_ack_sent,
+# last_data_recv, last_ack_recv (milliseconds ago).
+TCP_INFO_HEAD = struct.Struct("=8B13I")
+TCPI_UNACKED = 8 + 4
+TCPI_LAST_ACK_RECV = 8 + 12
 JOIN_GRACE = 0.2  # seconds an accepted socket may take to show a stripe JOIN before the engine gets it
 
 
@@ -160,18 +172,34 @@ def dead_timeout_option(opts: dict[str, Any], rtt_ms: float | None, where: str) 
     return float(value)
 
 
-def set_dead_timeout(sock: socket.socket, seconds: float) -> None:
-    """TCP_USER_TIMEOUT of ``seconds``, and keepalive probes that give up within about as long.
+def set_keepalive(sock: socket.socket, seconds: float) -> None:
+    """Keepalive probes that give up on a silent peer after about ``seconds`` of idleness (at
+    least 6 s: probes are whole seconds apart).
 
-    The user timeout ends a connection whose sent data stays unacknowledged (retransmissions
-    backing off through an outage); keepalive makes an idle connection send something, so a
-    peer that is gone (its socket closed while the link was down) answers with a reset.
+    Keepalive makes an idle connection send something, so a peer that is gone (its socket
+    closed while the link was down) answers with a reset, or not at all.  It gives up only
+    after :data:`KEEPALIVE_PROBES` unanswered probes in a row, so the random loss of a probe or
+    its answer on a lossy link does not end a live connection.  A connection with data
+    outstanding is watched by :class:`TcpTransport` instead (see :func:`ack_silence`).
     """
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
     idle = max(1, int(seconds / 2))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(seconds / 4)))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(seconds / 2 / KEEPALIVE_PROBES)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+
+
+def ack_silence(tcp_info: bytes) -> float | None:
+    """Seconds since the peer last acknowledged anything, from ``TCP_INFO``, when data is
+    outstanding (sent and not yet acknowledged); None when nothing is, or the answer is short.
+
+    The kernel stamps every ACK it takes in, duplicate and SACK ones included, so a connection
+    repairing steady random loss keeps a small age; only a peer (or path) that has gone quiet
+    lets it grow."""
+    if len(tcp_info) < TCP_INFO_HEAD.size:
+        return None
+    fields = TCP_INFO_HEAD.unpack_from(tcp_info)
+    unacked, last_ack_recv_ms = fields[TCPI_UNACKED], fields[TCPI_LAST_ACK_RECV]
+    return last_ack_recv_ms / 1000 if unacked else None
 
 
 class TcpTransport(Transport):
@@ -198,6 +226,9 @@ class TcpTransport(Transport):
         self.bytes_received = 0
         self._startup_timer: asyncio.TimerHandle | None = None
         self.startup_capped = False
+        self._dead_timer: asyncio.TimerHandle | None = None
+        if dead_timeout:
+            self._dead_timer = self._loop.call_later(dead_timeout / DEAD_CHECKS, self._check_acks)
 
     @property
     def peer_address(self) -> str:
@@ -282,7 +313,7 @@ class TcpTransport(Transport):
         sock = self._sock
         while iov:
             if self._closed:
-                raise WriteError(f"connection to {self._peer} closed")
+                raise WriteError(self._stall or f"connection to {self._peer} closed")
             with map_exceptions(WRITE_ERRORS, f"send to {self._peer} failed"):
                 try:
                     sent = sock.sendmsg(iov if len(iov) <= IOV_MAX else iov[:IOV_MAX])
@@ -316,7 +347,7 @@ class TcpTransport(Transport):
             if frames:
                 return frames
             if self._closed:
-                raise ReadError(f"connection to {self._peer} closed locally")
+                raise ReadError(self._stall or f"connection to {self._peer} closed locally")
             target = decoder.payload_target()
             direct = target is not None and len(target) >= DIRECT_RECV_MIN
             if not direct:
@@ -345,13 +376,30 @@ class TcpTransport(Transport):
                 decoder.feed(memoryview(self._scratch)[:n])
 
     def _stalled(self, error: OSError) -> str:
-        """The reason when ``error`` means TCP gave up on the peer (ETIMEDOUT: TCP_USER_TIMEOUT or
-        keepalive), else "".  The kernel reports ETIMEDOUT once; the other direction then sees
-        EPIPE or a reset, so the reason is kept for it."""
+        """The reason when ``error`` means TCP gave up on the peer (ETIMEDOUT: keepalive, or the
+        kernel's retransmissions exhausted), else "".  The kernel reports ETIMEDOUT once; the
+        other direction then sees EPIPE or a reset, so the reason is kept for it."""
         if isinstance(error, TimeoutError) and not self._stall:
-            self._stall = (f"connection to {self._peer} stalled: nothing acknowledged for dead_timeout {self._dead_timeout:g} s"
+            self._stall = (f"connection to {self._peer} stalled: the peer stopped answering within dead_timeout {self._dead_timeout:g} s"
                            if self._dead_timeout else f"connection to {self._peer} timed out (TCP retransmissions exhausted)")
         return self._stall
+
+    def _check_acks(self) -> None:
+        """End the connection if data is outstanding and no ACK came for ``dead_timeout``: the
+        peer or the path is gone, and a fresh socket (fresh RTO) takes over (see the module's
+        notes on stalls)."""
+        self._dead_timer = None
+        if self._closed:
+            return
+        try:
+            silence = ack_silence(self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_HEAD.size))
+        except OSError:
+            return  # the socket is failing; the next send or receive reports it
+        if silence is not None and silence >= self._dead_timeout:
+            self._stall = f"connection to {self._peer} stalled: nothing acknowledged for dead_timeout {self._dead_timeout:g} s"
+            self.close()  # the pending receive (and any send) fails with the reason
+            return
+        self._dead_timer = self._loop.call_later(self._dead_timeout / DEAD_CHECKS, self._check_acks)
 
     def hold_startup(self, cap: int, then: int, poll: float) -> None:
         """Pace at most ``cap`` bytes/s until kernel BBR has left STARTUP (polled every ``poll``
@@ -381,9 +429,10 @@ class TcpTransport(Transport):
         self._startup_timer = self._loop.call_later(poll, check)
 
     def close(self) -> None:
-        if self._startup_timer is not None:
-            self._startup_timer.cancel()
-            self._startup_timer = None
+        for timer in (self._startup_timer, self._dead_timer):
+            if timer is not None:
+                timer.cancel()
+        self._startup_timer = self._dead_timer = None
         if not self._closed:
             self._closed = True
             self._scratch = None
@@ -540,7 +589,7 @@ class TcpBackend(Backend):
             except OSError as e:
                 raise ConfigError(f"cannot set congestion control {self.congestion!r}: {e.strerror}", where=f"net {self.settings.net}") from None
         if self.dead_timeout:
-            set_dead_timeout(sock, self.dead_timeout)
+            set_keepalive(sock, self.dead_timeout)
         if self.rate_cap:
             set_pacing_cap(sock, self.rate_cap)
 
