@@ -138,6 +138,24 @@ def test_steady_random_loss_ends_no_live_connection(daemons_dir: Path) -> None:
     with Lab(specs, lab_id="ll" + secrets.token_hex(2)) as lab:
         with LabDaemons(lab, "tcp", daemons_dir, extra_options={"dead_timeout": 3}) as daemons:
             r = transfer(lab, daemons, size=65536, window=64, count=count, verify=True, timeout=200)
+            # Read before the daemons stop: stopping one ends the other's connections.
+            logs = "".join((daemons_dir / f"lu2kd-{side}.log").read_text(errors="replace") for side in ("a", "b"))
     check_complete(r, count)
-    logs = "".join((daemons_dir / f"lu2kd-{side}.log").read_text(errors="replace") for side in ("a", "b"))
-    assert "connection lost" not in logs and "stalled" not in logs, logs[-4000:]
+    assert "connection lost" not in logs and "stalled" not in logs and "closing connection" not in logs, logs[-4000:]
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/net/tun").exists(), reason="needs root and TUN for the lab")
+def test_the_stall_benchmark_runs_and_reports_json() -> None:
+    """``benchmarks/tcp_stall.py``, the measurement behind the lossy-link test, in one short run."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "tcp_stall.py"), "--rtt", "20ms", "--loss", "0%", "--count", "40",
+                        "--runs", "1", "--json"], capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run,) = json.loads(r.stdout.strip().splitlines()[-1])["runs"]
+    assert run["messages"] == 40 and run["delivered_once"] and run["connections_ended"] == 0, run
