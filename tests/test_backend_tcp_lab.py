@@ -6,8 +6,8 @@ with data in flight can stay silent long after the link is back.  One lab test t
 emulated link down with a transfer under way, longer than ``dead_timeout``, and checks that the
 sender's daemon ended the stalled connection itself, reconnected, and that every message then
 arrived exactly once.  The other runs a transfer over a link with steady random loss and a
-short ``dead_timeout`` and checks that no live connection was ended (TCP_USER_TIMEOUT, which
-lu2k used before, ends such connections).  Correctness only; nothing here is timed.
+short ``dead_timeout`` and checks that no live connection was ended (TCP_USER_TIMEOUT as the
+stall detector ends such connections).  Correctness only; nothing here is timed.
 """
 
 from __future__ import annotations
@@ -127,8 +127,8 @@ def test_outage_longer_than_dead_timeout_reconnects_and_resumes(daemons_dir: Pat
 def test_steady_random_loss_ends_no_live_connection(daemons_dir: Path) -> None:
     """5 % random loss each way keeps TCP in loss recovery for the whole transfer; with
     TCP_USER_TIMEOUT as the stall detector the first retransmission timeout after
-    ``dead_timeout`` seconds of it ended the connection (and keepalive's first lost probe an
-    idle one) in about half of such runs.  An ACK still arrives every round trip, so none may end."""
+    ``dead_timeout`` seconds of it ends the connection (and keepalive's first lost probe an
+    idle one) in a quarter to half of such runs (benchmarks/tcp_stall.py).  An ACK still arrives every round trip, so none may end."""
     from lu2k.lab.bench import LabDaemons, transfer
     from lu2k.lab.netns import Lab
     from lu2k.lab.spec import build_specs

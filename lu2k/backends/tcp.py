@@ -25,7 +25,7 @@
   whose peer went away about as fast.  The engine then reconnects on a fresh socket (fresh
   RTO) and resends whatever was not acknowledged.  Not TCP_USER_TIMEOUT: the kernel counts
   that from the first retransmission of a recovery that has not ended, and on a path with
-  steady random loss recovery never ends, so it killed live connections at the first
+  steady random loss recovery never ends, so it would end live connections at the first
   retransmission timeout after ``dead_timeout`` seconds of ordinary loss.
 * Start-up: with BBR and a profile rate, a new BULK socket is paced at most 1.1x that rate
   (``options.startup_cap``) until BBR has left STARTUP, whose 2.885x overshoot would
