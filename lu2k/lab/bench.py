@@ -349,6 +349,20 @@ class LabDaemons:
             return {}
         return dict(peers[0].get("connections", {})) if peers else {}
 
+    def counter(self, side: str, name: str) -> int | None:
+        """One of ``side``'s daemon counters (``stats``, e.g. ``connections_lost``); None if the
+        daemon does not answer."""
+        import asyncio
+
+        from ..control import request
+        from ..errors import Lu2kError
+
+        try:
+            stats = asyncio.run(request(str(self.procs[side].control_path), "stats", {}, timeout=5.0))
+        except Lu2kError:
+            return None
+        return int(stats.get(name, 0))
+
     def __enter__(self) -> Self:
         self.start()
         return self

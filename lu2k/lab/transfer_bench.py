@@ -172,12 +172,26 @@ def _bottleneck_drops(lab: Lab) -> int:
     return int(lab.stats()["links"]["ab"]["drops_queue"])
 
 
-def _row(lab: Lab, nbytes: int, limit_bps: float, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """One measured row: what ``run`` returns, its figures, and the queue drops a->b during it
-    (a sender's overshoot shows there, e.g. a BBR STARTUP)."""
-    load0, drops0 = _load(), _bottleneck_drops(lab)
+def _connections_lost(daemons: LabDaemons | None) -> int | None:
+    """Connections the two daemons opened and have lost so far (ended by an error, a stall or
+    the peer), from their ``connections_lost`` counters; None without daemons or an answer."""
+    if daemons is None:
+        return None
+    counts = [daemons.counter(side, "connections_lost") for side in ("a", "b")]
+    return None if None in counts else sum(c for c in counts if c is not None)
+
+
+def _row(lab: Lab, nbytes: int, limit_bps: float, run: Callable[[], dict[str, Any]], daemons: LabDaemons | None = None) -> dict[str, Any]:
+    """One measured row: what ``run`` returns, its figures, the queue drops a->b during it (a
+    sender's overshoot shows there, e.g. a BBR STARTUP) and, for lu2k's rows, the connections
+    the daemons lost during it (a reconnection costs a set-up and, on tcp, a slow start)."""
+    load0, drops0, lost0 = _load(), _bottleneck_drops(lab), _connections_lost(daemons)
     r = run()
-    return {**r, **_figures(nbytes, r["seconds"], limit_bps, load0), "queue_drops_ab": _bottleneck_drops(lab) - drops0}
+    out = {**r, **_figures(nbytes, r["seconds"], limit_bps, load0), "queue_drops_ab": _bottleneck_drops(lab) - drops0}
+    lost1 = _connections_lost(daemons)
+    if lost0 is not None and lost1 is not None:
+        out["connections_lost"] = lost1 - lost0
+    return out
 
 
 def _load() -> float:
@@ -354,19 +368,22 @@ def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[
                     with daemons:
                         if backend in backends:
                             say(f"lu2k send over {backend} (fresh daemons) ...")
-                            out["transfer"][f"lu2k-{backend} cold"] = _row(lab, size, limit, lambda: lu2k_send(lab, daemons, src, wd / "dst"))
+                            out["transfer"][f"lu2k-{backend} cold"] = _row(lab, size, limit, lambda: lu2k_send(lab, daemons, src, wd / "dst"),
+                                                                           daemons)
                             if warm:
                                 say(f"lu2k send over {backend} again (connections up) ...")
-                                out["transfer"][f"lu2k-{backend} warm"] = _row(lab, size, limit, lambda: lu2k_send(lab, daemons, src, wd / "dst"))
+                                out["transfer"][f"lu2k-{backend} warm"] = _row(lab, size, limit, lambda: lu2k_send(lab, daemons, src, wd / "dst"),
+                                                                               daemons)
                             for how, extra in (("inline", ()), ("plain", ("--no-inline",))) if small_files else ():
                                 say(f"lu2k send of {small_files} files of {small_size} bytes over {backend}, {how} offers ...")
                                 row = _row(lab, small_files * small_size, limit,
-                                           lambda: lu2k_send(lab, daemons, small, wd / "dst", extra=extra))
+                                           lambda: lu2k_send(lab, daemons, small, wd / "dst", extra=extra), daemons)
                                 out["small"][f"lu2k-{backend} {how}"] = {**row, "files": small_files, "file_size": small_size,
                                                                          "files_per_s": round(small_files / row["seconds"], 2)}
                         if http and backend in forward_backends:
                             say(f"HTTP download through lu2k forward over {backend} ...")
-                            out["http"][f"lu2k-forward-{backend}"] = _row(lab, size, limit, lambda: forward_download(lab, daemons, src, wd / "fwd.bin"))
+                            out["http"][f"lu2k-forward-{backend}"] = _row(lab, size, limit, lambda: forward_download(lab, daemons, src, wd / "fwd.bin"),
+                                                                          daemons)
             finally:
                 if httpd is not None:
                     stop_processes([httpd])
@@ -386,7 +403,9 @@ def format_transfer(r: dict[str, Any]) -> str:
             share = f"{x['of_limit']:.0%}" if x.get("of_limit") is not None else "-"
             load = "/".join(f"{v:.1f}" for v in x.get("load", []))
             drops = str(x["queue_drops_ab"]) if x.get("queue_drops_ab") is not None else "-"
-            rows.append([title, name, f"{x['seconds']:.1f}", f"{x['goodput_mbit']:.2f}", share, "yes" if x.get("verified") else "NO", drops, load])
+            lost = str(x["connections_lost"]) if x.get("connections_lost") is not None else "-"
+            rows.append([title, name, f"{x['seconds']:.1f}", f"{x['goodput_mbit']:.2f}", share, "yes" if x.get("verified") else "NO", drops, lost,
+                         load])
     smalls = [[name, str(x["files"]), str(x["file_size"]), f"{x['seconds']:.1f}", f"{x['files_per_s']:.1f}",
                "yes" if x.get("verified") else "NO", "/".join(f"{v:.1f}" for v in x.get("load", []))]
               for name, x in (r.get("small") or {}).items()]
@@ -401,7 +420,7 @@ def format_transfer(r: dict[str, Any]) -> str:
             for d, v in links.items() if isinstance(v, dict) and v.get("lateness")]
     if late:
         tail = "\nemulator lateness (how late packets left against their schedule): " + "; ".join(late)
-    table = render(["what", "path", "seconds", "Mbit/s", "of limit", "verified", "queue drops a->b", "load before/after"], rows)
+    table = render(["what", "path", "seconds", "Mbit/s", "of limit", "verified", "queue drops a->b", "conns lost", "load before/after"], rows)
     if smalls:
         table += "\n\nsmall files, one directory (connections up):\n" + render(
             ["path", "files", "bytes each", "seconds", "files/s", "verified", "load before/after"], smalls)
