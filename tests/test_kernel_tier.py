@@ -293,3 +293,27 @@ def test_lst_plan_script_and_volume(lnetbed: ModuleType) -> None:
     assert "lst show_error --session c s" in script
     assert plan.bytes_each_way() == 16 << 20
     assert lnetbed.LstPlan("x", "y", size="64K", loops=1, concurrency=1).bytes_each_way() == 64 << 10
+
+
+def test_phase_limit_is_cut_to_the_runs_deadline(kt: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    assert kt.phase_limit(1500.0, "the guest tier", env={}) == 1500.0  # no deadline: the phase's own limit
+    assert kt.phase_limit(1500.0, "the guest tier", env={"LU2K_KT_DEADLINE": "10000"}, now=7000.0) == 1500.0
+    assert kt.phase_limit(1800.0, "the LNet bed", env={"LU2K_KT_DEADLINE": "10000"}, now=9000.0) == 1000.0
+    assert "cut from 1800 s to the 1000 s left" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"LU2K_KT_DEADLINE": "10000"}, "200 s left before the run's deadline"),  # under the 300 s minimum
+    ({"LU2K_KT_DEADLINE": "9000"}, "0 s left"),  # already past
+    ({"LU2K_KT_DEADLINE": "tomorrow"}, "must be numbers"),
+])
+def test_a_phase_without_enough_time_is_not_started_and_says_why(kt: ModuleType, capsys: pytest.CaptureFixture[str],
+                                                                 env: dict[str, str], said: str) -> None:
+    assert kt.phase_limit(1500.0, "the guest tier", env=env, now=9800.0) is None
+    out = capsys.readouterr().out
+    assert said in out and "the guest tier not run" in out
+
+
+def test_run_tests_gives_the_kernel_tier_a_deadline() -> None:
+    script = (RUN.parents[1] / "run-tests.sh").read_text()
+    assert "export LU2K_KT_DEADLINE=" in script and 'timeout --kill-after=60 "$budget" contrib/kernel-tests/run prepare' in script
