@@ -333,35 +333,30 @@ class LabDaemons:
     def shim(self, side: str) -> str:
         return str(self.procs[side].shim_path)
 
-    def connections(self, side: str) -> dict[str, Any]:
-        """The transport figures of ``side``'s connections to the other end (``peer show``):
-        what its congestion controller ended in, for the bench's report.  Empty if the daemon
-        does not answer."""
+    def _ask(self, side: str, command: str, args: dict[str, Any]) -> Any:
+        """``side``'s daemon's answer to a control ``command``; None if it does not answer."""
         import asyncio
 
         from ..control import request
         from ..errors import Lu2kError
 
-        other = "b" if side == "a" else "a"
         try:
-            peers = asyncio.run(request(str(self.procs[side].control_path), "peer show", {"nid": self.nids[other]}, timeout=5.0))
+            return asyncio.run(request(str(self.procs[side].control_path), command, args, timeout=5.0))
         except Lu2kError:
-            return {}
+            return None
+
+    def connections(self, side: str) -> dict[str, Any]:
+        """The transport figures of ``side``'s connections to the other end (``peer show``):
+        what its congestion controller ended in, for the bench's report.  Empty if the daemon
+        does not answer."""
+        peers = self._ask(side, "peer show", {"nid": self.nids["b" if side == "a" else "a"]})
         return dict(peers[0].get("connections", {})) if peers else {}
 
     def counter(self, side: str, name: str) -> int | None:
         """One of ``side``'s daemon counters (``stats``, e.g. ``connections_lost``); None if the
         daemon does not answer."""
-        import asyncio
-
-        from ..control import request
-        from ..errors import Lu2kError
-
-        try:
-            stats = asyncio.run(request(str(self.procs[side].control_path), "stats", {}, timeout=5.0))
-        except Lu2kError:
-            return None
-        return int(stats.get(name, 0))
+        stats = self._ask(side, "stats", {})
+        return None if stats is None else int(stats.get(name, 0))
 
     def __enter__(self) -> Self:
         self.start()
