@@ -39,6 +39,12 @@ from . import create_controller
 from .base import CongestionController
 
 _ATTR = "_lu2k_cc_record"
+# The least sending time a pacing burst covers.  asyncio's epoll sleeps whole milliseconds and
+# a pass over a batch of incoming ACKs takes a few more at 200 Mbit/s; credit that accrues
+# while the loop is away must still be there when it comes back, or the connection paces
+# below its own rate (measured on the lab's leo-fast profile:
+# docs/measurements/2026-12-05-quic-pacing.md).  Below ~30 Mbit/s 16 datagrams are more.
+BURST_TIME = 0.006
 _registered: dict[str, tuple[str, dict[str, Any]]] = {}
 
 
@@ -117,9 +123,12 @@ class ControllerPacer(QuicPacketPacer):
             return
         mds = self._max_datagram_size
         self.packet_time = max(1e-6, min(mds / rate, 1.0))
-        # Bursts of up to 16 datagrams (or a quarter window) keep the timer rate sane
-        # without building queues.
-        self.bucket_max = max(2 * mds, min(self._controller.cwnd // 4, 16 * mds)) / rate
+        # Bursts of up to 16 datagrams or BURST_TIME of sending, whichever is more (and at
+        # most a quarter window), keep the timer rate sane without building queues.  A
+        # bucket smaller than the loop's time away overflows at every wake-up: the
+        # connection then paces below its own rate.
+        burst = max(16 * mds, int(rate * BURST_TIME))
+        self.bucket_max = max(2 * mds, min(self._controller.cwnd // 4, burst)) / rate
         self.bucket_time = min(self.bucket_time, self.bucket_max)
 
     # aioquic's bucket lets a packet go whenever *any* credit is left and then forgets the
