@@ -29,10 +29,12 @@ _T = TypeVar("_T")
 
 # What setup.py compiles (module names; their files are under lu2k/).  Only pure modules whose
 # per-message work dominates a daemon's CPU: the message core, framing, sealing, credits,
-# dedupe and the shim rings.
+# dedupe and the shim rings; and the congestion controllers, called for every QUIC packet
+# sent and acknowledged.
 COMPILED_MODULES = (
     "lu2k.core.node", "lu2k.core.fairq", "lu2k.core.states", "lu2k.core.rails", "lu2k.core.returnpath",
     "lu2k.wire", "lu2k.crypto", "lu2k.credits", "lu2k.dedupe", "lu2k.kernel_shim.ring", "lu2k.kernel_shim.ports",
+    "lu2k.cc.base", "lu2k.cc.bbr", "lu2k.cc.rate",
 )
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
