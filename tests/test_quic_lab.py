@@ -76,6 +76,12 @@ def test_short_outage_is_a_blackout_not_congestion(daemons_dir: Path) -> None:
             t.join(150)
             assert not t.is_alive()
             conns = daemons.connections("a")
+            # net show: the backend's totals over every connection, accepted ones included.
+            nets = {side: daemons.backend_figures(side) for side in "ab"}
     check_complete(out["r"], count)  # type: ignore[arg-type]
     congestion = next(c["congestion"] for c in conns.values() if "congestion" in c)
     assert congestion["controller"] == "bbr" and congestion["blackouts"] >= 1, conns
+    # The receiving side PINGed into the silence, and the sender, its probe timeout backed
+    # off by then, probed as soon as a PING got through instead of waiting it out.
+    assert nets["b"]["silence_pings"] >= 1, nets
+    assert nets["a"]["early_probes"] >= 1, nets

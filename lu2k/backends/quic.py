@@ -268,6 +268,7 @@ class QuicBackend(Backend):
         self._endpoints: list[BatchedUdpEndpoint] = []  # listeners' sockets, and each open connect's own
         self._servers: list[GuardedQuicServer] = []
         self._fec_closed: dict[str, int] = {}  # FEC counters of connects' sockets already closed
+        self._pathwatch_closed = {"silence_pings": 0, "early_probes": 0}  # of connections already ended
 
     # --- configuration ----------------------------------------------------------------------------
 
@@ -375,7 +376,7 @@ class QuicBackend(Backend):
 
         def on_closed(protocol: Lu2kQuicProtocol) -> None:
             server.settled(protocol)
-            self._protocols.discard(protocol)
+            self._retire(protocol)
 
         def create_protocol(quic: QuicConnection, stream_handler: Any = None) -> Lu2kQuicProtocol:
             self._tune(quic)
@@ -505,7 +506,7 @@ class QuicBackend(Backend):
 
     def _forget_connect(self, protocol: Lu2kQuicProtocol, endpoint: BatchedUdpEndpoint) -> None:
         """An outgoing connection ended: its own UDP socket goes with it."""
-        self._protocols.discard(protocol)
+        self._retire(protocol)
         if endpoint in self._endpoints:
             self._endpoints.remove(endpoint)
             for k, v in endpoint.fec_stats().items():
@@ -536,7 +537,23 @@ class QuicBackend(Backend):
             "fec": self.fec.mode if self.fec.mode != "fixed" else f"{self.fec.ratio * 100:g}%",
             **({f"fec_{k}": v for k, v in self._fec_totals().items()}),
             **self._guard_totals(),
+            **self._pathwatch_totals(),
         }
+
+    def _retire(self, protocol: Lu2kQuicProtocol) -> None:
+        if protocol in self._protocols:
+            self._protocols.discard(protocol)
+            self._pathwatch_closed["silence_pings"] += protocol.pathwatch.pings
+            self._pathwatch_closed["early_probes"] += protocol.pathwatch.early_probes
+
+    def _pathwatch_totals(self) -> dict[str, int]:
+        """Silent paths (:mod:`.quic_pathwatch`), every connection this backend had: PINGs sent
+        into a silence, and probes sent before a backed-off timeout."""
+        totals = dict(self._pathwatch_closed)
+        for protocol in self._protocols:
+            totals["silence_pings"] += protocol.pathwatch.pings
+            totals["early_probes"] += protocol.pathwatch.early_probes
+        return totals
 
     def _guard_totals(self) -> dict[str, int]:
         """The listeners' guard (:mod:`.quic_guard`): what it refused, and what is half-open now."""

@@ -42,6 +42,10 @@ the idle timeout survive quiet periods.  Liveness: QUIC has no reset, so a peer 
 just goes silent; with data outstanding and nothing heard for ``dead_timeout`` seconds the
 connection is failed (``ReadError``) and the engine reconnects, instead of waiting for the
 idle timeout.
+
+A path that went silent: the side that was receiving data PINGs into the silence, and the
+side whose probe timeout is backed off probes as soon as anything arrives, so the sending side
+learns that a hand-over's outage is over within a round trip (:mod:`.quic_pathwatch`).
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ from ..inet import format_hostport
 from ..errors import ConnectError, FrameError, Lu2kError, ReadError, WriteError
 from ..wire import HELLO_FRAMES, BufferFor, Frame, FrameDecoder, FrameHeader, FrameType, HelloResult
 from .base import OutFrame, Transport
+from .quic_pathwatch import DATA_DATAGRAM, PathWatch
 
 ROLE_CONTROL = 0x01
 ROLE_MESSAGE = 0x02
@@ -79,6 +84,7 @@ APP_NO_ERROR = 0x0
 APP_AUTH_REJECTED = 0x101
 APP_PROTOCOL_ERROR = 0x102
 ACTIVE_STREAMS = 4  # message streams with unsent data inside aioquic at any time
+PATHWATCH_LIMIT = 5.0  # seconds a silent path is watched when no dead_timeout is set
 
 
 class _InStream:
@@ -473,6 +479,7 @@ class QuicTransport(Transport):
             "cwnd": loss.congestion_window, "bytes_in_flight": loss.bytes_in_flight,
             "streams_opened": self._quic._local_next_stream_id_uni // 4, "streams_in_aioquic": len(self._quic._streams),
             "streams_parked": len(self.parking.parked), "streams_unparked": self.parking.unparked,
+            "silence_pings": self._protocol.pathwatch.pings, "early_probes": self._protocol.pathwatch.early_probes,
         }
         controller = getattr(loss._cc, "controller", None)
         if controller is not None:
@@ -522,6 +529,9 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
         self.handshake_waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.peer = "?"
         self._keepalive: asyncio.TimerHandle | None = None
+        self._pathwatch_timer: asyncio.TimerHandle | None = None
+        dead = stream_options.dead_timeout
+        self.pathwatch = PathWatch(limit=dead / 2 if dead > 0 else PATHWATCH_LIMIT)
         self._liveness: asyncio.TimerHandle | None = None
         self._last_send = self._last_receive = self._loop.time()
 
@@ -532,11 +542,45 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
         if t is not None and t.recv_backlog > self.stream_options.recv_buffer:
             t.datagrams_dropped += 1
             return
-        self._last_receive = self._loop.time()
+        self._last_receive = now = self._loop.time()
         if self.peer == "?" and isinstance(addr, tuple):
             self.peer = format_hostport(str(addr[0]), int(addr[1]))
         super().datagram_received(data, addr)
         self._check_local_close()
+        if self.handshake_done:
+            self._watch_path(now, len(data))
+
+    # --- a path that went silent and came back (see quic_pathwatch) ----------------------------
+
+    def _rtt(self) -> float:
+        loss = self._quic._loss
+        return float(loss._rtt_smoothed) if loss._rtt_initialized else float(loss._rtt_initial)
+
+    def _watch_path(self, now: float, size: int) -> None:
+        watch = self.pathwatch
+        watch.on_datagram(now, size)
+        if self._quic._loss._pto_count and watch.probe_due(now, self._rtt(), backed_off=True):
+            # The peer's packets get through again while our probes wait out a backed-off
+            # timeout: probe now.
+            self._quic._send_probe()
+            self.transmit()
+        if self._pathwatch_timer is None and size >= DATA_DATAGRAM:
+            self._arm_pathwatch(now)
+
+    def _arm_pathwatch(self, now: float) -> None:
+        at = self.pathwatch.next_check(now, self._rtt())
+        if at is not None:
+            self._pathwatch_timer = self._loop.call_at(at, self._pathwatch_tick)
+
+    def _pathwatch_tick(self) -> None:
+        self._pathwatch_timer = None
+        if self._quic._state is not QuicConnectionState.CONNECTED:
+            return
+        now = self._loop.time()
+        if self.pathwatch.ping_due(now, self._rtt()):
+            self._quic.send_ping(0)
+            self.transmit()
+        self._arm_pathwatch(now)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable and the like: fatal while connecting, noise afterwards
@@ -612,7 +656,7 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
             self._fail_handshake(err)
             if self.transport_obj is not None:
                 self.transport_obj.fail(err)
-            for timer in (self._keepalive, self._liveness):
+            for timer in (self._keepalive, self._liveness, self._pathwatch_timer):
                 if timer is not None:
                     timer.cancel()
             self._ended()
@@ -665,7 +709,7 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
         self._arm_keepalive()
 
     def close_connection(self, code: int, reason: str) -> None:
-        for timer in (self._keepalive, self._liveness):
+        for timer in (self._keepalive, self._liveness, self._pathwatch_timer):
             if timer is not None:
                 timer.cancel()
         if self._quic._state not in (QuicConnectionState.CLOSING, QuicConnectionState.DRAINING, QuicConnectionState.TERMINATED):
@@ -696,10 +740,10 @@ class Lu2kQuicProtocol(QuicConnectionProtocol):
         self._socket_gone()
 
     def _socket_gone(self) -> None:
-        for timer in (self._keepalive, self._liveness, self._timer):
+        for timer in (self._keepalive, self._liveness, self._timer, self._pathwatch_timer):
             if timer is not None:
                 timer.cancel()
-        self._keepalive = self._liveness = self._timer = None
+        self._keepalive = self._liveness = self._timer = self._pathwatch_timer = None
         err = ReadError(f"the UDP socket for {self.peer} was closed")
         self._fail_handshake(err)
         if self.transport_obj is not None:

@@ -352,6 +352,13 @@ class LabDaemons:
         peers = self._ask(side, "peer show", {"nid": self.nids["b" if side == "a" else "a"]})
         return dict(peers[0].get("connections", {})) if peers else {}
 
+    def backend_figures(self, side: str) -> dict[str, Any]:
+        """``side``'s backend settings and totals over all its connections, accepted ones
+        included (``net show``'s ``backend_settings`` of its lab net); empty if the daemon does
+        not answer."""
+        nets = self._ask(side, "net show", {})
+        return dict(nets[0].get("backend_settings", {})) if nets else {}
+
     def counter(self, side: str, name: str) -> int | None:
         """One of ``side``'s daemon counters (``stats``, e.g. ``connections_lost``); None if the
         daemon does not answer."""
