@@ -45,7 +45,10 @@ idle timeout.
 
 A path that went silent: the side that was receiving data PINGs into the silence, and the
 side whose probe timeout is backed off probes as soon as anything arrives, so the sending side
-learns that a hand-over's outage is over within a round trip (:mod:`.quic_pathwatch`).
+learns that a hand-over's outage is over within a round trip (:mod:`.quic_pathwatch`).  This
+reads aioquic's recovery state (``_loss._pto_count``, ``_rtt_smoothed``, ``_rtt_initialized``,
+``_rtt_initial``) and asks for a probe with ``QuicConnection._send_probe``, as aioquic's own
+probe timeout does (aioquic is pinned to 1.7.x in setup.cfg).
 """
 
 from __future__ import annotations
