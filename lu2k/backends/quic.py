@@ -75,6 +75,7 @@ from ..inet import family_of, format_hostport, quic_datagram_size, wildcard
 from .base import AcceptCallback, Backend, BackendSettings, ExceptionMap, Listener, Transport, map_exceptions
 from .netpath import route_mtu, sockaddr
 from .quic_guard import GuardedQuicServer
+from .quic_pathwatch import FIGURES as PATHWATCH_FIGURES
 from .quic_recovery import tolerate_fec
 from .quic_udp import BatchedUdpEndpoint
 from .quic_stream import (
@@ -268,7 +269,7 @@ class QuicBackend(Backend):
         self._endpoints: list[BatchedUdpEndpoint] = []  # listeners' sockets, and each open connect's own
         self._servers: list[GuardedQuicServer] = []
         self._fec_closed: dict[str, int] = {}  # FEC counters of connects' sockets already closed
-        self._pathwatch_closed = {"silence_pings": 0, "early_probes": 0}  # of connections already ended
+        self._pathwatch_closed: dict[str, int] = {}  # path-watch figures of connections already ended
 
     # --- configuration ----------------------------------------------------------------------------
 
@@ -509,8 +510,7 @@ class QuicBackend(Backend):
         self._retire(protocol)
         if endpoint in self._endpoints:
             self._endpoints.remove(endpoint)
-            for k, v in endpoint.fec_stats().items():
-                self._fec_closed[k] = self._fec_closed.get(k, 0) + v
+            _add(self._fec_closed, endpoint.fec_stats())
         endpoint.close()
 
     async def close(self) -> None:
@@ -543,16 +543,15 @@ class QuicBackend(Backend):
     def _retire(self, protocol: Lu2kQuicProtocol) -> None:
         if protocol in self._protocols:
             self._protocols.discard(protocol)
-            self._pathwatch_closed["silence_pings"] += protocol.pathwatch.pings
-            self._pathwatch_closed["early_probes"] += protocol.pathwatch.early_probes
+            _add(self._pathwatch_closed, protocol.pathwatch.figures())
 
     def _pathwatch_totals(self) -> dict[str, int]:
         """Silent paths (:mod:`.quic_pathwatch`), every connection this backend had: PINGs sent
         into a silence, and probes sent before a backed-off timeout."""
-        totals = dict(self._pathwatch_closed)
+        totals = dict.fromkeys(PATHWATCH_FIGURES, 0)
+        _add(totals, self._pathwatch_closed)
         for protocol in self._protocols:
-            totals["silence_pings"] += protocol.pathwatch.pings
-            totals["early_probes"] += protocol.pathwatch.early_probes
+            _add(totals, protocol.pathwatch.figures())
         return totals
 
     def _guard_totals(self) -> dict[str, int]:
@@ -567,9 +566,13 @@ class QuicBackend(Backend):
     def _fec_totals(self) -> dict[str, int]:
         totals = dict(self._fec_closed)
         for endpoint in self._endpoints:
-            for k, v in endpoint.fec_stats().items():
-                totals[k] = totals.get(k, 0) + v
+            _add(totals, endpoint.fec_stats())
         return totals
+
+
+def _add(totals: dict[str, int], figures: dict[str, int]) -> None:
+    for k, v in figures.items():
+        totals[k] = totals.get(k, 0) + v
 
 
 def _public_der(key: Any) -> bytes:

@@ -35,6 +35,7 @@ PING_MIN_INTERVAL = 0.020
 PING_INTERVAL_RTTS = 0.25
 PROBE_MIN_SPACING = 0.010
 PROBE_SPACING_RTTS = 0.25
+FIGURES = ("silence_pings", "early_probes")  # what figures() reports
 
 
 class PathWatch:
@@ -50,6 +51,10 @@ class PathWatch:
         self._last_probe = -math.inf
         self.pings = 0  # PINGs sent into a silence (statistics)
         self.early_probes = 0  # probes sent before the backed-off timeout (statistics)
+
+    def figures(self) -> dict[str, int]:
+        """The statistics, as ``net show -v`` and ``peer show`` name them."""
+        return dict(zip(FIGURES, (self.pings, self.early_probes)))
 
     def on_datagram(self, now: float, size: int) -> None:
         self.last_heard = now

@@ -482,7 +482,7 @@ class QuicTransport(Transport):
             "cwnd": loss.congestion_window, "bytes_in_flight": loss.bytes_in_flight,
             "streams_opened": self._quic._local_next_stream_id_uni // 4, "streams_in_aioquic": len(self._quic._streams),
             "streams_parked": len(self.parking.parked), "streams_unparked": self.parking.unparked,
-            "silence_pings": self._protocol.pathwatch.pings, "early_probes": self._protocol.pathwatch.early_probes,
+            **self._protocol.pathwatch.figures(),
         }
         controller = getattr(loss._cc, "controller", None)
         if controller is not None:
