@@ -44,10 +44,27 @@ status=0
 # Tests spread over the cores (at most 4 workers); the emulated-link tests run one at a time
 # on one of them (tests/conftest.py).  A hung test is ended by tests/conftest.py's hang guard;
 # the limit here (normally 10-15 min are needed) bounds everything else, so that the kernel tier
-# still runs and the log says what happened.
+# still runs and the log says what happened.  Just before the limit every test process still
+# running is sent SIGUSR1, which writes its stacks into its file in $hang_dir; the end of this
+# run reports those files (tests/hangs.py) together with the host tests' failures.
 host_limit=${LU2K_HOST_TESTS_LIMIT:-2700}
-timeout --kill-after=60 "$host_limit" \
-  "$venv/bin/python" -m pytest -p no:cacheprovider -q -n auto --maxprocesses 4 --dist loadgroup "$@" || status=$?
+hang_dir=$PWD/build/test-hangs
+rm -rf "$hang_dir" && mkdir -p "$hang_dir"
+export LU2K_TEST_HANG_DIR=$hang_dir
+(
+  sleep "$host_limit"
+  for running in "$hang_dir"/*.txt; do
+    [ -e "$running" ] && kill -USR1 "${running##*-}" 2>/dev/null || true
+  done
+) >/dev/null 2>&1 &
+limit_watch=$!
+timeout --kill-after=60 "$((host_limit + 10))" \
+  "$venv/bin/python" -m pytest -p no:cacheprovider -q -n auto --maxprocesses 4 --dist loadgroup "$@" \
+  2>&1 | tee build/host-tests.log || status=$?
+# The watcher first (so that it sends nothing once the tests are done), then its sleep.
+watch_sleep=$(pgrep -P "$limit_watch" sleep || true)
+kill "$limit_watch" 2>/dev/null || true
+[ -n "$watch_sleep" ] && kill "$watch_sleep" 2>/dev/null || true
 if [ "$status" = 124 ] || [ "$status" = 137 ]; then
   echo "run-tests: the host tests ran past ${host_limit} s and were stopped" >&2
 fi
@@ -57,4 +74,9 @@ if [ "$kernel_tier" = 1 ]; then
   cat build/kernel-tests/prepare.log
   LU2K_VENV="$PWD/$venv" contrib/kernel-tests/run || status=$?
 fi
+# Repeated at the end, where a log read from its tail shows it.
+echo "run-tests: host tests: $(grep -E '^(=+ )?[0-9]+ (passed|failed)' build/host-tests.log | tail -1 || echo 'no summary (stopped)')"
+grep -E '^(FAILED|ERROR) |crashed while running' build/host-tests.log | head -40 || true
+"$venv/bin/python" tests/hangs.py "$hang_dir"
+echo "run-tests: exit status $status"
 exit $status

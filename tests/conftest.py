@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+import hangs
 import pytest
 
 from lu2k import hotpath
@@ -26,18 +31,65 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # pytest-timeout (signal method) cannot end a test whose main thread is stuck in C code, or one
-# that swallows its exception (a callback, a ``finally`` that hangs in turn).  Past its timeout
-# plus this grace, faulthandler's watchdog -- a C thread, needing neither the GIL nor the main
-# thread -- prints every thread's stack and ends the process.  Under pytest-xdist the controller
-# then reports "worker crashed while running <test>" and carries on with a new worker, so one
-# hung test costs minutes and names itself instead of holding the whole run.
+# that swallows its exception (an asyncio callback logs it and carries on; a ``finally`` that
+# hangs in turn).  Past its timeout plus this grace, faulthandler's watchdog -- a C thread,
+# needing neither the GIL nor the main thread -- writes every thread's stack and ends the
+# process.  Under pytest-xdist the controller then reports "worker crashed while running <test>"
+# and carries on with a new worker, so one hung test costs minutes and names itself instead of
+# holding the whole run.
+#
+# Where the stacks go: each test process keeps a file in the run's hang directory (tests/hangs.py)
+# naming the test it is running, and the watchdog writes into it.  The directory is
+# LU2K_TEST_HANG_DIR (contrib/run-tests.sh sets it) or, under pytest-xdist, a fresh temporary
+# one.  A process that ends normally removes its file; the controller's summary reports the
+# files left.  Two more uses of them:
+# - ``--dist loadgroup`` puts a crashed worker's unfinished group back in the queue, the hung
+#   test included, so a new worker would run it again and hang again; a test that hung once in
+#   this run fails at once instead.
+# - contrib/run-tests.sh sends SIGUSR1 to every test process still running when its own limit
+#   strikes; the stacks that writes name what was running.
+# A run without pytest-xdist and without LU2K_TEST_HANG_DIR writes the stacks to stderr.
 HANG_GRACE = float(os.environ.get("LU2K_TEST_HANG_GRACE", "120"))
 _stack_out: IO[str] | None = None
+_hang_dir: Path | None = None
+_hang_file: Path | None = None
+_temporary_hang_dir = False
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global _stack_out
-    _stack_out = os.fdopen(os.dup(2), "w")  # the stderr the run started with, not a capture
+    global _stack_out, _hang_dir, _hang_file, _temporary_hang_dir
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    xdist_controller = bool(config.getoption("numprocesses", None)) and worker is None
+    if xdist_controller and not os.environ.get("LU2K_TEST_HANG_DIR"):
+        os.environ["LU2K_TEST_HANG_DIR"] = tempfile.mkdtemp(prefix="lu2k-test-hangs-")  # the workers inherit it
+        _temporary_hang_dir = True
+    if os.environ.get("LU2K_TEST_HANG_DIR"):
+        _hang_dir = Path(os.environ["LU2K_TEST_HANG_DIR"])
+        _hang_dir.mkdir(parents=True, exist_ok=True)
+    if _hang_dir is not None and not xdist_controller:
+        _hang_file = _hang_dir / f"{worker or 'main'}-{os.getpid()}.txt"
+        _stack_out = open(_hang_file, "w")  # noqa: SIM115 -- held for the process's life
+        faulthandler.register(signal.SIGUSR1, file=_stack_out, all_threads=True)
+    elif not xdist_controller:
+        _stack_out = os.fdopen(os.dup(2), "w")  # the stderr the run started with, not a capture
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _stack_out is not None:
+        _stack_out.close()
+    if _hang_file is not None:
+        _hang_file.unlink(missing_ok=True)
+    if _temporary_hang_dir and _hang_dir is not None and not hangs.left_behind(_hang_dir):
+        shutil.rmtree(_hang_dir, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _hang_dir is not None and _hang_file is None:  # the xdist controller
+        lines = hangs.report_all(_hang_dir)
+        if lines:
+            terminalreporter.section("tests that hung")
+            for line in lines:
+                terminalreporter.write_line(line)
 
 
 def _timeout_of(item: pytest.Item) -> float:
@@ -56,12 +108,24 @@ def _timeout_of(item: pytest.Item) -> float:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     timeout = _timeout_of(item)
+    if _hang_file is not None and _stack_out is not None:
+        _stack_out.seek(0)
+        _stack_out.truncate()
+        _stack_out.write(hangs.header(item.nodeid, f"{time.strftime('%H:%M:%S')}, timeout {timeout:g} s + {HANG_GRACE:g} s"))
+        _stack_out.flush()
     if timeout > 0 and _stack_out is not None:
         faulthandler.dump_traceback_later(timeout + HANG_GRACE, exit=True, file=_stack_out)
     try:
         yield
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    earlier = hangs.hung_before(_hang_dir, item.nodeid) if _hang_dir is not None else None
+    if earlier is not None:
+        pytest.fail(f"not run again: this test hung earlier in this run (its stacks: {earlier})", pytrace=False)
 
 
 @pytest.fixture
