@@ -54,7 +54,8 @@ export LU2K_TEST_HANG_DIR=$hang_dir
 (
   sleep "$host_limit"
   for running in "$hang_dir"/*.txt; do
-    [ -e "$running" ] && kill -USR1 "${running##*-}" 2>/dev/null || true
+    pid=${running##*-}  # the files are named <worker>-<pid>.txt
+    [ -e "$running" ] && kill -USR1 "${pid%.txt}" 2>/dev/null || true
   done
 ) >/dev/null 2>&1 &
 limit_watch=$!

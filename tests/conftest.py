@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import faulthandler
 import os
 import shutil
@@ -9,13 +10,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import hangs
 import pytest
+import pytest_timeout
 
 from lu2k import hotpath
 
@@ -119,6 +122,49 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         yield
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+# pytest-timeout's signal handler raises in whatever code runs when the alarm comes.  With an
+# event loop running, that is most often a callback (a protocol's datagram_received, a timer) or
+# a background task; asyncio logs the exception there and carries on, and the test goes on
+# waiting -- until the hang guard above.  So with a loop running in the main thread the alarm
+# stops that loop instead: run_until_complete then raises and the test fails at its limit, with
+# a report that says so.  Without a running loop pytest-timeout's own handler runs.
+_TIMED_OUT_IN_LOOP = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
+    if settings.method != "signal" or threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        loop = asyncio.events._get_running_loop()
+        if loop is None:
+            __tracebackhide__ = True
+            pytest_timeout.timeout_sigalrm(item, settings)
+            return
+        item.stash[_TIMED_OUT_IN_LOOP] = settings.timeout
+        loop.call_soon_threadsafe(loop.stop)
+
+    def cancel() -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+    item.cancel_timeout = cancel  # type: ignore[attr-defined]  # what pytest-timeout's cancel hook calls
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, settings.timeout)
+    return True
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    timeout = item.stash.get(_TIMED_OUT_IN_LOOP, None)
+    if timeout is not None and report.failed and call.when == "call":
+        report.longrepr = (f"Timeout >{timeout:g}s: pytest-timeout stopped the test's event loop "
+                           f"(what the test was waiting for had not come)\n\n{report.longrepr}")
+    return report
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -92,6 +92,44 @@ def test_a_hung_test_is_not_run_again_and_is_named_with_its_stack_at_the_end(tmp
     assert "/_pytest/" not in report and "/pluggy/" not in report, report  # the frames every test shares are left out
 
 
+WAITING_WHILE_CALLBACKS_RUN = '''
+import asyncio
+import time
+
+import pytest
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(1)
+async def test_waits_forever_while_callbacks_run() -> None:
+    loop = asyncio.get_running_loop()
+
+    def busy() -> None:
+        time.sleep(0.2)  # where the alarm comes, nearly always: inside a callback
+        loop.call_soon(busy)
+
+    loop.call_soon(busy)
+    await loop.create_future()
+
+
+def test_after() -> None:
+    pass
+'''
+
+
+@pytest.mark.timeout(120)
+def test_a_test_waiting_in_an_event_loop_fails_at_its_limit(tmp_path: Path) -> None:
+    # pytest-timeout's exception raised inside a callback would be logged by asyncio and the
+    # test would wait on, for the hang guard; the suite's timer stops the loop instead.
+    (tmp_path / "test_waiting.py").write_text(WAITING_WHILE_CALLBACKS_RUN)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
+                          "--rootdir", str(tmp_path), str(tmp_path)],
+                         cwd=tmp_path, env=_child_env(LU2K_TEST_HANG_GRACE="60"), capture_output=True, text=True, timeout=100)
+    out = run.stdout + run.stderr
+    assert "Timeout >1s: pytest-timeout stopped the test's event loop" in out, out
+    assert "1 failed, 1 passed" in out and "Timeout (0:" not in out, out  # failed at its limit, not by the hang guard
+
+
 SLOW = '''
 import time
 
