@@ -131,6 +131,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 # stops that loop instead: run_until_complete then raises and the test fails at its limit, with
 # a report that says so.  Without a running loop pytest-timeout's own handler runs.
 _TIMED_OUT_IN_LOOP = pytest.StashKey[float]()
+_ALARM_PHASE = pytest.StashKey[str]()
+REARM_S = 30.0  # longer than the clean-up after a stopped loop takes, as a rule
+
+
+def _current_phase() -> str:
+    """setup, call or teardown: pytest keeps it in PYTEST_CURRENT_TEST ("<nodeid> (call)")."""
+    return os.environ.get("PYTEST_CURRENT_TEST", "").rpartition("(")[2].rstrip(")")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -139,13 +146,22 @@ def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
         return None
 
     def on_alarm(signum: int, frame: Any) -> None:
+        phase = _current_phase()
+        earlier = item.stash.get(_ALARM_PHASE, None)
+        if earlier is not None and earlier != phase:
+            return  # the phase that timed out has ended; its clean-up runs undisturbed
+        item.stash[_ALARM_PHASE] = phase
         loop = asyncio.events._get_running_loop()
-        if loop is None:
+        if loop is None or earlier is not None:
             __tracebackhide__ = True
             pytest_timeout.timeout_sigalrm(item, settings)
             return
         item.stash[_TIMED_OUT_IN_LOOP] = settings.timeout
         loop.call_soon_threadsafe(loop.stop)
+        # A loop whose work ends in this very step returns normally all the same (a short
+        # asyncio.run inside a synchronous test).  If the same phase still runs a while later,
+        # pytest-timeout's own exception is raised once, as it would have been.
+        signal.setitimer(signal.ITIMER_REAL, REARM_S)
 
     def cancel() -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)

@@ -133,7 +133,7 @@ def lab_transfer_across_outage(backend: str, specs: Any, workdir: Path, outage_s
                 except Exception as e:  # handed to the test thread below
                     out["e"] = e
 
-            t = threading.Thread(target=run)
+            t = threading.Thread(target=run, daemon=True)  # a test stopped at its limit does not wait for it
             t.start()
             while lab.stats()["links"]["ab"]["packets_out"] < 200 and t.is_alive():
                 time.sleep(0.05)

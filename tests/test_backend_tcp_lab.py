@@ -100,7 +100,7 @@ def test_outage_longer_than_dead_timeout_reconnects_and_resumes(daemons_dir: Pat
                 except Exception as e:  # handed to the test thread below
                     out["e"] = e
 
-            t = threading.Thread(target=run)
+            t = threading.Thread(target=run, daemon=True)  # a test stopped at its limit does not wait for it
             t.start()
             while lab.stats()["links"]["ab"]["packets_out"] < 300 and t.is_alive():
                 time.sleep(0.05)

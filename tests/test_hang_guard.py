@@ -112,6 +112,15 @@ async def test_waits_forever_while_callbacks_run() -> None:
     await loop.create_future()
 
 
+@pytest.mark.timeout(1)
+def test_short_event_loops_one_after_another() -> None:
+    async def step() -> None:
+        time.sleep(0.05)  # the loop's work ends in the step the alarm comes in: stopping it is lost
+
+    while True:
+        asyncio.run(step())
+
+
 def test_after() -> None:
     pass
 '''
@@ -124,10 +133,11 @@ def test_a_test_waiting_in_an_event_loop_fails_at_its_limit(tmp_path: Path) -> N
     (tmp_path / "test_waiting.py").write_text(WAITING_WHILE_CALLBACKS_RUN)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
                           "--rootdir", str(tmp_path), str(tmp_path)],
-                         cwd=tmp_path, env=_child_env(LU2K_TEST_HANG_GRACE="60"), capture_output=True, text=True, timeout=100)
+                         cwd=tmp_path, env=_child_env(LU2K_TEST_HANG_GRACE="60"), capture_output=True, text=True, timeout=110)
     out = run.stdout + run.stderr
     assert "Timeout >1s: pytest-timeout stopped the test's event loop" in out, out
-    assert "1 failed, 1 passed" in out and "Timeout (0:" not in out, out  # failed at its limit, not by the hang guard
+    assert "Failed: Timeout" in out, out  # the short loops: pytest-timeout's own exception, after the stop was lost
+    assert "2 failed, 1 passed" in out and "Timeout (0:" not in out, out  # failed at the limit, not by the hang guard
 
 
 SLOW = '''

@@ -66,7 +66,7 @@ def test_short_outage_is_a_blackout_not_congestion(daemons_dir: Path) -> None:
             def run() -> None:
                 out["r"] = transfer(lab, daemons, size=32768, window=32, count=count, verify=True, timeout=120)
 
-            t = threading.Thread(target=run)
+            t = threading.Thread(target=run, daemon=True)  # a test stopped at its limit does not wait for it
             t.start()
             while lab.stats()["links"]["ab"]["packets_out"] < 300 and t.is_alive():
                 time.sleep(0.02)

@@ -151,7 +151,9 @@ def transfer_with_cut(lab: Lab, daemons: Any, *, path: int, cut_s: float, start_
         except Exception as e:  # handed to the caller below
             out["e"] = e
 
-    t = threading.Thread(target=run)
+    # A daemon thread, joined only on the way out of a normal return: a caller interrupted
+    # (a signal, a test's time limit) goes on to tear the lab down, which ends the transfer.
+    t = threading.Thread(target=run, daemon=True)
     t.start()
     cut_at = 0.0
     base = lab.stats()["paths"][path]["links"]["ab"]["bytes_in"]  # the lab's counters run from its start
@@ -163,7 +165,7 @@ def transfer_with_cut(lab: Lab, daemons: Any, *, path: int, cut_s: float, start_
         time.sleep(cut_s)
     finally:
         lab.set_link(True, path=path)
-        t.join(600)
+    t.join(600)
     if t.is_alive():
         raise NetworkError("transfer across the rail cut did not finish")
     if "e" in out:
@@ -240,7 +242,7 @@ def small_under_bulk(lab: Lab, daemons: Any, *, size: int, interval: float, coun
         except Exception as e:
             bulk["e"] = e
 
-    t = threading.Thread(target=run_bulk)
+    t = threading.Thread(target=run_bulk, daemon=True)  # joined below on a normal return only, as in transfer_with_cut
     t.start()
     time.sleep(2.0)  # the bulk stream is under way
     recv = lab.popen("b", _argv("small-receiver", "--socket", daemons.shim("b"), "--count", str(count), "--skip", str(skip),
@@ -261,7 +263,7 @@ def small_under_bulk(lab: Lab, daemons: Any, *, size: int, interval: float, coun
             if p is not None and p.poll() is None:
                 p.kill()
                 p.communicate()
-        t.join(duration + 300)
+    t.join(duration + 300)
     if "e" in bulk:
         raise bulk["e"]
     return _last_json(r_out + r_err, "small receiver"), {"sender": _last_json(s_out + s_err, "small sender"), "bulk": bulk.get("r", {})}
