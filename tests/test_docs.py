@@ -205,7 +205,7 @@ def test_two_sites_over_geo_exactly_as_documented(tmp_path: Path) -> None:
            "LU2K_LAB_DIR": str(tmp_path / "labs")}
     try:
         out = subprocess.run(["bash", "-euo", "pipefail"], input=_walkthrough(), cwd=work, env=env,
-                             capture_output=True, text=True, timeout=400)
+                             capture_output=True, text=True, timeout=240)  # about 15 s as a rule
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in work.glob("*.log"))
         assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}\n{logs}"
         assert "received intact" in out.stdout
