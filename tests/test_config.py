@@ -594,7 +594,7 @@ def test_first_interface_on_a_real_kernel(tmp_path) -> None:  # type: ignore[no-
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2")
     ns = f"lu2kcfg{os.getpid()}"
-    run = lambda *a: subprocess.run(["ip", *a], check=True, capture_output=True)  # noqa: E731
+    run = lambda *a: subprocess.run(["ip", *a], check=True, capture_output=True, timeout=30)  # noqa: E731
     run("netns", "add", ns)
     try:
         # Created in this order: eth1 gets the lower ifindex, so it is "first".
@@ -617,7 +617,7 @@ def test_first_interface_on_a_real_kernel(tmp_path) -> None:  # type: ignore[no-
         out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], check=True, capture_output=True,
                              text=True, env=env, timeout=60).stdout.splitlines()
     finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
     assert out[0] == str([("lo", "127.0.0.1", True), ("eth1", "10.70.3.4", True), ("eth0", "192.168.1.20", True),
                           ("eth2", "172.16.0.1", False)])
     assert out[1] == "tcp(eth1)"  # networks="tcp": the first interface detected
