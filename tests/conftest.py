@@ -78,6 +78,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if _hang_file is not None:
+        faulthandler.unregister(signal.SIGUSR1)  # before its file is closed (and the fd reused)
     if _stack_out is not None:
         _stack_out.close()
     if _hang_file is not None:
