@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import random
 import shutil
 import signal
 import socket
@@ -39,10 +40,50 @@ from .settings import DEFAULT_CONFIG_YAML
 IPV6_LOOPBACK = "::1"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(family_of(host)) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+# Ports are picked below the kernel's ephemeral range: a port taken from that range (bind to port
+# 0, then close) can be handed to any other socket bound to port 0 -- a client, another daemon
+# started beside this one -- before the daemon binds it.
+FREE_PORT_FLOOR = 20000
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(hosts: tuple[str, ...], port: int) -> bool:
+    """Free on every one of ``hosts`` for TCP and UDP alike (the backends use either)."""
+    try:
+        for host in hosts:
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(family_of(host), kind) as s:
+                    s.bind((host, port))
+    except OSError:
+        return False
+    return True
+
+
+def free_port(*hosts: str) -> int:
+    """A port free for TCP and UDP on each of ``hosts`` (default 127.0.0.1), outside the
+    ephemeral range when the kernel leaves room below it."""
+    hosts = hosts or ("127.0.0.1",)
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    if low - FREE_PORT_FLOOR >= 1000:
+        for _ in range(100):
+            port = rng.randrange(FREE_PORT_FLOOR, low)
+            if _bindable(hosts, port):
+                return port
+    for _ in range(100):  # a kernel whose ephemeral range starts low: any port the kernel picks
+        with socket.socket(family_of(hosts[0])) as s:
+            s.bind((hosts[0], 0))
+            port = int(s.getsockname()[1])
+        if _bindable(hosts, port):
+            return port
+    raise NetworkError(f"no port free for both TCP and UDP on {', '.join(hosts)}")
 
 
 def ipv6_loopback_problem() -> str | None:

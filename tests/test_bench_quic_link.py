@@ -5,29 +5,24 @@ data; the speed itself is a measurement (docs/performance.md), never asserted he
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from lu2k.localpair import free_port
+
 pytest.importorskip("aioquic")
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.timeout(120)
 def test_transport_alone_on_loopback_moves_data() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quic_link.py"), "--profile", "loopback",
-                          "--rate-mbit", "100", "--rtt-ms", "40", "--port", str(_free_udp_port()),
+                          "--rate-mbit", "100", "--rtt-ms", "40", "--port", str(free_port()),
                           "--warmup", "0.5", "--duration", "1.5"],
                          capture_output=True, text=True, env=env, timeout=100)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 import struct
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from lu2k.localpair import free_port
 from lu2k import wire
 from lu2k.crypto import PREFIX, TAG_SIZE
 from lu2k.engine import Engine
@@ -36,12 +36,6 @@ MARKER = b"TOP-SECRET-PAYLOAD-"
 A_NID, B_NID = parse_nid("127.0.0.1@tcp"), parse_nid("127.0.0.2@tcp")
 HELLO_UNITS = 2  # per direction: HELLO + AUTH (A->B), HELLO_REPLY + AUTH_OK (B->A)
 _count = itertools.count()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.2", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(nid: str, port: int, encryption: str) -> Any:
@@ -156,7 +150,7 @@ class MitmProxy:
 
 
 async def _run(attack: Attack, count: int = 8, encryption: str = "aes-256-gcm") -> tuple[list[tuple[Status, str]], Engine, Engine, MitmProxy]:
-    port = _free_port()
+    port = free_port("127.0.0.2")
     a, b = Engine(_config(str(A_NID), port, encryption)), Engine(_config(str(B_NID), port, encryption))
     await b.start(with_shim=False)
     await a.start(with_shim=False)

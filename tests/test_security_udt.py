@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import struct
 from collections import Counter
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from typing import Any, Union
 import pytest
 import structlog
 
+from lu2k.localpair import free_port
 from lu2k.backends import availability, get_backend
 from lu2k.errors import FrameError, Status
 
@@ -234,12 +234,6 @@ SIZE = 20000
 START = 100  # the attack starts at this data packet from A, well after the hello
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def _config(nid: str, port: int, transaction_timeout: float) -> Any:
     return parse_config({
         "net": [{"net type": "udt", "local NI(s)": [{"nid": nid, "tunables": {"peer_credits": 16, "credits": 64}}],
@@ -283,7 +277,7 @@ async def _run(attack: Attack, transaction_timeout: float = 4.0, resumes: bool =
     message still waiting for its turn then may end NO_ROUTE (never transmitted)."""
     before = _auth_totals()
     # Two ports: libudt refuses a second listener on a port, whatever the address.
-    a_port, b_port = _free_port("127.0.0.1"), _free_port("127.0.0.2")
+    a_port, b_port = free_port("127.0.0.1"), free_port("127.0.0.2")
     a = Engine(_config(str(A_NID), a_port, transaction_timeout))
     b = Engine(_config(str(B_NID), b_port, transaction_timeout))
     await b.start(with_shim=False)

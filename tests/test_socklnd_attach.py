@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from lu2k.localpair import free_port
 from lu2k.daemon import Daemon
 from lu2k.nid import Net, parse_nid
 from lu2k.settings import parse_config
@@ -49,10 +50,7 @@ def test_split_keeps_lan_nets_out_of_the_engine(tmp_path: Path) -> None:
 
 
 async def test_daemon_runs_a_socklnd_net(tmp_path: Path) -> None:
-    probe = await asyncio.start_server(lambda r, w: None, GW.host, 0)
-    port = probe.sockets[0].getsockname()[1]
-    probe.close()
-    await probe.wait_closed()
+    port = free_port(GW.host)
     d = Daemon(daemon_config(tmp_path, port))  # type: ignore[arg-type]
     await d.start()
     node = FakeNode(NODE, port, GW)
@@ -95,20 +93,12 @@ def lu2k_only_config(tmp: Path) -> object:
     })
 
 
-async def free_port_on(host: str) -> int:
-    probe = await asyncio.start_server(lambda r, w: None, host, 0)
-    port = int(probe.sockets[0].getsockname()[1])
-    probe.close()
-    await probe.wait_closed()
-    return port
-
-
 async def test_socklnd_net_added_and_removed_at_run_time(tmp_path: Path) -> None:
     from lu2k.control import request
 
     d = Daemon(lu2k_only_config(tmp_path))  # type: ignore[arg-type]
     await d.start()
-    port = await free_port_on(RT_GW.host)
+    port = free_port(RT_GW.host)
     node = FakeNode(RT_NODE, port, RT_GW)
 
     async def call(cmd: str, **args: object) -> Any:

@@ -17,7 +17,6 @@ import contextlib
 import os
 import random
 import secrets
-import socket
 import struct
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lu2k.localpair import free_port
 from lu2k.localpair import DaemonProcess, daemon_config
 from lu2k.nid import Nid, parse_nid
 from lu2k.socklnd import idl, proto
@@ -76,12 +76,6 @@ def namespace() -> Iterator[tuple[str, str, str]]:
     finally:
         subprocess.run(["ip", "link", "del", f"{tag}h"], capture_output=True)
         subprocess.run(["ip", "netns", "del", tag], capture_output=True)
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
-import socket
 import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 import structlog
 
+from lu2k.localpair import free_port
 from lu2k.engine import Engine
 from lu2k.errors import ConnectError, ConnectTimeout, ReadError, Status
 from lu2k.nid import Net, parse_nid
@@ -38,26 +38,6 @@ _hop_ports = itertools.count(41830)
 GW_A, GW_B = parse_nid("127.83.1.1@tcp"), parse_nid("127.83.2.1@tcp1")
 NODE_A, NODE_B = parse_nid("127.83.1.2@tcp"), parse_nid("127.83.2.2@tcp1")
 HOP_A, HOP_B = parse_nid("10.83.0.1@tcp9"), parse_nid("10.83.0.2@tcp9")
-
-
-def free_port() -> int:
-    """A port free on all four loopback addresses (each LAN party listens on its own)."""
-    while True:
-        s = socket.socket()
-        s.bind((GW_A.host, 0))
-        port = s.getsockname()[1]
-        s.close()
-        ok = True
-        for host in (NODE_A.host, GW_B.host, NODE_B.host):
-            t = socket.socket()
-            try:
-                t.bind((host, port))
-            except OSError:
-                ok = False
-            finally:
-                t.close()
-        if ok:
-            return port
 
 
 def site_config(lan: str, hop: str, route_net: str, gw: str, port: int, hop_port: int, **opts: Any) -> Any:
@@ -110,7 +90,7 @@ async def until(cond: Callable[[], bool]) -> None:
 @pytest.fixture
 async def sites(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Site, Site]]:
     opts = getattr(request, "param", {})
-    port, hop_port = free_port(), next(_hop_ports)
+    port, hop_port = free_port(GW_A.host, NODE_A.host, GW_B.host, NODE_B.host), next(_hop_ports)  # each LAN party on its own address
     a = await start_site(site_config(str(GW_A), str(HOP_A), "tcp1", str(HOP_B), port, hop_port, **opts), NODE_A, GW_A, port)
     b = await start_site(site_config(str(GW_B), str(HOP_B), "tcp", str(HOP_A), port, hop_port, **opts), NODE_B, GW_B, port)
     await a.node.connect_gateway()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 import structlog
 import yaml
 
+from lu2k.localpair import free_port
 from lu2k import logs
 from lu2k.cli import ctl
 from lu2k.daemon import Daemon
@@ -34,20 +34,6 @@ pytestmark = pytest.mark.timeout(60)  # a hang guard; nothing here measures time
 
 GW, NODE, NOBODY = parse_nid("127.84.1.1@tcp"), parse_nid("127.84.1.2@tcp"), parse_nid("127.84.1.9@tcp")
 NODE_RAIL = parse_nid("127.84.2.2@tcp1")  # a second NI the node lists, DOWN
-
-
-def free_port() -> int:
-    """A port free on both lu2kd's and the node's address (each listens on its own)."""
-    while True:
-        with socket.socket() as s:
-            s.bind((GW.host, 0))
-            port = int(s.getsockname()[1])
-        with socket.socket() as t:
-            try:
-                t.bind((NODE.host, port))
-            except OSError:
-                continue
-        return port
 
 
 @dataclass
@@ -65,7 +51,7 @@ async def bed(tmp_path: Path) -> AsyncIterator[Bed]:
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     logs.configure("error")  # the daemon runs in this process: keep its log lines off lu2kctl's stdout
-    port = free_port()
+    port = free_port(GW.host, NODE.host)  # lu2kd and the node each listen on their own address
     cfg = parse_config({
         "net": [{"net type": "tcp", "local NI(s)": [{"nid": str(GW)}],
                  "lu2k": {"backend": "socklnd", "port": port,

@@ -9,6 +9,7 @@ import zlib
 
 import pytest
 
+from lu2k.localpair import free_port
 from lu2k.backends import availability, get_backend
 from lu2k.backends.base import BackendSettings, LinkProfile
 from lu2k.errors import BackendUnavailable, ConfigError, ConnectError, FrameError, NetworkError, ReadError, WriteError
@@ -398,8 +399,8 @@ async def test_receiver_that_stops_reading_bounds_every_queue() -> None:
 
 async def test_rendezvous_both_ends_connect() -> None:
     # Site A accepts by rendezvous-connecting to B's rendezvous port; B connects from it.
-    pa = _free_udp_port()
-    pb_rdv = _free_udp_port()
+    pa = free_port()
+    pb_rdv = free_port()
     a = make(port=pa, rendezvous=True, rendezvous_peers=[f"127.0.0.1:{pb_rdv}"])
     b = make(port=0, rendezvous=True, rendezvous_port=pb_rdv)
     accepted: asyncio.Queue = asyncio.Queue()
@@ -416,18 +417,10 @@ async def test_rendezvous_both_ends_connect() -> None:
         await _close(out, inn, lst, a, b)
 
 
-def _free_udp_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_connect_timeout_and_listen_errors() -> None:
     client = make()
     with pytest.raises(NetworkError):
-        await client.connect("127.0.0.1", _free_udp_port(), ConnType.ANY, 0.5)
+        await client.connect("127.0.0.1", free_port(), ConnType.ANY, 0.5)
     with pytest.raises(NetworkError, match="cannot listen"):
         await client.listen("192.0.2.1", 0, lambda t: asyncio.sleep(0))  # not an address of this host
     await client.close()
