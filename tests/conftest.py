@@ -68,10 +68,14 @@ def pytest_configure(config: pytest.Config) -> None:
         _temporary_hang_dir = True
     if os.environ.get("LU2K_TEST_HANG_DIR"):
         _hang_dir = Path(os.environ["LU2K_TEST_HANG_DIR"])
-        _hang_dir.mkdir(parents=True, exist_ok=True)
-    if _hang_dir is not None and not xdist_controller:
-        _hang_file = _hang_dir / f"{worker or 'main'}-{os.getpid()}.txt"
-        _stack_out = open(_hang_file, "w")  # noqa: SIM115 -- held for the process's life
+        try:
+            _hang_dir.mkdir(parents=True, exist_ok=True)
+            if not xdist_controller:
+                _hang_file = _hang_dir / f"{worker or 'main'}-{os.getpid()}.txt"
+                _stack_out = open(_hang_file, "w")  # noqa: SIM115 -- held for the process's life
+        except OSError:  # not writable here (a guest's read-only view of the checkout): stderr
+            _hang_dir = _hang_file = None
+    if _stack_out is not None:
         faulthandler.register(signal.SIGUSR1, file=_stack_out, all_threads=True)
     elif not xdist_controller:
         _stack_out = os.fdopen(os.dup(2), "w")  # the stderr the run started with, not a capture
