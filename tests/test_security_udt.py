@@ -30,7 +30,7 @@ import structlog
 
 from lu2k.localpair import free_port
 from lu2k.backends import availability, get_backend
-from lu2k.errors import FrameError, Status
+from lu2k.errors import ConnectError, FrameError, Status
 
 pytestmark = pytest.mark.skipif(availability().get("udt") is not None, reason=str(availability().get("udt")))
 
@@ -38,7 +38,7 @@ from conformance import BackendUnderTest, _close, _msg, _recv_n, run_hello  # no
 
 from lu2k.backends import _udtcore, udt  # noqa: E402
 from lu2k.engine import Engine  # noqa: E402
-from lu2k.nid import parse_nid  # noqa: E402
+from lu2k.nid import Nid, parse_nid  # noqa: E402
 from lu2k.settings import parse_config  # noqa: E402
 from lu2k.wire import ConnType, decode_msg  # noqa: E402
 
@@ -271,17 +271,32 @@ async def _send_batch(a: Engine, count: int, tag: int, wait: float) -> list[list
     return results
 
 
+async def _started(nid: Nid, host: str, transaction_timeout: float, exclude: int = 0) -> tuple[Engine, int]:
+    """An engine listening on a free port of ``host``.  A port found free can still be taken by a
+    parallel test before the engine binds it; then another one is picked."""
+    for attempt in range(3):
+        port = free_port(host)
+        if port == exclude:  # libudt refuses a second listener on a port, whatever the address
+            continue
+        engine = Engine(_config(str(nid), port, transaction_timeout))
+        try:
+            await engine.start(with_shim=False)
+        except ConnectError as e:
+            await engine.stop()
+            if "Address already in use" not in str(e) or attempt == 2:
+                raise
+            continue
+        return engine, port
+    raise AssertionError(f"no free port for {nid}")
+
+
 async def _run(attack: Attack, transaction_timeout: float = 4.0, resumes: bool = True, resets: bool = False) -> Outcome:
     """COUNT messages from A to B while ``attack`` runs, then COUNT / 4 more without it.
     ``resets``: the attack stalls sends until a transaction timeout resets the connection, so a
     message still waiting for its turn then may end NO_ROUTE (never transmitted)."""
     before = _auth_totals()
-    # Two ports: libudt refuses a second listener on a port, whatever the address.
-    a_port, b_port = free_port("127.0.0.1"), free_port("127.0.0.2")
-    a = Engine(_config(str(A_NID), a_port, transaction_timeout))
-    b = Engine(_config(str(B_NID), b_port, transaction_timeout))
-    await b.start(with_shim=False)
-    await a.start(with_shim=False)
+    a, a_port = await _started(A_NID, "127.0.0.1", transaction_timeout)
+    b, b_port = await _started(B_NID, "127.0.0.2", transaction_timeout, exclude=a_port)
     relay = UdpRelay(("127.0.0.2", b_port), attack)
     a.set_peer_addresses({B_NID: f"127.0.0.1:{await relay.start()}"})
     b.set_peer_addresses({A_NID: f"127.0.0.1:{a_port}"})  # B's own connection to A, if it makes one
