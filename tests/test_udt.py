@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
 import zlib
 
@@ -12,7 +13,7 @@ import pytest
 from lu2k.localpair import free_port
 from lu2k.backends import availability, get_backend
 from lu2k.backends.base import BackendSettings, LinkProfile
-from lu2k.errors import BackendUnavailable, ConfigError, ConnectError, FrameError, NetworkError, ReadError, WriteError
+from lu2k.errors import BackendUnavailable, ConfigError, ConnectError, ConnectTimeout, FrameError, NetworkError, ReadError, WriteError
 from lu2k.nid import parse_net
 from lu2k.wire import ConnType, FrameType, decode_msg
 
@@ -24,6 +25,7 @@ except BackendUnavailable as e:  # CI installs libudt-dev (.ci/requirements-apt.
 from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _recv_n, run_hello  # noqa: E402
 
 from lu2k.backends import _udtcore  # noqa: E402
+from lu2k.backends import udt  # noqa: E402
 from lu2k.backends import udt_proto as proto  # noqa: E402
 
 KEY = b"conformance-key"
@@ -425,6 +427,31 @@ async def test_connect_timeout_and_listen_errors() -> None:
         await client.listen("192.0.2.1", 0, lambda t: asyncio.sleep(0))  # not an address of this host
     await client.close()
     assert threading.active_count() < 200  # no thread leak from abandoned connects
+
+
+async def test_an_abandoned_connect_is_closed_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # libudt's close of a socket whose connect is still running waits for that connect (up to
+    # 3 s against a silent peer), and behind libudt's global lock; the loop must not wait there.
+    loop_thread = threading.get_ident()
+    closed_on: list[int] = []
+    real_close = udt._udtcore.close
+
+    def close(u: int) -> None:
+        closed_on.append(threading.get_ident())
+        real_close(u)
+
+    monkeypatch.setattr(udt._udtcore, "close", close)
+    client = make()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # bound, never answers
+        silent.bind(("127.0.0.1", 0))
+        with pytest.raises(ConnectTimeout):
+            await client.connect("127.0.0.1", silent.getsockname()[1], ConnType.ANY, 0.3)
+        await client.close()
+        for _ in range(100):  # the close thread has run by now, or runs shortly
+            if closed_on:
+                break
+            await asyncio.sleep(0.05)
+    assert closed_on and loop_thread not in closed_on, closed_on
 
 
 def test_missing_binding_makes_backend_unavailable_with_reason(tmp_path) -> None:

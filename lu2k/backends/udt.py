@@ -166,6 +166,21 @@ def _in_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., T], *args: Any
     return fut
 
 
+def _close_in_thread(u: int) -> None:
+    """Close ``u`` in a thread of its own, for the event loop's callers.  libudt's close waits
+    for the socket's lock, which a connect in progress holds for up to its own timeout (3 s),
+    and behind libudt's global lock, which under hostile traffic was seen held for good: the
+    loop -- every other connection, the control socket, shutdown -- must never wait there."""
+
+    def run() -> None:
+        try:
+            _udtcore.close(u)
+        except UDTError:
+            pass
+
+    threading.Thread(target=run, name=f"udt-close-{u}", daemon=True).start()
+
+
 # --- socket set-up (blocking helpers, run in threads) -------------------------------------------
 
 
@@ -576,10 +591,7 @@ class UdtListener(Listener):
             _released[(self._address[0], self._address[1])] = time.monotonic()
         for u in [self._u, *self.peer_sockets]:
             if u is not None:
-                try:
-                    _udtcore.close(u)  # wakes the accept/rendezvous thread blocked on it
-                except UDTError:
-                    pass
+                _close_in_thread(u)  # wakes the accept/rendezvous thread blocked on it
         if self.relay is not None:
             self._backend._close_relay(self.relay)
         self._backend._listeners.discard(self)
@@ -638,7 +650,7 @@ class UdtBackend(Backend):
     def _hand_to_engine(self, u: int, peer: str, pair: tuple[proto.Sealer, proto.Opener], on_accept: AcceptCallback, listener: UdtListener) -> None:
         """On the loop: wrap an accepted, keyed connection and give it to the engine."""
         if listener.closed:
-            _udtcore.close(u)
+            _close_in_thread(u)
             return
         transport = self._transport(u, peer, *pair)
         task = asyncio.ensure_future(on_accept(transport))
@@ -776,7 +788,7 @@ class UdtBackend(Backend):
             try:
                 listener.relay = self._open_relay(loop, (host, port), udt_address=address)
             except OSError as e:
-                _udtcore.close(u)
+                _close_in_thread(u)
                 raise ConnectError(f"cannot listen on {format_hostport(host, port)} (udt fec relay): {e.strerror or e}") from None
             address = listener._address = listener.relay.address
         self._listeners.add(listener)
@@ -884,10 +896,7 @@ class UdtBackend(Backend):
     def _abandon(fut: "asyncio.Future[Any]", state: dict[str, int]) -> None:
         """Give up on a connect: closing its socket ends the blocked call in its thread."""
         if "u" in state:
-            try:
-                _udtcore.close(state["u"])
-            except UDTError:
-                pass
+            _close_in_thread(state["u"])
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # consume the late outcome
 
     async def close(self) -> None:
