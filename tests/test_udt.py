@@ -429,29 +429,43 @@ async def test_connect_timeout_and_listen_errors() -> None:
     assert threading.active_count() < 200  # no thread leak from abandoned connects
 
 
-async def test_an_abandoned_connect_is_closed_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_abandoned_connect_is_closed_off_the_event_loop_once_the_connect_call_is_over(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # libudt's close of a socket whose connect is still running waits for that connect (up to
-    # 3 s against a silent peer), and behind libudt's global lock; the loop must not wait there.
+    # 3 s against a silent peer), and such a race was where libudt was seen to lock up: the
+    # loop must not wait there, and the socket is closed only once libudt's connect returned.
     loop_thread = threading.get_ident()
-    closed_on: list[int] = []
-    real_close = udt._udtcore.close
+    events: list[tuple[str, int, int]] = []  # (what, socket, thread)
+    real_close, real_connect = udt._udtcore.close, udt._udtcore.connect
 
     def close(u: int) -> None:
-        closed_on.append(threading.get_ident())
+        events.append(("close", u, threading.get_ident()))
         real_close(u)
 
+    def connect(u: int, host: str, port: int) -> None:
+        try:
+            real_connect(u, host, port)
+        finally:
+            events.append(("connect returned", u, threading.get_ident()))
+
     monkeypatch.setattr(udt._udtcore, "close", close)
+    monkeypatch.setattr(udt._udtcore, "connect", connect)
     client = make()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # bound, never answers
         silent.bind(("127.0.0.1", 0))
         with pytest.raises(ConnectTimeout):
             await client.connect("127.0.0.1", silent.getsockname()[1], ConnType.ANY, 0.3)
-        await client.close()
-        for _ in range(100):  # the close thread has run by now, or runs shortly
-            if closed_on:
+        assert not [e for e in events if e[0] == "connect returned"]  # given up on at once: libudt's connect still runs
+        for _ in range(200):  # it gives up by itself within about 3 s, then the socket is closed
+            dialled = {u for what, u, _ in events if what == "connect returned"}
+            if any(what == "close" and u in dialled for what, u, _ in events):
                 break
             await asyncio.sleep(0.05)
-    assert closed_on and loop_thread not in closed_on, closed_on
+        await client.close()
+    dialled = {u for what, u, _ in events if what == "connect returned"}
+    ours = [(what, thread) for what, u, thread in events if u in dialled]  # not an earlier test's late closes
+    assert [what for what, _ in ours] == ["connect returned", "close"], events
+    assert loop_thread not in [thread for _, thread in ours], events
 
 
 def test_missing_binding_makes_backend_unavailable_with_reason(tmp_path) -> None:

@@ -166,19 +166,31 @@ def _in_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., T], *args: Any
     return fut
 
 
+# Between a dial thread and the loop giving up on it (UdtBackend._abandon): who closes the socket.
+_DIAL_LOCK = threading.Lock()
+
+
+def _connect_over(state: dict[str, int]) -> bool:
+    """The dial thread's connect call returned; True when the loop gave up on it meanwhile."""
+    with _DIAL_LOCK:
+        state["connect_over"] = 1
+        return "abandoned" in state
+
+
+def _close_quietly(u: int) -> None:
+    try:
+        _udtcore.close(u)
+    except UDTError:
+        pass
+
+
 def _close_in_thread(u: int) -> None:
     """Close ``u`` in a thread of its own, for the event loop's callers.  libudt's close waits
     for the socket's lock, which a connect in progress holds for up to its own timeout (3 s),
     and behind libudt's global lock, which under hostile traffic was seen held for good: the
     loop -- every other connection, the control socket, shutdown -- must never wait there."""
 
-    def run() -> None:
-        try:
-            _udtcore.close(u)
-        except UDTError:
-            pass
-
-    threading.Thread(target=run, name=f"udt-close-{u}", daemon=True).start()
+    threading.Thread(target=_close_quietly, args=(u,), name=f"udt-close-{u}", daemon=True).start()
 
 
 # --- socket set-up (blocking helpers, run in threads) -------------------------------------------
@@ -826,14 +838,23 @@ class UdtBackend(Backend):
 
         def dial() -> tuple[proto.Sealer, proto.Opener]:
             u = _new_socket(tuning, _family(addr), self._packet_key, wire_mss)
-            state["u"] = u
+            with _DIAL_LOCK:
+                state["u"] = u
             if tuning.rendezvous:
                 _udtcore.setsockopt(u, "reuseaddr", 1)
                 _udtcore.setsockopt(u, "rendezvous", 1)
                 _udtcore.bind(u, wildcard(_family(addr)), tuning.rendezvous_port)
             else:
                 _bind_guarded(u, tuning, _family(addr), wildcard(_family(addr)), 0)
-            _udtcore.connect(u, *target)
+            try:
+                _udtcore.connect(u, *target)
+            except BaseException:
+                if _connect_over(state):  # given up on meanwhile: the close is ours
+                    _close_quietly(u)
+                raise
+            if _connect_over(state):
+                _close_quietly(u)
+                raise ConnectError(f"UDT connect to {peer} given up")  # nobody waits for it any more
             return _exchange_preamble(u, tuning, True, self.settings.key, peer)
 
         fut = _in_thread(loop, dial, name=f"udt-connect-{peer}")
@@ -894,8 +915,14 @@ class UdtBackend(Backend):
 
     @staticmethod
     def _abandon(fut: "asyncio.Future[Any]", state: dict[str, int]) -> None:
-        """Give up on a connect: closing its socket ends the blocked call in its thread."""
-        if "u" in state:
+        """Give up on a connect.  Once libudt's connect call is over, closing the socket ends
+        the preamble blocked on it; while the call runs (it gives up by itself, after 3 s, 30
+        in rendezvous mode) the dial thread closes the socket when it returns: a close racing
+        libudt's connect was where a daemon's udt was seen to lock up for good."""
+        with _DIAL_LOCK:
+            state["abandoned"] = 1
+            close_now = "u" in state and "connect_over" in state
+        if close_now:
             _close_in_thread(state["u"])
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # consume the late outcome
 
