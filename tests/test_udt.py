@@ -468,6 +468,36 @@ async def test_an_abandoned_connect_is_closed_off_the_event_loop_once_the_connec
     assert loop_thread not in [thread for _, thread in ours], events
 
 
+async def test_a_connect_that_cannot_bind_closes_its_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The rendezvous port is taken: the dial fails before libudt's connect, and its socket must
+    # still be closed (each retry would otherwise leave one behind).
+    made: list[int] = []
+    closed: list[int] = []
+    real_socket, real_close = udt._udtcore.socket, udt._udtcore.close
+
+    def new_socket(family: int) -> int:
+        made.append(real_socket(family))
+        return made[-1]
+
+    def close(u: int) -> None:
+        closed.append(u)
+        real_close(u)
+
+    monkeypatch.setattr(udt._udtcore, "socket", new_socket)
+    monkeypatch.setattr(udt._udtcore, "close", close)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("0.0.0.0", 0))
+        client = make(rendezvous=True, rendezvous_port=taken.getsockname()[1])
+        with pytest.raises(ConnectError):
+            await client.connect("127.0.0.1", free_port(), ConnType.ANY, 2.0)
+        for _ in range(100):
+            if made and set(made) <= set(closed):
+                break
+            await asyncio.sleep(0.05)
+        await client.close()
+    assert made and set(made) <= set(closed), (made, closed)
+
+
 def test_missing_binding_makes_backend_unavailable_with_reason(tmp_path) -> None:
     import subprocess
     import sys

@@ -840,16 +840,18 @@ class UdtBackend(Backend):
             u = _new_socket(tuning, _family(addr), self._packet_key, wire_mss)
             with _DIAL_LOCK:
                 state["u"] = u
-            if tuning.rendezvous:
-                _udtcore.setsockopt(u, "reuseaddr", 1)
-                _udtcore.setsockopt(u, "rendezvous", 1)
-                _udtcore.bind(u, wildcard(_family(addr)), tuning.rendezvous_port)
-            else:
-                _bind_guarded(u, tuning, _family(addr), wildcard(_family(addr)), 0)
             try:
+                if tuning.rendezvous:
+                    _udtcore.setsockopt(u, "reuseaddr", 1)
+                    _udtcore.setsockopt(u, "rendezvous", 1)
+                    _udtcore.bind(u, wildcard(_family(addr)), tuning.rendezvous_port)
+                else:
+                    _bind_guarded(u, tuning, _family(addr), wildcard(_family(addr)), 0)
                 _udtcore.connect(u, *target)
             except BaseException:
-                if _connect_over(state):  # given up on meanwhile: the close is ours
+                # Failed (the loop closes the socket when it hears) or given up on meanwhile
+                # (then the close is ours).
+                if _connect_over(state):
                     _close_quietly(u)
                 raise
             if _connect_over(state):
