@@ -319,3 +319,40 @@ def test_a_call_waiting_on_a_libudt_lock_lets_the_other_python_threads_run() -> 
         udtcore.close(u)
         silent.close()
     assert refused == [udtcore.E_NOSERVER]
+
+
+def test_a_closed_channels_descriptor_is_kept_by_a_placeholder_until_its_worker_is_gone() -> None:
+    # libudt closes a channel's UDP socket before it stops the channel's receive worker.  Were the
+    # number free at once, another socket of the process could take it and the worker would wait
+    # in that socket's recvmsg for good (with libudt's global lock held by the collector joining
+    # it).  The binding keeps the number on an AF_UNIX placeholder where recvmsg fails at once.
+    import os
+    import socket
+    import time
+
+    from lu2k.backends import udt_guard
+
+    sock = udt_guard.guarded_socket(socket.AF_INET, "127.0.0.1", 0, 1 << 20)
+    port = sock.getsockname()[1]
+    u = udtcore.socket(socket.AF_INET)
+    udtcore.bind_udp(u, sock.fileno())
+    fd = sock.detach()  # libudt owns it now
+    udtcore.listen(u, 4)  # a listener: its channel's receive worker runs
+    udtcore.close(u)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # libudt's collector closes the channel within a few seconds
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.bind(("127.0.0.1", port))
+            break
+        except OSError:
+            time.sleep(0.1)
+        finally:
+            probe.close()
+    else:
+        pytest.fail("libudt never closed the channel's UDP socket")
+    view = socket.socket(fileno=os.dup(fd))  # what the number names now
+    try:
+        assert view.family == socket.AF_UNIX and view.type == socket.SOCK_DGRAM
+    finally:
+        view.close()

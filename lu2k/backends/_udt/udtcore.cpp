@@ -27,6 +27,7 @@
 #include <time.h>
 
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -665,8 +666,52 @@ int __wrap_bind(int fd, const struct sockaddr* addr, socklen_t len) {
     return r;
 }
 
+// libudt closes a channel's UDP socket (CChannel::close) before it stops the channel's receive
+// worker (~CRcvQueue joins it, with libudt's global lock held).  Released at once, the number
+// could be taken by another socket of this process -- blocking, with no timeout -- before the
+// worker's next recvmsg, which would then wait in that socket for good, and libudt with it
+// (seen: every later UDT::socket() and close() waiting on the global lock).  So a datagram
+// socket's number is kept: an unbound AF_UNIX datagram socket, non-blocking, takes its place
+// (dup2 swaps them at once), where a recvmsg fails with EAGAIN and a sendmsg to an IP address
+// fails, and that placeholder is closed by a later close, once the worker is long gone.
+static std::mutex g_retired_mu;
+static std::vector<std::pair<int, uint64_t>> g_retired;  // placeholder fds, when set in place
+static constexpr uint64_t kRetiredForUs = 5000000;
+
+static void close_retired(uint64_t now_us) {
+    std::vector<int> due;
+    {
+        std::lock_guard<std::mutex> g(g_retired_mu);
+        auto keep = g_retired.begin();
+        for (auto& entry : g_retired) {
+            if (now_us - entry.second >= kRetiredForUs)
+                due.push_back(entry.first);
+            else
+                *keep++ = entry;
+        }
+        g_retired.erase(keep, g_retired.end());
+    }
+    for (int fd : due) __real_close(fd);
+}
+
 int __wrap_close(int fd) {
     g_guard.forget_channel(fd);
+    uint64_t now = monotonic_us();
+    close_retired(now);
+    int type = 0;
+    socklen_t len = sizeof(type);
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0 && type == SOCK_DGRAM) {
+        int placeholder = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (placeholder >= 0) {
+            int r = dup2(placeholder, fd);  // closes the channel's socket; fd now names the placeholder
+            __real_close(placeholder);
+            if (r >= 0) {
+                std::lock_guard<std::mutex> g(g_retired_mu);
+                g_retired.emplace_back(fd, now);
+                return 0;
+            }
+        }
+    }
     return __real_close(fd);
 }
 }
