@@ -38,6 +38,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -673,31 +674,12 @@ int __wrap_bind(int fd, const struct sockaddr* addr, socklen_t len) {
 // (seen: every later UDT::socket() and close() waiting on the global lock).  So a datagram
 // socket's number is kept: an unbound AF_UNIX datagram socket, non-blocking, takes its place
 // (dup2 swaps them at once), where a recvmsg fails with EAGAIN and a sendmsg to an IP address
-// fails, and that placeholder is closed by a later close, once the worker is long gone.
-static std::mutex g_retired_mu;
-static std::vector<std::pair<int, uint64_t>> g_retired;  // placeholder fds, when set in place
-static constexpr uint64_t kRetiredForUs = 5000000;
-
-static void close_retired(uint64_t now_us) {
-    std::vector<int> due;
-    {
-        std::lock_guard<std::mutex> g(g_retired_mu);
-        auto keep = g_retired.begin();
-        for (auto& entry : g_retired) {
-            if (now_us - entry.second >= kRetiredForUs)
-                due.push_back(entry.first);
-            else
-                *keep++ = entry;
-        }
-        g_retired.erase(keep, g_retired.end());
-    }
-    for (int fd : due) __real_close(fd);
-}
+// fails; a thread of its own closes that placeholder a few seconds later, when the worker --
+// joined right after the close -- is long gone.
+static constexpr auto kPlaceholderFor = std::chrono::seconds(3);
 
 int __wrap_close(int fd) {
     g_guard.forget_channel(fd);
-    uint64_t now = monotonic_us();
-    close_retired(now);
     int type = 0;
     socklen_t len = sizeof(type);
     if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0 && type == SOCK_DGRAM) {
@@ -706,15 +688,21 @@ int __wrap_close(int fd) {
             int r = dup2(placeholder, fd);  // closes the channel's socket; fd now names the placeholder
             __real_close(placeholder);
             if (r >= 0) {
-                std::lock_guard<std::mutex> g(g_retired_mu);
-                g_retired.emplace_back(fd, now);
-                return 0;
+                try {
+                    std::thread([fd] {
+                        std::this_thread::sleep_for(kPlaceholderFor);
+                        __real_close(fd);
+                    }).detach();
+                    return 0;
+                } catch (const std::system_error&) {  // no thread to be had: close it now
+                }
             }
         }
     }
     return __real_close(fd);
 }
 }
+
 
 // For the duration of a bind or connect: the key of the channel libudt may open for `u`.
 class ChannelKeyScope {
