@@ -260,10 +260,7 @@ def _with_deadline(u: int, seconds: float, fn: Callable[[], T], what: str) -> T:
             if finished:
                 return
             expired.set()
-        try:
-            _udtcore.close(u)
-        except UDTError:
-            pass
+        _close_quietly(u)
 
     timer = threading.Timer(seconds, expire)
     timer.daemon = True
@@ -504,10 +501,7 @@ class UdtTransport(Transport):
             self._on_close(self)
 
         def close_udt() -> None:
-            try:
-                _udtcore.close(self._u)
-            except UDTError:
-                pass
+            _close_quietly(self._u)
             self._udt_closed.set()
 
         threading.Thread(target=close_udt, name=f"udt-close-{self._u}", daemon=True).start()
@@ -678,10 +672,7 @@ class UdtBackend(Backend):
         except Lu2kError:
             # Nobody to report to: the engine never saw this connection.  Just drop it.
             self._count("preambles_refused")
-            try:
-                _udtcore.close(u)
-            except UDTError:
-                pass
+            _close_quietly(u)
             return
         finally:
             self._handshakes.release()
@@ -740,10 +731,7 @@ class UdtBackend(Backend):
                 _udtcore.connect(u, peer[0], peer[1])  # UDT gives up after its own rendezvous timeout
             except UDTError:
                 listener.peer_sockets.discard(u)
-                try:
-                    _udtcore.close(u)
-                except UDTError:
-                    pass
+                _close_quietly(u)
                 threading.Event().wait(1.0)  # not there yet (or port busy): try again shortly
                 continue
             listener.peer_sockets.discard(u)
