@@ -137,8 +137,8 @@ def _auth_totals() -> Counter[str]:
 # --- backend level: one connection through the relay --------------------------------------------
 
 
-async def _through_relay(attack: Attack) -> tuple[Any, Any, Any, Any, Any, UdpRelay]:
-    but = BackendUnderTest(get_backend("udt"), "127.0.0.1", options={"_net": "udt"})
+async def _through_relay(attack: Attack, **options: Any) -> tuple[Any, Any, Any, Any, Any, UdpRelay]:
+    but = BackendUnderTest(get_backend("udt"), "127.0.0.1", options={"_net": "udt", **options})
     server, client = but.make(), but.make()
     accepted: asyncio.Queue[Any] = asyncio.Queue()
 

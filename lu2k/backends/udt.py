@@ -42,12 +42,16 @@ Theory of operation:
   from the net's port instead of accepting -- both ends punch the NAT.
 * **Figures.**  ``Transport.stats()`` is UDT's ``perfmon`` (RTT, bandwidth estimate, loss,
   retransmissions, rates, windows) plus the control's state, for ``lu2kctl peer show``.
+  Those, and the watchdog's look at the control's state, take libudt's global lock: they are
+  asked in a thread of their own with a bounded wait (:mod:`.udt_asking`), so a libudt that
+  stops answering is reported, not waited for by the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import mmap
 import socket
 import threading
@@ -75,6 +79,7 @@ from . import udt_guard
 from . import udt_proto as proto
 from .base import AcceptCallback, Backend, BackendSettings, Listener, OutFrame, Transport
 from .netpath import route_mtu
+from .udt_asking import Asker, NotAnswered
 from .udt_fec import FecRelay, loopback_for
 from .udt_tunables import UdtTuning, tune
 
@@ -88,6 +93,11 @@ MAX_PREAMBLES = 64  # accepted connections in their preamble at once
 ACCEPT_RATE = 100.0  # connections taken from libudt per second, after a burst of MAX_PREAMBLES
 LISTEN_BACKLOG = 16  # connections libudt may hold for us beyond those; it refuses more without making them
 LISTEN_RETRIES = 40  # x 0.25 s: outlasts libudt's hold on a just-closed listener's port
+FIGURES_WAIT = 0.25  # s the loop waits for a connection's figures from libudt (microseconds, normally)
+LIBUDT_SILENT_REPORT_S = 5.0  # s without an answer from libudt before the watchdog reports it
+# libudt calls that take its global lock, asked from the loop (see udt_asking): one per process,
+# as the lock is.
+_LIBUDT = Asker("udt-figures", stuck_after=FIGURES_WAIT)
 # Listener addresses this process closed, and when: libudt holds such a port for a while, so
 # binding it again meets EADDRINUSE that is worth waiting out (another process's is not).
 _released: dict[tuple[str, int], float] = {}
@@ -191,6 +201,32 @@ def _close_in_thread(u: int) -> None:
     loop -- every other connection, the control socket, shutdown -- must never wait there."""
 
     threading.Thread(target=_close_quietly, args=(u,), name=f"udt-close-{u}", daemon=True).start()
+
+
+def _udt_figures(u: int) -> dict[str, Any]:
+    """A connection's figures for ``peer show`` (blocking: libudt's global lock)."""
+    perf = _udtcore.perfmon(u, False)
+    out: dict[str, Any] = {name: _tidy(perf[key]) for key, name in _STATS_KEYS.items()}
+    out.update({f"packets_{k}": v for k, v in _udtcore.packet_auth_stats(u).items()})
+    # Packets queued in UDT's send buffer (unsent + unacknowledged): near zero means the
+    # sender is application-limited, not network-limited.
+    out["send_buffer_packets"] = _udtcore.getsockopt(u, "snddata")
+    # Flat, so ``lu2kctl peer show -v`` prints it as key=value like everything else.
+    cc = _udtcore.cc_state(u)
+    out["cc"] = cc.pop("cc") if cc is not None else "udt"
+    out.update({f"cc_{k}": _tidy(v) for k, v in (cc or {}).items()})
+    return out
+
+
+def _control_states(sockets: list[int]) -> dict[int, dict[str, Any] | None]:
+    """Each socket's control state (blocking: libudt's global lock); closed ones left out."""
+    out: dict[int, dict[str, Any] | None] = {}
+    for u in sockets:
+        try:
+            out[u] = _udtcore.cc_state(u)
+        except UDTError:
+            pass
+    return out
 
 
 # --- socket set-up (blocking helpers, run in threads) -------------------------------------------
@@ -489,10 +525,6 @@ class UdtTransport(Transport):
         if self._closed:
             return
         self.check_packets()
-        try:
-            self._last_stats = self._udt_stats()
-        except UDTError:
-            pass
         self._closed = True
         self._wakeup.set()
         self._demand.set()  # a receive thread waiting for the next hello frame ends now
@@ -501,6 +533,10 @@ class UdtTransport(Transport):
             self._on_close(self)
 
         def close_udt() -> None:
+            try:
+                self._last_stats = _udt_figures(self._u)  # the last ones, kept for peer show
+            except UDTError:
+                pass
             _close_quietly(self._u)
             self._udt_closed.set()
 
@@ -512,17 +548,14 @@ class UdtTransport(Transport):
         await asyncio.to_thread(self._udt_closed.wait, 10)
         await asyncio.to_thread(self._rx_done.wait, 10)
 
-    def check_alive(self) -> None:
-        """Declare the connection dead if the peer has been silent through timeouts too long.
+    def check_alive(self, cc: dict[str, Any] | None) -> None:
+        """Declare the connection dead if the peer has been silent through timeouts too long,
+        by the control's state ``cc`` (asked by the watchdog; None: UDT's own control).
 
         libudt 4.11 would never do it under lu2k-rate: its "broken" test needs 5 s since
         the last response, and every timeout resets that clock.
         """
         if self._closed:
-            return
-        try:
-            cc = _udtcore.cc_state(self._u)
-        except UDTError:
             return
         if cc and cc["consecutive_timeouts"] > 0 and cc["silent_s"] > self._tuning.dead_peer_s:
             error = ReadError(
@@ -544,32 +577,20 @@ class UdtTransport(Transport):
                         peer=self._peer, forged=auth["forged"], replayed=auth["replayed"])
             self._dropped_reported = dropped
 
-    def _udt_stats(self) -> dict[str, Any]:
-        perf = _udtcore.perfmon(self._u, False)
-        out: dict[str, Any] = {name: _tidy(perf[key]) for key, name in _STATS_KEYS.items()}
-        out.update({f"packets_{k}": v for k, v in _udtcore.packet_auth_stats(self._u).items()})
-        # Packets queued in UDT's send buffer (unsent + unacknowledged): near zero means the
-        # sender is application-limited, not network-limited.
-        out["send_buffer_packets"] = _udtcore.getsockopt(self._u, "snddata")
-        # Flat, so ``lu2kctl peer show -v`` prints it as key=value like everything else.
-        cc = _udtcore.cc_state(self._u)
-        out["cc"] = cc.pop("cc") if cc is not None else "udt"
-        out.update({f"cc_{k}": _tidy(v) for k, v in (cc or {}).items()})
-        return out
-
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
             "messages_sent": self.messages_sent, "messages_received": self.messages_received,
             "cipher": self._tuning.cipher,
         }
-        if self._closed:
-            out.update(self._last_stats)
-            return out
-        try:
-            out.update(self._udt_stats())
-        except UDTError:
-            out.update(self._last_stats)
+        if not self._closed:
+            try:
+                self._last_stats = _LIBUDT.ask(lambda: _udt_figures(self._u), FIGURES_WAIT)
+            except UDTError:
+                pass
+            except NotAnswered as e:
+                out["udt_figures"] = f"{e}: these are from before"
+        out.update(self._last_stats)
         return out
 
 
@@ -621,6 +642,7 @@ class UdtBackend(Backend):
         self._refusals = {"preambles_refused": 0, "accepts_paused": 0}  # by the accept threads (under the lock)
         self._refusals_lock = threading.Lock()
         self._watchdog: asyncio.Task[None] | None = None
+        self._libudt_silence_reported = False
         self._relays: set[FecRelay] = set()
         self._fec_closed: dict[str, int] = {}  # counters of relays already closed
         self._packet_key = proto.packet_key(settings.key)
@@ -647,11 +669,39 @@ class UdtBackend(Backend):
     async def _watch(self) -> None:
         """Once a second: connections whose peer went silent are ended (see check_alive), and
         dropped packets are logged."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(1.0)
-            for t in list(self._transports):
-                t.check_alive()
+            transports = list(self._transports)
+            for t in transports:
                 t.check_packets()
+            if not transports:
+                continue
+            question = functools.partial(_control_states, [t._u for t in transports])
+            if not _LIBUDT.submit(question, functools.partial(self._states_answered, loop, transports)):
+                self._report_libudt_silence(_LIBUDT.silent_for())
+
+    def _states_answered(self, loop: asyncio.AbstractEventLoop, transports: list[UdtTransport], ok: bool, states: Any) -> None:
+        """In the asking thread: back to the loop with the control states."""
+        try:
+            loop.call_soon_threadsafe(self._check_alive, transports, states if ok else {})
+        except RuntimeError:  # loop closed
+            pass
+
+    def _check_alive(self, transports: list[UdtTransport], states: dict[int, dict[str, Any] | None]) -> None:
+        if self._libudt_silence_reported:
+            self._libudt_silence_reported = False
+            log.warning("libudt answers again; udt connections are watched and measured again")
+        for t in transports:
+            if t._u in states:
+                t.check_alive(states[t._u])
+
+    def _report_libudt_silence(self, seconds: float) -> None:
+        if seconds >= LIBUDT_SILENT_REPORT_S and not self._libudt_silence_reported:
+            self._libudt_silence_reported = True
+            log.error("libudt has not answered a question for its figures: its global lock is held. udt connections "
+                      "whose peer went silent are not ended and peer show has no fresh udt figures until it answers",
+                      silent_s=round(seconds))
 
     def _hand_to_engine(self, u: int, peer: str, pair: tuple[proto.Sealer, proto.Opener], on_accept: AcceptCallback, listener: UdtListener) -> None:
         """On the loop: wrap an accepted, keyed connection and give it to the engine."""
