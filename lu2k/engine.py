@@ -985,6 +985,7 @@ class Engine:
             "in_flight": len(p.inflight),
             "delivered": p.stats["delivered"],
             "failed": p.stats["failed"],
+            "rerouted_away": p.stats["rerouted_away"],  # never sent to it: moved to a healthier gateway
             "last_error": p.last_error,
             "connections": conns,
         }

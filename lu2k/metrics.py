@@ -44,6 +44,7 @@ REQUEST_TIMEOUT = 5.0
 DAEMON_COUNTERS = {
     "msgs_submitted": "lu2k_messages_submitted", "msgs_sent": "lu2k_messages_sent", "msgs_received": "lu2k_messages_received",
     "msgs_delivered": "lu2k_messages_delivered", "msgs_forwarded": "lu2k_messages_forwarded",
+    "msgs_rerouted": "lu2k_messages_rerouted",
     "bytes_sent": "lu2k_bytes_sent", "bytes_received": "lu2k_bytes_received", "duplicates": "lu2k_duplicates",
     "bad_frames": "lu2k_bad_frames", "conns_refused": "lu2k_connections_refused",
 }

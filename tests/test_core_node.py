@@ -307,6 +307,52 @@ def test_delivered_through_a_gateway_means_the_far_endpoint_took_it() -> None:
     assert g.router_bytes == 0 and not any(p.inflight for ni in g.nis.values() for p in ni.peers.values())
 
 
+G3, G4 = parse_nid("10.0.0.4@tcp"), parse_nid("10.1.0.4@tcp1")
+
+
+def two_gateway_mesh(**a_params: Any) -> tuple[Mesh, Node]:
+    """A reaches tcp1 through G1 (g1) or G3 (g3), both routers to B."""
+    m = Mesh()
+    tcp, tcp1 = parse_net("tcp"), parse_net("tcp1")
+    a = m.node("a", [A], [Route(tcp1, G1), Route(tcp1, G3)], **a_params)
+    m.node("g1", [G1, G2], routing=True)
+    m.node("g3", [G3, G4], routing=True)
+    m.node("b", [B], [Route(tcp, G2), Route(tcp, G4)])
+    return m, a
+
+
+def test_messages_never_sent_to_a_gateway_that_cannot_be_reached_go_through_the_other() -> None:
+    m, a = two_gateway_mesh(peer_credits=2)
+    m.refuse["10.0.0.2"] = None  # type: ignore[assignment]  # g1 down: its connects fail
+    msgs = [m.send(a, B, bytes([i])) for i in range(6)]
+    assert [m.done(x) for x in msgs] == [[(Status.DELIVERED, "delivered")]] * 6
+    assert sorted(p for _, p in m.received) == [bytes([i]) for i in range(6)]
+    assert a.stats["msgs_rerouted"] >= 1 and a.peer(G1).stats["rerouted_away"] == a.stats["msgs_rerouted"]
+    g1 = a.peer(G1)
+    assert not g1.inflight and not g1.queue and g1.credits.in_use == 0 and a.nis[A.net].credits.in_use == 0
+    m.tick(a, 100.0)  # their first deadlines pass: nothing completes twice
+    assert all(len(m.done(x)) == 1 for x in msgs)
+
+
+def test_when_a_gateway_connection_dies_what_it_sent_stays_and_what_it_never_sent_moves() -> None:
+    m, a = two_gateway_mesh(peer_credits=8)
+    a.routes.next_hop = lambda dst, health_of, _real=a.routes.next_hop: (  # type: ignore[method-assign]
+        G1 if health_of(G1) == 1000 else _real(dst, health_of))  # g1 while it is healthy
+    m.hold_sends = True  # g1's writer stays busy with its first batch
+    first = m.send(a, B, b"first")
+    later = [m.send(a, B, bytes([i])) for i in range(3)]
+    conn = first.conn
+    assert conn is not None and first.state is MsgState.SENT and [x.state for x in later] == [MsgState.IN_FLIGHT] * 3
+    m.hold_sends = False
+    a.connection_lost(conn, conn.attempt, "reset", 1.0)
+    m.run(a)
+    # The transmitted one stays with g1 (it may have it); the others went through g3.
+    assert first.state is MsgState.REQUEUED and first.peer is a.peer(G1) and m.done(first) == []
+    assert [m.done(x) for x in later] == [[(Status.DELIVERED, "delivered")]] * 3
+    assert [x.peer for x in later] == [a.peer(G3)] * 3 and a.stats["msgs_rerouted"] == 3
+    assert list(a.peer(G1).inflight) == [first.seq] and a.peer(G1).credits.in_use == 1
+
+
 def test_a_node_that_is_not_a_router_refuses_to_forward() -> None:
     m = Mesh()
     a = m.node("a", [A], [Route(parse_net("tcp1"), G1)])

@@ -303,6 +303,29 @@ async def test_ping_behind_a_gateway_reports_the_far_end_or_fails() -> None:
             await e.stop()
 
 
+async def test_messages_for_a_gateway_that_is_down_go_through_the_other_one() -> None:
+    port = next(_ports)
+    routes = [{"net": "tcp1", "gateway": "10.9.11.2@tcp"}, {"net": "tcp1", "gateway": "10.9.11.4@tcp"}]
+    a = Engine(config("10.9.11.1@tcp", port, routes=routes, transaction_timeout=20))
+    g3 = Engine(config(["10.9.11.4@tcp", "10.9.12.4@tcp1"], port, routing=True))  # 10.9.11.2 is not running
+    c = Engine(config("10.9.12.3@tcp1", port, routes=[{"net": "tcp", "gateway": "10.9.12.4@tcp1"}]))
+    for e in (a, g3, c):
+        await e.start(with_shim=False)
+    try:
+        results = [Result() for _ in range(6)]
+        for r in results:
+            a.send(None, c.primary_nid(), 1, 0, b"x", r)
+        # NO_RECEIVER is c's own answer (it runs no endpoints): each message reached it, long
+        # before the 20-s transaction timeout that the ones given to the dead gateway met before.
+        assert [(await r.wait(10))[0] for r in results] == [Status.NO_RECEIVER] * 6
+        assert a.core.stats["msgs_rerouted"] >= 1 and g3.core.stats["msgs_forwarded"] == 6
+        (dead,) = [p for p in a.describe_peers() if p["nid"] == "10.9.11.2@tcp"]
+        assert dead["rerouted_away"] == a.core.stats["msgs_rerouted"] and dead["in_flight"] == 0
+    finally:
+        for e in (a, g3, c):
+            await e.stop()
+
+
 async def test_an_endpoint_that_corrupts_its_completion_ring_is_detached_alone(tmp_path: Any) -> None:
     """Issue 13 item 1: completions that fail on one endpoint's broken ring neither stop the
     timer nor keep peer credits; the other endpoint's messages complete as usual."""

@@ -82,7 +82,7 @@ def peer_show(peers: Iterable[Mapping[str, Any]], detail: int = 0) -> dict[str, 
                 ni["health stats"] = {"health value": p.get("health")}
             ni["lu2k"] = _drop_none({
                 "state": p.get("state"), "in_flight": p.get("in_flight"), "delivered": p.get("delivered"), "failed": p.get("failed"),
-                "last_error": p.get("last_error") or None, "connections": p.get("connections") or None,
+                "rerouted_away": p.get("rerouted_away") or None, "last_error": p.get("last_error") or None, "connections": p.get("connections") or None,
                 "rail": p.get("rail"),
             })
         rail = p.get("rail") or {}

@@ -628,6 +628,48 @@ class Node(ReturnPaths):
             tconn.queue = deque(sorted((m for m in tconn.queue if m.state not in FINAL), key=lambda m: m.seq))
             self._kick(tconn)
 
+    def _reroute_unsent(self, peer: Peer) -> None:
+        """``peer`` just failed (its connect, or its connection): the messages that only pass
+        through it and were never transmitted go to a healthier gateway when the routes offer
+        one -- as LNet picks routers by health.  Untransmitted, they cannot arrive twice.  One
+        that held a credit gives it back and leaves its sequence number unused, the same gap
+        a message leaves when it times out before it is sent."""
+        if self.closing:
+            return
+        ni = peer.ni
+        unsent = [m for _seq, m in sorted(peer.inflight.items()) if m.state is MsgState.IN_FLIGHT and not m.busy]
+        for parked in peer.parked.values():
+            unsent += parked
+        unsent += peer.queue
+        own_health = self.health_of(peer.nid)
+        moved: list[tuple[OutMsg, Peer]] = []
+        for m in unsent:
+            dst = self.unpack(m.dst_raw)
+            if dst == peer.nid:
+                continue
+            hop = self.routes.next_hop(dst, self.health_of)
+            if hop is None or hop == peer.nid or hop.net != ni.net or self.health_of(hop) <= own_health:
+                continue  # same NI only: an originated message's source NID is this NI's
+            if m.state is MsgState.IN_FLIGHT:
+                del peer.inflight[m.seq]
+                self._dest_done(peer, m, answered=False)
+                peer.credits.give()
+                ni.credits.give()
+                peer.window.give(len(m.payload))
+                m.seq, m.header, m.conn = 0, b"", None
+            else:
+                self._unqueue(peer, m)
+            self._transition(m, MsgEvent.REROUTE)
+            moved.append((m, self.peer(hop)))
+        if not moved:
+            return
+        for conn in peer.conns.values():
+            conn.queue = deque(m for m in conn.queue if m.conn is conn)
+        self.stats["msgs_rerouted"] += len(moved)
+        peer.stats["rerouted_away"] += len(moved)
+        for m, target in moved:
+            self._enqueue(target, m, arm=False)
+
     def _recharge(self, m: OutMsg, target: Peer) -> None:
         if m.charged is not None:
             m.charged.backlog -= len(m.payload)
@@ -900,7 +942,7 @@ class Node(ReturnPaths):
             msg.src_raw = peer.ni.nid_raw
         self._enqueue(peer, msg)
 
-    def _enqueue(self, peer: Peer, msg: OutMsg) -> None:
+    def _enqueue(self, peer: Peer, msg: OutMsg, arm: bool = True) -> None:
         if peer.rail is not None:
             peer = self._pick_rail(peer, msg)
         peer.last_used = self._now
@@ -910,7 +952,8 @@ class Node(ReturnPaths):
                        f"{len(msg.payload)} bytes exceeds max_message_size {ni.params.max_message_size} of net {ni.net}")
             return
         msg.peer = peer
-        self._arm(msg.deadline, msg)
+        if arm:
+            self._arm(msg.deadline, msg)
         # The peer's queue is fair between endpoints (core.fairq); on a multi-rail peer a small
         # message also goes ahead of its endpoint's bulk, here and in the rail's connection queue.
         size = len(msg.payload)
@@ -1050,28 +1093,34 @@ class Node(ReturnPaths):
                     self._refill[peer] = None  # pumped once, before the actions are handed out
             elif queued:
                 peer.stats["failed"] += 1
-                q = peer.queue
-                if q and q[0] is m:
-                    q.popleft()
-                else:
-                    key = (m.dst_raw, m.dst_portal)
-                    parked = peer.parked.get(key)
-                    if parked is not None and m in parked:
-                        parked.remove(m)
-                        if not parked:
-                            del peer.parked[key]
-                    else:
-                        q.remove(m)
-                peer.ni.queued -= 1
-                peer.credits.note_queue(peer.waiting_count())
-                peer.ni.credits.note_queue(peer.ni.queued)
+                self._unqueue(peer, m)
         if not m.busy:
             self._complete(m)
 
-    def _dest_done(self, peer: Peer, m: OutMsg) -> None:
-        """``m`` gave its credit back: one fewer in flight to its destination."""
+    @staticmethod
+    def _unqueue(peer: Peer, m: OutMsg) -> None:
+        """Take QUEUED ``m`` out of ``peer``'s queue (or its destination's parked ones)."""
+        q = peer.queue
+        if q and q[0] is m:
+            q.popleft()
+        else:
+            key = (m.dst_raw, m.dst_portal)
+            parked = peer.parked.get(key)
+            if parked is not None and m in parked:
+                parked.remove(m)
+                if not parked:
+                    del peer.parked[key]
+            else:
+                q.remove(m)
+        peer.ni.queued -= 1
+        peer.credits.note_queue(peer.waiting_count())
+        peer.ni.credits.note_queue(peer.ni.queued)
+
+    def _dest_done(self, peer: Peer, m: OutMsg, answered: bool = True) -> None:
+        """``m`` gave its credit back: one fewer in flight to its destination (which
+        ``answered`` it, unless it failed or never went out)."""
         key = (m.dst_raw, m.dst_portal)
-        if m.status is Status.DELIVERED:
+        if answered and m.status is Status.DELIVERED:
             peer.dest_acked[key] = self._now
         n = peer.by_dest[key] - 1
         if n > 0:
@@ -1164,6 +1213,8 @@ class Node(ReturnPaths):
             peer.rail_down = True
             self._rail_failover(peer, conn, [m for m in peer.inflight.values() if m.conn is conn and m.state is not MsgState.SENT])
             self._rail_probe(conn)
+        elif refused is None:
+            self._reroute_unsent(peer)
         self._maybe_connect(conn)
 
     def connection_lost(self, conn: OutConn, attempt: int, reason: str, now: float) -> None:
@@ -1194,6 +1245,8 @@ class Node(ReturnPaths):
             peer.rail_down = True
             self._rail_failover(peer, conn, pending)
             self._rail_probe(conn)
+        else:
+            self._reroute_unsent(peer)
         queued = {id(m) for m in conn.queue}
         conn.queue.extend(m for m in pending if id(m) not in queued and m.conn is conn)
         conn.queue = deque(sorted((m for m in conn.queue if m.state not in FINAL and m.conn is conn), key=lambda m: m.seq))

@@ -21,6 +21,8 @@ Message life::
        |                  |            CONN_LOST| |TRANSMIT
        |                  |                    v |
        +----FAIL----------+---FAIL-------> REQUEUED --ACK--> DONE, --NACK/FAIL--> FAILED
+       ^                  |
+       +----REROUTE-------+  (and QUEUED --REROUTE--> QUEUED)
 
 * ASSIGN: credits taken, a sequence number in the session with the next hop given.
 * TRANSMIT: handed to a transport (or a LAN driver, or the local shim) -- from here the
@@ -28,6 +30,9 @@ Message life::
   PEER_RESTARTED), never NO_ROUTE.
 * CONN_LOST: the connection it went out on died before its ACK; it goes out again on the
   next connection (the receiver's dedupe window answers a copy it already has).
+* REROUTE: its gateway failed before it was transmitted; credits given back, its sequence
+  number left unused, queued again for a healthier gateway.  Never after TRANSMIT: the
+  failed gateway may have it.
 * ACK / NACK: the next hop's answer (end to end through gateways).
 * FAIL: transaction timeout, peer restarted, refused hello, cancelled.
 
@@ -66,13 +71,15 @@ class MsgEvent(enum.Enum):
     TRANSMIT = "transmit"
     CONN_LOST = "connection lost"
     ACK = "ack"
+    REROUTE = "reroute"
     NACK = "nack"
     FAIL = "fail"
 
 
 MSG_TRANSITIONS: dict[MsgState, dict[MsgEvent, MsgState]] = {
-    MsgState.QUEUED: {MsgEvent.ASSIGN: MsgState.IN_FLIGHT, MsgEvent.FAIL: MsgState.FAILED},
-    MsgState.IN_FLIGHT: {MsgEvent.TRANSMIT: MsgState.SENT, MsgEvent.CONN_LOST: MsgState.IN_FLIGHT, MsgEvent.FAIL: MsgState.FAILED},
+    MsgState.QUEUED: {MsgEvent.ASSIGN: MsgState.IN_FLIGHT, MsgEvent.REROUTE: MsgState.QUEUED, MsgEvent.FAIL: MsgState.FAILED},
+    MsgState.IN_FLIGHT: {MsgEvent.TRANSMIT: MsgState.SENT, MsgEvent.CONN_LOST: MsgState.IN_FLIGHT, MsgEvent.REROUTE: MsgState.QUEUED,
+                         MsgEvent.FAIL: MsgState.FAILED},
     MsgState.SENT: {MsgEvent.ACK: MsgState.DONE, MsgEvent.NACK: MsgState.FAILED, MsgEvent.FAIL: MsgState.FAILED,
                     MsgEvent.CONN_LOST: MsgState.REQUEUED},
     MsgState.REQUEUED: {MsgEvent.TRANSMIT: MsgState.SENT, MsgEvent.ACK: MsgState.DONE, MsgEvent.NACK: MsgState.FAILED,
