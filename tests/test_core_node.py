@@ -186,6 +186,27 @@ def test_credits_bound_what_is_in_flight_and_completion_waits_for_the_payload() 
     assert nxt is not None and nxt.msgs == [msgs[2]] and peer.credits.in_use == 2
 
 
+def test_a_restarted_peer_gets_what_was_never_sent_numbered_from_one_and_its_window_has_no_gap() -> None:
+    m = Mesh()
+    a = m.node("a", [A])
+    m.node("g", [G1])
+    first = [m.send(a, G1, bytes([i])) for i in range(3)]
+    assert [x.seq for x in first] == [1, 2, 3] and all(m.done(x) == [(Status.DELIVERED, "delivered")] for x in first)
+    conn = first[0].conn
+    assert conn is not None
+    a.connection_lost(conn, conn.attempt, "reset", 1.0)
+    m.run(a)
+    g2 = m.node("g", [G1])  # g restarted: a new process, a new incarnation, no sessions
+    assert g2.incarnation != 2
+    later = [m.send(a, G1, bytes([i])) for i in (7, 8)]  # given credits while the connection is down
+    assert [x.seq for x in later] == [4, 5] and [x.state for x in later] == [MsgState.IN_FLIGHT] * 2
+    m.tick(a, 2.0)  # reconnects, to the new g
+    assert [m.done(x) for x in later] == [[(Status.DELIVERED, "delivered")]] * 2 and [x.seq for x in later] == [1, 2]
+    (session,) = g2.sessions.values()
+    assert session.window.floor == 3 and session.window.check(3) is None  # nothing held above a gap
+    assert m.send(a, G1, b"next").seq == 3
+
+
 def test_resend_after_reconnect_is_answered_from_the_window_without_a_second_delivery() -> None:
     m = Mesh()
     a = m.node("a", [A])

@@ -1176,6 +1176,8 @@ class Node(ReturnPaths):
             for m in [m for m in peer.inflight.values() if m.transmitted]:
                 if m.state not in FINAL:
                     self._fail(m, Status.PEER_RESTARTED, f"{peer.nid} restarted while the message was in flight; delivery unknown")
+            if peer.rail is None:
+                self._renumber_unsent(peer)
         peer.incarnation = peer_incarnation
         if peer.rail is not None:  # the rail is back; the peer's other rails talk to the same daemon
             peer.rail_down = False
@@ -1189,6 +1191,21 @@ class Node(ReturnPaths):
         if conn.has_work():
             conn.woken = True
             self.actions.append(Wake(conn))
+
+    def _renumber_unsent(self, peer: Peer) -> None:
+        """``peer`` restarted: the new incarnation's window starts at 1.  What was never sent
+        to the old one (only that is left in flight) takes 1, 2, ... in its order -- a window
+        left with a gap below it would hold every later sequence number up to its capacity."""
+        unsent = [m for _seq, m in sorted(peer.inflight.items())]
+        checksum = peer.ni.params.checksum
+        peer.inflight.clear()
+        for seq, m in enumerate(unsent, 1):
+            m.seq = seq
+            m.header = wire.encode_msg_header(seq, m.src_raw, m.dst_raw, m.src_portal, m.dst_portal, m.payload, checksum, m.msg_id)
+            peer.inflight[seq] = m
+        peer.next_seq = len(unsent) + 1
+        for conn in peer.conns.values():
+            conn.queue = deque(sorted((m for m in conn.queue if m.state not in FINAL and m.conn is conn), key=lambda m: m.seq))
 
     def connect_failed(self, conn: OutConn, attempt: int, reason: str, now: float, refused: Status | None = None) -> None:
         """The connect or hello failed.  ``refused`` is set when the peer refused us (wrong key,

@@ -30,6 +30,8 @@ Message life::
   PEER_RESTARTED), never NO_ROUTE.
 * CONN_LOST: the connection it went out on died before its ACK; it goes out again on the
   next connection (the receiver's dedupe window answers a copy it already has).
+* A peer that restarted gets a new session: what was never transmitted to the old one is
+  numbered again from 1 (the transmitted ones failed PEER_RESTARTED).
 * REROUTE: its gateway failed before it was transmitted; credits given back, its sequence
   number left unused, queued again for a healthier gateway.  Never after TRANSMIT: the
   failed gateway may have it.
