@@ -5,6 +5,12 @@ may arrive twice.  Per (sender NID, sender incarnation) we remember the status o
 sequence number we finished: all below ``floor`` are done, and a bounded map holds the
 ones above it.  A duplicate of a finished message is answered with the recorded status;
 a duplicate of one still in progress (being forwarded) is dropped -- its ACK comes later.
+
+Some numbers never arrive: the sender gave them to messages that then timed out before
+they were sent, or went to another gateway.  Once ``hole_limit`` later numbers are held
+above such a missing one, the floor moves past it and it is remembered as a hole: should
+it come after all, it is new (it was never delivered), so nothing is lost; without that
+the window would hold every later number up to its capacity and then forget the oldest.
 """
 
 from __future__ import annotations
@@ -12,41 +18,64 @@ from __future__ import annotations
 from collections import OrderedDict
 
 IN_PROGRESS = -1
+HOLE = -2  # below the floor: a number that had not arrived when the floor moved past it
+HOLE_LIMIT = 1024
 
 
 class RecvWindow:
-    def __init__(self, capacity: int = 65536) -> None:
+    def __init__(self, capacity: int = 65536, hole_limit: int = HOLE_LIMIT) -> None:
         self.floor = 1  # sequence numbers start at 1
         self.capacity = capacity
+        self.hole_limit = max(1, min(hole_limit, capacity))
         self._seen: OrderedDict[int, int] = OrderedDict()
-        self._failed_below: OrderedDict[int, int] = OrderedDict()  # failures compacted below floor
+        # Below the floor, what is not "delivered": failures, holes, holes that came after all.
+        self._below: OrderedDict[int, int] = OrderedDict()
 
     def check(self, seq: int) -> int | None:
         """None if new; else the recorded status (or IN_PROGRESS)."""
         if seq < self.floor:
-            return self._failed_below.get(seq, 0)
+            status = self._below.get(seq, 0)
+            return None if status == HOLE else status
         return self._seen.get(seq)
 
     def start(self, seq: int) -> None:
-        self._seen[seq] = IN_PROGRESS
+        if seq < self.floor:
+            self._note_below(seq, IN_PROGRESS)  # a hole that came after all
+        else:
+            self._seen[seq] = IN_PROGRESS
 
     def finish(self, seq: int, status: int) -> None:
         if seq < self.floor:
+            if self._below.get(seq) == IN_PROGRESS:
+                if status:
+                    self._below[seq] = status
+                else:
+                    del self._below[seq]
             return
         self._seen[seq] = status
-        while self._seen.get(self.floor, IN_PROGRESS) != IN_PROGRESS:
-            st = self._seen.pop(self.floor)
-            if st:
-                self._failed_below[self.floor] = st
-                if len(self._failed_below) > self.capacity:
-                    self._failed_below.popitem(last=False)
-            self.floor += 1
-        while len(self._seen) > self.capacity:
-            old, st = next(iter(self._seen.items()))
-            if st == IN_PROGRESS:
-                self._seen.move_to_end(old)
+        seen = self._seen
+        while True:
+            st = seen.get(self.floor, HOLE)
+            if st == IN_PROGRESS or (st == HOLE and len(seen) < self.hole_limit):
                 break
-            del self._seen[old]
+            if st == HOLE:
+                self._note_below(self.floor, HOLE)
+            else:
+                del seen[self.floor]
+                if st:
+                    self._note_below(self.floor, st)
+            self.floor += 1
+        while len(seen) > self.capacity:
+            old, st = next(iter(seen.items()))
+            if st == IN_PROGRESS:
+                seen.move_to_end(old)
+                break
+            del seen[old]
+
+    def _note_below(self, seq: int, status: int) -> None:
+        self._below[seq] = status
+        if len(self._below) > self.capacity:
+            self._below.popitem(last=False)
 
 
 # The window of application message ids (see AppIds): how many and for how long.

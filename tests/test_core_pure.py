@@ -95,3 +95,34 @@ def test_recv_window_dedupes_and_compacts() -> None:
     w.start(5)
     w.finish(5, 61)
     assert w.check(5) == 61 and w.check(4) is None
+
+
+def test_recv_window_moves_past_a_number_that_never_came_and_still_takes_it_once_if_it_does() -> None:
+    w = RecvWindow(capacity=64, hole_limit=4)
+    for seq in (2, 3, 4):
+        w.start(seq)
+        w.finish(seq, 0)
+    assert w.floor == 1  # 1 may still come: three later ones are not enough to give up on it
+    w.start(5)
+    w.finish(5, 0)
+    assert w.floor == 6 and w.check(3) == 0  # four held above it: 1 is a hole now
+    assert w.check(1) is None  # ... which, if it comes after all, is new: it was never delivered
+    w.start(1)
+    assert w.check(1) == IN_PROGRESS
+    w.finish(1, 0)
+    assert w.check(1) == 0  # and a copy of it is a duplicate
+    for seq in range(8, 12):  # 6 and 7 never come; 7 will, and fail
+        w.start(seq)
+        w.finish(seq, 0)
+    assert w.floor == 12 and w.check(6) is None and w.check(7) is None
+    w.start(7)
+    w.finish(7, 111)
+    assert w.check(7) == 111 and w.check(6) is None
+
+
+def test_recv_window_with_a_number_that_never_comes_stays_small() -> None:
+    w = RecvWindow(capacity=65536, hole_limit=1024)
+    for seq in range(2, 50_000):
+        w.start(seq)
+        w.finish(seq, 0)
+    assert w.floor == 50_000 and len(w._seen) == 0 and w.check(1) is None and w.check(49_999) == 0

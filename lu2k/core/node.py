@@ -632,8 +632,8 @@ class Node(ReturnPaths):
         """``peer`` just failed (its connect, or its connection): the messages that only pass
         through it and were never transmitted go to a healthier gateway when the routes offer
         one -- as LNet picks routers by health.  Untransmitted, they cannot arrive twice.  One
-        that held a credit gives it back and leaves its sequence number unused, the same gap
-        a message leaves when it times out before it is sent."""
+        that held a credit gives it back and leaves its sequence number unused, as a message
+        that times out before it is sent does (the receiver's window moves past such holes)."""
         if self.closing:
             return
         ni = peer.ni
