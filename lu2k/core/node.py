@@ -667,6 +667,7 @@ class Node(ReturnPaths):
             conn.queue = deque(m for m in conn.queue if m.conn is conn)
         self.stats["msgs_rerouted"] += len(moved)
         peer.stats["rerouted_away"] += len(moved)
+        self._refill[peer] = None  # NI credits came back: the NI's other peers may be waiting
         for m, target in moved:
             self._enqueue(target, m, arm=False)
 
