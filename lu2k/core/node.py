@@ -53,7 +53,7 @@ from typing import Any, cast
 
 from .. import wire
 from ..credits import Credits
-from ..dedupe import IN_PROGRESS, AppIds, AppKey, RecvWindow
+from ..dedupe import HOLE_LIMIT, IN_PROGRESS, AppIds, AppKey, RecvWindow
 from ..errors import FrameError, LocalProtocolError, NidError, RemoteProtocolError, Status
 from ..health import MAX_HEALTH, Backoff, Health
 from ..nid import Net, Nid
@@ -110,6 +110,7 @@ class NodeParams:
     routing: bool = False
     router_buffer_bytes: int = 256 << 20
     window_capacity: int = 65536
+    window_hole_limit: int = HOLE_LIMIT  # later numbers held before a missing one is taken for a hole (lu2k.dedupe)
     max_pending_deliveries: int = 64  # per accepted connection; then it is not read until they drain
 
 
@@ -382,10 +383,10 @@ class NI:
 class Session:
     """What we know about one sender (NID + incarnation) whose messages we receive."""
 
-    def __init__(self, peer_nid: Nid, incarnation: int, capacity: int) -> None:
+    def __init__(self, peer_nid: Nid, incarnation: int, capacity: int, hole_limit: int = HOLE_LIMIT) -> None:
         self.peer_nid, self.incarnation = peer_nid, incarnation
         self.peer_raw = peer_nid.to_bytes()
-        self.window = RecvWindow(capacity)
+        self.window = RecvWindow(capacity, hole_limit)
         self.conns: list[InConn] = []
         self.resent_on: dict[int, InConn] = {}  # seq still in progress -> connection its latest copy came on
         self.stats: Counter[str] = Counter()
@@ -1495,7 +1496,7 @@ class Node(ReturnPaths):
         session = self.sessions.get(key)
         if session is None:
             self._expire_sessions(self._now)
-            session = self.sessions[key] = Session(peer_nid, incarnation, self.params.window_capacity)
+            session = self.sessions[key] = Session(peer_nid, incarnation, self.params.window_capacity, self.params.window_hole_limit)
         if peer_nid not in session.nids or not session.conns:
             session.nids.add(peer_nid)
             # Another incarnation of that peer: its connections are stale, but its window is

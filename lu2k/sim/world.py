@@ -340,6 +340,7 @@ class SimNode:
         self.node = Node(NodeParams(incarnation=w.rng.getrandbits(63) | 1, transaction_timeout=p["timeout"],
                                     reconnect_min=0.05, reconnect_max=0.8, routing=(self.name == "G"),
                                     router_buffer_bytes=p["router_bytes"], window_capacity=4096,
+                                    window_hole_limit=p["hole_limit"],
                                     max_pending_deliveries=p["max_pending"]),
                          [Route(parse_net(net), parse_nid(gw)) for net, gw in ROUTES[self.name]])
         for nid in self.nids:
@@ -603,6 +604,9 @@ class World:
         self.rails_down: set[Any] = set()
         # A byte window per peer (core.fairq), also from a generator of its own.
         self.params["peer_window"] = random.Random(seed * 104729 + 31).choice((0, 0, 4096, 16384))
+        # How soon a dedupe window gives up on a missing number (lu2k.dedupe): the default is
+        # never reached by a world's few messages, so most worlds give up after 1-4 later ones.
+        self.params["hole_limit"] = random.Random(seed * 15485863 + 7).choice((1, 2, 4, 1024))
         self.now = 0.0
         self.events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = itertools.count()
