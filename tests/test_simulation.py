@@ -54,6 +54,22 @@ def test_a_lost_dedupe_window_is_caught_as_a_double_delivery(monkeypatch: pytest
             run_seed(seed)
 
 
+def test_a_hole_answered_as_a_duplicate_is_caught_as_a_message_never_received(monkeypatch: pytest.MonkeyPatch,
+                                                                              in_pure_child: bool) -> None:
+    if in_pure_child:  # the patched methods are compiled
+        return
+    real = RecvWindow.check
+
+    def forgets_holes(self: RecvWindow, seq: int) -> int | None:
+        got = real(self, seq)
+        return 0 if got is None and seq < self.floor else got  # a late hole: "already delivered"
+
+    monkeypatch.setattr(RecvWindow, "check", forgets_holes)
+    with pytest.raises(Violation, match=r"reported DELIVERED but .* never received it .*--replay \d+"):
+        for seed in range(3000):
+            run_seed(seed)
+
+
 def test_credits_not_given_back_are_caught(monkeypatch: pytest.MonkeyPatch, in_pure_child: bool) -> None:
     if in_pure_child:  # the patched methods are compiled
         return
