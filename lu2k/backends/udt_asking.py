@@ -30,7 +30,7 @@ class NotAnswered(Exception):
     """The question in progress has not been answered (for ``seconds``)."""
 
     def __init__(self, seconds: float) -> None:
-        super().__init__(f"libudt has not answered for {seconds:.0f} s")
+        super().__init__(f"libudt has not answered for {seconds:.1f} s")
         self.seconds = seconds
 
 
