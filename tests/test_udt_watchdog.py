@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -54,11 +53,12 @@ async def test_a_peer_gone_silent_is_declared_dead_by_the_watchdog() -> None:
 
 async def test_a_libudt_that_stops_answering_is_reported_and_not_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
     server, client, out, inn, lst, relay = await _through_relay(lambda relay, direction, data: [data])
-    release = threading.Event()
+    release, answered = threading.Event(), threading.Event()
     real_perfmon = _udtcore.perfmon
 
     def held_perfmon(u: int, clear: bool) -> dict[str, Any]:
         release.wait(60)  # as behind libudt's global lock, held
+        answered.set()
         return real_perfmon(u, clear)
 
     monkeypatch.setattr(udt, "LIBUDT_SILENT_REPORT_S", 1.0)
@@ -67,10 +67,8 @@ async def test_a_libudt_that_stops_answering_is_reported_and_not_waited_for(monk
         assert before["rtt_ms"] > 0 and "udt_figures" not in before
         monkeypatch.setattr(_udtcore, "perfmon", held_perfmon)
         with structlog.testing.capture_logs() as logs:
-            started = time.monotonic()
             stale = out.stats()
-            # Bounded by FIGURES_WAIT (0.25 s); 60 s would be the held lock.
-            assert time.monotonic() - started < 10
+            assert not answered.is_set()  # it came back without waiting for libudt's answer
             assert "libudt has not answered for" in stale["udt_figures"] and stale["rtt_ms"] == before["rtt_ms"]
             assert "libudt has not answered" in inn.stats()["udt_figures"]  # at once: nothing more is asked
             # The connection itself goes on: its data path does not ask libudt for figures.
