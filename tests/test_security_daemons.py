@@ -20,6 +20,7 @@ import time
 import zlib
 from collections import Counter, deque
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -166,16 +167,21 @@ def _names(statuses: Counter[Status | None]) -> dict[str, int]:
     return {s.name if s is not None else "none": n for s, n in statuses.items()}
 
 
-@pytest.mark.parametrize("backend", ["tcp", "udt"])
-def test_kill_9_of_the_receiving_daemon_accounts_for_every_message(backend: str) -> None:
-    """kill -9 of the receiving daemon mid-stream, restarted with the same config; the
-    receiving application attaches again, the sender resends every failed message with its
-    id until all are DELIVERED.  Every attempt completes once with a status to act on; every
-    message is received intact; a message is received twice only if an earlier attempt
-    ended "delivery unknown" (the dead daemon had it in the ring; the new one cannot know
-    its id), and never twice from one daemon."""
-    if backend != "tcp" and availability().get(backend) is not None:
-        pytest.skip(f"{backend} backend unavailable: {availability()[backend]}")
+class _KillRun(NamedTuple):
+    messages: int
+    first: Counter[Status | None]
+    attempts: dict[int, list[Completion]]
+    rx: _Reattaching
+    stats: dict[str, Any]
+    daemon_side: dict[str, Any]
+    everything: list[Completion]
+    statuses: Counter[Status | None]
+    received: Counter[int]
+
+
+def _kill_the_receiver_mid_stream(backend: str) -> _KillRun:
+    """One stream of the test below: kill -9 of the receiving daemon once a third is received,
+    restart, resend by id until every message is DELIVERED."""
     count, window = 3000, 256
     rnd = random.Random(13)
     bodies = [make_message(i, rnd.choice((200, 4000, 20000)), rnd) for i in range(count)]
@@ -240,7 +246,27 @@ def test_kill_9_of_the_receiving_daemon_accounts_for_every_message(backend: str)
           f"resent {len(everything) - count} in {rounds} rounds; received {len(rx.receipts)} "
           f"({by_life[0]} from the killed daemon, {len(rx.receipts) - by_life[0]} after the restart); "
           f"doubled {len(doubled)}, first attempt {_names(Counter(attempts[i][0].status for i in doubled))}")
-    # The kill hit traffic in flight: some first attempts failed.
+    return _KillRun(count, first, attempts, rx, stats, daemon_side, everything, statuses, received)
+
+
+@pytest.mark.parametrize("backend", ["tcp", "udt"])
+def test_kill_9_of_the_receiving_daemon_accounts_for_every_message(backend: str) -> None:
+    """kill -9 of the receiving daemon mid-stream, restarted with the same config; the
+    receiving application attaches again, the sender resends every failed message with its
+    id until all are DELIVERED.  Every attempt completes once with a status to act on; every
+    message is received intact; a message is received twice only if an earlier attempt
+    ended "delivery unknown" (the dead daemon had it in the ring; the new one cannot know
+    its id), and never twice from one daemon."""
+    if backend != "tcp" and availability().get(backend) is not None:
+        pytest.skip(f"{backend} backend unavailable: {availability()[backend]}")
+    # The kill is meant to hit traffic in flight.  On a loaded machine it can land while the
+    # sender is idle with all it sent acknowledged (every first attempt is then DELIVERED,
+    # also correct): the stream is run again then, up to three times in all.
+    for _ in range(3):
+        run = _kill_the_receiver_mid_stream(backend)
+        if run.first[Status.DELIVERED] < run.messages:
+            break
+    count, first, attempts, rx, stats, daemon_side, everything, statuses, received = run
     assert first[Status.DELIVERED] < count and rx.life == 1, (first, rx.life)
     # One completion per attempt, each a status an application can act on; none owed.
     assert set(statuses) <= {Status.DELIVERED} | OUTCOME_UNKNOWN | NOT_DELIVERED, \
