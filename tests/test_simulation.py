@@ -93,11 +93,11 @@ def test_a_destination_share_not_given_back_is_caught(monkeypatch: pytest.Monkey
     real = core_node.Node._dest_done
     skipped: list[int] = []
 
-    def leaky(self: core_node.Node, peer: core_node.Peer, m: core_node.OutMsg) -> None:
+    def leaky(self: core_node.Node, peer: core_node.Peer, m: core_node.OutMsg, answered: bool = True) -> None:
         if not skipped:
             skipped.append(1)  # one message's destination count is never taken back
             return
-        real(self, peer, m)
+        real(self, peer, m, answered)
 
     monkeypatch.setattr(core_node.Node, "_dest_done", leaky)
     with pytest.raises(Violation, match="against their destinations"):

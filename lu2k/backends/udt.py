@@ -248,7 +248,7 @@ def _new_socket(tuning: UdtTuning, family: int, packet_key: bytes, wire_mss: int
         _udtcore.setsockopt(u, "linger", -1)
         _udtcore.set_cc(u, tuning.cc, **tuning.cc_params)
     except BaseException:
-        _udtcore.close(u)
+        _close_quietly(u)
         raise
     return u
 
@@ -729,7 +729,7 @@ class UdtBackend(Backend):
         try:
             loop.call_soon_threadsafe(self._hand_to_engine, u, peer, pair, on_accept, listener)
         except RuntimeError:
-            _udtcore.close(u)
+            _close_quietly(u)
 
     def _count(self, what: str) -> None:
         with self._refusals_lock:
@@ -815,14 +815,14 @@ class UdtBackend(Backend):
                     _udtcore.listen(u, LISTEN_BACKLOG)
                     return u, _udtcore.getsockname(u)
                 except (UDTError, OSError) as e:
-                    _udtcore.close(u)
+                    _close_quietly(u)
                     held = _udt_code(e) == _udtcore.E_DUPLISTEN or (
                         isinstance(e, OSError) and e.errno == errno.EADDRINUSE
                         and time.monotonic() - released < LISTEN_RETRIES * 0.25)
                     if not held or attempt == LISTEN_RETRIES:
                         raise
                 except BaseException:
-                    _udtcore.close(u)
+                    _close_quietly(u)
                     raise
                 threading.Event().wait(0.25)
             raise AssertionError("unreachable")

@@ -652,11 +652,7 @@ class Node(ReturnPaths):
             if hop is None or hop == peer.nid or hop.net != ni.net or self.health_of(hop) <= own_health:
                 continue  # same NI only: an originated message's source NID is this NI's
             if m.state is MsgState.IN_FLIGHT:
-                del peer.inflight[m.seq]
-                self._dest_done(peer, m, answered=False)
-                peer.credits.give()
-                ni.credits.give()
-                peer.window.give(len(m.payload))
+                self._give_back(peer, m, answered=False)
                 m.seq, m.header, m.conn = 0, b"", None
             else:
                 self._unqueue(peer, m)
@@ -1081,11 +1077,7 @@ class Node(ReturnPaths):
         peer = m.peer
         if peer is not None:
             if held and peer.inflight.get(m.seq) is m:
-                del peer.inflight[m.seq]
-                self._dest_done(peer, m)
-                peer.credits.give()
-                peer.ni.credits.give()
-                peer.window.give(len(m.payload))
+                self._give_back(peer, m)
                 if status is Status.DELIVERED:
                     peer.stats["delivered"] += 1
                     peer.health.success()
@@ -1098,6 +1090,14 @@ class Node(ReturnPaths):
                 self._unqueue(peer, m)
         if not m.busy:
             self._complete(m)
+
+    def _give_back(self, peer: Peer, m: OutMsg, answered: bool = True) -> None:
+        """``m`` leaves ``peer``'s in-flight map: its credits and window bytes come back."""
+        del peer.inflight[m.seq]
+        self._dest_done(peer, m, answered)
+        peer.credits.give()
+        peer.ni.credits.give()
+        peer.window.give(len(m.payload))
 
     @staticmethod
     def _unqueue(peer: Peer, m: OutMsg) -> None:
