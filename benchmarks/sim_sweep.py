@@ -36,12 +36,13 @@ def run_chunk(bounds: tuple[int, int]) -> dict[str, Any]:
     faults: collections.Counter[str] = collections.Counter()
     outcomes: collections.Counter[str] = collections.Counter()
     failures: list[tuple[int, str]] = []
-    events = messages = liveness = 0
+    events = messages = liveness = two_gateways = rerouted = rerouted_worlds = 0
     for seed in range(start, end):
         w = World(seed, nat=NAT)
         for f in w.faults.enabled:
             faults[f] += 1
         liveness += w.liveness
+        two_gateways += w.two_gateways
         try:
             r = w.run()
         except Violation as e:
@@ -52,20 +53,25 @@ def run_chunk(bounds: tuple[int, int]) -> dict[str, Any]:
             continue
         events += r.events
         messages += r.messages
+        rerouted += r.rerouted
+        rerouted_worlds += r.rerouted > 0
         outcomes.update(r.completions)
     return {"seeds": end - start, "faults": faults, "outcomes": outcomes, "failures": failures, "events": events,
-            "messages": messages, "liveness": liveness}
+            "messages": messages, "liveness": liveness, "two_gateways": two_gateways, "rerouted": rerouted,
+            "rerouted_worlds": rerouted_worlds}
 
 
 def replay(seed: int) -> int:
     w = World(seed, nat=NAT)
-    print(f"seed {seed}: faults {w.faults.label()}, liveness run {w.liveness}, latency {w.latency}, params {w.params}")
+    print(f"seed {seed}: faults {w.faults.label()}, liveness run {w.liveness}, latency {w.latency}, "
+          f"multi-rail {w.multirail}, two gateways {w.two_gateways}, params {w.params}")
     try:
         r = w.run()
     except Violation as e:
         print(f"VIOLATION: {e}")
         return 1
-    print(f"ok: {r.messages} messages, {r.events} events, {r.sim_time:.2f} simulated seconds, outcomes {r.completions}")
+    print(f"ok: {r.messages} messages, {r.events} events, {r.sim_time:.2f} simulated seconds, outcomes {r.completions}, "
+          f"{r.rerouted} moved to the other gateway")
     for mid, rec in sorted(w.records.items()):
         status = rec.status.name if rec.status is not None else "CRASHED"
         print(f"  {mid:4d} {rec.origin} portal {rec.portal}: {status} ({rec.reason}){' received' if mid in w.received else ''}")
@@ -90,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--seeds and --jobs must be positive")
     chunks = [(s, min(s + CHUNK, args.start + args.seeds)) for s in range(args.start, args.start + args.seeds, CHUNK)]
     total: dict[str, Any] = {"seeds": 0, "faults": collections.Counter(), "outcomes": collections.Counter(), "failures": [],
-                             "events": 0, "messages": 0, "liveness": 0}
+                             "events": 0, "messages": 0, "liveness": 0, "two_gateways": 0, "rerouted": 0, "rerouted_worlds": 0}
     t0 = last = time.monotonic()
     with multiprocessing.Pool(args.jobs) as pool:
         for part in pool.imap_unordered(run_chunk, chunks):
-            for key in ("seeds", "events", "messages", "liveness"):
+            for key in ("seeds", "events", "messages", "liveness", "two_gateways", "rerouted", "rerouted_worlds"):
                 total[key] += part[key]
             total["faults"].update(part["faults"])
             total["outcomes"].update(part["outcomes"])
@@ -114,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": total["seeds"], "first_seed": args.start, "jobs": args.jobs, "wall_s": round(wall, 1),
         "ms_per_seed_per_job": round(wall * args.jobs / max(1, total["seeds"]) * 1000, 3),
         "messages": total["messages"], "events": total["events"], "liveness_runs": total["liveness"],
+        "two_gateway_worlds": total["two_gateways"], "rerouted_messages": total["rerouted"],
+        "worlds_with_reroutes": total["rerouted_worlds"],
         "fault_mix": {f: total["faults"][f] for f in FAULTS}, "outcomes": dict(total["outcomes"]),
         "failures": len(failures), "failing_seeds": [s for s, _ in failures[:50]],
     }
@@ -122,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"seeds {summary['seeds']:,} (from {args.start}) in {wall:,.0f} s on {args.jobs} jobs "
               f"({summary['ms_per_seed_per_job']} ms/seed/job); {summary['messages']:,} messages, {summary['events']:,} events")
+        print(f"two-gateway worlds {summary['two_gateway_worlds']:,}; messages moved to the other gateway before "
+              f"they were sent {summary['rerouted_messages']:,}, in {summary['worlds_with_reroutes']:,} worlds")
         print(f"liveness runs {summary['liveness_runs']:,}; fault mix (seeds with each fault): "
               + ", ".join(f"{f} {n:,}" for f, n in summary["fault_mix"].items()))
         print("outcomes: " + ", ".join(f"{k} {v:,}" for k, v in sorted(summary["outcomes"].items())))

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from lu2k.core import node as core_node
+from lu2k.core.states import MsgState
 from lu2k.dedupe import RecvWindow
 from lu2k.sim import FAULTS, Faults, Violation, World, run_seed
 
@@ -17,11 +18,13 @@ SWEEP = int(os.environ.get("LU2K_SIM_SEEDS", "8000"))  # about 40 s on one core
 @pytest.mark.timeout(900)  # about 40 s alone; several times that on a busy machine
 def test_bounded_sweep_keeps_every_invariant() -> None:
     seen: set[str] = set()
+    rerouted_worlds = 0
     for seed in range(SWEEP):
         w = World(seed)
         seen |= w.faults.enabled
-        w.run()  # raises Violation naming the seed
+        rerouted_worlds += w.run().rerouted > 0  # raises Violation naming the seed
     assert seen == set(FAULTS)
+    assert rerouted_worlds >= SWEEP // 100  # failing over to the second gateway is part of the sweep
 
 
 def test_a_seed_replays_exactly() -> None:
@@ -123,6 +126,26 @@ def test_a_completion_lost_by_the_core_is_caught(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(Violation, match="(got 0 completions|applications still wait)"):
         for seed in range(200):
             dropped.clear()
+            run_seed(seed)
+
+
+def test_a_reroute_that_moves_transmitted_messages_is_caught(monkeypatch: pytest.MonkeyPatch, in_pure_child: bool) -> None:
+    """Only what never left may go to the other gateway: a message the failed gateway may
+    already have forwarded, sent again through the other one, can arrive twice (the receiver
+    dedupes per sending peer, and the two gateways are two peers)."""
+    if in_pure_child:  # the patched methods are compiled
+        return
+    real = core_node.Node._reroute_unsent
+
+    def careless(self: core_node.Node, peer: core_node.Peer) -> None:
+        for m in peer.inflight.values():
+            if m.state is MsgState.REQUEUED:  # transmitted, its connection lost: taken for never sent
+                m.state = MsgState.IN_FLIGHT
+        real(self, peer)
+
+    monkeypatch.setattr(core_node.Node, "_reroute_unsent", careless)
+    with pytest.raises(Violation, match=r"(delivered twice|but was received|completed twice)"):
+        for seed in range(2000):
             run_seed(seed)
 
 

@@ -26,6 +26,11 @@ Fault model (each seed enables a random subset, see :data:`FAULTS`):
 * ``raildown``: in a multi-rail world, one of the two rails between A and G goes down for a
   while (its connections reset, connects on it time out), then comes back.
 
+Two-gateway worlds (about one seed in three, from a generator of their own, never behind
+NAT): a second gateway H (``10.0.0.4@tcp``, ``10.1.0.4@tcp1``) beside G, named by both
+leaves' routes.  Messages go through either by health, and what was never transmitted to a
+gateway that failed moves to the other one (``Node._reroute_unsent``).
+
 Multi-rail worlds (about one seed in three, drawn from a second generator seeded from the
 seed, so the schedules of the other seeds stay what they were): A and G also share a second
 net ``tcp2`` (``10.2.0.1@tcp2``, ``10.2.0.2@tcp2``) and each knows the other as one
@@ -83,6 +88,15 @@ ROUTES = {
     "B": [("tcp", "10.1.0.2@tcp1")],
     "G": [],
 }
+# Two-gateway worlds: a second gateway H beside G, and each leaf's route to the far net names both.
+NIDS_H = {"H": ["10.0.0.4@tcp", "10.1.0.4@tcp1"]}
+ROUTES_2GW = {
+    "A": ROUTES["A"] + [("tcp1", "10.0.0.4@tcp")],
+    "B": ROUTES["B"] + [("tcp", "10.1.0.4@tcp1")],
+    "G": [],
+    "H": [],
+}
+GATEWAYS = ("G", "H")
 NIDS_MR = {"A": NIDS["A"] + ["10.2.0.1@tcp2"], "G": NIDS["G"] + ["10.2.0.2@tcp2"], "B": NIDS["B"]}
 RAILS = {  # multi-rail worlds: each side's multi-rail peer, primary NID -> NIDs
     "A": {"10.0.0.2@tcp": ["10.0.0.2@tcp", "10.2.0.2@tcp2"]},
@@ -126,6 +140,7 @@ class RunResult:
     completions: dict[str, int]
     events: int
     sim_time: float
+    rerouted: int = 0  # messages moved to another gateway before they were transmitted
 
 
 @dataclass
@@ -318,7 +333,7 @@ class SimNode:
 
     def __init__(self, world: "World", name: str) -> None:
         self.world, self.name = world, name
-        self.nids = [parse_nid(n) for n in (NIDS_MR if world.multirail else NIDS)[name]]
+        self.nids = [parse_nid(n) for n in world.nids_of(name)]
         self.generation = 0
         self.up = False
         self.node: Node = None  # type: ignore[assignment]
@@ -338,17 +353,17 @@ class SimNode:
         self.up = True
         p = w.params
         self.node = Node(NodeParams(incarnation=w.rng.getrandbits(63) | 1, transaction_timeout=p["timeout"],
-                                    reconnect_min=0.05, reconnect_max=0.8, routing=(self.name == "G"),
+                                    reconnect_min=0.05, reconnect_max=0.8, routing=(self.name in GATEWAYS),
                                     router_buffer_bytes=p["router_bytes"], window_capacity=4096,
                                     window_hole_limit=p["hole_limit"],
                                     max_pending_deliveries=p["max_pending"]),
-                         [Route(parse_net(net), parse_nid(gw)) for net, gw in ROUTES[self.name]])
+                         [Route(parse_net(net), parse_nid(gw)) for net, gw in (ROUTES_2GW if w.two_gateways else ROUTES)[self.name]])
         for nid in self.nids:
             self.node.add_net(NetParams(nid, 988, credits=p["credits"], peer_credits=p["peer_credits"],
                                         max_message_size=p["max_size"], checksum=w.rng.random() < 0.5,
                                         typed_connections=p["typed"], min_bulk=256, peer_window_bytes=p["peer_window"]))
         if w.multirail:
-            self.node.set_rails({parse_nid(prim): [parse_nid(n) for n in nids] for prim, nids in RAILS[self.name].items()})
+            self.node.set_rails({parse_nid(prim): [parse_nid(n) for n in nids] for prim, nids in RAILS.get(self.name, {}).items()})
         self.endpoint = _Endpoint(w, self, p["rx_buffers"])
         w.wake_app(self)
         self.in_links.clear()
@@ -527,6 +542,7 @@ class SimNode:
         w = self.world
         self.up = False
         w.crashes += 1
+        w.rerouted += self.node.stats["msgs_rerouted"]  # the counters die with the incarnation
         for link in list(w.links):
             if link.src is self:
                 link.kill("peer crashed", src_knows=False)
@@ -607,20 +623,30 @@ class World:
         # How soon a dedupe window gives up on a missing number (lu2k.dedupe): the default is
         # never reached by a world's few messages, so most worlds give up after 1-4 later ones.
         self.params["hole_limit"] = random.Random(seed * 15485863 + 7).choice((1, 2, 4, 1024))
+        # A second gateway (about one seed in three, not behind NAT), also from a generator of
+        # its own: the leaves route through G or H by health, and move what they have not yet
+        # transmitted to the other one when one fails (Node._reroute_unsent).
+        self.two_gateways = not nat and random.Random(seed * 2750159 + 11).random() < 0.35
         self.now = 0.0
         self.events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = itertools.count()
-        self.nodes = {n: SimNode(self, n) for n in NIDS}
-        self.host_of = {nid.host: self.nodes[n] for n in NIDS for nid in self.nodes[n].nids}
+        self.nodes = {n: SimNode(self, n) for n in (*NIDS, *(NIDS_H if self.two_gateways else ()))}
+        self.host_of = {nid.host: sn for sn in self.nodes.values() for nid in sn.nids}
         self.links: dict[_Link, None] = {}  # ordered: iteration order is part of the schedule
         self.partitioned: set[frozenset[str]] = set()
         self.records: dict[int, _Record] = {}
         self.received: dict[int, str] = {}
         self.submitted = 0
         self.crashes = 0
+        self.rerouted = 0
         self.n_events = 0
         self.total_messages = messages if messages is not None else rng.randint(8, 24)
         self.horizon = 0.0
+
+    def nids_of(self, name: str) -> list[str]:
+        if name in NIDS_H:
+            return NIDS_H[name]
+        return (NIDS_MR if self.multirail else NIDS)[name]
 
     # -- scheduler ---------------------------------------------------------------------------
 
@@ -729,12 +755,13 @@ class World:
             for _ in range(rng.randint(1, 4)):
                 self.at(rng.uniform(0, horizon), self._reset_one)
         if "crash" in en:
-            who = rng.choice(("A", "G", "B"))
+            who = rng.choice(("A", "G", "B", "H") if self.two_gateways else ("A", "G", "B"))
             t = rng.uniform(0, horizon)
             self.at(t, self._crash, who)
             self.at(t + rng.uniform(0.1, 3.0), self._restart, who)
         if "partition" in en:
-            pair = frozenset(rng.choice((("A", "G"), ("G", "B"))))
+            pairs = (("A", "G"), ("G", "B"), ("A", "H"), ("H", "B")) if self.two_gateways else (("A", "G"), ("G", "B"))
+            pair = frozenset(rng.choice(pairs))
             t = rng.uniform(0, horizon)
             self.at(t, self._partition, pair)
             self.at(t + rng.uniform(0.5, 6.0), self.partitioned.discard, pair)
@@ -816,11 +843,12 @@ class World:
             if self.n_events > max_events:
                 raise self.violation(f"no quiescence after {max_events} events (t={self.now:.2f})")
         self.check()
+        self.rerouted += sum(sn.node.stats["msgs_rerouted"] for sn in self.nodes.values())
         counts: dict[str, int] = {}
         for r in self.records.values():
             key = r.status.name if r.status is not None else "CRASHED"
             counts[key] = counts.get(key, 0) + 1
-        return RunResult(self.seed, self.faults.label(), len(self.records), counts, self.n_events, self.now)
+        return RunResult(self.seed, self.faults.label(), len(self.records), counts, self.n_events, self.now, self.rerouted)
 
     # -- invariants ------------------------------------------------------------------------------
 
@@ -838,7 +866,7 @@ class World:
         # holds a message of was busy for T before it could send the next one.  So per slot at
         # most 3 of its messages sit at G, for two senders, twice (a crashed sender's old
         # forwards run out their time next to the new incarnation's).
-        bound = self.max_in_flight * (12 if sn.name == "G" else 1)
+        bound = self.max_in_flight * (12 if sn.name in GATEWAYS else 1)
         if held > bound:
             raise self.violation(f"{sn.name} holds {held} messages for its peers, bound {bound}")
 
