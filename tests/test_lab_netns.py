@@ -41,6 +41,18 @@ def test_state_round_trip_and_corrupt_state(tmp_path: Path) -> None:
     assert [s.lab_id for s in list_labs(tmp_path)] == ["x1"]
 
 
+def test_host_tuning_round_trips_and_is_checked(tmp_path: Path) -> None:
+    st = LabState("x2", subnet=3, specs=build_specs("geo"), initcwnd=1000, rmem_default=8 << 20)
+    st.save(tmp_path)
+    back = LabState.load(st.path(tmp_path))
+    assert (back.initcwnd, back.rmem_default) == (1000, 8 << 20) and back.to_dict() == st.to_dict()
+    assert LabState.from_dict({k: v for k, v in st.to_dict().items() if k not in ("initcwnd", "rmem_default")}).initcwnd == 0
+    for bad, where in (({"initcwnd": 20000}, "initcwnd"), ({"initcwnd": -1}, "initcwnd"), ({"rmem_default": 1024}, "rmem_default"),
+                       ({"rmem_default": 1 << 30}, "rmem_default")):
+        with pytest.raises(ConfigError, match=where):
+            LabState("x3", subnet=3, specs=build_specs("geo"), **bad)  # type: ignore[arg-type]
+
+
 def test_child_env_makes_package_importable() -> None:
     env = child_env({"X": "1"})
     out = subprocess.run([sys.executable, "-c", "import lu2k.lab.model"], env=env, cwd="/", capture_output=True)
@@ -268,3 +280,33 @@ def test_killed_forwarder_of_a_two_path_lab_is_cleaned_up(lab_dir: Path) -> None
     lab._proc.wait()  # type: ignore[union-attr]
     assert cleanup_stale() == [lab.lab_id]
     assert not netns_exists(lab.ns_a) and not netns_exists(lab.ns_b) and list_labs() == []
+
+
+@needs_root
+@pytest.mark.netns
+def test_host_tuning_gives_new_tcp_connections_their_initial_windows(lab_dir: Path) -> None:
+    spec = LinkSpec(rate_bps=10e6, delay_s=0.005)
+    with Lab((spec, spec), initcwnd=300, rmem_default=4 << 20, ipv6=True) as lab:
+        for side, peer in (("a", lab.addr_b), ("b", lab.addr_a)):
+            route = lab.run(side, ["ip", "route", "show", f"{peer}/32"], capture_output=True, text=True, check=True).stdout
+            assert "initcwnd 300" in route and "initrwnd 300" in route, route
+            rmem = lab.run(side, ["sysctl", "-n", "net.ipv4.tcp_rmem"], capture_output=True, text=True, check=True).stdout.split()
+            assert rmem[1] == str(4 << 20), rmem
+        route6 = lab.run("a", ["ip", "-6", "route", "show", f"{lab.state.addr6['b']}/128"], capture_output=True, text=True,
+                         check=True).stdout
+        assert "initcwnd 300" in route6, route6
+        # A fresh connection from a to b starts with the route's window, before any data.
+        script = ("import socket,sys,time\n"
+                  "l=socket.socket();l.bind((sys.argv[1],9977));l.listen()\n"
+                  "print('bound',flush=True);c,_=l.accept();time.sleep(5)\n")
+        srv = lab.popen("b", [sys.executable, "-c", script, lab.addr_b], stdout=subprocess.PIPE, text=True)
+        try:
+            assert srv.stdout is not None and srv.stdout.readline().strip() == "bound"
+            client = ("import socket,subprocess,sys\n"
+                      "s=socket.create_connection((sys.argv[1],9977))\n"
+                      "print(subprocess.run(['ss','-tinH','dst',sys.argv[1]],capture_output=True,text=True).stdout)\n")
+            out = lab.run("a", [sys.executable, "-c", client, lab.addr_b], capture_output=True, text=True, check=True).stdout
+            assert " cwnd:300 " in f" {out} ", out
+        finally:
+            srv.kill()
+            srv.communicate()

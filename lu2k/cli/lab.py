@@ -25,7 +25,10 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..lab.netns import Lab, LabError, cleanup_stale, forwarder_alive, list_labs, remove_lab_files, teardown
-from ..lab.args import add_link_options, add_path_options, extra_paths_from_args, profile_summary, second_path_summary, specs_from_args
+from ..lab.args import (
+    add_host_tuning, add_link_options, add_path_options, extra_paths_from_args, host_tuning_from_args, profile_summary,
+    second_path_summary, specs_from_args,
+)
 from ..lab.spec import LinkSpec, format_rate
 
 
@@ -54,6 +57,9 @@ def _describe(lab: Lab) -> str:
         for side in ("a", "b"):
             v6 = f"  {st.addrs6[i][side]}" if st.ipv6 else ""
             lines.append(f"    {side}: dev {st.devs[i][side]}  {st.addrs[i][side]}{v6}")
+    if st.initcwnd or st.rmem_default:
+        tuned = [f"initcwnd/initrwnd {st.initcwnd}" if st.initcwnd else "", f"tcp_rmem default {st.rmem_default}" if st.rmem_default else ""]
+        lines.append("  both sites' kernel TCP: " + ", ".join(t for t in tuned if t))
     lines += [
         f"  run:  lu2k lab exec --id {st.lab_id} a -- COMMAND   (or: ip netns exec {st.ns['a']} COMMAND)",
         f"  stop: lu2k lab down --id {st.lab_id}",
@@ -62,8 +68,10 @@ def _describe(lab: Lab) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    tuning = host_tuning_from_args(args)
     lab = Lab(specs_from_args(args), args.id, profile={**profile_summary(args), **second_path_summary(args)},
-              extra_paths=extra_paths_from_args(args), ipv6=args.ipv6)
+              extra_paths=extra_paths_from_args(args), ipv6=args.ipv6, initcwnd=tuning["initcwnd"],
+              rmem_default=tuning["rmem_default"])
     lab.up(detach=True)
     if args.json:
         print(json.dumps(lab.state.to_dict()))
@@ -187,6 +195,7 @@ def register(subparsers: Any) -> None:
     up = sub.add_parser("up", help="create a lab: two namespaces joined by an emulated link")
     add_link_options(up)
     add_path_options(up)
+    add_host_tuning(up)
     up.add_argument("--id", help="lab id (1-8 of a-z0-9; default random)")
     up.add_argument("--json", action="store_true", help="print the lab state as JSON")
     up.set_defaults(func=cmd_up)

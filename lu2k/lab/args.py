@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConfigError
-from .spec import PROFILES, build_specs
+from .spec import PROFILES, build_specs, parse_size
 
 
 def add_link_options(p: argparse.ArgumentParser, *, default_profile: str = "geo") -> None:
@@ -51,6 +51,23 @@ def parse_backend_options(items: Sequence[str] | None) -> dict[str, Any]:
         except yaml.YAMLError as e:
             raise ConfigError(f"{key.strip()}: cannot read {raw!r} ({e.__class__.__name__})", where="--option") from None
     return out
+
+
+def add_host_tuning(p: argparse.ArgumentParser) -> None:
+    """Kernel TCP tuning of both lab sites, as a site would tune its hosts for a long path."""
+    p.add_argument("--initcwnd", type=int, default=0, metavar="PACKETS",
+                   help="initial congestion and receive window of the routes between the sites "
+                        "(ip route ... initcwnd N initrwnd N; default: the kernel's, 10)")
+    p.add_argument("--rmem-default", metavar="BYTES",
+                   help="receive buffer a new TCP socket starts with in both sites, tcp_rmem's middle value, e.g. 8m "
+                        "(it bounds the first window a socket advertises; default 128k)")
+
+
+def host_tuning_from_args(args: argparse.Namespace) -> dict[str, int]:
+    """``Lab(**...)`` keywords for :func:`add_host_tuning`'s options (checked by the lab's state)."""
+    rmem = getattr(args, "rmem_default", None)
+    return {"initcwnd": int(getattr(args, "initcwnd", 0) or 0),
+            "rmem_default": parse_size(rmem, what="--rmem-default") if rmem else 0}
 
 
 def specs_from_args(args: argparse.Namespace) -> Any:

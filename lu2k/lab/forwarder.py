@@ -90,8 +90,12 @@ NS_SYSCTLS_IPV6 = {
 DIRECTIONS = (("ab", "a", "b"), ("ba", "b", "a"))  # name, in side, out side
 
 
-def ns_sysctls(ipv6: bool) -> dict[str, str]:
-    return {**NS_SYSCTLS, **NS_SYSCTLS_IPV6} if ipv6 else dict(NS_SYSCTLS)
+def ns_sysctls(ipv6: bool, rmem_default: int = 0) -> dict[str, str]:
+    out = {**NS_SYSCTLS, **NS_SYSCTLS_IPV6} if ipv6 else dict(NS_SYSCTLS)
+    if rmem_default:
+        low, _default, high = out["net.ipv4.tcp_rmem"].split()
+        out["net.ipv4.tcp_rmem"] = f"{low} {rmem_default} {high}"
+    return out
 
 
 @dataclass(eq=False)
@@ -184,7 +188,7 @@ class Forwarder:
 
     def setup(self) -> None:
         st = self.state
-        sysctls = [f"{k}={v}" for k, v in ns_sysctls(st.ipv6).items()]
+        sysctls = [f"{k}={v}" for k, v in ns_sysctls(st.ipv6, st.rmem_default).items()]
         for side in ("a", "b"):
             ns = st.ns[side]
             run_ip(["netns", "add", ns])
@@ -205,6 +209,12 @@ class Forwarder:
                 if st.ipv6:
                     run_ip(["-n", ns, "-6", "addr", "add", f"{addrs6[i][side]}/128", "peer", f"{addrs6[i][peer]}/128",
                             "dev", dev, "nodad"])
+                if st.initcwnd:  # the peer route the address made, with initial windows of its own
+                    windows = ["initcwnd", str(st.initcwnd), "initrwnd", str(st.initcwnd)]
+                    run_ip(["-n", ns, "route", "replace", f"{addrs[i][peer]}/32", "dev", dev, "src", addrs[i][side], *windows])
+                    if st.ipv6:
+                        run_ip(["-n", ns, "-6", "route", "replace", f"{addrs6[i][peer]}/128", "dev", dev, "src", addrs6[i][side],
+                                *windows])
         self.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self.ctl.bind(control_address(st.lab_id))

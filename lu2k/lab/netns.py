@@ -51,6 +51,12 @@ DEFAULT_STATE_DIR = "/run/lu2k-lab"
 SUBNET_PREFIX = "10.201"  # path 0; path i uses 10.<201+i>
 IPV6_PREFIX = "fd6c:7532"  # ULA (fd00::/8); lab n, path i: fd6c:7532:<n>:<i>::/64
 MAX_PATHS = 4
+# Host tuning a site may apply for TCP over a long path (kernel TCP's own knobs, not lu2k's):
+# the initial congestion and receive windows of the route to the far site (``ip route ...
+# initcwnd N initrwnd N``) and the receive buffer a new TCP socket starts with (the middle value
+# of ``net.ipv4.tcp_rmem``), which bounds the first window it advertises.
+MAX_INITCWND = 10000  # packets
+RMEM_DEFAULT_RANGE = (4096, 64 << 20)  # bytes; the lab's tcp_rmem maximum is 64 MiB
 _ID_RE = re.compile(r"[a-z0-9]{1,8}")
 FORWARDER_MODULE = "lu2k.lab.forwarder"
 
@@ -204,10 +210,17 @@ class LabState:
     profile: dict[str, Any] = field(default_factory=dict)  # what the user asked for, for status
     extra_paths: tuple[Specs, ...] = ()
     ipv6: bool = False
+    initcwnd: int = 0  # packets, on the routes between the sites (0: the kernel's default, 10)
+    rmem_default: int = 0  # bytes, tcp_rmem's middle value in both namespaces (0: the lab's 128 KiB)
 
     def __post_init__(self) -> None:
         if 1 + len(self.extra_paths) > MAX_PATHS:
             raise ConfigError(f"a lab has at most {MAX_PATHS} paths, not {1 + len(self.extra_paths)}", where="paths")
+        if not 0 <= self.initcwnd <= MAX_INITCWND:
+            raise ConfigError(f"{self.initcwnd} packets: must be 1..{MAX_INITCWND} (or 0: the kernel's default)", where="initcwnd")
+        low, high = RMEM_DEFAULT_RANGE
+        if self.rmem_default and not low <= self.rmem_default <= high:
+            raise ConfigError(f"{self.rmem_default} bytes: must be {low}..{high} (or 0: the lab's default)", where="rmem_default")
 
     @property
     def paths(self) -> list[Specs]:
@@ -257,6 +270,7 @@ class LabState:
         return {
             "id": self.lab_id, "subnet": self.subnet, "pid": self.pid, "ready": self.ready,
             "created": self.created, "profile": self.profile, "ipv6": self.ipv6,
+            "initcwnd": self.initcwnd, "rmem_default": self.rmem_default,
             "ns": self.ns, "dev": self.dev, "addr": self.addr, **({"addr6": self.addr6} if self.ipv6 else {}),
             "specs": paths[0]["specs"], "paths": paths,
         }
@@ -272,6 +286,7 @@ class LabState:
                 created=float(d.get("created", 0.0)), profile=dict(d.get("profile") or {}),
                 specs=(LinkSpec.from_dict(d["specs"]["ab"]), LinkSpec.from_dict(d["specs"]["ba"])),
                 extra_paths=extra, ipv6=bool(d.get("ipv6", False)),
+                initcwnd=int(d.get("initcwnd", 0)), rmem_default=int(d.get("rmem_default", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"corrupt lab state: {e}", where="state file") from None
@@ -368,11 +383,13 @@ class Lab:
         profile: dict[str, Any] | None = None,
         extra_paths: Sequence[Specs] = (),
         ipv6: bool = False,
+        initcwnd: int = 0,
+        rmem_default: int = 0,
     ) -> None:
         self.directory = directory or state_dir()
         self.lab_id = check_lab_id(lab_id) if lab_id else secrets.token_hex(3)
         self.state = LabState(self.lab_id, subnet=0, specs=specs, profile=dict(profile or {}),
-                              extra_paths=tuple(extra_paths), ipv6=ipv6)
+                              extra_paths=tuple(extra_paths), ipv6=ipv6, initcwnd=initcwnd, rmem_default=rmem_default)
         self._proc: subprocess.Popen[bytes] | None = None
 
     # --- names ---------------------------------------------------------------------------

@@ -311,7 +311,7 @@ def make_file(path: Path, size: int) -> None:
 def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[str], forward_backends: list[str],
                  http: bool = True, warm: bool = True, tcp_congestion: str | None = "bbr", workdir: str | None = None, log: Any = None,
                  lab_id: str | None = None, options: dict[str, Any] | None = None, small_files: int = 0,
-                 small_size: int = 4096) -> dict[str, Any]:
+                 small_size: int = 4096, host_tuning: dict[str, int] | None = None) -> dict[str, Any]:
     avail = backend_availability()
     for b in set(backends) | set(forward_backends):
         if b not in avail:
@@ -340,10 +340,12 @@ def run_transfer(specs: tuple[LinkSpec, LinkSpec], *, size: int, backends: list[
             make_file(small / f"f{i:05d}", small_size)
     out: dict[str, Any] = {"tcp_backend_congestion": tcp_congestion, "options": dict(options or {}),
                            "size": size, "rate_mbit": spec.rate_bps / 1e6, "rtt_ms": spec.rtt_s * 1e3, "loss": spec.mean_loss,
-                           "limit_mbit": limit / 1e6, "transfer": {}, "http": {}, "small": {}}
+                           "limit_mbit": limit / 1e6, "host_tuning": {k: v for k, v in (host_tuning or {}).items() if v},
+                           "transfer": {}, "http": {}, "small": {}}
     env = child_env()
     try:
-        with Lab(specs, lab_id=lab_id) as lab:
+        tuning = host_tuning or {}
+        with Lab(specs, lab_id=lab_id, initcwnd=tuning.get("initcwnd", 0), rmem_default=tuning.get("rmem_default", 0)) as lab:
             for side in ("a", "b"):
                 lab.run(side, ["ip", "link", "set", "lo", "up"], check=True)
             say(f"kernel TCP BBR copy of {size / 1e6:.0f} MB ...")
@@ -411,7 +413,9 @@ def format_transfer(r: dict[str, Any]) -> str:
               for name, x in (r.get("small") or {}).items()]
     cc = r.get("tcp_backend_congestion") or "kernel default"
     options = ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
-    head = (f"lu2k tcp backend congestion control: {cc}" + (f"; backend options: {options}" if options else "") + "\n"
+    tuning = ", ".join(f"{k} {v}" for k, v in (r.get("host_tuning") or {}).items())
+    head = (f"lu2k tcp backend congestion control: {cc}" + (f"; backend options: {options}" if options else "")
+            + (f"; both sites' kernel TCP: {tuning}" if tuning else "") + "\n"
             f"{r['size'] / 1e6:.0f} MB over {r['rate_mbit']:g} Mbit/s, {r['rtt_ms']:.0f} ms RTT, {r['loss']:.1%} loss; "
             f"limit rate x (1 - loss) = {r['limit_mbit']:.2f} Mbit/s")
     tail = ""
@@ -428,7 +432,7 @@ def format_transfer(r: dict[str, Any]) -> str:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from .args import parse_backend_options, specs_from_args
+    from .args import host_tuning_from_args, parse_backend_options, specs_from_args
 
     specs = specs_from_args(args)
     backends = args.backends if args.backends is not None else [b for b in ("tcp", "quic", "udt") if backend_availability().get(b) is None]
@@ -440,7 +444,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         raise ConfigError("--small-files must be 0..100000 and --small-size 0..1 GiB", where="bench transfer")
     r = run_transfer(specs, size=size, backends=backends, forward_backends=forward_backends, http=not args.no_http,
                      warm=not args.no_warm, tcp_congestion=args.tcp_congestion or None, log=sys.stderr, lab_id=args.lab_id,
-                     options=parse_backend_options(args.option), small_files=args.small_files, small_size=args.small_size)
+                     options=parse_backend_options(args.option), small_files=args.small_files, small_size=args.small_size,
+                     host_tuning=host_tuning_from_args(args))
     print(format_transfer(r))
     if args.json:
         print(json.dumps(r))
@@ -449,10 +454,11 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 def register_bench(bsub: Any) -> None:
     """Add ``transfer`` to ``lu2k bench`` (called by :mod:`lu2k.cli.bench`)."""
-    from .args import add_backend_option, add_link_options
+    from .args import add_backend_option, add_host_tuning, add_link_options
 
     t = bsub.add_parser("transfer", help="lu2k send and an HTTP download through lu2k forward vs kernel TCP BBR over the lab (needs root)")
     add_link_options(t)
+    add_host_tuning(t)
     t.add_argument("--size", type=float, default=200.0, help="file size in MB (default %(default)s)")
     t.add_argument("--backends", nargs="*", help="backends for lu2k send (default: tcp quic udt, those available)")
     t.add_argument("--forward-backends", nargs="*", help="backends for the forwarded download (default: as --backends)")
