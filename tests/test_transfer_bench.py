@@ -35,7 +35,10 @@ def test_report_has_every_row_its_load_and_the_emulator_lateness() -> None:
     assert "backend options" not in text
     with_options = format_transfer({"tcp_backend_congestion": "bbr", "options": {"notsent_lowat": 0}, "size": 1, "rate_mbit": 20.0,
                                     "rtt_ms": 600.0, "loss": 0.01, "limit_mbit": 19.8, "transfer": {}, "http": {}})
-    assert "backend options: notsent_lowat=0" in with_options
+    assert "backend options: notsent_lowat=0" in with_options and "kernel TCP" not in with_options
+    tuned = format_transfer({"tcp_backend_congestion": "bbr", "host_tuning": {"initcwnd": 1000, "rmem_default": 8 << 20}, "size": 1,
+                             "rate_mbit": 20.0, "rtt_ms": 600.0, "loss": 0.01, "limit_mbit": 19.8, "transfer": {}, "http": {}})
+    assert "both sites' kernel TCP: initcwnd 1000, rmem_default 8388608" in tuned
 
 
 @pytest.mark.netns
@@ -64,6 +67,9 @@ def test_a_short_run_has_every_row_verified_with_its_drops_and_options() -> None
     (["--small-files", "5", "--small-size", "-3"], "--small-size"),
     (["--option", "notsent_lowat"], "--option"),
     (["--size", "0"], "--size"),
+    (["--initcwnd", "99999"], "initcwnd"),
+    (["--rmem-default", "lots"], "--rmem-default"),
+    (["--rmem-default", "1k"], "rmem_default"),
 ])
 def test_bad_arguments_are_named_without_a_traceback(args: list[str], what: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.getcwd()}

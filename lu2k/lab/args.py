@@ -64,10 +64,13 @@ def add_host_tuning(p: argparse.ArgumentParser) -> None:
 
 
 def host_tuning_from_args(args: argparse.Namespace) -> dict[str, int]:
-    """``Lab(**...)`` keywords for :func:`add_host_tuning`'s options (checked by the lab's state)."""
+    """:func:`add_host_tuning`'s options as ``Lab``'s ``initcwnd`` and ``rmem_default``, checked."""
+    from .netns import check_host_tuning
+
     rmem = getattr(args, "rmem_default", None)
-    return {"initcwnd": int(getattr(args, "initcwnd", 0) or 0),
-            "rmem_default": parse_size(rmem, what="--rmem-default") if rmem else 0}
+    out = {"initcwnd": int(getattr(args, "initcwnd", 0) or 0), "rmem_default": parse_size(rmem, what="--rmem-default") if rmem else 0}
+    check_host_tuning(out["initcwnd"], out["rmem_default"])
+    return out
 
 
 def specs_from_args(args: argparse.Namespace) -> Any:

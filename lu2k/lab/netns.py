@@ -192,6 +192,15 @@ def forwarder_alive(pid: int | None) -> bool:
 Specs = tuple[LinkSpec, LinkSpec]  # one path: (a->b, b->a)
 
 
+def check_host_tuning(initcwnd: int, rmem_default: int) -> None:
+    """The host tuning a lab may get (0: leave that knob alone); ConfigError naming the bad one."""
+    if not 0 <= initcwnd <= MAX_INITCWND:
+        raise ConfigError(f"{initcwnd} packets: must be 1..{MAX_INITCWND} (or 0: the kernel's default)", where="initcwnd")
+    low, high = RMEM_DEFAULT_RANGE
+    if rmem_default and not low <= rmem_default <= high:
+        raise ConfigError(f"{rmem_default} bytes: must be {low}..{high} (or 0: the lab's default)", where="rmem_default")
+
+
 @dataclass
 class LabState:
     """What a state file records about one lab.
@@ -216,11 +225,7 @@ class LabState:
     def __post_init__(self) -> None:
         if 1 + len(self.extra_paths) > MAX_PATHS:
             raise ConfigError(f"a lab has at most {MAX_PATHS} paths, not {1 + len(self.extra_paths)}", where="paths")
-        if not 0 <= self.initcwnd <= MAX_INITCWND:
-            raise ConfigError(f"{self.initcwnd} packets: must be 1..{MAX_INITCWND} (or 0: the kernel's default)", where="initcwnd")
-        low, high = RMEM_DEFAULT_RANGE
-        if self.rmem_default and not low <= self.rmem_default <= high:
-            raise ConfigError(f"{self.rmem_default} bytes: must be {low}..{high} (or 0: the lab's default)", where="rmem_default")
+        check_host_tuning(self.initcwnd, self.rmem_default)
 
     @property
     def paths(self) -> list[Specs]:
