@@ -48,8 +48,10 @@ def test_a_short_run_has_every_row_verified_with_its_drops_and_options() -> None
     from lu2k.lab.spec import build_specs
 
     r = run_transfer(build_specs("custom", rate="200mbit", rtt="10ms"), size=4_000_000, backends=["tcp"], forward_backends=[],
-                     http=False, options={"startup_cap": "off"}, small_files=5, small_size=1000)
+                     http=False, options={"startup_cap": "off"}, small_files=5, small_size=1000,
+                     host_tuning={"initcwnd": 100, "rmem_default": 0})  # the lab's effect: test_lab_netns
     assert set(r["transfer"]) == {"kernel-bbr", "lu2k-tcp cold", "lu2k-tcp warm"}
+    assert r["host_tuning"] == {"initcwnd": 100}
     for how in ("inline", "plain"):
         small = r["small"][f"lu2k-tcp {how}"]
         assert small["verified"] and small["files"] == 5 and small["files_per_s"] > 0
