@@ -9,7 +9,7 @@ import socket
 import pytest
 from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _pair
 
-from lu2k.backends import get_backend, tcp
+from lu2k.backends import get_backend, tcp, tcp_bbr
 from lu2k.backends.tcp import TcpBackend, available_congestion_controls
 from lu2k.backends.base import BackendSettings, LinkProfile
 from lu2k.errors import ConfigError, FrameError, ReadError
@@ -149,7 +149,7 @@ def test_startup_cap_values() -> None:
     bbr = "bbr" in available_congestion_controls()
     assert TcpBackend(_settings()).startup_cap == 0  # no profile rate: nothing to cap at
     assert TcpBackend(_settings()).describe()["startup_cap"] == "off"
-    assert TcpBackend(_settings(profile=geo)).startup_cap == (int(20e6 * tcp.STARTUP_CAP_SHARE / 8) if bbr else 0)
+    assert TcpBackend(_settings(profile=geo)).startup_cap == (int(20e6 * tcp_bbr.STARTUP_CAP_SHARE / 8) if bbr else 0)
     if bbr:
         assert TcpBackend(_settings(profile=geo)).describe()["startup_cap"] == "22mbit"
         assert TcpBackend(_settings(profile=geo, startup_cap="30mbit")).startup_cap == 30_000_000 // 8
@@ -166,26 +166,17 @@ def test_startup_cap_values() -> None:
             TcpBackend(_settings(profile=geo, congestion="cubic", startup_cap="20mbit"))
 
 
-def test_bbr_phase_is_read_from_its_cc_info() -> None:
-    info = tcp.BBR_INFO.pack  # bw_lo, bw_hi, min_rtt, pacing_gain, cwnd_gain (x 256)
-    assert tcp.bbr_phase(info(1250, 0, 600_000, 739, 739)) == "startup"  # 2.885
-    assert tcp.bbr_phase(info(1250, 0, 600_000, 88, 739)) == "later"  # DRAIN
-    assert tcp.bbr_phase(info(1250, 0, 600_000, 320, 512)) == "later"  # PROBE_BW, probing
-    assert tcp.bbr_phase(info(0, 0, 23, 256, 256)) == "unknown"  # no ACK yet (as a fresh socket reads), or PROBE_RTT
-    assert tcp.bbr_phase(b"") is None and tcp.bbr_phase(bytes(16)) is None  # not BBR's answer
-
-
 @pytest.mark.skipif("bbr" not in available_congestion_controls(), reason="kernel lacks bbr")
 async def test_a_new_bulk_socket_is_capped_until_bbr_leaves_startup() -> None:
     profile = LinkProfile(rtt_ms=20, rate_mbit=200)
-    cap = int(200e6 * tcp.STARTUP_CAP_SHARE / 8)
+    cap = int(200e6 * tcp_bbr.STARTUP_CAP_SHARE / 8)
     server, client, out, inn, lst = await _pair(BackendUnderTest(TcpBackend, "127.0.0.1"), conn_type=ConnType.BULK, profile=profile)
     control = await client.connect("127.0.0.1", lst.address[1], ConnType.CONTROL, 5.0)
     try:
         sock = out._sock  # type: ignore[attr-defined]
         assert sock.getsockopt(socket.SOL_SOCKET, tcp.SO_MAX_PACING_RATE) == cap
         assert out.stats()["startup_capped"] is True
-        assert control._sock.getsockopt(socket.SOL_SOCKET, tcp.SO_MAX_PACING_RATE) in (-1, tcp.PACING_UNLIMITED)  # type: ignore[attr-defined]
+        assert control._sock.getsockopt(socket.SOL_SOCKET, tcp.SO_MAX_PACING_RATE) in (-1, tcp_bbr.PACING_UNLIMITED)  # type: ignore[attr-defined]
         # Data flows; on loopback BBR finds the (capped) rate's plateau within a few rounds.
         payload = os.urandom(1 << 20)
         received = 0
@@ -198,7 +189,7 @@ async def test_a_new_bulk_socket_is_capped_until_bbr_leaves_startup() -> None:
             if not out.stats().get("startup_capped"):
                 break
         assert "startup_capped" not in out.stats()
-        assert sock.getsockopt(socket.SOL_SOCKET, tcp.SO_MAX_PACING_RATE) in (-1, tcp.PACING_UNLIMITED)
+        assert sock.getsockopt(socket.SOL_SOCKET, tcp.SO_MAX_PACING_RATE) in (-1, tcp_bbr.PACING_UNLIMITED)
     finally:
         await _close(control, out, inn, lst, server, client)
 

@@ -30,6 +30,9 @@
 * Start-up: with BBR and a profile rate, a new BULK socket is paced at most 1.1x that rate
   (``options.startup_cap``) until BBR has left STARTUP, whose 2.885x overshoot would
   otherwise drop about a BDP at a one-BDP bottleneck queue on a long path.
+* ProbeRTT: on paths of 200 ms RTT or more (``options.probe_rtt``, default ``auto``) BBR's
+  model is restarted every 7 s, so it never drains the window to four packets for a round
+  trip.  Both are decided by :class:`.tcp_bbr.BbrWatch` from ``TCP_CC_INFO``.
 * Striping: one BULK connection may run over ``options.streams`` TCP sockets (default 1);
   see :mod:`.tcp_stripes`.
 * Errors: ``OSError`` becomes a ``ConnectError``/``ReadError``/``WriteError`` through one
@@ -61,6 +64,10 @@ from .base import (
     describe_exception, map_exceptions, option_int,
 )
 from .netpath import sockaddr
+from .tcp_bbr import (
+    BBR_INFO, MAX_PACING_RATE_LIMIT, PROBE_RTT_MODES, PROBE_RTT_SKIP_MIN_RTT, STARTUP_CAP_SHARE, Action, BbrWatch,
+    ProbeRttMode, read_bbr,
+)
 from .tcp_stripes import DEFAULT_STREAMS, MAX_STREAMS, StripedTransport, StripeRegistry
 
 log = structlog.get_logger("lu2k.backends.tcp")
@@ -70,19 +77,9 @@ RECV_CHUNK = 256 << 10
 HELLO_CHUNK = 4096
 DIRECT_RECV_MIN = 16 << 10  # payload remainder above this is received straight into place
 KNOWN_OPTIONS = frozenset({"min_bulk", "congestion", "socket_buffer", "notsent_lowat", "dead_timeout", "encryption", "peer_keys", "peer_keys_only",
-                           "streams", "rate_cap", "startup_cap"})
+                           "streams", "rate_cap", "startup_cap", "probe_rtt"})
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)  # Linux; Python's socket module lacks it
-MAX_PACING_RATE_LIMIT = (1 << 32) - 2  # bytes/s: the kernel takes a u32 from setsockopt (~ 34 Gbit/s)
-PACING_UNLIMITED = (1 << 32) - 1  # ~0U: the kernel's "no cap"
 TCP_CC_INFO = getattr(socket, "TCP_CC_INFO", 26)
-# struct tcp_bbr_info: bw_lo, bw_hi, min_rtt (us), pacing_gain, cwnd_gain (gains in 1/256ths).
-BBR_INFO = struct.Struct("=IIIII")
-BBR_STARTUP_GAIN_MIN = 2 * 256  # STARTUP paces at 2.885x (739/256); no later phase above 1.25x
-# A new BULK socket's start-up cap, as a share of the profile's rate: kernel BBR's STARTUP paces
-# at 2.885x its estimate and, on a long path with a one-BDP queue, overshoots by a BDP of drops
-# before it has seen the link is full.  Capped a little above the rate it finds the plateau with
-# the queue a fraction of a BDP deep; the cap goes once BBR has left STARTUP.
-STARTUP_CAP_SHARE = 1.1
 # Unsent bytes a BULK socket may hold (TCP_NOTSENT_LOWAT) when the profile gives the BDP: half
 # a BDP, within these bounds -- enough that the socket never runs dry between two of the
 # engine's batches, little enough that the peer's byte window is spent on the path, not on
@@ -121,18 +118,6 @@ LISTEN_ERRORS: ExceptionMap = {OSError: ConnectError}
 def set_pacing_cap(sock: socket.socket, bytes_per_s: int) -> None:
     """SO_MAX_PACING_RATE, as the kernel's u32 (Python would pass ~0U, "no cap", as a signed int and fail)."""
     sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, struct.pack("=I", bytes_per_s))
-
-
-def bbr_phase(cc_info: bytes) -> str | None:
-    """Where kernel BBR is, from its ``TCP_CC_INFO``: "startup"; "later" (DRAIN or PROBE_BW,
-    whose window gain is 2 or more); "unknown" (both gains 1: a socket that has had no ACK
-    yet, or PROBE_RTT); None if that is not BBR's answer (another congestion control)."""
-    if len(cc_info) < BBR_INFO.size:
-        return None
-    _bw_lo, _bw_hi, _min_rtt, pacing_gain, cwnd_gain = BBR_INFO.unpack_from(cc_info)
-    if pacing_gain >= BBR_STARTUP_GAIN_MIN:
-        return "startup"
-    return "later" if cwnd_gain >= 2 * 256 else "unknown"
 
 
 def available_congestion_controls() -> list[str]:
@@ -224,8 +209,8 @@ class TcpTransport(Transport):
         self._waiting: dict[asyncio.Future[None], Callable[[], object]] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._startup_timer: asyncio.TimerHandle | None = None
-        self.startup_capped = False
+        self._bbr: BbrWatch | None = None
+        self._bbr_timer: asyncio.TimerHandle | None = None
         self._dead_timer: asyncio.TimerHandle | None = None
         if dead_timeout:
             self._dead_timer = self._loop.call_later(dead_timeout / DEAD_CHECKS, self._check_acks)
@@ -401,38 +386,51 @@ class TcpTransport(Transport):
             return
         self._dead_timer = self._loop.call_later(self._dead_timeout / DEAD_CHECKS, self._check_acks)
 
-    def hold_startup(self, cap: int, then: int, poll: float) -> None:
-        """Pace at most ``cap`` bytes/s until kernel BBR has left STARTUP (polled every ``poll``
-        seconds), then at most ``then`` (0: no cap).  See :data:`STARTUP_CAP_SHARE`."""
-        set_pacing_cap(self._sock, cap)
-        self.startup_capped = True
-
-        seen_startup = False
+    def watch_bbr(self, watch: BbrWatch, poll: float) -> None:
+        """Run ``watch`` on this socket's kernel BBR: its first actions now, then a reading
+        every ``poll`` seconds while capped and every second after (see :mod:`.tcp_bbr`)."""
+        self._bbr = watch
+        self._apply(watch.start())
 
         def check() -> None:
-            nonlocal seen_startup
-            self._startup_timer = None
+            self._bbr_timer = None
             if self._closed:
                 return
             try:
-                phase = bbr_phase(self._sock.getsockopt(socket.IPPROTO_TCP, TCP_CC_INFO, BBR_INFO.size))
-                seen_startup = seen_startup or phase == "startup"
-                if phase == "startup" or (phase == "unknown" and not seen_startup):
-                    self._startup_timer = self._loop.call_later(poll, check)
-                    return
-                # Past STARTUP -- or not BBR any more, when nothing says when to lift: lift now.
-                set_pacing_cap(self._sock, then or PACING_UNLIMITED)
-                self.startup_capped = False
+                info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_HEAD.size)
+                unacked = TCP_INFO_HEAD.unpack_from(info)[TCPI_UNACKED] if len(info) >= TCP_INFO_HEAD.size else 0
+                reading = read_bbr(self._sock.getsockopt(socket.IPPROTO_TCP, TCP_CC_INFO, BBR_INFO.size), unacked)
+                self._apply(watch.tick(time.monotonic(), reading))
             except OSError:
-                pass  # the socket is failing; the next send or receive reports it
+                return  # the socket is failing; the next send or receive reports it
+            if watch.active:
+                self._bbr_timer = self._loop.call_later(watch.next_tick(poll), check)
 
-        self._startup_timer = self._loop.call_later(poll, check)
+        if watch.active:
+            self._bbr_timer = self._loop.call_later(poll, check)
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action, value in actions:
+            if action == "pace":
+                set_pacing_cap(self._sock, value)
+            else:  # restart BBR's model: setting the congestion control it already has does nothing
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
+                try:
+                    self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"bbr")
+                except OSError as e:  # it was set on this socket before; end it rather than run reno
+                    self._stall = f"connection to {self._peer}: cannot set congestion control bbr again: {e.strerror}"
+                    self.close()
+                    return
+
+    @property
+    def startup_capped(self) -> bool:
+        return self._bbr is not None and self._bbr.capped
 
     def close(self) -> None:
-        for timer in (self._startup_timer, self._dead_timer):
+        for timer in (self._bbr_timer, self._dead_timer):
             if timer is not None:
                 timer.cancel()
-        self._startup_timer = self._dead_timer = None
+        self._bbr_timer = self._dead_timer = None
         if not self._closed:
             self._closed = True
             self._scratch = None
@@ -455,6 +453,8 @@ class TcpTransport(Transport):
                 pass
         if self.startup_capped:
             out["startup_capped"] = True
+        if self._bbr is not None and self._bbr.restarts:
+            out["bbr_restarts"] = self._bbr.restarts
         return out
 
 
@@ -572,6 +572,13 @@ class TcpBackend(Backend):
         if self.startup_cap and cc != "bbr":
             raise ConfigError(f"startup_cap needs congestion: bbr (it lifts when BBR leaves STARTUP), not {cc}", where=where)
         self.startup_poll = min(0.5, max(0.05, (settings.profile.rtt_ms or 100.0) / 2e3))
+        # ProbeRTT (see lu2k.backends.tcp_bbr): avoided on long paths unless the config says kernel.
+        probe_rtt = opts.get("probe_rtt", "auto" if cc == "bbr" else "kernel")
+        if probe_rtt not in PROBE_RTT_MODES:
+            raise ConfigError(f"probe_rtt must be one of {', '.join(PROBE_RTT_MODES)}, not {probe_rtt!r}", where=where)
+        if probe_rtt != "kernel" and cc != "bbr":
+            raise ConfigError(f"probe_rtt: {probe_rtt} needs congestion: bbr (ProbeRTT is BBR's), not {cc}", where=where)
+        self.probe_rtt: ProbeRttMode = probe_rtt
         self._stripes = StripeRegistry()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -651,7 +658,7 @@ class TcpBackend(Backend):
                     raise ConnectTimeout(f"connect to {format_hostport(host, port)} timed out after {timeout:g}s") from None
             first = TcpTransport(sock, self.settings.max_message_size, self.dead_timeout)
             if conn_type is ConnType.BULK:
-                self._hold_startup(first)
+                self._watch_bbr(first)
         except BaseException:
             sock.close()
             raise
@@ -663,7 +670,7 @@ class TcpBackend(Backend):
             assert isinstance(t, TcpTransport)
             try:
                 with map_exceptions(CONNECT_ERRORS, what):
-                    self._hold_startup(t)
+                    self._watch_bbr(t)
                 await t.send([(join, b"")])
             except BaseException:
                 t.close()
@@ -672,11 +679,12 @@ class TcpBackend(Backend):
 
         return StripedTransport(first, streams=self.streams, opener=open_stripe)
 
-    def _hold_startup(self, transport: TcpTransport) -> None:
+    def _watch_bbr(self, transport: TcpTransport) -> None:
         """A new socket that will carry bulk data starts under the start-up cap (its share of
-        it, when a connection is striped)."""
-        if self.startup_cap:
-            transport.hold_startup(max(1, self.startup_cap // self.streams), self.rate_cap, self.startup_poll)
+        it, when a connection is striped), and its BBR is kept out of ProbeRTT on long paths."""
+        if self.startup_cap or self.probe_rtt != "kernel":
+            cap = max(1, self.startup_cap // self.streams) if self.startup_cap else 0
+            transport.watch_bbr(BbrWatch(time.monotonic(), cap, self.rate_cap, self.probe_rtt), self.startup_poll)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -693,5 +701,7 @@ class TcpBackend(Backend):
             "streams": self.streams,
             "rate_cap": format_rate(self.rate_cap * 8),
             "startup_cap": format_rate(self.startup_cap * 8) if self.startup_cap else "off",
+            "probe_rtt": (f"auto (skipped on paths of {PROBE_RTT_SKIP_MIN_RTT * 1e3:g} ms RTT or more)"
+                          if self.probe_rtt == "auto" else self.probe_rtt),
         }
 
