@@ -16,6 +16,7 @@ from lu2k import wire
 from lu2k.backends import tcp_stripes as ts
 from lu2k.backends.base import BackendSettings, LinkProfile
 from lu2k.backends.tcp import TcpBackend
+from lu2k.backends.tcp_bbr import BbrWatch
 from lu2k.errors import ConfigError, NetworkError, WriteError
 from lu2k.nid import parse_net, parse_nid
 from lu2k.wire import ConnType, FrameType
@@ -227,6 +228,11 @@ async def test_stripes_join_and_every_frame_arrives_once(encryption: str) -> Non
         (ack,) = await asyncio.wait_for(out.recv(), 10)
         assert ack.header.type is FrameType.ACK
         assert out.stats()["streams"] == 4
+        assert "bbr_restarts" not in out.stats()
+        for stripe in out.stripes:  # each socket's BBR watch counts its own restarts; the connection sums them
+            stripe._bbr = BbrWatch(0.0, 0, 0, "skip")
+            stripe._bbr.restarts = 2
+        assert out.stats()["bbr_restarts"] == 8
     finally:
         await _close(server, client, out, inn, lst)
 

@@ -330,6 +330,9 @@ class StripedTransport(Transport):
         for key in ("bytes_sent", "bytes_received"):
             out[key] = sum(int(p.get(key, 0)) for p in per)
         out["streams"] = len(self.stripes)
+        restarts = sum(int(p.get("bbr_restarts", 0)) for p in per)
+        if restarts:
+            out["bbr_restarts"] = restarts  # each socket's BBR is watched on its own
         if self.joins_refused:
             out["stripe_joins_refused"] = self.joins_refused
         return out
