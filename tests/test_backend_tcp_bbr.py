@@ -60,10 +60,22 @@ def test_the_startup_cap_lifts_when_bbr_leaves_startup() -> None:
     assert not_bbr.tick(0.5, None) == [("pace", PACING_UNLIMITED)]  # nothing says when: lift now
 
 
-def test_unknown_after_startup_lifts_the_cap() -> None:
+def test_a_probe_rtt_inside_startup_keeps_the_cap() -> None:
+    """BBR goes back to STARTUP after a ProbeRTT that came before it had found the plateau;
+    lifting the cap there would let that STARTUP overshoot."""
     watch = BbrWatch(0.0, 2_750_000, 0, "kernel")
     assert watch.tick(0.5, reading("startup")) == []
-    assert watch.tick(1.0, reading("unknown")) == [("pace", PACING_UNLIMITED)]  # PROBE_RTT after STARTUP
+    assert watch.tick(10.5, reading("unknown")) == [] and watch.capped  # PROBE_RTT from STARTUP
+    assert watch.tick(11.5, reading("startup")) == [] and watch.capped
+    assert watch.tick(12.0, reading("later")) == [("pace", PACING_UNLIMITED)]
+
+
+def test_no_restart_while_capped() -> None:
+    """The first STARTUP, and a restarted one, run to their end: a restart there would cap the
+    new STARTUP at a bandwidth still ramping up."""
+    watch = BbrWatch(0.0, 2_750_000, 0, "skip")
+    assert watch.tick(RESTART_AFTER + 3, reading("unknown", bandwidth=BW // 4)) == []
+    assert watch.tick(RESTART_AFTER + 4, reading("startup", bandwidth=BW // 2)) == [] and watch.restarts == 0
 
 
 def test_the_model_restarts_before_bbr_would_probe_rtt() -> None:
@@ -74,6 +86,7 @@ def test_the_model_restarts_before_bbr_would_probe_rtt() -> None:
     assert actions == [("pace", int(BW * tcp_bbr.STARTUP_CAP_SHARE)), ("restart", 0)]  # capped first, then restarted
     assert watch.capped and watch.restarts == 1
     assert watch.tick(RESTART_AFTER + 0.5, reading("startup", 0)) == []  # the new STARTUP, capped
+    assert watch.tick(RESTART_AFTER + 1.5, reading("unknown")) == []  # and a ProbeRTT inside it keeps the cap
     assert watch.tick(RESTART_AFTER + 3, reading("later")) == [("pace", PACING_UNLIMITED)]
     assert watch.tick(2 * RESTART_AFTER - 0.1, reading("later")) == []  # counted from the restart
     assert watch.tick(2 * RESTART_AFTER, reading("later"))[1] == ("restart", 0) and watch.restarts == 2

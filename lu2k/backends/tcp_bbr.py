@@ -97,23 +97,24 @@ class BbrWatch:
 
     | state | reading | actions | next state |
     |---|---|---|---|
-    | capped | STARTUP, or "unknown" before STARTUP was seen | none | capped |
-    | capped | anything else (left STARTUP, or not BBR) | pace at ``then`` | free |
+    | capped | DRAIN or PROBE_BW ("later") | pace at ``then`` | free |
+    | capped | not BBR | pace at ``then`` (nothing will say when) | free |
+    | capped | STARTUP or "unknown" | none | capped |
     | free | restart due (below) | pace at 1.1x bandwidth, restart | capped |
     | free | otherwise | none | free |
 
-    A restart is due when ``probe_rtt`` allows it (``skip``; ``auto`` with a min RTT of at
-    least :data:`PROBE_RTT_SKIP_MIN_RTT`), the model has run :data:`RESTART_AFTER` seconds,
-    data is in flight (an idle socket's first ACK after the idle period renews BBR's min RTT by
-    itself), BBR is past STARTUP or in ProbeRTT, and it has a bandwidth estimate to cap the new
-    STARTUP with.
+    "unknown" while capped is a socket without an ACK yet, or a ProbeRTT from STARTUP, after
+    which BBR goes back to STARTUP: the cap stays for it.  A restart is due when ``probe_rtt``
+    allows it (``skip``; ``auto`` with a min RTT of at least :data:`PROBE_RTT_SKIP_MIN_RTT`),
+    the model has run :data:`RESTART_AFTER` seconds, data is in flight (an idle socket's first
+    ACK after the idle period renews BBR's min RTT by itself), BBR is past STARTUP or in
+    ProbeRTT, and it has a bandwidth estimate to cap the new STARTUP with.
     """
 
     def __init__(self, now: float, startup_cap: int, then: int, probe_rtt: ProbeRttMode) -> None:
         self.then = then  # bytes/s after STARTUP (rate_cap), 0: no ceiling
         self.probe_rtt = probe_rtt
         self.capped = False
-        self._seen_startup = False
         self._model_since = now
         self.restarts = 0
         self._first: list[Action] = []
@@ -134,13 +135,10 @@ class BbrWatch:
         if reading is None:  # not BBR (any more): nothing tells when to lift, so lift now
             return self._lift() if self.capped else []
         if self.capped:
-            self._seen_startup = self._seen_startup or reading.phase == "startup"
-            if reading.phase == "startup" or (reading.phase == "unknown" and not self._seen_startup):
-                return []
-            return self._lift()
+            return self._lift() if reading.phase == "later" else []
         if self._restart_due(now, reading):
             cap = int(min(reading.bandwidth * STARTUP_CAP_SHARE, self.then or MAX_PACING_RATE_LIMIT))
-            self.capped, self._seen_startup, self._model_since = True, False, now
+            self.capped, self._model_since = True, now
             self.restarts += 1
             return [("pace", max(1, cap)), ("restart", 0)]
         return []
