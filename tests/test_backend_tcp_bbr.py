@@ -7,9 +7,11 @@ ProbeRTT there, and lu2k's bulk socket, whose model the watch restarts, never do
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
+import socket
 import subprocess
 import threading
 import time
@@ -18,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from lu2k.backends import tcp_bbr
-from lu2k.backends.tcp import TcpBackend, available_congestion_controls
+from lu2k.backends import tcp, tcp_bbr
+from lu2k.backends.tcp import TcpBackend, TcpTransport, available_congestion_controls
 from lu2k.backends.base import BackendSettings, LinkProfile
 from lu2k.backends.tcp_bbr import PACING_UNLIMITED, RESTART_AFTER, BbrReading, BbrWatch, bbr_phase, read_bbr
 from lu2k.errors import ConfigError
@@ -114,6 +116,39 @@ def test_the_restarted_startup_stays_under_rate_cap() -> None:
     watch = BbrWatch(0.0, 0, 1_000_000, "skip")
     assert watch.tick(RESTART_AFTER, reading("later"))[0] == ("pace", 1_000_000)
     assert watch.tick(RESTART_AFTER + 2, reading("later")) == [("pace", 1_000_000)]
+
+
+def test_a_refused_restart_ends_restarts_and_lifts_its_ceiling() -> None:
+    watch = BbrWatch(0.0, 0, 1_000_000, "skip")
+    assert watch.tick(RESTART_AFTER, reading("later"))[1] == ("restart", 0)
+    assert watch.restart_refused() == [("pace", 1_000_000)] and not watch.capped and watch.restarts == 0
+    assert watch.tick(3 * RESTART_AFTER, reading("later")) == [] and not watch.active
+
+
+class NoRenoSocket(socket.socket):
+    """A socket that refuses to switch to reno, as a kernel without it would."""
+
+    def setsockopt(self, level: int, option: int, value: Any, *rest: Any) -> None:  # type: ignore[override]
+        if option == socket.TCP_CONGESTION and value == b"reno":
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        super().setsockopt(level, option, value, *rest)
+
+
+async def test_a_socket_that_refuses_the_restart_keeps_bbr_and_no_ceiling() -> None:
+    if "bbr" not in available_congestion_controls():
+        pytest.skip("kernel lacks bbr")
+    sock = NoRenoSocket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"bbr")
+    transport = TcpTransport(sock, 1 << 20)
+    try:
+        watch = BbrWatch(0.0, 0, 0, "skip")
+        transport.watch_bbr(watch, 0.5)
+        transport._apply(watch.tick(RESTART_AFTER, reading("later")))
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0") == b"bbr"
+        assert sock.getsockopt(socket.SOL_SOCKET, tcp.SO_MAX_PACING_RATE) in (-1, PACING_UNLIMITED)
+        assert watch.probe_rtt == "kernel" and not transport.startup_capped
+    finally:
+        transport.close()
 
 
 def _settings(profile: LinkProfile | None = None, **options: Any) -> BackendSettings:

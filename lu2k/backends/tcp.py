@@ -414,7 +414,13 @@ class TcpTransport(Transport):
             if action == "pace":
                 set_pacing_cap(self._sock, value)
             else:  # restart BBR's model: setting the congestion control it already has does nothing
-                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
+                try:
+                    self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
+                except OSError as e:
+                    log.warning("cannot restart kernel BBR's model; its ProbeRTT stays", peer=self._peer, error=e.strerror)
+                    if self._bbr is not None:
+                        self._apply(self._bbr.restart_refused())
+                    return
                 try:
                     self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"bbr")
                 except OSError as e:  # it was set on this socket before; end it rather than run reno

@@ -143,6 +143,12 @@ class BbrWatch:
             return [("pace", max(1, cap)), ("restart", 0)]
         return []
 
+    def restart_refused(self) -> list[Action]:
+        """The socket would not change its congestion control: no more restarts (the kernel's
+        ProbeRTT then), and the ceiling set for the restart goes."""
+        self.probe_rtt, self.restarts = "kernel", max(0, self.restarts - 1)
+        return self._lift()
+
     def _lift(self) -> list[Action]:
         self.capped = False
         return [("pace", self.then or PACING_UNLIMITED)]
