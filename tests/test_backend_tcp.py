@@ -166,6 +166,22 @@ def test_startup_cap_values() -> None:
             TcpBackend(_settings(profile=geo, congestion="cubic", startup_cap="20mbit"))
 
 
+def test_probe_rtt_option() -> None:
+    bbr = "bbr" in available_congestion_controls()
+    assert TcpBackend(_settings()).probe_rtt == ("auto" if bbr else "kernel")
+    assert TcpBackend(_settings()).describe()["probe_rtt"].startswith("auto (skipped on paths of 200 ms RTT or more)" if bbr else "kernel")
+    for bad in ("never", 1, None):
+        with pytest.raises(ConfigError, match="probe_rtt must be one of auto, skip, kernel"):
+            TcpBackend(_settings(probe_rtt=bad))
+    if bbr:
+        assert TcpBackend(_settings(probe_rtt="skip")).probe_rtt == "skip"
+        assert TcpBackend(_settings(probe_rtt="kernel")).describe()["probe_rtt"] == "kernel"
+    if "cubic" in available_congestion_controls():
+        assert TcpBackend(_settings(congestion="cubic")).probe_rtt == "kernel"
+        with pytest.raises(ConfigError, match="probe_rtt: skip needs congestion: bbr"):
+            TcpBackend(_settings(congestion="cubic", probe_rtt="skip"))
+
+
 @pytest.mark.skipif("bbr" not in available_congestion_controls(), reason="kernel lacks bbr")
 async def test_a_new_bulk_socket_is_capped_until_bbr_leaves_startup() -> None:
     profile = LinkProfile(rtt_ms=20, rate_mbit=200)

@@ -21,11 +21,8 @@ from typing import Any
 import pytest
 
 from lu2k.backends import tcp, tcp_bbr
-from lu2k.backends.tcp import TcpBackend, TcpTransport, available_congestion_controls
-from lu2k.backends.base import BackendSettings, LinkProfile
+from lu2k.backends.tcp import TcpTransport, available_congestion_controls
 from lu2k.backends.tcp_bbr import PACING_UNLIMITED, RESTART_AFTER, BbrReading, BbrWatch, bbr_phase, read_bbr
-from lu2k.errors import ConfigError
-from lu2k.nid import parse_net
 
 from e2e_support import check_complete
 
@@ -149,26 +146,6 @@ async def test_a_socket_that_refuses_the_restart_keeps_bbr_and_no_ceiling() -> N
         assert watch.probe_rtt == "kernel" and not transport.startup_capped
     finally:
         transport.close()
-
-
-def _settings(profile: LinkProfile | None = None, **options: Any) -> BackendSettings:
-    return BackendSettings(parse_net("tcp"), 0, 1 << 20, profile=profile or LinkProfile(), options=options)
-
-
-def test_probe_rtt_option() -> None:
-    bbr = "bbr" in available_congestion_controls()
-    assert TcpBackend(_settings()).probe_rtt == ("auto" if bbr else "kernel")
-    assert TcpBackend(_settings()).describe()["probe_rtt"].startswith("auto (skipped on paths of 200 ms RTT or more)" if bbr else "kernel")
-    for bad in ("never", 1, None):
-        with pytest.raises(ConfigError, match="probe_rtt must be one of auto, skip, kernel"):
-            TcpBackend(_settings(probe_rtt=bad))
-    if bbr:
-        assert TcpBackend(_settings(probe_rtt="skip")).probe_rtt == "skip"
-        assert TcpBackend(_settings(probe_rtt="kernel")).describe()["probe_rtt"] == "kernel"
-    if "cubic" in available_congestion_controls():
-        assert TcpBackend(_settings(congestion="cubic")).probe_rtt == "kernel"
-        with pytest.raises(ConfigError, match="probe_rtt: skip needs congestion: bbr"):
-            TcpBackend(_settings(congestion="cubic", probe_rtt="skip"))
 
 
 # --- over the lab -------------------------------------------------------------------------

@@ -173,6 +173,15 @@ def set_keepalive(sock: socket.socket, seconds: float) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
 
 
+def unacked_and_ack_age(tcp_info: bytes) -> tuple[int, float] | None:
+    """Segments sent and not yet acknowledged, and seconds since the peer last acknowledged
+    anything, from ``TCP_INFO``; None if the answer is short."""
+    if len(tcp_info) < TCP_INFO_HEAD.size:
+        return None
+    fields = TCP_INFO_HEAD.unpack_from(tcp_info)
+    return fields[TCPI_UNACKED], fields[TCPI_LAST_ACK_RECV] / 1000
+
+
 def ack_silence(tcp_info: bytes) -> float | None:
     """Seconds since the peer last acknowledged anything, from ``TCP_INFO``, when data is
     outstanding (sent and not yet acknowledged); None when nothing is, or the answer is short.
@@ -180,11 +189,8 @@ def ack_silence(tcp_info: bytes) -> float | None:
     The kernel stamps every ACK it takes in, duplicate and SACK ones included, so a connection
     repairing steady random loss keeps a small age; only a peer (or path) that has gone quiet
     lets it grow."""
-    if len(tcp_info) < TCP_INFO_HEAD.size:
-        return None
-    fields = TCP_INFO_HEAD.unpack_from(tcp_info)
-    unacked, last_ack_recv_ms = fields[TCPI_UNACKED], fields[TCPI_LAST_ACK_RECV]
-    return last_ack_recv_ms / 1000 if unacked else None
+    head = unacked_and_ack_age(tcp_info)
+    return head[1] if head is not None and head[0] else None
 
 
 class TcpTransport(Transport):
@@ -397,8 +403,8 @@ class TcpTransport(Transport):
             if self._closed:
                 return
             try:
-                info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_HEAD.size)
-                unacked = TCP_INFO_HEAD.unpack_from(info)[TCPI_UNACKED] if len(info) >= TCP_INFO_HEAD.size else 0
+                head = unacked_and_ack_age(self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_HEAD.size))
+                unacked = head[0] if head is not None else 0
                 reading = read_bbr(self._sock.getsockopt(socket.IPPROTO_TCP, TCP_CC_INFO, BBR_INFO.size), unacked)
                 self._apply(watch.tick(time.monotonic(), reading))
             except OSError:

@@ -49,8 +49,8 @@ ProbeRttMode = Literal["auto", "skip", "kernel"]
 BBR_MIN_RTT_WINDOW = 10.0
 # The model is restarted once it has run this long: the window less a margin for the watch's
 # tick (at most WATCH_TICK late) and for a reading taken just before a sample.
-RESTART_AFTER = 7.0
 WATCH_TICK = 1.0  # seconds between two readings once the start-up cap is lifted
+RESTART_AFTER = BBR_MIN_RTT_WINDOW - 3 * WATCH_TICK
 # ``auto``: only on paths this long (seconds of min RTT), where a ProbeRTT idles the link for
 # most of a round trip and the path's RTT is fixed by its geometry.
 PROBE_RTT_SKIP_MIN_RTT = 0.2
