@@ -608,6 +608,7 @@ class Engine:
         link = _OutLink(conn, attempt)
         link.transport = inl.transport
         self._out[conn] = link
+        inl.transport.carry_requests(conn.ctype)
         inl.resume.set()  # a reader paused on a blocked connection reads again: our answers come on it now
         log.info("sending on the peer's connection", peer=str(conn.peer.nid), type=conn.ctype.name, via=inl.transport.peer_address)
         never: asyncio.Future[None] = asyncio.get_running_loop().create_future()

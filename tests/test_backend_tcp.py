@@ -7,7 +7,7 @@ import os
 import socket
 
 import pytest
-from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _pair
+from conformance import TRANSPORT_CHECKS, BackendUnderTest, _close, _msg, _pair, _recv_n
 
 from lu2k.backends import get_backend, tcp, tcp_bbr
 from lu2k.backends.tcp import TcpBackend, available_congestion_controls
@@ -208,6 +208,50 @@ async def test_a_new_bulk_socket_is_capped_until_bbr_leaves_startup() -> None:
         assert sock.getsockopt(socket.SOL_SOCKET, tcp.SO_MAX_PACING_RATE) in (-1, tcp_bbr.PACING_UNLIMITED)
     finally:
         await _close(control, out, inn, lst, server, client)
+
+
+@pytest.mark.skipif("bbr" not in available_congestion_controls(), reason="kernel lacks bbr")
+async def test_an_accepted_connection_that_carries_our_bulk_gets_the_bbr_watch() -> None:
+    """A return path (lu2k.core.returnpath) sends our bulk on the reverse direction of the
+    peer's connection: that socket's sending side gets what the sockets we open get."""
+    profile = LinkProfile(rtt_ms=20, rate_mbit=200)
+    cap = int(200e6 * tcp_bbr.STARTUP_CAP_SHARE / 8)
+    server, client, out, inn, lst = await _pair(BackendUnderTest(TcpBackend, "127.0.0.1"), conn_type=ConnType.CONTROL, profile=profile)
+    try:
+        sock = inn.stripes[0]._sock  # type: ignore[attr-defined]
+        unlimited = (-1, tcp_bbr.PACING_UNLIMITED)
+        assert sock.getsockopt(socket.SOL_SOCKET, tcp.SO_MAX_PACING_RATE) in unlimited
+        inn.carry_requests(ConnType.CONTROL)  # small messages of ours: nothing to tune
+        assert "bbr_watch" not in inn.stats()
+        assert sock.getsockopt(socket.SOL_SOCKET, tcp.SO_MAX_PACING_RATE) in unlimited
+        inn.carry_requests(ConnType.BULK)
+        watch = inn.stripes[0]._bbr  # type: ignore[attr-defined]
+        assert inn.stats()["bbr_watch"] == "probe_rtt auto" and inn.stats()["startup_capped"] is True
+        assert sock.getsockopt(socket.SOL_SOCKET, tcp.SO_MAX_PACING_RATE) == cap
+        inn.carry_requests(ConnType.BULK)  # a second adoption of the same connection: one watch
+        assert inn.stripes[0]._bbr is watch  # type: ignore[attr-defined]
+        assert "bbr_watch" not in out.stats()  # the peer's direction is its own
+        payload = os.urandom(1 << 20)
+        for _ in range(200):  # our bulk, the reverse way: the cap lifts when BBR leaves STARTUP
+            sender = asyncio.ensure_future(inn.send([_msg(1, payload)] * 4))
+            await _recv_n(out, 4)
+            await sender
+            if not inn.stats().get("startup_capped"):
+                break
+        assert "startup_capped" not in inn.stats()
+        assert sock.getsockopt(socket.SOL_SOCKET, tcp.SO_MAX_PACING_RATE) in unlimited
+    finally:
+        await _close(out, inn, lst, server, client)
+
+
+async def test_carrying_bulk_with_probe_rtt_kernel_and_no_cap_changes_nothing() -> None:
+    but = BackendUnderTest(TcpBackend, "127.0.0.1", options={"probe_rtt": "kernel", "startup_cap": "off"})
+    server, client, out, inn, lst = await _pair(but, conn_type=ConnType.BULK)
+    try:
+        inn.carry_requests(ConnType.BULK)
+        assert "bbr_watch" not in inn.stats()
+    finally:
+        await _close(out, inn, lst, server, client)
 
 
 @pytest.mark.skipif("cubic" not in available_congestion_controls(), reason="kernel lacks cubic")

@@ -31,6 +31,7 @@ import yaml
 
 from e2e_support import Receiver, make_message
 from lu2k.backends import availability
+from lu2k.backends.tcp import available_congestion_controls
 from lu2k.kernel_shim.endpoint import Endpoint
 from lu2k.lab.netns import LabError, child_env, delete_netns, run_ip
 from lu2k.localpair import DaemonProcess, daemon_config, free_port
@@ -159,6 +160,51 @@ async def test_engines_send_back_over_the_peers_connection() -> None:
         assert inside.stats["keepalives_sent"] >= 3 and not inside.stats["keepalives_missed"]
         conns = outside.describe_peers()[0]["connections"]
         assert all(c["path"] == "peer's connection" for c in conns.values()), conns
+    finally:
+        await inside.stop()
+        await outside.stop()
+
+
+@pytest.mark.skipif("bbr" not in available_congestion_controls(), reason="kernel lacks bbr")
+async def test_bulk_on_the_peers_tcp_connection_gets_the_bbr_watch() -> None:
+    """The outside site's bulk messages ride the inside site's tcp BULK connection: the
+    accepted socket's sending side is watched as a socket the outside opened would be."""
+    import asyncio
+
+    from lu2k.engine import Engine
+    from lu2k.errors import Status
+    from lu2k.nid import parse_nid
+    from lu2k.settings import parse_config
+
+    port = free_port("127.0.0.1")
+
+    def config(nid: str, peer: str, peer_lu2k: dict[str, Any]) -> Any:
+        return parse_config({
+            "net": [{"net type": "tcp", "local NI(s)": [{"nid": nid}],
+                     "lu2k": {"backend": "tcp", "port": port, "key": "return-path-test-key-01",
+                              "profile": {"rtt_ms": 600, "rate_mbit": 20}}}],
+            "peer": [{"primary nid": peer, "lu2k": peer_lu2k}],
+            "global": {"transaction_timeout": 10, "connect_timeout": 2, "reconnect_min": 0.05, "reconnect_max": 0.2},
+        })
+
+    inside_nid, outside_nid = "127.0.0.1@tcp", "127.0.0.2@tcp"
+    outside = Engine(config(outside_nid, inside_nid, {"return_path": "reverse"}))
+    inside = Engine(config(inside_nid, outside_nid, {"keepalive": 0.2}))
+    await outside.start(with_shim=False)
+    await inside.start(with_shim=False)
+    try:
+        loop = asyncio.get_running_loop()
+        done: list[asyncio.Future[tuple[Status, str]]] = []
+        for i in range(4):
+            fut: asyncio.Future[tuple[Status, str]] = loop.create_future()
+            outside.send(None, parse_nid(inside_nid), 1, 7, bytes([i]) * (256 << 10),
+                         lambda status, reason, fut=fut: fut.set_result((status, reason)))
+            done.append(fut)
+        results = await asyncio.wait_for(asyncio.gather(*done), 20)
+        assert results == [(Status.NO_RECEIVER, f"no endpoint attached on portal 7 at {inside_nid}")] * 4
+        assert inside.stats["conns_accepted"] == 0
+        conns = outside.describe_peers()[0]["connections"]
+        assert conns["bulk"]["path"] == "peer's connection" and conns["bulk"]["bbr_watch"] == "probe_rtt auto", conns
     finally:
         await inside.stop()
         await outside.stop()

@@ -231,6 +231,13 @@ class Transport(abc.ABC):
         ``result``'s keys, or plaintext).  Called once per connection by the engine."""
         return None
 
+    def carry_requests(self, conn_type: ConnType) -> None:
+        """Accepting end: the engine now also sends its own messages of ``conn_type`` on this
+        connection's reverse direction (a return path, :mod:`lu2k.core.returnpath`).  A backend
+        whose sending side is tuned per connection (tcp's BBR watch) tunes it here as on a
+        connection it opened itself.  Called once per adoption; calling again does nothing."""
+        return None
+
     @property
     def channel_binding(self) -> bytes:
         """What the hello should bind to in the secure channel under it (quic: the TLS server

@@ -463,6 +463,8 @@ class TcpTransport(Transport):
                 out["congestion"] = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
             except OSError:
                 pass
+        if self._bbr is not None:
+            out["bbr_watch"] = f"probe_rtt {self._bbr.probe_rtt}"
         if self.startup_capped:
             out["startup_capped"] = True
         if self._bbr is not None and self._bbr.restarts:
@@ -634,7 +636,8 @@ class TcpBackend(Backend):
         except (ConfigError, OSError):
             conn.close()
             return
-        transport = StripedTransport(TcpTransport(conn, self.settings.max_message_size, self.dead_timeout), registry=self._stripes)
+        transport = StripedTransport(TcpTransport(conn, self.settings.max_message_size, self.dead_timeout), registry=self._stripes,
+                                     watcher=self._watch_bbr)
         task = asyncio.ensure_future(self._first_bytes(transport, on_accept))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -692,8 +695,9 @@ class TcpBackend(Backend):
         return StripedTransport(first, streams=self.streams, opener=open_stripe)
 
     def _watch_bbr(self, transport: TcpTransport) -> None:
-        """A new socket that will carry bulk data starts under the start-up cap (its share of
-        it, when a connection is striped), and its BBR is kept out of ProbeRTT on long paths."""
+        """A socket that will carry our bulk data -- a new one of ours, or an accepted one our
+        return path sends on -- starts under the start-up cap (its share of it, when a
+        connection is striped), and its BBR is kept out of ProbeRTT on long paths."""
         if self.startup_cap or self.probe_rtt != "kernel":
             cap = max(1, self.startup_cap // self.streams) if self.startup_cap else 0
             transport.watch_bbr(BbrWatch(time.monotonic(), cap, self.rate_cap, self.probe_rtt), self.startup_poll)

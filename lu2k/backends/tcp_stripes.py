@@ -130,9 +130,13 @@ class StripedTransport(Transport):
     backend_name = "tcp"
 
     def __init__(self, first: "TcpTransport", *, registry: StripeRegistry | None = None, streams: int = 1,
-                 opener: Opener | None = None) -> None:
+                 opener: Opener | None = None, watcher: Callable[["TcpTransport"], None] | None = None) -> None:
         self.stripes: list[TcpTransport] = [first]
         self._registry = registry  # accepting end
+        # Accepting end: what tunes a socket's sending side for bulk (the backend's BBR watch),
+        # applied to every stripe once the engine sends bulk on our direction (carry_requests).
+        self._watcher = watcher
+        self._carrying_bulk = False
         self._streams, self._opener = streams, opener  # connecting end
         self._result: HelloResult | None = None
         self._jid = b""
@@ -210,10 +214,30 @@ class StripedTransport(Transport):
         t.on_hello_done(stripe_keys(self._result, index))
         t.set_buffer_for(self._buffer_for)
         self.stripes.append(t)
+        if self._carrying_bulk:
+            self._watch(t)
         if self._readers:
             self._start_reader(t)
         log.info("stripe joined", peer=self._peer, stripe=index, stripes=len(self.stripes))
         return True
+
+    def carry_requests(self, conn_type: ConnType) -> None:
+        """Bulk messages of ours on this accepted connection (a return path): each socket's
+        BBR gets the watch that the sockets of a connection we open get (start-up cap, no
+        ProbeRTT on long paths).  Only the sending side is changed: TCP's congestion control
+        is per direction's sender, so the peer's messages on the other direction are not."""
+        if conn_type is not ConnType.BULK or self._watcher is None or self._carrying_bulk or self._closed:
+            return
+        self._carrying_bulk = True
+        for t in self.stripes:
+            self._watch(t)
+
+    def _watch(self, t: "TcpTransport") -> None:
+        assert self._watcher is not None
+        try:
+            self._watcher(t)
+        except OSError as e:  # the socket is failing: its next send or receive ends the connection
+            log.info("cannot watch a socket's BBR", peer=self._peer, error=e.strerror)
 
     # -- data ----------------------------------------------------------------------------------
 
