@@ -274,7 +274,7 @@ class Engine:
                             if link is not None and link.attempt == a.attempt:
                                 link.closed = True
                                 link.wake.set()
-                                if link.transport is not None:
+                                if link.transport is not None and not a.detach:  # detach: the peer's connection lives on
                                     link.transport.close()
                         elif isinstance(a, CloseIn):
                             inl = self._in.get(a.conn)

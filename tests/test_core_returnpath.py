@@ -4,6 +4,7 @@ outside node sends to INSIDE over the reverse direction of INSIDE's own connecti
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from lu2k.core.returnpath import KEEPALIVE_TOKEN, PathSettings, ReturnPath, pars
 from lu2k.core.states import CONN_TRANSITIONS, ConnEvent, conn_next
 from lu2k.errors import ConfigError, Status
 from lu2k.nid import parse_nid
+from lu2k.wire import ConnType
 
 INSIDE, OUTSIDE = parse_nid("10.0.0.1@tcp"), parse_nid("10.0.0.2@tcp")
 
@@ -128,6 +130,9 @@ class World:
         elif isinstance(a, PingDone):
             self.pings.append(a)
         elif isinstance(a, Close):
+            if a.detach:  # stop riding the peer's connection; it lives on
+                self.rev.pop((id(a.conn), a.attempt), None)
+                return
             gone = self.links.get((id(a.conn), a.attempt)) or self.rev.get((id(a.conn), a.attempt))
             if gone is not None:
                 self.kill(gone, a.reason)
@@ -356,3 +361,61 @@ def test_the_documented_two_site_configs_parse_as_described() -> None:
     inside, outside = cfgs
     assert inside.peers[0].paths == PathSettings(None, 15.0)
     assert outside.peers[0].paths == PathSettings(ReturnPath.REVERSE, None)
+
+
+# -- typed connections (tcp): CONTROL and BULK ------------------------------------------------------
+
+
+def typed_inside_outside() -> tuple[World, Node, Node]:
+    w = World()
+    inside = w.node("i", INSIDE, transaction_timeout=5.0)
+    outside = w.node("o", OUTSIDE, transaction_timeout=5.0)
+    for n in (inside, outside):
+        for ni in n.nis.values():
+            ni.params = dataclasses.replace(ni.params, typed_connections=True, min_bulk=1024)
+    w.nat.add(INSIDE.host)
+    inside.set_return_paths({}, {OUTSIDE: PathSettings(keepalive=1.0)})
+    outside.set_return_paths({}, {INSIDE: PathSettings(return_path=ReturnPath.REVERSE)})
+    w.run(inside)
+    return w, inside, outside
+
+
+def test_with_typed_connections_the_inside_holds_both_and_each_carries_its_kind_back() -> None:
+    w, inside, outside = typed_inside_outside()
+    held = inside.peer(OUTSIDE).conns
+    assert {ConnType.CONTROL, ConnType.BULK} <= set(held) and all(c.hold and c.state is ConnState.UP for c in held.values())
+    assert inside.stats["keepalives_sent"] == 2  # one on each at once: the outside hears both
+    small, big = w.send(outside, INSIDE, b"s"), w.send(outside, INSIDE, b"B" * 4096)
+    assert w.completions[small] == w.completions[big] == [Status.DELIVERED]
+    rides = outside.peer(INSIDE).conns
+    assert all(c.via is not None and c.via.ctype is t for t, c in rides.items()), rides
+
+
+def test_bulk_riding_the_peers_control_connection_moves_to_its_bulk_one_exactly_once() -> None:
+    """The inside's BULK connection breaks while its CONTROL one lives: our bulk rides CONTROL
+    (behind it our small messages would wait).  When BULK is back and heard, our bulk moves
+    there; CONTROL stays open, what was unacknowledged is resent and answered once."""
+    w, inside, outside = typed_inside_outside()
+    w.send(outside, INSIDE, b"B" * 4096)
+    bulk_link = next(lk for lk in w.links.values() if lk.conn.ctype is ConnType.BULK)
+    control_link = next(lk for lk in w.links.values() if lk.conn.ctype is ConnType.CONTROL)
+    w.kill(bulk_link, "reset by the NAT")
+    inside.peer(OUTSIDE).conns[ConnType.BULK].backoff.next_at = w.now + 2.0  # its path stays out a while
+    w.drop_answers = True  # delivered, its ACK lost: in flight when the move comes
+    k = w.send(outside, INSIDE, b"C" * 4096)
+    w.tick(1.0)  # our backoff after the loss; then the only connection of the peer's is CONTROL
+    ours = outside.peer(INSIDE).conns[ConnType.BULK]
+    assert ours.via is control_link.inconn and w.completions[k] == [] and not outside.stats["return_paths_moved"]
+    w.drop_answers = False
+    w.tick(3.0)  # the inside reconnects BULK and its first keepalive announces it
+    assert outside.stats["return_paths_moved"] == 1 and ours.via is not None and ours.via.ctype is ConnType.BULK
+    assert control_link.alive and control_link.inconn.alive  # the peer's CONTROL connection lives on
+    assert w.completions[k] == [Status.DELIVERED] and w.received.count(("10.0.0.1", b"C" * 4096)) == 1
+    assert inside.stats["duplicates"] == 1  # the resend, answered from the window
+    # An answer still on its way on the old connection is read, not a protocol error.
+    outside.inbound_frames(control_link.inconn, frames_of([(wire.encode_acks([(2, 0)]), b"")]), w.now)
+    assert not [a for a in outside.take_actions() if isinstance(a, CloseIn)] and not outside.stats["bad_frames"]
+    after = [w.send(outside, INSIDE, b"s"), w.send(outside, INSIDE, b"D" * 4096)]
+    assert all(w.completions[x] == [Status.DELIVERED] for x in after)
+    peer = outside.peer(INSIDE)
+    assert peer.credits.in_use == 0 and not peer.inflight

@@ -48,11 +48,14 @@ class Wake:
 
 @dataclass(slots=True)
 class Close:
-    """Close the transport of ``conn``'s connection attempt ``attempt``."""
+    """Close the transport of ``conn``'s connection attempt ``attempt``.  With ``detach``, only
+    stop writing ``conn``'s frames on it: an adopted connection of the peer's (returnpath) that
+    still carries the peer's own messages."""
 
     conn: OutConn
     attempt: int
     reason: str
+    detach: bool = False
 
 
 @dataclass(slots=True)

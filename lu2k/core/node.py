@@ -409,6 +409,7 @@ class InConn:
         self.out: OutConn | None = None  # set: the reverse direction of our own connection (returnpath)
         self.reverse: OutConn | None = None  # our connection that sends on this one's reverse direction
         self.heard = False  # a frame came after the hello: the peer's side reads post-hello frames now
+        self.moved_from = False  # our connection rode this one and moved on: answers may still come on it
 
     @property
     def blocked(self) -> bool:
@@ -1256,20 +1257,28 @@ class Node(ReturnPaths):
         conn.backoff.failed(now, reason)
         self.stats["connections_lost"] += 1
         self._fail_pings(conn, f"connection to {peer.nid} lost")
-        # Everything sent on this connection and not acknowledged goes out again, in order.
-        pending = [m for s, m in sorted(peer.inflight.items()) if m.conn is conn]
-        for m in pending:
-            self._transition(m, MsgEvent.CONN_LOST)
+        pending = self._take_back_unacked(conn)
         if peer.rail is not None:  # multi-rail: the other rails take them, this one reconnects and rejoins
             peer.rail_down = True
             self._rail_failover(peer, conn, pending)
             self._rail_probe(conn)
         else:
             self._reroute_unsent(peer)
+        self._requeue(conn, pending)
+        self._maybe_connect(conn)
+
+    def _take_back_unacked(self, conn: OutConn) -> list[OutMsg]:
+        """Everything sent on ``conn``'s connection and not acknowledged, in order: it goes out
+        again (the receiver answers a copy it already has from its dedupe window)."""
+        pending = [m for _s, m in sorted(conn.peer.inflight.items()) if m.conn is conn]
+        for m in pending:
+            self._transition(m, MsgEvent.CONN_LOST)
+        return pending
+
+    def _requeue(self, conn: OutConn, pending: list[OutMsg]) -> None:
         queued = {id(m) for m in conn.queue}
         conn.queue.extend(m for m in pending if id(m) not in queued and m.conn is conn)
         conn.queue = deque(sorted((m for m in conn.queue if m.state not in FINAL and m.conn is conn), key=lambda m: m.seq))
-        self._maybe_connect(conn)
 
     def next_batch(self, conn: OutConn, now: float) -> Batch | None:
         """Frames for ``conn``'s transport, or None (then wait for the next Wake)."""

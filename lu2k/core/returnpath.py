@@ -40,6 +40,14 @@ the newest one -- the old adopted connection is closed and counts as lost, so no
 lost or delivered twice.  QUIC follows a new source address by itself (connection migration);
 TCP and UDT connections break, the inside site reconnects and we follow.
 
+*Typed connections* (tcp: CONTROL for small messages, BULK for the rest).  The inside site
+holds both, so each is kept open through the NAT and announced by its first keepalive.  Our
+connection of each type adopts the peer's connection of that type, or meanwhile the other one;
+when a connection of its own type is heard, it *moves* there (:meth:`ReturnPaths._rp_move`):
+our small messages then no longer wait behind our bulk.  Unlike rebinding, the connection left
+is not closed -- it is the peer's and carries its messages; its answers to what we sent on it
+are still read, and what they do not cover goes out again on the new one.
+
 *Holding and keepalives* (the inside site).  A peer configured with ``keepalive`` seconds is
 *held*: we keep a connection to it up even with nothing to send (reconnecting with the usual
 backoff), and send it a PING every ``keepalive`` seconds, which keeps the NAT binding alive
@@ -64,7 +72,7 @@ from .actions import Adopt, Close
 from .states import ConnEvent, ConnState, conn_next
 
 if TYPE_CHECKING:
-    from .node import NI, InConn, OutConn, Peer, Session, _Ping
+    from .node import NI, InConn, OutConn, OutMsg, Peer, Session, _Ping
 
 KEEPALIVE_TOKEN = 1 << 63  # keepalive pings' tokens have this bit set; the runner ignores their PingDone
 KEEPALIVE_MISSES = 3
@@ -168,10 +176,14 @@ class ReturnPaths:
     def _rp_hold_all(self) -> None:
         for nid in self._rp_peer:
             if nid.net in self.nis and self.keepalive(nid) > 0 and self.return_path(nid) is not ReturnPath.REVERSE:
-                conn = self.peer(nid).conn_for(0)
-                if not conn.hold:
-                    conn.hold = True
-                    self._maybe_connect(conn)
+                peer = self.peer(nid)
+                # With typed connections both are held: the peer sends its bulk back on our
+                # BULK connection, which keepalives keep open through the NAT and announce.
+                held = [peer.conn_of(ConnType.CONTROL), peer.conn_of(ConnType.BULK)] if peer.ni.params.typed_connections else [peer.conn_for(0)]
+                for conn in held:
+                    if not conn.hold:
+                        conn.hold = True
+                        self._maybe_connect(conn)
 
     # ------------------------------------------------------------------ adopting
 
@@ -234,6 +246,25 @@ class ReturnPaths:
         self.actions.append(Close(conn, conn.attempt, reason))
         self.connection_lost(conn, conn.attempt, reason, self._now)
 
+    def _rp_move(self, conn: OutConn, inbound: InConn) -> None:
+        """``conn`` rides the peer's connection of another type (our bulk on its CONTROL
+        connection, adopted before its BULK one was heard); ``inbound`` is of ``conn``'s type:
+        move there, so that our small messages no longer wait behind our bulk.  The old
+        connection is the peer's and carries its messages: our writer on it only stops.  What
+        we sent on it and is not acknowledged goes out again on the new one (the peer answers
+        a copy from its dedupe window), and answers still coming on the old one are read."""
+        old = conn.via
+        assert old is not None
+        self.stats["return_paths_moved"] += 1
+        self.actions.append(Close(conn, conn.attempt, f"moving to {conn.peer.nid}'s {inbound.ctype.name} connection", detach=True))
+        conn.state = conn_next(conn.state, ConnEvent.LOST)
+        conn.woken = False
+        self._rp_unlink(conn)
+        old.moved_from = True
+        self._fail_pings(conn, f"connection to {conn.peer.nid} moved")
+        self._requeue(conn, self._take_back_unacked(conn))
+        self._rp_adopt(conn, inbound)
+
     def _rp_unlink(self, conn: OutConn) -> None:
         """``conn`` went down: forget the accepted connection it used, the reverse half of its own
         connection, and its keepalive."""
@@ -258,10 +289,14 @@ class ReturnPaths:
             return
         for conn in list(peer.conns.values()):
             # The same type of connection again: the peer reconnected (new source address, or its
-            # old connection broke unseen).  Another type is just its other connection: stay.
+            # old connection broke unseen).  Another type is just its other connection: stay --
+            # unless we ride one of another type for want of ours (see _rp_move).
             if conn.via is not None and conn.via is not inbound and conn.via.ctype is inbound.ctype:
                 self.stats["return_paths_rebound"] += 1
                 self._rp_drop(conn, f"{peer.nid} reconnected from a new address")
+            elif conn.via is not None and conn.via.ctype is not conn.ctype and inbound.ctype is conn.ctype and conn.state is ConnState.UP:
+                self._rp_move(conn, inbound)
+                continue
             if conn.state in (ConnState.IDLE, ConnState.BACKOFF) and conn.has_work():
                 mode = self.return_path(peer.nid)
                 if mode is ReturnPath.REVERSE or (mode is ReturnPath.AUTO and conn.connect_failed):
@@ -284,6 +319,12 @@ class ReturnPaths:
         """ACK/NACK/PONG frames on a connection we accepted: answers to what we sent on its
         reverse direction."""
         out = inbound.reverse
+        if out is None and inbound.moved_from:
+            # Late answers to what we sent here before moving: ACKs are matched per peer.
+            peer = inbound.ni.peers.get(inbound.session.peer_nid)
+            out = next((c for c in peer.conns.values() if c.state is ConnState.UP), None) if peer is not None else None
+            if out is None:
+                return  # what they answer was taken back and goes out again
         if out is None:
             raise FrameError(f"{frames[0].header.type.name} frame on an incoming connection that carries nothing back")
         for f in frames:
@@ -378,6 +419,15 @@ class ReturnPaths:
         raise NotImplementedError
 
     def connection_lost(self, conn: OutConn, attempt: int, reason: str, now: float) -> None:
+        raise NotImplementedError
+
+    def _fail_pings(self, conn: OutConn, why: str) -> None:
+        raise NotImplementedError
+
+    def _take_back_unacked(self, conn: OutConn) -> list[OutMsg]:
+        raise NotImplementedError
+
+    def _requeue(self, conn: OutConn, pending: list[OutMsg]) -> None:
         raise NotImplementedError
 
     def inbound_lost(self, conn: InConn) -> None:

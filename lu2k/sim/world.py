@@ -432,7 +432,9 @@ class SimNode:
             w.connect(self, a)
         elif isinstance(a, Close):
             gone = self.out_links.pop((id(a.conn), a.attempt), None)
-            if isinstance(gone, _Reverse):
+            if a.detach and isinstance(gone, _Reverse):
+                pass  # we stop writing on the peer's connection; it carries on
+            elif isinstance(gone, _Reverse):
                 gone.kill(a.reason)
             elif gone is not None:
                 gone.kill(a.reason, src_knows=False)
