@@ -374,6 +374,46 @@ def test_when_a_gateway_connection_dies_what_it_sent_stays_and_what_it_never_sen
     assert list(a.peer(G1).inflight) == [first.seq] and a.peer(G1).credits.in_use == 1
 
 
+class HeldConnects(Mesh):
+    """A Mesh whose connects to ``hold_hosts`` wait until the test answers them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold_hosts: set[str] = set()
+        self.held_connects: list[tuple[Node, Connect]] = []
+
+    def do(self, node: Node, a: Any) -> None:
+        if isinstance(a, Connect) and a.host in self.hold_hosts:
+            self.held_connects.append((node, a))
+            return
+        super().do(node, a)
+
+
+def test_credits_a_reroute_gives_back_go_at_once_to_a_peer_waiting_for_them() -> None:
+    """Rerouted messages give their NI credits back; another peer of the NI waiting for one
+    gets it then, even when the new gateway cannot take the messages yet (its own credits are
+    in use) -- not at the next unrelated event."""
+    m = HeldConnects()
+    other = parse_nid("10.0.0.9@tcp")
+    tcp, tcp1 = parse_net("tcp"), parse_net("tcp1")
+    a = m.node("a", [A], [Route(tcp1, G1), Route(tcp1, G3)], credits=2, peer_credits=1)
+    m.node("g1", [G1, G2], routing=True)
+    m.node("g3", [G3, G4], routing=True)
+    m.node("b", [B], [Route(tcp, G2), Route(tcp, G4)])
+    m.node("p", [other])
+    m.hold_deliveries = True  # nothing is answered: credits stay taken
+    busy = m.send(a, G3, b"for g3 itself")  # g3's one peer credit, and one of the NI's two
+    m.hold_hosts.add(G1.host)
+    routed = m.send(a, B, b"through g1")  # the NI's second credit (g1: the first route), waiting for g1's connect
+    waiting = m.send(a, other, b"for p")
+    assert busy.state is MsgState.SENT and routed.state is MsgState.IN_FLIGHT and waiting.state is MsgState.QUEUED
+    node, connect = m.held_connects.pop()
+    node.connect_failed(connect.conn, connect.attempt, "refused", m.now)
+    m.run(node)
+    assert routed.peer is a.peer(G3) and routed.state is MsgState.QUEUED  # moved; g3 has no credit for it yet
+    assert waiting.state is MsgState.SENT and a.nis[A.net].credits.in_use == 2  # the freed credit went to p at once
+
+
 def test_a_node_that_is_not_a_router_refuses_to_forward() -> None:
     m = Mesh()
     a = m.node("a", [A], [Route(parse_net("tcp1"), G1)])
