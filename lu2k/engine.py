@@ -513,9 +513,14 @@ class Engine:
             core.connect_failed(conn, attempt, str(e), self.now(), refused=refusal_status(e))
             self._transmit()
             return
-        log.info("connected", peer=str(peer.nid), type=conn.ctype.name, via=transport.peer_address)
         core.connected(conn, attempt, result.peer_incarnation, self.now())
         self._transmit()
+        if conn.attempt != attempt:  # superseded while it was set up (it rides the peer's connection now)
+            transport.close()
+            if self._out.get(conn) is link:
+                del self._out[conn]
+            return
+        log.info("connected", peer=str(peer.nid), type=conn.ctype.name, via=transport.peer_address)
         reader = asyncio.ensure_future(self._read_out(link, transport))
         try:
             await self._write_out(link, transport, reader)
@@ -534,7 +539,7 @@ class Engine:
 
     async def _write_out(self, link: _OutLink, transport: Transport, reader: asyncio.Future[Any]) -> None:
         core, conn = self.core, link.conn
-        while not link.closed:
+        while not link.closed and conn.attempt == link.attempt:  # a later attempt has its own writer
             if reader.done():
                 reader.result()  # raises the read error
                 return

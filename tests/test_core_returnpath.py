@@ -191,7 +191,8 @@ def inside_outside(mode: ReturnPath | None, keepalive: float = 1.0) -> tuple[Wor
 def test_adopt_is_in_the_connection_table() -> None:
     assert conn_next(ConnState.IDLE, ConnEvent.ADOPT) is ConnState.UP
     assert conn_next(ConnState.BACKOFF, ConnEvent.ADOPT) is ConnState.UP
-    assert ConnEvent.ADOPT not in CONN_TRANSITIONS[ConnState.CONNECTING]  # a connect in progress ends first
+    assert conn_next(ConnState.CONNECTING, ConnEvent.ADOPT) is ConnState.UP  # the set-up in progress is abandoned
+    assert ConnEvent.ADOPT not in CONN_TRANSITIONS[ConnState.UP] and ConnEvent.ADOPT not in CONN_TRANSITIONS[ConnState.CLOSED]
 
 
 def test_settings_parse_and_bad_values_name_where() -> None:
@@ -419,3 +420,73 @@ def test_bulk_riding_the_peers_control_connection_moves_to_its_bulk_one_exactly_
     assert all(w.completions[x] == [Status.DELIVERED] for x in after)
     peer = outside.peer(INSIDE)
     assert peer.credits.in_use == 0 and not peer.inflight
+
+
+class SlowConnects(World):
+    """Connects to ``slow`` hosts wait until the test finishes them (``finish_connects``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow: set[str] = set()
+        self.waiting: list[tuple[Node, Connect]] = []
+
+    def do(self, node: Node, a: Any) -> None:
+        if isinstance(a, Connect) and a.host in self.slow:
+            self.waiting.append((node, a))
+            return
+        super().do(node, a)
+
+    def finish_connects(self) -> None:
+        self.slow.clear()
+        waiting, self.waiting = self.waiting, []
+        for node, a in waiting:
+            self.do(node, a)
+            self.run(node)
+
+
+def test_a_first_answer_rides_the_peers_control_connection_while_ours_is_set_up() -> None:
+    """A peer connected to us and sent a request; our connection back is still in its set-up
+    (a connect and a hello: 1.8 s on GEO).  The answer goes on the peer's CONTROL connection at
+    once; the set-up, when it finishes, is closed as superseded; bulk waits for our own."""
+    w = SlowConnects()
+    client = w.node("c", INSIDE, transaction_timeout=5.0)
+    server = w.node("s", OUTSIDE, transaction_timeout=5.0)
+    for n in (client, server):
+        for ni in n.nis.values():
+            ni.params = dataclasses.replace(ni.params, typed_connections=True, min_bulk=1024)
+    w.slow.add(INSIDE.host)  # the server's connections back to the client take their time
+    request = w.send(client, OUTSIDE, b"request")
+    assert w.completions[request] == [Status.DELIVERED]
+    back = server.peer(INSIDE).conns
+    assert back[ConnType.CONTROL].state is ConnState.CONNECTING and len(w.waiting) == 2  # CONTROL and its BULK sibling
+    reply = w.send(server, INSIDE, b"reply")
+    assert w.completions[reply] == [Status.DELIVERED] and ("10.0.0.1", b"reply") in w.received
+    assert server.stats["return_paths_early"] == 1 and back[ConnType.CONTROL].via is not None
+    bulk = w.send(server, INSIDE, b"B" * 4096)
+    assert w.completions[bulk] == [] and back[ConnType.BULK].via is None  # bulk: our own connection
+    w.finish_connects()
+    assert w.completions[bulk] == [Status.DELIVERED]
+    control_links = [lk for (oid, _), lk in w.links.items() if oid == id(back[ConnType.CONTROL])]
+    assert control_links and not any(lk.alive for lk in control_links)  # the abandoned set-up: closed
+    assert back[ConnType.CONTROL].state is ConnState.UP and back[ConnType.CONTROL].via is not None
+    more = [w.send(server, INSIDE, b"again"), w.send(client, OUTSIDE, b"and on")]
+    assert all(w.completions[k] == [Status.DELIVERED] for k in more)
+    assert w.received.count(("10.0.0.1", b"reply")) == 1
+    assert client.stats["return_paths_served"] == 1
+
+
+def test_without_auto_or_for_bulk_the_answer_waits_for_our_own_connection() -> None:
+    for mode, payload in ((ReturnPath.CONNECT, b"reply"), (None, b"B" * 4096)):
+        w = SlowConnects()
+        client = w.node("c", INSIDE, transaction_timeout=5.0)
+        server = w.node("s", OUTSIDE, transaction_timeout=5.0)
+        for n in (client, server):
+            for ni in n.nis.values():
+                ni.params = dataclasses.replace(ni.params, typed_connections=True, min_bulk=1024)
+        server.set_return_paths({}, {INSIDE: PathSettings(return_path=mode)})
+        w.slow.add(INSIDE.host)
+        w.send(client, OUTSIDE, b"request")
+        reply = w.send(server, INSIDE, payload)
+        assert w.completions[reply] == [] and not server.stats["return_paths_early"], mode
+        w.finish_connects()
+        assert w.completions[reply] == [Status.DELIVERED]

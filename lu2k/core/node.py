@@ -1033,6 +1033,9 @@ class Node(ReturnPaths):
             self._maybe_connect(conn)
 
     def _maybe_connect(self, conn: OutConn) -> None:
+        if conn.state is ConnState.CONNECTING and conn.queue and not self.closing:
+            self._rp_ride_instead(conn)  # a message waits for the set-up: the peer's connection may carry it now
+            return
         if conn.state not in (ConnState.IDLE, ConnState.BACKOFF) or not conn.has_work() or self.closing:
             return
         if not conn.backoff.ready(self._now):

@@ -229,6 +229,25 @@ class ReturnPaths:
             return True
         return False
 
+    def _rp_ride_instead(self, conn: OutConn) -> bool:
+        """Our CONTROL connection to a peer is still being set up (a connect and a two-round-trip
+        hello: 1.8 s on GEO) and a message waits for it, while the peer's own CONTROL connection
+        to us is up and heard: send on that one instead, so the first answer to a peer that has
+        just connected (an LNet reply, a transfer's ACCEPT) does not wait for ours.  The set-up
+        in progress is abandoned; we ride the peer's connection until it ends.  Only small
+        messages: bulk keeps a connection of its own (``auto`` only, as adopting is)."""
+        peer = conn.peer
+        if (conn.ctype is not ConnType.CONTROL or conn.hold or peer.rail is not None
+                or self.return_path(peer.nid) is not ReturnPath.AUTO):
+            return False
+        inbound = self._rp_live_inbound(peer, ConnType.CONTROL)
+        if inbound is None or inbound.ctype is not ConnType.CONTROL:
+            return False
+        self.stats["return_paths_early"] += 1
+        self.actions.append(Close(conn, conn.attempt, f"sending on {peer.nid}'s connection instead"))
+        self._rp_adopt(conn, inbound)
+        return True
+
     def _rp_adopt(self, conn: OutConn, inbound: InConn) -> None:
         conn.state = conn_next(conn.state, ConnEvent.ADOPT)
         conn.attempt += 1
@@ -297,6 +316,8 @@ class ReturnPaths:
             elif conn.via is not None and conn.via.ctype is not conn.ctype and inbound.ctype is conn.ctype and conn.state is ConnState.UP:
                 self._rp_move(conn, inbound)
                 continue
+            if conn.state is ConnState.CONNECTING and conn.queue and self._rp_ride_instead(conn):
+                continue
             if conn.state in (ConnState.IDLE, ConnState.BACKOFF) and conn.has_work():
                 mode = self.return_path(peer.nid)
                 if mode is ReturnPath.REVERSE or (mode is ReturnPath.AUTO and conn.connect_failed):
@@ -343,6 +364,7 @@ class ReturnPaths:
             if peer.incarnation is None:
                 raise FrameError(f"{peer.nid} sent requests before its hello finished")
             rev = self._attach_in(peer.ni, peer.nid, peer.incarnation, conn.ctype)
+            rev.pong_nids = True  # every lu2k daemon reads them (its hellos ask with FEATURE_NIDS)
             rev.out = conn
             conn.rev_in = rev
             self.stats["return_paths_served"] += 1

@@ -46,6 +46,8 @@ Outgoing connection life (one per peer and connection type)::
     any --CLOSE--> CLOSED  (peer dropped, net removed, node stopped)
     IDLE, BACKOFF --ADOPT--> UP  (sending on a connection the peer opened to us instead:
                                   lu2k.core.returnpath; it is LOST when that one ends)
+    CONNECTING --ADOPT--> UP     (a CONTROL connection whose set-up a message waits for, when
+                                  the peer's own is up: the set-up is abandoned)
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ class ConnEvent(enum.Enum):
 
 CONN_TRANSITIONS: dict[ConnState, dict[ConnEvent, ConnState]] = {
     ConnState.IDLE: {ConnEvent.CONNECT: ConnState.CONNECTING, ConnEvent.CLOSE: ConnState.CLOSED, ConnEvent.ADOPT: ConnState.UP},
-    ConnState.CONNECTING: {ConnEvent.UP: ConnState.UP, ConnEvent.FAILED: ConnState.BACKOFF, ConnEvent.CLOSE: ConnState.CLOSED},
+    ConnState.CONNECTING: {ConnEvent.UP: ConnState.UP, ConnEvent.FAILED: ConnState.BACKOFF, ConnEvent.CLOSE: ConnState.CLOSED,
+                           ConnEvent.ADOPT: ConnState.UP},
     ConnState.UP: {ConnEvent.LOST: ConnState.BACKOFF, ConnEvent.CLOSE: ConnState.CLOSED},
     ConnState.BACKOFF: {ConnEvent.CONNECT: ConnState.CONNECTING, ConnEvent.CLOSE: ConnState.CLOSED, ConnEvent.ADOPT: ConnState.UP},
     ConnState.CLOSED: {ConnEvent.CLOSE: ConnState.CLOSED},
