@@ -288,7 +288,7 @@ class LabDaemons:
     """``lu2kd`` in each namespace of a lab, configured for one backend and the lab's link."""
 
     def __init__(self, lab: Lab, backend: str, workdir: Path, *, peer_credits: int = 256, max_message: int = DEFAULT_MAX_MESSAGE,
-                 extra_options: dict[str, Any] | None = None) -> None:
+                 extra_options: dict[str, Any] | None = None, net_settings: dict[str, Any] | None = None) -> None:
         from ..localpair import DaemonProcess, daemon_config
 
         spec = lab.state.specs[0]
@@ -302,7 +302,7 @@ class LabDaemons:
         for side in options:
             options[side].update(extra_options or {})
         for side in ("a", "b"):
-            extra_net: dict[str, Any] = {"profile": profile, "key": KEY, "max_message_size": max_message}
+            extra_net: dict[str, Any] = {"profile": profile, "key": KEY, "max_message_size": max_message, **(net_settings or {})}
             if options[side]:
                 extra_net["options"] = options[side]
             cfg = daemon_config(self.nids[side], LU2K_PORT, workdir, backend=backend, extra_net=extra_net,
