@@ -374,8 +374,9 @@ def test_when_a_gateway_connection_dies_what_it_sent_stays_and_what_it_never_sen
     assert list(a.peer(G1).inflight) == [first.seq] and a.peer(G1).credits.in_use == 1
 
 
-class HeldConnects(Mesh):
-    """A Mesh whose connects to ``hold_hosts`` wait until the test answers them."""
+class ConnectsHeld:
+    """For a harness with ``do(node, action)`` and ``run(node)``: connects to ``hold_hosts``
+    wait until the test answers them itself, or lets them through (``finish_connects``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -386,7 +387,18 @@ class HeldConnects(Mesh):
         if isinstance(a, Connect) and a.host in self.hold_hosts:
             self.held_connects.append((node, a))
             return
-        super().do(node, a)
+        super().do(node, a)  # type: ignore[misc]
+
+    def finish_connects(self) -> None:
+        self.hold_hosts.clear()
+        held, self.held_connects = self.held_connects, []
+        for node, a in held:
+            self.do(node, a)
+            self.run(node)  # type: ignore[attr-defined]
+
+
+class HeldConnects(ConnectsHeld, Mesh):
+    """A Mesh whose connects to ``hold_hosts`` wait."""
 
 
 def test_credits_a_reroute_gives_back_go_at_once_to_a_peer_waiting_for_them() -> None:

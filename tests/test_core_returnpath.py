@@ -5,6 +5,8 @@ outside node sends to INSIDE over the reverse direction of INSIDE's own connecti
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +21,9 @@ from lu2k.core.states import CONN_TRANSITIONS, ConnEvent, conn_next
 from lu2k.errors import ConfigError, Status
 from lu2k.nid import parse_nid
 from lu2k.wire import ConnType
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_core_node import ConnectsHeld  # noqa: E402
 
 INSIDE, OUTSIDE = parse_nid("10.0.0.1@tcp"), parse_nid("10.0.0.2@tcp")
 
@@ -367,13 +372,19 @@ def test_the_documented_two_site_configs_parse_as_described() -> None:
 # -- typed connections (tcp): CONTROL and BULK ------------------------------------------------------
 
 
-def typed_inside_outside() -> tuple[World, Node, Node]:
-    w = World()
+def typed_pair(w: World) -> tuple[Node, Node]:
+    """INSIDE and OUTSIDE in ``w``, with tcp's typed connections (CONTROL below 1 KiB, BULK)."""
     inside = w.node("i", INSIDE, transaction_timeout=5.0)
     outside = w.node("o", OUTSIDE, transaction_timeout=5.0)
     for n in (inside, outside):
         for ni in n.nis.values():
             ni.params = dataclasses.replace(ni.params, typed_connections=True, min_bulk=1024)
+    return inside, outside
+
+
+def typed_inside_outside() -> tuple[World, Node, Node]:
+    w = World()
+    inside, outside = typed_pair(w)
     w.nat.add(INSIDE.host)
     inside.set_return_paths({}, {OUTSIDE: PathSettings(keepalive=1.0)})
     outside.set_return_paths({}, {INSIDE: PathSettings(return_path=ReturnPath.REVERSE)})
@@ -422,26 +433,8 @@ def test_bulk_riding_the_peers_control_connection_moves_to_its_bulk_one_exactly_
     assert peer.credits.in_use == 0 and not peer.inflight
 
 
-class SlowConnects(World):
-    """Connects to ``slow`` hosts wait until the test finishes them (``finish_connects``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.slow: set[str] = set()
-        self.waiting: list[tuple[Node, Connect]] = []
-
-    def do(self, node: Node, a: Any) -> None:
-        if isinstance(a, Connect) and a.host in self.slow:
-            self.waiting.append((node, a))
-            return
-        super().do(node, a)
-
-    def finish_connects(self) -> None:
-        self.slow.clear()
-        waiting, self.waiting = self.waiting, []
-        for node, a in waiting:
-            self.do(node, a)
-            self.run(node)
+class SlowConnects(ConnectsHeld, World):
+    """A World whose connects to ``hold_hosts`` wait until ``finish_connects``."""
 
 
 def test_a_first_answer_rides_the_peers_control_connection_while_ours_is_set_up() -> None:
@@ -449,16 +442,12 @@ def test_a_first_answer_rides_the_peers_control_connection_while_ours_is_set_up(
     (a connect and a hello: 1.8 s on GEO).  The answer goes on the peer's CONTROL connection at
     once; the set-up, when it finishes, is closed as superseded; bulk waits for our own."""
     w = SlowConnects()
-    client = w.node("c", INSIDE, transaction_timeout=5.0)
-    server = w.node("s", OUTSIDE, transaction_timeout=5.0)
-    for n in (client, server):
-        for ni in n.nis.values():
-            ni.params = dataclasses.replace(ni.params, typed_connections=True, min_bulk=1024)
-    w.slow.add(INSIDE.host)  # the server's connections back to the client take their time
+    client, server = typed_pair(w)
+    w.hold_hosts.add(INSIDE.host)  # the server's connections back to the client take their time
     request = w.send(client, OUTSIDE, b"request")
     assert w.completions[request] == [Status.DELIVERED]
     back = server.peer(INSIDE).conns
-    assert back[ConnType.CONTROL].state is ConnState.CONNECTING and len(w.waiting) == 2  # CONTROL and its BULK sibling
+    assert back[ConnType.CONTROL].state is ConnState.CONNECTING and len(w.held_connects) == 2  # CONTROL and its BULK sibling
     reply = w.send(server, INSIDE, b"reply")
     assert w.completions[reply] == [Status.DELIVERED] and ("10.0.0.1", b"reply") in w.received
     assert server.stats["return_paths_early"] == 1 and back[ConnType.CONTROL].via is not None
@@ -478,13 +467,9 @@ def test_a_first_answer_rides_the_peers_control_connection_while_ours_is_set_up(
 def test_without_auto_or_for_bulk_the_answer_waits_for_our_own_connection() -> None:
     for mode, payload in ((ReturnPath.CONNECT, b"reply"), (None, b"B" * 4096)):
         w = SlowConnects()
-        client = w.node("c", INSIDE, transaction_timeout=5.0)
-        server = w.node("s", OUTSIDE, transaction_timeout=5.0)
-        for n in (client, server):
-            for ni in n.nis.values():
-                ni.params = dataclasses.replace(ni.params, typed_connections=True, min_bulk=1024)
+        client, server = typed_pair(w)
         server.set_return_paths({}, {INSIDE: PathSettings(return_path=mode)})
-        w.slow.add(INSIDE.host)
+        w.hold_hosts.add(INSIDE.host)
         w.send(client, OUTSIDE, b"request")
         reply = w.send(server, INSIDE, payload)
         assert w.completions[reply] == [] and not server.stats["return_paths_early"], mode

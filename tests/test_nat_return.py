@@ -117,27 +117,29 @@ class NatLab:
             delete_netns(ns)
 
 
+def _engine_config(nid: str, peer: str, peer_lu2k: dict[str, Any], net: dict[str, Any], *, transaction_timeout: float) -> Any:
+    """An engine's configuration: one net, one peer entry with return-path settings."""
+    from lu2k.settings import parse_config
+
+    return parse_config({
+        "net": [{"net type": "tcp", "local NI(s)": [{"nid": nid}], "lu2k": {"key": "return-path-test-key-01", **net}}],
+        "peer": [{"primary nid": peer, "lu2k": peer_lu2k}],
+        "global": {"transaction_timeout": transaction_timeout, "connect_timeout": 1, "reconnect_min": 0.05, "reconnect_max": 0.2},
+    })
+
+
 async def test_engines_send_back_over_the_peers_connection() -> None:
     import asyncio
 
     from lu2k.engine import Engine
     from lu2k.errors import Status
     from lu2k.nid import parse_nid
-    from lu2k.settings import parse_config
 
     port = 51000 + os.getpid() % 1000
-
-    def config(nid: str, peer: str, peer_lu2k: dict[str, Any]) -> Any:
-        return parse_config({
-            "net": [{"net type": "tcp", "local NI(s)": [{"nid": nid}],
-                     "lu2k": {"backend": "inproc", "port": port, "key": "return-path-test-key-01"}}],
-            "peer": [{"primary nid": peer, "lu2k": peer_lu2k}],
-            "global": {"transaction_timeout": 5, "connect_timeout": 1, "reconnect_min": 0.05, "reconnect_max": 0.2},
-        })
-
     inside_nid, outside_nid = "10.9.7.1@tcp", "10.9.7.2@tcp"
-    outside = Engine(config(outside_nid, inside_nid, {"return_path": "reverse"}))
-    inside = Engine(config(inside_nid, outside_nid, {"keepalive": 0.1}))
+    net = {"backend": "inproc", "port": port}
+    outside = Engine(_engine_config(outside_nid, inside_nid, {"return_path": "reverse"}, net, transaction_timeout=5))
+    inside = Engine(_engine_config(inside_nid, outside_nid, {"keepalive": 0.1}, net, transaction_timeout=5))
     await outside.start(with_shim=False)
     await inside.start(with_shim=False)
     try:
@@ -174,22 +176,11 @@ async def test_bulk_on_the_peers_tcp_connection_gets_the_bbr_watch() -> None:
     from lu2k.engine import Engine
     from lu2k.errors import Status
     from lu2k.nid import parse_nid
-    from lu2k.settings import parse_config
-
-    port = free_port("127.0.0.1")
-
-    def config(nid: str, peer: str, peer_lu2k: dict[str, Any]) -> Any:
-        return parse_config({
-            "net": [{"net type": "tcp", "local NI(s)": [{"nid": nid}],
-                     "lu2k": {"backend": "tcp", "port": port, "key": "return-path-test-key-01",
-                              "profile": {"rtt_ms": 600, "rate_mbit": 20}}}],
-            "peer": [{"primary nid": peer, "lu2k": peer_lu2k}],
-            "global": {"transaction_timeout": 10, "connect_timeout": 2, "reconnect_min": 0.05, "reconnect_max": 0.2},
-        })
 
     inside_nid, outside_nid = "127.0.0.1@tcp", "127.0.0.2@tcp"
-    outside = Engine(config(outside_nid, inside_nid, {"return_path": "reverse"}))
-    inside = Engine(config(inside_nid, outside_nid, {"keepalive": 0.2}))
+    net = {"backend": "tcp", "port": free_port("127.0.0.1"), "profile": {"rtt_ms": 600, "rate_mbit": 20}}
+    outside = Engine(_engine_config(outside_nid, inside_nid, {"return_path": "reverse"}, net, transaction_timeout=10))
+    inside = Engine(_engine_config(inside_nid, outside_nid, {"keepalive": 0.2}, net, transaction_timeout=10))
     await outside.start(with_shim=False)
     await inside.start(with_shim=False)
     try:
