@@ -63,6 +63,8 @@ class World:
         self.connects: list[tuple[str, str]] = []
         self.pings: list[PingDone] = []
         self.drop_answers = False
+        self.hold_sends = False  # batches stay in their send (frames carried, payloads still read)
+        self.held_sends: list[tuple[Node, Any]] = []
 
     def node(self, name: str, nid: Any, **params: Any) -> Node:
         n = Node(NodeParams(incarnation=len(self.nodes) + 1, reconnect_min=0.1, reconnect_max=0.4, **params))
@@ -150,6 +152,13 @@ class World:
         elif isinstance(a, (Resume, AbortRx)):
             pass
 
+    def release_sends(self) -> None:
+        self.hold_sends = False
+        held, self.held_sends = self.held_sends, []
+        for node, batch in held:
+            node.send_done(batch, self.now)
+            self.run(node)
+
     def kill(self, link: Link, reason: str) -> None:
         """The transport is gone: both sides learn it."""
         if not link.alive:
@@ -171,6 +180,10 @@ class World:
                 self.run(own.dst)
             elif rode is not None and rode.carries:
                 rode.src.frames_received(rode.conn, rode.attempt, frames, self.now)  # backwards, to the inside node
+                if self.hold_sends:
+                    self.held_sends.append((node, batch))
+                    self.run(rode.src)
+                    return
                 node.send_done(batch, self.now)
                 self.run(rode.src)
             elif any(lk is not None and lk.alive for lk in (own, rode)):
@@ -475,3 +488,23 @@ def test_without_auto_or_for_bulk_the_answer_waits_for_our_own_connection() -> N
         assert w.completions[reply] == [] and not server.stats["return_paths_early"], mode
         w.finish_connects()
         assert w.completions[reply] == [Status.DELIVERED]
+
+
+def test_bulk_moves_off_the_control_connection_only_once_its_send_there_has_ended() -> None:
+    """A send still under way on the old connection reads its payloads there: the move waits
+    for its end (else a send stuck on the peer's connection would keep its messages forever)."""
+    w, inside, outside = typed_inside_outside()
+    w.send(outside, INSIDE, b"B" * 4096)
+    bulk_link = next(lk for lk in w.links.values() if lk.conn.ctype is ConnType.BULK)
+    w.kill(bulk_link, "reset by the NAT")
+    inside.peer(OUTSIDE).conns[ConnType.BULK].backoff.next_at = w.now + 2.0
+    w.hold_sends = True
+    k = w.send(outside, INSIDE, b"C" * 4096)
+    w.tick(1.0)  # rides CONTROL; its send stays under way
+    ours = outside.peer(INSIDE).conns[ConnType.BULK]
+    assert ours.via is not None and ours.via.ctype is ConnType.CONTROL and ours.sending == 1
+    w.tick(3.0)  # the BULK connection is back and heard
+    assert not outside.stats["return_paths_moved"] and ours.via.ctype is ConnType.CONTROL
+    w.release_sends()
+    assert outside.stats["return_paths_moved"] == 1 and ours.via is not None and ours.via.ctype is ConnType.BULK
+    assert w.completions[k] == [Status.DELIVERED] and w.received.count(("10.0.0.1", b"C" * 4096)) == 1

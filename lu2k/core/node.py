@@ -264,6 +264,7 @@ class OutConn:
         self.backoff = backoff
         self.woken = False
         self.sent_msgs = 0
+        self.sending = 0  # batches handed to a transport and not yet send_done (any attempt)
         self.transport_stats: dict[str, Any] = {}
         # Return path (lu2k.core.returnpath): the accepted connection we send on instead of our
         # own, the peer's requests on our own connection's reverse direction, whether we keep
@@ -1308,6 +1309,7 @@ class Node(ReturnPaths):
         if not frames:
             conn.woken = False
             return None
+        conn.sending += 1
         meter = conn.peer.meter
         if meter is not None and msgs:
             meter.sent(msgs[0].seq, now)
@@ -1321,6 +1323,10 @@ class Node(ReturnPaths):
             m.busy -= 1
             if not m.busy and m.state in FINAL and not m.completed:
                 self._complete(m)
+        conn = batch.conn
+        conn.sending -= 1
+        if conn.via is not None and conn.via.ctype is not conn.ctype and not conn.sending and error is None:
+            self._rp_maybe_move(conn)  # it waited for this send to end
         if error is None:
             batch.conn.sent_msgs += len(batch.msgs)
             self.stats["msgs_sent"] += len(batch.msgs)

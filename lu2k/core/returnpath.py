@@ -265,6 +265,16 @@ class ReturnPaths:
         self.actions.append(Close(conn, conn.attempt, reason))
         self.connection_lost(conn, conn.attempt, reason, self._now)
 
+    def _rp_maybe_move(self, conn: OutConn) -> None:
+        """Move ``conn`` off the peer's connection of the other type (:meth:`_rp_move`) when one
+        of its own type is heard -- once no send of ours is under way on the old one: that
+        send still reads its payloads, and only its end (or the old connection's) frees them."""
+        if conn.state is not ConnState.UP or conn.via is None or conn.via.ctype is conn.ctype or conn.sending:
+            return
+        inbound = self._rp_live_inbound(conn.peer, conn.ctype)
+        if inbound is not None and inbound.ctype is conn.ctype:
+            self._rp_move(conn, inbound)
+
     def _rp_move(self, conn: OutConn, inbound: InConn) -> None:
         """``conn`` rides the peer's connection of another type (our bulk on its CONTROL
         connection, adopted before its BULK one was heard); ``inbound`` is of ``conn``'s type:
@@ -313,8 +323,8 @@ class ReturnPaths:
             if conn.via is not None and conn.via is not inbound and conn.via.ctype is inbound.ctype:
                 self.stats["return_paths_rebound"] += 1
                 self._rp_drop(conn, f"{peer.nid} reconnected from a new address")
-            elif conn.via is not None and conn.via.ctype is not conn.ctype and inbound.ctype is conn.ctype and conn.state is ConnState.UP:
-                self._rp_move(conn, inbound)
+            elif conn.via is not None and conn.via.ctype is not conn.ctype and inbound.ctype is conn.ctype:
+                self._rp_maybe_move(conn)
                 continue
             if conn.state is ConnState.CONNECTING and conn.queue and self._rp_ride_instead(conn):
                 continue
