@@ -201,6 +201,58 @@ async def test_bulk_on_the_peers_tcp_connection_gets_the_bbr_watch() -> None:
         await outside.stop()
 
 
+async def test_a_first_answer_goes_on_the_peers_connection_while_ours_is_set_up() -> None:
+    """Not NAT: the server's connection back to a client that just connected is slow to set up
+    (a GEO hop's handshake and hello); its first message to the client rides the client's
+    CONTROL connection meanwhile, and the set-up, when it ends, is closed as superseded."""
+    import asyncio
+
+    from lu2k.engine import Engine
+    from lu2k.errors import Status
+    from lu2k.nid import parse_net, parse_nid
+
+    client_nid, server_nid = "127.0.0.1@tcp", "127.0.0.2@tcp"
+    net = {"backend": "tcp", "port": free_port("127.0.0.1")}
+    client = Engine(_engine_config(client_nid, server_nid, {}, net, transaction_timeout=10))
+    server = Engine(_engine_config(server_nid, client_nid, {}, net, transaction_timeout=10))
+    await client.start(with_shim=False)
+    await server.start(with_shim=False)
+    backend = server.nis[parse_net("tcp")].backend
+    real_connect = backend.connect
+    set_up = asyncio.Event()
+
+    async def slow_connect(*args: Any, **kwargs: Any) -> Any:
+        await set_up.wait()  # the set-up takes until the test lets it finish
+        return await real_connect(*args, **kwargs)
+
+    backend.connect = slow_connect  # type: ignore[method-assign]
+
+    async def send(engine: Engine, dst: str, payload: bytes = b"x") -> tuple[Status, str]:
+        fut: asyncio.Future[tuple[Status, str]] = asyncio.get_running_loop().create_future()
+        engine.send(None, parse_nid(dst), 1, 7, payload, lambda status, reason: fut.set_result((status, reason)))
+        return await asyncio.wait_for(fut, 10)
+
+    try:
+        no_endpoint = Status.NO_RECEIVER
+        assert (await send(client, server_nid))[0] is no_endpoint  # the request: the client connects
+        assert (await send(server, client_nid))[0] is no_endpoint  # the answer, with the set-up still held
+        control = server.describe_peers()[0]["connections"]["control"]
+        assert server.stats["return_paths_early"] == 1 and control["path"] == "peer's connection", control
+        set_up.set()
+        for _ in range(250):  # the set-ups finish (CONTROL, closed as superseded, and BULK)
+            await asyncio.sleep(0.02)
+            if client.stats["conns_accepted"] >= 2:
+                break
+        assert client.stats["conns_accepted"] == 2
+        results = [await send(server, client_nid, bytes(2000)), await send(server, client_nid), await send(client, server_nid)]
+        assert [r[0] for r in results] == [no_endpoint] * 3
+        assert server.describe_peers()[0]["connections"]["control"]["path"] == "peer's connection"
+        assert server.stats["return_paths_early"] == 1
+    finally:
+        await server.stop()
+        await client.stop()
+
+
 @pytest.fixture
 def nat_lab() -> Iterator[NatLab]:
     lab = NatLab()
