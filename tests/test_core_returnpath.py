@@ -508,3 +508,12 @@ def test_bulk_moves_off_the_control_connection_only_once_its_send_there_has_ende
     w.release_sends()
     assert outside.stats["return_paths_moved"] == 1 and ours.via is not None and ours.via.ctype is ConnType.BULK
     assert w.completions[k] == [Status.DELIVERED] and w.received.count(("10.0.0.1", b"C" * 4096)) == 1
+
+
+def test_a_ping_over_the_peers_connection_lists_its_nids_as_a_direct_one_does() -> None:
+    """lnetctl discover over a return path: the inside site's PONG lists its NIDs."""
+    w, inside, outside = inside_outside(ReturnPath.REVERSE)
+    outside.ping(INSIDE, 41, 5.0, w.now)
+    w.run(outside)
+    done = [p for p in w.pings if p.token == 41]
+    assert done and done[0].error == "" and INSIDE in done[0].nids, done
