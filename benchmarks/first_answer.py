@@ -29,6 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lu2k.errors import Lu2kError  # noqa: E402
+
 PORTAL = 9
 
 
@@ -81,19 +83,33 @@ def one_run(backend: str, mode: str, rtt: str, rate: str, loss: str, seed: int) 
                 "answers_on_peer_connection": daemons.counter("b", "return_paths_early") or 0}
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--backend", default="tcp")
+    ap.add_argument("--backend", default="tcp", choices=("tcp", "quic", "udt"))
     ap.add_argument("--rtt", default="600ms")
     ap.add_argument("--rate", default="20mbit")
     ap.add_argument("--loss", default="0%")
-    ap.add_argument("--runs", type=int, default=3, help="runs of each mode")
+    ap.add_argument("--runs", type=_positive, default=3, help="runs of each mode")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rows = []
     for i in range(args.runs):
         for mode in ("auto", "connect"):
-            r = one_run(args.backend, mode, args.rtt, args.rate, args.loss, seed=100 + i)
+            try:
+                r = one_run(args.backend, mode, args.rtt, args.rate, args.loss, seed=100 + i)
+            except (Lu2kError, RuntimeError) as e:
+                print(f"first_answer: {args.backend} {mode} run {i + 1}: {e}", file=sys.stderr)
+                return 1
             rows.append(r)
             print(f"{args.backend} {mode:8s} run {i + 1}: request to answer {r['seconds']:.2f} s"
                   f" (answers on the peer's connection: {r['answers_on_peer_connection']})", flush=True)
