@@ -1,5 +1,6 @@
 """The shim ABI is language-neutral: contrib/lu2k_shim.h agrees with lu2k.kernel_shim.abi, and
-contrib/shim_demo.c (header + libc only) attaches, sends and receives against a real ShimServer.
+contrib/shim_demo.c and contrib/shim_stream.c (lu2k_endpoint.h and libc only) attach, send and
+receive against a real ShimServer.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from lu2k.errors import Status
 from lu2k.kernel_shim import abi
-from lu2k.kernel_shim.endpoint import Endpoint
+from lu2k.kernel_shim.endpoint import Endpoint, pack_nid
 from lu2k.kernel_shim.loopback import LoopbackThread
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
@@ -128,3 +130,56 @@ def test_c_demo_reports_refusal(tmp_path: Path) -> None:
         proc = subprocess.run([exe, path, "1", "2", "x"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert os.strerror(errno.EADDRINUSE) in proc.stderr and "portal 1 is bound" in proc.stderr
+
+
+def _stream(exe: str, path: str, nid: str, size: int, count: int, window: int, recv_size: int | None = None) -> tuple[Any, Any]:
+    rx = subprocess.Popen([exe, "recv", path, "2", str(recv_size or size), str(count)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        assert rx.stdout is not None and rx.stdout.readline() == "ready\n"
+        tx = subprocess.run([exe, "send", path, "1", nid, "2", str(size), str(count), str(window)], capture_output=True,
+                            text=True, timeout=120)
+        out, err = rx.communicate(timeout=60)
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+            rx.wait()
+    return tx, (rx.returncode, out, err)
+
+
+def test_c_stream_moves_every_message_once(tmp_path: Path) -> None:
+    exe = build(tmp_path, "shim_stream.c")
+    path = str(tmp_path / "shim.sock")
+    with LoopbackThread(path) as t, Endpoint.attach(path, 9) as ep:
+        nid = pack_nid(ep.local_nid).hex()
+        tx, (rx_code, out, err) = _stream(exe, path, nid, 100, 20_000, 64)
+        assert tx.returncode == 0 and rx_code == 0, tx.stderr + err
+        sent = dict(w.split("=") for w in tx.stdout.split()[1:])
+        got = dict(w.split("=") for w in out.split()[1:])
+        assert tx.stdout.startswith("sent ") and (sent["count"], sent["failed"]) == ("20000", "0")
+        assert out.startswith("received ") and (got["count"], got["bytes"]) == ("20000", str(20_000 * 100))
+        assert int(sent["start_ns"]) < int(got["last_ns"])
+        # The receiver checked each message's number: 20 000 distinct numbers below 20 000 is each once.
+        assert set(t.call(lambda: list(t.server.ports))) == {9}  # both detached
+
+
+def test_c_stream_receiver_refuses_a_message_of_the_wrong_length(tmp_path: Path) -> None:
+    exe = build(tmp_path, "shim_stream.c")
+    path = str(tmp_path / "shim.sock")
+    with LoopbackThread(path), Endpoint.attach(path, 9) as ep:
+        tx, (rx_code, _out, err) = _stream(exe, path, pack_nid(ep.local_nid).hex(), 64, 10, 4, recv_size=32)
+    assert rx_code == 1 and "message of 64 bytes" in err and "expected 32 bytes" in err
+
+
+@pytest.mark.parametrize("args, said", [
+    (["send", "/x", "1", "zz" * 20, "2", "64", "10", "8"], "DST_NID has a non-hex digit"),
+    (["send", "/x", "1", "ab", "2", "64", "10", "8"], "DST_NID must be 40 hex digits"),
+    (["send", "/x", "1", "00" * 20, "2", "0", "10", "8"], "SIZE must be a number from 1"),
+    (["send", "/x", "1", "00" * 20, "2", "64", "-1", "8"], "COUNT must be a number from 1"),
+    (["recv", "/x", "port", "64", "10"], "PORTAL must be a number"),
+    (["bogus"], "usage:"),
+])
+def test_c_stream_names_a_bad_argument(tmp_path: Path, args: list[str], said: str) -> None:
+    exe = build(tmp_path, "shim_stream.c")
+    proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and said in proc.stderr, proc.stderr
