@@ -4,7 +4,8 @@ Runs two daemons on loopback (as ``lu2k bench loopback`` does), sends ``--count`
 ``--size`` bytes from an application process to one in another process, and reports:
 
 * each process's CPU time per message (sender app, daemon A, daemon B, receiver app), read
-  from ``/proc/<pid>/stat`` and ``os.times()``;
+  from ``/proc/<pid>/stat`` and ``os.times()``; with ``--app c`` the two applications are
+  ``contrib/shim_stream.c`` child processes and are reported together;
 * with ``--py-spy`` (``pip install py-spy``), each daemon's CPU split by the lu2k module that
   was running (innermost lu2k frame of every sample; samples waiting in ``epoll`` are idle and
   left out), scaled to microseconds per message.
@@ -29,6 +30,7 @@ from typing import Any
 
 from lu2k import hotpath
 from lu2k.cli import bench
+from lu2k.errors import Lu2kError
 from lu2k.localpair import daemons
 
 # (stage, frame fragments), first match from the innermost frame outwards.  A module compiled by
@@ -73,12 +75,18 @@ def _split(raw_path: str) -> dict[str, int]:
     return dict(out)
 
 
-def run(size: int, count: int, encryption: str, spy: bool, window: int = 512) -> dict[str, Any]:
+def run(size: int, count: int, encryption: str, spy: bool, window: int = 512, app: str = "python",
+        peer_credits: int = 256) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="lu2k-prof-")
+    exe = bench.build_c_app(tmp) if app == "c" else ""
+
+    def one_run(n: int) -> float:
+        return bench._c_run(exe, a, b, size, n, window) if app == "c" else bench._lu2k_run(a, b, size, n, window)[0]
+
     try:
-        with daemons(["127.0.0.1@tcp", "127.0.0.2@tcp"], tunables={"peer_credits": 256, "credits": 1024},
+        with daemons(["127.0.0.1@tcp", "127.0.0.2@tcp"], tunables={"peer_credits": peer_credits, "credits": 4 * peer_credits},
                      extra_net={"options": {"encryption": encryption}}) as (a, b):
-            bench._lu2k_run(a, b, size, min(count, 2000), window)  # warm-up
+            one_run(min(count, 2000))  # warm-up
             assert a.proc is not None and b.proc is not None
             spies = []
             if spy:
@@ -90,20 +98,20 @@ def run(size: int, count: int, encryption: str, spy: bool, window: int = 512) ->
                                                    "-p", str(d.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 time.sleep(0.3)
             ca, cb, t0 = _cpu(a.proc.pid), _cpu(b.proc.pid), os.times()
-            secs, _ = bench._lu2k_run(a, b, size, count, window)
+            secs = one_run(count)
             ca, cb, t1 = _cpu(a.proc.pid) - ca, _cpu(b.proc.pid) - cb, os.times()
             for s in spies:
                 s.wait()
         per = 1e6 / count
+        children = (t1.children_user - t0.children_user + t1.children_system - t0.children_system) * per
+        apps = {"both C apps (sender, receiver)": round(children, 2)} if app == "c" else {
+            "sender app": round((t1.user - t0.user + t1.system - t0.system) * per, 2),
+            "receiver app (incl. its start-up)": round(children, 2)}
         out: dict[str, Any] = {
-            "size": size, "count": count, "encryption": encryption, "msgs_per_s": round(count / secs),
+            "size": size, "count": count, "encryption": encryption, "app": app, "window": window,
+            "peer_credits": peer_credits, "msgs_per_s": round(count / secs),
             "hot_path": "compiled" if hotpath.compiled() else f"pure ({hotpath.why_pure})",
-            "us_per_msg": {
-                "sender app": round((t1.user - t0.user + t1.system - t0.system) * per, 2),
-                "daemon A (sending)": round(ca * per, 2),
-                "daemon B (receiving)": round(cb * per, 2),
-                "receiver app (incl. its start-up)": round((t1.children_user - t0.children_user + t1.children_system - t0.children_system) * per, 2),
-            },
+            "us_per_msg": {**apps, "daemon A (sending)": round(ca * per, 2), "daemon B (receiving)": round(cb * per, 2)},
         }
         if spy:
             for name, cpu in (("a", ca), ("b", cb)):
@@ -120,14 +128,25 @@ def main() -> int:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--count", type=int, default=150_000)
     p.add_argument("--encryption", choices=("aes-256-gcm", "none"), default="aes-256-gcm")
+    p.add_argument("--app", choices=("python", "c"), default="python", help="the applications at both ends (as in lu2k bench loopback)")
+    p.add_argument("--window", type=int, default=512, help="messages the sender keeps in flight")
+    p.add_argument("--peer-credits", type=int, default=256, help="the daemons' peer_credits (credits: four times as many)")
     p.add_argument("--py-spy", action="store_true", help="split each daemon's CPU by stage (needs py-spy on PATH)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.py_spy and shutil.which("py-spy") is None:
         print("py-spy not found on PATH (pip install py-spy)", file=sys.stderr)
         return 2
-    r = run(args.size, args.count, args.encryption, args.py_spy)
-    print(f"{r['size']} B x {r['count']} ({r['encryption']}, hot path {r['hot_path']}): {r['msgs_per_s']:,} msgs/s; load {os.getloadavg()[0]:.2f}")
+    if min(args.size, args.count, args.window, args.peer_credits) < 1:
+        print("--size, --count, --window and --peer-credits must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        r = run(args.size, args.count, args.encryption, args.py_spy, args.window, args.app, args.peer_credits)
+    except Lu2kError as e:
+        print(f"loopback_profile: {e}", file=sys.stderr)
+        return 1
+    print(f"{r['size']} B x {r['count']} ({r['encryption']}, {r['app']} apps, window {r['window']}, peer_credits {r['peer_credits']}, "
+          f"hot path {r['hot_path']}): {r['msgs_per_s']:,} msgs/s; load {os.getloadavg()[0]:.2f}")
     for section in [k for k in r if isinstance(r[k], dict)]:
         print(f"  {section}:")
         for k, v in r[section].items():
