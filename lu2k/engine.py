@@ -59,6 +59,10 @@ log = structlog.get_logger("lu2k.engine")
 
 # A refused hello fails what waits for that peer at once; anything else is retried.
 REFUSALS: dict[type[Lu2kError], Status] = {AuthenticationError: Status.AUTH_FAILED, HandshakeError: Status.PROTOCOL}
+# Frames of one read handed to the core at a time.  A read can hold a peer's whole credit
+# window of small messages; between slices the loop runs, so the ACK (the peer's credits)
+# for the first slice leaves while the rest is handled and the peer keeps sending.
+RX_SLICE = 64
 
 
 def refusal_status(error: Lu2kError) -> Status | None:
@@ -707,6 +711,7 @@ class Engine:
         # our messages go to the core, its MSG/PING frames wait in ``held`` (bounded by the
         # peer's credits) -- else our answers and its messages could wait for each other.
         held: list[wire.Frame] = []
+        rest: list[wire.Frame] = []  # the frames of the last read after its first RX_SLICE
         recv: asyncio.Future[list[wire.Frame]] | None = None
         try:
             while conn.alive:
@@ -715,20 +720,26 @@ class Engine:
                     core.inbound_frames(conn, frames, self.now())
                     self._transmit()
                     continue
-                if conn.blocked and conn.reverse is None and recv is None:
-                    inl.resume.clear()
-                    await inl.resume.wait()
-                    continue
-                if recv is None:
-                    recv = asyncio.ensure_future(transport.recv())
-                if (conn.blocked or held) and not await _frames_or(recv, inl.resume):
-                    continue
-                frames = await recv
-                recv = None
-                tokens = inl.tokens
-                if tokens:
-                    for f in frames:
-                        tokens.discard(f.header.token)
+                if rest:
+                    await asyncio.sleep(0)  # the ACK of the previous slice goes out
+                    frames, rest = rest[:RX_SLICE], rest[RX_SLICE:]
+                else:
+                    if conn.blocked and conn.reverse is None and recv is None:
+                        inl.resume.clear()
+                        await inl.resume.wait()
+                        continue
+                    if recv is None:
+                        recv = asyncio.ensure_future(transport.recv())
+                    if (conn.blocked or held) and not await _frames_or(recv, inl.resume):
+                        continue
+                    frames = await recv
+                    recv = None
+                    tokens = inl.tokens
+                    if tokens:
+                        for f in frames:
+                            tokens.discard(f.header.token)
+                    if len(frames) > RX_SLICE:
+                        frames, rest = frames[:RX_SLICE], frames[RX_SLICE:]
                 if conn.blocked or held:
                     held += [f for f in frames if f.header.type not in ANSWERS]
                     frames = [f for f in frames if f.header.type in ANSWERS]
@@ -744,7 +755,7 @@ class Engine:
         finally:
             if recv is not None:
                 recv.cancel()
-            for f in held:
+            for f in held + rest:
                 token: Any = f.header.token
                 if token is not None:
                     self._abort_rx(token)

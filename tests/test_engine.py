@@ -16,7 +16,7 @@ import pytest
 
 from lu2k import wire
 from lu2k.backends.inproc import InprocTransport
-from lu2k.engine import Engine
+from lu2k.engine import RX_SLICE, Engine
 from lu2k.errors import NetworkError, Status
 from lu2k.nid import parse_net, parse_nid
 from lu2k.settings import parse_config
@@ -25,12 +25,12 @@ _ports = itertools.count(50000)
 
 
 def config(nid: str | list[str], port: int, key: str = "engine-test-key-0123", routes: list[dict[str, str]] | None = None,
-           routing: bool = False, **glob: Any) -> Any:
+           routing: bool = False, tunables: dict[str, int] | None = None, **glob: Any) -> Any:
     g = {"transaction_timeout": 1, "connect_timeout": 0.5, "reconnect_min": 0.05, "reconnect_max": 0.2}
     g.update(glob)
     nids = [nid] if isinstance(nid, str) else nid
     return parse_config({
-        "net": [{"net type": n.rpartition("@")[2], "local NI(s)": [{"nid": n, "tunables": {"peer_credits": 2, "credits": 4}}],
+        "net": [{"net type": n.rpartition("@")[2], "local NI(s)": [{"nid": n, "tunables": tunables or {"peer_credits": 2, "credits": 4}}],
                  "lu2k": {"backend": "inproc", "port": port, "key": key, "max_message_size": 1 << 20}} for n in nids],
         "route": routes or [], "routing": {"enable": int(routing)},
         "global": g,
@@ -103,6 +103,43 @@ async def test_many_messages_respect_credits_and_all_complete(pair: tuple[Engine
     for r in results:
         assert (await r.wait())[0] is Status.NO_RECEIVER
     assert p.credits.in_use == 0 and p.credits.min_value == 2 - 2 - 48  # LNet: limit - in use - queued
+
+
+async def test_a_large_read_is_acknowledged_slice_by_slice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read that holds many small messages goes to the core RX_SLICE frames at a time, and each
+    slice's ACK leaves before the next slice is handled: the sender gets credits back while the
+    receiver works.  (With one ACK per read, a sender whose whole credit window fits in one read
+    waited for all of it to be handled, and each daemon idled half the time.)"""
+    port = next(_ports)
+    credits = {"peer_credits": 4 * RX_SLICE, "credits": 16 * RX_SLICE}
+    a, b = Engine(config("10.9.7.1@tcp", port, tunables=credits)), Engine(config("10.9.7.2@tcp", port, tunables=credits))
+    await a.start(with_shim=False)
+    await b.start(with_shim=False)
+    acks_sent_after: list[int] = []  # messages b had handled when its answers went out (here NACKs: no receiver)
+    real_send = InprocTransport.send
+
+    async def logged(self: InprocTransport, frames: Any) -> None:
+        if any(inl.transport is self for inl in b._in.values()):
+            acks_sent_after.append(b.core.stats["msgs_received"])
+        await real_send(self, frames)
+
+    monkeypatch.setattr(InprocTransport, "send", logged)
+    try:
+        first = Result()
+        a.send(None, b.primary_nid(), 1, 0, b"connect", first)
+        await first.wait()
+        acks_sent_after.clear()
+        before = b.core.stats["msgs_received"]
+        count = 3 * RX_SLICE + 8
+        results = [Result() for _ in range(count)]
+        for portal, r in enumerate(results, 1):  # queued together: one batch on the wire, one read at b
+            a.send(None, b.primary_nid(), 1, portal, b"x", r)  # a portal each: no destination's cap applies
+        for r in results:
+            assert (await r.wait())[0] is Status.NO_RECEIVER
+        assert [n - before for n in acks_sent_after] == [RX_SLICE, 2 * RX_SLICE, 3 * RX_SLICE, count]
+    finally:
+        await a.stop()
+        await b.stop()
 
 
 async def test_unreachable_peer_fails_after_timeout_with_reason() -> None:
