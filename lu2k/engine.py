@@ -59,10 +59,15 @@ log = structlog.get_logger("lu2k.engine")
 
 # A refused hello fails what waits for that peer at once; anything else is retried.
 REFUSALS: dict[type[Lu2kError], Status] = {AuthenticationError: Status.AUTH_FAILED, HandshakeError: Status.PROTOCOL}
-# Frames of one read handed to the core at a time.  A read can hold a peer's whole credit
-# window of small messages; between slices the loop runs, so the ACK (the peer's credits)
-# for the first slice leaves while the rest is handled and the peer keeps sending.
+# Frames of one read handed to the core at a time: a quarter of the peer credits, at most
+# RX_SLICE.  A read can hold a peer's whole credit window of small messages; between slices
+# the loop runs, so the ACK (the peer's credits) for the first slice leaves while the rest is
+# handled and the peer keeps sending.
 RX_SLICE = 64
+
+
+def rx_slice(peer_credits: int) -> int:
+    return max(1, min(RX_SLICE, peer_credits // 4))
 
 
 def refusal_status(error: Lu2kError) -> Status | None:
@@ -711,7 +716,8 @@ class Engine:
         # our messages go to the core, its MSG/PING frames wait in ``held`` (bounded by the
         # peer's credits) -- else our answers and its messages could wait for each other.
         held: list[wire.Frame] = []
-        rest: list[wire.Frame] = []  # the frames of the last read after its first RX_SLICE
+        rest: list[wire.Frame] = []  # the frames of the last read after its first slice
+        per_slice = rx_slice(conn.ni.params.peer_credits)
         recv: asyncio.Future[list[wire.Frame]] | None = None
         try:
             while conn.alive:
@@ -722,7 +728,7 @@ class Engine:
                     continue
                 if rest:
                     await asyncio.sleep(0)  # the ACK of the previous slice goes out
-                    frames, rest = rest[:RX_SLICE], rest[RX_SLICE:]
+                    frames, rest = rest[:per_slice], rest[per_slice:]
                 else:
                     if conn.blocked and conn.reverse is None and recv is None:
                         inl.resume.clear()
@@ -738,8 +744,8 @@ class Engine:
                     if tokens:
                         for f in frames:
                             tokens.discard(f.header.token)
-                    if len(frames) > RX_SLICE:
-                        frames, rest = frames[:RX_SLICE], frames[RX_SLICE:]
+                    if len(frames) > per_slice:
+                        frames, rest = frames[:per_slice], frames[per_slice:]
                 if conn.blocked or held:
                     held += [f for f in frames if f.header.type not in ANSWERS]
                     frames = [f for f in frames if f.header.type in ANSWERS]

@@ -16,7 +16,7 @@ import pytest
 
 from lu2k import wire
 from lu2k.backends.inproc import InprocTransport
-from lu2k.engine import RX_SLICE, Engine
+from lu2k.engine import RX_SLICE, Engine, rx_slice
 from lu2k.errors import NetworkError, Status
 from lu2k.nid import parse_net, parse_nid
 from lu2k.settings import parse_config
@@ -106,7 +106,7 @@ async def test_many_messages_respect_credits_and_all_complete(pair: tuple[Engine
 
 
 async def test_a_large_read_is_acknowledged_slice_by_slice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A read that holds many small messages goes to the core RX_SLICE frames at a time, and each
+    """A read that holds many small messages goes to the core a slice at a time, and each
     slice's ACK leaves before the next slice is handled: the sender gets credits back while the
     receiver works.  (With one ACK per read, a sender whose whole credit window fits in one read
     waited for all of it to be handled, and each daemon idled half the time.)"""
@@ -140,6 +140,11 @@ async def test_a_large_read_is_acknowledged_slice_by_slice(monkeypatch: pytest.M
     finally:
         await a.stop()
         await b.stop()
+
+
+def test_a_slice_is_a_quarter_of_the_peer_credits_up_to_its_cap() -> None:
+    # A quarter: the sender gets credits back three times before its window runs dry.
+    assert [rx_slice(n) for n in (1, 3, 8, 16, 64, 4 * RX_SLICE, 1 << 14)] == [1, 1, 2, 4, 16, RX_SLICE, RX_SLICE]
 
 
 async def test_unreachable_peer_fails_after_timeout_with_reason() -> None:
