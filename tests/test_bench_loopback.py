@@ -26,9 +26,9 @@ def test_both_applications_move_every_message_through_two_daemons() -> None:
 
 
 def test_the_c_application_is_refused_with_the_reason_when_it_cannot_be_built(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(bench, "CONTRIB", tmp_path)
+    monkeypatch.setattr(bench, "CONTRIB_DIRS", [tmp_path])
     assert bench.loopback_apps(None) == ("python",)  # the default falls back, and the run says why
-    with pytest.raises(Lu2kError, match="--app c: no shim_stream.c at"):
+    with pytest.raises(Lu2kError, match="--app c: no shim_stream.c in"):
         bench.loopback_apps("c")
     assert bench.loopback_apps("python") == ("python",)
 
@@ -38,3 +38,11 @@ def test_bad_sizes_counts_and_windows_are_named(sizes: list[int], count: int | N
     args = argparse.Namespace(sizes=sizes, count=count, window=window, encryption="aes-256-gcm", app="python", json=False)
     with pytest.raises(Lu2kError, match="must be at least 1"):
         bench.cmd_loopback(args)
+
+
+def test_the_c_sources_are_found_in_the_working_directory_of_an_installed_lu2k(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "contrib").mkdir()
+    (tmp_path / "contrib" / "shim_stream.c").write_text("int main(void) { return 0; }\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "CONTRIB_DIRS", [tmp_path / "site-packages" / "contrib", Path("contrib")])
+    assert bench._contrib() == Path("contrib")

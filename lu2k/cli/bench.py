@@ -6,7 +6,8 @@ TCP socket moving the same messages in the same run (the ratio is the figure).  
 runs in its own process, as an application and the daemons would.
 
 The applications are Python (``lu2k.kernel_shim.endpoint``) or C (``contrib/shim_stream.c`` on
-``contrib/lu2k_endpoint.h``, compiled with the system's C compiler at the start of the run);
+``contrib/lu2k_endpoint.h``, compiled with the system's C compiler at the start of the run; the
+sources are looked for in the checkout lu2k runs from, then in ``./contrib``);
 ``--app both`` (the default when a compiler and the C sources are there) measures the same
 daemons with each.  A C endpoint is what LNet's kernel half is; the Python one costs about
 2 us of CPU per message at each end, which the daemons share two cores with here.
@@ -100,15 +101,21 @@ def _lu2k_run(a: Any, b: Any, size: int, count: int, window: int) -> tuple[float
 
 # --- C applications (contrib/shim_stream.c) ---------------------------------------------------------
 
-CONTRIB = Path(__file__).resolve().parent.parent.parent / "contrib"
+# Where the C sources are: the checkout this lu2k runs from, else ./contrib (an installed lu2k
+# run from its checkout, as after contrib/install.sh).
+CONTRIB_DIRS = [Path(__file__).resolve().parent.parent.parent / "contrib", Path("contrib")]
 STREAM_SOURCE = "shim_stream.c"
 APPS = ("python", "c", "both")
 
 
+def _contrib() -> Path | None:
+    return next((d for d in CONTRIB_DIRS if (d / STREAM_SOURCE).is_file()), None)
+
+
 def c_app_unavailable() -> str | None:
     """Why the C applications cannot be built here, or None."""
-    if not (CONTRIB / STREAM_SOURCE).is_file():
-        return f"no {STREAM_SOURCE} at {CONTRIB} (the C sources are in a checkout's contrib/)"
+    if _contrib() is None:
+        return f"no {STREAM_SOURCE} in {' or '.join(str(d) for d in CONTRIB_DIRS)} (the C sources are in a checkout's contrib/)"
     if not (shutil.which("cc") or shutil.which("gcc")):
         return "no C compiler (cc or gcc) on PATH"
     return None
@@ -117,11 +124,12 @@ def c_app_unavailable() -> str | None:
 def build_c_app(directory: str) -> str:
     """Compile contrib/shim_stream.c into ``directory``; returns the executable's path."""
     why = c_app_unavailable()
-    if why:
+    contrib = _contrib()
+    if why or contrib is None:
         raise Lu2kError(f"cannot build the C benchmark application: {why}")
     exe = os.path.join(directory, "shim_stream")
     cc = shutil.which("cc") or shutil.which("gcc") or "cc"
-    done = subprocess.run([cc, "-std=c11", "-O2", "-Wall", f"-I{CONTRIB}", "-o", exe, str(CONTRIB / STREAM_SOURCE)],
+    done = subprocess.run([cc, "-std=c11", "-O2", "-Wall", f"-I{contrib}", "-o", exe, str(contrib / STREAM_SOURCE)],
                           capture_output=True, text=True)
     if done.returncode:
         raise Lu2kError(f"compiling {STREAM_SOURCE} failed: {done.stderr.strip()[-400:]}")
