@@ -70,6 +70,12 @@ def rx_slice(peer_credits: int) -> int:
     return max(1, min(RX_SLICE, peer_credits // 4))
 
 
+def _reverse_blocked(conn: OutConn) -> bool:
+    """The peer's requests on ``conn``'s reverse direction must wait (their InConn is blocked)."""
+    rev = conn.rev_in
+    return rev is not None and rev.alive and rev.blocked
+
+
 def refusal_status(error: Lu2kError) -> Status | None:
     for cls in type(error).__mro__:
         if cls in REFUSALS:
@@ -582,23 +588,29 @@ class Engine:
         # while their InConn is blocked; answers to our messages are read past them.  What
         # waits is bounded by the peer's credits.
         held: list[wire.Frame] = []
+        rest: list[wire.Frame] = []  # the frames of the last read after its first slice
+        per_slice = rx_slice(conn.peer.ni.params.peer_credits)
         recv: asyncio.Future[list[wire.Frame]] | None = None
         try:
             while True:
-                rev = conn.rev_in
-                blocked = rev is not None and rev.alive and rev.blocked
-                if held and not blocked:
+                if held and not _reverse_blocked(conn):
                     frames, held = held, []
                     core.frames_received(conn, attempt, frames, self.now())
                     self._transmit()
                     continue
-                if recv is None:
-                    recv = asyncio.ensure_future(transport.recv())
-                if held and not await _frames_or(recv, link.resume):
-                    continue
-                frames = await recv
-                recv = None
-                if held or blocked:
+                if rest:
+                    await asyncio.sleep(0)  # the answers to the previous slice go out
+                    frames, rest = rest[:per_slice], rest[per_slice:]
+                else:
+                    if recv is None:
+                        recv = asyncio.ensure_future(transport.recv())
+                    if held and not await _frames_or(recv, link.resume):
+                        continue
+                    frames = await recv
+                    recv = None
+                    if len(frames) > per_slice:
+                        frames, rest = frames[:per_slice], frames[per_slice:]
+                if held or _reverse_blocked(conn):
                     held += [f for f in frames if f.header.type in REQUESTS]
                     frames = [f for f in frames if f.header.type not in REQUESTS]
                 if frames:

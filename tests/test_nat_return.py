@@ -117,12 +117,14 @@ class NatLab:
             delete_netns(ns)
 
 
-def _engine_config(nid: str, peer: str, peer_lu2k: dict[str, Any], net: dict[str, Any], *, transaction_timeout: float) -> Any:
+def _engine_config(nid: str, peer: str, peer_lu2k: dict[str, Any], net: dict[str, Any], *, transaction_timeout: float,
+                   tunables: dict[str, int] | None = None) -> Any:
     """An engine's configuration: one net, one peer entry with return-path settings."""
     from lu2k.settings import parse_config
 
+    ni: dict[str, Any] = {"nid": nid, **({"tunables": tunables} if tunables else {})}
     return parse_config({
-        "net": [{"net type": "tcp", "local NI(s)": [{"nid": nid}], "lu2k": {"key": "return-path-test-key-01", **net}}],
+        "net": [{"net type": "tcp", "local NI(s)": [ni], "lu2k": {"key": "return-path-test-key-01", **net}}],
         "peer": [{"primary nid": peer, "lu2k": peer_lu2k}],
         "global": {"transaction_timeout": transaction_timeout, "connect_timeout": 1, "reconnect_min": 0.05, "reconnect_max": 0.2},
     })
@@ -162,6 +164,57 @@ async def test_engines_send_back_over_the_peers_connection() -> None:
         assert inside.stats["keepalives_sent"] >= 3 and not inside.stats["keepalives_missed"]
         conns = outside.describe_peers()[0]["connections"]
         assert all(c["path"] == "peer's connection" for c in conns.values()), conns
+    finally:
+        await inside.stop()
+        await outside.stop()
+
+
+async def test_requests_on_our_connections_reverse_direction_are_answered_slice_by_slice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inside site reads the outside's messages among its ACKs; a read of many of them goes
+    to the core a slice at a time, and each slice's answers leave before the next is handled,
+    as on a connection we accepted (test_engine.py)."""
+    import asyncio
+
+    from lu2k import wire
+    from lu2k.backends.inproc import InprocTransport
+    from lu2k.engine import RX_SLICE, Engine
+    from lu2k.errors import Status
+    from lu2k.nid import parse_nid
+
+    port = 52000 + os.getpid() % 1000
+    inside_nid, outside_nid = "10.9.8.1@tcp", "10.9.8.2@tcp"
+    net = {"backend": "inproc", "port": port}
+    credits = {"peer_credits": 4 * RX_SLICE, "credits": 16 * RX_SLICE}
+    outside = Engine(_engine_config(outside_nid, inside_nid, {"return_path": "reverse"}, net, transaction_timeout=5, tunables=credits))
+    inside = Engine(_engine_config(inside_nid, outside_nid, {"keepalive": 0.5}, net, transaction_timeout=5, tunables=credits))
+    answers_sent_after: list[int] = []  # messages the inside had handled when its answers went out
+    real_send = InprocTransport.send
+
+    async def logged(self: InprocTransport, frames: Any) -> None:
+        answers = any(wire.BASE.unpack_from(header)[2] in (wire.FrameType.ACK, wire.FrameType.NACK) for header, _ in frames)
+        if answers and any(link.transport is self for link in inside._out.values()):
+            answers_sent_after.append(inside.core.stats["msgs_received"])
+        await real_send(self, frames)
+
+    monkeypatch.setattr(InprocTransport, "send", logged)
+    await outside.start(with_shim=False)
+    await inside.start(with_shim=False)
+    loop = asyncio.get_running_loop()
+
+    def send(portal: int) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = loop.create_future()
+        outside.send(None, parse_nid(inside_nid), 1, portal, b"x", lambda status, reason: fut.set_result(status))
+        return fut
+
+    try:
+        assert await asyncio.wait_for(send(0), 10) is Status.NO_RECEIVER  # the outside now rides the inside's connection
+        before = inside.core.stats["msgs_received"]
+        answers_sent_after.clear()
+        count = 3 * RX_SLICE + 8
+        done = [send(portal) for portal in range(1, count + 1)]  # a portal each: no destination's cap applies
+        assert await asyncio.wait_for(asyncio.gather(*done), 10) == [Status.NO_RECEIVER] * count
+        assert [n - before for n in answers_sent_after] == [RX_SLICE, 2 * RX_SLICE, 3 * RX_SLICE, count]
+        assert outside.stats["return_paths_adopted"] == 1
     finally:
         await inside.stop()
         await outside.stop()
