@@ -5,10 +5,14 @@ and no event loop (both are sans-I/O: datagrams in, datagrams out), move ``--meg
 stream data; the figure is goodput per CPU-second, i.e. the Mbit/s one core sustains for
 *both ends together* (one end alone costs about half).  It measures only the QUIC state
 machines, packet protection and recovery: what a faster core could at best save the
-``quic`` backend.  Each library with its default congestion control (lu2k's controllers
-plug into aioquic only; qh3 has no congestion-control hook).
+``quic`` backend.  Each library with its default congestion control, and both with
+datagrams of ``--max-datagram-size`` bytes (default 1472, the quic backend's on IPv4), so
+that the figures compare the cost per datagram.  The printed line names the library's
+version: qh3 1.x keeps its connection, packet builder, recovery and congestion controller
+in Python (with buffers, ranges, stream sending and packet protection in Rust), qh3 2.x has
+its connection core in Rust and no congestion-control hook.
 
-    pip install qh3
+    pip install qh3          # or 'qh3<2' for the 1.x line, in another environment
     PYTHONPATH=$PWD python benchmarks/quic_core_compare.py --megabytes 64
 """
 
@@ -39,12 +43,13 @@ def _certs(wd: Path) -> tuple[str, str]:
     return str(wd / "c.pem"), str(wd / "k.pem")
 
 
-def run(lib: str, megabytes: int, cert: str, key: str) -> dict[str, Any]:
+def run(lib: str, megabytes: int, cert: str, key: str, datagram_size: int) -> dict[str, Any]:
     conf_mod = importlib.import_module(f"{lib}.quic.configuration")
     conn_mod = importlib.import_module(f"{lib}.quic.connection")
     events = importlib.import_module(f"{lib}.quic.events")
-    cc = conf_mod.QuicConfiguration(is_client=True, alpn_protocols=["lu2k"], server_name="localhost", verify_mode=0)
-    sc = conf_mod.QuicConfiguration(is_client=False, alpn_protocols=["lu2k"])
+    cc = conf_mod.QuicConfiguration(is_client=True, alpn_protocols=["lu2k"], server_name="localhost", verify_mode=0,
+                                    max_datagram_size=datagram_size)
+    sc = conf_mod.QuicConfiguration(is_client=False, alpn_protocols=["lu2k"], max_datagram_size=datagram_size)
     sc.load_cert_chain(cert, key)
     for c in (cc, sc):
         c.max_data = c.max_stream_data = 64 << 20
@@ -99,16 +104,21 @@ def run(lib: str, megabytes: int, cert: str, key: str) -> dict[str, Any]:
                     if c is not None and (t := c.get_timer()) is not None and t <= now:
                         c.handle_timer(now=now)
     cpu = time.process_time() - cpu0
-    return {"lib": lib, "megabytes": megabytes, "cpu_s": round(cpu, 3), "mbit_per_core": round(total * 8 / 1e6 / cpu, 1),
-            "datagrams": packets}
+    return {"lib": lib, "version": getattr(importlib.import_module(lib), "__version__", "?"), "megabytes": megabytes,
+            "max_datagram_size": datagram_size, "cpu_s": round(cpu, 3), "mbit_per_core": round(total * 8 / 1e6 / cpu, 1),
+            "datagrams": packets, "us_per_datagram": round(cpu * 1e6 / max(packets, 1), 2)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--megabytes", type=int, default=64)
     ap.add_argument("--libs", nargs="*", default=["aioquic", "qh3"])
+    ap.add_argument("--max-datagram-size", type=int, default=1472, help="both libraries' datagram size (1200..65000)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.megabytes < 1 or not 1200 <= args.max_datagram_size <= 65000:
+        print("--megabytes must be at least 1 and --max-datagram-size 1200..65000", file=sys.stderr)
+        return 2
     out = []
     with tempfile.TemporaryDirectory() as wd:
         cert, key = _certs(Path(wd))
@@ -118,9 +128,10 @@ def main() -> int:
             except ImportError:
                 print(f"{lib}: not installed", file=sys.stderr)
                 continue
-            r = run(lib, args.megabytes, cert, key)
+            r = run(lib, args.megabytes, cert, key, args.max_datagram_size)
             out.append(r)
-            print(f"{lib:8s} {r['megabytes']} MiB: {r['cpu_s']} CPU-s, {r['mbit_per_core']} Mbit/s per core (both ends), {r['datagrams']} datagrams")
+            print(f"{lib:8s} {r['version']:7s} {r['megabytes']} MiB: {r['cpu_s']} CPU-s, {r['mbit_per_core']} Mbit/s per core (both ends), "
+                  f"{r['datagrams']} datagrams of up to {r['max_datagram_size']} B, {r['us_per_datagram']} us each")
     if args.json:
         print(json.dumps(out))
     return 0
