@@ -57,6 +57,11 @@ static int parse_u64(const char *what, const char *text, uint64_t min, uint64_t 
 	return 0;
 }
 
+static int hex_value(char c)
+{
+	return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
 static int parse_nid(const char *text, uint8_t nid[LU2K_NID_SIZE])
 {
 	if (strlen(text) != 2 * LU2K_NID_SIZE) {
@@ -64,13 +69,12 @@ static int parse_nid(const char *text, uint8_t nid[LU2K_NID_SIZE])
 		return -1;
 	}
 	for (int i = 0; i < LU2K_NID_SIZE; i++) {
-		unsigned v;
-		if (sscanf(text + 2 * i, "%2x", &v) != 1 || !strchr("0123456789abcdefABCDEF", text[2 * i]) ||
-		    !strchr("0123456789abcdefABCDEF", text[2 * i + 1])) {
+		int hi = hex_value(text[2 * i]), lo = hex_value(text[2 * i + 1]);
+		if (hi < 0 || lo < 0) {
 			fprintf(stderr, "shim_stream: DST_NID has a non-hex digit: '%s'\n", text);
 			return -1;
 		}
-		nid[i] = (uint8_t)v;
+		nid[i] = (uint8_t)(hi << 4 | lo);
 	}
 	return 0;
 }
