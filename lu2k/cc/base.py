@@ -38,27 +38,44 @@ from typing import Any, ClassVar
 from ..errors import ConfigError
 
 
-@dataclass(slots=True)
+# SentPacket and RateSample are made once per packet sent and acknowledged.  A dataclass's
+# generated __init__ stays interpreted under mypyc (a frozen one sets each field through
+# object.__setattr__); these written-out ones compile.
 class SentPacket:
     """What a controller remembers about one packet until it is acked, lost or discarded."""
 
-    size: int
-    sent_time: float
-    delivered: int  # connection's delivered bytes when this packet was sent
-    delivered_time: float  # when ``delivered`` last grew, as of sending
-    first_sent_time: float  # send time of the packet that opened the current sample interval
-    app_limited: bool  # the sender had nothing more to send: the sample understates the path
+    __slots__ = ("size", "sent_time", "delivered", "delivered_time", "first_sent_time", "app_limited")
+
+    def __init__(self, size: int, sent_time: float, delivered: int, delivered_time: float,
+                 first_sent_time: float, app_limited: bool) -> None:
+        self.size = size
+        self.sent_time = sent_time
+        self.delivered = delivered  # connection's delivered bytes when this packet was sent
+        self.delivered_time = delivered_time  # when ``delivered`` last grew, as of sending
+        self.first_sent_time = first_sent_time  # send time of the packet that opened the current sample interval
+        self.app_limited = app_limited  # the sender had nothing more to send: the sample understates the path
+
+    def __repr__(self) -> str:
+        return (f"SentPacket(size={self.size}, sent_time={self.sent_time}, delivered={self.delivered}, "
+                f"delivered_time={self.delivered_time}, first_sent_time={self.first_sent_time}, "
+                f"app_limited={self.app_limited})")
 
 
-@dataclass(frozen=True, slots=True)
 class RateSample:
-    """One delivery-rate sample, produced when a packet is acknowledged."""
+    """One delivery-rate sample, produced when a packet is acknowledged (read-only by convention)."""
 
-    rate: float  # bytes per second
-    rtt: float  # this packet's RTT (send to ack), seconds
-    delivered: int  # bytes delivered over the sample interval
-    interval: float
-    app_limited: bool
+    __slots__ = ("rate", "rtt", "delivered", "interval", "app_limited")
+
+    def __init__(self, rate: float, rtt: float, delivered: int, interval: float, app_limited: bool) -> None:
+        self.rate = rate  # bytes per second
+        self.rtt = rtt  # this packet's RTT (send to ack), seconds
+        self.delivered = delivered  # bytes delivered over the sample interval
+        self.interval = interval
+        self.app_limited = app_limited
+
+    def __repr__(self) -> str:
+        return (f"RateSample(rate={self.rate}, rtt={self.rtt}, delivered={self.delivered}, "
+                f"interval={self.interval}, app_limited={self.app_limited})")
 
 
 @dataclass(slots=True)
