@@ -140,3 +140,14 @@ def test_install_pacer_only_for_our_controllers() -> None:
     stock = QuicConnection(configuration=QuicConfiguration(is_client=True, congestion_control_algorithm="cubic"))
     assert install_pacer(stock) is None
     assert not isinstance(stock._loss._pacer, ControllerPacer)
+
+
+def test_app_limited_is_asked_with_the_send_time_and_marks_the_packet() -> None:
+    cc = create_congestion_control("lu2k-bbr", max_datagram_size=MDS)
+    assert isinstance(cc, QuicControllerAdapter)
+    asked: list[float] = []
+    cc.app_limited = lambda now: asked.append(now) or len(asked) == 2
+    cc.on_packet_sent(packet=_packet(1, 2.5))
+    cc.on_packet_sent(packet=_packet(2, 2.75))
+    assert asked == [2.5, 2.75]
+    assert cc.controller.sampler.app_limited_until == 2 * MDS  # the first, in flight, and the second itself

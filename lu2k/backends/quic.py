@@ -582,17 +582,16 @@ def _public_der(key: Any) -> bytes:
 
 
 class _AppLimitedProbe:
-    """Is the sender out of data?  Checked at most once per millisecond (per-packet is too dear)."""
+    """Is the sender out of data?  Checked at most once per millisecond of send time: the walk
+    over the streams per packet is too dear, and so is asking the event loop for the time."""
 
     def __init__(self, quic: QuicConnection) -> None:
         self._quic = quic
         self._at = -1.0
         self._value = False
 
-    def __call__(self) -> bool:
-        loop_time = asyncio.get_event_loop().time()
-        if loop_time - self._at >= 0.001:
-            self._at = loop_time
+    def __call__(self, now: float) -> bool:
+        if now - self._at >= 0.001:
+            self._at = now
             self._value = all(s.sender.buffer_is_empty for s in self._quic._streams.values())
         return self._value
-

@@ -38,7 +38,7 @@ from aioquic.quic.recovery import QuicPacketPacer
 from . import create_controller
 from .base import CongestionController
 
-_ATTR = "_lu2k_cc_record"
+_ATTR = "_lu2k_cc_record"  # the per-packet record on aioquic's QuicSentPacket (set by name in on_packet_sent)
 # The least sending time a pacing burst covers.  asyncio's epoll sleeps whole milliseconds and
 # a pass over a batch of incoming ACKs takes a few more at 200 Mbit/s; credit that accrues
 # while the loop is away must still be there when it comes back, or the connection paces
@@ -56,8 +56,9 @@ class QuicControllerAdapter(QuicCongestionControl):
         self.controller = controller
         self.ssthresh = None
         self._now = 0.0
-        # Set by the backend: True when no stream has data waiting (the sender is app-limited).
-        self.app_limited: Callable[[], bool] | None = None
+        # Set by the backend: called with the send time, True when no stream has data waiting
+        # (the sender is app-limited).
+        self.app_limited: Callable[[float], bool] | None = None
 
     @property
     def congestion_window(self) -> int:  # type: ignore[override]  # the controller owns the window
@@ -68,13 +69,17 @@ class QuicControllerAdapter(QuicCongestionControl):
         return self.controller.bytes_in_flight
 
     def on_packet_sent(self, *, packet: QuicSentPacket) -> None:
-        now = packet.sent_time if packet.sent_time is not None else self._now
-        self._now = max(self._now, now)
-        limited = bool(self.app_limited and self.app_limited())
-        setattr(packet, _ATTR, self.controller.on_sent(now, packet.sent_bytes, limited))
+        now = packet.sent_time
+        if now is None:
+            now = self._now
+        elif now > self._now:
+            self._now = now
+        limited = self.app_limited is not None and self.app_limited(now)
+        packet._lu2k_cc_record = self.controller.on_sent(now, packet.sent_bytes, limited)  # type: ignore[attr-defined]
 
     def on_packet_acked(self, *, now: float, packet: QuicSentPacket) -> None:
-        self._now = max(self._now, now)
+        if now > self._now:
+            self._now = now
         record = getattr(packet, _ATTR, None)
         if record is not None:
             self.controller.on_acked(now, record)
@@ -138,21 +143,30 @@ class ControllerPacer(QuicPacketPacer):
     # packet needs a whole packet's credit, and packets sent regardless (aioquic does not
     # pace a packet that carries a due ACK) are charged as debt.
 
+    # Both are called for every packet: the bucket update is written out in each (as aioquic's
+    # update_bucket does it) rather than called.  The rate is re-read before each packet and
+    # after each ACK frame (update_rate), which is every time the controller can change it.
+
     def next_send_time(self, now: float) -> float | None:  # type: ignore[override]
         self._refresh()
-        if self.packet_time is None:
+        packet_time = self.packet_time
+        if packet_time is None:
             return None
-        self.update_bucket(now)
-        if self.bucket_time >= self.packet_time * (1 - 1e-9):  # float residue of bucket_max
+        if now > self.evaluation_time:
+            self.bucket_time = min(self.bucket_time + (now - self.evaluation_time), self.bucket_max)
+            self.evaluation_time = now
+        if self.bucket_time >= packet_time * (1 - 1e-9):  # float residue of bucket_max
             return None
-        return now + (self.packet_time - self.bucket_time)
+        return now + (packet_time - self.bucket_time)
 
     def update_after_send(self, now: float) -> None:
-        self._refresh()
-        if self.packet_time is None:
+        packet_time = self.packet_time
+        if packet_time is None:
             return
-        self.update_bucket(now)
-        self.bucket_time = max(self.bucket_time - self.packet_time, -self.bucket_max)
+        if now > self.evaluation_time:
+            self.bucket_time = min(self.bucket_time + (now - self.evaluation_time), self.bucket_max)
+            self.evaluation_time = now
+        self.bucket_time = max(self.bucket_time - packet_time, -self.bucket_max)
 
     def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
         self._refresh()
