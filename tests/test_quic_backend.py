@@ -157,6 +157,32 @@ async def test_many_messages_with_bounded_send_buffer(pki: dict[str, str]) -> No
         await _close(out, inn, lst, server, client)
 
 
+async def test_one_message_stream_at_a_time_has_data_waiting_in_aioquic(pki: dict[str, str]) -> None:
+    # aioquic walks every stream it holds (twice) for every packet it builds, and serves the
+    # streams with data in turn: more than one fed at a time costs CPU per packet and delays
+    # every message's completion, for nothing on a loss-free path.
+    from lu2k.backends.quic_stream import ACTIVE_STREAMS, _has_unsent
+
+    server, client, out, inn, lst = await _pair(BackendUnderTest(QuicBackend, "127.0.0.1", options=_opts(pki)))
+    try:
+        quic = out._quic
+        build = quic.datagrams_to_send
+        waiting: list[int] = []
+
+        def counting(*, now: float) -> Any:
+            waiting.append(sum(sid in out._unacked and _has_unsent(st.sender) for sid, st in quic._streams.items()))
+            return build(now=now)
+
+        quic.datagrams_to_send = counting
+        payloads = [os.urandom(200_000) for _ in range(12)]  # a stream each
+        await out.send([_msg(i + 1, p) for i, p in enumerate(payloads)])
+        frames = await _recv_n(inn, len(payloads))
+        assert {wire.decode_msg(f.header).seq: bytes(f.payload) for f in frames} == {i + 1: p for i, p in enumerate(payloads)}
+        assert max(waiting) == ACTIVE_STREAMS == 1
+    finally:
+        await _close(out, inn, lst, server, client)
+
+
 async def test_control_frames_keep_order_and_both_directions_work(pki: dict[str, str]) -> None:
     server, client, out, inn, lst = await _pair(BackendUnderTest(QuicBackend, "127.0.0.1", options=_opts(pki)))
     try:
@@ -458,3 +484,19 @@ def test_translate_close_maps_alerts() -> None:
     e = translate_close(ConnectionTerminated(0x1, 0, "Idle timeout"), False)
     assert isinstance(e, ReadError) and not isinstance(e, ConnectionClosed)
     assert isinstance(translate_close(ConnectionTerminated(0x1, 0, "Idle timeout"), True), NetworkError)
+
+
+def test_app_limited_probe_walks_the_streams_at_most_once_a_millisecond() -> None:
+    from types import SimpleNamespace
+
+    from lu2k.backends.quic import _AppLimitedProbe
+
+    sender = SimpleNamespace(buffer_is_empty=False)
+    quic = SimpleNamespace(_streams={4: SimpleNamespace(sender=sender)})
+    probe = _AppLimitedProbe(quic)  # type: ignore[arg-type]
+    assert probe(10.0) is False
+    sender.buffer_is_empty = True
+    assert probe(10.0005) is False  # within the millisecond: the last answer
+    assert probe(10.0011) is True
+    quic._streams[8] = SimpleNamespace(sender=SimpleNamespace(buffer_is_empty=False))
+    assert probe(10.0015) is True and probe(10.0022) is False

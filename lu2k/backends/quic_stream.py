@@ -86,7 +86,10 @@ UNORDERED_CONTROL = (FrameType.ACK, FrameType.NACK)
 APP_NO_ERROR = 0x0
 APP_AUTH_REJECTED = 0x101
 APP_PROTOCOL_ERROR = 0x102
-ACTIVE_STREAMS = 4  # message streams with unsent data inside aioquic at any time
+# Message streams with unsent data inside aioquic at any time.  aioquic walks each stream it
+# holds for every packet it builds and serves the streams with data in turn, so a second one
+# would cost CPU per packet and delay every message's completion (measured: docs/performance.md).
+ACTIVE_STREAMS = 1
 PATHWATCH_LIMIT = 5.0  # seconds a silent path is watched when no dead_timeout is set
 
 
