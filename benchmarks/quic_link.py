@@ -4,7 +4,8 @@ Runs the transport without the daemons (so it measures the backend and its conge
 controller, not the engine's windows): a receiver in lab namespace b, a bulk sender in
 namespace a pushing 64 KiB MSG frames as fast as the backend's send buffer allows.  Goodput
 counts MSG payload bytes received in the window after the warm-up.  CPU is each process's
-user+sys time over the run, per Mbit/s of goodput.
+user+sys time over the run, per Mbit/s of goodput.  Both processes set the garbage collector
+up as lu2kd does once it serves (:mod:`lu2k.gcpolicy`).
 
     python benchmarks/quic_link.py --profile geo --loss 1% --cc bbr bbr-nohint rate cubic
     python benchmarks/quic_link.py --flows 2 --profile geo --loss 1%
@@ -28,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lu2k import wire  # noqa: E402
+from lu2k import gcpolicy, wire  # noqa: E402
 from lu2k.backends.base import BackendSettings, LinkProfile  # noqa: E402
 from lu2k.backends.quic import QuicBackend  # noqa: E402
 from lu2k.errors import Lu2kError  # noqa: E402
@@ -96,6 +97,7 @@ async def _receiver(args: argparse.Namespace) -> dict[str, Any]:
                     return
 
     lst = await backend.listen("0.0.0.0", args.port, on_accept)
+    gcpolicy.settle()  # as lu2kd does once it serves
     print("listening", flush=True)
     cpu0 = time.process_time()
     while state["start"] is None:
@@ -122,6 +124,7 @@ async def _sender(args: argparse.Namespace) -> dict[str, Any]:
     t = await backend.connect(args.peer, args.port, ConnType.ANY, 30.0)
     _hello_done(t, args.src, args.peer)
     await asyncio.sleep(1.0)  # let the receiver's accept callback open its side before the first message stream
+    gcpolicy.settle()  # as lu2kd does once it serves
     payload = os.urandom(SIZE)
     seq = 0
     end = time.monotonic() + args.warmup + args.duration + 5

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from . import __version__, logs
+from . import __version__, gcpolicy, logs
 from .control import ControlServer
 from .engine import Engine
 from .errors import ConfigError, Lu2kError, NetworkError
@@ -170,6 +170,7 @@ class Daemon:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
+        gcpolicy.settle()  # what start-up made is never garbage: keep the collector off it
         # A daemon may run LAN (socklnd) nets only: the engine then has no lu2k NID of its own.
         nid = self.engine.primary_nid() if self.engine.config.nets else self.config.nets[0].nid
         log.info("lu2kd running", nid=str(nid), shim=self.config.shim.path, control=self.config.control_path,
