@@ -19,7 +19,7 @@ from aioquic.buffer import Buffer  # noqa: E402
 from aioquic.quic.configuration import QuicConfiguration  # noqa: E402
 from aioquic.quic.connection import QuicConnection  # noqa: E402
 from aioquic.quic.packet import pull_quic_header  # noqa: E402
-from conformance import BackendUnderTest, _close  # noqa: E402
+from conformance import BackendUnderTest, _close, _msg, _recv_n, run_hello  # noqa: E402
 
 from lu2k.backends.quic import QuicBackend  # noqa: E402
 from lu2k.backends.quic_guard import initial_opens  # noqa: E402
@@ -116,6 +116,37 @@ async def test_a_flood_of_initials_leaves_nothing_behind(site: dict[str, str]) -
         await _close(out, inn)
     finally:
         await _close(lst, server, client)
+
+
+async def test_short_header_junk_makes_nothing_and_breaks_no_connection(site: dict[str, str]) -> None:
+    """Short-header datagrams go straight to the connection their destination ID names: with an
+    unknown ID they are dropped, with a live connection's ID and a bad payload that connection
+    drops them, and its messages keep flowing either way."""
+    but = BackendUnderTest(QuicBackend, "127.0.0.1", options=site)
+    server, client = but.make(), but.make()
+    accepted: asyncio.Queue[Any] = asyncio.Queue()
+    lst = await server.listen("127.0.0.1", 0, accepted.put)
+    assert isinstance(server, QuicBackend) and isinstance(client, QuicBackend)
+    out = await client.connect("127.0.0.1", lst.address[1], ConnType.ANY, 5.0)
+    inn = await asyncio.wait_for(accepted.get(), 10)
+    rnd = random.Random(5)
+    try:
+        await run_hello(client, out, inn, client.settings.key)
+        cid = inn._quic.host_cid
+        protocols = set(map(id, server._protocols))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for i in range(400):
+                dcid = cid if i % 2 else rnd.randbytes(len(cid))
+                first = 0x40 | rnd.randrange(0x40) if i % 4 < 2 else rnd.randrange(0x80)  # fixed bit set or not
+                s.sendto(bytes([first]) + dcid + rnd.randbytes(rnd.choice([0, 5, 40, 1200])), lst.address)
+                s.sendto(bytes([first]), lst.address)  # too short for any connection ID
+        await asyncio.sleep(0.5)
+        assert set(map(id, server._protocols)) == protocols and server.describe()["half_open"] == 0
+        payloads = [rnd.randbytes(3000) for _ in range(20)]
+        await out.send([_msg(i + 1, p) for i, p in enumerate(payloads)])
+        assert sorted(bytes(f.payload) for f in await _recv_n(inn, 20)) == sorted(payloads)
+    finally:
+        await _close(out, inn, lst, server, client)
 
 
 async def test_ended_connections_are_forgotten_with_their_sockets(site: dict[str, str]) -> None:
