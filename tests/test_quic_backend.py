@@ -157,28 +157,44 @@ async def test_many_messages_with_bounded_send_buffer(pki: dict[str, str]) -> No
         await _close(out, inn, lst, server, client)
 
 
-async def test_one_message_stream_at_a_time_has_data_waiting_in_aioquic(pki: dict[str, str]) -> None:
-    # aioquic walks every stream it holds (twice) for every packet it builds, and serves the
-    # streams with data in turn: more than one fed at a time costs CPU per packet and delays
-    # every message's completion, for nothing on a loss-free path.
-    from lu2k.backends.quic_stream import ACTIVE_STREAMS, _has_unsent
+async def test_bulk_messages_are_fed_alone_and_small_ones_share_packets(pki: dict[str, str]) -> None:
+    # aioquic walks every stream it holds for every packet it builds and serves the streams
+    # with data in turn: a bulk message is handed over alone (the next joins for its last
+    # FEED_BYTES).  Small messages of separate send() calls, a stream each, are handed over
+    # together, so that they share packets instead of taking one (and a pacing slot) each.
+    from lu2k.backends.quic_stream import FEED_BYTES, FEED_STREAMS, _has_unsent
 
     server, client, out, inn, lst = await _pair(BackendUnderTest(QuicBackend, "127.0.0.1", options=_opts(pki)))
     try:
         quic = out._quic
         build = quic.datagrams_to_send
-        waiting: list[int] = []
+        fed: list[tuple[int, int]] = []  # (streams, unsent bytes) of ours inside aioquic, per build
+        datagrams = 0
 
         def counting(*, now: float) -> Any:
-            waiting.append(sum(sid in out._unacked and _has_unsent(st.sender) for sid, st in quic._streams.items()))
-            return build(now=now)
+            nonlocal datagrams
+            ours = [st for sid, st in quic._streams.items() if sid in out._unacked and _has_unsent(st.sender)]
+            fed.append((len(ours), sum(r.stop - r.start for st in ours for r in st.sender._pending)))
+            sent = build(now=now)
+            datagrams += len(sent)
+            return sent
 
         quic.datagrams_to_send = counting
         payloads = [os.urandom(200_000) for _ in range(12)]  # a stream each
         await out.send([_msg(i + 1, p) for i, p in enumerate(payloads)])
         frames = await _recv_n(inn, len(payloads))
         assert {wire.decode_msg(f.header).seq: bytes(f.payload) for f in frames} == {i + 1: p for i, p in enumerate(payloads)}
-        assert max(waiting) == ACTIVE_STREAMS == 1
+        assert max(n for n, _ in fed) == 2 and max(b for _, b in fed) < 200_100 + FEED_BYTES  # a message and its header
+
+        fed.clear()
+        datagrams = 0
+        small = [os.urandom(1000) for _ in range(300)]
+        for i, p in enumerate(small):
+            await out.send([_msg(100 + i, p)])
+        frames = await _recv_n(inn, len(small))
+        assert sorted(bytes(f.payload) for f in frames) == sorted(small)
+        assert max(n for n, _ in fed) == FEED_STREAMS
+        assert datagrams < 0.8 * len(small), datagrams  # one each without sharing
     finally:
         await _close(out, inn, lst, server, client)
 

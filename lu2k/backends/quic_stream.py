@@ -86,10 +86,14 @@ UNORDERED_CONTROL = (FrameType.ACK, FrameType.NACK)
 APP_NO_ERROR = 0x0
 APP_AUTH_REJECTED = 0x101
 APP_PROTOCOL_ERROR = 0x102
-# Message streams with unsent data inside aioquic at any time.  aioquic walks each stream it
-# holds for every packet it builds and serves the streams with data in turn, so a second one
-# would cost CPU per packet and delay every message's completion (measured: docs/performance.md).
-ACTIVE_STREAMS = 1
+# How much the backend hands aioquic ahead of the packets it builds.  aioquic walks every
+# stream it holds for every packet and serves the streams with data in turn, so each fed
+# stream costs CPU per packet and delays every other message's completion: a bulk message is
+# fed alone.  Small messages each on their own stream (one per send()) must still share
+# packets, or every one costs a whole packet and a whole pacing slot: so streams are fed until
+# this many bytes are unsent inside aioquic, at most FEED_STREAMS of them.
+FEED_BYTES = 8 * 1024
+FEED_STREAMS = 8
 PATHWATCH_LIMIT = 5.0  # seconds a silent path is watched when no dead_timeout is set
 
 
@@ -339,16 +343,21 @@ class QuicTransport(Transport):
             self._check_writable()
 
     def feed(self) -> bool:
-        """Hand queued message streams to aioquic, keeping at most ``ACTIVE_STREAMS`` with
-        unsent data: aioquic walks every stream with data for every packet it builds, so
-        thousands of waiting streams would cost more CPU than the link has packets.
-        Returns True if something new was handed over."""
+        """Hand queued message streams to aioquic while less than ``FEED_BYTES`` are unsent
+        there, in at most ``FEED_STREAMS`` streams (see their comment).  Returns True if
+        something new was handed over."""
         if not self._pending:
             return False
         streams = self._quic._streams
-        active = [sid for sid in self._active if (st := streams.get(sid)) is not None and not st.sender.buffer_is_empty]
+        active = []
+        unsent = 0
+        for sid in self._active:
+            st = streams.get(sid)
+            if st is not None and _has_unsent(st.sender):
+                active.append(sid)
+                unsent += sum(r.stop - r.start for r in st.sender._pending)
         fed = False
-        while self._pending and len(active) < ACTIVE_STREAMS:
+        while self._pending and unsent < FEED_BYTES and len(active) < FEED_STREAMS:
             item = self._pending.popleft()
             sid = self._quic.get_next_available_stream_id(is_unidirectional=True)
             self._quic.send_stream_data(sid, bytes([ROLE_MESSAGE]))
@@ -357,6 +366,7 @@ class QuicTransport(Transport):
             for i, chunk in enumerate(item.chunks):
                 self._quic.send_stream_data(sid, chunk, end_stream=i == last)
             self._unacked[sid] = item.size
+            unsent += 1 + item.size
             active.append(sid)
             fed = True
         self._active = active
